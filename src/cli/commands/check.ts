@@ -1,0 +1,70 @@
+import { formatIssue, sortIssues } from '../../policy/issues.js';
+import { loadPolicyDir } from '../../policy/load.js';
+import { compile } from '../../compile/compile.js';
+import { DEFAULT_POLICY_DIR, Exit, maxCgroupLevel, parseFlags, printIssues, type Command, type Deps } from '../deps.js';
+
+export interface CheckOptions {
+  readonly dir: string;
+  readonly json: boolean;
+}
+
+export const check: Command<CheckOptions> = {
+  name: 'check',
+  summary: 'validate a policy directory',
+  help: `Usage: egressctl check [DIR] [--json]
+
+Validates every *.yaml file in DIR (default ${DEFAULT_POLICY_DIR}) and the list
+files they name, then compiles the result, without touching the system.
+Every problem is printed as FILE:LINE:COL: message (hint), all at once.
+
+  --json   print {"ok", "errors", "warnings", "summary"} on stdout
+
+Exit status: 0 valid (warnings allowed), 2 invalid.
+Use it in CI to check policies before they are distributed.`,
+
+  parse(argv) {
+    const { values, positionals } = parseFlags('check', argv, { json: { type: 'boolean', default: false } }, 1);
+    return { dir: positionals[0] ?? DEFAULT_POLICY_DIR, json: values.json === true };
+  },
+
+  run(options, deps: Deps) {
+    const result = loadPolicyDir(options.dir);
+    const toJson = (issues: readonly Parameters<typeof formatIssue>[0][]) =>
+      sortIssues(issues).map((i) => ({ file: i.at.file, line: i.at.line, col: i.at.col, message: i.message, ...(i.hint ? { hint: i.hint } : {}), text: formatIssue(i, options.dir) }));
+    if (!result.ok) {
+      if (options.json) deps.out(JSON.stringify({ ok: false, errors: toJson(result.errors), warnings: toJson(result.warnings) }, null, 2));
+      else {
+        printIssues(deps, options.dir, [...result.errors, ...result.warnings]);
+        deps.err(`${options.dir}: ${result.errors.length} ${result.errors.length === 1 ? 'error' : 'errors'}`);
+      }
+      return Exit.BadInput;
+    }
+    const { policy } = result;
+    const compiled = compile(policy, deps.facts(maxCgroupLevel(policy)));
+    const warnings = [...result.warnings, ...compiled.warnings];
+    const summary = {
+      files: policy.files.length,
+      apps: policy.apps.length,
+      systemDomains: policy.systemDomains.length,
+      globalDenyRules: policy.globalDeny.length,
+      listNames: [...policy.lists.values()].reduce((n, l) => n + l.names.length + l.suffixes.length, 0),
+      catalogueEntries: policy.catalogue.size,
+      defaultEgress: policy.defaults.egress,
+      torUpdates: policy.tor.enabled,
+      nftRules: compiled.ruleset.chains.reduce((n, c) => n + c.rules.length, 0),
+      nftSets: compiled.ruleset.sets.length,
+    };
+    if (options.json) {
+      deps.out(JSON.stringify({ ok: true, errors: [], warnings: toJson(warnings), summary }, null, 2));
+    } else {
+      printIssues(deps, options.dir, warnings);
+      deps.err(
+        `${options.dir}: valid — ${summary.files} files, ${summary.apps} apps, ${summary.systemDomains} system domains, ` +
+          `${summary.globalDenyRules} global deny rules over ${summary.listNames} listed names, default ${summary.defaultEgress}, ` +
+          `updates over Tor ${summary.torUpdates ? 'on' : 'off'}; ${summary.nftRules} nft rules in ${summary.nftSets} sets/maps` +
+          (warnings.length ? `; ${warnings.length} warnings` : ''),
+      );
+    }
+    return Exit.Ok;
+  },
+};

@@ -1,0 +1,132 @@
+import { explain as explainPolicy, unitCgroup, type Who } from '../../compile/explain.js';
+import { EgressError, ErrorCode } from '../../errors.js';
+import type { Protocol } from '../../policy/model.js';
+import { DEFAULT_POLICY_DIR, Exit, loadForCommand, parseFlags, type Command } from '../deps.js';
+
+export interface ExplainOptions {
+  readonly dir: string;
+  readonly who: Who;
+  readonly host: string;
+  readonly port: number | undefined;
+  readonly proto: Protocol | undefined;
+  readonly json: boolean;
+  readonly lockdown: boolean;
+}
+
+export const explain: Command<ExplainOptions> = {
+  name: 'explain',
+  summary: 'say which rule decides a connection, and why',
+  help: `Usage: egressctl explain [DIR] --app WHO --to HOST[:PORT][/PROTO] [--json] [--lockdown]
+
+Walks the policy in DIR (default ${DEFAULT_POLICY_DIR}) in its fixed order of
+precedence — loopback, system domain, Tor confinement, app rules, global
+deny, default — and prints the verdict, the rule id and the FILE:LINE that
+decides it.
+
+  --app WHO    an app or identity name from the policy, or one of
+               user:NAME  uid:N  group:NAME  gid:N
+               unit:NAME.service (in system.slice)  cgroup:PATH
+  --to DEST    example.org, example.org:443/tcp, 192.0.2.7:53/udp,
+               [2001:db8::1]:443, 203.0.113.9/icmp
+  --json       print the explanation as JSON on stdout
+  --lockdown   answer as if the kill switch were on
+
+Names are matched as the resolver will match them; for an address, rules
+written with names match only while it is a recent DNS answer for one of
+them, and the output says so.
+
+Exit status: 0 allowed, 1 denied, 2 bad input.`,
+
+  parse(argv) {
+    const { values, positionals } = parseFlags(
+      'explain',
+      argv,
+      { app: { type: 'string' }, to: { type: 'string' }, json: { type: 'boolean' }, lockdown: { type: 'boolean' } },
+      1,
+    );
+    if (!values.app) throw new EgressError(ErrorCode.Usage, 'egressctl explain: --app WHO is required', { details: ['see: egressctl explain --help'] });
+    if (!values.to) throw new EgressError(ErrorCode.Usage, 'egressctl explain: --to HOST[:PORT][/PROTO] is required', { details: ['see: egressctl explain --help'] });
+    return { dir: positionals[0] ?? DEFAULT_POLICY_DIR, who: parseWho(values.app), ...parseDestinationFlag(values.to), json: values.json === true, lockdown: values.lockdown === true };
+  },
+
+  run(options, deps) {
+    const loaded = loadForCommand(options.dir, deps, true);
+    if (!loaded) return Exit.BadInput;
+    const facts = deps.facts(0);
+    const query = { who: options.who, host: options.host, ...(options.port !== undefined ? { port: options.port } : {}), ...(options.proto ? { proto: options.proto } : {}) };
+    const answer = explainPolicy(loaded.policy, query, facts, { lockdown: options.lockdown });
+    if ('error' in answer) {
+      deps.err(`egressctl explain: ${answer.error}`);
+      return Exit.BadInput;
+    }
+    const where = answer.at ? `${options.dir.replace(/\/+$/, '')}/${answer.at.file}:${answer.at.line}` : '(built in)';
+    if (options.json) {
+      deps.out(JSON.stringify({ ...answer, at: answer.at ? { ...answer.at, path: where } : null }, null, 2));
+    } else {
+      deps.err(`${answer.verdict === 'allow' ? 'ALLOWED' : 'DENIED'} by ${answer.ruleId} (${answer.level}) at ${where}`);
+      if (answer.why) deps.err(`  why: ${answer.why}`);
+      for (const step of answer.steps) deps.err(`  - ${step}`);
+      for (const note of answer.notes) deps.err(`  note: ${note}`);
+    }
+    return answer.verdict === 'allow' ? Exit.Ok : Exit.Answer;
+  },
+};
+
+export function parseWho(text: string): Who {
+  const [kind, ...rest] = text.split(':');
+  const value = rest.join(':');
+  const usage = (message: string) => new EgressError(ErrorCode.Usage, `egressctl explain: --app ${text}: ${message}`, { details: ['see: egressctl explain --help'] });
+  if (rest.length === 0) {
+    if (!/^[a-z][a-z0-9_-]{0,31}$/.test(text)) throw usage('not an app or identity name');
+    return { kind: 'name', name: text };
+  }
+  switch (kind) {
+    case 'user':
+    case 'group':
+      if (!value) throw usage(`${kind}: needs a name`);
+      return kind === 'user' ? { kind: 'user', user: value } : { kind: 'group', group: value };
+    case 'uid':
+    case 'gid': {
+      if (!/^\d+$/.test(value)) throw usage(`${kind}: needs a number`);
+      return kind === 'uid' ? { kind: 'user', user: Number(value) } : { kind: 'group', group: Number(value) };
+    }
+    case 'unit':
+      if (!/\.(service|scope)$/.test(value)) throw usage('unit: needs NAME.service or NAME.scope');
+      return { kind: 'cgroup', path: unitCgroup(value) };
+    case 'cgroup':
+      if (!value) throw usage('cgroup: needs a path');
+      return { kind: 'cgroup', path: value };
+    default:
+      throw usage(`unknown kind "${kind}"; use user:, uid:, group:, gid:, unit: or cgroup:`);
+  }
+}
+
+export function parseDestinationFlag(text: string): { host: string; port: number | undefined; proto: Protocol | undefined } {
+  const usage = (message: string) => new EgressError(ErrorCode.Usage, `egressctl explain: --to ${text}: ${message}`, { details: ['e.g. example.org:443/tcp, [2001:db8::1]:53/udp, 192.0.2.1/icmp'] });
+  let rest = text.trim();
+  let proto: Protocol | undefined;
+  const slash = rest.lastIndexOf('/');
+  if (slash >= 0) {
+    const p = rest.slice(slash + 1).toLowerCase();
+    if (p !== 'tcp' && p !== 'udp' && p !== 'icmp') throw usage(`unknown protocol "${p}"; use tcp, udp or icmp`);
+    proto = p;
+    rest = rest.slice(0, slash);
+  }
+  let host = rest;
+  let portText: string | undefined;
+  const bracketed = /^\[([^\]]+)\](?::(\d+))?$/.exec(rest);
+  if (bracketed) {
+    host = bracketed[1]!;
+    portText = bracketed[2];
+  } else if ((rest.match(/:/g) ?? []).length === 1) {
+    [host, portText] = rest.split(':') as [string, string];
+  }
+  if (!host) throw usage('no host');
+  let port: number | undefined;
+  if (portText !== undefined) {
+    port = Number(portText);
+    if (!/^\d{1,5}$/.test(portText) || port < 1 || port > 65535) throw usage(`port "${portText}" is not 1–65535`);
+    if (proto === 'icmp') throw usage('icmp has no ports');
+  }
+  return { host, port, proto };
+}

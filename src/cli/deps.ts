@@ -1,0 +1,80 @@
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import type { Facts } from '../compile/compile.js';
+import { EgressError, ErrorCode, isEgressError } from '../errors.js';
+import { formatIssue, sortIssues, type PolicyIssue } from '../policy/issues.js';
+import { loadPolicyDir, type LoadedPolicy } from '../policy/load.js';
+
+/** The I/O a command may do, passed in so tests can call `run` with fakes for output only. */
+export interface Deps {
+  /** Machine-readable output (`--json`, compiled rulesets, the schema). */
+  readonly out: (text: string) => void;
+  /** Text for people: results, errors, warnings. */
+  readonly err: (text: string) => void;
+  readonly facts: (maxCgroupDepth: number) => Facts;
+}
+
+/** Stable, documented exit codes. */
+export const Exit = {
+  Ok: 0,
+  /** A "no" answer: `explain` says denied, `plan` says something differs. */
+  Answer: 1,
+  BadInput: 2,
+  SystemError: 3,
+} as const;
+
+export const DEFAULT_POLICY_DIR = '/etc/egressd';
+
+export function exitCodeFor(error: unknown): number {
+  if (!isEgressError(error)) return Exit.SystemError;
+  switch (error.code) {
+    case ErrorCode.PolicyInvalid:
+    case ErrorCode.Usage:
+      return Exit.BadInput;
+    default:
+      return Exit.SystemError;
+  }
+}
+
+export interface Command<Options> {
+  readonly name: string;
+  readonly summary: string;
+  readonly help: string;
+  parse(argv: readonly string[]): Options;
+  run(options: Options, deps: Deps): number | Promise<number>;
+}
+
+/** node:util parseArgs, with its errors turned into usage errors that name the command. */
+export function parseFlags<T extends NonNullable<ParseArgsConfig['options']>>(command: string, argv: readonly string[], options: T, maxPositionals: number) {
+  try {
+    const parsed = parseArgs({ args: [...argv], options, allowPositionals: true, strict: true });
+    if (parsed.positionals.length > maxPositionals) {
+      throw new Error(`unexpected argument "${parsed.positionals[maxPositionals]}"`);
+    }
+    return parsed;
+  } catch (error) {
+    const message = (error as Error).message.replace(/\. To specify a positional argument.*$/s, '');
+    throw new EgressError(ErrorCode.Usage, `egressctl ${command}: ${message}`, { details: [`see: egressctl ${command} --help`] });
+  }
+}
+
+export function printIssues(deps: Deps, dir: string, issues: readonly PolicyIssue[]): void {
+  for (const issue of sortIssues(issues)) deps.err(formatIssue(issue, dir));
+}
+
+/** Loads a policy directory, printing every problem; returns undefined when it is invalid. */
+export function loadForCommand(dir: string, deps: Deps, quietWarnings = false): LoadedPolicy | undefined {
+  const result = loadPolicyDir(dir);
+  if (!result.ok) {
+    printIssues(deps, dir, [...result.errors, ...result.warnings]);
+    const n = result.errors.length;
+    deps.err(`${dir}: ${n} ${n === 1 ? 'error' : 'errors'}; nothing was changed`);
+    return undefined;
+  }
+  if (!quietWarnings) printIssues(deps, dir, result.warnings);
+  return { dir, policy: result.policy, warnings: result.warnings };
+}
+
+export function maxCgroupLevel(policy: LoadedPolicy['policy']): number {
+  const identities = [...policy.identities.values(), ...policy.apps.flatMap((a) => a.identities), ...policy.systemDomains.flatMap((d) => d.members), ...policy.tor.updaters];
+  return Math.max(0, ...identities.flatMap((i) => i.selectors.map((s) => (s.kind === 'cgroup' ? s.level : 0))));
+}

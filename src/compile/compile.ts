@@ -1,0 +1,348 @@
+import type { App, Identity, Network, Origin, Policy, Rule } from '../policy/model.js';
+import type { PolicyIssue } from '../policy/issues.js';
+import {
+  dispatch,
+  match,
+  rule,
+  safeComment,
+  stmt,
+  verdict,
+  type ChainDecl,
+  type Element,
+  type RuleDecl,
+  type Ruleset,
+  type SetDecl,
+  type Statement,
+  type Verdict,
+} from './nft.js';
+import { cgroupGlobMatcher } from './glob.js';
+
+export const TABLE = { family: 'inet', name: 'egressd' } as const;
+
+/**
+ * What the compiler needs to know about the machine, gathered by the caller
+ * (I/O lives outside the compiler): user and group ids, and the cgroups that
+ * exist now so their members are in the table from the first packet on.
+ */
+export interface Facts {
+  readonly users: ReadonlyMap<string, number>;
+  readonly groups: ReadonlyMap<string, number>;
+  /** Existing cgroup paths relative to the cgroup2 root, e.g. "system.slice/cups.service". */
+  readonly cgroups: readonly string[];
+}
+
+export interface CompileOptions {
+  /** The kill switch: everything but loopback (and Tor itself when updates over Tor are on) is denied. */
+  readonly lockdown?: boolean;
+}
+
+/** A rule whose destinations include names: the resolver fills its sets with the answers' addresses. */
+export interface DnsBinding {
+  readonly ruleId: string;
+  readonly verdict: 'allow' | 'deny';
+  readonly names: readonly string[];
+  readonly suffixes: readonly string[];
+  readonly lists: readonly string[];
+  readonly set4: string;
+  readonly set6: string;
+}
+
+/** Tells the app tracker which map a cgroup matching `glob` joins, with which verdict. */
+export interface CgroupBinding {
+  readonly owner: string;
+  readonly glob: string;
+  readonly level: number;
+  readonly map: string;
+  readonly verdict: Verdict;
+}
+
+export interface Compiled {
+  readonly ruleset: Ruleset;
+  readonly dnsBindings: readonly DnsBinding[];
+  readonly cgroupBindings: readonly CgroupBinding[];
+  readonly warnings: readonly PolicyIssue[];
+}
+
+/** Prefix of every NFLOG message: "egd <rule id> ". The denials reader parses it back. */
+export const LOG_PREFIX = 'egd ';
+
+interface Dispatch {
+  readonly prefix: string;
+  readonly cgroupLevels: Map<number, { elements: Element[]; verdicts: Verdict[]; claimed: Map<string, string> }>;
+  readonly uids: { elements: number[]; verdicts: Verdict[]; claimed: Map<number, string> };
+  readonly gids: { elements: number[]; verdicts: Verdict[]; claimed: Map<number, string> };
+}
+
+/**
+ * Policy → one nftables table. Pure: the same policy, facts and options give
+ * a byte-identical ruleset. Per-packet cost does not grow with the number of
+ * names, addresses or apps: identities are found with verdict maps, addresses
+ * with sets; each policy rule becomes at most four nft rules (static v4/v6
+ * networks, resolved v4/v6 addresses).
+ */
+export function compile(policy: Policy, facts: Facts, options: CompileOptions = {}): Compiled {
+  return new Compiler(policy, facts, options).run();
+}
+
+class Compiler {
+  private readonly sets: SetDecl[] = [];
+  private readonly chains: ChainDecl[] = [];
+  private readonly dnsBindings: DnsBinding[] = [];
+  private readonly cgroupBindings: CgroupBinding[] = [];
+  private readonly warnings: PolicyIssue[] = [];
+  private readonly log: Policy['defaults']['log'];
+
+  constructor(
+    private readonly policy: Policy,
+    private readonly facts: Facts,
+    private readonly options: CompileOptions,
+  ) {
+    this.log = policy.defaults.log;
+  }
+
+  run(): Compiled {
+    const { policy } = this;
+    const output: RuleDecl[] = [rule([match.oif('lo'), verdict.accept()], 'loopback is always allowed')];
+
+    // 1. System domains: no network at all. First, so nothing below can open them up.
+    const domains = this.newDispatch('sd');
+    for (const domain of policy.systemDomains) {
+      const chain = `sd_${domain.name}`;
+      this.chains.push({ name: chain, rules: this.denyTail(`sd/${domain.name}`, domain.at, true) });
+      for (const member of domain.members) this.claim(domains, member, verdict.goto(chain), `system domain ${domain.name}`);
+    }
+    output.push(...this.dispatchRules(domains, 'system domains'));
+
+    // 2. The kill switch, when on: only Tor itself may still leave.
+    const torUid = policy.tor.enabled ? this.uidOf(policy.tor.user, policy.tor.at, "Tor's user") : undefined;
+    if (this.options.lockdown) {
+      if (torUid !== undefined) output.push(rule([match.skuid(torUid), stmt.counter(), verdict.accept()], 'lockdown: Tor itself'));
+      this.chains.push({ name: 'lockdown', rules: this.denyTail('lockdown', undefined, true) });
+      output.push(rule([verdict.goto('lockdown')], 'lockdown is on'));
+    }
+
+    // Replies to connections the policy let out, and to connections that came in.
+    output.push(rule([match.ctState(['established', 'related']), verdict.accept()], 'established and related'));
+    output.push(rule([match.ctDirection('reply'), verdict.accept()], 'replies to incoming connections'));
+
+    // 3. Updates over Tor: updaters reach only the SOCKS port; Tor itself may reach the network.
+    if (policy.tor.enabled) output.push(...this.torRules(torUid));
+
+    // 4. Per-app rules, then 5. the global deny list, then 6. the default.
+    const apps = this.newDispatch('app');
+    for (const app of policy.apps) {
+      const chain = `app_${app.name}`;
+      this.chains.push({ name: chain, rules: this.appChain(app) });
+      for (const identity of app.identities) this.claim(apps, identity, verdict.goto(chain), `app ${app.name}`);
+    }
+    output.push(...this.dispatchRules(apps, 'apps'));
+
+    const globalDeny: RuleDecl[] = [];
+    for (const r of policy.globalDeny) globalDeny.push(...this.ruleDecls(r, `g_${slug(r.id)}`));
+    this.chains.push({ name: 'global_deny', rules: globalDeny });
+    output.push(rule([verdict.jump('global_deny')], 'global deny list'));
+
+    output.push(...this.defaultTail('default', policy.defaults.egress, policy.defaults.at));
+
+    const base: ChainDecl = { name: 'output', hook: { hook: 'output', prio: 0, policy: policy.defaults.egress === 'deny' ? 'drop' : 'accept' }, rules: output };
+    return {
+      ruleset: { table: TABLE, sets: this.sets, chains: [base, ...this.chains] },
+      dnsBindings: this.dnsBindings,
+      cgroupBindings: this.cgroupBindings,
+      warnings: this.warnings,
+    };
+  }
+
+  private torRules(torUid: number | undefined): RuleDecl[] {
+    const { tor } = this.policy;
+    const rules: RuleDecl[] = [];
+    if (torUid !== undefined) rules.push(rule([match.skuid(torUid), stmt.counter(), verdict.accept()], comment(tor.at, "tor/own: Tor's own traffic")));
+    const { socks } = tor;
+    const chainRules: RuleDecl[] = [];
+    // A loopback SOCKS port is already allowed by the loopback rule; a gateway's (Whonix-style) is not.
+    const loopback = socks.family === 4 ? socks.address.startsWith('127.') : socks.address === '::1';
+    if (!loopback) {
+      chainRules.push(rule([match.daddrIs(socks.family, socks.address), match.tcpDport(socks.port), verdict.accept()], comment(tor.at, 'tor/socks')));
+    }
+    chainRules.push(...this.denyTail('tor/updaters', tor.at, true));
+    this.chains.push({ name: 'tor_updaters', rules: chainRules });
+    const updaters = this.newDispatch('tor');
+    for (const identity of tor.updaters) this.claim(updaters, identity, verdict.goto('tor_updaters'), 'Tor updaters');
+    rules.push(...this.dispatchRules(updaters, 'updaters over Tor'));
+    return rules;
+  }
+
+  private appChain(app: App): RuleDecl[] {
+    const rules: RuleDecl[] = [];
+    for (const r of app.rules) rules.push(...this.ruleDecls(r, `a_${app.name}_${r.id.split('/').pop()}`));
+    // An app's own rules outrank the global deny list; its default does not.
+    rules.push(rule([verdict.jump('global_deny')], comment(app.at, `app/${app.name}: then the global deny list`)));
+    rules.push(...this.defaultTail(`app/${app.name}/default`, app.defaultVerdict, app.at));
+    return rules;
+  }
+
+  /** One policy rule → nft rules: one per address family and kind of address, or one if it matches any address. */
+  private ruleDecls(r: Rule, setPrefix: string): RuleDecl[] {
+    const tail = r.verdict === 'allow' ? [verdict.accept()] : this.denyVerdict(r.id, r.at, r.log);
+    const l4 = protocolMatch(r);
+    const text = comment(r.at, r.id);
+    if (r.to.any) return [rule([...l4, stmt.counter(), ...tail], text)];
+
+    const decls: RuleDecl[] = [];
+    for (const family of [4, 6] as const) {
+      const networks = r.to.networks.filter((net) => net.family === family);
+      if (networks.length > 0) {
+        const name = `${setPrefix}_net${family}`;
+        this.sets.push({ name, key: family === 4 ? 'ipv4_addr' : 'ipv6_addr', flags: ['interval'], elements: networks.map(networkElement), comment: text });
+        decls.push(rule([match.daddr(family, name), ...l4, stmt.counter(), ...tail], text));
+      }
+    }
+    if (r.to.names.length + r.to.suffixes.length + r.to.lists.length > 0) {
+      const set4 = `${setPrefix}_dns4`;
+      const set6 = `${setPrefix}_dns6`;
+      // Filled by the resolver with each answer's addresses, expiring with the answer's TTL.
+      this.sets.push({ name: set4, key: 'ipv4_addr', flags: ['timeout'], elements: [], comment: text });
+      this.sets.push({ name: set6, key: 'ipv6_addr', flags: ['timeout'], elements: [], comment: text });
+      decls.push(rule([match.daddr(4, set4), ...l4, stmt.counter(), ...tail], text));
+      decls.push(rule([match.daddr(6, set6), ...l4, stmt.counter(), ...tail], text));
+      this.dnsBindings.push({ ruleId: r.id, verdict: r.verdict, names: r.to.names, suffixes: r.to.suffixes, lists: r.to.lists, set4, set6 });
+    }
+    return decls;
+  }
+
+  /**
+   * A deny that logs jumps to a chain of its own: a `limit` in the deny rule
+   * itself would make the rule stop matching above the rate and let the packet
+   * through; in its own chain the limit only thins the log.
+   */
+  private denyVerdict(id: string, at: Origin | undefined, log: boolean): Statement[] {
+    if (!log || !this.log.denials) return [verdict.drop()];
+    const chain = `log_${slug(id)}`;
+    if (!this.chains.some((c) => c.name === chain)) this.chains.push({ name: chain, rules: this.denyTail(id, at, true) });
+    return [verdict.goto(chain)];
+  }
+
+  /** The end of a denying path: log (rate-limited) and drop, counting. */
+  private denyTail(id: string, at: Origin | undefined, log: boolean): RuleDecl[] {
+    const rules: RuleDecl[] = [];
+    if (log && this.log.denials) {
+      const { count, per } = this.log.rate;
+      rules.push(rule([stmt.limit(count, per, this.log.burst), stmt.log(logPrefix(id), this.log.group)], comment(at, id)));
+    }
+    rules.push(rule([stmt.counter(), verdict.drop()], comment(at, id)));
+    return rules;
+  }
+
+  private defaultTail(id: string, verdictName: 'allow' | 'deny', at: Origin | undefined): RuleDecl[] {
+    if (verdictName === 'allow') return [rule([stmt.counter(), verdict.accept()], comment(at, id))];
+    return this.denyTail(id, at, true);
+  }
+
+  private newDispatch(prefix: string): Dispatch {
+    return { prefix, cgroupLevels: new Map(), uids: { elements: [], verdicts: [], claimed: new Map() }, gids: { elements: [], verdicts: [], claimed: new Map() } };
+  }
+
+  /** Adds an identity's selectors to a dispatch; the first owner of a key keeps it, and a clash is reported. */
+  private claim(d: Dispatch, identity: Identity, target: Verdict, owner: string): void {
+    for (const selector of identity.selectors) {
+      if (selector.kind === 'cgroup') {
+        const level = d.cgroupLevels.get(selector.level) ?? { elements: [], verdicts: [], claimed: new Map<string, string>() };
+        d.cgroupLevels.set(selector.level, level);
+        const map = `${d.prefix}_cg_l${selector.level}`;
+        this.cgroupBindings.push({ owner, glob: selector.glob, level: selector.level, map, verdict: target });
+        const matches = cgroupGlobMatcher(selector.glob);
+        for (const path of this.facts.cgroups) {
+          if (!matches(path)) continue;
+          const earlier = level.claimed.get(path);
+          if (earlier !== undefined) {
+            if (earlier !== owner) this.warn(identity.at, `cgroup ${path} matches both ${earlier} and ${owner}; ${earlier} keeps it`);
+            continue;
+          }
+          level.claimed.set(path, owner);
+          level.elements.push(path);
+          level.verdicts.push(target);
+        }
+        continue;
+      }
+      const isUser = selector.kind === 'user';
+      const id = isUser ? this.uidOf(selector.user, identity.at, 'user') : this.gidOf(selector.group, identity.at);
+      if (id === undefined) continue;
+      const table = isUser ? d.uids : d.gids;
+      const earlier = table.claimed.get(id);
+      if (earlier !== undefined) {
+        if (earlier !== owner) this.warn(identity.at, `${isUser ? 'uid' : 'gid'} ${id} belongs to both ${earlier} and ${owner}; ${earlier} keeps it`);
+        continue;
+      }
+      table.claimed.set(id, owner);
+      table.elements.push(id);
+      table.verdicts.push(target);
+    }
+  }
+
+  /**
+   * One verdict-map lookup per cgroup depth in use, then by uid, then by gid.
+   * Deeper cgroups are more specific, so they are looked up first.
+   */
+  private dispatchRules(d: Dispatch, what: string): RuleDecl[] {
+    const rules: RuleDecl[] = [];
+    for (const level of [...d.cgroupLevels.keys()].sort((a, b) => b - a)) {
+      const entry = d.cgroupLevels.get(level)!;
+      const name = `${d.prefix}_cg_l${level}`;
+      this.sets.push({ name, key: { cgroupLevel: level }, map: 'verdict', flags: [], elements: entry.elements, verdicts: entry.verdicts });
+      rules.push(rule([dispatch.cgroup(level, name)], `${what} by cgroup (level ${level})`));
+    }
+    for (const [table, key] of [[d.uids, 'uid'], [d.gids, 'gid']] as const) {
+      if (table.elements.length === 0) continue;
+      const order = table.elements.map((_, i) => i).sort((a, b) => table.elements[a]! - table.elements[b]!);
+      const name = `${d.prefix}_${key}`;
+      this.sets.push({ name, key, map: 'verdict', flags: [], elements: order.map((i) => table.elements[i]!), verdicts: order.map((i) => table.verdicts[i]!) });
+      rules.push(rule([key === 'uid' ? dispatch.uid(name) : dispatch.gid(name)], `${what} by ${key}`));
+    }
+    return rules;
+  }
+
+  private uidOf(user: string | number, at: Origin | undefined, what: string): number | undefined {
+    if (typeof user === 'number') return user;
+    const uid = this.facts.users.get(user);
+    if (uid === undefined && at) this.warn(at, `${what} "${user}" does not exist on this machine; its rules match nothing until it does`);
+    return uid;
+  }
+
+  private gidOf(group: string | number, at: Origin): number | undefined {
+    if (typeof group === 'number') return group;
+    const gid = this.facts.groups.get(group);
+    if (gid === undefined) this.warn(at, `group "${group}" does not exist on this machine; its rules match nothing until it does`);
+    return gid;
+  }
+
+  private warn(at: Origin, message: string): void {
+    if (!this.warnings.some((w) => w.message === message)) this.warnings.push({ severity: 'warning', at, message });
+  }
+}
+
+function protocolMatch(r: Rule): Statement[] {
+  if (!r.protocols) return [];
+  const names = r.protocols.flatMap((p) => (p === 'icmp' ? ['icmp', 'ipv6-icmp'] : [p]));
+  const out = [match.l4proto(names)];
+  if (r.ports) out.push(match.dport(r.ports.map((p): Element => (p.from === p.to ? p.from : { range: [p.from, p.to] }))));
+  return out;
+}
+
+function networkElement(net: Network): Element {
+  return net.prefix === (net.family === 4 ? 32 : 128) ? net.address : { prefix: { addr: net.address, len: net.prefix } };
+}
+
+/** Rule ids become chain and set names: "app/firefox/2" → "app_firefox_2". */
+function slug(id: string): string {
+  return id.replace(/[^A-Za-z0-9_-]/g, '_');
+}
+
+function logPrefix(id: string): string {
+  // NFLOG prefixes are at most 127 bytes; ids are short by construction, but never trust that.
+  return `${LOG_PREFIX}${id}`.slice(0, 126) + ' ';
+}
+
+function comment(at: Origin | undefined, id: string): string {
+  return safeComment(at ? `${at.file}:${at.line} ${id}` : id);
+}
+

@@ -1,0 +1,246 @@
+import { isIP } from 'node:net';
+import { networkContains } from '../policy/destination.js';
+import type { Identity, Origin, Policy, Protocol, Rule, Selector } from '../policy/model.js';
+import { identitiesOverlap, slicePath } from '../policy/resolve.js';
+import { cgroupGlobMatcher } from './glob.js';
+
+/**
+ * Who is asking, as `egressctl explain --app` takes it: an app or identity
+ * name, or a concrete user, group, unit or cgroup.
+ */
+export type Who =
+  | { readonly kind: 'name'; readonly name: string }
+  | { readonly kind: 'user'; readonly user: string | number }
+  | { readonly kind: 'group'; readonly group: string | number }
+  | { readonly kind: 'cgroup'; readonly path: string };
+
+export interface ExplainQuery {
+  readonly who: Who;
+  readonly host: string;
+  readonly port?: number;
+  readonly proto?: Protocol;
+}
+
+export type Level = 'loopback' | 'system-domain' | 'lockdown' | 'tor' | 'app' | 'global-deny' | 'default';
+
+export interface Explanation {
+  readonly verdict: 'allow' | 'deny';
+  readonly level: Level;
+  readonly ruleId: string;
+  readonly at: Origin | undefined;
+  readonly why: string | undefined;
+  /** The path taken, one line per precedence level, for people. */
+  readonly steps: readonly string[];
+  /** Caveats: what the answer depends on that a policy cannot know (DNS answers). */
+  readonly notes: readonly string[];
+}
+
+export interface ExplainFacts {
+  readonly users: ReadonlyMap<string, number>;
+  readonly groups: ReadonlyMap<string, number>;
+}
+
+/**
+ * Walks the fixed precedence — loopback, system domain, lockdown, Tor, app,
+ * global deny, default — over the loaded policy, the same order the compiled
+ * table takes, and says which rule decides.
+ */
+export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts, options: { lockdown?: boolean } = {}): Explanation | { error: string } {
+  const steps: string[] = [];
+  const notes: string[] = [];
+  const target = classifyHost(query.host);
+  const belongs = membership(policy, query.who, facts);
+  if ('error' in belongs) return belongs;
+  const decide = (verdict: 'allow' | 'deny', level: Level, ruleId: string, at: Origin | undefined, why?: string): Explanation => ({ verdict, level, ruleId, at, why, steps, notes });
+
+  if (target.loopback) {
+    steps.push('loopback: always allowed');
+    return decide('allow', 'loopback', 'loopback', undefined);
+  }
+
+  for (const domain of policy.systemDomains) {
+    if (domain.members.some(belongs)) {
+      steps.push(`system domain "${domain.name}": a member, so no network at all`);
+      return decide('deny', 'system-domain', `sd/${domain.name}`, domain.at, domain.why);
+    }
+  }
+  steps.push('system domains: not a member');
+
+  const torUser = policy.tor.enabled && isTorUser(policy, query.who, facts);
+  if (options.lockdown) {
+    if (torUser) {
+      steps.push("lockdown: on, but Tor's own traffic may still leave");
+      return decide('allow', 'lockdown', 'lockdown', undefined);
+    }
+    steps.push('lockdown: on — all egress except loopback is denied');
+    return decide('deny', 'lockdown', 'lockdown', undefined);
+  }
+
+  if (policy.tor.enabled) {
+    if (torUser) {
+      steps.push("tor: Tor's own user may reach the network");
+      return decide('allow', 'tor', 'tor/own', policy.tor.at);
+    }
+    if (policy.tor.updaters.some(belongs)) {
+      const { socks } = policy.tor;
+      const toSocks = target.ip === socks.address && (query.port === undefined || query.port === socks.port) && (query.proto ?? 'tcp') === 'tcp';
+      steps.push(`tor: an updater, so only Tor's SOCKS port ${socks.family === 6 ? `[${socks.address}]` : socks.address}:${socks.port} is reachable`);
+      return toSocks ? decide('allow', 'tor', 'tor/socks', policy.tor.at) : decide('deny', 'tor', 'tor/updaters', policy.tor.at);
+    }
+    steps.push('tor: not an updater');
+  }
+
+  const app = firstByDispatchOrder(policy, query.who, facts);
+  if (app) {
+    for (const rule of app.rules) {
+      const outcome = ruleMatches(policy, rule, target, query, notes);
+      if (outcome) {
+        steps.push(`app "${app.name}": rule ${rule.id} matches (${outcome})`);
+        return decide(rule.verdict, 'app', rule.id, rule.at, rule.why);
+      }
+    }
+    steps.push(`app "${app.name}": no rule matches`);
+  } else {
+    steps.push('apps: no app policy for this identity');
+  }
+
+  for (const rule of policy.globalDeny) {
+    const outcome = ruleMatches(policy, rule, target, query, notes);
+    if (outcome) {
+      steps.push(`global deny: rule ${rule.id} matches (${outcome})`);
+      return decide('deny', 'global-deny', rule.id, rule.at, rule.why);
+    }
+  }
+  steps.push('global deny: no rule matches');
+
+  if (app) {
+    steps.push(`default of app "${app.name}": ${app.defaultVerdict}`);
+    return decide(app.defaultVerdict, 'default', `app/${app.name}/default`, app.at, app.why);
+  }
+  steps.push(`default: ${policy.defaults.egress}`);
+  return decide(policy.defaults.egress, 'default', 'default', policy.defaults.at);
+}
+
+interface Target {
+  readonly name: string | undefined;
+  readonly ip: string | undefined;
+  readonly family: 4 | 6 | undefined;
+  readonly loopback: boolean;
+}
+
+function classifyHost(host: string): Target {
+  const bare = host.replace(/^\[|\]$/g, '');
+  const family = isIP(bare);
+  if (family === 4) return { name: undefined, ip: bare, family: 4, loopback: bare.startsWith('127.') };
+  if (family === 6) {
+    const ip = bare.toLowerCase();
+    return { name: undefined, ip, family: 6, loopback: ip === '::1' };
+  }
+  const name = host.toLowerCase().replace(/\.$/, '');
+  return { name, ip: undefined, family: undefined, loopback: name === 'localhost' || name.endsWith('.localhost') };
+}
+
+/** Says why a rule matches, or returns undefined. Name rules match names; network rules match addresses. */
+function ruleMatches(policy: Policy, rule: Rule, target: Target, query: ExplainQuery, notes: string[]): string | undefined {
+  if (rule.protocols) {
+    const proto = query.proto ?? (query.port !== undefined ? 'tcp' : undefined);
+    if (proto === undefined || !rule.protocols.includes(proto)) return undefined;
+  }
+  if (rule.ports) {
+    const port = query.port;
+    if (port === undefined || !rule.ports.some((range) => port >= range.from && port <= range.to)) return undefined;
+  }
+  if (rule.to.any) return 'any destination';
+  if (target.ip !== undefined) {
+    const net = rule.to.networks.find((candidate) => networkContains(candidate, target.family!, target.ip!));
+    if (net) return `${target.ip} is in ${net.address}/${net.prefix}`;
+    if (rule.to.names.length + rule.to.suffixes.length + rule.to.lists.length > 0) {
+      notes.push(`${rule.id} also matches ${target.ip} while it is a recent DNS answer for one of the rule's names`);
+    }
+    return undefined;
+  }
+  const name = target.name!;
+  const exact = rule.to.names.includes(name);
+  if (exact) return `${name} is listed${rule.to.catalogueEntries.length ? ` (catalogue: ${catalogueFor(policy, rule, name)})` : ''}`;
+  const suffix = rule.to.suffixes.find((s) => name === s || name.endsWith(`.${s}`));
+  if (suffix) return `${name} is under *.${suffix}`;
+  for (const listName of rule.to.lists) {
+    const list = policy.lists.get(listName);
+    if (!list) continue;
+    if (list.names.includes(name)) return `${name} is in list @${listName}`;
+    const listSuffix = list.suffixes.find((s) => name === s || name.endsWith(`.${s}`));
+    if (listSuffix) return `${name} is under *.${listSuffix} in list @${listName}`;
+  }
+  if (rule.to.networks.length > 0) notes.push(`${rule.id} would also match if ${name} resolves into one of its networks`);
+  return undefined;
+}
+
+/**
+ * When several apps claim the asker, the kernel's dispatch decides: deeper
+ * cgroups first, then uid, then gid; among equals, the app written first.
+ */
+function firstByDispatchOrder(policy: Policy, who: Who, facts: ExplainFacts): Policy['apps'][number] | undefined {
+  const rank = (selector: Selector): number => (selector.kind === 'cgroup' ? 1000 - selector.level : selector.kind === 'user' ? 2000 : 3000);
+  let best: { app: Policy['apps'][number]; rank: number } | undefined;
+  for (const app of policy.apps) {
+    for (const identity of app.identities) {
+      for (const selector of identity.selectors) {
+        if (!selectorClaims(policy, selector, who, facts)) continue;
+        const r = rank(selector);
+        if (!best || r < best.rank) best = { app, rank: r };
+      }
+    }
+  }
+  return best?.app;
+}
+
+function selectorClaims(policy: Policy, selector: Selector, who: Who, facts: ExplainFacts): boolean {
+  if (who.kind !== 'name') return selectorMatches(selector, who, facts);
+  const app = policy.apps.find((candidate) => candidate.name === who.name);
+  const named = app ? app.identities : [policy.identities.get(who.name)].filter((i): i is Identity => i !== undefined);
+  const probe: Identity = { name: '', selectors: [selector], at: { file: '', line: 0, col: 0 } };
+  return named.some((mine) => identitiesOverlap(probe, mine));
+}
+
+function catalogueFor(policy: Policy, rule: Rule, name: string): string {
+  return rule.to.catalogueEntries.filter((id) => policy.catalogue.get(id)?.names.includes(name)).join(', ');
+}
+
+function membership(policy: Policy, who: Who, facts: ExplainFacts): ((identity: Identity) => boolean) | { error: string } {
+  if (who.kind === 'name') {
+    const app = policy.apps.find((candidate) => candidate.name === who.name);
+    const named = app ? app.identities : policy.identities.has(who.name) ? [policy.identities.get(who.name)!] : undefined;
+    if (!named) {
+      const known = [...policy.apps.map((a) => a.name), ...policy.identities.keys()];
+      return { error: `no app or identity named "${who.name}"${known.length ? ` (known: ${[...new Set(known)].join(', ')})` : ''}; or give user:NAME, uid:N, group:NAME, gid:N, unit:NAME.service or cgroup:PATH` };
+    }
+    return (identity) => named.some((mine) => identitiesOverlap(identity, mine));
+  }
+  return (identity) => identity.selectors.some((selector) => selectorMatches(selector, who, facts));
+}
+
+function selectorMatches(selector: Selector, who: Who, facts: ExplainFacts): boolean {
+  if (who.kind === 'user' && selector.kind === 'user') return sameId(selector.user, who.user, facts.users);
+  if (who.kind === 'group' && selector.kind === 'group') return sameId(selector.group, who.group, facts.groups);
+  if (who.kind === 'cgroup' && selector.kind === 'cgroup') {
+    // `socket cgroupv2 level N` looks at the ancestor N levels down, so a process deeper in the tree matches too.
+    const segments = who.path.replace(/^\/+|\/+$/g, '').split('/');
+    if (segments.length < selector.level) return false;
+    return cgroupGlobMatcher(selector.glob)(segments.slice(0, selector.level).join('/'));
+  }
+  return false;
+}
+
+function sameId(a: string | number, b: string | number, ids: ReadonlyMap<string, number>): boolean {
+  const numeric = (value: string | number): number | string => (typeof value === 'number' ? value : (ids.get(value) ?? value));
+  return numeric(a) === numeric(b);
+}
+
+function isTorUser(policy: Policy, who: Who, facts: ExplainFacts): boolean {
+  return who.kind === 'user' && sameId(policy.tor.user, who.user, facts.users);
+}
+
+/** `unit:cups.service` → the cgroup it runs in (system.slice unless a slice is given). */
+export function unitCgroup(unit: string, slice = 'system.slice'): string {
+  return `${slicePath(slice)}/${unit}`;
+}

@@ -1,0 +1,13 @@
+/**
+ * Matches cgroup paths against a selector's glob, one path segment per glob
+ * segment: "*" and "?" never cross a "/", so a glob names cgroups at exactly
+ * one depth — the depth nft's `socket cgroupv2 level N` looks at.
+ */
+export function cgroupGlobMatcher(glob: string): (path: string) => boolean {
+  const pattern = glob
+    .split('/')
+    .map((segment) => segment.replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*/g, '[^/]*').replace(/\?/g, '[^/]'))
+    .join('/');
+  const regex = new RegExp(`^${pattern}$`);
+  return (path) => regex.test(path.replace(/^\/+|\/+$/g, ''));
+}

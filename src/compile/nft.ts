@@ -1,0 +1,241 @@
+/**
+ * A typed model of the part of nftables egressd uses, built with small
+ * constructors and rendered two ways: libnftables JSON (for tools and
+ * comparisons) and nft text (what is applied, because nft 1.0.6's JSON parser
+ * has no `socket cgroupv2` expression — measured: "Invalid socket key value").
+ * Both renderings come from the same objects, so they cannot drift apart.
+ */
+
+export interface TableRef {
+  readonly family: 'inet';
+  readonly name: string;
+}
+
+export type SetKey = 'ipv4_addr' | 'ipv6_addr' | 'uid' | 'gid' | { readonly cgroupLevel: number };
+export type SetFlag = 'interval' | 'timeout';
+
+export type Verdict =
+  | { readonly accept: null }
+  | { readonly drop: null }
+  | { readonly return: null }
+  | { readonly jump: { readonly target: string } }
+  | { readonly goto: { readonly target: string } };
+
+export type Element =
+  | string
+  | number
+  | { readonly prefix: { readonly addr: string; readonly len: number } }
+  | { readonly range: readonly [number, number] };
+
+export interface SetDecl {
+  readonly name: string;
+  readonly key: SetKey;
+  /** Present for verdict maps. */
+  readonly map?: 'verdict';
+  readonly flags: readonly SetFlag[];
+  readonly elements: readonly Element[];
+  /** For maps: one verdict per element, same order. */
+  readonly verdicts?: readonly Verdict[];
+  readonly comment?: string;
+}
+
+export type Expr =
+  | { readonly meta: { readonly key: 'oif' | 'l4proto' | 'skuid' | 'skgid' | 'nfproto' } }
+  | { readonly payload: { readonly protocol: 'ip' | 'ip6' | 'th' | 'tcp'; readonly field: 'daddr' | 'dport' } }
+  | { readonly socket: { readonly key: 'cgroupv2'; readonly level: number } }
+  | { readonly ct: { readonly key: 'state' | 'direction' } }
+  | { readonly set: readonly Element[] }
+  | Element;
+
+export type Statement =
+  | { readonly match: { readonly op: '==' | '!=' | 'in'; readonly left: Expr; readonly right: Expr } }
+  | { readonly vmap: { readonly key: Expr; readonly data: string } }
+  | { readonly counter: null }
+  | { readonly limit: { readonly rate: number; readonly per: 'second' | 'minute' | 'hour'; readonly burst: number } }
+  | { readonly log: { readonly prefix: string; readonly group: number } }
+  | Verdict;
+
+export interface RuleDecl {
+  readonly expr: readonly Statement[];
+  readonly comment?: string;
+}
+
+export interface ChainDecl {
+  readonly name: string;
+  readonly hook?: { readonly hook: 'output'; readonly prio: number; readonly policy: 'accept' | 'drop' };
+  readonly rules: readonly RuleDecl[];
+}
+
+export interface Ruleset {
+  readonly table: TableRef;
+  readonly sets: readonly SetDecl[];
+  readonly chains: readonly ChainDecl[];
+}
+
+// ---- constructors ---------------------------------------------------------
+
+export const verdict = {
+  accept: (): Verdict => ({ accept: null }),
+  drop: (): Verdict => ({ drop: null }),
+  return: (): Verdict => ({ return: null }),
+  jump: (target: string): Verdict => ({ jump: { target } }),
+  goto: (target: string): Verdict => ({ goto: { target } }),
+};
+
+const eq = (left: Expr, right: Expr): Statement => ({ match: { op: '==', left, right } });
+
+export const match = {
+  oif: (name: string): Statement => eq({ meta: { key: 'oif' } }, name),
+  daddr: (family: 4 | 6, setName: string): Statement => eq({ payload: { protocol: family === 4 ? 'ip' : 'ip6', field: 'daddr' } }, `@${setName}`),
+  daddrIs: (family: 4 | 6, address: string): Statement => eq({ payload: { protocol: family === 4 ? 'ip' : 'ip6', field: 'daddr' } }, address),
+  l4proto: (protocols: readonly string[]): Statement =>
+    eq({ meta: { key: 'l4proto' } }, protocols.length === 1 ? protocols[0]! : { set: protocols }),
+  /** Destination port of any transport header; callers pair it with an l4proto match. */
+  dport: (ports: readonly Element[]): Statement =>
+    eq({ payload: { protocol: 'th', field: 'dport' } }, ports.length === 1 ? ports[0]! : { set: ports }),
+  tcpDport: (port: number): Statement => eq({ payload: { protocol: 'tcp', field: 'dport' } }, port),
+  skuid: (uid: number): Statement => eq({ meta: { key: 'skuid' } }, uid),
+  ctState: (states: readonly string[]): Statement => ({ match: { op: 'in', left: { ct: { key: 'state' } }, right: states.length === 1 ? states[0]! : { set: states } } }),
+  ctDirection: (direction: 'original' | 'reply'): Statement => eq({ ct: { key: 'direction' } }, direction),
+};
+
+export const dispatch = {
+  cgroup: (level: number, mapName: string): Statement => ({ vmap: { key: { socket: { key: 'cgroupv2', level } }, data: `@${mapName}` } }),
+  uid: (mapName: string): Statement => ({ vmap: { key: { meta: { key: 'skuid' } }, data: `@${mapName}` } }),
+  gid: (mapName: string): Statement => ({ vmap: { key: { meta: { key: 'skgid' } }, data: `@${mapName}` } }),
+};
+
+export const stmt = {
+  counter: (): Statement => ({ counter: null }),
+  limit: (rate: number, per: 'second' | 'minute' | 'hour', burst: number): Statement => ({ limit: { rate, per, burst } }),
+  log: (prefix: string, group: number): Statement => ({ log: { prefix, group } }),
+};
+
+export function rule(expr: readonly Statement[], comment?: string): RuleDecl {
+  return comment === undefined ? { expr } : { expr, comment };
+}
+
+/** nft strings cannot escape a double quote; comments are at most 128 bytes. */
+export function safeComment(text: string): string {
+  const clean = text.replace(/["\\\n\r]/g, "'");
+  return Buffer.byteLength(clean) <= 128 ? clean : `${Buffer.from(clean).subarray(0, 125).toString('utf8').replace(/\uFFFD+$/, '')}...`;
+}
+
+// ---- JSON rendering (libnftables JSON schema 1) --------------------------
+
+export type JsonObject = { readonly [key: string]: unknown };
+
+function keyJson(key: SetKey): JsonObject {
+  if (typeof key === 'string') return { type: key };
+  // The JSON parser cannot express `typeof socket cgroupv2 level N`; the closest is the data type.
+  return { type: 'cgroupsv2' };
+}
+
+function elementJson(element: Element): unknown {
+  return element;
+}
+
+export function renderJson(ruleset: Ruleset): { nftables: JsonObject[] } {
+  const { family, name: table } = ruleset.table;
+  const out: JsonObject[] = [{ metainfo: { json_schema_version: 1 } }, { table: { family, name: table } }];
+  for (const set of ruleset.sets) {
+    const body: Record<string, unknown> = { family, table, name: set.name, ...keyJson(set.key) };
+    if (set.map) body['map'] = set.map;
+    if (set.flags.length > 0) body['flags'] = [...set.flags];
+    if (set.elements.length > 0) {
+      body['elem'] = set.map ? set.elements.map((element, i) => [elementJson(element), set.verdicts![i]]) : set.elements.map(elementJson);
+    }
+    if (set.comment) body['comment'] = set.comment;
+    out.push({ [set.map ? 'map' : 'set']: body });
+  }
+  for (const chain of ruleset.chains) {
+    out.push({ chain: chain.hook ? { family, table, name: chain.name, type: 'filter', hook: chain.hook.hook, prio: chain.hook.prio, policy: chain.hook.policy } : { family, table, name: chain.name } });
+  }
+  for (const chain of ruleset.chains) {
+    for (const r of chain.rules) {
+      out.push({ rule: { family, table, chain: chain.name, expr: r.expr, ...(r.comment ? { comment: r.comment } : {}) } });
+    }
+  }
+  return { nftables: out };
+}
+
+// ---- text rendering (nft -f) ----------------------------------------------
+
+function elementText(element: Element): string {
+  if (typeof element === 'string') return /^[0-9a-fA-F:.]+$/.test(element) ? element : JSON.stringify(element);
+  if (typeof element === 'number') return String(element);
+  if ('prefix' in element) return `${element.prefix.addr}/${element.prefix.len}`;
+  return `${element.range[0]}-${element.range[1]}`;
+}
+
+function exprText(expr: Expr): string {
+  if (typeof expr === 'string') {
+    if (expr.startsWith('@')) return expr;
+    // Addresses, protocol names and conntrack states are bare words in nft's grammar.
+    return /^[a-z0-9][a-z0-9:.-]*$/i.test(expr) ? expr : JSON.stringify(expr);
+  }
+  if (typeof expr === 'number') return String(expr);
+  if ('meta' in expr) return `meta ${expr.meta.key}`;
+  if ('payload' in expr) return `${expr.payload.protocol} ${expr.payload.field}`;
+  if ('socket' in expr) return `socket cgroupv2 level ${expr.socket.level}`;
+  if ('ct' in expr) return `ct ${expr.ct.key}`;
+  if ('set' in expr) return `{ ${expr.set.map((e) => exprText(e as Expr)).join(', ')} }`;
+  return elementText(expr);
+}
+
+function verdictText(v: Verdict): string {
+  if ('accept' in v) return 'accept';
+  if ('drop' in v) return 'drop';
+  if ('return' in v) return 'return';
+  if ('jump' in v) return `jump ${v.jump.target}`;
+  return `goto ${v.goto.target}`;
+}
+
+function statementText(s: Statement): string {
+  if ('match' in s) {
+    const op = s.match.op === '!=' ? '!= ' : '';
+    const left = s.match.left;
+    // Interface names are strings in nft's grammar and must be quoted.
+    const quoted = typeof left === 'object' && 'meta' in left && left.meta.key === 'oif' && typeof s.match.right === 'string';
+    return `${exprText(left)} ${op}${quoted ? JSON.stringify(s.match.right) : exprText(s.match.right)}`;
+  }
+  if ('vmap' in s) return `${exprText(s.vmap.key)} vmap ${s.vmap.data}`;
+  if ('counter' in s) return 'counter';
+  if ('limit' in s) return `limit rate ${s.limit.rate}/${s.limit.per} burst ${s.limit.burst} packets`;
+  if ('log' in s) return `log prefix ${JSON.stringify(s.log.prefix)} group ${s.log.group}`;
+  return verdictText(s);
+}
+
+function setKeyText(key: SetKey): string {
+  if (typeof key === 'string') return `type ${key}`;
+  return `typeof socket cgroupv2 level ${key.cgroupLevel}`;
+}
+
+/** Renders `table inet NAME { … }`. Elements are written eight to a line to keep huge sets readable and fast to parse. */
+export function renderText(ruleset: Ruleset): string {
+  const lines: string[] = [`table ${ruleset.table.family} ${ruleset.table.name} {`];
+  for (const set of ruleset.sets) {
+    lines.push(`\t${set.map ? 'map' : 'set'} ${set.name} {`);
+    lines.push(`\t\t${setKeyText(set.key)}${set.map ? ` : ${set.map}` : ''}`);
+    if (set.flags.length > 0) lines.push(`\t\tflags ${set.flags.join(',')}`);
+    if (set.comment) lines.push(`\t\tcomment ${JSON.stringify(set.comment)}`);
+    if (set.elements.length > 0) {
+      const items = set.elements.map((element, i) => (set.map ? `${elementText(element)} : ${verdictText(set.verdicts![i]!)}` : elementText(element)));
+      const rows: string[] = [];
+      for (let i = 0; i < items.length; i += 8) rows.push(items.slice(i, i + 8).join(', '));
+      lines.push(`\t\telements = { ${rows.join(',\n\t\t\t     ')} }`);
+    }
+    lines.push('\t}');
+  }
+  for (const chain of ruleset.chains) {
+    lines.push(`\tchain ${chain.name} {`);
+    if (chain.hook) lines.push(`\t\ttype filter hook ${chain.hook.hook} priority ${chain.hook.prio}; policy ${chain.hook.policy};`);
+    for (const r of chain.rules) {
+      const comment = r.comment ? ` comment ${JSON.stringify(r.comment)}` : '';
+      lines.push(`\t\t${r.expr.map(statementText).join(' ')}${comment}`);
+    }
+    lines.push('\t}');
+  }
+  lines.push('}');
+  return `${lines.join('\n')}\n`;
+}

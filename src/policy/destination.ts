@@ -1,0 +1,163 @@
+import { isIPv4, isIPv6 } from 'node:net';
+
+/**
+ * A destination written in a policy, parsed once at load. The compiler and
+ * `explain` work only on this form, never on the original strings.
+ */
+export type Destination =
+  | { kind: 'name'; name: string }
+  | { kind: 'suffix'; suffix: string }
+  | { kind: 'list'; list: string }
+  | { kind: 'catalogue'; selector: string }
+  | { kind: 'net'; family: 4 | 6; address: string; prefix: number };
+
+export type ParseResult<T> = { ok: true; value: T } | { ok: false; message: string; hint?: string };
+
+const LABEL = /^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$/;
+const LIST_REF = /^@([a-z][a-z0-9_-]{0,47})$/;
+const CATALOGUE_REF = /^catalogue:([a-z][a-z0-9-]{0,47})$/;
+
+/** Checks a DNS name in presentation form (lower case, no trailing dot). */
+export function checkDnsName(name: string): string | undefined {
+  if (name.length === 0) return 'empty name';
+  if (name.length > 253) return `name is ${name.length} characters long; DNS allows 253`;
+  for (const label of name.split('.')) {
+    if (label.length === 0) return 'empty label (two dots in a row, or a leading dot)';
+    if (label.length > 63) return `label "${label.slice(0, 20)}…" is longer than 63 characters`;
+    if (!LABEL.test(label)) return `label "${label}" has characters a DNS name cannot have`;
+  }
+  return undefined;
+}
+
+export function parseDestination(raw: string): ParseResult<Destination> {
+  const text = raw.trim();
+  if (text.length === 0) return { ok: false, message: 'empty destination' };
+
+  const list = LIST_REF.exec(text);
+  if (list) return { ok: true, value: { kind: 'list', list: list[1]! } };
+  if (text.startsWith('@')) {
+    return { ok: false, message: `"${text}" is not a valid list reference`, hint: 'list names are lower case letters, digits, "-" and "_", e.g. @tracking' };
+  }
+
+  const catalogue = CATALOGUE_REF.exec(text);
+  if (catalogue) return { ok: true, value: { kind: 'catalogue', selector: catalogue[1]! } };
+  if (text.startsWith('catalogue:')) {
+    return { ok: false, message: `"${text}" is not a valid catalogue reference`, hint: 'write catalogue:CATEGORY or catalogue:ENTRY-ID, e.g. catalogue:telemetry' };
+  }
+
+  if (/^[0-9a-fA-F:.]+(\/\d+)?$/.test(text) && (text.includes(':') || /^[0-9./]+$/.test(text))) {
+    return parseNetwork(text);
+  }
+
+  const lower = text.toLowerCase().replace(/\.$/, '');
+  if (lower.startsWith('*.')) {
+    const suffix = lower.slice(2);
+    const problem = checkDnsName(suffix);
+    if (problem) return { ok: false, message: `"${text}" is not a valid wildcard name: ${problem}` };
+    return { ok: true, value: { kind: 'suffix', suffix } };
+  }
+  if (lower.includes('*')) {
+    return { ok: false, message: `"${text}" has a wildcard that is not a leading "*."`, hint: 'only "*.example.org" is supported; it matches example.org and every name below it' };
+  }
+  if (lower.includes('/') || lower.includes(':')) {
+    return { ok: false, message: `"${text}" is neither a DNS name nor an IP address or CIDR`, hint: 'write a bare name (example.org), not a URL' };
+  }
+  const problem = checkDnsName(lower);
+  if (problem) return { ok: false, message: `"${text}" is not a valid DNS name: ${problem}` };
+  return { ok: true, value: { kind: 'name', name: lower } };
+}
+
+export function parseNetwork(text: string): ParseResult<Destination & { kind: 'net' }> {
+  const [address = '', prefixText, extra] = text.split('/');
+  if (extra !== undefined) return { ok: false, message: `"${text}" has more than one "/"` };
+  const family = isIPv4(address) ? 4 : isIPv6(address) ? 6 : undefined;
+  if (family === undefined) return { ok: false, message: `"${text}" is not a valid IPv4 or IPv6 address` };
+  const bits = family === 4 ? 32 : 128;
+  let prefix = bits;
+  if (prefixText !== undefined) {
+    if (!/^\d{1,3}$/.test(prefixText) || Number(prefixText) > bits) {
+      return { ok: false, message: `"${text}" has prefix length /${prefixText}; IPv${family} allows /0 to /${bits}` };
+    }
+    prefix = Number(prefixText);
+  }
+  const canonical = canonicalNetwork(family, address, prefix);
+  if (canonical !== normaliseAddress(family, address)) {
+    return {
+      ok: false,
+      message: `"${text}" has host bits set below the /${prefix} prefix`,
+      hint: `did you mean ${canonical}/${prefix}?`,
+    };
+  }
+  return { ok: true, value: { kind: 'net', family, address: canonical, prefix } };
+}
+
+/** Address bytes as a bigint, so IPv4 and IPv6 share one masking path. */
+export function addressToBigInt(family: 4 | 6, address: string): bigint {
+  if (family === 4) {
+    return address.split('.').reduce((acc, octet) => (acc << 8n) | BigInt(Number(octet)), 0n);
+  }
+  return expandIPv6(address).reduce((acc, group) => (acc << 16n) | BigInt(group), 0n);
+}
+
+function expandIPv6(address: string): number[] {
+  let text = address;
+  // An embedded IPv4 tail (::ffff:192.0.2.1) becomes two hex groups.
+  const v4 = /(\d+\.\d+\.\d+\.\d+)$/.exec(text);
+  if (v4) {
+    const n = Number(addressToBigInt(4, v4[1]!));
+    text = text.slice(0, v4.index) + `${((n >>> 16) & 0xffff).toString(16)}:${(n & 0xffff).toString(16)}`;
+  }
+  const [head = '', tail] = text.split('::');
+  const headGroups = head === '' ? [] : head.split(':');
+  const tailGroups = tail === undefined || tail === '' ? [] : tail.split(':');
+  const zeros = tail === undefined ? [] : new Array<string>(8 - headGroups.length - tailGroups.length).fill('0');
+  return [...headGroups, ...zeros, ...tailGroups].map((group) => parseInt(group, 16));
+}
+
+export function bigIntToAddress(family: 4 | 6, value: bigint): string {
+  if (family === 4) {
+    return [24n, 16n, 8n, 0n].map((shift) => String((value >> shift) & 0xffn)).join('.');
+  }
+  const groups = Array.from({ length: 8 }, (_, i) => Number((value >> BigInt(112 - 16 * i)) & 0xffffn));
+  // RFC 5952: compress the longest run (length ≥ 2) of zero groups, the first one on ties.
+  let bestStart = -1;
+  let bestLength = 1;
+  for (let i = 0; i < 8; ) {
+    if (groups[i] !== 0) {
+      i++;
+      continue;
+    }
+    let j = i;
+    while (j < 8 && groups[j] === 0) j++;
+    if (j - i > bestLength) {
+      bestStart = i;
+      bestLength = j - i;
+    }
+    i = j;
+  }
+  const hex = groups.map((group) => group.toString(16));
+  if (bestStart < 0) return hex.join(':');
+  return `${hex.slice(0, bestStart).join(':')}::${hex.slice(bestStart + bestLength).join(':')}`;
+}
+
+function normaliseAddress(family: 4 | 6, address: string): string {
+  return bigIntToAddress(family, addressToBigInt(family, address));
+}
+
+function canonicalNetwork(family: 4 | 6, address: string, prefix: number): string {
+  const bits = BigInt(family === 4 ? 32 : 128);
+  const hostBits = bits - BigInt(prefix);
+  const masked = (addressToBigInt(family, address) >> hostBits) << hostBits;
+  return bigIntToAddress(family, masked);
+}
+
+/** True when `address` (a plain IP) lies inside the network. */
+export function networkContains(net: { family: 4 | 6; address: string; prefix: number }, family: 4 | 6, address: string): boolean {
+  if (net.family !== family) return false;
+  const hostBits = BigInt((family === 4 ? 32 : 128) - net.prefix);
+  return addressToBigInt(family, address) >> hostBits === addressToBigInt(family, net.address) >> hostBits;
+}
+
+export function formatNetwork(net: { family: 4 | 6; address: string; prefix: number }): string {
+  return net.prefix === (net.family === 4 ? 32 : 128) ? net.address : `${net.address}/${net.prefix}`;
+}

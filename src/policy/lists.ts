@@ -1,0 +1,75 @@
+import { isIP } from 'node:net';
+import { checkDnsName } from './destination.js';
+
+export type ListFormat = 'auto' | 'plain' | 'hosts';
+
+export interface ParsedList {
+  readonly names: string[];
+  readonly suffixes: string[];
+  /** Lines that are not names, with their 1-based line numbers; they are skipped, never guessed at. */
+  readonly rejected: { line: number; col: number; text: string; reason: string }[];
+}
+
+/** Names hosts files map for the machine itself; they are not destinations to deny. */
+const HOSTS_SELF_NAMES = new Set([
+  'localhost',
+  'localhost.localdomain',
+  'local',
+  'broadcasthost',
+  'ip6-localhost',
+  'ip6-loopback',
+  'ip6-localnet',
+  'ip6-mcastprefix',
+  'ip6-allnodes',
+  'ip6-allrouters',
+  'ip6-allhosts',
+  '0.0.0.0',
+]);
+
+/**
+ * Parses a name list in plain format (one name per line) or hosts format
+ * ("0.0.0.0 name [name…]"); `#` starts a comment in both. A line `*.example.org`
+ * is a suffix; every other entry is an exact name. Duplicates are dropped.
+ */
+export function parseNameList(text: string, format: ListFormat): ParsedList {
+  const names = new Set<string>();
+  const suffixes = new Set<string>();
+  const rejected: ParsedList['rejected'] = [];
+  let lineNumber = 0;
+  let start = 0;
+  while (start <= text.length) {
+    let end = text.indexOf('\n', start);
+    if (end < 0) end = text.length;
+    lineNumber++;
+    const raw = text.slice(start, end);
+    start = end + 1;
+
+    const hash = raw.indexOf('#');
+    const content = (hash >= 0 ? raw.slice(0, hash) : raw).trim();
+    if (content.length === 0) continue;
+    const tokens = content.split(/\s+/);
+    const first = tokens[0]!;
+    const isHostsLine = format === 'hosts' || (format === 'auto' && tokens.length > 1 && isIP(first) !== 0);
+    if (format === 'hosts' && isIP(first) === 0) {
+      rejected.push({ line: lineNumber, col: raw.indexOf(first) + 1, text: first, reason: 'a hosts line starts with an address' });
+      continue;
+    }
+    if (!isHostsLine && tokens.length > 1) {
+      rejected.push({ line: lineNumber, col: raw.indexOf(tokens[1]!) + 1, text: content, reason: 'a plain list has one name per line' });
+      continue;
+    }
+    for (const token of isHostsLine ? tokens.slice(1) : tokens) {
+      const name = token.toLowerCase().replace(/\.$/, '');
+      if (isHostsLine && HOSTS_SELF_NAMES.has(name)) continue;
+      const isSuffix = name.startsWith('*.');
+      const bare = isSuffix ? name.slice(2) : name;
+      const problem = checkDnsName(bare);
+      if (problem) {
+        rejected.push({ line: lineNumber, col: raw.indexOf(token) + 1, text: token, reason: problem });
+        continue;
+      }
+      (isSuffix ? suffixes : names).add(bare);
+    }
+  }
+  return { names: [...names], suffixes: [...suffixes], rejected };
+}

@@ -1,0 +1,73 @@
+import { readdirSync, readFileSync, statSync } from 'node:fs';
+import { isAbsolute, join, resolve } from 'node:path';
+import { EgressError, ErrorCode } from '../errors.js';
+import { formatIssue, sortIssues, type PolicyIssue } from './issues.js';
+import type { Policy } from './model.js';
+import { MAX_POLICY_FILE_BYTES, oversizeIssue } from './source.js';
+import { resolvePolicy, type ListReader, type PolicyFileInput, type ResolveResult } from './resolve.js';
+
+/** List files may be large (the tracking list is ~4 MB); past this they are refused rather than read. */
+export const MAX_LIST_FILE_BYTES = 64 * 1024 * 1024;
+
+export interface LoadedPolicy {
+  readonly dir: string;
+  readonly policy: Policy;
+  readonly warnings: readonly PolicyIssue[];
+}
+
+/**
+ * Reads every *.yaml / *.yml file of `dir` in lexical (byte) order, like
+ * systemd drop-ins, and resolves them into one Policy.
+ */
+export function loadPolicyDir(dir: string): ResolveResult & { dir: string } {
+  let names: string[];
+  try {
+    if (!statSync(dir).isDirectory()) throw new Error('not a directory');
+    names = readdirSync(dir, { withFileTypes: true })
+      .filter((entry) => (entry.isFile() || entry.isSymbolicLink()) && /\.ya?ml$/.test(entry.name) && !entry.name.startsWith('.'))
+      .map((entry) => entry.name)
+      .sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
+  } catch (error) {
+    throw new EgressError(ErrorCode.Io, `cannot read policy directory ${dir}: ${(error as Error).message}`, { cause: error });
+  }
+
+  const files: PolicyFileInput[] = [];
+  const unreadable: PolicyIssue[] = [];
+  for (const file of names) {
+    try {
+      const path = join(dir, file);
+      const size = statSync(path).size;
+      // An oversized file is refused by its size, without reading it.
+      if (size > MAX_POLICY_FILE_BYTES) unreadable.push(oversizeIssue(file, size));
+      else files.push({ file, bytes: readFileSync(path) });
+    } catch (error) {
+      unreadable.push({ severity: 'error', at: { file, line: 1, col: 1 }, message: `cannot read file: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}` });
+    }
+  }
+  const readList: ListReader = (path) => {
+    const full = isAbsolute(path) ? path : resolve(dir, path);
+    try {
+      const size = statSync(full).size;
+      if (size > MAX_LIST_FILE_BYTES) return { error: `file is ${size} bytes; list files are at most ${MAX_LIST_FILE_BYTES}` };
+      return { bytes: readFileSync(full) };
+    } catch (error) {
+      return { error: (error as NodeJS.ErrnoException).code ?? (error as Error).message };
+    }
+  };
+  const result = resolvePolicy(files, readList);
+  if (unreadable.length > 0) {
+    return { ok: false, errors: [...unreadable, ...(result.ok ? [] : result.errors)], warnings: result.warnings, dir };
+  }
+  return { ...result, dir };
+}
+
+/** Loads or throws EGD_POLICY_INVALID with every problem formatted as file:line:col. */
+export function loadPolicyOrThrow(dir: string): LoadedPolicy {
+  const result = loadPolicyDir(dir);
+  if (!result.ok) {
+    const details = sortIssues([...result.errors, ...result.warnings]).map((issue) => formatIssue(issue, dir));
+    const count = result.errors.length;
+    throw new EgressError(ErrorCode.PolicyInvalid, `${dir}: ${count} ${count === 1 ? 'error' : 'errors'} in the policy`, { details });
+  }
+  return { dir, policy: result.policy, warnings: result.warnings };
+}

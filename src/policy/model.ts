@@ -1,0 +1,135 @@
+/**
+ * The policy after loading: files merged, references resolved, destinations
+ * parsed, every part carrying the file:line it came from. The compiler and
+ * `explain` read only this form.
+ */
+import type { CatalogueCategory } from './schema.js';
+
+/** A place in a policy file; `file` is relative to the policy directory. */
+export interface Origin {
+  readonly file: string;
+  readonly line: number;
+  readonly col: number;
+}
+
+export type Verdict = 'allow' | 'deny';
+export type Protocol = 'tcp' | 'udp' | 'icmp';
+
+export interface Network {
+  readonly family: 4 | 6;
+  readonly address: string;
+  readonly prefix: number;
+}
+
+/**
+ * How a process is recognised in the kernel. Units, slices, cgroup globs and
+ * Flatpak ids all become cgroup globs at a fixed depth (`level`), because nft
+ * matches `socket cgroupv2 level N` against one ancestor of the socket's cgroup.
+ */
+export type Selector =
+  | { readonly kind: 'cgroup'; readonly glob: string; readonly level: number; readonly written: string }
+  | { readonly kind: 'user'; readonly user: string | number }
+  | { readonly kind: 'group'; readonly group: string | number };
+
+export interface Identity {
+  readonly name: string;
+  readonly selectors: readonly Selector[];
+  readonly at: Origin;
+}
+
+export interface PortRange {
+  readonly from: number;
+  readonly to: number;
+}
+
+/** Destinations of one rule, expanded from names, lists, catalogue and CIDRs. */
+export interface DestinationSet {
+  readonly any: boolean;
+  readonly names: readonly string[];
+  readonly suffixes: readonly string[];
+  /** Lists referenced as @name; their names are matched through the list, not copied here. */
+  readonly lists: readonly string[];
+  readonly networks: readonly Network[];
+  /** Catalogue entries this rule took names from, for `explain`. */
+  readonly catalogueEntries: readonly string[];
+}
+
+export interface Rule {
+  /** Stable id carried into the kernel (log prefix, comment): "app/firefox/2", "deny/10-phone-home/0". */
+  readonly id: string;
+  readonly verdict: Verdict;
+  readonly to: DestinationSet;
+  /** Undefined: every port. */
+  readonly ports: readonly PortRange[] | undefined;
+  /** Undefined: every protocol. Ports without protocols mean tcp and udp. */
+  readonly protocols: readonly Protocol[] | undefined;
+  readonly log: boolean;
+  readonly why: string | undefined;
+  readonly at: Origin;
+}
+
+export interface App {
+  readonly name: string;
+  readonly identities: readonly Identity[];
+  readonly defaultVerdict: Verdict;
+  readonly rules: readonly Rule[];
+  readonly why: string | undefined;
+  readonly at: Origin;
+}
+
+export interface SystemDomain {
+  readonly name: string;
+  readonly members: readonly Identity[];
+  readonly why: string | undefined;
+  readonly at: Origin;
+}
+
+export interface NameList {
+  readonly name: string;
+  readonly names: readonly string[];
+  readonly suffixes: readonly string[];
+  /** The list file relative to the policy directory, if it came from one. */
+  readonly file: string | undefined;
+  readonly at: Origin;
+}
+
+export interface CatalogueEntry {
+  readonly id: string;
+  readonly software: string;
+  readonly reports: string;
+  readonly category: CatalogueCategory;
+  readonly names: readonly string[];
+  readonly suffixes: readonly string[];
+  readonly source: string;
+  readonly at: Origin;
+}
+
+export interface TorSettings {
+  readonly enabled: boolean;
+  readonly socks: { readonly family: 4 | 6; readonly address: string; readonly port: number };
+  readonly user: string | number;
+  readonly updaters: readonly Identity[];
+  readonly at: Origin | undefined;
+}
+
+export interface LogSettings {
+  readonly denials: boolean;
+  readonly group: number;
+  readonly rate: { readonly count: number; readonly per: 'second' | 'minute' | 'hour' };
+  readonly burst: number;
+}
+
+export interface Policy {
+  readonly defaults: { readonly egress: Verdict; readonly log: LogSettings; readonly at: Origin | undefined };
+  readonly lists: ReadonlyMap<string, NameList>;
+  readonly catalogue: ReadonlyMap<string, CatalogueEntry>;
+  readonly identities: ReadonlyMap<string, Identity>;
+  readonly apps: readonly App[];
+  readonly globalDeny: readonly Rule[];
+  readonly systemDomains: readonly SystemDomain[];
+  readonly tor: TorSettings;
+  /** The policy files in merge order, relative to the directory. */
+  readonly files: readonly string[];
+}
+
+export const DEFAULT_LOG_GROUP = 7745;

@@ -1,0 +1,203 @@
+import { z } from 'zod';
+import { parseDestination, parseNetwork } from './destination.js';
+
+/**
+ * The policy file format. This schema is the only source of the file types
+ * (`z.infer`) and of the JSON Schema that `egressctl schema` prints. Objects
+ * are strict: an unknown key is an error, because a misspelt key silently
+ * ignored in a firewall policy is a hole.
+ */
+
+const entityName = z
+  .string()
+  .regex(/^[a-z][a-z0-9_-]{0,31}$/, 'names are 1–32 characters: lower case letters, digits, "-" and "_", starting with a letter');
+
+const destination = z.string().superRefine((value, ctx) => {
+  const parsed = parseDestination(value);
+  if (!parsed.ok) ctx.addIssue({ code: 'custom', message: parsed.message, params: parsed.hint ? { hint: parsed.hint } : {} });
+});
+
+const port = z.union([
+  z.number().int().min(1).max(65535),
+  z.string().superRefine((value, ctx) => {
+    const range = /^(\d{1,5})-(\d{1,5})$/.exec(value.trim());
+    const single = /^\d{1,5}$/.test(value.trim());
+    const [low, high] = range ? [Number(range[1]), Number(range[2])] : [Number(value), Number(value)];
+    if ((!range && !single) || low < 1 || high > 65535 || low > high) {
+      ctx.addIssue({
+        code: 'custom',
+        message: `"${value}" is not a port or port range`,
+        params: { hint: 'ports are 1–65535; a range is written "8000-8100" with the lower port first' },
+      });
+    }
+  }),
+]);
+
+const protocol = z.enum(['tcp', 'udp', 'icmp']);
+
+/** What a rule matches besides the identity: destinations, ports, protocols. */
+const matchFields = {
+  ports: z.array(port).min(1).optional().describe('Destination ports or ranges ("8000-8100"). Without `proto`, they apply to tcp and udp.'),
+  proto: z.union([protocol, z.array(protocol).min(1)]).optional().describe('tcp, udp or icmp (icmp covers ICMPv6 too).'),
+  log: z.boolean().optional().describe('Log denials of this rule (default: defaults.log.denials).'),
+  why: z.string().max(500).optional().describe('Why this rule exists; shown by `egressctl explain`.'),
+};
+
+const destinations = z.union([z.literal('any'), z.array(destination).min(1)]);
+
+const appRule = z.union([
+  z.strictObject({ allow: destinations.describe('Destinations this rule allows: names, *.suffix, @list, catalogue:X, IPs, CIDRs, or "any".'), ...matchFields }),
+  z.strictObject({ deny: destinations.describe('Destinations this rule denies.'), ...matchFields }),
+]);
+
+const userOrGroup = z.union([
+  z.number().int().min(0).max(4294967294),
+  z.string().regex(/^[a-z_][a-z0-9_.-]{0,31}\$?$/i, 'not a valid user or group name'),
+]);
+
+const unitName = z
+  .string()
+  .regex(/^[A-Za-z0-9:_.\\@-]+\.(service|scope)$/, 'a unit is NAME.service or NAME.scope');
+
+const selectorObject = z.strictObject({
+  unit: unitName.optional().describe('A system service, e.g. "cups.service" (its cgroup under `slice`, default system.slice).'),
+  slice: z
+    .string()
+    .regex(/^[A-Za-z0-9:_.\\-]+\.slice$/, 'a slice is NAME.slice')
+    .optional()
+    .describe('A slice, e.g. "machine.slice"; with `unit`, the slice the unit runs in.'),
+  cgroup: z
+    .string()
+    .regex(/^\/?[A-Za-z0-9:_.@\\*?-]+(\/[A-Za-z0-9:_.@\\*?-]+)*\/?$/, 'a cgroup path relative to the cgroup2 root; "*" matches within one path segment')
+    .optional()
+    .describe('A cgroup path glob relative to the cgroup2 root; "*" and "?" match within one segment.'),
+  flatpak: z
+    .string()
+    .regex(/^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*){2,}$/, 'a Flatpak app id has at least three dot-separated parts, e.g. org.mozilla.firefox')
+    .optional()
+    .describe('A Flatpak application id, e.g. "org.mozilla.firefox".'),
+  user: userOrGroup.optional().describe('A user name or uid: every socket this user opens.'),
+  group: userOrGroup.optional().describe('A group name or gid: sockets whose primary group is this one.'),
+});
+
+/** One selector names exactly one way of recognising a process. */
+const selector = selectorObject.superRefine((value, ctx) => {
+  const keys = Object.keys(value).filter((key) => value[key as keyof typeof value] !== undefined);
+  const main = keys.filter((key) => key !== 'slice');
+  if (keys.length === 0) {
+    ctx.addIssue({ code: 'custom', message: 'empty selector', params: { hint: 'give one of: unit, slice, cgroup, flatpak, user, group' } });
+  } else if (main.length > 1 || (keys.includes('slice') && main.length === 1 && main[0] !== 'unit')) {
+    ctx.addIssue({
+      code: 'custom',
+      message: `a selector has one kind, not ${keys.join(' and ')}`,
+      params: { hint: 'write a list of selectors instead; a process matching any of them belongs to the identity' },
+    });
+  }
+});
+
+const selectors = z.union([selector, z.array(selector).min(1)]);
+
+/** Where a rule, app or domain refers to an identity: by name, or inline. */
+const identityRef = z.union([entityName, selector]);
+
+const listSpec = z.union([
+  z.strictObject({
+    file: z.string().min(1).describe('Path of the list file, relative to the policy directory.'),
+    format: z.enum(['auto', 'plain', 'hosts']).optional().describe('plain: one name per line; hosts: "0.0.0.0 name" lines; auto (default) detects per line.'),
+    why: z.string().max(500).optional(),
+  }),
+  z.strictObject({
+    names: z.array(destination).min(1).describe('Names (or *.suffix) given inline.'),
+    why: z.string().max(500).optional(),
+  }),
+]);
+
+export const CATALOGUE_CATEGORIES = ['telemetry', 'crash-reports', 'connectivity-checks', 'news', 'update-checks', 'location'] as const;
+
+const catalogueEntry = z.strictObject({
+  software: z.string().min(1).max(200),
+  reports: z.string().min(1).max(500),
+  category: z.enum(CATALOGUE_CATEGORIES),
+  names: z.array(destination).min(1),
+  source: z.string().regex(/^https:\/\/\S+$/, 'source is one https URL'),
+});
+
+const socksAddress = z.string().superRefine((value, ctx) => {
+  const match = /^(?:\[([0-9a-fA-F:.]+)\]|([0-9.]+)):(\d{1,5})$/.exec(value);
+  const host = match?.[1] ?? match?.[2];
+  const portNumber = Number(match?.[3]);
+  const hostOk = host !== undefined && parseNetwork(host).ok;
+  if (!match || !hostOk || portNumber < 1 || portNumber > 65535) {
+    ctx.addIssue({ code: 'custom', message: `"${value}" is not an address:port`, params: { hint: 'e.g. 127.0.0.1:9050 or [::1]:9050' } });
+  }
+});
+
+const rate = z
+  .string()
+  .regex(/^[1-9]\d{0,5}\/(second|minute|hour)$/, 'a rate is N/second, N/minute or N/hour');
+
+export const policyFileSchema = z
+  .strictObject({
+    defaults: z
+      .strictObject({
+        egress: z.enum(['allow', 'deny']).optional().describe('Verdict for traffic no rule decides.'),
+        log: z
+          .strictObject({
+            denials: z.boolean().optional().describe('Log denied packets to NFLOG (default true).'),
+            group: z.number().int().min(0).max(65535).optional().describe('NFLOG group (default 7745).'),
+            rate: rate.optional().describe('Log at most this often per rule (default 10/second).'),
+            burst: z.number().int().min(1).max(10000).optional().describe('Packets logged in a burst above the rate (default 20).'),
+          })
+          .optional(),
+      })
+      .optional()
+      .describe('Loopback is always allowed and cannot be switched off.'),
+    lists: z.record(entityName, listSpec).optional().describe('Named destination lists, used as @name.'),
+    catalogue: z.record(z.string().regex(/^[a-z][a-z0-9-]{0,47}$/, 'catalogue ids are lower case letters, digits and "-"'), catalogueEntry).optional(),
+    identities: z.record(entityName, selectors).optional().describe('Named identities: who is sending.'),
+    apps: z
+      .record(
+        entityName,
+        z.strictObject({
+          identity: z.union([identityRef, z.array(identityRef).min(1)]),
+          default: z.enum(['allow', 'deny']).optional().describe('Verdict when none of the rules (nor the global deny list) decides; default: defaults.egress.'),
+          rules: z.array(appRule).optional().describe('Checked in order; the first match decides.'),
+          why: z.string().max(500).optional(),
+        }),
+      )
+      .optional(),
+    deny: z
+      .array(z.strictObject({ to: destinations.describe('Destinations denied for everyone (unless an app rule allows them).'), ...matchFields }))
+      .optional()
+      .describe('The global deny list.'),
+    systemDomains: z
+      .record(
+        entityName,
+        z.strictObject({
+          members: z.array(identityRef).min(1),
+          why: z.string().max(500).optional(),
+        }),
+      )
+      .optional()
+      .describe('Groups of processes with no network at all except loopback. Nothing else in the policy can open them up.'),
+    tor: z
+      .strictObject({
+        enabled: z.boolean().optional(),
+        socks: socksAddress.optional().describe('Tor SOCKS address (default 127.0.0.1:9050).'),
+        user: userOrGroup.optional().describe("Tor's own user, which may reach the network (default debian-tor)."),
+        updaters: z.array(identityRef).optional().describe('Identities that may reach only the SOCKS port when enabled.'),
+      })
+      .optional()
+      .describe('Updates over Tor.'),
+  })
+  .describe('An egressd policy file. A policy directory holds *.yaml files merged in lexical order.');
+
+export type PolicyFile = z.infer<typeof policyFileSchema>;
+export type Selector = z.infer<typeof selectorObject>;
+export type IdentityRef = z.infer<typeof identityRef>;
+export type AppRuleInput = z.infer<typeof appRule>;
+export type CatalogueCategory = (typeof CATALOGUE_CATEGORIES)[number];
+
+export function policyJsonSchema(): unknown {
+  return z.toJSONSchema(policyFileSchema, { io: 'input', unrepresentable: 'any' });
+}
