@@ -138,6 +138,10 @@ function elementJson(element: Element): unknown {
 export function renderJson(ruleset: Ruleset): { nftables: JsonObject[] } {
   const { family, name: table } = ruleset.table;
   const out: JsonObject[] = [{ metainfo: { json_schema_version: 1 } }, { table: { family, name: table } }];
+  // Chains before sets: verdict-map elements jump to chains, and JSON objects are applied in order.
+  for (const chain of ruleset.chains) {
+    out.push({ chain: chain.hook ? { family, table, name: chain.name, type: 'filter', hook: chain.hook.hook, prio: chain.hook.prio, policy: chain.hook.policy } : { family, table, name: chain.name } });
+  }
   for (const set of ruleset.sets) {
     const body: Record<string, unknown> = { family, table, name: set.name, ...keyJson(set.key) };
     if (set.map) body['map'] = set.map;
@@ -147,9 +151,6 @@ export function renderJson(ruleset: Ruleset): { nftables: JsonObject[] } {
     }
     if (set.comment) body['comment'] = set.comment;
     out.push({ [set.map ? 'map' : 'set']: body });
-  }
-  for (const chain of ruleset.chains) {
-    out.push({ chain: chain.hook ? { family, table, name: chain.name, type: 'filter', hook: chain.hook.hook, prio: chain.hook.prio, policy: chain.hook.policy } : { family, table, name: chain.name } });
   }
   for (const chain of ruleset.chains) {
     for (const r of chain.rules) {
