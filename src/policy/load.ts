@@ -54,6 +54,7 @@ export function loadPolicyDir(dir: string): ResolveResult & { dir: string } {
       return { error: (error as NodeJS.ErrnoException).code ?? (error as Error).message };
     }
   };
+  if (unreadable.length > 0 && files.length === 0) return { ok: false, errors: unreadable, warnings: [], dir };
   const result = resolvePolicy(files, readList);
   if (unreadable.length > 0) {
     return { ok: false, errors: [...unreadable, ...(result.ok ? [] : result.errors)], warnings: result.warnings, dir };

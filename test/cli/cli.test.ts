@@ -1,0 +1,111 @@
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { main } from '../../src/cli/egressctl.js';
+import type { Deps } from '../../src/cli/deps.js';
+import { FACTS } from '../support/compile-text.js';
+import { policyDir } from '../support/policy-dir.js';
+
+const ROOT = join(import.meta.dirname, '..', '..');
+const SHIPPED = join(ROOT, 'policies');
+
+/** Runs egressctl in-process with output captured; only the I/O is faked, the commands run for real. */
+async function run(...argv: string[]) {
+  const out: string[] = [];
+  const err: string[] = [];
+  const deps: Deps = { out: (t) => out.push(t), err: (t) => err.push(t), facts: () => FACTS };
+  const code = await main(argv, deps);
+  return { code, out: out.join('\n'), err: err.join('\n') };
+}
+
+describe('egressctl', () => {
+  it('check: the shipped policies are valid', async () => {
+    const result = await run('check', SHIPPED);
+    expect(result.code).toBe(0);
+    expect(result.err).toMatch(/valid — \d+ files, 0 apps, 0 system domains, 2 global deny rules over 14\d,\d{3}|valid — .* over 144\d{3} listed names/);
+  });
+
+  it('check --json: errors as data with locations, exit 2', async () => {
+    const dir = policyDir({ 'a.yaml': 'deny:\n  - to: [192.0.2.1/24]\n' });
+    const result = await run('check', dir, '--json');
+    expect(result.code).toBe(2);
+    const report = JSON.parse(result.out) as { ok: boolean; errors: { file: string; line: number; col: number; hint: string }[] };
+    expect(report.ok).toBe(false);
+    expect(report.errors).toEqual([expect.objectContaining({ file: 'a.yaml', line: 2, col: 10, hint: 'did you mean 192.0.2.0/24?' })]);
+  });
+
+  it('compile prints nft text by default and JSON with --json; both deterministic', async () => {
+    const text = await run('compile', SHIPPED);
+    expect(text.code).toBe(0);
+    expect(text.out).toMatch(/^table inet egressd \{/);
+    expect((await run('compile', SHIPPED)).out).toBe(text.out);
+    const json = await run('compile', SHIPPED, '--json');
+    expect(JSON.parse(json.out)).toHaveProperty('nftables');
+    expect((await run('compile', SHIPPED, '--nft', '--json')).code).toBe(2);
+  });
+
+  it('compile of a bad policy prints every error and exits 2', async () => {
+    const dir = policyDir({ '1.yaml': 'defaults: {egress: maybe}\n', '2.yaml': 'apps: {x: {identity: {}}}\n' });
+    const result = await run('compile', dir);
+    expect(result.code).toBe(2);
+    expect(result.out).toBe('');
+    expect(result.err).toContain(`${dir}/1.yaml:1:20: `);
+    expect(result.err).toContain(`${dir}/2.yaml:1:22: empty selector`);
+    expect(result.err).toContain('2 errors; nothing was changed');
+  });
+
+  it('explain: exit 1 for denied, 0 for allowed, with the deciding file:line', async () => {
+    const denied = await run('explain', SHIPPED, '--app', 'user:alice', '--to', 'popcon.debian.org:443/tcp');
+    expect(denied.code).toBe(1);
+    expect(denied.err).toMatch(/^DENIED by deny\/10-phone-home\/1 \(global-deny\) at .*policies\/10-phone-home\.yaml:\d+/);
+    expect(denied.err).toContain('catalogue: debian-popularity-contest');
+    const allowed = await run('explain', SHIPPED, '--app', 'uid:1000', '--to', '[2001:db8::1]:443', '--json');
+    expect(allowed.code).toBe(0);
+    expect(JSON.parse(allowed.out)).toMatchObject({ verdict: 'allow', level: 'default', ruleId: 'default' });
+    expect((await run('explain', SHIPPED, '--app', 'user:alice', '--to', 'example.org', '--lockdown')).code).toBe(1);
+  });
+
+  it.each([
+    [['explain', SHIPPED, '--to', 'x.org'], /--app WHO is required/],
+    [['explain', SHIPPED, '--app', 'pid:1', '--to', 'x.org'], /unknown kind "pid"/],
+    [['explain', SHIPPED, '--app', 'uid:x', '--to', 'x.org'], /uid: needs a number/],
+    [['explain', SHIPPED, '--app', 'uid:1', '--to', 'x.org:99999'], /port "99999" is not 1–65535/],
+    [['explain', SHIPPED, '--app', 'uid:1', '--to', 'x.org/sctp'], /unknown protocol "sctp"/],
+    [['explain', SHIPPED, '--app', 'uid:1', '--to', '192.0.2.1:1/icmp'], /icmp has no ports/],
+    [['compile', '--frobnicate'], /Unknown option '--frobnicate'/],
+    [['check', 'a', 'b'], /unexpected argument "b"/],
+    [['frobnicate'], /unknown command "frobnicate"/],
+  ])('bad flags %j: a clear message and exit 2', async (argv, message) => {
+    const result = await run(...argv);
+    expect(result.code).toBe(2);
+    expect(result.err).toMatch(message);
+  });
+
+  it('--help on every command, for people', async () => {
+    for (const command of ['check', 'compile', 'explain', 'schema']) {
+      const result = await run(command, '--help');
+      expect(result.code).toBe(0);
+      expect(result.err).toMatch(new RegExp(`^Usage: egressctl ${command}`));
+      expect(result.err).toContain('Exit status');
+    }
+    expect((await run('--help')).err).toContain('Commands:');
+  });
+
+  it('schema prints a JSON Schema that describes the policy file', async () => {
+    const result = await run('schema');
+    const schema = JSON.parse(result.out) as { $schema: string; properties: Record<string, unknown>; additionalProperties: boolean };
+    expect(schema.$schema).toContain('json-schema.org');
+    expect(Object.keys(schema.properties)).toEqual(['defaults', 'lists', 'catalogue', 'identities', 'apps', 'deny', 'systemDomains', 'tor']);
+    expect(schema.additionalProperties).toBe(false);
+  });
+
+  it('the installed entry point runs as a program and exits with the documented codes', () => {
+    const cli = (args: string[]) => spawnSync(process.execPath, ['--import', 'tsx', join(ROOT, 'src/cli/main.ts'), ...args], { encoding: 'utf8', cwd: ROOT });
+    const ok = cli(['check', SHIPPED]);
+    expect(ok.status).toBe(0);
+    expect(ok.stderr).toContain('valid');
+    const missing = cli(['check', '/nonexistent/egressd']);
+    expect(missing.status).toBe(3);
+    expect(missing.stderr).toContain('cannot read policy directory /nonexistent/egressd');
+  });
+});

@@ -1,0 +1,148 @@
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import { renderText, type ChainDecl, type RuleDecl } from '../../src/compile/nft.js';
+import { nftAvailable, nftCheck } from '../support/nft-check.js';
+import { compileYaml, FACTS } from '../support/compile-text.js';
+
+const chain = (compiled: ReturnType<typeof compileYaml>, name: string): ChainDecl => {
+  const found = compiled.ruleset.chains.find((c) => c.name === name);
+  if (!found) throw new Error(`no chain ${name}`);
+  return found;
+};
+const ruleText = (r: RuleDecl): string => renderText({ table: { family: 'inet', name: 't' }, sets: [], chains: [{ name: 'c', rules: [r] }] }).split('\n')[2]!.trim();
+
+describe('compiler', () => {
+  it('orders the output chain by precedence: loopback, system domain, lockdown, conntrack, Tor, apps, global deny, default', () => {
+    const compiled = compileYaml(
+      `
+defaults: {egress: deny}
+identities: {apt: {user: _apt}, vault: {user: vault}}
+apps: {web: {identity: {user: alice}, rules: [{allow: any}]}}
+deny: [{to: [192.0.2.0/24]}]
+systemDomains: {offline: {members: [vault]}}
+tor: {enabled: true, updaters: [apt]}
+`,
+      { lockdown: true },
+    );
+    const output = chain(compiled, 'output').rules.map(ruleText);
+    const position = (fragment: string) => {
+      const index = output.findIndex((line) => line.includes(fragment));
+      expect(index, `"${fragment}" in\n${output.join('\n')}`).toBeGreaterThanOrEqual(0);
+      return index;
+    };
+    const order = [
+      position('meta oif "lo" accept'),
+      position('vmap @sd_uid'),
+      position('goto lockdown'),
+      position('ct state { established, related } accept'),
+      position('meta skuid 110 counter accept comment "f.yaml'),
+      position('vmap @tor_uid'),
+      position('vmap @app_uid'),
+      position('jump global_deny'),
+      position('log prefix "egd default "'),
+    ];
+    expect([...order].sort((a, b) => a - b)).toEqual(order);
+    expect(chain(compiled, 'output').hook).toEqual({ hook: 'output', prio: 0, policy: 'drop' });
+  });
+
+  it('per-packet cost does not grow with names, addresses or apps', () => {
+    const policyWith = (apps: number, networks: number, names: number) => {
+      const nets = Array.from({ length: networks }, (_, i) => `10.${(i >> 8) & 255}.${i & 255}.0/24`);
+      const hosts = Array.from({ length: names }, (_, i) => `h${i}.example.org`);
+      const appYaml = Array.from({ length: apps }, (_, i) => `  app${i}: {identity: {user: ${2000 + i}}, rules: [{allow: [${JSON.stringify(hosts[0] ?? 'x.example.org')}], ports: [443]}]}`).join('\n');
+      return compileYaml(`deny:\n  - to: ${JSON.stringify([...nets, ...hosts])}\napps:\n${appYaml}\n`);
+    };
+    const small = policyWith(2, 2, 2);
+    const large = policyWith(200, 5000, 5000);
+    // The path one packet takes: the output chain, one app chain, the global deny chain.
+    for (const name of ['output', 'app_app1', 'global_deny']) {
+      expect(chain(large, name).rules.length, name).toBe(chain(small, name).rules.length);
+    }
+    const denySet = large.ruleset.sets.find((s) => s.name === 'g_deny_f_0_net4')!;
+    expect(denySet.elements).toHaveLength(5000);
+    expect(denySet.flags).toEqual(['interval']);
+    expect(large.ruleset.sets.find((s) => s.name === 'app_uid')!.elements).toHaveLength(200);
+  });
+
+  it('names compile to timeout sets the resolver fills, bound to the rule', () => {
+    const compiled = compileYaml('lists: {l: {names: [a.example]}}\ndeny:\n  - to: [x.example.org, "*.y.example.org", "@l"]\n');
+    expect(compiled.dnsBindings).toEqual([
+      { ruleId: 'deny/f/0', verdict: 'deny', names: ['x.example.org'], suffixes: ['y.example.org'], lists: ['l'], set4: 'g_deny_f_0_dns4', set6: 'g_deny_f_0_dns6' },
+    ]);
+    for (const name of ['g_deny_f_0_dns4', 'g_deny_f_0_dns6']) {
+      expect(compiled.ruleset.sets.find((s) => s.name === name)).toMatchObject({ flags: ['timeout'], elements: [] });
+    }
+  });
+
+  it('a logging deny jumps to a chain where the rate limit only thins the log, never the drop', () => {
+    const compiled = compileYaml('defaults: {log: {rate: 3/minute, burst: 2, group: 9}}\ndeny:\n  - to: [192.0.2.0/24]\n');
+    const rules = chain(compiled, 'global_deny').rules.map(ruleText);
+    expect(rules).toEqual(['ip daddr @g_deny_f_0_net4 counter goto log_deny_f_0 comment "f.yaml:3 deny/f/0"']);
+    expect(chain(compiled, 'log_deny_f_0').rules.map(ruleText)).toEqual([
+      'limit rate 3/minute burst 2 packets log prefix "egd deny/f/0 " group 9 comment "f.yaml:3 deny/f/0"',
+      'counter drop comment "f.yaml:3 deny/f/0"',
+    ]);
+  });
+
+  it('log: false and denials: false drop without logging', () => {
+    const quiet = compileYaml('deny:\n  - to: [192.0.2.0/24]\n    log: false\n');
+    expect(chain(quiet, 'global_deny').rules.map(ruleText)).toEqual(['ip daddr @g_deny_f_0_net4 counter drop comment "f.yaml:2 deny/f/0"']);
+    const off = compileYaml('defaults: {egress: deny, log: {denials: false}}\n');
+    expect(renderText(off.ruleset)).not.toContain('log prefix');
+  });
+
+  it('every rule of every policy chain names its file:line and rule id', () => {
+    const compiled = compileYaml('apps: {a: {identity: {user: alice}, default: deny, rules: [{deny: [192.0.2.1]}, {allow: any, proto: icmp}]}}\n');
+    for (const name of ['app_a', 'log_app_a_0']) {
+      for (const r of chain(compiled, name).rules) expect(r.comment).toMatch(/^f\.yaml:\d+ app\/a\/(\d|default)|^f\.yaml:\d+ app\/a: then/);
+    }
+  });
+
+  it('fills cgroup maps from the cgroups that exist, and reports a cgroup two owners claim', () => {
+    const compiled = compileYaml('apps:\n  a: {identity: {unit: a.service}}\n  any: {identity: {cgroup: "system.slice/*.service"}}\n');
+    const map = compiled.ruleset.sets.find((s) => s.name === 'app_cg_l2')!;
+    expect(map.elements).toEqual(['system.slice/a.service', 'system.slice/b.service', 'system.slice/gpg.service']);
+    expect(map.verdicts).toEqual([{ goto: { target: 'app_a' } }, { goto: { target: 'app_any' } }, { goto: { target: 'app_any' } }]);
+    expect(compiled.warnings.map((w) => w.message)).toEqual(['cgroup system.slice/a.service matches both app a and app any; app a keeps it']);
+    expect(compiled.cgroupBindings.map((b) => `${b.glob}@${b.level}→${b.map}`)).toEqual(['system.slice/a.service@2→app_cg_l2', 'system.slice/*.service@2→app_cg_l2']);
+  });
+
+  it('an unknown user is a warning and matches nothing; an unknown Tor user means Tor gets no exception', () => {
+    const compiled = compileYaml('apps: {a: {identity: {user: nobody-here}}}\ntor: {enabled: true, user: no-tor-user}\n');
+    expect(compiled.warnings.map((w) => w.message)).toEqual([
+      `Tor's user "no-tor-user" does not exist on this machine; its rules match nothing until it does`,
+      'user "nobody-here" does not exist on this machine; its rules match nothing until it does',
+    ]);
+    expect(compiled.ruleset.sets.find((s) => s.name === 'app_uid')).toBeUndefined();
+    expect(renderText(compiled.ruleset)).not.toMatch(/skuid \d+ counter accept/);
+  });
+
+  it('Tor: updaters reach only the SOCKS address; a non-loopback gateway gets its own accept', () => {
+    const local = compileYaml('identities: {apt: {user: _apt}}\ntor: {enabled: true, updaters: [apt]}\n');
+    expect(chain(local, 'tor_updaters').rules.map(ruleText)).toEqual([
+      'limit rate 10/second burst 20 packets log prefix "egd tor/updaters " group 7745 comment "f.yaml:2 tor/updaters"',
+      'counter drop comment "f.yaml:2 tor/updaters"',
+    ]);
+    const gateway = compileYaml('identities: {apt: {user: _apt}}\ntor: {enabled: true, socks: "[2001:db8::9]:9150", updaters: [apt]}\n');
+    expect(ruleText(chain(gateway, 'tor_updaters').rules[0]!)).toBe('ip6 daddr 2001:db8::9 tcp dport 9150 accept comment "f.yaml:2 tor/socks"');
+  });
+
+  it.skipIf(nftAvailable())('random policies render to nft text the real nft accepts', () => {
+    const dest = fc.constantFrom('example.org', '192.0.2.0/24', '2001:db8::/48', '198.51.100.9', 'any');
+    fc.assert(
+      fc.property(
+        fc.array(fc.record({ verdict: fc.constantFrom('allow', 'deny'), to: dest, ports: fc.constantFrom(undefined, [443], [53, '8000-8100']), proto: fc.constantFrom(undefined, 'tcp', 'udp') }), { maxLength: 5 }),
+        fc.constantFrom('allow', 'deny'),
+        fc.boolean(),
+        (rules, egress, lockdown) => {
+          const ruleYaml = rules.map((r) => `      - {${r.verdict}: ${r.to === 'any' ? 'any' : `["${r.to}"]`}${r.ports ? `, ports: ${JSON.stringify(r.ports)}` : ''}${r.proto ? `, proto: ${r.proto}` : ''}}`).join('\n');
+          const yaml = `defaults: {egress: ${egress}}\napps:\n  a:\n    identity: [{unit: a.service}, {user: alice}]\n    rules:\n${ruleYaml || '      []'}\ndeny:\n  - to: [203.0.113.0/24]\n`;
+          const compiled = compileYaml(yaml.replace('rules:\n      []', 'rules: []'), { lockdown });
+          const result = nftCheck(renderText(compiled.ruleset), { cgroups: FACTS.cgroups });
+          expect(result.stderr).toBe('');
+        },
+      ),
+      { numRuns: 12 },
+    );
+  });
+});

@@ -1,0 +1,224 @@
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { formatIssue } from '../../src/policy/issues.js';
+import { loadPolicyDir, loadPolicyOrThrow } from '../../src/policy/load.js';
+import { policyDir } from '../support/policy-dir.js';
+
+const SHARED = join(import.meta.dirname, '..', '..', '..', 'shared', 'data', 'blocklists');
+
+/** Loads and returns the formatted errors (file:line:col: message (hint)), failing if the load succeeded. */
+function errorsOf(files: Parameters<typeof policyDir>[0]): string[] {
+  const dir = policyDir(files);
+  const result = loadPolicyDir(dir);
+  if (result.ok) throw new Error('expected the policy to be rejected');
+  return result.errors.map((issue) => formatIssue(issue));
+}
+
+describe('policy loader: valid input', () => {
+  it('merges files in lexical order; later files override defaults and tor fields', () => {
+    const dir = policyDir({
+      '10-b.yaml': 'defaults: {egress: deny}\ntor: {enabled: false, socks: "127.0.0.1:9150"}\n',
+      '90-local.yaml': 'tor: {enabled: true}\n',
+      '05-a.yml': 'defaults: {egress: allow, log: {group: 3}}\n',
+      'README.txt': 'not a policy',
+    });
+    const { policy } = loadPolicyOrThrow(dir);
+    expect(policy.files).toEqual(['05-a.yml', '10-b.yaml', '90-local.yaml']);
+    expect(policy.defaults.egress).toBe('deny');
+    expect(policy.defaults.log.group).toBe(3);
+    expect(policy.tor.enabled).toBe(true);
+    expect(policy.tor.socks).toEqual({ family: 4, address: '127.0.0.1', port: 9150 });
+  });
+
+  it('resolves identities, inline selectors, lists, catalogue categories and CIDRs', () => {
+    const dir = policyDir({
+      'a.yaml': `
+identities:
+  web: [{flatpak: org.example.Web}, {user: 1000}]
+lists:
+  ads: {file: lists/ads.txt}
+catalogue:
+  demo-telemetry: {software: Demo, reports: usage, category: telemetry, names: [t.example.org, "*.m.example.org"], source: "https://example.org/src"}
+apps:
+  web:
+    identity: web
+    rules:
+      - allow: [Example.ORG., "*.cdn.example.net", "2001:DB8::/32", 192.0.2.0/24, "@ads", "catalogue:telemetry"]
+        ports: [443, "8000-8100"]
+  svc:
+    identity: {unit: demo.service, slice: demo-sub.slice}
+`,
+      'lists/ads.txt': '# comment\nads.example.com\n0.0.0.0 hosts-style.example.com other.example.com # trailing\n*.wild.example.com\n',
+    });
+    const { policy, warnings } = loadPolicyOrThrow(dir);
+    expect(warnings).toEqual([]);
+    const web = policy.apps.find((a) => a.name === 'web')!;
+    expect(web.identities[0]!.selectors).toEqual([
+      { kind: 'cgroup', glob: 'user.slice/user-*.slice/user@*.service/app.slice/app-flatpak-org.example.Web-*.scope', level: 5, written: 'flatpak org.example.Web' },
+      { kind: 'user', user: 1000 },
+    ]);
+    const rule = web.rules[0]!;
+    expect(rule.to.names).toEqual(['example.org', 't.example.org']);
+    expect(rule.to.suffixes).toEqual(['cdn.example.net', 'm.example.org']);
+    expect(rule.to.networks).toEqual([
+      { family: 4, address: '192.0.2.0', prefix: 24 },
+      { family: 6, address: '2001:db8::', prefix: 32 },
+    ]);
+    expect(rule.to.lists).toEqual(['ads']);
+    expect(rule.to.catalogueEntries).toEqual(['demo-telemetry']);
+    expect(rule.protocols).toEqual(['tcp', 'udp']);
+    expect(rule.ports).toEqual([{ from: 443, to: 443 }, { from: 8000, to: 8100 }]);
+    expect(rule.at).toMatchObject({ file: 'a.yaml', line: 12 });
+    expect(policy.lists.get('ads')).toMatchObject({ names: ['ads.example.com', 'hosts-style.example.com', 'other.example.com'], suffixes: ['wild.example.com'] });
+    const svc = policy.apps.find((a) => a.name === 'svc')!;
+    expect(svc.identities[0]!.selectors[0]).toMatchObject({ glob: 'demo.slice/demo-sub.slice/demo.service', level: 3 });
+  });
+
+  it('loads the shared tracking list (143,876 names) and the hosts-format Windows telemetry list', () => {
+    const dir = policyDir({
+      'lists.yaml': `lists:\n  tracking: {file: ${join(SHARED, 'tracking.txt')}, format: plain}\n  spy: {file: ${join(SHARED, 'windows-spy.hosts')}, format: hosts}\ndeny:\n  - to: ["@tracking", "@spy"]\n`,
+    });
+    const { policy } = loadPolicyOrThrow(dir);
+    expect(policy.lists.get('tracking')!.names.length).toBe(143_876);
+    const spy = policy.lists.get('spy')!.names;
+    expect(spy).toContain('alpha.telemetry.microsoft.com');
+    expect(spy).not.toContain('0.0.0.0');
+    expect(spy.length).toBeGreaterThan(300);
+  });
+
+  it('warns, with file:line, about list lines that are not names, and keeps the rest', () => {
+    const dir = policyDir({ 'a.yaml': 'lists:\n  l: {file: l.txt}\n', 'l.txt': 'good.example.org\nbad name here\nhttp://x.example/\nalso-good.example.org\n' });
+    const result = loadPolicyDir(dir);
+    expect(result.ok).toBe(true);
+    if (!result.ok) return;
+    expect(result.policy.lists.get('l')!.names).toEqual(['good.example.org', 'also-good.example.org']);
+    expect(result.warnings.map((w) => formatIssue(w))).toEqual([
+      'l.txt:2:5: warning: skipped "bad name here": a plain list has one name per line',
+      'l.txt:3:1: warning: skipped "http://x.example/": label "http://x" has characters a DNS name cannot have',
+    ]);
+  });
+
+  it('warns when an app shares an identity with a system domain, since the domain wins', () => {
+    const dir = policyDir({ 'a.yaml': 'identities: {v: {user: vault}}\napps: {sync: {identity: v, rules: [{allow: any}]}}\nsystemDomains: {off: {members: [v]}}\n' });
+    const result = loadPolicyDir(dir);
+    expect(result.ok).toBe(true);
+    expect(result.warnings.map((w) => w.message)).toEqual(['app "sync" shares identity "v" with system domain "off"; the system domain wins and keeps it offline']);
+  });
+});
+
+describe('policy loader: every class of bad input is an error with file:line:col', () => {
+  it('YAML syntax', () => {
+    expect(errorsOf({ 'a.yaml': 'apps:\n  x: [1, 2\n' })[0]).toMatch(/^a\.yaml:\d+:\d+: YAML: /);
+  });
+
+  it('duplicate YAML keys', () => {
+    expect(errorsOf({ 'a.yaml': 'defaults: {egress: deny}\ndefaults: {egress: allow}\n' })[0]).toMatch(/^a\.yaml:2:1: YAML: Map keys must be unique/);
+  });
+
+  it('unknown key, pointing at the key', () => {
+    expect(errorsOf({ 'a.yaml': 'defaults:\n  egres: deny\n' })).toEqual([
+      'a.yaml:2:3: unknown key "egres" (at defaults) (see `egressctl schema` for the keys each section takes)',
+    ]);
+  });
+
+  it('bad CIDRs and addresses, with a hint for host bits', () => {
+    const errors = errorsOf({ 'a.yaml': 'deny:\n  - to: [192.0.2.1/24, 10.0.0.300, "2001:db8::1/129"]\n' });
+    expect(errors).toEqual([
+      'a.yaml:2:10: "192.0.2.1/24" has host bits set below the /24 prefix (at deny[0].to[0]) (did you mean 192.0.2.0/24?)',
+      'a.yaml:2:24: "10.0.0.300" is not a valid IPv4 or IPv6 address (at deny[0].to[1])',
+      'a.yaml:2:36: "2001:db8::1/129" has prefix length /129; IPv6 allows /0 to /128 (at deny[0].to[2])',
+    ]);
+  });
+
+  it('ports out of range and reversed ranges', () => {
+    const errors = errorsOf({ 'a.yaml': 'deny:\n  - to: any\n    ports: [0, 70000, "9000-8000", "http"]\n' });
+    expect(errors).toHaveLength(4);
+    expect(errors[0]).toMatch(/^a\.yaml:3:13: /);
+    expect(errors[2]).toBe('a.yaml:3:23: "9000-8000" is not a port or port range (at deny[0].ports[2]) (ports are 1–65535; a range is written "8000-8100" with the lower port first)');
+  });
+
+  it('icmp with ports', () => {
+    expect(errorsOf({ 'a.yaml': 'deny:\n  - to: any\n    proto: icmp\n    ports: [1]\n' })).toEqual([
+      'a.yaml:3:12: icmp has no ports (split the rule: one for tcp/udp with ports, one for icmp)',
+    ]);
+  });
+
+  it('unknown list, with a suggestion', () => {
+    expect(errorsOf({ 'a.yaml': 'lists:\n  tracking: {names: [a.example]}\ndeny:\n  - to: ["@trackin"]\n' })).toEqual([
+      'a.yaml:4:10: unknown list "@trackin" (did you mean @tracking?)',
+    ]);
+  });
+
+  it('unknown identity reference, in apps, system domains and tor', () => {
+    const errors = errorsOf({
+      'a.yaml': 'identities:\n  apt: {user: _apt}\napps:\n  x: {identity: nosuch}\nsystemDomains:\n  d: {members: [apt, ghost]}\ntor:\n  updaters: [atp]\n',
+    });
+    expect(errors).toEqual([
+      'a.yaml:4:17: unknown identity "nosuch" (known identities: apt)',
+      'a.yaml:6:22: unknown identity "ghost" (known identities: apt)',
+      'a.yaml:8:14: unknown identity "atp" (did you mean apt?)',
+    ]);
+  });
+
+  it('duplicate names across files name both places', () => {
+    expect(errorsOf({ '10-a.yaml': 'identities:\n  x: {user: 1}\n', '20-b.yaml': '\nidentities:\n  x: {user: 2}\n' })).toEqual([
+      '20-b.yaml:3:3: duplicate identities entry "x"; it is already defined at 10-a.yaml:2 (names must be unique across all files of the directory)',
+    ]);
+  });
+
+  it('empty selector, and a selector of two kinds', () => {
+    const errors = errorsOf({ 'a.yaml': 'identities:\n  a: {}\n  b: {user: 1, group: 2}\n' });
+    expect(errors[0]).toBe('a.yaml:2:6: empty selector (at identities.a) (give one of: unit, slice, cgroup, flatpak, user, group)');
+    expect(errors[1]).toMatch(/^a\.yaml:3:6: a selector has one kind, not user and group/);
+  });
+
+  it('unknown catalogue category', () => {
+    expect(errorsOf({ 'a.yaml': 'deny:\n  - to: ["catalogue:telemetri"]\n' })[0]).toBe(
+      'a.yaml:2:10: unknown catalogue category or entry "telemetri" (categories: telemetry, crash-reports, connectivity-checks, news, update-checks, location)',
+    );
+  });
+
+  it('unreadable file (a dangling link) and unreadable list file', () => {
+    expect(errorsOf({ 'a.yaml': { symlink: '/nonexistent/egressd' } })).toEqual(['a.yaml:1:1: cannot read file: ENOENT']);
+    expect(errorsOf({ 'a.yaml': 'lists:\n  l: {file: missing.txt}\n' })).toEqual(['a.yaml:2:13: list "l": cannot read missing.txt: ENOENT']);
+  });
+
+  it('a 10 MB garbage file is refused by its size, quickly', () => {
+    const garbage = new Uint8Array(10 * 1024 * 1024).map((_, i) => 33 + ((i * 7919) % 90));
+    const started = performance.now();
+    expect(errorsOf({ 'a.yaml': garbage })).toEqual([
+      'a.yaml:1:1: file is 10485760 bytes; a policy file is at most 1048576 bytes (put long name lists in a list file (lists: NAME: {file: ...}))',
+    ]);
+    expect(performance.now() - started).toBeLessThan(5_000);
+  });
+
+  it('garbage just under the size limit is an error, not a hang', () => {
+    let text = '';
+    for (let i = 0; text.length < 1000 * 1024; i++) text += `${'{['[i % 2]}key${i}: "${'x'.repeat(i % 50)}\n`;
+    expect(errorsOf({ 'a.yaml': text })[0]).toMatch(/^a\.yaml:\d+:\d+: YAML: /);
+  });
+
+  it('a binary file, and a binary or non-UTF-8 list', () => {
+    expect(errorsOf({ 'a.yaml': new Uint8Array([0x61, 0x3a, 0x0a, 0x00, 0xff]) })).toEqual(['a.yaml:2:1: file is binary (it contains a NUL byte), not YAML']);
+    expect(errorsOf({ 'a.yaml': new Uint8Array([0x61, 0x3a, 0x20, 0xff, 0xfe]) })).toEqual(['a.yaml:1:1: file is not valid UTF-8 text']);
+    expect(errorsOf({ 'a.yaml': 'lists:\n  l: {file: l.bin}\n', 'l.bin': new Uint8Array([1, 0, 2]) })).toEqual(['a.yaml:2:13: list "l": l.bin is binary (it contains a NUL byte)']);
+  });
+
+  it('an empty directory', () => {
+    expect(errorsOf({ 'notes.txt': 'x' })).toEqual(['.:1:1: no policy files (*.yaml) in the directory (start from the shipped policies/ directory)']);
+  });
+
+  it('reports every problem at once, across files', () => {
+    const errors = errorsOf({
+      '10-a.yaml': 'defaults: {egress: maybe}\n',
+      '20-b.yaml': 'apps:\n  Bad Name: {identity: x}\n',
+      '30-c.yaml': 'deny:\n  - to: [256.1.1.1]\n',
+    });
+    expect(errors.map((e) => e.split(':')[0])).toEqual(['10-a.yaml', '20-b.yaml', '30-c.yaml']);
+  });
+
+  it('loadPolicyOrThrow carries every formatted problem in an EGD_POLICY_INVALID error', () => {
+    const dir = policyDir({ 'a.yaml': 'defaults: {egress: maybe}\n' });
+    expect(() => loadPolicyOrThrow(dir)).toThrow(expect.objectContaining({ code: 'EGD_POLICY_INVALID', details: [expect.stringContaining('a.yaml:1:20: ')] }));
+  });
+});

@@ -1,0 +1,22 @@
+import { mkdtempSync, rmSync, symlinkSync, writeFileSync, mkdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { afterEach } from 'vitest';
+
+const made: string[] = [];
+afterEach(() => {
+  for (const dir of made.splice(0)) rmSync(dir, { recursive: true, force: true });
+});
+
+/** A throwaway policy directory; `{ symlink: target }` makes a link. Removed after each test. */
+export function policyDir(files: Record<string, string | Uint8Array | { symlink: string }>): string {
+  const dir = mkdtempSync(join(tmpdir(), 'egd-policy-'));
+  made.push(dir);
+  for (const [name, content] of Object.entries(files)) {
+    const path = join(dir, name);
+    mkdirSync(dirname(path), { recursive: true });
+    if (typeof content === 'object' && 'symlink' in content) symlinkSync(content.symlink, path);
+    else writeFileSync(path, content);
+  }
+  return dir;
+}
