@@ -1,0 +1,328 @@
+/**
+ * The typed nftables client. One instance wraps one backend (libnftables
+ * in-process, or the `nft` binary) chosen by `openNft` (./open.ts); the
+ * interface is the same either way.
+ *
+ * Every method is one nft transaction, which succeeds or fails whole. A
+ * refused transaction throws EgressError(EGD_NFT_APPLY) carrying nft's own
+ * error text in the message and its lines in `details`; nothing is ever
+ * swallowed. Listing something that does not exist is not an error: the
+ * list methods return `null` for a missing table, set or map.
+ *
+ * With the libnftables backend the work happens synchronously on the calling
+ * thread (see ./libnftables.ts); the methods still return promises so the two
+ * backends are interchangeable.
+ */
+import { EgressError, ErrorCode } from '../errors.js';
+import type { NftBackend, NftBackendKind, NftOutcome } from './backend.js';
+import { batchDocument, cmd, describeCommand, toElemJson, type NftElementInput } from './commands.js';
+import { checkFamily, checkName, replaceTableText } from './table-text.js';
+import type {
+  NftChainInfo,
+  NftCommand,
+  NftFamily,
+  NftJson,
+  NftJsonObject,
+  NftListingJson,
+  NftMetainfo,
+  NftRuleInfo,
+  NftSetInfo,
+  NftSetRef,
+  NftTableInfo,
+  NftTableListing,
+} from './types.js';
+
+/** One transaction's input: nft text, or libnftables JSON commands. */
+export type NftInput = { readonly text: string } | { readonly json: readonly NftCommand[] };
+
+export interface NftRunOptions {
+  /** Dry run (`nft -c`): nft checks the transaction against the kernel; nothing changes. */
+  readonly check?: boolean;
+  /** Leave set elements out of listings (`nft -t`). */
+  readonly terse?: boolean;
+}
+
+export interface NftRunResult {
+  /** nft's output, verbatim (JSON for JSON input, text for text input). */
+  readonly output: string;
+  /** The parsed output, when the input was JSON and nft printed something. */
+  readonly json?: NftListingJson;
+  /** Non-fatal messages nft printed while succeeding. */
+  readonly warnings: readonly string[];
+}
+
+export interface NftElementsOptions {
+  /** Default timeout in whole seconds for elements that do not carry their own. */
+  readonly timeout?: number;
+  readonly check?: boolean;
+}
+
+export interface NftClientInfo {
+  /** Why the preferred backend was not used, when it was not. */
+  readonly fallbackReason?: string;
+  /** The nft version, when the factory already learnt it. */
+  readonly version?: string;
+}
+
+function lines(text: string): string[] {
+  return text
+    .split('\n')
+    .map((line) => line.trimEnd())
+    .filter((line) => line.length > 0);
+}
+
+function isObject(value: unknown): value is NftJsonObject {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+/** Parses nft's JSON output; anything else is an nft we do not understand. */
+export function parseListing(output: string): NftListingJson {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(output);
+  } catch (cause) {
+    throw new EgressError(ErrorCode.NftState, 'nft printed output that is not JSON', {
+      cause,
+      details: [output.slice(0, 200)],
+    });
+  }
+  if (!isObject(parsed) || !Array.isArray(parsed['nftables']) || !parsed['nftables'].every(isObject)) {
+    throw new EgressError(ErrorCode.NftState, 'nft printed JSON that is not a libnftables listing', {
+      details: [output.slice(0, 200)],
+    });
+  }
+  return { nftables: parsed['nftables'] };
+}
+
+/** The object under `kind` in each item of a listing that has one. */
+function itemsOf(listing: NftListingJson, kind: string): NftJsonObject[] {
+  const found: NftJsonObject[] = [];
+  for (const item of listing.nftables) {
+    const value: NftJson | undefined = item[kind];
+    if (isObject(value)) found.push(value);
+  }
+  return found;
+}
+
+// The casts below trust nft for the shape of its own listings; isObject()
+// above has already checked they are objects under the expected key.
+const asTable = (o: NftJsonObject) => o as unknown as NftTableInfo;
+const asSet = (o: NftJsonObject) => o as unknown as NftSetInfo;
+const asChain = (o: NftJsonObject) => o as unknown as NftChainInfo;
+const asRule = (o: NftJsonObject) => o as unknown as NftRuleInfo;
+
+const KNOWN_KINDS = new Set(['metainfo', 'table', 'set', 'map', 'chain', 'rule']);
+
+function tableListing(raw: NftListingJson): NftTableListing {
+  const metainfo = itemsOf(raw, 'metainfo')[0];
+  const table = itemsOf(raw, 'table')[0];
+  if (metainfo === undefined || table === undefined) {
+    throw new EgressError(ErrorCode.NftState, 'nft listed a table without metainfo or table object');
+  }
+  return {
+    metainfo: metainfo as unknown as NftMetainfo,
+    table: asTable(table),
+    sets: itemsOf(raw, 'set').map(asSet),
+    maps: itemsOf(raw, 'map').map(asSet),
+    chains: itemsOf(raw, 'chain').map(asChain),
+    rules: itemsOf(raw, 'rule').map(asRule),
+    other: raw.nftables.filter((item) => !Object.keys(item).some((key) => KNOWN_KINDS.has(key))),
+    raw,
+  };
+}
+
+function checkSetRef(ref: NftSetRef): void {
+  checkFamily(ref.family);
+  checkName('table', ref.table);
+  checkName('set', ref.name);
+}
+
+export class Nft {
+  /** Which backend this client drives. */
+  readonly backend: NftBackendKind;
+  /** Why the preferred backend was not used, when it was not. */
+  readonly fallbackReason: string | undefined;
+  readonly #impl: NftBackend;
+  #version: Promise<string> | undefined;
+
+  constructor(impl: NftBackend, info: NftClientInfo = {}) {
+    this.#impl = impl;
+    this.backend = impl.kind;
+    this.fallbackReason = info.fallbackReason;
+    this.#version = info.version === undefined ? undefined : Promise.resolve(info.version);
+  }
+
+  /**
+   * Runs one transaction, text or JSON. Throws EGD_NFT_APPLY with nft's error
+   * text if nft refuses it (and then nothing was changed).
+   */
+  async run(input: NftInput, options: NftRunOptions = {}): Promise<NftRunResult> {
+    const isJson = 'json' in input;
+    const outcome = await this.#impl.exec({
+      input: isJson ? batchDocument(input.json) : input.text,
+      format: isJson ? 'json' : 'text',
+      check: options.check ?? false,
+      terse: options.terse ?? false,
+    });
+    if (!outcome.ok) throw this.#refused(outcome, isJson ? input.json : undefined, options.check ?? false);
+    const warnings = lines(outcome.error);
+    if (isJson && outcome.output.trim().length > 0) {
+      return { output: outcome.output, json: parseListing(outcome.output), warnings };
+    }
+    return { output: outcome.output, warnings };
+  }
+
+  #refused(outcome: NftOutcome, commands: readonly NftCommand[] | undefined, check: boolean): EgressError {
+    const errorLines = lines(outcome.error);
+    const errorText = errorLines.length > 0 ? errorLines.join('\n') : '(nft printed no error text)';
+    const what =
+      commands === undefined
+        ? 'text transaction'
+        : commands.length <= 3
+          ? commands.map(describeCommand).join('; ')
+          : `${commands.map(describeCommand).slice(0, 3).join('; ')}; … (${commands.length} commands)`;
+    const verb = check ? 'check' : 'transaction';
+    return new EgressError(
+      ErrorCode.NftApply,
+      `nft (${this.backend}) refused the ${verb} [${what}], nothing was changed:\n${errorText}`,
+      { details: errorLines },
+    );
+  }
+
+  /**
+   * Replaces table F N with `tableText` (which must be exactly
+   * `table F N { … }`) in one atomic transaction; creates it if absent.
+   * Other tables are never touched.
+   */
+  async replaceTable(
+    family: NftFamily,
+    name: string,
+    tableText: string,
+    options: { readonly check?: boolean } = {},
+  ): Promise<void> {
+    await this.run({ text: replaceTableText(family, name, tableText) }, { check: options.check ?? false });
+  }
+
+  /** Deletes table F N; deleting a table that is not there is not an error. */
+  async deleteTable(family: NftFamily, name: string, options: { readonly check?: boolean } = {}): Promise<void> {
+    checkFamily(family);
+    checkName('table', name);
+    await this.run(
+      { json: [cmd.add.table(family, name), cmd.delete.table(family, name)] },
+      { check: options.check ?? false },
+    );
+  }
+
+  /** Every table in this network namespace (names only). */
+  async listTables(): Promise<NftTableInfo[]> {
+    const result = await this.run({ json: [cmd.list.tables()] });
+    return result.json === undefined ? [] : itemsOf(result.json, 'table').map(asTable);
+  }
+
+  async tableExists(family: NftFamily, name: string): Promise<boolean> {
+    return (await this.listTables()).some((t) => t.family === family && t.name === name);
+  }
+
+  /**
+   * Lists table F N, or returns `null` if there is no such table. `terse`
+   * leaves set elements out (cheap at 100,000 elements).
+   */
+  async listTable(
+    family: NftFamily,
+    name: string,
+    options: { readonly terse?: boolean } = {},
+  ): Promise<NftTableListing | null> {
+    checkFamily(family);
+    checkName('table', name);
+    try {
+      const result = await this.run({ json: [cmd.list.table(family, name)] }, { terse: options.terse ?? false });
+      if (result.json === undefined) throw new EgressError(ErrorCode.NftState, 'nft listed nothing for a table');
+      return tableListing(result.json);
+    } catch (err) {
+      if (err instanceof EgressError && err.code === ErrorCode.NftApply && !(await this.tableExists(family, name))) {
+        return null;
+      }
+      throw err;
+    }
+  }
+
+  /** Lists a set with its elements, or `null` if the table or set is missing. */
+  listSet(ref: NftSetRef): Promise<NftSetInfo | null> {
+    return this.#listSetOrMap(ref, 'set');
+  }
+
+  /** Lists a map with its elements, or `null` if the table or map is missing. */
+  listMap(ref: NftSetRef): Promise<NftSetInfo | null> {
+    return this.#listSetOrMap(ref, 'map');
+  }
+
+  async #listSetOrMap(ref: NftSetRef, kind: 'set' | 'map'): Promise<NftSetInfo | null> {
+    checkSetRef(ref);
+    try {
+      const result = await this.run({ json: [kind === 'set' ? cmd.list.set(ref) : cmd.list.map(ref)] });
+      const found = result.json === undefined ? undefined : itemsOf(result.json, kind)[0];
+      if (found === undefined) throw new EgressError(ErrorCode.NftState, `nft listed no ${kind} for ${kind} ${ref.name}`);
+      return asSet(found);
+    } catch (err) {
+      if (err instanceof EgressError && err.code === ErrorCode.NftApply) {
+        const table = await this.listTable(ref.family, ref.table, { terse: true });
+        const present = table !== null && (kind === 'set' ? table.sets : table.maps).some((s) => s.name === ref.name);
+        if (!present) return null;
+      }
+      throw err;
+    }
+  }
+
+  /**
+   * Adds elements to a set or map in ONE transaction. Elements are keys
+   * (addresses, prefixes, numbers, cgroup paths, …) or `{key, data, timeout}`
+   * for map entries and per-element timeouts; `options.timeout` (seconds)
+   * applies to elements without their own. An empty list does nothing.
+   */
+  async addElements(ref: NftSetRef, elements: readonly NftElementInput[], options: NftElementsOptions = {}): Promise<void> {
+    checkSetRef(ref);
+    if (elements.length === 0) return;
+    const elems = toElemJson(elements, {
+      op: 'add',
+      ...(options.timeout === undefined ? {} : { timeout: options.timeout }),
+    });
+    await this.run({ json: [cmd.add.element(ref, elems)] }, { check: options.check ?? false });
+  }
+
+  /**
+   * Deletes elements (by key) from a set or map in ONE transaction. nft
+   * 1.0.6 refuses the whole transaction if any element is absent (an element
+   * may have just expired); callers that race expiry should expect
+   * EGD_NFT_APPLY. An empty list does nothing.
+   */
+  async deleteElements(
+    ref: NftSetRef,
+    elements: readonly NftElementInput[],
+    options: { readonly check?: boolean } = {},
+  ): Promise<void> {
+    checkSetRef(ref);
+    if (elements.length === 0) return;
+    await this.run({ json: [cmd.delete.element(ref, toElemJson(elements, { op: 'delete' }))] }, {
+      check: options.check ?? false,
+    });
+  }
+
+  /**
+   * The nft version ("1.0.6"), asked once and remembered: from `nft
+   * --version` when the factory ran it, else from a listing's metainfo.
+   */
+  version(): Promise<string> {
+    this.#version ??= this.run({ json: [cmd.list.tables()] }).then((result) => {
+      const meta = result.json === undefined ? undefined : itemsOf(result.json, 'metainfo')[0];
+      const version = meta?.['version'];
+      if (typeof version !== 'string') throw new EgressError(ErrorCode.NftState, 'nft listed no version in metainfo');
+      return version;
+    });
+    const pending = this.#version;
+    // A failed probe is not remembered: the next call asks again.
+    pending.catch(() => {
+      if (this.#version === pending) this.#version = undefined;
+    });
+    return pending;
+  }
+}
