@@ -1,9 +1,12 @@
+import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { formatIssue } from '../../src/policy/issues.js';
 import { loadPolicyDir, loadPolicyOrThrow } from '../../src/policy/load.js';
 import { policyDir } from '../support/policy-dir.js';
 
+// The shipped copies of the shared lists; the test below checks they are the same bytes when ../shared is there.
+const LISTS = join(import.meta.dirname, '..', '..', 'policies', 'lists');
 const SHARED = join(import.meta.dirname, '..', '..', '..', 'shared', 'data', 'blocklists');
 
 /** Loads and returns the formatted errors (file:line:col: message (hint)), failing if the load succeeded. */
@@ -76,7 +79,7 @@ apps:
 
   it('loads the shared tracking list (143,876 names) and the hosts-format Windows telemetry list', () => {
     const dir = policyDir({
-      'lists.yaml': `lists:\n  tracking: {file: ${join(SHARED, 'tracking.txt')}, format: plain}\n  spy: {file: ${join(SHARED, 'windows-spy.hosts')}, format: hosts}\ndeny:\n  - to: ["@tracking", "@spy"]\n`,
+      'lists.yaml': `lists:\n  tracking: {file: ${join(LISTS, 'tracking.txt')}, format: plain}\n  spy: {file: ${join(LISTS, 'windows-spy.hosts')}, format: hosts}\ndeny:\n  - to: ["@tracking", "@spy"]\n`,
     });
     const { policy } = loadPolicyOrThrow(dir);
     expect(policy.lists.get('tracking')!.names.length).toBe(143_876);
@@ -84,6 +87,12 @@ apps:
     expect(spy).toContain('alpha.telemetry.microsoft.com');
     expect(spy).not.toContain('0.0.0.0');
     expect(spy.length).toBeGreaterThan(300);
+  });
+
+  it.skipIf(!existsSync(SHARED))('the shipped lists are byte-identical copies of ../shared/data/blocklists, licences included', () => {
+    for (const file of ['tracking.txt', 'windows-spy.hosts', 'LICENSE.blocklistproject', 'LICENSE.windowsspyblocker']) {
+      expect(readFileSync(join(LISTS, file)).equals(readFileSync(join(SHARED, file))), file).toBe(true);
+    }
   });
 
   it('warns, with file:line, about list lines that are not names, and keeps the rest', () => {
