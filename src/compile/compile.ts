@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import type { App, Identity, Network, Origin, Policy, Rule } from '../policy/model.js';
 import type { PolicyIssue } from '../policy/issues.js';
 import {
@@ -102,7 +103,8 @@ class Compiler {
 
   run(): Compiled {
     const { policy } = this;
-    const output: RuleDecl[] = [rule([match.oif('lo'), verdict.accept()], 'loopback is always allowed')];
+    // The first rule carries the policy digest: `status` and `plan` read it back from the live table.
+    const output: RuleDecl[] = [rule([match.oif('lo'), verdict.accept()], `loopback; ${POLICY_MARK}${policy.digest.slice(0, 32)}`)];
 
     // 1. System domains: no network at all. First, so nothing below can open them up.
     const domains = this.newDispatch('sd');
@@ -146,7 +148,7 @@ class Compiler {
 
     const base: ChainDecl = { name: 'output', hook: { hook: 'output', prio: 0, policy: policy.defaults.egress === 'deny' ? 'drop' : 'accept' }, rules: output };
     return {
-      ruleset: { table: TABLE, sets: this.sets, chains: [base, ...this.chains] },
+      ruleset: { table: TABLE, sets: this.sets, chains: [base, ...this.chains].map(fingerprintRules) },
       dnsBindings: this.dnsBindings,
       cgroupBindings: this.cgroupBindings,
       warnings: this.warnings,
@@ -318,6 +320,28 @@ class Compiler {
   private warn(at: Origin, message: string): void {
     if (!this.warnings.some((w) => w.message === message)) this.warnings.push({ severity: 'warning', at, message });
   }
+}
+
+/** Marks the policy digest in the first rule's comment. */
+export const POLICY_MARK = 'policy sha256:';
+
+/**
+ * Appends "#" and 8 hex digits of the rule's own text to its comment, so a
+ * live rule can be compared with a compiled one by comment alone: nft lists
+ * rules back in a different, normalised form, and the comment is the one
+ * thing it keeps verbatim.
+ */
+function fingerprintRules(chain: ChainDecl): ChainDecl {
+  return {
+    ...chain,
+    rules: chain.rules.map((r) => {
+      const fingerprint = createHash('sha256').update(chain.name).update('\0').update(JSON.stringify(r.expr)).digest('hex').slice(0, 8);
+      const base = r.comment ?? '';
+      const room = 128 - fingerprint.length - 2;
+      const trimmed = Buffer.byteLength(base) > room ? safeComment(base).slice(0, room - 3) + '...' : base;
+      return { ...r, comment: `${trimmed} #${fingerprint}`.trim() };
+    }),
+  };
 }
 
 function protocolMatch(r: Rule): Statement[] {

@@ -130,6 +130,8 @@ export interface Policy {
   readonly tor: TorSettings;
   /** The policy files in merge order, relative to the directory. */
   readonly files: readonly string[];
+  /** sha256 over every policy file and list file (names and bytes): which policy this is. */
+  readonly digest: string;
 }
 
 export const DEFAULT_LOG_GROUP = 7745;

@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import type { z } from 'zod';
 import { parseDestination, parseNetwork, type Destination } from './destination.js';
 import { parseNameList } from './lists.js';
@@ -69,8 +70,17 @@ export function resolvePolicy(files: readonly PolicyFileInput[], readList: ListR
   for (const { source, data } of parsed) merged.add(source, data);
   if (errors.length > 0) return { ok: false, errors, warnings };
 
-  const resolver = new Resolver(merged, readList, errors, warnings);
-  const policy = resolver.build(files.map((f) => f.file));
+  // Every byte the policy depends on goes into its digest, list files included.
+  const hash = createHash('sha256');
+  for (const input of files) hash.update(`file ${input.file} ${input.bytes.length}\n`).update(input.bytes);
+  const hashingReader: ListReader = (path) => {
+    const read = readList(path);
+    if ('bytes' in read) hash.update(`list ${path} ${read.bytes.length}\n`).update(read.bytes);
+    return read;
+  };
+  const resolver = new Resolver(merged, hashingReader, errors, warnings);
+  const built = resolver.build(files.map((f) => f.file));
+  const policy = built && { ...built, digest: hash.digest('hex') };
   if (errors.length > 0 || !policy) return { ok: false, errors, warnings };
   return { ok: true, policy, warnings };
 }
@@ -171,7 +181,7 @@ class Resolver {
     private readonly warnings: PolicyIssue[],
   ) {}
 
-  build(files: readonly string[]): Policy | undefined {
+  build(files: readonly string[]): Omit<Policy, 'digest'> | undefined {
     const { records } = this.merged;
     for (const [name, placed] of records.lists) this.loadList(name, placed);
     for (const [id, placed] of records.catalogue) this.addCatalogueEntry(id, placed);

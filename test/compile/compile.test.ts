@@ -9,7 +9,12 @@ const chain = (compiled: ReturnType<typeof compileYaml>, name: string): ChainDec
   if (!found) throw new Error(`no chain ${name}`);
   return found;
 };
-const ruleText = (r: RuleDecl): string => renderText({ table: { family: 'inet', name: 't' }, sets: [], chains: [{ name: 'c', rules: [r] }] }).split('\n')[2]!.trim();
+/** A rule as nft text, without its fingerprint (tested on its own below). */
+const ruleText = (r: RuleDecl): string =>
+  renderText({ table: { family: 'inet', name: 't' }, sets: [], chains: [{ name: 'c', rules: [r] }] })
+    .split('\n')[2]!
+    .trim()
+    .replace(/ #[0-9a-f]{8}"$/, '"');
 
 describe('compiler', () => {
   it('orders the output chain by precedence: loopback, system domain, lockdown, conntrack, Tor, apps, global deny, default', () => {
@@ -31,7 +36,7 @@ tor: {enabled: true, updaters: [apt]}
       return index;
     };
     const order = [
-      position('meta oif "lo" accept'),
+      position('meta oif "lo" accept comment "loopback; policy sha256:'),
       position('vmap @sd_uid'),
       position('goto lockdown'),
       position('ct state { established, related } accept'),
@@ -91,10 +96,20 @@ tor: {enabled: true, updaters: [apt]}
     expect(renderText(off.ruleset)).not.toContain('log prefix');
   });
 
+  it('every rule comment ends in a fingerprint of the rule, and the first rule carries the policy digest', () => {
+    const a = compileYaml('deny:\n  - to: [192.0.2.0/24]\n    ports: [25]\n');
+    const b = compileYaml('deny:\n  - to: [192.0.2.0/24]\n    ports: [26]\n');
+    const fingerprint = (c: typeof a) => chain(c, 'global_deny').rules[0]!.comment!.match(/ #([0-9a-f]{8})$/)![1];
+    expect(fingerprint(a)).not.toBe(fingerprint(b));
+    for (const c of a.ruleset.chains) for (const r of c.rules) expect(r.comment).toMatch(/ #[0-9a-f]{8}$/);
+    expect(chain(a, 'output').rules[0]!.comment).toMatch(/^loopback; policy sha256:[0-9a-f]{32} #[0-9a-f]{8}$/);
+    expect(chain(a, 'output').rules[0]!.comment).not.toBe(chain(b, 'output').rules[0]!.comment);
+  });
+
   it('every rule of every policy chain names its file:line and rule id', () => {
     const compiled = compileYaml('apps: {a: {identity: {user: alice}, default: deny, rules: [{deny: [192.0.2.1]}, {allow: any, proto: icmp}]}}\n');
     for (const name of ['app_a', 'log_app_a_0']) {
-      for (const r of chain(compiled, name).rules) expect(r.comment).toMatch(/^f\.yaml:\d+ app\/a\/(\d|default)|^f\.yaml:\d+ app\/a: then/);
+      for (const r of chain(compiled, name).rules) expect(r.comment).toMatch(/^f\.yaml:\d+ (app\/a\/(\d|default)|app\/a: then the global deny list) #[0-9a-f]{8}$/);
     }
   });
 
