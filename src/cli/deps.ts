@@ -1,5 +1,6 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import type { Facts } from '../compile/compile.js';
+import type { Nft } from '../nft/client.js';
 import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import { formatIssue, sortIssues, type PolicyIssue } from '../policy/issues.js';
 import { loadPolicyDir, type LoadedPolicy } from '../policy/load.js';
@@ -11,6 +12,12 @@ export interface Deps {
   /** Text for people: results, errors, warnings. */
   readonly err: (text: string) => void;
   readonly facts: (maxCgroupDepth: number) => Facts;
+  /** Opens the nftables binding (libnftables in-process, else the nft binary). */
+  readonly nft: () => Promise<Nft>;
+  /** Where the last good ruleset is kept. */
+  readonly stateDir: string;
+  /** Records a change of enforcement in the system log. */
+  readonly audit: (event: string, fields: Readonly<Record<string, string | number | boolean>>) => void;
 }
 
 /** Stable, documented exit codes. */
@@ -23,6 +30,7 @@ export const Exit = {
 } as const;
 
 export const DEFAULT_POLICY_DIR = '/etc/egressd';
+export const DEFAULT_STATE_DIR = '/var/lib/egressd';
 
 export function exitCodeFor(error: unknown): number {
   if (!isEgressError(error)) return Exit.SystemError;
@@ -30,6 +38,11 @@ export function exitCodeFor(error: unknown): number {
     case ErrorCode.PolicyInvalid:
     case ErrorCode.Usage:
       return Exit.BadInput;
+    case ErrorCode.NftApply:
+    case ErrorCode.NftUnavailable:
+    case ErrorCode.NftState:
+    case ErrorCode.Io:
+      return Exit.SystemError;
     default:
       return Exit.SystemError;
   }
@@ -72,9 +85,4 @@ export function loadForCommand(dir: string, deps: Deps, quietWarnings = false): 
   }
   if (!quietWarnings) printIssues(deps, dir, result.warnings);
   return { dir, policy: result.policy, warnings: result.warnings };
-}
-
-export function maxCgroupLevel(policy: LoadedPolicy['policy']): number {
-  const identities = [...policy.identities.values(), ...policy.apps.flatMap((a) => a.identities), ...policy.systemDomains.flatMap((d) => d.members), ...policy.tor.updaters];
-  return Math.max(0, ...identities.flatMap((i) => i.selectors.map((s) => (s.kind === 'cgroup' ? s.level : 0))));
 }

@@ -1,11 +1,12 @@
 import { isEgressError } from '../errors.js';
 import { check } from './commands/check.js';
 import { compile } from './commands/compile.js';
+import { apply, lockdown, plan, release, status } from './commands/enforce.js';
 import { explain } from './commands/explain.js';
 import { schema } from './commands/schema.js';
 import { Exit, exitCodeFor, type Command, type Deps } from './deps.js';
 
-const commands: readonly Command<never>[] = [check, compile, explain, schema] as unknown as Command<never>[];
+const commands: readonly Command<never>[] = [check, compile, explain, apply, plan, status, lockdown, release, schema] as unknown as Command<never>[];
 
 const usage = `Usage: egressctl COMMAND [ARGS] [--help]
 

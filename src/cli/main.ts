@@ -1,12 +1,17 @@
 #!/usr/bin/env node
 import { gatherFacts } from '../system/facts.js';
-import { Exit, type Deps } from './deps.js';
+import { openNft } from '../nft/open.js';
+import { systemAudit } from '../system/audit.js';
+import { DEFAULT_STATE_DIR, Exit, type Deps } from './deps.js';
 import { main } from './egressctl.js';
 
 const systemDeps: Deps = {
   out: (text) => process.stdout.write(`${text}\n`),
   err: (text) => process.stderr.write(`${text}\n`),
   facts: (depth) => gatherFacts(depth),
+  nft: () => openNft(),
+  stateDir: process.env['EGRESSD_STATE_DIR'] ?? DEFAULT_STATE_DIR,
+  audit: systemAudit,
 };
 
 main(process.argv.slice(2), systemDeps).then(

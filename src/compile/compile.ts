@@ -64,6 +64,12 @@ export interface Compiled {
   readonly warnings: readonly PolicyIssue[];
 }
 
+/** The deepest cgroup level any selector needs: how far down the cgroup tree facts must look. */
+export function cgroupDepth(policy: Policy): number {
+  const identities = [...policy.identities.values(), ...policy.apps.flatMap((a) => a.identities), ...policy.systemDomains.flatMap((d) => d.members), ...policy.tor.updaters];
+  return Math.max(0, ...identities.flatMap((i) => i.selectors.map((s) => (s.kind === 'cgroup' ? s.level : 0))));
+}
+
 /** Prefix of every NFLOG message: "egd <rule id> ". The denials reader parses it back. */
 export const LOG_PREFIX = 'egd ';
 

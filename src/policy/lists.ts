@@ -1,11 +1,14 @@
 import { isIP } from 'node:net';
-import { checkDnsName } from './destination.js';
+import { checkDnsName, parseNetwork } from './destination.js';
+import type { Network } from './model.js';
 
 export type ListFormat = 'auto' | 'plain' | 'hosts';
 
 export interface ParsedList {
   readonly names: string[];
   readonly suffixes: string[];
+  /** Addresses and CIDRs listed one per line (plain format), e.g. an IP blocklist. */
+  readonly networks: Network[];
   /** Lines that are not names, with their 1-based line numbers; they are skipped, never guessed at. */
   readonly rejected: { line: number; col: number; text: string; reason: string }[];
 }
@@ -29,11 +32,13 @@ const HOSTS_SELF_NAMES = new Set([
 /**
  * Parses a name list in plain format (one name per line) or hosts format
  * ("0.0.0.0 name [name…]"); `#` starts a comment in both. A line `*.example.org`
- * is a suffix; every other entry is an exact name. Duplicates are dropped.
+ * is a suffix, a line holding an address or CIDR is a network, and every
+ * other entry is an exact name. Duplicates are dropped.
  */
 export function parseNameList(text: string, format: ListFormat): ParsedList {
   const names = new Set<string>();
   const suffixes = new Set<string>();
+  const networks: Network[] = [];
   const rejected: ParsedList['rejected'] = [];
   let lineNumber = 0;
   let start = 0;
@@ -54,6 +59,12 @@ export function parseNameList(text: string, format: ListFormat): ParsedList {
       rejected.push({ line: lineNumber, col: raw.indexOf(first) + 1, text: first, reason: 'a hosts line starts with an address' });
       continue;
     }
+    if (!isHostsLine && tokens.length === 1 && /^[0-9a-fA-F:.]+(\/\d+)?$/.test(first) && (first.includes(':') || /^[0-9./]+$/.test(first))) {
+      const net = parseNetwork(first);
+      if (net.ok) networks.push({ family: net.value.family, address: net.value.address, prefix: net.value.prefix });
+      else rejected.push({ line: lineNumber, col: raw.indexOf(first) + 1, text: first, reason: `${net.message}${net.hint ? ` (${net.hint})` : ''}` });
+      continue;
+    }
     if (!isHostsLine && tokens.length > 1) {
       rejected.push({ line: lineNumber, col: raw.indexOf(tokens[1]!) + 1, text: content, reason: 'a plain list has one name per line' });
       continue;
@@ -71,5 +82,5 @@ export function parseNameList(text: string, format: ListFormat): ParsedList {
       (isSuffix ? suffixes : names).add(bare);
     }
   }
-  return { names: [...names], suffixes: [...suffixes], rejected };
+  return { names: [...names], suffixes: [...suffixes], networks, rejected };
 }

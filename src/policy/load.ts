@@ -68,7 +68,7 @@ export function loadPolicyOrThrow(dir: string): LoadedPolicy {
   if (!result.ok) {
     const details = sortIssues([...result.errors, ...result.warnings]).map((issue) => formatIssue(issue, dir));
     const count = result.errors.length;
-    throw new EgressError(ErrorCode.PolicyInvalid, `${dir}: ${count} ${count === 1 ? 'error' : 'errors'} in the policy`, { details });
+    throw new EgressError(ErrorCode.PolicyInvalid, `${dir}: ${count} ${count === 1 ? 'error' : 'errors'} in the policy; nothing was changed`, { details });
   }
   return { dir, policy: result.policy, warnings: result.warnings };
 }

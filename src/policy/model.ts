@@ -47,7 +47,7 @@ export interface DestinationSet {
   readonly any: boolean;
   readonly names: readonly string[];
   readonly suffixes: readonly string[];
-  /** Lists referenced as @name; their names are matched through the list, not copied here. */
+  /** Lists referenced as @name that hold names; those are matched through the list, not copied here. A list's networks are copied into `networks`. */
   readonly lists: readonly string[];
   readonly networks: readonly Network[];
   /** Catalogue entries this rule took names from, for `explain`. */
@@ -88,6 +88,8 @@ export interface NameList {
   readonly name: string;
   readonly names: readonly string[];
   readonly suffixes: readonly string[];
+  /** Addresses and CIDRs from the list file; rules using the list match them directly. */
+  readonly networks: readonly Network[];
   /** The list file relative to the policy directory, if it came from one. */
   readonly file: string | undefined;
   readonly at: Origin;

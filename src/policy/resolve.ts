@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import type { z } from 'zod';
-import { parseDestination, parseNetwork, type Destination } from './destination.js';
+import { addressToBigInt, parseDestination, parseNetwork, type Destination } from './destination.js';
 import { parseNameList } from './lists.js';
 import type { PolicyIssue } from './issues.js';
 import {
@@ -230,7 +230,7 @@ class Resolver {
         else if (dest.ok && dest.value.kind === 'suffix') suffixes.push(dest.value.suffix);
         else this.error(placed, ['names'], `"${raw}" is not a name; a list holds names and *.suffixes only`);
       }
-      this.lists.set(name, { name, names, suffixes, file: undefined, at });
+      this.lists.set(name, { name, names, suffixes, networks: [], file: undefined, at });
       return;
     }
     const read = this.readList(spec.file);
@@ -256,10 +256,10 @@ class Resolver {
     if (parsed.rejected.length > MAX_LIST_WARNINGS) {
       this.warnings.push({ severity: 'warning', at, message: `list "${name}": ${parsed.rejected.length - MAX_LIST_WARNINGS} more lines of ${spec.file} skipped` });
     }
-    if (parsed.names.length + parsed.suffixes.length === 0) {
-      this.warnings.push({ severity: 'warning', at, message: `list "${name}" (${spec.file}) holds no names` });
+    if (parsed.names.length + parsed.suffixes.length + parsed.networks.length === 0) {
+      this.warnings.push({ severity: 'warning', at, message: `list "${name}" (${spec.file}) holds no names or addresses` });
     }
-    this.lists.set(name, { name, names: parsed.names, suffixes: parsed.suffixes, file: spec.file, at });
+    this.lists.set(name, { name, names: parsed.names, suffixes: parsed.suffixes, networks: parsed.networks, file: spec.file, at });
   }
 
   private addCatalogueEntry(id: string, placed: Placed<NonNullable<PolicyFile['catalogue']>[string]>): void {
@@ -354,10 +354,14 @@ class Resolver {
         case 'net':
           networks.push({ family: dest.family, address: dest.address, prefix: dest.prefix });
           break;
-        case 'list':
-          if (this.lists.has(dest.list) || this.merged.records.lists.has(dest.list)) lists.add(dest.list);
-          else this.error(placed, [...key, index], `unknown list "@${dest.list}"`, suggest(dest.list, this.merged.records.lists.keys(), 'lists', '@'));
+        case 'list': {
+          const list = this.lists.get(dest.list);
+          if (list) {
+            if (list.names.length + list.suffixes.length > 0) lists.add(dest.list);
+            for (const net of list.networks) networks.push(net);
+          } else if (!this.merged.records.lists.has(dest.list)) this.error(placed, [...key, index], `unknown list "@${dest.list}"`, suggest(dest.list, this.merged.records.lists.keys(), 'lists', '@'));
           break;
+        }
         case 'catalogue': {
           const matched = [...this.catalogue.values()].filter((entry) => entry.id === dest.selector || entry.category === dest.selector);
           if (matched.length === 0) {
@@ -481,10 +485,25 @@ function toPortRange(port: number | string): PortRange {
   return { from, to };
 }
 
-function dedupeNetworks(networks: Network[]): Network[] {
-  const seen = new Map<string, Network>();
-  for (const net of networks) seen.set(`${net.address}/${net.prefix}`, net);
-  return [...seen.values()].sort((a, b) => a.family - b.family || a.address.localeCompare(b.address) || a.prefix - b.prefix);
+/**
+ * Drops duplicates and networks inside another of the same rule: nft refuses
+ * overlapping intervals in one set, and the wider network decides anyway.
+ */
+function dedupeNetworks(networks: readonly Network[]): Network[] {
+  // Sorted by start, widest first on ties: a network is covered exactly when it ends before the last kept one does.
+  const ranges = networks.map((net) => {
+    const bits = BigInt(net.family === 4 ? 32 : 128);
+    const start = addressToBigInt(net.family, net.address);
+    return { net, start, end: start + (1n << (bits - BigInt(net.prefix))) - 1n };
+  });
+  ranges.sort((a, b) => a.net.family - b.net.family || (a.start < b.start ? -1 : a.start > b.start ? 1 : a.net.prefix - b.net.prefix));
+  const kept: typeof ranges = [];
+  for (const range of ranges) {
+    const last = kept[kept.length - 1];
+    if (last && last.net.family === range.net.family && range.end <= last.end) continue;
+    kept.push(range);
+  }
+  return kept.map((range) => range.net);
 }
 
 function suggest(wanted: string, known: Iterable<string>, what: string, prefix = ''): string {

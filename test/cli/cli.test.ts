@@ -13,7 +13,15 @@ const SHIPPED = join(ROOT, 'policies');
 async function run(...argv: string[]) {
   const out: string[] = [];
   const err: string[] = [];
-  const deps: Deps = { out: (t) => out.push(t), err: (t) => err.push(t), facts: () => FACTS };
+  const deps: Deps = {
+    out: (t) => out.push(t),
+    err: (t) => err.push(t),
+    facts: () => FACTS,
+    // These commands never reach the kernel; the enforcement commands are tested in network namespaces.
+    nft: () => Promise.reject(new Error('no nft in this test')),
+    stateDir: '/nonexistent',
+    audit: () => undefined,
+  };
   const code = await main(argv, deps);
   return { code, out: out.join('\n'), err: err.join('\n') };
 }

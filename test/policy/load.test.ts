@@ -107,6 +107,22 @@ apps:
     ]);
   });
 
+  it('list files may hold addresses and CIDRs; rules using the list match them, nested networks folded', () => {
+    const dir = policyDir({
+      'a.yaml': 'lists:\n  bad-nets: {file: nets.txt}\ndeny:\n  - to: ["@bad-nets", 192.0.2.128/25, 198.51.100.0/24]\n',
+      'nets.txt': '# an IP blocklist\n192.0.2.0/24\n198.51.100.7\n2001:db8::/32\n2001:db8:1::/48\n203.0.113.1/24\n',
+    });
+    const result = loadPolicyDir(dir);
+    expect(result.ok).toBe(true);
+    if (!result.ok) return;
+    const rule = result.policy.globalDeny[0]!;
+    expect(rule.to.lists).toEqual([]);
+    expect(rule.to.networks.map((n) => `${n.address}/${n.prefix}`)).toEqual(['192.0.2.0/24', '198.51.100.0/24', '2001:db8::/32']);
+    expect(result.warnings.map((w) => formatIssue(w))).toEqual([
+      'nets.txt:6:1: warning: skipped "203.0.113.1/24": "203.0.113.1/24" has host bits set below the /24 prefix (did you mean 203.0.113.0/24?)',
+    ]);
+  });
+
   it('warns when an app shares an identity with a system domain, since the domain wins', () => {
     const dir = policyDir({ 'a.yaml': 'identities: {v: {user: vault}}\napps: {sync: {identity: v, rules: [{allow: any}]}}\nsystemDomains: {off: {members: [v]}}\n' });
     const result = loadPolicyDir(dir);

@@ -1,7 +1,7 @@
 import { formatIssue, sortIssues } from '../../policy/issues.js';
 import { loadPolicyDir } from '../../policy/load.js';
-import { compile } from '../../compile/compile.js';
-import { DEFAULT_POLICY_DIR, Exit, maxCgroupLevel, parseFlags, printIssues, type Command, type Deps } from '../deps.js';
+import { cgroupDepth, compile } from '../../compile/compile.js';
+import { DEFAULT_POLICY_DIR, Exit, parseFlags, printIssues, type Command, type Deps } from '../deps.js';
 
 export interface CheckOptions {
   readonly dir: string;
@@ -40,7 +40,7 @@ Use it in CI to check policies before they are distributed.`,
       return Exit.BadInput;
     }
     const { policy } = result;
-    const compiled = compile(policy, deps.facts(maxCgroupLevel(policy)));
+    const compiled = compile(policy, deps.facts(cgroupDepth(policy)));
     const warnings = [...result.warnings, ...compiled.warnings];
     const summary = {
       files: policy.files.length,

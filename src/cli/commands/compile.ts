@@ -1,7 +1,7 @@
-import { compile as compilePolicy } from '../../compile/compile.js';
+import { cgroupDepth, compile as compilePolicy } from '../../compile/compile.js';
 import { renderJson, renderText } from '../../compile/nft.js';
 import { EgressError, ErrorCode } from '../../errors.js';
-import { DEFAULT_POLICY_DIR, Exit, loadForCommand, maxCgroupLevel, parseFlags, printIssues, type Command } from '../deps.js';
+import { DEFAULT_POLICY_DIR, Exit, loadForCommand, parseFlags, printIssues, type Command } from '../deps.js';
 
 export interface CompileOptions {
   readonly dir: string;
@@ -40,7 +40,7 @@ Exit status: 0 printed, 2 invalid policy or usage.`,
   run(options, deps) {
     const loaded = loadForCommand(options.dir, deps);
     if (!loaded) return Exit.BadInput;
-    const compiled = compilePolicy(loaded.policy, deps.facts(maxCgroupLevel(loaded.policy)), { lockdown: options.lockdown });
+    const compiled = compilePolicy(loaded.policy, deps.facts(cgroupDepth(loaded.policy)), { lockdown: options.lockdown });
     printIssues(deps, options.dir, compiled.warnings);
     deps.out(options.format === 'json' ? JSON.stringify(renderJson(compiled.ruleset), null, 2) : renderText(compiled.ruleset).trimEnd());
     return Exit.Ok;

@@ -1,0 +1,209 @@
+import { EgressError, ErrorCode } from '../../errors.js';
+import { applyPolicy, liveSummary, planPolicy, release as releaseTable, setLockdown, type EnforcerDeps } from '../../enforce/enforcer.js';
+import type { Plan } from '../../enforce/plan.js';
+import { DEFAULT_POLICY_DIR, Exit, parseFlags, printIssues, type Command, type Deps } from '../deps.js';
+
+/** The enforcement commands share their dependencies: the nft binding is opened once per command. */
+async function enforcerDeps(deps: Deps): Promise<EnforcerDeps> {
+  return { nft: await deps.nft(), facts: deps.facts, stateDir: deps.stateDir, audit: deps.audit };
+}
+
+function describePlan(plan: Plan): string[] {
+  const lines: string[] = [];
+  if (!plan.tablePresent) {
+    const sets = plan.sets.filter((s) => !s.dynamic && (s.compiled ?? 0) > 0).reduce((n, s) => n + (s.compiled ?? 0), 0);
+    return [`  table inet egressd is not in the kernel: applying creates it with ${plan.added.length} rules and ${plan.sets.length} sets and maps (${sets} static elements); policy sha256:${plan.digest.compiled ?? '?'}`];
+  }
+  if (plan.digest.live !== plan.digest.compiled) lines.push(`  policy sha256:${plan.digest.live ?? '(none)'} → sha256:${plan.digest.compiled ?? '(none)'}`);
+  if (plan.lockdown.live !== plan.lockdown.compiled) lines.push(`  lockdown ${plan.lockdown.live ? 'on' : 'off'} → ${plan.lockdown.compiled ? 'on' : 'off'}`);
+  for (const r of plan.added) lines.push(`  + ${r.chain}: ${r.comment}`);
+  for (const r of plan.removed) lines.push(`  - ${r.chain}: ${r.comment}`);
+  for (const s of plan.sets.filter((x) => x.change !== 'same')) {
+    lines.push(`  ${s.change === 'added' ? '+' : s.change === 'removed' ? '-' : '~'} set ${s.name}: ${s.live ?? 0} → ${s.compiled ?? 0} elements${s.dynamic ? ' (filled at run time)' : ''}`);
+  }
+  return lines;
+}
+
+const onePolicyDir = (command: string, argv: readonly string[]) => {
+  const { values, positionals } = parseFlags(command, argv, { json: { type: 'boolean' } }, 1);
+  return { dir: positionals[0] ?? DEFAULT_POLICY_DIR, json: values.json === true };
+};
+
+export const apply: Command<{ dir: string; json: boolean }> = {
+  name: 'apply',
+  summary: 'enforce a policy: replace table inet egressd in one transaction',
+  help: `Usage: egressctl apply [DIR] [--json]
+
+Loads and compiles the policy in DIR (default ${DEFAULT_POLICY_DIR}) and
+replaces the kernel's table inet egressd with it in ONE nftables
+transaction: there is no moment in which the old rules are gone and the new
+ones not yet in force. No other table is touched, and the ruleset is never
+flushed. A policy with any error changes nothing.
+
+Enforcement then stays in the kernel by itself: no daemon is needed for it
+to hold. Only "egressctl release" removes it. If lockdown is on, it stays on.
+The applied ruleset is kept in $EGRESSD_STATE_DIR (default /var/lib/egressd)
+as last-good.nft, and the change is recorded in the system log.
+
+Exit status: 0 applied, 2 invalid policy, 3 nftables refused (nothing changed).`,
+  parse: (argv) => onePolicyDir('apply', argv),
+  async run(options, deps) {
+    const enforcer = await enforcerDeps(deps);
+    const applied = await applyPolicy(options.dir, enforcer);
+    printIssues(deps, options.dir, applied.compiled.warnings);
+    const rules = applied.compiled.ruleset.chains.reduce((n, c) => n + c.rules.length, 0);
+    if (options.json) {
+      deps.out(JSON.stringify({ applied: true, digest: applied.digest, lockdown: applied.lockdown, rules, sets: applied.compiled.ruleset.sets.length, backend: enforcer.nft.backend, plan: applied.plan }, null, 2));
+    }
+    deps.err(`applied ${options.dir}: ${rules} rules, ${applied.compiled.ruleset.sets.length} sets and maps; policy sha256:${applied.digest.slice(0, 16)}… (${enforcer.nft.backend})`);
+    for (const line of describePlan(applied.plan)) deps.err(line);
+    if (applied.lockdown) deps.err('LOCKDOWN IS ON: all egress except loopback is denied. "egressctl lockdown off" restores the policy.');
+    return Exit.Ok;
+  },
+};
+
+export const plan: Command<{ dir: string; json: boolean }> = {
+  name: 'plan',
+  summary: 'show what applying a policy would change',
+  help: `Usage: egressctl plan [DIR] [--json]
+
+Compiles the policy in DIR (default ${DEFAULT_POLICY_DIR}) and compares it with
+the live table inet egressd, changing nothing: rules added (+) and removed
+(-), named by file:line and rule id, and sets whose contents would change
+(~, with sizes). Sets filled at run time (DNS answers, cgroups) are compared
+by size only.
+
+Exit status: 0 nothing would change, 1 something would, 2 invalid policy,
+3 system error.`,
+  parse: (argv) => onePolicyDir('plan', argv),
+  async run(options, deps) {
+    const { plan: result } = await planPolicy(options.dir, await enforcerDeps(deps));
+    if (options.json) deps.out(JSON.stringify(result, null, 2));
+    if (!result.changes) {
+      deps.err(`${options.dir}: the live table already matches; nothing would change`);
+      return Exit.Ok;
+    }
+    deps.err(`${options.dir}: applying would change the live table:`);
+    for (const line of describePlan(result)) deps.err(line);
+    return Exit.Answer;
+  },
+};
+
+export const status: Command<{ dir: string; json: boolean }> = {
+  name: 'status',
+  summary: 'what is enforced now, and whether it matches the policy on disk',
+  help: `Usage: egressctl status [DIR] [--json]
+
+Summarises the live table inet egressd: whether it is in force, lockdown,
+the policy digest it was compiled from, rules, set sizes and how many
+packets each denying rule has dropped; then compares it with the policy in
+DIR (default ${DEFAULT_POLICY_DIR}).
+
+Exit status: 0 enforced and matching the policy on disk, 1 not enforced or
+different from it (or the policy on disk is invalid), 3 system error.`,
+  parse: (argv) => onePolicyDir('status', argv),
+  async run(options, deps) {
+    const enforcer = await enforcerDeps(deps);
+    let planned: Awaited<ReturnType<typeof planPolicy>> | undefined;
+    let policyError: string[] | undefined;
+    try {
+      planned = await planPolicy(options.dir, enforcer);
+    } catch (error) {
+      if (!(error instanceof EgressError) || error.code !== ErrorCode.PolicyInvalid) throw error;
+      policyError = [error.message, ...error.details];
+    }
+    const live = planned ? planned.live : await liveSummary(enforcer.nft, false);
+    const drops = live ? [...live.chains.values()].flat().filter((r) => r.drops && (r.packets ?? 0) > 0).map((r) => ({ id: r.id, packets: r.packets ?? 0, bytes: r.bytes ?? 0 })) : [];
+    const matches = planned !== undefined && live !== null && !planned.plan.changes;
+    const report = {
+      enforced: live !== null,
+      lockdown: live?.lockdown ?? false,
+      digest: live?.digest ?? null,
+      matchesPolicyOnDisk: matches,
+      policyErrors: policyError ?? [],
+      rules: live ? [...live.chains.values()].reduce((n, r) => n + r.length, 0) : 0,
+      sets: live ? [...live.sets.entries()].map(([name, s]) => ({ name, kind: s.kind, size: s.size, dynamic: s.dynamic })) : [],
+      dropped: dedupeDrops(drops),
+      backend: enforcer.nft.backend,
+      plan: planned?.plan ?? null,
+    };
+    if (options.json) deps.out(JSON.stringify(report, null, 2));
+    if (!live) {
+      deps.err('NOT ENFORCED: there is no table inet egressd in the kernel. "egressctl apply" enforces the policy.');
+    } else {
+      if (report.lockdown) deps.err('LOCKDOWN IS ON: all egress except loopback (and Tor itself, with updates over Tor) is denied. "egressctl lockdown off" restores the policy.');
+      deps.err(`enforced: table inet egressd, policy sha256:${report.digest?.slice(0, 16) ?? '(unknown)'}…, ${report.rules} rules, ${report.sets.length} sets and maps`);
+      for (const s of report.sets.filter((x) => x.size > 0)) deps.err(`  ${s.kind} ${s.name}: ${s.size} elements${s.dynamic ? ' (run time)' : ''}`);
+      for (const d of report.dropped) deps.err(`  dropped by ${d.id}: ${d.packets} packets`);
+      if (policyError) {
+        deps.err(`the policy in ${options.dir} is invalid, so it cannot be compared:`);
+        for (const line of policyError.slice(1)) deps.err(`  ${line}`);
+      } else if (matches) {
+        deps.err(`matches the policy in ${options.dir}`);
+      } else {
+        deps.err(`DIFFERS from the policy in ${options.dir}; "egressctl plan" shows how, "egressctl apply" enforces it:`);
+        for (const line of describePlan(planned!.plan)) deps.err(line);
+      }
+    }
+    return matches ? Exit.Ok : Exit.Answer;
+  },
+};
+
+function dedupeDrops(drops: { id: string; packets: number; bytes: number }[]) {
+  const byId = new Map<string, { id: string; packets: number; bytes: number }>();
+  for (const d of drops) {
+    const seen = byId.get(d.id);
+    byId.set(d.id, seen ? { id: d.id, packets: seen.packets + d.packets, bytes: seen.bytes + d.bytes } : d);
+  }
+  return [...byId.values()].sort((a, b) => b.packets - a.packets);
+}
+
+export const release: Command<{ json: boolean }> = {
+  name: 'release',
+  summary: 'stop enforcing: remove table inet egressd',
+  help: `Usage: egressctl release [--json]
+
+Removes table inet egressd from the kernel. This is the only way
+enforcement ends: stopping or crashing egressd leaves the rules in force.
+The removal is recorded in the system log.
+
+Exit status: 0 removed (or there was none), 3 system error.`,
+  parse(argv) {
+    const { values } = parseFlags('release', argv, { json: { type: 'boolean' } }, 0);
+    return { json: values.json === true };
+  },
+  async run(options, deps) {
+    const existed = await releaseTable(await enforcerDeps(deps));
+    if (options.json) deps.out(JSON.stringify({ released: existed }));
+    deps.err(existed ? 'released: table inet egressd removed; egress is NO LONGER ENFORCED' : 'nothing to release: there was no table inet egressd');
+    return Exit.Ok;
+  },
+};
+
+export const lockdown: Command<{ on: boolean; dir: string; json: boolean }> = {
+  name: 'lockdown',
+  summary: 'the kill switch: deny all egress but loopback, or restore the policy',
+  help: `Usage: egressctl lockdown on|off [DIR] [--json]
+
+on    In one atomic step, deny all egress except loopback — and Tor's own
+      traffic when updates over Tor are on — cutting established
+      connections too, and logging every denied packet. It stays on across
+      "egressctl apply" until switched off; "egressctl status" says so.
+      It works even if the policy in DIR is broken (then Tor is not excepted).
+off   Re-applies the policy in DIR (default ${DEFAULT_POLICY_DIR}).
+
+Exit status: 0 done, 2 bad usage or (for off) invalid policy, 3 system error.`,
+  parse(argv) {
+    const { values, positionals } = parseFlags('lockdown', argv, { json: { type: 'boolean' } }, 2);
+    const [state, dir] = positionals;
+    if (state !== 'on' && state !== 'off') throw new EgressError(ErrorCode.Usage, 'egressctl lockdown: say "on" or "off"', { details: ['see: egressctl lockdown --help'] });
+    return { on: state === 'on', dir: dir ?? DEFAULT_POLICY_DIR, json: values.json === true };
+  },
+  async run(options, deps) {
+    const result = await setLockdown(options.on, options.dir, await enforcerDeps(deps));
+    if (options.json) deps.out(JSON.stringify({ lockdown: result.lockdown, digest: result.digest, policyUsable: result.policyUsable }));
+    if (!result.policyUsable) deps.err(`the policy in ${options.dir} is invalid; lockdown was applied without it (Tor is not excepted)`);
+    deps.err(result.lockdown ? 'LOCKDOWN IS ON: all egress except loopback is denied.' : `lockdown off: the policy in ${options.dir} is enforced again`);
+    return Exit.Ok;
+  },
+};

@@ -1,0 +1,117 @@
+import { mkdirSync, renameSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { cgroupDepth, compile, TABLE, type Compiled, type Facts } from '../compile/compile.js';
+import { renderText } from '../compile/nft.js';
+import { EgressError, ErrorCode, isEgressError } from '../errors.js';
+import type { Nft } from '../nft/client.js';
+import { loadPolicyOrThrow } from '../policy/load.js';
+import type { Policy } from '../policy/model.js';
+import { resolvePolicy } from '../policy/resolve.js';
+import { planChanges, type Plan } from './plan.js';
+import { summarizeCompiled, summarizeLive, type TableSummary } from './summary.js';
+
+/** What enforcement needs from the system, passed in. */
+export interface EnforcerDeps {
+  readonly nft: Nft;
+  readonly facts: (maxCgroupDepth: number) => Facts;
+  /** Where the last good ruleset is kept (/var/lib/egressd). */
+  readonly stateDir: string;
+  /** The system log: every change of enforcement is recorded there. */
+  readonly audit: (event: string, fields: Readonly<Record<string, string | number | boolean>>) => void;
+}
+
+export interface Applied {
+  readonly compiled: Compiled;
+  readonly digest: string;
+  readonly lockdown: boolean;
+  readonly plan: Plan;
+}
+
+/** A cgroup that vanished between listing and applying makes nft refuse the element; the apply is retried with fresh facts. */
+const CGROUP_RACE_RETRIES = 3;
+
+export async function liveSummary(nft: Nft, terse = true): Promise<TableSummary | null> {
+  const listing = await nft.listTable(TABLE.family, TABLE.name, { terse });
+  return listing && summarizeLive(listing);
+}
+
+/**
+ * Replaces table inet egressd with the compiled policy in ONE transaction.
+ * Invalid policy: throws before nft is touched. Lockdown, when not given,
+ * stays as the live table has it, so the kill switch survives re-applies.
+ */
+export async function applyPolicy(dir: string, deps: EnforcerDeps, options: { lockdown?: boolean } = {}): Promise<Applied> {
+  const { policy } = loadPolicyOrThrow(dir);
+  return applyLoaded(policy, deps, { ...options, source: dir });
+}
+
+async function applyLoaded(policy: Policy, deps: EnforcerDeps, options: { lockdown?: boolean; source: string }): Promise<Applied> {
+  const live = await liveSummary(deps.nft);
+  const lockdown = options.lockdown ?? live?.lockdown ?? false;
+  for (let attempt = 1; ; attempt++) {
+    const compiled = compile(policy, deps.facts(cgroupDepth(policy)), { lockdown });
+    const text = renderText(compiled.ruleset);
+    const plan = planChanges(summarizeCompiled(compiled.ruleset), live);
+    try {
+      await deps.nft.replaceTable(TABLE.family, TABLE.name, text);
+    } catch (error) {
+      const raced = isEgressError(error) && error.code === ErrorCode.NftApply && /No such file or directory/.test(error.message) && compiled.ruleset.sets.some((s) => typeof s.key === 'object' && s.elements.length > 0);
+      if (raced && attempt < CGROUP_RACE_RETRIES) continue;
+      throw error;
+    }
+    saveLastGood(deps.stateDir, text, { digest: policy.digest, lockdown, source: options.source });
+    deps.audit(lockdown ? 'applied (lockdown on)' : 'applied', {
+      digest: policy.digest.slice(0, 32),
+      lockdown,
+      source: options.source,
+      rules: compiled.ruleset.chains.reduce((n, c) => n + c.rules.length, 0),
+      backend: deps.nft.backend,
+    });
+    return { compiled, digest: policy.digest, lockdown, plan };
+  }
+}
+
+/** Lockdown on or off. On works even when the policy is broken: then only loopback is left, and Tor gets no exception. */
+export async function setLockdown(on: boolean, dir: string, deps: EnforcerDeps): Promise<Applied & { policyUsable: boolean }> {
+  try {
+    const { policy } = loadPolicyOrThrow(dir);
+    return { ...(await applyLoaded(policy, deps, { lockdown: on, source: dir })), policyUsable: true };
+  } catch (error) {
+    if (!on || !isEgressError(error) || error.code !== ErrorCode.PolicyInvalid) throw error;
+    const bare = resolvePolicy([{ file: 'lockdown.yaml', bytes: new TextEncoder().encode('defaults: {egress: deny}\n') }], () => ({ error: 'no lists' }));
+    if (!bare.ok) throw error;
+    deps.audit('policy invalid; lockdown applied without it', { source: dir });
+    return { ...(await applyLoaded(bare.policy, deps, { lockdown: true, source: `${dir} (invalid; lockdown only)` })), policyUsable: false };
+  }
+}
+
+/** Removes the table: the only way enforcement ends. */
+export async function release(deps: EnforcerDeps): Promise<boolean> {
+  const existed = await deps.nft.tableExists(TABLE.family, TABLE.name);
+  if (existed) await deps.nft.deleteTable(TABLE.family, TABLE.name);
+  deps.audit(existed ? 'released: table inet egressd removed, egress is no longer enforced' : 'release: there was no table to remove', { existed });
+  return existed;
+}
+
+/** The compiled policy against the live table, without changing anything. */
+export async function planPolicy(dir: string, deps: Pick<EnforcerDeps, 'nft' | 'facts'>): Promise<{ plan: Plan; compiled: Compiled; live: TableSummary | null }> {
+  const { policy } = loadPolicyOrThrow(dir);
+  const live = await liveSummary(deps.nft, false);
+  const compiled = compile(policy, deps.facts(cgroupDepth(policy)), { lockdown: live?.lockdown ?? false });
+  return { plan: planChanges(summarizeCompiled(compiled.ruleset), live), compiled, live };
+}
+
+/** Keeps the last applied ruleset, written whole or not at all; egressd-early loads it at boot. */
+function saveLastGood(stateDir: string, text: string, meta: { digest: string; lockdown: boolean; source: string }): void {
+  try {
+    mkdirSync(stateDir, { recursive: true, mode: 0o750 });
+    for (const [name, content] of [['last-good.nft', text], ['last-good.json', `${JSON.stringify({ ...meta, table: `${TABLE.family} ${TABLE.name}` }, null, 2)}\n`]] as const) {
+      const path = join(stateDir, name);
+      writeFileSync(`${path}.tmp`, content, { mode: 0o640 });
+      renameSync(`${path}.tmp`, path);
+    }
+  } catch (error) {
+    // The table is applied; failing to keep a copy must not undo that, but it must be said.
+    throw new EgressError(ErrorCode.Io, `applied, but could not save the last good ruleset in ${stateDir}: ${(error as Error).message}`, { cause: error });
+  }
+}

@@ -1,0 +1,127 @@
+import { POLICY_MARK } from '../compile/compile.js';
+import type { Element, Ruleset } from '../compile/nft.js';
+import type { NftElemJson, NftJson, NftTableListing } from '../nft/types.js';
+
+/**
+ * A table reduced to what can be compared between the compiled form and a
+ * live listing: rules by their comments (which end in a fingerprint of the
+ * compiled rule, and which nft keeps verbatim), and sets by name, kind and —
+ * for the static ones — their elements.
+ */
+export interface TableSummary {
+  /** The policy digest from the first rule, if there is one. */
+  readonly digest: string | undefined;
+  readonly lockdown: boolean;
+  readonly chains: ReadonlyMap<string, readonly RuleSummary[]>;
+  readonly sets: ReadonlyMap<string, SetSummary>;
+}
+
+export interface RuleSummary {
+  readonly comment: string;
+  /** The rule id from the comment ("app/firefox/2"), or the whole comment for structural rules. */
+  readonly id: string;
+  /** The rule drops what it matches (a denial counter). */
+  readonly drops: boolean;
+  readonly packets: number | undefined;
+  readonly bytes: number | undefined;
+}
+
+export interface SetSummary {
+  readonly kind: 'set' | 'map';
+  /** Filled at run time (DNS answers, cgroups): only their size is compared. */
+  readonly dynamic: boolean;
+  readonly size: number;
+  /** Static sets: the elements, normalised and sorted. */
+  readonly elements: readonly string[];
+}
+
+const FINGERPRINT = / #[0-9a-f]{8}$/;
+
+function ruleId(comment: string): string {
+  const bare = comment.replace(FINGERPRINT, '');
+  const match = /^\S+:\d+ (\S+)/.exec(bare);
+  return match ? match[1]! : bare;
+}
+
+function digestFrom(comment: string | undefined): string | undefined {
+  if (!comment) return undefined;
+  const at = comment.indexOf(POLICY_MARK);
+  return at < 0 ? undefined : comment.slice(at + POLICY_MARK.length).replace(FINGERPRINT, '').trim();
+}
+
+/** Compiled sets that the run time fills: DNS sets (timeout) and identity maps keyed by cgroup. */
+function isDynamic(name: string, flags: readonly string[]): boolean {
+  return flags.includes('timeout') || /_cg_l\d+$/.test(name);
+}
+
+function elementString(element: Element | NftJson): string {
+  if (typeof element === 'string' || typeof element === 'number') return String(element);
+  if (element && typeof element === 'object' && !Array.isArray(element)) {
+    if ('prefix' in element) {
+      const prefix = element['prefix'] as { addr: string; len: number };
+      return `${prefix.addr}/${prefix.len}`;
+    }
+    if ('range' in element) {
+      const range = element['range'] as [NftJson, NftJson];
+      return `${elementString(range[0])}-${elementString(range[1])}`;
+    }
+    if ('elem' in element) return elementString((element['elem'] as { val: NftJson }).val);
+  }
+  return JSON.stringify(element);
+}
+
+function verdictString(verdict: NftJson): string {
+  if (verdict && typeof verdict === 'object' && !Array.isArray(verdict)) {
+    const [kind] = Object.keys(verdict);
+    const body = (verdict as Record<string, NftJson>)[kind!];
+    const target = body && typeof body === 'object' && !Array.isArray(body) ? (body as Record<string, NftJson>)['target'] : undefined;
+    return target ? `${kind} ${String(target)}` : String(kind);
+  }
+  return String(verdict);
+}
+
+export function summarizeCompiled(ruleset: Ruleset): TableSummary {
+  const chains = new Map<string, RuleSummary[]>();
+  for (const chain of ruleset.chains) {
+    chains.set(
+      chain.name,
+      chain.rules.map((r) => ({ comment: r.comment ?? '', id: ruleId(r.comment ?? ''), drops: r.expr.some((e) => 'drop' in e), packets: undefined, bytes: undefined })),
+    );
+  }
+  const sets = new Map<string, SetSummary>();
+  for (const set of ruleset.sets) {
+    const elements = set.elements.map((element, i) => (set.map ? `${elementString(element)} : ${verdictString(set.verdicts![i] as unknown as NftJson)}` : elementString(element)));
+    sets.set(set.name, { kind: set.map ? 'map' : 'set', dynamic: isDynamic(set.name, set.flags), size: elements.length, elements: elements.sort() });
+  }
+  const output = ruleset.chains.find((c) => c.name === 'output');
+  return { digest: digestFrom(output?.rules[0]?.comment), lockdown: chains.has('lockdown'), chains, sets };
+}
+
+export function summarizeLive(listing: NftTableListing): TableSummary {
+  const chains = new Map<string, RuleSummary[]>();
+  for (const chain of listing.chains) chains.set(chain.name, []);
+  for (const r of listing.rules) {
+    const counter = r.expr.map(counterOf).find((c) => c !== undefined);
+    const comment = r.comment ?? '';
+    const drops = r.expr.some((e) => e !== null && typeof e === 'object' && !Array.isArray(e) && 'drop' in e);
+    chains.get(r.chain)?.push({ comment, id: ruleId(comment), drops, packets: counter?.packets, bytes: counter?.bytes });
+  }
+  const sets = new Map<string, SetSummary>();
+  for (const [kind, list] of [['set', listing.sets], ['map', listing.maps]] as const) {
+    for (const set of list) {
+      const elements = (set.elem ?? []).map((element: NftElemJson) =>
+        Array.isArray(element) ? `${elementString(element[0] as NftJson)} : ${verdictString(element[1] as NftJson)}` : elementString(element as NftJson),
+      );
+      sets.set(set.name, { kind, dynamic: isDynamic(set.name, set.flags ?? []), size: elements.length, elements: elements.sort() });
+    }
+  }
+  const output = listing.rules.find((r) => r.chain === 'output');
+  return { digest: digestFrom(output?.comment), lockdown: chains.has('lockdown'), chains, sets };
+}
+
+function counterOf(expr: NftJson): { packets: number; bytes: number } | undefined {
+  if (!expr || typeof expr !== 'object' || Array.isArray(expr) || !('counter' in expr)) return undefined;
+  const counter = expr['counter'];
+  if (!counter || typeof counter !== 'object' || Array.isArray(counter)) return undefined;
+  return { packets: Number(counter['packets'] ?? 0), bytes: Number(counter['bytes'] ?? 0) };
+}

@@ -1,0 +1,141 @@
+import { spawn, spawnSync, type SpawnSyncReturns } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { nftAvailable } from '../support/nft-check.js';
+import { policyDir } from '../support/policy-dir.js';
+
+/**
+ * egressctl's enforcement commands against the real kernel, in a network
+ * namespace of this test's own. The CLI runs inside it (nsenter), so its
+ * in-process libnftables acts on that namespace only.
+ */
+const ROOT = join(import.meta.dirname, '..', '..');
+const skip = nftAvailable();
+const ns = `egd-cli-${randomBytes(3).toString('hex')}`;
+const state = mkdtempSync(join(tmpdir(), 'egd-state-'));
+
+function inNs(cmd: string, args: string[], input?: string): SpawnSyncReturns<string> {
+  return spawnSync('nsenter', [`--net=/run/netns/${ns}`, cmd, ...args], { encoding: 'utf8', input, env: { ...process.env, EGRESSD_STATE_DIR: state }, timeout: 60_000, maxBuffer: 256 * 1024 * 1024 });
+}
+const egressctl = (...args: string[]) => inNs(process.execPath, ['--import', 'tsx', join(ROOT, 'src/cli/main.ts'), ...args]);
+const nft = (...args: string[]) => inNs('nft', args);
+const liveText = () => nft('list', 'table', 'inet', 'egressd').stdout;
+const liveDigest = () => /policy sha256:([0-9a-f]{32})/.exec(nft('-t', 'list', 'table', 'inet', 'egressd').stdout)?.[1];
+
+const GOOD = { '00.yaml': 'defaults: {egress: allow}\ndeny:\n  - to: [203.0.113.0/24, "2001:db8:dead::/48"]\n' };
+const CHANGED = { '00.yaml': 'defaults: {egress: allow}\ndeny:\n  - to: [203.0.113.0/24, "2001:db8:dead::/48"]\n    ports: [443]\n' };
+
+describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespace ${skip ? `(skipped: ${skip})` : ''}`, () => {
+  beforeAll(() => {
+    spawnSync('ip', ['netns', 'add', ns]);
+    // Someone else's table, which egressd must never touch.
+    inNs('nft', ['-f', '-'], 'table ip foreign {\n\tchain c {\n\t\ttype filter hook output priority 10; policy accept;\n\t\tip daddr 198.51.100.1 counter drop\n\t}\n}\n');
+  });
+  afterAll(() => {
+    spawnSync('ip', ['netns', 'del', ns]);
+    rmSync(state, { recursive: true, force: true });
+  });
+
+  it('apply creates the table in one go, keeps the last good ruleset, and leaves other tables alone', () => {
+    const foreign = nft('list', 'table', 'ip', 'foreign').stdout;
+    expect(egressctl('plan', policyDir(GOOD)).status).toBe(1);
+    const dir = policyDir(GOOD);
+    const applied = egressctl('apply', dir);
+    expect(applied.stderr).toMatch(/^applied .*: \d+ rules, \d+ sets and maps; policy sha256:[0-9a-f]{16}… \(libnftables\)/);
+    expect(applied.status).toBe(0);
+    expect(liveText()).toContain('elements = { 203.0.113.0/24 }');
+    expect(nft('list', 'table', 'ip', 'foreign').stdout).toBe(foreign);
+    const compiled = egressctl('compile', dir).stdout;
+    expect(readFileSync(join(state, 'last-good.nft'), 'utf8')).toBe(compiled);
+    expect(egressctl('plan', dir).status).toBe(0);
+  });
+
+  it('status: 0 when the live table matches the policy on disk, 1 when it differs, with the reason', () => {
+    const dir = policyDir(GOOD);
+    egressctl('apply', dir);
+    const same = egressctl('status', dir, '--json');
+    expect(same.status).toBe(0);
+    expect(JSON.parse(same.stdout)).toMatchObject({ enforced: true, lockdown: false, matchesPolicyOnDisk: true, digest: liveDigest() });
+    const other = egressctl('status', policyDir(CHANGED));
+    expect(other.status).toBe(1);
+    expect(other.stderr).toContain('DIFFERS from the policy');
+    expect(other.stderr).toMatch(/\+ global_deny: 00\.yaml:3 deny\/00\/0 #/);
+  });
+
+  it('a bad policy exits 2 and leaves the live table byte-identical', () => {
+    egressctl('apply', policyDir(GOOD));
+    const before = nft('-j', 'list', 'ruleset').stdout;
+    const bad = egressctl('apply', policyDir({ '00.yaml': 'deny:\n  - to: [203.0.113.1/24]\n' }));
+    expect(bad.status).toBe(2);
+    expect(bad.stderr).toContain('00.yaml:2:10: "203.0.113.1/24" has host bits set');
+    expect(bad.stderr).toContain('nothing was changed');
+    expect(nft('-j', 'list', 'ruleset').stdout).toBe(before);
+  });
+
+  it('lockdown survives re-applies until switched off, and status says so loudly', () => {
+    const dir = policyDir(GOOD);
+    egressctl('apply', dir);
+    expect(egressctl('lockdown', 'on', dir).status).toBe(0);
+    expect(liveText()).toContain('goto lockdown');
+    expect(egressctl('apply', dir).stderr).toContain('LOCKDOWN IS ON');
+    expect(liveText()).toContain('goto lockdown');
+    const status = egressctl('status', dir);
+    expect(status.stderr).toMatch(/^LOCKDOWN IS ON/);
+    expect(egressctl('lockdown', 'off', dir).status).toBe(0);
+    expect(liveText()).not.toContain('lockdown');
+  });
+
+  it('lockdown on works even with a broken policy', () => {
+    egressctl('apply', policyDir(GOOD));
+    const result = egressctl('lockdown', 'on', policyDir({ '00.yaml': 'nonsense: [' }));
+    expect(result.status).toBe(0);
+    expect(result.stderr).toContain('invalid; lockdown was applied without it');
+    expect(liveText()).toContain('goto lockdown');
+    egressctl('lockdown', 'off', policyDir(GOOD));
+  });
+
+  it('release removes only table inet egressd, and says so', () => {
+    egressctl('apply', policyDir(GOOD));
+    const released = egressctl('release');
+    expect(released.status).toBe(0);
+    expect(released.stderr).toContain('NO LONGER ENFORCED');
+    expect(nft('list', 'table', 'inet', 'egressd').status).not.toBe(0);
+    expect(nft('list', 'table', 'ip', 'foreign').status).toBe(0);
+    expect(egressctl('status', policyDir(GOOD)).status).toBe(1);
+    expect(egressctl('release').stderr).toContain('nothing to release');
+  });
+
+  it('fail-closed: apply killed with SIGKILL at any moment leaves the old table or the new one, never none', async () => {
+    // A large policy makes each apply take long enough to be killed in the middle.
+    const nets = Array.from({ length: 60_000 }, (_, i) => `10.${i >> 8}.${i & 255}.0/24`).join('\n');
+    const oldDir = policyDir({ '00.yaml': 'lists:\n  big: {file: big.txt}\ndeny:\n  - to: ["@big"]\n', 'big.txt': `${nets}\n` });
+    const newDir = policyDir({ '00.yaml': 'lists:\n  big: {file: big.txt}\ndeny:\n  - to: ["@big"]\n    ports: [443]\n', 'big.txt': `${nets}\n` });
+    expect(egressctl('apply', oldDir).status).toBe(0);
+    const oldDigest = liveDigest();
+    expect(egressctl('apply', newDir).status).toBe(0);
+    const newDigest = liveDigest();
+    expect(newDigest).not.toBe(oldDigest);
+    const seen = new Set<string>();
+    let killedMidway = 0;
+    for (let i = 0; i < 10; i++) {
+      const target = i % 2 === 0 ? oldDir : newDir;
+      const child = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/cli/main.ts'), 'apply', target], { env: { ...process.env, EGRESSD_STATE_DIR: state }, stdio: 'ignore' });
+      const exited = new Promise((resolve) => child.once('exit', resolve));
+      await new Promise((resolve) => setTimeout(resolve, 200 + i * 130));
+      if (child.exitCode === null && child.signalCode === null) {
+        killedMidway++;
+        child.kill('SIGKILL');
+      }
+      await exited;
+      const digest = liveDigest();
+      expect([oldDigest, newDigest]).toContain(digest);
+      seen.add(digest!);
+    }
+    // The delays span start-up, loading, compiling and the transaction itself; most kills land in the middle.
+    expect(killedMidway).toBeGreaterThanOrEqual(5);
+  }, 120_000);
+});
+
