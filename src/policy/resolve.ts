@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import type { z } from 'zod';
-import { addressToBigInt, parseDestination, parseNetwork, type Destination } from './destination.js';
+import { addressGroups, groupsKey, maskGroups, parseDestination, parseNetwork, type Destination } from './destination.js';
 import { parseNameList } from './lists.js';
 import type { PolicyIssue } from './issues.js';
 import {
@@ -492,9 +492,8 @@ function toPortRange(port: number | string): PortRange {
 function dedupeNetworks(networks: readonly Network[]): Network[] {
   // Sorted by start, widest first on ties: a network is covered exactly when it ends before the last kept one does.
   const ranges = networks.map((net) => {
-    const bits = BigInt(net.family === 4 ? 32 : 128);
-    const start = addressToBigInt(net.family, net.address);
-    return { net, start, end: start + (1n << (bits - BigInt(net.prefix))) - 1n };
+    const groups = addressGroups(net.family, net.address);
+    return { net, start: groupsKey(groups), end: groupsKey(maskGroups(groups, net.prefix, true)) };
   });
   ranges.sort((a, b) => a.net.family - b.net.family || (a.start < b.start ? -1 : a.start > b.start ? 1 : a.net.prefix - b.net.prefix));
   const kept: typeof ranges = [];
