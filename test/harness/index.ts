@@ -104,7 +104,7 @@ export interface ConnectResult {
 export interface PingOptions extends IdentityOptions {
   /** Echo requests to send (default 1), 0.2 s apart. */
   count?: number;
-  /** Overall deadline (default 2000 ms). */
+  /** How long to wait for a reply (default 2000 ms); the run takes up to (count-1)·0.2 s + this. */
   timeoutMs?: number;
 }
 
@@ -417,7 +417,7 @@ abstract class Side implements SideCommon {
       }
       if (opts.group !== undefined) gid = resolveGid(opts.group);
       if (gid !== undefined) pre.push(`--regid=${gid}`);
-      pre.push(opts.groups ? `--groups=${opts.groups.map(resolveGid).join(',')}` : '--clear-groups');
+      pre.push(opts.groups?.length ? `--groups=${opts.groups.map(resolveGid).join(',')}` : '--clear-groups');
       inner = [...pre, '--', ...inner];
     }
     if (opts.cgroup !== undefined) inner = [...this.cgroupWrap(opts.cgroup), ...inner];
@@ -539,9 +539,10 @@ class HostSideImpl extends Side implements HostSide {
     requireTool('ping', 'iputils-ping');
     const count = o.count ?? 1;
     const timeoutMs = o.timeoutMs ?? 2000;
-    const secs = Math.max(1, Math.ceil(timeoutMs / 1000));
-    const args = ['-n', '-c', String(count), '-i', '0.2', '-W', String(secs), '-w', String(secs), addr];
-    const r = await this.exec('ping', args, { ...identity(o), timeoutMs: timeoutMs + 5000 });
+    // -W bounds the wait for the last reply; no -w, which would send past `count` while unanswered.
+    const secs = Math.max(0.1, timeoutMs / 1000).toFixed(1);
+    const args = ['-n', '-c', String(count), '-i', '0.2', '-W', secs, addr];
+    const r = await this.exec('ping', args, { ...identity(o), timeoutMs: timeoutMs + count * 200 + 5000 });
     const m = /(\d+) packets transmitted, (\d+) received/.exec(r.stdout);
     if (!m) throw new HarnessError(describeFailure(`ping ${addr}`, r));
     const transmitted = Number(m[1]);
