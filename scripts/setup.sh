@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debian_packages=(nftables libnftables1 iproute2 util-linux procps iputils-ping passwd)
+debian_packages=(nftables libnftables1 iproute2 util-linux procps iputils-ping passwd tcpdump)
 missing=()
 for pkg in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

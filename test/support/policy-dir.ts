@@ -8,10 +8,14 @@ afterEach(() => {
   for (const dir of made.splice(0)) rmSync(dir, { recursive: true, force: true });
 });
 
-/** A throwaway policy directory; `{ symlink: target }` makes a link. Removed after each test. */
-export function policyDir(files: Record<string, string | Uint8Array | { symlink: string }>): string {
+/**
+ * A throwaway policy directory; `{ symlink: target }` makes a link. Removed
+ * after each test, or — with `keep` — left to the caller (for one made in a
+ * beforeAll that several tests share).
+ */
+export function policyDir(files: Record<string, string | Uint8Array | { symlink: string }>, options: { keep?: boolean } = {}): string {
   const dir = mkdtempSync(join(tmpdir(), 'egd-policy-'));
-  made.push(dir);
+  if (!options.keep) made.push(dir);
   for (const [name, content] of Object.entries(files)) {
     const path = join(dir, name);
     mkdirSync(dirname(path), { recursive: true });

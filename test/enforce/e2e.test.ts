@@ -1,0 +1,212 @@
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { createTestNet, ensureTestUsers, harnessUnavailableReason, type Server, type TestNet, type TestUsers } from '../harness/index.js';
+import { policyDir } from '../support/policy-dir.js';
+
+/**
+ * egressd's table enforced for real: a host namespace with the table and
+ * test apps (cgroups, users, groups), an internet namespace with recording
+ * servers. Every test checks both sides: what the client got, and what the
+ * server saw.
+ */
+const ROOT = join(import.meta.dirname, '..', '..');
+const CLI = join(ROOT, 'src/cli/main.ts');
+const unavailable = harnessUnavailableReason();
+const TOR_UID = 4242;
+
+let net: TestNet;
+let users: TestUsers;
+let servers: Record<string, Server>;
+let state: string;
+let E: string; // this run's cgroup prefix (the cgroup tree is shared with other test files)
+
+async function apply(dir: string): Promise<void> {
+  const result = await net.host.node(CLI, ['apply', dir], { env: { ...process.env, EGRESSD_STATE_DIR: state } });
+  if (result.code !== 0) throw new Error(`apply failed: ${result.stderr}`);
+}
+
+async function status(dir: string): Promise<{ dropped: { id: string; packets: number }[] }> {
+  const result = await net.host.node(CLI, ['status', dir, '--json'], { env: { ...process.env, EGRESSD_STATE_DIR: state } });
+  if (!result.stdout) throw new Error(`status printed nothing: ${result.stderr}`);
+  return JSON.parse(result.stdout) as { dropped: { id: string; packets: number }[] };
+}
+
+const dropsOf = async (dir: string, id: string) => (await status(dir)).dropped.find((d) => d.id === id)?.packets ?? 0;
+
+function policyB(extraDeny = ''): string {
+  return `
+defaults: {egress: deny}
+identities:
+  web: {cgroup: "${E}/web"}
+  vault: {cgroup: "${E}/vault"}
+  both: {cgroup: "${E}/both"}
+  u1: {user: egd-app1}
+  grp: {group: egd-grp}
+  updater: {user: egd-app2}
+apps:
+  web: {identity: web, rules: [{allow: [192.0.2.2], ports: [8443], proto: tcp}]}
+  vault: {identity: vault, rules: [{allow: any}]}
+  u1: {identity: u1, rules: [{allow: [203.0.113.0/24]}]}
+  grp: {identity: grp, rules: [{allow: ["2001:db8:1::1"], ports: [8443], proto: tcp}]}
+  updater: {identity: updater, rules: [{allow: any}]}
+deny:
+  - to: [203.0.113.0/24, "2001:db8:1::3"${extraDeny}]
+systemDomains:
+  offline: {members: [vault, both]}
+tor:
+  enabled: true
+  socks: "[2001:db8::2]:9050"
+  user: ${TOR_UID}
+  updaters: [updater, both]
+`;
+}
+
+describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: ${unavailable})` : ''}`, () => {
+  beforeAll(async () => {
+    users = ensureTestUsers();
+    net = await createTestNet();
+    E = `egd-e2e-${net.id}`;
+    for (const cg of ['web', 'vault', 'both']) net.host.mkCgroup(`${E}/${cg}`);
+    state = mkdtempSync(join(tmpdir(), 'egd-e2e-state-'));
+    servers = {
+      v4: await net.inet.listen({ proto: 'tcp', addr: '192.0.2.2', port: 8443 }),
+      v4other: await net.inet.listen({ proto: 'tcp', addr: '192.0.2.2', port: 8444 }),
+      v6: await net.inet.listen({ proto: 'tcp', addr: '2001:db8::2', port: 8443 }),
+      denied4: await net.inet.listen({ proto: 'tcp', addr: '203.0.113.1', port: 8443 }),
+      allowed6: await net.inet.listen({ proto: 'tcp', addr: '2001:db8:1::1', port: 8443 }),
+      denied6: await net.inet.listen({ proto: 'tcp', addr: '2001:db8:1::3', port: 8443 }),
+      socks: await net.inet.listen({ proto: 'tcp', addr: '2001:db8::2', port: 9050 }),
+      udp: await net.inet.listen({ proto: 'udp', addr: '192.0.2.2', port: 5353 }),
+    };
+  });
+  afterAll(async () => {
+    await net?.destroy();
+    if (state) rmSync(state, { recursive: true, force: true });
+  });
+  beforeEach(async () => {
+    for (const server of Object.values(servers ?? {})) await server.reset();
+  });
+
+  it('global deny of an IPv4 and an IPv6 network; everything else passes under default allow', async () => {
+    await apply(policyDir({ '00.yaml': 'defaults: {egress: allow}\ndeny:\n  - to: [203.0.113.0/24, "2001:db8:1::/64"]\n' }));
+    expect(await net.host.connect({ proto: 'tcp', addr: '203.0.113.1', port: 8443, timeoutMs: 800 })).toMatchObject({ ok: false, error: 'ETIMEDOUT' });
+    expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8:1::3', port: 8443, timeoutMs: 800 })).toMatchObject({ ok: false, error: 'ETIMEDOUT' });
+    expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8443 })).toMatchObject({ ok: true });
+    expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8::2', port: 8443 })).toMatchObject({ ok: true });
+    expect(await servers.denied4!.count()).toBe(0);
+    expect(await servers.denied6!.count()).toBe(0);
+    expect(await servers.v4!.count()).toBe(1);
+    expect(await servers.v6!.count()).toBe(1);
+  });
+
+  describe('default deny, one policy with every precedence level', () => {
+    let dir: string;
+    beforeAll(async () => {
+      dir = policyDir({ '00.yaml': policyB() }, { keep: true });
+      await apply(dir);
+    });
+    afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+    it('an app found by its cgroup reaches exactly its one destination and port; the root cgroup reaches nothing', async () => {
+      expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8443, cgroup: `${E}/web` })).toMatchObject({ ok: true });
+      expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8444, cgroup: `${E}/web`, timeoutMs: 800 })).toMatchObject({ ok: false, error: 'ETIMEDOUT' });
+      expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8443, timeoutMs: 800 })).toMatchObject({ ok: false, error: 'ETIMEDOUT' });
+      expect(await servers.v4!.count()).toBe(1);
+      expect(await servers.v4other!.count()).toBe(0);
+    });
+
+    it('apps found by user and by (primary) group', async () => {
+      expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8:1::1', port: 8443, user: users.app3.uid })).toMatchObject({ ok: true });
+      expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8:1::1', port: 8443, user: users.app2.uid, timeoutMs: 800 })).toMatchObject({ ok: false });
+      expect(await servers.allowed6!.count()).toBe(1);
+    });
+
+    it('app rules outrank the global deny list; the global deny list outranks the app default', async () => {
+      expect(await net.host.connect({ proto: 'tcp', addr: '203.0.113.1', port: 8443, user: users.app1.uid })).toMatchObject({ ok: true });
+      expect(await servers.denied4!.count()).toBe(1);
+      const before = await dropsOf(dir, 'deny/00/0');
+      expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8:1::3', port: 8443, user: users.app3.uid, timeoutMs: 800 })).toMatchObject({ ok: false });
+      expect(await servers.denied6!.count()).toBe(0);
+      expect(await dropsOf(dir, 'deny/00/0')).toBeGreaterThan(before);
+      const defaultBefore = await dropsOf(dir, 'app/grp/default');
+      expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8444, user: users.app3.uid, timeoutMs: 800 })).toMatchObject({ ok: false });
+      expect(await dropsOf(dir, 'app/grp/default')).toBeGreaterThan(defaultBefore);
+      expect(await servers.v4other!.count()).toBe(0);
+    });
+
+    it('a system domain is offline even where its app rule allows everything; loopback still works', async () => {
+      expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8443, cgroup: `${E}/vault`, timeoutMs: 800 })).toMatchObject({ ok: false, error: 'ETIMEDOUT' });
+      expect(await net.host.ping('192.0.2.2', { cgroup: `${E}/vault`, timeoutMs: 800 })).toMatchObject({ ok: false });
+      expect(await net.host.ping('127.0.0.1', { cgroup: `${E}/vault` })).toMatchObject({ ok: true });
+      expect(await servers.v4!.count()).toBe(0);
+      expect(await net.inet.icmpEchoCount('192.0.2.2')).toBe(0);
+    });
+
+    it('the system domain outranks Tor confinement: a member that is also an updater cannot reach the SOCKS port', async () => {
+      expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8::2', port: 9050, cgroup: `${E}/both`, timeoutMs: 800 })).toMatchObject({ ok: false });
+      expect(await servers.socks!.count()).toBe(0);
+    });
+
+    it('Tor confinement outranks the app rule: an updater reaches only the SOCKS port; Tor itself reaches the network', async () => {
+      expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8::2', port: 9050, user: users.app2.uid })).toMatchObject({ ok: true });
+      expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8443, user: users.app2.uid, timeoutMs: 800 })).toMatchObject({ ok: false });
+      expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8444, user: TOR_UID })).toMatchObject({ ok: true });
+      expect(await servers.socks!.count()).toBe(1);
+      expect(await servers.v4!.count()).toBe(0);
+      expect(await servers.v4other!.count()).toBe(1);
+    });
+
+    it('denials are logged to NFLOG with the id of the rule that dropped them', async () => {
+      const pcap = join(state, 'nflog.pcap');
+      const capture = net.host.spawn('tcpdump', ['-i', 'nflog:7745', '-U', '-w', pcap, '-c', '3']);
+      const exited = new Promise<void>((resolve) => capture.once('exit', () => resolve()));
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      await net.host.connect({ proto: 'tcp', addr: '2001:db8:1::3', port: 8443, user: users.app3.uid, timeoutMs: 1500 });
+      await Promise.race([exited, new Promise((resolve) => setTimeout(resolve, 3000))]);
+      capture.kill('SIGINT');
+      await exited;
+      const prefixes = nflogPrefixes(readFileSync(pcap));
+      expect(prefixes.length).toBeGreaterThan(0);
+      expect(new Set(prefixes)).toEqual(new Set(['egd deny/00/0 ']));
+    });
+  });
+
+  it('atomic replace under load: 50 applies while a denied app floods and an allowed app keeps connecting', async () => {
+    const a = policyDir({ '00.yaml': policyB() });
+    const b = policyDir({ '00.yaml': policyB(', 198.51.100.0/25') });
+    await apply(a);
+    const denied = net.host.sendLoop({ proto: 'udp', addr: '192.0.2.2', port: 5353, user: users.app1.uid, count: 200_000, intervalMs: 0, attemptTimeoutMs: 2, maxMs: 60_000 });
+    const allowed = net.host.sendLoop({ proto: 'tcp', addr: '192.0.2.2', port: 8443, cgroup: `${E}/web`, count: 100_000, intervalMs: 5, attemptTimeoutMs: 1000, maxMs: 60_000 });
+    const revisions = await net.host.node(join(import.meta.dirname, 'fixtures', 'apply-revisions.ts'), ['50', b, a], { timeoutMs: 120_000 });
+    const floods = await denied.stop();
+    const connects = await allowed.stop();
+    expect(revisions.code, revisions.stderr).toBe(0);
+    expect(JSON.parse(revisions.stdout)).toMatchObject({ applied: 50 });
+    expect(floods.attempts).toBeGreaterThan(1000);
+    expect(floods.successes).toBe(0);
+    expect(await servers.udp!.count()).toBe(0);
+    expect(connects.attempts).toBeGreaterThan(20);
+    expect(connects.successes).toBe(connects.attempts);
+  }, 150_000);
+});
+
+/** The NFULA_PREFIX of every record in a pcap of an nflog interface (DLT_NFLOG, little-endian TLVs). */
+function nflogPrefixes(pcap: Buffer): string[] {
+  const prefixes: string[] = [];
+  let offset = 24;
+  while (offset + 16 <= pcap.length) {
+    const captured = pcap.readUInt32LE(offset + 8);
+    const record = pcap.subarray(offset + 16, offset + 16 + captured);
+    offset += 16 + captured;
+    for (let at = 4; at + 4 <= record.length; ) {
+      const length = record.readUInt16LE(at);
+      const type = record.readUInt16LE(at + 2);
+      if (length < 4) break;
+      if (type === 10) prefixes.push(record.subarray(at + 4, at + length).toString('utf8').replace(/\0+$/, ''));
+      at += (length + 3) & ~3;
+    }
+  }
+  return prefixes;
+}
