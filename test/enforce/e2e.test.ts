@@ -173,6 +173,23 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
     });
   });
 
+  it('lockdown: nothing leaves but loopback and Tor itself, until it is switched off', async () => {
+    const dir = policyDir({ '00.yaml': policyB() });
+    await apply(dir);
+    const lockdown = (state_: 'on' | 'off') => net.host.node(CLI, ['lockdown', state_, dir], { env: { ...process.env, EGRESSD_STATE_DIR: state } });
+    expect((await lockdown('on')).code).toBe(0);
+    expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8443, cgroup: `${E}/web`, timeoutMs: 800 })).toMatchObject({ ok: false });
+    expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8::2', port: 9050, user: users.app2.uid, timeoutMs: 800 })).toMatchObject({ ok: false });
+    expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8444, user: TOR_UID })).toMatchObject({ ok: true });
+    expect(await net.host.ping('127.0.0.1')).toMatchObject({ ok: true });
+    expect(await servers.v4!.count()).toBe(0);
+    expect(await servers.socks!.count()).toBe(0);
+    expect(await servers.v4other!.count()).toBe(1);
+    expect((await lockdown('off')).code).toBe(0);
+    expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8443, cgroup: `${E}/web` })).toMatchObject({ ok: true });
+    expect(await servers.v4!.count()).toBe(1);
+  });
+
   it('atomic replace under load: 50 applies while a denied app floods and an allowed app keeps connecting', async () => {
     const a = policyDir({ '00.yaml': policyB() });
     const b = policyDir({ '00.yaml': policyB(', 198.51.100.0/25') });
