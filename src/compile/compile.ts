@@ -121,6 +121,10 @@ class Compiler {
     }
     output.push(...this.dispatchRules(domains, 'system domains'));
 
+    // IPv6 cannot work without neighbour discovery, which the kernel sends on
+    // nobody's behalf; it carries no payload of an app's choosing.
+    output.push(rule([match.icmpv6Type(IPV6_LINK_TYPES), verdict.accept()], 'IPv6 neighbour discovery and multicast listener reports'));
+
     // 2. The kill switch, when on: only Tor itself may still leave.
     const torUid = policy.tor.enabled ? this.uidOf(policy.tor.user, policy.tor.at, "Tor's user") : undefined;
     if (this.options.lockdown) {
@@ -327,6 +331,8 @@ class Compiler {
     if (!this.warnings.some((w) => w.message === message)) this.warnings.push({ severity: 'warning', at, message });
   }
 }
+
+const IPV6_LINK_TYPES = ['nd-router-solicit', 'nd-neighbor-solicit', 'nd-neighbor-advert', 'mld-listener-report', 'mld-listener-done', 'mld2-listener-report'];
 
 /** Marks the policy digest in the first rule's comment. */
 export const POLICY_MARK = 'policy sha256:';

@@ -42,6 +42,7 @@ export interface SetDecl {
 export type Expr =
   | { readonly meta: { readonly key: 'oif' | 'l4proto' | 'skuid' | 'skgid' | 'nfproto' } }
   | { readonly payload: { readonly protocol: 'ip' | 'ip6' | 'th' | 'tcp'; readonly field: 'daddr' | 'dport' } }
+  | { readonly payload: { readonly protocol: 'icmpv6'; readonly field: 'type' } }
   | { readonly socket: { readonly key: 'cgroupv2'; readonly level: number } }
   | { readonly ct: { readonly key: 'state' | 'direction' } }
   | { readonly set: readonly Element[] }
@@ -95,6 +96,7 @@ export const match = {
     eq({ payload: { protocol: 'th', field: 'dport' } }, ports.length === 1 ? ports[0]! : { set: ports }),
   tcpDport: (port: number): Statement => eq({ payload: { protocol: 'tcp', field: 'dport' } }, port),
   skuid: (uid: number): Statement => eq({ meta: { key: 'skuid' } }, uid),
+  icmpv6Type: (types: readonly string[]): Statement => eq({ payload: { protocol: 'icmpv6', field: 'type' } }, { set: types }),
   ctState: (states: readonly string[]): Statement => ({ match: { op: 'in', left: { ct: { key: 'state' } }, right: states.length === 1 ? states[0]! : { set: states } } }),
   ctDirection: (direction: 'original' | 'reply'): Statement => eq({ ct: { key: 'direction' } }, direction),
 };

@@ -117,7 +117,9 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
       expect(await servers.v4other!.count()).toBe(0);
     });
 
-    it('apps found by user and by (primary) group', async () => {
+    it('apps found by user and by (primary) group; IPv6 neighbour discovery works under default deny', async () => {
+      // With the neighbour cache empty, the kernel must solicit the router's address first.
+      await net.host.run('ip', ['-6', 'neigh', 'flush', 'all']);
       expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8:1::1', port: 8443, user: users.app3.uid })).toMatchObject({ ok: true });
       expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8:1::1', port: 8443, user: users.app2.uid, timeoutMs: 800 })).toMatchObject({ ok: false });
       expect(await servers.allowed6!.count()).toBe(1);
