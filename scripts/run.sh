@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
 # Runs egressd on the shipped default policies (./policies), as root on
-# Debian 12, installing what it needs first.
+# Debian 12, in the foreground, installing what it needs first.
 #
-# The daemon is not built yet: for now this validates the shipped policies,
-# enforces them (egressctl apply: table inet egressd, replaced atomically;
-# no other table is touched) and shows the status. Enforcement stays in the
-# kernel by itself; "node dist/cli/main.js release" removes it.
+# egressd applies the policy as table inet egressd (replaced atomically; no
+# other table is touched), re-applies it on SIGHUP, and on Ctrl-C stops
+# leaving the rules in force. "node dist/cli/main.js release" removes them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 node dist/cli/main.js check policies
-node dist/cli/main.js apply policies
-node dist/cli/main.js status policies
+exec node dist/daemon/main.js --policy policies
