@@ -11,7 +11,6 @@ import {
   type Identity,
   type NameList,
   type Network,
-  type Origin,
   type Policy,
   type PortRange,
   type Protocol,
