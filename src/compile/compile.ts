@@ -6,6 +6,7 @@ import {
   match,
   rule,
   safeComment,
+  safeText,
   stmt,
   verdict,
   type ChainDecl,
@@ -109,24 +110,32 @@ class Compiler {
 
   run(): Compiled {
     const { policy } = this;
-    // The first rule carries the policy digest: `status` and `plan` read it back from the live table.
-    const output: RuleDecl[] = [rule([match.oif('lo'), verdict.accept()], `loopback; ${POLICY_MARK}${policy.digest.slice(0, 32)}`)];
+    const torUid = policy.tor.enabled ? this.uidOf(policy.tor.user, policy.tor.at, "Tor's user") : undefined;
 
-    // 1. System domains: no network at all. First, so nothing below can open them up.
+    // System domains: no network at all. Their dispatch comes right after loopback, so nothing below can open them up.
     const domains = this.newDispatch('sd');
     for (const domain of policy.systemDomains) {
       const chain = `sd_${domain.name}`;
       this.chains.push({ name: chain, rules: this.denyTail(`sd/${domain.name}`, domain.at, true) });
       for (const member of domain.members) this.claim(domains, member, verdict.goto(chain), `system domain ${domain.name}`);
     }
-    output.push(...this.dispatchRules(domains, 'system domains'));
+    const systemDomainRules = this.dispatchRules(domains, 'system domains');
 
-    // IPv6 cannot work without neighbour discovery, which the kernel sends on
-    // nobody's behalf; it carries no payload of an app's choosing.
-    output.push(rule([match.icmpv6Type(IPV6_LINK_TYPES), verdict.accept()], 'IPv6 neighbour discovery and multicast listener reports'));
+    const output: RuleDecl[] = [];
+    // Updaters over Tor come first, before loopback: a local resolver or proxy
+    // would otherwise look up or fetch for them, under its own identity.
+    if (policy.tor.enabled) output.push(...this.torUpdaterRules(systemDomainRules));
+    // This rule carries the policy digest: `status` and `plan` read it back from the live table.
+    output.push(rule([match.oif('lo'), verdict.accept()], `loopback; ${POLICY_MARK}${policy.digest.slice(0, 32)}`));
+    output.push(...systemDomainRules);
 
-    // 2. The kill switch, when on: only Tor itself may still leave.
-    const torUid = policy.tor.enabled ? this.uidOf(policy.tor.user, policy.tor.at, "Tor's user") : undefined;
+    // IPv6 cannot work without neighbour discovery and MLD, which the kernel
+    // sends on nobody's behalf. Only their link-scope forms pass: hop limit
+    // 255 for ND, hop limit 1 to a multicast address for MLD.
+    output.push(rule([match.hoplimit(255), match.icmpv6Type(['nd-router-solicit', 'nd-neighbor-solicit', 'nd-neighbor-advert']), verdict.accept()], 'IPv6 neighbour discovery'));
+    output.push(rule([match.hoplimit(1), match.daddrIn6Multicast(), match.icmpv6Type(['mld-listener-report', 'mld-listener-done', 'mld2-listener-report']), verdict.accept()], 'IPv6 multicast listener reports'));
+
+    // The kill switch, when on: only Tor itself may still leave.
     if (this.options.lockdown) {
       if (torUid !== undefined) output.push(rule([match.skuid(torUid), stmt.counter(), verdict.accept()], 'lockdown: Tor itself'));
       this.chains.push({ name: 'lockdown', rules: this.denyTail('lockdown', undefined, true) });
@@ -137,10 +146,10 @@ class Compiler {
     output.push(rule([match.ctState(['established', 'related']), verdict.accept()], 'established and related'));
     output.push(rule([match.ctDirection('reply'), verdict.accept()], 'replies to incoming connections'));
 
-    // 3. Updates over Tor: updaters reach only the SOCKS port; Tor itself may reach the network.
-    if (policy.tor.enabled) output.push(...this.torRules(torUid));
+    // Tor itself may reach the network.
+    if (torUid !== undefined) output.push(rule([match.skuid(torUid), stmt.counter(), verdict.accept()], comment(policy.tor.at, "tor/own: Tor's own traffic")));
 
-    // 4. Per-app rules, then 5. the global deny list, then 6. the default.
+    // Per-app rules, then the global deny list, then the default.
     const apps = this.newDispatch('app');
     for (const app of policy.apps) {
       const chain = `app_${app.name}`;
@@ -150,38 +159,41 @@ class Compiler {
     output.push(...this.dispatchRules(apps, 'apps'));
 
     const globalDeny: RuleDecl[] = [];
-    for (const r of policy.globalDeny) globalDeny.push(...this.ruleDecls(r, `g_${slug(r.id)}`));
+    policy.globalDeny.forEach((r, index) => globalDeny.push(...this.ruleDecls(r, `g${index}`)));
     this.chains.push({ name: 'global_deny', rules: globalDeny });
     output.push(rule([verdict.jump('global_deny')], 'global deny list'));
 
     output.push(...this.defaultTail('default', policy.defaults.egress, policy.defaults.at));
 
     const base: ChainDecl = { name: 'output', hook: { hook: 'output', prio: 0, policy: policy.defaults.egress === 'deny' ? 'drop' : 'accept' }, rules: output };
-    return {
-      ruleset: { table: TABLE, sets: this.sets, chains: [base, ...this.chains].map(fingerprintRules) },
-      dnsBindings: this.dnsBindings,
-      cgroupBindings: this.cgroupBindings,
-      warnings: this.warnings,
-    };
+    const ruleset: Ruleset = { table: TABLE, sets: this.sets, chains: [base, ...this.chains].map(fingerprintRules) };
+    assertUniqueNames(ruleset);
+    return { ruleset, dnsBindings: this.dnsBindings, cgroupBindings: this.cgroupBindings, warnings: this.warnings };
   }
 
-  private torRules(torUid: number | undefined): RuleDecl[] {
+  /**
+   * Updaters reach only Tor's SOCKS port — not loopback services, not the
+   * network. A SOCKS gateway on another host (Whonix-style) is network, so
+   * system domains and lockdown still come first for it.
+   */
+  private torUpdaterRules(systemDomainRules: readonly RuleDecl[]): RuleDecl[] {
     const { tor } = this.policy;
-    const rules: RuleDecl[] = [];
-    if (torUid !== undefined) rules.push(rule([match.skuid(torUid), stmt.counter(), verdict.accept()], comment(tor.at, "tor/own: Tor's own traffic")));
     const { socks } = tor;
-    const chainRules: RuleDecl[] = [];
-    // A loopback SOCKS port is already allowed by the loopback rule; a gateway's (Whonix-style) is not.
     const loopback = socks.family === 4 ? socks.address.startsWith('127.') : socks.address === '::1';
-    if (!loopback) {
-      chainRules.push(rule([match.daddrIs(socks.family, socks.address), match.tcpDport(socks.port), verdict.accept()], comment(tor.at, 'tor/socks')));
+    const toSocks = [match.daddrIs(socks.family, socks.address), match.tcpDport(socks.port)];
+    const chainRules: RuleDecl[] = [];
+    if (loopback) {
+      chainRules.push(rule([match.oif('lo'), ...toSocks, verdict.accept()], comment(tor.at, 'tor/socks')));
+    } else {
+      chainRules.push(...systemDomainRules);
+      if (this.options.lockdown) chainRules.push(rule([verdict.goto('lockdown')], 'lockdown is on'));
+      chainRules.push(rule([...toSocks, verdict.accept()], comment(tor.at, 'tor/socks')));
     }
     chainRules.push(...this.denyTail('tor/updaters', tor.at, true));
     this.chains.push({ name: 'tor_updaters', rules: chainRules });
     const updaters = this.newDispatch('tor');
     for (const identity of tor.updaters) this.claim(updaters, identity, verdict.goto('tor_updaters'), 'Tor updaters');
-    rules.push(...this.dispatchRules(updaters, 'updaters over Tor'));
-    return rules;
+    return this.dispatchRules(updaters, 'updaters over Tor');
   }
 
   private appChain(app: App): RuleDecl[] {
@@ -195,7 +207,7 @@ class Compiler {
 
   /** One policy rule → nft rules: one per address family and kind of address, or one if it matches any address. */
   private ruleDecls(r: Rule, setPrefix: string): RuleDecl[] {
-    const tail = r.verdict === 'allow' ? [verdict.accept()] : this.denyVerdict(r.id, r.at, r.log);
+    const tail = r.verdict === 'allow' ? [verdict.accept()] : this.denyVerdict(r.id, r.at, r.log, setPrefix);
     const l4 = protocolMatch(r);
     const text = comment(r.at, r.id);
     if (r.to.any) return [rule([...l4, stmt.counter(), ...tail], text)];
@@ -227,9 +239,9 @@ class Compiler {
    * itself would make the rule stop matching above the rate and let the packet
    * through; in its own chain the limit only thins the log.
    */
-  private denyVerdict(id: string, at: Origin | undefined, log: boolean): Statement[] {
+  private denyVerdict(id: string, at: Origin | undefined, log: boolean, setPrefix: string): Statement[] {
     if (!log || !this.log.denials) return [verdict.drop()];
-    const chain = `log_${slug(id)}`;
+    const chain = `log_${setPrefix}`;
     if (!this.chains.some((c) => c.name === chain)) this.chains.push({ name: chain, rules: this.denyTail(id, at, true) });
     return [verdict.goto(chain)];
   }
@@ -265,6 +277,11 @@ class Compiler {
         const matches = cgroupGlobMatcher(selector.glob);
         for (const path of this.facts.cgroups) {
           if (!matches(path)) continue;
+          // nft strings cannot carry these; a user could name a cgroup so to break every apply.
+          if (/["\u0000-\u001f]/.test(path)) {
+            this.warn(identity.at, `cgroup ${JSON.stringify(path)} has a character nftables cannot carry; it is left out`);
+            continue;
+          }
           const earlier = level.claimed.get(path);
           if (earlier !== undefined) {
             if (earlier !== owner) this.warn(identity.at, `cgroup ${path} matches both ${earlier} and ${owner}; ${earlier} keeps it`);
@@ -332,8 +349,6 @@ class Compiler {
   }
 }
 
-const IPV6_LINK_TYPES = ['nd-router-solicit', 'nd-neighbor-solicit', 'nd-neighbor-advert', 'mld-listener-report', 'mld-listener-done', 'mld2-listener-report'];
-
 /** Marks the policy digest in the first rule's comment. */
 export const POLICY_MARK = 'policy sha256:';
 
@@ -348,10 +363,8 @@ function fingerprintRules(chain: ChainDecl): ChainDecl {
     ...chain,
     rules: chain.rules.map((r) => {
       const fingerprint = createHash('sha256').update(chain.name).update('\0').update(JSON.stringify(r.expr)).digest('hex').slice(0, 8);
-      const base = r.comment ?? '';
-      const room = 128 - fingerprint.length - 2;
-      const trimmed = Buffer.byteLength(base) > room ? safeComment(base).slice(0, room - 3) + '...' : base;
-      return { ...r, comment: `${trimmed} #${fingerprint}`.trim() };
+      const base = safeText(r.comment ?? '', 128 - fingerprint.length - 2);
+      return { ...r, comment: `${base} #${fingerprint}`.trim() };
     }),
   };
 }
@@ -368,14 +381,18 @@ function networkElement(net: Network): Element {
   return net.prefix === (net.family === 4 ? 32 : 128) ? net.address : { prefix: { addr: net.address, len: net.prefix } };
 }
 
-/** Rule ids become chain and set names: "app/firefox/2" → "app_firefox_2". */
-function slug(id: string): string {
-  return id.replace(/[^A-Za-z0-9_-]/g, '_');
+function logPrefix(id: string): string {
+  // NFLOG prefixes are at most 127 bytes, and ids carry file names.
+  return `${safeText(`${LOG_PREFIX}${id}`, 126)} `;
 }
 
-function logPrefix(id: string): string {
-  // NFLOG prefixes are at most 127 bytes; ids are short by construction, but never trust that.
-  return `${LOG_PREFIX}${id}`.slice(0, 126) + ' ';
+/** Set and chain names come from app names and indices; a clash would silently merge two rules' sets. */
+function assertUniqueNames(ruleset: Ruleset): void {
+  const seen = new Set<string>();
+  for (const name of [...ruleset.sets.map((s) => `set ${s.name}`), ...ruleset.chains.map((c) => `chain ${c.name}`)]) {
+    if (seen.has(name)) throw new Error(`internal: the compiled table names ${name} twice`);
+    seen.add(name);
+  }
 }
 
 function comment(at: Origin | undefined, id: string): string {

@@ -53,20 +53,38 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   if ('error' in belongs) return belongs;
   const decide = (verdict: 'allow' | 'deny', level: Level, ruleId: string, at: Origin | undefined, why?: string): Explanation => ({ verdict, level, ruleId, at, why, steps, notes });
 
+  const torUser = policy.tor.enabled && isTorUser(policy, query.who, facts);
+  const sdMember = policy.systemDomains.find((domain) => domain.members.some(belongs));
+
+  // Updaters over Tor are dispatched before loopback: they reach only the SOCKS port.
+  if (policy.tor.enabled && policy.tor.updaters.some(belongs)) {
+    const { socks } = policy.tor;
+    const socksLoopback = socks.family === 4 ? socks.address.startsWith('127.') : socks.address === '::1';
+    const toSocks = target.ip === socks.address && (query.port === undefined || query.port === socks.port) && (query.proto ?? 'tcp') === 'tcp';
+    steps.push(`tor: an updater, so only Tor's SOCKS port ${socks.family === 6 ? `[${socks.address}]` : socks.address}:${socks.port} is reachable, loopback services included`);
+    if (toSocks && !socksLoopback && sdMember) {
+      steps.push(`system domain "${sdMember.name}": the SOCKS gateway is network, and members have none`);
+      return decide('deny', 'system-domain', `sd/${sdMember.name}`, sdMember.at, sdMember.why);
+    }
+    if (toSocks && !socksLoopback && options.lockdown) {
+      steps.push('lockdown: on — the SOCKS gateway is network');
+      return decide('deny', 'lockdown', 'lockdown', undefined);
+    }
+    if (query.port === undefined && toSocks) notes.push(`only port ${socks.port}/tcp is reachable`);
+    return toSocks ? decide('allow', 'tor', 'tor/socks', policy.tor.at) : decide('deny', 'tor', 'tor/updaters', policy.tor.at);
+  }
+
   if (target.loopback) {
     steps.push('loopback: always allowed');
     return decide('allow', 'loopback', 'loopback', undefined);
   }
 
-  for (const domain of policy.systemDomains) {
-    if (domain.members.some(belongs)) {
-      steps.push(`system domain "${domain.name}": a member, so no network at all`);
-      return decide('deny', 'system-domain', `sd/${domain.name}`, domain.at, domain.why);
-    }
+  if (sdMember) {
+    steps.push(`system domain "${sdMember.name}": a member, so no network at all`);
+    return decide('deny', 'system-domain', `sd/${sdMember.name}`, sdMember.at, sdMember.why);
   }
   steps.push('system domains: not a member');
 
-  const torUser = policy.tor.enabled && isTorUser(policy, query.who, facts);
   if (options.lockdown) {
     if (torUser) {
       steps.push("lockdown: on, but Tor's own traffic may still leave");
@@ -76,19 +94,11 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
     return decide('deny', 'lockdown', 'lockdown', undefined);
   }
 
-  if (policy.tor.enabled) {
-    if (torUser) {
-      steps.push("tor: Tor's own user may reach the network");
-      return decide('allow', 'tor', 'tor/own', policy.tor.at);
-    }
-    if (policy.tor.updaters.some(belongs)) {
-      const { socks } = policy.tor;
-      const toSocks = target.ip === socks.address && (query.port === undefined || query.port === socks.port) && (query.proto ?? 'tcp') === 'tcp';
-      steps.push(`tor: an updater, so only Tor's SOCKS port ${socks.family === 6 ? `[${socks.address}]` : socks.address}:${socks.port} is reachable`);
-      return toSocks ? decide('allow', 'tor', 'tor/socks', policy.tor.at) : decide('deny', 'tor', 'tor/updaters', policy.tor.at);
-    }
-    steps.push('tor: not an updater');
+  if (torUser) {
+    steps.push("tor: Tor's own user may reach the network");
+    return decide('allow', 'tor', 'tor/own', policy.tor.at);
   }
+  if (policy.tor.enabled) steps.push('tor: not an updater');
 
   const app = firstByDispatchOrder(policy, query.who, facts);
   if (app) {
@@ -142,20 +152,26 @@ function classifyHost(host: string): Target {
 
 /** Says why a rule matches, or returns undefined. Name rules match names; network rules match addresses. */
 function ruleMatches(policy: Policy, rule: Rule, target: Target, query: ExplainQuery, notes: string[]): string | undefined {
-  if (rule.protocols) {
-    const proto = query.proto ?? (query.port !== undefined ? 'tcp' : undefined);
-    if (proto === undefined || !rule.protocols.includes(proto)) return undefined;
+  const proto = query.proto ?? (query.port !== undefined ? 'tcp' : undefined);
+  if ((rule.protocols && proto === undefined) || (rule.ports && query.port === undefined)) {
+    // The answer depends on what was not asked; say so rather than guess.
+    const wanted = [rule.protocols?.join('/'), rule.ports?.map((p) => (p.from === p.to ? p.from : `${p.from}-${p.to}`)).join(',')].filter(Boolean).join(' port ');
+    if (destinationMatches(policy, rule, target)) notes.push(`${rule.id} (${rule.verdict}) applies to ${wanted} only; give --to HOST:PORT/PROTO to see it`);
+    return undefined;
   }
-  if (rule.ports) {
-    const port = query.port;
-    if (port === undefined || !rule.ports.some((range) => port >= range.from && port <= range.to)) return undefined;
-  }
+  if (rule.protocols && !rule.protocols.includes(proto!)) return undefined;
+  if (rule.ports && !rule.ports.some((range) => query.port! >= range.from && query.port! <= range.to)) return undefined;
+  return destinationMatches(policy, rule, target, notes);
+}
+
+/** Says why a rule's destinations cover the target, or returns undefined. */
+function destinationMatches(policy: Policy, rule: Rule, target: Target, notes?: string[]): string | undefined {
   if (rule.to.any) return 'any destination';
   if (target.ip !== undefined) {
     const net = rule.to.networks.find((candidate) => networkContains(candidate, target.family!, target.ip!));
     if (net) return `${target.ip} is in ${net.address}/${net.prefix}`;
     if (rule.to.names.length + rule.to.suffixes.length + rule.to.lists.length > 0) {
-      notes.push(`${rule.id} also matches ${target.ip} while it is a recent DNS answer for one of the rule's names`);
+      notes?.push(`${rule.id} also matches ${target.ip} while it is a recent DNS answer for one of the rule's names`);
     }
     return undefined;
   }
@@ -171,7 +187,7 @@ function ruleMatches(policy: Policy, rule: Rule, target: Target, query: ExplainQ
     const listSuffix = list.suffixes.find((s) => name === s || name.endsWith(`.${s}`));
     if (listSuffix) return `${name} is under *.${listSuffix} in list @${listName}`;
   }
-  if (rule.to.networks.length > 0) notes.push(`${rule.id} would also match if ${name} resolves into one of its networks`);
+  if (rule.to.networks.length > 0) notes?.push(`${rule.id} would also match if ${name} resolves into one of its networks`);
   return undefined;
 }
 

@@ -43,6 +43,7 @@ export type Expr =
   | { readonly meta: { readonly key: 'oif' | 'l4proto' | 'skuid' | 'skgid' | 'nfproto' } }
   | { readonly payload: { readonly protocol: 'ip' | 'ip6' | 'th' | 'tcp'; readonly field: 'daddr' | 'dport' } }
   | { readonly payload: { readonly protocol: 'icmpv6'; readonly field: 'type' } }
+  | { readonly payload: { readonly protocol: 'ip6'; readonly field: 'hoplimit' } }
   | { readonly socket: { readonly key: 'cgroupv2'; readonly level: number } }
   | { readonly ct: { readonly key: 'state' | 'direction' } }
   | { readonly set: readonly Element[] }
@@ -96,6 +97,8 @@ export const match = {
     eq({ payload: { protocol: 'th', field: 'dport' } }, ports.length === 1 ? ports[0]! : { set: ports }),
   tcpDport: (port: number): Statement => eq({ payload: { protocol: 'tcp', field: 'dport' } }, port),
   skuid: (uid: number): Statement => eq({ meta: { key: 'skuid' } }, uid),
+  hoplimit: (limit: number): Statement => eq({ payload: { protocol: 'ip6', field: 'hoplimit' } }, limit),
+  daddrIn6Multicast: (): Statement => eq({ payload: { protocol: 'ip6', field: 'daddr' } }, { prefix: { addr: 'ff00::', len: 8 } }),
   icmpv6Type: (types: readonly string[]): Statement => eq({ payload: { protocol: 'icmpv6', field: 'type' } }, { set: types }),
   ctState: (states: readonly string[]): Statement => ({ match: { op: 'in', left: { ct: { key: 'state' } }, right: states.length === 1 ? states[0]! : { set: states } } }),
   ctDirection: (direction: 'original' | 'reply'): Statement => eq({ ct: { key: 'direction' } }, direction),
@@ -117,10 +120,31 @@ export function rule(expr: readonly Statement[], comment?: string): RuleDecl {
   return comment === undefined ? { expr } : { expr, comment };
 }
 
-/** nft strings cannot escape a double quote; comments are at most 128 bytes. */
+/**
+ * Text nft can carry in a quoted string, at most `maxBytes` long: its strings
+ * have no escapes, so quotes, backslashes and control characters are replaced,
+ * and the cut is made in bytes (nft's limits are bytes) on a character boundary.
+ */
+export function safeText(text: string, maxBytes: number): string {
+  const clean = text.replace(/["\\\u0000-\u001f\u007f]/g, "'");
+  if (Buffer.byteLength(clean) <= maxBytes) return clean;
+  let cut = '';
+  for (const char of clean) {
+    if (Buffer.byteLength(cut + char) > maxBytes - 3) break;
+    cut += char;
+  }
+  return `${cut}...`;
+}
+
+/** Rule, set and chain comments are at most 128 bytes. */
 export function safeComment(text: string): string {
-  const clean = text.replace(/["\\\n\r]/g, "'");
-  return Buffer.byteLength(clean) <= 128 ? clean : `${Buffer.from(clean).subarray(0, 125).toString('utf8').replace(/\uFFFD+$/, '')}...`;
+  return safeText(text, 128);
+}
+
+/** Quotes a string for nft text; callers pass only text nft can carry (see safeText). */
+function quote(text: string): string {
+  if (/["\u0000-\u001f]/.test(text)) throw new Error(`internal: ${JSON.stringify(text)} cannot be written as an nft string`);
+  return `"${text}"`;
 }
 
 // ---- JSON rendering (libnftables JSON schema 1) --------------------------
@@ -165,7 +189,7 @@ export function renderJson(ruleset: Ruleset): { nftables: JsonObject[] } {
 // ---- text rendering (nft -f) ----------------------------------------------
 
 function elementText(element: Element): string {
-  if (typeof element === 'string') return /^[0-9a-fA-F:.]+$/.test(element) ? element : JSON.stringify(element);
+  if (typeof element === 'string') return /^[0-9a-fA-F:.]+$/.test(element) ? element : quote(element);
   if (typeof element === 'number') return String(element);
   if ('prefix' in element) return `${element.prefix.addr}/${element.prefix.len}`;
   return `${element.range[0]}-${element.range[1]}`;
@@ -175,7 +199,7 @@ function exprText(expr: Expr): string {
   if (typeof expr === 'string') {
     if (expr.startsWith('@')) return expr;
     // Addresses, protocol names and conntrack states are bare words in nft's grammar.
-    return /^[a-z0-9][a-z0-9:.-]*$/i.test(expr) ? expr : JSON.stringify(expr);
+    return /^[a-z0-9][a-z0-9:.-]*$/i.test(expr) ? expr : quote(expr);
   }
   if (typeof expr === 'number') return String(expr);
   if ('meta' in expr) return `meta ${expr.meta.key}`;
@@ -200,12 +224,12 @@ function statementText(s: Statement): string {
     const left = s.match.left;
     // Interface names are strings in nft's grammar and must be quoted.
     const quoted = typeof left === 'object' && 'meta' in left && left.meta.key === 'oif' && typeof s.match.right === 'string';
-    return `${exprText(left)} ${op}${quoted ? JSON.stringify(s.match.right) : exprText(s.match.right)}`;
+    return `${exprText(left)} ${op}${quoted ? quote(s.match.right as string) : exprText(s.match.right)}`;
   }
   if ('vmap' in s) return `${exprText(s.vmap.key)} vmap ${s.vmap.data}`;
   if ('counter' in s) return 'counter';
   if ('limit' in s) return `limit rate ${s.limit.rate}/${s.limit.per} burst ${s.limit.burst} packets`;
-  if ('log' in s) return `log prefix ${JSON.stringify(s.log.prefix)} group ${s.log.group}`;
+  if ('log' in s) return `log prefix ${quote(s.log.prefix)} group ${s.log.group}`;
   return verdictText(s);
 }
 
@@ -221,7 +245,7 @@ export function renderText(ruleset: Ruleset): string {
     lines.push(`\t${set.map ? 'map' : 'set'} ${set.name} {`);
     lines.push(`\t\t${setKeyText(set.key)}${set.map ? ` : ${set.map}` : ''}`);
     if (set.flags.length > 0) lines.push(`\t\tflags ${set.flags.join(',')}`);
-    if (set.comment) lines.push(`\t\tcomment ${JSON.stringify(set.comment)}`);
+    if (set.comment) lines.push(`\t\tcomment ${quote(set.comment)}`);
     if (set.elements.length > 0) {
       const items = set.elements.map((element, i) => (set.map ? `${elementText(element)} : ${verdictText(set.verdicts![i]!)}` : elementText(element)));
       const rows: string[] = [];
@@ -234,7 +258,7 @@ export function renderText(ruleset: Ruleset): string {
     lines.push(`\tchain ${chain.name} {`);
     if (chain.hook) lines.push(`\t\ttype filter hook ${chain.hook.hook} priority ${chain.hook.prio}; policy ${chain.hook.policy};`);
     for (const r of chain.rules) {
-      const comment = r.comment ? ` comment ${JSON.stringify(r.comment)}` : '';
+      const comment = r.comment ? ` comment ${quote(r.comment)}` : '';
       lines.push(`\t\t${r.expr.map(statementText).join(' ')}${comment}`);
     }
     lines.push('\t}');

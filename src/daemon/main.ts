@@ -52,28 +52,21 @@ async function main(): Promise<number> {
   };
   log.info({ event: 'starting', policy: dir, backend: deps.nft.backend }, 'egressd starting');
 
-  const apply = async (why: string): Promise<boolean> => {
+  const apply = async (why: string): Promise<void> => {
     try {
       const applied = await applyPolicy(dir, deps);
       log.info({ event: 'applied', why, digest: applied.digest, lockdown: applied.lockdown, warnings: applied.compiled.warnings.length }, 'policy applied');
-      return true;
     } catch (error) {
       const code = isEgressError(error) ? error.code : 'EGD_INTERNAL';
       const details = isEgressError(error) ? error.details : [String(error)];
       log.error({ event: 'apply-failed', why, code, errors: details }, `${(error as Error).message}; the running rules stay in force`);
-      return false;
     }
   };
 
-  if (!(await apply('start')) && (await liveSummary(deps.nft)) === null) {
-    log.error({ event: 'stopping' }, 'no usable policy and no table in force; nothing to keep');
-    return 2;
-  }
-
-  // Reloads run one at a time; a SIGHUP during a reload asks for one more.
+  // Handlers first: a SIGHUP that arrives while the first apply runs must not kill the daemon (Node's default).
   let reloading: Promise<void> | undefined;
   let again = false;
-  process.on('SIGHUP', () => {
+  const reload = (why: string): void => {
     if (reloading) {
       again = true;
       return;
@@ -81,22 +74,32 @@ async function main(): Promise<number> {
     reloading = (async () => {
       do {
         again = false;
-        await apply('SIGHUP');
+        await apply(why);
       } while (again);
       reloading = undefined;
     })();
-  });
+  };
+  let stopWith: ((code: number) => void) | undefined;
+  const stopped = new Promise<number>((resolve) => (stopWith = resolve));
   // Signal handlers do not keep Node's event loop alive; until the daemon has sockets of its own, a timer does.
   const keepAlive = setInterval(() => undefined, 1 << 30);
-  return new Promise<number>((resolve) => {
-    const stop = (signal: string) => {
-      clearInterval(keepAlive);
-      log.info({ event: 'stopping', signal }, 'egressd stopping; the rules stay in force');
-      resolve(0);
-    };
-    process.once('SIGTERM', () => stop('SIGTERM'));
-    process.once('SIGINT', () => stop('SIGINT'));
-  });
+  const stop = (signal: string): void => {
+    clearInterval(keepAlive);
+    log.info({ event: 'stopping', signal }, 'egressd stopping; the rules stay in force');
+    stopWith?.(0);
+  };
+  process.on('SIGHUP', () => reload('SIGHUP'));
+  process.once('SIGTERM', () => stop('SIGTERM'));
+  process.once('SIGINT', () => stop('SIGINT'));
+
+  reload('start');
+  await reloading;
+  if ((await liveSummary(deps.nft)) === null) {
+    clearInterval(keepAlive);
+    log.error({ event: 'stopping' }, 'no usable policy and no table in force; nothing to keep');
+    return 2;
+  }
+  return stopped;
 }
 
 main().then(

@@ -46,17 +46,19 @@ export async function applyPolicy(dir: string, deps: EnforcerDeps, options: { lo
 }
 
 async function applyLoaded(policy: Policy, deps: EnforcerDeps, options: { lockdown?: boolean; source: string }): Promise<Applied> {
-  const live = await liveSummary(deps.nft);
+  const live = await liveSummary(deps.nft, false);
   const lockdown = options.lockdown ?? live?.lockdown ?? false;
   for (let attempt = 1; ; attempt++) {
-    const compiled = compile(policy, deps.facts(cgroupDepth(policy)), { lockdown });
+    const facts = deps.facts(cgroupDepth(policy));
+    const compiled = compile(policy, facts, { lockdown });
     const text = renderText(compiled.ruleset);
     const plan = planChanges(summarizeCompiled(compiled.ruleset), live);
     try {
       await deps.nft.replaceTable(TABLE.family, TABLE.name, text);
     } catch (error) {
-      const raced = isEgressError(error) && error.code === ErrorCode.NftApply && /No such file or directory/.test(error.message) && compiled.ruleset.sets.some((s) => typeof s.key === 'object' && s.elements.length > 0);
-      if (raced && attempt < CGROUP_RACE_RETRIES) continue;
+      // Retried only when the cgroup tree really changed under us; any other refusal is final.
+      const missing = isEgressError(error) && error.code === ErrorCode.NftApply && /No such file or directory/.test(error.message);
+      if (missing && attempt < CGROUP_RACE_RETRIES && deps.facts(cgroupDepth(policy)).cgroups.join('\n') !== facts.cgroups.join('\n')) continue;
       throw error;
     }
     saveLastGood(deps.stateDir, text, { digest: policy.digest, lockdown, source: options.source });
@@ -71,16 +73,20 @@ async function applyLoaded(policy: Policy, deps: EnforcerDeps, options: { lockdo
   }
 }
 
-/** Lockdown on or off. On works even when the policy is broken: then only loopback is left, and Tor gets no exception. */
+/**
+ * Lockdown on or off. On works whatever is wrong with the policy (invalid,
+ * unreadable, refused by nft): then only loopback is left, and Tor gets no
+ * exception.
+ */
 export async function setLockdown(on: boolean, dir: string, deps: EnforcerDeps): Promise<Applied & { policyUsable: boolean }> {
   try {
     const { policy } = loadPolicyOrThrow(dir);
     return { ...(await applyLoaded(policy, deps, { lockdown: on, source: dir })), policyUsable: true };
   } catch (error) {
-    if (!on || !isEgressError(error) || error.code !== ErrorCode.PolicyInvalid) throw error;
+    if (!on) throw error;
     const bare = resolvePolicy([{ file: 'lockdown.yaml', bytes: new TextEncoder().encode('defaults: {egress: deny}\n') }], () => ({ error: 'no lists' }));
     if (!bare.ok) throw error;
-    deps.audit('policy invalid; lockdown applied without it', { source: dir });
+    deps.audit('policy unusable; lockdown applied without it', { source: dir, reason: (error as Error).message });
     return { ...(await applyLoaded(bare.policy, deps, { lockdown: true, source: `${dir} (invalid; lockdown only)` })), policyUsable: false };
   }
 }

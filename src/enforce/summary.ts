@@ -94,7 +94,7 @@ export function summarizeCompiled(ruleset: Ruleset): TableSummary {
     sets.set(set.name, { kind: set.map ? 'map' : 'set', dynamic: isDynamic(set.name, set.flags), size: elements.length, elements: elements.sort() });
   }
   const output = ruleset.chains.find((c) => c.name === 'output');
-  return { digest: digestFrom(output?.rules[0]?.comment), lockdown: chains.has('lockdown'), chains, sets };
+  return { digest: digestFrom(output?.rules.find((r) => r.comment?.includes(POLICY_MARK))?.comment), lockdown: chains.has('lockdown'), chains, sets };
 }
 
 export function summarizeLive(listing: NftTableListing): TableSummary {
@@ -115,7 +115,7 @@ export function summarizeLive(listing: NftTableListing): TableSummary {
       sets.set(set.name, { kind, dynamic: isDynamic(set.name, set.flags ?? []), size: elements.length, elements: elements.sort() });
     }
   }
-  const output = listing.rules.find((r) => r.chain === 'output');
+  const output = listing.rules.find((r) => r.chain === 'output' && r.comment?.includes(POLICY_MARK));
   return { digest: digestFrom(output?.comment), lockdown: chains.has('lockdown'), chains, sets };
 }
 

@@ -81,6 +81,10 @@ export function parseNetwork(text: string): ParseResult<Destination & { kind: 'n
     prefix = Number(prefixText);
   }
   const groups = addressGroups(family, address);
+  if (family === 6 && groups.slice(0, 6).join() === '0,0,0,0,0,65535') {
+    // A dual-stack socket sends these as IPv4 packets, which an ip6 rule never sees.
+    return { ok: false, message: `"${text}" is an IPv4-mapped IPv6 address`, hint: 'write the IPv4 address or network instead' };
+  }
   const masked = maskGroups(groups, prefix);
   const canonical = formatGroups(family, masked);
   if (masked.some((group, i) => group !== groups[i])) {

@@ -9,6 +9,8 @@ import { resolvePolicy, type ListReader, type PolicyFileInput, type ResolveResul
 /** List files may be large (the tracking list is ~4 MB); past this they are refused rather than read. */
 export const MAX_LIST_FILE_BYTES = 64 * 1024 * 1024;
 
+const POLICY_FILE_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,58}\.ya?ml$/;
+
 export interface LoadedPolicy {
   readonly dir: string;
   readonly policy: Policy;
@@ -34,6 +36,11 @@ export function loadPolicyDir(dir: string): ResolveResult & { dir: string } {
   const files: PolicyFileInput[] = [];
   const unreadable: PolicyIssue[] = [];
   for (const file of names) {
+    // File names end up in rule ids, log prefixes and comments in the kernel.
+    if (!POLICY_FILE_NAME.test(file)) {
+      unreadable.push({ severity: 'error', at: { file, line: 1, col: 1 }, message: 'unusable policy file name', hint: 'use letters, digits, ".", "_" and "-", at most 64 characters, e.g. 90-local.yaml' });
+      continue;
+    }
     try {
       const path = join(dir, file);
       const size = statSync(path).size;

@@ -223,12 +223,12 @@ class Resolver {
     if ('names' in spec) {
       const names: string[] = [];
       const suffixes: string[] = [];
-      for (const raw of spec.names) {
+      spec.names.forEach((raw, i) => {
         const dest = parseDestination(raw);
         if (dest.ok && dest.value.kind === 'name') names.push(dest.value.name);
         else if (dest.ok && dest.value.kind === 'suffix') suffixes.push(dest.value.suffix);
-        else this.error(placed, ['names'], `"${raw}" is not a name; a list holds names and *.suffixes only`);
-      }
+        else this.error(placed, ['names', i], `"${raw}" is not a name; an inline list holds names and *.suffixes (addresses go in a list file)`);
+      });
       this.lists.set(name, { name, names, suffixes, networks: [], file: undefined, at });
       return;
     }
@@ -264,12 +264,12 @@ class Resolver {
   private addCatalogueEntry(id: string, placed: Placed<NonNullable<PolicyFile['catalogue']>[string]>): void {
     const names: string[] = [];
     const suffixes: string[] = [];
-    for (const raw of placed.value.names) {
+    placed.value.names.forEach((raw, i) => {
       const dest = parseDestination(raw);
       if (dest.ok && dest.value.kind === 'name') names.push(dest.value.name);
       else if (dest.ok && dest.value.kind === 'suffix') suffixes.push(dest.value.suffix);
-      else this.error(placed, ['names'], `catalogue entry "${id}": "${raw}" is not a name or *.suffix`);
-    }
+      else this.error(placed, ['names', i], `catalogue entry "${id}": "${raw}" is not a name or *.suffix`);
+    });
     const { software, reports, category, source } = placed.value;
     this.catalogue.set(id, { id, software, reports, category, names, suffixes, source, at: placed.source.locateKey(placed.path) });
   }
@@ -301,9 +301,9 @@ class Resolver {
   }
 
   private globalDenyRule(placed: Placed<NonNullable<PolicyFile['deny']>[number]>, index: number, logDenials: boolean): Rule {
-    const stem = placed.source.file.replace(/^.*\//, '').replace(/\.ya?ml$/, '').slice(0, 40);
+    // The file's whole name: stems alone would make a.yaml and a.yml share ids.
     const sameFileIndex = this.merged.deny.filter((p, i) => i < index && p.source === placed.source).length;
-    return this.rule(`deny/${stem}/${sameFileIndex}`, 'deny', placed.value.to, 'to', placed.value, placed, logDenials);
+    return this.rule(`deny/${placed.source.file}/${sameFileIndex}`, 'deny', placed.value.to, 'to', placed.value, placed, logDenials);
   }
 
   private rule(

@@ -84,7 +84,9 @@ const selectorObject = z.strictObject({
 const selector = selectorObject.superRefine((value, ctx) => {
   const keys = Object.keys(value).filter((key) => value[key as keyof typeof value] !== undefined);
   const main = keys.filter((key) => key !== 'slice');
-  if (keys.length === 0) {
+  if (value.slice === '-.slice' && value.unit === undefined) {
+    ctx.addIssue({ code: 'custom', message: 'the root slice "-.slice" holds every process', params: { hint: 'name a slice below it, a unit, a user or a group' } });
+  } else if (keys.length === 0) {
     ctx.addIssue({ code: 'custom', message: 'empty selector', params: { hint: 'give one of: unit, slice, cgroup, flatpak, user, group' } });
   } else if (main.length > 1 || (keys.includes('slice') && main.length === 1 && main[0] !== 'unit')) {
     ctx.addIssue({

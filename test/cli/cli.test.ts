@@ -65,7 +65,7 @@ describe('egressctl', () => {
   it('explain: exit 1 for denied, 0 for allowed, with the deciding file:line', async () => {
     const denied = await run('explain', SHIPPED, '--app', 'user:alice', '--to', 'popcon.debian.org:443/tcp');
     expect(denied.code).toBe(1);
-    expect(denied.err).toMatch(/^DENIED by deny\/10-phone-home\/1 \(global-deny\) at .*policies\/10-phone-home\.yaml:\d+/);
+    expect(denied.err).toMatch(/^DENIED by deny\/10-phone-home\.yaml\/1 \(global-deny\) at .*policies\/10-phone-home\.yaml:\d+/);
     expect(denied.err).toContain('catalogue: debian-popularity-contest');
     const allowed = await run('explain', SHIPPED, '--app', 'uid:1000', '--to', '[2001:db8::1]:443', '--json');
     expect(allowed.code).toBe(0);

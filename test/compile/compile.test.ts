@@ -1,6 +1,8 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { renderText, type ChainDecl, type RuleDecl } from '../../src/compile/nft.js';
+import { compile } from '../../src/compile/compile.js';
+import { renderText, safeText, type ChainDecl, type RuleDecl } from '../../src/compile/nft.js';
+import { resolvePolicy } from '../../src/policy/resolve.js';
 import { nftAvailable, nftCheck } from '../support/nft-check.js';
 import { compileYaml, FACTS } from '../support/compile-text.js';
 
@@ -17,7 +19,7 @@ const ruleText = (r: RuleDecl): string =>
     .replace(/ #[0-9a-f]{8}"$/, '"');
 
 describe('compiler', () => {
-  it('orders the output chain by precedence: loopback, system domain, lockdown, conntrack, Tor, apps, global deny, default', () => {
+  it('orders the output chain by precedence: Tor updaters, loopback, system domain, lockdown, conntrack, Tor itself, apps, global deny, default', () => {
     const compiled = compileYaml(
       `
 defaults: {egress: deny}
@@ -36,12 +38,12 @@ tor: {enabled: true, updaters: [apt]}
       return index;
     };
     const order = [
+      position('vmap @tor_uid'),
       position('meta oif "lo" accept comment "loopback; policy sha256:'),
       position('vmap @sd_uid'),
       position('goto lockdown'),
       position('ct state { established, related } accept'),
       position('meta skuid 110 counter accept comment "f.yaml'),
-      position('vmap @tor_uid'),
       position('vmap @app_uid'),
       position('jump global_deny'),
       position('log prefix "egd default "'),
@@ -63,7 +65,7 @@ tor: {enabled: true, updaters: [apt]}
     for (const name of ['output', 'app_app1', 'global_deny']) {
       expect(chain(large, name).rules.length, name).toBe(chain(small, name).rules.length);
     }
-    const denySet = large.ruleset.sets.find((s) => s.name === 'g_deny_f_0_net4')!;
+    const denySet = large.ruleset.sets.find((s) => s.name === 'g0_net4')!;
     expect(denySet.elements).toHaveLength(5000);
     expect(denySet.flags).toEqual(['interval']);
     expect(large.ruleset.sets.find((s) => s.name === 'app_uid')!.elements).toHaveLength(200);
@@ -72,9 +74,9 @@ tor: {enabled: true, updaters: [apt]}
   it('names compile to timeout sets the resolver fills, bound to the rule', () => {
     const compiled = compileYaml('lists: {l: {names: [a.example]}}\ndeny:\n  - to: [x.example.org, "*.y.example.org", "@l"]\n');
     expect(compiled.dnsBindings).toEqual([
-      { ruleId: 'deny/f/0', verdict: 'deny', names: ['x.example.org'], suffixes: ['y.example.org'], lists: ['l'], set4: 'g_deny_f_0_dns4', set6: 'g_deny_f_0_dns6' },
+      { ruleId: 'deny/f.yaml/0', verdict: 'deny', names: ['x.example.org'], suffixes: ['y.example.org'], lists: ['l'], set4: 'g0_dns4', set6: 'g0_dns6' },
     ]);
-    for (const name of ['g_deny_f_0_dns4', 'g_deny_f_0_dns6']) {
+    for (const name of ['g0_dns4', 'g0_dns6']) {
       expect(compiled.ruleset.sets.find((s) => s.name === name)).toMatchObject({ flags: ['timeout'], elements: [] });
     }
   });
@@ -82,16 +84,16 @@ tor: {enabled: true, updaters: [apt]}
   it('a logging deny jumps to a chain where the rate limit only thins the log, never the drop', () => {
     const compiled = compileYaml('defaults: {log: {rate: 3/minute, burst: 2, group: 9}}\ndeny:\n  - to: [192.0.2.0/24]\n');
     const rules = chain(compiled, 'global_deny').rules.map(ruleText);
-    expect(rules).toEqual(['ip daddr @g_deny_f_0_net4 counter goto log_deny_f_0 comment "f.yaml:3 deny/f/0"']);
-    expect(chain(compiled, 'log_deny_f_0').rules.map(ruleText)).toEqual([
-      'limit rate 3/minute burst 2 packets log prefix "egd deny/f/0 " group 9 comment "f.yaml:3 deny/f/0"',
-      'counter drop comment "f.yaml:3 deny/f/0"',
+    expect(rules).toEqual(['ip daddr @g0_net4 counter goto log_g0 comment "f.yaml:3 deny/f.yaml/0"']);
+    expect(chain(compiled, 'log_g0').rules.map(ruleText)).toEqual([
+      'limit rate 3/minute burst 2 packets log prefix "egd deny/f.yaml/0 " group 9 comment "f.yaml:3 deny/f.yaml/0"',
+      'counter drop comment "f.yaml:3 deny/f.yaml/0"',
     ]);
   });
 
   it('log: false and denials: false drop without logging', () => {
     const quiet = compileYaml('deny:\n  - to: [192.0.2.0/24]\n    log: false\n');
-    expect(chain(quiet, 'global_deny').rules.map(ruleText)).toEqual(['ip daddr @g_deny_f_0_net4 counter drop comment "f.yaml:2 deny/f/0"']);
+    expect(chain(quiet, 'global_deny').rules.map(ruleText)).toEqual(['ip daddr @g0_net4 counter drop comment "f.yaml:2 deny/f.yaml/0"']);
     const off = compileYaml('defaults: {egress: deny, log: {denials: false}}\n');
     expect(renderText(off.ruleset)).not.toContain('log prefix');
   });
@@ -108,7 +110,7 @@ tor: {enabled: true, updaters: [apt]}
 
   it('every rule of every policy chain names its file:line and rule id', () => {
     const compiled = compileYaml('apps: {a: {identity: {user: alice}, default: deny, rules: [{deny: [192.0.2.1]}, {allow: any, proto: icmp}]}}\n');
-    for (const name of ['app_a', 'log_app_a_0']) {
+    for (const name of ['app_a', 'log_a_a_0']) {
       for (const r of chain(compiled, name).rules) expect(r.comment).toMatch(/^f\.yaml:\d+ (app\/a\/(\d|default)|app\/a: then the global deny list) #[0-9a-f]{8}$/);
     }
   });
@@ -135,11 +137,48 @@ tor: {enabled: true, updaters: [apt]}
   it('Tor: updaters reach only the SOCKS address; a non-loopback gateway gets its own accept', () => {
     const local = compileYaml('identities: {apt: {user: _apt}}\ntor: {enabled: true, updaters: [apt]}\n');
     expect(chain(local, 'tor_updaters').rules.map(ruleText)).toEqual([
+      'meta oif "lo" ip daddr 127.0.0.1 tcp dport 9050 accept comment "f.yaml:2 tor/socks"',
       'limit rate 10/second burst 20 packets log prefix "egd tor/updaters " group 7745 comment "f.yaml:2 tor/updaters"',
       'counter drop comment "f.yaml:2 tor/updaters"',
     ]);
-    const gateway = compileYaml('identities: {apt: {user: _apt}}\ntor: {enabled: true, socks: "[2001:db8::9]:9150", updaters: [apt]}\n');
-    expect(ruleText(chain(gateway, 'tor_updaters').rules[0]!)).toBe('ip6 daddr 2001:db8::9 tcp dport 9150 accept comment "f.yaml:2 tor/socks"');
+    // A gateway is network: system domains and lockdown come before it.
+    const gateway = compileYaml('identities: {apt: {user: _apt}}\nsystemDomains: {off: {members: [{user: vault}]}}\ntor: {enabled: true, socks: "[2001:db8::9]:9150", updaters: [apt]}\n', { lockdown: true });
+    expect(chain(gateway, 'tor_updaters').rules.map(ruleText).slice(0, 3)).toEqual([
+      'meta skuid vmap @sd_uid comment "system domains by uid"',
+      'goto lockdown comment "lockdown is on"',
+      'ip6 daddr 2001:db8::9 tcp dport 9150 accept comment "f.yaml:3 tor/socks"',
+    ]);
+  });
+
+  it('ids are unique across files whose names differ only in extension or punctuation', () => {
+    const policy = resolvePolicy(
+      [
+        { file: 'a.yaml', bytes: new TextEncoder().encode('deny:\n  - to: [203.0.113.0/24]\n    ports: [443]\n') },
+        { file: 'a.yml', bytes: new TextEncoder().encode('deny:\n  - to: [198.51.100.0/24]\n') },
+      ],
+      () => ({ error: 'none' }),
+    );
+    if (!policy.ok) throw new Error('invalid');
+    const compiled = compile(policy.policy, FACTS);
+    expect(compiled.ruleset.sets.filter((s) => s.key === 'ipv4_addr' && s.flags.includes('interval')).map((s) => [s.name, s.elements])).toEqual([
+      ['g0_net4', [{ prefix: { addr: '203.0.113.0', len: 24 } }]],
+      ['g1_net4', [{ prefix: { addr: '198.51.100.0', len: 24 } }]],
+    ]);
+    expect(policy.policy.globalDeny.map((r) => r.id)).toEqual(['deny/a.yaml/0', 'deny/a.yml/0']);
+  });
+
+  it('leaves out a cgroup whose name nft cannot carry, instead of failing the whole table', () => {
+    const cgroups = ['system.slice/ok.service', 'system.slice/x"y.service', 'system.slice/fsck\\x2droot.service'];
+    const compiled = compileYaml('apps: {a: {identity: {cgroup: "system.slice/*"}}}\n', { facts: { ...FACTS, cgroups } });
+    expect(compiled.ruleset.sets.find((s) => s.name === 'app_cg_l2')!.elements).toEqual([cgroups[0], cgroups[2]]);
+    expect(compiled.warnings.map((w) => w.message)).toEqual([`cgroup ${JSON.stringify(cgroups[1])} has a character nftables cannot carry; it is left out`]);
+    expect(renderText(compiled.ruleset)).toContain(`"${cgroups[2]}" : goto app_a`);
+  });
+
+  it('cuts comments and log prefixes in bytes, so long non-ASCII text still loads', () => {
+    expect(Buffer.byteLength(safeText('é'.repeat(100), 128))).toBeLessThanOrEqual(128);
+    expect(safeText('é'.repeat(100), 128)).toMatch(/^é+\.\.\.$/);
+    expect(safeText('a"b\\c\nd', 128)).toBe("a'b'c'd");
   });
 
   it.skipIf(nftAvailable())('random policies render to nft text the real nft accepts', () => {

@@ -63,7 +63,9 @@ describe('explain: each precedence level against the next', () => {
 
   it('Tor confinement beats the app rule allowing the updater everything', () => {
     expect(ask({ kind: 'user', user: '_apt' }, 'deb.debian.org', { port: 443 })).toMatchObject({ verdict: 'deny', level: 'tor', ruleId: 'tor/updaters' });
-    expect(ask({ kind: 'user', user: 42 }, '127.0.0.1', { port: 9050 })).toMatchObject({ verdict: 'allow', level: 'loopback' });
+    expect(ask({ kind: 'user', user: 42 }, '127.0.0.1', { port: 9050 })).toMatchObject({ verdict: 'allow', level: 'tor', ruleId: 'tor/socks' });
+    // Not even loopback services: a local resolver or proxy would look up or fetch for the updater.
+    expect(ask({ kind: 'user', user: '_apt' }, '127.0.0.53', { port: 53, proto: 'udp' })).toMatchObject({ verdict: 'deny', level: 'tor', ruleId: 'tor/updaters' });
     expect(ask({ kind: 'user', user: 'debian-tor' }, '192.0.2.7', { port: 9001 })).toMatchObject({ verdict: 'allow', level: 'tor', ruleId: 'tor/own' });
   });
 
@@ -74,7 +76,7 @@ describe('explain: each precedence level against the next', () => {
   });
 
   it('the global deny list beats the app default when no app rule matches', () => {
-    expect(ask({ kind: 'name', name: 'web' }, 'tracker.example.com', { port: 80 })).toMatchObject({ verdict: 'deny', level: 'global-deny', ruleId: 'deny/f/0', why: 'trackers' });
+    expect(ask({ kind: 'name', name: 'web' }, 'tracker.example.com', { port: 80 })).toMatchObject({ verdict: 'deny', level: 'global-deny', ruleId: 'deny/f.yaml/0', why: 'trackers' });
     expect(ask({ kind: 'name', name: 'web' }, 'x.ads.example.net')).toMatchObject({ verdict: 'deny', level: 'global-deny' });
     expect(ask({ kind: 'name', name: 'web' }, '203.0.113.4')).toMatchObject({ verdict: 'deny', level: 'global-deny' });
   });
@@ -90,9 +92,15 @@ describe('explain: each precedence level against the next', () => {
     expect(ask({ kind: 'cgroup', path: 'user.slice' }, 'example.org')).toMatchObject({ verdict: 'deny', ruleId: 'default' });
   });
 
+  it('says when the answer depends on a port or protocol that was not given', () => {
+    const answer = ask({ kind: 'name', name: 'web' }, 'tracker.example.com');
+    expect(answer).toMatchObject({ verdict: 'deny', level: 'global-deny' });
+    expect(answer.notes).toContain('app/web/0 (allow) applies to tcp/udp port 443 only; give --to HOST:PORT/PROTO to see it');
+  });
+
   it('says when an address could match a name rule through DNS', () => {
     const answer = ask({ kind: 'user', user: 'bob' }, '192.0.2.200');
-    expect(answer.notes).toEqual(['deny/f/0 also matches 192.0.2.200 while it is a recent DNS answer for one of the rule\'s names']);
+    expect(answer.notes).toEqual(['deny/f.yaml/0 also matches 192.0.2.200 while it is a recent DNS answer for one of the rule\'s names']);
   });
 
   it('an unknown app name is an error listing the known ones', () => {

@@ -62,7 +62,7 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     const other = egressctl('status', policyDir(CHANGED));
     expect(other.status).toBe(1);
     expect(other.stderr).toContain('DIFFERS from the policy');
-    expect(other.stderr).toMatch(/\+ global_deny: 00\.yaml:3 deny\/00\/0 #/);
+    expect(other.stderr).toMatch(/\+ global_deny: 00\.yaml:3 deny\/00\.yaml\/0 #/);
   });
 
   it('a bad policy exits 2 and leaves the live table byte-identical', () => {
@@ -93,6 +93,10 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     const result = egressctl('lockdown', 'on', policyDir({ '00.yaml': 'nonsense: [' }));
     expect(result.status).toBe(0);
     expect(result.stderr).toContain('invalid; lockdown was applied without it');
+    expect(liveText()).toContain('goto lockdown');
+    egressctl('lockdown', 'off', policyDir(GOOD));
+    const missing = egressctl('lockdown', 'on', '/nonexistent/egressd');
+    expect(missing.status).toBe(0);
     expect(liveText()).toContain('goto lockdown');
     egressctl('lockdown', 'off', policyDir(GOOD));
   });

@@ -128,10 +128,10 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
     it('app rules outrank the global deny list; the global deny list outranks the app default', async () => {
       expect(await net.host.connect({ proto: 'tcp', addr: '203.0.113.1', port: 8443, user: users.app1.uid })).toMatchObject({ ok: true });
       expect(await servers.denied4!.count()).toBe(1);
-      const before = await dropsOf(dir, 'deny/00/0');
+      const before = await dropsOf(dir, 'deny/00.yaml/0');
       expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8:1::3', port: 8443, user: users.app3.uid, timeoutMs: 800 })).toMatchObject({ ok: false });
       expect(await servers.denied6!.count()).toBe(0);
-      expect(await dropsOf(dir, 'deny/00/0')).toBeGreaterThan(before);
+      expect(await dropsOf(dir, 'deny/00.yaml/0')).toBeGreaterThan(before);
       const defaultBefore = await dropsOf(dir, 'app/grp/default');
       expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8444, user: users.app3.uid, timeoutMs: 800 })).toMatchObject({ ok: false });
       expect(await dropsOf(dir, 'app/grp/default')).toBeGreaterThan(defaultBefore);
@@ -155,6 +155,8 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
       expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8::2', port: 9050, user: users.app2.uid })).toMatchObject({ ok: true });
       expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8443, user: users.app2.uid, timeoutMs: 800 })).toMatchObject({ ok: false });
       expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8444, user: TOR_UID })).toMatchObject({ ok: true });
+      // Not even loopback: a local resolver or proxy would do the updater's lookups and fetches for it.
+      expect(await net.host.ping('127.0.0.1', { user: users.app2.uid, timeoutMs: 800 })).toMatchObject({ ok: false });
       expect(await servers.socks!.count()).toBe(1);
       expect(await servers.v4!.count()).toBe(0);
       expect(await servers.v4other!.count()).toBe(1);
@@ -171,7 +173,7 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
       await exited;
       const prefixes = nflogPrefixes(readFileSync(pcap));
       expect(prefixes.length).toBeGreaterThan(0);
-      expect(new Set(prefixes)).toEqual(new Set(['egd deny/00/0 ']));
+      expect(new Set(prefixes)).toEqual(new Set(['egd deny/00.yaml/0 ']));
     });
   });
 

@@ -26,16 +26,16 @@ describe('plan', () => {
     const after = summarizeCompiled(compileYaml(base.replace('[203.0.113.0/24]}', '[203.0.113.0/24], ports: [25]}')).ruleset);
     const plan = planChanges(after, before);
     expect(plan.changes).toBe(true);
-    expect(plan.added.filter((r) => r.chain === 'global_deny').map((r) => r.id)).toEqual(['deny/f/0']);
-    expect(plan.removed.filter((r) => r.chain === 'global_deny').map((r) => r.id)).toEqual(['deny/f/0']);
-    expect(plan.added.find((r) => r.chain === 'global_deny')!.comment).toMatch(/^f\.yaml:3 deny\/f\/0 #[0-9a-f]{8}$/);
+    expect(plan.added.filter((r) => r.chain === 'global_deny').map((r) => r.id)).toEqual(['deny/f.yaml/0']);
+    expect(plan.removed.filter((r) => r.chain === 'global_deny').map((r) => r.id)).toEqual(['deny/f.yaml/0']);
+    expect(plan.added.find((r) => r.chain === 'global_deny')!.comment).toMatch(/^f\.yaml:3 deny\/f\.yaml\/0 #[0-9a-f]{8}$/);
   });
 
   it('a changed CIDR shows as a changed static set with both sizes', () => {
     const before = summarizeCompiled(compileYaml(base).ruleset);
     const after = summarizeCompiled(compileYaml(base.replace('[203.0.113.0/24]', '[203.0.113.0/24, 198.51.100.0/24]')).ruleset);
     const plan = planChanges(after, before);
-    expect(plan.sets.find((s) => s.name === 'g_deny_f_0_net4')).toEqual({ name: 'g_deny_f_0_net4', change: 'changed', compiled: 2, live: 1, dynamic: false });
+    expect(plan.sets.find((s) => s.name === 'g0_net4')).toEqual({ name: 'g0_net4', change: 'changed', compiled: 2, live: 1, dynamic: false });
   });
 
   it('lockdown is a change of its own', () => {

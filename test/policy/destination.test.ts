@@ -12,7 +12,6 @@ describe('destinations', () => {
     ['192.0.2.0/24', { kind: 'net', family: 4, address: '192.0.2.0', prefix: 24 }],
     ['198.51.100.7', { kind: 'net', family: 4, address: '198.51.100.7', prefix: 32 }],
     ['2001:DB8:0:0::/48', { kind: 'net', family: 6, address: '2001:db8::', prefix: 48 }],
-    ['::ffff:192.0.2.1', { kind: 'net', family: 6, address: '::ffff:c000:201', prefix: 128 }],
   ])('%s parses', (text, expected) => {
     expect(parseDestination(text)).toEqual({ ok: true, value: expected });
   });
@@ -27,6 +26,8 @@ describe('destinations', () => {
     ['192.0.2.1/33', /IPv4 allows \/0 to \/32/],
     ['2001:db8::1/64', /host bits/],
     ['', /empty/],
+    ['::ffff:192.0.2.1', /IPv4-mapped/],
+    ['::ffff:203.0.113.0/120', /IPv4-mapped/],
   ])('%s is refused', (text, message) => {
     const result = parseDestination(text);
     expect(result.ok).toBe(false);

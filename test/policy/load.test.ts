@@ -229,6 +229,19 @@ describe('policy loader: every class of bad input is an error with file:line:col
     expect(errorsOf({ 'a.yaml': 'lists:\n  l: {file: l.bin}\n', 'l.bin': new Uint8Array([1, 0, 2]) })).toEqual(['a.yaml:2:13: list "l": l.bin is binary (it contains a NUL byte)']);
   });
 
+  it('a file name that cannot go into rule ids, and the root slice', () => {
+    expect(errorsOf({ 'ok.yaml': 'defaults: {egress: deny}\n', 'bad "name".yaml': 'defaults: {egress: allow}\n' })).toEqual([
+      'bad "name".yaml:1:1: unusable policy file name (use letters, digits, ".", "_" and "-", at most 64 characters, e.g. 90-local.yaml)',
+    ]);
+    expect(errorsOf({ 'a.yaml': 'identities: {all: {slice: "-.slice"}}\n' })[0]).toMatch(/^a\.yaml:1:19: the root slice "-\.slice" holds every process/);
+  });
+
+  it('an inline list entry that is not a name is reported at that entry', () => {
+    expect(errorsOf({ 'a.yaml': 'lists:\n  l:\n    names:\n      - a.example.org\n      - 10.0.0.0/8\n' })).toEqual([
+      'a.yaml:5:9: "10.0.0.0/8" is not a name; an inline list holds names and *.suffixes (addresses go in a list file)',
+    ]);
+  });
+
   it('an empty directory', () => {
     expect(errorsOf({ 'notes.txt': 'x' })).toEqual(['.:1:1: no policy files (*.yaml) in the directory (start from the shipped policies/ directory)']);
   });
