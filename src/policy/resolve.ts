@@ -472,7 +472,7 @@ function toSelector(input: SelectorInput): Selector {
   if (input.slice !== undefined) return cgroup(slicePath(input.slice), `slice ${input.slice}`);
   if (input.cgroup !== undefined) return cgroup(input.cgroup, `cgroup ${input.cgroup}`);
   if (input.flatpak !== undefined) {
-    return cgroup(`user.slice/user-*.slice/user@*.service/app.slice/app-flatpak-${input.flatpak}-*.scope`, `flatpak ${input.flatpak}`);
+    return cgroup(`user.slice/user-*.slice/user@*.service/app.slice/app-flatpak-${input.flatpak}-#.scope`, `flatpak ${input.flatpak}`);
   }
   if (input.user !== undefined) return { kind: 'user', user: input.user };
   return { kind: 'group', group: input.group! };

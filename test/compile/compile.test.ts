@@ -124,6 +124,13 @@ tor: {enabled: true, updaters: [apt]}
     expect(compiled.cgroupBindings.map((b) => `${b.glob}@${b.level}→${b.map}`)).toEqual(['system.slice/a.service@2→app_cg_l2', 'system.slice/*.service@2→app_cg_l2']);
   });
 
+  it('a Flatpak selector claims its app's scopes, not those of an app whose id merely starts the same', () => {
+    const base = 'user.slice/user-1000.slice/user@1000.service/app.slice';
+    const cgroups = [`${base}/app-flatpak-org.foo.Bar-123.scope`, `${base}/app-flatpak-org.foo.Bar-beta-456.scope`];
+    const compiled = compileYaml('apps: {bar: {identity: {flatpak: org.foo.Bar}}}\n', { facts: { ...FACTS, cgroups } });
+    expect(compiled.ruleset.sets.find((s) => s.name === 'app_cg_l5')!.elements).toEqual([cgroups[0]]);
+  });
+
   it('an unknown user is a warning and matches nothing; an unknown Tor user means Tor gets no exception', () => {
     const compiled = compileYaml('apps: {a: {identity: {user: nobody-here}}}\ntor: {enabled: true, user: no-tor-user}\n');
     expect(compiled.warnings.map((w) => w.message)).toEqual([

@@ -57,7 +57,7 @@ apps:
     expect(warnings).toEqual([]);
     const web = policy.apps.find((a) => a.name === 'web')!;
     expect(web.identities[0]!.selectors).toEqual([
-      { kind: 'cgroup', glob: 'user.slice/user-*.slice/user@*.service/app.slice/app-flatpak-org.example.Web-*.scope', level: 5, written: 'flatpak org.example.Web' },
+      { kind: 'cgroup', glob: 'user.slice/user-*.slice/user@*.service/app.slice/app-flatpak-org.example.Web-#.scope', level: 5, written: 'flatpak org.example.Web' },
       { kind: 'user', user: 1000 },
     ]);
     const rule = web.rules[0]!;
