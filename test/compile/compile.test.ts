@@ -50,6 +50,7 @@ tor: {enabled: true, updaters: [apt]}
     ];
     expect([...order].sort((a, b) => a - b)).toEqual(order);
     expect(chain(compiled, 'output').hook).toEqual({ hook: 'output', prio: 0, policy: 'drop' });
+    expect(output.at(-1)).toMatch(/^counter drop comment "f\.yaml:2 default/);
   });
 
   it('per-packet cost does not grow with names, addresses or apps', () => {
@@ -124,7 +125,7 @@ tor: {enabled: true, updaters: [apt]}
     expect(compiled.cgroupBindings.map((b) => `${b.glob}@${b.level}→${b.map}`)).toEqual(['system.slice/a.service@2→app_cg_l2', 'system.slice/*.service@2→app_cg_l2']);
   });
 
-  it('a Flatpak selector claims its app's scopes, not those of an app whose id merely starts the same', () => {
+  it("a Flatpak selector claims its app's scopes, not those of an app whose id merely starts the same", () => {
     const base = 'user.slice/user-1000.slice/user@1000.service/app.slice';
     const cgroups = [`${base}/app-flatpak-org.foo.Bar-123.scope`, `${base}/app-flatpak-org.foo.Bar-beta-456.scope`];
     const compiled = compileYaml('apps: {bar: {identity: {flatpak: org.foo.Bar}}}\n', { facts: { ...FACTS, cgroups } });

@@ -227,7 +227,7 @@ describe('nftables in the host namespace', () => {
       const ok = await net.host.sendLoop({
         proto: 'udp', addr, port: 7200, user: 'egd-app2', count: 5, intervalMs: 10, maxMs: 5000,
       }).done;
-      expect(ok).toEqual({ attempts: 5, successes: 5 });
+      expect(ok).toEqual({ attempts: 5, successes: 5, errors: {} });
       expect(await srv.count()).toBe(5);
     } finally {
       await net.host.nft(['delete', 'table', 'inet', 'harnessloop']);

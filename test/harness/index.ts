@@ -133,6 +133,8 @@ export interface SendLoopOptions extends IdentityOptions {
 export interface LoopResult {
   attempts: number;
   successes: number;
+  /** Failed attempts by error code (ETIMEDOUT, ECONNRESET, …), so a failure can be told apart from a drop. */
+  errors: Record<string, number>;
 }
 
 export interface SendLoop {
@@ -557,13 +559,17 @@ class HostSideImpl extends Side implements HostSide {
       payload: o.payload,
     };
     const child = this.spawn(process.execPath, this.agentArgs(cfg), identity(o));
-    const progress = { attempts: 0, successes: 0 };
+    const progress: LoopResult = { attempts: 0, successes: 0, errors: {} };
     let stderr = '';
     child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
     jsonLines(child.stdout!, (obj) => {
       if (obj['ev'] === 'attempt') {
         progress.attempts++;
         if (obj['ok'] === true) progress.successes++;
+        else {
+          const code = String(obj['error'] ?? 'unknown');
+          progress.errors[code] = (progress.errors[code] ?? 0) + 1;
+        }
       }
     });
     // Hard bound, whatever happens inside the loop.
@@ -573,13 +579,13 @@ class HostSideImpl extends Side implements HostSide {
       child.on('close', (code, signal) => {
         clearTimeout(killer);
         if (code !== 0 && signal === null) reject(new HarnessError(`sendLoop agent exit ${code}: ${stderr.trim()}`));
-        else resolve({ ...progress });
+        else resolve({ ...progress, errors: { ...progress.errors } });
       });
     });
     done.catch(() => {}); // reported through stop()/done when awaited
     return {
       get progress() {
-        return { ...progress };
+        return { ...progress, errors: { ...progress.errors } };
       },
       done,
       async stop() {
