@@ -6,8 +6,11 @@
  *
  *   npx tsx bench/replace-drops.ts   (as root; builds and removes its own namespaces)
  *
- * Measured on this machine (see bench/README.md): tables without set or map
- * lookups lose nothing; egressd's default-deny tables lose a SYN now and then.
+ * It shows why egressd does not replace its table that way (src/enforce/swap.ts):
+ * measured on this machine (bench/README.md), tables without set or map
+ * lookups lose nothing, but a default-deny table with set lookups loses a SYN
+ * now and then. egressctl apply swaps generations in three transactions
+ * instead; the e2e tests check that nothing is lost or leaked then.
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';

@@ -9,6 +9,7 @@ import type { Policy } from '../policy/model.js';
 import { resolvePolicy } from '../policy/resolve.js';
 import { planChanges, type Plan } from './plan.js';
 import { summarizeCompiled, summarizeLive, type TableSummary } from './summary.js';
+import { liveGeneration, removalText, swapTexts, withGeneration, type Generation } from './swap.js';
 
 /** What enforcement needs from the system, passed in. */
 export interface EnforcerDeps {
@@ -46,30 +47,51 @@ export async function applyPolicy(dir: string, deps: EnforcerDeps, options: { lo
 }
 
 async function applyLoaded(policy: Policy, deps: EnforcerDeps, options: { lockdown?: boolean; source: string }): Promise<Applied> {
-  const live = await liveSummary(deps.nft, false);
+  const { nft } = deps;
+  const listing = await nft.listTable(TABLE.family, TABLE.name);
+  const live = listing && summarizeLive(listing);
   const lockdown = options.lockdown ?? live?.lockdown ?? false;
+  const next: Generation = liveGeneration(listing) === 'a' ? 'b' : 'a';
+  // Leftovers of an interrupted apply would collide with the generation about to be written.
+  const leftovers = listing && removalText(listing, (name) => name.endsWith(`.${next}`));
+  if (leftovers) await nft.run({ text: leftovers });
+
   for (let attempt = 1; ; attempt++) {
     const facts = deps.facts(cgroupDepth(policy));
     const compiled = compile(policy, facts, { lockdown });
-    const text = renderText(compiled.ruleset);
     const plan = planChanges(summarizeCompiled(compiled.ruleset), live);
+    const swap = swapTexts(withGeneration(compiled.ruleset, next));
     try {
-      await deps.nft.replaceTable(TABLE.family, TABLE.name, text);
+      await nft.run({ text: swap.prepare });
     } catch (error) {
       // Retried only when the cgroup tree really changed under us; any other refusal is final.
       const missing = isEgressError(error) && error.code === ErrorCode.NftApply && /No such file or directory/.test(error.message);
       if (missing && attempt < CGROUP_RACE_RETRIES && deps.facts(cgroupDepth(policy)).cgroups.join('\n') !== facts.cgroups.join('\n')) continue;
       throw error;
     }
+    await nft.run({ text: swap.switch });
+    await removePreviousGeneration(deps, next);
+    const text = renderText(compiled.ruleset);
     saveLastGood(deps.stateDir, text, { digest: policy.digest, lockdown, source: options.source });
     deps.audit(lockdown ? 'applied (lockdown on)' : 'applied', {
       digest: policy.digest.slice(0, 32),
       lockdown,
       source: options.source,
       rules: compiled.ruleset.chains.reduce((n, c) => n + c.rules.length, 0),
-      backend: deps.nft.backend,
+      backend: nft.backend,
     });
     return { compiled, digest: policy.digest, lockdown, plan };
+  }
+}
+
+/** The second transaction: the previous generation is unreferenced now. Failing here leaves only unused objects, which the next apply removes. */
+async function removePreviousGeneration(deps: EnforcerDeps, current: Generation): Promise<void> {
+  try {
+    const after = await deps.nft.listTable(TABLE.family, TABLE.name, { terse: true });
+    const stale = after && removalText(after, (name) => !name.endsWith(`.${current}`));
+    if (stale) await deps.nft.run({ text: stale });
+  } catch (error) {
+    deps.audit('applied, but the previous generation could not be removed yet', { reason: (error as Error).message });
   }
 }
 

@@ -1,6 +1,7 @@
 import { POLICY_MARK } from '../compile/compile.js';
 import type { Element, Ruleset } from '../compile/nft.js';
 import type { NftElemJson, NftJson, NftTableListing } from '../nft/types.js';
+import { baseName } from './swap.js';
 
 /**
  * A table reduced to what can be compared between the compiled form and a
@@ -75,7 +76,7 @@ function verdictString(verdict: NftJson): string {
     const [kind] = Object.keys(verdict);
     const body = (verdict as Record<string, NftJson>)[kind!];
     const target = body && typeof body === 'object' && !Array.isArray(body) ? (body as Record<string, NftJson>)['target'] : undefined;
-    return target ? `${kind} ${String(target)}` : String(kind);
+    return target ? `${kind} ${baseName(String(target))}` : String(kind);
   }
   return String(verdict);
 }
@@ -99,12 +100,13 @@ export function summarizeCompiled(ruleset: Ruleset): TableSummary {
 
 export function summarizeLive(listing: NftTableListing): TableSummary {
   const chains = new Map<string, RuleSummary[]>();
-  for (const chain of listing.chains) chains.set(chain.name, []);
+  // Live names carry the generation (".a"/".b", see swap.ts); summaries compare without it.
+  for (const chain of listing.chains) chains.set(baseName(chain.name), []);
   for (const r of listing.rules) {
     const counter = r.expr.map(counterOf).find((c) => c !== undefined);
     const comment = r.comment ?? '';
     const drops = r.expr.some((e) => e !== null && typeof e === 'object' && !Array.isArray(e) && 'drop' in e);
-    chains.get(r.chain)?.push({ comment, id: ruleId(comment), drops, packets: counter?.packets, bytes: counter?.bytes });
+    chains.get(baseName(r.chain))?.push({ comment, id: ruleId(comment), drops, packets: counter?.packets, bytes: counter?.bytes });
   }
   const sets = new Map<string, SetSummary>();
   for (const [kind, list] of [['set', listing.sets], ['map', listing.maps]] as const) {
@@ -112,7 +114,8 @@ export function summarizeLive(listing: NftTableListing): TableSummary {
       const elements = (set.elem ?? []).map((element: NftElemJson) =>
         Array.isArray(element) ? `${elementString(element[0] as NftJson)} : ${verdictString(element[1] as NftJson)}` : elementString(element as NftJson),
       );
-      sets.set(set.name, { kind, dynamic: isDynamic(set.name, set.flags ?? []), size: elements.length, elements: elements.sort() });
+      const name = baseName(set.name);
+      sets.set(name, { kind, dynamic: isDynamic(name, set.flags ?? []), size: elements.length, elements: elements.sort() });
     }
   }
   const output = listing.rules.find((r) => r.chain === 'output' && r.comment?.includes(POLICY_MARK));

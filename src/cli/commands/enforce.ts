@@ -31,13 +31,14 @@ const onePolicyDir = (command: string, argv: readonly string[]) => {
 
 export const apply: Command<{ dir: string; json: boolean }> = {
   name: 'apply',
-  summary: 'enforce a policy: replace table inet egressd in one transaction',
+  summary: 'enforce a policy: switch table inet egressd to it, with no window',
   help: `Usage: egressctl apply [DIR] [--json]
 
 Loads and compiles the policy in DIR (default ${DEFAULT_POLICY_DIR}) and
-replaces the kernel's table inet egressd with it in ONE nftables
-transaction: there is no moment in which the old rules are gone and the new
-ones not yet in force. No other table is touched, and the ruleset is never
+switches the kernel's table inet egressd to it: the new sets and chains are
+added first, then one transaction switches the base chain to them, then the
+old ones are removed — so every packet is judged by the old policy or the
+new one, never by neither. No other table is touched, and the ruleset is never
 flushed. A policy with any error changes nothing.
 
 Enforcement then stays in the kernel by itself: no daemon is needed for it
