@@ -1,11 +1,12 @@
 /**
  * Applying a large policy — 100,000 CIDRs in the global deny list and 200
  * apps — side by side:
- *   - egressd's transaction in-process (libnftables, fresh context),
+ *   - egressd's generation swap in-process (libnftables, fresh context per
+ *     transaction: prepare + switch + clean-up, see src/enforce/swap.ts),
  *   - the same ruleset text loaded by `nft -f` (a fresh nft process),
  *   - egressd's fallback backend (spawning nft),
  *   - the whole `egressctl apply` (Node start-up, load, compile, transaction).
- * Target: egressd in-process ≤ 1.3 × `nft -f`.
+ * Target: egressd in-process ≤ 1.3 × `nft -f` (a one-transaction replace).
  *
  *   npx tsx bench/apply.ts [--runs 5]   (as root; it builds and removes its own namespace)
  */
@@ -19,6 +20,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { compile } from '../src/compile/compile.js';
 import { renderText } from '../src/compile/nft.js';
+import { removalText, swapTexts, withGeneration } from '../src/enforce/swap.js';
 import { openNft } from '../src/nft/open.js';
 import { loadPolicyOrThrow } from '../src/policy/load.js';
 
@@ -39,22 +41,31 @@ const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.len
 
 async function inner(dir: string): Promise<void> {
   const { policy } = loadPolicyOrThrow(dir);
-  const text = renderText(compile(policy, { users: new Map(), groups: new Map(), cgroups: [] }).ruleset);
+  const ruleset = compile(policy, { users: new Map(), groups: new Map(), cgroups: [] }).ruleset;
+  const text = renderText(ruleset);
+  const swaps = { a: swapTexts(withGeneration(ruleset, 'a')), b: swapTexts(withGeneration(ruleset, 'b')) };
   const textFile = join(dir, 'ruleset.nft');
   // nft -f gets the same one-transaction replace egressd sends.
   writeFileSync(textFile, `add table inet egressd; delete table inet egressd;\n${text}`);
   const lib = await openNft({ prefer: 'libnftables', strict: true });
   const bin = await openNft({ prefer: 'binary', strict: true });
   const rows: [string, number[]][] = [
-    ['egressd in-process (libnftables)', []],
+    ['egressd generation swap in-process (libnftables, 3 transactions)', []],
     ['nft -f (same text, fresh process)', []],
     ['egressd fallback (spawning nft)', []],
     ['egressctl apply (start-up + load + compile + transaction)', []],
   ];
   for (let i = 0; i < runs; i++) {
     let t = performance.now();
-    await lib.replaceTable('inet', 'egressd', text);
+    const next = i % 2 === 0 ? 'b' : 'a';
+    await lib.run({ text: swaps[next].prepare });
+    await lib.run({ text: swaps[next].switch });
+    const after = await lib.listTable('inet', 'egressd', { terse: true });
+    const stale = after && removalText(after, (name) => !name.endsWith(`.${next}`));
+    if (stale) await lib.run({ text: stale });
     rows[0]![1].push(performance.now() - t);
+    // Leave the namespace as nft -f expects it: one plain table.
+    await lib.deleteTable('inet', 'egressd');
     t = performance.now();
     execFileSync('nft', ['-f', textFile]);
     rows[1]![1].push(performance.now() - t);
