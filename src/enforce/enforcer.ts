@@ -4,6 +4,7 @@ import { cgroupDepth, compile, TABLE, type Compiled, type Facts } from '../compi
 import { renderText } from '../compile/nft.js';
 import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import type { Nft } from '../nft/client.js';
+import type { NftTableListing } from '../nft/types.js';
 import { loadPolicyOrThrow } from '../policy/load.js';
 import type { Policy } from '../policy/model.js';
 import { resolvePolicy } from '../policy/resolve.js';
@@ -70,7 +71,7 @@ async function applyLoaded(policy: Policy, deps: EnforcerDeps, options: { lockdo
       throw error;
     }
     await nft.run({ text: swap.switch });
-    await removePreviousGeneration(deps, next);
+    await removePreviousGeneration(deps, listing, next);
     const text = renderText(compiled.ruleset);
     saveLastGood(deps.stateDir, text, { digest: policy.digest, lockdown, source: options.source });
     deps.audit(lockdown ? 'applied (lockdown on)' : 'applied', {
@@ -84,12 +85,18 @@ async function applyLoaded(policy: Policy, deps: EnforcerDeps, options: { lockdo
   }
 }
 
-/** The second transaction: the previous generation is unreferenced now. Failing here leaves only unused objects, which the next apply removes. */
-async function removePreviousGeneration(deps: EnforcerDeps, current: Generation): Promise<void> {
+/**
+ * The last transaction: the previous generation is unreferenced now. Its
+ * names come from the listing taken before the swap — listing again would
+ * cost as much as the whole swap (nft fetches every set element into its
+ * cache, even for a terse listing). Failing here leaves only unused objects,
+ * which the next apply removes.
+ */
+async function removePreviousGeneration(deps: EnforcerDeps, before: NftTableListing | null, current: Generation): Promise<void> {
+  const stale = before && removalText(before, (name) => !name.endsWith(`.${current}`));
+  if (!stale) return;
   try {
-    const after = await deps.nft.listTable(TABLE.family, TABLE.name, { terse: true });
-    const stale = after && removalText(after, (name) => !name.endsWith(`.${current}`));
-    if (stale) await deps.nft.run({ text: stale });
+    await deps.nft.run({ text: stale });
   } catch (error) {
     deps.audit('applied, but the previous generation could not be removed yet', { reason: (error as Error).message });
   }
