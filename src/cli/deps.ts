@@ -34,18 +34,8 @@ export const DEFAULT_STATE_DIR = '/var/lib/egressd';
 
 export function exitCodeFor(error: unknown): number {
   if (!isEgressError(error)) return Exit.SystemError;
-  switch (error.code) {
-    case ErrorCode.PolicyInvalid:
-    case ErrorCode.Usage:
-      return Exit.BadInput;
-    case ErrorCode.NftApply:
-    case ErrorCode.NftUnavailable:
-    case ErrorCode.NftState:
-    case ErrorCode.Io:
-      return Exit.SystemError;
-    default:
-      return Exit.SystemError;
-  }
+  // Bad policy or usage is the caller's to fix; everything else (nft, I/O) is the system's.
+  return error.code === ErrorCode.PolicyInvalid || error.code === ErrorCode.Usage ? Exit.BadInput : Exit.SystemError;
 }
 
 export interface Command<Options> {

@@ -10,7 +10,8 @@
  */
 import { parseArgs } from 'node:util';
 import { pino } from 'pino';
-import { applyPolicy, liveSummary, type EnforcerDeps } from '../enforce/enforcer.js';
+import { TABLE } from '../compile/compile.js';
+import { applyPolicy, type EnforcerDeps } from '../enforce/enforcer.js';
 import { isEgressError } from '../errors.js';
 import { openNft } from '../nft/open.js';
 import { systemAudit } from '../system/audit.js';
@@ -94,7 +95,7 @@ async function main(): Promise<number> {
 
   reload('start');
   await reloading;
-  if ((await liveSummary(deps.nft)) === null) {
+  if (!(await deps.nft.tableExists(TABLE.family, TABLE.name))) {
     clearInterval(keepAlive);
     log.error({ event: 'stopping' }, 'no usable policy and no table in force; nothing to keep');
     return 2;

@@ -32,14 +32,15 @@ export interface Applied {
 /** A cgroup that vanished between listing and applying makes nft refuse the element; the apply is retried with fresh facts. */
 const CGROUP_RACE_RETRIES = 3;
 
-export async function liveSummary(nft: Nft, terse = true): Promise<TableSummary | null> {
-  const listing = await nft.listTable(TABLE.family, TABLE.name, { terse });
+/** The live table with its set elements (static sets are compared by content), or null. */
+export async function liveSummary(nft: Nft): Promise<TableSummary | null> {
+  const listing = await nft.listTable(TABLE.family, TABLE.name);
   return listing && summarizeLive(listing);
 }
 
 /**
- * Replaces table inet egressd with the compiled policy in ONE transaction.
- * Invalid policy: throws before nft is touched. Lockdown, when not given,
+ * Switches table inet egressd to the compiled policy with no window, by the
+ * generation swap of swap.ts. Invalid policy: throws before nft is touched. Lockdown, when not given,
  * stays as the live table has it, so the kill switch survives re-applies.
  */
 export async function applyPolicy(dir: string, deps: EnforcerDeps, options: { lockdown?: boolean } = {}): Promise<Applied> {
@@ -131,7 +132,7 @@ export async function release(deps: EnforcerDeps): Promise<boolean> {
 /** The compiled policy against the live table, without changing anything. */
 export async function planPolicy(dir: string, deps: Pick<EnforcerDeps, 'nft' | 'facts'>): Promise<{ plan: Plan; compiled: Compiled; live: TableSummary | null }> {
   const { policy } = loadPolicyOrThrow(dir);
-  const live = await liveSummary(deps.nft, false);
+  const live = await liveSummary(deps.nft);
   const compiled = compile(policy, deps.facts(cgroupDepth(policy)), { lockdown: live?.lockdown ?? false });
   return { plan: planChanges(summarizeCompiled(compiled.ruleset), live), compiled, live };
 }

@@ -72,8 +72,9 @@ export function withGeneration(ruleset: Ruleset, generation: Generation): Rulese
  *   switch  — replace the base chain's rules (and policy) to use them.
  * Measured here: new sets and the rules that first use them must not commit
  * together. In one transaction, lookups missed for an instant after the
- * commit (in this kernel, a set's lookup data is published during the
- * commit, after the generation has moved on), and denied packets passed
+ * commit (our reading, not verified in the kernel source: a new set's lookup
+ * data is published during the commit, after the generation has moved on),
+ * and denied packets passed
  * under default allow — 25–72 of ~30,000–90,000 denied datagrams in 200
  * swaps — while a swap whose sets were committed earlier let none through.
  * Our rules always end in an explicit verdict, so the policy set early in

@@ -113,7 +113,7 @@ different from it (or the policy on disk is invalid), 3 system error.`,
       if (!(error instanceof EgressError) || error.code !== ErrorCode.PolicyInvalid) throw error;
       policyError = [error.message, ...error.details];
     }
-    const live = planned ? planned.live : await liveSummary(enforcer.nft, false);
+    const live = planned ? planned.live : await liveSummary(enforcer.nft);
     const drops = live ? [...live.chains.values()].flat().filter((r) => r.drops && (r.packets ?? 0) > 0).map((r) => ({ id: r.id, packets: r.packets ?? 0, bytes: r.bytes ?? 0 })) : [];
     const matches = planned !== undefined && live !== null && !planned.plan.changes;
     const report = {
