@@ -4,13 +4,14 @@ import { cgroupDepth, compile, TABLE, type Compiled, type Facts } from '../compi
 import { renderText } from '../compile/nft.js';
 import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import type { Nft } from '../nft/client.js';
-import type { NftTableListing } from '../nft/types.js';
+import type { NftTableNames } from '../nft/types.js';
 import { loadPolicyOrThrow } from '../policy/load.js';
 import type { Policy } from '../policy/model.js';
 import { resolvePolicy } from '../policy/resolve.js';
 import { planChanges, type Plan } from './plan.js';
 import { summarizeCompiled, summarizeLive, type TableSummary } from './summary.js';
-import { liveGeneration, removalText, swapTexts, withGeneration, type Generation } from './swap.js';
+import { forgetRecord, readRecord, RECORD_FILE, recordText, type AppliedRecord } from './record.js';
+import { liveGeneration, nameList, namesAfterSwap, newApplyMarker, removalText, swapTexts, withGeneration, type Generation } from './swap.js';
 
 /** What enforcement needs from the system, passed in. */
 export interface EnforcerDeps {
@@ -27,6 +28,8 @@ export interface Applied {
   readonly digest: string;
   readonly lockdown: boolean;
   readonly plan: Plan;
+  /** How the table before the apply was known: from the last apply's record, by reading it whole, or there was none. */
+  readonly liveFrom: 'record' | 'listing' | 'none';
 }
 
 /** A cgroup that vanished between listing and applying makes nft refuse the element; the apply is retried with fresh facts. */
@@ -45,36 +48,64 @@ export async function liveSummary(nft: Nft): Promise<TableSummary | null> {
  */
 export async function applyPolicy(dir: string, deps: EnforcerDeps, options: { lockdown?: boolean } = {}): Promise<Applied> {
   const { policy } = loadPolicyOrThrow(dir);
-  return applyLoaded(policy, deps, { ...options, source: dir });
+  return applyLoadedPolicy(policy, deps, { ...options, source: dir });
 }
 
-async function applyLoaded(policy: Policy, deps: EnforcerDeps, options: { lockdown?: boolean; source: string }): Promise<Applied> {
+/** The live table as apply needs it. */
+interface LiveTable {
+  readonly names: NftTableNames;
+  /** The generation the base chain uses; undefined when it uses none (a first apply interrupted before its switch). */
+  readonly generation: Generation | undefined;
+  readonly summary: TableSummary;
+  /** "record": the table is as the last apply left it (applied.json), so it was not read whole. */
+  readonly from: 'record' | 'listing';
+}
+
+async function readLive(deps: EnforcerDeps): Promise<LiveTable | null> {
+  const names = await deps.nft.listNames(TABLE.family, TABLE.name);
+  if (!names) return null;
+  const record = readRecord(deps.stateDir);
+  if (record && record.names.join('\n') === nameList(names).join('\n')) {
+    return { names, generation: record.generation, summary: record.summary, from: 'record' };
+  }
+  const listing = await deps.nft.listTable(TABLE.family, TABLE.name);
+  return listing && { names: listing, generation: liveGeneration(listing), summary: summarizeLive(listing), from: 'listing' };
+}
+
+/**
+ * Applies an already loaded policy: egressctl apply, lockdown and egressd
+ * come here, and so does bench/apply.ts, which times this path.
+ */
+export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, options: { lockdown?: boolean; source: string }): Promise<Applied> {
   const { nft } = deps;
-  const listing = await nft.listTable(TABLE.family, TABLE.name);
-  const live = listing && summarizeLive(listing);
-  const lockdown = options.lockdown ?? live?.lockdown ?? false;
-  const next: Generation = liveGeneration(listing) === 'a' ? 'b' : 'a';
+  const live = await readLive(deps);
+  const lockdown = options.lockdown ?? live?.summary.lockdown ?? false;
+  const next: Generation = live?.generation === 'a' ? 'b' : 'a';
   // Leftovers of an interrupted apply would collide with the generation about to be written.
-  const leftovers = listing && removalText(listing, (name) => name.endsWith(`.${next}`));
+  const leftovers = live && removalText(live.names, (name) => name.endsWith(`.${next}`));
   if (leftovers) await nft.run({ text: leftovers });
+  const marker = `${newApplyMarker()}.${next}`;
 
   for (let attempt = 1; ; attempt++) {
     const facts = deps.facts(cgroupDepth(policy));
     const compiled = compile(policy, facts, { lockdown });
-    const plan = planChanges(summarizeCompiled(compiled.ruleset), live);
-    const swap = swapTexts(withGeneration(compiled.ruleset, next));
+    const summary = summarizeCompiled(compiled.ruleset);
+    const plan = planChanges(summary, live?.summary ?? null);
+    const generation = withGeneration(compiled.ruleset, next);
+    const swap = swapTexts(generation, marker);
     try {
       await nft.run({ text: swap.prepare });
     } catch (error) {
-      // Retried only when the cgroup tree really changed under us; any other refusal is final.
+      // Retried only when the cgroup tree really changed under us; any other refusal is final
+      // (and changed nothing, so the marker can be used again).
       const missing = isEgressError(error) && error.code === ErrorCode.NftApply && /No such file or directory/.test(error.message);
       if (missing && attempt < CGROUP_RACE_RETRIES && deps.facts(cgroupDepth(policy)).cgroups.join('\n') !== facts.cgroups.join('\n')) continue;
       throw error;
     }
     await nft.run({ text: swap.switch });
-    await removePreviousGeneration(deps, listing, next);
-    const text = renderText(compiled.ruleset);
-    saveLastGood(deps.stateDir, text, { digest: policy.digest, lockdown, source: options.source });
+    const cleanedUp = await removePreviousGeneration(deps, live?.names ?? null, next);
+    const record = cleanedUp ? { generation: next, names: namesAfterSwap(generation, marker), summary } : undefined;
+    saveState(deps.stateDir, renderText(compiled.ruleset), { digest: policy.digest, lockdown, source: options.source }, record);
     deps.audit(lockdown ? 'applied (lockdown on)' : 'applied', {
       digest: policy.digest.slice(0, 32),
       lockdown,
@@ -82,24 +113,24 @@ async function applyLoaded(policy: Policy, deps: EnforcerDeps, options: { lockdo
       rules: compiled.ruleset.chains.reduce((n, c) => n + c.rules.length, 0),
       backend: nft.backend,
     });
-    return { compiled, digest: policy.digest, lockdown, plan };
+    return { compiled, digest: policy.digest, lockdown, plan, liveFrom: live?.from ?? 'none' };
   }
 }
 
 /**
  * The last transaction: the previous generation is unreferenced now. Its
- * names come from the listing taken before the swap — listing again would
- * cost as much as the whole swap (nft fetches every set element into its
- * cache, even for a terse listing). Failing here leaves only unused objects,
- * which the next apply removes.
+ * names were read before the swap. Failing here leaves only unused objects,
+ * which the next apply removes; false then.
  */
-async function removePreviousGeneration(deps: EnforcerDeps, before: NftTableListing | null, current: Generation): Promise<void> {
+async function removePreviousGeneration(deps: EnforcerDeps, before: NftTableNames | null, current: Generation): Promise<boolean> {
   const stale = before && removalText(before, (name) => !name.endsWith(`.${current}`));
-  if (!stale) return;
+  if (!stale) return true;
   try {
     await deps.nft.run({ text: stale });
+    return true;
   } catch (error) {
     deps.audit('applied, but the previous generation could not be removed yet', { reason: (error as Error).message });
+    return false;
   }
 }
 
@@ -111,13 +142,13 @@ async function removePreviousGeneration(deps: EnforcerDeps, before: NftTableList
 export async function setLockdown(on: boolean, dir: string, deps: EnforcerDeps): Promise<Applied & { policyUsable: boolean }> {
   try {
     const { policy } = loadPolicyOrThrow(dir);
-    return { ...(await applyLoaded(policy, deps, { lockdown: on, source: dir })), policyUsable: true };
+    return { ...(await applyLoadedPolicy(policy, deps, { lockdown: on, source: dir })), policyUsable: true };
   } catch (error) {
     if (!on) throw error;
     const bare = resolvePolicy([{ file: 'lockdown.yaml', bytes: new TextEncoder().encode('defaults: {egress: deny}\n') }], () => ({ error: 'no lists' }));
     if (!bare.ok) throw error;
     deps.audit('policy unusable; lockdown applied without it', { source: dir, reason: (error as Error).message });
-    return { ...(await applyLoaded(bare.policy, deps, { lockdown: true, source: `${dir} (invalid; lockdown only)` })), policyUsable: false };
+    return { ...(await applyLoadedPolicy(bare.policy, deps, { lockdown: true, source: `${dir} (invalid; lockdown only)` })), policyUsable: false };
   }
 }
 
@@ -137,11 +168,22 @@ export async function planPolicy(dir: string, deps: Pick<EnforcerDeps, 'nft' | '
   return { plan: planChanges(summarizeCompiled(compiled.ruleset), live), compiled, live };
 }
 
-/** Keeps the last applied ruleset, written whole or not at all; egressd-early loads it at boot. */
-function saveLastGood(stateDir: string, text: string, meta: { digest: string; lockdown: boolean; source: string }): void {
+/**
+ * Keeps the last applied ruleset (egressd-early loads it at boot) and the
+ * record the next apply compares the live table with; each file is written
+ * whole or not at all. Without a record (a clean-up that failed), the next
+ * apply reads the table whole.
+ */
+function saveState(stateDir: string, text: string, meta: { digest: string; lockdown: boolean; source: string }, record: AppliedRecord | undefined): void {
   try {
     mkdirSync(stateDir, { recursive: true, mode: 0o750 });
-    for (const [name, content] of [['last-good.nft', text], ['last-good.json', `${JSON.stringify({ ...meta, table: `${TABLE.family} ${TABLE.name}` }, null, 2)}\n`]] as const) {
+    if (!record) forgetRecord(stateDir);
+    const files: [string, string][] = [
+      ['last-good.nft', text],
+      ['last-good.json', `${JSON.stringify({ ...meta, table: `${TABLE.family} ${TABLE.name}` }, null, 2)}\n`],
+    ];
+    if (record) files.push([RECORD_FILE, recordText(record)]);
+    for (const [name, content] of files) {
       const path = join(stateDir, name);
       writeFileSync(`${path}.tmp`, content, { mode: 0o640 });
       renameSync(`${path}.tmp`, path);

@@ -54,7 +54,7 @@ export function planChanges(compiled: TableSummary, live: TableSummary | null): 
     let change: SetChange['change'];
     if (!have) change = 'added';
     else if (!want) change = 'removed';
-    else if (want.kind !== have.kind || (!dynamic && want.elements.join('\n') !== have.elements.join('\n'))) change = 'changed';
+    else if (want.kind !== have.kind || (!dynamic && want.contents !== have.contents)) change = 'changed';
     else change = 'same';
     sets.push({ name, change, compiled: want?.size, live: have?.size, dynamic });
   }

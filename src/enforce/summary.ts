@@ -1,7 +1,8 @@
+import { createHash } from 'node:crypto';
 import { POLICY_MARK } from '../compile/compile.js';
 import type { Element, Ruleset } from '../compile/nft.js';
 import type { NftElemJson, NftJson, NftTableListing } from '../nft/types.js';
-import { baseName } from './swap.js';
+import { baseName, isApplyMarker } from './swap.js';
 
 /**
  * A table reduced to what can be compared between the compiled form and a
@@ -32,8 +33,8 @@ export interface SetSummary {
   /** Filled at run time (DNS answers, cgroups): only their size is compared. */
   readonly dynamic: boolean;
   readonly size: number;
-  /** Static sets: the elements, normalised and sorted. */
-  readonly elements: readonly string[];
+  /** A digest of the elements, normalised and sorted: static sets are compared by it. */
+  readonly contents: string;
 }
 
 const FINGERPRINT = / #[0-9a-f]{8}$/;
@@ -53,6 +54,11 @@ function digestFrom(comment: string | undefined): string | undefined {
 /** Compiled sets that the run time fills: DNS sets (timeout) and identity maps keyed by cgroup. */
 function isDynamic(name: string, flags: readonly string[]): boolean {
   return flags.includes('timeout') || /_cg_l\d+$/.test(name);
+}
+
+/** Kept instead of the elements themselves: a summary of 100,000 CIDRs stays small enough to save with each apply. */
+function contentsDigest(elements: string[]): string {
+  return createHash('sha256').update(elements.sort().join('\n')).digest('hex');
 }
 
 function elementString(element: Element | NftJson): string {
@@ -92,7 +98,7 @@ export function summarizeCompiled(ruleset: Ruleset): TableSummary {
   const sets = new Map<string, SetSummary>();
   for (const set of ruleset.sets) {
     const elements = set.elements.map((element, i) => (set.map ? `${elementString(element)} : ${verdictString(set.verdicts![i] as unknown as NftJson)}` : elementString(element)));
-    sets.set(set.name, { kind: set.map ? 'map' : 'set', dynamic: isDynamic(set.name, set.flags), size: elements.length, elements: elements.sort() });
+    sets.set(set.name, { kind: set.map ? 'map' : 'set', dynamic: isDynamic(set.name, set.flags), size: elements.length, contents: contentsDigest(elements) });
   }
   const output = ruleset.chains.find((c) => c.name === 'output');
   return { digest: digestFrom(output?.rules.find((r) => r.comment?.includes(POLICY_MARK))?.comment), lockdown: chains.has('lockdown'), chains, sets };
@@ -101,7 +107,7 @@ export function summarizeCompiled(ruleset: Ruleset): TableSummary {
 export function summarizeLive(listing: NftTableListing): TableSummary {
   const chains = new Map<string, RuleSummary[]>();
   // Live names carry the generation (".a"/".b", see swap.ts); summaries compare without it.
-  for (const chain of listing.chains) chains.set(baseName(chain.name), []);
+  for (const chain of listing.chains) if (!isApplyMarker(chain.name)) chains.set(baseName(chain.name), []);
   for (const r of listing.rules) {
     const counter = r.expr.map(counterOf).find((c) => c !== undefined);
     const comment = r.comment ?? '';
@@ -115,7 +121,7 @@ export function summarizeLive(listing: NftTableListing): TableSummary {
         Array.isArray(element) ? `${elementString(element[0] as NftJson)} : ${verdictString(element[1] as NftJson)}` : elementString(element as NftJson),
       );
       const name = baseName(set.name);
-      sets.set(name, { kind, dynamic: isDynamic(name, set.flags ?? []), size: elements.length, elements: elements.sort() });
+      sets.set(name, { kind, dynamic: isDynamic(name, set.flags ?? []), size: elements.length, contents: contentsDigest(elements) });
     }
   }
   const output = listing.rules.find((r) => r.chain === 'output' && r.comment?.includes(POLICY_MARK));

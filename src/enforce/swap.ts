@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 /**
  * Replacing the live table without a window, in three transactions.
  *
@@ -21,7 +22,7 @@
  */
 import { TABLE } from '../compile/compile.js';
 import { renderText, type ChainDecl, type Element, type Ruleset, type Statement, type Verdict } from '../compile/nft.js';
-import type { NftTableListing } from '../nft/types.js';
+import type { NftTableListing, NftTableNames } from '../nft/types.js';
 
 export type Generation = 'a' | 'b';
 
@@ -30,6 +31,36 @@ const GENERATION_SUFFIX = /\.(a|b)$/;
 /** A live chain or set name without its generation (".a" / ".b"); compiled names never contain a dot. */
 export function baseName(name: string): string {
   return name.replace(GENERATION_SUFFIX, '');
+}
+
+/**
+ * Each apply adds an empty chain named `applied_<random>.<generation>` with
+ * its generation: the table's names then say which apply left it, so that
+ * names alone (cheap to list) can tell whether the table is still exactly as
+ * the apply recorded in the state directory left it.
+ */
+const APPLY_MARKER = /^applied_[0-9a-f]{16}(\.(a|b))?$/;
+
+export function isApplyMarker(name: string): boolean {
+  return APPLY_MARKER.test(name);
+}
+
+export function newApplyMarker(): string {
+  return `applied_${randomBytes(8).toString('hex')}`;
+}
+
+/** Every chain, set and map of a table, one "kind name" string each, sorted: the form names are compared in. */
+export function nameList(names: NftTableNames): string[] {
+  return [...names.chains.map((c) => `chain ${c.name}`), ...names.sets.map((x) => `set ${x.name}`), ...names.maps.map((m) => `map ${m.name}`)].sort();
+}
+
+/** The names a table holds once `live` (a ruleset withGeneration renamed) is switched in with its marker, and the other generation is gone. */
+export function namesAfterSwap(live: Ruleset, marker: string): string[] {
+  return [
+    ...live.chains.map((c) => `chain ${c.name}`),
+    `chain ${marker}`,
+    ...live.sets.map((x) => `${x.map ? 'map' : 'set'} ${x.name}`),
+  ].sort();
 }
 
 /** The generation the live base chain uses, if any: the one its jump to the global deny chain names. */
@@ -80,14 +111,16 @@ export function withGeneration(ruleset: Ruleset, generation: Generation): Rulese
  * Our rules always end in an explicit verdict, so the policy set early in
  * `prepare` changes nothing until `switch`.
  */
-export function swapTexts(ruleset: Ruleset): { prepare: string; switch: string } {
+/** `marker`, when given, is the apply marker's full name (with the generation), added by `prepare`. */
+export function swapTexts(ruleset: Ruleset, marker?: string): { prepare: string; switch: string } {
   const base = ruleset.chains.find((c) => c.hook);
   if (!base?.hook) throw new Error('internal: a ruleset without a base chain');
   const { family, name } = ruleset.table;
   const ensure = `table ${family} ${name} {\n\tchain ${base.name} {\n\t\ttype filter hook ${base.hook.hook} priority ${base.hook.prio}; policy ${base.hook.policy};\n\t}\n}\n`;
   const objects = renderText({ ...ruleset, chains: ruleset.chains.filter((c) => c !== base) });
   const rules = renderText({ table: ruleset.table, sets: [], chains: [base] });
-  return { prepare: `${ensure}${objects}`, switch: `flush chain ${family} ${name} ${base.name}\n${rules}` };
+  const markerText = marker ? `add chain ${family} ${name} ${marker}\n` : '';
+  return { prepare: `${ensure}${objects}${markerText}`, switch: `flush chain ${family} ${name} ${base.name}\n${rules}` };
 }
 
 /**
@@ -96,7 +129,7 @@ export function swapTexts(ruleset: Ruleset): { prepare: string; switch: string }
  * elements may jump to chains), then the chains. Undefined when there is
  * nothing to remove.
  */
-export function removalText(listing: NftTableListing, stale: (name: string) => boolean): string | undefined {
+export function removalText(listing: NftTableNames, stale: (name: string) => boolean): string | undefined {
   const { family, name } = TABLE;
   const chains = listing.chains.filter((c) => c.hook === undefined && stale(c.name)).map((c) => c.name);
   const maps = listing.maps.filter((m) => stale(m.name)).map((m) => m.name);

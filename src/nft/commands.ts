@@ -133,6 +133,9 @@ export const cmd = {
     table: (family: NftFamily, name: string): NftCommand => ({ list: { table: tableSpec(family, name) } }),
     set: (ref: NftSetRef): NftCommand => ({ list: { set: setSpec(ref) } }),
     map: (ref: NftSetRef): NftCommand => ({ list: { map: setSpec(ref) } }),
+    chains: (family: NftFamily): NftCommand => ({ list: { chains: { family } } }),
+    sets: (family: NftFamily): NftCommand => ({ list: { sets: { family } } }),
+    maps: (family: NftFamily): NftCommand => ({ list: { maps: { family } } }),
   },
 } as const;
 

@@ -94,7 +94,10 @@ export type NftListObject =
   | { readonly tables: null }
   | { readonly table: NftTableSpec }
   | { readonly set: NftSetSpec }
-  | { readonly map: NftSetSpec };
+  | { readonly map: NftSetSpec }
+  | { readonly chains: { readonly family: NftFamily } }
+  | { readonly sets: { readonly family: NftFamily } }
+  | { readonly maps: { readonly family: NftFamily } };
 
 /** One libnftables JSON command. Build them with `cmd` from ./commands.ts. */
 export type NftCommand =
@@ -172,6 +175,17 @@ export interface NftTableListing {
   /** Objects of other kinds (counters, quotas, flowtables, …), unmodelled. */
   readonly other: readonly NftJsonObject[];
   readonly raw: NftListingJson;
+}
+
+/**
+ * A table's chains, sets and maps by name, without rules or elements: what
+ * `nft list chains` and a terse `nft list sets` print, cheap even when a set
+ * holds 100,000 intervals.
+ */
+export interface NftTableNames {
+  readonly chains: readonly NftChainInfo[];
+  readonly sets: readonly NftSetInfo[];
+  readonly maps: readonly NftSetInfo[];
 }
 
 /** One element of a listed set or map, flattened. */

@@ -46,6 +46,11 @@ to hold. Only "egressctl release" removes it. If lockdown is on, it stays on.
 The applied ruleset is kept in $EGRESSD_STATE_DIR (default /var/lib/egressd)
 as last-good.nft, and the change is recorded in the system log.
 
+The changes listed are against the live table. When its chains and sets are
+still exactly those the last apply left (recorded in applied.json; checked
+against the kernel each time), they are taken from that record instead of
+reading every set element back — "liveFrom" in --json says which.
+
 Exit status: 0 applied, 2 invalid policy, 3 nftables refused (nothing changed).`,
   parse: (argv) => onePolicyDir('apply', argv),
   async run(options, deps) {
@@ -54,7 +59,7 @@ Exit status: 0 applied, 2 invalid policy, 3 nftables refused (nothing changed).`
     printIssues(deps, options.dir, applied.compiled.warnings);
     const rules = applied.compiled.ruleset.chains.reduce((n, c) => n + c.rules.length, 0);
     if (options.json) {
-      deps.out(JSON.stringify({ applied: true, digest: applied.digest, lockdown: applied.lockdown, rules, sets: applied.compiled.ruleset.sets.length, backend: enforcer.nft.backend, plan: applied.plan }, null, 2));
+      deps.out(JSON.stringify({ applied: true, digest: applied.digest, lockdown: applied.lockdown, rules, sets: applied.compiled.ruleset.sets.length, backend: enforcer.nft.backend, liveFrom: applied.liveFrom, plan: applied.plan }, null, 2));
     }
     deps.err(`applied ${options.dir}: ${rules} rules, ${applied.compiled.ruleset.sets.length} sets and maps; policy sha256:${applied.digest.slice(0, 16)}… (${enforcer.nft.backend})`);
     for (const line of describePlan(applied.plan)) deps.err(line);

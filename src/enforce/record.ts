@@ -1,0 +1,88 @@
+/**
+ * What the last apply left in the kernel, kept in the state directory
+ * (applied.json) so that the next apply need not read the live table whole.
+ *
+ * Reading the table is what made apply slow: nft fetches every set element
+ * into its cache for any listing of rules, even a terse one (~1 s at 100,000
+ * interval elements), while the names of chains, sets and maps list in
+ * milliseconds. The record is trusted only when the live names are exactly
+ * the ones it lists, its apply's marker chain among them: then the table is
+ * the one that apply left (the resolver and the app tracker change elements
+ * of dynamic sets, never names). Anything else — an interrupted apply, a
+ * table changed by hand, another state directory, a damaged file — and apply
+ * reads the table whole, as before.
+ */
+import { readFileSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { z } from 'zod';
+import type { TableSummary } from './summary.js';
+import type { Generation } from './swap.js';
+
+export const RECORD_FILE = 'applied.json';
+
+export interface AppliedRecord {
+  readonly generation: Generation;
+  /** Every chain, set and map the apply left, as swap.ts's nameList writes them. */
+  readonly names: readonly string[];
+  /** The summary of the compiled ruleset that apply switched in. */
+  readonly summary: TableSummary;
+}
+
+const ruleSummary = z.object({ comment: z.string(), id: z.string(), drops: z.boolean() }).strict();
+const setSummary = z.object({ kind: z.enum(['set', 'map']), dynamic: z.boolean(), size: z.number().int().nonnegative(), contents: z.string() }).strict();
+const recordSchema = z
+  .object({
+    version: z.literal(1),
+    generation: z.enum(['a', 'b']),
+    names: z.array(z.string()),
+    summary: z
+      .object({
+        digest: z.string().optional(),
+        lockdown: z.boolean(),
+        chains: z.array(z.tuple([z.string(), z.array(ruleSummary)])),
+        sets: z.array(z.tuple([z.string(), setSummary])),
+      })
+      .strict(),
+  })
+  .strict();
+
+export function recordText(record: AppliedRecord): string {
+  const { summary } = record;
+  return `${JSON.stringify({
+    version: 1,
+    generation: record.generation,
+    names: record.names,
+    summary: {
+      ...(summary.digest === undefined ? {} : { digest: summary.digest }),
+      lockdown: summary.lockdown,
+      chains: [...summary.chains].map(([name, rules]) => [name, rules.map((r) => ({ comment: r.comment, id: r.id, drops: r.drops }))]),
+      sets: [...summary.sets],
+    },
+  })}\n`;
+}
+
+/** The record, or undefined when there is none or it cannot be trusted to be ours (then apply reads the table). */
+export function readRecord(stateDir: string): AppliedRecord | undefined {
+  let parsed: z.infer<typeof recordSchema>;
+  try {
+    parsed = recordSchema.parse(JSON.parse(readFileSync(join(stateDir, RECORD_FILE), 'utf8')));
+  } catch {
+    return undefined;
+  }
+  const { summary } = parsed;
+  return {
+    generation: parsed.generation,
+    names: parsed.names,
+    summary: {
+      digest: summary.digest,
+      lockdown: summary.lockdown,
+      chains: new Map(summary.chains.map(([name, rules]) => [name, rules.map((r) => ({ ...r, packets: undefined, bytes: undefined }))])),
+      sets: new Map(summary.sets),
+    },
+  };
+}
+
+/** After an apply that could not finish its clean-up: the table holds more than any record says. */
+export function forgetRecord(stateDir: string): void {
+  rmSync(join(stateDir, RECORD_FILE), { force: true });
+}
