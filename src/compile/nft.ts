@@ -238,6 +238,24 @@ function setKeyText(key: SetKey): string {
   return `typeof socket cgroupv2 level ${key.cgroupLevel}`;
 }
 
+/**
+ * The `elements = { … }` text of plain sets, by their element array: an
+ * apply renders the same 100,000 CIDRs twice (its generation's names, and
+ * last-good.nft), and withGeneration keeps the array.
+ */
+const elementBlocks = new WeakMap<readonly Element[], string>();
+
+function elementBlock(set: SetDecl): string {
+  const cached = set.map ? undefined : elementBlocks.get(set.elements);
+  if (cached !== undefined) return cached;
+  const items = set.elements.map((element, i) => (set.map ? `${elementText(element)} : ${verdictText(set.verdicts![i]!)}` : elementText(element)));
+  const rows: string[] = [];
+  for (let i = 0; i < items.length; i += 8) rows.push(items.slice(i, i + 8).join(', '));
+  const block = `\t\telements = { ${rows.join(',\n\t\t\t     ')} }`;
+  if (!set.map) elementBlocks.set(set.elements, block);
+  return block;
+}
+
 /** Renders `table inet NAME { … }`. Elements are written eight to a line to keep huge sets readable and fast to parse. */
 export function renderText(ruleset: Ruleset): string {
   const lines: string[] = [`table ${ruleset.table.family} ${ruleset.table.name} {`];
@@ -246,12 +264,7 @@ export function renderText(ruleset: Ruleset): string {
     lines.push(`\t\t${setKeyText(set.key)}${set.map ? ` : ${set.map}` : ''}`);
     if (set.flags.length > 0) lines.push(`\t\tflags ${set.flags.join(',')}`);
     if (set.comment) lines.push(`\t\tcomment ${quote(set.comment)}`);
-    if (set.elements.length > 0) {
-      const items = set.elements.map((element, i) => (set.map ? `${elementText(element)} : ${verdictText(set.verdicts![i]!)}` : elementText(element)));
-      const rows: string[] = [];
-      for (let i = 0; i < items.length; i += 8) rows.push(items.slice(i, i + 8).join(', '));
-      lines.push(`\t\telements = { ${rows.join(',\n\t\t\t     ')} }`);
-    }
+    if (set.elements.length > 0) lines.push(elementBlock(set));
     lines.push('\t}');
   }
   for (const chain of ruleset.chains) {
