@@ -6,7 +6,7 @@
  *     once over a table it did not leave (read whole), once over its own
  *     last apply (known from the state directory's record, src/enforce/record.ts),
  *   - the same ruleset text loaded by `nft -f` (a fresh nft process),
- *   - egressd's fallback backend (spawning nft),
+ *   - egressd's apply through the fallback backend (spawning nft per transaction),
  *   - the whole `egressctl apply` (Node start-up, load, compile, transaction).
  * Target: egressd in-process ≤ 1.3 × `nft -f` (a one-transaction replace).
  *
@@ -50,14 +50,16 @@ async function inner(dir: string): Promise<void> {
   writeFileSync(textFile, `add table inet egressd; delete table inet egressd;\n${text}`);
   const lib = await openNft({ prefer: 'libnftables', strict: true });
   const bin = await openNft({ prefer: 'binary', strict: true });
-  const deps: EnforcerDeps = { nft: lib, facts: () => ({ users: new Map(), groups: new Map(), cgroups: [] }), stateDir: join(dir, 'state-inproc'), audit: () => {} };
+  const depsWith = (nft: typeof lib, state: string): EnforcerDeps => ({ nft, facts: () => ({ users: new Map(), groups: new Map(), cgroups: [] }), stateDir: join(dir, state), audit: () => {} });
+  const inProcess = depsWith(lib, 'state-inproc');
+  const fallback = depsWith(bin, 'state-bin');
   const cli = () =>
     execFileSync(process.execPath, ['--import', 'tsx', join(ROOT, 'src/cli/main.ts'), 'apply', dir], { stdio: 'ignore', env: { ...process.env, EGRESSD_STATE_DIR: join(dir, 'state-cli') } });
   const rows: [string, number[]][] = [
     ['nft -f (same text, fresh process)', []],
     ['egressd apply in-process, over a table it did not leave (reads it whole)', []],
     ['egressd apply in-process, over the table its last apply left', []],
-    ['egressd fallback (spawning nft, one-transaction replace)', []],
+    ['egressd apply with the fallback backend (spawning nft), over its last apply', []],
     ['egressctl apply (start-up + load + compile + swap), over its last apply', []],
   ];
   const timed = async (row: number, work: () => unknown) => {
@@ -65,16 +67,17 @@ async function inner(dir: string): Promise<void> {
     await work();
     rows[row]![1].push(performance.now() - t);
   };
-  const liveFrom = async (expected: string) => {
+  const liveFrom = async (deps: EnforcerDeps, expected: string) => {
     const applied = await applyLoadedPolicy(policy, deps, { source: dir });
     if (applied.liveFrom !== expected) throw new Error(`apply read the live table from ${applied.liveFrom}, expected ${expected}`);
   };
   for (let i = 0; i < runs; i++) {
     // Each row starts from the table the row before left.
     await timed(0, () => execFileSync('nft', ['-f', textFile]));
-    await timed(1, () => liveFrom('listing'));
-    await timed(2, () => liveFrom('record'));
-    await timed(3, () => bin.replaceTable('inet', 'egressd', text));
+    await timed(1, () => liveFrom(inProcess, 'listing'));
+    await timed(2, () => liveFrom(inProcess, 'record'));
+    await liveFrom(fallback, 'listing');
+    await timed(3, () => liveFrom(fallback, 'record'));
     cli();
     await timed(4, cli);
   }

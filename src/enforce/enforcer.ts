@@ -89,12 +89,15 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
   for (let attempt = 1; ; attempt++) {
     const facts = deps.facts(cgroupDepth(policy));
     const compiled = compile(policy, facts, { lockdown });
-    const summary = summarizeCompiled(compiled.ruleset);
-    const plan = planChanges(summary, live?.summary ?? null);
     const generation = withGeneration(compiled.ruleset, next);
     const swap = swapTexts(generation, marker);
+    const prepared = nft.run({ text: swap.prepare });
+    // Worked out while nft takes the new generation on its worker thread.
+    const summary = summarizeCompiled(compiled.ruleset);
+    const plan = planChanges(summary, live?.summary ?? null);
+    const lastGood = renderText(compiled.ruleset);
     try {
-      await nft.run({ text: swap.prepare });
+      await prepared;
     } catch (error) {
       // Retried only when the cgroup tree really changed under us; any other refusal is final
       // (and changed nothing, so the marker can be used again).
@@ -105,7 +108,7 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
     await nft.run({ text: swap.switch });
     const cleanedUp = await removePreviousGeneration(deps, live?.names ?? null, next);
     const record = cleanedUp ? { generation: next, names: namesAfterSwap(generation, marker), summary } : undefined;
-    saveState(deps.stateDir, renderText(compiled.ruleset), { digest: policy.digest, lockdown, source: options.source }, record);
+    saveState(deps.stateDir, lastGood, { digest: policy.digest, lockdown, source: options.source }, record);
     deps.audit(lockdown ? 'applied (lockdown on)' : 'applied', {
       digest: policy.digest.slice(0, 32),
       lockdown,

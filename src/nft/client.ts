@@ -156,6 +156,7 @@ export class Nft {
   readonly fallbackReason: string | undefined;
   readonly #impl: NftBackend;
   #version: Promise<string> | undefined;
+  #previous: Promise<unknown> = Promise.resolve();
 
   constructor(impl: NftBackend, info: NftClientInfo = {}) {
     this.#impl = impl;
@@ -168,7 +169,15 @@ export class Nft {
    * Runs one transaction, text or JSON. Throws EGD_NFT_APPLY with nft's error
    * text if nft refuses it (and then nothing was changed).
    */
-  async run(input: NftInput, options: NftRunOptions = {}): Promise<NftRunResult> {
+  run(input: NftInput, options: NftRunOptions = {}): Promise<NftRunResult> {
+    // One transaction at a time, in the order asked: a listing asked for during
+    // a write sees the write, and libnftables is never driven from two threads.
+    const result = this.#previous.then(() => this.#runNow(input, options));
+    this.#previous = result.catch(() => undefined);
+    return result;
+  }
+
+  async #runNow(input: NftInput, options: NftRunOptions): Promise<NftRunResult> {
     const isJson = 'json' in input;
     const outcome = await this.#impl.exec({
       input: isJson ? batchDocument(input.json) : input.text,

@@ -38,15 +38,3 @@ export async function withInputFile<T>(
     rmSync(dir, { recursive: true, force: true });
   }
 }
-
-/** The synchronous twin, for the in-process FFI path. */
-export function withInputFileSync<T>(tmpBase: string | undefined, input: string, use: (file: InputFile) => T): T {
-  const dir = mkdtempSync(join(tmpBase ?? tmpdir(), 'egressd-nft-'));
-  try {
-    const path = join(dir, 'input.nft');
-    writeFileSync(path, input, { mode: 0o600 });
-    return use({ path, relabel: (text) => text.split(path).join(INPUT_LABEL) });
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
-}

@@ -14,12 +14,15 @@
  * ≈ 32 ms per add with a 20,000-element interval set present, ≈ 0.85 s at
  * 100,000. Keep interval sets small where run-time adds must be fast.
  *
- * Time safety: the FFI calls are synchronous and run on the event-loop
- * thread. That is deliberate — an element add or a listing of a small set
- * takes well under a millisecond, and libnftables is not documented as safe
- * to drive from several threads at once. A whole-table replace at 100,000
- * elements blocks the loop for ≈ 0.5 s; callers that cannot afford that
- * should schedule replaces when nothing latency-sensitive is pending.
+ * Time and threads: JSON commands (element adds, listings) run on the
+ * event-loop thread — they take well under a millisecond, and a worker
+ * thread's hand-off would cost more than the call. Text transactions (a
+ * whole generation of the table: ≈ 1 s at 100,000 interval elements) run on
+ * a worker thread, so that a daemon keeps answering (DNS, D-Bus) while an
+ * apply is in the kernel, and an apply can prepare its state files
+ * meanwhile. libnftables is not documented as safe to drive from several
+ * threads at once: calls never overlap, because the client (client.ts) runs
+ * one at a time.
  *
  * Text transactions go through a private temporary file
  * (`nft_run_cmd_from_filename`, see ./input-file.ts) so that nft's errors
@@ -27,7 +30,7 @@
  */
 import { EgressError, ErrorCode } from '../errors.js';
 import type { NftBackend, NftOutcome, NftRequest } from './backend.js';
-import { withInputFileSync } from './input-file.js';
+import { withInputFile } from './input-file.js';
 
 /** Output flags from <nftables/libnftables.h>. */
 export const NftOutputFlag = {
@@ -60,7 +63,8 @@ export interface LibnftablesApi {
   outputSetFlags(ctx: NftCtx, flags: number): void;
   setDryRun(ctx: NftCtx, dry: boolean): void;
   runCmdFromBuffer(ctx: NftCtx, buffer: string): number;
-  runCmdFromFilename(ctx: NftCtx, filename: string): number;
+  /** Runs on a worker thread (koffi's async call). */
+  runCmdFromFilename(ctx: NftCtx, filename: string): Promise<number>;
 }
 
 export const DEFAULT_LIBRARY = 'libnftables.so.1';
@@ -117,7 +121,10 @@ export async function loadLibnftables(path: string = DEFAULT_LIBRARY): Promise<L
       setDryRun(ctx, dry);
     },
     runCmdFromBuffer: (ctx, buffer) => runCmdFromBuffer(ctx, buffer) as number,
-    runCmdFromFilename: (ctx, filename) => runCmdFromFilename(ctx, filename) as number,
+    runCmdFromFilename: (ctx, filename) =>
+      new Promise<number>((resolve, reject) => {
+        runCmdFromFilename.async(ctx, filename, (err: unknown, rc: number) => (err ? reject(err instanceof Error ? err : new Error(String(err))) : resolve(rc)));
+      }),
   };
 }
 
@@ -129,7 +136,7 @@ export interface LibnftablesBackendOptions {
 export function createLibnftablesBackend(api: LibnftablesApi, options: LibnftablesBackendOptions = {}): NftBackend {
   const tmpBase = options.tmpDir;
 
-  function execSync(request: NftRequest): NftOutcome {
+  async function execOne(request: NftRequest): Promise<NftOutcome> {
     const ctx = api.ctxNew(0);
     if (ctx === null) {
       throw new EgressError(ErrorCode.NftUnavailable, 'libnftables: nft_ctx_new failed');
@@ -148,8 +155,8 @@ export function createLibnftablesBackend(api: LibnftablesApi, options: Libnftabl
         const rc = api.runCmdFromBuffer(ctx, request.input);
         return outcome(rc, api.getOutputBuffer(ctx), api.getErrorBuffer(ctx));
       }
-      return withInputFileSync(tmpBase, request.input, (file) => {
-        const rc = api.runCmdFromFilename(ctx, file.path);
+      return await withInputFile(tmpBase, request.input, async (file) => {
+        const rc = await api.runCmdFromFilename(ctx, file.path);
         return outcome(rc, api.getOutputBuffer(ctx), file.relabel(api.getErrorBuffer(ctx) ?? ''));
       });
     } finally {
@@ -157,16 +164,7 @@ export function createLibnftablesBackend(api: LibnftablesApi, options: Libnftabl
     }
   }
 
-  return {
-    kind: 'libnftables',
-    exec: (request) => {
-      try {
-        return Promise.resolve(execSync(request));
-      } catch (err) {
-        return Promise.reject(err instanceof Error ? err : new Error(String(err)));
-      }
-    },
-  };
+  return { kind: 'libnftables', exec: execOne };
 }
 
 function outcome(rc: number, output: string | null, error: string | null): NftOutcome {

@@ -165,10 +165,10 @@ function fakeLibrary(script: { rc?: number; error?: string; output?: string; thr
       calls.push(`buffer:${buffer.length > 0 ? 'json' : 'empty'}`);
       return script.rc ?? 0;
     },
-    runCmdFromFilename: (_, filename) => {
+    runCmdFromFilename: async (_, filename) => {
       if (script.throwOnRun === true) throw new Error('boom');
       calls.push(`file:${filename.endsWith('input.nft') ? 'input.nft' : filename}`);
-      return script.rc ?? 0;
+      return Promise.resolve(script.rc ?? 0);
     },
   };
   return { api, calls, live, made: () => made };

@@ -228,6 +228,33 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
     expectForeignUntouched();
   });
 
+  it('lists names cheaply, keeps the event loop turning during a big text transaction, and never overlaps calls', async () => {
+    const big = Array.from({ length: 20_000 }, (_, i) => `10.${i >> 8}.${i & 255}.0/25`).join(', ');
+    const table = `table inet egd_big {\n\tset nets { type ipv4_addr; flags interval; elements = { ${big} } }\n\tchain c { ip daddr @nets drop; }\n}\n`;
+    const out = await drive(
+      ns,
+      script([
+        op('listNames', 'inet', 'egd_big'),
+        op('runCountingTurns', { text: table }),
+        op('listNames', 'inet', 'egd_big'),
+        op('runThenListNames', { text: 'table inet egd_big { set later { type ipv4_addr; }; }' }, 'inet', 'egd_big'),
+        op('run', { text: 'delete table inet egd_big' }),
+      ]),
+    );
+    expect(ok(out.results[0])).toBeNull();
+    const turns = ok(out.results[1]) as number;
+    // The binary backend waits on a child process; the in-process one on a worker thread.
+    expect(turns).toBeGreaterThan(0);
+    const names = ok(out.results[2]) as { chains: { name: string }[]; sets: { name: string }[]; maps: unknown[] };
+    expect(names.chains.map((c) => c.name)).toEqual(['c']);
+    expect(names.sets.map((x) => x.name)).toEqual(['nets']);
+    // Asked for before the transaction finished, answered after it.
+    const after = ok(out.results[3]) as typeof names;
+    expect(after.sets.map((x) => x.name).sort()).toEqual(['later', 'nets']);
+    ok(out.results[4]);
+    expectForeignUntouched();
+  });
+
   it('answers clearly for things that are not there', async () => {
     const out = await drive(
       ns,
