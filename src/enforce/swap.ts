@@ -1,4 +1,3 @@
-import { randomBytes } from 'node:crypto';
 /**
  * Replacing the live table without a window, in three transactions.
  *
@@ -20,6 +19,7 @@ import { randomBytes } from 'node:crypto';
  * A crash between any two leaves unused objects, which the next apply
  * removes first.
  */
+import { randomBytes } from 'node:crypto';
 import { TABLE } from '../compile/compile.js';
 import { renderText, type ChainDecl, type Element, type Ruleset, type Statement, type Verdict } from '../compile/nft.js';
 import type { NftTableListing, NftTableNames } from '../nft/types.js';
@@ -109,9 +109,9 @@ export function withGeneration(ruleset: Ruleset, generation: Generation): Rulese
  * under default allow — 25–72 of ~30,000–90,000 denied datagrams in 200
  * swaps — while a swap whose sets were committed earlier let none through.
  * Our rules always end in an explicit verdict, so the policy set early in
- * `prepare` changes nothing until `switch`.
+ * `prepare` changes nothing until `switch`. `marker`, when given, is the
+ * apply marker's full name (with the generation), added by `prepare`.
  */
-/** `marker`, when given, is the apply marker's full name (with the generation), added by `prepare`. */
 export function swapTexts(ruleset: Ruleset, marker?: string): { prepare: string; switch: string } {
   const base = ruleset.chains.find((c) => c.hook);
   if (!base?.hook) throw new Error('internal: a ruleset without a base chain');
