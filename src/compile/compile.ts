@@ -142,10 +142,6 @@ class Compiler {
       output.push(rule([verdict.goto('lockdown')], 'lockdown is on'));
     }
 
-    // Replies to connections the policy let out, and to connections that came in.
-    output.push(rule([match.ctState(['established', 'related']), verdict.accept()], 'established and related'));
-    output.push(rule([match.ctDirection('reply'), verdict.accept()], 'replies to incoming connections'));
-
     // Tor itself may reach the network.
     if (torUid !== undefined) output.push(rule([match.skuid(torUid), stmt.counter(), verdict.accept()], comment(policy.tor.at, "tor/own: Tor's own traffic")));
 
@@ -257,9 +253,18 @@ class Compiler {
     return rules;
   }
 
+  /**
+   * The end of the chain when nothing else decided. A default deny applies to
+   * new connections only: packets of connections already let out or let in
+   * pass just before it — after every explicit deny, which cuts them too.
+   * `ct direction reply` needs no rule of its own: a reply-direction packet is
+   * always `ct state established`. Only a default deny uses conntrack, so a
+   * table without one leaves it off in the namespace (it costs every new
+   * connection, bench/packet-cost.ts).
+   */
   private defaultTail(id: string, verdictName: 'allow' | 'deny', at: Origin | undefined): RuleDecl[] {
     if (verdictName === 'allow') return [rule([stmt.counter(), verdict.accept()], comment(at, id))];
-    return this.denyTail(id, at, true);
+    return [rule([match.ctState(['established', 'related']), verdict.accept()], comment(at, `${id}: established and related connections`)), ...this.denyTail(id, at, true)];
   }
 
   private newDispatch(prefix: string): Dispatch {

@@ -19,7 +19,7 @@ const ruleText = (r: RuleDecl): string =>
     .replace(/ #[0-9a-f]{8}"$/, '"');
 
 describe('compiler', () => {
-  it('orders the output chain by precedence: Tor updaters, loopback, system domain, lockdown, conntrack, Tor itself, apps, global deny, default', () => {
+  it('orders the output chain by precedence: Tor updaters, loopback, system domain, lockdown, Tor itself, apps, global deny, default (established connections, then deny)', () => {
     const compiled = compileYaml(
       `
 defaults: {egress: deny}
@@ -42,15 +42,78 @@ tor: {enabled: true, updaters: [apt]}
       position('meta oif "lo" accept comment "loopback; policy sha256:'),
       position('vmap @sd_uid'),
       position('goto lockdown'),
-      position('ct state { established, related } accept'),
       position('meta skuid 110 counter accept comment "f.yaml'),
       position('vmap @app_uid'),
       position('jump global_deny'),
+      position('ct state { established, related } accept comment "f.yaml:2 default: established and related connections"'),
       position('log prefix "egd default "'),
     ];
+    // Right before the default's log rule: every explicit deny comes first.
+    expect(order.at(-1)! - order.at(-2)!).toBe(1);
     expect([...order].sort((a, b) => a - b)).toEqual(order);
     expect(chain(compiled, 'output').hook).toEqual({ hook: 'output', prio: 0, policy: 'drop' });
     expect(output.at(-1)).toMatch(/^counter drop comment "f\.yaml:2 default/);
+  });
+
+  it('a policy without a default deny has no conntrack expression at all, lockdown, system domains and Tor included', () => {
+    const yaml = `
+defaults: {egress: allow}
+identities: {apt: {user: _apt}, vault: {user: vault}}
+apps:
+  web: {identity: {user: alice}, rules: [{deny: [192.0.2.9]}, {allow: any}]}
+  gpg: {identity: {unit: gpg.service}, default: allow, rules: [{deny: any, proto: udp}]}
+deny: [{to: [198.51.100.0/24]}, {to: [x.example.org], log: false}]
+systemDomains: {offline: {members: [vault]}}
+tor: {enabled: true, updaters: [apt]}
+`;
+    for (const lockdown of [false, true]) {
+      const compiled = compileYaml(yaml, { lockdown });
+      expect(JSON.stringify(compiled.ruleset)).not.toContain('"ct"');
+      expect(renderText(compiled.ruleset)).not.toMatch(/\bct (state|direction|status|mark)\b/);
+    }
+  });
+
+  it('each default deny, and only a default deny, is preceded by exactly one established/related accept', () => {
+    const ct = (r: RuleDecl) => JSON.stringify(r.expr).includes('"ct"');
+    const tailStart = (c: ChainDecl, id: string) => c.rules.findIndex((r) => ruleText(r).includes(`log prefix "egd ${id} "`));
+    for (const egress of ['allow', 'deny'] as const) {
+      const compiled = compileYaml(
+        `
+defaults: {egress: ${egress}}
+identities: {apt: {user: _apt}, vault: {user: vault}}
+apps:
+  closed: {identity: {user: alice}, default: deny, rules: [{allow: [192.0.2.1]}, {deny: [192.0.2.0/24]}]}
+  open: {identity: {unit: gpg.service}, default: allow, rules: [{deny: [192.0.2.0/24]}]}
+deny: [{to: [198.51.100.0/24]}]
+systemDomains: {offline: {members: [vault]}}
+tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
+`,
+        { lockdown: true },
+      );
+      const counts = Object.fromEntries(compiled.ruleset.chains.map((c) => [c.name, c.rules.filter(ct).length]));
+      expect(counts, egress).toEqual({
+        output: egress === 'deny' ? 1 : 0,
+        app_closed: 1,
+        app_open: 0,
+        sd_offline: 0,
+        lockdown: 0,
+        tor_updaters: 0,
+        global_deny: 0,
+        log_g0: 0,
+        log_a_closed_1: 0,
+        log_a_open_0: 0,
+      });
+      const closed = chain(compiled, 'app_closed');
+      const at = tailStart(closed, 'app/closed/default');
+      expect(at).toBeGreaterThan(0);
+      expect(ruleText(closed.rules[at - 1]!)).toBe('ct state { established, related } accept comment "f.yaml:5 app/closed/default: established and related connections"');
+      // After the app's own rules and the global deny list: they cut established connections too.
+      expect(ruleText(closed.rules[at - 2]!)).toMatch(/^jump global_deny /);
+      if (egress === 'deny') {
+        const output = chain(compiled, 'output');
+        expect(output.rules.findIndex(ct)).toBe(tailStart(output, 'default') - 1);
+      }
+    }
   });
 
   it('per-packet cost does not grow with names, addresses or apps', () => {
@@ -112,7 +175,7 @@ tor: {enabled: true, updaters: [apt]}
   it('every rule of every policy chain names its file:line and rule id', () => {
     const compiled = compileYaml('apps: {a: {identity: {user: alice}, default: deny, rules: [{deny: [192.0.2.1]}, {allow: any, proto: icmp}]}}\n');
     for (const name of ['app_a', 'log_a_a_0']) {
-      for (const r of chain(compiled, name).rules) expect(r.comment).toMatch(/^f\.yaml:\d+ (app\/a\/(\d|default)|app\/a: then the global deny list) #[0-9a-f]{8}$/);
+      for (const r of chain(compiled, name).rules) expect(r.comment).toMatch(/^f\.yaml:\d+ (app\/a\/(\d|default)|app\/a: then the global deny list|app\/a\/default: established and related connections) #[0-9a-f]{8}$/);
     }
   });
 

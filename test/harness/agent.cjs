@@ -1,5 +1,5 @@
-// Network agent of the test harness: a recording server, a one-shot client and a bounded
-// sender loop. The harness runs it inside a test namespace as
+// Network agent of the test harness: a recording server, a one-shot client, a bounded
+// sender loop and a long-lived session. The harness runs it inside a test namespace as
 //   node -e <this file's text> <json config>
 // (passing the text, not the path, so that any uid can run it). Plain CommonJS, no
 // dependencies, so Node starts it fast. Output: one JSON object per line on stdout.
@@ -27,7 +27,21 @@ function errCode(e) {
 // ---------------------------------------------------------------- server
 function server() {
   const readWaitMs = cfg.readWaitMs ?? 300;
-  if (cfg.proto === 'tcp') {
+  if (cfg.proto === 'tcp' && cfg.lines) {
+    // Long-lived connections: every line received is recorded (with its text) and echoed.
+    const srv = net.createServer((sock) => {
+      const base = { proto: 'tcp', peer: norm(sock.remoteAddress), peerPort: sock.remotePort, local: norm(sock.localAddress), localPort: sock.localPort };
+      sock.on('error', () => {});
+      readline.createInterface({ input: sock }).on('line', (text) => {
+        out({ ev: 'seen', ...base, time: Date.now(), bytes: Buffer.byteLength(text) + 1, text });
+        sock.write(`echo ${text}\n`);
+      });
+    });
+    srv.on('error', (e) => { out({ ev: 'error', error: errCode(e) }); process.exit(2); });
+    srv.listen({ host: cfg.addr, port: cfg.port, ipv6Only: false }, () => {
+      out({ ev: 'listening', port: srv.address().port });
+    });
+  } else if (cfg.proto === 'tcp') {
     const srv = net.createServer((sock) => {
       const time = Date.now();
       const rec = {
@@ -127,6 +141,33 @@ async function client() {
   process.exit(0);
 }
 
+// ---------------------------------------------------------------- session
+/**
+ * One TCP connection kept open: "send TEXT" on stdin writes TEXT and a newline;
+ * every line that comes back is reported. Exits when stdin closes.
+ */
+function session() {
+  const s = net.connect({ host: cfg.addr, port: cfg.port });
+  let connected = false;
+  const timer = setTimeout(() => { out({ ev: 'connected', ok: false, error: 'ETIMEDOUT' }); process.exit(0); }, cfg.timeoutMs ?? 2000);
+  s.on('connect', () => {
+    connected = true;
+    clearTimeout(timer);
+    out({ ev: 'connected', ok: true, local: norm(s.localAddress), localPort: s.localPort });
+  });
+  s.on('error', (e) => {
+    if (!connected) { clearTimeout(timer); out({ ev: 'connected', ok: false, error: errCode(e) }); process.exit(0); }
+    out({ ev: 'error', error: errCode(e) });
+  });
+  s.on('close', () => out({ ev: 'closed' }));
+  readline.createInterface({ input: s }).on('line', (text) => out({ ev: 'line', text }));
+  const rl = readline.createInterface({ input: process.stdin });
+  rl.on('line', (line) => {
+    if (line.startsWith('send ')) s.write(`${line.slice(5)}\n`);
+  });
+  rl.on('close', () => { s.destroy(); process.exit(0); });
+}
+
 // ---------------------------------------------------------------- bounded sender loop
 async function loop() {
   const start = Date.now();
@@ -149,4 +190,5 @@ async function loop() {
 if (cfg.mode === 'server') server();
 else if (cfg.mode === 'client') void client();
 else if (cfg.mode === 'loop') void loop();
+else if (cfg.mode === 'session') session();
 else { out({ ev: 'error', error: 'unknown mode ' + cfg.mode }); process.exit(2); }

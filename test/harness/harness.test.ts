@@ -115,6 +115,32 @@ describe('traffic', () => {
     expect(await net.inet.icmpEchoCount(net.addrs.inet.extra6[1]!)).toBe(1);
   });
 
+  it('keeps a session open both ways: each line reaches the line server, which records and echoes it', async () => {
+    const out = await net.inet.listen({ proto: 'tcp', addr: net.addrs.inet.v6, port: 7200, lines: true });
+    const back = await net.host.listen({ proto: 'tcp', addr: net.addrs.host.v4, port: 7201, lines: true });
+    try {
+      const s = await net.host.session({ addr: net.addrs.inet.v6, port: 7200, user: 'egd-app1' });
+      expect(s).toMatchObject({ connected: true, local: net.addrs.host.v6 });
+      expect(await s.send('one')).toBe(true);
+      expect(await s.send('two')).toBe(true);
+      expect(s.received).toEqual(['echo one', 'echo two']);
+      const seen = await out.seen();
+      expect(seen.map((r) => [r.text, r.peer, r.peerPort, r.bytes])).toEqual([['one', net.addrs.host.v6, s.localPort, 4], ['two', net.addrs.host.v6, s.localPort, 4]]);
+      await s.close();
+      // the other way: a client on the internet side, a server on the host
+      const r = await net.inet.session({ addr: net.addrs.host.v4, port: 7201 });
+      expect(await r.send('three')).toBe(true);
+      expect((await back.seen()).map((x) => [x.text, x.peer])).toEqual([['three', net.addrs.inet.v4]]);
+      await r.close();
+      const refused = await net.host.session({ addr: net.addrs.inet.v4, port: 7202 });
+      expect(refused).toMatchObject({ connected: false, error: 'ECONNREFUSED' });
+      expect(await refused.send('x', 100)).toBe(false);
+    } finally {
+      await out.close();
+      await back.close();
+    }
+  });
+
   it('adds internet addresses on demand (documentation ranges only)', async () => {
     await net.inet.addAddr('203.0.113.77');
     expect((await net.host.ping('203.0.113.77')).ok).toBe(true);

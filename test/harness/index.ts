@@ -156,6 +156,8 @@ export interface Seen {
   /** Epoch ms when accepted / received. */
   time: number;
   bytes: number;
+  /** Line servers (`lines: true`): the line received, without its newline. */
+  text?: string;
 }
 
 export interface ListenOptions {
@@ -164,6 +166,38 @@ export interface ListenOptions {
   addr: string;
   /** 0 picks a free port (see `server.port`). */
   port: number;
+  /**
+   * TCP only: keep each connection open, record every line received as one
+   * `Seen` (with its `text`) and answer it with "echo <line>". For sessions.
+   */
+  lines?: boolean;
+}
+
+export interface SessionOptions extends IdentityOptions {
+  addr: string;
+  port: number;
+  /** How long the handshake may take (default 2000 ms). */
+  timeoutMs?: number;
+}
+
+/** One TCP connection kept open, to a line server (`listen({ lines: true })`). */
+export interface Session {
+  /** The handshake completed. */
+  readonly connected: boolean;
+  /** Why it did not: ETIMEDOUT, ECONNREFUSED, … */
+  readonly error?: string;
+  /** Local address and port of the connection (when connected). */
+  readonly local?: string;
+  readonly localPort?: number;
+  /** Lines received so far, in order. */
+  readonly received: readonly string[];
+  /**
+   * Sends `text` and a newline on the connection; true when "echo <text>"
+   * came back within `timeoutMs` (default 2000). A line that got no answer
+   * stays queued in the socket, and TCP keeps resending it.
+   */
+  send(text: string, timeoutMs?: number): Promise<boolean>;
+  close(): Promise<void>;
 }
 
 export interface Server {
@@ -206,6 +240,10 @@ interface SideCommon {
   spawn(cmd: string, args?: readonly string[], opts?: Omit<ExecOptions, 'input' | 'timeoutMs'>): ChildProcess;
   /** Runs `nft args…`, or `nft -f -` with the given text on stdin. */
   nft(args: readonly string[] | { stdin: string }, opts?: NftOptions): Promise<ExecResult>;
+  /** A recording server in this namespace. */
+  listen(opts: ListenOptions): Promise<Server>;
+  /** Opens a TCP connection from this namespace and keeps it open (cgroups: host side only). */
+  session(opts: SessionOptions): Promise<Session>;
 }
 
 export interface HostSide extends SideCommon {
@@ -227,7 +265,6 @@ export interface HostSide extends SideCommon {
 }
 
 export interface InetSide extends SideCommon {
-  listen(opts: ListenOptions): Promise<Server>;
   /** Adds an address (documentation ranges only) to the internet side's loopback. */
   addAddr(addr: string): Promise<void>;
   /** ICMP/ICMPv6 echo requests that reached the internet side (for one address, or all). */
@@ -469,6 +506,17 @@ abstract class Side implements SideCommon {
   protected agentArgs(cfg: Record<string, unknown>): string[] {
     return ['-e', AGENT_SRC, JSON.stringify(cfg)];
   }
+
+  async listen(o: ListenOptions): Promise<Server> {
+    if (o.lines && o.proto !== 'tcp') throw new HarnessError('line servers are TCP only');
+    const child = this.spawn(process.execPath, this.agentArgs({ mode: 'server', proto: o.proto, addr: o.addr, port: o.port, lines: o.lines === true }));
+    return ServerImpl.start(child, o);
+  }
+
+  session(o: SessionOptions): Promise<Session> {
+    const child = this.spawn(process.execPath, this.agentArgs({ mode: 'session', addr: o.addr, port: o.port, timeoutMs: o.timeoutMs ?? 2000 }), identity(o));
+    return SessionImpl.start(child, o.timeoutMs ?? 2000);
+  }
 }
 
 class HostSideImpl extends Side implements HostSide {
@@ -614,11 +662,6 @@ class InetSideImpl extends Side implements InetSide {
     throw new HarnessError('cgroups are only available on the host side');
   }
 
-  async listen(o: ListenOptions): Promise<Server> {
-    const child = this.spawn(process.execPath, this.agentArgs({ mode: 'server', proto: o.proto, addr: o.addr, port: o.port }));
-    return ServerImpl.start(child, o);
-  }
-
   async addAddr(addr: string): Promise<void> {
     const fam = assertDocAddr(addr);
     await this.run('ip', fam === 4 ? ['addr', 'add', `${addr}/32`, 'dev', 'lo'] : ['addr', 'add', `${addr}/128`, 'dev', 'lo', 'nodad']);
@@ -754,6 +797,86 @@ class ServerImpl implements Server {
       await this.closed;
       clearTimeout(t);
     }
+  }
+}
+
+class SessionImpl implements Session {
+  connected = false;
+  error?: string;
+  local?: string;
+  localPort?: number;
+  readonly received: string[] = [];
+  private readonly waiters = new Set<() => void>();
+  private readonly closed: Promise<void>;
+  private exited = false;
+
+  private constructor(private readonly child: ChildProcess) {
+    this.closed = new Promise((resolve) => child.on('close', () => {
+      this.exited = true;
+      for (const w of this.waiters) w();
+      resolve();
+    }));
+  }
+
+  static start(child: ChildProcess, timeoutMs: number): Promise<Session> {
+    const s = new SessionImpl(child);
+    let stderr = '';
+    child.stderr?.on('data', (d: Buffer) => (stderr += d.toString()));
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        child.kill('SIGKILL');
+        reject(new HarnessError(`session: no result in ${timeoutMs + 10_000} ms: ${stderr.trim()}`));
+      }, timeoutMs + 10_000);
+      child.on('error', (e) => reject(new HarnessError(`session: ${e.message}`)));
+      let reported = false;
+      child.on('close', () => {
+        clearTimeout(timer);
+        if (!reported) reject(new HarnessError(`session agent exited: ${stderr.trim()}`));
+      });
+      jsonLines(child.stdout!, (obj) => {
+        if (obj['ev'] === 'connected') {
+          reported = true;
+          clearTimeout(timer);
+          s.connected = obj['ok'] === true;
+          if (typeof obj['error'] === 'string') s.error = obj['error'];
+          if (typeof obj['local'] === 'string') s.local = obj['local'];
+          if (typeof obj['localPort'] === 'number') s.localPort = obj['localPort'];
+          resolve(s);
+        } else if (obj['ev'] === 'line') {
+          s.received.push(String(obj['text']));
+          for (const w of s.waiters) w();
+        }
+      });
+    });
+  }
+
+  send(text: string, timeoutMs = 2000): Promise<boolean> {
+    if (/[\r\n]/.test(text)) throw new HarnessError('session: one line at a time');
+    if (!this.connected || this.exited) return Promise.resolve(false);
+    const want = `echo ${text}`;
+    const already = this.received.length;
+    return new Promise((resolve) => {
+      const check = () => {
+        if (this.received.slice(already).includes(want)) finish(true);
+        else if (this.exited) finish(false);
+      };
+      const finish = (ok: boolean) => {
+        clearTimeout(timer);
+        this.waiters.delete(check);
+        resolve(ok);
+      };
+      const timer = setTimeout(() => finish(false), timeoutMs);
+      this.waiters.add(check);
+      this.child.stdin?.write(`send ${text}\n`);
+    });
+  }
+
+  async close(): Promise<void> {
+    if (this.exited) return;
+    this.child.stdin?.end();
+    const t = setTimeout(() => this.child.kill('SIGKILL'), 2000);
+    await this.closed;
+    clearTimeout(t);
   }
 }
 
