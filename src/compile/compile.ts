@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import type { App, Identity, Network, Origin, Policy, Rule } from '../policy/model.js';
+import type { App, Identity, NameList, Network, Origin, Policy, Rule } from '../policy/model.js';
 import type { PolicyIssue } from '../policy/issues.js';
 import {
   dispatch,
@@ -221,13 +221,21 @@ class Compiler {
       const set4 = `${setPrefix}_dns4`;
       const set6 = `${setPrefix}_dns6`;
       // Filled by the resolver with each answer's addresses, expiring with the answer's TTL.
-      this.sets.push({ name: set4, key: 'ipv4_addr', flags: ['timeout'], elements: [], comment: text });
-      this.sets.push({ name: set6, key: 'ipv6_addr', flags: ['timeout'], elements: [], comment: text });
+      const source = this.dnsSource(r);
+      this.sets.push({ name: set4, key: 'ipv4_addr', flags: ['timeout'], elements: [], comment: text, source });
+      this.sets.push({ name: set6, key: 'ipv6_addr', flags: ['timeout'], elements: [], comment: text, source });
       decls.push(rule([match.daddr(4, set4), ...l4, stmt.counter(), ...tail], text));
       decls.push(rule([match.daddr(6, set6), ...l4, stmt.counter(), ...tail], text));
       this.dnsBindings.push({ ruleId: r.id, verdict: r.verdict, names: r.to.names, suffixes: r.to.suffixes, lists: r.to.lists, set4, set6 });
     }
     return decls;
+  }
+
+  /** What fills a rule's DNS sets: its verdict, names and suffixes, and its lists by content. */
+  private dnsSource(r: Rule): string {
+    const hash = createHash('sha256').update(JSON.stringify([r.verdict, r.to.names, r.to.suffixes]));
+    for (const name of r.to.lists) hash.update(`\0${name}\0${listDigest(this.policy.lists.get(name))}`);
+    return hash.digest('hex');
   }
 
   /**
@@ -380,6 +388,19 @@ function protocolMatch(r: Rule): Statement[] {
   const out = [match.l4proto(names)];
   if (r.ports) out.push(match.dport(r.ports.map((p): Element => (p.from === p.to ? p.from : { range: [p.from, p.to] }))));
   return out;
+}
+
+const listDigests = new WeakMap<NameList, string>();
+
+/** A list's names by content, once per loaded list (the tracking list has 143,876). */
+function listDigest(list: NameList | undefined): string {
+  if (!list) return '';
+  let digest = listDigests.get(list);
+  if (digest === undefined) {
+    digest = createHash('sha256').update(list.names.join('\n')).update('\0').update(list.suffixes.join('\n')).digest('hex');
+    listDigests.set(list, digest);
+  }
+  return digest;
 }
 
 function networkElement(net: Network): Element {

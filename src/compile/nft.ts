@@ -37,6 +37,12 @@ export interface SetDecl {
   /** For maps: one verdict per element, same order. */
   readonly verdicts?: readonly Verdict[];
   readonly comment?: string;
+  /**
+   * For sets filled at run time: a digest of what fills them (the DNS names
+   * bound to them). Not rendered; a set is kept across applies only while
+   * its declaration, elements and source stay the same.
+   */
+  readonly source?: string;
 }
 
 export type Expr =

@@ -1,17 +1,17 @@
 import { mkdirSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cgroupDepth, compile, TABLE, type Compiled, type Facts } from '../compile/compile.js';
-import { renderText } from '../compile/nft.js';
+import { renderText, type Ruleset } from '../compile/nft.js';
 import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import type { Nft } from '../nft/client.js';
-import type { NftTableNames } from '../nft/types.js';
 import { loadPolicyOrThrow } from '../policy/load.js';
+import type { NftTableNames } from '../nft/types.js';
 import type { Policy } from '../policy/model.js';
 import { resolvePolicy } from '../policy/resolve.js';
 import { planChanges, type Plan } from './plan.js';
 import { summarizeCompiled, summarizeLive, type TableSummary } from './summary.js';
 import { forgetRecord, readRecord, RECORD_FILE, recordText, type AppliedRecord } from './record.js';
-import { liveGeneration, nameList, namesAfterSwap, newApplyMarker, removalText, swapTexts, withGeneration, type Generation } from './swap.js';
+import { liveGeneration, nameList, namesAfterSwap, newApplyMarker, removalText, setsInUse, swapTexts, withGeneration, type Generation } from './swap.js';
 
 /** What enforcement needs from the system, passed in. */
 export interface EnforcerDeps {
@@ -56,6 +56,8 @@ interface LiveTable {
   readonly names: NftTableNames;
   /** The generation the base chain uses; undefined when it uses none (a first apply interrupted before its switch). */
   readonly generation: Generation | undefined;
+  /** The sets and maps that generation uses; any other is a leftover. */
+  readonly sets: ReadonlySet<string>;
   readonly summary: TableSummary;
   /** "record": the table is as the last apply left it (applied.json), so it was not read whole. */
   readonly from: 'record' | 'listing';
@@ -66,10 +68,13 @@ async function readLive(deps: EnforcerDeps): Promise<LiveTable | null> {
   if (!names) return null;
   const record = readRecord(deps.stateDir);
   if (record && record.names.join('\n') === nameList(names).join('\n')) {
-    return { names, generation: record.generation, summary: record.summary, from: 'record' };
+    const sets = new Set([...names.sets, ...names.maps].map((x) => x.name));
+    return { names, generation: record.generation, sets, summary: record.summary, from: 'record' };
   }
   const listing = await deps.nft.listTable(TABLE.family, TABLE.name);
-  return listing && { names: listing, generation: liveGeneration(listing), summary: summarizeLive(listing), from: 'listing' };
+  if (!listing) return null;
+  const generation = liveGeneration(listing);
+  return { names: listing, generation, sets: setsInUse(listing, generation), summary: summarizeLive(listing), from: 'listing' };
 }
 
 /**
@@ -81,8 +86,9 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
   const live = await readLive(deps);
   const lockdown = options.lockdown ?? live?.summary.lockdown ?? false;
   const next: Generation = live?.generation === 'a' ? 'b' : 'a';
-  // Leftovers of an interrupted apply would collide with the generation about to be written.
-  const leftovers = live && removalText(live.names, (name) => name.endsWith(`.${next}`));
+  // Leftovers of an interrupted apply: chains would collide with the generation about to be
+  // written, and sets nothing uses would stay for ever.
+  const leftovers = live && removalText(live.names, { chain: (name) => live.generation === undefined || !name.endsWith(`.${live.generation}`), set: (name) => !live.sets.has(name) });
   if (leftovers) await nft.run({ text: leftovers });
   const marker = `${newApplyMarker()}.${next}`;
 
@@ -90,7 +96,7 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
     const facts = deps.facts(cgroupDepth(policy));
     const compiled = compile(policy, facts, { lockdown });
     const generation = withGeneration(compiled.ruleset, next);
-    const swap = swapTexts(generation, marker);
+    const swap = swapTexts(generation, marker, live?.sets);
     const prepared = nft.run({ text: swap.prepare });
     // Worked out while nft takes the new generation on its worker thread.
     const summary = summarizeCompiled(compiled.ruleset);
@@ -106,7 +112,7 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
       throw error;
     }
     await nft.run({ text: swap.switch });
-    const cleanedUp = await removePreviousGeneration(deps, live?.names ?? null, next);
+    const cleanedUp = await removePreviousGeneration(deps, live, generation, next);
     const record = cleanedUp ? { generation: next, names: namesAfterSwap(generation, marker), summary } : undefined;
     saveState(deps.stateDir, lastGood, { digest: policy.digest, lockdown, source: options.source }, record);
     deps.audit(lockdown ? 'applied (lockdown on)' : 'applied', {
@@ -121,12 +127,16 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
 }
 
 /**
- * The last transaction: the previous generation is unreferenced now. Its
- * names were read before the swap. Failing here leaves only unused objects,
- * which the next apply removes; false then.
+ * The last transaction: the previous generation's chains, and the sets and
+ * maps only it used, are unreferenced now. Their names were read before the
+ * swap. Failing here leaves only unused objects, which the next apply
+ * removes; false then.
  */
-async function removePreviousGeneration(deps: EnforcerDeps, before: NftTableNames | null, current: Generation): Promise<boolean> {
-  const stale = before && removalText(before, (name) => !name.endsWith(`.${current}`));
+async function removePreviousGeneration(deps: EnforcerDeps, before: LiveTable | null, current: Ruleset, generation: Generation): Promise<boolean> {
+  const keep = new Set(current.sets.map((set) => set.name));
+  // Leftovers went before the prepare; what is left of `before` is its live generation.
+  const previous = before?.generation;
+  const stale = before && removalText(before.names, { chain: (name) => previous !== undefined && previous !== generation && name.endsWith(`.${previous}`), set: (name) => before.sets.has(name) && !keep.has(name) });
   if (!stale) return true;
   try {
     await deps.nft.run({ text: stale });

@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { POLICY_MARK } from '../compile/compile.js';
 import type { Element, Ruleset } from '../compile/nft.js';
 import type { NftElemJson, NftJson, NftTableListing } from '../nft/types.js';
-import { baseName, isApplyMarker } from './swap.js';
+import { baseName, isApplyMarker, liveGeneration, setsInUse } from './swap.js';
 
 /**
  * A table reduced to what can be compared between the compiled form and a
@@ -104,11 +104,17 @@ export function summarizeCompiled(ruleset: Ruleset): TableSummary {
   return { digest: digestFrom(output?.rules.find((r) => r.comment?.includes(POLICY_MARK))?.comment), lockdown: chains.has('lockdown'), chains, sets };
 }
 
+/** The live table's generation in force: the base chain, the chains it switched to, and the sets they use (leftovers of an interrupted apply are left out). */
 export function summarizeLive(listing: NftTableListing): TableSummary {
+  const generation = liveGeneration(listing);
+  const inUse = setsInUse(listing, generation);
+  const bases = new Set(listing.chains.filter((c) => c.hook !== undefined).map((c) => c.name));
+  const live = (chain: string) => bases.has(chain) || (generation !== undefined && chain.endsWith(`.${generation}`) && !isApplyMarker(chain));
   const chains = new Map<string, RuleSummary[]>();
-  // Live names carry the generation (".a"/".b", see swap.ts); summaries compare without it.
-  for (const chain of listing.chains) if (!isApplyMarker(chain.name)) chains.set(baseName(chain.name), []);
+  // Live names carry a generation or a digest (see swap.ts); summaries compare without it.
+  for (const chain of listing.chains) if (live(chain.name)) chains.set(baseName(chain.name), []);
   for (const r of listing.rules) {
+    if (!live(r.chain)) continue;
     const counter = r.expr.map(counterOf).find((c) => c !== undefined);
     const comment = r.comment ?? '';
     const drops = r.expr.some((e) => e !== null && typeof e === 'object' && !Array.isArray(e) && 'drop' in e);
@@ -117,6 +123,7 @@ export function summarizeLive(listing: NftTableListing): TableSummary {
   const sets = new Map<string, SetSummary>();
   for (const [kind, list] of [['set', listing.sets], ['map', listing.maps]] as const) {
     for (const set of list) {
+      if (!inUse.has(set.name)) continue;
       const elements = (set.elem ?? []).map((element: NftElemJson) =>
         Array.isArray(element) ? `${elementString(element[0] as NftJson)} : ${verdictString(element[1] as NftJson)}` : elementString(element as NftJson),
       );

@@ -18,19 +18,34 @@
  *   3. clean-up — the previous generation, now unreferenced, is removed.
  * A crash between any two leaves unused objects, which the next apply
  * removes first.
+ *
+ * Chains are named by generation ("app_x.a"); sets and maps by their
+ * contents ("global_deny_net4.3f9c…": a digest of the declaration and
+ * elements, and for DNS sets of the names that fill them). A set whose
+ * contents did not change is not written again — re-applying a policy whose
+ * 100,000-CIDR list is unchanged costs no element — and a DNS set keeps the
+ * addresses the resolver put in it.
  */
 import { randomBytes } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { TABLE } from '../compile/compile.js';
-import { renderText, type ChainDecl, type Element, type Ruleset, type Statement, type Verdict } from '../compile/nft.js';
+import { renderText, type ChainDecl, type Element, type Ruleset, type SetDecl, type Statement, type Verdict } from '../compile/nft.js';
 import type { NftTableListing, NftTableNames } from '../nft/types.js';
 
 export type Generation = 'a' | 'b';
 
-const GENERATION_SUFFIX = /\.(a|b)$/;
+/** A chain's generation, or a set's contents digest; compiled names never contain a dot. */
+const LIVE_SUFFIX = /\.[0-9a-f]+$/;
 
-/** A live chain or set name without its generation (".a" / ".b"); compiled names never contain a dot. */
+/** A live chain or set name without its generation or contents digest. */
 export function baseName(name: string): string {
-  return name.replace(GENERATION_SUFFIX, '');
+  return name.replace(LIVE_SUFFIX, '');
+}
+
+/** `NAME.digest`: the same declaration, elements and source always get the same name. */
+function contentName(set: SetDecl): string {
+  const declaration = renderText({ table: TABLE, sets: [set], chains: [] });
+  return `${set.name}.${createHash('sha256').update(declaration).update(`\0${set.source ?? ''}`).digest('hex').slice(0, 16)}`;
 }
 
 /**
@@ -74,13 +89,21 @@ export function liveGeneration(listing: NftTableListing | null): Generation | un
   return undefined;
 }
 
-/** Renames every set, map and non-base chain to `NAME.generation`, and every reference to them. */
+/**
+ * Renames every non-base chain to `NAME.generation` and every set and map to
+ * `NAME.digest` of its contents (a map's verdicts name chains, so maps are
+ * new with each generation), and every reference to them.
+ */
 export function withGeneration(ruleset: Ruleset, generation: Generation): Ruleset {
-  const rename = (name: string) => `${name}.${generation}`;
   const chainNames = new Set(ruleset.chains.filter((c) => !c.hook).map((c) => c.name));
-  const target = (name: string) => (chainNames.has(name) ? rename(name) : name);
+  const target = (name: string) => (chainNames.has(name) ? `${name}.${generation}` : name);
   const verdict = (v: Verdict): Verdict => ('jump' in v ? { jump: { target: target(v.jump.target) } } : 'goto' in v ? { goto: { target: target(v.goto.target) } } : v);
-  const setRef = (value: unknown) => (typeof value === 'string' && value.startsWith('@') ? `@${rename(value.slice(1))}` : value);
+  const sets = ruleset.sets.map((set) => {
+    const retargeted: SetDecl = set.verdicts ? { ...set, verdicts: set.verdicts.map(verdict) } : set;
+    return { ...retargeted, name: contentName(retargeted) };
+  });
+  const setNames = new Map(ruleset.sets.map((set, i) => [set.name, sets[i]!.name]));
+  const setRef = (value: unknown) => (typeof value === 'string' && value.startsWith('@') ? `@${setNames.get(value.slice(1)) ?? value.slice(1)}` : value);
   const statement = (s: Statement): Statement => {
     if ('match' in s) return { match: { ...s.match, right: setRef(s.match.right) as Element } };
     if ('vmap' in s) return { vmap: { ...s.vmap, data: setRef(s.vmap.data) as string } };
@@ -89,11 +112,24 @@ export function withGeneration(ruleset: Ruleset, generation: Generation): Rulese
   };
   return {
     table: ruleset.table,
-    sets: ruleset.sets.map((set) => ({ ...set, name: rename(set.name), ...(set.verdicts ? { verdicts: set.verdicts.map(verdict) } : {}) })),
+    sets,
     chains: ruleset.chains.map(
-      (chain): ChainDecl => ({ ...chain, name: chain.hook ? chain.name : rename(chain.name), rules: chain.rules.map((r) => ({ ...r, expr: r.expr.map(statement) })) }),
+      (chain): ChainDecl => ({ ...chain, name: chain.hook ? chain.name : target(chain.name), rules: chain.rules.map((r) => ({ ...r, expr: r.expr.map(statement) })) }),
     ),
   };
+}
+
+/**
+ * The sets and maps the live generation's rules use: those named in the base
+ * chain and in the chains of `generation`. Any other set is a leftover.
+ */
+export function setsInUse(listing: NftTableListing, generation: Generation | undefined): Set<string> {
+  const used = new Set<string>();
+  for (const r of listing.rules) {
+    if (!(listing.chains.find((c) => c.name === r.chain)?.hook !== undefined || (generation !== undefined && r.chain.endsWith(`.${generation}`)))) continue;
+    for (const match of JSON.stringify(r.expr).matchAll(/"@([^"]+)"/g)) used.add(match[1]!);
+  }
+  return used;
 }
 
 /**
@@ -110,35 +146,36 @@ export function withGeneration(ruleset: Ruleset, generation: Generation): Rulese
  * swaps — while a swap whose sets were committed earlier let none through.
  * Our rules always end in an explicit verdict, so the policy set early in
  * `prepare` changes nothing until `switch`. `marker`, when given, is the
- * apply marker's full name (with the generation), added by `prepare`.
+ * apply marker's full name (with the generation), added by `prepare`; sets
+ * and maps named in `present` are in the table already, with these contents.
  */
-export function swapTexts(ruleset: Ruleset, marker?: string): { prepare: string; switch: string } {
+export function swapTexts(ruleset: Ruleset, marker?: string, present: ReadonlySet<string> = new Set()): { prepare: string; switch: string } {
   const base = ruleset.chains.find((c) => c.hook);
   if (!base?.hook) throw new Error('internal: a ruleset without a base chain');
   const { family, name } = ruleset.table;
   const ensure = `table ${family} ${name} {\n\tchain ${base.name} {\n\t\ttype filter hook ${base.hook.hook} priority ${base.hook.prio}; policy ${base.hook.policy};\n\t}\n}\n`;
-  const objects = renderText({ ...ruleset, chains: ruleset.chains.filter((c) => c !== base) });
+  const objects = renderText({ ...ruleset, sets: ruleset.sets.filter((set) => !present.has(set.name)), chains: ruleset.chains.filter((c) => c !== base) });
   const rules = renderText({ table: ruleset.table, sets: [], chains: [base] });
   const markerText = marker ? `add chain ${family} ${name} ${marker}\n` : '';
   return { prepare: `${ensure}${objects}${markerText}`, switch: `flush chain ${family} ${name} ${base.name}\n${rules}` };
 }
 
 /**
- * Removes the chains, sets and maps whose names `stale` picks. Chains are
- * emptied first (their rules hold the sets), then maps and sets go (their
- * elements may jump to chains), then the chains. Undefined when there is
- * nothing to remove.
+ * Removes the non-base chains and the sets and maps that `stale` picks.
+ * Chains are emptied first (their rules hold the sets), then maps and sets
+ * go (their elements may jump to chains), then the chains. Undefined when
+ * there is nothing to remove.
  */
-export function removalText(listing: NftTableNames, stale: (name: string) => boolean): string | undefined {
+export function removalText(names: NftTableNames, stale: { readonly chain: (name: string) => boolean; readonly set: (name: string) => boolean }): string | undefined {
   const { family, name } = TABLE;
-  const chains = listing.chains.filter((c) => c.hook === undefined && stale(c.name)).map((c) => c.name);
-  const maps = listing.maps.filter((m) => stale(m.name)).map((m) => m.name);
-  const sets = listing.sets.filter((s) => stale(s.name)).map((s) => s.name);
+  const chains = names.chains.filter((c) => c.hook === undefined && stale.chain(c.name)).map((c) => c.name);
+  const maps = names.maps.filter((m) => stale.set(m.name)).map((m) => m.name);
+  const sets = names.sets.filter((x) => stale.set(x.name)).map((x) => x.name);
   if (chains.length + maps.length + sets.length === 0) return undefined;
   return [
     ...chains.map((c) => `flush chain ${family} ${name} ${c}`),
     ...maps.map((m) => `delete map ${family} ${name} ${m}`),
-    ...sets.map((s) => `delete set ${family} ${name} ${s}`),
+    ...sets.map((x) => `delete set ${family} ${name} ${x}`),
     ...chains.map((c) => `delete chain ${family} ${name} ${c}`),
   ].join('\n');
 }

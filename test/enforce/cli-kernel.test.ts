@@ -113,10 +113,11 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
   });
 
   it('fail-closed: apply killed with SIGKILL at any moment leaves the old table or the new one, never none', async () => {
-    // A large policy makes each apply take long enough to be killed in the middle.
-    const nets = Array.from({ length: 60_000 }, (_, i) => `10.${i >> 8}.${i & 255}.0/24`).join('\n');
-    const oldDir = policyDir({ '00.yaml': 'lists:\n  big: {file: big.txt}\ndeny:\n  - to: ["@big"]\n', 'big.txt': `${nets}\n` });
-    const newDir = policyDir({ '00.yaml': 'lists:\n  big: {file: big.txt}\ndeny:\n  - to: ["@big"]\n    ports: [443]\n', 'big.txt': `${nets}\n` });
+    // A large list, different in each policy (an unchanged set is not written again), makes
+    // each apply take long enough to be killed in the middle.
+    const nets = (first: number) => Array.from({ length: 60_000 }, (_, i) => `${first + (i >> 16)}.${(i >> 8) & 255}.${i & 255}.0/24`).join('\n');
+    const oldDir = policyDir({ '00.yaml': 'lists:\n  big: {file: big.txt}\ndeny:\n  - to: ["@big"]\n', 'big.txt': `${nets(10)}\n` });
+    const newDir = policyDir({ '00.yaml': 'lists:\n  big: {file: big.txt}\ndeny:\n  - to: ["@big"]\n    ports: [443]\n', 'big.txt': `${nets(20)}\n` });
     expect(egressctl('apply', oldDir).status).toBe(0);
     const oldDigest = liveDigest();
     expect(egressctl('apply', newDir).status).toBe(0);
@@ -140,6 +141,13 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     }
     // The delays span start-up, loading, compiling and the transaction itself; most kills land in the middle.
     expect(killedMidway).toBeGreaterThanOrEqual(5);
+    // The next apply clears what the killed ones left: one generation of chains, one set per name.
+    expect(egressctl('apply', newDir).status).toBe(0);
+    const chains = [...nft('list', 'chains', 'inet').stdout.matchAll(/chain (\S+) \{/g)].map((m) => m[1]!).filter((c) => c !== 'output');
+    expect(new Set(chains.map((c) => c.slice(-2))).size).toBe(1);
+    const sets = [...nft('-t', 'list', 'sets', 'inet').stdout.matchAll(/set (\S+)\.[0-9a-f]{16} \{/g)].map((m) => m[1]);
+    expect(sets.length).toBeGreaterThan(0);
+    expect(new Set(sets).size).toBe(sets.length);
   }, 120_000);
 });
 

@@ -158,6 +158,34 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     expect(egressctl(mine, 'lockdown', 'off', dir).status).toBe(0);
   });
 
+  it('a re-apply keeps the sets whose contents did not change, and the addresses the resolver put in DNS sets', () => {
+    const state = newState();
+    const dir = policyDir({ '00.yaml': POLICY });
+    apply(state, dir);
+    const setHandles = () =>
+      new Map([...nft('-a', '-t', 'list', 'sets', 'inet').stdout.matchAll(/set (\S+)\.[0-9a-f]{16} \{ # handle (\d+)/g)].map((m) => [m[1]!, Number(m[2])]));
+    const dnsSet = () => /set (g0_dns4\.[0-9a-f]{16})/.exec(nft('-t', 'list', 'sets', 'inet').stdout)![1]!;
+    // What the resolver will do: put an answer's address in the DNS set of tracker.example.
+    expect(nft('add', 'element', 'inet', 'egressd', dnsSet(), '{ 192.0.2.99 timeout 1h }').status).toBe(0);
+    const before = setHandles();
+    expect(before.size).toBeGreaterThan(4);
+    // Only the app's allow rule changes, in one address (and its ports, which live in the rule):
+    // that address set is new, every other set is the same object.
+    const after = apply(state, policyDir({ '00.yaml': CHANGED }));
+    expect(after.liveFrom).toBe('record');
+    const now = setHandles();
+    expect([...now.keys()].sort()).toEqual([...before.keys()].sort());
+    const changed = [...now].filter(([name, handle]) => before.get(name) !== handle).map(([name]) => name);
+    expect(changed).toEqual(['a_rooty_0_net4']);
+    expect(nft('list', 'set', 'inet', 'egressd', dnsSet()).stdout).toContain('192.0.2.99');
+    // A rule bound to other names gets a new, empty DNS set: old answers must not stand for new names.
+    apply(state, policyDir({ '00.yaml': CHANGED.replace('tracker.example', 'tracker2.example') }));
+    expect(nft('list', 'set', 'inet', 'egressd', dnsSet()).stdout).not.toContain('192.0.2.99');
+    // And nothing is left over: one set per name.
+    const bases = [...nft('-t', 'list', 'sets', 'inet').stdout.matchAll(/(?:set|map) (\S+)\.[0-9a-f]{16} \{/g)].map((m) => m[1]);
+    expect(new Set(bases).size).toBe(bases.length);
+  });
+
   it('a damaged record is ignored: apply reads the table whole and writes a good record', () => {
     const state = newState();
     const dir = policyDir({ '00.yaml': POLICY });

@@ -6,18 +6,40 @@ import { compileYaml } from '../support/compile-text.js';
 const compiled = compileYaml('defaults: {egress: deny}\napps: {a: {identity: {user: alice}, rules: [{deny: [192.0.2.0/24]}]}}\ndeny: [{to: [203.0.113.0/24]}]\n');
 
 describe('generation swap', () => {
-  it('renames every set, map and non-base chain, and every reference to them', () => {
+  it('renames chains by generation, sets and maps by contents, and every reference to them', () => {
     const text = renderText(withGeneration(compiled.ruleset, 'b'));
-    expect(text).toContain('meta skuid vmap @app_uid.b');
+    expect(text).toMatch(/meta skuid vmap @app_uid\.[0-9a-f]{16} /);
     expect(text).toContain('1000 : goto app_a.b');
     expect(text).toContain('jump global_deny.b');
-    expect(text).toContain('ip daddr @a_a_0_net4.b counter goto log_a_a_0.b');
+    expect(text).toMatch(/ip daddr @a_a_0_net4\.[0-9a-f]{16} counter goto log_a_a_0\.b/);
     expect(text).toContain('chain output {');
     // Every name used is a name defined.
     const defined = new Set([...text.matchAll(/^\t(?:set|map|chain) (\S+) \{/gm)].map((m) => m[1]));
     for (const used of text.matchAll(/(?:@|jump |goto )([A-Za-z0-9_.-]+)/g)) expect(defined, used[1]).toContain(used[1]);
     expect(baseName('global_deny.b')).toBe('global_deny');
+    expect(baseName('g0_net4.0123456789abcdef')).toBe('g0_net4');
     expect(baseName('app_foo-a')).toBe('app_foo-a');
+  });
+
+  it('names a set by what it holds: the same in both generations, new when its elements or its DNS names change', () => {
+    const names = (yaml: string, generation: 'a' | 'b') => withGeneration(compileYaml(yaml).ruleset, generation).sets.map((set) => set.name);
+    const base = 'deny: [{to: [203.0.113.0/24, tracker.example]}]\n';
+    const [net4, dns4] = names(base, 'a');
+    expect(names(base, 'b')).toEqual(names(base, 'a'));
+    expect(names(base.replace('203.0.113.0/24', '203.0.113.0/25'), 'a')[0]).not.toBe(net4);
+    expect(names(base.replace('203.0.113.0/24', '203.0.113.0/25'), 'a')[1]).toBe(dns4);
+    expect(names(base.replace('tracker.example', 'other.example'), 'a')[1]).not.toBe(dns4);
+    // A map's verdicts name chains, which carry the generation.
+    const app = 'apps: {a: {identity: {user: alice}, rules: [{deny: [192.0.2.0/24]}]}}\n';
+    expect(names(app, 'a').find((n) => n.startsWith('app_uid.'))).not.toBe(names(app, 'b').find((n) => n.startsWith('app_uid.')));
+  });
+
+  it('leaves out of prepare the sets the table already holds', () => {
+    const generation = withGeneration(compiled.ruleset, 'a');
+    const kept = generation.sets.find((set) => set.name.startsWith('g0_net4.'))!.name;
+    const { prepare } = swapTexts(generation, undefined, new Set([kept]));
+    expect(prepare).not.toContain(`set ${kept} {`);
+    expect(prepare).toContain(`@${kept}`);
   });
 
   it('prepares the new objects unused, then switches the base chain alone', () => {
