@@ -1,20 +1,23 @@
 /**
  * Applying a large policy — 100,000 CIDRs in the global deny list and 200
- * apps — side by side:
- *   - egressd's apply in-process (libnftables, fresh context per transaction:
- *     read the live table, prepare + switch + clean-up, see src/enforce/swap.ts),
- *     once over a table it did not leave (read whole), once over its own
- *     last apply (known from the state directory's record, src/enforce/record.ts),
- *   - the same ruleset text loaded by `nft -f` (a fresh nft process),
- *   - egressd's apply through the fallback backend (spawning nft per transaction),
- *   - the whole `egressctl apply` (Node start-up, load, compile, transaction).
- * Target: egressd in-process ≤ 1.3 × `nft -f` (a one-transaction replace).
+ * apps — side by side, each row starting from the table the row before left:
+ *   - `nft -f` of the same ruleset as text (a fresh nft process, one
+ *     transaction replacing the table): the baseline;
+ *   - egressd's apply in-process (libnftables, a fresh context per
+ *     transaction; src/enforce/enforcer.ts), in the cases an apply meets:
+ *     the first apply into an empty namespace; over a table it did not leave
+ *     (it reads the table whole); over its own last apply with the 100,000
+ *     CIDRs replaced by others (every element is new); over its own last
+ *     apply with one app changed (the CIDR set is kept, src/enforce/swap.ts);
+ *   - the same with the fallback backend (spawning nft per transaction);
+ *   - the whole `egressctl apply` (Node start-up, load, compile, apply).
+ * Target: egressd in-process ≤ 1.3 × `nft -f`.
  *
  *   npx tsx bench/apply.ts [--runs 5]   (as root; it builds and removes its own namespace)
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -23,8 +26,10 @@ import { parseArgs } from 'node:util';
 import { compile } from '../src/compile/compile.js';
 import { renderText } from '../src/compile/nft.js';
 import { applyLoadedPolicy, type EnforcerDeps } from '../src/enforce/enforcer.js';
+import type { Nft } from '../src/nft/client.js';
 import { openNft } from '../src/nft/open.js';
 import { loadPolicyOrThrow } from '../src/policy/load.js';
+import type { Policy } from '../src/policy/model.js';
 
 const { values } = parseArgs({ options: { inner: { type: 'string' }, runs: { type: 'string', default: '5' } } });
 const runs = Number(values.runs);
@@ -32,54 +37,68 @@ const CIDRS = 100_000;
 const APPS = 200;
 const ROOT = join(import.meta.dirname, '..');
 
-function writePolicy(dir: string): void {
-  const cidrs = Array.from({ length: CIDRS }, (_, i) => `2001:db8:${(i >> 12).toString(16)}:${(i & 0xfff).toString(16)}::/64`);
+/** Policy "a" or "b" (other CIDRs), or "a2" (policy a with one app's rule changed). */
+function writePolicy(dir: string, variant: 'a' | 'b' | 'a2'): void {
+  mkdirSync(dir, { recursive: true });
+  const first = variant === 'b' ? 0x100 : 0;
+  const cidrs = Array.from({ length: CIDRS }, (_, i) => `2001:db8:${(first + (i >> 12)).toString(16)}:${(i & 0xfff).toString(16)}::/64`);
   writeFileSync(join(dir, 'cidrs.txt'), `${cidrs.join('\n')}\n`);
-  const apps = Array.from({ length: APPS }, (_, i) => `  app${i}:\n    identity: {user: ${30000 + i}}\n    default: deny\n    rules:\n      - allow: [198.51.100.${i % 250}, "app${i}.example.org"]\n        ports: [443]`);
+  const port = (i: number) => (variant === 'a2' && i === 7 ? 8443 : 443);
+  const apps = Array.from({ length: APPS }, (_, i) => `  app${i}:\n    identity: {user: ${30000 + i}}\n    default: deny\n    rules:\n      - allow: [198.51.100.${i % 250}, "app${i}.example.org"]\n        ports: [${port(i)}]`);
   writeFileSync(join(dir, '00.yaml'), `defaults: {egress: allow}\nlists:\n  cidrs: {file: cidrs.txt}\ndeny:\n  - to: ["@cidrs"]\napps:\n${apps.join('\n')}\n`);
 }
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
-async function inner(dir: string): Promise<void> {
-  const { policy } = loadPolicyOrThrow(dir);
-  const ruleset = compile(policy, { users: new Map(), groups: new Map(), cgroups: [] }).ruleset;
-  const text = renderText(ruleset);
-  const textFile = join(dir, 'ruleset.nft');
-  // nft -f gets the same one-transaction replace egressd sends.
+async function inner(root: string): Promise<void> {
+  const policies: Record<'a' | 'b' | 'a2', Policy> = {
+    a: loadPolicyOrThrow(join(root, 'a')).policy,
+    b: loadPolicyOrThrow(join(root, 'b')).policy,
+    a2: loadPolicyOrThrow(join(root, 'a2')).policy,
+  };
+  const text = renderText(compile(policies.a, { users: new Map(), groups: new Map(), cgroups: [] }).ruleset);
+  const textFile = join(root, 'ruleset.nft');
+  // nft -f gets a one-transaction replace of the same table.
   writeFileSync(textFile, `add table inet egressd; delete table inet egressd;\n${text}`);
   const lib = await openNft({ prefer: 'libnftables', strict: true });
   const bin = await openNft({ prefer: 'binary', strict: true });
-  const depsWith = (nft: typeof lib, state: string): EnforcerDeps => ({ nft, facts: () => ({ users: new Map(), groups: new Map(), cgroups: [] }), stateDir: join(dir, state), audit: () => {} });
+  const depsWith = (nft: Nft, state: string): EnforcerDeps => ({ nft, facts: () => ({ users: new Map(), groups: new Map(), cgroups: [] }), stateDir: join(root, state), audit: () => {} });
   const inProcess = depsWith(lib, 'state-inproc');
   const fallback = depsWith(bin, 'state-bin');
-  const cli = () =>
-    execFileSync(process.execPath, ['--import', 'tsx', join(ROOT, 'src/cli/main.ts'), 'apply', dir], { stdio: 'ignore', env: { ...process.env, EGRESSD_STATE_DIR: join(dir, 'state-cli') } });
+  const apply = async (deps: EnforcerDeps, which: keyof typeof policies, expected: string) => {
+    const applied = await applyLoadedPolicy(policies[which], deps, { source: which });
+    if (applied.liveFrom !== expected) throw new Error(`apply read the live table from ${applied.liveFrom}, expected ${expected}`);
+  };
+  const cli = (which: string) =>
+    execFileSync(process.execPath, ['--import', 'tsx', join(ROOT, 'src/cli/main.ts'), 'apply', join(root, which)], { stdio: 'ignore', env: { ...process.env, EGRESSD_STATE_DIR: join(root, 'state-cli') } });
+
   const rows: [string, number[]][] = [
-    ['nft -f (same text, fresh process)', []],
-    ['egressd apply in-process, over a table it did not leave (reads it whole)', []],
-    ['egressd apply in-process, over the table its last apply left', []],
-    ['egressd apply with the fallback backend (spawning nft), over its last apply', []],
-    ['egressctl apply (start-up + load + compile + swap), over its last apply', []],
+    ['nft -f (same text, fresh process, one transaction)', []],
+    ['egressd in-process: first apply, empty namespace', []],
+    ['egressd in-process: over a table it did not leave (reads it whole)', []],
+    ['egressd in-process: over its last apply, all 100,000 CIDRs replaced', []],
+    ['egressd in-process: over its last apply, one app changed (CIDR set kept)', []],
+    ['egressd fallback backend: over its last apply, all CIDRs replaced', []],
+    ['egressctl apply (start-up + load + compile + apply), all CIDRs replaced', []],
   ];
   const timed = async (row: number, work: () => unknown) => {
     const t = performance.now();
     await work();
     rows[row]![1].push(performance.now() - t);
   };
-  const liveFrom = async (deps: EnforcerDeps, expected: string) => {
-    const applied = await applyLoadedPolicy(policy, deps, { source: dir });
-    if (applied.liveFrom !== expected) throw new Error(`apply read the live table from ${applied.liveFrom}, expected ${expected}`);
-  };
   for (let i = 0; i < runs; i++) {
-    // Each row starts from the table the row before left.
+    await lib.deleteTable('inet', 'egressd');
+    rmSync(inProcess.stateDir, { recursive: true, force: true });
+    await timed(1, () => apply(inProcess, 'a', 'none'));
     await timed(0, () => execFileSync('nft', ['-f', textFile]));
-    await timed(1, () => liveFrom(inProcess, 'listing'));
-    await timed(2, () => liveFrom(inProcess, 'record'));
-    await liveFrom(fallback, 'listing');
-    await timed(3, () => liveFrom(fallback, 'record'));
-    cli();
-    await timed(4, cli);
+    await timed(2, () => apply(inProcess, 'a', 'listing'));
+    await timed(3, () => apply(inProcess, 'b', 'record'));
+    await apply(inProcess, 'a', 'record');
+    await timed(4, () => apply(inProcess, 'a2', 'record'));
+    await apply(fallback, 'b', 'listing');
+    await timed(5, () => apply(fallback, 'a', 'record'));
+    cli('b');
+    await timed(6, () => cli('a'));
   }
   const raw = median(rows[0]![1]);
   console.log(`Apply ${CIDRS.toLocaleString('en')} CIDRs + ${APPS} apps (${text.length.toLocaleString('en')} bytes of nft text), median of ${runs}; target: in-process ≤ 1.3 × nft -f\n`);
@@ -97,14 +116,14 @@ if (values.inner) {
     process.exit(2);
   }
   const ns = `egd-apply-bench-${randomBytes(3).toString('hex')}`;
-  const dir = mkdtempSync(join(tmpdir(), 'egd-apply-bench-'));
-  writePolicy(dir);
+  const root = mkdtempSync(join(tmpdir(), 'egd-apply-bench-'));
+  for (const variant of ['a', 'b', 'a2'] as const) writePolicy(join(root, variant), variant);
   execFileSync('ip', ['netns', 'add', ns]);
   try {
-    const result = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fileURLToPath(import.meta.url), '--inner', dir, '--runs', String(runs)], { stdio: 'inherit' });
+    const result = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fileURLToPath(import.meta.url), '--inner', root, '--runs', String(runs)], { stdio: 'inherit' });
     process.exitCode = result.status ?? 1;
   } finally {
     execFileSync('ip', ['netns', 'delete', ns]);
-    rmSync(dir, { recursive: true, force: true });
+    rmSync(root, { recursive: true, force: true });
   }
 }

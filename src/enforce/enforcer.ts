@@ -11,7 +11,7 @@ import { resolvePolicy } from '../policy/resolve.js';
 import { planChanges, type Plan } from './plan.js';
 import { summarizeCompiled, summarizeLive, type TableSummary } from './summary.js';
 import { forgetRecord, readRecord, RECORD_FILE, recordText, type AppliedRecord } from './record.js';
-import { liveGeneration, nameList, namesAfterSwap, newApplyMarker, removalText, setsInUse, swapTexts, withGeneration, type Generation } from './swap.js';
+import { liveGeneration, nameList, namesAfterSwap, newApplyMarker, reachable, removalText, swapTexts, withGeneration, type Generation } from './swap.js';
 
 /** What enforcement needs from the system, passed in. */
 export interface EnforcerDeps {
@@ -56,7 +56,8 @@ interface LiveTable {
   readonly names: NftTableNames;
   /** The generation the base chain uses; undefined when it uses none (a first apply interrupted before its switch). */
   readonly generation: Generation | undefined;
-  /** The sets and maps that generation uses; any other is a leftover. */
+  /** The chains and the sets and maps the base chain reaches: the policy in force. Anything else is a leftover. */
+  readonly chains: ReadonlySet<string>;
   readonly sets: ReadonlySet<string>;
   readonly summary: TableSummary;
   /** "record": the table is as the last apply left it (applied.json), so it was not read whole. */
@@ -68,13 +69,15 @@ async function readLive(deps: EnforcerDeps): Promise<LiveTable | null> {
   if (!names) return null;
   const record = readRecord(deps.stateDir);
   if (record && record.names.join('\n') === nameList(names).join('\n')) {
+    // The record's names are exactly one applied generation: all of it is in force.
+    const chains = new Set(names.chains.map((c) => c.name));
     const sets = new Set([...names.sets, ...names.maps].map((x) => x.name));
-    return { names, generation: record.generation, sets, summary: record.summary, from: 'record' };
+    return { names, generation: record.generation, chains, sets, summary: record.summary, from: 'record' };
   }
   const listing = await deps.nft.listTable(TABLE.family, TABLE.name);
   if (!listing) return null;
-  const generation = liveGeneration(listing);
-  return { names: listing, generation, sets: setsInUse(listing, generation), summary: summarizeLive(listing), from: 'listing' };
+  const inForce = reachable(listing);
+  return { names: listing, generation: liveGeneration(listing), ...inForce, summary: summarizeLive(listing), from: 'listing' };
 }
 
 /**
@@ -86,9 +89,9 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
   const live = await readLive(deps);
   const lockdown = options.lockdown ?? live?.summary.lockdown ?? false;
   const next: Generation = live?.generation === 'a' ? 'b' : 'a';
-  // Leftovers of an interrupted apply: chains would collide with the generation about to be
-  // written, and sets nothing uses would stay for ever.
-  const leftovers = live && removalText(live.names, { chain: (name) => live.generation === undefined || !name.endsWith(`.${live.generation}`), set: (name) => !live.sets.has(name) });
+  // Leftovers of an interrupted apply, unreachable from the base chain: their chains would
+  // collide with the generation about to be written, and their sets would stay for ever.
+  const leftovers = live && removalText(live.names, { chain: (name) => !live.chains.has(name), set: (name) => !live.sets.has(name) });
   if (leftovers) await nft.run({ text: leftovers });
   const marker = `${newApplyMarker()}.${next}`;
 
@@ -112,7 +115,7 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
       throw error;
     }
     await nft.run({ text: swap.switch });
-    const cleanedUp = await removePreviousGeneration(deps, live, generation, next);
+    const cleanedUp = await removePreviousGeneration(deps, live, generation);
     const record = cleanedUp ? { generation: next, names: namesAfterSwap(generation, marker), summary } : undefined;
     saveState(deps.stateDir, lastGood, { digest: policy.digest, lockdown, source: options.source }, record);
     deps.audit(lockdown ? 'applied (lockdown on)' : 'applied', {
@@ -132,11 +135,10 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
  * swap. Failing here leaves only unused objects, which the next apply
  * removes; false then.
  */
-async function removePreviousGeneration(deps: EnforcerDeps, before: LiveTable | null, current: Ruleset, generation: Generation): Promise<boolean> {
+async function removePreviousGeneration(deps: EnforcerDeps, before: LiveTable | null, current: Ruleset): Promise<boolean> {
   const keep = new Set(current.sets.map((set) => set.name));
-  // Leftovers went before the prepare; what is left of `before` is its live generation.
-  const previous = before?.generation;
-  const stale = before && removalText(before.names, { chain: (name) => previous !== undefined && previous !== generation && name.endsWith(`.${previous}`), set: (name) => before.sets.has(name) && !keep.has(name) });
+  // Leftovers went before the prepare; what is left of `before` is the policy that was in force.
+  const stale = before && removalText(before.names, { chain: (name) => before.chains.has(name), set: (name) => before.sets.has(name) && !keep.has(name) });
   if (!stale) return true;
   try {
     await deps.nft.run({ text: stale });

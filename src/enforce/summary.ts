@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { POLICY_MARK } from '../compile/compile.js';
 import type { Element, Ruleset } from '../compile/nft.js';
 import type { NftElemJson, NftJson, NftTableListing } from '../nft/types.js';
-import { baseName, isApplyMarker, liveGeneration, setsInUse } from './swap.js';
+import { baseName, isApplyMarker, reachable } from './swap.js';
 
 /**
  * A table reduced to what can be compared between the compiled form and a
@@ -104,12 +104,11 @@ export function summarizeCompiled(ruleset: Ruleset): TableSummary {
   return { digest: digestFrom(output?.rules.find((r) => r.comment?.includes(POLICY_MARK))?.comment), lockdown: chains.has('lockdown'), chains, sets };
 }
 
-/** The live table's generation in force: the base chain, the chains it switched to, and the sets they use (leftovers of an interrupted apply are left out). */
+/** The policy in force in a live table: what its base chain reaches (leftovers of an interrupted apply are left out). */
 export function summarizeLive(listing: NftTableListing): TableSummary {
-  const generation = liveGeneration(listing);
-  const inUse = setsInUse(listing, generation);
-  const bases = new Set(listing.chains.filter((c) => c.hook !== undefined).map((c) => c.name));
-  const live = (chain: string) => bases.has(chain) || (generation !== undefined && chain.endsWith(`.${generation}`) && !isApplyMarker(chain));
+  const inForce = reachable(listing);
+  const inUse = inForce.sets;
+  const live = (chain: string) => inForce.chains.has(chain) && !isApplyMarker(chain);
   const chains = new Map<string, RuleSummary[]>();
   // Live names carry a generation or a digest (see swap.ts); summaries compare without it.
   for (const chain of listing.chains) if (live(chain.name)) chains.set(baseName(chain.name), []);

@@ -120,16 +120,36 @@ export function withGeneration(ruleset: Ruleset, generation: Generation): Rulese
 }
 
 /**
- * The sets and maps the live generation's rules use: those named in the base
- * chain and in the chains of `generation`. Any other set is a leftover.
+ * The policy in force: the base chain and the chains of the live
+ * generation (an app's chain may be reached only through a cgroup map the
+ * app tracker fills later), and what they reach — chains by jump and goto,
+ * also through a verdict map's elements, and sets and maps by reference.
+ * Anything else in the table is a leftover.
  */
-export function setsInUse(listing: NftTableListing, generation: Generation | undefined): Set<string> {
-  const used = new Set<string>();
-  for (const r of listing.rules) {
-    if (!(listing.chains.find((c) => c.name === r.chain)?.hook !== undefined || (generation !== undefined && r.chain.endsWith(`.${generation}`)))) continue;
-    for (const match of JSON.stringify(r.expr).matchAll(/"@([^"]+)"/g)) used.add(match[1]!);
-  }
-  return used;
+export function reachable(listing: NftTableListing): { chains: Set<string>; sets: Set<string> } {
+  const generation = liveGeneration(listing);
+  const rulesOf = new Map<string, string[]>();
+  for (const r of listing.rules) rulesOf.set(r.chain, [...(rulesOf.get(r.chain) ?? []), JSON.stringify(r.expr)]);
+  const maps = new Map(listing.maps.map((m) => [m.name, JSON.stringify(m.elem ?? [])]));
+  const chains = new Set(listing.chains.filter((c) => c.hook !== undefined || (generation !== undefined && c.name.endsWith(`.${generation}`))).map((c) => c.name));
+  const sets = new Set<string>();
+  const queue = [...chains];
+  const visit = (json: string) => {
+    for (const [, chain] of json.matchAll(/"target":\s*"([^"]+)"/g)) {
+      if (!chains.has(chain!)) {
+        chains.add(chain!);
+        queue.push(chain!);
+      }
+    }
+    for (const [, set] of json.matchAll(/"@([^"]+)"/g)) {
+      if (sets.has(set!)) continue;
+      sets.add(set!);
+      const elements = maps.get(set!);
+      if (elements) visit(elements);
+    }
+  };
+  for (let chain = queue.pop(); chain !== undefined; chain = queue.pop()) for (const rule of rulesOf.get(chain) ?? []) visit(rule);
+  return { chains, sets };
 }
 
 /**

@@ -186,6 +186,19 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     expect(new Set(bases).size).toBe(bases.length);
   });
 
+  it('takes over a table loaded by hand from `egressctl compile` (no generations), leaving one generation', () => {
+    const state = newState();
+    const dir = policyDir({ '00.yaml': POLICY });
+    const text = egressctl(state, 'compile', dir).stdout;
+    const loaded = spawnSync('nsenter', [`--net=/run/netns/${ns}`, 'nft', '-f', '-'], { input: `add table inet egressd; delete table inet egressd;\n${text}`, encoding: 'utf8' });
+    expect(loaded.status, loaded.stderr).toBe(0);
+    expect(apply(state, dir).liveFrom).toBe('listing');
+    const chains = [...nft('list', 'chains', 'inet').stdout.matchAll(/chain (\S+) \{/g)].map((m) => m[1]!).filter((c) => c !== 'output');
+    expect(chains.every((c) => /\.(a|b)$/.test(c)), chains.join(' ')).toBe(true);
+    expect(nft('-t', 'list', 'sets', 'inet').stdout).not.toMatch(/(?:set|map) [a-z0-9_]+ \{/);
+    expect(apply(state, dir).plan.changes).toBe(false);
+  });
+
   it('a damaged record is ignored: apply reads the table whole and writes a good record', () => {
     const state = newState();
     const dir = policyDir({ '00.yaml': POLICY });
