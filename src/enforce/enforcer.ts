@@ -9,9 +9,9 @@ import type { NftTableNames } from '../nft/types.js';
 import type { Policy } from '../policy/model.js';
 import { resolvePolicy } from '../policy/resolve.js';
 import { planChanges, type Plan } from './plan.js';
-import { summarizeCompiled, summarizeLive, type TableSummary } from './summary.js';
+import { liveSets, summarizeCompiled, summarizeLive, summarizeSet, type SetSummary, type TableSummary } from './summary.js';
 import { forgetRecord, readRecord, RECORD_FILE, recordText, type AppliedRecord } from './record.js';
-import { liveGeneration, nameList, namesAfterSwap, newApplyMarker, reachable, removalText, swapTexts, withGeneration, type Generation } from './swap.js';
+import { isApplyMarker, liveGeneration, nameList, namesAfterSwap, newApplyMarker, reachable, removalText, swapTexts, withGeneration, type Generation } from './swap.js';
 
 /** What enforcement needs from the system, passed in. */
 export interface EnforcerDeps {
@@ -46,7 +46,7 @@ export async function liveSummary(nft: Nft): Promise<TableSummary | null> {
  * generation swap of swap.ts. Invalid policy: throws before nft is touched. Lockdown, when not given,
  * stays as the live table has it, so the kill switch survives re-applies.
  */
-export async function applyPolicy(dir: string, deps: EnforcerDeps, options: { lockdown?: boolean } = {}): Promise<Applied> {
+export async function applyPolicy(dir: string, deps: EnforcerDeps, options: { lockdown?: boolean; reread?: boolean } = {}): Promise<Applied> {
   const { policy } = loadPolicyOrThrow(dir);
   return applyLoadedPolicy(policy, deps, { ...options, source: dir });
 }
@@ -60,33 +60,38 @@ interface LiveTable {
   readonly chains: ReadonlySet<string>;
   readonly sets: ReadonlySet<string>;
   readonly summary: TableSummary;
+  /** The live sets in force by live name, when the table was read whole (their elements known). */
+  readonly setContents?: ReadonlyMap<string, SetSummary>;
   /** "record": the table is as the last apply left it (applied.json), so it was not read whole. */
   readonly from: 'record' | 'listing';
 }
 
-async function readLive(deps: EnforcerDeps): Promise<LiveTable | null> {
+async function readLive(deps: EnforcerDeps, reread: boolean): Promise<LiveTable | null> {
   const names = await deps.nft.listNames(TABLE.family, TABLE.name);
   if (!names) return null;
-  const record = readRecord(deps.stateDir);
+  const record = reread ? undefined : readRecord(deps.stateDir);
   if (record && record.names.join('\n') === nameList(names).join('\n')) {
-    // The record's names are exactly one applied generation: all of it is in force.
+    // The record's names are exactly one applied generation: all of it is in force. Its
+    // generation and lockdown are read off those names (the marker, the lockdown chain).
     const chains = new Set(names.chains.map((c) => c.name));
     const sets = new Set([...names.sets, ...names.maps].map((x) => x.name));
-    return { names, generation: record.generation, chains, sets, summary: record.summary, from: 'record' };
+    const generation = [...chains].find(isApplyMarker)?.slice(-1) as Generation | undefined;
+    const summary = { ...record.summary, lockdown: chains.has(`lockdown.${generation}`) };
+    return { names, generation, chains, sets, summary, from: 'record' };
   }
   const listing = await deps.nft.listTable(TABLE.family, TABLE.name);
   if (!listing) return null;
   const inForce = reachable(listing);
-  return { names: listing, generation: liveGeneration(listing), ...inForce, summary: summarizeLive(listing), from: 'listing' };
+  return { names: listing, generation: liveGeneration(listing), ...inForce, summary: summarizeLive(listing), setContents: liveSets(listing), from: 'listing' };
 }
 
 /**
  * Applies an already loaded policy: egressctl apply, lockdown and egressd
  * come here, and so does bench/apply.ts, which times this path.
  */
-export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, options: { lockdown?: boolean; source: string }): Promise<Applied> {
+export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, options: { lockdown?: boolean; reread?: boolean; source: string }): Promise<Applied> {
   const { nft } = deps;
-  const live = await readLive(deps);
+  const live = await readLive(deps, options.reread ?? false);
   const lockdown = options.lockdown ?? live?.summary.lockdown ?? false;
   const next: Generation = live?.generation === 'a' ? 'b' : 'a';
   // Leftovers of an interrupted apply, unreachable from the base chain: their chains would
@@ -98,9 +103,11 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
   for (let attempt = 1; ; attempt++) {
     const facts = deps.facts(cgroupDepth(policy));
     const compiled = compile(policy, facts, { lockdown });
-    const generation = withGeneration(compiled.ruleset, next);
+    const generation = withGeneration(compiled.ruleset, next, live ? alteredSets(withGeneration(compiled.ruleset, next), live) : undefined);
     const swap = swapTexts(generation, marker, live?.sets);
     const prepared = nft.run({ text: swap.prepare });
+    // Awaited below; until then a refusal must not count as unhandled if the work in between throws.
+    prepared.catch(() => undefined);
     // Worked out while nft takes the new generation on its worker thread.
     const summary = summarizeCompiled(compiled.ruleset);
     const plan = planChanges(summary, live?.summary ?? null);
@@ -127,6 +134,22 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
     });
     return { compiled, digest: policy.digest, lockdown, plan, liveFrom: live?.from ?? 'none' };
   }
+}
+
+/**
+ * Live static sets that carry the name the new generation wants but not its
+ * elements (changed by hand since): a set is otherwise not written again
+ * when its name says it holds the right elements. Known only when the table
+ * was read whole; the record vouches for names, not elements.
+ */
+function alteredSets(generation: Ruleset, live: LiveTable): Set<string> {
+  const altered = new Set<string>();
+  if (!live.setContents) return altered;
+  for (const set of generation.sets) {
+    const found = live.setContents.get(set.name);
+    if (found && !found.dynamic && found.contents !== summarizeSet(set).contents) altered.add(set.name);
+  }
+  return altered;
 }
 
 /**

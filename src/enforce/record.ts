@@ -8,9 +8,12 @@
  * milliseconds. The record is trusted only when the live names are exactly
  * the ones it lists, its apply's marker chain among them: then the table is
  * the one that apply left (the resolver and the app tracker change elements
- * of dynamic sets, never names). Anything else — an interrupted apply, a
- * table changed by hand, another state directory, a damaged file — and apply
- * reads the table whole, as before.
+ * of dynamic sets, never names). Anything else — an interrupted apply,
+ * chains or sets added or removed by hand, another state directory, a
+ * damaged file — and apply reads the table whole, as before. The record
+ * vouches for names, not elements: elements of static sets changed by hand
+ * are seen by `plan` and `status`, which read the table, and repaired by
+ * `apply --reread`.
  */
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { POLICY_MARK } from '../compile/compile.js';
-import type { Element, Ruleset } from '../compile/nft.js';
+import type { Element, Ruleset, SetDecl } from '../compile/nft.js';
 import type { NftElemJson, NftJson, NftTableListing } from '../nft/types.js';
 import { baseName, isApplyMarker, reachable } from './swap.js';
 
@@ -95,19 +95,36 @@ export function summarizeCompiled(ruleset: Ruleset): TableSummary {
       chain.rules.map((r) => ({ comment: r.comment ?? '', id: ruleId(r.comment ?? ''), drops: r.expr.some((e) => 'drop' in e), packets: undefined, bytes: undefined })),
     );
   }
-  const sets = new Map<string, SetSummary>();
-  for (const set of ruleset.sets) {
-    const elements = set.elements.map((element, i) => (set.map ? `${elementString(element)} : ${verdictString(set.verdicts![i] as unknown as NftJson)}` : elementString(element)));
-    sets.set(set.name, { kind: set.map ? 'map' : 'set', dynamic: isDynamic(set.name, set.flags), size: elements.length, contents: contentsDigest(elements) });
-  }
+  const sets = new Map(ruleset.sets.map((set) => [set.name, summarizeSet(set)]));
   const output = ruleset.chains.find((c) => c.name === 'output');
   return { digest: digestFrom(output?.rules.find((r) => r.comment?.includes(POLICY_MARK))?.comment), lockdown: chains.has('lockdown'), chains, sets };
+}
+
+/** A compiled set or map as summaries compare it (its name, withGeneration's or not, decides nothing). */
+export function summarizeSet(set: SetDecl): SetSummary {
+  const elements = set.elements.map((element, i) => (set.map ? `${elementString(element)} : ${verdictString(set.verdicts![i] as unknown as NftJson)}` : elementString(element)));
+  return { kind: set.map ? 'map' : 'set', dynamic: isDynamic(baseName(set.name), set.flags), size: elements.length, contents: contentsDigest(elements) };
+}
+
+/** The live sets and maps the base chain reaches, by their live names (with digest). */
+export function liveSets(listing: NftTableListing): Map<string, SetSummary> {
+  const inUse = reachable(listing).sets;
+  const sets = new Map<string, SetSummary>();
+  for (const [kind, list] of [['set', listing.sets], ['map', listing.maps]] as const) {
+    for (const set of list) {
+      if (!inUse.has(set.name)) continue;
+      const elements = (set.elem ?? []).map((element: NftElemJson) =>
+        Array.isArray(element) ? `${elementString(element[0] as NftJson)} : ${verdictString(element[1] as NftJson)}` : elementString(element as NftJson),
+      );
+      sets.set(set.name, { kind, dynamic: isDynamic(baseName(set.name), set.flags ?? []), size: elements.length, contents: contentsDigest(elements) });
+    }
+  }
+  return sets;
 }
 
 /** The policy in force in a live table: what its base chain reaches (leftovers of an interrupted apply are left out). */
 export function summarizeLive(listing: NftTableListing): TableSummary {
   const inForce = reachable(listing);
-  const inUse = inForce.sets;
   const live = (chain: string) => inForce.chains.has(chain) && !isApplyMarker(chain);
   const chains = new Map<string, RuleSummary[]>();
   // Live names carry a generation or a digest (see swap.ts); summaries compare without it.
@@ -119,17 +136,7 @@ export function summarizeLive(listing: NftTableListing): TableSummary {
     const drops = r.expr.some((e) => e !== null && typeof e === 'object' && !Array.isArray(e) && 'drop' in e);
     chains.get(baseName(r.chain))?.push({ comment, id: ruleId(comment), drops, packets: counter?.packets, bytes: counter?.bytes });
   }
-  const sets = new Map<string, SetSummary>();
-  for (const [kind, list] of [['set', listing.sets], ['map', listing.maps]] as const) {
-    for (const set of list) {
-      if (!inUse.has(set.name)) continue;
-      const elements = (set.elem ?? []).map((element: NftElemJson) =>
-        Array.isArray(element) ? `${elementString(element[0] as NftJson)} : ${verdictString(element[1] as NftJson)}` : elementString(element as NftJson),
-      );
-      const name = baseName(set.name);
-      sets.set(name, { kind, dynamic: isDynamic(name, set.flags ?? []), size: elements.length, contents: contentsDigest(elements) });
-    }
-  }
+  const sets = new Map([...liveSets(listing)].map(([name, set]) => [baseName(name), set]));
   const output = listing.rules.find((r) => r.chain === 'output' && r.comment?.includes(POLICY_MARK));
   return { digest: digestFrom(output?.comment), lockdown: chains.has('lockdown'), chains, sets };
 }

@@ -26,8 +26,7 @@
  * 100,000-CIDR list is unchanged costs no element — and a DNS set keeps the
  * addresses the resolver put in it.
  */
-import { randomBytes } from 'node:crypto';
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { TABLE } from '../compile/compile.js';
 import { renderText, type ChainDecl, type Element, type Ruleset, type SetDecl, type Statement, type Verdict } from '../compile/nft.js';
 import type { NftTableListing, NftTableNames } from '../nft/types.js';
@@ -35,17 +34,24 @@ import type { NftTableListing, NftTableNames } from '../nft/types.js';
 export type Generation = 'a' | 'b';
 
 /** A chain's generation, or a set's contents digest; compiled names never contain a dot. */
-const LIVE_SUFFIX = /\.[0-9a-f]+$/;
+const LIVE_SUFFIX = /\.(a|b|[0-9a-f]{16})$/;
 
 /** A live chain or set name without its generation or contents digest. */
 export function baseName(name: string): string {
   return name.replace(LIVE_SUFFIX, '');
 }
 
-/** `NAME.digest`: the same declaration, elements and source always get the same name. */
-function contentName(set: SetDecl): string {
-  const declaration = renderText({ table: TABLE, sets: [set], chains: [] });
-  return `${set.name}.${createHash('sha256').update(declaration).update(`\0${set.source ?? ''}`).digest('hex').slice(0, 16)}`;
+/**
+ * `NAME.digest`: the same declaration, elements and source always get the
+ * same name. The comment (the rule's file:line) is left out: a line added
+ * above a rule must not rewrite its 100,000 CIDRs or empty its DNS sets, so a
+ * kept set may show its rule's former line. `salt` gives a set that must not
+ * take its usual name (one changed by hand, see withGeneration) another one.
+ */
+function contentName(set: SetDecl, salt = ''): string {
+  const { comment: _comment, ...declared } = set;
+  const declaration = renderText({ table: TABLE, sets: [declared], chains: [] });
+  return `${set.name}.${createHash('sha256').update(declaration).update(`\0${set.source ?? ''}\0${salt}`).digest('hex').slice(0, 16)}`;
 }
 
 /**
@@ -92,15 +98,19 @@ export function liveGeneration(listing: NftTableListing | null): Generation | un
 /**
  * Renames every non-base chain to `NAME.generation` and every set and map to
  * `NAME.digest` of its contents (a map's verdicts name chains, so maps are
- * new with each generation), and every reference to them.
+ * new with each generation), and every reference to them. A name in `avoid`
+ * — a live set whose elements no longer match its name — is not taken: the
+ * set is written anew under another, and the altered one goes with the old
+ * generation.
  */
-export function withGeneration(ruleset: Ruleset, generation: Generation): Ruleset {
+export function withGeneration(ruleset: Ruleset, generation: Generation, avoid: ReadonlySet<string> = new Set()): Ruleset {
   const chainNames = new Set(ruleset.chains.filter((c) => !c.hook).map((c) => c.name));
   const target = (name: string) => (chainNames.has(name) ? `${name}.${generation}` : name);
   const verdict = (v: Verdict): Verdict => ('jump' in v ? { jump: { target: target(v.jump.target) } } : 'goto' in v ? { goto: { target: target(v.goto.target) } } : v);
   const sets = ruleset.sets.map((set) => {
     const retargeted: SetDecl = set.verdicts ? { ...set, verdicts: set.verdicts.map(verdict) } : set;
-    return { ...retargeted, name: contentName(retargeted) };
+    const name = contentName(retargeted);
+    return { ...retargeted, name: avoid.has(name) ? contentName(retargeted, generation) : name };
   });
   const setNames = new Map(ruleset.sets.map((set, i) => [set.name, sets[i]!.name]));
   const setRef = (value: unknown) => (typeof value === 'string' && value.startsWith('@') ? `@${setNames.get(value.slice(1)) ?? value.slice(1)}` : value);

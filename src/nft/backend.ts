@@ -16,6 +16,11 @@ export interface NftRequest {
   readonly check: boolean;
   /** Leave set elements out of listings (`nft -t`). */
   readonly terse: boolean;
+  /**
+   * A long call (a listing with every element, a whole generation): the
+   * in-process backend runs it off the event loop. Text input always is.
+   */
+  readonly long?: boolean;
 }
 
 export interface NftOutcome {

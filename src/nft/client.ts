@@ -41,6 +41,8 @@ export interface NftRunOptions {
   readonly check?: boolean;
   /** Leave set elements out of listings (`nft -t`). */
   readonly terse?: boolean;
+  /** Expected to take long (a listing with every element): run off the event loop where the backend can. */
+  readonly long?: boolean;
 }
 
 export interface NftRunResult {
@@ -184,6 +186,7 @@ export class Nft {
       format: isJson ? 'json' : 'text',
       check: options.check ?? false,
       terse: options.terse ?? false,
+      long: options.long ?? false,
     });
     if (!outcome.ok) throw this.#refused(outcome, isJson ? input.json : undefined, options.check ?? false);
     const warnings = lines(outcome.error);
@@ -257,7 +260,7 @@ export class Nft {
     checkFamily(family);
     checkName('table', name);
     try {
-      const result = await this.run({ json: [cmd.list.table(family, name)] }, { terse: options.terse ?? false });
+      const result = await this.run({ json: [cmd.list.table(family, name)] }, { terse: options.terse ?? false, long: true });
       if (result.json === undefined) throw new EgressError(ErrorCode.NftState, 'nft listed nothing for a table');
       return tableListing(result.json);
     } catch (err) {

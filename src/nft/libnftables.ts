@@ -14,13 +14,13 @@
  * ≈ 32 ms per add with a 20,000-element interval set present, ≈ 0.85 s at
  * 100,000. Keep interval sets small where run-time adds must be fast.
  *
- * Time and threads: JSON commands (element adds, listings) run on the
- * event-loop thread — they take well under a millisecond, and a worker
- * thread's hand-off would cost more than the call. Text transactions (a
- * whole generation of the table: ≈ 1 s at 100,000 interval elements) run on
- * a worker thread, so that a daemon keeps answering (DNS, D-Bus) while an
- * apply is in the kernel, and an apply can prepare its state files
- * meanwhile. libnftables is not documented as safe to drive from several
+ * Time and threads: short JSON commands (element adds, name listings) run
+ * on the event-loop thread — they take well under a millisecond, and a
+ * worker thread's hand-off would cost more than the call. Long ones — text
+ * transactions (a whole generation of the table: ≈ 1 s at 100,000 interval
+ * elements) and listings with every element (≈ 1–2 s) — run on a worker
+ * thread, so that a daemon keeps answering (DNS, D-Bus) while an apply is in
+ * the kernel, and an apply can prepare its state files meanwhile. libnftables is not documented as safe to drive from several
  * threads at once: calls never overlap, because the client (client.ts) runs
  * one at a time.
  *
@@ -63,7 +63,9 @@ export interface LibnftablesApi {
   outputSetFlags(ctx: NftCtx, flags: number): void;
   setDryRun(ctx: NftCtx, dry: boolean): void;
   runCmdFromBuffer(ctx: NftCtx, buffer: string): number;
-  /** Runs on a worker thread (koffi's async call). */
+  /** The same on a worker thread (koffi's async call). */
+  runCmdFromBufferAsync(ctx: NftCtx, buffer: string): Promise<number>;
+  /** Runs on a worker thread. */
   runCmdFromFilename(ctx: NftCtx, filename: string): Promise<number>;
 }
 
@@ -121,11 +123,16 @@ export async function loadLibnftables(path: string = DEFAULT_LIBRARY): Promise<L
       setDryRun(ctx, dry);
     },
     runCmdFromBuffer: (ctx, buffer) => runCmdFromBuffer(ctx, buffer) as number,
-    runCmdFromFilename: (ctx, filename) =>
-      new Promise<number>((resolve, reject) => {
-        runCmdFromFilename.async(ctx, filename, (err: unknown, rc: number) => (err ? reject(err instanceof Error ? err : new Error(String(err))) : resolve(rc)));
-      }),
+    runCmdFromBufferAsync: (ctx, buffer) => onWorker(runCmdFromBuffer, ctx, buffer),
+    runCmdFromFilename: (ctx, filename) => onWorker(runCmdFromFilename, ctx, filename),
   };
+}
+
+/** Calls a koffi function on a worker thread. */
+function onWorker(fn: { async: (...args: unknown[]) => void }, ctx: NftCtx, text: string): Promise<number> {
+  return new Promise<number>((resolve, reject) => {
+    fn.async(ctx, text, (err: unknown, rc: number) => (err ? reject(err instanceof Error ? err : new Error(String(err))) : resolve(rc)));
+  });
 }
 
 export interface LibnftablesBackendOptions {
@@ -152,7 +159,7 @@ export function createLibnftablesBackend(api: LibnftablesApi, options: Libnftabl
       if (request.check) api.setDryRun(ctx, true);
 
       if (request.format === 'json') {
-        const rc = api.runCmdFromBuffer(ctx, request.input);
+        const rc = request.long ? await api.runCmdFromBufferAsync(ctx, request.input) : api.runCmdFromBuffer(ctx, request.input);
         return outcome(rc, api.getOutputBuffer(ctx), api.getErrorBuffer(ctx));
       }
       return await withInputFile(tmpBase, request.input, async (file) => {

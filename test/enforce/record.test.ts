@@ -199,6 +199,37 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     expect(apply(state, dir).plan.changes).toBe(false);
   });
 
+  it('a set emptied by hand: status sees it, apply over the record does not, apply --reread writes it anew', () => {
+    const state = newState();
+    const dir = policyDir({ '00.yaml': POLICY });
+    apply(state, dir);
+    const net4 = /set (g0_net4\.[0-9a-f]{16})/.exec(nft('-t', 'list', 'sets', 'inet').stdout)![1]!;
+    expect(nft('flush', 'set', 'inet', 'egressd', net4).status).toBe(0);
+    expect(egressctl(state, 'status', dir).status).toBe(1);
+    // The record vouches for names only: documented, and said by status.
+    expect(apply(state, dir).liveFrom).toBe('record');
+    expect(nft('list', 'set', 'inet', 'egressd', net4).stdout).not.toContain('203.0.113.0/24');
+    const reread = egressctl(state, 'apply', dir, '--reread', '--json');
+    expect(reread.status, reread.stderr).toBe(0);
+    expect((JSON.parse(reread.stdout) as ApplyJson).liveFrom).toBe('listing');
+    const live = nft('list', 'table', 'inet', 'egressd').stdout;
+    expect(live).toContain('203.0.113.0/24');
+    expect(live).not.toContain(`set ${net4} {`);
+    expect(egressctl(state, 'status', dir).status).toBe(0);
+  });
+
+  it('a line added above a rule keeps its sets, and the DNS answers in them', () => {
+    const state = newState();
+    apply(state, policyDir({ '00.yaml': POLICY }));
+    const names = () => nft('-t', 'list', 'sets', 'inet').stdout.match(/set g0_\S+/g)!.sort();
+    const before = names();
+    const dns4 = before.find((n) => n.startsWith('set g0_dns4'))!.slice(4);
+    expect(nft('add', 'element', 'inet', 'egressd', dns4, '{ 192.0.2.98 timeout 1h }').status).toBe(0);
+    apply(state, policyDir({ '00.yaml': `# a comment line moves every rule down\n${POLICY}` }));
+    expect(names()).toEqual(before);
+    expect(nft('list', 'set', 'inet', 'egressd', dns4).stdout).toContain('192.0.2.98');
+  });
+
   it('a damaged record is ignored: apply reads the table whole and writes a good record', () => {
     const state = newState();
     const dir = policyDir({ '00.yaml': POLICY });

@@ -165,6 +165,11 @@ function fakeLibrary(script: { rc?: number; error?: string; output?: string; thr
       calls.push(`buffer:${buffer.length > 0 ? 'json' : 'empty'}`);
       return script.rc ?? 0;
     },
+    runCmdFromBufferAsync: async (_, buffer) => {
+      if (script.throwOnRun === true) throw new Error('boom');
+      calls.push(`worker-buffer:${buffer.length > 0 ? 'json' : 'empty'}`);
+      return Promise.resolve(script.rc ?? 0);
+    },
     runCmdFromFilename: async (_, filename) => {
       if (script.throwOnRun === true) throw new Error('boom');
       calls.push(`file:${filename.endsWith('input.nft') ? 'input.nft' : filename}`);
@@ -206,6 +211,15 @@ describe('libnftables backend, through a fake C API', () => {
     await client.run({ json: [cmd.list.tables()] }, { terse: true });
     expect(fake.calls).toContain('dry=true');
     expect(fake.calls).toContain(`flags=${NftOutputFlag.Json | NftOutputFlag.Terse}`);
+  });
+
+  it('runs short JSON commands on the event loop, and long ones (text, whole listings) on a worker', async () => {
+    const fake = fakeLibrary();
+    const client = new Nft(createLibnftablesBackend(fake.api));
+    await client.addElements(dns4, ['192.0.2.1']);
+    await client.run({ text: 'add table inet x' });
+    await client.run({ json: [cmd.list.table('inet', 'egressd')] }, { long: true });
+    expect(fake.calls.filter((c) => /^(buffer|worker-buffer|file):/.test(c))).toEqual(['buffer:json', 'file:input.nft', 'worker-buffer:json']);
   });
 
   it('frees the context when nft refuses or the call throws', async () => {

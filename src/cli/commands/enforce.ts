@@ -29,10 +29,10 @@ const onePolicyDir = (command: string, argv: readonly string[]) => {
   return { dir: positionals[0] ?? DEFAULT_POLICY_DIR, json: values.json === true };
 };
 
-export const apply: Command<{ dir: string; json: boolean }> = {
+export const apply: Command<{ dir: string; json: boolean; reread: boolean }> = {
   name: 'apply',
   summary: 'enforce a policy: switch table inet egressd to it, with no window',
-  help: `Usage: egressctl apply [DIR] [--json]
+  help: `Usage: egressctl apply [DIR] [--json] [--reread]
 
 Loads and compiles the policy in DIR (default ${DEFAULT_POLICY_DIR}) and
 switches the kernel's table inet egressd to it: the new sets and chains are
@@ -49,13 +49,19 @@ as last-good.nft, and the change is recorded in the system log.
 The changes listed are against the live table. When its chains and sets are
 still exactly those the last apply left (recorded in applied.json; checked
 against the kernel each time), they are taken from that record instead of
-reading every set element back — "liveFrom" in --json says which.
+reading every set element back — "liveFrom" in --json says which. The
+record vouches for names, not elements: after elements of egressd's sets were
+changed by hand, --reread reads the table whole, and every set whose elements
+differ from the policy is written anew.
 
 Exit status: 0 applied, 2 invalid policy, 3 nftables refused (nothing changed).`,
-  parse: (argv) => onePolicyDir('apply', argv),
+  parse: (argv) => {
+    const { values, positionals } = parseFlags('apply', argv, { json: { type: 'boolean' }, reread: { type: 'boolean' } }, 1);
+    return { dir: positionals[0] ?? DEFAULT_POLICY_DIR, json: values.json === true, reread: values.reread === true };
+  },
   async run(options, deps) {
     const enforcer = await enforcerDeps(deps);
-    const applied = await applyPolicy(options.dir, enforcer);
+    const applied = await applyPolicy(options.dir, enforcer, { reread: options.reread });
     printIssues(deps, options.dir, applied.compiled.warnings);
     const rules = applied.compiled.ruleset.chains.reduce((n, c) => n + c.rules.length, 0);
     if (options.json) {
@@ -147,7 +153,7 @@ different from it (or the policy on disk is invalid), 3 system error.`,
       } else if (matches) {
         deps.err(`matches the policy in ${options.dir}`);
       } else {
-        deps.err(`DIFFERS from the policy in ${options.dir}; "egressctl plan" shows how, "egressctl apply" enforces it:`);
+        deps.err(`DIFFERS from the policy in ${options.dir}; "egressctl plan" shows how, "egressctl apply" enforces it ("--reread" if the table was changed by hand):`);
         for (const line of describePlan(planned!.plan)) deps.err(line);
       }
     }
