@@ -119,6 +119,9 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
       // (and changed nothing, so the marker can be used again).
       const missing = isEgressError(error) && error.code === ErrorCode.NftApply && /No such file or directory/.test(error.message);
       if (missing && attempt < CGROUP_RACE_RETRIES && deps.facts(cgroupDepth(policy)).cgroups.join('\n') !== facts.cgroups.join('\n')) continue;
+      if (isEgressError(error) && error.code === ErrorCode.NftApply && /File exists/.test(error.message) && /create chain/.test(error.message)) {
+        throw new EgressError(ErrorCode.NftApply, `another apply wrote generation "${next}" of table ${TABLE.family} ${TABLE.name} at the same time; this one changed nothing — run it again`, { cause: error });
+      }
       throw error;
     }
     await nft.run({ text: swap.switch });

@@ -184,10 +184,13 @@ export function swapTexts(ruleset: Ruleset, marker?: string, present: ReadonlySe
   if (!base?.hook) throw new Error('internal: a ruleset without a base chain');
   const { family, name } = ruleset.table;
   const ensure = `table ${family} ${name} {\n\tchain ${base.name} {\n\t\ttype filter hook ${base.hook.hook} priority ${base.hook.prio}; policy ${base.hook.policy};\n\t}\n}\n`;
-  const objects = renderText({ ...ruleset, sets: ruleset.sets.filter((set) => !present.has(set.name)), chains: ruleset.chains.filter((c) => c !== base) });
+  const chains = ruleset.chains.filter((c) => c !== base);
+  // `create`, not `add`: a chain block appends to a chain that exists, so two applies racing
+  // for the same generation would mix their rules. Created, the second one is refused whole.
+  const created = [...chains.map((c) => c.name), ...(marker ? [marker] : [])].map((chain) => `create chain ${family} ${name} ${chain}\n`).join('');
+  const objects = renderText({ ...ruleset, sets: ruleset.sets.filter((set) => !present.has(set.name)), chains });
   const rules = renderText({ table: ruleset.table, sets: [], chains: [base] });
-  const markerText = marker ? `add chain ${family} ${name} ${marker}\n` : '';
-  return { prepare: `${ensure}${objects}${markerText}`, switch: `flush chain ${family} ${name} ${base.name}\n${rules}` };
+  return { prepare: `${ensure}${created}${objects}`, switch: `flush chain ${family} ${name} ${base.name}\n${rules}` };
 }
 
 /**

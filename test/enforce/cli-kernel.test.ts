@@ -112,6 +112,30 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     expect(egressctl('release').stderr).toContain('nothing to release');
   });
 
+  it('two applies at once never mix their policies: the table ends as one of them, whole', async () => {
+    const nets = (first: number) => Array.from({ length: 20_000 }, (_, i) => `${first}.${i >> 8}.${i & 255}.0/24`).join('\n');
+    const policy = (first: number, port: number) =>
+      policyDir({
+        '00.yaml': `lists:\n  big: {file: big.txt}\ndeny:\n  - to: ["@big"]\n    ports: [${port}]\napps:\n  a:\n    identity: {user: root}\n    rules:\n      - deny: [198.51.100.${port % 250}]\n`,
+        'big.txt': `${nets(first)}\n`,
+      });
+    const one = policy(10, 25);
+    const two = policy(20, 443);
+    const run = (dir: string) =>
+      new Promise<number>((resolve) => {
+        const child = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/cli/main.ts'), 'apply', dir], { env: { ...process.env, EGRESSD_STATE_DIR: state }, stdio: 'ignore' });
+        child.once('exit', (code) => resolve(code ?? -1));
+      });
+    for (let round = 0; round < 4; round++) {
+      const codes = await Promise.all([run(one), run(two)]);
+      expect(codes.some((code) => code === 0), String(codes)).toBe(true);
+      const matches = [egressctl('plan', one).status, egressctl('plan', two).status];
+      expect(matches.filter((status) => status === 0), `round ${round}: exits ${String(codes)}, plan ${String(matches)}`).toHaveLength(1);
+      const chains = [...nft('list', 'chains', 'inet').stdout.matchAll(/chain (\S+) \{/g)].map((m) => m[1]!).filter((c) => c !== 'output');
+      expect(new Set(chains.map((c) => c.slice(-2))).size).toBe(1);
+    }
+  }, 120_000);
+
   it('fail-closed: apply killed with SIGKILL at any moment leaves the old table or the new one, never none', async () => {
     // A large list, different in each policy (an unchanged set is not written again), makes
     // each apply take long enough to be killed in the middle.
