@@ -30,6 +30,8 @@ export interface Applied {
   readonly plan: Plan;
   /** How the table before the apply was known: from the last apply's record, by reading it whole, or there was none. */
   readonly liveFrom: 'record' | 'listing' | 'none';
+  /** Each compiled set's and map's name in the kernel (with its digest): where the resolver and app tracker add elements. */
+  readonly liveNames: ReadonlyMap<string, string>;
 }
 
 /** A cgroup that vanished between listing and applying makes nft refuse the element; the apply is retried with fresh facts. */
@@ -135,7 +137,8 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
       rules: compiled.ruleset.chains.reduce((n, c) => n + c.rules.length, 0),
       backend: nft.backend,
     });
-    return { compiled, digest: policy.digest, lockdown, plan, liveFrom: live?.from ?? 'none' };
+    const liveNames = new Map(compiled.ruleset.sets.map((set, i) => [set.name, generation.sets[i]!.name]));
+    return { compiled, digest: policy.digest, lockdown, plan, liveFrom: live?.from ?? 'none', liveNames };
   }
 }
 

@@ -39,6 +39,7 @@ const nft = (...args: string[]) => spawnSync('nsenter', [`--net=/run/netns/${ns}
 
 interface ApplyJson {
   liveFrom: string;
+  liveNames: Record<string, string>;
   lockdown: boolean;
   plan: { changes: boolean; digest: { live?: string; compiled?: string }; lockdown: { live: boolean }; added: unknown[]; removed: unknown[]; sets: { name: string; change: string }[] };
 }
@@ -165,6 +166,8 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     const setHandles = () =>
       new Map([...nft('-a', '-t', 'list', 'sets', 'inet').stdout.matchAll(/set (\S+)\.[0-9a-f]{16} \{ # handle (\d+)/g)].map((m) => [m[1]!, Number(m[2])]));
     const dnsSet = () => /set (g0_dns4\.[0-9a-f]{16})/.exec(nft('-t', 'list', 'sets', 'inet').stdout)![1]!;
+    // apply names the live set a compiled one became: where the resolver will write.
+    expect(apply(state, dir).liveNames['g0_dns4']).toBe(dnsSet());
     // What the resolver will do: put an answer's address in the DNS set of tracker.example.
     expect(nft('add', 'element', 'inet', 'egressd', dnsSet(), '{ 192.0.2.99 timeout 1h }').status).toBe(0);
     const before = setHandles();

@@ -65,7 +65,7 @@ Exit status: 0 applied, 2 invalid policy, 3 nftables refused (nothing changed).`
     printIssues(deps, options.dir, applied.compiled.warnings);
     const rules = applied.compiled.ruleset.chains.reduce((n, c) => n + c.rules.length, 0);
     if (options.json) {
-      deps.out(JSON.stringify({ applied: true, digest: applied.digest, lockdown: applied.lockdown, rules, sets: applied.compiled.ruleset.sets.length, backend: enforcer.nft.backend, liveFrom: applied.liveFrom, plan: applied.plan }, null, 2));
+      deps.out(JSON.stringify({ applied: true, digest: applied.digest, lockdown: applied.lockdown, rules, sets: applied.compiled.ruleset.sets.length, backend: enforcer.nft.backend, liveFrom: applied.liveFrom, liveNames: Object.fromEntries(applied.liveNames), plan: applied.plan }, null, 2));
     }
     deps.err(`applied ${options.dir}: ${rules} rules, ${applied.compiled.ruleset.sets.length} sets and maps; policy sha256:${applied.digest.slice(0, 16)}… (${enforcer.nft.backend})`);
     for (const line of describePlan(applied.plan)) deps.err(line);
