@@ -210,10 +210,17 @@ class Compiler {
 
     const decls: RuleDecl[] = [];
     for (const family of [4, 6] as const) {
-      const networks = r.to.networks.filter((net) => net.family === family);
-      if (networks.length > 0) {
+      const key = family === 4 ? 'ipv4_addr' : 'ipv6_addr';
+      const { hashed, rest } = splitByPrefix(r.to.networks.filter((net) => net.family === family), family === 4 ? 32 : 128);
+      for (const [prefix, networks] of hashed) {
+        const name = `${setPrefix}_net${family}_p${prefix}`;
+        this.sets.push({ name, key, flags: [], elements: networks.map((net) => net.address), comment: text });
+        const lookup = prefix === (family === 4 ? 32 : 128) ? match.daddr(family, name) : match.daddrMasked(family, prefix, name);
+        decls.push(rule([lookup, ...l4, stmt.counter(), ...tail], text));
+      }
+      if (rest.length > 0) {
         const name = `${setPrefix}_net${family}`;
-        this.sets.push({ name, key: family === 4 ? 'ipv4_addr' : 'ipv6_addr', flags: ['interval'], elements: networks.map(networkElement), comment: text });
+        this.sets.push({ name, key, flags: ['interval'], elements: rest.map(networkElement), comment: text });
         decls.push(rule([match.daddr(family, name), ...l4, stmt.counter(), ...tail], text));
       }
     }
@@ -388,6 +395,37 @@ function protocolMatch(r: Rule): Statement[] {
   const out = [match.l4proto(names)];
   if (r.ports) out.push(match.dport(r.ports.map((p): Element => (p.from === p.to ? p.from : { range: [p.from, p.to] }))));
   return out;
+}
+
+/** A prefix length shared by this many networks of a rule gets a hash set of its own. */
+const HASHED_GROUP_MIN = 1024;
+/** At most this many such sets per rule and family: each is one more lookup per packet. */
+const HASHED_GROUPS_MAX = 4;
+
+/**
+ * Big lists are mostly a few prefix lengths (/24 and /32, /48 and /64). The
+ * networks of a length shared by many go to a hash set looked up under that
+ * length's mask — one hash lookup, where an interval set of 100,000 entries
+ * costs a binary search per packet (3 % of new connections per second, and
+ * an interval set is slower to load; bench/README.md). The rest stay in one
+ * interval set. A packet is matched by both as by one interval set: the
+ * networks are canonical (host bits clear), so masking the destination to a
+ * length and looking it up is membership in some network of that length.
+ */
+function splitByPrefix(networks: readonly Network[], bits: number): { hashed: [number, Network[]][]; rest: Network[] } {
+  const byPrefix = new Map<number, Network[]>();
+  for (const net of networks) {
+    const group = byPrefix.get(net.prefix);
+    if (group) group.push(net);
+    else byPrefix.set(net.prefix, [net]);
+  }
+  const hashed = [...byPrefix]
+    .filter(([prefix, nets]) => nets.length >= HASHED_GROUP_MIN && prefix > 0 && prefix <= bits)
+    .sort(([pa, a], [pb, b]) => b.length - a.length || pb - pa)
+    .slice(0, HASHED_GROUPS_MAX)
+    .sort(([pa], [pb]) => pb - pa);
+  const taken = new Set(hashed.map(([prefix]) => prefix));
+  return { hashed, rest: networks.filter((net) => !taken.has(net.prefix)) };
 }
 
 const listDigests = new WeakMap<NameList, string>();

@@ -53,6 +53,8 @@ export type Expr =
   | { readonly socket: { readonly key: 'cgroupv2'; readonly level: number } }
   | { readonly ct: { readonly key: 'state' | 'direction' } }
   | { readonly set: readonly Element[] }
+  /** A bitwise AND, as libnftables JSON writes it: `ip6 daddr & ffff:ffff::`. */
+  | { readonly '&': readonly [Expr, string] }
   | Element;
 
 export type Statement =
@@ -92,9 +94,24 @@ export const verdict = {
 
 const eq = (left: Expr, right: Expr): Statement => ({ match: { op: '==', left, right } });
 
+/** The netmask of a prefix length: 255.255.255.0, ffff:ffff:ffff:ffff::. */
+export function prefixMask(family: 4 | 6, prefix: number): string {
+  const bits = family === 4 ? 32 : 128;
+  const groups = Array.from({ length: bits / (family === 4 ? 8 : 16) }, (_, i) => {
+    const width = family === 4 ? 8 : 16;
+    const ones = Math.max(0, Math.min(width, prefix - i * width));
+    return ones === 0 ? 0 : ((1 << width) - 1) ^ ((1 << (width - ones)) - 1);
+  });
+  if (family === 4) return groups.join('.');
+  return groups.map((g) => g.toString(16)).join(':').replace(/(^|:)0(:0)+$/, '::').replace(/^::?$/, '::');
+}
+
 export const match = {
   oif: (name: string): Statement => eq({ meta: { key: 'oif' } }, name),
   daddr: (family: 4 | 6, setName: string): Statement => eq({ payload: { protocol: family === 4 ? 'ip' : 'ip6', field: 'daddr' } }, `@${setName}`),
+  /** The destination's first `prefix` bits looked up in a set of network addresses. */
+  daddrMasked: (family: 4 | 6, prefix: number, setName: string): Statement =>
+    eq({ '&': [{ payload: { protocol: family === 4 ? 'ip' : 'ip6', field: 'daddr' } }, prefixMask(family, prefix)] }, `@${setName}`),
   daddrIs: (family: 4 | 6, address: string): Statement => eq({ payload: { protocol: family === 4 ? 'ip' : 'ip6', field: 'daddr' } }, address),
   l4proto: (protocols: readonly string[]): Statement =>
     eq({ meta: { key: 'l4proto' } }, protocols.length === 1 ? protocols[0]! : { set: protocols }),
@@ -212,6 +229,7 @@ function exprText(expr: Expr): string {
   if ('socket' in expr) return `socket cgroupv2 level ${expr.socket.level}`;
   if ('ct' in expr) return `ct ${expr.ct.key}`;
   if ('set' in expr) return `{ ${expr.set.map((e) => exprText(e as Expr)).join(', ')} }`;
+  if ('&' in expr) return `${exprText(expr['&'][0])} & ${expr['&'][1]}`;
   return elementText(expr);
 }
 

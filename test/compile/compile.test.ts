@@ -1,7 +1,7 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { compile } from '../../src/compile/compile.js';
-import { renderText, safeText, type ChainDecl, type RuleDecl } from '../../src/compile/nft.js';
+import { renderJson, renderText, safeText, type ChainDecl, type RuleDecl } from '../../src/compile/nft.js';
 import { resolvePolicy } from '../../src/policy/resolve.js';
 import { nftAvailable, nftCheck } from '../support/nft-check.js';
 import { compileYaml, FACTS } from '../support/compile-text.js';
@@ -129,10 +129,48 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     for (const name of ['output', 'app_app1', 'global_deny']) {
       expect(chain(large, name).rules.length, name).toBe(chain(small, name).rules.length);
     }
-    const denySet = large.ruleset.sets.find((s) => s.name === 'g0_net4')!;
+    // 5,000 networks of one length: one hash set, looked up under the /24 mask.
+    const denySet = large.ruleset.sets.find((s) => s.name === 'g0_net4_p24')!;
     expect(denySet.elements).toHaveLength(5000);
-    expect(denySet.flags).toEqual(['interval']);
+    expect(denySet.flags).toEqual([]);
+    expect(renderText(large.ruleset)).toContain('ip daddr & 255.255.255.0 @g0_net4_p24 counter');
     expect(large.ruleset.sets.find((s) => s.name === 'app_uid')!.elements).toHaveLength(200);
+  });
+
+  it('puts the big prefix lengths of a rule in hash sets (at most four), the rest in one interval set', () => {
+    const nets = [
+      ...Array.from({ length: 2000 }, (_, i) => `10.${i >> 8}.${i & 255}.0/24`),
+      ...Array.from({ length: 1500 }, (_, i) => `172.16.${i >> 8}.${i & 255}`),
+      ...Array.from({ length: 1100 }, (_, i) => `2001:db8:${i.toString(16)}::/48`),
+      '192.168.0.0/16',
+      '198.51.100.0/25',
+      '2001:db8:ffff:1::/64',
+    ];
+    const compiled = compileYaml(`deny:\n  - to: ${JSON.stringify(nets)}\n`);
+    const sets = new Map(compiled.ruleset.sets.map((s) => [s.name, s]));
+    expect([...sets.keys()].sort()).toEqual(['g0_net4', 'g0_net4_p24', 'g0_net4_p32', 'g0_net6', 'g0_net6_p48']);
+    expect(sets.get('g0_net4')!.elements).toEqual([{ prefix: { addr: '192.168.0.0', len: 16 } }, { prefix: { addr: '198.51.100.0', len: 25 } }]);
+    expect(sets.get('g0_net4')!.flags).toEqual(['interval']);
+    expect(sets.get('g0_net4_p32')!.elements).toHaveLength(1500);
+    const text = renderText(compiled.ruleset);
+    expect(text).toContain('ip daddr @g0_net4_p32 counter goto log_g0');
+    expect(text).toContain('ip6 daddr & ffff:ffff:ffff:: @g0_net6_p48 counter goto log_g0');
+    // Five big lengths: the four largest get hash sets, the smallest stays with the intervals.
+    const lengths: [number, (i: number) => string][] = [
+      [32, (i) => `2007:${i.toString(16)}::/32`],
+      [40, (i) => `2006:${i.toString(16)}::/40`],
+      [48, (i) => `2003:1:${i.toString(16)}::/48`],
+      [56, (i) => `2005:1:${i.toString(16)}::/56`],
+      [64, (i) => `2004:1:1:${i.toString(16)}::/64`],
+    ];
+    const five = lengths.flatMap(([, net], k) => Array.from({ length: 1024 + k }, (_, i) => net(i)));
+    // nft itself takes both forms, text and JSON (JSON as checked for the goldens: no cgroup rules here).
+    if (!nftAvailable()) {
+      expect(nftCheck(text)).toEqual({ ok: true, stderr: '' });
+      expect(nftCheck(JSON.stringify(renderJson(compiled.ruleset)), { json: true })).toEqual({ ok: true, stderr: '' });
+    }
+    const capped = compileYaml(`deny:\n  - to: ${JSON.stringify(five)}\n`).ruleset.sets.map((set) => `${set.name}:${set.elements.length}`);
+    expect(capped.sort()).toEqual(['g0_net6:1024', 'g0_net6_p40:1025', 'g0_net6_p48:1026', 'g0_net6_p56:1027', 'g0_net6_p64:1028']);
   });
 
   it('names compile to timeout sets the resolver fills, bound to the rule', () => {

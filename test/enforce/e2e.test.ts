@@ -101,6 +101,19 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
     expect(await servers.v6!.count()).toBe(1);
   });
 
+  it('a big list of one prefix length, looked up as a hash set under its mask, denies its networks and nothing else', async () => {
+    // 2,048 /64s from 2001:db8:1::/64 on: 2001:db8:1::3 is in one of them, 2001:db8::2 in none.
+    const list = Array.from({ length: 2048 }, (_, i) => `2001:db8:${(i + 1).toString(16)}::/64`).join('\n');
+    await apply(policyDir({ '00.yaml': 'defaults: {egress: allow}\nlists:\n  big: {file: big.txt}\ndeny:\n  - to: ["@big"]\n', 'big.txt': `${list}\n` }));
+    const live = (await net.host.exec('nft', ['list', 'table', 'inet', 'egressd'])).stdout;
+    // nft lists the lookup under a mask with an explicit "==".
+    expect(live).toMatch(/ip6 daddr & ffff:ffff:ffff:ffff:: (== )?@g0_net6_p64\.[0-9a-f]{16} /);
+    expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8:1::3', port: 8443, timeoutMs: 800 })).toMatchObject({ ok: false, error: 'ETIMEDOUT' });
+    expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8::2', port: 8443 })).toMatchObject({ ok: true });
+    expect(await servers.denied6!.count()).toBe(0);
+    expect(await servers.v6!.count()).toBe(1);
+  });
+
   describe('default deny, one policy with every precedence level', () => {
     let dir: string;
     beforeAll(async () => {
