@@ -139,7 +139,11 @@ export function withGeneration(ruleset: Ruleset, generation: Generation, avoid: 
 export function reachable(listing: NftTableListing): { chains: Set<string>; sets: Set<string> } {
   const generation = liveGeneration(listing);
   const rulesOf = new Map<string, string[]>();
-  for (const r of listing.rules) rulesOf.set(r.chain, [...(rulesOf.get(r.chain) ?? []), JSON.stringify(r.expr)]);
+  for (const r of listing.rules) {
+    const rules = rulesOf.get(r.chain);
+    if (rules) rules.push(JSON.stringify(r.expr));
+    else rulesOf.set(r.chain, [JSON.stringify(r.expr)]);
+  }
   const maps = new Map(listing.maps.map((m) => [m.name, JSON.stringify(m.elem ?? [])]));
   const chains = new Set(listing.chains.filter((c) => c.hook !== undefined || (generation !== undefined && c.name.endsWith(`.${generation}`))).map((c) => c.name));
   const sets = new Set<string>();
