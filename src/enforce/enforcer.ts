@@ -105,7 +105,9 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
   for (let attempt = 1; ; attempt++) {
     const facts = deps.facts(cgroupDepth(policy));
     const compiled = compile(policy, facts, { lockdown });
-    const generation = withGeneration(compiled.ruleset, next, live ? alteredSets(withGeneration(compiled.ruleset, next), live) : undefined);
+    let generation = withGeneration(compiled.ruleset, next);
+    const altered = live ? alteredSets(generation, live) : new Set<string>();
+    if (altered.size > 0) generation = withGeneration(compiled.ruleset, next, altered);
     const swap = swapTexts(generation, marker, live?.sets);
     const prepared = nft.run({ text: swap.prepare });
     // Awaited below; until then a refusal must not count as unhandled if the work in between throws.
