@@ -84,7 +84,8 @@ async function readLive(deps: EnforcerDeps, reread: boolean): Promise<LiveTable 
   const listing = await deps.nft.listTable(TABLE.family, TABLE.name);
   if (!listing) return null;
   const inForce = reachable(listing);
-  return { names: listing, generation: liveGeneration(listing), ...inForce, summary: summarizeLive(listing), setContents: liveSets(listing), from: 'listing' };
+  const setContents = liveSets(listing, inForce.sets);
+  return { names: listing, generation: liveGeneration(listing), ...inForce, summary: summarizeLive(listing, inForce, setContents), setContents, from: 'listing' };
 }
 
 /**
