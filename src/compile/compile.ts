@@ -211,11 +211,12 @@ class Compiler {
     const decls: RuleDecl[] = [];
     for (const family of [4, 6] as const) {
       const key = family === 4 ? 'ipv4_addr' : 'ipv6_addr';
-      const { hashed, rest } = splitByPrefix(r.to.networks.filter((net) => net.family === family), family === 4 ? 32 : 128);
+      const bits = family === 4 ? 32 : 128;
+      const { hashed, rest } = splitByPrefix(r.to.networks.filter((net) => net.family === family));
       for (const [prefix, networks] of hashed) {
         const name = `${setPrefix}_net${family}_p${prefix}`;
         this.sets.push({ name, key, flags: [], elements: networks.map((net) => net.address), comment: text });
-        const lookup = prefix === (family === 4 ? 32 : 128) ? match.daddr(family, name) : match.daddrMasked(family, prefix, name);
+        const lookup = prefix === bits ? match.daddr(family, name) : match.daddrMasked(family, prefix, name);
         decls.push(rule([lookup, ...l4, stmt.counter(), ...tail], text));
       }
       if (rest.length > 0) {
@@ -412,7 +413,7 @@ const HASHED_GROUPS_MAX = 4;
  * networks are canonical (host bits clear), so masking the destination to a
  * length and looking it up is membership in some network of that length.
  */
-function splitByPrefix(networks: readonly Network[], bits: number): { hashed: [number, Network[]][]; rest: Network[] } {
+function splitByPrefix(networks: readonly Network[]): { hashed: [number, Network[]][]; rest: Network[] } {
   const byPrefix = new Map<number, Network[]>();
   for (const net of networks) {
     const group = byPrefix.get(net.prefix);
@@ -420,7 +421,7 @@ function splitByPrefix(networks: readonly Network[], bits: number): { hashed: [n
     else byPrefix.set(net.prefix, [net]);
   }
   const hashed = [...byPrefix]
-    .filter(([prefix, nets]) => nets.length >= HASHED_GROUP_MIN && prefix > 0 && prefix <= bits)
+    .filter(([, nets]) => nets.length >= HASHED_GROUP_MIN)
     .sort(([pa, a], [pb, b]) => b.length - a.length || pb - pa)
     .slice(0, HASHED_GROUPS_MAX)
     .sort(([pa], [pb]) => pb - pa);
