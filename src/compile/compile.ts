@@ -14,6 +14,8 @@ import {
   type RuleDecl,
   type Ruleset,
   type SetDecl,
+  type SetFlag,
+  type SetKey,
   type Statement,
   type Verdict,
 } from './nft.js';
@@ -94,6 +96,8 @@ export function compile(policy: Policy, facts: Facts, options: CompileOptions = 
 
 class Compiler {
   private readonly sets: SetDecl[] = [];
+  /** Constant sets by name, with their elements (as JSON): rules share them. */
+  private readonly constants = new Map<string, string>();
   private readonly chains: ChainDecl[] = [];
   private readonly dnsBindings: DnsBinding[] = [];
   private readonly cgroupBindings: CgroupBinding[] = [];
@@ -204,7 +208,7 @@ class Compiler {
   /** One policy rule → nft rules: one per address family and kind of address, or one if it matches any address. */
   private ruleDecls(r: Rule, setPrefix: string): RuleDecl[] {
     const tail = r.verdict === 'allow' ? [verdict.accept()] : this.denyVerdict(r.id, r.at, r.log, setPrefix);
-    const l4 = protocolMatch(r);
+    const l4 = this.protocolMatch(r);
     const text = comment(r.at, r.id);
     if (r.to.any) return [rule([...l4, stmt.counter(), ...tail], text)];
 
@@ -237,6 +241,44 @@ class Compiler {
       this.dnsBindings.push({ ruleId: r.id, verdict: r.verdict, names: r.to.names, suffixes: r.to.suffixes, lists: r.to.lists, set4, set6 });
     }
     return decls;
+  }
+
+  private protocolMatch(r: Rule): Statement[] {
+    if (!r.protocols) return [];
+    const names = [...new Set(r.protocols.flatMap((p) => (p === 'icmp' ? ['icmp', 'ipv6-icmp'] : [p])))].sort();
+    const out = [match.l4proto(names.length === 1 ? names[0]! : `@${this.constantSet(`proto_${names.join('_')}`.replace(/-/g, '_'), 'inet_proto', names)}`)];
+    if (r.ports) {
+      const ranges = [...r.ports].sort((a, b) => a.from - b.from || a.to - b.to);
+      const ports = ranges.map((p): Element => (p.from === p.to ? p.from : { range: [p.from, p.to] }));
+      if (ports.length === 1) out.push(match.dport(ports[0]!));
+      else {
+        const spelled = `ports_${ranges.map((p) => (p.from === p.to ? p.from : `${p.from}to${p.to}`)).join('_')}`;
+        const name = spelled.length <= 48 ? spelled : `ports_${createHash('sha256').update(spelled).digest('hex').slice(0, 12)}`;
+        out.push(match.dport(`@${this.constantSet(name, 'inet_service', ports, ranges.some((p) => p.from !== p.to) ? ['interval'] : [])}`));
+      }
+    }
+    return out;
+  }
+
+  /**
+   * A rule's literal set of protocols or ports, as a named set that
+   * every rule with the same elements shares, named by them. Never an
+   * anonymous `{ … }`: the kernel names each anonymous set by scanning every
+   * set of the table (nf_tables_set_alloc_name: an sscanf per set), and while
+   * an apply writes the next generation the table holds both — 800 anonymous
+   * sets for 200 apps cost ~200 ms of kernel time per apply (measured). A
+   * named constant set is written once and kept while its elements stay.
+   * (The base chain's two ICMPv6 type sets stay anonymous: two, whatever the
+   * policy's size.)
+   */
+  private constantSet(name: string, key: SetKey, elements: readonly Element[], flags: readonly SetFlag[] = []): string {
+    const known = this.constants.get(name);
+    if (known !== undefined && known !== JSON.stringify(elements)) throw new Error(`internal: constant set ${name} named for two contents`);
+    if (known === undefined) {
+      this.constants.set(name, JSON.stringify(elements));
+      this.sets.push({ name, key, flags, elements });
+    }
+    return name;
   }
 
   /** What fills a rule's DNS sets: its verdict, names and suffixes, and its lists by content. */
@@ -390,13 +432,6 @@ function fingerprintRules(chain: ChainDecl): ChainDecl {
   };
 }
 
-function protocolMatch(r: Rule): Statement[] {
-  if (!r.protocols) return [];
-  const names = r.protocols.flatMap((p) => (p === 'icmp' ? ['icmp', 'ipv6-icmp'] : [p]));
-  const out = [match.l4proto(names)];
-  if (r.ports) out.push(match.dport(r.ports.map((p): Element => (p.from === p.to ? p.from : { range: [p.from, p.to] }))));
-  return out;
-}
 
 /** A prefix length shared by this many networks of a rule gets a hash set of its own. */
 const HASHED_GROUP_MIN = 1024;

@@ -11,7 +11,7 @@ export interface TableRef {
   readonly name: string;
 }
 
-export type SetKey = 'ipv4_addr' | 'ipv6_addr' | 'uid' | 'gid' | { readonly cgroupLevel: number };
+export type SetKey = 'ipv4_addr' | 'ipv6_addr' | 'uid' | 'gid' | 'inet_proto' | 'inet_service' | { readonly cgroupLevel: number };
 export type SetFlag = 'interval' | 'timeout';
 
 export type Verdict =
@@ -53,6 +53,8 @@ export type Expr =
   | { readonly socket: { readonly key: 'cgroupv2'; readonly level: number } }
   | { readonly ct: { readonly key: 'state' | 'direction' } }
   | { readonly set: readonly Element[] }
+  /** A list of flags, tested bitwise (`ct state established,related`): no set at all. */
+  | readonly string[]
   /** A bitwise AND, as libnftables JSON writes it: `ip6 daddr & ffff:ffff::`. */
   | { readonly '&': readonly [Expr, string] }
   | Element;
@@ -113,17 +115,16 @@ export const match = {
   daddrMasked: (family: 4 | 6, prefix: number, setName: string): Statement =>
     eq({ '&': [{ payload: { protocol: family === 4 ? 'ip' : 'ip6', field: 'daddr' } }, prefixMask(family, prefix)] }, `@${setName}`),
   daddrIs: (family: 4 | 6, address: string): Statement => eq({ payload: { protocol: family === 4 ? 'ip' : 'ip6', field: 'daddr' } }, address),
-  l4proto: (protocols: readonly string[]): Statement =>
-    eq({ meta: { key: 'l4proto' } }, protocols.length === 1 ? protocols[0]! : { set: protocols }),
-  /** Destination port of any transport header; callers pair it with an l4proto match. */
-  dport: (ports: readonly Element[]): Statement =>
-    eq({ payload: { protocol: 'th', field: 'dport' } }, ports.length === 1 ? ports[0]! : { set: ports }),
+  /** One protocol, or `@set` of several. */
+  l4proto: (protocols: string): Statement => eq({ meta: { key: 'l4proto' } }, protocols),
+  /** Destination port of any transport header — one, a range, or `@set` of several; callers pair it with an l4proto match. */
+  dport: (ports: Element): Statement => eq({ payload: { protocol: 'th', field: 'dport' } }, ports),
   tcpDport: (port: number): Statement => eq({ payload: { protocol: 'tcp', field: 'dport' } }, port),
   skuid: (uid: number): Statement => eq({ meta: { key: 'skuid' } }, uid),
   hoplimit: (limit: number): Statement => eq({ payload: { protocol: 'ip6', field: 'hoplimit' } }, limit),
   daddrIn6Multicast: (): Statement => eq({ payload: { protocol: 'ip6', field: 'daddr' } }, { prefix: { addr: 'ff00::', len: 8 } }),
   icmpv6Type: (types: readonly string[]): Statement => eq({ payload: { protocol: 'icmpv6', field: 'type' } }, { set: types }),
-  ctState: (states: readonly string[]): Statement => ({ match: { op: 'in', left: { ct: { key: 'state' } }, right: states.length === 1 ? states[0]! : { set: states } } }),
+  ctState: (states: readonly string[]): Statement => ({ match: { op: 'in', left: { ct: { key: 'state' } }, right: states } }),
 };
 
 export const dispatch = {
@@ -210,14 +211,16 @@ export function renderJson(ruleset: Ruleset): { nftables: JsonObject[] } {
 
 // ---- text rendering (nft -f) ----------------------------------------------
 
-function elementText(element: Element): string {
-  if (typeof element === 'string') return /^[0-9a-fA-F:.]+$/.test(element) ? element : quote(element);
+/** `symbolic`: names nft knows for the set's type (tcp, udp), written bare. */
+function elementText(element: Element, symbolic = false): string {
+  if (typeof element === 'string') return symbolic || /^[0-9a-fA-F:.]+$/.test(element) ? element : quote(element);
   if (typeof element === 'number') return String(element);
   if ('prefix' in element) return `${element.prefix.addr}/${element.prefix.len}`;
   return `${element.range[0]}-${element.range[1]}`;
 }
 
 function exprText(expr: Expr): string {
+  if (isFlagList(expr)) return expr.join(',');
   if (typeof expr === 'string') {
     if (expr.startsWith('@')) return expr;
     // Addresses, protocol names and conntrack states are bare words in nft's grammar.
@@ -231,6 +234,10 @@ function exprText(expr: Expr): string {
   if ('set' in expr) return `{ ${expr.set.map((e) => exprText(e as Expr)).join(', ')} }`;
   if ('&' in expr) return `${exprText(expr['&'][0])} & ${expr['&'][1]}`;
   return elementText(expr);
+}
+
+function isFlagList(expr: Expr): expr is readonly string[] {
+  return Array.isArray(expr);
 }
 
 function verdictText(v: Verdict): string {
@@ -271,7 +278,8 @@ const elementBlocks = new WeakMap<readonly Element[], string>();
 function elementBlock(set: SetDecl): string {
   const cached = set.map ? undefined : elementBlocks.get(set.elements);
   if (cached !== undefined) return cached;
-  const items = set.elements.map((element, i) => (set.map ? `${elementText(element)} : ${verdictText(set.verdicts![i]!)}` : elementText(element)));
+  const symbolic = set.key === 'inet_proto';
+  const items = set.elements.map((element, i) => (set.map ? `${elementText(element)} : ${verdictText(set.verdicts![i]!)}` : elementText(element, symbolic)));
   const rows: string[] = [];
   for (let i = 0; i < items.length; i += 8) rows.push(items.slice(i, i + 8).join(', '));
   const block = `\t\telements = { ${rows.join(',\n\t\t\t     ')} }`;

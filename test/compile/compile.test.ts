@@ -45,7 +45,7 @@ tor: {enabled: true, updaters: [apt]}
       position('meta skuid 110 counter accept comment "f.yaml'),
       position('vmap @app_uid'),
       position('jump global_deny'),
-      position('ct state { established, related } accept comment "f.yaml:2 default: established and related connections"'),
+      position('ct state established,related accept comment "f.yaml:2 default: established and related connections"'),
       position('log prefix "egd default "'),
     ];
     // Right before the default's log rule: every explicit deny comes first.
@@ -106,7 +106,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
       const closed = chain(compiled, 'app_closed');
       const at = tailStart(closed, 'app/closed/default');
       expect(at).toBeGreaterThan(0);
-      expect(ruleText(closed.rules[at - 1]!)).toBe('ct state { established, related } accept comment "f.yaml:5 app/closed/default: established and related connections"');
+      expect(ruleText(closed.rules[at - 1]!)).toBe('ct state established,related accept comment "f.yaml:5 app/closed/default: established and related connections"');
       // After the app's own rules and the global deny list: they cut established connections too.
       expect(ruleText(closed.rules[at - 2]!)).toMatch(/^jump global_deny /);
       if (egress === 'deny') {
@@ -171,6 +171,33 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     }
     const capped = compileYaml(`deny:\n  - to: ${JSON.stringify(five)}\n`).ruleset.sets.map((set) => `${set.name}:${set.elements.length}`);
     expect(capped.sort()).toEqual(['g0_net6:1024', 'g0_net6_p40:1025', 'g0_net6_p48:1026', 'g0_net6_p56:1027', 'g0_net6_p64:1028']);
+  });
+
+  it('rules hold no anonymous sets: protocols and ports of several are named sets that rules with the same ones share', () => {
+    const apps = Array.from(
+      { length: 30 },
+      (_, i) => `  a${i}:\n    identity: {user: ${2000 + i}}\n    default: deny\n    rules:\n      - allow: [app${i}.example.org]\n        ports: [${i % 2 ? '443, 80' : '80, 443'}]\n      - allow: [192.0.2.${i}]\n        ports: [8000-8100, 22]\n        proto: tcp\n      - deny: any\n        proto: [udp, tcp, icmp]\n`,
+    );
+    const compiled = compileYaml(`apps:\n${apps.join('')}`);
+    const text = renderText(compiled.ruleset);
+    // The base chain's two ICMPv6 type sets are the only anonymous ones, whatever the policy's size.
+    const anonymous = compiled.ruleset.chains.flatMap((c) => c.rules.filter((r) => JSON.stringify(r.expr).includes('"set":')).map(() => c.name));
+    expect(anonymous).toEqual(['output', 'output']);
+    const constants = compiled.ruleset.sets.filter((s) => s.key === 'inet_proto' || s.key === 'inet_service').map((s) => ({ name: s.name, elements: s.elements, flags: s.flags }));
+    expect(constants).toEqual([
+      { name: 'proto_tcp_udp', elements: ['tcp', 'udp'], flags: [] },
+      { name: 'ports_80_443', elements: [80, 443], flags: [] },
+      { name: 'ports_22_8000to8100', elements: [22, { range: [8000, 8100] }], flags: ['interval'] },
+      { name: 'proto_icmp_ipv6_icmp_tcp_udp', elements: ['icmp', 'ipv6-icmp', 'tcp', 'udp'], flags: [] },
+    ]);
+    expect(ruleText(chain(compiled, 'app_a1').rules[0]!)).toBe('ip daddr @a_a1_0_dns4 meta l4proto @proto_tcp_udp th dport @ports_80_443 counter accept comment "f.yaml:17 app/a1/0"');
+    expect(ruleText(chain(compiled, 'app_a1').rules[2]!)).toBe('ip daddr @a_a1_1_net4 meta l4proto tcp th dport @ports_22_8000to8100 counter accept comment "f.yaml:19 app/a1/1"');
+    expect(text).toContain('elements = { icmp, ipv6-icmp, tcp, udp }');
+    expect(text).toContain('ct state established,related accept');
+    if (!nftAvailable()) {
+      expect(nftCheck(text)).toEqual({ ok: true, stderr: '' });
+      expect(nftCheck(JSON.stringify(renderJson(compiled.ruleset)), { json: true })).toEqual({ ok: true, stderr: '' });
+    }
   });
 
   it('names compile to timeout sets the resolver fills, bound to the rule', () => {

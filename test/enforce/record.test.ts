@@ -172,14 +172,14 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     expect(nft('add', 'element', 'inet', 'egressd', dnsSet(), '{ 192.0.2.99 timeout 1h }').status).toBe(0);
     const before = setHandles();
     expect(before.size).toBeGreaterThan(4);
-    // Only the app's allow rule changes, in one address (and its ports, which live in the rule):
-    // that address set is new, every other set is the same object.
+    // Only the app's allow rule changes, in one address and its ports: that address set is new,
+    // and so is the set of its two ports; every other set is the same object.
     const after = apply(state, policyDir({ '00.yaml': CHANGED }));
     expect(after.liveFrom).toBe('record');
     const now = setHandles();
-    expect([...now.keys()].sort()).toEqual([...before.keys()].sort());
+    expect([...now.keys()].sort()).toEqual([...before.keys(), 'ports_443_8443'].sort());
     const changed = [...now].filter(([name, handle]) => before.get(name) !== handle).map(([name]) => name);
-    expect(changed).toEqual(['a_rooty_0_net4']);
+    expect(changed.sort()).toEqual(['a_rooty_0_net4', 'ports_443_8443']);
     expect(nft('list', 'set', 'inet', 'egressd', dnsSet()).stdout).toContain('192.0.2.99');
     // A rule bound to other names gets a new, empty DNS set: old answers must not stand for new names.
     apply(state, policyDir({ '00.yaml': CHANGED.replace('tracker.example', 'tracker2.example') }));
