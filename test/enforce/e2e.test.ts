@@ -228,7 +228,7 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
   }, 150_000);
 
   it('no leak while replacing under default allow: a globally denied destination sees nothing during 50 applies', async () => {
-    // Measured before applies swapped generations in three transactions (src/enforce/swap.ts):
+    // Measured before applies swapped generations (src/enforce/swap.ts):
     // ~10 of ~70,000 such datagrams got through during 50 applies.
     const deny = (extra: string) => policyDir({ '00.yaml': `defaults: {egress: allow}\ndeny:\n  - to: [192.0.2.2${extra}]\n    ports: [5353]\n    proto: udp\n` });
     const a = deny('');

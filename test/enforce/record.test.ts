@@ -189,6 +189,36 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     expect(new Set(bases).size).toBe(bases.length);
   });
 
+  it('when something holds on to the previous generation, the new policy is in force all the same; the next apply removes the rest', () => {
+    const state = newState();
+    const fixture = join(import.meta.dirname, 'fixtures', 'apply-interfered.ts');
+    const run = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fixture, policyDir({ '00.yaml': POLICY }), policyDir({ '00.yaml': CHANGED }), state], { encoding: 'utf8', timeout: 60_000 });
+    expect(run.status, run.stderr).toBe(0);
+    const { previous, audits, table } = JSON.parse(run.stdout) as { previous: string; audits: string[]; table: string };
+    expect(audits).toEqual(['applied', 'applied, but the previous generation could not be removed yet', 'applied']);
+    // The switch went alone: the base chain uses the new generation, whose rules hold the changed address.
+    const next = previous.endsWith('.a') ? 'b' : 'a';
+    expect(table).toMatch(new RegExp(`jump global_deny\\.${next} comment "global deny list`));
+    expect(table).toContain('198.51.100.8');
+    expect(table).toContain(`chain ${previous} {`);
+    // No record: the next apply reads the table whole, removes what is left of the old generation, and leaves one.
+    expect(() => readFileSync(join(state, RECORD_FILE))).toThrow();
+    expect(apply(state, policyDir({ '00.yaml': POLICY })).liveFrom).toBe('listing');
+    const chains = [...nft('list', 'chains', 'inet').stdout.matchAll(/chain (\S+) \{/g)].map((m) => m[1]!).filter((c) => c !== 'output' && !c.startsWith('applied_'));
+    expect(new Set(chains.map((c) => c.slice(-2))), chains.join(' ')).toEqual(new Set([`.${previous.slice(-1)}`]));
+    expect(apply(state, policyDir({ '00.yaml': POLICY })).liveFrom).toBe('record');
+    // A jump added by hand from the live policy to a chain the next generation must create: refused, clearly, and nothing changes.
+    const live = /chain global_deny\.(a|b) /.exec(nft('list', 'chains', 'inet').stdout)![1]!;
+    const other = live === 'a' ? 'b' : 'a';
+    expect(nft('add', 'chain', 'inet', 'egressd', `log_g0.${other}`).status).toBe(0);
+    expect(nft('add', 'rule', 'inet', 'egressd', `global_deny.${live}`, 'meta', 'mark', '0x4243', 'jump', `log_g0.${other}`).status).toBe(0);
+    const before = nft('list', 'table', 'inet', 'egressd').stdout;
+    const refused = egressctl(state, 'apply', policyDir({ '00.yaml': POLICY }));
+    expect(refused.status).not.toBe(0);
+    expect(refused.stderr).toContain(`the policy in force still reaches log_g0.${other}, which this apply must write anew`);
+    expect(nft('list', 'table', 'inet', 'egressd').stdout).toBe(before);
+  });
+
   it('takes over a table loaded by hand from `egressctl compile` (no generations), leaving one generation', () => {
     const state = newState();
     const dir = policyDir({ '00.yaml': POLICY });
