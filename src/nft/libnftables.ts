@@ -55,6 +55,8 @@ export type NftCtx = { readonly __brand: 'nft_ctx' };
 export interface LibnftablesApi {
   ctxNew(flags: number): NftCtx | null;
   ctxFree(ctx: NftCtx): void;
+  /** The same on a worker thread. */
+  ctxFreeAsync(ctx: NftCtx): Promise<void>;
   bufferOutput(ctx: NftCtx): number;
   bufferError(ctx: NftCtx): number;
   getOutputBuffer(ctx: NftCtx): string | null;
@@ -111,6 +113,9 @@ export async function loadLibnftables(path: string = DEFAULT_LIBRARY): Promise<L
     ctxFree: (ctx) => {
       ctxFree(ctx);
     },
+    ctxFreeAsync: async (ctx) => {
+      await onWorker(ctxFree, ctx);
+    },
     bufferOutput: (ctx) => bufferOutput(ctx) as number,
     bufferError: (ctx) => bufferError(ctx) as number,
     getOutputBuffer: (ctx) => getOutputBuffer(ctx) as string | null,
@@ -129,9 +134,9 @@ export async function loadLibnftables(path: string = DEFAULT_LIBRARY): Promise<L
 }
 
 /** Calls a koffi function on a worker thread. */
-function onWorker(fn: { async: (...args: unknown[]) => void }, ctx: NftCtx, text: string): Promise<number> {
+function onWorker(fn: { async: (...args: unknown[]) => void }, ...args: unknown[]): Promise<number> {
   return new Promise<number>((resolve, reject) => {
-    fn.async(ctx, text, (err: unknown, rc: number) => (err ? reject(err instanceof Error ? err : new Error(String(err))) : resolve(rc)));
+    fn.async(...args, (err: unknown, rc: number) => (err ? reject(err instanceof Error ? err : new Error(String(err))) : resolve(rc)));
   });
 }
 
@@ -148,6 +153,7 @@ export function createLibnftablesBackend(api: LibnftablesApi, options: Libnftabl
     if (ctx === null) {
       throw new EgressError(ErrorCode.NftUnavailable, 'libnftables: nft_ctx_new failed');
     }
+    const offLoop = request.format !== 'json' || request.long === true;
     try {
       if (api.bufferOutput(ctx) !== 0 || api.bufferError(ctx) !== 0) {
         throw new EgressError(ErrorCode.NftUnavailable, 'libnftables: could not buffer output');
@@ -159,7 +165,7 @@ export function createLibnftablesBackend(api: LibnftablesApi, options: Libnftabl
       if (request.check) api.setDryRun(ctx, true);
 
       if (request.format === 'json') {
-        const rc = request.long ? await api.runCmdFromBufferAsync(ctx, request.input) : api.runCmdFromBuffer(ctx, request.input);
+        const rc = offLoop ? await api.runCmdFromBufferAsync(ctx, request.input) : api.runCmdFromBuffer(ctx, request.input);
         return outcome(rc, api.getOutputBuffer(ctx), api.getErrorBuffer(ctx));
       }
       return await withInputFile(tmpBase, request.input, async (file) => {
@@ -167,7 +173,10 @@ export function createLibnftablesBackend(api: LibnftablesApi, options: Libnftabl
         return outcome(rc, api.getOutputBuffer(ctx), file.relabel(api.getErrorBuffer(ctx) ?? ''));
       });
     } finally {
-      api.ctxFree(ctx);
+      // After a commit, closing the context's socket waits for the kernel's clean-up of it
+      // (13–24 ms measured after an apply's transactions): off the event loop, like the transaction.
+      if (offLoop) await api.ctxFreeAsync(ctx);
+      else api.ctxFree(ctx);
     }
   }
 

@@ -153,6 +153,11 @@ function fakeLibrary(script: { rc?: number; error?: string; output?: string; thr
       calls.push('free');
       live.delete(ctx);
     },
+    ctxFreeAsync: async (ctx) => {
+      calls.push('worker-free');
+      live.delete(ctx);
+      return Promise.resolve();
+    },
     bufferOutput: () => 0,
     bufferError: () => 0,
     getOutputBuffer: () => script.output ?? '',
@@ -200,7 +205,8 @@ describe('libnftables backend, through a fake C API', () => {
       'new#3',
       'flags=0',
       'file:input.nft',
-      'free',
+      // A text transaction's context is freed off the event loop, like the transaction: closing waits for the kernel.
+      'worker-free',
     ]);
   });
 
