@@ -243,10 +243,12 @@ class Compiler {
     return decls;
   }
 
+  /** A rule's protocols and ports: one of each is a comparison, several a constant set. */
   private protocolMatch(r: Rule): Statement[] {
     if (!r.protocols) return [];
     const names = [...new Set(r.protocols.flatMap((p) => (p === 'icmp' ? ['icmp', 'ipv6-icmp'] : [p])))].sort();
-    const out = [match.l4proto(names.length === 1 ? names[0]! : `@${this.constantSet(`proto_${names.join('_')}`.replace(/-/g, '_'), 'inet_proto', names)}`)];
+    const protocols = names.length === 1 ? names[0]! : `@${this.constantSet(`proto_${names.join('_').replace(/-/g, '_')}`, 'inet_proto', names)}`;
+    const out = [match.l4proto(protocols)];
     if (r.ports) {
       const ranges = [...r.ports].sort((a, b) => a.from - b.from || a.to - b.to);
       const ports = ranges.map((p): Element => (p.from === p.to ? p.from : { range: [p.from, p.to] }));
@@ -431,7 +433,6 @@ function fingerprintRules(chain: ChainDecl): ChainDecl {
     }),
   };
 }
-
 
 /** A prefix length shared by this many networks of a rule gets a hash set of its own. */
 const HASHED_GROUP_MIN = 1024;
