@@ -17,7 +17,10 @@
  * interleaved over several rounds; the median is shown. Target: (b) ≥ 0.95 ×
  * (a); (b') is measured against (a'), since the conntrack cost is its own.
  *
- *   npx tsx bench/packet-cost.ts [--seconds 3] [--rounds 3]   (as root)
+ * Then (b) once more against (a) within one run (see pairedRatios), which
+ * resolves a few per cent where rounds of separate runs cannot.
+ *
+ *   npx tsx bench/packet-cost.ts [--seconds 3] [--rounds 3] [--paired 60]   (as root)
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -29,17 +32,21 @@ import { compile } from '../src/compile/compile.js';
 import { renderText } from '../src/compile/nft.js';
 import { loadPolicyOrThrow } from '../src/policy/load.js';
 
-const { values } = parseArgs({ options: { seconds: { type: 'string', default: '3' }, rounds: { type: 'string', default: '3' } } });
+const { values } = parseArgs({ options: { seconds: { type: 'string', default: '3' }, rounds: { type: 'string', default: '3' }, paired: { type: 'string', default: '60' } } });
 const seconds = Number(values.seconds);
 const rounds = Number(values.rounds);
+const pairedSeconds = Number(values.paired);
+/** The paired run switches the table every PHASE_MS and leaves out SETTLE_MS after each switch. */
+const PHASE_MS = 1000;
+const SETTLE_MS = 200;
 
 const SERVER = `
 const net = require('node:net');
 net.createServer((s) => { s.on('data', () => s.end('ok')); s.on('error', () => {}); }).listen(8080, '2001:db8::2', () => console.log('ready'));`;
-// Opens, writes, reads and closes connections back to back, 16 at a time, for a fixed time.
-const CLIENT = `
+// Opens, writes, reads and closes connections back to back, 16 at a time, for `ms`.
+const CONNECT_LOOP = (ms: number) => `
 const net = require('node:net');
-const until = Date.now() + ${seconds * 1000};
+const until = Date.now() + ${ms};
 let done = 0, failed = 0;
 function one() {
   if (Date.now() >= until) return;
@@ -51,8 +58,15 @@ function one() {
   s.on('timeout', () => { failed++; s.destroy(); });
   s.on('error', () => failed++);
 }
-for (let i = 0; i < 16; i++) one();
+for (let i = 0; i < 16; i++) one();`;
+const CLIENT = `${CONNECT_LOOP(seconds * 1000)}
 setTimeout(() => { console.log(JSON.stringify({ done, failed })); process.exit(0); }, ${seconds * 1000} + 1500);`;
+// The paired run's client: "time done failed" every 50 ms.
+const PAIRED_CLIENT = `${CONNECT_LOOP(pairedSeconds * 1000)}
+const tick = setInterval(() => {
+  process.stdout.write(Date.now() + ' ' + done + ' ' + failed + '\\n');
+  if (Date.now() >= until) { clearInterval(tick); process.exit(0); }
+}, 50);`;
 
 /**
  * egressd's table: 100,000 CIDRs denied for everyone, and 200 apps. With
@@ -80,6 +94,54 @@ function egressdTable(dir: string, defaultDeny: boolean): string {
 function strawmanTable(): string {
   const rules = Array.from({ length: 10_000 }, (_, i) => `\t\tip6 daddr 2001:db8:${((i >> 12) + 0x100).toString(16)}:${(i & 0xfff).toString(16)}::/64 drop`);
   return `table inet strawman {\n\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n${rules.join('\n')}\n\t}\n}\n`;
+}
+
+/**
+ * (b) against (a) within one run: the table stays loaded and is switched
+ * dormant — its hooks unregistered, which for a packet is no table at all —
+ * and back every PHASE_MS, while one client keeps connecting. Each phase
+ * with the table is compared with the mean of the phases without it on
+ * either side, SETTLE_MS after each switch left out. Rounds of separate runs
+ * seconds apart see this machine drift by ±10 %; adjacent phases a second
+ * apart mostly do not, which a 2–5 % effect needs. Returns one ratio per phase
+ * with the table, and the client's failed connections.
+ */
+async function pairedRatios(host: string, text: string): Promise<{ ratios: number[]; failed: number }> {
+  spawnSync('nsenter', [`--net=/run/netns/${host}`, 'nft', 'flush', 'ruleset']);
+  inNs(host, ['nft', '-f', '-'], text);
+  const table = /^table (\S+ \S+) \{/.exec(text)![1]!;
+  const client = spawn('nsenter', [`--net=/run/netns/${host}`, process.execPath, '-e', PAIRED_CLIENT], { stdio: ['ignore', 'pipe', 'inherit'] });
+  let output = '';
+  client.stdout!.on('data', (chunk: Buffer) => (output += chunk.toString()));
+  const exited = new Promise<void>((resolve) => client.once('exit', () => resolve()));
+  const switches: { at: number; active: boolean }[] = [{ at: Date.now(), active: true }];
+  const end = Date.now() + pairedSeconds * 1000;
+  while (Date.now() + PHASE_MS < end) {
+    await new Promise((resolve) => setTimeout(resolve, PHASE_MS));
+    const active = !switches.at(-1)!.active;
+    inNs(host, ['nft', active ? `add table ${table}` : `add table ${table} { flags dormant; }`]);
+    switches.push({ at: Date.now(), active });
+  }
+  await exited;
+  const samples = output
+    .trim()
+    .split('\n')
+    .map((line) => line.split(' ').map(Number) as [number, number, number]);
+  const rate = (from: number, to: number) => {
+    const inside = samples.filter(([t]) => t >= from && t <= to);
+    if (inside.length < 2) return undefined;
+    const [t0, d0] = inside[0]!;
+    const [t1, d1] = inside.at(-1)!;
+    return (d1 - d0) / (t1 - t0);
+  };
+  const phases = switches.slice(0, -1).map((s, i) => ({ active: s.active, rate: rate(s.at + SETTLE_MS, switches[i + 1]!.at) }));
+  const ratios: number[] = [];
+  for (let i = 1; i + 1 < phases.length; i++) {
+    const [before, with_, after] = [phases[i - 1]!, phases[i]!, phases[i + 1]!];
+    if (!with_.active || with_.rate === undefined || before.rate === undefined || after.rate === undefined) continue;
+    ratios.push(with_.rate / ((before.rate + after.rate) / 2));
+  }
+  return { ratios, failed: samples.at(-1)?.[2] ?? 0 };
 }
 
 const id = randomBytes(3).toString('hex');
@@ -139,6 +201,16 @@ try {
   for (const [name, samples] of results) {
     const ratio = (to: number[]) => median(samples.map((x, i) => x / to[i]!)).toFixed(3);
     console.log(`| ${name} | ${median(samples).toFixed(0)} | ${Math.min(...samples).toFixed(0)}–${Math.max(...samples).toFixed(0)} | ${ratio(base)} | ${ratio(stateful)} |`);
+  }
+  if (pairedSeconds > 0) {
+    const name = "(b) egressd, no default deny (conntrack off): 100,000 CIDRs + 200 apps";
+    const { ratios, failed } = await pairedRatios(host, tables[name]!);
+    const sorted = [...ratios].sort((x, y) => x - y);
+    const quartile = (q: number) => sorted[Math.floor(q * (sorted.length - 1))]!.toFixed(3);
+    console.log(`\nPaired, ${pairedSeconds} s in one run: the table switched dormant (no hooks: as (a)) and back every ${PHASE_MS} ms, each phase with it against the mean of its neighbours without`);
+    console.log('\n| configuration | phases | × (a), median | quartiles | failed connections |');
+    console.log('|---|---|---|---|---|');
+    console.log(`| ${name} | ${ratios.length} | ${median(ratios).toFixed(3)} | ${quartile(0.25)}–${quartile(0.75)} | ${failed} |`);
   }
 } finally {
   server.kill();
