@@ -98,6 +98,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
         sd_offline: 0,
         lockdown: 0,
         tor_updaters: 0,
+        icmpv6_link: 0,
         global_deny: 0,
         log_g0: 0,
         log_a_closed_1: 0,
@@ -180,9 +181,9 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     );
     const compiled = compileYaml(`apps:\n${apps.join('')}`);
     const text = renderText(compiled.ruleset);
-    // The base chain's two ICMPv6 type sets are the only anonymous ones, whatever the policy's size.
+    // The two ICMPv6 type sets of the link-local chain are the only anonymous ones, whatever the policy's size.
     const anonymous = compiled.ruleset.chains.flatMap((c) => c.rules.filter((r) => JSON.stringify(r.expr).includes('"set":')).map(() => c.name));
-    expect(anonymous).toEqual(['output', 'output']);
+    expect(anonymous).toEqual(['icmpv6_link', 'icmpv6_link']);
     const constants = compiled.ruleset.sets.filter((s) => s.key === 'inet_proto' || s.key === 'inet_service').map((s) => ({ name: s.name, elements: s.elements, flags: s.flags }));
     expect(constants).toEqual([
       { name: 'proto_tcp_udp', elements: ['tcp', 'udp'], flags: [] },
