@@ -9,9 +9,10 @@
  * swallowed. Listing something that does not exist is not an error: the
  * list methods return `null` for a missing table, set or map.
  *
- * With the libnftables backend the work happens synchronously on the calling
- * thread (see ./libnftables.ts); the methods still return promises so the two
- * backends are interchangeable.
+ * With the libnftables backend, short commands run on the calling thread and
+ * long ones (text transactions, listings with every element) on a worker
+ * thread (see ./libnftables.ts); calls never overlap, and the two backends
+ * are interchangeable.
  */
 import { EgressError, ErrorCode } from '../errors.js';
 import type { NftBackend, NftBackendKind, NftOutcome } from './backend.js';

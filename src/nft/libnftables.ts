@@ -20,7 +20,9 @@
  * transactions (a whole generation of the table: ≈ 1 s at 100,000 interval
  * elements) and listings with every element (≈ 1–2 s) — run on a worker
  * thread, so that a daemon keeps answering (DNS, D-Bus) while an apply is in
- * the kernel, and an apply can prepare its state files meanwhile. libnftables is not documented as safe to drive from several
+ * the kernel, and an apply can prepare its state files meanwhile. Their
+ * contexts are freed there too: after a commit, closing a context's socket
+ * waits for the kernel's clean-up of it. libnftables is not documented as safe to drive from several
  * threads at once: calls never overlap, because the client (client.ts) runs
  * one at a time.
  *
@@ -173,8 +175,7 @@ export function createLibnftablesBackend(api: LibnftablesApi, options: Libnftabl
         return outcome(rc, api.getOutputBuffer(ctx), file.relabel(api.getErrorBuffer(ctx) ?? ''));
       });
     } finally {
-      // After a commit, closing the context's socket waits for the kernel's clean-up of it
-      // (13–24 ms measured after an apply's transactions): off the event loop, like the transaction.
+      // 13–24 ms measured after an apply's transactions: off the event loop, like the transaction.
       if (offLoop) await api.ctxFreeAsync(ctx);
       else api.ctxFree(ctx);
     }
