@@ -194,6 +194,10 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     expect(ruleText(chain(compiled, 'app_a1').rules[0]!)).toBe('ip daddr @a_a1_0_dns4 meta l4proto @proto_tcp_udp th dport @ports_80_443 counter accept comment "f.yaml:17 app/a1/0"');
     expect(ruleText(chain(compiled, 'app_a1').rules[2]!)).toBe('ip daddr @a_a1_1_net4 meta l4proto tcp th dport @ports_22_8000to8100 counter accept comment "f.yaml:19 app/a1/1"');
     expect(text).toContain('elements = { icmp, ipv6-icmp, tcp, udp }');
+    // Ports repeated, overlapping or adjacent are joined: nft refuses overlapping intervals in a named set.
+    const joined = compileYaml('apps:\n  j:\n    identity: {user: 7}\n    rules:\n      - allow: any\n        ports: [8080, "8000-8100", 53, 53, "8101-8200"]\n      - allow: any\n        ports: ["8000-8100", 8050]\n');
+    expect(joined.ruleset.sets.filter((s) => s.key === 'inet_service').map((s) => ({ name: s.name, elements: s.elements }))).toEqual([{ name: 'ports_53_8000to8200', elements: [53, { range: [8000, 8200] }] }]);
+    expect(ruleText(chain(joined, 'app_j').rules[1]!)).toBe('meta l4proto @proto_tcp_udp th dport 8000-8100 counter accept comment "f.yaml:7 app/j/1"');
     expect(text).toContain('ct state established,related accept');
     if (!nftAvailable()) {
       expect(nftCheck(text)).toEqual({ ok: true, stderr: '' });
@@ -322,7 +326,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     const dest = fc.constantFrom('example.org', '192.0.2.0/24', '2001:db8::/48', '198.51.100.9', 'any');
     fc.assert(
       fc.property(
-        fc.array(fc.record({ verdict: fc.constantFrom('allow', 'deny'), to: dest, ports: fc.constantFrom(undefined, [443], [53, '8000-8100']), proto: fc.constantFrom(undefined, 'tcp', 'udp') }), { maxLength: 5 }),
+        fc.array(fc.record({ verdict: fc.constantFrom('allow', 'deny'), to: dest, ports: fc.constantFrom(undefined, [443], [53, '8000-8100'], [8080, '8000-8100', 53, 53, '8101-8200']), proto: fc.constantFrom(undefined, 'tcp', 'udp') }), { maxLength: 5 }),
         fc.constantFrom('allow', 'deny'),
         fc.boolean(),
         (rules, egress, lockdown) => {
