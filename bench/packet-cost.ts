@@ -205,6 +205,7 @@ try {
   if (pairedSeconds > 0) {
     const name = "(b) egressd, no default deny (conntrack off): 100,000 CIDRs + 200 apps";
     const { ratios, failed } = await pairedRatios(host, tables[name]!);
+    if (ratios.length === 0) throw new Error(`--paired ${pairedSeconds}: too short to compare a phase with the table against phases on both sides; give 10 or more`);
     const sorted = [...ratios].sort((x, y) => x - y);
     const quartile = (q: number) => sorted[Math.floor(q * (sorted.length - 1))]!.toFixed(3);
     console.log(`\nPaired, ${pairedSeconds} s in one run: the table switched dormant (no hooks: as (a)) and back every ${PHASE_MS} ms, each phase with it against the mean of its neighbours without`);

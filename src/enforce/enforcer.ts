@@ -115,7 +115,7 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
     if (held.length > 0) {
       throw new EgressError(
         ErrorCode.NftState,
-        `table ${TABLE.family} ${TABLE.name} is not as egressd leaves it: the policy in force still reaches ${held.join(', ')}, which this apply must write anew (a rule added by hand?). Remove what jumps there, then apply again; nothing was changed`,
+        `table ${TABLE.family} ${TABLE.name} is not as egressd leaves it: the policy in force still reaches ${held.join(', ')}, which this apply must write anew (a rule added by hand?). Remove what jumps there, then apply again; the policy in force was not changed`,
       );
     }
     const swap = swapTexts(generation, marker, live?.sets);
@@ -196,8 +196,10 @@ async function switchGeneration(deps: EnforcerDeps, switchText: string, before: 
     await deps.nft.run({ text: `${switchText}${stale}\n` });
     return true;
   } catch (error) {
+    // Only a refusal (which changed nothing) is worth a second try; the switch alone reports its own.
+    if (!isEgressError(error) || error.code !== ErrorCode.NftApply) throw error;
     await deps.nft.run({ text: switchText });
-    deps.audit('applied, but the previous generation could not be removed yet', { reason: (error as Error).message });
+    deps.audit('applied, but the previous generation could not be removed yet', { reason: error.message });
     return false;
   }
 }

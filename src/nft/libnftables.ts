@@ -22,9 +22,10 @@
  * thread, so that a daemon keeps answering (DNS, D-Bus) while an apply is in
  * the kernel, and an apply can prepare its state files meanwhile. Their
  * contexts are freed there too: after a commit, closing a context's socket
- * waits for the kernel's clean-up of it. libnftables is not documented as safe to drive from several
- * threads at once: calls never overlap, because the client (client.ts) runs
- * one at a time.
+ * waits for the kernel's clean-up of it. libnftables is not documented as
+ * safe to drive from several threads at once (nft_ctx_free releases a
+ * process-wide interface cache, for one): calls never overlap, because a
+ * process has one client (client.ts), which runs them one at a time.
  *
  * Text transactions go through a private temporary file
  * (`nft_run_cmd_from_filename`, see ./input-file.ts) so that nft's errors
@@ -176,7 +177,9 @@ export function createLibnftablesBackend(api: LibnftablesApi, options: Libnftabl
       });
     } finally {
       // 13–24 ms measured after an apply's transactions: off the event loop, like the transaction.
-      if (offLoop) await api.ctxFreeAsync(ctx);
+      // A failed hand-off must not turn a committed transaction into an error; a context is
+      // leaked then rather than risk freeing it twice.
+      if (offLoop) await api.ctxFreeAsync(ctx).catch(() => undefined);
       else api.ctxFree(ctx);
     }
   }
