@@ -118,7 +118,7 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
         `table ${TABLE.family} ${TABLE.name} is not as egressd leaves it: the policy in force still reaches ${held.join(', ')}, which this apply must write anew (a rule added by hand?). Remove what jumps there, then apply again; the policy in force was not changed`,
       );
     }
-    const swap = swapTexts(generation, marker, live?.sets);
+    const swap = swapTexts(generation, marker, live?.sets, { firstSwitch: live?.generation === undefined });
     const prepared = nft.run({ text: swap.prepare });
     // Awaited below; until then a refusal must not count as unhandled if the work in between throws.
     prepared.catch(() => undefined);

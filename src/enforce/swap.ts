@@ -183,15 +183,21 @@ export function reachable(listing: NftTableListing): { chains: Set<string>; sets
  * under default allow — 25–72 of ~30,000–90,000 denied datagrams in 200
  * swaps — while a swap whose sets were committed earlier let none through.
  * Our rules always end in an explicit verdict, so the policy set early in
- * `prepare` changes nothing until `switch`. `marker`, when given, is the
+ * `prepare` changes nothing until `switch` — once a generation is in force;
+ * before that (`firstSwitch`), prepare leaves the policy accepting, or a
+ * first apply of a default deny would drop everything, loopback included,
+ * between its two transactions (or for good, if killed there). `marker`, when given, is the
  * apply marker's full name (with the generation), added by `prepare`; sets
  * and maps named in `present` are in the table already, with these contents.
  */
-export function swapTexts(ruleset: Ruleset, marker?: string, present: ReadonlySet<string> = new Set()): { prepare: string; switch: string } {
+export function swapTexts(ruleset: Ruleset, marker?: string, present: ReadonlySet<string> = new Set(), options: { firstSwitch?: boolean } = {}): { prepare: string; switch: string } {
   const base = ruleset.chains.find((c) => c.hook);
   if (!base?.hook) throw new Error('internal: a ruleset without a base chain');
   const { family, name } = ruleset.table;
-  const ensure = `table ${family} ${name} {\n\tchain ${base.name} {\n\t\ttype filter hook ${base.hook.hook} priority ${base.hook.prio}; policy ${base.hook.policy};\n\t}\n}\n`;
+  // With no generation in force yet the base chain may be empty, and then its policy decides every
+  // packet: it starts accepting, as if the table were not there, and the switch sets it with the rules.
+  const policy = options.firstSwitch ? 'accept' : base.hook.policy;
+  const ensure = `table ${family} ${name} {\n\tchain ${base.name} {\n\t\ttype filter hook ${base.hook.hook} priority ${base.hook.prio}; policy ${policy};\n\t}\n}\n`;
   const chains = ruleset.chains.filter((c) => c !== base);
   // `create`, not `add`: a chain block appends to a chain that exists, so two applies racing
   // for the same generation would mix their rules. Created, the second one is refused whole.

@@ -219,6 +219,23 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     expect(nft('list', 'table', 'inet', 'egressd').stdout).toBe(before);
   });
 
+  it('a first apply of a default deny that dies between its two transactions leaves egress as it was, not blocked', () => {
+    const state = newState();
+    nft('delete', 'table', 'inet', 'egressd');
+    const dir = policyDir({ '00.yaml': 'defaults: {egress: deny}\n' });
+    const fixture = join(import.meta.dirname, 'fixtures', 'apply-until-switch.ts');
+    const run = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fixture, dir, state], { encoding: 'utf8', timeout: 60_000 });
+    expect(run.status, run.stderr).toBe(0);
+    const { outcome, output } = JSON.parse(run.stdout) as { outcome: string; output: string };
+    expect(outcome).toBe('killed before the switch');
+    // An empty base chain whose policy is accept: as if the table were not there. Policy drop would block everything, loopback too.
+    expect(output).toContain('policy accept;');
+    expect(output).not.toMatch(/accept comment|drop comment/);
+    // The next apply finishes the job, and the default deny is in force.
+    expect(apply(state, dir).liveFrom).toBe('listing');
+    expect(nft('list', 'chain', 'inet', 'egressd', 'output').stdout).toContain('policy drop;');
+  });
+
   it('takes over a table loaded by hand from `egressctl compile` (no generations), leaving one generation', () => {
     const state = newState();
     const dir = policyDir({ '00.yaml': POLICY });

@@ -51,4 +51,10 @@ describe('generation swap', () => {
     expect(switchText).not.toMatch(/\bset |\bmap /);
     expect(switchText).toContain('jump global_deny.a');
   });
+
+  it('before any generation is in force, prepare leaves the base chain accepting: the switch sets its policy with its rules', () => {
+    const { prepare, switch: switchText } = swapTexts(withGeneration(compiled.ruleset, 'a'), undefined, new Set(), { firstSwitch: true });
+    expect(prepare).toMatch(/chain output \{\n\t\ttype filter hook output priority 0; policy accept;\n\t\}/);
+    expect(switchText).toMatch(/chain output \{\n\t\ttype filter hook output priority 0; policy drop;\n/);
+  });
 });
