@@ -9,7 +9,7 @@
  * It shows why egressd does not replace its table that way (src/enforce/swap.ts):
  * measured on this machine (bench/README.md), tables without set or map
  * lookups lose nothing, but a default-deny table with set lookups loses a SYN
- * now and then. egressctl apply swaps generations in two transactions
+ * now and then. egressctl apply swaps generations in three transactions
  * instead; the e2e tests check that nothing is lost or leaked then.
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
