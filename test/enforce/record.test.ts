@@ -196,7 +196,7 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     expect(run.status, run.stderr).toBe(0);
     const { previous, audits, table } = JSON.parse(run.stdout) as { previous: string; audits: string[]; table: string };
     expect(audits).toEqual(['applied', 'applied, but the previous generation could not be removed yet', 'applied']);
-    // The switch went alone: the base chain uses the new generation, whose rules hold the changed address.
+    // The switch took: the base chain uses the new generation, whose rules hold the changed address.
     const next = previous.endsWith('.a') ? 'b' : 'a';
     expect(table).toMatch(new RegExp(`jump global_deny\\.${next} comment "global deny list`));
     expect(table).toContain('198.51.100.8');
