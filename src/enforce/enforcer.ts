@@ -177,9 +177,9 @@ function alteredSets(generation: Ruleset, live: LiveTable): Set<string> {
  * its elements for the next generation (nft_mapelem_deactivate), so a packet
  * still in the old rules when that transaction commits would miss the old
  * map and fall to the default: an allowed packet dropped under a default
- * deny. (Tried: one full test run in five then lost an allowed connection
- * in the e2e test of applies under load.) Failing here leaves
- * only unused objects, which the next apply removes; false then.
+ * deny. (Tried: one full test run in five then failed the e2e test of
+ * applies under load, which counts lost allowed connections.) Failing here
+ * leaves only unused objects, which the next apply removes; false then.
  */
 async function removePreviousGeneration(deps: EnforcerDeps, before: LiveTable | null, current: Ruleset): Promise<boolean> {
   const keep = new Set(current.sets.map((set) => set.name));
