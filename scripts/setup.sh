@@ -2,10 +2,19 @@
 # Installs everything egressd needs on Debian 12, idempotently: Debian packages
 # first (only those missing), then the npm packages pinned by package-lock.json,
 # then the TypeScript build. Run as root from the repository root.
+#   scripts/setup.sh           what the service and the tests need
+#   scripts/setup.sh --bench   and what the benchmarks need too (npm run bench)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 debian_packages=(nftables libnftables1 iproute2 util-linux procps iputils-ping passwd tcpdump)
+if [[ ${1:-} == --bench ]]; then
+  # bench/packet-cost.ts: a load generator in C, a compiler for its server, perf for its profile.
+  debian_packages+=(wrk gcc libc6-dev linux-perf)
+elif [[ $# -gt 0 ]]; then
+  echo "usage: scripts/setup.sh [--bench]" >&2
+  exit 2
+fi
 missing=()
 for pkg in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
