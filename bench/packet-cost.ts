@@ -12,19 +12,30 @@
  *       table accepts established connections before each default deny, so
  *       conntrack is on;
  *   (c) a strawman: one rule per CIDR, 10,000 rules.
- * In (b) and (b') the connecting process is in none of the apps, so each SYN
- * walks every dispatch lookup and the deny sets. Configurations are
- * interleaved over several rounds; the median is shown. Target: (b) ≥ 0.95 ×
+ * In (b) and (b') the connecting process is in none of the apps, so each
+ * packet walks every dispatch lookup and the deny sets. Target: (b) ≥ 0.95 ×
  * (a); (b') is measured against (a'), since the conntrack cost is its own.
  *
- * Then (b) once more against (a) within one run (see pairedRatios), which
- * resolves a few per cent where rounds of separate runs cannot.
+ * The load is all C, so that the table's cost is not hidden under a
+ * runtime's: wrk (Debian's) opens a connection per request, 64 at a time on
+ * two threads, against bench/conn-server.c, which answers and closes. Both
+ * CPUs are then busy, so connections per second measure CPU per connection.
+ * Three measurements, each with its own table:
+ *   1. rounds: every configuration in turn, order alternating by round;
+ *   2. paired: (b) against (a) in blocks of four one-second runs, A B B A,
+ *      the loaded table switched dormant (hooks unregistered: for a packet,
+ *      no table) and back, so that the machine's drift — ±10 % between runs
+ *      seconds apart on this VM — cancels within each block;
+ *   3. profile: perf samples the whole machine under each table's load; the
+ *      share of busy CPU inside netfilter's hooks is the table's cost per
+ *      connection, and 1 − share what that leaves of (a)'s rate. A share of
+ *      samples within one run does not drift with the machine.
  *
- *   npx tsx bench/packet-cost.ts [--seconds 3] [--rounds 3] [--paired 60]   (as root)
+ *   npx tsx bench/packet-cost.ts [--seconds 3] [--rounds 3] [--blocks 30] [--profile 5]   (as root)
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -32,41 +43,33 @@ import { compile } from '../src/compile/compile.js';
 import { renderText } from '../src/compile/nft.js';
 import { loadPolicyOrThrow } from '../src/policy/load.js';
 
-const { values } = parseArgs({ options: { seconds: { type: 'string', default: '3' }, rounds: { type: 'string', default: '3' }, paired: { type: 'string', default: '60' } } });
+const { values } = parseArgs({
+  options: {
+    seconds: { type: 'string', default: '3' },
+    rounds: { type: 'string', default: '3' },
+    blocks: { type: 'string', default: '30' },
+    profile: { type: 'string', default: '5' },
+  },
+});
 const seconds = Number(values.seconds);
 const rounds = Number(values.rounds);
-const pairedSeconds = Number(values.paired);
-/** The paired run switches the table every PHASE_MS and leaves out SETTLE_MS after each switch. */
-const PHASE_MS = 1000;
-const SETTLE_MS = 200;
-
-const SERVER = `
-const net = require('node:net');
-net.createServer((s) => { s.on('data', () => s.end('ok')); s.on('error', () => {}); }).listen(8080, '2001:db8::2', () => console.log('ready'));`;
-// Opens, writes, reads and closes connections back to back, 16 at a time, for `ms`.
-const CONNECT_LOOP = (ms: number) => `
-const net = require('node:net');
-const until = Date.now() + ${ms};
-let done = 0, failed = 0;
-function one() {
-  if (Date.now() >= until) return;
-  const s = net.connect({ host: '2001:db8::2', port: 8080 });
-  s.setTimeout(1000);
-  s.on('connect', () => s.write('x'));
-  s.on('data', () => s.destroy());
-  s.on('close', () => { done++; one(); });
-  s.on('timeout', () => { failed++; s.destroy(); });
-  s.on('error', () => failed++);
+const blocks = Number(values.blocks);
+const profileSeconds = Number(values.profile);
+for (const [flag, value] of Object.entries({ seconds, rounds, blocks, profile: profileSeconds })) {
+  if (!Number.isInteger(value) || value < 0) {
+    console.error(`bench/packet-cost.ts: --${flag} must be a whole number, 0 or more`);
+    process.exit(2);
+  }
 }
-for (let i = 0; i < 16; i++) one();`;
-const CLIENT = `${CONNECT_LOOP(seconds * 1000)}
-setTimeout(() => { console.log(JSON.stringify({ done, failed })); process.exit(0); }, ${seconds * 1000} + 1500);`;
-// The paired run's client: "time done failed" every 50 ms.
-const PAIRED_CLIENT = `${CONNECT_LOOP(pairedSeconds * 1000)}
-const tick = setInterval(() => {
-  process.stdout.write(Date.now() + ' ' + done + ' ' + failed + '\\n');
-  if (Date.now() >= until) { clearInterval(tick); process.exit(0); }
-}, 50);`;
+const SERVER_ADDRESS = '2001:db8::2';
+const PORT = 8080;
+/** Two wrk threads and two server processes: both CPUs busy, neither side alone the limit. */
+const THREADS = 2;
+const CONNECTIONS = 64;
+/** After loading a table the kernel frees the last one's memory in the background. */
+const SETTLE_AFTER_LOAD_MS = 1000;
+const SETTLE_AFTER_SWITCH_MS = 200;
+const PAIRED_RUN_SECONDS = 1;
 
 /**
  * egressd's table: 100,000 CIDRs denied for everyone, and 200 apps. With
@@ -96,122 +99,195 @@ function strawmanTable(): string {
   return `table inet strawman {\n\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n${rules.join('\n')}\n\t}\n}\n`;
 }
 
-/**
- * (b) against (a) within one run: the table stays loaded and is switched
- * dormant — its hooks unregistered, which for a packet is no table at all —
- * and back every PHASE_MS, while one client keeps connecting. Each phase
- * with the table is compared with the mean of the phases without it on
- * either side, SETTLE_MS after each switch left out. Rounds of separate runs
- * seconds apart see this machine drift by ±10 %; adjacent phases a second
- * apart mostly do not, which a 2–5 % effect needs. Returns one ratio per phase
- * with the table, and the client's failed connections.
- */
-async function pairedRatios(host: string, text: string): Promise<{ ratios: number[]; failed: number }> {
-  spawnSync('nsenter', [`--net=/run/netns/${host}`, 'nft', 'flush', 'ruleset']);
-  inNs(host, ['nft', '-f', '-'], text);
-  const table = /^table (\S+ \S+) \{/.exec(text)![1]!;
-  const client = spawn('nsenter', [`--net=/run/netns/${host}`, process.execPath, '-e', PAIRED_CLIENT], { stdio: ['ignore', 'pipe', 'inherit'] });
-  let output = '';
-  client.stdout!.on('data', (chunk: Buffer) => (output += chunk.toString()));
-  const exited = new Promise<void>((resolve) => client.once('exit', () => resolve()));
-  const switches: { at: number; active: boolean }[] = [{ at: Date.now(), active: true }];
-  const end = Date.now() + pairedSeconds * 1000;
-  while (Date.now() + PHASE_MS < end) {
-    await new Promise((resolve) => setTimeout(resolve, PHASE_MS));
-    const active = !switches.at(-1)!.active;
-    inNs(host, ['nft', active ? `add table ${table}` : `add table ${table} { flags dormant; }`]);
-    switches.push({ at: Date.now(), active });
-  }
-  await exited;
-  const samples = output
-    .trim()
-    .split('\n')
-    .map((line) => line.split(' ').map(Number) as [number, number, number]);
-  const rate = (from: number, to: number) => {
-    const inside = samples.filter(([t]) => t >= from && t <= to);
-    if (inside.length < 2) return undefined;
-    const [t0, d0] = inside[0]!;
-    const [t1, d1] = inside.at(-1)!;
-    return (d1 - d0) / (t1 - t0);
-  };
-  const phases = switches.slice(0, -1).map((s, i) => ({ active: s.active, rate: rate(s.at + SETTLE_MS, switches[i + 1]!.at) }));
-  const ratios: number[] = [];
-  for (let i = 1; i + 1 < phases.length; i++) {
-    const [before, with_, after] = [phases[i - 1]!, phases[i]!, phases[i + 1]!];
-    if (!with_.active || with_.rate === undefined || before.rate === undefined || after.rate === undefined) continue;
-    ratios.push(with_.rate / ((before.rate + after.rate) / 2));
-  }
-  return { ratios, failed: samples.at(-1)?.[2] ?? 0 };
-}
-
 const id = randomBytes(3).toString('hex');
 const host = `egdb${id}-h`;
 const inet = `egdb${id}-i`;
 const dir = mkdtempSync(join(tmpdir(), 'egd-pkt-bench-'));
 const sh = (args: string[]) => execFileSync(args[0]!, args.slice(1), { stdio: 'pipe' });
 const inNs = (ns: string, args: string[], input?: string) => execFileSync('nsenter', [`--net=/run/netns/${ns}`, ...args], { input, stdio: ['pipe', 'pipe', 'pipe'], maxBuffer: 64 << 20 });
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Connections per second over `runSeconds` of wrk from the host namespace; throws when any failed. */
+function connectionsPerSecond(runSeconds: number, what: string): number {
+  const out = inNs(host, ['wrk', `-t${THREADS}`, `-c${CONNECTIONS}`, `-d${runSeconds}s`, '--timeout', '2s', '-H', 'Connection: close', `http://[${SERVER_ADDRESS}]:${PORT}/`]).toString();
+  const rate = /^Requests\/sec:\s+([\d.]+)/m.exec(out);
+  const errors = /^\s+Socket errors: (.*)$/m.exec(out) ?? /^\s+Non-2xx.*$/m.exec(out);
+  if (!rate || errors) throw new Error(`${what}: wrk ${errors ? `saw failed connections (${errors[0].trim()})` : 'printed no rate'}:\n${out}`);
+  return Number(rate[1]);
+}
+
+/** Replaces the host namespace's ruleset with `text` (none: no table) and waits for the kernel to settle. */
+async function loadTable(text: string | undefined): Promise<void> {
+  spawnSync('nsenter', [`--net=/run/netns/${host}`, 'nft', 'flush', 'ruleset']);
+  if (text) inNs(host, ['nft', '-f', '-'], text);
+  await sleep(SETTLE_AFTER_LOAD_MS);
+}
+
+/**
+ * (b) against (a) in `blocks` blocks of A B B A, one second each, the table
+ * loaded once and switched dormant for A. Returns one ratio per block:
+ * (B + B) / (A + A).
+ */
+async function pairedRatios(text: string): Promise<number[]> {
+  await loadTable(text);
+  const table = /^table (\S+ \S+) \{/.exec(text)![1]!;
+  const run = async (active: boolean) => {
+    inNs(host, ['nft', active ? `add table ${table}` : `add table ${table} { flags dormant; }`]);
+    await sleep(SETTLE_AFTER_SWITCH_MS);
+    return connectionsPerSecond(PAIRED_RUN_SECONDS, `paired, table ${active ? 'active' : 'dormant'}`);
+  };
+  const ratios: number[] = [];
+  for (let i = 0; i < blocks; i++) {
+    const a1 = await run(false);
+    const b1 = await run(true);
+    const b2 = await run(true);
+    const a2 = await run(false);
+    ratios.push((b1 + b2) / (a1 + a2));
+  }
+  return ratios;
+}
+
+/** Busy and total jiffies of all CPUs, from /proc/stat. */
+function cpuJiffies(): { busy: number; total: number } {
+  const fields = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1, 9).map(Number);
+  const total = fields.reduce((sum, x) => sum + x, 0);
+  return { busy: total - fields[3]! - fields[4]!, total };
+}
+
+/**
+ * The share of busy CPU spent inside netfilter's hooks (nf_hook_slow and all
+ * it calls: for (a') and (b') that includes conntrack's own hooks) while wrk
+ * runs against the loaded table. perf samples on the cpu-clock, which ticks
+ * on idle CPUs too, so the share of all samples is divided by the busy
+ * fraction of the same interval.
+ */
+async function hookShare(text: string | undefined, name: string): Promise<{ share: number; idle: number }> {
+  await loadTable(text);
+  const data = join(dir, 'perf.data');
+  const load = spawn('nsenter', [`--net=/run/netns/${host}`, 'wrk', `-t${THREADS}`, `-c${CONNECTIONS}`, `-d${profileSeconds + 2}s`, '-H', 'Connection: close', `http://[${SERVER_ADDRESS}]:${PORT}/`], { stdio: 'ignore' });
+  const loadDone = new Promise<void>((resolve) => load.once('exit', () => resolve()));
+  await sleep(1000);
+  const before = cpuJiffies();
+  const perf = spawnSync('perf', ['record', '-e', 'cpu-clock', '-a', '-g', '-o', data, '--', 'sleep', String(profileSeconds)], { stdio: 'pipe' });
+  const after = cpuJiffies();
+  await loadDone;
+  if (perf.status !== 0) throw new Error(`${name}: perf record failed: ${perf.stderr.toString()}`);
+  const report = spawnSync('perf', ['report', '-i', data, '--stdio', '--children', '--sort', 'symbol', '-g', 'none'], { stdio: 'pipe', maxBuffer: 64 << 20 }).stdout.toString();
+  // "    3.55%     0.15%  [k] nf_hook_slow   -   -": the first figure includes everything it calls.
+  const inHooks = /^\s*([\d.]+)%\s+[\d.]+%\s+\[k\] nf_hook_slow\s/m.exec(report);
+  if (text && !inHooks) throw new Error(`${name}: perf saw no sample in nf_hook_slow; its report began:\n${report.slice(0, 2000)}`);
+  const busy = (after.busy - before.busy) / (after.total - before.total);
+  return { share: (inHooks ? Number(inHooks[1]) / 100 : 0) / busy, idle: 1 - busy };
+}
+
+/** The median, and a 90 % interval for it from 2,000 resamples (seeded: the same ratios print the same interval). */
+function medianWithInterval(xs: number[]): { median: number; low: number; high: number } {
+  let seed = 0x9e3779b9;
+  const random = () => {
+    seed = (seed + 0x6d2b79f5) | 0;
+    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const medians = Array.from({ length: 2000 }, () => median(Array.from(xs, () => xs[Math.floor(random() * xs.length)]!))).sort((x, y) => x - y);
+  return { median: median(xs), low: medians[100]!, high: medians[1899]! };
+}
+
+function median(xs: number[]): number {
+  const sorted = [...xs].sort((x, y) => x - y);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+}
 
 if (process.getuid?.() !== 0) {
   console.error('bench/packet-cost.ts needs root (it creates network namespaces)');
   process.exit(2);
 }
+const missing = ['wrk', 'cc', 'perf'].filter((tool) => spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0);
+if (missing.length) {
+  console.error(`bench/packet-cost.ts needs ${missing.join(', ')}: run it through \`npm run bench\`, which installs them (scripts/setup.sh --bench)`);
+  process.exit(2);
+}
+const serverBinary = join(dir, 'conn-server');
+sh(['cc', '-O2', '-Wall', '-o', serverBinary, join(import.meta.dirname, 'conn-server.c')]);
 const server = (() => {
   sh(['ip', 'netns', 'add', host]);
   sh(['ip', 'netns', 'add', inet]);
   sh(['ip', 'link', 'add', `veth${id}`, 'netns', host, 'type', 'veth', 'peer', 'name', `vethi${id}`, 'netns', inet]);
-  // IPv6, so that every SYN is looked up in the 100,000-CIDR set (IPv6 networks).
+  // IPv6, so that every packet is looked up in the 100,000-CIDR set (IPv6 networks).
   inNs(host, ['ip', 'addr', 'add', '2001:db8::1/64', 'dev', `veth${id}`, 'nodad']);
-  inNs(inet, ['ip', 'addr', 'add', '2001:db8::2/64', 'dev', `vethi${id}`, 'nodad']);
+  inNs(inet, ['ip', 'addr', 'add', `${SERVER_ADDRESS}/64`, 'dev', `vethi${id}`, 'nodad']);
   for (const [ns, dev] of [[host, `veth${id}`], [inet, `vethi${id}`]] as const) {
     inNs(ns, ['ip', 'link', 'set', dev, 'up']);
     inNs(ns, ['ip', 'link', 'set', 'lo', 'up']);
   }
-  return spawn('nsenter', [`--net=/run/netns/${inet}`, process.execPath, '-e', SERVER], { stdio: ['ignore', 'pipe', 'inherit'] });
+  // The client's closed connections wait out TIME_WAIT; at ~15,000 a second
+  // they would use up the default 28,000 ports within seconds. These settings
+  // belong to the namespace and go with it.
+  inNs(host, ['sysctl', '-q', '-w', 'net.ipv4.tcp_tw_reuse=1', 'net.ipv4.ip_local_port_range=1024 65535']);
+  return spawn('nsenter', [`--net=/run/netns/${inet}`, serverBinary, SERVER_ADDRESS, String(PORT), String(THREADS)], { stdio: ['ignore', 'pipe', 'inherit'] });
 })();
 
 try {
-  await new Promise<void>((resolve) => server.stdout!.once('data', () => resolve()));
+  await new Promise<void>((resolve, reject) => {
+    server.stdout!.once('data', () => resolve());
+    server.once('exit', (code) => reject(new Error(`conn-server exited (${code})`)));
+  });
   const conntrackOnly = 'table inet stateful {\n\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n\t\tct state established,related accept\n\t}\n}\n';
+  const NO_TABLE = '(a) no table';
+  const CONNTRACK_ONLY = "(a') no egressd table, conntrack on";
+  const EGRESSD = '(b) egressd, no default deny (conntrack off): 100,000 CIDRs + 200 apps';
   const tables: Record<string, string | undefined> = {
-    '(a) no table': undefined,
-    "(a') no egressd table, conntrack on": conntrackOnly,
-    "(b) egressd, no default deny (conntrack off): 100,000 CIDRs + 200 apps": egressdTable(dir, false),
+    [NO_TABLE]: undefined,
+    [CONNTRACK_ONLY]: conntrackOnly,
+    [EGRESSD]: egressdTable(dir, false),
     "(b') egressd, 200 apps with default deny (conntrack on): 100,000 CIDRs + 200 apps": egressdTable(dir, true),
     '(c) strawman: 10,000 rules, one per CIDR': strawmanTable(),
   };
-  const results = new Map<string, number[]>(Object.keys(tables).map((k) => [k, []]));
-  for (let round = 0; round < rounds; round++) {
-    // Alternate the order, so that drift on a shared machine does not favour one configuration.
-    const order = round % 2 === 0 ? Object.entries(tables) : Object.entries(tables).reverse();
-    for (const [name, text] of order) {
-      spawnSync('nsenter', [`--net=/run/netns/${host}`, 'nft', 'flush', 'ruleset']);
-      if (text) inNs(host, ['nft', '-f', '-'], text);
-      const out = JSON.parse(inNs(host, [process.execPath, '-e', CLIENT]).toString()) as { done: number; failed: number };
-      if (out.failed > 0) throw new Error(`${name}: ${out.failed} connections failed`);
-      results.get(name)!.push(out.done / seconds);
+  const load = `wrk, ${THREADS} threads, ${CONNECTIONS} connections at a time, one request each, against bench/conn-server.c`;
+
+  if (rounds > 0 && seconds > 0) {
+    const results = new Map<string, number[]>(Object.keys(tables).map((k) => [k, []]));
+    for (let round = 0; round < rounds; round++) {
+      // Alternate the order, so that drift on a shared machine does not favour one configuration.
+      const order = round % 2 === 0 ? Object.entries(tables) : Object.entries(tables).reverse();
+      for (const [name, text] of order) {
+        await loadTable(text);
+        results.get(name)!.push(connectionsPerSecond(seconds, name));
+      }
+    }
+    const base = results.get(NO_TABLE)!;
+    const stateful = results.get(CONNTRACK_ONLY)!;
+    console.log(`1. Rounds: new TCP connections per second, host → internet namespace (${load}), ${seconds} s × ${rounds} rounds; target (b) ≥ 0.95 × (a), (b') against (a')`);
+    console.log('"× (a)" is the median of the per-round ratios, which cancels drift between rounds.\n');
+    console.log("| configuration | connections/s (median) | min–max | × (a) | × (a') |");
+    console.log('|---|---|---|---|---|');
+    for (const [name, samples] of results) {
+      const ratio = (to: number[]) => median(samples.map((x, i) => x / to[i]!)).toFixed(3);
+      console.log(`| ${name} | ${median(samples).toFixed(0)} | ${Math.min(...samples).toFixed(0)}–${Math.max(...samples).toFixed(0)} | ${ratio(base)} | ${ratio(stateful)} |`);
     }
   }
-  const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-  const base = results.get('(a) no table')!;
-  console.log(`New TCP connections per second, host → internet namespace, 16 concurrent, ${seconds} s × ${rounds} rounds; target (b) ≥ 0.95 × (a), (b') against (a')`);
-  console.log('"× (a)" is the median of the per-round ratios, which cancels drift between rounds.\n');
-  const stateful = results.get("(a') no egressd table, conntrack on")!;
-  console.log("| configuration | connections/s (median) | min–max | × (a) | × (a') |");
-  console.log('|---|---|---|---|---|');
-  for (const [name, samples] of results) {
-    const ratio = (to: number[]) => median(samples.map((x, i) => x / to[i]!)).toFixed(3);
-    console.log(`| ${name} | ${median(samples).toFixed(0)} | ${Math.min(...samples).toFixed(0)}–${Math.max(...samples).toFixed(0)} | ${ratio(base)} | ${ratio(stateful)} |`);
-  }
-  if (pairedSeconds > 0) {
-    const name = "(b) egressd, no default deny (conntrack off): 100,000 CIDRs + 200 apps";
-    const { ratios, failed } = await pairedRatios(host, tables[name]!);
-    if (ratios.length === 0) throw new Error(`--paired ${pairedSeconds}: too short to compare a phase with the table against phases on both sides; give 10 or more`);
+
+  if (blocks > 0) {
+    const ratios = await pairedRatios(tables[EGRESSD]!);
+    const { median: mid, low, high } = medianWithInterval(ratios);
     const sorted = [...ratios].sort((x, y) => x - y);
-    const quartile = (q: number) => sorted[Math.floor(q * (sorted.length - 1))]!.toFixed(3);
-    console.log(`\nPaired, ${pairedSeconds} s in one run: the table switched dormant (no hooks: as (a)) and back every ${PHASE_MS} ms, each phase with it against the mean of its neighbours without`);
-    console.log('\n| configuration | phases | × (a), median | quartiles | failed connections |');
+    console.log(`\n2. Paired: ${blocks} blocks of four ${PAIRED_RUN_SECONDS}-s runs, A B B A, the table switched dormant for A; each block's (B + B) / (A + A)\n`);
+    console.log('| configuration | blocks | × (a), median | 90 % interval of the median | min–max |');
     console.log('|---|---|---|---|---|');
-    console.log(`| ${name} | ${ratios.length} | ${median(ratios).toFixed(3)} | ${quartile(0.25)}–${quartile(0.75)} | ${failed} |`);
+    console.log(`| ${EGRESSD} | ${blocks} | ${mid.toFixed(3)} | ${low.toFixed(3)}–${high.toFixed(3)} | ${sorted[0]!.toFixed(3)}–${sorted.at(-1)!.toFixed(3)} |`);
+  }
+
+  if (profileSeconds > 0) {
+    const shares = new Map<string, { share: number; idle: number }>();
+    for (const [name, text] of Object.entries(tables)) shares.set(name, await hookShare(text, name));
+    const stateful = shares.get(CONNTRACK_ONLY)!.share;
+    console.log(`\n3. Profile: perf record -a for ${profileSeconds} s under the same load; the share of busy CPU inside netfilter's hooks, and what 1 − share leaves of the rate\n`);
+    console.log("| configuration | in hooks, % of busy CPU | idle | ⇒ × (a) | ⇒ × (a') |");
+    console.log('|---|---|---|---|---|');
+    for (const [name, { share, idle }] of shares) {
+      console.log(`| ${name} | ${(share * 100).toFixed(2)} | ${(idle * 100).toFixed(1)} % | ${(1 - share).toFixed(3)} | ${((1 - share) / (1 - stateful)).toFixed(3)} |`);
+    }
   }
 } finally {
   server.kill();
