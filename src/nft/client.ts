@@ -209,7 +209,7 @@ export class Nft {
     const verb = check ? 'check' : 'transaction';
     return new EgressError(
       ErrorCode.NftApply,
-      `nft (${this.backend}) refused the ${verb} [${what}], nothing was changed:\n${errorText}`,
+      `nft (${this.backend}) refused the ${verb} [${what}], nothing was changed:\n${errorText}${hintFor(errorText)}`,
       { details: errorLines },
     );
   }
@@ -375,4 +375,16 @@ export class Nft {
     });
     return pending;
   }
+}
+
+/**
+ * What to do about refusals whose cause lies outside the ruleset. nft looks
+ * protocol names (`ipv6-icmp`) up in /etc/protocols, which minimal Debian
+ * installs and container images leave out; its own message does not say so.
+ */
+function hintFor(errorText: string): string {
+  if (/could not resolve protocol name/i.test(errorText)) {
+    return '\nnft reads protocol names from /etc/protocols, which is missing or incomplete here: install it (Debian package netbase).';
+  }
+  return '';
 }

@@ -335,6 +335,39 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
     expectForeignUntouched();
   });
 
+  it('says to install netbase when nft cannot resolve a protocol name, and changes nothing', async () => {
+    const table = `table inet egdproto {
+  chain out { type filter hook output priority 0; policy accept; meta l4proto ipv6-icmp accept; }
+}`;
+    const dir = mkdtempSync(join(tmpdir(), 'egd-nft-proto-'));
+    try {
+      writeFileSync(join(dir, 'script.json'), JSON.stringify(script([op('replaceTable', 'inet', 'egdproto', table)])));
+      writeFileSync(join(dir, 'protocols'), '');
+      const q = (s: string) => `'${s}'`;
+      // /etc/protocols emptied in a private mount namespace, as on a machine without netbase.
+      const shell = [
+        'set -e',
+        `mount --bind ${q(join(dir, 'protocols'))} /etc/protocols`,
+        `nsenter --net=/run/netns/${ns} ${driverCommand().map(q).join(' ')} < ${q(join(dir, 'script.json'))} > ${q(join(dir, 'driver.json'))}`,
+      ].join('\n');
+      execFileSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', shell], { stdio: 'pipe' });
+
+      const refused = failed((JSON.parse(readFileSync(join(dir, 'driver.json'), 'utf8')) as DriverOutput).results[0]);
+      expect(refused.code).toBe('EGD_NFT_APPLY');
+      expect(refused.message).toContain('Could not resolve protocol name');
+      expect(refused.message).toContain('Debian package netbase');
+      expect(nft(ns, ['list', 'tables'])).not.toContain('egdproto');
+
+      // The same table with /etc/protocols in place loads: the file was the cause.
+      ok((await drive(ns, script([op('replaceTable', 'inet', 'egdproto', table)]))).results[0]);
+      expect(nft(ns, ['list', 'table', 'inet', 'egdproto'])).toContain('meta l4proto ipv6-icmp accept');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+      nft(ns, ['delete', 'table', 'inet', 'egdproto']);
+    }
+    expectForeignUntouched();
+  });
+
   it('adds one element to a 50,000-element hash set quickly, every time (fresh context per transaction)', async () => {
     const size = 50_000;
     const big = Array.from({ length: size }, (_, i) => `2001:db8:2::${(i + 1).toString(16)}`);
