@@ -107,9 +107,12 @@ const sh = (args: string[]) => execFileSync(args[0]!, args.slice(1), { stdio: 'p
 const inNs = (ns: string, args: string[], input?: string) => execFileSync('nsenter', [`--net=/run/netns/${ns}`, ...args], { input, stdio: ['pipe', 'pipe', 'pipe'], maxBuffer: 64 << 20 });
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
+/** wrk in the host namespace for `runSeconds`: a new connection for every request. */
+const wrk = (runSeconds: number) => [`--net=/run/netns/${host}`, 'wrk', `-t${THREADS}`, `-c${CONNECTIONS}`, `-d${runSeconds}s`, '--timeout', '2s', '-H', 'Connection: close', `http://[${SERVER_ADDRESS}]:${PORT}/`];
+
 /** Connections per second over `runSeconds` of wrk from the host namespace; throws when any failed. */
 function connectionsPerSecond(runSeconds: number, what: string): number {
-  const out = inNs(host, ['wrk', `-t${THREADS}`, `-c${CONNECTIONS}`, `-d${runSeconds}s`, '--timeout', '2s', '-H', 'Connection: close', `http://[${SERVER_ADDRESS}]:${PORT}/`]).toString();
+  const out = execFileSync('nsenter', wrk(runSeconds), { stdio: ['ignore', 'pipe', 'pipe'] }).toString();
   const rate = /^Requests\/sec:\s+([\d.]+)/m.exec(out);
   const errors = /^\s+Socket errors: (.*)$/m.exec(out) ?? /^\s+Non-2xx.*$/m.exec(out);
   if (!rate || errors) throw new Error(`${what}: wrk ${errors ? `saw failed connections (${errors[0].trim()})` : 'printed no rate'}:\n${out}`);
@@ -164,7 +167,7 @@ function cpuJiffies(): { busy: number; total: number } {
 async function hookShare(text: string | undefined, name: string): Promise<{ share: number; idle: number }> {
   await loadTable(text);
   const data = join(dir, 'perf.data');
-  const load = spawn('nsenter', [`--net=/run/netns/${host}`, 'wrk', `-t${THREADS}`, `-c${CONNECTIONS}`, `-d${profileSeconds + 2}s`, '-H', 'Connection: close', `http://[${SERVER_ADDRESS}]:${PORT}/`], { stdio: 'ignore' });
+  const load = spawn('nsenter', wrk(profileSeconds + 2), { stdio: 'ignore' });
   const loadDone = new Promise<void>((resolve) => load.once('exit', () => resolve()));
   await sleep(1000);
   const before = cpuJiffies();
