@@ -1,7 +1,7 @@
 /*
  * The far end of bench/packet-cost.ts: answers every connection with one
- * HTTP response and closes it, in WORKERS processes sharing the port through
- * SO_REUSEPORT. It is C because a server in Node spends more CPU per
+ * HTTP response and closes it, in WORKERS processes sharing one listening
+ * socket. It is C because a server in Node spends more CPU per
  * connection than the table under test does, which hides the table's cost;
  * and not a Debian web server, because installing one starts it as a service
  * on this machine's own network.
@@ -33,7 +33,6 @@ static int listen_on(const char *address, int port) {
   int fd = socket(AF_INET6, SOCK_STREAM | SOCK_NONBLOCK, 0);
   /* SO_REUSEADDR: the last run's connections linger in TIME_WAIT on this port. */
   if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
-      setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0 ||
       bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(fd, 4096) < 0) {
     perror("conn-server: listen");
     exit(1);
@@ -46,20 +45,33 @@ int main(int argc, char **argv) {
     fprintf(stderr, "usage: conn-server ADDRESS PORT WORKERS\n");
     return 2;
   }
+  /* Listening before the workers start: once "ready" is printed, every one of them can accept. */
+  int listener = listen_on(argv[1], atoi(argv[2]));
   int workers = atoi(argv[3]);
+  pid_t parent = getpid();
   for (int i = 1; i < workers; i++) {
-    if (fork() == 0) {
-      /* Children end with the parent, which is the process the benchmark kills. */
+    pid_t child = fork();
+    if (child < 0) {
+      perror("conn-server: fork");
+      return 1;
+    }
+    if (child == 0) {
+      /* Workers end with the parent, which is the process the benchmark kills. */
       prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() != parent) _exit(0);
       break;
     }
   }
-  int listener = listen_on(argv[1], atoi(argv[2]));
   int ep = epoll_create1(0);
   struct epoll_event ev = {.events = EPOLLIN, .data.fd = listener};
-  epoll_ctl(ep, EPOLL_CTL_ADD, listener, &ev);
-  printf("ready\n");
-  fflush(stdout);
+  if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, listener, &ev) < 0) {
+    perror("conn-server: epoll");
+    return 1;
+  }
+  if (getpid() == parent) {
+    printf("ready\n");
+    fflush(stdout);
+  }
 
   struct epoll_event events[256];
   char request[4096];
@@ -72,7 +84,7 @@ int main(int argc, char **argv) {
         int conn;
         while ((conn = accept4(listener, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
           struct epoll_event cev = {.events = EPOLLIN, .data.fd = conn};
-          epoll_ctl(ep, EPOLL_CTL_ADD, conn, &cev);
+          if (epoll_ctl(ep, EPOLL_CTL_ADD, conn, &cev) < 0) close(conn);
         }
         continue;
       }
