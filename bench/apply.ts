@@ -30,6 +30,7 @@ import type { Nft } from '../src/nft/client.js';
 import { openNft } from '../src/nft/open.js';
 import { loadPolicyOrThrow } from '../src/policy/load.js';
 import type { Policy } from '../src/policy/model.js';
+import { median } from './lib/stats.js';
 
 const { values } = parseArgs({ options: { inner: { type: 'string' }, runs: { type: 'string', default: '5' } } });
 const runs = Number(values.runs);
@@ -48,7 +49,6 @@ function writePolicy(dir: string, variant: 'a' | 'b' | 'a2'): void {
   writeFileSync(join(dir, '00.yaml'), `defaults: {egress: allow}\nlists:\n  cidrs: {file: cidrs.txt}\ndeny:\n  - to: ["@cidrs"]\napps:\n${apps.join('\n')}\n`);
 }
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 async function inner(root: string): Promise<void> {
   const policies: Record<'a' | 'b' | 'a2', Policy> = {

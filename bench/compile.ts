@@ -15,6 +15,7 @@ import { compile, type Facts } from '../src/compile/compile.js';
 import { buildNameIndex } from '../src/compile/names.js';
 import { renderJson, renderText } from '../src/compile/nft.js';
 import { loadPolicyOrThrow } from '../src/policy/load.js';
+import { median } from './lib/stats.js';
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '7' } } });
 const runs = Number(values.runs);
@@ -73,7 +74,6 @@ function measure(dir: string): { samples: Sample[]; rules: number; names: number
   return { samples, rules, names };
 }
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 const ms = (x: number) => `${x.toFixed(1)} ms`;
 
 const appsDir = withApps(200);
