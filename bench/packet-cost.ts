@@ -35,13 +35,14 @@
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { compile } from '../src/compile/compile.js';
 import { renderText } from '../src/compile/nft.js';
 import { loadPolicyOrThrow } from '../src/policy/load.js';
+import { median, medianWithInterval } from './lib/stats.js';
 
 const { values } = parseArgs({
   options: {
@@ -99,6 +100,15 @@ function strawmanTable(): string {
   return `table inet strawman {\n\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n${rules.join('\n')}\n\t}\n}\n`;
 }
 
+if (process.getuid?.() !== 0) {
+  console.error('bench/packet-cost.ts needs root (it creates network namespaces)');
+  process.exit(2);
+}
+const missing = ['wrk', 'cc', 'perf'].filter((tool) => spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0);
+if (missing.length) {
+  console.error(`bench/packet-cost.ts needs ${missing.join(', ')}: run it through \`npm run bench\`, which installs them (scripts/setup.sh --bench)`);
+  process.exit(2);
+}
 const id = randomBytes(3).toString('hex');
 const host = `egdb${id}-h`;
 const inet = `egdb${id}-i`;
@@ -110,13 +120,17 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 /** wrk in the host namespace for `runSeconds`: a new connection for every request. */
 const wrk = (runSeconds: number) => [`--net=/run/netns/${host}`, 'wrk', `-t${THREADS}`, `-c${CONNECTIONS}`, `-d${runSeconds}s`, '--timeout', '2s', '-H', 'Connection: close', `http://[${SERVER_ADDRESS}]:${PORT}/`];
 
-/** Connections per second over `runSeconds` of wrk from the host namespace; throws when any failed. */
-function connectionsPerSecond(runSeconds: number, what: string): number {
-  const out = execFileSync('nsenter', wrk(runSeconds), { stdio: ['ignore', 'pipe', 'pipe'] }).toString();
+/** The rate wrk printed; throws when any connection failed. */
+function wrkRate(out: string, what: string): number {
   const rate = /^Requests\/sec:\s+([\d.]+)/m.exec(out);
   const errors = /^\s+Socket errors: (.*)$/m.exec(out) ?? /^\s+Non-2xx.*$/m.exec(out);
   if (!rate || errors) throw new Error(`${what}: wrk ${errors ? `saw failed connections (${errors[0].trim()})` : 'printed no rate'}:\n${out}`);
   return Number(rate[1]);
+}
+
+/** Connections per second over `runSeconds` of wrk from the host namespace; throws when any failed. */
+function connectionsPerSecond(runSeconds: number, what: string): number {
+  return wrkRate(execFileSync('nsenter', wrk(runSeconds), { stdio: ['ignore', 'pipe', 'pipe'] }).toString(), what);
 }
 
 /** Replaces the host namespace's ruleset with `text` (none: no table) and waits for the kernel to settle. */
@@ -150,11 +164,14 @@ async function pairedRatios(text: string): Promise<number[]> {
   return ratios;
 }
 
-/** Busy and total jiffies of all CPUs, from /proc/stat. */
-function cpuJiffies(): { busy: number; total: number } {
-  const fields = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1, 9).map(Number);
-  const total = fields.reduce((sum, x) => sum + x, 0);
-  return { busy: total - fields[3]! - fields[4]!, total };
+/**
+ * Busy and total jiffies of all CPUs from a /proc/stat "cpu" line. Steal is
+ * left out of both: cpu-clock does not sample while the VM is not running.
+ */
+function cpuJiffies(line: string): { busy: number; total: number } {
+  const [user, nice, system, idle, iowait, irq, softirq] = line.trim().split(/\s+/).slice(1, 8).map(Number) as number[];
+  const busy = user! + nice! + system! + irq! + softirq!;
+  return { busy, total: busy + idle! + iowait! };
 }
 
 /**
@@ -167,53 +184,50 @@ function cpuJiffies(): { busy: number; total: number } {
 async function hookShare(text: string | undefined, name: string): Promise<{ share: number; idle: number }> {
   await loadTable(text);
   const data = join(dir, 'perf.data');
-  const load = spawn('nsenter', wrk(profileSeconds + 2), { stdio: 'ignore' });
-  const loadDone = new Promise<void>((resolve) => load.once('exit', () => resolve()));
+  const load = spawn('nsenter', wrk(profileSeconds + 2), { stdio: ['ignore', 'pipe', 'pipe'] });
+  let loadOutput = '';
+  load.stdout!.on('data', (chunk: Buffer) => (loadOutput += chunk.toString()));
+  const loadDone = new Promise<void>((resolve) => load.once('close', () => resolve()));
   await sleep(1000);
-  const before = cpuJiffies();
-  const perf = spawnSync('perf', ['record', '-e', 'cpu-clock', '-a', '-g', '-o', data, '--', 'sleep', String(profileSeconds)], { stdio: 'pipe' });
-  const after = cpuJiffies();
+  // perf's own workload reads /proc/stat, so that both readings bound exactly
+  // the sampled interval (-B: no build-id pass after it).
+  const perf = spawnSync('perf', ['record', '-e', 'cpu-clock', '-a', '-g', '-B', '-o', data, '--', 'sh', '-c', `head -1 /proc/stat; sleep ${profileSeconds}; head -1 /proc/stat`], { stdio: 'pipe' });
   await loadDone;
   if (perf.status !== 0) throw new Error(`${name}: perf record failed: ${perf.stderr.toString()}`);
-  const report = spawnSync('perf', ['report', '-i', data, '--stdio', '--children', '--sort', 'symbol', '-g', 'none'], { stdio: 'pipe', maxBuffer: 64 << 20 }).stdout.toString();
+  wrkRate(loadOutput, `${name}, profiled`);
+  const [before, after] = perf.stdout.toString().trim().split('\n').map(cpuJiffies) as [ReturnType<typeof cpuJiffies>, ReturnType<typeof cpuJiffies>];
+  const report = spawnSync('perf', ['report', '-i', data, '--stdio', '--children', '--sort', 'symbol', '-g', 'none'], { stdio: 'pipe', maxBuffer: 64 << 20 });
+  if (report.status !== 0) throw new Error(`${name}: perf report failed: ${report.stderr.toString()}`);
   // "    3.55%     0.15%  [k] nf_hook_slow   -   -": the first figure includes everything it calls.
-  const inHooks = /^\s*([\d.]+)%\s+[\d.]+%\s+\[k\] nf_hook_slow\s/m.exec(report);
-  if (text && !inHooks) throw new Error(`${name}: perf saw no sample in nf_hook_slow; its report began:\n${report.slice(0, 2000)}`);
+  const inHooks = /^\s*([\d.]+)%\s+[\d.]+%\s+\[k\] nf_hook_slow\s/m.exec(report.stdout.toString());
+  if (text && !inHooks) throw new Error(`${name}: perf saw no sample in nf_hook_slow; its report began:\n${report.stdout.toString().slice(0, 2000)}`);
   const busy = (after.busy - before.busy) / (after.total - before.total);
   return { share: (inHooks ? Number(inHooks[1]) / 100 : 0) / busy, idle: 1 - busy };
 }
 
-/** The median, and a 90 % interval for it from 2,000 resamples (seeded: the same ratios print the same interval). */
-function medianWithInterval(xs: number[]): { median: number; low: number; high: number } {
-  let seed = 0x9e3779b9;
-  const random = () => {
-    seed = (seed + 0x6d2b79f5) | 0;
-    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed);
-    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t;
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  const medians = Array.from({ length: 2000 }, () => median(Array.from(xs, () => xs[Math.floor(random() * xs.length)]!))).sort((x, y) => x - y);
-  return { median: median(xs), low: medians[100]!, high: medians[1899]! };
+function cleanUp(): void {
+  server?.kill();
+  spawnSync('ip', ['netns', 'del', host]);
+  spawnSync('ip', ['netns', 'del', inet]);
+  rmSync(dir, { recursive: true, force: true });
+}
+let server: ReturnType<typeof spawn> | undefined;
+// Ctrl-C reaches this process twice under tsx (from the terminal and relayed
+// by tsx's parent): the handler stays, so a second signal cannot cut the
+// clean-up short.
+let interrupted = false;
+for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+  process.on(signal, () => {
+    if (interrupted) return;
+    interrupted = true;
+    cleanUp();
+    process.exit(130);
+  });
 }
 
-function median(xs: number[]): number {
-  const sorted = [...xs].sort((x, y) => x - y);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
-}
-
-if (process.getuid?.() !== 0) {
-  console.error('bench/packet-cost.ts needs root (it creates network namespaces)');
-  process.exit(2);
-}
-const missing = ['wrk', 'cc', 'perf'].filter((tool) => spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0);
-if (missing.length) {
-  console.error(`bench/packet-cost.ts needs ${missing.join(', ')}: run it through \`npm run bench\`, which installs them (scripts/setup.sh --bench)`);
-  process.exit(2);
-}
-const serverBinary = join(dir, 'conn-server');
-sh(['cc', '-O2', '-Wall', '-o', serverBinary, join(import.meta.dirname, 'conn-server.c')]);
-const server = (() => {
+try {
+  const serverBinary = join(dir, 'conn-server');
+  sh(['cc', '-O2', '-Wall', '-o', serverBinary, join(import.meta.dirname, 'conn-server.c')]);
   sh(['ip', 'netns', 'add', host]);
   sh(['ip', 'netns', 'add', inet]);
   sh(['ip', 'link', 'add', `veth${id}`, 'netns', host, 'type', 'veth', 'peer', 'name', `vethi${id}`, 'netns', inet]);
@@ -228,13 +242,11 @@ const server = (() => {
   // they would use up the default 28,000 ports within seconds. These settings
   // belong to the namespace and go with it.
   inNs(host, ['sysctl', '-q', '-w', 'net.ipv4.tcp_tw_reuse=1', 'net.ipv4.ip_local_port_range=1024 65535']);
-  return spawn('nsenter', [`--net=/run/netns/${inet}`, serverBinary, SERVER_ADDRESS, String(PORT), String(THREADS)], { stdio: ['ignore', 'pipe', 'inherit'] });
-})();
-
-try {
+  const started = spawn('nsenter', [`--net=/run/netns/${inet}`, serverBinary, SERVER_ADDRESS, String(PORT), String(THREADS)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  server = started;
   await new Promise<void>((resolve, reject) => {
-    server.stdout!.once('data', () => resolve());
-    server.once('exit', (code) => reject(new Error(`conn-server exited (${code})`)));
+    started.stdout!.once('data', () => resolve());
+    started.once('exit', (code) => reject(new Error(`conn-server exited (${code})`)));
   });
   const conntrackOnly = 'table inet stateful {\n\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n\t\tct state established,related accept\n\t}\n}\n';
   const NO_TABLE = '(a) no table';
@@ -293,8 +305,5 @@ try {
     }
   }
 } finally {
-  server.kill();
-  spawnSync('ip', ['netns', 'del', host]);
-  spawnSync('ip', ['netns', 'del', inet]);
-  rmSync(dir, { recursive: true, force: true });
+  cleanUp();
 }
