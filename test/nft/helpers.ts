@@ -75,6 +75,20 @@ export function driverCommand(): string[] {
   return [process.execPath, '--import', 'tsx', DRIVER];
 }
 
+/** `text` as one word for sh, whatever it contains. */
+export function shellQuote(text: string): string {
+  return `'${text.replaceAll("'", `'\\''`)}'`;
+}
+
+/** Deletes a table the test made, if it is there: a clean-up must not hide the test's own failure. */
+export function deleteTableIfPresent(ns: string, family: string, name: string): void {
+  try {
+    nft(ns, ['delete', 'table', family, name]);
+  } catch {
+    // Not there: the test failed before making it, and says so itself.
+  }
+}
+
 /** Spawns `argv` with `input` on stdin; resolves with stdout, rejects with stderr on failure. */
 export function runChild(argv: readonly string[], input: string): Promise<string> {
   return new Promise((resolvePromise, reject) => {

@@ -14,6 +14,7 @@ import type { NftSetInfo, NftSetRef, NftTableListing } from '../../src/nft/types
 import {
   addNetns,
   deleteNetns,
+  deleteTableIfPresent,
   drive,
   driverCommand,
   failed,
@@ -24,6 +25,7 @@ import {
   nftJson,
   ok,
   op,
+  shellQuote,
   type DriverOutput,
   type DriverScript,
 } from './helpers.js';
@@ -302,7 +304,6 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
           ]),
         ),
       );
-      const q = (s: string) => `'${s}'`;
       const net = `--net=/run/netns/${ns}`;
       // A private mount namespace with cgroup2 at /sys/fs/cgroup, as on a
       // systemd host; the cgroup is removed however the script ends.
@@ -311,9 +312,9 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
         'mount -t cgroup2 none /sys/fs/cgroup',
         `mkdir /sys/fs/cgroup/${cgroup}`,
         `trap 'rmdir /sys/fs/cgroup/${cgroup}' EXIT`,
-        `nsenter ${net} ${driverCommand().map(q).join(' ')} < ${q(join(dir, 'script.json'))} > ${q(join(dir, 'driver.json'))}`,
-        `nsenter ${net} nft -j list map inet egdcg apps > ${q(join(dir, 'map.json'))}`,
-        `nsenter ${net} nft list table inet egdcg > ${q(join(dir, 'table.nft'))}`,
+        `nsenter ${net} ${driverCommand().map(shellQuote).join(' ')} < ${shellQuote(join(dir, 'script.json'))} > ${shellQuote(join(dir, 'driver.json'))}`,
+        `nsenter ${net} nft -j list map inet egdcg apps > ${shellQuote(join(dir, 'map.json'))}`,
+        `nsenter ${net} nft list table inet egdcg > ${shellQuote(join(dir, 'table.nft'))}`,
       ].join('\n');
       execFileSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', shell], { stdio: 'pipe' });
 
@@ -330,7 +331,7 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
       expect(readFileSync(join(dir, 'table.nft'), 'utf8')).toContain('socket cgroupv2 level 1 vmap @apps');
     } finally {
       rmSync(dir, { recursive: true, force: true });
-      nft(ns, ['delete', 'table', 'inet', 'egdcg']);
+      deleteTableIfPresent(ns, 'inet', 'egdcg');
     }
     expectForeignUntouched();
   });
@@ -343,12 +344,11 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
     try {
       writeFileSync(join(dir, 'script.json'), JSON.stringify(script([op('replaceTable', 'inet', 'egdproto', table)])));
       writeFileSync(join(dir, 'protocols'), '');
-      const q = (s: string) => `'${s}'`;
       // /etc/protocols emptied in a private mount namespace, as on a machine without netbase.
       const shell = [
         'set -e',
-        `mount --bind ${q(join(dir, 'protocols'))} /etc/protocols`,
-        `nsenter --net=/run/netns/${ns} ${driverCommand().map(q).join(' ')} < ${q(join(dir, 'script.json'))} > ${q(join(dir, 'driver.json'))}`,
+        `mount --bind ${shellQuote(join(dir, 'protocols'))} /etc/protocols`,
+        `nsenter --net=/run/netns/${ns} ${driverCommand().map(shellQuote).join(' ')} < ${shellQuote(join(dir, 'script.json'))} > ${shellQuote(join(dir, 'driver.json'))}`,
       ].join('\n');
       execFileSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', shell], { stdio: 'pipe' });
 
@@ -363,7 +363,7 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
       expect(nft(ns, ['list', 'table', 'inet', 'egdproto'])).toContain('meta l4proto ipv6-icmp accept');
     } finally {
       rmSync(dir, { recursive: true, force: true });
-      nft(ns, ['delete', 'table', 'inet', 'egdproto']);
+      deleteTableIfPresent(ns, 'inet', 'egdproto');
     }
     expectForeignUntouched();
   });
