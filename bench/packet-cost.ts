@@ -11,7 +11,9 @@
  *   (b') the same, but the 200 apps are allow-lists with `default: deny`: the
  *       table accepts established connections before each default deny, so
  *       conntrack is on;
- *   (c) a strawman: one rule per CIDR, 10,000 rules.
+ *   (c) a strawman: one rule per CIDR, 10,000 rules;
+ *   (h) an output chain with no rules: what any nftables egress filter pays
+ *       before its first rule, so that (b) × (h) is what egressd's rules cost.
  * In (b) and (b') the connecting process is in none of the apps, so each
  * packet walks every dispatch lookup and the deny sets. Target: (b) ≥ 0.95 ×
  * (a); (b') is measured against (a'), since the conntrack cost is its own.
@@ -25,13 +27,15 @@
  *   2. paired: (b) against (a) in blocks of four one-second runs, A B B A,
  *      the loaded table switched dormant (hooks unregistered: for a packet,
  *      no table) and back, so that the machine's drift — ±10 % between runs
- *      seconds apart on this VM — cancels within each block;
+ *      seconds apart on this VM — cancels within each block. Likewise (b)
+ *      against (h), both loaded and one switched dormant as the other wakes
+ *      (one transaction), and (h) against (a);
  *   3. profile: perf samples the whole machine under each table's load; the
  *      share of busy CPU inside netfilter's hooks is the table's cost per
  *      connection, and 1 − share what that leaves of (a)'s rate. A share of
  *      samples within one run does not drift with the machine.
  *
- *   npx tsx bench/packet-cost.ts [--seconds 3] [--rounds 3] [--blocks 30] [--profile 5]   (as root)
+ *   npx tsx bench/packet-cost.ts [--seconds 3] [--rounds 3] [--blocks 30] [--profile 5]   (as root; --blocks per pair)
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -140,18 +144,22 @@ async function loadTable(text: string | undefined): Promise<void> {
   await sleep(SETTLE_AFTER_LOAD_MS);
 }
 
+const tableName = (text: string) => /^table (\S+ \S+) \{/.exec(text)![1]!;
+
 /**
- * (b) against (a) in `blocks` blocks of A B B A, one second each, the table
- * loaded once and switched dormant for A. Returns one ratio per block:
- * (B + B) / (A + A).
+ * `measured` (B) against `against` (A; no table when undefined) in `blocks`
+ * blocks of A B B A, one second each. Both tables are loaded once; for A the
+ * measured one is switched dormant and the other woken, in one transaction,
+ * and back for B. Returns one ratio per block: (B + B) / (A + A).
  */
-async function pairedRatios(text: string): Promise<number[]> {
-  await loadTable(text);
-  const table = /^table (\S+ \S+) \{/.exec(text)![1]!;
-  const run = async (active: boolean) => {
-    inNs(host, ['nft', active ? `add table ${table}` : `add table ${table} { flags dormant; }`]);
+async function pairedRatios(measured: string, against?: string): Promise<number[]> {
+  await loadTable(against ? measured + against : measured);
+  const switchTo = (table: string, active: boolean) => (active ? `add table ${table}` : `add table ${table} { flags dormant; }`);
+  const run = async (measuring: boolean) => {
+    const commands = [switchTo(tableName(measured), measuring), ...(against ? [switchTo(tableName(against), !measuring)] : [])];
+    inNs(host, ['nft', commands.join('; ')]);
     await sleep(SETTLE_AFTER_SWITCH_MS);
-    return connectionsPerSecond(PAIRED_RUN_SECONDS, `paired, table ${active ? 'active' : 'dormant'}`);
+    return connectionsPerSecond(PAIRED_RUN_SECONDS, `paired, ${measuring ? 'B' : 'A'}`);
   };
   const ratios: number[] = [];
   for (let i = 0; i < blocks; i++) {
@@ -252,12 +260,14 @@ try {
   const NO_TABLE = '(a) no table';
   const CONNTRACK_ONLY = "(a') no egressd table, conntrack on";
   const EGRESSD = '(b) egressd, no default deny (conntrack off): 100,000 CIDRs + 200 apps';
+  const HOOK_ONLY = '(h) an output chain with no rules';
   const tables: Record<string, string | undefined> = {
     [NO_TABLE]: undefined,
     [CONNTRACK_ONLY]: conntrackOnly,
     [EGRESSD]: egressdTable(dir, false),
     "(b') egressd, 200 apps with default deny (conntrack on): 100,000 CIDRs + 200 apps": egressdTable(dir, true),
     '(c) strawman: 10,000 rules, one per CIDR': strawmanTable(),
+    [HOOK_ONLY]: 'table inet hook_only {\n\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n\t}\n}\n',
   };
   const load = `wrk, ${THREADS} threads, ${CONNECTIONS} connections at a time, one request each, against bench/conn-server.c`;
 
@@ -284,13 +294,21 @@ try {
   }
 
   if (blocks > 0) {
-    const ratios = await pairedRatios(tables[EGRESSD]!);
-    const { median: mid, low, high } = medianWithInterval(ratios);
-    const sorted = [...ratios].sort((x, y) => x - y);
-    console.log(`\n2. Paired: ${blocks} blocks of four ${PAIRED_RUN_SECONDS}-s runs, A B B A, the table switched dormant for A; each block's (B + B) / (A + A)\n`);
-    console.log('| configuration | blocks | × (a), median | 90 % interval of the median | min–max |');
-    console.log('|---|---|---|---|---|');
-    console.log(`| ${EGRESSD} | ${blocks} | ${mid.toFixed(3)} | ${low.toFixed(3)}–${high.toFixed(3)} | ${sorted[0]!.toFixed(3)}–${sorted.at(-1)!.toFixed(3)} |`);
+    // (b) × (h) is what egressd's rules cost; (h) × (a) what registering any output hook costs.
+    const pairs: [string, string | undefined][] = [
+      [EGRESSD, undefined],
+      [EGRESSD, HOOK_ONLY],
+      [HOOK_ONLY, undefined],
+    ];
+    console.log(`\n2. Paired: ${blocks} blocks of four ${PAIRED_RUN_SECONDS}-s runs, A B B A, B's table switched dormant for A (and A's woken, when A has one); each block's (B + B) / (A + A)\n`);
+    console.log('| B | A | blocks | B × A, median | 90 % interval of the median | min–max |');
+    console.log('|---|---|---|---|---|---|');
+    for (const [measured, against] of pairs) {
+      const ratios = await pairedRatios(tables[measured]!, against && tables[against]);
+      const { median: mid, low, high } = medianWithInterval(ratios);
+      const sorted = [...ratios].sort((x, y) => x - y);
+      console.log(`| ${measured} | ${against ?? NO_TABLE} | ${blocks} | ${mid.toFixed(3)} | ${low.toFixed(3)}–${high.toFixed(3)} | ${sorted[0]!.toFixed(3)}–${sorted.at(-1)!.toFixed(3)} |`);
+    }
   }
 
   if (profileSeconds > 0) {
