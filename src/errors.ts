@@ -16,6 +16,8 @@ export const ErrorCode = {
   NftUnavailable: 'EGD_NFT_UNAVAILABLE',
   /** The live table is not what egressd expected to find. */
   NftState: 'EGD_NFT_STATE',
+  /** Another change of enforcement held the lock for too long (nothing was changed). */
+  Busy: 'EGD_BUSY',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

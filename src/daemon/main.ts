@@ -50,6 +50,7 @@ async function main(): Promise<number> {
     facts: gatherFacts,
     stateDir: values.state ?? process.env['EGRESSD_STATE_DIR'] ?? '/var/lib/egressd',
     audit: systemAudit,
+    waiting: (holder) => log.info({ event: 'waiting-for-lock', holder }, 'waiting for another change of enforcement to finish'),
   };
   log.info({ event: 'starting', policy: dir, backend: deps.nft.backend }, 'egressd starting');
 

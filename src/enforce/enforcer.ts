@@ -8,6 +8,7 @@ import { loadPolicyOrThrow } from '../policy/load.js';
 import type { NftTableNames } from '../nft/types.js';
 import type { Policy } from '../policy/model.js';
 import { resolvePolicy } from '../policy/resolve.js';
+import { withEnforcementLock } from './lock.js';
 import { planChanges, type Plan } from './plan.js';
 import { liveSets, summarizeCompiled, summarizeLive, summarizeSet, type SetSummary, type TableSummary } from './summary.js';
 import { forgetRecord, readRecord, RECORD_FILE, recordText, type AppliedRecord } from './record.js';
@@ -21,6 +22,16 @@ export interface EnforcerDeps {
   readonly stateDir: string;
   /** The system log: every change of enforcement is recorded there. */
   readonly audit: (event: string, fields: Readonly<Record<string, string | number | boolean>>) => void;
+  /** Told who holds the enforcement lock (lock.ts) when a change has to wait for it. */
+  readonly waiting?: (holder: string) => void;
+}
+
+/** Runs a change of enforcement under the state directory's lock (lock.ts). */
+function locked<T>(deps: EnforcerDeps, what: string, change: () => Promise<T>): Promise<T> {
+  return withEnforcementLock(deps.stateDir, what, change, {
+    ...(deps.waiting && { onWait: deps.waiting }),
+    onUnavailable: (reason) => deps.audit('no enforcement lock', { reason }),
+  });
 }
 
 export interface Applied {
@@ -92,7 +103,12 @@ async function readLive(deps: EnforcerDeps, reread: boolean): Promise<LiveTable 
  * Applies an already loaded policy: egressctl apply, lockdown and egressd
  * come here, and so does bench/apply.ts, which times this path.
  */
-export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, options: { lockdown?: boolean; reread?: boolean; source: string }): Promise<Applied> {
+export function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, options: { lockdown?: boolean; reread?: boolean; source: string }): Promise<Applied> {
+  const what = `apply ${options.source}${options.lockdown === undefined ? '' : ` with lockdown ${options.lockdown ? 'on' : 'off'}`}`;
+  return locked(deps, what, () => applyHoldingLock(policy, deps, options));
+}
+
+async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { lockdown?: boolean; reread?: boolean; source: string }): Promise<Applied> {
   const { nft } = deps;
   const live = await readLive(deps, options.reread ?? false);
   const lockdown = options.lockdown ?? live?.summary.lockdown ?? false;
@@ -134,7 +150,7 @@ export async function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, opti
       const missing = isEgressError(error) && error.code === ErrorCode.NftApply && /No such file or directory/.test(error.message);
       if (missing && attempt < CGROUP_RACE_RETRIES && deps.facts(cgroupDepth(policy)).cgroups.join('\n') !== facts.cgroups.join('\n')) continue;
       if (isEgressError(error) && error.code === ErrorCode.NftApply && /File exists/.test(error.message) && /create chain/.test(error.message)) {
-        throw new EgressError(ErrorCode.NftApply, `another apply wrote generation "${next}" of table ${TABLE.family} ${TABLE.name} at the same time; this one changed nothing — run it again`, { cause: error });
+        throw new EgressError(ErrorCode.NftApply, `something else wrote generation "${next}" of table ${TABLE.family} ${TABLE.name} at the same time (an apply with another state directory, whose lock this one does not see, or nft by hand); this one changed nothing — run it again`, { cause: error });
       }
       throw error;
     }
@@ -214,11 +230,13 @@ export async function setLockdown(on: boolean, dir: string, deps: EnforcerDeps):
 }
 
 /** Removes the table: the only way enforcement ends. */
-export async function release(deps: EnforcerDeps): Promise<boolean> {
-  const existed = await deps.nft.tableExists(TABLE.family, TABLE.name);
-  if (existed) await deps.nft.deleteTable(TABLE.family, TABLE.name);
-  deps.audit(existed ? 'released: table inet egressd removed, egress is no longer enforced' : 'release: there was no table to remove', { existed });
-  return existed;
+export function release(deps: EnforcerDeps): Promise<boolean> {
+  return locked(deps, 'release', async () => {
+    const existed = await deps.nft.tableExists(TABLE.family, TABLE.name);
+    if (existed) await deps.nft.deleteTable(TABLE.family, TABLE.name);
+    deps.audit(existed ? 'released: table inet egressd removed, egress is no longer enforced' : 'release: there was no table to remove', { existed });
+    return existed;
+  });
 }
 
 /** The compiled policy against the live table, without changing anything. */

@@ -5,7 +5,7 @@ import { DEFAULT_POLICY_DIR, Exit, parseFlags, printIssues, type Command, type D
 
 /** The enforcement commands share their dependencies: the nft binding is opened once per command. */
 async function enforcerDeps(deps: Deps): Promise<EnforcerDeps> {
-  return { nft: await deps.nft(), facts: deps.facts, stateDir: deps.stateDir, audit: deps.audit };
+  return { nft: await deps.nft(), facts: deps.facts, stateDir: deps.stateDir, audit: deps.audit, waiting: (holder) => deps.err(`waiting for another change of enforcement to finish (${holder})`) };
 }
 
 function describePlan(plan: Plan): string[] {
@@ -54,7 +54,14 @@ record vouches for names, not elements: after elements of egressd's sets were
 changed by hand, --reread reads the table whole, and every set whose elements
 differ from the policy is written anew.
 
-Exit status: 0 applied, 2 invalid policy, 3 nftables refused (nothing changed).`,
+Changes of enforcement take turns (apply, lockdown, release and egressd's
+re-applies hold a lock on $EGRESSD_STATE_DIR/lock while they run): one that
+finds another running waits for it, says for whom (pid and command), and
+gives up after a minute without changing anything. A killed holder leaves
+no lock behind.
+
+Exit status: 0 applied, 2 invalid policy, 3 nftables refused or another
+change still running (nothing changed).`,
   parse: (argv) => {
     const { values, positionals } = parseFlags('apply', argv, { json: { type: 'boolean' }, reread: { type: 'boolean' } }, 1);
     return { dir: positionals[0] ?? DEFAULT_POLICY_DIR, json: values.json === true, reread: values.reread === true };
@@ -177,7 +184,8 @@ export const release: Command<{ json: boolean }> = {
 
 Removes table inet egressd from the kernel. This is the only way
 enforcement ends: stopping or crashing egressd leaves the rules in force.
-The removal is recorded in the system log.
+The removal is recorded in the system log. Like apply, it waits for a
+change of enforcement that is running to finish first.
 
 Exit status: 0 removed (or there was none), 3 system error.`,
   parse(argv) {
@@ -203,6 +211,10 @@ on    In one atomic step, deny all egress except loopback — and Tor's own
       "egressctl apply" until switched off; "egressctl status" says so.
       It works even if the policy in DIR is broken (then Tor is not excepted).
 off   Re-applies the policy in DIR (default ${DEFAULT_POLICY_DIR}).
+
+Like apply, it first waits for a change of enforcement that is running (an
+apply, say) to finish, so that one cannot switch lockdown off again behind
+its back; it says whom it waits for.
 
 Exit status: 0 done, 2 bad usage or (for off) invalid policy, 3 system error.`,
   parse(argv) {

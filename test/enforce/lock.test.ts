@@ -1,0 +1,86 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { withEnforcementLock } from '../../src/enforce/lock.js';
+import { ErrorCode } from '../../src/errors.js';
+
+/** The enforcement lock between real processes: a holder in a child process, and this one waiting. */
+let stateDir: string;
+let holder: ChildProcess | undefined;
+
+beforeEach(() => {
+  stateDir = mkdtempSync(join(tmpdir(), 'egd-lock-'));
+});
+afterEach(() => {
+  holder?.kill('SIGKILL');
+  holder = undefined;
+  rmSync(stateDir, { recursive: true, force: true });
+});
+
+/** A child process that holds the lock until its stdin closes; resolves once it holds it. */
+async function holdInChild(what: string): Promise<{ child: ChildProcess; exited: Promise<number> }> {
+  const child = spawn(process.execPath, ['--import', 'tsx', join(import.meta.dirname, 'fixtures/hold-lock.ts'), stateDir, what], { stdio: ['pipe', 'pipe', 'inherit'] });
+  holder = child;
+  const exited = new Promise<number>((resolve) => child.once('exit', () => resolve(Date.now())));
+  await new Promise<void>((resolve, reject) => {
+    child.stdout!.once('data', () => resolve());
+    child.once('exit', (code) => reject(new Error(`hold-lock.ts exited (${code}) before it held the lock`)));
+  });
+  return { child, exited };
+}
+
+describe('the enforcement lock', () => {
+  it('a second change waits for the first, is told who holds the lock, and runs only once it is free', async () => {
+    const { child, exited } = await holdInChild('apply /etc/egressd');
+    const told: string[] = [];
+    let ranAt = 0;
+    const waiting = withEnforcementLock(stateDir, 'release', async () => (ranAt = Date.now()), { onWait: (who) => told.push(who) });
+    await new Promise((resolve) => setTimeout(resolve, 400));
+    expect(ranAt).toBe(0);
+    // The holder lets go once its stdin ends: not before.
+    const letGoAt = Date.now();
+    child.stdin!.end();
+    await waiting;
+    expect(ranAt).toBeGreaterThanOrEqual(letGoAt);
+    await exited;
+    expect(told).toHaveLength(1);
+    expect(told[0]).toMatch(new RegExp(`^pid ${child.pid}: apply /etc/egressd, since \\d{4}-`));
+  });
+
+  it('a holder killed with SIGKILL leaves no lock behind', async () => {
+    const { child, exited } = await holdInChild('apply killed');
+    child.kill('SIGKILL');
+    await exited;
+    const told: string[] = [];
+    await expect(withEnforcementLock(stateDir, 'apply next', async () => 'ran', { onWait: (who) => told.push(who), timeoutMs: 2000 })).resolves.toBe('ran');
+    expect(told).toEqual([]);
+  });
+
+  it('gives up after its timeout, naming the holder, and runs nothing', async () => {
+    const { child } = await holdInChild('apply stuck');
+    let ran = false;
+    const attempt = withEnforcementLock(stateDir, 'lockdown on', async () => (ran = true), { timeoutMs: 300 });
+    await expect(attempt).rejects.toMatchObject({ code: ErrorCode.Busy, message: expect.stringContaining(`pid ${child.pid}: apply stuck`) });
+    await expect(attempt).rejects.toThrow(/nothing was changed/);
+    expect(ran).toBe(false);
+  });
+
+  it('a state directory it cannot write does not stop the change, and says it ran unserialised', async () => {
+    const said: string[] = [];
+    await expect(withEnforcementLock('/dev/null/egressd', 'lockdown on', async () => 'ran', { onUnavailable: (why) => said.push(why) })).resolves.toBe('ran');
+    expect(said).toEqual([expect.stringMatching(/^cannot open the enforcement lock \/dev\/null\/egressd\/lock \(.*\); this change is not serialised with others$/)]);
+  });
+
+  it('serialises changes within one process too', async () => {
+    const order: string[] = [];
+    const change = (name: string) => async () => {
+      order.push(`${name} starts`);
+      await new Promise((resolve) => setTimeout(resolve, 150));
+      order.push(`${name} ends`);
+    };
+    await Promise.all([withEnforcementLock(stateDir, 'one', change('one')), withEnforcementLock(stateDir, 'two', change('two'))]);
+    expect(order).toEqual(['one starts', 'one ends', 'two starts', 'two ends']);
+  });
+});
