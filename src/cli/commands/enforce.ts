@@ -3,6 +3,9 @@ import { applyPolicy, liveSummary, planPolicy, release as releaseTable, setLockd
 import type { Plan } from '../../enforce/plan.js';
 import { DEFAULT_POLICY_DIR, Exit, parseFlags, printIssues, type Command, type Deps } from '../deps.js';
 
+/** Said by every command that finds lockdown on, in the same words. */
+const LOCKDOWN_IS_ON = 'LOCKDOWN IS ON: all egress except loopback (and Tor itself, with updates over Tor) is denied. "egressctl lockdown off" restores the policy.';
+
 /** The enforcement commands share their dependencies: the nft binding is opened once per command. */
 async function enforcerDeps(deps: Deps): Promise<EnforcerDeps> {
   return { nft: await deps.nft(), facts: deps.facts, stateDir: deps.stateDir, audit: deps.audit, waiting: (holder) => deps.err(`waiting for another change of enforcement to finish (${holder})`) };
@@ -76,7 +79,7 @@ change still running (nothing changed).`,
     }
     deps.err(`applied ${options.dir}: ${rules} rules, ${applied.compiled.ruleset.sets.length} sets and maps; policy sha256:${applied.digest.slice(0, 16)}… (${enforcer.nft.backend})`);
     for (const line of describePlan(applied.plan)) deps.err(line);
-    if (applied.lockdown) deps.err('LOCKDOWN IS ON: all egress except loopback is denied. "egressctl lockdown off" restores the policy.');
+    if (applied.lockdown) deps.err(LOCKDOWN_IS_ON);
     return Exit.Ok;
   },
 };
@@ -150,7 +153,7 @@ different from it (or the policy on disk is invalid), 3 system error.`,
     if (!live) {
       deps.err('NOT ENFORCED: there is no table inet egressd in the kernel. "egressctl apply" enforces the policy.');
     } else {
-      if (report.lockdown) deps.err('LOCKDOWN IS ON: all egress except loopback (and Tor itself, with updates over Tor) is denied. "egressctl lockdown off" restores the policy.');
+      if (report.lockdown) deps.err(LOCKDOWN_IS_ON);
       deps.err(`enforced: table inet egressd, policy sha256:${report.digest?.slice(0, 16) ?? '(unknown)'}…, ${report.rules} rules, ${report.sets.length} sets and maps`);
       for (const s of report.sets.filter((x) => x.size > 0)) deps.err(`  ${s.kind} ${s.name}: ${s.size} elements${s.dynamic ? ' (run time)' : ''}`);
       for (const d of report.dropped) deps.err(`  dropped by ${d.id}: ${d.packets} packets`);
@@ -227,7 +230,7 @@ Exit status: 0 done, 2 bad usage or (for off) invalid policy, 3 system error.`,
     const result = await setLockdown(options.on, options.dir, await enforcerDeps(deps));
     if (options.json) deps.out(JSON.stringify({ lockdown: result.lockdown, digest: result.digest, policyUsable: result.policyUsable }));
     if (!result.policyUsable) deps.err(`the policy in ${options.dir} is invalid; lockdown was applied without it (Tor is not excepted)`);
-    deps.err(result.lockdown ? 'LOCKDOWN IS ON: all egress except loopback is denied.' : `lockdown off: the policy in ${options.dir} is enforced again`);
+    deps.err(result.lockdown ? LOCKDOWN_IS_ON : `lockdown off: the policy in ${options.dir} is enforced again`);
     return Exit.Ok;
   },
 };
