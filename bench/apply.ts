@@ -17,7 +17,7 @@
  */
 import { execFileSync, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -26,6 +26,7 @@ import { parseArgs } from 'node:util';
 import { compile } from '../src/compile/compile.js';
 import { renderText } from '../src/compile/nft.js';
 import { applyLoadedPolicy, type EnforcerDeps } from '../src/enforce/enforcer.js';
+import { lockPathFor } from '../src/enforce/lock.js';
 import type { Nft } from '../src/nft/client.js';
 import { openNft } from '../src/nft/open.js';
 import { loadPolicyOrThrow } from '../src/policy/load.js';
@@ -119,11 +120,14 @@ if (values.inner) {
   const root = mkdtempSync(join(tmpdir(), 'egd-apply-bench-'));
   for (const variant of ['a', 'b', 'a2'] as const) writePolicy(join(root, variant), variant);
   execFileSync('ip', ['netns', 'add', ns]);
+  // The applies inside leave the namespace's enforcement lock file behind.
+  const lock = lockPathFor(statSync(`/run/netns/${ns}`).ino);
   try {
     const result = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fileURLToPath(import.meta.url), '--inner', root, '--runs', String(runs)], { stdio: 'inherit' });
     process.exitCode = result.status ?? 1;
   } finally {
     execFileSync('ip', ['netns', 'delete', ns]);
+    rmSync(lock, { force: true });
     rmSync(root, { recursive: true, force: true });
   }
 }

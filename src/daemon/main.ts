@@ -51,6 +51,7 @@ async function main(): Promise<number> {
     stateDir: values.state ?? process.env['EGRESSD_STATE_DIR'] ?? '/var/lib/egressd',
     audit: systemAudit,
     waiting: (holder) => log.info({ event: 'waiting-for-lock', holder }, 'waiting for another change of enforcement to finish'),
+    unserialised: (reason) => log.warn({ event: 'no-lock', reason }, 'applying without the enforcement lock'),
   };
   log.info({ event: 'starting', policy: dir, backend: deps.nft.backend }, 'egressd starting');
 

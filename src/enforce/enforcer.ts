@@ -8,7 +8,7 @@ import { loadPolicyOrThrow } from '../policy/load.js';
 import type { NftTableNames } from '../nft/types.js';
 import type { Policy } from '../policy/model.js';
 import { resolvePolicy } from '../policy/resolve.js';
-import { withEnforcementLock } from './lock.js';
+import { defaultLockPath, withEnforcementLock } from './lock.js';
 import { planChanges, type Plan } from './plan.js';
 import { liveSets, summarizeCompiled, summarizeLive, summarizeSet, type SetSummary, type TableSummary } from './summary.js';
 import { forgetRecord, readRecord, RECORD_FILE, recordText, type AppliedRecord } from './record.js';
@@ -22,15 +22,23 @@ export interface EnforcerDeps {
   readonly stateDir: string;
   /** The system log: every change of enforcement is recorded there. */
   readonly audit: (event: string, fields: Readonly<Record<string, string | number | boolean>>) => void;
-  /** Told who holds the enforcement lock (lock.ts) when a change has to wait for it. */
+  /** Told what the holder of the enforcement lock (lock.ts) noted of itself, when a change has to wait for it. */
   readonly waiting?: (holder: string) => void;
+  /** Told when a change runs without the lock (no koffi, /run not writable). */
+  readonly unserialised?: (reason: string) => void;
+  /** The lock's file (default: this network namespace's) and how long a change waits for it. */
+  readonly lock?: { readonly path?: string; readonly timeoutMs?: number };
 }
 
-/** Runs a change of enforcement under the state directory's lock (lock.ts). */
+/** Runs a change of enforcement holding the table's lock (lock.ts). Never nested: it would wait for itself. */
 function locked<T>(deps: EnforcerDeps, what: string, change: () => Promise<T>): Promise<T> {
-  return withEnforcementLock(deps.stateDir, what, change, {
+  return withEnforcementLock(deps.lock?.path ?? defaultLockPath(), what, change, {
     ...(deps.waiting && { onWait: deps.waiting }),
-    onUnavailable: (reason) => deps.audit('no enforcement lock', { reason }),
+    ...(deps.lock?.timeoutMs !== undefined && { timeoutMs: deps.lock.timeoutMs }),
+    onUnavailable: (reason) => {
+      deps.audit('no enforcement lock', { reason });
+      deps.unserialised?.(reason);
+    },
   });
 }
 
@@ -214,14 +222,15 @@ async function removePreviousGeneration(deps: EnforcerDeps, before: LiveTable | 
 /**
  * Lockdown on or off. On works whatever is wrong with the policy (invalid,
  * unreadable, refused by nft): then only loopback is left, and Tor gets no
- * exception.
+ * exception. Another change that holds the lock too long is not the
+ * policy's fault: that fails, changing nothing, and names the holder.
  */
 export async function setLockdown(on: boolean, dir: string, deps: EnforcerDeps): Promise<Applied & { policyUsable: boolean }> {
   try {
     const { policy } = loadPolicyOrThrow(dir);
     return { ...(await applyLoadedPolicy(policy, deps, { lockdown: on, source: dir })), policyUsable: true };
   } catch (error) {
-    if (!on) throw error;
+    if (!on || (isEgressError(error) && error.code === ErrorCode.Busy)) throw error;
     const bare = resolvePolicy([{ file: 'lockdown.yaml', bytes: new TextEncoder().encode('defaults: {egress: deny}\n') }], () => ({ error: 'no lists' }));
     if (!bare.ok) throw error;
     deps.audit('policy unusable; lockdown applied without it', { source: dir, reason: (error as Error).message });

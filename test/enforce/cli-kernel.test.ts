@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { nftAvailable } from '../support/nft-check.js';
 import { policyDir } from '../support/policy-dir.js';
+import { deleteNamespace } from '../support/netns.js';
 
 /**
  * egressctl's enforcement commands against the real kernel, in a network
@@ -35,7 +36,7 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     inNs('nft', ['-f', '-'], 'table ip foreign {\n\tchain c {\n\t\ttype filter hook output priority 10; policy accept;\n\t\tip daddr 198.51.100.1 counter drop\n\t}\n}\n');
   });
   afterAll(() => {
-    spawnSync('ip', ['netns', 'del', ns]);
+    deleteNamespace(ns);
     rmSync(state, { recursive: true, force: true });
   });
 
@@ -158,6 +159,34 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     // Without any overlap this test would prove nothing.
     expect(waited).toBeGreaterThan(0);
   }, 120_000);
+
+  it('release waits for a change that is running, and names it, before it removes the table', async () => {
+    expect(egressctl('apply', policyDir(GOOD)).status).toBe(0);
+    // This namespace's lock, held by a process of the test's own.
+    const holder = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'test/enforce/fixtures/hold-lock.ts'), '-', 'apply by the test'], { stdio: ['pipe', 'pipe', 'inherit'] });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        holder.stdout!.once('data', () => resolve());
+        holder.once('exit', (code) => reject(new Error(`hold-lock.ts exited (${code})`)));
+      });
+      let stderr = '';
+      const released = new Promise<number>((resolve) => {
+        const child = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/cli/main.ts'), 'release'], { env: { ...process.env, EGRESSD_STATE_DIR: state }, stdio: ['ignore', 'ignore', 'pipe'] });
+        child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+        child.once('exit', (code) => resolve(code ?? -1));
+      });
+      for (let waited = 0; !stderr.includes('waiting for another change') && waited < 30_000; waited += 100) await new Promise((resolve) => setTimeout(resolve, 100));
+      expect(stderr).toContain(`waiting for another change of enforcement to finish (pid ${holder.pid}: apply by the test, since `);
+      // Some time after it began to wait, the table is still there.
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      expect(nft('list', 'table', 'inet', 'egressd').status, 'release did not wait').toBe(0);
+      holder.stdin!.end();
+      expect(await released).toBe(0);
+      expect(nft('list', 'table', 'inet', 'egressd').status).not.toBe(0);
+    } finally {
+      holder.kill('SIGKILL');
+    }
+  }, 60_000);
 
   it('fail-closed: apply killed with SIGKILL at any moment leaves the old table or the new one, never none', async () => {
     // A large list, different in each policy (an unchanged set is not written again), makes

@@ -3,25 +3,30 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { setLockdown } from '../../src/enforce/enforcer.js';
 import { withEnforcementLock } from '../../src/enforce/lock.js';
 import { ErrorCode } from '../../src/errors.js';
+import type { Nft } from '../../src/nft/client.js';
+import { policyDir } from '../support/policy-dir.js';
 
 /** The enforcement lock between real processes: a holder in a child process, and this one waiting. */
-let stateDir: string;
+let dir: string;
+let lockPath: string;
 let holder: ChildProcess | undefined;
 
 beforeEach(() => {
-  stateDir = mkdtempSync(join(tmpdir(), 'egd-lock-'));
+  dir = mkdtempSync(join(tmpdir(), 'egd-lock-'));
+  lockPath = join(dir, 'run', 'net-test.lock');
 });
 afterEach(() => {
   holder?.kill('SIGKILL');
   holder = undefined;
-  rmSync(stateDir, { recursive: true, force: true });
+  rmSync(dir, { recursive: true, force: true });
 });
 
 /** A child process that holds the lock until its stdin closes; resolves once it holds it. */
 async function holdInChild(what: string): Promise<{ child: ChildProcess; exited: Promise<number> }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', join(import.meta.dirname, 'fixtures/hold-lock.ts'), stateDir, what], { stdio: ['pipe', 'pipe', 'inherit'] });
+  const child = spawn(process.execPath, ['--import', 'tsx', join(import.meta.dirname, 'fixtures/hold-lock.ts'), lockPath, what], { stdio: ['pipe', 'pipe', 'inherit'] });
   holder = child;
   const exited = new Promise<number>((resolve) => child.once('exit', () => resolve(Date.now())));
   await new Promise<void>((resolve, reject) => {
@@ -36,7 +41,7 @@ describe('the enforcement lock', () => {
     const { child, exited } = await holdInChild('apply /etc/egressd');
     const told: string[] = [];
     let ranAt = 0;
-    const waiting = withEnforcementLock(stateDir, 'release', async () => (ranAt = Date.now()), { onWait: (who) => told.push(who) });
+    const waiting = withEnforcementLock(lockPath, 'release', async () => (ranAt = Date.now()), { onWait: (who) => told.push(who) });
     await new Promise((resolve) => setTimeout(resolve, 400));
     expect(ranAt).toBe(0);
     // The holder lets go once its stdin ends: not before.
@@ -54,23 +59,23 @@ describe('the enforcement lock', () => {
     child.kill('SIGKILL');
     await exited;
     const told: string[] = [];
-    await expect(withEnforcementLock(stateDir, 'apply next', async () => 'ran', { onWait: (who) => told.push(who), timeoutMs: 2000 })).resolves.toBe('ran');
+    await expect(withEnforcementLock(lockPath, 'apply next', async () => 'ran', { onWait: (who) => told.push(who), timeoutMs: 2000 })).resolves.toBe('ran');
     expect(told).toEqual([]);
   });
 
   it('gives up after its timeout, naming the holder, and runs nothing', async () => {
     const { child } = await holdInChild('apply stuck');
     let ran = false;
-    const attempt = withEnforcementLock(stateDir, 'lockdown on', async () => (ran = true), { timeoutMs: 300 });
+    const attempt = withEnforcementLock(lockPath, 'lockdown on', async () => (ran = true), { timeoutMs: 300 });
     await expect(attempt).rejects.toMatchObject({ code: ErrorCode.Busy, message: expect.stringContaining(`pid ${child.pid}: apply stuck`) });
     await expect(attempt).rejects.toThrow(/nothing was changed/);
     expect(ran).toBe(false);
   });
 
-  it('a state directory it cannot write does not stop the change, and says it ran unserialised', async () => {
+  it('a lock directory it cannot write does not stop the change, and says it ran unserialised', async () => {
     const said: string[] = [];
-    await expect(withEnforcementLock('/dev/null/egressd', 'lockdown on', async () => 'ran', { onUnavailable: (why) => said.push(why) })).resolves.toBe('ran');
-    expect(said).toEqual([expect.stringMatching(/^cannot open the enforcement lock \/dev\/null\/egressd\/lock \(.*\); this change is not serialised with others$/)]);
+    await expect(withEnforcementLock('/dev/null/egressd/net-1.lock', 'lockdown on', async () => 'ran', { onUnavailable: (why) => said.push(why) })).resolves.toBe('ran');
+    expect(said).toEqual([expect.stringMatching(/^cannot open the enforcement lock \/dev\/null\/egressd\/net-1\.lock \(.*\); this change is not serialised with others$/)]);
   });
 
   it('serialises changes within one process too', async () => {
@@ -80,7 +85,19 @@ describe('the enforcement lock', () => {
       await new Promise((resolve) => setTimeout(resolve, 150));
       order.push(`${name} ends`);
     };
-    await Promise.all([withEnforcementLock(stateDir, 'one', change('one')), withEnforcementLock(stateDir, 'two', change('two'))]);
+    await Promise.all([withEnforcementLock(lockPath, 'one', change('one')), withEnforcementLock(lockPath, 'two', change('two'))]);
     expect(order).toEqual(['one starts', 'one ends', 'two starts', 'two ends']);
+  });
+
+  it('lockdown on that cannot get the lock fails and names the holder; it does not call the policy broken', async () => {
+    const { child } = await holdInChild('apply stuck');
+    const touched: string[] = [];
+    // Nothing may reach nftables: the lock comes first.
+    const nft = new Proxy({ backend: 'libnftables' }, { get: (target, key) => (key in target ? target[key as 'backend'] : () => touched.push(String(key))) }) as unknown as Nft;
+    const audited: string[] = [];
+    const deps = { nft, facts: () => ({ users: new Map(), groups: new Map(), cgroups: [] }), stateDir: join(dir, 'state'), audit: (event: string) => audited.push(event), lock: { path: lockPath, timeoutMs: 300 } };
+    await expect(setLockdown(true, policyDir({ '00.yaml': 'defaults: {egress: allow}\n' }), deps)).rejects.toMatchObject({ code: ErrorCode.Busy, message: expect.stringContaining(`pid ${child.pid}: apply stuck`) });
+    expect(audited).toEqual([]);
+    expect(touched).toEqual([]);
   });
 });

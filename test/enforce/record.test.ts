@@ -11,6 +11,7 @@ import { namesAfterSwap, withGeneration } from '../../src/enforce/swap.js';
 import { loadPolicyOrThrow } from '../../src/policy/load.js';
 import { nftAvailable } from '../support/nft-check.js';
 import { policyDir } from '../support/policy-dir.js';
+import { deleteNamespace } from '../support/netns.js';
 
 /**
  * apply knows the live table from the last apply's record (applied.json)
@@ -94,7 +95,7 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     spawnSync('ip', ['netns', 'add', ns]);
   });
   afterAll(() => {
-    spawnSync('ip', ['netns', 'del', ns]);
+    deleteNamespace(ns);
     for (const dir of stateDirs) rmSync(dir, { recursive: true, force: true });
   });
 

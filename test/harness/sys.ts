@@ -5,6 +5,7 @@
 import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { lockPathFor } from '../../src/enforce/lock.js';
 
 export const RUN_DIR = '/run/egressd-test';
 /** Namespaces the harness makes: `egdt<6 hex>-host` / `egdt<6 hex>-inet` (15 chars). */
@@ -238,10 +239,13 @@ export function killNetnsProcs(ns: string): number[] {
 export function deleteNetns(ns: string): void {
   if (!NETNS_RE.test(ns)) throw new HarnessError(`refusing to delete namespace ${ns}`);
   if (!fs.existsSync(`/run/netns/${ns}`)) return;
+  // Applies inside the namespace left its enforcement lock file (one per namespace).
+  const lock = lockPathFor(fs.statSync(`/run/netns/${ns}`).ino);
   const r = spawnSync('ip', ['netns', 'delete', ns], { encoding: 'utf8' });
   if (r.status !== 0 && fs.existsSync(`/run/netns/${ns}`)) {
     throw new HarnessError(`ip netns delete ${ns}: ${r.stderr.trim()}`);
   }
+  fs.rmSync(lock, { force: true });
 }
 
 /**

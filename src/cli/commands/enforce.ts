@@ -8,7 +8,14 @@ const LOCKDOWN_IS_ON = 'LOCKDOWN IS ON: all egress except loopback (and Tor itse
 
 /** The enforcement commands share their dependencies: the nft binding is opened once per command. */
 async function enforcerDeps(deps: Deps): Promise<EnforcerDeps> {
-  return { nft: await deps.nft(), facts: deps.facts, stateDir: deps.stateDir, audit: deps.audit, waiting: (holder) => deps.err(`waiting for another change of enforcement to finish (${holder})`) };
+  return {
+    nft: await deps.nft(),
+    facts: deps.facts,
+    stateDir: deps.stateDir,
+    audit: deps.audit,
+    waiting: (holder) => deps.err(`waiting for another change of enforcement to finish (${holder})`),
+    unserialised: (reason) => deps.err(`warning: ${reason}`),
+  };
 }
 
 function describePlan(plan: Plan): string[] {
@@ -57,11 +64,11 @@ record vouches for names, not elements: after elements of egressd's sets were
 changed by hand, --reread reads the table whole, and every set whose elements
 differ from the policy is written anew.
 
-Changes of enforcement take turns (apply, lockdown, release and egressd's
-re-applies hold a lock on $EGRESSD_STATE_DIR/lock while they run): one that
-finds another running waits for it, says for whom (pid and command), and
-gives up after a minute without changing anything. A killed holder leaves
-no lock behind.
+Changes of enforcement take turns: apply, lockdown, release and egressd's
+re-applies hold the table's lock (/run/egressd/net-INODE.lock, one per
+network namespace) while they run. One that finds another running waits
+for it, says for whom (its pid and what it is doing), and gives up after a
+minute without changing anything. A killed holder leaves no lock behind.
 
 Exit status: 0 applied, 2 invalid policy, 3 nftables refused or another
 change still running (nothing changed).`,
@@ -190,7 +197,8 @@ enforcement ends: stopping or crashing egressd leaves the rules in force.
 The removal is recorded in the system log. Like apply, it waits for a
 change of enforcement that is running to finish first.
 
-Exit status: 0 removed (or there was none), 3 system error.`,
+Exit status: 0 removed (or there was none), 3 system error or another
+change still running after a minute (nothing changed).`,
   parse(argv) {
     const { values } = parseFlags('release', argv, { json: { type: 'boolean' } }, 0);
     return { json: values.json === true };
@@ -219,7 +227,8 @@ Like apply, it first waits for a change of enforcement that is running (an
 apply, say) to finish, so that one cannot switch lockdown off again behind
 its back; it says whom it waits for.
 
-Exit status: 0 done, 2 bad usage or (for off) invalid policy, 3 system error.`,
+Exit status: 0 done, 2 bad usage or (for off) invalid policy, 3 system
+error or another change still running after a minute (nothing changed).`,
   parse(argv) {
     const { values, positionals } = parseFlags('lockdown', argv, { json: { type: 'boolean' } }, 2);
     const [state, dir] = positionals;
