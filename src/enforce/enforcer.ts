@@ -158,7 +158,7 @@ async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { l
       const missing = isEgressError(error) && error.code === ErrorCode.NftApply && /No such file or directory/.test(error.message);
       if (missing && attempt < CGROUP_RACE_RETRIES && deps.facts(cgroupDepth(policy)).cgroups.join('\n') !== facts.cgroups.join('\n')) continue;
       if (isEgressError(error) && error.code === ErrorCode.NftApply && /File exists/.test(error.message) && /create chain/.test(error.message)) {
-        throw new EgressError(ErrorCode.NftApply, `something else wrote generation "${next}" of table ${TABLE.family} ${TABLE.name} at the same time (an apply with another state directory, whose lock this one does not see, or nft by hand); this one changed nothing — run it again`, { cause: error });
+        throw new EgressError(ErrorCode.NftApply, `something else wrote generation "${next}" of table ${TABLE.family} ${TABLE.name} at the same time, without egressd's lock (nft by hand, or an egressd that could not take the lock); this one changed nothing — run it again`, { cause: error });
       }
       throw error;
     }
