@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { nftAvailable } from '../support/nft-check.js';
 import { policyDir } from '../support/policy-dir.js';
+import { holdLock } from '../support/hold-lock.js';
 import { deleteNamespace } from '../support/netns.js';
 
 /**
@@ -22,6 +23,14 @@ function inNs(cmd: string, args: string[], input?: string): SpawnSyncReturns<str
   return spawnSync('nsenter', [`--net=/run/netns/${ns}`, cmd, ...args], { encoding: 'utf8', input, env: { ...process.env, EGRESSD_STATE_DIR: state }, timeout: 60_000, maxBuffer: 256 * 1024 * 1024 });
 }
 const egressctl = (...args: string[]) => inNs(process.execPath, ['--import', 'tsx', join(ROOT, 'src/cli/main.ts'), ...args]);
+
+/** egressctl in the background, in the namespace: its process, its stderr so far, and its exit code. */
+function egressctlInBackground(...args: string[]) {
+  const child = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/cli/main.ts'), ...args], { env: { ...process.env, EGRESSD_STATE_DIR: state }, stdio: ['ignore', 'ignore', 'pipe'] });
+  const run = { child, stderr: '', exited: new Promise<number>((resolve) => child.once('exit', (code) => resolve(code ?? -1))) };
+  child.stderr!.on('data', (chunk: Buffer) => (run.stderr += chunk.toString()));
+  return run;
+}
 const nft = (...args: string[]) => inNs('nft', args);
 const liveText = () => nft('list', 'table', 'inet', 'egressd').stdout;
 const liveDigest = () => /policy sha256:([0-9a-f]{32})/.exec(nft('-t', 'list', 'table', 'inet', 'egressd').stdout)?.[1];
@@ -122,14 +131,9 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
       });
     const one = policy(10, 25);
     const two = policy(20, 443);
-    const run = (dir: string) =>
-      new Promise<number>((resolve) => {
-        const child = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/cli/main.ts'), 'apply', dir], { env: { ...process.env, EGRESSD_STATE_DIR: state }, stdio: 'ignore' });
-        child.once('exit', (code) => resolve(code ?? -1));
-      });
     for (let round = 0; round < 4; round++) {
       // The enforcement lock makes the second wait for the first, so both succeed.
-      const codes = await Promise.all([run(one), run(two)]);
+      const codes = await Promise.all([one, two].map((dir) => egressctlInBackground('apply', dir).exited));
       expect(codes, `round ${round}`).toEqual([0, 0]);
       const matches = [egressctl('plan', one).status, egressctl('plan', two).status];
       expect(matches.filter((status) => status === 0), `round ${round}: exits ${String(codes)}, plan ${String(matches)}`).toHaveLength(1);
@@ -141,18 +145,12 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
   it('lockdown switched on while applies run stays on: every change waits its turn, none is lost', async () => {
     const dir = policyDir(GOOD);
     expect(egressctl('apply', dir).status).toBe(0);
-    const run = (...args: string[]) =>
-      new Promise<{ code: number; stderr: string }>((resolve) => {
-        const child = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/cli/main.ts'), ...args], { env: { ...process.env, EGRESSD_STATE_DIR: state }, stdio: ['ignore', 'ignore', 'pipe'] });
-        let stderr = '';
-        child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-        child.once('exit', (code) => resolve({ code: code ?? -1, stderr }));
-      });
     let waited = 0;
     for (let round = 0; round < 3; round++) {
-      const results = await Promise.all([run('apply', dir), run('apply', dir), run('lockdown', 'on', dir), run('apply', dir), run('apply', dir)]);
-      expect(results.map((r) => r.code), results.map((r) => r.stderr).join('\n')).toEqual([0, 0, 0, 0, 0]);
-      waited += results.filter((r) => r.stderr.includes('waiting for another change of enforcement to finish (pid ')).length;
+      const runs = [['apply', dir], ['apply', dir], ['lockdown', 'on', dir], ['apply', dir], ['apply', dir]].map((args) => egressctlInBackground(...args));
+      const codes = await Promise.all(runs.map((r) => r.exited));
+      expect(codes, runs.map((r) => r.stderr).join('\n')).toEqual([0, 0, 0, 0, 0]);
+      waited += runs.filter((r) => r.stderr.includes('waiting for another change of enforcement to finish (pid ')).length;
       expect(JSON.parse(egressctl('status', dir, '--json').stdout)).toMatchObject({ lockdown: true, matchesPolicyOnDisk: true });
       expect(egressctl('lockdown', 'off', dir).status).toBe(0);
     }
@@ -163,28 +161,19 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
   it('release waits for a change that is running, and names it, before it removes the table', async () => {
     expect(egressctl('apply', policyDir(GOOD)).status).toBe(0);
     // This namespace's lock, held by a process of the test's own.
-    const holder = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'test/enforce/fixtures/hold-lock.ts'), '-', 'apply by the test'], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const holder = await holdLock('-', 'apply by the test', ns);
     try {
-      await new Promise<void>((resolve, reject) => {
-        holder.stdout!.once('data', () => resolve());
-        holder.once('exit', (code) => reject(new Error(`hold-lock.ts exited (${code})`)));
-      });
-      let stderr = '';
-      const released = new Promise<number>((resolve) => {
-        const child = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/cli/main.ts'), 'release'], { env: { ...process.env, EGRESSD_STATE_DIR: state }, stdio: ['ignore', 'ignore', 'pipe'] });
-        child.stderr!.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-        child.once('exit', (code) => resolve(code ?? -1));
-      });
-      for (let waited = 0; !stderr.includes('waiting for another change') && waited < 30_000; waited += 100) await new Promise((resolve) => setTimeout(resolve, 100));
-      expect(stderr).toContain(`waiting for another change of enforcement to finish (pid ${holder.pid}: apply by the test, since `);
+      const release = egressctlInBackground('release');
+      for (let waited = 0; !release.stderr.includes('waiting for another change') && waited < 30_000; waited += 100) await new Promise((resolve) => setTimeout(resolve, 100));
+      expect(release.stderr).toContain(`waiting for another change of enforcement to finish (pid ${holder.child.pid}: apply by the test, since `);
       // Some time after it began to wait, the table is still there.
       await new Promise((resolve) => setTimeout(resolve, 500));
       expect(nft('list', 'table', 'inet', 'egressd').status, 'release did not wait').toBe(0);
-      holder.stdin!.end();
-      expect(await released).toBe(0);
+      holder.letGo();
+      expect(await release.exited).toBe(0);
       expect(nft('list', 'table', 'inet', 'egressd').status).not.toBe(0);
     } finally {
-      holder.kill('SIGKILL');
+      holder.child.kill('SIGKILL');
     }
   }, 60_000);
 
@@ -203,8 +192,7 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     let killedMidway = 0;
     for (let i = 0; i < 10; i++) {
       const target = i % 2 === 0 ? oldDir : newDir;
-      const child = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/cli/main.ts'), 'apply', target], { env: { ...process.env, EGRESSD_STATE_DIR: state }, stdio: 'ignore' });
-      const exited = new Promise((resolve) => child.once('exit', resolve));
+      const { child, exited } = egressctlInBackground('apply', target);
       await new Promise((resolve) => setTimeout(resolve, 200 + i * 130));
       if (child.exitCode === null && child.signalCode === null) {
         killedMidway++;

@@ -1,4 +1,4 @@
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -7,6 +7,7 @@ import { setLockdown } from '../../src/enforce/enforcer.js';
 import { withEnforcementLock } from '../../src/enforce/lock.js';
 import { ErrorCode } from '../../src/errors.js';
 import type { Nft } from '../../src/nft/client.js';
+import { holdLock } from '../support/hold-lock.js';
 import { policyDir } from '../support/policy-dir.js';
 
 /** The enforcement lock between real processes: a holder in a child process, and this one waiting. */
@@ -24,29 +25,23 @@ afterEach(() => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-/** A child process that holds the lock until its stdin closes; resolves once it holds it. */
-async function holdInChild(what: string): Promise<{ child: ChildProcess; exited: Promise<number> }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', join(import.meta.dirname, 'fixtures/hold-lock.ts'), lockPath, what], { stdio: ['pipe', 'pipe', 'inherit'] });
-  holder = child;
-  const exited = new Promise<number>((resolve) => child.once('exit', () => resolve(Date.now())));
-  await new Promise<void>((resolve, reject) => {
-    child.stdout!.once('data', () => resolve());
-    child.once('exit', (code) => reject(new Error(`hold-lock.ts exited (${code}) before it held the lock`)));
-  });
-  return { child, exited };
+/** Holds the test's lock in a child process; killed after each test. */
+async function holdInChild(what: string) {
+  const held = await holdLock(lockPath, what);
+  holder = held.child;
+  return held;
 }
 
 describe('the enforcement lock', () => {
   it('a second change waits for the first, is told who holds the lock, and runs only once it is free', async () => {
-    const { child, exited } = await holdInChild('apply /etc/egressd');
+    const { child, letGo, exited } = await holdInChild('apply /etc/egressd');
     const told: string[] = [];
     let ranAt = 0;
     const waiting = withEnforcementLock(lockPath, 'release', async () => (ranAt = Date.now()), { onWait: (who) => told.push(who) });
     await new Promise((resolve) => setTimeout(resolve, 400));
     expect(ranAt).toBe(0);
-    // The holder lets go once its stdin ends: not before.
     const letGoAt = Date.now();
-    child.stdin!.end();
+    letGo();
     await waiting;
     expect(ranAt).toBeGreaterThanOrEqual(letGoAt);
     await exited;
