@@ -220,22 +220,37 @@ async function removePreviousGeneration(deps: EnforcerDeps, before: LiveTable | 
 }
 
 /**
- * Lockdown on or off. On works whatever is wrong with the policy (invalid,
- * unreadable, refused by nft): then only loopback is left, and Tor gets no
- * exception. Another change that holds the lock too long is not the
- * policy's fault: that fails, changing nothing, and names the holder.
+ * Lockdown on or off. On works whatever is wrong with the policy — it cannot
+ * be read, or nftables refuses what it compiles to: then only loopback is
+ * left, and Tor gets no exception. Anything else (another change holding the
+ * lock too long, a table changed by hand, no nftables, the state not saved) is not the
+ * policy's fault and fails as it would for apply: a lockdown without Tor's
+ * exception must not stand in for it.
  */
 export async function setLockdown(on: boolean, dir: string, deps: EnforcerDeps): Promise<Applied & { policyUsable: boolean }> {
+  let policy: Policy;
   try {
-    const { policy } = loadPolicyOrThrow(dir);
+    ({ policy } = loadPolicyOrThrow(dir));
+  } catch (error) {
+    if (!on) throw error;
+    return lockdownWithoutPolicy(dir, deps, error);
+  }
+  try {
     return { ...(await applyLoadedPolicy(policy, deps, { lockdown: on, source: dir })), policyUsable: true };
   } catch (error) {
-    if (!on || (isEgressError(error) && error.code === ErrorCode.Busy)) throw error;
-    const bare = resolvePolicy([{ file: 'lockdown.yaml', bytes: new TextEncoder().encode('defaults: {egress: deny}\n') }], () => ({ error: 'no lists' }));
-    if (!bare.ok) throw error;
-    deps.audit('policy unusable; lockdown applied without it', { source: dir, reason: (error as Error).message });
-    return { ...(await applyLoadedPolicy(bare.policy, deps, { lockdown: true, source: `${dir} (invalid; lockdown only)` })), policyUsable: false };
+    // nftables refused what the policy compiles to, or compiling it failed unexpectedly: the policy's.
+    const policysFault = !isEgressError(error) || error.code === ErrorCode.NftApply || error.code === ErrorCode.PolicyInvalid;
+    if (!on || !policysFault) throw error;
+    return lockdownWithoutPolicy(dir, deps, error);
   }
+}
+
+/** Lockdown with an empty deny-all policy in place of one that cannot be used (`why`). */
+async function lockdownWithoutPolicy(dir: string, deps: EnforcerDeps, why: unknown): Promise<Applied & { policyUsable: boolean }> {
+  const bare = resolvePolicy([{ file: 'lockdown.yaml', bytes: new TextEncoder().encode('defaults: {egress: deny}\n') }], () => ({ error: 'no lists' }));
+  if (!bare.ok) throw why;
+  deps.audit('policy unusable; lockdown applied without it', { source: dir, reason: (why as Error).message });
+  return { ...(await applyLoadedPolicy(bare.policy, deps, { lockdown: true, source: `${dir} (invalid; lockdown only)` })), policyUsable: false };
 }
 
 /** Removes the table: the only way enforcement ends. */
