@@ -222,10 +222,10 @@ async function removePreviousGeneration(deps: EnforcerDeps, before: LiveTable | 
 /**
  * Lockdown on or off. On works whatever is wrong with the policy — it cannot
  * be read, or nftables refuses what it compiles to: then only loopback is
- * left, and Tor gets no exception. Anything else (another change holding the
- * lock too long, a table changed by hand, no nftables, the state not saved) is not the
- * policy's fault and fails as it would for apply: a lockdown without Tor's
- * exception must not stand in for it.
+ * left, and Tor gets no exception. Anything else (another change holding
+ * the lock too long, a table changed by hand, no nftables, the state not
+ * saved) is not the policy's fault and fails as it would for apply: a
+ * lockdown without Tor's exception must not stand in for it.
  */
 export async function setLockdown(on: boolean, dir: string, deps: EnforcerDeps): Promise<Applied & { policyUsable: boolean }> {
   let policy: Policy;
