@@ -42,6 +42,7 @@ import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { compile } from '../src/compile/compile.js';
 import { renderText } from '../src/compile/nft.js';
@@ -119,7 +120,6 @@ const inet = `egdb${id}-i`;
 const dir = mkdtempSync(join(tmpdir(), 'egd-pkt-bench-'));
 const sh = (args: string[]) => execFileSync(args[0]!, args.slice(1), { stdio: 'pipe' });
 const inNs = (ns: string, args: string[], input?: string) => execFileSync('nsenter', [`--net=/run/netns/${ns}`, ...args], { input, stdio: ['pipe', 'pipe', 'pipe'], maxBuffer: 64 << 20 });
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** wrk in the host namespace for `runSeconds`: a new connection for every request. */
 const wrk = (runSeconds: number) => [`--net=/run/netns/${host}`, 'wrk', `-t${THREADS}`, `-c${CONNECTIONS}`, `-d${runSeconds}s`, '--timeout', '2s', '-H', 'Connection: close', `http://[${SERVER_ADDRESS}]:${PORT}/`];
@@ -155,8 +155,9 @@ const tableName = (text: string) => /^table (\S+ \S+) \{/.exec(text)![1]!;
 async function pairedRatios(measured: string, against?: string): Promise<number[]> {
   await loadTable(against ? measured + against : measured);
   const switchTo = (table: string, active: boolean) => (active ? `add table ${table}` : `add table ${table} { flags dormant; }`);
+  const [measuredTable, againstTable] = [tableName(measured), against && tableName(against)];
   const run = async (measuring: boolean) => {
-    const commands = [switchTo(tableName(measured), measuring), ...(against ? [switchTo(tableName(against), !measuring)] : [])];
+    const commands = [switchTo(measuredTable, measuring), ...(againstTable ? [switchTo(againstTable, !measuring)] : [])];
     inNs(host, ['nft', commands.join('; ')]);
     await sleep(SETTLE_AFTER_SWITCH_MS);
     return connectionsPerSecond(PAIRED_RUN_SECONDS, `paired, ${measuring ? 'B' : 'A'}`);

@@ -16,6 +16,7 @@
  */
 import { closeSync, ftruncateSync, mkdirSync, openSync, readFileSync, statSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { EgressError, ErrorCode } from '../errors.js';
 
 export const LOCK_DIR = '/run/egressd';
@@ -71,8 +72,6 @@ export interface LockOptions {
   readonly onUnavailable?: (reason: string) => void;
   readonly timeoutMs?: number;
 }
-
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 /** What the holder noted of itself (between taking the lock and noting, a waiter may read the previous holder's note). */
 function holderOf(path: string): string {
