@@ -65,11 +65,12 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
     const socksLoopback = socks.family === 4 ? socks.address.startsWith('127.') : socks.address === '::1';
     const toSocks = target.ip === socks.address && (query.port === undefined || query.port === socks.port) && (query.proto ?? 'tcp') === 'tcp';
     steps.push(`tor: an updater, so only Tor's SOCKS port ${socks.family === 6 ? `[${socks.address}]` : socks.address}:${socks.port} is reachable, loopback services included`);
-    if (toSocks && !socksLoopback && sdMember) {
+    // A gateway on another host is network: system domains and lockdown come first, whatever the destination.
+    if (!socksLoopback && sdMember) {
       steps.push(`system domain "${sdMember.name}": the SOCKS gateway is network, and members have none`);
       return decide('deny', 'system-domain', `sd/${sdMember.name}`, sdMember.at, sdMember.why);
     }
-    if (toSocks && !socksLoopback && options.lockdown) {
+    if (!socksLoopback && options.lockdown) {
       steps.push('lockdown: on — the SOCKS gateway is network');
       return decide('deny', 'lockdown', 'lockdown', undefined);
     }

@@ -139,6 +139,22 @@ describe('explain answers for the packet the kernel sees', () => {
     expect(both('192.0.2.1', vault)).toMatchObject({ answer: { verdict: 'deny', level: 'system-domain' }, kernel: 'drop' });
   });
 
+  it('with a SOCKS gateway on another host, an updater in a system domain or under lockdown is stopped there, whatever the destination', () => {
+    const gateway = policyFrom('identities: {apt: {user: _apt}}\nsystemDomains: {off: {members: [{user: _apt}]}}\ntor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}\n');
+    const apt = { kind: 'user', user: '_apt' } as const;
+    const table = compile(gateway, FACTS).ruleset;
+    for (const host of ['192.0.2.50', '198.51.100.9', '127.0.0.1']) {
+      expect(explain(gateway, { who: apt, host, port: 443, proto: 'tcp' }, FACTS), host).toMatchObject({ verdict: 'deny', level: 'system-domain', ruleId: 'sd/off' });
+      expect(evaluate(table, packetFor({ who: apt, address: host, port: 443, proto: 'tcp' })).chain).toBe('sd_off');
+    }
+    const open = policyFrom('identities: {apt: {user: _apt}}\ntor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}\n');
+    const locked = compile(open, FACTS, { lockdown: true }).ruleset;
+    for (const host of ['192.0.2.50', '198.51.100.9']) {
+      expect(explain(open, { who: apt, host, port: 9050, proto: 'tcp' }, FACTS, { lockdown: true }), host).toMatchObject({ verdict: 'deny', level: 'lockdown' });
+      expect(evaluate(locked, packetFor({ who: apt, address: host, port: 9050, proto: 'tcp' })).chain).toBe('lockdown');
+    }
+  });
+
   it("a non-canonical spelling of Tor's SOCKS address is still the SOCKS address", () => {
     const socks = policyFrom('identities: {apt: {user: _apt}}\ntor: {enabled: true, socks: "[2001:db8::9]:9150", updaters: [apt]}\n');
     const answer = explain(socks, { who: { kind: 'user', user: '_apt' }, host: '2001:DB8:0::9', port: 9150, proto: 'tcp' }, FACTS);
