@@ -152,7 +152,8 @@ function load(expr: Expr, packet: Packet): Value | undefined {
   if ('ct' in expr) return { kind: 'text', text: packet.ct };
   if ('&' in expr) {
     const inner = load(expr['&'][0], packet);
-    if (inner === undefined || inner.kind !== 'address') throw new Error('interpreter: & on something other than an address');
+    if (inner === undefined) return undefined;
+    if (inner.kind !== 'address') throw new Error('interpreter: & on something other than an address');
     return { ...inner, value: inner.value & addressBits(inner.family, expr['&'][1]) };
   }
   throw new Error(`interpreter: cannot load ${JSON.stringify(expr)}`);
