@@ -1,5 +1,5 @@
 import { isIP } from 'node:net';
-import { networkContains } from '../policy/destination.js';
+import { addressGroups, networkContains, parseNetwork } from '../policy/destination.js';
 import type { Identity, Origin, Policy, Protocol, Rule, Selector } from '../policy/model.js';
 import { identitiesOverlap, slicePath } from '../policy/resolve.js';
 import { cgroupGlobMatcher } from './glob.js';
@@ -43,12 +43,15 @@ export interface ExplainFacts {
 /**
  * Walks the fixed precedence — loopback, system domain, lockdown, Tor, app,
  * global deny, default — over the loaded policy, the same order the compiled
- * table takes, and says which rule decides.
+ * table takes, and says which rule decides. For an address its verdict is the
+ * compiled table's for that packet; test/compile/explain-agrees.test.ts checks
+ * that over random policies, so a change to either side that breaks it fails.
  */
 export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts, options: { lockdown?: boolean } = {}): Explanation | { error: string } {
   const steps: string[] = [];
   const notes: string[] = [];
   const target = classifyHost(query.host);
+  if (target.note) notes.push(target.note);
   const belongs = membership(policy, query.who, facts);
   if ('error' in belongs) return belongs;
   const decide = (verdict: 'allow' | 'deny', level: Level, ruleId: string, at: Origin | undefined, why?: string): Explanation => ({ verdict, level, ruleId, at, why, steps, notes });
@@ -62,11 +65,12 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
     const socksLoopback = socks.family === 4 ? socks.address.startsWith('127.') : socks.address === '::1';
     const toSocks = target.ip === socks.address && (query.port === undefined || query.port === socks.port) && (query.proto ?? 'tcp') === 'tcp';
     steps.push(`tor: an updater, so only Tor's SOCKS port ${socks.family === 6 ? `[${socks.address}]` : socks.address}:${socks.port} is reachable, loopback services included`);
-    if (toSocks && !socksLoopback && sdMember) {
+    // A gateway on another host is network: system domains and lockdown come first, whatever the destination.
+    if (!socksLoopback && sdMember) {
       steps.push(`system domain "${sdMember.name}": the SOCKS gateway is network, and members have none`);
       return decide('deny', 'system-domain', `sd/${sdMember.name}`, sdMember.at, sdMember.why);
     }
-    if (toSocks && !socksLoopback && options.lockdown) {
+    if (!socksLoopback && options.lockdown) {
       steps.push('lockdown: on — the SOCKS gateway is network');
       return decide('deny', 'lockdown', 'lockdown', undefined);
     }
@@ -136,18 +140,44 @@ interface Target {
   readonly ip: string | undefined;
   readonly family: 4 | 6 | undefined;
   readonly loopback: boolean;
+  /** Says how the address asked for became `ip`, when it did. */
+  readonly note: string | undefined;
 }
 
+/**
+ * The destination as the kernel sees it. A dual-stack socket sends to an
+ * IPv4-mapped address (::ffff:192.0.2.5) as IPv4 to 192.0.2.5, so rules for
+ * IPv4 decide it and rules for IPv6 never see it. Loopback is what leaves
+ * through lo: 127.0.0.0/8 and ::1, and the unspecified addresses 0.0.0.0 and
+ * ::, which Linux connects to 127.0.0.1 and ::1. Any other address is taken to leave
+ * through the network, although one of this machine's own addresses leaves
+ * through lo too (explain does not look at the interfaces; --help says so).
+ */
 function classifyHost(host: string): Target {
   const bare = host.replace(/^\[|\]$/g, '');
   const family = isIP(bare);
-  if (family === 4) return { name: undefined, ip: bare, family: 4, loopback: bare.startsWith('127.') };
-  if (family === 6) {
-    const ip = bare.toLowerCase();
-    return { name: undefined, ip, family: 6, loopback: ip === '::1' };
+  if (family === 0) {
+    const name = host.toLowerCase().replace(/\.$/, '');
+    return { name, ip: undefined, family: undefined, loopback: name === 'localhost' || name.endsWith('.localhost'), note: undefined };
   }
-  const name = host.toLowerCase().replace(/\.$/, '');
-  return { name, ip: undefined, family: undefined, loopback: name === 'localhost' || name.endsWith('.localhost') };
+  const groups = addressGroups(family === 4 ? 4 : 6, bare);
+  const mapped = family === 6 && groups.slice(0, 6).join() === '0,0,0,0,0,65535';
+  let ip: string;
+  let note: string | undefined;
+  if (family === 4 || mapped) {
+    const [high = 0, low = 0] = groups.slice(-2);
+    ip = `${high >> 8}.${high & 255}.${low >> 8}.${low & 255}`;
+    if (mapped) note = `${bare.toLowerCase()} is IPv4-mapped: a dual-stack socket sends to it as IPv4 to ${ip}, so rules for IPv4 decide it`;
+  } else {
+    ip = canonicalAddress(6, bare);
+  }
+  const unspecified = ip === '0.0.0.0' || ip === '::';
+  if (unspecified) {
+    ip = ip === '::' ? '::1' : '127.0.0.1';
+    note = `a connection to ${bare.toLowerCase()} goes to this machine, to ${ip}`;
+  }
+  const v4 = family === 4 || mapped;
+  return { name: undefined, ip, family: v4 ? 4 : 6, loopback: v4 ? ip.startsWith('127.') : ip === '::1', note };
 }
 
 /** Says why a rule matches, or returns undefined. Name rules match names; network rules match addresses. */
@@ -259,4 +289,11 @@ function isTorUser(policy: Policy, who: Who, facts: ExplainFacts): boolean {
 /** `unit:cups.service` → the cgroup it runs in (system.slice unless a slice is given). */
 export function unitCgroup(unit: string, slice = 'system.slice'): string {
   return `${slicePath(slice)}/${unit}`;
+}
+
+/** An address in the form the policy holds (RFC 5952 for IPv6), so that equal addresses compare equal. */
+function canonicalAddress(family: 4 | 6, address: string): string {
+  const parsed = parseNetwork(address);
+  if (!parsed.ok || parsed.value.family !== family) throw new Error(`internal: ${address} is not an IPv${family} address`);
+  return parsed.value.address;
 }

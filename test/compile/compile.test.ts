@@ -4,7 +4,8 @@ import { compile } from '../../src/compile/compile.js';
 import { renderJson, renderText, safeText, type ChainDecl, type RuleDecl } from '../../src/compile/nft.js';
 import { resolvePolicy } from '../../src/policy/resolve.js';
 import { nftAvailable, nftCheck } from '../support/nft-check.js';
-import { compileYaml, FACTS } from '../support/compile-text.js';
+import { compileYaml, FACTS, policyFrom } from '../support/compile-text.js';
+import { arbPolicy, GEN_FACTS } from '../support/policy-gen.js';
 
 const chain = (compiled: ReturnType<typeof compileYaml>, name: string): ChainDecl => {
   const found = compiled.ruleset.chains.find((c) => c.name === name);
@@ -323,20 +324,12 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
   });
 
   it.skipIf(nftAvailable())('random policies render to nft text the real nft accepts', () => {
-    const dest = fc.constantFrom('example.org', '192.0.2.0/24', '2001:db8::/48', '198.51.100.9', 'any');
     fc.assert(
-      fc.property(
-        fc.array(fc.record({ verdict: fc.constantFrom('allow', 'deny'), to: dest, ports: fc.constantFrom(undefined, [443], [53, '8000-8100'], [8080, '8000-8100', 53, 53, '8101-8200']), proto: fc.constantFrom(undefined, 'tcp', 'udp') }), { maxLength: 5 }),
-        fc.constantFrom('allow', 'deny'),
-        fc.boolean(),
-        (rules, egress, lockdown) => {
-          const ruleYaml = rules.map((r) => `      - {${r.verdict}: ${r.to === 'any' ? 'any' : `["${r.to}"]`}${r.ports ? `, ports: ${JSON.stringify(r.ports)}` : ''}${r.proto ? `, proto: ${r.proto}` : ''}}`).join('\n');
-          const yaml = `defaults: {egress: ${egress}}\napps:\n  a:\n    identity: [{unit: a.service}, {user: alice}]\n    rules:\n${ruleYaml || '      []'}\ndeny:\n  - to: [203.0.113.0/24]\n`;
-          const compiled = compileYaml(yaml.replace('rules:\n      []', 'rules: []'), { lockdown });
-          const result = nftCheck(renderText(compiled.ruleset), { cgroups: FACTS.cgroups });
-          expect(result.stderr).toBe('');
-        },
-      ),
+      fc.property(arbPolicy, ({ yaml, lockdown }) => {
+        const compiled = compile(policyFrom(yaml), GEN_FACTS, { lockdown });
+        const result = nftCheck(renderText(compiled.ruleset), { cgroups: GEN_FACTS.cgroups });
+        expect(result.stderr).toBe('');
+      }),
       { numRuns: 12 },
     );
   });

@@ -1,6 +1,9 @@
 import { describe, expect, it } from 'vitest';
+import { compile } from '../../src/compile/compile.js';
 import { explain, type ExplainQuery } from '../../src/compile/explain.js';
 import { FACTS, policyFrom } from '../support/compile-text.js';
+import { packetFor } from '../support/connection.js';
+import { evaluate } from '../support/ruleset-interpreter.js';
 
 /**
  * One policy in which every precedence level has something to say about the
@@ -105,5 +108,57 @@ describe('explain: each precedence level against the next', () => {
 
   it('an unknown app name is an error listing the known ones', () => {
     expect(explain(policy, { who: { kind: 'name', name: 'nope' }, host: 'x' }, FACTS)).toMatchObject({ error: expect.stringContaining('known: web, vault-sync, apt-direct') });
+  });
+});
+
+describe('explain answers for the packet the kernel sees', () => {
+  const v4Denied = policyFrom('defaults: {egress: allow}\ndeny:\n  - to: [192.0.2.0/24]\n  - to: ["::/0"]\n    proto: udp\nsystemDomains:\n  offline: {members: [{user: vault}]}\n');
+  const table = compile(v4Denied, FACTS).ruleset;
+  const both = (host: string, who: ExplainQuery['who'] = { kind: 'user', user: 'alice' }, port = 443, proto: 'tcp' | 'udp' = 'tcp') => {
+    const answer = explain(v4Denied, { who, host, port, proto }, FACTS);
+    if ('error' in answer) throw new Error(answer.error);
+    return { answer, kernel: evaluate(table, packetFor({ who, address: host, port, proto })).verdict };
+  };
+
+  it('an IPv4-mapped address is IPv4: denied by the IPv4 rule, never by an IPv6 one', () => {
+    for (const host of ['::ffff:192.0.2.5', '::FFFF:c000:205']) {
+      const { answer, kernel } = both(host);
+      expect(answer).toMatchObject({ verdict: 'deny', level: 'global-deny', ruleId: 'deny/f.yaml/0' });
+      expect(answer.notes).toContain(`${host.toLowerCase()} is IPv4-mapped: a dual-stack socket sends to it as IPv4 to 192.0.2.5, so rules for IPv4 decide it`);
+      expect(kernel).toBe('drop');
+    }
+    // ::ffff:0:0/96 lies inside ::/0, but the packet is IPv4: the udp deny of ::/0 never sees it.
+    expect(both('::ffff:198.51.100.9', undefined, 53, 'udp')).toMatchObject({ answer: { verdict: 'allow', level: 'default' }, kernel: 'accept' });
+  });
+
+  it('loopback is any spelling of an address that leaves through lo, a system domain included', () => {
+    const vault = { kind: 'user', user: 'vault' } as const;
+    for (const host of ['127.0.0.1', '127.1.2.3', '::1', '0:0:0:0:0:0:0:1', '::ffff:127.0.0.1', '0.0.0.0', '::']) {
+      expect(both(host, vault), host).toMatchObject({ answer: { verdict: 'allow', level: 'loopback' }, kernel: 'accept' });
+    }
+    expect(both('192.0.2.1', vault)).toMatchObject({ answer: { verdict: 'deny', level: 'system-domain' }, kernel: 'drop' });
+  });
+
+  it('with a SOCKS gateway on another host, an updater in a system domain or under lockdown is stopped there, whatever the destination', () => {
+    const gateway = policyFrom('identities: {apt: {user: _apt}}\nsystemDomains: {off: {members: [{user: _apt}]}}\ntor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}\n');
+    const apt = { kind: 'user', user: '_apt' } as const;
+    const table = compile(gateway, FACTS).ruleset;
+    for (const host of ['192.0.2.50', '198.51.100.9', '127.0.0.1']) {
+      expect(explain(gateway, { who: apt, host, port: 443, proto: 'tcp' }, FACTS), host).toMatchObject({ verdict: 'deny', level: 'system-domain', ruleId: 'sd/off' });
+      expect(evaluate(table, packetFor({ who: apt, address: host, port: 443, proto: 'tcp' })).chain).toBe('sd_off');
+    }
+    const open = policyFrom('identities: {apt: {user: _apt}}\ntor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}\n');
+    const locked = compile(open, FACTS, { lockdown: true }).ruleset;
+    for (const host of ['192.0.2.50', '198.51.100.9']) {
+      expect(explain(open, { who: apt, host, port: 9050, proto: 'tcp' }, FACTS, { lockdown: true }), host).toMatchObject({ verdict: 'deny', level: 'lockdown' });
+      expect(evaluate(locked, packetFor({ who: apt, address: host, port: 9050, proto: 'tcp' })).chain).toBe('lockdown');
+    }
+  });
+
+  it("a non-canonical spelling of Tor's SOCKS address is still the SOCKS address", () => {
+    const socks = policyFrom('identities: {apt: {user: _apt}}\ntor: {enabled: true, socks: "[2001:db8::9]:9150", updaters: [apt]}\n');
+    const answer = explain(socks, { who: { kind: 'user', user: '_apt' }, host: '2001:DB8:0::9', port: 9150, proto: 'tcp' }, FACTS);
+    expect(answer).toMatchObject({ verdict: 'allow', level: 'tor', ruleId: 'tor/socks' });
+    expect(evaluate(compile(socks, FACTS).ruleset, packetFor({ who: { kind: 'user', user: '_apt' }, address: '2001:DB8:0::9', port: 9150, proto: 'tcp' })).verdict).toBe('accept');
   });
 });

@@ -35,6 +35,15 @@ Names are matched as the resolver will match them; for an address, rules
 written with names match only while it is a recent DNS answer for one of
 them, and the output says so.
 
+An address is answered for the packet the kernel sees for a new connection:
+an IPv4-mapped address (::ffff:192.0.2.5) is sent as IPv4 (to 192.0.2.5),
+so rules for IPv4 decide it; 0.0.0.0 and :: reach 127.0.0.1 and ::1.
+Loopback is decided by the interface (meta oif "lo"): explain takes
+127.0.0.0/8 and ::1 to leave through lo and every other address through the
+network. A connection to one of this machine's own addresses also leaves
+through lo and is allowed; explain does not look at the interfaces, so ask
+for 127.0.0.1 to see that case.
+
 Exit status: 0 allowed, 1 denied, 2 bad input.`,
 
   parse(argv) {

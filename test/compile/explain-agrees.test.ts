@@ -1,0 +1,69 @@
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import { compile } from '../../src/compile/compile.js';
+import { explain, type Level } from '../../src/compile/explain.js';
+import type { Ruleset } from '../../src/compile/nft.js';
+import { policyFrom } from '../support/compile-text.js';
+import { arbConnection, packetFor } from '../support/connection.js';
+import { arbPolicy, GEN_FACTS } from '../support/policy-gen.js';
+import { evaluate, type Outcome } from '../support/ruleset-interpreter.js';
+
+/**
+ * `explain` reads the policy; the kernel runs the compiled table. For random
+ * policies and new connections given as `explain --app WHO --to ADDR:PORT/PROTO`
+ * takes them, the two must give the same verdict.
+ */
+
+/**
+ * The precedence level of the rule that decided, from the table's shape (the
+ * chain, and where in it the rule stands), not from its comment: the level
+ * explain names must be the one the kernel decided at.
+ */
+function levelOf(ruleset: Ruleset, outcome: Outcome, lockdown: boolean): Level {
+  const { chain, rule } = outcome;
+  if (chain.startsWith('sd_')) return 'system-domain';
+  if (chain === 'lockdown') return 'lockdown';
+  if (chain === 'tor_updaters') return 'tor';
+  if (chain === 'global_deny' || chain.startsWith('log_g')) return 'global-deny';
+  if (chain.startsWith('log_a_')) return 'app';
+  if (rule === undefined) return 'default';
+  const rules = ruleset.chains.find((c) => c.name === chain)!.rules;
+  // Everything after the jump to the global deny list is the default's tail.
+  const globalDenyAt = rules.findIndex((r) => r.expr.some((s) => 'jump' in s && s.jump.target === 'global_deny'));
+  if (rules.indexOf(rule) > globalDenyAt) return 'default';
+  if (chain.startsWith('app_')) return 'app';
+  if (chain !== 'output') throw new Error(`no level for chain ${chain}`);
+  const text = JSON.stringify(rule.expr);
+  if (text.includes('"oif"')) return 'loopback';
+  // Tor's own user: the exception in lockdown, or its own rule.
+  if (text.includes('"skuid"')) return lockdown ? 'lockdown' : 'tor';
+  throw new Error(`no level for ${text} in output`);
+}
+
+describe('explain agrees with the compiled table', () => {
+  it('for random policies and new connections, explain and the ruleset give the same verdict, decided at the same level of precedence', () => {
+    // Where the table decided, by kind of chain: the runs must reach every level, or agreement proves little.
+    const decidedIn = new Map<string, number>();
+    fc.assert(
+      fc.property(arbPolicy, fc.array(arbConnection, { minLength: 1, maxLength: 8 }), (generated, connections) => {
+        const policy = policyFrom(generated.yaml);
+        const { ruleset } = compile(policy, GEN_FACTS, { lockdown: generated.lockdown });
+        // Each asker also tries Tor's SOCKS port, which few random connections would hit.
+        const { socks } = policy.tor;
+        const toSocks = policy.tor.enabled ? connections.map((c) => ({ ...c, address: socks.address, port: socks.port, proto: 'tcp' as const })) : [];
+        for (const c of [...connections, ...toSocks]) {
+          const answer = explain(policy, { who: c.who, host: c.address, ...(c.port !== undefined ? { port: c.port } : {}), proto: c.proto }, GEN_FACTS, { lockdown: generated.lockdown });
+          if ('error' in answer) throw new Error(answer.error);
+          const kernel = evaluate(ruleset, packetFor(c));
+          const where = `${kernel.verdict} ${kernel.chain.replace(/_.*/, '')}`;
+          decidedIn.set(where, (decidedIn.get(where) ?? 0) + 1);
+          const said = answer.verdict === 'allow' ? 'accept' : 'drop';
+          expect(`${said} ${answer.level}`, `${JSON.stringify(c)}: explain says ${answer.ruleId} (${answer.steps.join('; ')}); the table ${kernel.verdict}s at ${kernel.chain}: ${kernel.rule?.comment ?? 'chain policy'} (via ${kernel.path.join(' → ')})`).toBe(`${kernel.verdict} ${levelOf(ruleset, kernel, generated.lockdown)}`);
+        }
+      }),
+      { numRuns: 400 },
+    );
+    const reached = [...decidedIn.keys()].sort();
+    for (const where of ['accept output', 'drop output', 'accept app', 'drop app', 'drop log', 'drop global', 'drop sd', 'drop lockdown', 'accept tor', 'drop tor']) expect(reached, JSON.stringify(Object.fromEntries(decidedIn))).toContain(where);
+  });
+});

@@ -1,0 +1,102 @@
+import fc from 'fast-check';
+import { isIPv4 } from 'node:net';
+import type { Who } from '../../src/compile/explain.js';
+import type { Protocol } from '../../src/policy/model.js';
+import { GEN_CGROUPS, GEN_FACTS } from './policy-gen.js';
+import { addressBits, type Packet } from './ruleset-interpreter.js';
+
+/** A new connection as `explain --app WHO --to ADDR[:PORT]/PROTO` describes it. */
+export interface Connection {
+  readonly who: Who;
+  readonly address: string;
+  readonly port: number | undefined;
+  readonly proto: Protocol;
+}
+
+/** A uid and gid that no generated policy names: a socket whose other id the query does not give. */
+const NOBODY = 65534;
+
+export const arbConnection: fc.Arbitrary<Connection> = fc
+  .record({
+    who: fc.oneof(
+      fc.constantFrom<Who>(
+        { kind: 'user', user: 'alice' },
+        { kind: 'user', user: 1000 },
+        { kind: 'user', user: 4242 },
+        { kind: 'user', user: 'vault' },
+        { kind: 'user', user: 'debian-tor' },
+        { kind: 'user', user: 5555 },
+        { kind: 'group', group: 'wheel' },
+        { kind: 'group', group: 77 },
+      ),
+      fc.constantFrom(...GEN_CGROUPS, 'system.slice/a.service/worker', 'user.slice/user-1000.slice/session-2.scope/x').map((path): Who => ({ kind: 'cgroup', path })),
+    ),
+    address: fc.constantFrom(
+      '192.0.2.5',
+      '192.0.2.50',
+      '198.51.100.9',
+      '198.51.100.200',
+      '203.0.113.1',
+      '127.0.0.1',
+      '127.0.0.53',
+      '2001:db8::5',
+      '2001:DB8:0:0::5',
+      '2001:db8::50',
+      '2001:DB8:0::50',
+      '2001:db8:1::1',
+      '2001:db8:2::1',
+      '::1',
+      '0:0:0:0:0:0:0:1',
+      '::ffff:192.0.2.5',
+      '::ffff:198.51.100.9',
+      '::ffff:203.0.113.1',
+      '::ffff:127.0.0.1',
+      '::ffff:c000:205',
+      '0.0.0.0',
+      '::',
+      '::ffff:0.0.0.0',
+    ),
+    port: fc.constantFrom(443, 53, 8080, 9050, 9150, 22),
+    proto: fc.constantFrom<Protocol>('tcp', 'udp', 'icmp'),
+  })
+  .map((c) => (c.proto === 'icmp' ? { ...c, port: undefined } : c));
+
+/**
+ * The packet the kernel sees for a new connection, from what Linux does, not
+ * from explain: a dual-stack socket sends to ::ffff:a.b.c.d as IPv4 to
+ * a.b.c.d (tcp_v6_connect and udpv6_sendmsg hand v4-mapped destinations to
+ * IPv4); a connection to 0.0.0.0 or :: goes to 127.0.0.1 or ::1
+ * (ip_route_output, tcp_v6_connect). Loopback addresses leave through lo and
+ * every other address through the network, as explain's --help says it assumes.
+ */
+export function packetFor(c: Connection): Packet {
+  let family: 4 | 6 = isIPv4(c.address) ? 4 : 6;
+  let bits = addressBits(family, c.address);
+  if (family === 6 && bits >> 32n === 0xffffn) {
+    family = 4;
+    bits &= 0xffffffffn;
+  }
+  if (bits === 0n) bits = family === 4 ? 0x7f000001n : 1n;
+  const daddr = family === 4 ? [24n, 16n, 8n, 0n].map((shift) => String((bits >> shift) & 255n)).join('.') : c.address === '::' ? '::1' : c.address;
+  const loopback = family === 4 ? bits >> 24n === 127n : bits === 1n;
+  const id = (kind: 'user' | 'group', name: string | number | undefined): number => {
+    if (name === undefined) return NOBODY;
+    if (typeof name === 'number') return name;
+    const known = (kind === 'user' ? GEN_FACTS.users : GEN_FACTS.groups).get(name);
+    if (known === undefined) throw new Error(`no ${kind} ${name} in the facts`);
+    return known;
+  };
+  const icmp = c.proto === 'icmp';
+  return {
+    oif: loopback ? 'lo' : 'eth0',
+    family,
+    daddr,
+    l4proto: icmp ? (family === 4 ? 'icmp' : 'ipv6-icmp') : c.proto,
+    ...(c.port !== undefined ? { dport: c.port } : {}),
+    skuid: id('user', c.who.kind === 'user' ? c.who.user : undefined),
+    skgid: id('group', c.who.kind === 'group' ? c.who.group : undefined),
+    cgroup: c.who.kind === 'cgroup' ? c.who.path : '',
+    ct: 'new',
+    ...(icmp && family === 6 ? { icmpv6Type: 'echo-request', hoplimit: 64 } : {}),
+  };
+}

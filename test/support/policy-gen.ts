@@ -1,0 +1,100 @@
+import fc from 'fast-check';
+import { stringify } from 'yaml';
+import type { Facts } from '../../src/compile/compile.js';
+import { FACTS } from './compile-text.js';
+
+/**
+ * Random policies for property tests (fast-check): apps with user, group and
+ * cgroup identities, allow/deny rules with v4 and v6 networks, names, ports
+ * and protocols, a global deny list, system domains, the default, lockdown
+ * and Tor. One generator, so every property test explores the same space.
+ */
+
+/** Cgroups that exist on the generated host; the compiler fills its cgroup maps from them. */
+export const GEN_CGROUPS: readonly string[] = [
+  'system.slice',
+  'system.slice/a.service',
+  'system.slice/b.service',
+  'system.slice/gpg.service',
+  'user.slice',
+  'user.slice/user-1000.slice',
+  'user.slice/user-1000.slice/session-2.scope',
+];
+
+export const GEN_FACTS: Facts = { ...FACTS, cgroups: GEN_CGROUPS };
+
+export interface GeneratedPolicy {
+  readonly yaml: string;
+  readonly lockdown: boolean;
+}
+
+const selector = fc.constantFrom<Record<string, string | number>>(
+  { user: 'alice' },
+  { user: 1000 },
+  { user: 4242 },
+  { user: 'vault' },
+  { user: 'nobody-here' },
+  { group: 'wheel' },
+  { group: 10 },
+  { unit: 'a.service' },
+  { unit: 'gpg.service' },
+  { cgroup: 'system.slice/*.service' },
+  { slice: 'system.slice' },
+  { slice: 'user-1000.slice', unit: 'session-2.scope' },
+  { cgroup: 'user.slice/*' },
+);
+const selectors = fc.array(selector, { minLength: 1, maxLength: 2 });
+
+const destination = fc.constantFrom(
+  'example.org',
+  '192.0.2.0/24',
+  '192.0.2.5',
+  '198.51.100.0/25',
+  '198.51.100.9',
+  '127.0.0.0/8',
+  '0.0.0.0/0',
+  '2001:db8::/48',
+  '2001:db8::5',
+  '2001:db8:1::/64',
+  '::1',
+  '::/0',
+);
+
+/** The fields every rule has besides its verdict; icmp has no ports (the policy refuses them). */
+const matchFields = fc
+  .record({
+    to: fc.oneof(fc.constant('any' as const), fc.uniqueArray(destination, { minLength: 1, maxLength: 3 })),
+    ports: fc.constantFrom(undefined, [443], [53, '8000-8100'], [8080, '8000-8100', 53, 53, '8101-8200']),
+    proto: fc.constantFrom<undefined | string | string[]>(undefined, 'tcp', 'udp', 'icmp', ['tcp', 'udp'], ['udp', 'icmp']),
+    log: fc.constantFrom(undefined, false),
+  })
+  .map((r) => (r.ports && (r.proto === 'icmp' || (Array.isArray(r.proto) && r.proto.includes('icmp'))) ? { ...r, ports: undefined } : r));
+
+const appRule = fc.tuple(fc.constantFrom('allow', 'deny'), matchFields).map(([verdict, r]) => ({ [verdict]: r.to, ...defined({ ports: r.ports, proto: r.proto, log: r.log }) }));
+
+const app = fc.record({ identity: selectors, default: fc.constantFrom(undefined, 'allow', 'deny'), rules: fc.array(appRule, { maxLength: 4 }) });
+
+export const arbPolicy: fc.Arbitrary<GeneratedPolicy> = fc
+  .record({
+    egress: fc.constantFrom('allow', 'deny'),
+    apps: fc.array(app, { maxLength: 3 }),
+    deny: fc.array(matchFields, { maxLength: 3 }),
+    domains: fc.array(selectors, { maxLength: 2 }),
+    tor: fc.option(
+      fc.record({ socks: fc.constantFrom(undefined, '127.0.0.1:9050', '[::1]:9050', '192.0.2.50:9050', '[2001:db8::50]:9150'), updaters: selectors, user: fc.constantFrom(undefined, 'debian-tor', 4242) }),
+      { nil: undefined },
+    ),
+    lockdown: fc.boolean(),
+  })
+  .map((p) => {
+    const doc: Record<string, unknown> = { defaults: { egress: p.egress } };
+    if (p.apps.length > 0) doc['apps'] = Object.fromEntries(p.apps.map((a, i) => [`app${i}`, defined({ identity: a.identity, default: a.default, rules: a.rules })]));
+    if (p.deny.length > 0) doc['deny'] = p.deny.map((r) => defined({ to: r.to, ports: r.ports, proto: r.proto, log: r.log }));
+    if (p.domains.length > 0) doc['systemDomains'] = Object.fromEntries(p.domains.map((members, i) => [`sd${i}`, { members }]));
+    if (p.tor) doc['tor'] = defined({ enabled: true, socks: p.tor.socks, user: p.tor.user, updaters: p.tor.updaters });
+    return { yaml: stringify(doc), lockdown: p.lockdown };
+  });
+
+function defined(record: Record<string, unknown>): Record<string, unknown> {
+  return Object.fromEntries(Object.entries(record).filter(([, value]) => value !== undefined));
+}

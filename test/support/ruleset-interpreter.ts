@@ -1,0 +1,231 @@
+import { isIPv4, isIPv6 } from 'node:net';
+import type { ChainDecl, Element, Expr, RuleDecl, Ruleset, SetDecl, Statement, Verdict } from '../../src/compile/nft.js';
+
+/**
+ * A test-only interpreter of the compiled model: what the kernel does with
+ * one packet on the output hook of `table inet egressd`. Written from nft's
+ * semantics, not from the compiler, so that it can disagree with `explain`:
+ * - `ip daddr` / `ip6 daddr` match only packets of that family (an inet
+ *   table adds the nfproto dependency): an ip6 packet to ::ffff:192.0.2.5
+ *   never meets an `ip daddr` set.
+ * - `meta oif "lo"` is about the interface, not the address.
+ * - a verdict-map lookup that finds nothing, like any failed match, ends the
+ *   rule and goes on with the next one; `socket cgroupv2 level N` is the
+ *   socket cgroup's ancestor N levels down (none if the cgroup is shallower).
+ * - jump returns, goto does not; the end of a regular chain returns; the end
+ *   of the base chain applies its policy.
+ * - counter, log and limit decide nothing (a limit over its rate would make
+ *   its rule fall through; the compiler keeps limits in rules that only log).
+ * Sets hold what the model holds: DNS sets are empty until the resolver runs.
+ */
+
+export interface Packet {
+  readonly oif: 'lo' | 'eth0';
+  readonly family: 4 | 6;
+  readonly daddr: string;
+  readonly l4proto: 'tcp' | 'udp' | 'icmp' | 'ipv6-icmp';
+  /** tcp and udp only. */
+  readonly dport?: number;
+  /** Undefined: the socket has no owner (nft's skuid/skgid match nothing). */
+  readonly skuid?: number;
+  readonly skgid?: number;
+  /** The socket's cgroup relative to the cgroup2 root, "" for the root. */
+  readonly cgroup: string;
+  readonly ct: 'new' | 'established';
+  /** ipv6-icmp only. */
+  readonly icmpv6Type?: string;
+  readonly hoplimit?: number;
+}
+
+export interface Outcome {
+  readonly verdict: 'accept' | 'drop';
+  /** The rule that gave the verdict, or undefined for the base chain's policy. */
+  readonly rule: RuleDecl | undefined;
+  readonly chain: string;
+  /** Chains entered, in order: for failure messages. */
+  readonly path: readonly string[];
+}
+
+export function evaluate(ruleset: Ruleset, packet: Packet): Outcome {
+  const chains = new Map(ruleset.chains.map((c) => [c.name, c]));
+  const sets = new Map(ruleset.sets.map((s) => [s.name, s]));
+  const base = ruleset.chains.find((c) => c.hook);
+  if (!base?.hook) throw new Error('interpreter: no base chain');
+  const path: string[] = [base.name];
+  // Return addresses: the chain and the index of the rule after the jump.
+  const stack: { chain: ChainDecl; next: number }[] = [];
+  let chain: ChainDecl = base;
+  let index = 0;
+  for (let steps = 0; steps < 10_000; steps++) {
+    if (index >= chain.rules.length) {
+      const back = stack.pop();
+      if (!back) return { verdict: base.hook.policy === 'accept' ? 'accept' : 'drop', rule: undefined, chain: base.name, path };
+      ({ chain, next: index } = back);
+      continue;
+    }
+    const rule = chain.rules[index]!;
+    const verdict = runRule(rule, packet, sets);
+    index++;
+    if (verdict === undefined) continue;
+    if ('accept' in verdict) return { verdict: 'accept', rule, chain: chain.name, path };
+    if ('drop' in verdict) return { verdict: 'drop', rule, chain: chain.name, path };
+    if ('return' in verdict) {
+      const back = stack.pop();
+      if (!back) return { verdict: base.hook.policy === 'accept' ? 'accept' : 'drop', rule: undefined, chain: base.name, path };
+      ({ chain, next: index } = back);
+      continue;
+    }
+    const target = 'jump' in verdict ? verdict.jump.target : verdict.goto.target;
+    const next = chains.get(target);
+    if (!next) throw new Error(`interpreter: no chain ${target}`);
+    if ('jump' in verdict) stack.push({ chain, next: index });
+    path.push(target);
+    chain = next;
+    index = 0;
+  }
+  throw new Error('interpreter: a loop among the chains');
+}
+
+/** A rule's verdict for the packet, or undefined when it does not decide (a match failed, or it has no verdict). */
+function runRule(rule: RuleDecl, packet: Packet, sets: ReadonlyMap<string, SetDecl>): Verdict | undefined {
+  for (const statement of rule.expr) {
+    const result = runStatement(statement, packet, sets);
+    if (result === 'break') return undefined;
+    if (result !== 'continue') return result;
+  }
+  return undefined;
+}
+
+function runStatement(s: Statement, packet: Packet, sets: ReadonlyMap<string, SetDecl>): Verdict | 'continue' | 'break' {
+  if ('match' in s) {
+    const { op, left, right } = s.match;
+    const value = load(left, packet);
+    if (value === undefined) return 'break';
+    const hit = op === 'in' ? flagsMatch(value, right) : contains(right, value, sets);
+    return (op === '!=' ? !hit : hit) ? 'continue' : 'break';
+  }
+  if ('vmap' in s) {
+    const value = load(s.vmap.key, packet);
+    if (value === undefined) return 'break';
+    const map = setNamed(s.vmap.data, sets);
+    const at = map.elements.findIndex((element) => elementMatches(element, value, map));
+    return at < 0 ? 'break' : map.verdicts![at]!;
+  }
+  if ('counter' in s || 'limit' in s || 'log' in s) return 'continue';
+  return s;
+}
+
+/** What the packet carries for an expression: undefined where nft finds nothing (and the rule breaks). */
+function load(expr: Expr, packet: Packet): Value | undefined {
+  if (typeof expr !== 'object' || Array.isArray(expr)) throw new Error(`interpreter: ${JSON.stringify(expr)} is not a key`);
+  if ('meta' in expr) {
+    switch (expr.meta.key) {
+      case 'oif':
+        return { kind: 'text', text: packet.oif };
+      case 'l4proto':
+        return { kind: 'text', text: packet.l4proto };
+      case 'skuid':
+        return packet.skuid === undefined ? undefined : { kind: 'number', value: packet.skuid };
+      case 'skgid':
+        return packet.skgid === undefined ? undefined : { kind: 'number', value: packet.skgid };
+      case 'nfproto':
+        return { kind: 'text', text: packet.family === 4 ? 'ipv4' : 'ipv6' };
+    }
+  }
+  if ('payload' in expr) {
+    const { protocol, field } = expr.payload;
+    if (protocol === 'ip' || protocol === 'ip6') {
+      if (packet.family !== (protocol === 'ip' ? 4 : 6)) return undefined;
+      if (field === 'hoplimit') return packet.hoplimit === undefined ? undefined : { kind: 'number', value: packet.hoplimit };
+      return { kind: 'address', family: packet.family, value: addressBits(packet.family, packet.daddr) };
+    }
+    if (protocol === 'icmpv6') return packet.l4proto === 'ipv6-icmp' && packet.icmpv6Type ? { kind: 'text', text: packet.icmpv6Type } : undefined;
+    if (protocol === 'tcp' && packet.l4proto !== 'tcp') return undefined;
+    // The compiler pairs `th dport` with an l4proto match of tcp or udp; a packet without ports has none.
+    return packet.dport === undefined ? undefined : { kind: 'number', value: packet.dport };
+  }
+  if ('socket' in expr) {
+    const segments = packet.cgroup.split('/').filter(Boolean);
+    if (segments.length < expr.socket.level) return undefined;
+    return { kind: 'text', text: segments.slice(0, expr.socket.level).join('/') };
+  }
+  if ('ct' in expr) return { kind: 'text', text: packet.ct };
+  if ('&' in expr) {
+    const inner = load(expr['&'][0], packet);
+    if (inner === undefined) return undefined;
+    if (inner.kind !== 'address') throw new Error('interpreter: & on something other than an address');
+    return { ...inner, value: inner.value & addressBits(inner.family, expr['&'][1]) };
+  }
+  throw new Error(`interpreter: cannot load ${JSON.stringify(expr)}`);
+}
+
+type Value = { kind: 'text'; text: string } | { kind: 'number'; value: number } | { kind: 'address'; family: 4 | 6; value: bigint };
+
+function flagsMatch(value: Value, right: Expr): boolean {
+  if (!Array.isArray(right) || value.kind !== 'text') throw new Error('interpreter: a flag test needs a list of flags');
+  return (right as readonly string[]).includes(value.text);
+}
+
+/** Does the right-hand side (a literal, an anonymous set or @set) hold the value? */
+function contains(right: Expr, value: Value, sets: ReadonlyMap<string, SetDecl>): boolean {
+  if (typeof right === 'string' && right.startsWith('@')) {
+    const set = setNamed(right, sets);
+    return set.elements.some((element) => elementMatches(element, value, set));
+  }
+  if (typeof right === 'object' && !Array.isArray(right) && 'set' in right) return right.set.some((element) => elementMatches(element, value, undefined));
+  return elementMatches(right as Element, value, undefined);
+}
+
+function setNamed(reference: string, sets: ReadonlyMap<string, SetDecl>): SetDecl {
+  const set = sets.get(reference.replace(/^@/, ''));
+  if (!set) throw new Error(`interpreter: no set ${reference}`);
+  return set;
+}
+
+function elementMatches(element: Element, value: Value, set: SetDecl | undefined): boolean {
+  if (set && typeof set.key === 'object' && value.kind !== 'text') return false;
+  switch (value.kind) {
+    case 'text':
+      return typeof element === 'string' && element === value.text;
+    case 'number':
+      if (typeof element === 'number') return element === value.value;
+      if (typeof element === 'object' && 'range' in element) return value.value >= element.range[0] && value.value <= element.range[1];
+      return false;
+    case 'address': {
+      if (set && set.key !== (value.family === 4 ? 'ipv4_addr' : 'ipv6_addr')) throw new Error(`interpreter: an IPv${value.family} address looked up in ${set.name} (${String(set.key)})`);
+      if (typeof element === 'string') return familyOf(element) === value.family && addressBits(value.family, element) === value.value;
+      if (typeof element === 'object' && 'prefix' in element) {
+        const { addr, len } = element.prefix;
+        if (familyOf(addr) !== value.family) return false;
+        const bits = value.family === 4 ? 32 : 128;
+        const mask = len === 0 ? 0n : ((1n << BigInt(len)) - 1n) << BigInt(bits - len);
+        return (value.value & mask) === addressBits(value.family, addr);
+      }
+      return false;
+    }
+  }
+}
+
+function familyOf(text: string): 4 | 6 | undefined {
+  return isIPv4(text) ? 4 : isIPv6(text) ? 6 : undefined;
+}
+
+/** An address (or netmask) as an integer of 32 or 128 bits; an IPv4 tail in IPv6 text is two groups. */
+export function addressBits(family: 4 | 6, text: string): bigint {
+  if (family === 4) {
+    if (!isIPv4(text)) throw new Error(`interpreter: ${text} is not an IPv4 address`);
+    return text.split('.').reduce((acc, octet) => (acc << 8n) | BigInt(octet), 0n);
+  }
+  if (!isIPv6(text)) throw new Error(`interpreter: ${text} is not an IPv6 address`);
+  let hex = text;
+  const v4 = /(\d+\.\d+\.\d+\.\d+)$/.exec(hex);
+  if (v4) {
+    const bits = addressBits(4, v4[1]!);
+    hex = `${hex.slice(0, v4.index)}${(bits >> 16n).toString(16)}:${(bits & 0xffffn).toString(16)}`;
+  }
+  const [head = '', tail] = hex.split('::');
+  const headGroups = head ? head.split(':') : [];
+  const tailGroups = tail ? tail.split(':') : [];
+  const groups = tail === undefined ? headGroups : [...headGroups, ...new Array<string>(8 - headGroups.length - tailGroups.length).fill('0'), ...tailGroups];
+  return groups.reduce((acc, group) => (acc << 16n) | BigInt(parseInt(group, 16)), 0n);
+}
