@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # netbase: /etc/protocols, where nft looks up protocol names such as ipv6-icmp.
-debian_packages=(nftables libnftables1 netbase iproute2 util-linux procps iputils-ping passwd tcpdump)
+# libnss-extrausers: an NSS module, for the test of users known only through NSS (test/system/nss.test.ts).
+debian_packages=(nftables libnftables1 netbase iproute2 util-linux procps iputils-ping passwd tcpdump libnss-extrausers)
 if [[ ${1:-} == --bench ]]; then
   # bench/packet-cost.ts: a load generator in C, a compiler for its server, perf for its profile.
   debian_packages+=(wrk gcc libc6-dev linux-perf)

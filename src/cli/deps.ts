@@ -1,5 +1,5 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import type { Facts } from '../compile/compile.js';
+import type { Facts, FactsNeeded } from '../compile/compile.js';
 import type { Nft } from '../nft/client.js';
 import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import { formatIssue, sortIssues, type PolicyIssue } from '../policy/issues.js';
@@ -11,7 +11,8 @@ export interface Deps {
   readonly out: (text: string) => void;
   /** Text for people: results, errors, warnings. */
   readonly err: (text: string) => void;
-  readonly facts: (maxCgroupDepth: number) => Facts;
+  /** The machine's facts: the ids of the user and group names given (through NSS), and cgroups that deep. */
+  readonly facts: (needed: FactsNeeded) => Facts;
   /** Opens the nftables binding (libnftables in-process, else the nft binary). */
   readonly nft: () => Promise<Nft>;
   /** Where the last good ruleset is kept. */

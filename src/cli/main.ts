@@ -8,7 +8,7 @@ import { main } from './egressctl.js';
 const systemDeps: Deps = {
   out: (text) => process.stdout.write(`${text}\n`),
   err: (text) => process.stderr.write(`${text}\n`),
-  facts: (depth) => gatherFacts(depth),
+  facts: (needed) => gatherFacts(needed),
   nft: () => openNft(),
   stateDir: process.env['EGRESSD_STATE_DIR'] ?? DEFAULT_STATE_DIR,
   audit: systemAudit,

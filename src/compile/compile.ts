@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import type { App, Identity, NameList, Network, Origin, Policy, PortRange, Rule } from '../policy/model.js';
-import type { PolicyIssue } from '../policy/issues.js';
+import { EgressError, ErrorCode } from '../errors.js';
+import { formatIssue, sortIssues, type PolicyIssue } from '../policy/issues.js';
 import {
   dispatch,
   match,
@@ -23,16 +24,28 @@ import { cgroupGlobMatcher } from './glob.js';
 
 export const TABLE = { family: 'inet', name: 'egressd' } as const;
 
+/** A user or group name as the caller found it through NSS: its id, or why the lookup failed. */
+export type IdLookup = number | { readonly error: string };
+
 /**
  * What the compiler needs to know about the machine, gathered by the caller
- * (I/O lives outside the compiler): user and group ids, and the cgroups that
- * exist now so their members are in the table from the first packet on.
+ * (I/O lives outside the compiler): the ids of the user and group names the
+ * policy mentions (`factsNeeded`), and the cgroups that exist now so their
+ * members are in the table from the first packet on.
  */
 export interface Facts {
-  readonly users: ReadonlyMap<string, number>;
-  readonly groups: ReadonlyMap<string, number>;
+  /** Each user name looked up through NSS; a name that is not here does not exist on this machine. */
+  readonly users: ReadonlyMap<string, IdLookup>;
+  readonly groups: ReadonlyMap<string, IdLookup>;
   /** Existing cgroup paths relative to the cgroup2 root, e.g. "system.slice/cups.service". */
   readonly cgroups: readonly string[];
+}
+
+/** What the caller looks up before compiling: NSS cannot list every user cheaply, so only the names the policy mentions. */
+export interface FactsNeeded {
+  readonly users: readonly string[];
+  readonly groups: readonly string[];
+  readonly cgroupDepth: number;
 }
 
 export interface CompileOptions {
@@ -64,13 +77,44 @@ export interface Compiled {
   readonly ruleset: Ruleset;
   readonly dnsBindings: readonly DnsBinding[];
   readonly cgroupBindings: readonly CgroupBinding[];
+  /**
+   * What makes this ruleset unfit to apply on this machine: a system domain
+   * member or Tor's user that does not exist (the table would let it out),
+   * or a name that could not be looked up. Whoever applies refuses a
+   * non-empty list (`refuseCompileErrors`); `check` and `compile` print it.
+   */
+  readonly errors: readonly PolicyIssue[];
   readonly warnings: readonly PolicyIssue[];
+}
+
+/** Throws EGD_POLICY_INVALID, every error as file:line:col, when the compiled ruleset must not be applied. */
+export function refuseCompileErrors(compiled: Compiled, dir: string): void {
+  if (compiled.errors.length === 0) return;
+  const details = sortIssues([...compiled.errors, ...compiled.warnings]).map((issue) => formatIssue(issue, dir));
+  const count = compiled.errors.length;
+  throw new EgressError(ErrorCode.PolicyInvalid, `${dir}: ${count} ${count === 1 ? 'error' : 'errors'} in the policy on this machine; nothing was changed`, { details });
 }
 
 /** The deepest cgroup level any selector needs: how far down the cgroup tree facts must look. */
 export function cgroupDepth(policy: Policy): number {
-  const identities = [...policy.identities.values(), ...policy.apps.flatMap((a) => a.identities), ...policy.systemDomains.flatMap((d) => d.members), ...policy.tor.updaters];
+  const identities = everyIdentity(policy);
   return Math.max(0, ...identities.flatMap((i) => i.selectors.map((s) => (s.kind === 'cgroup' ? s.level : 0))));
+}
+
+/** The user and group names to look up (numeric ids need none) and the cgroup depth, for `Facts`. */
+export function factsNeeded(policy: Policy): FactsNeeded {
+  const users = new Set<string>();
+  const groups = new Set<string>();
+  for (const selector of everyIdentity(policy).flatMap((i) => i.selectors)) {
+    if (selector.kind === 'user' && typeof selector.user === 'string') users.add(selector.user);
+    if (selector.kind === 'group' && typeof selector.group === 'string') groups.add(selector.group);
+  }
+  if (policy.tor.enabled && typeof policy.tor.user === 'string') users.add(policy.tor.user);
+  return { users: [...users].sort(), groups: [...groups].sort(), cgroupDepth: cgroupDepth(policy) };
+}
+
+function everyIdentity(policy: Policy): Identity[] {
+  return [...policy.identities.values(), ...policy.apps.flatMap((a) => a.identities), ...policy.systemDomains.flatMap((d) => d.members), ...policy.tor.updaters];
 }
 
 /** Prefix of every NFLOG message: "egd <rule id> ". The denials reader parses it back. */
@@ -101,6 +145,7 @@ class Compiler {
   private readonly chains: ChainDecl[] = [];
   private readonly dnsBindings: DnsBinding[] = [];
   private readonly cgroupBindings: CgroupBinding[] = [];
+  private readonly errors: PolicyIssue[] = [];
   private readonly warnings: PolicyIssue[] = [];
   private readonly log: Policy['defaults']['log'];
 
@@ -114,14 +159,17 @@ class Compiler {
 
   run(): Compiled {
     const { policy } = this;
-    const torUid = policy.tor.enabled ? this.uidOf(policy.tor.user, policy.tor.at, "Tor's user") : undefined;
+    // Tor's user may reach the network; a missing one is an error unless the policy says it may be missing.
+    const torAt = policy.tor.userAt ?? policy.tor.at;
+    const torUid = policy.tor.enabled && torAt ? this.idOf('user', policy.tor.user, torAt, `Tor's user ${JSON.stringify(policy.tor.user)}`, !policy.tor.userOptional) : undefined;
 
     // System domains: no network at all. Their dispatch comes right after loopback, so nothing below can open them up.
     const domains = this.newDispatch('sd');
     for (const domain of policy.systemDomains) {
       const chain = `sd_${domain.name}`;
       this.chains.push({ name: chain, rules: this.denyTail(`sd/${domain.name}`, domain.at, true) });
-      for (const member of domain.members) this.claim(domains, member, verdict.goto(chain), `system domain ${domain.name}`);
+      // A member that matches nothing is not kept offline: that is an error, not a warning.
+      for (const member of domain.members) this.claim(domains, member, verdict.goto(chain), `system domain ${domain.name}`, true);
     }
     const systemDomainRules = this.dispatchRules(domains, 'system domains');
 
@@ -163,7 +211,8 @@ class Compiler {
     for (const app of policy.apps) {
       const chain = `app_${app.name}`;
       this.chains.push({ name: chain, rules: this.appChain(app) });
-      for (const identity of app.identities) this.claim(apps, identity, verdict.goto(chain), `app ${app.name}`);
+      // An app's identity may be missing here (one policy for several machines): a warning naming it.
+      for (const identity of app.identities) this.claim(apps, identity, verdict.goto(chain), `app ${app.name}`, false);
     }
     output.push(...this.dispatchRules(apps, 'apps'));
 
@@ -177,7 +226,7 @@ class Compiler {
     const base: ChainDecl = { name: 'output', hook: { hook: 'output', prio: 0, policy: policy.defaults.egress === 'deny' ? 'drop' : 'accept' }, rules: output };
     const ruleset: Ruleset = { table: TABLE, sets: this.sets, chains: [base, ...this.chains].map(fingerprintRules) };
     assertUniqueNames(ruleset);
-    return { ruleset, dnsBindings: this.dnsBindings, cgroupBindings: this.cgroupBindings, warnings: this.warnings };
+    return { ruleset, dnsBindings: this.dnsBindings, cgroupBindings: this.cgroupBindings, errors: this.errors, warnings: this.warnings };
   }
 
   /**
@@ -201,7 +250,7 @@ class Compiler {
     chainRules.push(...this.denyTail('tor/updaters', tor.at, true));
     this.chains.push({ name: 'tor_updaters', rules: chainRules });
     const updaters = this.newDispatch('tor');
-    for (const identity of tor.updaters) this.claim(updaters, identity, verdict.goto('tor_updaters'), 'Tor updaters');
+    for (const identity of tor.updaters) this.claim(updaters, identity, verdict.goto('tor_updaters'), 'Tor updaters', false);
     return this.dispatchRules(updaters, 'updaters over Tor');
   }
 
@@ -340,8 +389,11 @@ class Compiler {
     return { prefix, cgroupLevels: new Map(), uids: { elements: [], verdicts: [], claimed: new Map() }, gids: { elements: [], verdicts: [], claimed: new Map() } };
   }
 
-  /** Adds an identity's selectors to a dispatch; the first owner of a key keeps it, and a clash is reported. */
-  private claim(d: Dispatch, identity: Identity, target: Verdict, owner: string): void {
+  /**
+   * Adds an identity's selectors to a dispatch; the first owner of a key keeps it, and a clash is reported.
+   * `mustExist`: a user or group that does not exist is an error (unless its selector is optional).
+   */
+  private claim(d: Dispatch, identity: Identity, target: Verdict, owner: string, mustExist: boolean): void {
     for (const selector of identity.selectors) {
       if (selector.kind === 'cgroup') {
         const level = d.cgroupLevels.get(selector.level) ?? { elements: [], verdicts: [], claimed: new Map<string, string>() };
@@ -368,7 +420,7 @@ class Compiler {
         continue;
       }
       const isUser = selector.kind === 'user';
-      const id = isUser ? this.uidOf(selector.user, identity.at, 'user') : this.gidOf(selector.group, identity.at);
+      const id = this.idOf(selector.kind, isUser ? selector.user : selector.group, identity.at, `${selector.kind} ${JSON.stringify(isUser ? selector.user : selector.group)} of ${owner}`, mustExist && selector.optional !== true);
       if (id === undefined) continue;
       const table = isUser ? d.uids : d.gids;
       const earlier = table.claimed.get(id);
@@ -404,18 +456,26 @@ class Compiler {
     return rules;
   }
 
-  private uidOf(user: string | number, at: Origin | undefined, what: string): number | undefined {
-    if (typeof user === 'number') return user;
-    const uid = this.facts.users.get(user);
-    if (uid === undefined && at) this.warn(at, `${what} "${user}" does not exist on this machine; its rules match nothing until it does`);
-    return uid;
+  /**
+   * A user's or group's id from the facts. A lookup that failed is an error
+   * wherever the name is used: nobody can tell whether the rule would match.
+   */
+  private idOf(kind: 'user' | 'group', name: string | number, at: Origin, what: string, mustExist: boolean): number | undefined {
+    if (typeof name === 'number') return name;
+    const found = (kind === 'user' ? this.facts.users : this.facts.groups).get(name);
+    if (typeof found === 'number') return found;
+    if (found !== undefined) {
+      this.error(at, `cannot look up ${kind} "${name}": ${found.error}`, 'whether it exists is unknown, so its rules cannot be built; fix the name service (nsswitch.conf) and try again');
+    } else if (mustExist) {
+      this.error(at, `${what} does not exist on this machine; it would match nothing and be let out`, `create it, correct the name, or write {${kind}: ${name}, optional: true} where it may be missing`);
+    } else {
+      this.warn(at, `${what} does not exist on this machine; its rules match nothing until it does`);
+    }
+    return undefined;
   }
 
-  private gidOf(group: string | number, at: Origin): number | undefined {
-    if (typeof group === 'number') return group;
-    const gid = this.facts.groups.get(group);
-    if (gid === undefined) this.warn(at, `group "${group}" does not exist on this machine; its rules match nothing until it does`);
-    return gid;
+  private error(at: Origin, message: string, hint: string): void {
+    if (!this.errors.some((e) => e.message === message)) this.errors.push({ severity: 'error', at, message, hint });
   }
 
   private warn(at: Origin, message: string): void {

@@ -2,6 +2,7 @@ import { isIP } from 'node:net';
 import { addressGroups, networkContains, parseNetwork } from '../policy/destination.js';
 import type { Identity, Origin, Policy, Protocol, Rule, Selector } from '../policy/model.js';
 import { identitiesOverlap, slicePath } from '../policy/resolve.js';
+import type { Facts } from './compile.js';
 import { cgroupGlobMatcher } from './glob.js';
 
 /**
@@ -35,10 +36,8 @@ export interface Explanation {
   readonly notes: readonly string[];
 }
 
-export interface ExplainFacts {
-  readonly users: ReadonlyMap<string, number>;
-  readonly groups: ReadonlyMap<string, number>;
-}
+/** The ids of the user and group names the policy and the question mention, as compile takes them. */
+export type ExplainFacts = Pick<Facts, 'users' | 'groups'>;
 
 /**
  * Walks the fixed precedence — loopback, system domain, lockdown, Tor, app,
@@ -277,8 +276,11 @@ function selectorMatches(selector: Selector, who: Who, facts: ExplainFacts): boo
   return false;
 }
 
-function sameId(a: string | number, b: string | number, ids: ReadonlyMap<string, number>): boolean {
-  const numeric = (value: string | number): number | string => (typeof value === 'number' ? value : (ids.get(value) ?? value));
+function sameId(a: string | number, b: string | number, ids: ExplainFacts['users']): boolean {
+  const numeric = (value: string | number): number | string => {
+    const id = typeof value === 'number' ? value : ids.get(value);
+    return typeof id === 'number' ? id : value;
+  };
   return numeric(a) === numeric(b);
 }
 

@@ -1,6 +1,6 @@
 import { mkdirSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { cgroupDepth, compile, TABLE, type Compiled, type Facts } from '../compile/compile.js';
+import { compile, factsNeeded, refuseCompileErrors, TABLE, type Compiled, type Facts, type FactsNeeded } from '../compile/compile.js';
 import { renderText, type Ruleset } from '../compile/nft.js';
 import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import type { Nft } from '../nft/client.js';
@@ -17,7 +17,8 @@ import { isApplyMarker, liveGeneration, nameList, namesAfterSwap, newApplyMarker
 /** What enforcement needs from the system, passed in. */
 export interface EnforcerDeps {
   readonly nft: Nft;
-  readonly facts: (maxCgroupDepth: number) => Facts;
+  /** The ids of the user and group names given (through NSS), and the cgroups that deep. */
+  readonly facts: (needed: FactsNeeded) => Facts;
   /** Where the last good ruleset is kept (/var/lib/egressd). */
   readonly stateDir: string;
   /** The system log: every change of enforcement is recorded there. */
@@ -128,8 +129,9 @@ async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { l
   const marker = `${newApplyMarker()}.${next}`;
 
   for (let attempt = 1; ; attempt++) {
-    const facts = deps.facts(cgroupDepth(policy));
+    const facts = deps.facts(factsNeeded(policy));
     const compiled = compile(policy, facts, { lockdown });
+    refuseCompileErrors(compiled, options.source);
     let generation = withGeneration(compiled.ruleset, next);
     const altered = live ? alteredSets(generation, live) : new Set<string>();
     if (altered.size > 0) generation = withGeneration(compiled.ruleset, next, altered);
@@ -156,7 +158,7 @@ async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { l
       // Retried only when the cgroup tree really changed under us; any other refusal is final
       // (and changed nothing, so the marker can be used again).
       const missing = isEgressError(error) && error.code === ErrorCode.NftApply && /No such file or directory/.test(error.message);
-      if (missing && attempt < CGROUP_RACE_RETRIES && deps.facts(cgroupDepth(policy)).cgroups.join('\n') !== facts.cgroups.join('\n')) continue;
+      if (missing && attempt < CGROUP_RACE_RETRIES && deps.facts(factsNeeded(policy)).cgroups.join('\n') !== facts.cgroups.join('\n')) continue;
       if (isEgressError(error) && error.code === ErrorCode.NftApply && /File exists/.test(error.message) && /create chain/.test(error.message)) {
         throw new EgressError(ErrorCode.NftApply, `something else wrote generation "${next}" of table ${TABLE.family} ${TABLE.name} at the same time, without egressd's lock (nft by hand, or an egressd that could not take the lock); this one changed nothing — run it again`, { cause: error });
       }
@@ -267,7 +269,8 @@ export function release(deps: EnforcerDeps): Promise<boolean> {
 export async function planPolicy(dir: string, deps: Pick<EnforcerDeps, 'nft' | 'facts'>): Promise<{ plan: Plan; compiled: Compiled; live: TableSummary | null }> {
   const { policy } = loadPolicyOrThrow(dir);
   const live = await liveSummary(deps.nft);
-  const compiled = compile(policy, deps.facts(cgroupDepth(policy)), { lockdown: live?.lockdown ?? false });
+  const compiled = compile(policy, deps.facts(factsNeeded(policy)), { lockdown: live?.lockdown ?? false });
+  refuseCompileErrors(compiled, dir);
   return { plan: planChanges(summarizeCompiled(compiled.ruleset), live), compiled, live };
 }
 

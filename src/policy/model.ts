@@ -28,8 +28,8 @@ export interface Network {
  */
 export type Selector =
   | { readonly kind: 'cgroup'; readonly glob: string; readonly level: number; readonly written: string }
-  | { readonly kind: 'user'; readonly user: string | number }
-  | { readonly kind: 'group'; readonly group: string | number };
+  | { readonly kind: 'user'; readonly user: string | number; readonly optional?: true }
+  | { readonly kind: 'group'; readonly group: string | number; readonly optional?: true };
 
 export interface Identity {
   readonly name: string;
@@ -110,6 +110,10 @@ export interface TorSettings {
   readonly enabled: boolean;
   readonly socks: { readonly family: 4 | 6; readonly address: string; readonly port: number };
   readonly user: string | number;
+  /** The policy said Tor's user may be missing on this machine (`{user: NAME, optional: true}`). */
+  readonly userOptional: boolean;
+  /** Where Tor's user was written; undefined for the default. */
+  readonly userAt: Origin | undefined;
   readonly updaters: readonly Identity[];
   readonly at: Origin | undefined;
 }

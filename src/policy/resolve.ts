@@ -412,10 +412,13 @@ class Resolver {
       ? tor.updaters.value.map((ref, i) => this.identity(ref, `tor-updater#${i + 1}`, { ...tor.updaters!, path: [...tor.updaters!.path, i] }))
       : [];
     const first = tor.enabled ?? tor.socks ?? tor.user ?? tor.updaters;
+    const user = tor.user?.value ?? 'debian-tor';
     return {
       enabled: tor.enabled?.value ?? false,
       socks,
-      user: tor.user?.value ?? 'debian-tor',
+      user: typeof user === 'object' ? user.user : user,
+      userOptional: typeof user === 'object' && user.optional === true,
+      userAt: tor.user ? tor.user.source.locate(tor.user.path) : undefined,
       updaters,
       at: first ? first.source.locate(first.path) : undefined,
     };
@@ -474,8 +477,9 @@ function toSelector(input: SelectorInput): Selector {
   if (input.flatpak !== undefined) {
     return cgroup(`user.slice/user-*.slice/user@*.service/app.slice/app-flatpak-${input.flatpak}-#.scope`, `flatpak ${input.flatpak}`);
   }
-  if (input.user !== undefined) return { kind: 'user', user: input.user };
-  return { kind: 'group', group: input.group! };
+  const optional = input.optional === true ? { optional: true as const } : {};
+  if (input.user !== undefined) return { kind: 'user', user: input.user, ...optional };
+  return { kind: 'group', group: input.group!, ...optional };
 }
 
 function toPortRange(port: number | string): PortRange {

@@ -76,13 +76,17 @@ const selectorObject = z.strictObject({
     .regex(/^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*){2,}$/, 'a Flatpak app id has at least three dot-separated parts, e.g. org.mozilla.firefox')
     .optional()
     .describe('A Flatpak application id, e.g. "org.mozilla.firefox".'),
-  user: userOrGroup.optional().describe('A user name or uid: every socket this user opens.'),
-  group: userOrGroup.optional().describe('A group name or gid: sockets whose primary group is this one.'),
+  user: userOrGroup.optional().describe('A user name or uid: every socket this user opens. Names are looked up through NSS (passwd: in nsswitch.conf) when the policy is compiled.'),
+  group: userOrGroup.optional().describe('A group name or gid: sockets whose primary group is this one. Names are looked up through NSS (group: in nsswitch.conf) when the policy is compiled.'),
+  optional: z
+    .boolean()
+    .optional()
+    .describe('With user or group: the name may be missing on this machine. Without it, a system domain member whose user or group does not exist is an error, since it would match nothing.'),
 });
 
 /** One selector names exactly one way of recognising a process. */
 const selector = selectorObject.superRefine((value, ctx) => {
-  const keys = Object.keys(value).filter((key) => value[key as keyof typeof value] !== undefined);
+  const keys = Object.keys(value).filter((key) => key !== 'optional' && value[key as keyof typeof value] !== undefined);
   const main = keys.filter((key) => key !== 'slice');
   if (value.slice === '-.slice' && value.unit === undefined) {
     ctx.addIssue({ code: 'custom', message: 'the root slice "-.slice" holds every process', params: { hint: 'name a slice below it, a unit, a user or a group' } });
@@ -94,6 +98,9 @@ const selector = selectorObject.superRefine((value, ctx) => {
       message: `a selector has one kind, not ${keys.join(' and ')}`,
       params: { hint: 'write a list of selectors instead; a process matching any of them belongs to the identity' },
     });
+  } else if (value.optional !== undefined && value.user === undefined && value.group === undefined) {
+    // A unit or cgroup that does not exist yet is matched when it appears; only a name can be missing for good.
+    ctx.addIssue({ code: 'custom', message: '"optional" applies to a user or group selector', params: { hint: 'a unit, slice, cgroup or Flatpak app that does not exist yet is matched when it appears' } });
   }
 });
 
@@ -186,7 +193,10 @@ export const policyFileSchema = z
       .strictObject({
         enabled: z.boolean().optional(),
         socks: socksAddress.optional().describe('Tor SOCKS address (default 127.0.0.1:9050).'),
-        user: userOrGroup.optional().describe("Tor's own user, which may reach the network (default debian-tor)."),
+        user: z
+          .union([userOrGroup, z.strictObject({ user: userOrGroup, optional: z.boolean().optional() })])
+          .optional()
+          .describe("Tor's own user, which may reach the network (default debian-tor); looked up through NSS. While `enabled`, a user that does not exist is an error unless written {user: NAME, optional: true}."),
         updaters: z.array(identityRef).optional().describe('Identities that may reach only the SOCKS port when enabled.'),
       })
       .optional()

@@ -1,20 +1,10 @@
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
-import type { Facts } from '../compile/compile.js';
+import type { Facts, FactsNeeded, IdLookup } from '../compile/compile.js';
+import { nssLookup, type NameLookup } from './nss.js';
 
 /** The cgroup2 root nft resolves `socket cgroupv2` paths against. */
 export const CGROUP2_ROOT = '/sys/fs/cgroup';
-
-/** Reads "name:x:id:..." databases (/etc/passwd, /etc/group) into name → id. */
-export function parseIdDatabase(text: string): Map<string, number> {
-  const ids = new Map<string, number>();
-  for (const line of text.split('\n')) {
-    if (line.startsWith('#') || line.trim() === '') continue;
-    const [name, , id] = line.split(':');
-    if (name && id !== undefined && /^\d+$/.test(id) && !ids.has(name)) ids.set(name, Number(id));
-  }
-  return ids;
-}
 
 /**
  * Lists cgroup paths (relative to the cgroup2 root) down to `maxDepth`. Only
@@ -42,18 +32,25 @@ export function listCgroups(root: string, maxDepth: number): string[] {
   return found.sort();
 }
 
-/** Gathers the machine facts the compiler needs; the only I/O on the compile path. */
-export function gatherFacts(maxCgroupDepth: number, root = CGROUP2_ROOT): Facts {
-  const read = (path: string): string => {
-    try {
-      return readFileSync(path, 'utf8');
-    } catch {
-      return '';
+/**
+ * Gathers the machine facts the compiler needs; the only I/O on the compile
+ * path. Users and groups are looked up through NSS, only the names `needed`.
+ */
+export function gatherFacts(needed: FactsNeeded, lookup?: NameLookup, root = CGROUP2_ROOT): Facts {
+  // Bound on first use: a policy without user or group names loads no FFI.
+  let look = lookup;
+  const resolve = (kind: 'user' | 'group', names: readonly string[]): Map<string, IdLookup> => {
+    const ids = new Map<string, IdLookup>();
+    for (const name of names) {
+      look ??= nssLookup();
+      const found = look(kind, name);
+      if (found !== undefined) ids.set(name, found);
     }
+    return ids;
   };
   return {
-    users: parseIdDatabase(read('/etc/passwd')),
-    groups: parseIdDatabase(read('/etc/group')),
-    cgroups: listCgroups(root, maxCgroupDepth),
+    users: resolve('user', needed.users),
+    groups: resolve('group', needed.groups),
+    cgroups: listCgroups(root, needed.cgroupDepth),
   };
 }

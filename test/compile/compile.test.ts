@@ -266,11 +266,12 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     expect(compiled.ruleset.sets.find((s) => s.name === 'app_cg_l5')!.elements).toEqual([cgroups[0]]);
   });
 
-  it('an unknown user is a warning and matches nothing; an unknown Tor user means Tor gets no exception', () => {
-    const compiled = compileYaml('apps: {a: {identity: {user: nobody-here}}}\ntor: {enabled: true, user: no-tor-user}\n');
+  it("an unknown user of an app is a warning naming the app and matches nothing; an unknown Tor user marked optional means Tor gets no exception", () => {
+    const compiled = compileYaml('apps: {a: {identity: {user: nobody-here}}}\ntor: {enabled: true, user: {user: no-tor-user, optional: true}}\n');
+    expect(compiled.errors).toEqual([]);
     expect(compiled.warnings.map((w) => w.message)).toEqual([
       `Tor's user "no-tor-user" does not exist on this machine; its rules match nothing until it does`,
-      'user "nobody-here" does not exist on this machine; its rules match nothing until it does',
+      'user "nobody-here" of app a does not exist on this machine; its rules match nothing until it does',
     ]);
     expect(compiled.ruleset.sets.find((s) => s.name === 'app_uid')).toBeUndefined();
     expect(renderText(compiled.ruleset)).not.toMatch(/skuid \d+ counter accept/);

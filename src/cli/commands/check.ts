@@ -1,6 +1,6 @@
 import { formatIssue, sortIssues } from '../../policy/issues.js';
 import { loadPolicyDir } from '../../policy/load.js';
-import { cgroupDepth, compile } from '../../compile/compile.js';
+import { compile, factsNeeded } from '../../compile/compile.js';
 import { DEFAULT_POLICY_DIR, Exit, parseFlags, printIssues, type Command, type Deps } from '../deps.js';
 
 export interface CheckOptions {
@@ -16,6 +16,9 @@ export const check: Command<CheckOptions> = {
 Validates every *.yaml file in DIR (default ${DEFAULT_POLICY_DIR}) and the list
 files they name, then compiles the result, without touching the system.
 Every problem is printed as FILE:LINE:COL: message (hint), all at once.
+User and group names are looked up through NSS: a system domain member or
+Tor's user (while updates over Tor are on) that does not exist on this
+machine is an error unless its policy says optional: true.
 
   --json   print {"ok", "errors", "warnings", "summary"} on stdout
 
@@ -40,8 +43,16 @@ Use it in CI to check policies before they are distributed.`,
       return Exit.BadInput;
     }
     const { policy } = result;
-    const compiled = compile(policy, deps.facts(cgroupDepth(policy)));
+    const compiled = compile(policy, deps.facts(factsNeeded(policy)));
     const warnings = [...result.warnings, ...compiled.warnings];
+    if (compiled.errors.length > 0) {
+      if (options.json) deps.out(JSON.stringify({ ok: false, errors: toJson(compiled.errors), warnings: toJson(warnings) }, null, 2));
+      else {
+        printIssues(deps, options.dir, [...compiled.errors, ...warnings]);
+        deps.err(`${options.dir}: ${compiled.errors.length} ${compiled.errors.length === 1 ? 'error' : 'errors'} on this machine`);
+      }
+      return Exit.BadInput;
+    }
     const summary = {
       files: policy.files.length,
       apps: policy.apps.length,

@@ -1,4 +1,4 @@
-import { cgroupDepth, compile as compilePolicy } from '../../compile/compile.js';
+import { compile as compilePolicy, factsNeeded } from '../../compile/compile.js';
 import { renderJson, renderText } from '../../compile/nft.js';
 import { EgressError, ErrorCode } from '../../errors.js';
 import { DEFAULT_POLICY_DIR, Exit, loadForCommand, parseFlags, printIssues, type Command } from '../deps.js';
@@ -24,7 +24,9 @@ table egressd applies, "table inet egressd", and prints it. Nothing is applied.
 Every rule's comment names the policy file and line that made it and a stable
 rule id; denials are logged with that id. The output depends on this
 machine's users, groups and cgroups (for identities given by name), and on
-nothing else: the same input always prints the same bytes.
+nothing else: the same input always prints the same bytes. Users and groups
+are looked up through NSS; a system domain member or Tor's user that does
+not exist is an error (unless marked optional) and no table is printed.
 
 Note: nftables 1.0.6 cannot read "socket cgroupv2" in JSON, so tables with
 cgroup-based identities are applied as text; the JSON form is for tools.
@@ -40,8 +42,13 @@ Exit status: 0 printed, 2 invalid policy or usage.`,
   run(options, deps) {
     const loaded = loadForCommand(options.dir, deps);
     if (!loaded) return Exit.BadInput;
-    const compiled = compilePolicy(loaded.policy, deps.facts(cgroupDepth(loaded.policy)), { lockdown: options.lockdown });
-    printIssues(deps, options.dir, compiled.warnings);
+    const compiled = compilePolicy(loaded.policy, deps.facts(factsNeeded(loaded.policy)), { lockdown: options.lockdown });
+    printIssues(deps, options.dir, [...compiled.errors, ...compiled.warnings]);
+    if (compiled.errors.length > 0) {
+      // Not printed: a table that would let a system domain out must not be one pipe away from `nft -f`.
+      deps.err(`${options.dir}: ${compiled.errors.length} ${compiled.errors.length === 1 ? 'error' : 'errors'} on this machine; no table printed`);
+      return Exit.BadInput;
+    }
     deps.out(options.format === 'json' ? JSON.stringify(renderJson(compiled.ruleset), null, 2) : renderText(compiled.ruleset).trimEnd());
     return Exit.Ok;
   },

@@ -1,3 +1,4 @@
+import { factsNeeded } from '../../compile/compile.js';
 import { explain as explainPolicy, unitCgroup, type Who } from '../../compile/explain.js';
 import { EgressError, ErrorCode } from '../../errors.js';
 import type { Protocol } from '../../policy/model.js';
@@ -61,7 +62,15 @@ Exit status: 0 allowed, 1 denied, 2 bad input.`,
   run(options, deps) {
     const loaded = loadForCommand(options.dir, deps, true);
     if (!loaded) return Exit.BadInput;
-    const facts = deps.facts(0);
+    // The names the policy mentions and the one asked about; numeric ids need no lookup.
+    const needed = factsNeeded(loaded.policy);
+    const { who } = options;
+    const users = who.kind === 'user' && typeof who.user === 'string' ? [...needed.users, who.user] : needed.users;
+    const groups = who.kind === 'group' && typeof who.group === 'string' ? [...needed.groups, who.group] : needed.groups;
+    const facts = deps.facts({ users, groups, cgroupDepth: 0 });
+    for (const [kind, ids] of [['user', facts.users], ['group', facts.groups]] as const) {
+      for (const [name, id] of ids) if (typeof id !== 'number') throw new EgressError(ErrorCode.Io, `egressctl explain: cannot look up ${kind} "${name}": ${id.error}`);
+    }
     const query = { who: options.who, host: options.host, ...(options.port !== undefined ? { port: options.port } : {}), ...(options.proto ? { proto: options.proto } : {}) };
     const answer = explainPolicy(loaded.policy, query, facts, { lockdown: options.lockdown });
     if ('error' in answer) {
