@@ -83,7 +83,7 @@ export function packetFor(c: Connection): Packet {
     if (name === undefined) return NOBODY;
     if (typeof name === 'number') return name;
     const known = (kind === 'user' ? GEN_FACTS.users : GEN_FACTS.groups).get(name);
-    if (known === undefined) throw new Error(`no ${kind} ${name} in the facts`);
+    if (typeof known !== 'number') throw new Error(`no ${kind} ${name} in the facts`);
     return known;
   };
   const icmp = c.proto === 'icmp';
