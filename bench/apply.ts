@@ -24,7 +24,7 @@ import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { compile } from '../src/compile/compile.js';
-import { renderText } from '../src/compile/nft.js';
+import { renderText } from '../src/compile/ruleset.js';
 import { applyLoadedPolicy, type EnforcerDeps } from '../src/enforce/enforcer.js';
 import { lockPathFor } from '../src/enforce/lock.js';
 import type { Nft } from '../src/nft/client.js';

@@ -18,7 +18,7 @@ import {
   type SetKey,
   type Statement,
   type Verdict,
-} from './nft.js';
+} from './ruleset.js';
 import { cgroupGlobMatcher } from './glob.js';
 
 export const TABLE = { family: 'inet', name: 'egressd' } as const;

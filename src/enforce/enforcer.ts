@@ -1,7 +1,7 @@
 import { mkdirSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { cgroupDepth, compile, TABLE, type Compiled, type Facts } from '../compile/compile.js';
-import { renderText, type Ruleset } from '../compile/nft.js';
+import { renderText, type Ruleset } from '../compile/ruleset.js';
 import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import type { Nft } from '../nft/client.js';
 import { loadPolicyOrThrow } from '../policy/load.js';

@@ -1,6 +1,6 @@
 import { createHash } from 'node:crypto';
 import { POLICY_MARK } from '../compile/compile.js';
-import type { Element, Ruleset, SetDecl } from '../compile/nft.js';
+import type { Element, Ruleset, SetDecl } from '../compile/ruleset.js';
 import type { NftElemJson, NftJson, NftTableListing } from '../nft/types.js';
 import { baseName, isApplyMarker, reachable } from './swap.js';
 

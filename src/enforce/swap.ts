@@ -30,7 +30,7 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { TABLE } from '../compile/compile.js';
-import { renderText, type ChainDecl, type Element, type Ruleset, type SetDecl, type Statement, type Verdict } from '../compile/nft.js';
+import { renderText, type ChainDecl, type Element, type Ruleset, type SetDecl, type Statement, type Verdict } from '../compile/ruleset.js';
 import type { NftTableListing, NftTableNames } from '../nft/types.js';
 
 export type Generation = 'a' | 'b';

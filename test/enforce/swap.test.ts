@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { renderText } from '../../src/compile/nft.js';
+import { renderText } from '../../src/compile/ruleset.js';
 import { baseName, swapTexts, withGeneration } from '../../src/enforce/swap.js';
 import { compileYaml } from '../support/compile-text.js';
 
