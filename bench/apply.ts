@@ -88,7 +88,7 @@ async function inner(root: string): Promise<void> {
     rows[row]![1].push(performance.now() - t);
   };
   for (let i = 0; i < runs; i++) {
-    await lib.deleteTable('inet', 'egressd');
+    await lib.deleteTable();
     rmSync(inProcess.stateDir, { recursive: true, force: true });
     await timed(1, () => apply(inProcess, 'a', 'none'));
     await timed(0, () => execFileSync('nft', ['-f', textFile]));
@@ -106,7 +106,7 @@ async function inner(root: string): Promise<void> {
   console.log('| scenario | median ms | × nft -f |');
   console.log('|---|---|---|');
   for (const [name, samples] of rows) console.log(`| ${name} | ${median(samples).toFixed(0)} | ${(median(samples) / raw).toFixed(2)} |`);
-  await lib.deleteTable('inet', 'egressd');
+  await lib.deleteTable();
 }
 
 if (values.inner) {

@@ -3,6 +3,7 @@ import type { App, Identity, NameList, Network, Origin, Policy, PortRange, Rule 
 import type { PolicyIssue } from '../policy/issues.js';
 import {
   dispatch,
+  EGRESSD_TABLE,
   match,
   rule,
   safeComment,
@@ -21,7 +22,7 @@ import {
 } from './ruleset.js';
 import { cgroupGlobMatcher } from './glob.js';
 
-export const TABLE = { family: 'inet', name: 'egressd' } as const;
+export const TABLE = EGRESSD_TABLE;
 
 /**
  * What the compiler needs to know about the machine, gathered by the caller
