@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import { POLICY_MARK } from '../compile/compile.js';
 import type { Element, Ruleset, SetDecl, Verdict } from '../compile/ruleset.js';
-import { elementsOf } from '../nft/commands.js';
+import { elementsOf } from '../nft/listing.js';
 import type { NftJson, NftTableListing } from '../nft/types.js';
 import { baseName, isApplyMarker, reachable } from './swap.js';
 

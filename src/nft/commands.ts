@@ -1,10 +1,10 @@
 /**
  * What the binding builds besides the model's commands: the JSON reads it
- * sends (`list …`), the batch document around them, element inputs turned
- * into the model's entries, and listed elements flattened back.
+ * sends (`list …`), the batch document around them, and element inputs
+ * turned into the model's entries.
  */
-import type { Element, ElementEntry, Verdict } from '../compile/ruleset.js';
-import type { NftElementInfo, NftElemJson, NftFamily, NftListCommand, NftListedElem } from './types.js';
+import type { Element, ElementEntry } from '../compile/ruleset.js';
+import type { NftFamily, NftListCommand } from './types.js';
 
 /** The first object of every JSON batch egressd sends. */
 export const METAINFO = { metainfo: { json_schema_version: 1 } } as const;
@@ -40,28 +40,4 @@ export const list = {
 /** The JSON document for a batch: metainfo first, then the commands. */
 export function batchDocument(commands: readonly object[]): string {
   return JSON.stringify({ nftables: [METAINFO, ...commands] });
-}
-
-/** Flattens the `elem` list of a listed set or map into key/data/timeout/expires. */
-export function elementsOf(set: { readonly elem?: readonly NftElemJson[] }): NftElementInfo[] {
-  return (set.elem ?? []).map((item): NftElementInfo => {
-    if (Array.isArray(item)) {
-      const [key, data] = item as readonly [NftListedElem, Verdict];
-      return { ...unwrap(key), data };
-    }
-    return unwrap(item as NftListedElem);
-  });
-}
-
-function unwrap(item: NftListedElem): NftElementInfo {
-  if (typeof item === 'object' && 'elem' in item) {
-    const e = item.elem;
-    return {
-      key: e.val,
-      ...(e.timeout === undefined ? {} : { timeout: e.timeout }),
-      ...(e.expires === undefined ? {} : { expires: e.expires }),
-      ...(e.comment === undefined ? {} : { comment: e.comment }),
-    };
-  }
-  return { key: item };
 }

@@ -4,9 +4,11 @@
  * parsed statements by their shape (`{"jump": {"target": …}}`, `"@name"`),
  * wherever nft nests them (a match's right side, a vmap's data, an inline
  * anonymous map), so a reference is never missed for a layout egressd does
- * not write itself (a rule added by hand).
+ * not write itself (a rule added by hand); and a set's listed elements,
+ * flattened into key, verdict and options.
  */
-import type { NftJson, NftRuleInfo, NftSetInfo } from './types.js';
+import type { Verdict } from '../compile/ruleset.js';
+import type { NftElementInfo, NftElemJson, NftJson, NftListedElem, NftRuleInfo, NftSetInfo } from './types.js';
 
 /** What statements or elements refer to: chains by jump/goto, sets and maps by `@name`. */
 export interface References {
@@ -47,4 +49,28 @@ export function elementReferences(set: Pick<NftSetInfo, 'elem'>): References {
   const found: References = { chains: [], sets: [] };
   walk(set.elem as readonly NftJson[] | undefined, found);
   return found;
+}
+
+/** Flattens the `elem` list of a listed set or map into key/data/timeout/expires. */
+export function elementsOf(set: { readonly elem?: readonly NftElemJson[] }): NftElementInfo[] {
+  return (set.elem ?? []).map((item): NftElementInfo => {
+    if (Array.isArray(item)) {
+      const [key, data] = item as readonly [NftListedElem, Verdict];
+      return { ...unwrap(key), data };
+    }
+    return unwrap(item as NftListedElem);
+  });
+}
+
+function unwrap(item: NftListedElem): NftElementInfo {
+  if (typeof item === 'object' && 'elem' in item) {
+    const e = item.elem;
+    return {
+      key: e.val,
+      ...(e.timeout === undefined ? {} : { timeout: e.timeout }),
+      ...(e.expires === undefined ? {} : { expires: e.expires }),
+      ...(e.comment === undefined ? {} : { comment: e.comment }),
+    };
+  }
+  return { key: item };
 }

@@ -6,7 +6,8 @@ import { describe, expect, it } from 'vitest';
 import { command, commandJson, describeCommand, EGRESSD_TABLE, renderCommandsText, verdict, type Ruleset } from '../../src/compile/ruleset.js';
 import { EgressError, ErrorCode, NftRefusedError } from '../../src/errors.js';
 import { classifyRefusal, Nft } from '../../src/nft/client.js';
-import { batchDocument, elementsOf, list, toEntries } from '../../src/nft/commands.js';
+import { batchDocument, list, toEntries } from '../../src/nft/commands.js';
+import { elementsOf } from '../../src/nft/listing.js';
 import { guardTransaction } from '../../src/nft/guard.js';
 import { createLibnftablesBackend, NftOutputFlag, type LibnftablesApi, type NftCtx } from '../../src/nft/libnftables.js';
 
