@@ -38,8 +38,7 @@ export type Element =
   | string
   | number
   | { readonly prefix: { readonly addr: string; readonly len: number } }
-  /** Ports compile to number ranges; nft lists address intervals that are no prefix as string ranges. */
-  | { readonly range: readonly [number | string, number | string] };
+  | { readonly range: readonly [number, number] };
 
 export interface SetDecl {
   readonly name: string;
@@ -312,7 +311,7 @@ function elementText(element: Element, symbolic = false): string {
   if (typeof element === 'string') return symbolic || /^[0-9a-fA-F:.]+$/.test(element) ? element : quote(element);
   if (typeof element === 'number') return String(element);
   if ('prefix' in element) return `${element.prefix.addr}/${element.prefix.len}`;
-  return `${elementText(element.range[0])}-${elementText(element.range[1])}`;
+  return `${element.range[0]}-${element.range[1]}`;
 }
 
 function exprText(expr: Expr): string {

@@ -1,8 +1,8 @@
 import { createHash } from 'node:crypto';
 import { POLICY_MARK } from '../compile/compile.js';
-import type { Element, Ruleset, SetDecl, Verdict } from '../compile/ruleset.js';
+import type { Ruleset, SetDecl, Verdict } from '../compile/ruleset.js';
 import { elementsOf } from '../nft/listing.js';
-import type { NftJson, NftTableListing } from '../nft/types.js';
+import type { NftJson, NftListedKey, NftTableListing } from '../nft/types.js';
 import { baseName, isApplyMarker, reachable } from './swap.js';
 
 /**
@@ -62,7 +62,7 @@ function contentsDigest(elements: string[]): string {
   return createHash('sha256').update(elements.sort().join('\n')).digest('hex');
 }
 
-function elementString(element: Element): string {
+function elementString(element: NftListedKey): string {
   if (typeof element === 'string' || typeof element === 'number') return String(element);
   if ('prefix' in element) return `${element.prefix.addr}/${element.prefix.len}`;
   return `${elementString(element.range[0])}-${elementString(element.range[1])}`;
@@ -76,7 +76,7 @@ function verdictString(verdict: Verdict): string {
 }
 
 /** One element as summaries digest it: `key`, or `key : verdict` in a map. */
-function entryString(key: Element, data: Verdict | undefined): string {
+function entryString(key: NftListedKey, data: Verdict | undefined): string {
   return data === undefined ? elementString(key) : `${elementString(key)} : ${verdictString(data)}`;
 }
 

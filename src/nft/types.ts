@@ -22,10 +22,12 @@ export type NftFamily = 'ip' | 'ip6' | 'inet' | 'arp' | 'bridge' | 'netdev';
 // commands — is the model's (src/compile/ruleset.ts); listings hold the same
 // elements and verdicts, wrapped with what nft adds.
 
+/** A listed key: what egressd writes, or an address interval that is no prefix, which nft lists as a range of strings. */
+export type NftListedKey = Element | { readonly range: readonly [string, string] };
 /** A listed set element: the key, or the key wrapped with its options (`expires` only in listings). */
 export type NftListedElem =
-  | Element
-  | { readonly elem: { readonly val: Element; readonly timeout?: number; readonly expires?: number; readonly comment?: string } };
+  | NftListedKey
+  | { readonly elem: { readonly val: NftListedKey; readonly timeout?: number; readonly expires?: number; readonly comment?: string } };
 /** A listed map element: `[key, verdict]`. */
 export type NftListedMapElem = readonly [NftListedElem, Verdict];
 export type NftElemJson = NftListedElem | NftListedMapElem;
@@ -126,7 +128,7 @@ export interface NftTableNames {
 
 /** One element of a listed set or map, flattened. */
 export interface NftElementInfo {
-  readonly key: Element;
+  readonly key: NftListedKey;
   /** Map data; absent for set elements. */
   readonly data?: Verdict;
   /** Seconds, as listed. */
