@@ -24,7 +24,7 @@ import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { compile } from '../src/compile/compile.js';
-import { renderText } from '../src/compile/nft.js';
+import { renderText } from '../src/compile/ruleset.js';
 import { applyLoadedPolicy, type EnforcerDeps } from '../src/enforce/enforcer.js';
 import { lockPathFor } from '../src/enforce/lock.js';
 import type { Nft } from '../src/nft/client.js';
@@ -88,7 +88,7 @@ async function inner(root: string): Promise<void> {
     rows[row]![1].push(performance.now() - t);
   };
   for (let i = 0; i < runs; i++) {
-    await lib.deleteTable('inet', 'egressd');
+    await lib.deleteTable();
     rmSync(inProcess.stateDir, { recursive: true, force: true });
     await timed(1, () => apply(inProcess, 'a', 'none'));
     await timed(0, () => execFileSync('nft', ['-f', textFile]));
@@ -106,7 +106,7 @@ async function inner(root: string): Promise<void> {
   console.log('| scenario | median ms | × nft -f |');
   console.log('|---|---|---|');
   for (const [name, samples] of rows) console.log(`| ${name} | ${median(samples).toFixed(0)} | ${(median(samples) / raw).toFixed(2)} |`);
-  await lib.deleteTable('inet', 'egressd');
+  await lib.deleteTable();
 }
 
 if (values.inner) {

@@ -13,7 +13,7 @@ import { performance } from 'node:perf_hooks';
 import { parseArgs } from 'node:util';
 import { compile, type Facts } from '../src/compile/compile.js';
 import { buildNameIndex } from '../src/compile/names.js';
-import { renderJson, renderText } from '../src/compile/nft.js';
+import { renderJson, renderText } from '../src/compile/ruleset.js';
 import { loadPolicyOrThrow } from '../src/policy/load.js';
 import { median } from './lib/stats.js';
 

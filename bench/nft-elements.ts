@@ -13,7 +13,8 @@ import { randomBytes } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { performance } from 'node:perf_hooks';
-import { batchDocument, cmd, elem } from '../src/nft/commands.js';
+import { command, commandJson, type Ruleset, type TableRef } from '../src/compile/ruleset.js';
+import { batchDocument, list } from '../src/nft/commands.js';
 import { loadLibnftables, NftOutputFlag } from '../src/nft/libnftables.js';
 import { openNft } from '../src/nft/open.js';
 import type { Nft } from '../src/nft/client.js';
@@ -58,10 +59,16 @@ function table(rows: readonly Row[]): string {
   return [line(head), widths.map((w) => '-'.repeat(w)).join('  '), ...body.map(line)].join('\n');
 }
 
+const BENCH: TableRef = { family: 'inet', name: 'bench' };
+const OTHER: TableRef = { family: 'inet', name: 'other' };
+
+/** The client's table replaced by `ruleset` in one transaction. */
+const replace = (nft: Nft, ruleset: Ruleset) => nft.run({ commands: [command.addTable(ruleset.table), command.deleteTable(ruleset.table), command.block(ruleset)] });
+
 const addr = (prefix: string, i: number) => `2001:db8:${prefix}::${(i >> 16).toString(16)}:${(i & 0xffff).toString(16)}`;
 
 async function timeAdds(nft: Nft, count: number, prefix: string): Promise<number[]> {
-  const ref = { family: 'inet', table: 'bench', name: 'big6' } as const;
+  const ref = { table: BENCH, name: 'big6' };
   const samples: number[] = [];
   for (let i = 0; i < count; i++) {
     const start = performance.now();
@@ -75,15 +82,15 @@ async function inner(): Promise<void> {
   const adds = Number(values.adds);
   const spawnAdds = Number(values['spawn-adds']);
   const slowAdds = Number(values['slow-adds']);
-  const lib = await openNft({ prefer: 'libnftables', strict: true });
-  const bin = await openNft({ prefer: 'binary', strict: true });
+  const lib = await openNft({ prefer: 'libnftables', strict: true, table: BENCH });
+  const bin = await openNft({ prefer: 'binary', strict: true, table: BENCH });
 
-  const elements = Array.from({ length: SIZE }, (_, i) => addr('a', i)).join(', ');
-  const text = `table inet bench {\n  set big6 { type ipv6_addr; flags timeout; elements = { ${elements} } }\n}`;
+  const elements = Array.from({ length: SIZE }, (_, i) => addr('a', i));
+  const big: Ruleset = { table: BENCH, sets: [{ name: 'big6', key: 'ipv6_addr', flags: ['timeout'], elements }], chains: [] };
   const loads: Row[] = [];
   for (const [label, nft] of [['libnftables', lib], ['nft binary', bin]] as const) {
     const start = performance.now();
-    await nft.replaceTable('inet', 'bench', text);
+    await replace(nft, big);
     loads.push({ scenario: `replace table, ${SIZE.toLocaleString('en')} elements (${label})`, samples: [performance.now() - start] });
   }
 
@@ -101,11 +108,11 @@ async function inner(): Promise<void> {
     api.bufferOutput(ctx);
     api.bufferError(ctx);
     api.outputSetFlags(ctx, NftOutputFlag.Json);
-    const ref = { family: 'inet', table: 'bench', name: 'big6' } as const;
-    api.runCmdFromBuffer(ctx, batchDocument([cmd.list.set(ref)]));
+    const ref = { table: BENCH, name: 'big6' };
+    api.runCmdFromBuffer(ctx, batchDocument([list.set('inet', 'bench', 'big6')]));
     api.getOutputBuffer(ctx);
     for (let i = 0; i < slowAdds; i++) {
-      const doc = batchDocument([cmd.add.element(ref, [elem.withOptions(addr('d', i), { timeout: 600 })])]);
+      const doc = batchDocument([commandJson(command.addElements(ref, [{ key: addr('d', i), timeout: 600 }]))]);
       const start = performance.now();
       if (api.runCmdFromBuffer(ctx, doc) !== 0) throw new Error(api.getErrorBuffer(ctx) ?? 'add failed');
       reused.push(performance.now() - start);
@@ -115,18 +122,15 @@ async function inner(): Promise<void> {
   }
   rows.push({ scenario: 'in-process, ONE nft_ctx reused after a listing', samples: reused });
 
-  const intervals = Array.from({ length: INTERVAL_SIZE }, (_, i) => addr('e', i)).join(', ');
-  await lib.replaceTable(
-    'inet',
-    'other',
-    `table inet other {\n  set cidrs { type ipv6_addr; flags interval; elements = { ${intervals} } }\n}`,
-  );
+  const intervals = Array.from({ length: INTERVAL_SIZE }, (_, i) => addr('e', i));
+  const other = await openNft({ prefer: 'libnftables', strict: true, table: OTHER });
+  await replace(other, { table: OTHER, sets: [{ name: 'cidrs', key: 'ipv6_addr', flags: ['interval'], elements: intervals }], chains: [] });
   rows.push({
     scenario: `in-process, fresh ctx, ${INTERVAL_SIZE.toLocaleString('en')}-elem interval set in another table`,
     samples: await timeAdds(lib, slowAdds, 'f'),
   });
-  await lib.deleteTable('inet', 'other');
-  await lib.deleteTable('inet', 'bench');
+  await other.deleteTable();
+  await lib.deleteTable();
 
   console.log(`nft ${await lib.version()}; single element add (timeout 600s) into a ${SIZE.toLocaleString('en')}-element hash set\n`);
   console.log(table(rows));

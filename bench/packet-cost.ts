@@ -45,7 +45,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { parseArgs } from 'node:util';
 import { compile } from '../src/compile/compile.js';
-import { renderText } from '../src/compile/nft.js';
+import { renderText } from '../src/compile/ruleset.js';
 import { loadPolicyOrThrow } from '../src/policy/load.js';
 import { median, medianWithInterval } from './lib/stats.js';
 

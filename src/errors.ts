@@ -18,6 +18,12 @@ export const ErrorCode = {
   NftState: 'EGD_NFT_STATE',
   /** Another change of enforcement held the lock for too long (nothing was changed). */
   Busy: 'EGD_BUSY',
+  /**
+   * Something else changed the table while this change ran, without the
+   * lock (nft by hand, or an egressd that could not take it): this change
+   * was refused and left the policy in force as it was. Not the policy's fault.
+   */
+  ConcurrentChange: 'EGD_CONCURRENT_CHANGE',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
@@ -36,4 +42,29 @@ export class EgressError extends Error {
 
 export function isEgressError(value: unknown): value is EgressError {
   return value instanceof EgressError;
+}
+
+/**
+ * Why nft refused a transaction, classified once where nft answers
+ * (src/nft/client.ts) so that no caller reads nft's message text:
+ * - conflict: an object it creates is there already (EEXIST) — written by someone else meanwhile;
+ * - missing: an object or cgroup it names is not there (ENOENT);
+ * - refused: anything else the kernel or nft's parser turned down.
+ */
+export type NftRefusal = 'conflict' | 'missing' | 'refused';
+
+/** nftables refused a transaction (code EGD_NFT_APPLY); nothing was changed. */
+export class NftRefusedError extends EgressError {
+  readonly reason: NftRefusal;
+
+  constructor(reason: NftRefusal, message: string, options: { details?: readonly string[]; cause?: unknown } = {}) {
+    super(ErrorCode.NftApply, message, options);
+    this.name = 'NftRefusedError';
+    this.reason = reason;
+  }
+}
+
+/** The reason nft gave for refusing, when `value` is such a refusal. */
+export function nftRefusal(value: unknown): NftRefusal | undefined {
+  return value instanceof NftRefusedError ? value.reason : undefined;
 }

@@ -33,10 +33,20 @@ export const Exit = {
 export const DEFAULT_POLICY_DIR = '/etc/egressd';
 export const DEFAULT_STATE_DIR = '/var/lib/egressd';
 
+/** Each code's exit status: bad policy or usage is the caller's to fix; everything else (nft, I/O, the lock, another writer) is the system's. */
+const EXIT_FOR: { readonly [code in ErrorCode]: number } = {
+  [ErrorCode.PolicyInvalid]: Exit.BadInput,
+  [ErrorCode.Usage]: Exit.BadInput,
+  [ErrorCode.Io]: Exit.SystemError,
+  [ErrorCode.NftApply]: Exit.SystemError,
+  [ErrorCode.NftUnavailable]: Exit.SystemError,
+  [ErrorCode.NftState]: Exit.SystemError,
+  [ErrorCode.Busy]: Exit.SystemError,
+  [ErrorCode.ConcurrentChange]: Exit.SystemError,
+};
+
 export function exitCodeFor(error: unknown): number {
-  if (!isEgressError(error)) return Exit.SystemError;
-  // Bad policy or usage is the caller's to fix; everything else (nft, I/O) is the system's.
-  return error.code === ErrorCode.PolicyInvalid || error.code === ErrorCode.Usage ? Exit.BadInput : Exit.SystemError;
+  return isEgressError(error) ? EXIT_FOR[error.code] : Exit.SystemError;
 }
 
 export interface Command<Options> {

@@ -4,6 +4,7 @@ import { EgressError, ErrorCode } from '../errors.js';
 import { formatIssue, sortIssues, type PolicyIssue } from '../policy/issues.js';
 import {
   dispatch,
+  EGRESSD_TABLE,
   match,
   rule,
   safeComment,
@@ -19,10 +20,10 @@ import {
   type SetKey,
   type Statement,
   type Verdict,
-} from './nft.js';
+} from './ruleset.js';
 import { cgroupGlobMatcher } from './glob.js';
 
-export const TABLE = { family: 'inet', name: 'egressd' } as const;
+export const TABLE = EGRESSD_TABLE;
 
 /** A user or group name as the caller found it through NSS: its id, or why the lookup failed. */
 export type IdLookup = number | { readonly error: string };

@@ -1,8 +1,8 @@
 import { mkdirSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { compile, factsNeeded, refuseCompileErrors, TABLE, type Compiled, type Facts, type FactsNeeded } from '../compile/compile.js';
-import { renderText, type Ruleset } from '../compile/nft.js';
-import { EgressError, ErrorCode, isEgressError } from '../errors.js';
+import { renderText, type Ruleset } from '../compile/ruleset.js';
+import { EgressError, ErrorCode, isEgressError, nftRefusal } from '../errors.js';
 import type { Nft } from '../nft/client.js';
 import { loadPolicyOrThrow } from '../policy/load.js';
 import type { NftTableNames } from '../nft/types.js';
@@ -12,7 +12,7 @@ import { defaultLockPath, withEnforcementLock } from './lock.js';
 import { planChanges, type Plan } from './plan.js';
 import { liveSets, summarizeCompiled, summarizeLive, summarizeSet, type SetSummary, type TableSummary } from './summary.js';
 import { forgetRecord, readRecord, RECORD_FILE, recordText, type AppliedRecord } from './record.js';
-import { isApplyMarker, liveGeneration, nameList, namesAfterSwap, newApplyMarker, reachable, removalText, swapTexts, withGeneration, type Generation } from './swap.js';
+import { isApplyMarker, liveGeneration, nameList, namesAfterSwap, newApplyMarker, parseLiveName, reachable, removalTransaction, swapTransactions, withGeneration, type Generation } from './swap.js';
 
 /** What enforcement needs from the system, passed in. */
 export interface EnforcerDeps {
@@ -57,6 +57,30 @@ export interface Applied {
 /** A cgroup that vanished between listing and applying makes nft refuse the element; the apply is retried with fresh facts. */
 const CGROUP_RACE_RETRIES = 3;
 
+/**
+ * Throws nft's refusal as EGD_CONCURRENT_CHANGE when its reason is one of
+ * `racing` (where, at that step, only another writer can have caused it),
+ * else as it was. Each step is one transaction refused whole, and the switch
+ * is the only one that changes the policy in force: a refused step leaves it
+ * as it was.
+ */
+function raced(error: unknown, racing: readonly string[]): never {
+  const reason = nftRefusal(error);
+  if (reason === undefined || !racing.includes(reason)) throw error;
+  throw new EgressError(
+    ErrorCode.ConcurrentChange,
+    `another writer changed table ${TABLE.family} ${TABLE.name} at the same time, without egressd's lock (nft by hand, or an egressd that could not take the lock); this run changed nothing in force — run it again`,
+    { cause: error, details: (error as EgressError).details },
+  );
+}
+
+/** Whether the live sets the prepare reuses are all still there. */
+async function keptSetsStand(nft: Nft, live: LiveTable): Promise<boolean> {
+  const names = await nft.listNames(TABLE.family, TABLE.name);
+  const now = new Set([...(names?.sets ?? []), ...(names?.maps ?? [])].map((x) => x.name));
+  return [...live.sets].every((name) => now.has(name));
+}
+
 /** The live table with its set elements (static sets are compared by content), or null. */
 export async function liveSummary(nft: Nft): Promise<TableSummary | null> {
   const listing = await nft.listTable(TABLE.family, TABLE.name);
@@ -97,7 +121,8 @@ async function readLive(deps: EnforcerDeps, reread: boolean): Promise<LiveTable 
     // generation and lockdown are read off those names (the marker, the lockdown chain).
     const chains = new Set(names.chains.map((c) => c.name));
     const sets = new Set([...names.sets, ...names.maps].map((x) => x.name));
-    const generation = [...chains].find(isApplyMarker)?.slice(-1) as Generation | undefined;
+    const marker = [...chains].find(isApplyMarker);
+    const generation = marker === undefined ? undefined : parseLiveName(marker).generation;
     const summary = { ...record.summary, lockdown: chains.has(`lockdown.${generation}`) };
     return { names, generation, chains, sets, summary, from: 'record' };
   }
@@ -124,8 +149,9 @@ async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { l
   const next: Generation = live?.generation === 'a' ? 'b' : 'a';
   // Leftovers of an interrupted apply, unreachable from the base chain: their chains would
   // collide with the generation about to be written, and their sets would stay for ever.
-  const leftovers = live && removalText(live.names, { chain: (name) => !live.chains.has(name), set: (name) => !live.sets.has(name) });
-  if (leftovers) await nft.run({ text: leftovers });
+  const leftovers = live && removalTransaction(live.names, { chain: (name) => !live.chains.has(name), set: (name) => !live.sets.has(name) });
+  // Listed a moment ago: one that is gone or back already was removed or written by someone else.
+  if (leftovers) await nft.run({ commands: leftovers }).catch((error: unknown) => raced(error, ['conflict', 'missing']));
   const marker = `${newApplyMarker()}.${next}`;
 
   for (let attempt = 1; ; attempt++) {
@@ -144,8 +170,8 @@ async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { l
         `table ${TABLE.family} ${TABLE.name} is not as egressd leaves it: the policy in force still reaches ${held.join(', ')}, which this apply must write anew (a rule added by hand?). Remove what jumps there, then apply again; the policy in force was not changed`,
       );
     }
-    const swap = swapTexts(generation, marker, live?.sets, { firstSwitch: live?.generation === undefined });
-    const prepared = nft.run({ text: swap.prepare });
+    const swap = swapTransactions(generation, marker, live?.sets, { firstSwitch: live?.generation === undefined });
+    const prepared = nft.run({ commands: swap.prepare });
     // Awaited below; until then a refusal must not count as unhandled if the work in between throws.
     prepared.catch(() => undefined);
     // Worked out while nft takes the new generation on its worker thread.
@@ -157,14 +183,14 @@ async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { l
     } catch (error) {
       // Retried only when the cgroup tree really changed under us; any other refusal is final
       // (and changed nothing, so the marker can be used again).
-      const missing = isEgressError(error) && error.code === ErrorCode.NftApply && /No such file or directory/.test(error.message);
-      if (missing && attempt < CGROUP_RACE_RETRIES && deps.facts(factsNeeded(policy)).cgroups.join('\n') !== facts.cgroups.join('\n')) continue;
-      if (isEgressError(error) && error.code === ErrorCode.NftApply && /File exists/.test(error.message) && /create chain/.test(error.message)) {
-        throw new EgressError(ErrorCode.NftApply, `something else wrote generation "${next}" of table ${TABLE.family} ${TABLE.name} at the same time, without egressd's lock (nft by hand, or an egressd that could not take the lock); this one changed nothing — run it again`, { cause: error });
-      }
+      const reason = nftRefusal(error);
+      if (reason === 'missing' && attempt < CGROUP_RACE_RETRIES && deps.facts(factsNeeded(policy)).cgroups.join('\n') !== facts.cgroups.join('\n')) continue;
+      // A chain of generation "next" created meanwhile, or a kept set removed meanwhile: another writer's.
+      if (reason === 'conflict' || (reason === 'missing' && live && !(await keptSetsStand(deps.nft, live)))) raced(error, [reason]);
       throw error;
     }
-    await nft.run({ text: swap.switch });
+    // Its objects were prepared a moment ago: one that is gone was removed by someone else.
+    await nft.run({ commands: swap.switch }).catch((error: unknown) => raced(error, ['conflict', 'missing']));
     const cleanedUp = await removePreviousGeneration(deps, live, generation);
     const record = cleanedUp ? { generation: next, names: namesAfterSwap(generation, marker), summary } : undefined;
     saveState(deps.stateDir, lastGood, { digest: policy.digest, lockdown, source: options.source }, record);
@@ -210,10 +236,10 @@ function alteredSets(generation: Ruleset, live: LiveTable): Set<string> {
 async function removePreviousGeneration(deps: EnforcerDeps, before: LiveTable | null, current: Ruleset): Promise<boolean> {
   const keep = new Set(current.sets.map((set) => set.name));
   // Leftovers went before the prepare; what is left of `before` is the policy that was in force.
-  const stale = before && removalText(before.names, { chain: (name) => before.chains.has(name), set: (name) => before.sets.has(name) && !keep.has(name) });
+  const stale = before && removalTransaction(before.names, { chain: (name) => before.chains.has(name), set: (name) => before.sets.has(name) && !keep.has(name) });
   if (!stale) return true;
   try {
-    await deps.nft.run({ text: stale });
+    await deps.nft.run({ commands: stale });
     return true;
   } catch (error) {
     deps.audit('applied, but the previous generation could not be removed yet', { reason: (error as Error).message });
@@ -221,45 +247,60 @@ async function removePreviousGeneration(deps: EnforcerDeps, before: LiveTable | 
   }
 }
 
+/** Why `lockdown on` fell back to the bare lockdown: the policy could not be read, validated or compiled, or nftables refused what it compiles to. */
+export type LockdownFallback = 'policy invalid' | 'nftables refused';
+
+export interface LockdownApplied extends Applied {
+  readonly policyUsable: boolean;
+  /** Present when the policy was left out (policyUsable false): which of its faults. */
+  readonly fallback?: LockdownFallback;
+}
+
 /**
  * Lockdown on or off. On works whatever is wrong with the policy — it cannot
  * be read, or nftables refuses what it compiles to: then only loopback is
- * left, and Tor gets no exception. Anything else (another change holding
- * the lock too long, a table changed by hand, no nftables, the state not
- * saved) is not the policy's fault and fails as it would for apply: a
- * lockdown without Tor's exception must not stand in for it.
+ * left, Tor gets no exception, and the result says which fault it was.
+ * Anything else (another change holding the lock too long, another writer
+ * changing the table at the same time, a table changed by hand, no
+ * nftables, the state not saved) is not the policy's fault and fails as it
+ * would for apply: a lockdown without Tor's exception must not stand in for it.
  */
-export async function setLockdown(on: boolean, dir: string, deps: EnforcerDeps): Promise<Applied & { policyUsable: boolean }> {
+export async function setLockdown(on: boolean, dir: string, deps: EnforcerDeps): Promise<LockdownApplied> {
   let policy: Policy;
   try {
     ({ policy } = loadPolicyOrThrow(dir));
   } catch (error) {
     if (!on) throw error;
-    return lockdownWithoutPolicy(dir, deps, error);
+    return lockdownWithoutPolicy(dir, deps, error, 'policy invalid');
   }
   try {
     return { ...(await applyLoadedPolicy(policy, deps, { lockdown: on, source: dir })), policyUsable: true };
   } catch (error) {
-    // nftables refused what the policy compiles to, or compiling it failed unexpectedly: the policy's.
-    const policysFault = !isEgressError(error) || error.code === ErrorCode.NftApply || error.code === ErrorCode.PolicyInvalid;
-    if (!on || !policysFault) throw error;
-    return lockdownWithoutPolicy(dir, deps, error);
+    const fallback = policysFault(error);
+    if (!on || fallback === undefined) throw error;
+    return lockdownWithoutPolicy(dir, deps, error, fallback);
   }
 }
 
+/** The policy's fault in a failed apply, if it was: nftables refused what it compiles to, or compiling it failed unexpectedly. */
+function policysFault(error: unknown): LockdownFallback | undefined {
+  if (!isEgressError(error) || error.code === ErrorCode.PolicyInvalid) return 'policy invalid';
+  return error.code === ErrorCode.NftApply ? 'nftables refused' : undefined;
+}
+
 /** Lockdown with an empty deny-all policy in place of one that cannot be used (`why`). */
-async function lockdownWithoutPolicy(dir: string, deps: EnforcerDeps, why: unknown): Promise<Applied & { policyUsable: boolean }> {
+async function lockdownWithoutPolicy(dir: string, deps: EnforcerDeps, why: unknown, fallback: LockdownFallback): Promise<LockdownApplied> {
   const bare = resolvePolicy([{ file: 'lockdown.yaml', bytes: new TextEncoder().encode('defaults: {egress: deny}\n') }], () => ({ error: 'no lists' }));
   if (!bare.ok) throw why;
-  deps.audit('policy unusable; lockdown applied without it', { source: dir, reason: (why as Error).message });
-  return { ...(await applyLoadedPolicy(bare.policy, deps, { lockdown: true, source: `${dir} (invalid; lockdown only)` })), policyUsable: false };
+  deps.audit('policy unusable; lockdown applied without it', { source: dir, fallback, reason: (why as Error).message });
+  return { ...(await applyLoadedPolicy(bare.policy, deps, { lockdown: true, source: `${dir} (${fallback}; lockdown only)` })), policyUsable: false, fallback };
 }
 
 /** Removes the table: the only way enforcement ends. */
 export function release(deps: EnforcerDeps): Promise<boolean> {
   return locked(deps, 'release', async () => {
     const existed = await deps.nft.tableExists(TABLE.family, TABLE.name);
-    if (existed) await deps.nft.deleteTable(TABLE.family, TABLE.name);
+    if (existed) await deps.nft.deleteTable();
     deps.audit(existed ? 'released: table inet egressd removed, egress is no longer enforced' : 'release: there was no table to remove', { existed });
     return existed;
   });

@@ -1,7 +1,8 @@
 import { createHash } from 'node:crypto';
 import { POLICY_MARK } from '../compile/compile.js';
-import type { Element, Ruleset, SetDecl } from '../compile/nft.js';
-import type { NftElemJson, NftJson, NftTableListing } from '../nft/types.js';
+import type { Ruleset, SetDecl, Verdict } from '../compile/ruleset.js';
+import { elementsOf } from '../nft/listing.js';
+import type { NftJson, NftListedKey, NftTableListing } from '../nft/types.js';
 import { baseName, isApplyMarker, reachable } from './swap.js';
 
 /**
@@ -61,30 +62,22 @@ function contentsDigest(elements: string[]): string {
   return createHash('sha256').update(elements.sort().join('\n')).digest('hex');
 }
 
-function elementString(element: Element | NftJson): string {
+function elementString(element: NftListedKey): string {
   if (typeof element === 'string' || typeof element === 'number') return String(element);
-  if (element && typeof element === 'object' && !Array.isArray(element)) {
-    if ('prefix' in element) {
-      const prefix = element['prefix'] as { addr: string; len: number };
-      return `${prefix.addr}/${prefix.len}`;
-    }
-    if ('range' in element) {
-      const range = element['range'] as [NftJson, NftJson];
-      return `${elementString(range[0])}-${elementString(range[1])}`;
-    }
-    if ('elem' in element) return elementString((element['elem'] as { val: NftJson }).val);
-  }
-  return JSON.stringify(element);
+  if ('prefix' in element) return `${element.prefix.addr}/${element.prefix.len}`;
+  return `${elementString(element.range[0])}-${elementString(element.range[1])}`;
 }
 
-function verdictString(verdict: NftJson): string {
-  if (verdict && typeof verdict === 'object' && !Array.isArray(verdict)) {
-    const [kind] = Object.keys(verdict);
-    const body = (verdict as Record<string, NftJson>)[kind!];
-    const target = body && typeof body === 'object' && !Array.isArray(body) ? (body as Record<string, NftJson>)['target'] : undefined;
-    return target ? `${kind} ${baseName(String(target))}` : String(kind);
-  }
-  return String(verdict);
+/** Compiled and live verdicts alike, their targets without generation. */
+function verdictString(verdict: Verdict): string {
+  if ('jump' in verdict) return `jump ${baseName(verdict.jump.target)}`;
+  if ('goto' in verdict) return `goto ${baseName(verdict.goto.target)}`;
+  return Object.keys(verdict)[0]!;
+}
+
+/** One element as summaries digest it: `key`, or `key : verdict` in a map. */
+function entryString(key: NftListedKey, data: Verdict | undefined): string {
+  return data === undefined ? elementString(key) : `${elementString(key)} : ${verdictString(data)}`;
 }
 
 export function summarizeCompiled(ruleset: Ruleset): TableSummary {
@@ -102,7 +95,7 @@ export function summarizeCompiled(ruleset: Ruleset): TableSummary {
 
 /** A compiled set or map as summaries compare it (its name, withGeneration's or not, decides nothing). */
 export function summarizeSet(set: SetDecl): SetSummary {
-  const elements = set.elements.map((element, i) => (set.map ? `${elementString(element)} : ${verdictString(set.verdicts![i] as unknown as NftJson)}` : elementString(element)));
+  const elements = set.elements.map((element, i) => entryString(element, set.map ? set.verdicts![i] : undefined));
   return { kind: set.map ? 'map' : 'set', dynamic: isDynamic(baseName(set.name), set.flags), size: elements.length, contents: contentsDigest(elements) };
 }
 
@@ -112,9 +105,7 @@ export function liveSets(listing: NftTableListing, inUse: ReadonlySet<string> = 
   for (const [kind, list] of [['set', listing.sets], ['map', listing.maps]] as const) {
     for (const set of list) {
       if (!inUse.has(set.name)) continue;
-      const elements = (set.elem ?? []).map((element: NftElemJson) =>
-        Array.isArray(element) ? `${elementString(element[0] as NftJson)} : ${verdictString(element[1] as NftJson)}` : elementString(element as NftJson),
-      );
+      const elements = elementsOf(set).map((element) => entryString(element.key, element.data));
       sets.set(set.name, { kind, dynamic: isDynamic(baseName(set.name), set.flags ?? []), size: elements.length, contents: contentsDigest(elements) });
     }
   }

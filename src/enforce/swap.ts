@@ -30,17 +30,31 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { TABLE } from '../compile/compile.js';
-import { renderText, type ChainDecl, type Element, type Ruleset, type SetDecl, type Statement, type Verdict } from '../compile/nft.js';
+import { command, renderText, type ChainDecl, type Command, type Element, type Ruleset, type SetDecl, type Statement, type Verdict } from '../compile/ruleset.js';
+import { elementReferences, ruleReferences } from '../nft/listing.js';
 import type { NftTableListing, NftTableNames } from '../nft/types.js';
 
 export type Generation = 'a' | 'b';
 
-/** A chain's generation, or a set's contents digest; compiled names never contain a dot. */
-const LIVE_SUFFIX = /\.(a|b|[0-9a-f]{16})$/;
+/** A live name taken apart: a chain's `NAME.generation`, a set's `NAME.digest`, or a name without either (the base chain). */
+export type LiveName = { readonly base: string; readonly generation?: Generation; readonly digest?: string };
+
+const DIGEST_LENGTH = 16;
+const isDigest = (text: string) => text.length === DIGEST_LENGTH && [...text].every((c) => '0123456789abcdef'.includes(c));
+
+/** Parses what withGeneration (below) and the apply marker name; compiled names never contain a dot. */
+export function parseLiveName(name: string): LiveName {
+  const dot = name.lastIndexOf('.');
+  if (dot < 0) return { base: name };
+  const suffix = name.slice(dot + 1);
+  const base = name.slice(0, dot);
+  if (suffix === 'a' || suffix === 'b') return { base, generation: suffix };
+  return isDigest(suffix) ? { base, digest: suffix } : { base: name };
+}
 
 /** A live chain or set name without its generation or contents digest. */
 export function baseName(name: string): string {
-  return name.replace(LIVE_SUFFIX, '');
+  return parseLiveName(name).base;
 }
 
 /**
@@ -53,7 +67,7 @@ export function baseName(name: string): string {
 function contentName(set: SetDecl, salt = ''): string {
   const { comment: _comment, ...declared } = set;
   const declaration = renderText({ table: TABLE, sets: [declared], chains: [] });
-  return `${set.name}.${createHash('sha256').update(declaration).update(`\0${set.source ?? ''}\0${salt}`).digest('hex').slice(0, 16)}`;
+  return `${set.name}.${createHash('sha256').update(declaration).update(`\0${set.source ?? ''}\0${salt}`).digest('hex').slice(0, DIGEST_LENGTH)}`;
 }
 
 /**
@@ -62,10 +76,11 @@ function contentName(set: SetDecl, salt = ''): string {
  * names alone (cheap to list) can tell whether the table is still exactly as
  * the apply recorded in the state directory left it.
  */
-const APPLY_MARKER = /^applied_[0-9a-f]{16}(\.(a|b))?$/;
+const APPLY_MARKER = /^applied_[0-9a-f]{16}$/;
 
 export function isApplyMarker(name: string): boolean {
-  return APPLY_MARKER.test(name);
+  const { base, digest } = parseLiveName(name);
+  return digest === undefined && APPLY_MARKER.test(base);
 }
 
 export function newApplyMarker(): string {
@@ -89,10 +104,13 @@ export function namesAfterSwap(live: Ruleset, marker: string): string[] {
 /** The generation the live base chain uses, if any: the one its jump to the global deny chain names. */
 export function liveGeneration(listing: NftTableListing | null): Generation | undefined {
   if (!listing) return undefined;
+  const base = new Set(listing.chains.filter((c) => c.hook !== undefined).map((c) => c.name));
   for (const r of listing.rules) {
-    if (r.chain !== 'output') continue;
-    const match = /"target":"global_deny\.(a|b)"/.exec(JSON.stringify(r.expr));
-    if (match) return match[1] as Generation;
+    if (!base.has(r.chain)) continue;
+    for (const target of ruleReferences(r).chains) {
+      const name = parseLiveName(target);
+      if (name.base === 'global_deny' && name.generation) return name.generation;
+    }
   }
   return undefined;
 }
@@ -140,31 +158,31 @@ export function withGeneration(ruleset: Ruleset, generation: Generation, avoid: 
  */
 export function reachable(listing: NftTableListing): { chains: Set<string>; sets: Set<string> } {
   const generation = liveGeneration(listing);
-  const rulesOf = new Map<string, string[]>();
+  const rulesOf = new Map<string, (typeof listing.rules)[number][]>();
   for (const r of listing.rules) {
     const rules = rulesOf.get(r.chain);
-    if (rules) rules.push(JSON.stringify(r.expr));
-    else rulesOf.set(r.chain, [JSON.stringify(r.expr)]);
+    if (rules) rules.push(r);
+    else rulesOf.set(r.chain, [r]);
   }
-  const maps = new Map(listing.maps.map((m) => [m.name, JSON.stringify(m.elem ?? [])]));
-  const chains = new Set(listing.chains.filter((c) => c.hook !== undefined || (generation !== undefined && c.name.endsWith(`.${generation}`))).map((c) => c.name));
+  const maps = new Map(listing.maps.map((m) => [m.name, m]));
+  const chains = new Set(listing.chains.filter((c) => c.hook !== undefined || (generation !== undefined && parseLiveName(c.name).generation === generation)).map((c) => c.name));
   const sets = new Set<string>();
   const queue = [...chains];
-  const visit = (json: string) => {
-    for (const [, chain] of json.matchAll(/"target":\s*"([^"]+)"/g)) {
-      if (!chains.has(chain!)) {
-        chains.add(chain!);
-        queue.push(chain!);
+  const visit = (found: { readonly chains: readonly string[]; readonly sets: readonly string[] }) => {
+    for (const chain of found.chains) {
+      if (!chains.has(chain)) {
+        chains.add(chain);
+        queue.push(chain);
       }
     }
-    for (const [, set] of json.matchAll(/"@([^"]+)"/g)) {
-      if (sets.has(set!)) continue;
-      sets.add(set!);
-      const elements = maps.get(set!);
-      if (elements) visit(elements);
+    for (const set of found.sets) {
+      if (sets.has(set)) continue;
+      sets.add(set);
+      const map = maps.get(set);
+      if (map) visit(elementReferences(map));
     }
   };
-  for (let chain = queue.pop(); chain !== undefined; chain = queue.pop()) for (const rule of rulesOf.get(chain) ?? []) visit(rule);
+  for (let chain = queue.pop(); chain !== undefined; chain = queue.pop()) for (const rule of rulesOf.get(chain) ?? []) visit(ruleReferences(rule));
   return { chains, sets };
 }
 
@@ -188,21 +206,21 @@ export function reachable(listing: NftTableListing): { chains: Set<string>; sets
  * apply marker's full name (with the generation), added by `prepare`; sets
  * and maps named in `present` are in the table already, with these contents.
  */
-export function swapTexts(ruleset: Ruleset, marker?: string, present: ReadonlySet<string> = new Set(), options: { firstSwitch?: boolean } = {}): { prepare: string; switch: string } {
+export function swapTransactions(ruleset: Ruleset, marker?: string, present: ReadonlySet<string> = new Set(), options: { firstSwitch?: boolean } = {}): { prepare: Command[]; switch: Command[] } {
   const base = ruleset.chains.find((c) => c.hook);
   if (!base?.hook) throw new Error('internal: a ruleset without a base chain');
-  const { family, name } = ruleset.table;
+  const { table } = ruleset;
   // With no generation in force yet the base chain may be empty, and then its policy decides every
   // packet: it starts accepting, as if the table were not there, and the switch sets it with the rules.
-  const policy = options.firstSwitch ? 'accept' : base.hook.policy;
-  const ensure = `table ${family} ${name} {\n\tchain ${base.name} {\n\t\ttype filter hook ${base.hook.hook} priority ${base.hook.prio}; policy ${policy};\n\t}\n}\n`;
+  const ensure: ChainDecl = { name: base.name, hook: { ...base.hook, policy: options.firstSwitch ? 'accept' : base.hook.policy }, rules: [] };
   const chains = ruleset.chains.filter((c) => c !== base);
   // `create`, not `add`: a chain block appends to a chain that exists, so two applies racing
   // for the same generation would mix their rules. Created, the second one is refused whole.
-  const created = [...chains.map((c) => c.name), ...(marker ? [marker] : [])].map((chain) => `create chain ${family} ${name} ${chain}\n`).join('');
-  const objects = renderText({ ...ruleset, sets: ruleset.sets.filter((set) => !present.has(set.name)), chains });
-  const rules = renderText({ table: ruleset.table, sets: [], chains: [base] });
-  return { prepare: `${ensure}${created}${objects}`, switch: `flush chain ${family} ${name} ${base.name}\n${rules}` };
+  const created = [...chains.map((c) => c.name), ...(marker ? [marker] : [])].map((chain) => command.createChain(table, chain));
+  return {
+    prepare: [command.block({ table, sets: [], chains: [ensure] }), ...created, command.block({ ...ruleset, sets: ruleset.sets.filter((set) => !present.has(set.name)), chains })],
+    switch: [command.flushChain(table, base.name), command.block({ table, sets: [], chains: [base] })],
+  };
 }
 
 /**
@@ -211,16 +229,15 @@ export function swapTexts(ruleset: Ruleset, marker?: string, present: ReadonlySe
  * go (their elements may jump to chains), then the chains. Undefined when
  * there is nothing to remove.
  */
-export function removalText(names: NftTableNames, stale: { readonly chain: (name: string) => boolean; readonly set: (name: string) => boolean }): string | undefined {
-  const { family, name } = TABLE;
+export function removalTransaction(names: NftTableNames, stale: { readonly chain: (name: string) => boolean; readonly set: (name: string) => boolean }): Command[] | undefined {
   const chains = names.chains.filter((c) => c.hook === undefined && stale.chain(c.name)).map((c) => c.name);
   const maps = names.maps.filter((m) => stale.set(m.name)).map((m) => m.name);
   const sets = names.sets.filter((x) => stale.set(x.name)).map((x) => x.name);
   if (chains.length + maps.length + sets.length === 0) return undefined;
   return [
-    ...chains.map((c) => `flush chain ${family} ${name} ${c}`),
-    ...maps.map((m) => `delete map ${family} ${name} ${m}`),
-    ...sets.map((x) => `delete set ${family} ${name} ${x}`),
-    ...chains.map((c) => `delete chain ${family} ${name} ${c}`),
-  ].join('\n');
+    ...chains.map((c) => command.flushChain(TABLE, c)),
+    ...maps.map((m) => command.deleteMap(TABLE, m)),
+    ...sets.map((x) => command.deleteSet(TABLE, x)),
+    ...chains.map((c) => command.deleteChain(TABLE, c)),
+  ];
 }

@@ -3,10 +3,13 @@
  * in-process, or the `nft` binary) chosen by `openNft` (./open.ts); the
  * interface is the same either way.
  *
- * Every method is one nft transaction, which succeeds or fails whole. A
- * refused transaction throws EgressError(EGD_NFT_APPLY) carrying nft's own
- * error text in the message and its lines in `details`; nothing is ever
- * swallowed. Listing something that does not exist is not an error: the
+ * Every method is one nft transaction, which succeeds or fails whole. Every
+ * change is a list of the model's commands (src/compile/ruleset.ts) that one
+ * guard (./guard.ts) checks touch only the client's own table before
+ * anything is sent. A refused transaction throws NftRefusedError
+ * (EGD_NFT_APPLY) with a typed `reason` (conflict, missing, refused),
+ * nft's own error text in the message and its lines in `details`; nothing is
+ * ever swallowed. Listing something that does not exist is not an error: the
  * list methods return `null` for a missing table, set or map.
  *
  * With the libnftables backend, short commands run on the calling thread and
@@ -14,28 +17,31 @@
  * thread (see ./libnftables.ts); calls never overlap, and the two backends
  * are interchangeable.
  */
-import { EgressError, ErrorCode } from '../errors.js';
+import { commandJson, describeCommand, EGRESSD_TABLE, isJsonCommand, renderCommandsText, command, type Command, type ObjectRef, type TableRef } from '../compile/ruleset.js';
+import { EgressError, ErrorCode, NftRefusedError, type NftRefusal } from '../errors.js';
 import type { NftBackend, NftBackendKind, NftOutcome } from './backend.js';
-import { batchDocument, cmd, describeCommand, toElemJson, type NftElementInput } from './commands.js';
-import { checkFamily, checkName, replaceTableText } from './table-text.js';
+import { batchDocument, list, toEntries, type NftElementInput } from './commands.js';
+import { checkName, guardTransaction } from './guard.js';
 import type {
   NftChainInfo,
-  NftCommand,
   NftFamily,
   NftJson,
   NftJsonObject,
+  NftListCommand,
   NftListingJson,
   NftMetainfo,
   NftRuleInfo,
   NftSetInfo,
-  NftSetRef,
   NftTableInfo,
   NftTableListing,
   NftTableNames,
 } from './types.js';
 
-/** One transaction's input: nft text, or libnftables JSON commands. */
-export type NftInput = { readonly text: string } | { readonly json: readonly NftCommand[] };
+/**
+ * One transaction's input: the model's commands (every change — checked by
+ * the guard, rendered in one place), or JSON reads.
+ */
+export type NftInput = { readonly commands: readonly Command[] } | { readonly json: readonly NftListCommand[] };
 
 export interface NftRunOptions {
   /** Dry run (`nft -c`): nft checks the transaction against the kernel; nothing changes. */
@@ -66,6 +72,8 @@ export interface NftClientInfo {
   readonly fallbackReason?: string;
   /** The nft version, when the factory already learnt it. */
   readonly version?: string;
+  /** The only table this client changes; default `table inet egressd`. Tests and benchmarks name throwaway ones. */
+  readonly table?: TableRef;
 }
 
 function lines(text: string): string[] {
@@ -146,10 +154,24 @@ function tableListing(raw: NftListingJson): NftTableListing {
   };
 }
 
-function checkSetRef(ref: NftSetRef): void {
-  checkFamily(ref.family);
-  checkName('table', ref.table);
-  checkName('set', ref.name);
+const FAMILIES: readonly string[] = ['ip', 'ip6', 'inet', 'arp', 'bridge', 'netdev'];
+
+/** Reads name their table too: the same identifier rule as for changes. */
+function checkTable(family: string, name: string): void {
+  if (!FAMILIES.includes(family)) {
+    throw new EgressError(ErrorCode.NftApply, `unknown nftables family ${JSON.stringify(family)} (nothing was sent to nft)`);
+  }
+  checkName('table', name);
+}
+
+/**
+ * The reason in nft's answer, read once here: the errno text the kernel's
+ * refusal carries (nft prints strerror), else a plain refusal.
+ */
+export function classifyRefusal(errorLines: readonly string[]): NftRefusal {
+  if (errorLines.some((line) => /\bFile exists\b/.test(line))) return 'conflict';
+  if (errorLines.some((line) => /\bNo such file or directory\b/.test(line))) return 'missing';
+  return 'refused';
 }
 
 export class Nft {
@@ -157,6 +179,8 @@ export class Nft {
   readonly backend: NftBackendKind;
   /** Why the preferred backend was not used, when it was not. */
   readonly fallbackReason: string | undefined;
+  /** The only table this client changes. */
+  readonly table: TableRef;
   readonly #impl: NftBackend;
   #version: Promise<string> | undefined;
   #previous: Promise<unknown> = Promise.resolve();
@@ -165,14 +189,22 @@ export class Nft {
     this.#impl = impl;
     this.backend = impl.kind;
     this.fallbackReason = info.fallbackReason;
+    this.table = info.table ?? EGRESSD_TABLE;
     this.#version = info.version === undefined ? undefined : Promise.resolve(info.version);
   }
 
   /**
-   * Runs one transaction, text or JSON. Throws EGD_NFT_APPLY with nft's error
-   * text if nft refuses it (and then nothing was changed).
+   * Runs one transaction: the model's commands (a change), or JSON reads.
+   * Throws NftRefusedError (EGD_NFT_APPLY) with nft's error text if nft
+   * refuses it (and then nothing was changed).
    */
   run(input: NftInput, options: NftRunOptions = {}): Promise<NftRunResult> {
+    // Checked before queueing: a transaction for another table never reaches nft.
+    try {
+      if ('commands' in input) guardTransaction(input.commands, this.table);
+    } catch (error) {
+      return Promise.reject(error as Error);
+    }
     // One transaction at a time, in the order asked: a listing asked for during
     // a write sees the write, and libnftables is never driven from two threads.
     const result = this.#previous.then(() => this.#runNow(input, options));
@@ -181,15 +213,18 @@ export class Nft {
   }
 
   async #runNow(input: NftInput, options: NftRunOptions): Promise<NftRunResult> {
-    const isJson = 'json' in input;
+    // Element and table changes go as JSON (cheap, on the calling thread); anything
+    // with chains or sets as text, which nft 1.0.6 parses where its JSON cannot (socket cgroupv2).
+    const commands = 'commands' in input ? input.commands : undefined;
+    const isJson = commands === undefined || commands.every(isJsonCommand);
     const outcome = await this.#impl.exec({
-      input: isJson ? batchDocument(input.json) : input.text,
+      input: commands === undefined ? batchDocument((input as { json: readonly NftListCommand[] }).json) : isJson ? batchDocument(commands.map(commandJson)) : renderCommandsText(commands),
       format: isJson ? 'json' : 'text',
       check: options.check ?? false,
       terse: options.terse ?? false,
       long: options.long ?? false,
     });
-    if (!outcome.ok) throw this.#refused(outcome, isJson ? input.json : undefined, options.check ?? false);
+    if (!outcome.ok) throw this.#refused(outcome, commands, options.check ?? false);
     const warnings = lines(outcome.error);
     if (isJson && outcome.output.trim().length > 0) {
       return { output: outcome.output, json: parseListing(outcome.output), warnings };
@@ -197,50 +232,31 @@ export class Nft {
     return { output: outcome.output, warnings };
   }
 
-  #refused(outcome: NftOutcome, commands: readonly NftCommand[] | undefined, check: boolean): EgressError {
+  #refused(outcome: NftOutcome, commands: readonly Command[] | undefined, check: boolean): NftRefusedError {
     const errorLines = lines(outcome.error);
     const errorText = errorLines.length > 0 ? errorLines.join('\n') : '(nft printed no error text)';
     const what =
       commands === undefined
-        ? 'text transaction'
+        ? 'listing'
         : commands.length <= 3
           ? commands.map(describeCommand).join('; ')
           : `${commands.map(describeCommand).slice(0, 3).join('; ')}; … (${commands.length} commands)`;
     const verb = check ? 'check' : 'transaction';
-    return new EgressError(
-      ErrorCode.NftApply,
+    return new NftRefusedError(
+      classifyRefusal(errorLines),
       `nft (${this.backend}) refused the ${verb} [${what}], nothing was changed:\n${errorText}${hintFor(errorText)}`,
       { details: errorLines },
     );
   }
 
-  /**
-   * Replaces table F N with `tableText` (which must be exactly
-   * `table F N { … }`) in one atomic transaction; creates it if absent.
-   * Other tables are never touched.
-   */
-  async replaceTable(
-    family: NftFamily,
-    name: string,
-    tableText: string,
-    options: { readonly check?: boolean } = {},
-  ): Promise<void> {
-    await this.run({ text: replaceTableText(family, name, tableText) }, { check: options.check ?? false });
-  }
-
-  /** Deletes table F N; deleting a table that is not there is not an error. */
-  async deleteTable(family: NftFamily, name: string, options: { readonly check?: boolean } = {}): Promise<void> {
-    checkFamily(family);
-    checkName('table', name);
-    await this.run(
-      { json: [cmd.add.table(family, name), cmd.delete.table(family, name)] },
-      { check: options.check ?? false },
-    );
+  /** Deletes this client's table; deleting a table that is not there is not an error. */
+  async deleteTable(options: { readonly check?: boolean } = {}): Promise<void> {
+    await this.run({ commands: [command.addTable(this.table), command.deleteTable(this.table)] }, { check: options.check ?? false });
   }
 
   /** Every table in this network namespace (names only). */
   async listTables(): Promise<NftTableInfo[]> {
-    const result = await this.run({ json: [cmd.list.tables()] });
+    const result = await this.run({ json: [list.tables()] });
     return result.json === undefined ? [] : itemsOf(result.json, 'table').map(asTable);
   }
 
@@ -258,10 +274,9 @@ export class Nft {
     name: string,
     options: { readonly terse?: boolean } = {},
   ): Promise<NftTableListing | null> {
-    checkFamily(family);
-    checkName('table', name);
+    checkTable(family, name);
     try {
-      const result = await this.run({ json: [cmd.list.table(family, name)] }, { terse: options.terse ?? false, long: true });
+      const result = await this.run({ json: [list.table(family, name)] }, { terse: options.terse ?? false, long: true });
       if (result.json === undefined) throw new EgressError(ErrorCode.NftState, 'nft listed nothing for a table');
       return tableListing(result.json);
     } catch (err) {
@@ -280,10 +295,9 @@ export class Nft {
    * terse table listing).
    */
   async listNames(family: NftFamily, name: string): Promise<NftTableNames | null> {
-    checkFamily(family);
-    checkName('table', name);
+    checkTable(family, name);
     // Not `list tables`: it fills nft's whole cache, elements included (0.6 s at 100,000).
-    const result = await this.run({ json: [cmd.list.chains(family), cmd.list.sets(family), cmd.list.maps(family)] }, { terse: true });
+    const result = await this.run({ json: [list.chains(family), list.sets(family), list.maps(family)] }, { terse: true });
     if (result.json === undefined) throw new EgressError(ErrorCode.NftState, 'nft listed nothing for chains and sets');
     const mine = <T extends { readonly family: NftFamily; readonly table: string }>(items: T[]) => items.filter((item) => item.family === family && item.table === name);
     const chains = mine(itemsOf(result.json, 'chain').map(asChain));
@@ -297,26 +311,28 @@ export class Nft {
   }
 
   /** Lists a set with its elements, or `null` if the table or set is missing. */
-  listSet(ref: NftSetRef): Promise<NftSetInfo | null> {
+  listSet(ref: ObjectRef): Promise<NftSetInfo | null> {
     return this.#listSetOrMap(ref, 'set');
   }
 
   /** Lists a map with its elements, or `null` if the table or map is missing. */
-  listMap(ref: NftSetRef): Promise<NftSetInfo | null> {
+  listMap(ref: ObjectRef): Promise<NftSetInfo | null> {
     return this.#listSetOrMap(ref, 'map');
   }
 
-  async #listSetOrMap(ref: NftSetRef, kind: 'set' | 'map'): Promise<NftSetInfo | null> {
-    checkSetRef(ref);
+  async #listSetOrMap(ref: ObjectRef, kind: 'set' | 'map'): Promise<NftSetInfo | null> {
+    const { family, name: table } = ref.table;
+    checkTable(family, table);
+    checkName(kind, ref.name);
     try {
-      const result = await this.run({ json: [kind === 'set' ? cmd.list.set(ref) : cmd.list.map(ref)] });
+      const result = await this.run({ json: [list[kind](family, table, ref.name)] });
       const found = result.json === undefined ? undefined : itemsOf(result.json, kind)[0];
       if (found === undefined) throw new EgressError(ErrorCode.NftState, `nft listed no ${kind} for ${kind} ${ref.name}`);
       return asSet(found);
     } catch (err) {
       if (err instanceof EgressError && err.code === ErrorCode.NftApply) {
-        const table = await this.listTable(ref.family, ref.table, { terse: true });
-        const present = table !== null && (kind === 'set' ? table.sets : table.maps).some((s) => s.name === ref.name);
+        const listed = await this.listTable(family, table, { terse: true });
+        const present = listed !== null && (kind === 'set' ? listed.sets : listed.maps).some((s) => s.name === ref.name);
         if (!present) return null;
       }
       throw err;
@@ -324,37 +340,25 @@ export class Nft {
   }
 
   /**
-   * Adds elements to a set or map in ONE transaction. Elements are keys
-   * (addresses, prefixes, numbers, cgroup paths, …) or `{key, data, timeout}`
-   * for map entries and per-element timeouts; `options.timeout` (seconds)
-   * applies to elements without their own. An empty list does nothing.
+   * Adds elements to a set or map of this client's table in ONE transaction.
+   * Elements are the model's keys (addresses, prefixes, numbers, cgroup
+   * paths, …) or entries `{key, data, timeout}` for map entries and
+   * per-element timeouts; `options.timeout` (seconds) applies to elements
+   * without their own. An empty list does nothing.
    */
-  async addElements(ref: NftSetRef, elements: readonly NftElementInput[], options: NftElementsOptions = {}): Promise<void> {
-    checkSetRef(ref);
+  async addElements(ref: ObjectRef, elements: readonly NftElementInput[], options: NftElementsOptions = {}): Promise<void> {
     if (elements.length === 0) return;
-    const elems = toElemJson(elements, {
-      op: 'add',
-      ...(options.timeout === undefined ? {} : { timeout: options.timeout }),
-    });
-    await this.run({ json: [cmd.add.element(ref, elems)] }, { check: options.check ?? false });
+    await this.run({ commands: [command.addElements(ref, toEntries(elements, options.timeout))] }, { check: options.check ?? false });
   }
 
   /**
    * Deletes elements (by key) from a set or map in ONE transaction. nft
    * 1.0.6 refuses the whole transaction if any element is absent (an element
-   * may have just expired); callers that race expiry should expect
-   * EGD_NFT_APPLY. An empty list does nothing.
+   * may have just expired): reason `missing`. An empty list does nothing.
    */
-  async deleteElements(
-    ref: NftSetRef,
-    elements: readonly NftElementInput[],
-    options: { readonly check?: boolean } = {},
-  ): Promise<void> {
-    checkSetRef(ref);
+  async deleteElements(ref: ObjectRef, elements: readonly NftElementInput[], options: { readonly check?: boolean } = {}): Promise<void> {
     if (elements.length === 0) return;
-    await this.run({ json: [cmd.delete.element(ref, toElemJson(elements, { op: 'delete' }))] }, {
-      check: options.check ?? false,
-    });
+    await this.run({ commands: [command.deleteElements(ref, toEntries(elements))] }, { check: options.check ?? false });
   }
 
   /**
@@ -362,7 +366,7 @@ export class Nft {
    * --version` when the factory ran it, else from a listing's metainfo.
    */
   version(): Promise<string> {
-    this.#version ??= this.run({ json: [cmd.list.tables()] }).then((result) => {
+    this.#version ??= this.run({ json: [list.tables()] }).then((result) => {
       const meta = result.json === undefined ? undefined : itemsOf(result.json, 'metainfo')[0];
       const version = meta?.['version'];
       if (typeof version !== 'string') throw new EgressError(ErrorCode.NftState, 'nft listed no version in metainfo');

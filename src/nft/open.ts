@@ -3,6 +3,7 @@
  * binary, and says which it picked (`nft.backend`) and why it fell back
  * (`nft.fallbackReason`). Both backends offer the same `Nft` interface.
  */
+import type { TableRef } from '../compile/ruleset.js';
 import { EgressError, ErrorCode } from '../errors.js';
 import type { NftBackend, NftBackendKind } from './backend.js';
 import { createBinaryBackend, DEFAULT_NFT_BINARY, probeBinaryVersion } from './binary.js';
@@ -20,6 +21,8 @@ export interface OpenNftOptions {
   readonly nftPath?: string;
   /** Where transactions that need a file (text in-process, all binary ones) get one. Default os.tmpdir(). */
   readonly tmpDir?: string;
+  /** The only table the client may change; default `table inet egressd`. For tests and benchmarks on throwaway tables. */
+  readonly table?: TableRef;
 }
 
 interface Opened {
@@ -50,7 +53,7 @@ export async function openNft(options: OpenNftOptions = {}): Promise<Nft> {
   let firstFailure: string;
   try {
     const opened = await openOne(first, options);
-    return new Nft(opened.backend, opened.version === undefined ? {} : { version: opened.version });
+    return new Nft(opened.backend, { ...(opened.version === undefined ? {} : { version: opened.version }), ...(options.table && { table: options.table }) });
   } catch (err) {
     firstFailure = reason(first, err);
     if (options.strict === true) {
@@ -65,6 +68,7 @@ export async function openNft(options: OpenNftOptions = {}): Promise<Nft> {
     return new Nft(opened.backend, {
       fallbackReason: firstFailure,
       ...(opened.version === undefined ? {} : { version: opened.version }),
+      ...(options.table && { table: options.table }),
     });
   } catch (err) {
     const secondFailure = reason(second, err);

@@ -2,12 +2,14 @@
  * Types for the parts of the libnftables JSON schema (libnftables-json(5),
  * json_schema_version 1, nftables 1.0.6) that egressd builds or reads.
  *
- * Input types (commands, elements) are exact. Output types (listings) are
+ * Output types (listings) are
  * loose on purpose: nft decides what a listing says, and this module returns
  * it as nft said it (for example a `typeof socket cgroupv2 level 1` set lists
  * as `"type": "cgroupsv2"` and its rule as `{"socket": {"key": "cgroupv2"}}`,
  * without the level). Nothing here tries to repair that.
  */
+
+import type { Element, Verdict } from '../compile/ruleset.js';
 
 /** Any JSON value, for the parts of a listing this module does not model. */
 export type NftJson = null | boolean | number | string | NftJson[] | { [key: string]: NftJson };
@@ -15,96 +17,32 @@ export type NftJsonObject = { [key: string]: NftJson };
 
 export type NftFamily = 'ip' | 'ip6' | 'inet' | 'arp' | 'bridge' | 'netdev';
 
-/** Names a set or a map. */
-export interface NftSetRef {
-  readonly family: NftFamily;
-  readonly table: string;
-  readonly name: string;
-}
-
 // ---------------------------------------------------------------------------
-// Expressions used as set/map keys and data.
+// Elements as listings print them. What egressd writes — elements, verdicts,
+// commands — is the model's (src/compile/ruleset.ts); listings hold the same
+// elements and verdicts, wrapped with what nft adds.
 
-export interface NftPrefix {
-  readonly prefix: { readonly addr: string; readonly len: number };
-}
-export interface NftRange {
-  readonly range: readonly [NftElemKey, NftElemKey];
-}
-export interface NftConcat {
-  readonly concat: readonly NftElemKey[];
-}
-/**
- * A set key: an address (`"192.0.2.1"`, `"2001:db8::1"`), a cgroup path for
- * `socket cgroupv2` sets (`"system.slice/foo.service"`; nft resolves it to the
- * cgroup's id when the element is added, so the cgroup must exist then), an
- * interface name, a number, a prefix, a range or a concatenation.
- */
-export type NftElemKey = string | number | NftPrefix | NftRange | NftConcat;
+/** A listed key: what egressd writes, or an address interval that is no prefix, which nft lists as a range of strings. */
+export type NftListedKey = Element | { readonly range: readonly [string, string] };
+/** A listed set element: the key, or the key wrapped with its options (`expires` only in listings). */
+export type NftListedElem =
+  | NftListedKey
+  | { readonly elem: { readonly val: NftListedKey; readonly timeout?: number; readonly expires?: number; readonly comment?: string } };
+/** A listed map element: `[key, verdict]`. */
+export type NftListedMapElem = readonly [NftListedElem, Verdict];
+export type NftElemJson = NftListedElem | NftListedMapElem;
 
-export type NftVerdict =
-  | { readonly accept: null }
-  | { readonly drop: null }
-  | { readonly continue: null }
-  | { readonly return: null }
-  | { readonly jump: { readonly target: string } }
-  | { readonly goto: { readonly target: string } };
-
-/** The data side of a map element: a verdict (vmap) or a value. */
-export type NftMapData = NftVerdict | NftElemKey;
-
-/** An element key wrapped with its per-element options (`timeout` in seconds). */
-export interface NftElemWrapped {
-  readonly elem: {
-    readonly val: NftElemKey;
-    readonly timeout?: number;
-    /** Only in listings: seconds left before the element expires. */
-    readonly expires?: number;
-    readonly comment?: string;
-  };
-}
-export type NftSetElemJson = NftElemKey | NftElemWrapped;
-/** A map element as nft JSON writes it: `[key, data]`. */
-export type NftMapElemJson = readonly [NftSetElemJson, NftMapData];
-export type NftElemJson = NftSetElemJson | NftMapElemJson;
-
-// ---------------------------------------------------------------------------
-// Commands (input).
-
-export interface NftTableSpec {
-  readonly family: NftFamily;
-  readonly name: string;
-}
-export interface NftElementSpec {
-  readonly family: NftFamily;
-  readonly table: string;
-  readonly name: string;
-  readonly elem: readonly NftElemJson[];
-}
-export interface NftSetSpec {
-  readonly family: NftFamily;
-  readonly table: string;
-  readonly name: string;
-}
-
-export type NftAddObject = { readonly table: NftTableSpec } | { readonly element: NftElementSpec };
-export type NftDeleteObject = { readonly table: NftTableSpec } | { readonly element: NftElementSpec };
-export type NftFlushObject = { readonly set: NftSetSpec } | { readonly map: NftSetSpec };
-export type NftListObject =
-  | { readonly tables: null }
-  | { readonly table: NftTableSpec }
-  | { readonly set: NftSetSpec }
-  | { readonly map: NftSetSpec }
-  | { readonly chains: { readonly family: NftFamily } }
-  | { readonly sets: { readonly family: NftFamily } }
-  | { readonly maps: { readonly family: NftFamily } };
-
-/** One libnftables JSON command. Build them with `cmd` from ./commands.ts. */
-export type NftCommand =
-  | { readonly add: NftAddObject }
-  | { readonly delete: NftDeleteObject }
-  | { readonly flush: NftFlushObject }
-  | { readonly list: NftListObject };
+/** A read: the only JSON commands sent as such (changes are model commands). */
+export type NftListCommand = {
+  readonly list:
+    | { readonly tables: null }
+    | { readonly table: { readonly family: NftFamily; readonly name: string } }
+    | { readonly set: { readonly family: NftFamily; readonly table: string; readonly name: string } }
+    | { readonly map: { readonly family: NftFamily; readonly table: string; readonly name: string } }
+    | { readonly chains: { readonly family: NftFamily } }
+    | { readonly sets: { readonly family: NftFamily } }
+    | { readonly maps: { readonly family: NftFamily } };
+};
 
 // ---------------------------------------------------------------------------
 // Listings (output).
@@ -190,9 +128,9 @@ export interface NftTableNames {
 
 /** One element of a listed set or map, flattened. */
 export interface NftElementInfo {
-  readonly key: NftElemKey;
+  readonly key: NftListedKey;
   /** Map data; absent for set elements. */
-  readonly data?: NftMapData;
+  readonly data?: Verdict;
   /** Seconds, as listed. */
   readonly timeout?: number;
   /** Seconds left, as listed (nft rounds down). */

@@ -174,7 +174,3 @@ export function networkContains(net: { family: 4 | 6; address: string; prefix: n
   const masked = maskGroups(addressGroups(family, address), net.prefix);
   return groupsKey(masked) === groupsKey(addressGroups(family, net.address));
 }
-
-export function formatNetwork(net: { family: 4 | 6; address: string; prefix: number }): string {
-  return net.prefix === (net.family === 4 ? 32 : 128) ? net.address : `${net.address}/${net.prefix}`;
-}

@@ -2,7 +2,8 @@ import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { main } from '../../src/cli/egressctl.js';
-import type { Deps } from '../../src/cli/deps.js';
+import { Exit, exitCodeFor, type Deps } from '../../src/cli/deps.js';
+import { EgressError, ErrorCode } from '../../src/errors.js';
 import { FACTS } from '../support/compile-text.js';
 import { policyDir } from '../support/policy-dir.js';
 
@@ -105,6 +106,25 @@ describe('egressctl', () => {
     expect(schema.$schema).toContain('json-schema.org');
     expect(Object.keys(schema.properties)).toEqual(['defaults', 'lists', 'catalogue', 'identities', 'apps', 'deny', 'systemDomains', 'tor']);
     expect(schema.additionalProperties).toBe(false);
+  });
+
+  it('maps every error code to its documented exit status; another writer at the same time is a system error', async () => {
+    const codes = Object.values(ErrorCode).map((code) => [code, exitCodeFor(new EgressError(code, 'x'))]);
+    expect(Object.fromEntries(codes)).toEqual({
+      EGD_POLICY_INVALID: Exit.BadInput,
+      EGD_USAGE: Exit.BadInput,
+      EGD_IO: Exit.SystemError,
+      EGD_NFT_APPLY: Exit.SystemError,
+      EGD_NFT_UNAVAILABLE: Exit.SystemError,
+      EGD_NFT_STATE: Exit.SystemError,
+      EGD_BUSY: Exit.SystemError,
+      EGD_CONCURRENT_CHANGE: Exit.SystemError,
+    });
+    const err: string[] = [];
+    const raced = new EgressError(ErrorCode.ConcurrentChange, 'another writer changed table inet egressd at the same time; this run changed nothing in force');
+    const code = await main(['release'], { out: () => undefined, err: (t) => err.push(t), facts: () => FACTS, nft: () => Promise.reject(raced), stateDir: '/nonexistent', audit: () => undefined });
+    expect(code).toBe(3);
+    expect(err.join('\n')).toContain('another writer changed table inet egressd at the same time');
   });
 
   it('the installed entry point runs as a program and exits with the documented codes', () => {

@@ -1,7 +1,7 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { compile } from '../../src/compile/compile.js';
-import { renderJson, renderText, safeText, type ChainDecl, type RuleDecl } from '../../src/compile/nft.js';
+import { renderJson, renderText, safeText, type ChainDecl, type RuleDecl } from '../../src/compile/ruleset.js';
 import { resolvePolicy } from '../../src/policy/resolve.js';
 import { nftAvailable, nftCheck } from '../support/nft-check.js';
 import { compileYaml, FACTS, policyFrom } from '../support/compile-text.js';

@@ -2,7 +2,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { compile } from '../../src/compile/compile.js';
 import { explain, type Level } from '../../src/compile/explain.js';
-import type { Ruleset } from '../../src/compile/nft.js';
+import type { Ruleset } from '../../src/compile/ruleset.js';
 import { policyFrom } from '../support/compile-text.js';
 import { arbConnection, packetFor } from '../support/connection.js';
 import { arbPolicy, GEN_FACTS } from '../support/policy-gen.js';

@@ -2,7 +2,7 @@ import { existsSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { compile, type Facts } from '../../src/compile/compile.js';
-import { renderJson, renderText, type JsonObject } from '../../src/compile/nft.js';
+import { renderJson, renderText, type JsonObject } from '../../src/compile/ruleset.js';
 import { loadPolicyOrThrow } from '../../src/policy/load.js';
 import { nftAvailable, nftCheck } from '../support/nft-check.js';
 

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { compile, factsNeeded, refuseCompileErrors, type Facts } from '../../src/compile/compile.js';
-import { renderText } from '../../src/compile/nft.js';
+import { renderText } from '../../src/compile/ruleset.js';
 import { EgressError, ErrorCode } from '../../src/errors.js';
 import { formatIssue } from '../../src/policy/issues.js';
 import { policyJsonSchema } from '../../src/policy/schema.js';

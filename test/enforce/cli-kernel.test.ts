@@ -104,6 +104,9 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     expect(result.status).toBe(0);
     expect(result.stderr).toContain('invalid; lockdown was applied without it');
     expect(liveText()).toContain('goto lockdown');
+    // Which fault it was, as data too: the policy, not nftables.
+    const json = egressctl('lockdown', 'on', policyDir({ '00.yaml': 'nonsense: [' }), '--json');
+    expect(JSON.parse(json.stdout)).toMatchObject({ lockdown: true, policyUsable: false, fallback: 'policy invalid' });
     egressctl('lockdown', 'off', policyDir(GOOD));
     const missing = egressctl('lockdown', 'on', '/nonexistent/egressd');
     expect(missing.status).toBe(0);

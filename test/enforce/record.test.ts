@@ -220,6 +220,22 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     expect(nft('list', 'table', 'inet', 'egressd').stdout).toBe(before);
   });
 
+  it('another writer changing the table at the same time is said as such: not an nft refusal, not the policy\'s fault, no bare lockdown', () => {
+    const state = newState();
+    nft('delete', 'table', 'inet', 'egressd');
+    const fixture = join(import.meta.dirname, 'fixtures', 'apply-raced.ts');
+    const run = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fixture, policyDir({ '00.yaml': POLICY }), state], { encoding: 'utf8', timeout: 60_000 });
+    expect(run.status, run.stderr).toBe(0);
+    const { applied, locked, audits, before, after } = JSON.parse(run.stdout) as Record<'applied' | 'locked', { code: string; message: string }> & { audits: string[]; before: string; after: string };
+    expect(applied.code).toBe('EGD_CONCURRENT_CHANGE');
+    expect(applied.message).toContain('another writer changed table inet egressd at the same time');
+    expect(applied.message).toContain('this run changed nothing in force');
+    // Lockdown falls back to the bare lockdown only for a policy at fault; this is not one.
+    expect(locked.code).toBe('EGD_CONCURRENT_CHANGE');
+    expect(audits).toEqual(['applied']);
+    expect(after).toBe(before);
+  });
+
   it('a first apply of a default deny that dies between its two transactions leaves egress as it was, not blocked', () => {
     const state = newState();
     nft('delete', 'table', 'inet', 'egressd');

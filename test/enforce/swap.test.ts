@@ -1,7 +1,13 @@
 import { describe, expect, it } from 'vitest';
-import { renderText } from '../../src/compile/nft.js';
-import { baseName, swapTexts, withGeneration } from '../../src/enforce/swap.js';
+import { renderCommandsText, renderText } from '../../src/compile/ruleset.js';
+import { baseName, isApplyMarker, newApplyMarker, parseLiveName, swapTransactions, withGeneration } from '../../src/enforce/swap.js';
 import { compileYaml } from '../support/compile-text.js';
+
+/** The swap's two transactions as the nft text the binding sends. */
+function swapTexts(...args: Parameters<typeof swapTransactions>): { prepare: string; switch: string } {
+  const swap = swapTransactions(...args);
+  return { prepare: renderCommandsText(swap.prepare), switch: renderCommandsText(swap.switch) };
+}
 
 const compiled = compileYaml('defaults: {egress: deny}\napps: {a: {identity: {user: alice}, rules: [{deny: [192.0.2.0/24]}]}}\ndeny: [{to: [203.0.113.0/24]}]\n');
 
@@ -56,5 +62,24 @@ describe('generation swap', () => {
     const { prepare, switch: switchText } = swapTexts(withGeneration(compiled.ruleset, 'a'), undefined, new Set(), { firstSwitch: true });
     expect(prepare).toMatch(/chain output \{\n\t\ttype filter hook output priority 0; policy accept;\n\t\}/);
     expect(switchText).toMatch(/chain output \{\n\t\ttype filter hook output priority 0; policy drop;\n/);
+  });
+
+  it('reads a live name back into its base and its generation or digest', () => {
+    expect(parseLiveName('global_deny.b')).toEqual({ base: 'global_deny', generation: 'b' });
+    expect(parseLiveName('g0_net4.0123456789abcdef')).toEqual({ base: 'g0_net4', digest: '0123456789abcdef' });
+    expect(parseLiveName('output')).toEqual({ base: 'output' });
+    // Not a suffix of ours: the name stays whole.
+    expect(parseLiveName('app_foo-a')).toEqual({ base: 'app_foo-a' });
+    expect(parseLiveName('x.c')).toEqual({ base: 'x.c' });
+    expect(parseLiveName('x.0123456789ABCDEF')).toEqual({ base: 'x.0123456789ABCDEF' });
+    const marker = newApplyMarker();
+    expect(isApplyMarker(marker)).toBe(true);
+    expect(parseLiveName(`${marker}.a`)).toEqual({ base: marker, generation: 'a' });
+    expect(isApplyMarker(`${marker}.b`)).toBe(true);
+    expect(isApplyMarker(`${marker}.0123456789abcdef`)).toBe(false);
+    expect(isApplyMarker('applied_x.a')).toBe(false);
+    // Every name withGeneration makes reads back to the compiled one.
+    const generation = withGeneration(compiled.ruleset, 'b');
+    expect([...generation.chains, ...generation.sets].map((x) => parseLiveName(x.name).base)).toEqual([...compiled.ruleset.chains, ...compiled.ruleset.sets].map((x) => x.name));
   });
 });

@@ -1,30 +1,22 @@
 /**
- * The pure parts of src/nft: JSON constructors, element conversion, the
- * table-text guard, and the libnftables backend's context discipline driven
+ * The pure parts of src/nft: the model's commands rendered as the binding\n * sends them, element conversion, the guard every change passes, refusal\n * classification, and the libnftables backend's context discipline driven
  * through a fake C API (no kernel, no root).
  */
 import { describe, expect, it } from 'vitest';
-import { EgressError, ErrorCode } from '../../src/errors.js';
-import { Nft } from '../../src/nft/client.js';
-import {
-  batchDocument,
-  cmd,
-  describeCommand,
-  elem,
-  elementsOf,
-  toElemJson,
-  verdict,
-} from '../../src/nft/commands.js';
+import { command, commandJson, describeCommand, EGRESSD_TABLE, renderCommandsText, verdict, type Ruleset } from '../../src/compile/ruleset.js';
+import { EgressError, ErrorCode, NftRefusedError } from '../../src/errors.js';
+import { classifyRefusal, Nft } from '../../src/nft/client.js';
+import { batchDocument, list, toEntries } from '../../src/nft/commands.js';
+import { elementsOf } from '../../src/nft/listing.js';
+import { guardTransaction } from '../../src/nft/guard.js';
 import { createLibnftablesBackend, NftOutputFlag, type LibnftablesApi, type NftCtx } from '../../src/nft/libnftables.js';
-import { checkTableText, replaceTableText } from '../../src/nft/table-text.js';
 
-const dns4 = { family: 'inet', table: 'egressd', name: 'dns4' } as const;
+const dns4 = { table: EGRESSD_TABLE, name: 'dns4' };
+const add = (elements: Parameters<typeof toEntries>[0], timeout?: number) => commandJson(command.addElements(dns4, toEntries(elements, timeout)));
 
-describe('JSON command constructors', () => {
+describe('JSON commands', () => {
   it('build libnftables JSON with metainfo first', () => {
-    const doc = JSON.parse(
-      batchDocument([cmd.add.element(dns4, toElemJson(['192.0.2.1'], { op: 'add', timeout: 30 })), cmd.list.tables()]),
-    ) as unknown;
+    const doc = JSON.parse(batchDocument([add(['192.0.2.1'], 30), list.tables()])) as unknown;
     expect(doc).toEqual({
       nftables: [
         { metainfo: { json_schema_version: 1 } },
@@ -39,17 +31,20 @@ describe('JSON command constructors', () => {
   });
 
   it('convert keys, prefixes, map pairs and per-element timeouts', () => {
+    const elem = (json: unknown) => (json as { add: { element: { elem: unknown } } }).add.element.elem;
     expect(
-      toElemJson(
-        [
-          '2001:db8::1',
-          elem.prefix('198.51.100.0', 24),
-          7,
-          { key: 'system.slice/foo.service', data: verdict.jump('app_foo') },
-          { key: '192.0.2.9', data: verdict.drop(), timeout: 5, comment: 'x' },
-          { key: '192.0.2.10' },
-        ],
-        { op: 'add', timeout: 60 },
+      elem(
+        add(
+          [
+            '2001:db8::1',
+            { prefix: { addr: '198.51.100.0', len: 24 } },
+            7,
+            { key: 'system.slice/foo.service', data: verdict.jump('app_foo') },
+            { key: '192.0.2.9', data: verdict.drop(), timeout: 5, comment: 'x' },
+            { key: '192.0.2.10' },
+          ],
+          60,
+        ),
       ),
     ).toEqual([
       { elem: { val: '2001:db8::1', timeout: 60 } },
@@ -59,28 +54,33 @@ describe('JSON command constructors', () => {
       [{ elem: { val: '192.0.2.9', timeout: 5, comment: 'x' } }, { drop: null }],
       { elem: { val: '192.0.2.10', timeout: 60 } },
     ]);
-    expect(toElemJson(['192.0.2.1'], { op: 'add' })).toEqual(['192.0.2.1']);
+    expect(elem(add(['192.0.2.1']))).toEqual(['192.0.2.1']);
   });
 
   it('send only keys on delete', () => {
-    expect(
-      toElemJson([{ key: '192.0.2.9', data: verdict.accept(), timeout: 5 }, '192.0.2.1'], { op: 'delete' }),
-    ).toEqual(['192.0.2.9', '192.0.2.1']);
-  });
-
-  it('refuse timeouts nft JSON cannot carry', () => {
-    for (const bad of [0, -1, 1.5, Number.NaN]) {
-      expect(() => toElemJson(['192.0.2.1'], { op: 'add', timeout: bad })).toThrow(/whole number of seconds/);
-    }
-    expect(() => elem.withOptions('192.0.2.1', { timeout: 0.5 })).toThrow(EgressError);
+    const json = commandJson(command.deleteElements(dns4, toEntries([{ key: '192.0.2.9', data: verdict.accept(), timeout: 5 }, '192.0.2.1'])));
+    expect((json as { delete: { element: { elem: unknown } } }).delete.element.elem).toEqual(['192.0.2.9', '192.0.2.1']);
   });
 
   it('describe commands for error messages', () => {
-    expect(describeCommand(cmd.add.element(dns4, ['192.0.2.1', '192.0.2.2']))).toBe(
-      'add element inet egressd dns4 (2 elements)',
+    expect(describeCommand(command.addElements(dns4, toEntries(['192.0.2.1', '192.0.2.2'])))).toBe('add element inet egressd dns4 (2 elements)');
+    expect(describeCommand(command.deleteTable(EGRESSD_TABLE))).toBe('delete table inet egressd');
+    expect(describeCommand(command.createChain(EGRESSD_TABLE, 'app_x.a'))).toBe('create chain inet egressd app_x.a');
+  });
+
+  it('render a transaction as the nft text it is sent as', () => {
+    const block: Ruleset = { table: EGRESSD_TABLE, sets: [], chains: [{ name: 'c.a', rules: [] }] };
+    expect(
+      renderCommandsText([
+        command.flushChain(EGRESSD_TABLE, 'c.a'),
+        command.deleteSet(EGRESSD_TABLE, 's.0123456789abcdef'),
+        command.createChain(EGRESSD_TABLE, 'd.b'),
+        command.block(block),
+        command.addElements({ table: EGRESSD_TABLE, name: 'm' }, [{ key: 'system.slice/x.service', data: verdict.jump('d.b'), timeout: 60 }]),
+      ]),
+    ).toBe(
+      'flush chain inet egressd c.a\ndelete set inet egressd s.0123456789abcdef\ncreate chain inet egressd d.b\ntable inet egressd {\n\tchain c.a {\n\t}\n}\nadd element inet egressd m { "system.slice/x.service" timeout 60s : jump d.b }\n',
     );
-    expect(describeCommand(cmd.delete.table('inet', 'egressd'))).toBe('delete table inet egressd');
-    expect(describeCommand(cmd.list.tables())).toBe('list tables');
   });
 
   it('flatten listed elements', () => {
@@ -103,36 +103,74 @@ describe('JSON command constructors', () => {
   });
 });
 
-describe('table text guard', () => {
-  const good = `# header comment\ntable inet egressd {\n  chain c { comment "a } brace"; } # }\n}\n# trailer\n`;
+describe('the guard every change passes', () => {
+  const refusal = (run: () => unknown): EgressError => {
+    try {
+      run();
+    } catch (err) {
+      expect(err).toBeInstanceOf(EgressError);
+      expect((err as EgressError).code).toBe(ErrorCode.NftApply);
+      expect((err as EgressError).message).toContain('nothing was sent to nft');
+      return err as EgressError;
+    }
+    throw new Error('the guard let it through');
+  };
 
-  it('accepts exactly one block for the named table', () => {
-    expect(() => checkTableText('inet', 'egressd', good)).not.toThrow();
-    expect(replaceTableText('inet', 'egressd', good)).toBe(
-      `add table inet egressd; delete table inet egressd; ${good}\n`,
-    );
+  it('accepts commands that name only the owned table', () => {
+    expect(() => guardTransaction([command.createChain(EGRESSD_TABLE, 'app_x.a'), command.addElements(dns4, [{ key: '192.0.2.1', timeout: 5 }])], EGRESSD_TABLE)).not.toThrow();
   });
 
   it.each([
-    ['another table', 'table inet other {\n}'],
-    ['another family', 'table ip egressd {\n}'],
-    ['a second statement after the table', 'table inet egressd {\n}\nflush ruleset'],
-    ['a statement before the table', 'flush ruleset\ntable inet egressd {\n}'],
-    ['unbalanced braces', 'table inet egressd {\n chain c {\n}'],
-  ])('refuses %s before anything reaches nft', (_, text) => {
-    let caught: unknown;
-    try {
-      replaceTableText('inet', 'egressd', text);
-    } catch (err) {
-      caught = err;
-    }
-    expect(caught).toBeInstanceOf(EgressError);
-    expect((caught as EgressError).code).toBe(ErrorCode.NftApply);
-    expect((caught as EgressError).message).toContain('nothing was sent to nft');
+    ['another table', command.flushChain({ family: 'inet', name: 'other' }, 'c')],
+    ['another family', command.deleteTable({ family: 'ip', name: 'egressd' } as never)],
+    ['a block of another table', command.block({ table: { family: 'inet', name: 'firewalld' }, sets: [], chains: [] })],
+    ['elements of another table', command.addElements({ table: { family: 'inet', name: 'other' }, name: 'dns4' }, [{ key: '192.0.2.1' }])],
+  ])('refuses %s, whatever comes before it', (_, foreign) => {
+    const err = refusal(() => guardTransaction([command.createChain(EGRESSD_TABLE, 'ok.a'), foreign], EGRESSD_TABLE));
+    expect(err.message).toContain('may touch only table inet egressd');
+    expect(err.details).toEqual([`it holds: ${describeCommand(foreign)}`]);
   });
 
-  it('refuses names that are not plain identifiers', () => {
-    expect(() => replaceTableText('inet', 'egressd; flush ruleset', 'table inet x {}')).toThrow(/identifier/);
+  it('refuses names that are not plain identifiers, and timeouts nft JSON cannot carry', () => {
+    expect(refusal(() => guardTransaction([command.deleteChain(EGRESSD_TABLE, 'c; flush ruleset')], EGRESSD_TABLE)).message).toMatch(/identifier/);
+    expect(refusal(() => guardTransaction([command.block({ table: EGRESSD_TABLE, sets: [], chains: [{ name: 'x }\nflush ruleset', rules: [] }] })], EGRESSD_TABLE)).message).toMatch(/identifier/);
+    for (const bad of [0, -1, 1.5, Number.NaN]) {
+      expect(refusal(() => guardTransaction([command.addElements(dns4, toEntries(['192.0.2.1'], bad))], EGRESSD_TABLE)).message).toMatch(/whole number of seconds/);
+    }
+  });
+
+  it('stops a transaction naming another table before nft is touched', async () => {
+    const fake = fakeLibrary();
+    const client = new Nft(createLibnftablesBackend(fake.api));
+    await expect(client.run({ commands: [command.deleteTable({ family: 'inet', name: 'firewalld' })] })).rejects.toThrow(/may touch only table inet egressd/);
+    await expect(client.addElements({ table: { family: 'inet', name: 'other' }, name: 'dns4' }, ['192.0.2.1'])).rejects.toThrow(/may touch only/);
+    expect(fake.made()).toBe(0);
+    // A client opened for another table guards that one instead.
+    const bench = new Nft(createLibnftablesBackend(fake.api), { table: { family: 'inet', name: 'bench' } });
+    await expect(bench.deleteTable()).resolves.toBeUndefined();
+    await expect(bench.run({ commands: [command.deleteTable(EGRESSD_TABLE)] })).rejects.toThrow(/may touch only table inet bench/);
+    expect(fake.made()).toBe(1);
+  });
+});
+
+describe('refusal classification', () => {
+  it.each([
+    [['<input>:3:1-40: Error: Could not process rule: File exists', 'create chain inet egressd app_x.a'], 'conflict'],
+    [['internal:0:0-0: Error: No such file or directory'], 'missing'],
+    [['<input>:1:1-60: Error: cgroupv2 path fails: No such file or directory'], 'missing'],
+    [['<input>:1:1-9: Error: Could not process rule: Operation not supported'], 'refused'],
+    [['<input>:12:9-18: Error: syntax error, unexpected string'], 'refused'],
+    [[], 'refused'],
+  ] as const)('reads %j as %s', (lines, reason) => {
+    expect(classifyRefusal(lines)).toBe(reason);
+  });
+
+  it('puts the reason on the error, once, where nft answers', async () => {
+    const refusing = fakeLibrary({ rc: -1, error: '<input>:2:1-30: Error: Could not process rule: File exists\n' });
+    const err = await new Nft(createLibnftablesBackend(refusing.api)).run({ commands: [command.createChain(EGRESSD_TABLE, 'app_x.a')] }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(NftRefusedError);
+    expect((err as NftRefusedError).reason).toBe('conflict');
+    expect((err as NftRefusedError).code).toBe(ErrorCode.NftApply);
   });
 });
 
@@ -190,7 +228,7 @@ describe('libnftables backend, through a fake C API', () => {
     const client = new Nft(createLibnftablesBackend(fake.api));
     await client.addElements(dns4, ['192.0.2.1'], { timeout: 30 });
     await client.addElements(dns4, ['192.0.2.2']);
-    await client.replaceTable('inet', 'egressd', 'table inet egressd {\n}');
+    await client.run({ commands: [command.block({ table: EGRESSD_TABLE, sets: [], chains: [] })] });
     expect(fake.made()).toBe(3);
     expect(fake.live.size).toBe(0);
     expect(fake.calls).toEqual([
@@ -213,8 +251,8 @@ describe('libnftables backend, through a fake C API', () => {
   it('sets dry run for check mode and terse for terse listings', async () => {
     const fake = fakeLibrary();
     const client = new Nft(createLibnftablesBackend(fake.api));
-    await client.run({ text: 'add table inet x' }, { check: true });
-    await client.run({ json: [cmd.list.tables()] }, { terse: true });
+    await client.run({ commands: [command.block({ table: EGRESSD_TABLE, sets: [], chains: [] })] }, { check: true });
+    await client.run({ json: [list.tables()] }, { terse: true });
     expect(fake.calls).toContain('dry=true');
     expect(fake.calls).toContain(`flags=${NftOutputFlag.Json | NftOutputFlag.Terse}`);
   });
@@ -223,8 +261,8 @@ describe('libnftables backend, through a fake C API', () => {
     const fake = fakeLibrary();
     const client = new Nft(createLibnftablesBackend(fake.api));
     await client.addElements(dns4, ['192.0.2.1']);
-    await client.run({ text: 'add table inet x' });
-    await client.run({ json: [cmd.list.table('inet', 'egressd')] }, { long: true });
+    await client.run({ commands: [command.createChain(EGRESSD_TABLE, 'x')] });
+    await client.run({ json: [list.table('inet', 'egressd')] }, { long: true });
     expect(fake.calls.filter((c) => /^(buffer|worker-buffer|file):/.test(c))).toEqual(['buffer:json', 'file:input.nft', 'worker-buffer:json']);
   });
 
@@ -237,10 +275,11 @@ describe('libnftables backend, through a fake C API', () => {
     expect((err as EgressError).message).toContain('add element inet egressd dns4 (1 element)');
     expect((err as EgressError).message).toContain('No such file or directory');
     expect((err as EgressError).details).toEqual(['internal:0:0-0: Error: No such file or directory']);
+    expect((err as NftRefusedError).reason).toBe('missing');
     expect(refusing.live.size).toBe(0);
 
     const throwing = fakeLibrary({ throwOnRun: true });
-    await expect(new Nft(createLibnftablesBackend(throwing.api)).run({ text: 'x' })).rejects.toThrow('boom');
+    await expect(new Nft(createLibnftablesBackend(throwing.api)).run({ commands: [command.createChain(EGRESSD_TABLE, 'x')] })).rejects.toThrow('boom');
     expect(throwing.live.size).toBe(0);
   });
 

@@ -57,11 +57,12 @@ describe.skipIf(skipReason !== null)('the fallback backend against the kernel', 
   });
 
   it('applies, adds and lists through the binary when libnftables is unavailable', async () => {
-    const ref = { family: 'inet', table: 'egd', name: 'dns4' } as const;
+    const table = { family: 'inet', name: 'egd' } as const;
+    const ref = { table, name: 'dns4' };
     const out = await drive(ns, {
-      open: { libraryPath: NO_LIBRARY },
+      open: { libraryPath: NO_LIBRARY, table },
       ops: [
-        op('replaceTable', 'inet', 'egd', 'table inet egd {\n  set dns4 { type ipv4_addr; flags timeout; }\n}'),
+        op('replaceTable', { table, sets: [{ name: 'dns4', key: 'ipv4_addr', flags: ['timeout'], elements: [] }], chains: [] }),
         op('addElements', ref, ['192.0.2.1', '192.0.2.2'], { timeout: 90 }),
         op('deleteElements', ref, ['192.0.2.2']),
         op('listSet', ref),

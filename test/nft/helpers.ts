@@ -125,7 +125,7 @@ export function ok(result: DriverResult | undefined): unknown {
   return result.value;
 }
 
-export function failed(result: DriverResult | undefined): { code: string | null; message: string; details: readonly string[] } {
+export function failed(result: DriverResult | undefined): { code: string | null; reason: string | null; message: string; details: readonly string[] } {
   if (result === undefined) throw new Error('driver returned fewer results than ops');
   if (result.ok) throw new Error(`expected failure, got success: ${JSON.stringify(result.value)}`);
   return result.error;

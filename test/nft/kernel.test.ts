@@ -9,8 +9,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { elem, verdict } from '../../src/nft/commands.js';
-import type { NftSetInfo, NftSetRef, NftTableListing } from '../../src/nft/types.js';
+import { command, dispatch, match, renderCommandsText, rule, stmt, verdict, type Command, type ObjectRef, type Ruleset, type TableRef } from '../../src/compile/ruleset.js';
+import type { NftSetInfo, NftTableListing } from '../../src/nft/types.js';
 import {
   addNetns,
   deleteNetns,
@@ -39,42 +39,48 @@ const FOREIGN = `table ip foreign {
 }
 `;
 
-const V1 = `table inet egd {
-  set old_set { type ipv4_addr; elements = { 192.0.2.1 } }
-  chain old_chain { type filter hook output priority 0; policy accept; ip daddr @old_set counter drop; }
-}`;
+const EGD: TableRef = { family: 'inet', name: 'egd' };
+const hook = { hook: 'output', prio: 0, policy: 'accept' } as const;
+const ipDaddr = { payload: { protocol: 'ip', field: 'daddr' } } as const;
 
-const V2 = `# egressd test table, version 2
-table inet egd {
-  set dns4 { type ipv4_addr; flags timeout; }
-  set dns6 { type ipv6_addr; flags timeout; }
-  set nets { type ipv4_addr; flags interval; elements = { 198.51.100.0/24 } }
-  map decide { type ipv4_addr : verdict; flags timeout; }
-  chain allow_web { counter accept; }
-  chain deny_log { counter drop; }
-  chain out {
-    type filter hook output priority 0; policy accept;
-    ip daddr vmap @decide
-    ip daddr @dns4 accept
-  }
-}`;
+const V1: Ruleset = {
+  table: EGD,
+  sets: [{ name: 'old_set', key: 'ipv4_addr', flags: [], elements: ['192.0.2.1'] }],
+  chains: [{ name: 'old_chain', hook, rules: [rule([match.daddr(4, 'old_set'), stmt.counter(), verdict.drop()])] }],
+};
 
-/** V2 with a statement nft cannot parse on line 12. */
-const BAD = V2.replace('ip daddr @dns4 accept', 'ip daddr @dns4 frobnicate');
+const V2: Ruleset = {
+  table: EGD,
+  sets: [
+    { name: 'dns4', key: 'ipv4_addr', flags: ['timeout'], elements: [] },
+    { name: 'dns6', key: 'ipv6_addr', flags: ['timeout'], elements: [] },
+    { name: 'nets', key: 'ipv4_addr', flags: ['interval'], elements: [{ prefix: { addr: '198.51.100.0', len: 24 } }] },
+    { name: 'decide', key: 'ipv4_addr', map: 'verdict', flags: ['timeout'], elements: [], verdicts: [] },
+  ],
+  chains: [
+    { name: 'allow_web', rules: [rule([stmt.counter(), verdict.accept()])] },
+    { name: 'deny_log', rules: [rule([stmt.counter(), verdict.drop()])] },
+    { name: 'out', hook, rules: [rule([{ vmap: { key: ipDaddr, data: '@decide' } }]), rule([match.daddr(4, 'dns4'), verdict.accept()])] },
+  ],
+};
+
+/** V2 with a rule that looks up a set that does not exist. */
+const BAD: Ruleset = { ...V2, chains: V2.chains.map((c) => (c.name === 'out' ? { ...c, rules: [c.rules[0]!, rule([match.daddr(4, 'nosuch'), verdict.accept()])] } : c)) };
 
 /** Valid, but must never reach the kernel: only ever applied with check. */
-const CHECK_ONLY = `table inet egd {
-  set checked_only { type ipv4_addr; }
-}`;
+const CHECK_ONLY: Ruleset = { table: EGD, sets: [{ name: 'checked_only', key: 'ipv4_addr', flags: [], elements: [] }], chains: [] };
 
-const ref = (name: string, table = 'egd'): NftSetRef => ({ family: 'inet', table, name });
+/** What the driver's replaceTable sends: the table added, deleted and written anew, in one transaction. */
+const replacing = (ruleset: Ruleset): Command[] => [command.addTable(ruleset.table), command.deleteTable(ruleset.table), command.block(ruleset)];
+
+const ref = (name: string, table = 'egd'): ObjectRef => ({ table: { family: 'inet', name: table }, name });
 
 /** A text listing of table inet egd, with handles, from the real nft. */
 const snapshot = (ns: string, what: string[]) => nft(ns, ['-a', 'list', ...what]);
 
 describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('src/nft on %s', (backend) => {
   const ns = netnsName(backend === 'libnftables' ? 'lib' : 'bin');
-  const script = (ops: DriverScript['ops']): DriverScript => ({ open: { prefer: backend, strict: true }, ops });
+  const script = (ops: DriverScript['ops'], table: TableRef = EGD): DriverScript => ({ open: { prefer: backend, strict: true, table }, ops });
   let foreignBefore = '';
 
   beforeAll(() => {
@@ -101,7 +107,7 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
   it('replaces a table in one transaction, leaving other tables byte-identical', async () => {
     const out = await drive(
       ns,
-      script([op('replaceTable', 'inet', 'egd', V1), op('listTable', 'inet', 'egd'), op('replaceTable', 'inet', 'egd', V2)]),
+      script([op('replaceTable', V1), op('listTable', 'inet', 'egd'), op('replaceTable', V2)]),
     );
     const first = ok(out.results[1]) as NftTableListing;
     expect(first.sets.map((s) => s.name)).toEqual(['old_set']);
@@ -123,29 +129,61 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
     const out = await drive(
       ns,
       script([
-        op('replaceTable', 'inet', 'egd', BAD),
-        op('replaceTable', 'inet', 'egd', CHECK_ONLY, { check: true }),
+        op('replaceTable', BAD),
+        op('replaceTable', CHECK_ONLY, { check: true }),
         op('addElements', ref('dns4'), ['192.0.2.50'], { timeout: 60, check: true }),
-        op('replaceTable', 'inet', 'egd', BAD, { check: true }),
-        op('run', { text: 'add table inet checkonly' }, { check: true }),
+        op('replaceTable', BAD, { check: true }),
+        op('run', { commands: [command.createChain(EGD, 'checked_chain')] }, { check: true }),
         op('addElements', ref('nosuchset'), ['192.0.2.51']),
       ]),
     );
     const bad = failed(out.results[0]);
     expect(bad.code).toBe('EGD_NFT_APPLY');
-    // nft names the line (12 of the caller's text) and echoes it.
-    expect(bad.message).toMatch(/<input>:12:\d+-\d+: Error: syntax error/);
-    expect(bad.message).toContain('ip daddr @dns4 frobnicate');
-    expect(bad.details.some((line) => line.includes('frobnicate'))).toBe(true);
+    // nft names the line of the text the model rendered, and echoes it.
+    const badLine = renderCommandsText(replacing(BAD)).split('\n').findIndex((line) => line.includes('@nosuch')) + 1;
+    expect(bad.message).toMatch(new RegExp(`<input>:${badLine}:\\d+-\\d+: Error: `));
+    expect(bad.message).toContain('ip daddr @nosuch accept');
+    expect(bad.details.some((line) => line.includes('@nosuch'))).toBe(true);
     ok(out.results[1]);
     ok(out.results[2]);
-    expect(failed(out.results[3]).message).toContain('frobnicate');
+    expect(failed(out.results[3]).message).toContain('@nosuch');
     ok(out.results[4]);
     const missing = failed(out.results[5]);
     expect(missing.code).toBe('EGD_NFT_APPLY');
     expect(missing.message).toContain('add element inet egd nosuchset');
     expect(missing.message).toContain('No such file or directory');
 
+    expect(snapshot(ns, ['table', 'inet', 'egd'])).toBe(before);
+    expect(nft(ns, ['list', 'tables'])).toBe('table ip foreign\ntable inet egd\n');
+    expectForeignUntouched();
+  });
+
+  it('classifies refusals into typed reasons, and refuses another table before nft is asked', async () => {
+    const before = snapshot(ns, ['table', 'inet', 'egd']);
+    const out = await drive(
+      ns,
+      script([
+        // A chain that is there already: what a racing writer leaves.
+        op('run', { commands: [command.createChain(EGD, 'allow_web')] }),
+        // An element for a set that is not there.
+        op('addElements', ref('nosuchset'), ['192.0.2.51']),
+        // A timeout on a set without the timeout flag: the kernel says no.
+        op('addElements', ref('nets'), ['192.0.2.77'], { timeout: 60 }),
+        op('run', { commands: [command.addTable({ family: 'inet', name: 'foreign2' })] }),
+        op('run', { commands: [command.createChain(EGD, 'fresh'), command.deleteTable({ family: 'ip', name: 'foreign' } as never)] }),
+      ]),
+    );
+    expect(out.results.slice(0, 3).map((r) => [failed(r).code, failed(r).reason])).toEqual([
+      ['EGD_NFT_APPLY', 'conflict'],
+      ['EGD_NFT_APPLY', 'missing'],
+      ['EGD_NFT_APPLY', 'refused'],
+    ]);
+    for (const r of out.results.slice(3)) {
+      const refused = failed(r);
+      expect(refused.code).toBe('EGD_NFT_APPLY');
+      expect(refused.reason).toBeNull();
+      expect(refused.message).toContain('may touch only table inet egd (nothing was sent to nft)');
+    }
     expect(snapshot(ns, ['table', 'inet', 'egd'])).toBe(before);
     expect(nft(ns, ['list', 'tables'])).toBe('table ip foreign\ntable inet egd\n');
     expectForeignUntouched();
@@ -160,7 +198,7 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
           timeout: 300,
         }),
         op('addElements', ref('dns6'), batch, { timeout: 120 }),
-        op('addElements', ref('nets'), [elem.prefix('203.0.113.0', 25), '192.0.2.200']),
+        op('addElements', ref('nets'), [{ prefix: { addr: '203.0.113.0', len: 25 } }, '192.0.2.200']),
         op('deleteElements', ref('dns4'), ['192.0.2.11']),
         op('deleteElements', ref('dns4'), ['192.0.2.99']),
         op('deleteElements', ref('dns6'), batch.slice(0, 500)),
@@ -231,17 +269,22 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
   });
 
   it('lists names cheaply, keeps the event loop turning during a big text transaction, and never overlaps calls', async () => {
-    const big = Array.from({ length: 20_000 }, (_, i) => `10.${i >> 8}.${i & 255}.0/25`).join(', ');
-    const table = `table inet egd_big {\n\tset nets { type ipv4_addr; flags interval; elements = { ${big} } }\n\tchain c { ip daddr @nets drop; }\n}\n`;
+    const egdBig: TableRef = { family: 'inet', name: 'egd_big' };
+    const big = Array.from({ length: 20_000 }, (_, i) => ({ prefix: { addr: `10.${i >> 8}.${i & 255}.0`, len: 25 } }));
+    const table: Ruleset = { table: egdBig, sets: [{ name: 'nets', key: 'ipv4_addr', flags: ['interval'], elements: big }], chains: [{ name: 'c', rules: [rule([match.daddr(4, 'nets'), verdict.drop()])] }] };
+    const later: Ruleset = { table: egdBig, sets: [{ name: 'later', key: 'ipv4_addr', flags: [], elements: [] }], chains: [] };
     const out = await drive(
       ns,
-      script([
-        op('listNames', 'inet', 'egd_big'),
-        op('runCountingTurns', { text: table }),
-        op('listNames', 'inet', 'egd_big'),
-        op('runThenListNames', { text: 'table inet egd_big { set later { type ipv4_addr; }; }' }, 'inet', 'egd_big'),
-        op('run', { text: 'delete table inet egd_big' }),
-      ]),
+      script(
+        [
+          op('listNames', 'inet', 'egd_big'),
+          op('runCountingTurns', { commands: [command.block(table)] }),
+          op('listNames', 'inet', 'egd_big'),
+          op('runThenListNames', { commands: [command.block(later)] }, 'inet', 'egd_big'),
+          op('run', { commands: [command.deleteTable(egdBig)] }),
+        ],
+        egdBig,
+      ),
     );
     expect(ok(out.results[0])).toBeNull();
     const turns = ok(out.results[1]) as number;
@@ -268,10 +311,10 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
         op('tableExists', 'inet', 'egd'),
         op('tableExists', 'inet', 'nope'),
         op('tableExists', 'ip', 'egd'),
-        op('deleteTable', 'inet', 'nope'),
+        op('deleteTable'),
         op('listTables'),
         op('run', { json: [{ list: { tables: null } }] }),
-      ]),
+      ], { family: 'inet', name: 'nope' }),
     );
     expect(out.results.slice(0, 4).map(ok)).toEqual([null, null, null, null]);
     expect(out.results.slice(4, 7).map(ok)).toEqual([true, false, false]);
@@ -285,23 +328,30 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
 
   it('loads a typeof socket cgroupv2 map as text and adds a cgroup element as JSON', async () => {
     const cgroup = `${ns}-app`;
-    const table = `table inet egdcg {
-  map apps { typeof socket cgroupv2 level 1 : verdict; }
-  chain app_x { counter accept; }
-  chain out { type filter hook output priority 0; policy accept; socket cgroupv2 level 1 vmap @apps; }
-}`;
+    const egdcg: TableRef = { family: 'inet', name: 'egdcg' };
+    const table: Ruleset = {
+      table: egdcg,
+      sets: [{ name: 'apps', key: { cgroupLevel: 1 }, map: 'verdict', flags: [], elements: [], verdicts: [] }],
+      chains: [
+        { name: 'app_x', rules: [rule([stmt.counter(), verdict.accept()])] },
+        { name: 'out', hook, rules: [rule([dispatch.cgroup(1, 'apps')])] },
+      ],
+    };
     const dir = mkdtempSync(join(tmpdir(), 'egd-nft-cg-'));
     try {
       const apps = ref('apps', 'egdcg');
       writeFileSync(
         join(dir, 'script.json'),
         JSON.stringify(
-          script([
-            op('replaceTable', 'inet', 'egdcg', table),
-            op('addElements', apps, [{ key: cgroup, data: verdict.jump('app_x') }]),
-            op('listMap', apps),
-            op('addElements', apps, [{ key: `${cgroup}-missing`, data: verdict.drop() }]),
-          ]),
+          script(
+            [
+              op('replaceTable', table),
+              op('addElements', apps, [{ key: cgroup, data: verdict.jump('app_x') }]),
+              op('listMap', apps),
+              op('addElements', apps, [{ key: `${cgroup}-missing`, data: verdict.drop() }]),
+            ],
+            egdcg,
+          ),
         ),
       );
       const net = `--net=/run/netns/${ns}`;
@@ -325,6 +375,7 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
       expect((ok(out.results[2]) as NftSetInfo).elem).toEqual(expected);
       // nft resolves the path when the element is added: a missing cgroup is refused.
       expect(failed(out.results[3]).code).toBe('EGD_NFT_APPLY');
+      expect(failed(out.results[3]).reason).toBe('missing');
 
       const listed = JSON.parse(readFileSync(join(dir, 'map.json'), 'utf8')) as { nftables: Record<string, unknown>[] };
       expect(listedElems(listed)).toEqual(expected);
@@ -337,12 +388,11 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
   });
 
   it('says to install netbase when nft cannot resolve a protocol name, and changes nothing', async () => {
-    const table = `table inet egdproto {
-  chain out { type filter hook output priority 0; policy accept; meta l4proto ipv6-icmp accept; }
-}`;
+    const egdproto: TableRef = { family: 'inet', name: 'egdproto' };
+    const table: Ruleset = { table: egdproto, sets: [], chains: [{ name: 'out', hook, rules: [rule([match.l4proto('ipv6-icmp'), verdict.accept()])] }] };
     const dir = mkdtempSync(join(tmpdir(), 'egd-nft-proto-'));
     try {
-      writeFileSync(join(dir, 'script.json'), JSON.stringify(script([op('replaceTable', 'inet', 'egdproto', table)])));
+      writeFileSync(join(dir, 'script.json'), JSON.stringify(script([op('replaceTable', table)], egdproto)));
       writeFileSync(join(dir, 'protocols'), '');
       // /etc/protocols emptied in a private mount namespace, as on a machine without netbase.
       const shell = [
@@ -355,11 +405,12 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
       const refused = failed((JSON.parse(readFileSync(join(dir, 'driver.json'), 'utf8')) as DriverOutput).results[0]);
       expect(refused.code).toBe('EGD_NFT_APPLY');
       expect(refused.message).toContain('Could not resolve protocol name');
+      expect(refused.reason).toBe('refused');
       expect(refused.message).toContain('Debian package netbase');
       expect(nft(ns, ['list', 'tables'])).not.toContain('egdproto');
 
       // The same table with /etc/protocols in place loads: the file was the cause.
-      ok((await drive(ns, script([op('replaceTable', 'inet', 'egdproto', table)]))).results[0]);
+      ok((await drive(ns, script([op('replaceTable', table)], egdproto))).results[0]);
       expect(nft(ns, ['list', 'table', 'inet', 'egdproto'])).toContain('meta l4proto ipv6-icmp accept');
     } finally {
       rmSync(dir, { recursive: true, force: true });
@@ -371,7 +422,8 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
   it('adds one element to a 50,000-element hash set quickly, every time (fresh context per transaction)', async () => {
     const size = 50_000;
     const big = Array.from({ length: size }, (_, i) => `2001:db8:2::${(i + 1).toString(16)}`);
-    const table = `table inet egdbig {\n  set big6 { type ipv6_addr; flags timeout; elements = { ${big.join(', ')} } }\n}`;
+    const egdbig: TableRef = { family: 'inet', name: 'egdbig' };
+    const table: Ruleset = { table: egdbig, sets: [{ name: 'big6', key: 'ipv6_addr', flags: ['timeout'], elements: big }], chains: [] };
     const adds = Array.from({ length: 5 }, (_, i) =>
       op('addElements', ref('big6', 'egdbig'), [`2001:db8:3::${i + 1}`], { timeout: 60 }),
     );
@@ -383,7 +435,7 @@ describe.skipIf(skipReason !== null).each(['libnftables', 'binary'] as const)('s
     // asserted exactly in commands.test.ts with a fake C API.
     const out = await drive(
       ns,
-      script([op('replaceTable', 'inet', 'egdbig', table), op('listSet', ref('big6', 'egdbig')), ...adds]),
+      script([op('replaceTable', table), op('listSet', ref('big6', 'egdbig')), ...adds], egdbig),
     );
     ok(out.results[0]);
     expect((ok(out.results[1]) as NftSetInfo).elem).toHaveLength(size);

@@ -2,7 +2,7 @@ import fc from 'fast-check';
 import { stringify } from 'yaml';
 import { describe, expect, it } from 'vitest';
 import { compile } from '../../src/compile/compile.js';
-import { renderJson, renderText } from '../../src/compile/nft.js';
+import { renderJson, renderText } from '../../src/compile/ruleset.js';
 import { resolvePolicy, type ListReader } from '../../src/policy/resolve.js';
 
 const encoder = new TextEncoder();

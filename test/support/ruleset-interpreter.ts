@@ -1,5 +1,5 @@
 import { isIPv4, isIPv6 } from 'node:net';
-import type { ChainDecl, Element, Expr, RuleDecl, Ruleset, SetDecl, Statement, Verdict } from '../../src/compile/nft.js';
+import type { ChainDecl, Element, Expr, RuleDecl, Ruleset, SetDecl, Statement, Verdict } from '../../src/compile/ruleset.js';
 
 /**
  * A test-only interpreter of the compiled model: what the kernel does with

@@ -1,5 +1,5 @@
 import { compile as compilePolicy, factsNeeded } from '../../compile/compile.js';
-import { renderJson, renderText } from '../../compile/nft.js';
+import { renderJson, renderText } from '../../compile/ruleset.js';
 import { EgressError, ErrorCode } from '../../errors.js';
 import { DEFAULT_POLICY_DIR, Exit, loadForCommand, parseFlags, printIssues, type Command } from '../deps.js';
 

@@ -237,8 +237,9 @@ error or another change still running after a minute (nothing changed).`,
   },
   async run(options, deps) {
     const result = await setLockdown(options.on, options.dir, await enforcerDeps(deps));
-    if (options.json) deps.out(JSON.stringify({ lockdown: result.lockdown, digest: result.digest, policyUsable: result.policyUsable }));
-    if (!result.policyUsable) deps.err(`the policy in ${options.dir} is invalid; lockdown was applied without it (Tor is not excepted)`);
+    if (options.json) deps.out(JSON.stringify({ lockdown: result.lockdown, digest: result.digest, policyUsable: result.policyUsable, ...(result.fallback && { fallback: result.fallback }) }));
+    if (result.fallback === 'policy invalid') deps.err(`the policy in ${options.dir} is invalid; lockdown was applied without it (Tor is not excepted)`);
+    if (result.fallback === 'nftables refused') deps.err(`nftables refused what the policy in ${options.dir} compiles to; lockdown was applied without it (Tor is not excepted)`);
     deps.err(result.lockdown ? LOCKDOWN_IS_ON : `lockdown off: the policy in ${options.dir} is enforced again`);
     return Exit.Ok;
   },

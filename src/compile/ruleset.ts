@@ -1,9 +1,13 @@
 /**
- * A typed model of the part of nftables egressd uses, built with small
- * constructors and rendered two ways: libnftables JSON (for tools and
- * comparisons) and nft text (what is applied, because nft 1.0.6's JSON parser
- * has no `socket cgroupv2` expression — measured: "Invalid socket key value").
- * Both renderings come from the same objects, so they cannot drift apart.
+ * The one typed model of the part of nftables egressd uses: the compiler
+ * produces it, the swap renames and splits it into transactions of typed
+ * commands, and the binding (src/nft) renders and sends those — tables,
+ * chains, sets, elements and verdicts are defined here and nowhere else.
+ * Rendered two ways: libnftables JSON (for tools, comparisons and element
+ * changes) and nft text (what tables are applied as, because nft 1.0.6's
+ * JSON parser has no `socket cgroupv2` expression — measured: "Invalid socket
+ * key value"). Both renderings come from the same objects, so they cannot
+ * drift apart.
  */
 
 export interface TableRef {
@@ -13,6 +17,15 @@ export interface TableRef {
 
 export type SetKey = 'ipv4_addr' | 'ipv6_addr' | 'uid' | 'gid' | 'inet_proto' | 'inet_service' | { readonly cgroupLevel: number };
 export type SetFlag = 'interval' | 'timeout';
+
+/** The table egressd owns; the binding refuses any transaction that names another. */
+export const EGRESSD_TABLE: TableRef = { family: 'inet', name: 'egressd' };
+
+/** A chain, set or map of a table. */
+export interface ObjectRef {
+  readonly table: TableRef;
+  readonly name: string;
+}
 
 export type Verdict =
   | { readonly accept: null }
@@ -170,6 +183,65 @@ function quote(text: string): string {
   return `"${text}"`;
 }
 
+// ---- commands: what a transaction is made of ------------------------------
+
+/** One element to add or delete, with its per-element options. */
+export interface ElementEntry {
+  readonly key: Element;
+  /** A verdict map's data; absent for set elements. */
+  readonly data?: Verdict;
+  /** Whole seconds (nft JSON's unit); the set needs `flags timeout`. */
+  readonly timeout?: number;
+  readonly comment?: string;
+}
+
+/**
+ * One command of a transaction. `add block` is `table F N { sets, chains }`:
+ * it adds what is not there and appends rules to chains that are; `create
+ * chain` fails if the chain exists, which is how a racing writer is noticed.
+ */
+export type Command =
+  | { readonly op: 'add table' | 'delete table'; readonly table: TableRef }
+  | { readonly op: 'add block'; readonly ruleset: Ruleset }
+  | { readonly op: 'create chain' | 'flush chain' | 'delete chain' | 'delete set' | 'delete map'; readonly ref: ObjectRef }
+  | { readonly op: 'add element' | 'delete element'; readonly ref: ObjectRef; readonly elements: readonly ElementEntry[] };
+
+export const command = {
+  addTable: (table: TableRef): Command => ({ op: 'add table', table }),
+  deleteTable: (table: TableRef): Command => ({ op: 'delete table', table }),
+  block: (ruleset: Ruleset): Command => ({ op: 'add block', ruleset }),
+  createChain: (table: TableRef, name: string): Command => ({ op: 'create chain', ref: { table, name } }),
+  flushChain: (table: TableRef, name: string): Command => ({ op: 'flush chain', ref: { table, name } }),
+  deleteChain: (table: TableRef, name: string): Command => ({ op: 'delete chain', ref: { table, name } }),
+  deleteSet: (table: TableRef, name: string): Command => ({ op: 'delete set', ref: { table, name } }),
+  deleteMap: (table: TableRef, name: string): Command => ({ op: 'delete map', ref: { table, name } }),
+  addElements: (ref: ObjectRef, elements: readonly ElementEntry[]): Command => ({ op: 'add element', ref, elements }),
+  deleteElements: (ref: ObjectRef, elements: readonly ElementEntry[]): Command => ({ op: 'delete element', ref, elements }),
+};
+
+/** The table a command acts on. */
+export function tableOf(c: Command): TableRef {
+  if ('table' in c) return c.table;
+  if ('ruleset' in c) return c.ruleset.table;
+  return c.ref.table;
+}
+
+/** Every object name a command writes into nft's input (the table's aside). */
+export function namesOf(c: Command): string[] {
+  if ('table' in c) return [];
+  if ('ruleset' in c) return [...c.ruleset.sets.map((x) => x.name), ...c.ruleset.chains.map((x) => x.name)];
+  return [c.ref.name];
+}
+
+/** A one-line summary for error messages: "add element inet egressd dns4 (3 elements)". */
+export function describeCommand(c: Command): string {
+  const { family, name } = tableOf(c);
+  if ('table' in c) return `${c.op} ${family} ${name}`;
+  if ('ruleset' in c) return `table ${family} ${name} { ${c.ruleset.sets.length} sets and maps, ${c.ruleset.chains.length} chains }`;
+  const count = 'elements' in c ? ` (${c.elements.length} element${c.elements.length === 1 ? '' : 's'})` : '';
+  return `${c.op} ${family} ${name} ${c.ref.name}${count}`;
+}
+
 // ---- JSON rendering (libnftables JSON schema 1) --------------------------
 
 export type JsonObject = { readonly [key: string]: unknown };
@@ -182,6 +254,29 @@ function keyJson(key: SetKey): JsonObject {
 
 function elementJson(element: Element): unknown {
   return element;
+}
+
+function entryJson(entry: ElementEntry, op: 'add element' | 'delete element'): unknown {
+  // nft finds elements by key: a delete sends the key alone.
+  if (op === 'delete element') return elementJson(entry.key);
+  const options = { ...(entry.timeout === undefined ? {} : { timeout: entry.timeout }), ...(entry.comment === undefined ? {} : { comment: entry.comment }) };
+  const key = Object.keys(options).length === 0 ? elementJson(entry.key) : { elem: { val: elementJson(entry.key), ...options } };
+  return entry.data === undefined ? key : [key, entry.data];
+}
+
+/** The libnftables JSON command for a table or element change; the other commands go as text (see renderCommandsText). */
+export function commandJson(c: Command): JsonObject {
+  if ('table' in c) return { [c.op === 'add table' ? 'add' : 'delete']: { table: { family: c.table.family, name: c.table.name } } };
+  if ('elements' in c) {
+    const { table, name } = c.ref;
+    return { [c.op === 'add element' ? 'add' : 'delete']: { element: { family: table.family, table: table.name, name, elem: c.elements.map((e) => entryJson(e, c.op)) } } };
+  }
+  throw new Error(`internal: ${c.op} is sent as text`);
+}
+
+/** True when every command has a JSON form (cheap: no text parser, no file). */
+export function isJsonCommand(c: Command): boolean {
+  return c.op === 'add table' || c.op === 'delete table' || c.op === 'add element' || c.op === 'delete element';
 }
 
 export function renderJson(ruleset: Ruleset): { nftables: JsonObject[] } {
@@ -309,4 +404,24 @@ export function renderText(ruleset: Ruleset): string {
   }
   lines.push('}');
   return `${lines.join('\n')}\n`;
+}
+
+function entryText(entry: ElementEntry, op: 'add element' | 'delete element'): string {
+  if (op === 'delete element') return elementText(entry.key);
+  const timeout = entry.timeout === undefined ? '' : ` timeout ${entry.timeout}s`;
+  const comment = entry.comment === undefined ? '' : ` comment ${quote(entry.comment)}`;
+  return `${elementText(entry.key)}${timeout}${comment}${entry.data === undefined ? '' : ` : ${verdictText(entry.data)}`}`;
+}
+
+function commandText(c: Command): string {
+  if ('ruleset' in c) return renderText(c.ruleset);
+  const { family, name } = tableOf(c);
+  if ('table' in c) return `${c.op} ${family} ${name}\n`;
+  if ('elements' in c) return `${c.op} ${family} ${name} ${c.ref.name} { ${c.elements.map((e) => entryText(e, c.op)).join(', ')} }\n`;
+  return `${c.op} ${family} ${name} ${c.ref.name}\n`;
+}
+
+/** The nft text of one transaction: every command, in order. */
+export function renderCommandsText(commands: readonly Command[]): string {
+  return commands.map(commandText).join('');
 }
