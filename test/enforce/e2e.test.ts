@@ -1,9 +1,10 @@
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { createTestNet, ensureTestUsers, harnessUnavailableReason, type Server, type TestNet, type TestUsers } from '../harness/index.js';
 import { policyDir } from '../support/policy-dir.js';
+import { printed, until } from '../support/wait.js';
 
 /**
  * egressd's table enforced for real: a host namespace with the table and
@@ -177,15 +178,21 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
 
     it('denials are logged to NFLOG with the id of the rule that dropped them', async () => {
       const pcap = join(state, 'nflog.pcap');
-      const capture = net.host.spawn('tcpdump', ['-i', 'nflog:7745', '-U', '-w', pcap, '-c', '3']);
+      const capture = net.host.spawn('tcpdump', ['-i', 'nflog:7745', '-U', '-w', pcap]);
       const exited = new Promise<void>((resolve) => capture.once('exit', () => resolve()));
-      await new Promise((resolve) => setTimeout(resolve, 500));
+      // tcpdump says so once it is bound to the log group: from then on no logged packet is missed.
+      await printed(capture, 'stderr', 'listening on nflog:7745');
+      const before = await dropsOf(dir, 'deny/00.yaml/0');
       await net.host.connect({ proto: 'tcp', addr: '2001:db8:1::3', port: 8443, user: users.app3.uid, timeoutMs: 1500 });
-      await Promise.race([exited, new Promise((resolve) => setTimeout(resolve, 3000))]);
+      const dropped = (await dropsOf(dir, 'deny/00.yaml/0')) - before;
+      // Far under the rule's log limit, so every packet the rule dropped is logged: wait until the capture holds them all.
+      const captured = () => nflogPrefixes(existsSync(pcap) ? readFileSync(pcap) : Buffer.alloc(0));
+      await until(`${dropped} NFLOG records in ${pcap}`, () => captured().length >= dropped);
       capture.kill('SIGINT');
       await exited;
       const prefixes = nflogPrefixes(readFileSync(pcap));
       expect(prefixes.length).toBeGreaterThan(0);
+      expect(prefixes).toHaveLength(dropped);
       expect(new Set(prefixes)).toEqual(new Set(['egd deny/00.yaml/0 ']));
     });
   });
