@@ -109,6 +109,27 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     expect(other.stderr).toMatch(/\+ global_deny: 00\.yaml:3 deny\/00\.yaml\/0 #/);
   });
 
+  it('status without a policy directory reports what is enforced and says there is nothing to compare with', () => {
+    const missing = join(state, 'no-such-policy-dir');
+    egressctl('apply', policyDir(GOOD));
+    const text = egressctl('status', missing);
+    expect(text.status, text.stderr).toBe(1);
+    expect(text.stderr).toMatch(/^enforced: table inet egressd, policy sha256:[0-9a-f]{16}…/);
+    expect(text.stderr).toContain(`no policy directory at ${missing} to compare with`);
+    expect(text.stderr).not.toContain('cannot read policy directory');
+    const json = egressctl('status', missing, '--json');
+    expect(json.status).toBe(1);
+    expect(JSON.parse(json.stdout)).toMatchObject({ enforced: true, digest: liveDigest(), matchesPolicyOnDisk: false, policyDirectory: null, notCompared: `no policy directory at ${missing} to compare with`, plan: null });
+    expect((JSON.parse(json.stdout) as { rules: number }).rules).toBeGreaterThan(0);
+
+    expect(egressctl('release').status).toBe(0);
+    const none = egressctl('status', missing, '--json');
+    expect(none.status).toBe(1);
+    expect(JSON.parse(none.stdout)).toMatchObject({ enforced: false, matchesPolicyOnDisk: false, policyDirectory: null, rules: 0 });
+    expect(none.stderr).toContain('NOT ENFORCED');
+    expect(none.stderr).toContain(`no policy directory at ${missing} to compare with`);
+  });
+
   it('a bad policy exits 2 and leaves the live table byte-identical', () => {
     egressctl('apply', policyDir(GOOD));
     const before = nft('-j', 'list', 'ruleset').stdout;
