@@ -225,8 +225,9 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
     const floods = await denied.stop();
     const connects = await allowed.stop();
     expect(revisions.code, revisions.stderr).toBe(0);
-    expect(JSON.parse(revisions.stdout)).toMatchObject({ applied: 50 });
-    expect(floods.attempts).toBeGreaterThan(1000);
+    // Every generation, the 50 new ones and the first, dropped some of the flood before it was replaced.
+    expect(JSON.parse(revisions.stdout)).toMatchObject({ applied: 50, hit: 51 });
+    expect(floods.attempts).toBeGreaterThan(51);
     expect(floods.successes).toBe(0);
     expect(await servers.udp!.count()).toBe(0);
     expect(connects.attempts).toBeGreaterThan(20);
@@ -245,7 +246,9 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
     const revisions = await net.host.node(join(import.meta.dirname, 'fixtures', 'apply-revisions.ts'), ['50', b, a], { timeoutMs: 120_000 });
     const sent = await flood.stop();
     expect(revisions.code, revisions.stderr).toBe(0);
-    expect(sent.attempts).toBeGreaterThan(5_000);
+    // The flood ran across every swap: each generation dropped some of it before the next came.
+    expect(JSON.parse(revisions.stdout)).toMatchObject({ applied: 50, hit: 51 });
+    expect(sent.attempts).toBeGreaterThan(51);
     expect(await servers.udp!.count()).toBe(0);
   }, 150_000);
 });
