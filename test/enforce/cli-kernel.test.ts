@@ -44,9 +44,9 @@ function subscribedToNftEvents(pid: number): boolean {
   }
 }
 
-/** `nft monitor chains` in the namespace: every chain event from the moment it resolves, as lines. */
-async function monitorChains() {
-  const child = spawn('nsenter', [`--net=/run/netns/${ns}`, 'nft', 'monitor', 'chains'], { stdio: ['ignore', 'pipe', 'inherit'] });
+/** `nft monitor rules` in the namespace: every rule event from the moment it resolves, as lines. */
+async function monitorRules() {
+  const child = spawn('nsenter', [`--net=/run/netns/${ns}`, 'nft', 'monitor', 'rules'], { stdio: ['ignore', 'pipe', 'inherit'] });
   const events: string[] = [];
   let partial = '';
   child.stdout!.on('data', (chunk: Buffer) => {
@@ -246,19 +246,20 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     expect(newDigest).not.toBe(oldDigest);
     // Each apply is killed at a step it announces, not after a guessed time: once it holds the
     // enforcement lock (loading and compiling, nothing written), once its prepare transaction is
-    // in (nft monitor shows the new chains created), once the switch is in (the base chain re-added
-    // after them), once the old generation goes (its chains deleted after them).
+    // in (nft monitor shows rules added to chains other than the base chain), once the switch is in
+    // (rules added to the base chain after those), once the old generation goes (rules of other
+    // chains deleted after those).
     const lock = lockPathFor(statSync(`/run/netns/${ns}`).ino);
     const holds = (pid: number) => { try { return readFileSync(lock, 'utf8').startsWith(`pid ${pid}:`); } catch { return false; } };
     const after = (events: string[], first: RegExp, then: RegExp) => events.slice(events.findIndex((l) => first.test(l)) + 1).some((l) => then.test(l));
-    const created = /^create chain inet egressd \S+$/;
+    const prepared = /^add rule inet egressd (?!output )\S+ /;
     const stages: Record<string, (pid: number, events: string[]) => boolean> = {
       locked: (pid) => holds(pid),
-      prepared: (_, events) => events.some((l) => created.test(l)),
-      switched: (_, events) => events.some((l) => created.test(l)) && after(events, created, /^add chain inet egressd output /),
-      removed: (_, events) => events.some((l) => created.test(l)) && after(events, created, /^delete chain inet egressd /),
+      prepared: (_, events) => events.some((l) => prepared.test(l)),
+      switched: (_, events) => events.some((l) => prepared.test(l)) && after(events, prepared, /^add rule inet egressd output /),
+      removed: (_, events) => events.some((l) => prepared.test(l)) && after(events, prepared, /^delete rule inet egressd (?!output )\S+ /),
     };
-    const monitor = await monitorChains();
+    const monitor = await monitorRules();
     let live = newDigest;
     const seen = new Set<string>();
     const killedMidway: string[] = [];
