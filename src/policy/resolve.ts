@@ -92,6 +92,12 @@ function schemaIssue(source: SourceFile, issue: z.core.$ZodIssue): PolicyIssue {
     const plural = keys.length === 1 ? 'key' : 'keys';
     return { severity: 'error', at: where, message: `unknown ${plural} ${keys.map((k) => `"${k}"`).join(', ')}${describePath(path)}`, hint: 'see `egressctl schema` for the keys each section takes' };
   }
+  if (issue.code === 'invalid_key') {
+    // Zod says only "Invalid key in record": the key check's own issues say the rule, as they do for a value.
+    const key = String(path[path.length - 1]);
+    const rule = issue.issues.map((inner) => inner.message).join('; ');
+    return { severity: 'error', at: source.locateKey(path), message: `"${key}" is not a valid name: ${rule}${describePath(path.slice(0, -1))}` };
+  }
   const hint = issue.code === 'custom' ? (issue.params as { hint?: string } | undefined)?.hint : undefined;
   let message = issue.message;
   if (issue.code === 'invalid_union') {

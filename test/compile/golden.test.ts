@@ -40,7 +40,9 @@ for (const name of readdirSync(GOLDEN).sort()) {
     it('matches ruleset.nft and ruleset.json', () => {
       for (const [file, content] of [['ruleset.nft', built.text], ['ruleset.json', built.json]] as const) {
         const path = join(GOLDEN, name, file);
-        if (update || !existsSync(path)) writeFileSync(path, content);
+        if (update) writeFileSync(path, content);
+        // A missing golden is a failure, not a first run: writing it here would make the test pass whatever compile produced.
+        expect(existsSync(path), `${name}/${file} is missing; create it with UPDATE_GOLDEN=1 npx vitest run test/compile/golden.test.ts and read it before committing`).toBe(true);
         expect(content, `${name}/${file} differs; if the change is intended, rerun with UPDATE_GOLDEN=1`).toBe(readFileSync(path, 'utf8'));
       }
     });

@@ -1,6 +1,6 @@
 import { spawn, spawnSync, type SpawnSyncReturns } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -8,6 +8,8 @@ import { nftAvailable } from '../support/nft-check.js';
 import { policyDir } from '../support/policy-dir.js';
 import { holdLock } from '../support/hold-lock.js';
 import { deleteNamespace } from '../support/netns.js';
+import { until } from '../support/wait.js';
+import { lockPathFor } from '../../src/enforce/lock.js';
 
 /**
  * egressctl's enforcement commands against the real kernel, in a network
@@ -30,6 +32,38 @@ function egressctlInBackground(...args: string[]) {
   const run = { child, stderr: '', exited: new Promise<number>((resolve) => child.once('exit', (code) => resolve(code ?? -1))) };
   child.stderr!.on('data', (chunk: Buffer) => (run.stderr += chunk.toString()));
   return run;
+}
+/** Whether `pid` holds a netfilter netlink socket that has joined NFNLGRP_NFTABLES (group 7: bit 0x40). */
+function subscribedToNftEvents(pid: number): boolean {
+  try {
+    const sockets = new Set(readdirSync(`/proc/${pid}/fd`).map((fd) => { try { return /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`))?.[1]; } catch { return undefined; } }));
+    // sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode; Eth 12 is NETLINK_NETFILTER.
+    return readFileSync(`/proc/${pid}/net/netlink`, 'utf8').split('\n').slice(1).map((line) => line.trim().split(/\s+/)).some((f) => f[1] === '12' && sockets.has(f[9]) && (Number.parseInt(f[3] ?? '0', 16) & 0x40) !== 0);
+  } catch {
+    return false;
+  }
+}
+
+/** `nft monitor rules` in the namespace: every rule event from the moment it resolves, as lines. */
+async function monitorRules() {
+  const child = spawn('nsenter', [`--net=/run/netns/${ns}`, 'nft', 'monitor', 'rules'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const events: string[] = [];
+  let partial = '';
+  child.stdout!.on('data', (chunk: Buffer) => {
+    const lines = (partial + chunk.toString()).split('\n');
+    partial = lines.pop()!;
+    events.push(...lines);
+  });
+  // Ready once the kernel shows its socket subscribed to nftables events: nothing after that is
+  // missed. (Writing a sentinel until one shows would not do: each write restarts the listing nft
+  // takes before it subscribes, and with a big set that listing never finishes.)
+  try {
+    await until('nft monitor to subscribe', () => child.pid !== undefined && subscribedToNftEvents(child.pid));
+  } catch (error) {
+    child.kill();
+    throw error;
+  }
+  return { events, stop: () => child.kill() };
 }
 const nft = (...args: string[]) => inNs('nft', args);
 const liveText = () => nft('list', 'table', 'inet', 'egressd').stdout;
@@ -73,6 +107,27 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     expect(other.status).toBe(1);
     expect(other.stderr).toContain('DIFFERS from the policy');
     expect(other.stderr).toMatch(/\+ global_deny: 00\.yaml:3 deny\/00\.yaml\/0 #/);
+  });
+
+  it('status without a policy directory reports what is enforced and says there is nothing to compare with', () => {
+    const missing = join(state, 'no-such-policy-dir');
+    egressctl('apply', policyDir(GOOD));
+    const text = egressctl('status', missing);
+    expect(text.status, text.stderr).toBe(1);
+    expect(text.stderr).toMatch(/^enforced: table inet egressd, policy sha256:[0-9a-f]{16}…/);
+    expect(text.stderr).toContain(`no policy directory at ${missing} to compare with`);
+    expect(text.stderr).not.toContain('cannot read policy directory');
+    const json = egressctl('status', missing, '--json');
+    expect(json.status).toBe(1);
+    expect(JSON.parse(json.stdout)).toMatchObject({ enforced: true, digest: liveDigest(), matchesPolicyOnDisk: false, policyDirectory: null, notCompared: `no policy directory at ${missing} to compare with`, plan: null });
+    expect((JSON.parse(json.stdout) as { rules: number }).rules).toBeGreaterThan(0);
+
+    expect(egressctl('release').status).toBe(0);
+    const none = egressctl('status', missing, '--json');
+    expect(none.status).toBe(1);
+    expect(JSON.parse(none.stdout)).toMatchObject({ enforced: false, matchesPolicyOnDisk: false, policyDirectory: null, rules: 0 });
+    expect(none.stderr).toContain('NOT ENFORCED');
+    expect(none.stderr).toContain(`no policy directory at ${missing} to compare with`);
   });
 
   it('a bad policy exits 2 and leaves the live table byte-identical', () => {
@@ -167,11 +222,12 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     const holder = await holdLock('-', 'apply by the test', ns);
     try {
       const release = egressctlInBackground('release');
-      for (let waited = 0; !release.stderr.includes('waiting for another change') && waited < 30_000; waited += 100) await new Promise((resolve) => setTimeout(resolve, 100));
+      await until('release to say it waits', () => release.stderr.includes('waiting for another change'));
       expect(release.stderr).toContain(`waiting for another change of enforcement to finish (pid ${holder.child.pid}: apply by the test, since `);
-      // Some time after it began to wait, the table is still there.
-      await new Promise((resolve) => setTimeout(resolve, 500));
+      // Once it waits, the table is still there and release has not finished; that a held lock keeps a
+      // change out for as long as it is held, not some guessed while, is test/enforce/lock.test.ts's timeout case.
       expect(nft('list', 'table', 'inet', 'egressd').status, 'release did not wait').toBe(0);
+      expect(release.child.exitCode, 'release did not wait').toBeNull();
       holder.letGo();
       expect(await release.exited).toBe(0);
       expect(nft('list', 'table', 'inet', 'egressd').status).not.toBe(0);
@@ -181,9 +237,9 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
   }, 60_000);
 
   it('fail-closed: apply killed with SIGKILL at any moment leaves the old table or the new one, never none', async () => {
-    // A large list, different in each policy (an unchanged set is not written again), makes
-    // each apply take long enough to be killed in the middle.
-    const nets = (first: number) => Array.from({ length: 60_000 }, (_, i) => `${first + (i >> 16)}.${(i >> 8) & 255}.${i & 255}.0/24`).join('\n');
+    // A large list, different in each policy (an unchanged set is not written again), so that each
+    // apply writes a big set, and removing the old one leaves time to be killed after the switch.
+    const nets = (first: number) => Array.from({ length: 30_000 }, (_, i) => `${first + (i >> 16)}.${(i >> 8) & 255}.${i & 255}.0/24`).join('\n');
     const oldDir = policyDir({ '00.yaml': 'lists:\n  big: {file: big.txt}\ndeny:\n  - to: ["@big"]\n', 'big.txt': `${nets(10)}\n` });
     const newDir = policyDir({ '00.yaml': 'lists:\n  big: {file: big.txt}\ndeny:\n  - to: ["@big"]\n    ports: [443]\n', 'big.txt': `${nets(20)}\n` });
     expect(egressctl('apply', oldDir).status).toBe(0);
@@ -191,23 +247,52 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     expect(egressctl('apply', newDir).status).toBe(0);
     const newDigest = liveDigest();
     expect(newDigest).not.toBe(oldDigest);
+    // Each apply is killed at a step it announces, not after a guessed time: once it holds the
+    // enforcement lock (loading and compiling, nothing written), once its prepare transaction is
+    // in (nft monitor shows rules added to chains other than the base chain), once the switch is in
+    // (rules added to the base chain after those), once the old generation goes (rules of other
+    // chains deleted after those).
+    const lock = lockPathFor(statSync(`/run/netns/${ns}`).ino);
+    const holds = (pid: number) => { try { return readFileSync(lock, 'utf8').startsWith(`pid ${pid}:`); } catch { return false; } };
+    const after = (events: string[], first: RegExp, then: RegExp) => events.slice(events.findIndex((l) => first.test(l)) + 1).some((l) => then.test(l));
+    const prepared = /^add rule inet egressd (?!output )\S+ /;
+    const stages: Record<string, (pid: number, events: string[]) => boolean> = {
+      locked: (pid) => holds(pid),
+      prepared: (_, events) => events.some((l) => prepared.test(l)),
+      switched: (_, events) => events.some((l) => prepared.test(l)) && after(events, prepared, /^add rule inet egressd output /),
+      removed: (_, events) => events.some((l) => prepared.test(l)) && after(events, prepared, /^delete rule inet egressd (?!output )\S+ /),
+    };
+    const monitor = await monitorRules();
+    let live = newDigest;
     const seen = new Set<string>();
-    let killedMidway = 0;
-    for (let i = 0; i < 10; i++) {
-      const target = i % 2 === 0 ? oldDir : newDir;
-      const { child, exited } = egressctlInBackground('apply', target);
-      await new Promise((resolve) => setTimeout(resolve, 200 + i * 130));
-      if (child.exitCode === null && child.signalCode === null) {
-        killedMidway++;
-        child.kill('SIGKILL');
+    const killedMidway: string[] = [];
+    try {
+      // Twice each: after a kill the next apply reads the table whole, which makes each run take seconds.
+      for (let i = 0; i < 8; i++) {
+        const stage = Object.keys(stages)[i % 4]!;
+        // Always a change: an apply of the policy already in force would have no transaction to kill.
+        const target = live === oldDigest ? newDir : oldDir;
+        const from = monitor.events.length;
+        const { child, exited } = egressctlInBackground('apply', target);
+        let finished = false;
+        void exited.then(() => (finished = true));
+        // Polled often: after the switch only the removal and the state files are left to kill it in.
+        await until(`apply (pid ${child.pid}) to reach "${stage}" or exit`, () => finished || stages[stage]!(child.pid!, monitor.events.slice(from)), { everyMs: 2 });
+        if (child.exitCode === null && child.signalCode === null) {
+          killedMidway.push(stage);
+          child.kill('SIGKILL');
+        }
+        await exited;
+        const digest = liveDigest();
+        expect([oldDigest, newDigest], `killed at "${stage}"`).toContain(digest);
+        seen.add(digest!);
+        live = digest;
       }
-      await exited;
-      const digest = liveDigest();
-      expect([oldDigest, newDigest]).toContain(digest);
-      seen.add(digest!);
+    } finally {
+      monitor.stop();
     }
-    // The delays span start-up, loading, compiling and the transaction itself; most kills land in the middle.
-    expect(killedMidway).toBeGreaterThanOrEqual(5);
+    // Every step was cut at least once while the apply still ran, or this test would prove less than it says.
+    expect(new Set(killedMidway), `killed mid-run at: ${killedMidway.join(', ')}`).toEqual(new Set(Object.keys(stages)));
     // The next apply clears what the killed ones left: one generation of chains, one set per name.
     expect(egressctl('apply', newDir).status).toBe(0);
     const chains = [...nft('list', 'chains', 'inet').stdout.matchAll(/chain (\S+) \{/g)].map((m) => m[1]!).filter((c) => c !== 'output');

@@ -37,8 +37,11 @@ describe('the enforcement lock', () => {
     const { child, letGo, exited } = await holdInChild('apply /etc/egressd');
     const told: string[] = [];
     let ranAt = 0;
-    const waiting = withEnforcementLock(lockPath, 'release', async () => (ranAt = Date.now()), { onWait: (who) => told.push(who) });
-    await new Promise((resolve) => setTimeout(resolve, 400));
+    let refused!: () => void;
+    const wasRefused = new Promise<void>((resolve) => (refused = resolve));
+    const waiting = withEnforcementLock(lockPath, 'release', async () => (ranAt = Date.now()), { onWait: (who) => (told.push(who), refused()) });
+    // Waits for the lock to turn it away, not for a time: that a held lock keeps a change out for as long as it is held is the timeout test below.
+    await wasRefused;
     expect(ranAt).toBe(0);
     const letGoAt = Date.now();
     letGo();
@@ -75,13 +78,19 @@ describe('the enforcement lock', () => {
 
   it('serialises changes within one process too', async () => {
     const order: string[] = [];
-    const change = (name: string) => async () => {
+    let twoRefused!: () => void;
+    const twoWaits = new Promise<void>((resolve) => (twoRefused = resolve));
+    // One ends only once two has been turned away: the overlap is certain, not a matter of time.
+    const change = (name: string, until: Promise<void>) => async () => {
       order.push(`${name} starts`);
-      await new Promise((resolve) => setTimeout(resolve, 150));
+      await until;
       order.push(`${name} ends`);
     };
-    await Promise.all([withEnforcementLock(lockPath, 'one', change('one')), withEnforcementLock(lockPath, 'two', change('two'))]);
-    expect(order).toEqual(['one starts', 'one ends', 'two starts', 'two ends']);
+    await Promise.all([
+      withEnforcementLock(lockPath, 'one', change('one', twoWaits)),
+      withEnforcementLock(lockPath, 'two', change('two', Promise.resolve()), { onWait: () => (order.push('two waits'), twoRefused()) }),
+    ]);
+    expect(order).toEqual(['one starts', 'two waits', 'one ends', 'two starts', 'two ends']);
   });
 
   it('lockdown on that cannot get the lock fails and names the holder; it does not call the policy broken', async () => {

@@ -8,14 +8,19 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { EgressError, ErrorCode } from '../../src/errors.js';
 import { openNft } from '../../src/nft/open.js';
 import type { NftSetInfo } from '../../src/nft/types.js';
-import { addNetns, deleteNetns, drive, kernelSkipReason, listedElems, netnsName, nft, nftJson, ok, op } from './helpers.js';
+import { addNetns, deleteNetns, drive, kernelSkipReason, libnftablesSkipReason, listedElems, netnsName, nft, nftJson, ok, op } from './helpers.js';
 
 const NO_LIBRARY = '/nonexistent/libnftables.so.1';
 const NO_BINARY = '/nonexistent/nft';
 const skipReason = kernelSkipReason();
+const libSkipReason = await libnftablesSkipReason();
 
 describe('openNft', () => {
-  it('picks libnftables by default', async () => {
+  it('says why libnftables tests skip where the library cannot be loaded', async () => {
+    expect(await libnftablesSkipReason(NO_LIBRARY)).toMatch(new RegExp(`^libnftables cannot be loaded here \\(cannot load ${NO_LIBRARY.replaceAll('.', '\\.')}: `));
+  });
+
+  it.skipIf(libSkipReason !== null)(`picks libnftables by default${libSkipReason ? ` (skipped: ${libSkipReason})` : ''}`, async () => {
     const client = await openNft();
     expect(client.backend).toBe('libnftables');
     expect(client.fallbackReason).toBeUndefined();
@@ -29,7 +34,7 @@ describe('openNft', () => {
     expect(await client.version()).toMatch(/^\d+\.\d+\.\d+$/);
   });
 
-  it('falls back to libnftables when the preferred binary is missing', async () => {
+  it.skipIf(libSkipReason !== null)(`falls back to libnftables when the preferred binary is missing${libSkipReason ? ` (skipped: ${libSkipReason})` : ''}`, async () => {
     const client = await openNft({ prefer: 'binary', nftPath: NO_BINARY });
     expect(client.backend).toBe('libnftables');
     expect(client.fallbackReason).toContain(NO_BINARY);

@@ -9,6 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { DEFAULT_LIBRARY, loadLibnftables } from '../../src/nft/libnftables.js';
 import type { DriverOp, DriverOutput, DriverResult, DriverScript } from './fixtures/driver.js';
 
 export type { DriverOp, DriverOutput, DriverResult, DriverScript };
@@ -32,6 +33,23 @@ export function kernelSkipReason(): string | null {
     if (!has(tool)) return `kernel nft tests need ${tool} on PATH`;
   }
   return null;
+}
+
+/**
+ * The library the libnftables tests load. EGD_TEST_LIBNFTABLES points them
+ * at another path: one that does not exist shows how they skip on a host
+ * without the library.
+ */
+export const LIBNFTABLES = process.env['EGD_TEST_LIBNFTABLES'] ?? DEFAULT_LIBRARY;
+
+/** Why tests of the libnftables backend cannot run here (the library does not load), or null when they can. */
+export async function libnftablesSkipReason(path: string = LIBNFTABLES): Promise<string | null> {
+  try {
+    await loadLibnftables(path);
+    return null;
+  } catch (error) {
+    return `libnftables cannot be loaded here (${error instanceof Error ? error.message : String(error)})`;
+  }
 }
 
 /** A fresh namespace name, unique per call so parallel test files never collide. */

@@ -146,6 +146,19 @@ describe('policy loader: every class of bad input is an error with file:line:col
     ]);
   });
 
+  it('an app or identity name that breaks the naming rule says the rule, at the name', () => {
+    const long = 'a'.repeat(33);
+    const rule = 'names are 1–32 characters: lower case letters, digits, "-" and "_", starting with a letter';
+    expect(errorsOf({ '00.yaml': `identities:\n  ${long}: {user: root}\napps:\n  Web:\n    identity: {user: root}\n` })).toEqual([
+      `00.yaml:2:3: "${long}" is not a valid name: ${rule} (at identities)`,
+      `00.yaml:4:3: "Web" is not a valid name: ${rule} (at apps)`,
+    ]);
+    expect(errorsOf({ '00.yaml': 'lists:\n  "my list": [a.example]\nsystemDomains:\n  Offline: {members: [{user: root}]}\n' })).toEqual([
+      `00.yaml:2:3: "my list" is not a valid name: ${rule} (at lists)`,
+      `00.yaml:4:3: "Offline" is not a valid name: ${rule} (at systemDomains)`,
+    ]);
+  });
+
   it('bad CIDRs and addresses, with a hint for host bits', () => {
     const errors = errorsOf({ 'a.yaml': 'deny:\n  - to: [192.0.2.1/24, 10.0.0.300, "2001:db8::1/129"]\n' });
     expect(errors).toEqual([

@@ -1,3 +1,4 @@
+import { statSync } from 'node:fs';
 import { EgressError, ErrorCode } from '../../errors.js';
 import { applyPolicy, liveSummary, planPolicy, release as releaseTable, setLockdown, type EnforcerDeps } from '../../enforce/enforcer.js';
 import type { Plan } from '../../enforce/plan.js';
@@ -128,19 +129,27 @@ the policy digest it was compiled from, rules, set sizes and how many
 packets each denying rule has dropped; then compares it with the policy in
 DIR (default ${DEFAULT_POLICY_DIR}).
 
+Without a directory at DIR (a host that takes its table from elsewhere),
+status still reports what is enforced, and says that there is nothing to
+compare it with; --json then has "policyDirectory": null.
+
 Exit status: 0 enforced and matching the policy on disk, 1 not enforced or
-different from it (or the policy on disk is invalid), 3 system error.`,
+different from it (or the policy on disk is invalid, or there is no policy
+directory to compare with), 3 system error.`,
   parse: (argv) => onePolicyDir('status', argv),
   async run(options, deps) {
     const enforcer = await enforcerDeps(deps);
     let planned: Awaited<ReturnType<typeof planPolicy>> | undefined;
     let policyError: string[] | undefined;
+    // Only a directory that is not there: one that cannot be read is still a system error.
+    const noPolicyDir = isMissing(options.dir);
     try {
-      planned = await planPolicy(options.dir, enforcer);
+      if (!noPolicyDir) planned = await planPolicy(options.dir, enforcer);
     } catch (error) {
       if (!(error instanceof EgressError) || error.code !== ErrorCode.PolicyInvalid) throw error;
       policyError = [error.message, ...error.details];
     }
+    const notCompared = noPolicyDir ? `no policy directory at ${options.dir} to compare with` : policyError ? `the policy in ${options.dir} is invalid` : null;
     const live = planned ? planned.live : await liveSummary(enforcer.nft);
     const drops = live ? [...live.chains.values()].flat().filter((r) => r.drops && (r.packets ?? 0) > 0).map((r) => ({ id: r.id, packets: r.packets ?? 0, bytes: r.bytes ?? 0 })) : [];
     const matches = planned !== undefined && live !== null && !planned.plan.changes;
@@ -149,6 +158,8 @@ different from it (or the policy on disk is invalid), 3 system error.`,
       lockdown: live?.lockdown ?? false,
       digest: live?.digest ?? null,
       matchesPolicyOnDisk: matches,
+      policyDirectory: noPolicyDir ? null : options.dir,
+      notCompared,
       policyErrors: policyError ?? [],
       rules: live ? [...live.chains.values()].reduce((n, r) => n + r.length, 0) : 0,
       sets: live ? [...live.sets.entries()].map(([name, s]) => ({ name, kind: s.kind, size: s.size, dynamic: s.dynamic })) : [],
@@ -159,12 +170,15 @@ different from it (or the policy on disk is invalid), 3 system error.`,
     if (options.json) deps.out(JSON.stringify(report, null, 2));
     if (!live) {
       deps.err('NOT ENFORCED: there is no table inet egressd in the kernel. "egressctl apply" enforces the policy.');
+      if (noPolicyDir) deps.err(notCompared!);
     } else {
       if (report.lockdown) deps.err(LOCKDOWN_IS_ON);
       deps.err(`enforced: table inet egressd, policy sha256:${report.digest?.slice(0, 16) ?? '(unknown)'}…, ${report.rules} rules, ${report.sets.length} sets and maps`);
       for (const s of report.sets.filter((x) => x.size > 0)) deps.err(`  ${s.kind} ${s.name}: ${s.size} elements${s.dynamic ? ' (run time)' : ''}`);
       for (const d of report.dropped) deps.err(`  dropped by ${d.id}: ${d.packets} packets`);
-      if (policyError) {
+      if (noPolicyDir) {
+        deps.err(`${notCompared!}; "egressctl status DIR" compares it with the policy in DIR`);
+      } else if (policyError) {
         deps.err(`the policy in ${options.dir} is invalid, so it cannot be compared:`);
         for (const line of policyError.slice(1)) deps.err(`  ${line}`);
       } else if (matches) {
@@ -177,6 +191,15 @@ different from it (or the policy on disk is invalid), 3 system error.`,
     return matches ? Exit.Ok : Exit.Answer;
   },
 };
+
+function isMissing(path: string): boolean {
+  try {
+    statSync(path);
+    return false;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'ENOENT';
+  }
+}
 
 function dedupeDrops(drops: { id: string; packets: number; bytes: number }[]) {
   const byId = new Map<string, { id: string; packets: number; bytes: number }>();
