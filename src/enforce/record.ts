@@ -18,7 +18,7 @@
 import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { z } from 'zod';
-import type { TableSummary } from './summary.js';
+import { idsOfComment, type TableSummary } from './summary.js';
 import type { Generation } from './swap.js';
 
 export const RECORD_FILE = 'applied.json';
@@ -79,7 +79,7 @@ export function readRecord(stateDir: string): AppliedRecord | undefined {
     summary: {
       digest: summary.digest,
       lockdown: summary.lockdown,
-      chains: new Map(summary.chains.map(([name, rules]) => [name, rules.map((r) => ({ ...r, packets: undefined, bytes: undefined }))])),
+      chains: new Map(summary.chains.map(([name, rules]) => [name, rules.map((r) => ({ ...r, shortId: idsOfComment(r.comment).shortId, packets: undefined, bytes: undefined }))])),
       sets: new Map(summary.sets),
     },
   };
