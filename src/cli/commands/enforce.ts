@@ -58,7 +58,9 @@ flushed. A policy with any error changes nothing.
 Enforcement then stays in the kernel by itself: no daemon is needed for it
 to hold. Only "egressctl release" removes it. If lockdown is on, it stays on.
 The applied ruleset is kept in $EGRESSD_STATE_DIR (default /var/lib/egressd)
-as last-good.nft, and the change is recorded in the system log.
+as last-good.nft, with its short rule ids (rules.json: what each log prefix
+"egd rXXXXXXXX " stands for) and its switches (switches.json: lockdown,
+updates over Tor), and the change is recorded in the system log.
 
 The changes listed are against the live table. When its chains and sets are
 still exactly those the last apply left (recorded in applied.json; checked
@@ -129,8 +131,11 @@ export const status: Command<{ dir: string; json: boolean }> = {
 
 Summarises the live table inet egressd: whether it is in force, lockdown,
 the policy digest it was compiled from, rules, set sizes and how many
-packets each denying rule has dropped; then compares it with the policy in
-DIR (default ${DEFAULT_POLICY_DIR}).
+packets each denying rule has dropped (by short id, rule id and file:line,
+from the state directory's rules.json), and the switches as the last apply
+recorded them, saying where they disagree with the live table (the table is
+what is enforced); then compares it with the policy in DIR (default
+${DEFAULT_POLICY_DIR}).
 
 Exit status: 0 enforced and matching the policy on disk, 1 not enforced or
 different from it (or the policy on disk is invalid), 3 system error.`,
