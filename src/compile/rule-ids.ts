@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { hash } from 'node:crypto';
 import type { Origin, Policy, Rule, Verdict } from '../policy/model.js';
 
 /**
@@ -40,11 +40,7 @@ export const SHORT_ID = /^r[0-9a-f]{8}$/;
 /** What a short id is a digest of; replaceable in tests to force collisions. */
 export type IdDigest = (identity: string, attempt: number) => string;
 
-const sha256Id: IdDigest = (identity, attempt) =>
-  `r${createHash('sha256')
-    .update(attempt === 0 ? identity : `${identity}\0${attempt}`)
-    .digest('hex')
-    .slice(0, 8)}`;
+const sha256Id: IdDigest = (identity, attempt) => `r${hash('sha256', attempt === 0 ? identity : `${identity}\0${attempt}`, 'hex').slice(0, 8)}`;
 
 /** A rule before it has its short id: what identifies it, and its row of the table. */
 export interface Candidate {

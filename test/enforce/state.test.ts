@@ -136,8 +136,13 @@ describe.skipIf(skip)(`the state directory, against a table in a namespace ${ski
     const disagreeing = egressctl(state, 'status', dir, '--json');
     expect((JSON.parse(disagreeing.stdout) as { switches: { disagree: unknown } }).switches.disagree).toEqual([{ switch: 'lockdown', recorded: false, live: true }]);
     expect(disagreeing.stderr).toContain('the switch record says lockdown off, but the live table has it on: the table is what is enforced');
-    const reapplied = apply(state, dir);
+    const fixture = join(import.meta.dirname, 'fixtures', 'apply-audited.ts');
+    const run = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fixture, dir, state], { encoding: 'utf8', timeout: 60_000 });
+    expect(run.status, run.stderr).toBe(0);
+    const reapplied = JSON.parse(run.stdout) as { lockdown: boolean; liveFrom: string; audits: { event: string; fields: unknown }[] };
     expect(reapplied).toMatchObject({ liveFrom: 'record', lockdown: true });
+    expect(reapplied.audits.map((a) => a.event)).toEqual(['the switch record disagrees with the live table; the table decides', 'applied (lockdown on)']);
+    expect(reapplied.audits[0]!.fields).toEqual({ lockdown: true, recorded: false });
     expect(readSwitches(state)).toMatchObject({ state: 'ok', value: { lockdown: { on: true } } });
 
     // A damaged record is said to be damaged.
