@@ -22,6 +22,8 @@ import {
   type Verdict,
 } from './ruleset.js';
 import { cgroupGlobMatcher } from './glob.js';
+import { logPrefix } from './log-prefix.js';
+import { ruleIdTable, type RuleIdEntry } from './rule-ids.js';
 
 export const TABLE = EGRESSD_TABLE;
 
@@ -86,6 +88,8 @@ export interface Compiled {
    */
   readonly errors: readonly PolicyIssue[];
   readonly warnings: readonly PolicyIssue[];
+  /** Every deciding rule's short id (rule-ids.ts), as log prefixes and comments carry it: the table a prefix or counter maps back through. */
+  readonly ruleIds: readonly RuleIdEntry[];
 }
 
 /** Throws EGD_POLICY_INVALID, every error as file:line:col, when the compiled ruleset must not be applied. */
@@ -118,9 +122,6 @@ function everyIdentity(policy: Policy): Identity[] {
   return [...policy.identities.values(), ...policy.apps.flatMap((a) => a.identities), ...policy.systemDomains.flatMap((d) => d.members), ...policy.tor.updaters];
 }
 
-/** Prefix of every NFLOG message: "egd <rule id> ". The denials reader parses it back. */
-export const LOG_PREFIX = 'egd ';
-
 interface Dispatch {
   readonly prefix: string;
   readonly cgroupLevels: Map<number, { elements: Element[]; verdicts: Verdict[]; claimed: Map<string, string> }>;
@@ -149,6 +150,8 @@ class Compiler {
   private readonly errors: PolicyIssue[] = [];
   private readonly warnings: PolicyIssue[] = [];
   private readonly log: Policy['defaults']['log'];
+  private readonly ruleIds: readonly RuleIdEntry[];
+  private readonly shortIds: ReadonlyMap<string, string>;
 
   constructor(
     private readonly policy: Policy,
@@ -156,6 +159,8 @@ class Compiler {
     private readonly options: CompileOptions,
   ) {
     this.log = policy.defaults.log;
+    this.ruleIds = ruleIdTable(policy, options);
+    this.shortIds = new Map(this.ruleIds.map((entry) => [entry.ruleId, entry.id]));
   }
 
   run(): Compiled {
@@ -199,13 +204,13 @@ class Compiler {
 
     // The kill switch, when on: only Tor itself may still leave.
     if (this.options.lockdown) {
-      if (torUid !== undefined) output.push(rule([match.skuid(torUid), stmt.counter(), verdict.accept()], 'lockdown: Tor itself'));
+      if (torUid !== undefined) output.push(rule([match.skuid(torUid), stmt.counter(), verdict.accept()], this.tagged(undefined, 'lockdown', ': Tor itself')));
       this.chains.push({ name: 'lockdown', rules: this.denyTail('lockdown', undefined, true) });
       output.push(rule([verdict.goto('lockdown')], 'lockdown is on'));
     }
 
     // Tor itself may reach the network.
-    if (torUid !== undefined) output.push(rule([match.skuid(torUid), stmt.counter(), verdict.accept()], comment(policy.tor.at, "tor/own: Tor's own traffic")));
+    if (torUid !== undefined) output.push(rule([match.skuid(torUid), stmt.counter(), verdict.accept()], this.tagged(policy.tor.at, 'tor/own', ": Tor's own traffic")));
 
     // Per-app rules, then the global deny list, then the default.
     const apps = this.newDispatch('app');
@@ -227,7 +232,7 @@ class Compiler {
     const base: ChainDecl = { name: 'output', hook: { hook: 'output', prio: 0, policy: policy.defaults.egress === 'deny' ? 'drop' : 'accept' }, rules: output };
     const ruleset: Ruleset = { table: TABLE, sets: this.sets, chains: [base, ...this.chains].map(fingerprintRules) };
     assertUniqueNames(ruleset);
-    return { ruleset, dnsBindings: this.dnsBindings, cgroupBindings: this.cgroupBindings, errors: this.errors, warnings: this.warnings };
+    return { ruleset, dnsBindings: this.dnsBindings, cgroupBindings: this.cgroupBindings, errors: this.errors, warnings: this.warnings, ruleIds: this.ruleIds };
   }
 
   /**
@@ -242,11 +247,11 @@ class Compiler {
     const toSocks = [match.daddrIs(socks.family, socks.address), match.tcpDport(socks.port)];
     const chainRules: RuleDecl[] = [];
     if (loopback) {
-      chainRules.push(rule([match.oif('lo'), ...toSocks, verdict.accept()], comment(tor.at, 'tor/socks')));
+      chainRules.push(rule([match.oif('lo'), ...toSocks, verdict.accept()], this.tagged(tor.at, 'tor/socks')));
     } else {
       chainRules.push(...systemDomainRules);
       if (this.options.lockdown) chainRules.push(rule([verdict.goto('lockdown')], 'lockdown is on'));
-      chainRules.push(rule([...toSocks, verdict.accept()], comment(tor.at, 'tor/socks')));
+      chainRules.push(rule([...toSocks, verdict.accept()], this.tagged(tor.at, 'tor/socks')));
     }
     chainRules.push(...this.denyTail('tor/updaters', tor.at, true));
     this.chains.push({ name: 'tor_updaters', rules: chainRules });
@@ -268,7 +273,7 @@ class Compiler {
   private ruleDecls(r: Rule, setPrefix: string): RuleDecl[] {
     const tail = r.verdict === 'allow' ? [verdict.accept()] : this.denyVerdict(r.id, r.at, r.log, setPrefix);
     const l4 = this.protocolMatch(r);
-    const text = comment(r.at, r.id);
+    const text = this.tagged(r.at, r.id);
     if (r.to.any) return [rule([...l4, stmt.counter(), ...tail], text)];
 
     const decls: RuleDecl[] = [];
@@ -366,9 +371,9 @@ class Compiler {
     const rules: RuleDecl[] = [];
     if (log && this.log.denials) {
       const { count, per } = this.log.rate;
-      rules.push(rule([stmt.limit(count, per, this.log.burst), stmt.log(logPrefix(id), this.log.group)], comment(at, id)));
+      rules.push(rule([stmt.limit(count, per, this.log.burst), stmt.log(logPrefix(this.shortId(id)), this.log.group)], this.tagged(at, id)));
     }
-    rules.push(rule([stmt.counter(), verdict.drop()], comment(at, id)));
+    rules.push(rule([stmt.counter(), verdict.drop()], this.tagged(at, id)));
     return rules;
   }
 
@@ -382,8 +387,8 @@ class Compiler {
    * connection, bench/packet-cost.ts).
    */
   private defaultTail(id: string, verdictName: 'allow' | 'deny', at: Origin | undefined): RuleDecl[] {
-    if (verdictName === 'allow') return [rule([stmt.counter(), verdict.accept()], comment(at, id))];
-    return [rule([match.ctState(['established', 'related']), verdict.accept()], comment(at, `${id}: established and related connections`)), ...this.denyTail(id, at, true)];
+    if (verdictName === 'allow') return [rule([stmt.counter(), verdict.accept()], this.tagged(at, id))];
+    return [rule([match.ctState(['established', 'related']), verdict.accept()], this.tagged(at, id, ': established and related connections')), ...this.denyTail(id, at, true)];
   }
 
   private newDispatch(prefix: string): Dispatch {
@@ -479,6 +484,21 @@ class Compiler {
     if (!this.errors.some((e) => e.message === message)) this.errors.push({ severity: 'error', at, message, hint });
   }
 
+  private shortId(ruleId: string): string {
+    const id = this.shortIds.get(ruleId);
+    if (id === undefined) throw new Error(`internal: rule ${ruleId} has no short id`);
+    return id;
+  }
+
+  /**
+   * The comment of a rule that decides for a policy rule: its short id first
+   * (a comment is cut at 128 bytes, and file names can be long), then
+   * file:line and the rule's own id, for people.
+   */
+  private tagged(at: Origin | undefined, ruleId: string, note = ''): string {
+    return safeComment(`${this.shortId(ruleId)} ${at ? `${at.file}:${at.line} ` : ''}${ruleId}${note}`);
+  }
+
   private warn(at: Origin, message: string): void {
     if (!this.warnings.some((w) => w.message === message)) this.warnings.push({ severity: 'warning', at, message });
   }
@@ -565,11 +585,6 @@ function listDigest(list: NameList | undefined): string {
 
 function networkElement(net: Network): Element {
   return net.prefix === (net.family === 4 ? 32 : 128) ? net.address : { prefix: { addr: net.address, len: net.prefix } };
-}
-
-function logPrefix(id: string): string {
-  // NFLOG prefixes are at most 127 bytes, and ids carry file names.
-  return `${safeText(`${LOG_PREFIX}${id}`, 126)} `;
 }
 
 /** Set and chain names come from app names and indices; a clash would silently merge two rules' sets. */

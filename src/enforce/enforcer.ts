@@ -1,6 +1,5 @@
-import { mkdirSync, renameSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { compile, factsNeeded, refuseCompileErrors, TABLE, type Compiled, type Facts, type FactsNeeded } from '../compile/compile.js';
+import type { RuleIdEntry } from '../compile/rule-ids.js';
 import { renderText, type Ruleset } from '../compile/ruleset.js';
 import { EgressError, ErrorCode, isEgressError, nftRefusal } from '../errors.js';
 import type { Nft } from '../nft/client.js';
@@ -12,6 +11,9 @@ import { defaultLockPath, withEnforcementLock } from './lock.js';
 import { planChanges, type Plan } from './plan.js';
 import { liveSets, summarizeCompiled, summarizeLive, summarizeSet, type SetSummary, type TableSummary } from './summary.js';
 import { forgetRecord, readRecord, RECORD_FILE, recordText, type AppliedRecord } from './record.js';
+import { writeFileAtomic } from '../state/files.js';
+import { writeRuleTable } from '../state/rule-table.js';
+import { nextSwitches, readSwitches, writeSwitches } from '../state/switches.js';
 import { isApplyMarker, liveGeneration, nameList, namesAfterSwap, newApplyMarker, parseLiveName, reachable, removalTransaction, swapTransactions, withGeneration, type Generation } from './swap.js';
 
 /** What enforcement needs from the system, passed in. */
@@ -123,7 +125,7 @@ async function readLive(deps: EnforcerDeps, reread: boolean): Promise<LiveTable 
     const sets = new Set([...names.sets, ...names.maps].map((x) => x.name));
     const marker = [...chains].find(isApplyMarker);
     const generation = marker === undefined ? undefined : parseLiveName(marker).generation;
-    const summary = { ...record.summary, lockdown: chains.has(`lockdown.${generation}`) };
+    const summary = { ...record.summary, lockdown: liveLockdown(deps, chains, generation) };
     return { names, generation, chains, sets, summary, from: 'record' };
   }
   const listing = await deps.nft.listTable(TABLE.family, TABLE.name);
@@ -131,6 +133,22 @@ async function readLive(deps: EnforcerDeps, reread: boolean): Promise<LiveTable 
   const inForce = reachable(listing);
   const setContents = liveSets(listing, inForce.sets);
   return { names: listing, generation: liveGeneration(listing), ...inForce, summary: summarizeLive(listing, inForce, setContents), setContents, from: 'listing' };
+}
+
+/**
+ * Lockdown in a table known by its names: the lockdown chain of the
+ * generation in force. The table is what is enforced, so it decides; the
+ * switch record its apply wrote (switches.json, naming that apply's marker)
+ * should say the same, and a disagreement — a record changed by hand, or
+ * a state directory another egressd wrote — goes to the system log.
+ */
+function liveLockdown(deps: EnforcerDeps, chains: ReadonlySet<string>, generation: Generation | undefined): boolean {
+  const inTable = chains.has(`lockdown.${generation}`);
+  const recorded = readSwitches(deps.stateDir);
+  if (recorded.state === 'ok' && chains.has(recorded.value.apply) && recorded.value.lockdown.on !== inTable) {
+    deps.audit('the switch record disagrees with the live table; the table decides', { lockdown: inTable, recorded: recorded.value.lockdown.on });
+  }
+  return inTable;
 }
 
 /**
@@ -193,7 +211,7 @@ async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { l
     await nft.run({ commands: swap.switch }).catch((error: unknown) => raced(error, ['conflict', 'missing']));
     const cleanedUp = await removePreviousGeneration(deps, live, generation);
     const record = cleanedUp ? { generation: next, names: namesAfterSwap(generation, marker), summary } : undefined;
-    saveState(deps.stateDir, lastGood, { digest: policy.digest, lockdown, source: options.source }, record);
+    saveState(deps.stateDir, lastGood, { digest: policy.digest, lockdown, source: options.source }, record, { ruleIds: compiled.ruleIds, torUpdates: policy.tor.enabled, apply: marker });
     deps.audit(lockdown ? 'applied (lockdown on)' : 'applied', {
       digest: policy.digest.slice(0, 32),
       lockdown,
@@ -316,25 +334,27 @@ export async function planPolicy(dir: string, deps: Pick<EnforcerDeps, 'nft' | '
 }
 
 /**
- * Keeps the last applied ruleset (egressd-early loads it at boot) and the
- * record the next apply compares the live table with; each file is written
- * whole or not at all. Without a record (a clean-up that failed), the next
- * apply reads the table whole.
+ * Keeps the last applied ruleset (egressd-early loads it at boot), its short
+ * rule ids (rules.json), the switches it was applied with (switches.json)
+ * and the record the next apply compares the live table with; each file is
+ * written whole or not at all (state/files.ts). The record goes last: it is
+ * trusted only with the rest in place. Without a record (a clean-up that
+ * failed), the next apply reads the table whole.
  */
-function saveState(stateDir: string, text: string, meta: { digest: string; lockdown: boolean; source: string }, record: AppliedRecord | undefined): void {
+function saveState(
+  stateDir: string,
+  text: string,
+  meta: { digest: string; lockdown: boolean; source: string },
+  record: AppliedRecord | undefined,
+  applied: { ruleIds: readonly RuleIdEntry[]; torUpdates: boolean; apply: string },
+): void {
   try {
-    mkdirSync(stateDir, { recursive: true, mode: 0o750 });
     if (!record) forgetRecord(stateDir);
-    const files: [string, string][] = [
-      ['last-good.nft', text],
-      ['last-good.json', `${JSON.stringify({ ...meta, table: `${TABLE.family} ${TABLE.name}` }, null, 2)}\n`],
-    ];
-    if (record) files.push([RECORD_FILE, recordText(record)]);
-    for (const [name, content] of files) {
-      const path = join(stateDir, name);
-      writeFileSync(`${path}.tmp`, content, { mode: 0o640 });
-      renameSync(`${path}.tmp`, path);
-    }
+    writeFileAtomic(stateDir, 'last-good.nft', text);
+    writeFileAtomic(stateDir, 'last-good.json', `${JSON.stringify({ ...meta, table: `${TABLE.family} ${TABLE.name}` }, null, 2)}\n`);
+    writeRuleTable(stateDir, { digest: meta.digest, rules: applied.ruleIds });
+    writeSwitches(stateDir, nextSwitches(readSwitches(stateDir), { lockdown: meta.lockdown, torUpdates: applied.torUpdates }, applied.apply, new Date()));
+    if (record) writeFileAtomic(stateDir, RECORD_FILE, recordText(record));
   } catch (error) {
     // The table is applied; failing to keep a copy must not undo that, but it must be said.
     throw new EgressError(ErrorCode.Io, `applied, but could not save the last good ruleset in ${stateDir}: ${(error as Error).message}`, { cause: error });

@@ -15,10 +15,11 @@
  * are seen by `plan` and `status`, which read the table, and repaired by
  * `apply --reread`.
  */
-import { readFileSync, rmSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { z } from 'zod';
-import type { TableSummary } from './summary.js';
+import { removeFileDurably } from '../state/files.js';
+import { idsOfComment, type TableSummary } from './summary.js';
 import type { Generation } from './swap.js';
 
 export const RECORD_FILE = 'applied.json';
@@ -79,7 +80,7 @@ export function readRecord(stateDir: string): AppliedRecord | undefined {
     summary: {
       digest: summary.digest,
       lockdown: summary.lockdown,
-      chains: new Map(summary.chains.map(([name, rules]) => [name, rules.map((r) => ({ ...r, packets: undefined, bytes: undefined }))])),
+      chains: new Map(summary.chains.map(([name, rules]) => [name, rules.map((r) => ({ ...r, shortId: idsOfComment(r.comment).shortId, packets: undefined, bytes: undefined }))])),
       sets: new Map(summary.sets),
     },
   };
@@ -87,5 +88,5 @@ export function readRecord(stateDir: string): AppliedRecord | undefined {
 
 /** After an apply that could not finish its clean-up: the table holds more than any record says. */
 export function forgetRecord(stateDir: string): void {
-  rmSync(join(stateDir, RECORD_FILE), { force: true });
+  removeFileDurably(stateDir, RECORD_FILE);
 }

@@ -23,6 +23,8 @@ export interface RuleSummary {
   readonly comment: string;
   /** The rule id from the comment ("app/firefox/2"), or the whole comment for structural rules. */
   readonly id: string;
+  /** The short id the comment starts with (compile/rule-ids.ts), for rules that decide for a policy rule. */
+  readonly shortId: string | undefined;
   /** The rule drops what it matches (a denial counter). */
   readonly drops: boolean;
   readonly packets: number | undefined;
@@ -40,10 +42,16 @@ export interface SetSummary {
 
 const FINGERPRINT = / #[0-9a-f]{8}$/;
 
-function ruleId(comment: string): string {
+/**
+ * A rule's ids from its comment: "r1a2b3c4d file:line id[: note]" for a rule
+ * that decides for a policy rule, "file:line text" or bare text for the rest.
+ */
+export function idsOfComment(comment: string): { id: string; shortId: string | undefined } {
   const bare = comment.replace(FINGERPRINT, '');
+  const tagged = /^(r[0-9a-f]{8}) (?:\S+:\d+ )?(\S+?)(?::(?: .*)?)?$/.exec(bare);
+  if (tagged) return { id: tagged[2]!, shortId: tagged[1]! };
   const match = /^\S+:\d+ (\S+)/.exec(bare);
-  return match ? match[1]! : bare;
+  return { id: match ? match[1]! : bare, shortId: undefined };
 }
 
 function digestFrom(comment: string | undefined): string | undefined {
@@ -85,7 +93,7 @@ export function summarizeCompiled(ruleset: Ruleset): TableSummary {
   for (const chain of ruleset.chains) {
     chains.set(
       chain.name,
-      chain.rules.map((r) => ({ comment: r.comment ?? '', id: ruleId(r.comment ?? ''), drops: r.expr.some((e) => 'drop' in e), packets: undefined, bytes: undefined })),
+      chain.rules.map((r) => ({ comment: r.comment ?? '', ...idsOfComment(r.comment ?? ''), drops: r.expr.some((e) => 'drop' in e), packets: undefined, bytes: undefined })),
     );
   }
   const sets = new Map(ruleset.sets.map((set) => [set.name, summarizeSet(set)]));
@@ -132,7 +140,7 @@ export function summarizeLive(
     const counter = r.expr.map(counterOf).find((c) => c !== undefined);
     const comment = r.comment ?? '';
     const drops = r.expr.some((e) => e !== null && typeof e === 'object' && !Array.isArray(e) && 'drop' in e);
-    chains.get(baseName(r.chain))?.push({ comment, id: ruleId(comment), drops, packets: counter?.packets, bytes: counter?.bytes });
+    chains.get(baseName(r.chain))?.push({ comment, ...idsOfComment(comment), drops, packets: counter?.packets, bytes: counter?.bytes });
   }
   const byBaseName = new Map([...sets].map(([name, set]) => [baseName(name), set]));
   const output = listing.rules.find((r) => r.chain === 'output' && r.comment?.includes(POLICY_MARK));

@@ -52,6 +52,13 @@ export interface DestinationSet {
   readonly networks: readonly Network[];
   /** Catalogue entries this rule took names from, for `explain`. */
   readonly catalogueEntries: readonly string[];
+  /**
+   * The destinations as written, canonical ("example.org", "*.example.net",
+   * "@list", "catalogue:telemetry", "192.0.2.0/24"), sorted: what the rule
+   * names, unchanged when a list file or the catalogue behind it changes.
+   * A rule's short id (compile/rule-ids.ts) is derived from it.
+   */
+  readonly written: readonly string[];
 }
 
 export interface Rule {

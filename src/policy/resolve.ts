@@ -339,16 +339,18 @@ class Resolver {
   }
 
   private destinations(to: 'any' | string[], placed: Placed<unknown>, key: PropertyKey[]): DestinationSet {
-    if (to === 'any') return { any: true, names: [], suffixes: [], lists: [], networks: [], catalogueEntries: [] };
+    if (to === 'any') return { any: true, names: [], suffixes: [], lists: [], networks: [], catalogueEntries: [], written: [] };
     const names = new Set<string>();
     const suffixes = new Set<string>();
     const lists = new Set<string>();
     const networks: Network[] = [];
     const entries = new Set<string>();
+    const written = new Set<string>();
     to.forEach((raw, index) => {
       const parsed = parseDestination(raw);
       if (!parsed.ok) return; // the schema reported it already
       const dest: Destination = parsed.value;
+      written.add(writtenForm(dest));
       switch (dest.kind) {
         case 'name':
           names.add(dest.name);
@@ -394,6 +396,7 @@ class Resolver {
       lists: [...lists].sort(),
       networks: dedupeNetworks(networks),
       catalogueEntries: [...entries].sort(),
+      written: [...written].sort(),
     };
   }
 
@@ -486,6 +489,22 @@ function toSelector(input: SelectorInput): Selector {
   const optional = input.optional === true ? { optional: true as const } : {};
   if (input.user !== undefined) return { kind: 'user', user: input.user, ...optional };
   return { kind: 'group', group: input.group!, ...optional };
+}
+
+/** One destination in its canonical written form: two spellings of one destination are one. */
+function writtenForm(dest: Destination): string {
+  switch (dest.kind) {
+    case 'name':
+      return dest.name;
+    case 'suffix':
+      return `*.${dest.suffix}`;
+    case 'list':
+      return `@${dest.list}`;
+    case 'catalogue':
+      return `catalogue:${dest.selector}`;
+    case 'net':
+      return `${dest.address}/${dest.prefix}`;
+  }
 }
 
 function toPortRange(port: number | string): PortRange {

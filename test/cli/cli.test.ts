@@ -66,11 +66,16 @@ describe('egressctl', () => {
   it('explain: exit 1 for denied, 0 for allowed, with the deciding file:line', async () => {
     const denied = await run('explain', SHIPPED, '--app', 'user:alice', '--to', 'popcon.debian.org:443/tcp');
     expect(denied.code).toBe(1);
-    expect(denied.err).toMatch(/^DENIED by deny\/10-phone-home\.yaml\/1 \(global-deny\) at .*policies\/10-phone-home\.yaml:\d+/);
+    expect(denied.err).toMatch(/^DENIED by deny\/10-phone-home\.yaml\/1 \[r[0-9a-f]{8}\] \(global-deny\) at .*policies\/10-phone-home\.yaml:\d+/);
     expect(denied.err).toContain('catalogue: debian-popularity-contest');
+    // The short id explain names is the one the compiled table logs and counts the rule by.
+    const shortId = /\[(r[0-9a-f]{8})\]/.exec(denied.err)![1]!;
+    const compiled = (await run('compile', SHIPPED)).out;
+    expect(compiled).toContain(`log prefix "egd ${shortId} "`);
+    expect(compiled).toMatch(new RegExp(`comment "${shortId} 10-phone-home\\.yaml:\\d+ deny/10-phone-home\\.yaml/1 #`));
     const allowed = await run('explain', SHIPPED, '--app', 'uid:1000', '--to', '[2001:db8::1]:443', '--json');
     expect(allowed.code).toBe(0);
-    expect(JSON.parse(allowed.out)).toMatchObject({ verdict: 'allow', level: 'default', ruleId: 'default' });
+    expect(JSON.parse(allowed.out)).toMatchObject({ verdict: 'allow', level: 'default', ruleId: 'default', shortId: expect.stringMatching(/^r[0-9a-f]{8}$/) });
     expect((await run('explain', SHIPPED, '--app', 'user:alice', '--to', 'example.org', '--lockdown')).code).toBe(1);
   });
 

@@ -19,6 +19,13 @@ const ruleText = (r: RuleDecl): string =>
     .trim()
     .replace(/ #[0-9a-f]{8}"$/, '"');
 
+/** A rule's short id in the compiled table (log prefixes and comments carry it). */
+const sid = (compiled: ReturnType<typeof compileYaml>, ruleId: string): string => {
+  const entry = compiled.ruleIds.find((e) => e.ruleId === ruleId);
+  if (!entry) throw new Error(`no short id for ${ruleId}`);
+  return entry.id;
+};
+
 describe('compiler', () => {
   it('orders the output chain by precedence: Tor updaters, loopback, system domain, lockdown, Tor itself, apps, global deny, default (established connections, then deny)', () => {
     const compiled = compileYaml(
@@ -43,17 +50,17 @@ tor: {enabled: true, updaters: [apt]}
       position('meta oif "lo" accept comment "loopback; policy sha256:'),
       position('vmap @sd_uid'),
       position('goto lockdown'),
-      position('meta skuid 110 counter accept comment "f.yaml'),
+      position(`meta skuid 110 counter accept comment "${sid(compiled, 'tor/own')} f.yaml`),
       position('vmap @app_uid'),
       position('jump global_deny'),
-      position('ct state established,related accept comment "f.yaml:2 default: established and related connections"'),
-      position('log prefix "egd default "'),
+      position(`ct state established,related accept comment "${sid(compiled, 'default')} f.yaml:2 default: established and related connections"`),
+      position(`log prefix "egd ${sid(compiled, 'default')} "`),
     ];
     // Right before the default's log rule: every explicit deny comes first.
     expect(order.at(-1)! - order.at(-2)!).toBe(1);
     expect([...order].sort((a, b) => a - b)).toEqual(order);
     expect(chain(compiled, 'output').hook).toEqual({ hook: 'output', prio: 0, policy: 'drop' });
-    expect(output.at(-1)).toMatch(/^counter drop comment "f\.yaml:2 default/);
+    expect(output.at(-1)).toMatch(new RegExp(`^counter drop comment "${sid(compiled, 'default')} f\\.yaml:2 default`));
   });
 
   it('a policy without a default deny has no conntrack expression at all, lockdown, system domains and Tor included', () => {
@@ -76,9 +83,10 @@ tor: {enabled: true, updaters: [apt]}
 
   it('each default deny, and only a default deny, is preceded by exactly one established/related accept', () => {
     const ct = (r: RuleDecl) => JSON.stringify(r.expr).includes('"ct"');
-    const tailStart = (c: ChainDecl, id: string) => c.rules.findIndex((r) => ruleText(r).includes(`log prefix "egd ${id} "`));
+    let compiled: ReturnType<typeof compileYaml>;
+    const tailStart = (c: ChainDecl, id: string) => c.rules.findIndex((r) => ruleText(r).includes(`log prefix "egd ${sid(compiled, id)} "`));
     for (const egress of ['allow', 'deny'] as const) {
-      const compiled = compileYaml(
+      compiled = compileYaml(
         `
 defaults: {egress: ${egress}}
 identities: {apt: {user: _apt}, vault: {user: vault}}
@@ -108,7 +116,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
       const closed = chain(compiled, 'app_closed');
       const at = tailStart(closed, 'app/closed/default');
       expect(at).toBeGreaterThan(0);
-      expect(ruleText(closed.rules[at - 1]!)).toBe('ct state established,related accept comment "f.yaml:5 app/closed/default: established and related connections"');
+      expect(ruleText(closed.rules[at - 1]!)).toBe(`ct state established,related accept comment "${sid(compiled, 'app/closed/default')} f.yaml:5 app/closed/default: established and related connections"`);
       // After the app's own rules and the global deny list: they cut established connections too.
       expect(ruleText(closed.rules[at - 2]!)).toMatch(/^jump global_deny /);
       if (egress === 'deny') {
@@ -192,13 +200,13 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
       { name: 'ports_22_8000to8100', elements: [22, { range: [8000, 8100] }], flags: ['interval'] },
       { name: 'proto_icmp_ipv6_icmp_tcp_udp', elements: ['icmp', 'ipv6-icmp', 'tcp', 'udp'], flags: [] },
     ]);
-    expect(ruleText(chain(compiled, 'app_a1').rules[0]!)).toBe('ip daddr @a_a1_0_dns4 meta l4proto @proto_tcp_udp th dport @ports_80_443 counter accept comment "f.yaml:17 app/a1/0"');
-    expect(ruleText(chain(compiled, 'app_a1').rules[2]!)).toBe('ip daddr @a_a1_1_net4 meta l4proto tcp th dport @ports_22_8000to8100 counter accept comment "f.yaml:19 app/a1/1"');
+    expect(ruleText(chain(compiled, 'app_a1').rules[0]!)).toBe(`ip daddr @a_a1_0_dns4 meta l4proto @proto_tcp_udp th dport @ports_80_443 counter accept comment "${sid(compiled, 'app/a1/0')} f.yaml:17 app/a1/0"`);
+    expect(ruleText(chain(compiled, 'app_a1').rules[2]!)).toBe(`ip daddr @a_a1_1_net4 meta l4proto tcp th dport @ports_22_8000to8100 counter accept comment "${sid(compiled, 'app/a1/1')} f.yaml:19 app/a1/1"`);
     expect(text).toContain('elements = { icmp, ipv6-icmp, tcp, udp }');
     // Ports repeated, overlapping or adjacent are joined: nft refuses overlapping intervals in a named set.
     const joined = compileYaml('apps:\n  j:\n    identity: {user: 7}\n    rules:\n      - allow: any\n        ports: [8080, "8000-8100", 53, 53, "8101-8200"]\n      - allow: any\n        ports: ["8000-8100", 8050]\n');
     expect(joined.ruleset.sets.filter((s) => s.key === 'inet_service').map((s) => ({ name: s.name, elements: s.elements }))).toEqual([{ name: 'ports_53_8000to8200', elements: [53, { range: [8000, 8200] }] }]);
-    expect(ruleText(chain(joined, 'app_j').rules[1]!)).toBe('meta l4proto @proto_tcp_udp th dport 8000-8100 counter accept comment "f.yaml:7 app/j/1"');
+    expect(ruleText(chain(joined, 'app_j').rules[1]!)).toBe(`meta l4proto @proto_tcp_udp th dport 8000-8100 counter accept comment "${sid(joined, 'app/j/1')} f.yaml:7 app/j/1"`);
     expect(text).toContain('ct state established,related accept');
     if (!nftAvailable()) {
       expect(nftCheck(text)).toEqual({ ok: true, stderr: '' });
@@ -219,16 +227,17 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
   it('a logging deny jumps to a chain where the rate limit only thins the log, never the drop', () => {
     const compiled = compileYaml('defaults: {log: {rate: 3/minute, burst: 2, group: 9}}\ndeny:\n  - to: [192.0.2.0/24]\n');
     const rules = chain(compiled, 'global_deny').rules.map(ruleText);
-    expect(rules).toEqual(['ip daddr @g0_net4 counter goto log_g0 comment "f.yaml:3 deny/f.yaml/0"']);
+    const id = sid(compiled, 'deny/f.yaml/0');
+    expect(rules).toEqual([`ip daddr @g0_net4 counter goto log_g0 comment "${id} f.yaml:3 deny/f.yaml/0"`]);
     expect(chain(compiled, 'log_g0').rules.map(ruleText)).toEqual([
-      'limit rate 3/minute burst 2 packets log prefix "egd deny/f.yaml/0 " group 9 comment "f.yaml:3 deny/f.yaml/0"',
-      'counter drop comment "f.yaml:3 deny/f.yaml/0"',
+      `limit rate 3/minute burst 2 packets log prefix "egd ${id} " group 9 comment "${id} f.yaml:3 deny/f.yaml/0"`,
+      `counter drop comment "${id} f.yaml:3 deny/f.yaml/0"`,
     ]);
   });
 
   it('log: false and denials: false drop without logging', () => {
     const quiet = compileYaml('deny:\n  - to: [192.0.2.0/24]\n    log: false\n');
-    expect(chain(quiet, 'global_deny').rules.map(ruleText)).toEqual(['ip daddr @g0_net4 counter drop comment "f.yaml:2 deny/f.yaml/0"']);
+    expect(chain(quiet, 'global_deny').rules.map(ruleText)).toEqual([`ip daddr @g0_net4 counter drop comment "${sid(quiet, 'deny/f.yaml/0')} f.yaml:2 deny/f.yaml/0"`]);
     const off = compileYaml('defaults: {egress: deny, log: {denials: false}}\n');
     expect(renderText(off.ruleset)).not.toContain('log prefix');
   });
@@ -246,7 +255,13 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
   it('every rule of every policy chain names its file:line and rule id', () => {
     const compiled = compileYaml('apps: {a: {identity: {user: alice}, default: deny, rules: [{deny: [192.0.2.1]}, {allow: any, proto: icmp}]}}\n');
     for (const name of ['app_a', 'log_a_a_0']) {
-      for (const r of chain(compiled, name).rules) expect(r.comment).toMatch(/^f\.yaml:\d+ (app\/a\/(\d|default)|app\/a: then the global deny list|app\/a\/default: established and related connections) #[0-9a-f]{8}$/);
+      for (const r of chain(compiled, name).rules) {
+        const named = /^(?:(r[0-9a-f]{8}) )?f\.yaml:\d+ (app\/a\/(\d|default)|app\/a: then the global deny list|app\/a\/default: established and related connections) #[0-9a-f]{8}$/.exec(r.comment ?? '');
+        expect(named, r.comment).not.toBeNull();
+        // Every rule that decides for a policy rule starts with that rule's short id; the jump to the global deny list decides nothing.
+        const ruleId = named![2]!.replace(/:.*$/, '');
+        expect(named![1], r.comment).toBe(ruleId === 'app/a' ? undefined : sid(compiled, ruleId));
+      }
     }
   });
 
@@ -279,17 +294,18 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
 
   it('Tor: updaters reach only the SOCKS address; a non-loopback gateway gets its own accept', () => {
     const local = compileYaml('identities: {apt: {user: _apt}}\ntor: {enabled: true, updaters: [apt]}\n');
+    const updaters = sid(local, 'tor/updaters');
     expect(chain(local, 'tor_updaters').rules.map(ruleText)).toEqual([
-      'meta oif "lo" ip daddr 127.0.0.1 tcp dport 9050 accept comment "f.yaml:2 tor/socks"',
-      'limit rate 10/second burst 20 packets log prefix "egd tor/updaters " group 7745 comment "f.yaml:2 tor/updaters"',
-      'counter drop comment "f.yaml:2 tor/updaters"',
+      `meta oif "lo" ip daddr 127.0.0.1 tcp dport 9050 accept comment "${sid(local, 'tor/socks')} f.yaml:2 tor/socks"`,
+      `limit rate 10/second burst 20 packets log prefix "egd ${updaters} " group 7745 comment "${updaters} f.yaml:2 tor/updaters"`,
+      `counter drop comment "${updaters} f.yaml:2 tor/updaters"`,
     ]);
     // A gateway is network: system domains and lockdown come before it.
     const gateway = compileYaml('identities: {apt: {user: _apt}}\nsystemDomains: {off: {members: [{user: vault}]}}\ntor: {enabled: true, socks: "[2001:db8::9]:9150", updaters: [apt]}\n', { lockdown: true });
     expect(chain(gateway, 'tor_updaters').rules.map(ruleText).slice(0, 3)).toEqual([
       'meta skuid vmap @sd_uid comment "system domains by uid"',
       'goto lockdown comment "lockdown is on"',
-      'ip6 daddr 2001:db8::9 tcp dport 9150 accept comment "f.yaml:3 tor/socks"',
+      `ip6 daddr 2001:db8::9 tcp dport 9150 accept comment "${sid(gateway, 'tor/socks')} f.yaml:3 tor/socks"`,
     ]);
   });
 

@@ -8,7 +8,7 @@ import { nftAvailable, nftCheck } from '../support/nft-check.js';
 
 /**
  * Golden files: test/golden/<case>/policy/*.yaml (+ facts.json) compile to
- * ruleset.nft and ruleset.json beside them. Rewrite them only on purpose:
+ * ruleset.nft and ruleset.json beside them, and their short rule ids to rule-ids.json. Rewrite them only on purpose:
  *   UPDATE_GOLDEN=1 npx vitest run test/compile/golden.test.ts
  * and read the diff. Every golden is also fed to the real nft in check mode.
  */
@@ -28,7 +28,7 @@ function build(name: string) {
   const machine: Facts = { users: new Map(Object.entries(facts.users)), groups: new Map(Object.entries(facts.groups)), cgroups: facts.cgroups };
   const { policy } = loadPolicyOrThrow(join(GOLDEN, name, 'policy'));
   const compiled = compile(policy, machine, { lockdown: facts.lockdown === true });
-  return { facts, compiled, text: renderText(compiled.ruleset), json: `${JSON.stringify(renderJson(compiled.ruleset), null, 2)}\n` };
+  return { facts, compiled, text: renderText(compiled.ruleset), json: `${JSON.stringify(renderJson(compiled.ruleset), null, 2)}\n`, ids: `${JSON.stringify(compiled.ruleIds, null, 1)}\n` };
 }
 
 const usesCgroupMatch = (expr: unknown): boolean => JSON.stringify(expr).includes('"socket":{"key":"cgroupv2"');
@@ -37,8 +37,8 @@ for (const name of readdirSync(GOLDEN).sort()) {
   describe(`golden: ${name}`, () => {
     const built = build(name);
 
-    it('matches ruleset.nft and ruleset.json', () => {
-      for (const [file, content] of [['ruleset.nft', built.text], ['ruleset.json', built.json]] as const) {
+    it('matches ruleset.nft, ruleset.json and rule-ids.json', () => {
+      for (const [file, content] of [['ruleset.nft', built.text], ['ruleset.json', built.json], ['rule-ids.json', built.ids]] as const) {
         const path = join(GOLDEN, name, file);
         if (update) writeFileSync(path, content);
         // A missing golden is a failure, not a first run: writing it here would make the test pass whatever compile produced.
@@ -51,6 +51,7 @@ for (const name of readdirSync(GOLDEN).sort()) {
       const again = build(name);
       expect(again.text).toBe(built.text);
       expect(again.json).toBe(built.json);
+      expect(again.ids).toBe(built.ids);
     });
 
     it.skipIf(noKernel)(`nft -c accepts the text form ${noKernel ? `(skipped: ${noKernel})` : ''}`, () => {

@@ -106,7 +106,7 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     const other = egressctl('status', policyDir(CHANGED));
     expect(other.status).toBe(1);
     expect(other.stderr).toContain('DIFFERS from the policy');
-    expect(other.stderr).toMatch(/\+ global_deny: 00\.yaml:3 deny\/00\.yaml\/0 #/);
+    expect(other.stderr).toMatch(/\+ global_deny: r[0-9a-f]{8} 00\.yaml:3 deny\/00\.yaml\/0 #/);
   });
 
   it('status without a policy directory reports what is enforced and says there is nothing to compare with', () => {

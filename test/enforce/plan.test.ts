@@ -28,7 +28,11 @@ describe('plan', () => {
     expect(plan.changes).toBe(true);
     expect(plan.added.filter((r) => r.chain === 'global_deny').map((r) => r.id)).toEqual(['deny/f.yaml/0']);
     expect(plan.removed.filter((r) => r.chain === 'global_deny').map((r) => r.id)).toEqual(['deny/f.yaml/0']);
-    expect(plan.added.find((r) => r.chain === 'global_deny')!.comment).toMatch(/^f\.yaml:3 deny\/f\.yaml\/0 #[0-9a-f]{8}$/);
+    expect(plan.added.find((r) => r.chain === 'global_deny')!.comment).toMatch(/^r[0-9a-f]{8} f\.yaml:3 deny\/f\.yaml\/0 #[0-9a-f]{8}$/);
+    // Another port is another rule: the removed one's short id is not reused for it.
+    const added = plan.added.find((r) => r.chain === 'global_deny')!;
+    const removed = plan.removed.find((r) => r.chain === 'global_deny')!;
+    expect(added.comment.slice(0, 10)).not.toBe(removed.comment.slice(0, 10));
   });
 
   it('a changed CIDR shows as a changed static set with both sizes', () => {

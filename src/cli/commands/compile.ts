@@ -21,8 +21,10 @@ table egressd applies, "table inet egressd", and prints it. Nothing is applied.
   --json       libnftables JSON (schema 1)
   --lockdown   as it would be with the kill switch on
 
-Every rule's comment names the policy file and line that made it and a stable
-rule id; denials are logged with that id. The output depends on this
+Every rule that decides for a policy rule starts its comment with the rule's
+short id (r and 8 hex digits: a digest of what the rule is, kept while the
+rule stands, wherever it moves), then the policy file and line that made it
+and its rule id; denials are logged with the short id ("egd r1a2b3c4d "). The output depends on this
 machine's users, groups and cgroups (for identities given by name), and on
 nothing else: the same input always prints the same bytes. Users and groups
 are looked up through NSS; a system domain member or Tor's user that does

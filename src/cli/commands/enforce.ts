@@ -2,6 +2,10 @@ import { statSync } from 'node:fs';
 import { EgressError, ErrorCode } from '../../errors.js';
 import { applyPolicy, liveSummary, planPolicy, release as releaseTable, setLockdown, type EnforcerDeps } from '../../enforce/enforcer.js';
 import type { Plan } from '../../enforce/plan.js';
+import type { TableSummary } from '../../enforce/summary.js';
+import { entryOrigin } from '../../compile/rule-ids.js';
+import { readRuleTable } from '../../state/rule-table.js';
+import { readSwitches, SWITCHES_FILE } from '../../state/switches.js';
 import { DEFAULT_POLICY_DIR, Exit, parseFlags, printIssues, type Command, type Deps } from '../deps.js';
 
 /** Said by every command that finds lockdown on, in the same words. */
@@ -55,7 +59,9 @@ flushed. A policy with any error changes nothing.
 Enforcement then stays in the kernel by itself: no daemon is needed for it
 to hold. Only "egressctl release" removes it. If lockdown is on, it stays on.
 The applied ruleset is kept in $EGRESSD_STATE_DIR (default /var/lib/egressd)
-as last-good.nft, and the change is recorded in the system log.
+as last-good.nft, with its short rule ids (rules.json: what each log prefix
+"egd rXXXXXXXX " stands for) and its switches (switches.json: lockdown,
+updates over Tor), and the change is recorded in the system log.
 
 The changes listed are against the live table. When its chains and sets are
 still exactly those the last apply left (recorded in applied.json; checked
@@ -126,8 +132,11 @@ export const status: Command<{ dir: string; json: boolean }> = {
 
 Summarises the live table inet egressd: whether it is in force, lockdown,
 the policy digest it was compiled from, rules, set sizes and how many
-packets each denying rule has dropped; then compares it with the policy in
-DIR (default ${DEFAULT_POLICY_DIR}).
+packets each denying rule has dropped (by short id, rule id and file:line,
+from the state directory's rules.json), and the switches as the last apply
+recorded them, saying where they disagree with the live table (the table is
+what is enforced); then compares it with the policy in DIR (default
+${DEFAULT_POLICY_DIR}).
 
 Without a directory at DIR (a host that takes its table from elsewhere),
 status still reports what is enforced, and says that there is nothing to
@@ -151,7 +160,8 @@ directory to compare with), 3 system error.`,
     }
     const notCompared = noPolicyDir ? `no policy directory at ${options.dir} to compare with` : policyError ? `the policy in ${options.dir} is invalid` : null;
     const live = planned ? planned.live : await liveSummary(enforcer.nft);
-    const drops = live ? [...live.chains.values()].flat().filter((r) => r.drops && (r.packets ?? 0) > 0).map((r) => ({ id: r.id, packets: r.packets ?? 0, bytes: r.bytes ?? 0 })) : [];
+    const drops = live ? [...live.chains.values()].flat().filter((r) => r.drops && (r.packets ?? 0) > 0).map((r) => ({ id: r.id, shortId: r.shortId ?? null, packets: r.packets ?? 0, bytes: r.bytes ?? 0 })) : [];
+    const switches = recordedSwitches(deps.stateDir, live);
     const matches = planned !== undefined && live !== null && !planned.plan.changes;
     const report = {
       enforced: live !== null,
@@ -163,7 +173,8 @@ directory to compare with), 3 system error.`,
       policyErrors: policyError ?? [],
       rules: live ? [...live.chains.values()].reduce((n, r) => n + r.length, 0) : 0,
       sets: live ? [...live.sets.entries()].map(([name, s]) => ({ name, kind: s.kind, size: s.size, dynamic: s.dynamic })) : [],
-      dropped: dedupeDrops(drops),
+      dropped: withOrigins(deps.stateDir, live?.digest ?? null, dedupeDrops(drops)),
+      switches,
       backend: enforcer.nft.backend,
       plan: planned?.plan ?? null,
     };
@@ -175,7 +186,8 @@ directory to compare with), 3 system error.`,
       if (report.lockdown) deps.err(LOCKDOWN_IS_ON);
       deps.err(`enforced: table inet egressd, policy sha256:${report.digest?.slice(0, 16) ?? '(unknown)'}…, ${report.rules} rules, ${report.sets.length} sets and maps`);
       for (const s of report.sets.filter((x) => x.size > 0)) deps.err(`  ${s.kind} ${s.name}: ${s.size} elements${s.dynamic ? ' (run time)' : ''}`);
-      for (const d of report.dropped) deps.err(`  dropped by ${d.id}: ${d.packets} packets`);
+      for (const d of report.dropped) deps.err(`  dropped by ${d.shortId ? `${d.shortId} ` : ''}${d.id}${d.at ? ` (${d.at})` : ''}: ${d.packets} packets`);
+      for (const line of describeSwitches(switches)) deps.err(line);
       if (noPolicyDir) {
         deps.err(`${notCompared!}; "egressctl status DIR" compares it with the policy in DIR`);
       } else if (policyError) {
@@ -201,13 +213,66 @@ function isMissing(path: string): boolean {
   }
 }
 
-function dedupeDrops(drops: { id: string; packets: number; bytes: number }[]) {
-  const byId = new Map<string, { id: string; packets: number; bytes: number }>();
+interface Drop {
+  readonly id: string;
+  readonly shortId: string | null;
+  readonly packets: number;
+  readonly bytes: number;
+}
+
+function dedupeDrops(drops: Drop[]): Drop[] {
+  const byId = new Map<string, Drop>();
   for (const d of drops) {
-    const seen = byId.get(d.id);
-    byId.set(d.id, seen ? { id: d.id, packets: seen.packets + d.packets, bytes: seen.bytes + d.bytes } : d);
+    const key = d.shortId ?? d.id;
+    const seen = byId.get(key);
+    byId.set(key, seen ? { ...d, packets: seen.packets + d.packets, bytes: seen.bytes + d.bytes } : d);
   }
   return [...byId.values()].sort((a, b) => b.packets - a.packets);
+}
+
+/** Each drop's file:line, from the id table of the last apply (rules.json): a comment may be cut short, the table is not. */
+function withOrigins(stateDir: string, digest: string | null, drops: Drop[]): (Drop & { at: string | null })[] {
+  const table = readRuleTable(stateDir);
+  return drops.map((d) => {
+    // Short ids outlive applies, but file:line is the table's only for the policy it was compiled from.
+    const current = table.state === 'ok' && digest !== null && table.value.digest.startsWith(digest);
+    const entry = current && d.shortId ? table.value.byId.get(d.shortId) : undefined;
+    return { ...d, ...(entry && { id: entry.ruleId }), at: entry ? entryOrigin(entry) : null };
+  });
+}
+
+interface SwitchReport {
+  /** As the last apply recorded them (switches.json), or null. */
+  readonly recorded: { lockdown: boolean; lockdownSince: string; torUpdates: boolean; torUpdatesSince: string } | null;
+  /** Why the record cannot be used, when it is there but damaged. */
+  readonly problem: string | null;
+  /** Switches the record and the live table disagree on; the table is what is enforced. */
+  readonly disagree: { switch: 'lockdown' | 'torUpdates'; recorded: boolean; live: boolean }[];
+}
+
+function recordedSwitches(stateDir: string, live: TableSummary | null): SwitchReport {
+  const read = readSwitches(stateDir);
+  if (read.state !== 'ok') return { recorded: null, problem: read.state === 'damaged' ? read.problem : null, disagree: [] };
+  const { lockdown, torUpdates } = read.value;
+  const disagree: SwitchReport['disagree'] = [];
+  if (live) {
+    if (lockdown.on !== live.lockdown) disagree.push({ switch: 'lockdown', recorded: lockdown.on, live: live.lockdown });
+    const torLive = live.chains.has('tor_updaters');
+    if (torUpdates.on !== torLive) disagree.push({ switch: 'torUpdates', recorded: torUpdates.on, live: torLive });
+  }
+  return { recorded: { lockdown: lockdown.on, lockdownSince: lockdown.since, torUpdates: torUpdates.on, torUpdatesSince: torUpdates.since }, problem: null, disagree };
+}
+
+function describeSwitches(report: SwitchReport): string[] {
+  if (report.problem) return [`the switch record (${SWITCHES_FILE}) is damaged and was not used: ${report.problem}`];
+  const { recorded } = report;
+  if (!recorded) return [];
+  const onOff = (on: boolean) => (on ? 'on' : 'off');
+  const name = { lockdown: 'lockdown', torUpdates: 'updates over Tor' } as const;
+  return [
+    `  switches as recorded at the last apply: lockdown ${onOff(recorded.lockdown)} since ${recorded.lockdownSince}, updates over Tor ${onOff(recorded.torUpdates)} since ${recorded.torUpdatesSince}`,
+    ...report.disagree.map((d) => `  the switch record says ${name[d.switch]} ${onOff(d.recorded)}, but the live table has it ${onOff(d.live)}: the table is what is enforced`),
+  ];
 }
 
 export const release: Command<{ json: boolean }> = {

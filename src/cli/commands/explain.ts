@@ -1,5 +1,6 @@
 import { factsNeeded } from '../../compile/compile.js';
 import { explain as explainPolicy, unitCgroup, type Who } from '../../compile/explain.js';
+import { ruleIdTable } from '../../compile/rule-ids.js';
 import { EgressError, ErrorCode } from '../../errors.js';
 import type { Protocol } from '../../policy/model.js';
 import { DEFAULT_POLICY_DIR, Exit, loadForCommand, parseFlags, type Command } from '../deps.js';
@@ -21,8 +22,9 @@ export const explain: Command<ExplainOptions> = {
 
 Walks the policy in DIR (default ${DEFAULT_POLICY_DIR}) in its fixed order of
 precedence — loopback, system domain, Tor confinement, app rules, global
-deny, default — and prints the verdict, the rule id and the FILE:LINE that
-decides it.
+deny, default — and prints the verdict, the rule id, its short id (the one
+log prefixes, counters and "egressctl status" show, e.g. [r1a2b3c4d]) and
+the FILE:LINE that decides it.
 
   --app WHO    an app or identity name from the policy, or one of
                user:NAME  uid:N  group:NAME  gid:N
@@ -78,10 +80,12 @@ Exit status: 0 allowed, 1 denied, 2 bad input.`,
       return Exit.BadInput;
     }
     const where = answer.at ? `${options.dir.replace(/\/+$/, '')}/${answer.at.file}:${answer.at.line}` : '(built in)';
+    // The id the kernel's log prefix and counters carry for this rule; loopback has none.
+    const shortId = ruleIdTable(loaded.policy, { lockdown: options.lockdown }).find((entry) => entry.ruleId === answer.ruleId)?.id ?? null;
     if (options.json) {
-      deps.out(JSON.stringify({ ...answer, at: answer.at ? { ...answer.at, path: where } : null }, null, 2));
+      deps.out(JSON.stringify({ ...answer, shortId, at: answer.at ? { ...answer.at, path: where } : null }, null, 2));
     } else {
-      deps.err(`${answer.verdict === 'allow' ? 'ALLOWED' : 'DENIED'} by ${answer.ruleId} (${answer.level}) at ${where}`);
+      deps.err(`${answer.verdict === 'allow' ? 'ALLOWED' : 'DENIED'} by ${answer.ruleId}${shortId ? ` [${shortId}]` : ''} (${answer.level}) at ${where}`);
       if (answer.why) deps.err(`  why: ${answer.why}`);
       for (const step of answer.steps) deps.err(`  - ${step}`);
       for (const note of answer.notes) deps.err(`  note: ${note}`);
