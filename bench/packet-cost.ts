@@ -178,7 +178,7 @@ async function pairedRatios(measured: string, against?: string): Promise<number[
  * left out of both: cpu-clock does not sample while the VM is not running.
  */
 function cpuJiffies(line: string): { busy: number; total: number } {
-  const [user, nice, system, idle, iowait, irq, softirq] = line.trim().split(/\s+/).slice(1, 8).map(Number) as number[];
+  const [user, nice, system, idle, iowait, irq, softirq] = line.trim().split(/\s+/).slice(1, 8).map(Number);
   const busy = user! + nice! + system! + irq! + softirq!;
   return { busy, total: busy + idle! + iowait! };
 }
@@ -195,7 +195,7 @@ async function hookShare(text: string | undefined, name: string): Promise<{ shar
   const data = join(dir, 'perf.data');
   const load = spawn('nsenter', wrk(profileSeconds + 2), { stdio: ['ignore', 'pipe', 'pipe'] });
   let loadOutput = '';
-  load.stdout!.on('data', (chunk: Buffer) => (loadOutput += chunk.toString()));
+  load.stdout.on('data', (chunk: Buffer) => (loadOutput += chunk.toString()));
   const loadDone = new Promise<void>((resolve) => load.once('close', () => resolve()));
   await sleep(1000);
   // perf's own workload reads /proc/stat, so that both readings bound exactly
@@ -254,7 +254,7 @@ try {
   const started = spawn('nsenter', [`--net=/run/netns/${inet}`, serverBinary, SERVER_ADDRESS, String(PORT), String(THREADS)], { stdio: ['ignore', 'pipe', 'inherit'] });
   server = started;
   await new Promise<void>((resolve, reject) => {
-    started.stdout!.once('data', () => resolve());
+    started.stdout.once('data', () => resolve());
     started.once('exit', (code) => reject(new Error(`conn-server exited (${code})`)));
   });
   const conntrackOnly = 'table inet stateful {\n\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n\t\tct state established,related accept\n\t}\n}\n';

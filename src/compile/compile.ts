@@ -410,6 +410,7 @@ class Compiler {
         for (const path of this.facts.cgroups) {
           if (!matches(path)) continue;
           // nft strings cannot carry these; a user could name a cgroup so to break every apply.
+          // eslint-disable-next-line no-control-regex -- control characters are what this looks for
           if (/["\u0000-\u001f]/.test(path)) {
             this.warn(identity.at, `cgroup ${JSON.stringify(path)} has a character nftables cannot carry; it is left out`);
             continue;

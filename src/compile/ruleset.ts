@@ -162,6 +162,7 @@ export function rule(expr: readonly Statement[], comment?: string): RuleDecl {
  * and the cut is made in bytes (nft's limits are bytes) on a character boundary.
  */
 export function safeText(text: string, maxBytes: number): string {
+  // eslint-disable-next-line no-control-regex -- control characters are what nft strings cannot carry
   const clean = text.replace(/["\\\u0000-\u001f\u007f]/g, "'");
   if (Buffer.byteLength(clean) <= maxBytes) return clean;
   let cut = '';
@@ -179,6 +180,7 @@ export function safeComment(text: string): string {
 
 /** Quotes a string for nft text; callers pass only text nft can carry (see safeText). */
 function quote(text: string): string {
+  // eslint-disable-next-line no-control-regex -- control characters are what nft strings cannot carry
   if (/["\u0000-\u001f]/.test(text)) throw new Error(`internal: ${JSON.stringify(text)} cannot be written as an nft string`);
   return `"${text}"`;
 }
@@ -349,7 +351,7 @@ function statementText(s: Statement): string {
     const left = s.match.left;
     // Interface names are strings in nft's grammar and must be quoted.
     const quoted = typeof left === 'object' && 'meta' in left && left.meta.key === 'oif' && typeof s.match.right === 'string';
-    return `${exprText(left)} ${op}${quoted ? quote(s.match.right as string) : exprText(s.match.right)}`;
+    return `${exprText(left)} ${op}${quoted ? quote(s.match.right) : exprText(s.match.right)}`;
   }
   if ('vmap' in s) return `${exprText(s.vmap.key)} vmap ${s.vmap.data}`;
   if ('counter' in s) return 'counter';

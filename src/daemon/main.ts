@@ -78,6 +78,7 @@ async function main(): Promise<number> {
       do {
         again = false;
         await apply(why);
+        // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition -- a SIGHUP during apply() sets it
       } while (again);
       reloading = undefined;
     })();

@@ -40,7 +40,8 @@ export type Generation = 'a' | 'b';
 export type LiveName = { readonly base: string; readonly generation?: Generation; readonly digest?: string };
 
 const DIGEST_LENGTH = 16;
-const isDigest = (text: string) => text.length === DIGEST_LENGTH && [...text].every((c) => '0123456789abcdef'.includes(c));
+const DIGEST = new RegExp(`^[0-9a-f]{${DIGEST_LENGTH}}$`);
+const isDigest = (text: string) => DIGEST.test(text);
 
 /** Parses what withGeneration (below) and the apply marker name; compiled names never contain a dot. */
 export function parseLiveName(name: string): LiveName {

@@ -203,7 +203,7 @@ export class Nft {
     try {
       if ('commands' in input) guardTransaction(input.commands, this.table);
     } catch (error) {
-      return Promise.reject(error as Error);
+      return Promise.reject(error instanceof Error ? error : new Error(String(error)));
     }
     // One transaction at a time, in the order asked: a listing asked for during
     // a write sees the write, and libnftables is never driven from two threads.

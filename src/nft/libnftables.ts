@@ -31,6 +31,7 @@
  * (`nft_run_cmd_from_filename`, see ./input-file.ts) so that nft's errors
  * name the right line; JSON goes through `nft_run_cmd_from_buffer`.
  */
+import { inspect } from 'node:util';
 import { EgressError, ErrorCode } from '../errors.js';
 import type { NftBackend, NftOutcome, NftRequest } from './backend.js';
 import { withInputFile } from './input-file.js';
@@ -139,7 +140,7 @@ export async function loadLibnftables(path: string = DEFAULT_LIBRARY): Promise<L
 /** Calls a koffi function on a worker thread. */
 function onWorker(fn: { async: (...args: unknown[]) => void }, ...args: unknown[]): Promise<number> {
   return new Promise<number>((resolve, reject) => {
-    fn.async(...args, (err: unknown, rc: number) => (err ? reject(err instanceof Error ? err : new Error(String(err))) : resolve(rc)));
+    fn.async(...args, (err: unknown, rc: number) => (err ? reject(err instanceof Error ? err : new Error(inspect(err))) : resolve(rc)));
   });
 }
 

@@ -16,7 +16,7 @@ const policyFiles = (files: Record<string, string>, lists: Record<string, string
   const encoder = new TextEncoder();
   const result = resolvePolicy(
     Object.entries(files).map(([file, yaml]) => ({ file, bytes: encoder.encode(yaml) })),
-    (path) => (path in lists ? { bytes: encoder.encode(lists[path]!) } : { error: 'ENOENT' }),
+    (path) => (path in lists ? { bytes: encoder.encode(lists[path]) } : { error: 'ENOENT' }),
   );
   if (!result.ok) throw new Error(result.errors.map((e) => e.message).join('\n'));
   return result.policy;

@@ -30,7 +30,7 @@ const egressctl = (...args: string[]) => inNs(process.execPath, ['--import', 'ts
 function egressctlInBackground(...args: string[]) {
   const child = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/cli/main.ts'), ...args], { env: { ...process.env, EGRESSD_STATE_DIR: state }, stdio: ['ignore', 'ignore', 'pipe'] });
   const run = { child, stderr: '', exited: new Promise<number>((resolve) => child.once('exit', (code) => resolve(code ?? -1))) };
-  child.stderr!.on('data', (chunk: Buffer) => (run.stderr += chunk.toString()));
+  child.stderr.on('data', (chunk: Buffer) => (run.stderr += chunk.toString()));
   return run;
 }
 /** Whether `pid` holds a netfilter netlink socket that has joined NFNLGRP_NFTABLES (group 7: bit 0x40). */
@@ -49,7 +49,7 @@ async function monitorRules() {
   const child = spawn('nsenter', [`--net=/run/netns/${ns}`, 'nft', 'monitor', 'rules'], { stdio: ['ignore', 'pipe', 'inherit'] });
   const events: string[] = [];
   let partial = '';
-  child.stdout!.on('data', (chunk: Buffer) => {
+  child.stdout.on('data', (chunk: Buffer) => {
     const lines = (partial + chunk.toString()).split('\n');
     partial = lines.pop()!;
     events.push(...lines);

@@ -39,7 +39,12 @@ describe('the enforcement lock', () => {
     let ranAt = 0;
     let refused!: () => void;
     const wasRefused = new Promise<void>((resolve) => (refused = resolve));
-    const waiting = withEnforcementLock(lockPath, 'release', async () => (ranAt = Date.now()), { onWait: (who) => (told.push(who), refused()) });
+    const waiting = withEnforcementLock(lockPath, 'release', async () => (ranAt = Date.now()), {
+      onWait: (who) => {
+        told.push(who);
+        refused();
+      },
+    });
     // Waits for the lock to turn it away, not for a time: that a held lock keeps a change out for as long as it is held is the timeout test below.
     await wasRefused;
     expect(ranAt).toBe(0);
@@ -88,7 +93,12 @@ describe('the enforcement lock', () => {
     };
     await Promise.all([
       withEnforcementLock(lockPath, 'one', change('one', twoWaits)),
-      withEnforcementLock(lockPath, 'two', change('two', Promise.resolve()), { onWait: () => (order.push('two waits'), twoRefused()) }),
+      withEnforcementLock(lockPath, 'two', change('two', Promise.resolve()), {
+        onWait: () => {
+          order.push('two waits');
+          twoRefused();
+        },
+      }),
     ]);
     expect(order).toEqual(['one starts', 'two waits', 'one ends', 'two starts', 'two ends']);
   });

@@ -483,7 +483,7 @@ abstract class Side implements SideCommon {
   spawn(cmd: string, args: readonly string[] = [], opts: Omit<ExecOptions, 'input' | 'timeoutMs'> = {}): ChildProcess {
     const [c, ...a] = this.argv(cmd, args, opts);
     const child = spawn(c as string, a, { stdio: ['pipe', 'pipe', 'pipe'], env: opts.env ?? process.env });
-    child.stdin?.on('error', () => {});
+    child.stdin.on('error', () => {});
     this.owner.track(child);
     return child;
   }
@@ -615,7 +615,8 @@ class HostSideImpl extends Side implements HostSide {
         progress.attempts++;
         if (obj['ok'] === true) progress.successes++;
         else {
-          const code = String(obj['error'] ?? 'unknown');
+          const error = obj['error'];
+          const code = typeof error === 'string' ? error : JSON.stringify(error ?? 'unknown');
           progress.errors[code] = (progress.errors[code] ?? 0) + 1;
         }
       }

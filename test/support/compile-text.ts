@@ -13,7 +13,7 @@ export const FACTS: Facts = {
 /** A policy from YAML text held in the test (one file, f.yaml; list files from `lists`). */
 export function policyFrom(yaml: string, lists: Record<string, string> = {}): Policy {
   const result = resolvePolicy([{ file: 'f.yaml', bytes: encoder.encode(yaml) }], (path) =>
-    path in lists ? { bytes: encoder.encode(lists[path]!) } : { error: 'ENOENT' },
+    path in lists ? { bytes: encoder.encode(lists[path]) } : { error: 'ENOENT' },
   );
   if (!result.ok) throw new Error(result.errors.map((e) => `${e.at.line}:${e.at.col} ${e.message}`).join('\n'));
   return result.policy;

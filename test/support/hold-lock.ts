@@ -13,8 +13,8 @@ export async function holdLock(path: string, what: string, netns?: string): Prom
   const child = netns ? spawn('nsenter', [`--net=/run/netns/${netns}`, ...command], { stdio: ['pipe', 'pipe', 'inherit'] }) : spawn(command[0]!, command.slice(1), { stdio: ['pipe', 'pipe', 'inherit'] });
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   await new Promise<void>((resolve, reject) => {
-    child.stdout!.once('data', () => resolve());
+    child.stdout.once('data', () => resolve());
     child.once('exit', (code) => reject(new Error(`hold-lock.ts exited (${code}) before it held the lock`)));
   });
-  return { child, letGo: () => child.stdin!.end(), exited };
+  return { child, letGo: () => child.stdin.end(), exited };
 }

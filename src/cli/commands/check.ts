@@ -27,7 +27,7 @@ Use it in CI to check policies before they are distributed.`,
 
   parse(argv) {
     const { values, positionals } = parseFlags('check', argv, { json: { type: 'boolean', default: false } }, 1);
-    return { dir: positionals[0] ?? DEFAULT_POLICY_DIR, json: values.json === true };
+    return { dir: positionals[0] ?? DEFAULT_POLICY_DIR, json: values.json };
   },
 
   run(options, deps: Deps) {
