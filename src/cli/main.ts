@@ -1,6 +1,5 @@
 #!/usr/bin/env node
 import { gatherFacts } from '../system/facts.js';
-import { openNft } from '../nft/open.js';
 import { systemAudit } from '../system/audit.js';
 import { DEFAULT_STATE_DIR, Exit, type Deps } from './deps.js';
 import { main } from './egressctl.js';
@@ -9,7 +8,8 @@ const systemDeps: Deps = {
   out: (text) => process.stdout.write(`${text}\n`),
   err: (text) => process.stderr.write(`${text}\n`),
   facts: (depth) => gatherFacts(depth),
-  nft: () => openNft(),
+  // Loaded by the commands that use it: compile, check and explain never do.
+  nft: async () => (await import('../nft/open.js')).openNft(),
   stateDir: process.env['EGRESSD_STATE_DIR'] ?? DEFAULT_STATE_DIR,
   audit: systemAudit,
 };
