@@ -9,8 +9,11 @@
  *   - `egressctl compile DIR` (load, validate, compile, print the text);
  *   - `node -e 0`: what Node's own start-up costs, for reference.
  * Rounds alternate their order (A B B A …), so that a slow spell of this
- * shared machine falls on every row alike. Target: `egressctl apply` (first
- * apply) ≤ 1.5 × `nft -f`.
+ * shared machine falls on every row alike. Beside the wall time, each row
+ * gives the CPU time its processes used (user + system, from the children
+ * times in /proc/self/stat, 10 ms ticks): a busy machine stretches the wall
+ * time of a CPU-bound row more than that of one waiting on the kernel.
+ * Target: `egressctl apply` (first apply) ≤ 1.5 × `nft -f`.
  *
  * The CLI is the built one (dist/, rebuilt first); its state goes to a
  * temporary EGRESSD_STATE_DIR, never /var/lib/egressd. `--base TREE` adds
@@ -51,6 +54,16 @@ function writePolicy(dir: string): void {
   writeFileSync(join(dir, '00-blocklist.yaml'), `defaults: {egress: allow}\nlists:\n  blocked: {file: blocked.txt}\ndeny:\n  - to: ["@blocked"]\napps:\n${apps.join('\n')}\n`);
 }
 
+const TICK_MS = 1000 / Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim());
+
+/** CPU time, in ms, of the children this process has waited for (cutime + cstime). */
+function childrenCpuMs(): number {
+  const stat = readFileSync('/proc/self/stat', 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  // Fields 16 and 17 of proc(5); the slice starts at field 3.
+  return (Number(fields[13]) + Number(fields[14])) * TICK_MS;
+}
+
 function inner(root: string, base: string | undefined): void {
   const policy = join(root, 'policy');
   const state = join(root, 'state');
@@ -69,17 +82,17 @@ function inner(root: string, base: string | undefined): void {
   const textFile = join(root, 'last-good.nft');
   writeFileSync(textFile, readFileSync(join(state, 'last-good.nft')));
 
-  type Row = { name: string; work: () => void; before?: () => void; samples: number[] };
+  type Row = { name: string; work: () => void; before?: () => void; samples: number[]; cpu: number[] };
   const cliRows = (cli: string, label: string): Row[] => [
-    { name: `egressctl apply${label}: first apply (empty namespace)`, before: emptyNamespace, work: () => run(process.execPath, [cli, 'apply', policy]), samples: [] },
+    { name: `egressctl apply${label}: first apply (empty namespace)`, before: emptyNamespace, work: () => run(process.execPath, [cli, 'apply', policy]), samples: [], cpu: [] },
     // Over the first apply just before: the same policy again.
-    { name: `egressctl apply${label}: re-apply, same policy`, work: () => run(process.execPath, [cli, 'apply', policy]), samples: [] },
-    { name: `egressctl compile${label}`, work: () => run(process.execPath, [cli, 'compile', policy]), samples: [] },
+    { name: `egressctl apply${label}: re-apply, same policy`, work: () => run(process.execPath, [cli, 'apply', policy]), samples: [], cpu: [] },
+    { name: `egressctl compile${label}`, work: () => run(process.execPath, [cli, 'compile', policy]), samples: [], cpu: [] },
   ];
   const rows: Row[] = [
-    { name: 'nft -f last-good.nft (empty namespace)', before: emptyNamespace, work: () => run('nft', ['-f', textFile]), samples: [] },
+    { name: 'nft -f last-good.nft (empty namespace)', before: emptyNamespace, work: () => run('nft', ['-f', textFile]), samples: [], cpu: [] },
     ...cliRows(CLI, ''),
-    { name: 'node -e 0 (start-up alone)', work: () => run(process.execPath, ['-e', '0']), samples: [] },
+    { name: 'node -e 0 (start-up alone)', work: () => run(process.execPath, ['-e', '0']), samples: [], cpu: [] },
     ...(base ? cliRows(join(base, 'dist/cli/main.js'), ` (base: ${base})`) : []),
   ];
   // Rows 1-2 and 5-6 are first apply + re-apply pairs, which stay in that order.
@@ -91,21 +104,26 @@ function inner(root: string, base: string | undefined): void {
     for (const index of order) {
       const row = rows[index]!;
       row.before?.();
+      const cpu = childrenCpuMs();
       const t = performance.now();
       row.work();
       row.samples.push(performance.now() - t);
+      row.cpu.push(childrenCpuMs() - cpu);
     }
   }
   emptyNamespace();
 
   const nftF = median(rows[0]!.samples);
+  const nftCpu = median(rows[0]!.cpu);
   const size = statSync(textFile).size;
   console.log(`Fresh processes, ${ADDRESSES.toLocaleString('en')}-address list + ${APPS} apps (${size.toLocaleString('en')} bytes of nft text), median of ${runs}, rounds interleaved; target: egressctl apply ≤ 1.5 × nft -f\n`);
-  console.log('| scenario | median ms | min–max ms | × nft -f |');
-  console.log('|---|---|---|---|');
+  console.log('| scenario | wall ms, median | min–max | × nft -f | CPU ms, median | min–max | × nft -f |');
+  console.log('|---|---|---|---|---|---|---|');
+  const range = (xs: number[]) => `${Math.min(...xs).toFixed(0)}–${Math.max(...xs).toFixed(0)}`;
   for (const row of rows) {
     const m = median(row.samples);
-    console.log(`| ${row.name} | ${m.toFixed(0)} | ${Math.min(...row.samples).toFixed(0)}–${Math.max(...row.samples).toFixed(0)} | ${(m / nftF).toFixed(2)} |`);
+    const c = median(row.cpu);
+    console.log(`| ${row.name} | ${m.toFixed(0)} | ${range(row.samples)} | ${(m / nftF).toFixed(2)} | ${c.toFixed(0)} | ${range(row.cpu)} | ${(c / nftCpu).toFixed(2)} |`);
   }
 }
 
