@@ -19,6 +19,7 @@ const CATALOGUE_REF = /^catalogue:([a-z][a-z0-9-]{0,47})$/;
 
 /** Checks a DNS name in presentation form (lower case, no trailing dot). */
 export function checkDnsName(name: string): string | undefined {
+  if (isPlainDnsName(name)) return undefined;
   if (name.length === 0) return 'empty name';
   if (name.length > 253) return `name is ${name.length} characters long; DNS allows 253`;
   for (const label of name.split('.')) {
@@ -27,6 +28,34 @@ export function checkDnsName(name: string): string | undefined {
     if (!LABEL.test(label)) return `label "${label}" has characters a DNS name cannot have`;
   }
   return undefined;
+}
+
+const HYPHEN = 45;
+const FULL_STOP = 46;
+const UNDERSCORE = 95;
+
+/**
+ * The same verdict as checkDnsName's labels and lengths for a valid name, in
+ * one pass over its characters and without a split or a regular expression
+ * per label: a 143,876-name list is mostly valid names. Anything it refuses
+ * goes through checkDnsName's own checks, which say why
+ * (test/policy/destination.test.ts holds the two to the same answer).
+ */
+export function isPlainDnsName(name: string): boolean {
+  const length = name.length;
+  if (length === 0 || length > 253) return false;
+  let labelStart = 0;
+  for (let i = 0; i <= length; i++) {
+    const code = i < length ? name.charCodeAt(i) : FULL_STOP;
+    if (code === FULL_STOP) {
+      const label = i - labelStart;
+      if (label === 0 || label > 63 || name.charCodeAt(i - 1) === HYPHEN) return false;
+      labelStart = i + 1;
+    } else if (code === HYPHEN) {
+      if (i === labelStart) return false;
+    } else if (!((code >= 97 && code <= 122) || (code >= 48 && code <= 57) || code === UNDERSCORE)) return false;
+  }
+  return true;
 }
 
 export function parseDestination(raw: string): ParseResult<Destination> {

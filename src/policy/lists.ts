@@ -73,7 +73,8 @@ export function parseNameList(text: string, format: ListFormat): ParsedList {
       continue;
     }
     for (const token of isHostsLine ? tokens.slice(1) : tokens) {
-      const name = token.toLowerCase().replace(/\.$/, '');
+      const lower = token.toLowerCase();
+      const name = lower.endsWith('.') ? lower.slice(0, -1) : lower;
       if (isHostsLine && HOSTS_SELF_NAMES.has(name)) continue;
       const isSuffix = name.startsWith('*.');
       const bare = isSuffix ? name.slice(2) : name;

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { isIPv4, isIPv6 } from 'node:net';
 import fc from 'fast-check';
-import { addressGroups, bigIntToAddress, addressToBigInt, networkContains, parseDestination, quickGroups } from '../../src/policy/destination.js';
+import { addressGroups, bigIntToAddress, addressToBigInt, checkDnsName, isPlainDnsName, networkContains, parseDestination, quickGroups } from '../../src/policy/destination.js';
 import { parseNameList } from '../../src/policy/lists.js';
 
 describe('destinations', () => {
@@ -114,4 +114,26 @@ describe('addresses read in one pass (quickGroups)', () => {
       expect(quickGroups(text)).toBeUndefined();
     },
   );
+});
+
+describe('DNS names checked in one pass (isPlainDnsName)', () => {
+  // checkDnsName's own checks, as they were before the one-pass check went in front of them.
+  const LABEL = /^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$/;
+  const valid = (name: string) => name.length > 0 && name.length <= 253 && name.split('.').every((label) => label.length > 0 && label.length <= 63 && LABEL.test(label));
+
+  it('accepts exactly the names the label checks accept', () => {
+    const char = fc.constantFrom(...'ab0_-.Z*'.split(''));
+    const label = fc.oneof(fc.array(char, { maxLength: 6 }).map((c) => c.join('')), fc.constantFrom('a'.repeat(63), 'a'.repeat(64), `a${'-'.repeat(61)}a`));
+    const name = fc.oneof(fc.array(label, { minLength: 1, maxLength: 5 }).map((labels) => labels.join('.')), fc.domain(), fc.constant(`${'a'.repeat(63)}.`.repeat(4).slice(0, 254)));
+    let accepted = 0;
+    fc.assert(
+      fc.property(name, (n) => {
+        expect(isPlainDnsName(n)).toBe(valid(n));
+        expect(checkDnsName(n) === undefined).toBe(valid(n));
+        if (valid(n)) accepted++;
+      }),
+      { numRuns: 20_000 },
+    );
+    expect(accepted).toBeGreaterThan(2_000);
+  });
 });
