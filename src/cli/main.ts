@@ -4,12 +4,14 @@ import { systemAudit } from '../system/audit.js';
 import { DEFAULT_STATE_DIR, Exit, type Deps } from './deps.js';
 import { main } from './egressctl.js';
 
+/** The nftables binding, loaded by the commands that open it: compile, check and explain never do. */
+const openNft = async () => (await import('../nft/open.js')).openNft();
+
 const systemDeps: Deps = {
   out: (text) => process.stdout.write(`${text}\n`),
   err: (text) => process.stderr.write(`${text}\n`),
   facts: (depth) => gatherFacts(depth),
-  // Loaded by the commands that use it: compile, check and explain never do.
-  nft: async () => (await import('../nft/open.js')).openNft(),
+  nft: () => openNft(),
   stateDir: process.env['EGRESSD_STATE_DIR'] ?? DEFAULT_STATE_DIR,
   audit: systemAudit,
 };
