@@ -1,14 +1,27 @@
 import { isEgressError } from '../errors.js';
-import { check } from './commands/check.js';
-import { compile } from './commands/compile.js';
-import { apply, lockdown, plan, release, status } from './commands/enforce.js';
-import { explain } from './commands/explain.js';
-import { schema } from './commands/schema.js';
 import { Exit, exitCodeFor, type Command, type Deps } from './deps.js';
 
-const commands: readonly Command<never>[] = [check, compile, explain, apply, plan, status, lockdown, release, schema] as unknown as Command<never>[];
+/**
+ * Each command's module, loaded when that command runs: `compile` then loads
+ * no nftables binding and no enforcement code, `apply` no explainer. A fresh
+ * process pays for every module it loads (issue 16, bench/cli-apply.ts).
+ */
+const commandLoaders: readonly (readonly [string, () => Promise<Command<never>>])[] = [
+  ['check', async () => (await import('./commands/check.js')).check],
+  ['compile', async () => (await import('./commands/compile.js')).compile],
+  ['explain', async () => (await import('./commands/explain.js')).explain],
+  ['apply', async () => (await import('./commands/enforce.js')).apply],
+  ['plan', async () => (await import('./commands/enforce.js')).plan],
+  ['status', async () => (await import('./commands/enforce.js')).status],
+  ['lockdown', async () => (await import('./commands/enforce.js')).lockdown],
+  ['release', async () => (await import('./commands/enforce.js')).release],
+  ['schema', async () => (await import('./commands/schema.js')).schema],
+] as unknown as (readonly [string, () => Promise<Command<never>>])[];
 
-const usage = `Usage: egressctl COMMAND [ARGS] [--help]
+/** The usage text names every command with its summary: only it loads them all. */
+async function usage(): Promise<string> {
+  const commands = await Promise.all(commandLoaders.map(([, load]) => load()));
+  return `Usage: egressctl COMMAND [ARGS] [--help]
 
 egressd stops software from phoning home: per-app and per-domain egress
 policies, compiled into one nftables table.
@@ -18,18 +31,20 @@ ${commands.map((c) => `  ${c.name.padEnd(10)} ${c.summary}`).join('\n')}
 
 Exit status: 0 ok, 1 a "no" answer (denied, differs), 2 bad input, 3 system error.
 Run "egressctl COMMAND --help" for each command's options.`;
+}
 
 export async function main(argv: readonly string[], deps: Deps): Promise<number> {
   const [name, ...rest] = argv;
   if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
-    deps.err(usage);
+    deps.err(await usage());
     return name === undefined ? Exit.BadInput : Exit.Ok;
   }
-  const command = commands.find((c) => c.name === name);
-  if (!command) {
-    deps.err(`egressctl: unknown command "${name}"\n\n${usage}`);
+  const load = commandLoaders.find(([known]) => known === name)?.[1];
+  if (!load) {
+    deps.err(`egressctl: unknown command "${name}"\n\n${await usage()}`);
     return Exit.BadInput;
   }
+  const command = await load();
   if (rest.includes('--help') || rest.includes('-h')) {
     deps.err(command.help);
     return Exit.Ok;

@@ -1,9 +1,11 @@
 #!/usr/bin/env node
 import { gatherFacts } from '../system/facts.js';
-import { openNft } from '../nft/open.js';
 import { systemAudit } from '../system/audit.js';
 import { DEFAULT_STATE_DIR, Exit, type Deps } from './deps.js';
 import { main } from './egressctl.js';
+
+/** The nftables binding, loaded by the commands that open it: compile, check and explain never do. */
+const openNft = async () => (await import('../nft/open.js')).openNft();
 
 const systemDeps: Deps = {
   out: (text) => process.stdout.write(`${text}\n`),

@@ -29,6 +29,8 @@ const HOSTS_SELF_NAMES = new Set([
   '0.0.0.0',
 ]);
 
+const SPACE = /\s/;
+
 /**
  * Parses a name list in plain format (one name per line) or hosts format
  * ("0.0.0.0 name [name…]"); `#` starts a comment in both. A line `*.example.org`
@@ -52,7 +54,8 @@ export function parseNameList(text: string, format: ListFormat): ParsedList {
     const hash = raw.indexOf('#');
     const content = (hash >= 0 ? raw.slice(0, hash) : raw).trim();
     if (content.length === 0) continue;
-    const tokens = content.split(/\s+/);
+    // Most lines of a big list are one token: no split for them.
+    const tokens = SPACE.test(content) ? content.split(/\s+/) : [content];
     const first = tokens[0]!;
     const isHostsLine = format === 'hosts' || (format === 'auto' && tokens.length > 1 && isIP(first) !== 0);
     if (format === 'hosts' && isIP(first) === 0) {
@@ -70,7 +73,8 @@ export function parseNameList(text: string, format: ListFormat): ParsedList {
       continue;
     }
     for (const token of isHostsLine ? tokens.slice(1) : tokens) {
-      const name = token.toLowerCase().replace(/\.$/, '');
+      const lower = token.toLowerCase();
+      const name = lower.endsWith('.') ? lower.slice(0, -1) : lower;
       if (isHostsLine && HOSTS_SELF_NAMES.has(name)) continue;
       const isSuffix = name.startsWith('*.');
       const bare = isSuffix ? name.slice(2) : name;

@@ -521,7 +521,9 @@ function dedupeNetworks(networks: readonly Network[]): Network[] {
   // Sorted by start, widest first on ties: a network is covered exactly when it ends before the last kept one does.
   const ranges = networks.map((net) => {
     const groups = addressGroups(net.family, net.address);
-    return { net, start: groupsKey(groups), end: groupsKey(maskGroups(groups, net.prefix, true)) };
+    const start = groupsKey(groups);
+    // A single address (a blocklist's usual line) ends where it starts.
+    return { net, start, end: net.prefix === (net.family === 4 ? 32 : 128) ? start : groupsKey(maskGroups(groups, net.prefix, true)) };
   });
   ranges.sort((a, b) => a.net.family - b.net.family || (a.start < b.start ? -1 : a.start > b.start ? 1 : a.net.prefix - b.net.prefix));
   const kept: typeof ranges = [];

@@ -105,6 +105,17 @@ describe('egressctl', () => {
     expect((await run('--help')).err).toContain('Commands:');
   });
 
+  it('each command the usage lists is loaded under its own name', async () => {
+    // Commands are loaded when they run (egressctl.ts): a name mapped to another command's module shows here.
+    const listed = [...(await run('--help')).err.matchAll(/^ {2}([a-z]+) {2,}/gm)].map((m) => m[1]!);
+    expect(listed).toEqual(['check', 'compile', 'explain', 'apply', 'plan', 'status', 'lockdown', 'release', 'schema']);
+    for (const command of listed) {
+      const result = await run(command, '--help');
+      expect(result.code).toBe(0);
+      expect(result.err).toMatch(new RegExp(`^Usage: egressctl ${command}[ \n]`));
+    }
+  });
+
   it('schema prints a JSON Schema that describes the policy file', async () => {
     const result = await run('schema');
     const schema = JSON.parse(result.out) as { $schema: string; properties: Record<string, unknown>; additionalProperties: boolean };

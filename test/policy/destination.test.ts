@@ -1,5 +1,7 @@
 import { describe, expect, it } from 'vitest';
-import { bigIntToAddress, addressToBigInt, networkContains, parseDestination } from '../../src/policy/destination.js';
+import { isIPv4, isIPv6 } from 'node:net';
+import fc from 'fast-check';
+import { addressGroups, bigIntToAddress, addressToBigInt, checkDnsName, isPlainDnsName, networkContains, parseDestination, quickGroups } from '../../src/policy/destination.js';
 import { parseNameList } from '../../src/policy/lists.js';
 
 describe('destinations', () => {
@@ -48,5 +50,90 @@ describe('name lists', () => {
     expect(parsed.names).toEqual(['a.example', 'b.example', 'plain.example']);
     expect(parsed.suffixes).toEqual(['wild.example']);
     expect(parsed.rejected).toEqual([]);
+  });
+});
+
+describe('addresses read in one pass (quickGroups)', () => {
+  // The general path it stands in for: node:net decides, then groups by split and parseInt.
+  const general = (text: string) => {
+    const family = isIPv4(text) ? 4 : isIPv6(text) ? 6 : undefined;
+    return family && addressGroups(family, text);
+  };
+
+  it('accepts only what node:net accepts, with the same groups, and every plain address it accepts', () => {
+    const char = fc.constantFrom(...'0123456789abcdefABCDEF:.'.split(''));
+    // Valid addresses, the same with one character changed, inserted or dropped, and random text.
+    const mutated = fc.tuple(fc.oneof(fc.ipV4(), fc.ipV6()), fc.nat(), char, fc.constantFrom(0, 1, 2)).map(([text, at, c, how]) => {
+      const i = at % (text.length + 1);
+      return how === 0 ? text.slice(0, i) + c + text.slice(i + 1) : how === 1 ? text.slice(0, i) + c + text.slice(i) : text.slice(0, i) + text.slice(i + 1);
+    });
+    const text = fc.oneof(fc.ipV4(), fc.ipV6(), mutated, fc.array(char, { maxLength: 40 }).map((chars) => chars.join('')));
+    let accepted = 0;
+    fc.assert(
+      fc.property(text, (t) => {
+        const quick = quickGroups(t);
+        const expected = general(t);
+        if (quick) accepted++;
+        if (quick) expect(quick).toEqual(expected);
+        // Left to the general path only for IPv6 with an IPv4 tail.
+        else if (expected) expect(expected.length === 8 && t.includes('.')).toBe(true);
+      }),
+      { numRuns: 20_000 },
+    );
+    expect(accepted).toBeGreaterThan(5_000);
+  });
+
+  it('writes IPv6 the RFC 5952 way for any address', () => {
+    // The straightforward form: the longest run of two or more zero groups, the first on ties, becomes "::".
+    const reference = (groups: number[]) => {
+      let best = { start: -1, length: 1 };
+      for (let i = 0; i < 8; i++) {
+        let j = i;
+        while (j < 8 && groups[j] === 0) j++;
+        if (j - i > best.length) best = { start: i, length: j - i };
+      }
+      const hex = groups.map((g) => g.toString(16));
+      return best.start < 0 ? hex.join(':') : `${hex.slice(0, best.start).join(':')}::${hex.slice(best.start + best.length).join(':')}`;
+    };
+    const group = fc.oneof(fc.constant(0), fc.constant(0), fc.integer({ min: 0, max: 0xffff }));
+    fc.assert(
+      fc.property(fc.array(group, { minLength: 8, maxLength: 8 }), (groups) => {
+        expect(bigIntToAddress(6, groups.reduce((acc, g) => (acc << 16n) | BigInt(g), 0n))).toBe(reference(groups));
+      }),
+      { numRuns: 5_000 },
+    );
+  });
+
+  it.each(['::', '::1', '1::', '2001:db8::1', '2001:DB8:0:0:1:0:0:1', '1:2:3:4:5:6:7::', '::2:3:4:5:6:7:8', '1:2:3:4:5:6:7:8', 'ffff::ffff:1', '0.0.0.0', '192.0.2.255', '255.255.255.255'])('reads %s', (text) => {
+    expect(quickGroups(text)).toEqual(general(text));
+  });
+
+  it.each(['', ':', ':::', '1:::2', '1::2::3', '1:2:3:4:5:6:7:8::', '::1:2:3:4:5:6:7:8', '1:2:3:4:5:6:7', '12345::', 'g::', '01.2.3.4', '256.1.1.1', '1.2.3', '1.2.3.4.5', '1..2.3', '::ffff:192.0.2.1', 'fe80::1%eth0'])(
+    'leaves %s to the general path',
+    (text) => {
+      expect(quickGroups(text)).toBeUndefined();
+    },
+  );
+});
+
+describe('DNS names checked in one pass (isPlainDnsName)', () => {
+  // checkDnsName's own checks, as they were before the one-pass check went in front of them.
+  const LABEL = /^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$/;
+  const valid = (name: string) => name.length > 0 && name.length <= 253 && name.split('.').every((label) => label.length > 0 && label.length <= 63 && LABEL.test(label));
+
+  it('accepts exactly the names the label checks accept', () => {
+    const char = fc.constantFrom(...'ab0_-.Z*'.split(''));
+    const label = fc.oneof(fc.array(char, { maxLength: 6 }).map((c) => c.join('')), fc.constantFrom('a'.repeat(63), 'a'.repeat(64), `a${'-'.repeat(61)}a`));
+    const name = fc.oneof(fc.array(label, { minLength: 1, maxLength: 5 }).map((labels) => labels.join('.')), fc.domain(), fc.constant(`${'a'.repeat(63)}.`.repeat(4).slice(0, 254)));
+    let accepted = 0;
+    fc.assert(
+      fc.property(name, (n) => {
+        expect(isPlainDnsName(n)).toBe(valid(n));
+        expect(checkDnsName(n) === undefined).toBe(valid(n));
+        if (valid(n)) accepted++;
+      }),
+      { numRuns: 20_000 },
+    );
+    expect(accepted).toBeGreaterThan(2_000);
   });
 });
