@@ -104,7 +104,7 @@ function schemaIssue(source: SourceFile, issue: z.core.$ZodIssue): PolicyIssue {
     // Zod reports every branch of a union; the most useful one is the branch that got furthest.
     const branches = issue.errors;
     const deepest = branches.flat().sort((a, b) => b.path.length - a.path.length)[0];
-    if (deepest) return schemaIssue(source, { ...deepest, path: [...path, ...deepest.path] } as z.core.$ZodIssue);
+    if (deepest) return schemaIssue(source, { ...deepest, path: [...path, ...deepest.path] });
     message = 'value does not have any of the accepted forms';
   }
   return { severity: 'error', at: source.locate(path), message: `${message}${describePath(path)}`, ...(hint ? { hint } : {}) };
