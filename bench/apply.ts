@@ -46,10 +46,13 @@ function writePolicy(dir: string, variant: 'a' | 'b' | 'a2'): void {
   const cidrs = Array.from({ length: CIDRS }, (_, i) => `2001:db8:${(first + (i >> 12)).toString(16)}:${(i & 0xfff).toString(16)}::/64`);
   writeFileSync(join(dir, 'cidrs.txt'), `${cidrs.join('\n')}\n`);
   const port = (i: number) => (variant === 'a2' && i === 7 ? 8443 : 443);
-  const apps = Array.from({ length: APPS }, (_, i) => `  app${i}:\n    identity: {user: ${30000 + i}}\n    default: deny\n    rules:\n      - allow: [198.51.100.${i % 250}, "app${i}.example.org"]\n        ports: [${port(i)}]`);
+  const apps = Array.from(
+    { length: APPS },
+    (_, i) =>
+      `  app${i}:\n    identity: {user: ${30000 + i}}\n    default: deny\n    rules:\n      - allow: [198.51.100.${i % 250}, "app${i}.example.org"]\n        ports: [${port(i)}]`,
+  );
   writeFileSync(join(dir, '00.yaml'), `defaults: {egress: allow}\nlists:\n  cidrs: {file: cidrs.txt}\ndeny:\n  - to: ["@cidrs"]\napps:\n${apps.join('\n')}\n`);
 }
-
 
 async function inner(root: string): Promise<void> {
   const policies: Record<'a' | 'b' | 'a2', Policy> = {
@@ -63,7 +66,12 @@ async function inner(root: string): Promise<void> {
   writeFileSync(textFile, `add table inet egressd; delete table inet egressd;\n${text}`);
   const lib = await openNft({ prefer: 'libnftables', strict: true });
   const bin = await openNft({ prefer: 'binary', strict: true });
-  const depsWith = (nft: Nft, state: string): EnforcerDeps => ({ nft, facts: () => ({ users: new Map(), groups: new Map(), cgroups: [] }), stateDir: join(root, state), audit: () => {} });
+  const depsWith = (nft: Nft, state: string): EnforcerDeps => ({
+    nft,
+    facts: () => ({ users: new Map(), groups: new Map(), cgroups: [] }),
+    stateDir: join(root, state),
+    audit: () => {},
+  });
   const inProcess = depsWith(lib, 'state-inproc');
   const fallback = depsWith(bin, 'state-bin');
   const apply = async (deps: EnforcerDeps, which: keyof typeof policies, expected: string) => {
@@ -71,7 +79,10 @@ async function inner(root: string): Promise<void> {
     if (applied.liveFrom !== expected) throw new Error(`apply read the live table from ${applied.liveFrom}, expected ${expected}`);
   };
   const cli = (which: string) =>
-    execFileSync(process.execPath, ['--import', 'tsx', join(ROOT, 'src/cli/main.ts'), 'apply', join(root, which)], { stdio: 'ignore', env: { ...process.env, EGRESSD_STATE_DIR: join(root, 'state-cli') } });
+    execFileSync(process.execPath, ['--import', 'tsx', join(ROOT, 'src/cli/main.ts'), 'apply', join(root, which)], {
+      stdio: 'ignore',
+      env: { ...process.env, EGRESSD_STATE_DIR: join(root, 'state-cli') },
+    });
 
   const rows: [string, number[]][] = [
     ['nft -f (same text, fresh process, one transaction)', []],
@@ -102,7 +113,9 @@ async function inner(root: string): Promise<void> {
     await timed(6, () => cli('a'));
   }
   const raw = median(rows[0]![1]);
-  console.log(`Apply ${CIDRS.toLocaleString('en')} CIDRs + ${APPS} apps (${text.length.toLocaleString('en')} bytes of nft text), median of ${runs}; target: in-process ≤ 1.3 × nft -f\n`);
+  console.log(
+    `Apply ${CIDRS.toLocaleString('en')} CIDRs + ${APPS} apps (${text.length.toLocaleString('en')} bytes of nft text), median of ${runs}; target: in-process ≤ 1.3 × nft -f\n`,
+  );
   console.log('| scenario | median ms | × nft -f |');
   console.log('|---|---|---|');
   for (const [name, samples] of rows) console.log(`| ${name} | ${median(samples).toFixed(0)} | ${(median(samples) / raw).toFixed(2)} |`);
@@ -123,7 +136,11 @@ if (values.inner) {
   // The applies inside leave the namespace's enforcement lock file behind.
   const lock = lockPathFor(statSync(`/run/netns/${ns}`).ino);
   try {
-    const result = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fileURLToPath(import.meta.url), '--inner', root, '--runs', String(runs)], { stdio: 'inherit' });
+    const result = spawnSync(
+      'nsenter',
+      [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fileURLToPath(import.meta.url), '--inner', root, '--runs', String(runs)],
+      { stdio: 'inherit' },
+    );
     process.exitCode = result.status ?? 1;
   } finally {
     execFileSync('ip', ['netns', 'delete', ns]);

@@ -50,8 +50,15 @@ function writePolicy(dir: string): void {
   const v4 = ['192.0.2', '198.51.100', '203.0.113'].flatMap((net) => Array.from({ length: 256 }, (_, i) => `${net}.${i}`));
   const v6 = Array.from({ length: ADDRESSES - v4.length }, (_, i) => `2001:db8:${(i >> 12).toString(16)}::${(i & 0xfff).toString(16)}`);
   writeFileSync(join(dir, 'blocked.txt'), `# generated for bench/cli-apply.ts\n${[...v4, ...v6].join('\n')}\n`);
-  const apps = Array.from({ length: APPS }, (_, i) => `  app${i}:\n    identity: {user: ${30000 + i}}\n    default: deny\n    rules:\n      - allow: [198.51.100.${i % 250}, "app${i}.example.org"]\n        ports: [443]`);
-  writeFileSync(join(dir, '00-blocklist.yaml'), `defaults: {egress: allow}\nlists:\n  blocked: {file: blocked.txt}\ndeny:\n  - to: ["@blocked"]\napps:\n${apps.join('\n')}\n`);
+  const apps = Array.from(
+    { length: APPS },
+    (_, i) =>
+      `  app${i}:\n    identity: {user: ${30000 + i}}\n    default: deny\n    rules:\n      - allow: [198.51.100.${i % 250}, "app${i}.example.org"]\n        ports: [443]`,
+  );
+  writeFileSync(
+    join(dir, '00-blocklist.yaml'),
+    `defaults: {egress: allow}\nlists:\n  blocked: {file: blocked.txt}\ndeny:\n  - to: ["@blocked"]\napps:\n${apps.join('\n')}\n`,
+  );
 }
 
 const TICK_MS = 1000 / Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim());
@@ -84,7 +91,13 @@ function inner(root: string, base: string | undefined): void {
 
   type Row = { name: string; work: () => void; before?: () => void; samples: number[]; cpu: number[] };
   const cliRows = (cli: string, label: string): Row[] => [
-    { name: `egressctl apply${label}: first apply (empty namespace)`, before: emptyNamespace, work: () => run(process.execPath, [cli, 'apply', policy]), samples: [], cpu: [] },
+    {
+      name: `egressctl apply${label}: first apply (empty namespace)`,
+      before: emptyNamespace,
+      work: () => run(process.execPath, [cli, 'apply', policy]),
+      samples: [],
+      cpu: [],
+    },
     // Over the first apply just before: the same policy again.
     { name: `egressctl apply${label}: re-apply, same policy`, work: () => run(process.execPath, [cli, 'apply', policy]), samples: [], cpu: [] },
     { name: `egressctl compile${label}`, work: () => run(process.execPath, [cli, 'compile', policy]), samples: [], cpu: [] },
@@ -116,14 +129,18 @@ function inner(root: string, base: string | undefined): void {
   const nftF = median(rows[0]!.samples);
   const nftCpu = median(rows[0]!.cpu);
   const size = statSync(textFile).size;
-  console.log(`Fresh processes, ${ADDRESSES.toLocaleString('en')}-address list + ${APPS} apps (${size.toLocaleString('en')} bytes of nft text), median of ${runs}, rounds interleaved; target: egressctl apply ≤ 1.5 × nft -f\n`);
+  console.log(
+    `Fresh processes, ${ADDRESSES.toLocaleString('en')}-address list + ${APPS} apps (${size.toLocaleString('en')} bytes of nft text), median of ${runs}, rounds interleaved; target: egressctl apply ≤ 1.5 × nft -f\n`,
+  );
   console.log('| scenario | wall ms, median | min–max | × nft -f | CPU ms, median | min–max | × nft -f |');
   console.log('|---|---|---|---|---|---|---|');
   const range = (xs: number[]) => `${Math.min(...xs).toFixed(0)}–${Math.max(...xs).toFixed(0)}`;
   for (const row of rows) {
     const m = median(row.samples);
     const c = median(row.cpu);
-    console.log(`| ${row.name} | ${m.toFixed(0)} | ${range(row.samples)} | ${(m / nftF).toFixed(2)} | ${c.toFixed(0)} | ${range(row.cpu)} | ${(c / nftCpu).toFixed(2)} |`);
+    console.log(
+      `| ${row.name} | ${m.toFixed(0)} | ${range(row.samples)} | ${(m / nftF).toFixed(2)} | ${c.toFixed(0)} | ${range(row.cpu)} | ${(c / nftCpu).toFixed(2)} |`,
+    );
   }
 }
 
@@ -143,7 +160,22 @@ if (values.inner) {
   // The applies inside leave the namespace's enforcement lock file behind.
   const lock = lockPathFor(statSync(`/run/netns/${ns}`).ino);
   try {
-    const result = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fileURLToPath(import.meta.url), '--inner', root, '--runs', String(runs), ...(values.base ? ['--base', values.base] : [])], { stdio: 'inherit' });
+    const result = spawnSync(
+      'nsenter',
+      [
+        `--net=/run/netns/${ns}`,
+        process.execPath,
+        '--import',
+        'tsx',
+        fileURLToPath(import.meta.url),
+        '--inner',
+        root,
+        '--runs',
+        String(runs),
+        ...(values.base ? ['--base', values.base] : []),
+      ],
+      { stdio: 'inherit' },
+    );
     process.exitCode = result.status ?? 1;
   } finally {
     execFileSync('ip', ['netns', 'delete', ns]);

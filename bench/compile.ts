@@ -41,7 +41,14 @@ function withApps(count: number): string {
   return dir;
 }
 
-const facts: Facts = { users: new Map([['_apt', 42], ['debian-tor', 110]]), groups: new Map(), cgroups: [] };
+const facts: Facts = {
+  users: new Map([
+    ['_apt', 42],
+    ['debian-tor', 110],
+  ]),
+  groups: new Map(),
+  cgroups: [],
+};
 
 interface Sample {
   load: number;
@@ -85,7 +92,17 @@ try {
   const header = ['scenario', 'load+validate', 'compile', 'load+compile', 'name index', 'render nft', 'render JSON', 'nft rules', 'indexed names'];
   const rows = cases.map((c) => {
     const m = (k: keyof Sample) => median(c.samples.map((s) => s[k]));
-    return [c.name, ms(m('load')), ms(m('compile')), ms(median(c.samples.map((s) => s.load + s.compile))), ms(m('index')), ms(m('text')), ms(m('json')), String(c.rules), c.names.toLocaleString('en')];
+    return [
+      c.name,
+      ms(m('load')),
+      ms(m('compile')),
+      ms(median(c.samples.map((s) => s.load + s.compile))),
+      ms(m('index')),
+      ms(m('text')),
+      ms(m('json')),
+      String(c.rules),
+      c.names.toLocaleString('en'),
+    ];
   });
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
   const line = (cells: string[]) => `| ${cells.map((cell, i) => cell.padEnd(widths[i]!)).join(' | ')} |`;

@@ -54,8 +54,7 @@ function table(rows: readonly Row[]): string {
     ];
   });
   const widths = head.map((h, i) => Math.max(h.length, ...body.map((r) => (r[i] ?? '').length)));
-  const line = (cells: readonly string[]) =>
-    cells.map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join('  ');
+  const line = (cells: readonly string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join('  ');
   return [line(head), widths.map((w) => '-'.repeat(w)).join('  '), ...body.map(line)].join('\n');
 }
 
@@ -63,7 +62,8 @@ const BENCH: TableRef = { family: 'inet', name: 'bench' };
 const OTHER: TableRef = { family: 'inet', name: 'other' };
 
 /** The client's table replaced by `ruleset` in one transaction. */
-const replace = (nft: Nft, ruleset: Ruleset) => nft.run({ commands: [command.addTable(ruleset.table), command.deleteTable(ruleset.table), command.block(ruleset)] });
+const replace = (nft: Nft, ruleset: Ruleset) =>
+  nft.run({ commands: [command.addTable(ruleset.table), command.deleteTable(ruleset.table), command.block(ruleset)] });
 
 const addr = (prefix: string, i: number) => `2001:db8:${prefix}::${(i >> 16).toString(16)}:${(i & 0xffff).toString(16)}`;
 
@@ -88,7 +88,10 @@ async function inner(): Promise<void> {
   const elements = Array.from({ length: SIZE }, (_, i) => addr('a', i));
   const big: Ruleset = { table: BENCH, sets: [{ name: 'big6', key: 'ipv6_addr', flags: ['timeout'], elements }], chains: [] };
   const loads: Row[] = [];
-  for (const [label, nft] of [['libnftables', lib], ['nft binary', bin]] as const) {
+  for (const [label, nft] of [
+    ['libnftables', lib],
+    ['nft binary', bin],
+  ] as const) {
     const start = performance.now();
     await replace(nft, big);
     loads.push({ scenario: `replace table, ${SIZE.toLocaleString('en')} elements (${label})`, samples: [performance.now() - start] });
@@ -148,11 +151,7 @@ function outer(): void {
   try {
     const self = fileURLToPath(import.meta.url);
     const args = process.argv.slice(2);
-    const result = spawnSync(
-      'nsenter',
-      [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', self, '--inner', ...args],
-      { stdio: 'inherit' },
-    );
+    const result = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', self, '--inner', ...args], { stdio: 'inherit' });
     process.exitCode = result.status ?? 1;
   } finally {
     execFileSync('ip', ['netns', 'delete', ns]);

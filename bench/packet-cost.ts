@@ -90,13 +90,18 @@ function egressdTable(dir: string, defaultDeny: boolean): string {
   const deny = (i: number) => `      - deny: ["tracker${i}.example.net", 192.0.2.${i % 250}]\n      - deny: any\n        proto: udp\n        ports: [443]`;
   const apps = Array.from(
     { length: 200 },
-    (_, i) => `  app${i}:\n    identity: [{user: ${30000 + i}}, {cgroup: "bench/app${i}"}]\n    default: ${defaultDeny ? 'deny' : 'allow'}\n    rules:\n${defaultDeny ? allow(i) : `${allow(i)}\n${deny(i)}`}`,
+    (_, i) =>
+      `  app${i}:\n    identity: [{user: ${30000 + i}}, {cgroup: "bench/app${i}"}]\n    default: ${defaultDeny ? 'deny' : 'allow'}\n    rules:\n${defaultDeny ? allow(i) : `${allow(i)}\n${deny(i)}`}`,
   );
-  writeFileSync(join(dir, '00.yaml'), `defaults: {egress: allow, log: {denials: false}}\nlists:\n  cidrs: {file: cidrs.txt}\ndeny:\n  - to: ["@cidrs", 203.0.113.0/24]\napps:\n${apps.join('\n')}\n`);
+  writeFileSync(
+    join(dir, '00.yaml'),
+    `defaults: {egress: allow, log: {denials: false}}\nlists:\n  cidrs: {file: cidrs.txt}\ndeny:\n  - to: ["@cidrs", 203.0.113.0/24]\napps:\n${apps.join('\n')}\n`,
+  );
   const { policy } = loadPolicyOrThrow(dir);
   const text = renderText(compile(policy, { users: new Map(), groups: new Map(), cgroups: [] }).ruleset);
   // What separates the two rows: whether the table turns conntrack on.
-  if (/\bct state\b/.test(text) !== defaultDeny) throw new Error(`internal: the ${defaultDeny ? 'default-deny' : 'default-allow'} table ${defaultDeny ? 'lacks' : 'has'} a ct expression`);
+  if (/\bct state\b/.test(text) !== defaultDeny)
+    throw new Error(`internal: the ${defaultDeny ? 'default-deny' : 'default-allow'} table ${defaultDeny ? 'lacks' : 'has'} a ct expression`);
   return text;
 }
 
@@ -119,10 +124,22 @@ const host = `egdb${id}-h`;
 const inet = `egdb${id}-i`;
 const dir = mkdtempSync(join(tmpdir(), 'egd-pkt-bench-'));
 const sh = (args: string[]) => execFileSync(args[0]!, args.slice(1), { stdio: 'pipe' });
-const inNs = (ns: string, args: string[], input?: string) => execFileSync('nsenter', [`--net=/run/netns/${ns}`, ...args], { input, stdio: ['pipe', 'pipe', 'pipe'], maxBuffer: 64 << 20 });
+const inNs = (ns: string, args: string[], input?: string) =>
+  execFileSync('nsenter', [`--net=/run/netns/${ns}`, ...args], { input, stdio: ['pipe', 'pipe', 'pipe'], maxBuffer: 64 << 20 });
 
 /** wrk in the host namespace for `runSeconds`: a new connection for every request. */
-const wrk = (runSeconds: number) => [`--net=/run/netns/${host}`, 'wrk', `-t${THREADS}`, `-c${CONNECTIONS}`, `-d${runSeconds}s`, '--timeout', '2s', '-H', 'Connection: close', `http://[${SERVER_ADDRESS}]:${PORT}/`];
+const wrk = (runSeconds: number) => [
+  `--net=/run/netns/${host}`,
+  'wrk',
+  `-t${THREADS}`,
+  `-c${CONNECTIONS}`,
+  `-d${runSeconds}s`,
+  '--timeout',
+  '2s',
+  '-H',
+  'Connection: close',
+  `http://[${SERVER_ADDRESS}]:${PORT}/`,
+];
 
 /** The rate wrk printed; throws when any connection failed. */
 function wrkRate(out: string, what: string): number {
@@ -200,7 +217,11 @@ async function hookShare(text: string | undefined, name: string): Promise<{ shar
   await sleep(1000);
   // perf's own workload reads /proc/stat, so that both readings bound exactly
   // the sampled interval (-B: no build-id pass after it).
-  const perf = spawnSync('perf', ['record', '-e', 'cpu-clock', '-a', '-g', '-B', '-o', data, '--', 'sh', '-c', `head -1 /proc/stat; sleep ${profileSeconds}; head -1 /proc/stat`], { stdio: 'pipe' });
+  const perf = spawnSync(
+    'perf',
+    ['record', '-e', 'cpu-clock', '-a', '-g', '-B', '-o', data, '--', 'sh', '-c', `head -1 /proc/stat; sleep ${profileSeconds}; head -1 /proc/stat`],
+    { stdio: 'pipe' },
+  );
   await loadDone;
   if (perf.status !== 0) throw new Error(`${name}: perf record failed: ${perf.stderr.toString()}`);
   wrkRate(loadOutput, `${name}, profiled`);
@@ -243,7 +264,10 @@ try {
   // IPv6, so that every packet is looked up in the 100,000-CIDR set (IPv6 networks).
   inNs(host, ['ip', 'addr', 'add', '2001:db8::1/64', 'dev', `veth${id}`, 'nodad']);
   inNs(inet, ['ip', 'addr', 'add', `${SERVER_ADDRESS}/64`, 'dev', `vethi${id}`, 'nodad']);
-  for (const [ns, dev] of [[host, `veth${id}`], [inet, `vethi${id}`]] as const) {
+  for (const [ns, dev] of [
+    [host, `veth${id}`],
+    [inet, `vethi${id}`],
+  ] as const) {
     inNs(ns, ['ip', 'link', 'set', dev, 'up']);
     inNs(ns, ['ip', 'link', 'set', 'lo', 'up']);
   }
@@ -251,13 +275,16 @@ try {
   // they would use up the default 28,000 ports within seconds. These settings
   // belong to the namespace and go with it.
   inNs(host, ['sysctl', '-q', '-w', 'net.ipv4.tcp_tw_reuse=1', 'net.ipv4.ip_local_port_range=1024 65535']);
-  const started = spawn('nsenter', [`--net=/run/netns/${inet}`, serverBinary, SERVER_ADDRESS, String(PORT), String(THREADS)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const started = spawn('nsenter', [`--net=/run/netns/${inet}`, serverBinary, SERVER_ADDRESS, String(PORT), String(THREADS)], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
   server = started;
   await new Promise<void>((resolve, reject) => {
     started.stdout.once('data', () => resolve());
     started.once('exit', (code) => reject(new Error(`conn-server exited (${code})`)));
   });
-  const conntrackOnly = 'table inet stateful {\n\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n\t\tct state established,related accept\n\t}\n}\n';
+  const conntrackOnly =
+    'table inet stateful {\n\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n\t\tct state established,related accept\n\t}\n}\n';
   const NO_TABLE = '(a) no table';
   const CONNTRACK_ONLY = "(a') no egressd table, conntrack on";
   const EGRESSD = '(b) egressd, no default deny (conntrack off): 100,000 CIDRs + 200 apps';
@@ -284,13 +311,17 @@ try {
     }
     const base = results.get(NO_TABLE)!;
     const stateful = results.get(CONNTRACK_ONLY)!;
-    console.log(`1. Rounds: new TCP connections per second, host → internet namespace (${load}), ${seconds} s × ${rounds} rounds; target (b) ≥ 0.95 × (a), (b') against (a')`);
+    console.log(
+      `1. Rounds: new TCP connections per second, host → internet namespace (${load}), ${seconds} s × ${rounds} rounds; target (b) ≥ 0.95 × (a), (b') against (a')`,
+    );
     console.log('"× (a)" is the median of the per-round ratios, which cancels drift between rounds.\n');
     console.log("| configuration | connections/s (median) | min–max | × (a) | × (a') |");
     console.log('|---|---|---|---|---|');
     for (const [name, samples] of results) {
       const ratio = (to: number[]) => median(samples.map((x, i) => x / to[i]!)).toFixed(3);
-      console.log(`| ${name} | ${median(samples).toFixed(0)} | ${Math.min(...samples).toFixed(0)}–${Math.max(...samples).toFixed(0)} | ${ratio(base)} | ${ratio(stateful)} |`);
+      console.log(
+        `| ${name} | ${median(samples).toFixed(0)} | ${Math.min(...samples).toFixed(0)}–${Math.max(...samples).toFixed(0)} | ${ratio(base)} | ${ratio(stateful)} |`,
+      );
     }
   }
 
@@ -301,14 +332,18 @@ try {
       [EGRESSD, HOOK_ONLY],
       [HOOK_ONLY, undefined],
     ];
-    console.log(`\n2. Paired: ${blocks} blocks of four ${PAIRED_RUN_SECONDS}-s runs, A B B A, B's table switched dormant for A (and A's woken, when A has one); each block's (B + B) / (A + A)\n`);
+    console.log(
+      `\n2. Paired: ${blocks} blocks of four ${PAIRED_RUN_SECONDS}-s runs, A B B A, B's table switched dormant for A (and A's woken, when A has one); each block's (B + B) / (A + A)\n`,
+    );
     console.log('| B | A | blocks | B × A, median | 90 % interval of the median | min–max |');
     console.log('|---|---|---|---|---|---|');
     for (const [measured, against] of pairs) {
       const ratios = await pairedRatios(tables[measured]!, against && tables[against]);
       const { median: mid, low, high } = medianWithInterval(ratios);
       const sorted = [...ratios].sort((x, y) => x - y);
-      console.log(`| ${measured} | ${against ?? NO_TABLE} | ${blocks} | ${mid.toFixed(3)} | ${low.toFixed(3)}–${high.toFixed(3)} | ${sorted[0]!.toFixed(3)}–${sorted.at(-1)!.toFixed(3)} |`);
+      console.log(
+        `| ${measured} | ${against ?? NO_TABLE} | ${blocks} | ${mid.toFixed(3)} | ${low.toFixed(3)}–${high.toFixed(3)} | ${sorted[0]!.toFixed(3)}–${sorted.at(-1)!.toFixed(3)} |`,
+      );
     }
   }
 
@@ -316,11 +351,15 @@ try {
     const shares = new Map<string, { share: number; idle: number }>();
     for (const [name, text] of Object.entries(tables)) shares.set(name, await hookShare(text, name));
     const stateful = shares.get(CONNTRACK_ONLY)!.share;
-    console.log(`\n3. Profile: perf record -a for ${profileSeconds} s under the same load; the share of busy CPU inside netfilter's hooks, and what 1 − share leaves of the rate\n`);
+    console.log(
+      `\n3. Profile: perf record -a for ${profileSeconds} s under the same load; the share of busy CPU inside netfilter's hooks, and what 1 − share leaves of the rate\n`,
+    );
     console.log("| configuration | in hooks, % of busy CPU | idle | ⇒ × (a) | ⇒ × (a') |");
     console.log('|---|---|---|---|---|');
     for (const [name, { share, idle }] of shares) {
-      console.log(`| ${name} | ${(share * 100).toFixed(2)} | ${(idle * 100).toFixed(1)} % | ${(1 - share).toFixed(3)} | ${((1 - share) / (1 - stateful)).toFixed(3)} |`);
+      console.log(
+        `| ${name} | ${(share * 100).toFixed(2)} | ${(idle * 100).toFixed(1)} % | ${(1 - share).toFixed(3)} | ${((1 - share) / (1 - stateful)).toFixed(3)} |`,
+      );
     }
   }
 } finally {

@@ -27,20 +27,36 @@ try {
     writeFileSync(join(dir, '00.yaml'), yaml);
     return (await net.host.node(CLI, ['compile', dir])).stdout;
   };
-  const simple = 'table inet egressd {\n\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n\t\tct state established,related accept\n\t\tmeta oif "lo" accept\n\t\tip daddr 192.0.2.2 tcp dport 7000 accept\n\t\tcounter drop\n\t}\n}\n';
+  const simple =
+    'table inet egressd {\n\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n\t\tct state established,related accept\n\t\tmeta oif "lo" accept\n\t\tip daddr 192.0.2.2 tcp dport 7000 accept\n\t\tcounter drop\n\t}\n}\n';
   const cases: [string, string][] = [
     ['one chain, no set lookups, default drop', simple],
     ['egressd, default allow, a deny set', await compileYaml('defaults: {egress: allow}\ndeny: [{to: [203.0.113.0/24]}]\n')],
-    ['egressd, default deny, app by uid', await compileYaml('defaults: {egress: deny}\napps: {web: {identity: {user: 4343}, rules: [{allow: [192.0.2.2], ports: [7000], proto: tcp}]}}\n')],
+    [
+      'egressd, default deny, app by uid',
+      await compileYaml('defaults: {egress: deny}\napps: {web: {identity: {user: 4343}, rules: [{allow: [192.0.2.2], ports: [7000], proto: tcp}]}}\n'),
+    ],
   ];
   console.log(`Allowed TCP connections while the table is replaced ${REPLACES} times\n`);
   console.log('| table | connections | timed out (SYN lost) | replaces/s |');
   console.log('|---|---|---|---|');
   for (const [name, text] of cases) {
-    writeFileSync(join(dir, 'loop.sh'), `for i in $(seq ${REPLACES}); do nft -f - <<'X'\nadd table inet egressd; delete table inet egressd;\n${text}\nX\ndone\n`);
+    writeFileSync(
+      join(dir, 'loop.sh'),
+      `for i in $(seq ${REPLACES}); do nft -f - <<'X'\nadd table inet egressd; delete table inet egressd;\n${text}\nX\ndone\n`,
+    );
     await net.host.run('sh', ['-c', `nft -f - <<'X'\nadd table inet egressd; delete table inet egressd;\n${text}\nX`]);
     await server.reset();
-    const loop = net.host.sendLoop({ proto: 'tcp', addr: '192.0.2.2', port: 7000, user: 4343, count: 1_000_000, intervalMs: 0, attemptTimeoutMs: 900, maxMs: 120_000 });
+    const loop = net.host.sendLoop({
+      proto: 'tcp',
+      addr: '192.0.2.2',
+      port: 7000,
+      user: 4343,
+      count: 1_000_000,
+      intervalMs: 0,
+      attemptTimeoutMs: 900,
+      maxMs: 120_000,
+    });
     const started = Date.now();
     await net.host.run('sh', [join(dir, 'loop.sh')], { timeoutMs: 200_000 });
     const seconds = (Date.now() - started) / 1000;

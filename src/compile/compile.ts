@@ -97,7 +97,9 @@ export function refuseCompileErrors(compiled: Compiled, dir: string): void {
   if (compiled.errors.length === 0) return;
   const details = sortIssues([...compiled.errors, ...compiled.warnings]).map((issue) => formatIssue(issue, dir));
   const count = compiled.errors.length;
-  throw new EgressError(ErrorCode.PolicyInvalid, `${dir}: ${count} ${count === 1 ? 'error' : 'errors'} in the policy on this machine; nothing was changed`, { details });
+  throw new EgressError(ErrorCode.PolicyInvalid, `${dir}: ${count} ${count === 1 ? 'error' : 'errors'} in the policy on this machine; nothing was changed`, {
+    details,
+  });
 }
 
 /** The deepest cgroup level any selector needs: how far down the cgroup tree facts must look. */
@@ -119,7 +121,12 @@ export function factsNeeded(policy: Policy): FactsNeeded {
 }
 
 function everyIdentity(policy: Policy): Identity[] {
-  return [...policy.identities.values(), ...policy.apps.flatMap((a) => a.identities), ...policy.systemDomains.flatMap((d) => d.members), ...policy.tor.updaters];
+  return [
+    ...policy.identities.values(),
+    ...policy.apps.flatMap((a) => a.identities),
+    ...policy.systemDomains.flatMap((d) => d.members),
+    ...policy.tor.updaters,
+  ];
 }
 
 interface Dispatch {
@@ -167,7 +174,10 @@ class Compiler {
     const { policy } = this;
     // Tor's user may reach the network; a missing one is an error unless the policy says it may be missing.
     const torAt = policy.tor.userAt ?? policy.tor.at;
-    const torUid = policy.tor.enabled && torAt ? this.idOf('user', policy.tor.user, torAt, `Tor's user ${JSON.stringify(policy.tor.user)}`, !policy.tor.userOptional) : undefined;
+    const torUid =
+      policy.tor.enabled && torAt
+        ? this.idOf('user', policy.tor.user, torAt, `Tor's user ${JSON.stringify(policy.tor.user)}`, !policy.tor.userOptional)
+        : undefined;
 
     // System domains: no network at all. Their dispatch comes right after loopback, so nothing below can open them up.
     const domains = this.newDispatch('sd');
@@ -196,8 +206,19 @@ class Compiler {
     this.chains.push({
       name: 'icmpv6_link',
       rules: [
-        rule([match.hoplimit(255), match.icmpv6Type(['nd-router-solicit', 'nd-neighbor-solicit', 'nd-neighbor-advert']), verdict.accept()], 'IPv6 neighbour discovery'),
-        rule([match.hoplimit(1), match.daddrIn6Multicast(), match.icmpv6Type(['mld-listener-report', 'mld-listener-done', 'mld2-listener-report']), verdict.accept()], 'IPv6 multicast listener reports'),
+        rule(
+          [match.hoplimit(255), match.icmpv6Type(['nd-router-solicit', 'nd-neighbor-solicit', 'nd-neighbor-advert']), verdict.accept()],
+          'IPv6 neighbour discovery',
+        ),
+        rule(
+          [
+            match.hoplimit(1),
+            match.daddrIn6Multicast(),
+            match.icmpv6Type(['mld-listener-report', 'mld-listener-done', 'mld2-listener-report']),
+            verdict.accept(),
+          ],
+          'IPv6 multicast listener reports',
+        ),
       ],
     });
     output.push(rule([match.l4proto('ipv6-icmp'), verdict.jump('icmpv6_link')], 'IPv6 neighbour discovery and multicast listener reports'));
@@ -210,7 +231,8 @@ class Compiler {
     }
 
     // Tor itself may reach the network.
-    if (torUid !== undefined) output.push(rule([match.skuid(torUid), stmt.counter(), verdict.accept()], this.tagged(policy.tor.at, 'tor/own', ": Tor's own traffic")));
+    if (torUid !== undefined)
+      output.push(rule([match.skuid(torUid), stmt.counter(), verdict.accept()], this.tagged(policy.tor.at, 'tor/own', ": Tor's own traffic")));
 
     // Per-app rules, then the global deny list, then the default.
     const apps = this.newDispatch('app');
@@ -388,11 +410,19 @@ class Compiler {
    */
   private defaultTail(id: string, verdictName: 'allow' | 'deny', at: Origin | undefined): RuleDecl[] {
     if (verdictName === 'allow') return [rule([stmt.counter(), verdict.accept()], this.tagged(at, id))];
-    return [rule([match.ctState(['established', 'related']), verdict.accept()], this.tagged(at, id, ': established and related connections')), ...this.denyTail(id, at, true)];
+    return [
+      rule([match.ctState(['established', 'related']), verdict.accept()], this.tagged(at, id, ': established and related connections')),
+      ...this.denyTail(id, at, true),
+    ];
   }
 
   private newDispatch(prefix: string): Dispatch {
-    return { prefix, cgroupLevels: new Map(), uids: { elements: [], verdicts: [], claimed: new Map() }, gids: { elements: [], verdicts: [], claimed: new Map() } };
+    return {
+      prefix,
+      cgroupLevels: new Map(),
+      uids: { elements: [], verdicts: [], claimed: new Map() },
+      gids: { elements: [], verdicts: [], claimed: new Map() },
+    };
   }
 
   /**
@@ -427,7 +457,13 @@ class Compiler {
         continue;
       }
       const isUser = selector.kind === 'user';
-      const id = this.idOf(selector.kind, isUser ? selector.user : selector.group, identity.at, `${selector.kind} ${JSON.stringify(isUser ? selector.user : selector.group)} of ${owner}`, mustExist && selector.optional !== true);
+      const id = this.idOf(
+        selector.kind,
+        isUser ? selector.user : selector.group,
+        identity.at,
+        `${selector.kind} ${JSON.stringify(isUser ? selector.user : selector.group)} of ${owner}`,
+        mustExist && selector.optional !== true,
+      );
       if (id === undefined) continue;
       const table = isUser ? d.uids : d.gids;
       const earlier = table.claimed.get(id);
@@ -453,7 +489,10 @@ class Compiler {
       this.sets.push({ name, key: { cgroupLevel: level }, map: 'verdict', flags: [], elements: entry.elements, verdicts: entry.verdicts });
       rules.push(rule([dispatch.cgroup(level, name)], `${what} by cgroup (level ${level})`));
     }
-    for (const [table, key] of [[d.uids, 'uid'], [d.gids, 'gid']] as const) {
+    for (const [table, key] of [
+      [d.uids, 'uid'],
+      [d.gids, 'gid'],
+    ] as const) {
       if (table.elements.length === 0) continue;
       const order = table.elements.map((_, i) => i).sort((a, b) => table.elements[a]! - table.elements[b]!);
       const name = `${d.prefix}_${key}`;
@@ -472,9 +511,17 @@ class Compiler {
     const found = (kind === 'user' ? this.facts.users : this.facts.groups).get(name);
     if (typeof found === 'number') return found;
     if (found !== undefined) {
-      this.error(at, `cannot look up ${kind} "${name}": ${found.error}`, 'whether it exists is unknown, so its rules cannot be built; fix the name service (nsswitch.conf) and try again');
+      this.error(
+        at,
+        `cannot look up ${kind} "${name}": ${found.error}`,
+        'whether it exists is unknown, so its rules cannot be built; fix the name service (nsswitch.conf) and try again',
+      );
     } else if (mustExist) {
-      this.error(at, `${what} does not exist on this machine; it would match nothing and be let out`, `create it, correct the name, or write {${kind}: ${name}, optional: true} where it may be missing`);
+      this.error(
+        at,
+        `${what} does not exist on this machine; it would match nothing and be let out`,
+        `create it, correct the name, or write {${kind}: ${name}, optional: true} where it may be missing`,
+      );
     } else {
       this.warn(at, `${what} does not exist on this machine; its rules match nothing until it does`);
     }
@@ -600,4 +647,3 @@ function assertUniqueNames(ruleset: Ruleset): void {
 function comment(at: Origin | undefined, id: string): string {
   return safeComment(at ? `${at.file}:${at.line} ${id}` : id);
 }
-

@@ -53,7 +53,15 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   if (target.note) notes.push(target.note);
   const belongs = membership(policy, query.who, facts);
   if ('error' in belongs) return belongs;
-  const decide = (verdict: 'allow' | 'deny', level: Level, ruleId: string, at: Origin | undefined, why?: string): Explanation => ({ verdict, level, ruleId, at, why, steps, notes });
+  const decide = (verdict: 'allow' | 'deny', level: Level, ruleId: string, at: Origin | undefined, why?: string): Explanation => ({
+    verdict,
+    level,
+    ruleId,
+    at,
+    why,
+    steps,
+    notes,
+  });
 
   const torUser = policy.tor.enabled && isTorUser(policy, query.who, facts);
   const sdMember = policy.systemDomains.find((domain) => domain.members.some(belongs));
@@ -63,7 +71,9 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
     const { socks } = policy.tor;
     const socksLoopback = socks.family === 4 ? socks.address.startsWith('127.') : socks.address === '::1';
     const toSocks = target.ip === socks.address && (query.port === undefined || query.port === socks.port) && (query.proto ?? 'tcp') === 'tcp';
-    steps.push(`tor: an updater, so only Tor's SOCKS port ${socks.family === 6 ? `[${socks.address}]` : socks.address}:${socks.port} is reachable, loopback services included`);
+    steps.push(
+      `tor: an updater, so only Tor's SOCKS port ${socks.family === 6 ? `[${socks.address}]` : socks.address}:${socks.port} is reachable, loopback services included`,
+    );
     // A gateway on another host is network: system domains and lockdown come first, whatever the destination.
     if (!socksLoopback && sdMember) {
       steps.push(`system domain "${sdMember.name}": the SOCKS gateway is network, and members have none`);
@@ -184,7 +194,9 @@ function ruleMatches(policy: Policy, rule: Rule, target: Target, query: ExplainQ
   const proto = query.proto ?? (query.port !== undefined ? 'tcp' : undefined);
   if ((rule.protocols && proto === undefined) || (rule.ports && query.port === undefined)) {
     // The answer depends on what was not asked; say so rather than guess.
-    const wanted = [rule.protocols?.join('/'), rule.ports?.map((p) => (p.from === p.to ? p.from : `${p.from}-${p.to}`)).join(',')].filter(Boolean).join(' port ');
+    const wanted = [rule.protocols?.join('/'), rule.ports?.map((p) => (p.from === p.to ? p.from : `${p.from}-${p.to}`)).join(',')]
+      .filter(Boolean)
+      .join(' port ');
     if (destinationMatches(policy, rule, target)) notes.push(`${rule.id} (${rule.verdict}) applies to ${wanted} only; give --to HOST:PORT/PROTO to see it`);
     return undefined;
   }
@@ -257,7 +269,9 @@ function membership(policy: Policy, who: Who, facts: ExplainFacts): ((identity: 
     const named = app ? app.identities : policy.identities.has(who.name) ? [policy.identities.get(who.name)!] : undefined;
     if (!named) {
       const known = [...policy.apps.map((a) => a.name), ...policy.identities.keys()];
-      return { error: `no app or identity named "${who.name}"${known.length ? ` (known: ${[...new Set(known)].join(', ')})` : ''}; or give user:NAME, uid:N, group:NAME, gid:N, unit:NAME.service or cgroup:PATH` };
+      return {
+        error: `no app or identity named "${who.name}"${known.length ? ` (known: ${[...new Set(known)].join(', ')})` : ''}; or give user:NAME, uid:N, group:NAME, gid:N, unit:NAME.service or cgroup:PATH`,
+      };
     }
     return (identity) => named.some((mine) => identitiesOverlap(identity, mine));
   }

@@ -9,7 +9,13 @@
 export function cgroupGlobMatcher(glob: string): (path: string) => boolean {
   const pattern = glob
     .split('/')
-    .map((segment) => segment.replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*/g, '[^/]*').replace(/\?/g, '[^/]').replace(/#/g, '[0-9]+'))
+    .map((segment) =>
+      segment
+        .replace(/[.+^${}()|[\]\\]/g, '\\$&')
+        .replace(/\*/g, '[^/]*')
+        .replace(/\?/g, '[^/]')
+        .replace(/#/g, '[0-9]+'),
+    )
     .join('/');
   const regex = new RegExp(`^${pattern}$`);
   return (path) => regex.test(path.replace(/^\/+|\/+$/g, ''));

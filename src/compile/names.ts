@@ -24,7 +24,11 @@ export function buildNameIndex(policy: Policy, bindings: readonly DnsBinding[]):
   const add = (map: Map<string, number[]>, key: string, ids: number[]): void => {
     const current = map.get(key);
     if (!current) map.set(key, ids);
-    else if (current !== ids) map.set(key, [...new Set([...current, ...ids])].sort((a, b) => a - b));
+    else if (current !== ids)
+      map.set(
+        key,
+        [...new Set([...current, ...ids])].sort((a, b) => a - b),
+      );
   };
   const listBindings = new Map<string, number[]>();
   bindings.forEach((binding, index) => {

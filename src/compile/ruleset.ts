@@ -34,11 +34,7 @@ export type Verdict =
   | { readonly jump: { readonly target: string } }
   | { readonly goto: { readonly target: string } };
 
-export type Element =
-  | string
-  | number
-  | { readonly prefix: { readonly addr: string; readonly len: number } }
-  | { readonly range: readonly [number, number] };
+export type Element = string | number | { readonly prefix: { readonly addr: string; readonly len: number } } | { readonly range: readonly [number, number] };
 
 export interface SetDecl {
   readonly name: string;
@@ -118,7 +114,11 @@ export function prefixMask(family: 4 | 6, prefix: number): string {
     return ones === 0 ? 0 : ((1 << width) - 1) ^ ((1 << (width - ones)) - 1);
   });
   if (family === 4) return groups.join('.');
-  return groups.map((g) => g.toString(16)).join(':').replace(/(^|:)0(:0)+$/, '::').replace(/^::?$/, '::');
+  return groups
+    .map((g) => g.toString(16))
+    .join(':')
+    .replace(/(^|:)0(:0)+$/, '::')
+    .replace(/^::?$/, '::');
 }
 
 export const match = {
@@ -271,7 +271,11 @@ export function commandJson(c: Command): JsonObject {
   if ('table' in c) return { [c.op === 'add table' ? 'add' : 'delete']: { table: { family: c.table.family, name: c.table.name } } };
   if ('elements' in c) {
     const { table, name } = c.ref;
-    return { [c.op === 'add element' ? 'add' : 'delete']: { element: { family: table.family, table: table.name, name, elem: c.elements.map((e) => entryJson(e, c.op)) } } };
+    return {
+      [c.op === 'add element' ? 'add' : 'delete']: {
+        element: { family: table.family, table: table.name, name, elem: c.elements.map((e) => entryJson(e, c.op)) },
+      },
+    };
   }
   throw new Error(`internal: ${c.op} is sent as text`);
 }
@@ -286,7 +290,11 @@ export function renderJson(ruleset: Ruleset): { nftables: JsonObject[] } {
   const out: JsonObject[] = [{ metainfo: { json_schema_version: 1 } }, { table: { family, name: table } }];
   // Chains before sets: verdict-map elements jump to chains, and JSON objects are applied in order.
   for (const chain of ruleset.chains) {
-    out.push({ chain: chain.hook ? { family, table, name: chain.name, type: 'filter', hook: chain.hook.hook, prio: chain.hook.prio, policy: chain.hook.policy } : { family, table, name: chain.name } });
+    out.push({
+      chain: chain.hook
+        ? { family, table, name: chain.name, type: 'filter', hook: chain.hook.hook, prio: chain.hook.prio, policy: chain.hook.policy }
+        : { family, table, name: chain.name },
+    });
   }
   for (const set of ruleset.sets) {
     const body: Record<string, unknown> = { family, table, name: set.name, ...keyJson(set.key) };

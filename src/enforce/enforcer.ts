@@ -14,7 +14,19 @@ import { forgetRecord, readRecord, RECORD_FILE, recordText, type AppliedRecord }
 import { writeFileAtomic } from '../state/files.js';
 import { writeRuleTable } from '../state/rule-table.js';
 import { nextSwitches, readSwitches, writeSwitches } from '../state/switches.js';
-import { isApplyMarker, liveGeneration, nameList, namesAfterSwap, newApplyMarker, parseLiveName, reachable, removalTransaction, swapTransactions, withGeneration, type Generation } from './swap.js';
+import {
+  isApplyMarker,
+  liveGeneration,
+  nameList,
+  namesAfterSwap,
+  newApplyMarker,
+  parseLiveName,
+  reachable,
+  removalTransaction,
+  swapTransactions,
+  withGeneration,
+  type Generation,
+} from './swap.js';
 
 /** What enforcement needs from the system, passed in. */
 export interface EnforcerDeps {
@@ -132,7 +144,14 @@ async function readLive(deps: EnforcerDeps, reread: boolean): Promise<LiveTable 
   if (!listing) return null;
   const inForce = reachable(listing);
   const setContents = liveSets(listing, inForce.sets);
-  return { names: listing, generation: liveGeneration(listing), ...inForce, summary: summarizeLive(listing, inForce, setContents), setContents, from: 'listing' };
+  return {
+    names: listing,
+    generation: liveGeneration(listing),
+    ...inForce,
+    summary: summarizeLive(listing, inForce, setContents),
+    setContents,
+    from: 'listing',
+  };
 }
 
 /**
@@ -211,7 +230,11 @@ async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { l
     await nft.run({ commands: swap.switch }).catch((error: unknown) => raced(error, ['conflict', 'missing']));
     const cleanedUp = await removePreviousGeneration(deps, live, generation);
     const record = cleanedUp ? { generation: next, names: namesAfterSwap(generation, marker), summary } : undefined;
-    saveState(deps.stateDir, lastGood, { digest: policy.digest, lockdown, source: options.source }, record, { ruleIds: compiled.ruleIds, torUpdates: policy.tor.enabled, apply: marker });
+    saveState(deps.stateDir, lastGood, { digest: policy.digest, lockdown, source: options.source }, record, {
+      ruleIds: compiled.ruleIds,
+      torUpdates: policy.tor.enabled,
+      apply: marker,
+    });
     deps.audit(lockdown ? 'applied (lockdown on)' : 'applied', {
       digest: policy.digest.slice(0, 32),
       lockdown,
@@ -254,7 +277,8 @@ function alteredSets(generation: Ruleset, live: LiveTable): Set<string> {
 async function removePreviousGeneration(deps: EnforcerDeps, before: LiveTable | null, current: Ruleset): Promise<boolean> {
   const keep = new Set(current.sets.map((set) => set.name));
   // Leftovers went before the prepare; what is left of `before` is the policy that was in force.
-  const stale = before && removalTransaction(before.names, { chain: (name) => before.chains.has(name), set: (name) => before.sets.has(name) && !keep.has(name) });
+  const stale =
+    before && removalTransaction(before.names, { chain: (name) => before.chains.has(name), set: (name) => before.sets.has(name) && !keep.has(name) });
   if (!stale) return true;
   try {
     await deps.nft.run({ commands: stale });
@@ -325,7 +349,10 @@ export function release(deps: EnforcerDeps): Promise<boolean> {
 }
 
 /** The compiled policy against the live table, without changing anything. */
-export async function planPolicy(dir: string, deps: Pick<EnforcerDeps, 'nft' | 'facts'>): Promise<{ plan: Plan; compiled: Compiled; live: TableSummary | null }> {
+export async function planPolicy(
+  dir: string,
+  deps: Pick<EnforcerDeps, 'nft' | 'facts'>,
+): Promise<{ plan: Plan; compiled: Compiled; live: TableSummary | null }> {
   const { policy } = loadPolicyOrThrow(dir);
   const live = await liveSummary(deps.nft);
   const compiled = compile(policy, deps.facts(factsNeeded(policy)), { lockdown: live?.lockdown ?? false });

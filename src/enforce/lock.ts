@@ -111,13 +111,17 @@ export async function withEnforcementLock<T>(path: string, what: string, change:
     for (;;) {
       const outcome = lock(fd, LOCK_EX | LOCK_NB);
       if (outcome === 'locked') break;
-      if (outcome !== 'busy') throw new EgressError(ErrorCode.Io, `cannot take the enforcement lock ${path}: flock failed with errno ${outcome.errno}; nothing was changed`);
+      if (outcome !== 'busy')
+        throw new EgressError(ErrorCode.Io, `cannot take the enforcement lock ${path}: flock failed with errno ${outcome.errno}; nothing was changed`);
       if (!told) {
         options.onWait?.(holderOf(path));
         told = true;
       }
       if (Date.now() >= deadline) {
-        throw new EgressError(ErrorCode.Busy, `another change of enforcement still holds ${path} (${holderOf(path)}) after ${timeoutMs < 10_000 ? (timeoutMs / 1000).toFixed(1) : Math.round(timeoutMs / 1000)} s; nothing was changed — end it (kill its pid) or wait, then run this again`);
+        throw new EgressError(
+          ErrorCode.Busy,
+          `another change of enforcement still holds ${path} (${holderOf(path)}) after ${timeoutMs < 10_000 ? (timeoutMs / 1000).toFixed(1) : Math.round(timeoutMs / 1000)} s; nothing was changed — end it (kill its pid) or wait, then run this again`,
+        );
       }
       await sleep(POLL_MS);
     }

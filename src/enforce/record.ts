@@ -80,7 +80,12 @@ export function readRecord(stateDir: string): AppliedRecord | undefined {
     summary: {
       digest: summary.digest,
       lockdown: summary.lockdown,
-      chains: new Map(summary.chains.map(([name, rules]) => [name, rules.map((r) => ({ ...r, shortId: idsOfComment(r.comment).shortId, packets: undefined, bytes: undefined }))])),
+      chains: new Map(
+        summary.chains.map(([name, rules]) => [
+          name,
+          rules.map((r) => ({ ...r, shortId: idsOfComment(r.comment).shortId, packets: undefined, bytes: undefined })),
+        ]),
+      ),
       sets: new Map(summary.sets),
     },
   };

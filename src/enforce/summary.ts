@@ -57,7 +57,12 @@ export function idsOfComment(comment: string): { id: string; shortId: string | u
 function digestFrom(comment: string | undefined): string | undefined {
   if (!comment) return undefined;
   const at = comment.indexOf(POLICY_MARK);
-  return at < 0 ? undefined : comment.slice(at + POLICY_MARK.length).replace(FINGERPRINT, '').trim();
+  return at < 0
+    ? undefined
+    : comment
+        .slice(at + POLICY_MARK.length)
+        .replace(FINGERPRINT, '')
+        .trim();
 }
 
 /** Compiled sets that the run time fills: DNS sets (timeout) and identity maps keyed by cgroup. */
@@ -93,7 +98,13 @@ export function summarizeCompiled(ruleset: Ruleset): TableSummary {
   for (const chain of ruleset.chains) {
     chains.set(
       chain.name,
-      chain.rules.map((r) => ({ comment: r.comment ?? '', ...idsOfComment(r.comment ?? ''), drops: r.expr.some((e) => 'drop' in e), packets: undefined, bytes: undefined })),
+      chain.rules.map((r) => ({
+        comment: r.comment ?? '',
+        ...idsOfComment(r.comment ?? ''),
+        drops: r.expr.some((e) => 'drop' in e),
+        packets: undefined,
+        bytes: undefined,
+      })),
     );
   }
   const sets = new Map(ruleset.sets.map((set) => [set.name, summarizeSet(set)]));
@@ -110,7 +121,10 @@ export function summarizeSet(set: SetDecl): SetSummary {
 /** The live sets and maps the base chain reaches (`inUse`), by their live names (with digest). */
 export function liveSets(listing: NftTableListing, inUse: ReadonlySet<string> = reachable(listing).sets): Map<string, SetSummary> {
   const sets = new Map<string, SetSummary>();
-  for (const [kind, list] of [['set', listing.sets], ['map', listing.maps]] as const) {
+  for (const [kind, list] of [
+    ['set', listing.sets],
+    ['map', listing.maps],
+  ] as const) {
     for (const set of list) {
       if (!inUse.has(set.name)) continue;
       const elements = elementsOf(set).map((element) => entryString(element.key, element.data));

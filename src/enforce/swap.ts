@@ -30,7 +30,17 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { TABLE } from '../compile/compile.js';
-import { command, renderText, type ChainDecl, type Command, type Element, type Ruleset, type SetDecl, type Statement, type Verdict } from '../compile/ruleset.js';
+import {
+  command,
+  renderText,
+  type ChainDecl,
+  type Command,
+  type Element,
+  type Ruleset,
+  type SetDecl,
+  type Statement,
+  type Verdict,
+} from '../compile/ruleset.js';
 import { elementReferences, ruleReferences } from '../nft/listing.js';
 import type { NftTableListing, NftTableNames } from '../nft/types.js';
 
@@ -68,7 +78,11 @@ export function baseName(name: string): string {
 function contentName(set: SetDecl, salt = ''): string {
   const { comment: _comment, ...declared } = set;
   const declaration = renderText({ table: TABLE, sets: [declared], chains: [] });
-  return `${set.name}.${createHash('sha256').update(declaration).update(`\0${set.source ?? ''}\0${salt}`).digest('hex').slice(0, DIGEST_LENGTH)}`;
+  return `${set.name}.${createHash('sha256')
+    .update(declaration)
+    .update(`\0${set.source ?? ''}\0${salt}`)
+    .digest('hex')
+    .slice(0, DIGEST_LENGTH)}`;
 }
 
 /**
@@ -95,11 +109,7 @@ export function nameList(names: NftTableNames): string[] {
 
 /** The names a table holds once `live` (a ruleset withGeneration renamed) is switched in with its marker, and the other generation is gone. */
 export function namesAfterSwap(live: Ruleset, marker: string): string[] {
-  return [
-    ...live.chains.map((c) => `chain ${c.name}`),
-    `chain ${marker}`,
-    ...live.sets.map((x) => `${x.map ? 'map' : 'set'} ${x.name}`),
-  ].sort();
+  return [...live.chains.map((c) => `chain ${c.name}`), `chain ${marker}`, ...live.sets.map((x) => `${x.map ? 'map' : 'set'} ${x.name}`)].sort();
 }
 
 /** The generation the live base chain uses, if any: the one its jump to the global deny chain names. */
@@ -127,7 +137,8 @@ export function liveGeneration(listing: NftTableListing | null): Generation | un
 export function withGeneration(ruleset: Ruleset, generation: Generation, avoid: ReadonlySet<string> = new Set()): Ruleset {
   const chainNames = new Set(ruleset.chains.filter((c) => !c.hook).map((c) => c.name));
   const target = (name: string) => (chainNames.has(name) ? `${name}.${generation}` : name);
-  const verdict = (v: Verdict): Verdict => ('jump' in v ? { jump: { target: target(v.jump.target) } } : 'goto' in v ? { goto: { target: target(v.goto.target) } } : v);
+  const verdict = (v: Verdict): Verdict =>
+    'jump' in v ? { jump: { target: target(v.jump.target) } } : 'goto' in v ? { goto: { target: target(v.goto.target) } } : v;
   const sets = ruleset.sets.map((set) => {
     const retargeted: SetDecl = set.verdicts ? { ...set, verdicts: set.verdicts.map(verdict) } : set;
     const name = contentName(retargeted);
@@ -144,9 +155,11 @@ export function withGeneration(ruleset: Ruleset, generation: Generation, avoid: 
   return {
     table: ruleset.table,
     sets,
-    chains: ruleset.chains.map(
-      (chain): ChainDecl => ({ ...chain, name: chain.hook ? chain.name : target(chain.name), rules: chain.rules.map((r) => ({ ...r, expr: r.expr.map(statement) })) }),
-    ),
+    chains: ruleset.chains.map((chain): ChainDecl => ({
+      ...chain,
+      name: chain.hook ? chain.name : target(chain.name),
+      rules: chain.rules.map((r) => ({ ...r, expr: r.expr.map(statement) })),
+    })),
   };
 }
 
@@ -166,7 +179,9 @@ export function reachable(listing: NftTableListing): { chains: Set<string>; sets
     else rulesOf.set(r.chain, [r]);
   }
   const maps = new Map(listing.maps.map((m) => [m.name, m]));
-  const chains = new Set(listing.chains.filter((c) => c.hook !== undefined || (generation !== undefined && parseLiveName(c.name).generation === generation)).map((c) => c.name));
+  const chains = new Set(
+    listing.chains.filter((c) => c.hook !== undefined || (generation !== undefined && parseLiveName(c.name).generation === generation)).map((c) => c.name),
+  );
   const sets = new Set<string>();
   const queue = [...chains];
   const visit = (found: { readonly chains: readonly string[]; readonly sets: readonly string[] }) => {
@@ -207,7 +222,12 @@ export function reachable(listing: NftTableListing): { chains: Set<string>; sets
  * apply marker's full name (with the generation), added by `prepare`; sets
  * and maps named in `present` are in the table already, with these contents.
  */
-export function swapTransactions(ruleset: Ruleset, marker?: string, present: ReadonlySet<string> = new Set(), options: { firstSwitch?: boolean } = {}): { prepare: Command[]; switch: Command[] } {
+export function swapTransactions(
+  ruleset: Ruleset,
+  marker?: string,
+  present: ReadonlySet<string> = new Set(),
+  options: { firstSwitch?: boolean } = {},
+): { prepare: Command[]; switch: Command[] } {
   const base = ruleset.chains.find((c) => c.hook);
   if (!base?.hook) throw new Error('internal: a ruleset without a base chain');
   const { table } = ruleset;
@@ -219,7 +239,11 @@ export function swapTransactions(ruleset: Ruleset, marker?: string, present: Rea
   // for the same generation would mix their rules. Created, the second one is refused whole.
   const created = [...chains.map((c) => c.name), ...(marker ? [marker] : [])].map((chain) => command.createChain(table, chain));
   return {
-    prepare: [command.block({ table, sets: [], chains: [ensure] }), ...created, command.block({ ...ruleset, sets: ruleset.sets.filter((set) => !present.has(set.name)), chains })],
+    prepare: [
+      command.block({ table, sets: [], chains: [ensure] }),
+      ...created,
+      command.block({ ...ruleset, sets: ruleset.sets.filter((set) => !present.has(set.name)), chains }),
+    ],
     switch: [command.flushChain(table, base.name), command.block({ table, sets: [], chains: [base] })],
   };
 }
@@ -230,7 +254,10 @@ export function swapTransactions(ruleset: Ruleset, marker?: string, present: Rea
  * go (their elements may jump to chains), then the chains. Undefined when
  * there is nothing to remove.
  */
-export function removalTransaction(names: NftTableNames, stale: { readonly chain: (name: string) => boolean; readonly set: (name: string) => boolean }): Command[] | undefined {
+export function removalTransaction(
+  names: NftTableNames,
+  stale: { readonly chain: (name: string) => boolean; readonly set: (name: string) => boolean },
+): Command[] | undefined {
   const chains = names.chains.filter((c) => c.hook === undefined && stale.chain(c.name)).map((c) => c.name);
   const maps = names.maps.filter((m) => stale.set(m.name)).map((m) => m.name);
   const sets = names.sets.filter((x) => stale.set(x.name)).map((x) => x.name);

@@ -56,13 +56,7 @@ export function createBinaryBackend(options: BinaryBackendOptions = {}): NftBack
     kind: 'binary',
     async exec(request: NftRequest): Promise<NftOutcome> {
       return withInputFile(options.tmpDir, request.input, async (file) => {
-        const args = [
-          ...(request.format === 'json' ? ['-j'] : []),
-          ...(request.check ? ['-c'] : []),
-          ...(request.terse ? ['-t'] : []),
-          '-f',
-          file.path,
-        ];
+        const args = [...(request.format === 'json' ? ['-j'] : []), ...(request.check ? ['-c'] : []), ...(request.terse ? ['-t'] : []), '-f', file.path];
         const result = await runProcess(nftPath, args);
         const killed = result.signal === null ? '' : `${nftPath} was killed by ${result.signal}\n`;
         return { ok: result.code === 0, output: result.stdout, error: killed + file.relabel(result.stderr) };

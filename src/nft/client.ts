@@ -17,7 +17,17 @@
  * thread (see ./libnftables.ts); calls never overlap, and the two backends
  * are interchangeable.
  */
-import { commandJson, describeCommand, EGRESSD_TABLE, isJsonCommand, renderCommandsText, command, type Command, type ObjectRef, type TableRef } from '../compile/ruleset.js';
+import {
+  commandJson,
+  describeCommand,
+  EGRESSD_TABLE,
+  isJsonCommand,
+  renderCommandsText,
+  command,
+  type Command,
+  type ObjectRef,
+  type TableRef,
+} from '../compile/ruleset.js';
 import { EgressError, ErrorCode, NftRefusedError, type NftRefusal } from '../errors.js';
 import type { NftBackend, NftBackendKind, NftOutcome } from './backend.js';
 import { batchDocument, list, toEntries, type NftElementInput } from './commands.js';
@@ -104,7 +114,10 @@ export function parseListing(output: string): NftListingJson {
   try {
     documents = [JSON.parse(output)];
   } catch {
-    documents = output.split('\n').filter((line) => line.trim().length > 0).map(parse);
+    documents = output
+      .split('\n')
+      .filter((line) => line.trim().length > 0)
+      .map(parse);
   }
   const items: NftJsonObject[] = [];
   for (const parsed of documents) {
@@ -218,7 +231,12 @@ export class Nft {
     const commands = 'commands' in input ? input.commands : undefined;
     const isJson = commands === undefined || commands.every(isJsonCommand);
     const outcome = await this.#impl.exec({
-      input: commands === undefined ? batchDocument((input as { json: readonly NftListCommand[] }).json) : isJson ? batchDocument(commands.map(commandJson)) : renderCommandsText(commands),
+      input:
+        commands === undefined
+          ? batchDocument((input as { json: readonly NftListCommand[] }).json)
+          : isJson
+            ? batchDocument(commands.map(commandJson))
+            : renderCommandsText(commands),
       format: isJson ? 'json' : 'text',
       check: options.check ?? false,
       terse: options.terse ?? false,
@@ -269,11 +287,7 @@ export class Nft {
    * leaves set elements out of the output, but nft still fetches them all
    * (~1 s at 100,000 interval elements); `listNames` is the cheap listing.
    */
-  async listTable(
-    family: NftFamily,
-    name: string,
-    options: { readonly terse?: boolean } = {},
-  ): Promise<NftTableListing | null> {
+  async listTable(family: NftFamily, name: string, options: { readonly terse?: boolean } = {}): Promise<NftTableListing | null> {
     checkTable(family, name);
     try {
       const result = await this.run({ json: [list.table(family, name)] }, { terse: options.terse ?? false, long: true });
@@ -299,7 +313,8 @@ export class Nft {
     // Not `list tables`: it fills nft's whole cache, elements included (0.6 s at 100,000).
     const result = await this.run({ json: [list.chains(family), list.sets(family), list.maps(family)] }, { terse: true });
     if (result.json === undefined) throw new EgressError(ErrorCode.NftState, 'nft listed nothing for chains and sets');
-    const mine = <T extends { readonly family: NftFamily; readonly table: string }>(items: T[]) => items.filter((item) => item.family === family && item.table === name);
+    const mine = <T extends { readonly family: NftFamily; readonly table: string }>(items: T[]) =>
+      items.filter((item) => item.family === family && item.table === name);
     const chains = mine(itemsOf(result.json, 'chain').map(asChain));
     // A table without chains holds no rule: it enforces nothing, and counts as no table.
     if (chains.length === 0) return null;

@@ -24,11 +24,7 @@ export interface InputFile {
   relabel(text: string): string;
 }
 
-export async function withInputFile<T>(
-  tmpBase: string | undefined,
-  input: string,
-  use: (file: InputFile) => T | Promise<T>,
-): Promise<T> {
+export async function withInputFile<T>(tmpBase: string | undefined, input: string, use: (file: InputFile) => T | Promise<T>): Promise<T> {
   const dir = mkdtempSync(join(tmpBase ?? tmpdir(), 'egressd-nft-'));
   try {
     const path = join(dir, 'input.nft');

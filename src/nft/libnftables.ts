@@ -90,15 +90,10 @@ export async function loadLibnftables(path: string = DEFAULT_LIBRARY): Promise<L
   try {
     lib = koffi.load(path);
   } catch (cause) {
-    throw new EgressError(
-      ErrorCode.NftUnavailable,
-      `cannot load ${path}: ${cause instanceof Error ? cause.message : String(cause)}`,
-      { cause },
-    );
+    throw new EgressError(ErrorCode.NftUnavailable, `cannot load ${path}: ${cause instanceof Error ? cause.message : String(cause)}`, { cause });
   }
   const ctxPtr = koffi.pointer(koffi.opaque());
-  const fn = (name: string, result: string | typeof ctxPtr, args: (string | typeof ctxPtr)[]) =>
-    lib.func(name, result, args);
+  const fn = (name: string, result: string | typeof ctxPtr, args: (string | typeof ctxPtr)[]) => lib.func(name, result, args);
 
   const ctxNew = fn('nft_ctx_new', ctxPtr, ['uint32_t']);
   const ctxFree = fn('nft_ctx_free', 'void', [ctxPtr]);

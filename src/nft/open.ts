@@ -72,10 +72,9 @@ export async function openNft(options: OpenNftOptions = {}): Promise<Nft> {
     });
   } catch (err) {
     const secondFailure = reason(second, err);
-    throw new EgressError(
-      ErrorCode.NftUnavailable,
-      `neither libnftables nor the nft binary can be used: ${firstFailure}; ${secondFailure}`,
-      { details: [firstFailure, secondFailure], cause: err },
-    );
+    throw new EgressError(ErrorCode.NftUnavailable, `neither libnftables nor the nft binary can be used: ${firstFailure}; ${secondFailure}`, {
+      details: [firstFailure, secondFailure],
+      cause: err,
+    });
   }
 }

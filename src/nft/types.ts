@@ -26,8 +26,7 @@ export type NftFamily = 'ip' | 'ip6' | 'inet' | 'arp' | 'bridge' | 'netdev';
 export type NftListedKey = Element | { readonly range: readonly [string, string] };
 /** A listed set element: the key, or the key wrapped with its options (`expires` only in listings). */
 export type NftListedElem =
-  | NftListedKey
-  | { readonly elem: { readonly val: NftListedKey; readonly timeout?: number; readonly expires?: number; readonly comment?: string } };
+  NftListedKey | { readonly elem: { readonly val: NftListedKey; readonly timeout?: number; readonly expires?: number; readonly comment?: string } };
 /** A listed map element: `[key, verdict]`. */
 export type NftListedMapElem = readonly [NftListedElem, Verdict];
 export type NftElemJson = NftListedElem | NftListedMapElem;

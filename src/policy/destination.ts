@@ -71,7 +71,11 @@ export function parseDestination(raw: string): ParseResult<Destination> {
   const catalogue = CATALOGUE_REF.exec(text);
   if (catalogue) return { ok: true, value: { kind: 'catalogue', selector: catalogue[1]! } };
   if (text.startsWith('catalogue:')) {
-    return { ok: false, message: `"${text}" is not a valid catalogue reference`, hint: 'write catalogue:CATEGORY or catalogue:ENTRY-ID, e.g. catalogue:telemetry' };
+    return {
+      ok: false,
+      message: `"${text}" is not a valid catalogue reference`,
+      hint: 'write catalogue:CATEGORY or catalogue:ENTRY-ID, e.g. catalogue:telemetry',
+    };
   }
 
   if (/^[0-9a-fA-F:.]+(\/\d+)?$/.test(text) && (text.includes(':') || /^[0-9./]+$/.test(text))) {
@@ -86,7 +90,11 @@ export function parseDestination(raw: string): ParseResult<Destination> {
     return { ok: true, value: { kind: 'suffix', suffix } };
   }
   if (lower.includes('*')) {
-    return { ok: false, message: `"${text}" has a wildcard that is not a leading "*."`, hint: 'only "*.example.org" is supported; it matches example.org and every name below it' };
+    return {
+      ok: false,
+      message: `"${text}" has a wildcard that is not a leading "*."`,
+      hint: 'only "*.example.org" is supported; it matches example.org and every name below it',
+    };
   }
   if (lower.includes('/') || lower.includes(':')) {
     return { ok: false, message: `"${text}" is neither a DNS name nor an IP address or CIDR`, hint: 'write a bare name (example.org), not a URL' };
@@ -259,7 +267,7 @@ function formatGroups(family: 4 | 6, groups: readonly number[]): string {
   // RFC 5952: compress the longest run (length ≥ 2) of zero groups, the first one on ties.
   let bestStart = -1;
   let bestLength = 1;
-  for (let i = 0; i < 8; ) {
+  for (let i = 0; i < 8;) {
     if (groups[i] !== 0) {
       i++;
       continue;
@@ -307,7 +315,10 @@ export function addressToBigInt(family: 4 | 6, address: string): bigint {
 
 export function bigIntToAddress(family: 4 | 6, value: bigint): string {
   const count = family === 4 ? 2 : 8;
-  return formatGroups(family, Array.from({ length: count }, (_, i) => Number((value >> BigInt(16 * (count - 1 - i))) & 0xffffn)));
+  return formatGroups(
+    family,
+    Array.from({ length: count }, (_, i) => Number((value >> BigInt(16 * (count - 1 - i))) & 0xffffn)),
+  );
 }
 
 /** True when `address` (a plain IP) lies inside the network. */

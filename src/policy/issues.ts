@@ -23,9 +23,6 @@ export function formatIssue(issue: PolicyIssue, dir?: string): string {
 export function sortIssues(issues: readonly PolicyIssue[]): PolicyIssue[] {
   return [...issues].sort(
     (a, b) =>
-      a.at.file.localeCompare(b.at.file) ||
-      a.at.line - b.at.line ||
-      a.at.col - b.at.col ||
-      (a.severity === b.severity ? 0 : a.severity === 'error' ? -1 : 1),
+      a.at.file.localeCompare(b.at.file) || a.at.line - b.at.line || a.at.col - b.at.col || (a.severity === b.severity ? 0 : a.severity === 'error' ? -1 : 1),
   );
 }

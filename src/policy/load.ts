@@ -38,7 +38,12 @@ export function loadPolicyDir(dir: string): ResolveResult & { dir: string } {
   for (const file of names) {
     // File names end up in rule ids, log prefixes and comments in the kernel.
     if (!POLICY_FILE_NAME.test(file)) {
-      unreadable.push({ severity: 'error', at: { file, line: 1, col: 1 }, message: 'unusable policy file name', hint: 'use letters, digits, ".", "_" and "-", at most 64 characters, e.g. 90-local.yaml' });
+      unreadable.push({
+        severity: 'error',
+        at: { file, line: 1, col: 1 },
+        message: 'unusable policy file name',
+        hint: 'use letters, digits, ".", "_" and "-", at most 64 characters, e.g. 90-local.yaml',
+      });
       continue;
     }
     try {
@@ -48,7 +53,11 @@ export function loadPolicyDir(dir: string): ResolveResult & { dir: string } {
       if (size > MAX_POLICY_FILE_BYTES) unreadable.push(oversizeIssue(file, size));
       else files.push({ file, bytes: readFileSync(path) });
     } catch (error) {
-      unreadable.push({ severity: 'error', at: { file, line: 1, col: 1 }, message: `cannot read file: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}` });
+      unreadable.push({
+        severity: 'error',
+        at: { file, line: 1, col: 1 },
+        message: `cannot read file: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`,
+      });
     }
   }
   const readList: ListReader = (path) => {

@@ -32,9 +32,7 @@ export interface PolicyFileInput {
 /** Reads a list file named in a policy; relative paths are relative to the policy directory. */
 export type ListReader = (path: string) => { bytes: Uint8Array } | { error: string };
 
-export type ResolveResult =
-  | { ok: true; policy: Policy; warnings: PolicyIssue[] }
-  | { ok: false; errors: PolicyIssue[]; warnings: PolicyIssue[] };
+export type ResolveResult = { ok: true; policy: Policy; warnings: PolicyIssue[] } | { ok: false; errors: PolicyIssue[]; warnings: PolicyIssue[] };
 
 /** Rejected list lines reported one by one, per list; the rest are counted. */
 const MAX_LIST_WARNINGS = 5;
@@ -50,7 +48,12 @@ export function resolvePolicy(files: readonly PolicyFileInput[], readList: ListR
   const parsed: { source: SourceFile; data: PolicyFile }[] = [];
 
   if (files.length === 0) {
-    errors.push({ severity: 'error', at: { file: '.', line: 1, col: 1 }, message: 'no policy files (*.yaml) in the directory', hint: 'start from the shipped policies/ directory' });
+    errors.push({
+      severity: 'error',
+      at: { file: '.', line: 1, col: 1 },
+      message: 'no policy files (*.yaml) in the directory',
+      hint: 'start from the shipped policies/ directory',
+    });
   }
   for (const input of files) {
     const { source, issues } = parsePolicySource(input.file, input.bytes);
@@ -90,7 +93,12 @@ function schemaIssue(source: SourceFile, issue: z.core.$ZodIssue): PolicyIssue {
     const keys = issue.keys;
     const where = keys.length === 1 ? source.locateKey([...path, keys[0]!]) : source.locate(path);
     const plural = keys.length === 1 ? 'key' : 'keys';
-    return { severity: 'error', at: where, message: `unknown ${plural} ${keys.map((k) => `"${k}"`).join(', ')}${describePath(path)}`, hint: 'see `egressctl schema` for the keys each section takes' };
+    return {
+      severity: 'error',
+      at: where,
+      message: `unknown ${plural} ${keys.map((k) => `"${k}"`).join(', ')}${describePath(path)}`,
+      hint: 'see `egressctl schema` for the keys each section takes',
+    };
   }
   if (issue.code === 'invalid_key') {
     // Zod says only "Invalid key in record": the key check's own issues say the rule, as they do for a value.
@@ -112,7 +120,10 @@ function schemaIssue(source: SourceFile, issue: z.core.$ZodIssue): PolicyIssue {
 
 function describePath(path: readonly PropertyKey[]): string {
   if (path.length === 0) return '';
-  return ` (at ${path.map((part) => (typeof part === 'number' ? `[${part}]` : `.${String(part)}`)).join('').replace(/^\./, '')})`;
+  return ` (at ${path
+    .map((part) => (typeof part === 'number' ? `[${part}]` : `.${String(part)}`))
+    .join('')
+    .replace(/^\./, '')})`;
 }
 
 interface Placed<T> {
@@ -255,11 +266,21 @@ class Resolver {
       return;
     }
     const parsed = parseNameList(text, spec.format ?? 'auto');
-    parsed.rejected.slice(0, MAX_LIST_WARNINGS).forEach((line) =>
-      this.warnings.push({ severity: 'warning', at: { file: spec.file, line: line.line, col: line.col }, message: `skipped "${line.text.slice(0, 80)}": ${line.reason}` }),
-    );
+    parsed.rejected
+      .slice(0, MAX_LIST_WARNINGS)
+      .forEach((line) =>
+        this.warnings.push({
+          severity: 'warning',
+          at: { file: spec.file, line: line.line, col: line.col },
+          message: `skipped "${line.text.slice(0, 80)}": ${line.reason}`,
+        }),
+      );
     if (parsed.rejected.length > MAX_LIST_WARNINGS) {
-      this.warnings.push({ severity: 'warning', at, message: `list "${name}": ${parsed.rejected.length - MAX_LIST_WARNINGS} more lines of ${spec.file} skipped` });
+      this.warnings.push({
+        severity: 'warning',
+        at,
+        message: `list "${name}": ${parsed.rejected.length - MAX_LIST_WARNINGS} more lines of ${spec.file} skipped`,
+      });
     }
     if (parsed.names.length + parsed.suffixes.length + parsed.networks.length === 0) {
       this.warnings.push({ severity: 'warning', at, message: `list "${name}" (${spec.file}) holds no names or addresses` });
@@ -280,7 +301,6 @@ class Resolver {
     this.catalogue.set(id, { id, software, reports, category, names, suffixes, source, at: placed.source.locateKey(placed.path) });
   }
 
-
   /** Resolves a reference by name, or builds an inline identity named after its owner. */
   private identity(ref: IdentityRef, inlineName: string, placed: Placed<unknown>): Identity {
     if (typeof ref === 'string') {
@@ -296,7 +316,10 @@ class Resolver {
     const spec = placed.value;
     const refs = Array.isArray(spec.identity) ? spec.identity : [spec.identity];
     const identities = refs.map((ref, i) =>
-      this.identity(ref, refs.length === 1 ? name : `${name}#${i + 1}`, { ...placed, path: [...placed.path, 'identity', ...(Array.isArray(spec.identity) ? [i] : [])] }),
+      this.identity(ref, refs.length === 1 ? name : `${name}#${i + 1}`, {
+        ...placed,
+        path: [...placed.path, 'identity', ...(Array.isArray(spec.identity) ? [i] : [])],
+      }),
     );
     const rules = (spec.rules ?? []).map((rule, index) => {
       const verdict: Verdict = 'allow' in rule ? 'allow' : 'deny';
@@ -366,7 +389,8 @@ class Resolver {
           if (list) {
             if (list.names.length + list.suffixes.length > 0) lists.add(dest.list);
             for (const net of list.networks) networks.push(net);
-          } else if (!this.merged.records.lists.has(dest.list)) this.error(placed, [...key, index], `unknown list "@${dest.list}"`, suggest(dest.list, this.merged.records.lists.keys(), 'lists', '@'));
+          } else if (!this.merged.records.lists.has(dest.list))
+            this.error(placed, [...key, index], `unknown list "@${dest.list}"`, suggest(dest.list, this.merged.records.lists.keys(), 'lists', '@'));
           break;
         }
         case 'catalogue': {
@@ -416,7 +440,9 @@ class Resolver {
     const socksText = tor.socks?.value ?? '127.0.0.1:9050';
     const match = /^(?:\[(.+)\]|([^:]+)):(\d+)$/.exec(socksText);
     const host = parseNetwork(match?.[1] ?? match?.[2] ?? '127.0.0.1');
-    const socks = host.ok ? { family: host.value.family, address: host.value.address, port: Number(match?.[3] ?? 9050) } : { family: 4 as const, address: '127.0.0.1', port: 9050 };
+    const socks = host.ok
+      ? { family: host.value.family, address: host.value.address, port: Number(match?.[3] ?? 9050) }
+      : { family: 4 as const, address: '127.0.0.1', port: 9050 };
     const updaters = tor.updaters
       ? tor.updaters.value.map((ref, i) => this.identity(ref, `tor-updater#${i + 1}`, { ...tor.updaters!, path: [...tor.updaters!.path, i] }))
       : [];
@@ -537,9 +563,17 @@ function dedupeNetworks(networks: readonly Network[]): Network[] {
 
 function suggest(wanted: string, known: Iterable<string>, what: string, prefix = ''): string {
   const names = [...known];
-  const close = names.map((name) => ({ name, distance: editDistance(wanted, name) })).filter((c) => c.distance <= 2).sort((a, b) => a.distance - b.distance)[0];
+  const close = names
+    .map((name) => ({ name, distance: editDistance(wanted, name) }))
+    .filter((c) => c.distance <= 2)
+    .sort((a, b) => a.distance - b.distance)[0];
   if (close) return `did you mean ${prefix}${close.name}?`;
-  return names.length > 0 ? `known ${what}: ${names.slice(0, 8).map((n) => prefix + n).join(', ')}${names.length > 8 ? ', …' : ''}` : `no ${what} are defined`;
+  return names.length > 0
+    ? `known ${what}: ${names
+        .slice(0, 8)
+        .map((n) => prefix + n)
+        .join(', ')}${names.length > 8 ? ', …' : ''}`
+    : `no ${what} are defined`;
 }
 
 function editDistance(a: string, b: string): number {

@@ -8,9 +8,7 @@ import { parseDestination, parseNetwork } from './destination.js';
  * ignored in a firewall policy is a hole.
  */
 
-const entityName = z
-  .string()
-  .regex(/^[a-z][a-z0-9_-]{0,31}$/, 'names are 1–32 characters: lower case letters, digits, "-" and "_", starting with a letter');
+const entityName = z.string().regex(/^[a-z][a-z0-9_-]{0,31}$/, 'names are 1–32 characters: lower case letters, digits, "-" and "_", starting with a letter');
 
 const destination = z.string().superRefine((value, ctx) => {
   const parsed = parseDestination(value);
@@ -38,7 +36,10 @@ const protocol = z.enum(['tcp', 'udp', 'icmp']);
 /** What a rule matches besides the identity: destinations, ports, protocols. */
 const matchFields = {
   ports: z.array(port).min(1).optional().describe('Destination ports or ranges ("8000-8100"). Without `proto`, they apply to tcp and udp.'),
-  proto: z.union([protocol, z.array(protocol).min(1)]).optional().describe('tcp, udp or icmp (icmp covers ICMPv6 too).'),
+  proto: z
+    .union([protocol, z.array(protocol).min(1)])
+    .optional()
+    .describe('tcp, udp or icmp (icmp covers ICMPv6 too).'),
   log: z.boolean().optional().describe('Log denials of this rule (default: defaults.log.denials).'),
   why: z.string().max(500).optional().describe('Why this rule exists; shown by `egressctl explain`.'),
 };
@@ -50,14 +51,9 @@ const appRule = z.union([
   z.strictObject({ deny: destinations.describe('Destinations this rule denies.'), ...matchFields }),
 ]);
 
-const userOrGroup = z.union([
-  z.number().int().min(0).max(4294967294),
-  z.string().regex(/^[a-z_][a-z0-9_.-]{0,31}\$?$/i, 'not a valid user or group name'),
-]);
+const userOrGroup = z.union([z.number().int().min(0).max(4294967294), z.string().regex(/^[a-z_][a-z0-9_.-]{0,31}\$?$/i, 'not a valid user or group name')]);
 
-const unitName = z
-  .string()
-  .regex(/^[A-Za-z0-9:_.\\@-]+\.(service|scope)$/, 'a unit is NAME.service or NAME.scope');
+const unitName = z.string().regex(/^[A-Za-z0-9:_.\\@-]+\.(service|scope)$/, 'a unit is NAME.service or NAME.scope');
 
 const selectorObject = z.strictObject({
   unit: unitName.optional().describe('A system service, e.g. "cups.service" (its cgroup under `slice`, default system.slice).'),
@@ -76,12 +72,20 @@ const selectorObject = z.strictObject({
     .regex(/^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*){2,}$/, 'a Flatpak app id has at least three dot-separated parts, e.g. org.mozilla.firefox')
     .optional()
     .describe('A Flatpak application id, e.g. "org.mozilla.firefox".'),
-  user: userOrGroup.optional().describe('A user name or uid: every socket this user opens. Names are looked up through NSS (passwd: in nsswitch.conf) when the policy is compiled.'),
-  group: userOrGroup.optional().describe('A group name or gid: sockets whose primary group is this one. Names are looked up through NSS (group: in nsswitch.conf) when the policy is compiled.'),
+  user: userOrGroup
+    .optional()
+    .describe('A user name or uid: every socket this user opens. Names are looked up through NSS (passwd: in nsswitch.conf) when the policy is compiled.'),
+  group: userOrGroup
+    .optional()
+    .describe(
+      'A group name or gid: sockets whose primary group is this one. Names are looked up through NSS (group: in nsswitch.conf) when the policy is compiled.',
+    ),
   optional: z
     .boolean()
     .optional()
-    .describe('With user or group: the name may be missing on this machine. Without it, a system domain member whose user or group does not exist is an error, since it would match nothing.'),
+    .describe(
+      'With user or group: the name may be missing on this machine. Without it, a system domain member whose user or group does not exist is an error, since it would match nothing.',
+    ),
 });
 
 /** One selector names exactly one way of recognising a process. */
@@ -89,7 +93,11 @@ const selector = selectorObject.superRefine((value, ctx) => {
   const keys = Object.keys(value).filter((key) => key !== 'optional' && value[key as keyof typeof value] !== undefined);
   const main = keys.filter((key) => key !== 'slice');
   if (value.slice === '-.slice' && value.unit === undefined) {
-    ctx.addIssue({ code: 'custom', message: 'the root slice "-.slice" holds every process', params: { hint: 'name a slice below it, a unit, a user or a group' } });
+    ctx.addIssue({
+      code: 'custom',
+      message: 'the root slice "-.slice" holds every process',
+      params: { hint: 'name a slice below it, a unit, a user or a group' },
+    });
   } else if (keys.length === 0) {
     ctx.addIssue({ code: 'custom', message: 'empty selector', params: { hint: 'give one of: unit, slice, cgroup, flatpak, user, group' } });
   } else if (main.length > 1 || (keys.includes('slice') && main.length === 1 && main[0] !== 'unit')) {
@@ -100,7 +108,11 @@ const selector = selectorObject.superRefine((value, ctx) => {
     });
   } else if (value.optional !== undefined && value.user === undefined && value.group === undefined) {
     // A unit or cgroup that does not exist yet is matched when it appears; only a name can be missing for good.
-    ctx.addIssue({ code: 'custom', message: '"optional" applies to a user or group selector', params: { hint: 'a unit, slice, cgroup or Flatpak app that does not exist yet is matched when it appears' } });
+    ctx.addIssue({
+      code: 'custom',
+      message: '"optional" applies to a user or group selector',
+      params: { hint: 'a unit, slice, cgroup or Flatpak app that does not exist yet is matched when it appears' },
+    });
   }
 });
 
@@ -141,9 +153,7 @@ const socksAddress = z.string().superRefine((value, ctx) => {
   }
 });
 
-const rate = z
-  .string()
-  .regex(/^[1-9]\d{0,5}\/(second|minute|hour)$/, 'a rate is N/second, N/minute or N/hour');
+const rate = z.string().regex(/^[1-9]\d{0,5}\/(second|minute|hour)$/, 'a rate is N/second, N/minute or N/hour');
 
 export const policyFileSchema = z
   .strictObject({
@@ -169,7 +179,10 @@ export const policyFileSchema = z
         entityName,
         z.strictObject({
           identity: z.union([identityRef, z.array(identityRef).min(1)]),
-          default: z.enum(['allow', 'deny']).optional().describe('Verdict when none of the rules (nor the global deny list) decides; default: defaults.egress.'),
+          default: z
+            .enum(['allow', 'deny'])
+            .optional()
+            .describe('Verdict when none of the rules (nor the global deny list) decides; default: defaults.egress.'),
           rules: z.array(appRule).optional().describe('Checked in order; the first match decides.'),
           why: z.string().max(500).optional(),
         }),
@@ -196,7 +209,9 @@ export const policyFileSchema = z
         user: z
           .union([userOrGroup, z.strictObject({ user: userOrGroup, optional: z.boolean().optional() })])
           .optional()
-          .describe("Tor's own user, which may reach the network (default debian-tor); looked up through NSS. While `enabled`, a user that does not exist is an error unless written {user: NAME, optional: true}."),
+          .describe(
+            "Tor's own user, which may reach the network (default debian-tor); looked up through NSS. While `enabled`, a user that does not exist is an error unless written {user: NAME, optional: true}.",
+          ),
         updaters: z.array(identityRef).optional().describe('Identities that may reach only the SOCKS port when enabled.'),
       })
       .optional()

@@ -37,7 +37,7 @@ export function writeFileAtomic(dir: string, name: string, content: string | Uin
     const fd = openSync(temp, 'wx', mode);
     try {
       const bytes = typeof content === 'string' ? Buffer.from(content, 'utf8') : content;
-      for (let done = 0; done < bytes.length; ) done += writeSync(fd, bytes, done, bytes.length - done);
+      for (let done = 0; done < bytes.length;) done += writeSync(fd, bytes, done, bytes.length - done);
       fsyncSync(fd);
     } finally {
       closeSync(fd);

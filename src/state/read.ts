@@ -23,7 +23,10 @@ export function readStateFile<S extends z.ZodType>(dir: string, name: string, sc
   const parsed = schema.safeParse(json);
   if (!parsed.success) {
     const issue = parsed.error.issues[0];
-    return { state: 'damaged', problem: `${name} is not as egressd writes it: ${issue ? `${issue.message}${issue.path.length ? ` at ${issue.path.join('.')}` : ''}` : 'invalid'}` };
+    return {
+      state: 'damaged',
+      problem: `${name} is not as egressd writes it: ${issue ? `${issue.message}${issue.path.length ? ` at ${issue.path.join('.')}` : ''}` : 'invalid'}`,
+    };
   }
   return { state: 'ok', value: parsed.data };
 }

@@ -39,7 +39,15 @@ export function libcLookup(options: { firstBuffer?: number } = {}): NameLookup |
     koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
     const libc = koffi.load('libc.so.6');
     // Only the ids are read; the strings stay in the buffer, unread. Anonymous types: a name can be registered once per process.
-    const passwd = koffi.struct({ pw_name: 'void *', pw_passwd: 'void *', pw_uid: 'uint32_t', pw_gid: 'uint32_t', pw_gecos: 'void *', pw_dir: 'void *', pw_shell: 'void *' });
+    const passwd = koffi.struct({
+      pw_name: 'void *',
+      pw_passwd: 'void *',
+      pw_uid: 'uint32_t',
+      pw_gid: 'uint32_t',
+      pw_gecos: 'void *',
+      pw_dir: 'void *',
+      pw_shell: 'void *',
+    });
     const group = koffi.struct({ gr_name: 'void *', gr_passwd: 'void *', gr_gid: 'uint32_t', gr_mem: 'void *' });
     const result = koffi.out(koffi.pointer('void *'));
     getpwnam = libc.func('getpwnam_r', 'int', ['const char *', koffi.out(koffi.pointer(passwd)), 'void *', 'size_t', result]);
@@ -52,7 +60,7 @@ export function libcLookup(options: { firstBuffer?: number } = {}): NameLookup |
   if (EPROTO === undefined) return new Error('koffi does not know EPROTO on this platform');
   return (kind, name) => {
     const call = kind === 'user' ? getpwnam : getgrnam;
-    for (let size = options.firstBuffer ?? FIRST_BUFFER; ; ) {
+    for (let size = options.firstBuffer ?? FIRST_BUFFER; ;) {
       const entry: { pw_uid?: number; gr_gid?: number } = {};
       const result: unknown[] = [null];
       // glibc returns errno as it finds it when a module is unavailable, and
@@ -87,7 +95,8 @@ export function getentLookup(binary = 'getent'): NameLookup {
     if (run.error) return { error: `getent ${database}: ${run.error.message}` };
     if (run.status === 2) return undefined;
     const id = run.status === 0 ? /^[^:\n]*:[^:\n]*:(\d+):/.exec(run.stdout)?.[1] : undefined;
-    if (id === undefined) return { error: `getent ${database} ${name}: ${run.status === null ? `killed by ${run.signal}` : `exit ${run.status}`} ${run.stderr.trim()}`.trim() };
+    if (id === undefined)
+      return { error: `getent ${database} ${name}: ${run.status === null ? `killed by ${run.signal}` : `exit ${run.status}`} ${run.stderr.trim()}`.trim() };
     return Number(id);
   };
 }

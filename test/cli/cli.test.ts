@@ -138,7 +138,14 @@ describe('egressctl', () => {
     });
     const err: string[] = [];
     const raced = new EgressError(ErrorCode.ConcurrentChange, 'another writer changed table inet egressd at the same time; this run changed nothing in force');
-    const code = await main(['release'], { out: () => undefined, err: (t) => err.push(t), facts: () => FACTS, nft: () => Promise.reject(raced), stateDir: '/nonexistent', audit: () => undefined });
+    const code = await main(['release'], {
+      out: () => undefined,
+      err: (t) => err.push(t),
+      facts: () => FACTS,
+      nft: () => Promise.reject(raced),
+      stateDir: '/nonexistent',
+      audit: () => undefined,
+    });
     expect(code).toBe(3);
     expect(err.join('\n')).toContain('another writer changed table inet egressd at the same time');
   });

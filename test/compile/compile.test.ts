@@ -116,7 +116,9 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
       const closed = chain(compiled, 'app_closed');
       const at = tailStart(closed, 'app/closed/default');
       expect(at).toBeGreaterThan(0);
-      expect(ruleText(closed.rules[at - 1]!)).toBe(`ct state established,related accept comment "${sid(compiled, 'app/closed/default')} f.yaml:5 app/closed/default: established and related connections"`);
+      expect(ruleText(closed.rules[at - 1]!)).toBe(
+        `ct state established,related accept comment "${sid(compiled, 'app/closed/default')} f.yaml:5 app/closed/default: established and related connections"`,
+      );
       // After the app's own rules and the global deny list: they cut established connections too.
       expect(ruleText(closed.rules[at - 2]!)).toMatch(/^jump global_deny /);
       if (egress === 'deny') {
@@ -130,7 +132,10 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     const policyWith = (apps: number, networks: number, names: number) => {
       const nets = Array.from({ length: networks }, (_, i) => `10.${(i >> 8) & 255}.${i & 255}.0/24`);
       const hosts = Array.from({ length: names }, (_, i) => `h${i}.example.org`);
-      const appYaml = Array.from({ length: apps }, (_, i) => `  app${i}: {identity: {user: ${2000 + i}}, rules: [{allow: [${JSON.stringify(hosts[0] ?? 'x.example.org')}], ports: [443]}]}`).join('\n');
+      const appYaml = Array.from(
+        { length: apps },
+        (_, i) => `  app${i}: {identity: {user: ${2000 + i}}, rules: [{allow: [${JSON.stringify(hosts[0] ?? 'x.example.org')}], ports: [443]}]}`,
+      ).join('\n');
       return compileYaml(`deny:\n  - to: ${JSON.stringify([...nets, ...hosts])}\napps:\n${appYaml}\n`);
     };
     const small = policyWith(2, 2, 2);
@@ -186,27 +191,40 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
   it('rules hold no anonymous sets: protocols and ports of several are named sets that rules with the same ones share', () => {
     const apps = Array.from(
       { length: 30 },
-      (_, i) => `  a${i}:\n    identity: {user: ${2000 + i}}\n    default: deny\n    rules:\n      - allow: [app${i}.example.org]\n        ports: [${i % 2 ? '443, 80' : '80, 443'}]\n      - allow: [192.0.2.${i}]\n        ports: [8000-8100, 22]\n        proto: tcp\n      - deny: any\n        proto: [udp, tcp, icmp]\n`,
+      (_, i) =>
+        `  a${i}:\n    identity: {user: ${2000 + i}}\n    default: deny\n    rules:\n      - allow: [app${i}.example.org]\n        ports: [${i % 2 ? '443, 80' : '80, 443'}]\n      - allow: [192.0.2.${i}]\n        ports: [8000-8100, 22]\n        proto: tcp\n      - deny: any\n        proto: [udp, tcp, icmp]\n`,
     );
     const compiled = compileYaml(`apps:\n${apps.join('')}`);
     const text = renderText(compiled.ruleset);
     // The two ICMPv6 type sets of the link-local chain are the only anonymous ones, whatever the policy's size.
     const anonymous = compiled.ruleset.chains.flatMap((c) => c.rules.filter((r) => JSON.stringify(r.expr).includes('"set":')).map(() => c.name));
     expect(anonymous).toEqual(['icmpv6_link', 'icmpv6_link']);
-    const constants = compiled.ruleset.sets.filter((s) => s.key === 'inet_proto' || s.key === 'inet_service').map((s) => ({ name: s.name, elements: s.elements, flags: s.flags }));
+    const constants = compiled.ruleset.sets
+      .filter((s) => s.key === 'inet_proto' || s.key === 'inet_service')
+      .map((s) => ({ name: s.name, elements: s.elements, flags: s.flags }));
     expect(constants).toEqual([
       { name: 'proto_tcp_udp', elements: ['tcp', 'udp'], flags: [] },
       { name: 'ports_80_443', elements: [80, 443], flags: [] },
       { name: 'ports_22_8000to8100', elements: [22, { range: [8000, 8100] }], flags: ['interval'] },
       { name: 'proto_icmp_ipv6_icmp_tcp_udp', elements: ['icmp', 'ipv6-icmp', 'tcp', 'udp'], flags: [] },
     ]);
-    expect(ruleText(chain(compiled, 'app_a1').rules[0]!)).toBe(`ip daddr @a_a1_0_dns4 meta l4proto @proto_tcp_udp th dport @ports_80_443 counter accept comment "${sid(compiled, 'app/a1/0')} f.yaml:17 app/a1/0"`);
-    expect(ruleText(chain(compiled, 'app_a1').rules[2]!)).toBe(`ip daddr @a_a1_1_net4 meta l4proto tcp th dport @ports_22_8000to8100 counter accept comment "${sid(compiled, 'app/a1/1')} f.yaml:19 app/a1/1"`);
+    expect(ruleText(chain(compiled, 'app_a1').rules[0]!)).toBe(
+      `ip daddr @a_a1_0_dns4 meta l4proto @proto_tcp_udp th dport @ports_80_443 counter accept comment "${sid(compiled, 'app/a1/0')} f.yaml:17 app/a1/0"`,
+    );
+    expect(ruleText(chain(compiled, 'app_a1').rules[2]!)).toBe(
+      `ip daddr @a_a1_1_net4 meta l4proto tcp th dport @ports_22_8000to8100 counter accept comment "${sid(compiled, 'app/a1/1')} f.yaml:19 app/a1/1"`,
+    );
     expect(text).toContain('elements = { icmp, ipv6-icmp, tcp, udp }');
     // Ports repeated, overlapping or adjacent are joined: nft refuses overlapping intervals in a named set.
-    const joined = compileYaml('apps:\n  j:\n    identity: {user: 7}\n    rules:\n      - allow: any\n        ports: [8080, "8000-8100", 53, 53, "8101-8200"]\n      - allow: any\n        ports: ["8000-8100", 8050]\n');
-    expect(joined.ruleset.sets.filter((s) => s.key === 'inet_service').map((s) => ({ name: s.name, elements: s.elements }))).toEqual([{ name: 'ports_53_8000to8200', elements: [53, { range: [8000, 8200] }] }]);
-    expect(ruleText(chain(joined, 'app_j').rules[1]!)).toBe(`meta l4proto @proto_tcp_udp th dport 8000-8100 counter accept comment "${sid(joined, 'app/j/1')} f.yaml:7 app/j/1"`);
+    const joined = compileYaml(
+      'apps:\n  j:\n    identity: {user: 7}\n    rules:\n      - allow: any\n        ports: [8080, "8000-8100", 53, 53, "8101-8200"]\n      - allow: any\n        ports: ["8000-8100", 8050]\n',
+    );
+    expect(joined.ruleset.sets.filter((s) => s.key === 'inet_service').map((s) => ({ name: s.name, elements: s.elements }))).toEqual([
+      { name: 'ports_53_8000to8200', elements: [53, { range: [8000, 8200] }] },
+    ]);
+    expect(ruleText(chain(joined, 'app_j').rules[1]!)).toBe(
+      `meta l4proto @proto_tcp_udp th dport 8000-8100 counter accept comment "${sid(joined, 'app/j/1')} f.yaml:7 app/j/1"`,
+    );
     expect(text).toContain('ct state established,related accept');
     if (!nftAvailable()) {
       expect(nftCheck(text)).toEqual({ ok: true, stderr: '' });
@@ -237,7 +255,9 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
 
   it('log: false and denials: false drop without logging', () => {
     const quiet = compileYaml('deny:\n  - to: [192.0.2.0/24]\n    log: false\n');
-    expect(chain(quiet, 'global_deny').rules.map(ruleText)).toEqual([`ip daddr @g0_net4 counter drop comment "${sid(quiet, 'deny/f.yaml/0')} f.yaml:2 deny/f.yaml/0"`]);
+    expect(chain(quiet, 'global_deny').rules.map(ruleText)).toEqual([
+      `ip daddr @g0_net4 counter drop comment "${sid(quiet, 'deny/f.yaml/0')} f.yaml:2 deny/f.yaml/0"`,
+    ]);
     const off = compileYaml('defaults: {egress: deny, log: {denials: false}}\n');
     expect(renderText(off.ruleset)).not.toContain('log prefix');
   });
@@ -256,7 +276,10 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     const compiled = compileYaml('apps: {a: {identity: {user: alice}, default: deny, rules: [{deny: [192.0.2.1]}, {allow: any, proto: icmp}]}}\n');
     for (const name of ['app_a', 'log_a_a_0']) {
       for (const r of chain(compiled, name).rules) {
-        const named = /^(?:(r[0-9a-f]{8}) )?f\.yaml:\d+ (app\/a\/(\d|default)|app\/a: then the global deny list|app\/a\/default: established and related connections) #[0-9a-f]{8}$/.exec(r.comment ?? '');
+        const named =
+          /^(?:(r[0-9a-f]{8}) )?f\.yaml:\d+ (app\/a\/(\d|default)|app\/a: then the global deny list|app\/a\/default: established and related connections) #[0-9a-f]{8}$/.exec(
+            r.comment ?? '',
+          );
         expect(named, r.comment).not.toBeNull();
         // Every rule that decides for a policy rule starts with that rule's short id; the jump to the global deny list decides nothing.
         const ruleId = named![2]!.replace(/:.*$/, '');
@@ -271,7 +294,10 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     expect(map.elements).toEqual(['system.slice/a.service', 'system.slice/b.service', 'system.slice/gpg.service']);
     expect(map.verdicts).toEqual([{ goto: { target: 'app_a' } }, { goto: { target: 'app_any' } }, { goto: { target: 'app_any' } }]);
     expect(compiled.warnings.map((w) => w.message)).toEqual(['cgroup system.slice/a.service matches both app a and app any; app a keeps it']);
-    expect(compiled.cgroupBindings.map((b) => `${b.glob}@${b.level}→${b.map}`)).toEqual(['system.slice/a.service@2→app_cg_l2', 'system.slice/*.service@2→app_cg_l2']);
+    expect(compiled.cgroupBindings.map((b) => `${b.glob}@${b.level}→${b.map}`)).toEqual([
+      'system.slice/a.service@2→app_cg_l2',
+      'system.slice/*.service@2→app_cg_l2',
+    ]);
   });
 
   it("a Flatpak selector claims its app's scopes, not those of an app whose id merely starts the same", () => {
@@ -281,7 +307,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     expect(compiled.ruleset.sets.find((s) => s.name === 'app_cg_l5')!.elements).toEqual([cgroups[0]]);
   });
 
-  it("an unknown user of an app is a warning naming the app and matches nothing; an unknown Tor user marked optional means Tor gets no exception", () => {
+  it('an unknown user of an app is a warning naming the app and matches nothing; an unknown Tor user marked optional means Tor gets no exception', () => {
     const compiled = compileYaml('apps: {a: {identity: {user: nobody-here}}}\ntor: {enabled: true, user: {user: no-tor-user, optional: true}}\n');
     expect(compiled.errors).toEqual([]);
     expect(compiled.warnings.map((w) => w.message)).toEqual([
@@ -301,7 +327,10 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
       `counter drop comment "${updaters} f.yaml:2 tor/updaters"`,
     ]);
     // A gateway is network: system domains and lockdown come before it.
-    const gateway = compileYaml('identities: {apt: {user: _apt}}\nsystemDomains: {off: {members: [{user: vault}]}}\ntor: {enabled: true, socks: "[2001:db8::9]:9150", updaters: [apt]}\n', { lockdown: true });
+    const gateway = compileYaml(
+      'identities: {apt: {user: _apt}}\nsystemDomains: {off: {members: [{user: vault}]}}\ntor: {enabled: true, socks: "[2001:db8::9]:9150", updaters: [apt]}\n',
+      { lockdown: true },
+    );
     expect(chain(gateway, 'tor_updaters').rules.map(ruleText).slice(0, 3)).toEqual([
       'meta skuid vmap @sd_uid comment "system domains by uid"',
       'goto lockdown comment "lockdown is on"',

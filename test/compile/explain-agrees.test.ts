@@ -52,18 +52,35 @@ describe('explain agrees with the compiled table', () => {
         const { socks } = policy.tor;
         const toSocks = policy.tor.enabled ? connections.map((c) => ({ ...c, address: socks.address, port: socks.port, proto: 'tcp' as const })) : [];
         for (const c of [...connections, ...toSocks]) {
-          const answer = explain(policy, { who: c.who, host: c.address, ...(c.port !== undefined ? { port: c.port } : {}), proto: c.proto }, GEN_FACTS, { lockdown: generated.lockdown });
+          const answer = explain(policy, { who: c.who, host: c.address, ...(c.port !== undefined ? { port: c.port } : {}), proto: c.proto }, GEN_FACTS, {
+            lockdown: generated.lockdown,
+          });
           if ('error' in answer) throw new Error(answer.error);
           const kernel = evaluate(ruleset, packetFor(c));
           const where = `${kernel.verdict} ${kernel.chain.replace(/_.*/, '')}`;
           decidedIn.set(where, (decidedIn.get(where) ?? 0) + 1);
           const said = answer.verdict === 'allow' ? 'accept' : 'drop';
-          expect(`${said} ${answer.level}`, `${JSON.stringify(c)}: explain says ${answer.ruleId} (${answer.steps.join('; ')}); the table ${kernel.verdict}s at ${kernel.chain}: ${kernel.rule?.comment ?? 'chain policy'} (via ${kernel.path.join(' → ')})`).toBe(`${kernel.verdict} ${levelOf(ruleset, kernel, generated.lockdown)}`);
+          expect(
+            `${said} ${answer.level}`,
+            `${JSON.stringify(c)}: explain says ${answer.ruleId} (${answer.steps.join('; ')}); the table ${kernel.verdict}s at ${kernel.chain}: ${kernel.rule?.comment ?? 'chain policy'} (via ${kernel.path.join(' → ')})`,
+          ).toBe(`${kernel.verdict} ${levelOf(ruleset, kernel, generated.lockdown)}`);
         }
       }),
       { numRuns: 400 },
     );
     const reached = [...decidedIn.keys()].sort();
-    for (const where of ['accept output', 'drop output', 'accept app', 'drop app', 'drop log', 'drop global', 'drop sd', 'drop lockdown', 'accept tor', 'drop tor']) expect(reached, JSON.stringify(Object.fromEntries(decidedIn))).toContain(where);
+    for (const where of [
+      'accept output',
+      'drop output',
+      'accept app',
+      'drop app',
+      'drop log',
+      'drop global',
+      'drop sd',
+      'drop lockdown',
+      'accept tor',
+      'drop tor',
+    ])
+      expect(reached, JSON.stringify(Object.fromEntries(decidedIn))).toContain(where);
   });
 });

@@ -56,7 +56,11 @@ describe('explain: each precedence level against the next', () => {
   });
 
   it('system domain beats the app rule that allows everything', () => {
-    expect(ask({ kind: 'name', name: 'vault-sync' }, '192.0.2.9', { port: 443 })).toMatchObject({ verdict: 'deny', level: 'system-domain', ruleId: 'sd/offline' });
+    expect(ask({ kind: 'name', name: 'vault-sync' }, '192.0.2.9', { port: 443 })).toMatchObject({
+      verdict: 'deny',
+      level: 'system-domain',
+      ruleId: 'sd/offline',
+    });
   });
 
   it('lockdown beats Tor confinement and apps, except for Tor itself', () => {
@@ -68,7 +72,11 @@ describe('explain: each precedence level against the next', () => {
     expect(ask({ kind: 'user', user: '_apt' }, 'deb.debian.org', { port: 443 })).toMatchObject({ verdict: 'deny', level: 'tor', ruleId: 'tor/updaters' });
     expect(ask({ kind: 'user', user: 42 }, '127.0.0.1', { port: 9050 })).toMatchObject({ verdict: 'allow', level: 'tor', ruleId: 'tor/socks' });
     // Not even loopback services: a local resolver or proxy would look up or fetch for the updater.
-    expect(ask({ kind: 'user', user: '_apt' }, '127.0.0.53', { port: 53, proto: 'udp' })).toMatchObject({ verdict: 'deny', level: 'tor', ruleId: 'tor/updaters' });
+    expect(ask({ kind: 'user', user: '_apt' }, '127.0.0.53', { port: 53, proto: 'udp' })).toMatchObject({
+      verdict: 'deny',
+      level: 'tor',
+      ruleId: 'tor/updaters',
+    });
     expect(ask({ kind: 'user', user: 'debian-tor' }, '192.0.2.7', { port: 9001 })).toMatchObject({ verdict: 'allow', level: 'tor', ruleId: 'tor/own' });
   });
 
@@ -79,7 +87,12 @@ describe('explain: each precedence level against the next', () => {
   });
 
   it('the global deny list beats the app default when no app rule matches', () => {
-    expect(ask({ kind: 'name', name: 'web' }, 'tracker.example.com', { port: 80 })).toMatchObject({ verdict: 'deny', level: 'global-deny', ruleId: 'deny/f.yaml/0', why: 'trackers' });
+    expect(ask({ kind: 'name', name: 'web' }, 'tracker.example.com', { port: 80 })).toMatchObject({
+      verdict: 'deny',
+      level: 'global-deny',
+      ruleId: 'deny/f.yaml/0',
+      why: 'trackers',
+    });
     expect(ask({ kind: 'name', name: 'web' }, 'x.ads.example.net')).toMatchObject({ verdict: 'deny', level: 'global-deny' });
     expect(ask({ kind: 'name', name: 'web' }, '203.0.113.4')).toMatchObject({ verdict: 'deny', level: 'global-deny' });
   });
@@ -103,16 +116,20 @@ describe('explain: each precedence level against the next', () => {
 
   it('says when an address could match a name rule through DNS', () => {
     const answer = ask({ kind: 'user', user: 'bob' }, '192.0.2.200');
-    expect(answer.notes).toEqual(['deny/f.yaml/0 also matches 192.0.2.200 while it is a recent DNS answer for one of the rule\'s names']);
+    expect(answer.notes).toEqual(["deny/f.yaml/0 also matches 192.0.2.200 while it is a recent DNS answer for one of the rule's names"]);
   });
 
   it('an unknown app name is an error listing the known ones', () => {
-    expect(explain(policy, { who: { kind: 'name', name: 'nope' }, host: 'x' }, FACTS)).toMatchObject({ error: expect.stringContaining('known: web, vault-sync, apt-direct') });
+    expect(explain(policy, { who: { kind: 'name', name: 'nope' }, host: 'x' }, FACTS)).toMatchObject({
+      error: expect.stringContaining('known: web, vault-sync, apt-direct'),
+    });
   });
 });
 
 describe('explain answers for the packet the kernel sees', () => {
-  const v4Denied = policyFrom('defaults: {egress: allow}\ndeny:\n  - to: [192.0.2.0/24]\n  - to: ["::/0"]\n    proto: udp\nsystemDomains:\n  offline: {members: [{user: vault}]}\n');
+  const v4Denied = policyFrom(
+    'defaults: {egress: allow}\ndeny:\n  - to: [192.0.2.0/24]\n  - to: ["::/0"]\n    proto: udp\nsystemDomains:\n  offline: {members: [{user: vault}]}\n',
+  );
   const table = compile(v4Denied, FACTS).ruleset;
   const both = (host: string, who: ExplainQuery['who'] = { kind: 'user', user: 'alice' }, port = 443, proto: 'tcp' | 'udp' = 'tcp') => {
     const answer = explain(v4Denied, { who, host, port, proto }, FACTS);
@@ -140,17 +157,26 @@ describe('explain answers for the packet the kernel sees', () => {
   });
 
   it('with a SOCKS gateway on another host, an updater in a system domain or under lockdown is stopped there, whatever the destination', () => {
-    const gateway = policyFrom('identities: {apt: {user: _apt}}\nsystemDomains: {off: {members: [{user: _apt}]}}\ntor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}\n');
+    const gateway = policyFrom(
+      'identities: {apt: {user: _apt}}\nsystemDomains: {off: {members: [{user: _apt}]}}\ntor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}\n',
+    );
     const apt = { kind: 'user', user: '_apt' } as const;
     const table = compile(gateway, FACTS).ruleset;
     for (const host of ['192.0.2.50', '198.51.100.9', '127.0.0.1']) {
-      expect(explain(gateway, { who: apt, host, port: 443, proto: 'tcp' }, FACTS), host).toMatchObject({ verdict: 'deny', level: 'system-domain', ruleId: 'sd/off' });
+      expect(explain(gateway, { who: apt, host, port: 443, proto: 'tcp' }, FACTS), host).toMatchObject({
+        verdict: 'deny',
+        level: 'system-domain',
+        ruleId: 'sd/off',
+      });
       expect(evaluate(table, packetFor({ who: apt, address: host, port: 443, proto: 'tcp' })).chain).toBe('sd_off');
     }
     const open = policyFrom('identities: {apt: {user: _apt}}\ntor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}\n');
     const locked = compile(open, FACTS, { lockdown: true }).ruleset;
     for (const host of ['192.0.2.50', '198.51.100.9']) {
-      expect(explain(open, { who: apt, host, port: 9050, proto: 'tcp' }, FACTS, { lockdown: true }), host).toMatchObject({ verdict: 'deny', level: 'lockdown' });
+      expect(explain(open, { who: apt, host, port: 9050, proto: 'tcp' }, FACTS, { lockdown: true }), host).toMatchObject({
+        verdict: 'deny',
+        level: 'lockdown',
+      });
       expect(evaluate(locked, packetFor({ who: apt, address: host, port: 9050, proto: 'tcp' })).chain).toBe('lockdown');
     }
   });
@@ -159,6 +185,8 @@ describe('explain answers for the packet the kernel sees', () => {
     const socks = policyFrom('identities: {apt: {user: _apt}}\ntor: {enabled: true, socks: "[2001:db8::9]:9150", updaters: [apt]}\n');
     const answer = explain(socks, { who: { kind: 'user', user: '_apt' }, host: '2001:DB8:0::9', port: 9150, proto: 'tcp' }, FACTS);
     expect(answer).toMatchObject({ verdict: 'allow', level: 'tor', ruleId: 'tor/socks' });
-    expect(evaluate(compile(socks, FACTS).ruleset, packetFor({ who: { kind: 'user', user: '_apt' }, address: '2001:DB8:0::9', port: 9150, proto: 'tcp' })).verdict).toBe('accept');
+    expect(
+      evaluate(compile(socks, FACTS).ruleset, packetFor({ who: { kind: 'user', user: '_apt' }, address: '2001:DB8:0::9', port: 9150, proto: 'tcp' })).verdict,
+    ).toBe('accept');
   });
 });

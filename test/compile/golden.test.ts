@@ -28,7 +28,13 @@ function build(name: string) {
   const machine: Facts = { users: new Map(Object.entries(facts.users)), groups: new Map(Object.entries(facts.groups)), cgroups: facts.cgroups };
   const { policy } = loadPolicyOrThrow(join(GOLDEN, name, 'policy'));
   const compiled = compile(policy, machine, { lockdown: facts.lockdown === true });
-  return { facts, compiled, text: renderText(compiled.ruleset), json: `${JSON.stringify(renderJson(compiled.ruleset), null, 2)}\n`, ids: `${JSON.stringify(compiled.ruleIds, null, 1)}\n` };
+  return {
+    facts,
+    compiled,
+    text: renderText(compiled.ruleset),
+    json: `${JSON.stringify(renderJson(compiled.ruleset), null, 2)}\n`,
+    ids: `${JSON.stringify(compiled.ruleIds, null, 1)}\n`,
+  };
 }
 
 const usesCgroupMatch = (expr: unknown): boolean => JSON.stringify(expr).includes('"socket":{"key":"cgroupv2"');
@@ -38,11 +44,18 @@ for (const name of readdirSync(GOLDEN).sort()) {
     const built = build(name);
 
     it('matches ruleset.nft, ruleset.json and rule-ids.json', () => {
-      for (const [file, content] of [['ruleset.nft', built.text], ['ruleset.json', built.json], ['rule-ids.json', built.ids]] as const) {
+      for (const [file, content] of [
+        ['ruleset.nft', built.text],
+        ['ruleset.json', built.json],
+        ['rule-ids.json', built.ids],
+      ] as const) {
         const path = join(GOLDEN, name, file);
         if (update) writeFileSync(path, content);
         // A missing golden is a failure, not a first run: writing it here would make the test pass whatever compile produced.
-        expect(existsSync(path), `${name}/${file} is missing; create it with UPDATE_GOLDEN=1 npx vitest run test/compile/golden.test.ts and read it before committing`).toBe(true);
+        expect(
+          existsSync(path),
+          `${name}/${file} is missing; create it with UPDATE_GOLDEN=1 npx vitest run test/compile/golden.test.ts and read it before committing`,
+        ).toBe(true);
         expect(content, `${name}/${file} differs; if the change is intended, rerun with UPDATE_GOLDEN=1`).toBe(readFileSync(path, 'utf8'));
       }
     });

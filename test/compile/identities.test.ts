@@ -33,16 +33,22 @@ describe('identities that match nothing on this machine', () => {
   it('optional: true makes a missing member a warning, and the domain keeps its other members', () => {
     const compiled = compileYaml('systemDomains: {offline: {members: [{user: vault}, {user: ghost, optional: true}]}}\n');
     expect(compiled.errors).toEqual([]);
-    expect(compiled.warnings.map((w) => w.message)).toEqual(['user "ghost" of system domain offline does not exist on this machine; its rules match nothing until it does']);
+    expect(compiled.warnings.map((w) => w.message)).toEqual([
+      'user "ghost" of system domain offline does not exist on this machine; its rules match nothing until it does',
+    ]);
     expect(compiled.ruleset.sets.find((s) => s.name === 'sd_uid')?.elements).toEqual([990]);
   });
 
   it("Tor's user is an error while updates over Tor are on, a warning when optional, and not looked at while off", () => {
-    expect(errorsOf('tor: {enabled: true, user: no-tor}\n')).toEqual(['1:28 Tor\'s user "no-tor" does not exist on this machine; it would match nothing and be let out']);
+    expect(errorsOf('tor: {enabled: true, user: no-tor}\n')).toEqual([
+      '1:28 Tor\'s user "no-tor" does not exist on this machine; it would match nothing and be let out',
+    ]);
     expect(errorsOf('tor: {enabled: true, user: {user: no-tor, optional: true}}\n')).toEqual([]);
     expect(errorsOf('tor: {enabled: false, user: no-tor}\n')).toEqual([]);
     // The default user, debian-tor, is an error too where it does not exist; reported where Tor is switched on.
-    expect(errorsOf('tor: {enabled: true}\n', { ...FACTS, users: new Map() })).toEqual(['1:16 Tor\'s user "debian-tor" does not exist on this machine; it would match nothing and be let out']);
+    expect(errorsOf('tor: {enabled: true}\n', { ...FACTS, users: new Map() })).toEqual([
+      '1:16 Tor\'s user "debian-tor" does not exist on this machine; it would match nothing and be let out',
+    ]);
   });
 
   it('an app identity or a Tor updater that matches nothing stays a warning that names it (one policy for several machines)', () => {
@@ -86,9 +92,14 @@ describe('identities that match nothing on this machine', () => {
     expect(() => refuseCompileErrors(compileYaml('apps: {web: {identity: {user: alice}}}\n'), '/etc/egressd')).not.toThrow();
   });
 
-  it('factsNeeded names every user and group the policy mentions by name, and Tor\'s user only while Tor is on', () => {
-    const yaml = 'identities: {apt: {user: _apt}, n: {user: 7}}\napps: {web: {identity: [{user: alice}, {group: wheel}]}}\nsystemDomains: {off: {members: [{user: vault}, {group: 12}]}}\ntor: {enabled: ENABLED, updaters: [apt]}\n';
-    expect(factsNeeded(policyFrom(yaml.replace('ENABLED', 'true')))).toEqual({ users: ['_apt', 'alice', 'debian-tor', 'vault'], groups: ['wheel'], cgroupDepth: 0 });
+  it("factsNeeded names every user and group the policy mentions by name, and Tor's user only while Tor is on", () => {
+    const yaml =
+      'identities: {apt: {user: _apt}, n: {user: 7}}\napps: {web: {identity: [{user: alice}, {group: wheel}]}}\nsystemDomains: {off: {members: [{user: vault}, {group: 12}]}}\ntor: {enabled: ENABLED, updaters: [apt]}\n';
+    expect(factsNeeded(policyFrom(yaml.replace('ENABLED', 'true')))).toEqual({
+      users: ['_apt', 'alice', 'debian-tor', 'vault'],
+      groups: ['wheel'],
+      cgroupDepth: 0,
+    });
     expect(factsNeeded(policyFrom(yaml.replace('ENABLED', 'false'))).users).toEqual(['_apt', 'alice', 'vault']);
   });
 });
@@ -100,8 +111,12 @@ describe('the optional key in the policy file', () => {
   };
 
   it('is taken by user and group selectors and by tor.user, and refused on a unit (which is matched when it appears)', () => {
-    expect(errors('systemDomains: {off: {members: [{user: a, optional: true}, {group: b, optional: false}]}}\ntor: {user: {user: c, optional: true}}\n')).toEqual([]);
-    expect(errors('apps: {a: {identity: {unit: a.service, optional: true}}}\n')).toEqual(['f.yaml:1:22: "optional" applies to a user or group selector (at apps.a.identity) (a unit, slice, cgroup or Flatpak app that does not exist yet is matched when it appears)']);
+    expect(
+      errors('systemDomains: {off: {members: [{user: a, optional: true}, {group: b, optional: false}]}}\ntor: {user: {user: c, optional: true}}\n'),
+    ).toEqual([]);
+    expect(errors('apps: {a: {identity: {unit: a.service, optional: true}}}\n')).toEqual([
+      'f.yaml:1:22: "optional" applies to a user or group selector (at apps.a.identity) (a unit, slice, cgroup or Flatpak app that does not exist yet is matched when it appears)',
+    ]);
     expect(errors('tor: {user: {user: c, optional: true, extra: 1}}\n')[0]).toContain('unknown key "extra"');
   });
 
@@ -139,7 +154,10 @@ describe('looking names up through NSS', () => {
     };
     const facts = gatherFacts({ users: ['alice', 'ghost', 'broken'], groups: ['wheel'], cgroupDepth: 0 }, lookup);
     expect(asked).toEqual(['user:alice', 'user:ghost', 'user:broken', 'group:wheel']);
-    expect([...facts.users]).toEqual([['alice', 1000], ['broken', { error: 'EIO' }]]);
+    expect([...facts.users]).toEqual([
+      ['alice', 1000],
+      ['broken', { error: 'EIO' }],
+    ]);
     expect([...facts.groups]).toEqual([]);
     const none = gatherFacts({ users: [], groups: [], cgroupDepth: 0 }, () => {
       throw new Error('looked up');

@@ -37,12 +37,33 @@ deny:
 
 describe('short rule ids', () => {
   it('are "r" and 8 hex digits, one per deciding rule, all different, with file:line, owner, kind and verdict', () => {
-    const compiled = compileYaml(`${APP}systemDomains: {off: {members: [{user: vault}]}}\ntor: {enabled: true, updaters: [{user: _apt}]}\n`, { lockdown: true });
+    const compiled = compileYaml(`${APP}systemDomains: {off: {members: [{user: vault}]}}\ntor: {enabled: true, updaters: [{user: _apt}]}\n`, {
+      lockdown: true,
+    });
     const ids = compiled.ruleIds;
     for (const entry of ids) expect(entry.id).toMatch(/^r[0-9a-f]{8}$/);
     expect(new Set(ids.map((e) => e.id)).size).toBe(ids.length);
-    expect(ids.map((e) => e.ruleId)).toEqual(['sd/off', 'tor/updaters', 'tor/socks', 'lockdown', 'tor/own', 'app/web/0', 'app/web/1', 'app/web/default', 'deny/f.yaml/0', 'default']);
-    expect(byRuleId(ids, 'app/web/0')).toEqual({ id: expect.any(String), ruleId: 'app/web/0', kind: 'app-rule', verdict: 'allow', file: 'f.yaml', line: 7, app: 'web' });
+    expect(ids.map((e) => e.ruleId)).toEqual([
+      'sd/off',
+      'tor/updaters',
+      'tor/socks',
+      'lockdown',
+      'tor/own',
+      'app/web/0',
+      'app/web/1',
+      'app/web/default',
+      'deny/f.yaml/0',
+      'default',
+    ]);
+    expect(byRuleId(ids, 'app/web/0')).toEqual({
+      id: expect.any(String),
+      ruleId: 'app/web/0',
+      kind: 'app-rule',
+      verdict: 'allow',
+      file: 'f.yaml',
+      line: 7,
+      app: 'web',
+    });
     expect(byRuleId(ids, 'sd/off')).toMatchObject({ kind: 'system-domain', verdict: 'deny', domain: 'off' });
     expect(byRuleId(ids, 'lockdown')).toEqual({ id: expect.any(String), ruleId: 'lockdown', kind: 'lockdown', verdict: 'deny' });
     expect(byRuleId(ids, 'deny/f.yaml/0')).toMatchObject({ kind: 'global-deny', verdict: 'deny', file: 'f.yaml', line: 11 });
@@ -50,7 +71,9 @@ describe('short rule ids', () => {
   });
 
   it('every log prefix of the compiled table parses back to a rule of its id table, and every comment that carries a short id names that rule', () => {
-    const compiled = compileYaml(`${APP}systemDomains: {off: {members: [{user: vault}]}}\ntor: {enabled: true, updaters: [{user: _apt}]}\n`, { lockdown: true });
+    const compiled = compileYaml(`${APP}systemDomains: {off: {members: [{user: vault}]}}\ntor: {enabled: true, updaters: [{user: _apt}]}\n`, {
+      lockdown: true,
+    });
     const table = new Map(compiled.ruleIds.map((e) => [e.id, e]));
     const text = renderText(compiled.ruleset);
     const prefixes = [...text.matchAll(/log prefix "([^"]*)"/g)].map((m) => m[1]!);
@@ -69,7 +92,11 @@ describe('short rule ids', () => {
 
   it('stay with their rule when a rule is written above it (its position id changes, its short id does not)', () => {
     const before = ruleIdTable(policyFrom(APP));
-    const after = ruleIdTable(policyFrom(APP.replace('    rules:\n', '    rules:\n      - deny: [203.0.113.0/24]\n').replace('deny:\n  - to:', 'deny:\n  - to: [198.51.100.0/24]\n  - to:')));
+    const after = ruleIdTable(
+      policyFrom(
+        APP.replace('    rules:\n', '    rules:\n      - deny: [203.0.113.0/24]\n').replace('deny:\n  - to:', 'deny:\n  - to: [198.51.100.0/24]\n  - to:'),
+      ),
+    );
     expect(byRuleId(after, 'app/web/1').id).toBe(byRuleId(before, 'app/web/0').id);
     expect(byRuleId(after, 'app/web/2').id).toBe(byRuleId(before, 'app/web/1').id);
     expect(byRuleId(after, 'deny/f.yaml/1').id).toBe(byRuleId(before, 'deny/f.yaml/0').id);
@@ -91,7 +118,8 @@ describe('short rule ids', () => {
     expect(id({ 'a.yaml': 'deny:\n  - to: [tracker.example.com, 192.0.2.0/24]\n    ports: [443]\n' }, 'deny/a.yaml/0')).not.toBe(base);
     expect(id({ 'a.yaml': 'deny:\n  - to: [tracker.example.com, 192.0.2.0/24]\n    proto: udp\n' }, 'deny/a.yaml/0')).not.toBe(base);
     // The same destinations under an app are another rule; allow and deny of them are two.
-    const app = (verdict: string) => id({ 'a.yaml': `apps: {w: {identity: {user: alice}, rules: [{${verdict}: [tracker.example.com, 192.0.2.0/24]}]}}\n` }, 'app/w/0');
+    const app = (verdict: string) =>
+      id({ 'a.yaml': `apps: {w: {identity: {user: alice}, rules: [{${verdict}: [tracker.example.com, 192.0.2.0/24]}]}}\n` }, 'app/w/0');
     expect(app('deny')).not.toBe(base);
     expect(app('allow')).not.toBe(app('deny'));
     // A default that flips is another decision.

@@ -3,11 +3,26 @@ import { compileYaml, FACTS } from '../support/compile-text.js';
 import { evaluate, type Packet } from '../support/ruleset-interpreter.js';
 
 /** The test interpreter on the parts of the table random policies seldom reach. */
-const packet = (over: Partial<Packet>): Packet => ({ oif: 'eth0', family: 4, daddr: '192.0.2.9', l4proto: 'tcp', dport: 443, skuid: 65534, skgid: 65534, cgroup: '', ct: 'new', ...over });
+const packet = (over: Partial<Packet>): Packet => ({
+  oif: 'eth0',
+  family: 4,
+  daddr: '192.0.2.9',
+  l4proto: 'tcp',
+  dport: 443,
+  skuid: 65534,
+  skgid: 65534,
+  cgroup: '',
+  ct: 'new',
+  ...over,
+});
 
 describe('ruleset interpreter', () => {
   it('looks up masked destinations in the hash sets of big lists, and the rest in the interval set', () => {
-    const nets = [...Array.from({ length: 1100 }, (_, i) => `10.${i >> 8}.${i & 255}.0/24`), '198.51.100.0/25', ...Array.from({ length: 1030 }, (_, i) => `2001:db8:${i.toString(16)}::/48`)];
+    const nets = [
+      ...Array.from({ length: 1100 }, (_, i) => `10.${i >> 8}.${i & 255}.0/24`),
+      '198.51.100.0/25',
+      ...Array.from({ length: 1030 }, (_, i) => `2001:db8:${i.toString(16)}::/48`),
+    ];
     const { ruleset } = compileYaml(`deny:\n  - to: ${JSON.stringify(nets)}\n`);
     expect(JSON.stringify(ruleset.chains)).toContain('"&"');
     expect(evaluate(ruleset, packet({ daddr: '10.4.75.200' })).verdict).toBe('drop');
@@ -26,10 +41,18 @@ describe('ruleset interpreter', () => {
     );
     const a = packet({ cgroup: 'system.slice/a.service/worker' });
     expect(evaluate(ruleset, a)).toMatchObject({ verdict: 'accept', chain: 'app_a' });
-    expect(evaluate(ruleset, { ...a, dport: 80, daddr: '192.0.2.200' })).toMatchObject({ verdict: 'drop', chain: 'log_g0', path: ['output', 'app_a', 'global_deny', 'log_g0'] });
+    expect(evaluate(ruleset, { ...a, dport: 80, daddr: '192.0.2.200' })).toMatchObject({
+      verdict: 'drop',
+      chain: 'log_g0',
+      path: ['output', 'app_a', 'global_deny', 'log_g0'],
+    });
     expect(evaluate(ruleset, { ...a, dport: 80, daddr: '192.0.2.9' })).toMatchObject({ verdict: 'drop', chain: 'app_a' });
     expect(evaluate(ruleset, packet({ cgroup: 'system.slice' }))).toMatchObject({ verdict: 'drop', chain: 'output' });
-    expect(evaluate(ruleset, packet({ skgid: 10, daddr: '198.51.100.1' }))).toMatchObject({ verdict: 'accept', chain: 'app_w', path: ['output', 'app_w', 'global_deny'] });
+    expect(evaluate(ruleset, packet({ skgid: 10, daddr: '198.51.100.1' }))).toMatchObject({
+      verdict: 'accept',
+      chain: 'app_w',
+      path: ['output', 'app_w', 'global_deny'],
+    });
     // Packets of connections already let out pass the default deny, not the explicit ones.
     expect(evaluate(ruleset, packet({ ct: 'established', daddr: '198.51.100.1' })).verdict).toBe('accept');
     expect(evaluate(ruleset, packet({ ct: 'established', daddr: '192.0.2.200' })).verdict).toBe('drop');
@@ -38,7 +61,11 @@ describe('ruleset interpreter', () => {
   it('lets ICMPv6 neighbour discovery out, and an echo request only where the policy allows', () => {
     const { ruleset } = compileYaml('defaults: {egress: deny}\nsystemDomains: {off: {members: [{user: vault}]}}\n');
     // Sent by the kernel on nobody's behalf: no socket, so no owner.
-    const { skuid: _uid, skgid: _gid, ...kernelSent } = packet({ family: 6, daddr: 'ff02::1:ff00:2', l4proto: 'ipv6-icmp', icmpv6Type: 'nd-neighbor-solicit', hoplimit: 255 });
+    const {
+      skuid: _uid,
+      skgid: _gid,
+      ...kernelSent
+    } = packet({ family: 6, daddr: 'ff02::1:ff00:2', l4proto: 'ipv6-icmp', icmpv6Type: 'nd-neighbor-solicit', hoplimit: 255 });
     expect(evaluate(ruleset, kernelSent)).toMatchObject({ verdict: 'accept', chain: 'icmpv6_link' });
     expect(evaluate(ruleset, { ...kernelSent, hoplimit: 64 })).toMatchObject({ verdict: 'drop', chain: 'output' });
     expect(evaluate(ruleset, { ...kernelSent, icmpv6Type: 'echo-request', daddr: '2001:db8::2' })).toMatchObject({ verdict: 'drop', chain: 'output' });

@@ -47,7 +47,11 @@ describe.skipIf(skip)(`egressd daemon ${skip ? `(skipped: ${skip})` : ''}`, () =
   });
 
   it('applies at start, logging JSON lines with stable event names', async () => {
-    daemon = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/daemon/main.ts'), '--policy', dir, '--state', state], { stdio: ['ignore', 'pipe', 'inherit'] });
+    daemon = spawn(
+      'nsenter',
+      [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/daemon/main.ts'), '--policy', dir, '--state', state],
+      { stdio: ['ignore', 'pipe', 'inherit'] },
+    );
     createInterface({ input: daemon.stdout! }).on('line', (text) => {
       const line = JSON.parse(text) as LogLine;
       lines.push(line);

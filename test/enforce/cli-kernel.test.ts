@@ -22,13 +22,22 @@ const ns = `egd-cli-${randomBytes(3).toString('hex')}`;
 const state = mkdtempSync(join(tmpdir(), 'egd-state-'));
 
 function inNs(cmd: string, args: string[], input?: string): SpawnSyncReturns<string> {
-  return spawnSync('nsenter', [`--net=/run/netns/${ns}`, cmd, ...args], { encoding: 'utf8', input, env: { ...process.env, EGRESSD_STATE_DIR: state }, timeout: 60_000, maxBuffer: 256 * 1024 * 1024 });
+  return spawnSync('nsenter', [`--net=/run/netns/${ns}`, cmd, ...args], {
+    encoding: 'utf8',
+    input,
+    env: { ...process.env, EGRESSD_STATE_DIR: state },
+    timeout: 60_000,
+    maxBuffer: 256 * 1024 * 1024,
+  });
 }
 const egressctl = (...args: string[]) => inNs(process.execPath, ['--import', 'tsx', join(ROOT, 'src/cli/main.ts'), ...args]);
 
 /** egressctl in the background, in the namespace: its process, its stderr so far, and its exit code. */
 function egressctlInBackground(...args: string[]) {
-  const child = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/cli/main.ts'), ...args], { env: { ...process.env, EGRESSD_STATE_DIR: state }, stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/cli/main.ts'), ...args], {
+    env: { ...process.env, EGRESSD_STATE_DIR: state },
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
   const run = { child, stderr: '', exited: new Promise<number>((resolve) => child.once('exit', (code) => resolve(code ?? -1))) };
   child.stderr.on('data', (chunk: Buffer) => (run.stderr += chunk.toString()));
   return run;
@@ -36,9 +45,21 @@ function egressctlInBackground(...args: string[]) {
 /** Whether `pid` holds a netfilter netlink socket that has joined NFNLGRP_NFTABLES (group 7: bit 0x40). */
 function subscribedToNftEvents(pid: number): boolean {
   try {
-    const sockets = new Set(readdirSync(`/proc/${pid}/fd`).map((fd) => { try { return /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`))?.[1]; } catch { return undefined; } }));
+    const sockets = new Set(
+      readdirSync(`/proc/${pid}/fd`).map((fd) => {
+        try {
+          return /^socket:\[(\d+)\]$/.exec(readlinkSync(`/proc/${pid}/fd/${fd}`))?.[1];
+        } catch {
+          return undefined;
+        }
+      }),
+    );
     // sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode; Eth 12 is NETLINK_NETFILTER.
-    return readFileSync(`/proc/${pid}/net/netlink`, 'utf8').split('\n').slice(1).map((line) => line.trim().split(/\s+/)).some((f) => f[1] === '12' && sockets.has(f[9]) && (Number.parseInt(f[3] ?? '0', 16) & 0x40) !== 0);
+    return readFileSync(`/proc/${pid}/net/netlink`, 'utf8')
+      .split('\n')
+      .slice(1)
+      .map((line) => line.trim().split(/\s+/))
+      .some((f) => f[1] === '12' && sockets.has(f[9]) && (Number.parseInt(f[3] ?? '0', 16) & 0x40) !== 0);
   } catch {
     return false;
   }
@@ -76,7 +97,11 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
   beforeAll(() => {
     spawnSync('ip', ['netns', 'add', ns]);
     // Someone else's table, which egressd must never touch.
-    inNs('nft', ['-f', '-'], 'table ip foreign {\n\tchain c {\n\t\ttype filter hook output priority 10; policy accept;\n\t\tip daddr 198.51.100.1 counter drop\n\t}\n}\n');
+    inNs(
+      'nft',
+      ['-f', '-'],
+      'table ip foreign {\n\tchain c {\n\t\ttype filter hook output priority 10; policy accept;\n\t\tip daddr 198.51.100.1 counter drop\n\t}\n}\n',
+    );
   });
   afterAll(() => {
     deleteNamespace(ns);
@@ -119,7 +144,14 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     expect(text.stderr).not.toContain('cannot read policy directory');
     const json = egressctl('status', missing, '--json');
     expect(json.status).toBe(1);
-    expect(JSON.parse(json.stdout)).toMatchObject({ enforced: true, digest: liveDigest(), matchesPolicyOnDisk: false, policyDirectory: null, notCompared: `no policy directory at ${missing} to compare with`, plan: null });
+    expect(JSON.parse(json.stdout)).toMatchObject({
+      enforced: true,
+      digest: liveDigest(),
+      matchesPolicyOnDisk: false,
+      policyDirectory: null,
+      notCompared: `no policy directory at ${missing} to compare with`,
+      plan: null,
+    });
     expect((JSON.parse(json.stdout) as { rules: number }).rules).toBeGreaterThan(0);
 
     expect(egressctl('release').status).toBe(0);
@@ -194,7 +226,10 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
       const codes = await Promise.all([one, two].map((dir) => egressctlInBackground('apply', dir).exited));
       expect(codes, `round ${round}`).toEqual([0, 0]);
       const matches = [egressctl('plan', one).status, egressctl('plan', two).status];
-      expect(matches.filter((status) => status === 0), `round ${round}: exits ${String(codes)}, plan ${String(matches)}`).toHaveLength(1);
+      expect(
+        matches.filter((status) => status === 0),
+        `round ${round}: exits ${String(codes)}, plan ${String(matches)}`,
+      ).toHaveLength(1);
       const chains = [...nft('list', 'chains', 'inet').stdout.matchAll(/chain (\S+) \{/g)].map((m) => m[1]!).filter((c) => c !== 'output');
       expect(new Set(chains.map((c) => c.slice(-2))).size).toBe(1);
     }
@@ -205,7 +240,13 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     expect(egressctl('apply', dir).status).toBe(0);
     let waited = 0;
     for (let round = 0; round < 3; round++) {
-      const runs = [['apply', dir], ['apply', dir], ['lockdown', 'on', dir], ['apply', dir], ['apply', dir]].map((args) => egressctlInBackground(...args));
+      const runs = [
+        ['apply', dir],
+        ['apply', dir],
+        ['lockdown', 'on', dir],
+        ['apply', dir],
+        ['apply', dir],
+      ].map((args) => egressctlInBackground(...args));
       const codes = await Promise.all(runs.map((r) => r.exited));
       expect(codes, runs.map((r) => r.stderr).join('\n')).toEqual([0, 0, 0, 0, 0]);
       waited += runs.filter((r) => r.stderr.includes('waiting for another change of enforcement to finish (pid ')).length;
@@ -253,7 +294,13 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     // (rules added to the base chain after those), once the old generation goes (rules of other
     // chains deleted after those).
     const lock = lockPathFor(statSync(`/run/netns/${ns}`).ino);
-    const holds = (pid: number) => { try { return readFileSync(lock, 'utf8').startsWith(`pid ${pid}:`); } catch { return false; } };
+    const holds = (pid: number) => {
+      try {
+        return readFileSync(lock, 'utf8').startsWith(`pid ${pid}:`);
+      } catch {
+        return false;
+      }
+    };
     const after = (events: string[], first: RegExp, then: RegExp) => events.slice(events.findIndex((l) => first.test(l)) + 1).some((l) => then.test(l));
     const prepared = /^add rule inet egressd (?!output )\S+ /;
     const stages: Record<string, (pid: number, events: string[]) => boolean> = {
@@ -277,7 +324,9 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
         let finished = false;
         void exited.then(() => (finished = true));
         // Polled often: after the switch only the removal and the state files are left to kill it in.
-        await until(`apply (pid ${child.pid}) to reach "${stage}" or exit`, () => finished || stages[stage]!(child.pid!, monitor.events.slice(from)), { everyMs: 2 });
+        await until(`apply (pid ${child.pid}) to reach "${stage}" or exit`, () => finished || stages[stage]!(child.pid!, monitor.events.slice(from)), {
+          everyMs: 2,
+        });
         if (child.exitCode === null && child.signalCode === null) {
           killedMidway.push(stage);
           child.kill('SIGKILL');
@@ -302,4 +351,3 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     expect(new Set(sets).size).toBe(sets.length);
   }, 120_000);
 });
-

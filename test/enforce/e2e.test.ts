@@ -127,7 +127,10 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
 
     it('an app found by its cgroup reaches exactly its one destination and port; the root cgroup reaches nothing', async () => {
       expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8443, cgroup: `${E}/web` })).toMatchObject({ ok: true });
-      expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8444, cgroup: `${E}/web`, timeoutMs: 800 })).toMatchObject({ ok: false, error: 'ETIMEDOUT' });
+      expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8444, cgroup: `${E}/web`, timeoutMs: 800 })).toMatchObject({
+        ok: false,
+        error: 'ETIMEDOUT',
+      });
       expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8443, timeoutMs: 800 })).toMatchObject({ ok: false, error: 'ETIMEDOUT' });
       expect(await servers.v4!.count()).toBe(1);
       expect(await servers.v4other!.count()).toBe(0);
@@ -155,7 +158,10 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
     });
 
     it('a system domain is offline even where its app rule allows everything; loopback still works', async () => {
-      expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8443, cgroup: `${E}/vault`, timeoutMs: 800 })).toMatchObject({ ok: false, error: 'ETIMEDOUT' });
+      expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8443, cgroup: `${E}/vault`, timeoutMs: 800 })).toMatchObject({
+        ok: false,
+        error: 'ETIMEDOUT',
+      });
       expect(await net.host.ping('192.0.2.2', { cgroup: `${E}/vault`, timeoutMs: 800 })).toMatchObject({ ok: false });
       expect(await net.host.ping('127.0.0.1', { cgroup: `${E}/vault` })).toMatchObject({ ok: true });
       expect(await servers.v4!.count()).toBe(0);
@@ -224,9 +230,27 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
     const a = policyDir({ '00.yaml': policyB() });
     const b = policyDir({ '00.yaml': policyB(', 198.51.100.0/25') });
     await apply(a);
-    const denied = net.host.sendLoop({ proto: 'udp', addr: '192.0.2.2', port: 5353, user: users.app1.uid, count: 200_000, intervalMs: 0, attemptTimeoutMs: 2, maxMs: 60_000 });
+    const denied = net.host.sendLoop({
+      proto: 'udp',
+      addr: '192.0.2.2',
+      port: 5353,
+      user: users.app1.uid,
+      count: 200_000,
+      intervalMs: 0,
+      attemptTimeoutMs: 2,
+      maxMs: 60_000,
+    });
     // 900 ms per attempt: a SYN lost to the replace is resent only after 1 s, so it would show.
-    const allowed = net.host.sendLoop({ proto: 'tcp', addr: '192.0.2.2', port: 8443, cgroup: `${E}/web`, count: 100_000, intervalMs: 5, attemptTimeoutMs: 900, maxMs: 60_000 });
+    const allowed = net.host.sendLoop({
+      proto: 'tcp',
+      addr: '192.0.2.2',
+      port: 8443,
+      cgroup: `${E}/web`,
+      count: 100_000,
+      intervalMs: 5,
+      attemptTimeoutMs: 900,
+      maxMs: 60_000,
+    });
     const revisions = await net.host.node(join(import.meta.dirname, 'fixtures', 'apply-revisions.ts'), ['50', b, a], { timeoutMs: 120_000 });
     const floods = await denied.stop();
     const connects = await allowed.stop();
@@ -244,11 +268,21 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
   it('no leak while replacing under default allow: a globally denied destination sees nothing during 50 applies', async () => {
     // Measured before applies swapped generations (src/enforce/swap.ts):
     // ~10 of ~70,000 such datagrams got through during 50 applies.
-    const deny = (extra: string) => policyDir({ '00.yaml': `defaults: {egress: allow}\ndeny:\n  - to: [192.0.2.2${extra}]\n    ports: [5353]\n    proto: udp\n` });
+    const deny = (extra: string) =>
+      policyDir({ '00.yaml': `defaults: {egress: allow}\ndeny:\n  - to: [192.0.2.2${extra}]\n    ports: [5353]\n    proto: udp\n` });
     const a = deny('');
     const b = deny(', 198.51.100.0/25');
     await apply(a);
-    const flood = net.host.sendLoop({ proto: 'udp', addr: '192.0.2.2', port: 5353, user: users.app1.uid, count: 1_000_000, intervalMs: 0, attemptTimeoutMs: 1, maxMs: 60_000 });
+    const flood = net.host.sendLoop({
+      proto: 'udp',
+      addr: '192.0.2.2',
+      port: 5353,
+      user: users.app1.uid,
+      count: 1_000_000,
+      intervalMs: 0,
+      attemptTimeoutMs: 1,
+      maxMs: 60_000,
+    });
     const revisions = await net.host.node(join(import.meta.dirname, 'fixtures', 'apply-revisions.ts'), ['50', b, a], { timeoutMs: 120_000 });
     const sent = await flood.stop();
     expect(revisions.code, revisions.stderr).toBe(0);
@@ -267,11 +301,17 @@ function nflogPrefixes(pcap: Buffer): string[] {
     const captured = pcap.readUInt32LE(offset + 8);
     const record = pcap.subarray(offset + 16, offset + 16 + captured);
     offset += 16 + captured;
-    for (let at = 4; at + 4 <= record.length; ) {
+    for (let at = 4; at + 4 <= record.length;) {
       const length = record.readUInt16LE(at);
       const type = record.readUInt16LE(at + 2);
       if (length < 4) break;
-      if (type === 10) prefixes.push(record.subarray(at + 4, at + length).toString('utf8').replace(/\0+$/, ''));
+      if (type === 10)
+        prefixes.push(
+          record
+            .subarray(at + 4, at + length)
+            .toString('utf8')
+            .replace(/\0+$/, ''),
+        );
       at += (length + 3) & ~3;
     }
   }

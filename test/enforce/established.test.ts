@@ -100,7 +100,13 @@ describe.skipIf(unavailable)(`established connections and policy changes ${unava
     expect(await web.send('web, before')).toBe(true);
     expect(await conntrackCount(net)).toBe(0); // the precondition: neither connection is tracked
 
-    await apply(net, state, policyDir({ '00.yaml': `defaults: {egress: deny}\napps:\n  web: {identity: {cgroup: "${E}/web"}, rules: [{allow: [192.0.2.2], ports: [${server.port}], proto: tcp}]}\n` }));
+    await apply(
+      net,
+      state,
+      policyDir({
+        '00.yaml': `defaults: {egress: deny}\napps:\n  web: {identity: {cgroup: "${E}/web"}, rules: [{allow: [192.0.2.2], ports: [${server.port}], proto: tcp}]}\n`,
+      }),
+    );
     expect(await other.send('other, after', 1500)).toBe(false);
     expect(await web.send('web, after')).toBe(true);
     expect((await texts(server)).sort()).toEqual(['other, before', 'web, after', 'web, before']);
@@ -118,7 +124,10 @@ describe.skipIf(unavailable)(`established connections and policy changes ${unava
     const withoutAllow = policyDir({ '00.yaml': app('[]') });
     await apply(net, state, withoutAllow);
     expect(await s.send('no longer allowed, established')).toBe(true);
-    expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8:1::2', port: server.port, cgroup: `${E}/web`, timeoutMs: 800 })).toMatchObject({ ok: false, error: 'ETIMEDOUT' });
+    expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8:1::2', port: server.port, cgroup: `${E}/web`, timeoutMs: 800 })).toMatchObject({
+      ok: false,
+      error: 'ETIMEDOUT',
+    });
     expect(await dropsOf(net, state, withoutAllow, 'app/web/default')).toBeGreaterThan(0);
 
     const denied = policyDir({ '00.yaml': `${app('[]')}deny:\n  - to: ["2001:db8:1::2"]\n` });
@@ -129,7 +138,10 @@ describe.skipIf(unavailable)(`established connections and policy changes ${unava
     expect(s.received).toEqual(['echo allowed', 'echo no longer allowed, established']);
   });
 
-  for (const [family, host, inet] of [['IPv4', '192.0.2.1', '192.0.2.2'], ['IPv6', '2001:db8::1', '2001:db8::2']] as const) {
+  for (const [family, host, inet] of [
+    ['IPv4', '192.0.2.1', '192.0.2.2'],
+    ['IPv6', '2001:db8::1', '2001:db8::2'],
+  ] as const) {
     it(`default deny: a server on the host answers a client on the internet (${family}), while the host cannot open a connection out`, async () => {
       await apply(net, state, policyDir({ '00.yaml': 'defaults: {egress: deny}\n' }));
       const server = await net.host.listen({ proto: 'tcp', addr: host, port: 0, lines: true });

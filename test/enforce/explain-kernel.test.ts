@@ -87,7 +87,10 @@ describe.skipIf(unavailable)(`explain against the kernel ${unavailable ? `(skipp
     expect(await net.host.connect({ proto: 'tcp', addr: '::ffff:127.0.0.1', port: 8080, user: 'egd-app1' })).toMatchObject({ ok: true });
     expect(await servers.local.count()).toBe(1);
     const before = await servers.allowed4.count();
-    expect(await net.host.connect({ proto: 'tcp', addr: '198.51.100.1', port: 8443, user: 'egd-app1', timeoutMs: 800 })).toMatchObject({ ok: false, error: 'ETIMEDOUT' });
+    expect(await net.host.connect({ proto: 'tcp', addr: '198.51.100.1', port: 8443, user: 'egd-app1', timeoutMs: 800 })).toMatchObject({
+      ok: false,
+      error: 'ETIMEDOUT',
+    });
     expect(await servers.allowed4.count()).toBe(before);
   });
 });

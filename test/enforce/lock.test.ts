@@ -77,8 +77,12 @@ describe('the enforcement lock', () => {
 
   it('a lock directory it cannot write does not stop the change, and says it ran unserialised', async () => {
     const said: string[] = [];
-    await expect(withEnforcementLock('/dev/null/egressd/net-1.lock', 'lockdown on', async () => 'ran', { onUnavailable: (why) => said.push(why) })).resolves.toBe('ran');
-    expect(said).toEqual([expect.stringMatching(/^cannot open the enforcement lock \/dev\/null\/egressd\/net-1\.lock \(.*\); this change is not serialised with others$/)]);
+    await expect(
+      withEnforcementLock('/dev/null/egressd/net-1.lock', 'lockdown on', async () => 'ran', { onUnavailable: (why) => said.push(why) }),
+    ).resolves.toBe('ran');
+    expect(said).toEqual([
+      expect.stringMatching(/^cannot open the enforcement lock \/dev\/null\/egressd\/net-1\.lock \(.*\); this change is not serialised with others$/),
+    ]);
   });
 
   it('serialises changes within one process too', async () => {
@@ -107,10 +111,22 @@ describe('the enforcement lock', () => {
     const { child } = await holdInChild('apply stuck');
     const touched: string[] = [];
     // Nothing may reach nftables: the lock comes first.
-    const nft = new Proxy({ backend: 'libnftables' }, { get: (target, key) => (key in target ? target[key as 'backend'] : () => touched.push(String(key))) }) as unknown as Nft;
+    const nft = new Proxy(
+      { backend: 'libnftables' },
+      { get: (target, key) => (key in target ? target[key as 'backend'] : () => touched.push(String(key))) },
+    ) as unknown as Nft;
     const audited: string[] = [];
-    const deps = { nft, facts: () => ({ users: new Map(), groups: new Map(), cgroups: [] }), stateDir: join(dir, 'state'), audit: (event: string) => audited.push(event), lock: { path: lockPath, timeoutMs: 300 } };
-    await expect(setLockdown(true, policyDir({ '00.yaml': 'defaults: {egress: allow}\n' }), deps)).rejects.toMatchObject({ code: ErrorCode.Busy, message: expect.stringContaining(`pid ${child.pid}: apply stuck`) });
+    const deps = {
+      nft,
+      facts: () => ({ users: new Map(), groups: new Map(), cgroups: [] }),
+      stateDir: join(dir, 'state'),
+      audit: (event: string) => audited.push(event),
+      lock: { path: lockPath, timeoutMs: 300 },
+    };
+    await expect(setLockdown(true, policyDir({ '00.yaml': 'defaults: {egress: allow}\n' }), deps)).rejects.toMatchObject({
+      code: ErrorCode.Busy,
+      message: expect.stringContaining(`pid ${child.pid}: apply stuck`),
+    });
     expect(audited).toEqual([]);
     expect(touched).toEqual([]);
   });

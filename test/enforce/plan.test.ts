@@ -3,7 +3,8 @@ import { planChanges } from '../../src/enforce/plan.js';
 import { summarizeCompiled } from '../../src/enforce/summary.js';
 import { compileYaml } from '../support/compile-text.js';
 
-const base = 'defaults: {egress: deny}\napps: {a: {identity: {unit: a.service}, rules: [{allow: [192.0.2.0/24, x.example.org]}]}}\ndeny: [{to: [203.0.113.0/24]}]\n';
+const base =
+  'defaults: {egress: deny}\napps: {a: {identity: {unit: a.service}, rules: [{allow: [192.0.2.0/24, x.example.org]}]}}\ndeny: [{to: [203.0.113.0/24]}]\n';
 
 describe('plan', () => {
   it('against no table: everything is added', () => {
@@ -17,7 +18,10 @@ describe('plan', () => {
 
   it('against itself: nothing changes, and run-time set contents do not count', () => {
     const compiled = summarizeCompiled(compileYaml(base).ruleset);
-    const live = { ...compiled, sets: new Map([...compiled.sets].map(([name, set]) => [name, set.dynamic ? { ...set, size: 7, elements: ['192.0.2.9'] } : set])) };
+    const live = {
+      ...compiled,
+      sets: new Map([...compiled.sets].map(([name, set]) => [name, set.dynamic ? { ...set, size: 7, elements: ['192.0.2.9'] } : set])),
+    };
     expect(planChanges(compiled, live).changes).toBe(false);
   });
 

@@ -42,7 +42,14 @@ interface ApplyJson {
   liveFrom: string;
   liveNames: Record<string, string>;
   lockdown: boolean;
-  plan: { changes: boolean; digest: { live?: string; compiled?: string }; lockdown: { live: boolean }; added: unknown[]; removed: unknown[]; sets: { name: string; change: string }[] };
+  plan: {
+    changes: boolean;
+    digest: { live?: string; compiled?: string };
+    lockdown: { live: boolean };
+    added: unknown[];
+    removed: unknown[];
+    sets: { name: string; change: string }[];
+  };
 }
 function apply(state: string, dir: string): ApplyJson {
   const run = egressctl(state, 'apply', dir, '--json');
@@ -73,7 +80,11 @@ describe('the applied record, without the kernel', () => {
     const state = newState();
     const { policy } = loadPolicyOrThrow(policyDir({ '00.yaml': POLICY }));
     const { ruleset } = compile(policy, { users: new Map([['root', 0]]), groups: new Map(), cgroups: [] });
-    const record = { generation: 'b' as const, names: namesAfterSwap(withGeneration(ruleset, 'b'), 'applied_0123456789abcdef.b'), summary: summarizeCompiled(ruleset) };
+    const record = {
+      generation: 'b' as const,
+      names: namesAfterSwap(withGeneration(ruleset, 'b'), 'applied_0123456789abcdef.b'),
+      summary: summarizeCompiled(ruleset),
+    };
     writeFileSync(join(state, RECORD_FILE), recordText(record));
     const back = readRecord(state)!;
     expect(back.names).toEqual(record.names);
@@ -81,7 +92,14 @@ describe('the applied record, without the kernel', () => {
     expect([...back.summary.chains.keys()]).toEqual([...record.summary.chains.keys()]);
     expect([...back.summary.sets]).toEqual([...record.summary.sets]);
     expect(back.summary.digest).toBe(policy.digest.slice(0, 32));
-    for (const bad of ['', '{', '[]', recordText(record).replace('"generation":"b"', '"generation":"c"'), recordText(record).replace('"version":1', '"version":2'), '\u0000'.repeat(10)]) {
+    for (const bad of [
+      '',
+      '{',
+      '[]',
+      recordText(record).replace('"generation":"b"', '"generation":"c"'),
+      recordText(record).replace('"version":1', '"version":2'),
+      '\u0000'.repeat(10),
+    ]) {
       writeFileSync(join(state, RECORD_FILE), bad);
       expect(readRecord(state), JSON.stringify(bad.slice(0, 40))).toBeUndefined();
     }
@@ -193,7 +211,11 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
   it('when something holds on to the previous generation, the new policy is in force all the same; the next apply removes the rest', () => {
     const state = newState();
     const fixture = join(import.meta.dirname, 'fixtures', 'apply-interfered.ts');
-    const run = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fixture, policyDir({ '00.yaml': POLICY }), policyDir({ '00.yaml': CHANGED }), state], { encoding: 'utf8', timeout: 60_000 });
+    const run = spawnSync(
+      'nsenter',
+      [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fixture, policyDir({ '00.yaml': POLICY }), policyDir({ '00.yaml': CHANGED }), state],
+      { encoding: 'utf8', timeout: 60_000 },
+    );
     expect(run.status, run.stderr).toBe(0);
     const { previous, audits, table } = JSON.parse(run.stdout) as { previous: string; audits: string[]; table: string };
     expect(audits).toEqual(['applied', 'applied, but the previous generation could not be removed yet', 'applied']);
@@ -205,7 +227,9 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     // No record: the next apply reads the table whole, removes what is left of the old generation, and leaves one.
     expect(() => readFileSync(join(state, RECORD_FILE))).toThrow();
     expect(apply(state, policyDir({ '00.yaml': POLICY })).liveFrom).toBe('listing');
-    const chains = [...nft('list', 'chains', 'inet').stdout.matchAll(/chain (\S+) \{/g)].map((m) => m[1]!).filter((c) => c !== 'output' && !c.startsWith('applied_'));
+    const chains = [...nft('list', 'chains', 'inet').stdout.matchAll(/chain (\S+) \{/g)]
+      .map((m) => m[1]!)
+      .filter((c) => c !== 'output' && !c.startsWith('applied_'));
     expect(new Set(chains.map((c) => c.slice(-2))), chains.join(' ')).toEqual(new Set([`.${previous.slice(-1)}`]));
     expect(apply(state, policyDir({ '00.yaml': POLICY })).liveFrom).toBe('record');
     // A jump added by hand from the live policy to a chain the next generation must create: refused, clearly, and nothing changes.
@@ -220,13 +244,20 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     expect(nft('list', 'table', 'inet', 'egressd').stdout).toBe(before);
   });
 
-  it('another writer changing the table at the same time is said as such: not an nft refusal, not the policy\'s fault, no bare lockdown', () => {
+  it("another writer changing the table at the same time is said as such: not an nft refusal, not the policy's fault, no bare lockdown", () => {
     const state = newState();
     nft('delete', 'table', 'inet', 'egressd');
     const fixture = join(import.meta.dirname, 'fixtures', 'apply-raced.ts');
-    const run = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fixture, policyDir({ '00.yaml': POLICY }), state], { encoding: 'utf8', timeout: 60_000 });
+    const run = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fixture, policyDir({ '00.yaml': POLICY }), state], {
+      encoding: 'utf8',
+      timeout: 60_000,
+    });
     expect(run.status, run.stderr).toBe(0);
-    const { applied, locked, audits, before, after } = JSON.parse(run.stdout) as Record<'applied' | 'locked', { code: string; message: string }> & { audits: string[]; before: string; after: string };
+    const { applied, locked, audits, before, after } = JSON.parse(run.stdout) as Record<'applied' | 'locked', { code: string; message: string }> & {
+      audits: string[];
+      before: string;
+      after: string;
+    };
     expect(applied.code).toBe('EGD_CONCURRENT_CHANGE');
     expect(applied.message).toContain('another writer changed table inet egressd at the same time');
     expect(applied.message).toContain('this run changed nothing in force');
@@ -241,7 +272,10 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     nft('delete', 'table', 'inet', 'egressd');
     const dir = policyDir({ '00.yaml': 'defaults: {egress: deny}\n' });
     const fixture = join(import.meta.dirname, 'fixtures', 'apply-until-switch.ts');
-    const run = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fixture, dir, state], { encoding: 'utf8', timeout: 60_000 });
+    const run = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fixture, dir, state], {
+      encoding: 'utf8',
+      timeout: 60_000,
+    });
     expect(run.status, run.stderr).toBe(0);
     const { outcome, output } = JSON.parse(run.stdout) as { outcome: string; output: string };
     expect(outcome).toBe('killed before the switch');
@@ -257,11 +291,17 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     const state = newState();
     const dir = policyDir({ '00.yaml': POLICY });
     const text = egressctl(state, 'compile', dir).stdout;
-    const loaded = spawnSync('nsenter', [`--net=/run/netns/${ns}`, 'nft', '-f', '-'], { input: `add table inet egressd; delete table inet egressd;\n${text}`, encoding: 'utf8' });
+    const loaded = spawnSync('nsenter', [`--net=/run/netns/${ns}`, 'nft', '-f', '-'], {
+      input: `add table inet egressd; delete table inet egressd;\n${text}`,
+      encoding: 'utf8',
+    });
     expect(loaded.status, loaded.stderr).toBe(0);
     expect(apply(state, dir).liveFrom).toBe('listing');
     const chains = [...nft('list', 'chains', 'inet').stdout.matchAll(/chain (\S+) \{/g)].map((m) => m[1]!).filter((c) => c !== 'output');
-    expect(chains.every((c) => /\.(a|b)$/.test(c)), chains.join(' ')).toBe(true);
+    expect(
+      chains.every((c) => /\.(a|b)$/.test(c)),
+      chains.join(' '),
+    ).toBe(true);
     expect(nft('-t', 'list', 'sets', 'inet').stdout).not.toMatch(/(?:set|map) [a-z0-9_]+ \{/);
     expect(apply(state, dir).plan.changes).toBe(false);
   });
@@ -288,7 +328,10 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
   it('a line added above a rule keeps its sets, and the DNS answers in them', () => {
     const state = newState();
     apply(state, policyDir({ '00.yaml': POLICY }));
-    const names = () => nft('-t', 'list', 'sets', 'inet').stdout.match(/set g0_\S+/g)!.sort();
+    const names = () =>
+      nft('-t', 'list', 'sets', 'inet')
+        .stdout.match(/set g0_\S+/g)!
+        .sort();
     const before = names();
     const dns4 = before.find((n) => n.startsWith('set g0_dns4'))!.slice(4);
     expect(nft('add', 'element', 'inet', 'egressd', dns4, '{ 192.0.2.98 timeout 1h }').status).toBe(0);

@@ -28,7 +28,11 @@ const newState = () => {
 
 const inNs = (command: string, ...args: string[]) => spawnSync('nsenter', [`--net=/run/netns/${ns}`, command, ...args], { encoding: 'utf8', timeout: 60_000 });
 const egressctl = (state: string, ...args: string[]): SpawnSyncReturns<string> =>
-  spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/cli/main.ts'), ...args], { encoding: 'utf8', env: { ...process.env, EGRESSD_STATE_DIR: state }, timeout: 60_000 });
+  spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/cli/main.ts'), ...args], {
+    encoding: 'utf8',
+    env: { ...process.env, EGRESSD_STATE_DIR: state },
+    timeout: 60_000,
+  });
 
 function apply(state: string, dir: string, ...flags: string[]): { lockdown: boolean; liveFrom: string } {
   const run = egressctl(state, 'apply', dir, '--json', ...flags);
@@ -67,13 +71,22 @@ deny:
   - to: [203.0.113.0/24]
 `;
 // Rules written above both: each keeps its short id, while its position id and line move.
-const INSERTED = POLICY.replace('    rules:\n', '    rules:\n      - deny: [192.0.2.0/24]\n').replace('deny:\n  - to:', 'deny:\n  - to: [192.0.2.128/25]\n  - to:');
+const INSERTED = POLICY.replace('    rules:\n', '    rules:\n      - deny: [192.0.2.0/24]\n').replace(
+  'deny:\n  - to:',
+  'deny:\n  - to: [192.0.2.128/25]\n  - to:',
+);
 
 describe.skipIf(skip)(`the state directory, against a table in a namespace ${skip ? `(skipped: ${skip})` : ''}`, () => {
   beforeAll(() => {
     spawnSync('ip', ['netns', 'add', ns]);
     // A route out, so that packets reach the output hook and the denying rules count them.
-    for (const args of [['link', 'add', 'v0', 'type', 'veth', 'peer', 'name', 'v1'], ['link', 'set', 'v0', 'up'], ['link', 'set', 'v1', 'up'], ['addr', 'add', '192.0.2.1/24', 'dev', 'v0'], ['route', 'add', 'default', 'dev', 'v0']]) {
+    for (const args of [
+      ['link', 'add', 'v0', 'type', 'veth', 'peer', 'name', 'v1'],
+      ['link', 'set', 'v0', 'up'],
+      ['link', 'set', 'v1', 'up'],
+      ['addr', 'add', '192.0.2.1/24', 'dev', 'v0'],
+      ['route', 'add', 'default', 'dev', 'v0'],
+    ]) {
       const done = inNs('ip', ...args);
       expect(done.status, done.stderr).toBe(0);
     }
@@ -129,15 +142,24 @@ describe.skipIf(skip)(`the state directory, against a table in a namespace ${ski
     expect(Date.parse(on.value.lockdown.since)).toBeGreaterThanOrEqual(Date.parse(off.value.lockdown.since));
     expect(on.value.apply).not.toBe(off.value.apply);
     const agreeing = JSON.parse(egressctl(state, 'status', dir, '--json').stdout) as { switches: unknown };
-    expect(agreeing.switches).toEqual({ recorded: { lockdown: true, lockdownSince: on.value.lockdown.since, torUpdates: false, torUpdatesSince: on.value.torUpdates.since }, problem: null, disagree: [] });
+    expect(agreeing.switches).toEqual({
+      recorded: { lockdown: true, lockdownSince: on.value.lockdown.since, torUpdates: false, torUpdatesSince: on.value.torUpdates.since },
+      problem: null,
+      disagree: [],
+    });
 
     // A record that says otherwise (changed by hand): reported, and the table's lockdown stands through an apply.
     writeFileSync(join(state, SWITCHES_FILE), readFileSync(join(state, SWITCHES_FILE), 'utf8').replace('"on": true', '"on": false'));
     const disagreeing = egressctl(state, 'status', dir, '--json');
-    expect((JSON.parse(disagreeing.stdout) as { switches: { disagree: unknown } }).switches.disagree).toEqual([{ switch: 'lockdown', recorded: false, live: true }]);
+    expect((JSON.parse(disagreeing.stdout) as { switches: { disagree: unknown } }).switches.disagree).toEqual([
+      { switch: 'lockdown', recorded: false, live: true },
+    ]);
     expect(disagreeing.stderr).toContain('the switch record says lockdown off, but the live table has it on: the table is what is enforced');
     const fixture = join(import.meta.dirname, 'fixtures', 'apply-audited.ts');
-    const run = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fixture, dir, state], { encoding: 'utf8', timeout: 60_000 });
+    const run = spawnSync('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fixture, dir, state], {
+      encoding: 'utf8',
+      timeout: 60_000,
+    });
     expect(run.status, run.stderr).toBe(0);
     const reapplied = JSON.parse(run.stdout) as { lockdown: boolean; liveFrom: string; audits: { event: string; fields: unknown }[] };
     expect(reapplied).toMatchObject({ liveFrom: 'record', lockdown: true });

@@ -9,7 +9,9 @@ function swapTexts(...args: Parameters<typeof swapTransactions>): { prepare: str
   return { prepare: renderCommandsText(swap.prepare), switch: renderCommandsText(swap.switch) };
 }
 
-const compiled = compileYaml('defaults: {egress: deny}\napps: {a: {identity: {user: alice}, rules: [{deny: [192.0.2.0/24]}]}}\ndeny: [{to: [203.0.113.0/24]}]\n');
+const compiled = compileYaml(
+  'defaults: {egress: deny}\napps: {a: {identity: {user: alice}, rules: [{deny: [192.0.2.0/24]}]}}\ndeny: [{to: [203.0.113.0/24]}]\n',
+);
 
 describe('generation swap', () => {
   it('renames chains by generation, sets and maps by contents, and every reference to them', () => {
@@ -80,6 +82,8 @@ describe('generation swap', () => {
     expect(isApplyMarker('applied_x.a')).toBe(false);
     // Every name withGeneration makes reads back to the compiled one.
     const generation = withGeneration(compiled.ruleset, 'b');
-    expect([...generation.chains, ...generation.sets].map((x) => parseLiveName(x.name).base)).toEqual([...compiled.ruleset.chains, ...compiled.ruleset.sets].map((x) => x.name));
+    expect([...generation.chains, ...generation.sets].map((x) => parseLiveName(x.name).base)).toEqual(
+      [...compiled.ruleset.chains, ...compiled.ruleset.sets].map((x) => x.name),
+    );
   });
 });

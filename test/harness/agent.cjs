@@ -37,7 +37,10 @@ function server() {
         sock.write(`echo ${text}\n`);
       });
     });
-    srv.on('error', (e) => { out({ ev: 'error', error: errCode(e) }); process.exit(2); });
+    srv.on('error', (e) => {
+      out({ ev: 'error', error: errCode(e) });
+      process.exit(2);
+    });
     srv.listen({ host: cfg.addr, port: cfg.port, ipv6Only: false }, () => {
       out({ ev: 'listening', port: srv.address().port });
     });
@@ -45,8 +48,14 @@ function server() {
     const srv = net.createServer((sock) => {
       const time = Date.now();
       const rec = {
-        ev: 'seen', proto: 'tcp', peer: norm(sock.remoteAddress), peerPort: sock.remotePort,
-        local: norm(sock.localAddress), localPort: sock.localPort, time, bytes: 0,
+        ev: 'seen',
+        proto: 'tcp',
+        peer: norm(sock.remoteAddress),
+        peerPort: sock.remotePort,
+        local: norm(sock.localAddress),
+        localPort: sock.localPort,
+        time,
+        bytes: 0,
       };
       let done = false;
       const finish = () => {
@@ -57,21 +66,36 @@ function server() {
         sock.end('ok\n');
       };
       const timer = setTimeout(finish, readWaitMs);
-      sock.on('data', (d) => { rec.bytes += d.length; finish(); });
+      sock.on('data', (d) => {
+        rec.bytes += d.length;
+        finish();
+      });
       sock.on('end', finish);
       sock.on('error', () => finish());
     });
-    srv.on('error', (e) => { out({ ev: 'error', error: errCode(e) }); process.exit(2); });
+    srv.on('error', (e) => {
+      out({ ev: 'error', error: errCode(e) });
+      process.exit(2);
+    });
     srv.listen({ host: cfg.addr, port: cfg.port, ipv6Only: false }, () => {
       out({ ev: 'listening', port: srv.address().port });
     });
   } else {
     const sock = dgram.createSocket({ type: net.isIPv6(cfg.addr) ? 'udp6' : 'udp4', ipv6Only: false });
-    sock.on('error', (e) => { out({ ev: 'error', error: errCode(e) }); process.exit(2); });
+    sock.on('error', (e) => {
+      out({ ev: 'error', error: errCode(e) });
+      process.exit(2);
+    });
     sock.on('message', (msg, rinfo) => {
       out({
-        ev: 'seen', proto: 'udp', peer: norm(rinfo.address), peerPort: rinfo.port,
-        local: norm(sock.address().address), localPort: sock.address().port, time: Date.now(), bytes: msg.length,
+        ev: 'seen',
+        proto: 'udp',
+        peer: norm(rinfo.address),
+        peerPort: rinfo.port,
+        local: norm(sock.address().address),
+        localPort: sock.address().port,
+        time: Date.now(),
+        bytes: msg.length,
       });
       sock.send('ok', rinfo.port, rinfo.address);
     });
@@ -111,24 +135,36 @@ function attempt(c) {
       if (c.srcPort) opts.localPort = c.srcPort;
       const s = net.connect(opts);
       cleanup = () => s.destroy();
-      s.on('connect', () => { connected = true; s.write(payload); });
+      s.on('connect', () => {
+        connected = true;
+        s.write(payload);
+      });
       s.on('data', (d) => {
         reply += d.toString();
         if (reply.includes('\n')) settle({ ok: reply.startsWith('ok'), connected, reply: reply.trim() });
       });
-      s.on('end', () => settle(reply.startsWith('ok')
-        ? { ok: true, connected, reply: reply.trim() }
-        : { ok: false, connected, error: 'ECONNRESET', reply: reply.trim() }));
+      s.on('end', () =>
+        settle(reply.startsWith('ok') ? { ok: true, connected, reply: reply.trim() } : { ok: false, connected, error: 'ECONNRESET', reply: reply.trim() }),
+      );
       s.on('error', (e) => settle({ ok: false, connected, error: errCode(e) }));
     } else {
       const s = dgram.createSocket(net.isIPv6(c.addr) ? 'udp6' : 'udp4');
-      cleanup = () => { try { s.close(); } catch { /* already closed */ } };
+      cleanup = () => {
+        try {
+          s.close();
+        } catch {
+          /* already closed */
+        }
+      };
       s.on('error', (e) => settle({ ok: false, connected, error: errCode(e) }));
       s.on('message', (m) => settle({ ok: m.toString().startsWith('ok'), connected, reply: m.toString().trim() }));
-      const go = () => s.connect(c.port, c.addr, () => {
-        connected = true;
-        s.send(payload, (e) => { if (e) settle({ ok: false, connected, error: errCode(e) }); });
-      });
+      const go = () =>
+        s.connect(c.port, c.addr, () => {
+          connected = true;
+          s.send(payload, (e) => {
+            if (e) settle({ ok: false, connected, error: errCode(e) });
+          });
+        });
       if (c.srcAddr || c.srcPort) s.bind({ address: c.srcAddr, port: c.srcPort ?? 0 }, go);
       else go();
     }
@@ -149,14 +185,21 @@ async function client() {
 function session() {
   const s = net.connect({ host: cfg.addr, port: cfg.port });
   let connected = false;
-  const timer = setTimeout(() => { out({ ev: 'connected', ok: false, error: 'ETIMEDOUT' }); process.exit(0); }, cfg.timeoutMs ?? 2000);
+  const timer = setTimeout(() => {
+    out({ ev: 'connected', ok: false, error: 'ETIMEDOUT' });
+    process.exit(0);
+  }, cfg.timeoutMs ?? 2000);
   s.on('connect', () => {
     connected = true;
     clearTimeout(timer);
     out({ ev: 'connected', ok: true, local: norm(s.localAddress), localPort: s.localPort });
   });
   s.on('error', (e) => {
-    if (!connected) { clearTimeout(timer); out({ ev: 'connected', ok: false, error: errCode(e) }); process.exit(0); }
+    if (!connected) {
+      clearTimeout(timer);
+      out({ ev: 'connected', ok: false, error: errCode(e) });
+      process.exit(0);
+    }
     out({ ev: 'error', error: errCode(e) });
   });
   s.on('close', () => out({ ev: 'closed' }));
@@ -165,7 +208,10 @@ function session() {
   rl.on('line', (line) => {
     if (line.startsWith('send ')) s.write(`${line.slice(5)}\n`);
   });
-  rl.on('close', () => { s.destroy(); process.exit(0); });
+  rl.on('close', () => {
+    s.destroy();
+    process.exit(0);
+  });
 }
 
 // ---------------------------------------------------------------- bounded sender loop
@@ -175,7 +221,11 @@ async function loop() {
   const intervalMs = cfg.intervalMs ?? 50;
   const maxMs = cfg.maxMs;
   let stopping = false;
-  process.on('SIGTERM', () => { stopping = true; out({ ev: 'done', reason: 'stopped' }); process.exit(0); });
+  process.on('SIGTERM', () => {
+    stopping = true;
+    out({ ev: 'done', reason: 'stopped' });
+    process.exit(0);
+  });
   for (let i = 0; i < count && !stopping; i++) {
     if (Date.now() - start >= maxMs) break;
     const left = maxMs - (Date.now() - start);
@@ -191,4 +241,7 @@ if (cfg.mode === 'server') server();
 else if (cfg.mode === 'client') void client();
 else if (cfg.mode === 'loop') void loop();
 else if (cfg.mode === 'session') session();
-else { out({ ev: 'error', error: 'unknown mode ' + cfg.mode }); process.exit(2); }
+else {
+  out({ ev: 'error', error: 'unknown mode ' + cfg.mode });
+  process.exit(2);
+}

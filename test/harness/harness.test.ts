@@ -6,15 +6,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { until } from '../support/wait.js';
-import {
-  type TestNet,
-  type TestUsers,
-  cleanupStale,
-  createTestNet,
-  ensureTestUsers,
-  harnessNamespaces,
-  RUN_DIR,
-} from './index.js';
+import { type TestNet, type TestUsers, cleanupStale, createTestNet, ensureTestUsers, harnessNamespaces, RUN_DIR } from './index.js';
 
 let net: TestNet;
 let users: TestUsers;
@@ -126,7 +118,10 @@ describe('traffic', () => {
       expect(await s.send('two')).toBe(true);
       expect(s.received).toEqual(['echo one', 'echo two']);
       const seen = await out.seen();
-      expect(seen.map((r) => [r.text, r.peer, r.peerPort, r.bytes])).toEqual([['one', net.addrs.host.v6, s.localPort, 4], ['two', net.addrs.host.v6, s.localPort, 4]]);
+      expect(seen.map((r) => [r.text, r.peer, r.peerPort, r.bytes])).toEqual([
+        ['one', net.addrs.host.v6, s.localPort, 4],
+        ['two', net.addrs.host.v6, s.localPort, 4],
+      ]);
       await s.close();
       // the other way: a client on the internet side, a server on the host
       const r = await net.inet.session({ addr: net.addrs.host.v4, port: 7201 });
@@ -182,11 +177,14 @@ describe('identity', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'egd-harness-'));
     try {
       const script = path.join(dir, 'probe.ts');
-      fs.writeFileSync(script, [
-        "import * as os from 'node:os';",
-        'const names: string[] = Object.keys(os.networkInterfaces()).sort();',
-        "console.log(JSON.stringify({ names, arg: process.argv[2] }));",
-      ].join('\n'));
+      fs.writeFileSync(
+        script,
+        [
+          "import * as os from 'node:os';",
+          'const names: string[] = Object.keys(os.networkInterfaces()).sort();',
+          'console.log(JSON.stringify({ names, arg: process.argv[2] }));',
+        ].join('\n'),
+      );
       const r = await net.host.node(script, ['hello']);
       expect(r.code, r.stderr).toBe(0);
       expect(JSON.parse(r.stdout)).toEqual({ names: ['eth0', 'lo'], arg: 'hello' });
@@ -241,8 +239,15 @@ describe('nftables in the host namespace', () => {
     });
     try {
       const loop = net.host.sendLoop({
-        proto: 'udp', addr, port: 7200, user: 'egd-app1', cgroup: 'apps/loop',
-        count: 1000, intervalMs: 20, maxMs: 5000, attemptTimeoutMs: 100,
+        proto: 'udp',
+        addr,
+        port: 7200,
+        user: 'egd-app1',
+        cgroup: 'apps/loop',
+        count: 1000,
+        intervalMs: 20,
+        maxMs: 5000,
+        attemptTimeoutMs: 100,
       });
       let res: Awaited<ReturnType<typeof loop.stop>>;
       try {
@@ -256,7 +261,13 @@ describe('nftables in the host namespace', () => {
       expect(await srv.count()).toBe(0);
       // the same loop as another user gets through, and ends by itself at `count`
       const ok = await net.host.sendLoop({
-        proto: 'udp', addr, port: 7200, user: 'egd-app2', count: 5, intervalMs: 10, maxMs: 5000,
+        proto: 'udp',
+        addr,
+        port: 7200,
+        user: 'egd-app2',
+        count: 5,
+        intervalMs: 10,
+        maxMs: 5000,
       }).done;
       expect(ok).toEqual({ attempts: 5, successes: 5, errors: {} });
       expect(await srv.count()).toBe(5);
@@ -316,10 +327,25 @@ describe('lifecycle', () => {
     const orphan = spawn('nsenter', [`--net=/run/netns/${host}`, 'sleep', '30'], { stdio: 'ignore' });
     // Inside once nsenter has joined the namespace (it then execs sleep in the same process).
     const hostNs = fs.statSync(`/run/netns/${host}`).ino;
-    await until(`pid ${orphan.pid} to be in ${host}`, () => { try { return fs.statSync(`/proc/${orphan.pid}/ns/net`).ino === hostNs; } catch { return false; } });
-    fs.writeFileSync(`${RUN_DIR}/${id}.json`, JSON.stringify({
-      id, pid: dead.pid, pidStart: '1', host, inet, cgroups: [], created: new Date().toISOString(),
-    }));
+    await until(`pid ${orphan.pid} to be in ${host}`, () => {
+      try {
+        return fs.statSync(`/proc/${orphan.pid}/ns/net`).ino === hostNs;
+      } catch {
+        return false;
+      }
+    });
+    fs.writeFileSync(
+      `${RUN_DIR}/${id}.json`,
+      JSON.stringify({
+        id,
+        pid: dead.pid,
+        pidStart: '1',
+        host,
+        inet,
+        cgroups: [],
+        created: new Date().toISOString(),
+      }),
+    );
     // and a namespace with the harness's name pattern but no record at all
     const id2 = randomBytes(3).toString('hex');
     spawnSync('ip', ['netns', 'add', `egdt${id2}-inet`]);

@@ -570,8 +570,14 @@ class HostSideImpl extends Side implements HostSide {
   async connect(o: ConnectOptions): Promise<ConnectResult> {
     const timeoutMs = o.timeoutMs ?? 2000;
     const cfg = {
-      mode: 'client', proto: o.proto, addr: o.addr, port: o.port, timeoutMs,
-      payload: o.payload, srcAddr: o.srcAddr, srcPort: o.srcPort,
+      mode: 'client',
+      proto: o.proto,
+      addr: o.addr,
+      port: o.port,
+      timeoutMs,
+      payload: o.payload,
+      srcAddr: o.srcAddr,
+      srcPort: o.srcPort,
     };
     const r = await this.exec(process.execPath, this.agentArgs(cfg), { ...identity(o), timeoutMs: timeoutMs + 10_000 });
     const res = lastJson(r.stdout, 'result');
@@ -602,8 +608,14 @@ class HostSideImpl extends Side implements HostSide {
 
   sendLoop(o: SendLoopOptions): SendLoop {
     const cfg = {
-      mode: 'loop', proto: o.proto, addr: o.addr, port: o.port, count: o.count,
-      intervalMs: o.intervalMs ?? 50, maxMs: o.maxMs, attemptTimeoutMs: o.attemptTimeoutMs ?? 1000,
+      mode: 'loop',
+      proto: o.proto,
+      addr: o.addr,
+      port: o.port,
+      count: o.count,
+      intervalMs: o.intervalMs ?? 50,
+      maxMs: o.maxMs,
+      attemptTimeoutMs: o.attemptTimeoutMs ?? 1000,
       payload: o.payload,
     };
     const child = this.spawn(process.execPath, this.agentArgs(cfg), identity(o));
@@ -703,11 +715,13 @@ class ServerImpl implements Server {
     readonly proto: Proto,
     readonly addr: string,
   ) {
-    this.closed = new Promise((resolve) => child.on('close', () => {
-      this.exited = true;
-      for (const w of this.syncWaiters.values()) w();
-      resolve();
-    }));
+    this.closed = new Promise((resolve) =>
+      child.on('close', () => {
+        this.exited = true;
+        for (const w of this.syncWaiters.values()) w();
+        resolve();
+      }),
+    );
   }
 
   static start(child: ChildProcess, o: ListenOptions): Promise<Server> {
@@ -812,11 +826,13 @@ class SessionImpl implements Session {
   private exited = false;
 
   private constructor(private readonly child: ChildProcess) {
-    this.closed = new Promise((resolve) => child.on('close', () => {
-      this.exited = true;
-      for (const w of this.waiters) w();
-      resolve();
-    }));
+    this.closed = new Promise((resolve) =>
+      child.on('close', () => {
+        this.exited = true;
+        for (const w of this.waiters) w();
+        resolve();
+      }),
+    );
   }
 
   static start(child: ChildProcess, timeoutMs: number): Promise<Session> {
@@ -920,7 +936,10 @@ class TestNetImpl implements TestNet {
   private shell: ChildProcess | undefined;
   private destroyed = false;
 
-  constructor(readonly id: string, opts: CreateOptions) {
+  constructor(
+    readonly id: string,
+    opts: CreateOptions,
+  ) {
     this.addrs = structuredClone(DEFAULT_ADDRS);
     for (const a of opts.inetAddrs ?? []) {
       (assertDocAddr(a) === 4 ? this.addrs.inet.extra4 : this.addrs.inet.extra6).push(a);
@@ -928,8 +947,13 @@ class TestNetImpl implements TestNet {
     const start = procStart(process.pid);
     if (start === undefined) throw new HarnessError('cannot read /proc/self/stat');
     this.record = {
-      id, pid: process.pid, pidStart: start, host: `egdt${id}-host`, inet: `egdt${id}-inet`,
-      cgroups: [], created: new Date().toISOString(),
+      id,
+      pid: process.pid,
+      pidStart: start,
+      host: `egdt${id}-host`,
+      inet: `egdt${id}-inet`,
+      cgroups: [],
+      created: new Date().toISOString(),
     };
     this.host = new HostSideImpl(this, this.record.host);
     this.inet = new InetSideImpl(this, this.record.inet);
@@ -963,51 +987,73 @@ class TestNetImpl implements TestNet {
     writeRecord(this.record); // before the namespaces exist: see cleanupStale
     runSync(['ip', 'netns', 'add', H]);
     runSync(['ip', 'netns', 'add', I]);
-    runSync(['nsenter', `--net=/run/netns/${H}`, 'sysctl', '-qw',
-      'net.ipv6.conf.all.accept_dad=0', 'net.ipv6.conf.default.accept_dad=0',
+    runSync([
+      'nsenter',
+      `--net=/run/netns/${H}`,
+      'sysctl',
+      '-qw',
+      'net.ipv6.conf.all.accept_dad=0',
+      'net.ipv6.conf.default.accept_dad=0',
       // unprivileged ping (ICMP datagram sockets) for every gid
-      'net.ipv4.ping_group_range=0 2147483647']);
-    runSync(['nsenter', `--net=/run/netns/${I}`, 'sysctl', '-qw',
-      'net.ipv6.conf.all.accept_dad=0', 'net.ipv6.conf.default.accept_dad=0',
+      'net.ipv4.ping_group_range=0 2147483647',
+    ]);
+    runSync([
+      'nsenter',
+      `--net=/run/netns/${I}`,
+      'sysctl',
+      '-qw',
+      'net.ipv6.conf.all.accept_dad=0',
+      'net.ipv6.conf.default.accept_dad=0',
       // the internet side answers every refused packet at once
-      'net.ipv4.icmp_ratelimit=0', 'net.ipv6.icmp.ratelimit=0']);
+      'net.ipv4.icmp_ratelimit=0',
+      'net.ipv6.icmp.ratelimit=0',
+    ]);
     runSync(['ip', '-n', H, 'link', 'add', IFNAME, 'type', 'veth', 'peer', 'name', IFNAME, 'netns', I]);
     const a = this.addrs;
-    runSync(['ip', '-n', H, '-batch', '-'], [
-      'link set lo up',
-      `addr add ${a.host.v4}/24 dev ${IFNAME}`,
-      `addr add ${a.host.v6}/64 dev ${IFNAME} nodad`,
-      `link set ${IFNAME} up`,
-      `route add 198.51.100.0/24 via ${a.inet.v4}`,
-      `route add 203.0.113.0/24 via ${a.inet.v4}`,
-      `route add 2001:db8::/32 via ${a.inet.v6}`,
-      '',
-    ].join('\n'));
-    runSync(['ip', '-n', I, '-batch', '-'], [
-      'link set lo up',
-      `addr add ${a.inet.v4}/24 dev ${IFNAME}`,
-      `addr add ${a.inet.v6}/64 dev ${IFNAME} nodad`,
-      `link set ${IFNAME} up`,
-      ...a.inet.extra4.map((x) => `addr add ${x}/32 dev lo`),
-      ...a.inet.extra6.map((x) => `addr add ${x}/128 dev lo nodad`),
-      '',
-    ].join('\n'));
+    runSync(
+      ['ip', '-n', H, '-batch', '-'],
+      [
+        'link set lo up',
+        `addr add ${a.host.v4}/24 dev ${IFNAME}`,
+        `addr add ${a.host.v6}/64 dev ${IFNAME} nodad`,
+        `link set ${IFNAME} up`,
+        `route add 198.51.100.0/24 via ${a.inet.v4}`,
+        `route add 203.0.113.0/24 via ${a.inet.v4}`,
+        `route add 2001:db8::/32 via ${a.inet.v6}`,
+        '',
+      ].join('\n'),
+    );
+    runSync(
+      ['ip', '-n', I, '-batch', '-'],
+      [
+        'link set lo up',
+        `addr add ${a.inet.v4}/24 dev ${IFNAME}`,
+        `addr add ${a.inet.v6}/64 dev ${IFNAME} nodad`,
+        `link set ${IFNAME} up`,
+        ...a.inet.extra4.map((x) => `addr add ${x}/32 dev lo`),
+        ...a.inet.extra6.map((x) => `addr add ${x}/128 dev lo nodad`),
+        '',
+      ].join('\n'),
+    );
     // The internet side's own table: refuse at once what is addressed to no one there
     // (so a wrong address fails fast instead of timing out) and count echo requests.
     const refuse = 'fib daddr type { unicast, unreachable, blackhole, prohibit }';
-    runSync(['nsenter', `--net=/run/netns/${I}`, 'nft', '-f', '-'], [
-      `table inet ${INET_TABLE} {`,
-      '  chain pre {',
-      '    type filter hook prerouting priority 0; policy accept;',
-      `    ${refuse} meta l4proto tcp reject with tcp reset`,
-      `    ${refuse} reject with icmpx type port-unreachable`,
-      '  }',
-      '  chain input {',
-      '    type filter hook input priority 0; policy accept;',
-      '  }',
-      '}',
-      ...[a.inet.v4, a.inet.v6, ...a.inet.extra4, ...a.inet.extra6].map(icmpCounterRule),
-    ].join('\n'));
+    runSync(
+      ['nsenter', `--net=/run/netns/${I}`, 'nft', '-f', '-'],
+      [
+        `table inet ${INET_TABLE} {`,
+        '  chain pre {',
+        '    type filter hook prerouting priority 0; policy accept;',
+        `    ${refuse} meta l4proto tcp reject with tcp reset`,
+        `    ${refuse} reject with icmpx type port-unreachable`,
+        '  }',
+        '  chain input {',
+        '    type filter hook input priority 0; policy accept;',
+        '  }',
+        '}',
+        ...[a.inet.v4, a.inet.v6, ...a.inet.extra4, ...a.inet.extra6].map(icmpCounterRule),
+      ].join('\n'),
+    );
     await this.startShell();
   }
 
@@ -1018,8 +1064,9 @@ class TestNetImpl implements TestNet {
    */
   private startShell(): Promise<void> {
     const script = 'mount -t sysfs sysfs /sys && mount -t cgroup2 cgroup2 /sys/fs/cgroup && echo ready && exec cat >/dev/null';
-    const child = spawn('unshare', ['--mount', '--propagation', 'private', '--',
-      'nsenter', `--net=/run/netns/${this.record.host}`, '--', 'sh', '-c', script], { stdio: ['pipe', 'pipe', 'pipe'] });
+    const child = spawn('unshare', ['--mount', '--propagation', 'private', '--', 'nsenter', `--net=/run/netns/${this.record.host}`, '--', 'sh', '-c', script], {
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
     child.stdin.on('error', () => {});
     this.shell = child;
     let stderr = '';
@@ -1117,7 +1164,10 @@ function nsPidsExcept(ns: string, except: number | undefined): number[] {
 
 function execSyncLines(argv: string[]): string[] {
   try {
-    return runSync(argv).split('\n').map((l) => l.trim()).filter(Boolean);
+    return runSync(argv)
+      .split('\n')
+      .map((l) => l.trim())
+      .filter(Boolean);
   } catch {
     return [];
   }
@@ -1160,7 +1210,5 @@ export async function createTestNet(opts: CreateOptions = {}): Promise<TestNet> 
 
 /** Names of all harness namespaces currently on the machine (any run). */
 export function harnessNamespaces(): string[] {
-  return fs.existsSync('/run/netns')
-    ? fs.readdirSync('/run/netns').filter((n) => /^egdt[0-9a-f]{6}-(host|inet)$/.test(n))
-    : [];
+  return fs.existsSync('/run/netns') ? fs.readdirSync('/run/netns').filter((n) => /^egdt[0-9a-f]{6}-(host|inet)$/.test(n)) : [];
 }

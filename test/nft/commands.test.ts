@@ -117,7 +117,9 @@ describe('the guard every change passes', () => {
   };
 
   it('accepts commands that name only the owned table', () => {
-    expect(() => guardTransaction([command.createChain(EGRESSD_TABLE, 'app_x.a'), command.addElements(dns4, [{ key: '192.0.2.1', timeout: 5 }])], EGRESSD_TABLE)).not.toThrow();
+    expect(() =>
+      guardTransaction([command.createChain(EGRESSD_TABLE, 'app_x.a'), command.addElements(dns4, [{ key: '192.0.2.1', timeout: 5 }])], EGRESSD_TABLE),
+    ).not.toThrow();
   });
 
   it.each([
@@ -133,9 +135,14 @@ describe('the guard every change passes', () => {
 
   it('refuses names that are not plain identifiers, and timeouts nft JSON cannot carry', () => {
     expect(refusal(() => guardTransaction([command.deleteChain(EGRESSD_TABLE, 'c; flush ruleset')], EGRESSD_TABLE)).message).toMatch(/identifier/);
-    expect(refusal(() => guardTransaction([command.block({ table: EGRESSD_TABLE, sets: [], chains: [{ name: 'x }\nflush ruleset', rules: [] }] })], EGRESSD_TABLE)).message).toMatch(/identifier/);
+    expect(
+      refusal(() => guardTransaction([command.block({ table: EGRESSD_TABLE, sets: [], chains: [{ name: 'x }\nflush ruleset', rules: [] }] })], EGRESSD_TABLE))
+        .message,
+    ).toMatch(/identifier/);
     for (const bad of [0, -1, 1.5, Number.NaN]) {
-      expect(refusal(() => guardTransaction([command.addElements(dns4, toEntries(['192.0.2.1'], bad))], EGRESSD_TABLE)).message).toMatch(/whole number of seconds/);
+      expect(refusal(() => guardTransaction([command.addElements(dns4, toEntries(['192.0.2.1'], bad))], EGRESSD_TABLE)).message).toMatch(
+        /whole number of seconds/,
+      );
     }
   });
 
@@ -167,7 +174,9 @@ describe('refusal classification', () => {
 
   it('puts the reason on the error, once, where nft answers', async () => {
     const refusing = fakeLibrary({ rc: -1, error: '<input>:2:1-30: Error: Could not process rule: File exists\n' });
-    const err = await new Nft(createLibnftablesBackend(refusing.api)).run({ commands: [command.createChain(EGRESSD_TABLE, 'app_x.a')] }).catch((e: unknown) => e);
+    const err = await new Nft(createLibnftablesBackend(refusing.api))
+      .run({ commands: [command.createChain(EGRESSD_TABLE, 'app_x.a')] })
+      .catch((e: unknown) => e);
     expect(err).toBeInstanceOf(NftRefusedError);
     expect((err as NftRefusedError).reason).toBe('conflict');
     expect((err as NftRefusedError).code).toBe(ErrorCode.NftApply);

@@ -17,7 +17,9 @@ const libSkipReason = await libnftablesSkipReason();
 
 describe('openNft', () => {
   it('says why libnftables tests skip where the library cannot be loaded', async () => {
-    expect(await libnftablesSkipReason(NO_LIBRARY)).toMatch(new RegExp(`^libnftables cannot be loaded here \\(cannot load ${NO_LIBRARY.replaceAll('.', '\\.')}: `));
+    expect(await libnftablesSkipReason(NO_LIBRARY)).toMatch(
+      new RegExp(`^libnftables cannot be loaded here \\(cannot load ${NO_LIBRARY.replaceAll('.', '\\.')}: `),
+    );
   });
 
   it.skipIf(libSkipReason !== null)(`picks libnftables by default${libSkipReason ? ` (skipped: ${libSkipReason})` : ''}`, async () => {
@@ -34,11 +36,14 @@ describe('openNft', () => {
     expect(await client.version()).toMatch(/^\d+\.\d+\.\d+$/);
   });
 
-  it.skipIf(libSkipReason !== null)(`falls back to libnftables when the preferred binary is missing${libSkipReason ? ` (skipped: ${libSkipReason})` : ''}`, async () => {
-    const client = await openNft({ prefer: 'binary', nftPath: NO_BINARY });
-    expect(client.backend).toBe('libnftables');
-    expect(client.fallbackReason).toContain(NO_BINARY);
-  });
+  it.skipIf(libSkipReason !== null)(
+    `falls back to libnftables when the preferred binary is missing${libSkipReason ? ` (skipped: ${libSkipReason})` : ''}`,
+    async () => {
+      const client = await openNft({ prefer: 'binary', nftPath: NO_BINARY });
+      expect(client.backend).toBe('libnftables');
+      expect(client.fallbackReason).toContain(NO_BINARY);
+    },
+  );
 
   it('refuses to fall back in strict mode, and fails clearly when nothing is usable', async () => {
     const strict = await openNft({ libraryPath: NO_LIBRARY, strict: true }).catch((e: unknown) => e);
@@ -78,9 +83,7 @@ describe.skipIf(skipReason !== null)('the fallback backend against the kernel', 
     ok(out.results[0]);
     ok(out.results[1]);
     ok(out.results[2]);
-    expect((ok(out.results[3]) as NftSetInfo).elem).toEqual([
-      { elem: { val: '192.0.2.1', timeout: 90, expires: expect.any(Number) as number } },
-    ]);
+    expect((ok(out.results[3]) as NftSetInfo).elem).toEqual([{ elem: { val: '192.0.2.1', timeout: 90, expires: expect.any(Number) as number } }]);
     expect(listedElems(nftJson(ns, ['list', 'set', 'inet', 'egd', 'dns4']))).toEqual([
       { elem: { val: '192.0.2.1', timeout: 90, expires: expect.any(Number) as number } },
     ]);

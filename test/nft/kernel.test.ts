@@ -9,7 +9,19 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { command, dispatch, match, renderCommandsText, rule, stmt, verdict, type Command, type ObjectRef, type Ruleset, type TableRef } from '../../src/compile/ruleset.js';
+import {
+  command,
+  dispatch,
+  match,
+  renderCommandsText,
+  rule,
+  stmt,
+  verdict,
+  type Command,
+  type ObjectRef,
+  type Ruleset,
+  type TableRef,
+} from '../../src/compile/ruleset.js';
 import type { NftSetInfo, NftTableListing } from '../../src/nft/types.js';
 import {
   addNetns,
@@ -67,7 +79,10 @@ const V2: Ruleset = {
 };
 
 /** V2 with a rule that looks up a set that does not exist. */
-const BAD: Ruleset = { ...V2, chains: V2.chains.map((c) => (c.name === 'out' ? { ...c, rules: [c.rules[0]!, rule([match.daddr(4, 'nosuch'), verdict.accept()])] } : c)) };
+const BAD: Ruleset = {
+  ...V2,
+  chains: V2.chains.map((c) => (c.name === 'out' ? { ...c, rules: [c.rules[0]!, rule([match.daddr(4, 'nosuch'), verdict.accept()])] } : c)),
+};
 
 /** Valid, but must never reach the kernel: only ever applied with check. */
 const CHECK_ONLY: Ruleset = { table: EGD, sets: [{ name: 'checked_only', key: 'ipv4_addr', flags: [], elements: [] }], chains: [] };
@@ -89,7 +104,10 @@ const backends = [
 
 describe.skipIf(skipReason !== null).each(backends)('src/nft on $backend', ({ backend, skipped }) => {
   const ns = netnsName(backend === 'libnftables' ? 'lib' : 'bin');
-  const script = (ops: DriverScript['ops'], table: TableRef = EGD): DriverScript => ({ open: { prefer: backend, strict: true, table, libraryPath: LIBNFTABLES }, ops });
+  const script = (ops: DriverScript['ops'], table: TableRef = EGD): DriverScript => ({
+    open: { prefer: backend, strict: true, table, libraryPath: LIBNFTABLES },
+    ops,
+  });
   let foreignBefore = '';
 
   beforeEach((ctx) => {
@@ -118,17 +136,13 @@ describe.skipIf(skipReason !== null).each(backends)('src/nft on $backend', ({ ba
   });
 
   it('replaces a table in one transaction, leaving other tables byte-identical', async () => {
-    const out = await drive(
-      ns,
-      script([op('replaceTable', V1), op('listTable', 'inet', 'egd'), op('replaceTable', V2)]),
-    );
+    const out = await drive(ns, script([op('replaceTable', V1), op('listTable', 'inet', 'egd'), op('replaceTable', V2)]));
     const first = ok(out.results[1]) as NftTableListing;
     expect(first.sets.map((s) => s.name)).toEqual(['old_set']);
     ok(out.results[2]);
 
     const live = nftJson(ns, ['list', 'table', 'inet', 'egd']).nftables;
-    const named = (kind: string) =>
-      live.flatMap((item) => (item[kind] === undefined ? [] : [(item[kind] as { name: string }).name]));
+    const named = (kind: string) => live.flatMap((item) => (item[kind] === undefined ? [] : [(item[kind] as { name: string }).name]));
     expect(named('set')).toEqual(['dns4', 'dns6', 'nets']);
     expect(named('map')).toEqual(['decide']);
     expect(named('chain')).toEqual(['allow_web', 'deny_log', 'out']);
@@ -153,7 +167,10 @@ describe.skipIf(skipReason !== null).each(backends)('src/nft on $backend', ({ ba
     const bad = failed(out.results[0]);
     expect(bad.code).toBe('EGD_NFT_APPLY');
     // nft names the line of the text the model rendered, and echoes it.
-    const badLine = renderCommandsText(replacing(BAD)).split('\n').findIndex((line) => line.includes('@nosuch')) + 1;
+    const badLine =
+      renderCommandsText(replacing(BAD))
+        .split('\n')
+        .findIndex((line) => line.includes('@nosuch')) + 1;
     expect(bad.message).toMatch(new RegExp(`<input>:${badLine}:\\d+-\\d+: Error: `));
     expect(bad.message).toContain('ip daddr @nosuch accept');
     expect(bad.details.some((line) => line.includes('@nosuch'))).toBe(true);
@@ -284,7 +301,11 @@ describe.skipIf(skipReason !== null).each(backends)('src/nft on $backend', ({ ba
   it('lists names cheaply, keeps the event loop turning during a big text transaction, and never overlaps calls', async () => {
     const egdBig: TableRef = { family: 'inet', name: 'egd_big' };
     const big = Array.from({ length: 20_000 }, (_, i) => ({ prefix: { addr: `10.${i >> 8}.${i & 255}.0`, len: 25 } }));
-    const table: Ruleset = { table: egdBig, sets: [{ name: 'nets', key: 'ipv4_addr', flags: ['interval'], elements: big }], chains: [{ name: 'c', rules: [rule([match.daddr(4, 'nets'), verdict.drop()])] }] };
+    const table: Ruleset = {
+      table: egdBig,
+      sets: [{ name: 'nets', key: 'ipv4_addr', flags: ['interval'], elements: big }],
+      chains: [{ name: 'c', rules: [rule([match.daddr(4, 'nets'), verdict.drop()])] }],
+    };
     const later: Ruleset = { table: egdBig, sets: [{ name: 'later', key: 'ipv4_addr', flags: [], elements: [] }], chains: [] };
     const out = await drive(
       ns,
@@ -316,18 +337,21 @@ describe.skipIf(skipReason !== null).each(backends)('src/nft on $backend', ({ ba
   it('answers clearly for things that are not there', async () => {
     const out = await drive(
       ns,
-      script([
-        op('listTable', 'inet', 'nope'),
-        op('listSet', ref('dns4', 'nope')),
-        op('listSet', ref('nope')),
-        op('listMap', ref('nope')),
-        op('tableExists', 'inet', 'egd'),
-        op('tableExists', 'inet', 'nope'),
-        op('tableExists', 'ip', 'egd'),
-        op('deleteTable'),
-        op('listTables'),
-        op('run', { json: [{ list: { tables: null } }] }),
-      ], { family: 'inet', name: 'nope' }),
+      script(
+        [
+          op('listTable', 'inet', 'nope'),
+          op('listSet', ref('dns4', 'nope')),
+          op('listSet', ref('nope')),
+          op('listMap', ref('nope')),
+          op('tableExists', 'inet', 'egd'),
+          op('tableExists', 'inet', 'nope'),
+          op('tableExists', 'ip', 'egd'),
+          op('deleteTable'),
+          op('listTables'),
+          op('run', { json: [{ list: { tables: null } }] }),
+        ],
+        { family: 'inet', name: 'nope' },
+      ),
     );
     expect(out.results.slice(0, 4).map(ok)).toEqual([null, null, null, null]);
     expect(out.results.slice(4, 7).map(ok)).toEqual([true, false, false]);

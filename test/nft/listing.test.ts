@@ -36,8 +36,21 @@ describe('listing walkers', () => {
   });
 
   it('follow a vmap to its map, and an inline anonymous map to its chains', () => {
-    expect(ruleReferences(rule({ vmap: { key: { meta: { key: 'skuid' } }, data: '@app_uid.0123456789abcdef' } }))).toEqual({ chains: [], sets: ['app_uid.0123456789abcdef'] });
-    const inline = rule({ vmap: { key: { meta: { key: 'skuid' } }, data: { set: [[1000, { jump: { target: 'app_a.a' } }], [1001, { drop: null }]] } } });
+    expect(ruleReferences(rule({ vmap: { key: { meta: { key: 'skuid' } }, data: '@app_uid.0123456789abcdef' } }))).toEqual({
+      chains: [],
+      sets: ['app_uid.0123456789abcdef'],
+    });
+    const inline = rule({
+      vmap: {
+        key: { meta: { key: 'skuid' } },
+        data: {
+          set: [
+            [1000, { jump: { target: 'app_a.a' } }],
+            [1001, { drop: null }],
+          ],
+        },
+      },
+    });
     expect(ruleReferences(inline)).toEqual({ chains: ['app_a.a'], sets: [] });
     expect(ruleReferences(rule({ jump: { target: 'global_deny.a' } }))).toEqual({ chains: ['global_deny.a'], sets: [] });
   });

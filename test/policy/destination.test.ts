@@ -1,7 +1,16 @@
 import { describe, expect, it } from 'vitest';
 import { isIPv4, isIPv6 } from 'node:net';
 import fc from 'fast-check';
-import { addressGroups, bigIntToAddress, addressToBigInt, checkDnsName, isPlainDnsName, networkContains, parseDestination, quickGroups } from '../../src/policy/destination.js';
+import {
+  addressGroups,
+  bigIntToAddress,
+  addressToBigInt,
+  checkDnsName,
+  isPlainDnsName,
+  networkContains,
+  parseDestination,
+  quickGroups,
+} from '../../src/policy/destination.js';
 import { parseNameList } from '../../src/policy/lists.js';
 
 describe('destinations', () => {
@@ -67,7 +76,12 @@ describe('addresses read in one pass (quickGroups)', () => {
       const i = at % (text.length + 1);
       return how === 0 ? text.slice(0, i) + c + text.slice(i + 1) : how === 1 ? text.slice(0, i) + c + text.slice(i) : text.slice(0, i) + text.slice(i + 1);
     });
-    const text = fc.oneof(fc.ipV4(), fc.ipV6(), mutated, fc.array(char, { maxLength: 40 }).map((chars) => chars.join('')));
+    const text = fc.oneof(
+      fc.ipV4(),
+      fc.ipV6(),
+      mutated,
+      fc.array(char, { maxLength: 40 }).map((chars) => chars.join('')),
+    );
     let accepted = 0;
     fc.assert(
       fc.property(text, (t) => {
@@ -98,33 +112,74 @@ describe('addresses read in one pass (quickGroups)', () => {
     const group = fc.oneof(fc.constant(0), fc.constant(0), fc.integer({ min: 0, max: 0xffff }));
     fc.assert(
       fc.property(fc.array(group, { minLength: 8, maxLength: 8 }), (groups) => {
-        expect(bigIntToAddress(6, groups.reduce((acc, g) => (acc << 16n) | BigInt(g), 0n))).toBe(reference(groups));
+        expect(
+          bigIntToAddress(
+            6,
+            groups.reduce((acc, g) => (acc << 16n) | BigInt(g), 0n),
+          ),
+        ).toBe(reference(groups));
       }),
       { numRuns: 5_000 },
     );
   });
 
-  it.each(['::', '::1', '1::', '2001:db8::1', '2001:DB8:0:0:1:0:0:1', '1:2:3:4:5:6:7::', '::2:3:4:5:6:7:8', '1:2:3:4:5:6:7:8', 'ffff::ffff:1', '0.0.0.0', '192.0.2.255', '255.255.255.255'])('reads %s', (text) => {
+  it.each([
+    '::',
+    '::1',
+    '1::',
+    '2001:db8::1',
+    '2001:DB8:0:0:1:0:0:1',
+    '1:2:3:4:5:6:7::',
+    '::2:3:4:5:6:7:8',
+    '1:2:3:4:5:6:7:8',
+    'ffff::ffff:1',
+    '0.0.0.0',
+    '192.0.2.255',
+    '255.255.255.255',
+  ])('reads %s', (text) => {
     expect(quickGroups(text)).toEqual(general(text));
   });
 
-  it.each(['', ':', ':::', '1:::2', '1::2::3', '1:2:3:4:5:6:7:8::', '::1:2:3:4:5:6:7:8', '1:2:3:4:5:6:7', '12345::', 'g::', '01.2.3.4', '256.1.1.1', '1.2.3', '1.2.3.4.5', '1..2.3', '::ffff:192.0.2.1', 'fe80::1%eth0'])(
-    'leaves %s to the general path',
-    (text) => {
-      expect(quickGroups(text)).toBeUndefined();
-    },
-  );
+  it.each([
+    '',
+    ':',
+    ':::',
+    '1:::2',
+    '1::2::3',
+    '1:2:3:4:5:6:7:8::',
+    '::1:2:3:4:5:6:7:8',
+    '1:2:3:4:5:6:7',
+    '12345::',
+    'g::',
+    '01.2.3.4',
+    '256.1.1.1',
+    '1.2.3',
+    '1.2.3.4.5',
+    '1..2.3',
+    '::ffff:192.0.2.1',
+    'fe80::1%eth0',
+  ])('leaves %s to the general path', (text) => {
+    expect(quickGroups(text)).toBeUndefined();
+  });
 });
 
 describe('DNS names checked in one pass (isPlainDnsName)', () => {
   // checkDnsName's own checks, as they were before the one-pass check went in front of them.
   const LABEL = /^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$/;
-  const valid = (name: string) => name.length > 0 && name.length <= 253 && name.split('.').every((label) => label.length > 0 && label.length <= 63 && LABEL.test(label));
+  const valid = (name: string) =>
+    name.length > 0 && name.length <= 253 && name.split('.').every((label) => label.length > 0 && label.length <= 63 && LABEL.test(label));
 
   it('accepts exactly the names the label checks accept', () => {
     const char = fc.constantFrom(...'ab0_-.Z*'.split(''));
-    const label = fc.oneof(fc.array(char, { maxLength: 6 }).map((c) => c.join('')), fc.constantFrom('a'.repeat(63), 'a'.repeat(64), `a${'-'.repeat(61)}a`));
-    const name = fc.oneof(fc.array(label, { minLength: 1, maxLength: 5 }).map((labels) => labels.join('.')), fc.domain(), fc.constant(`${'a'.repeat(63)}.`.repeat(4).slice(0, 254)));
+    const label = fc.oneof(
+      fc.array(char, { maxLength: 6 }).map((c) => c.join('')),
+      fc.constantFrom('a'.repeat(63), 'a'.repeat(64), `a${'-'.repeat(61)}a`),
+    );
+    const name = fc.oneof(
+      fc.array(label, { minLength: 1, maxLength: 5 }).map((labels) => labels.join('.')),
+      fc.domain(),
+      fc.constant(`${'a'.repeat(63)}.`.repeat(4).slice(0, 254)),
+    );
     let accepted = 0;
     fc.assert(
       fc.property(name, (n) => {

@@ -57,7 +57,12 @@ apps:
     expect(warnings).toEqual([]);
     const web = policy.apps.find((a) => a.name === 'web')!;
     expect(web.identities[0]!.selectors).toEqual([
-      { kind: 'cgroup', glob: 'user.slice/user-*.slice/user@*.service/app.slice/app-flatpak-org.example.Web-#.scope', level: 5, written: 'flatpak org.example.Web' },
+      {
+        kind: 'cgroup',
+        glob: 'user.slice/user-*.slice/user@*.service/app.slice/app-flatpak-org.example.Web-#.scope',
+        level: 5,
+        written: 'flatpak org.example.Web',
+      },
       { kind: 'user', user: 1000 },
     ]);
     const rule = web.rules[0]!;
@@ -70,9 +75,15 @@ apps:
     expect(rule.to.lists).toEqual(['ads']);
     expect(rule.to.catalogueEntries).toEqual(['demo-telemetry']);
     expect(rule.protocols).toEqual(['tcp', 'udp']);
-    expect(rule.ports).toEqual([{ from: 443, to: 443 }, { from: 8000, to: 8100 }]);
+    expect(rule.ports).toEqual([
+      { from: 443, to: 443 },
+      { from: 8000, to: 8100 },
+    ]);
     expect(rule.at).toMatchObject({ file: 'a.yaml', line: 12 });
-    expect(policy.lists.get('ads')).toMatchObject({ names: ['ads.example.com', 'hosts-style.example.com', 'other.example.com'], suffixes: ['wild.example.com'] });
+    expect(policy.lists.get('ads')).toMatchObject({
+      names: ['ads.example.com', 'hosts-style.example.com', 'other.example.com'],
+      suffixes: ['wild.example.com'],
+    });
     const svc = policy.apps.find((a) => a.name === 'svc')!;
     expect(svc.identities[0]!.selectors[0]).toMatchObject({ glob: 'demo.slice/demo-sub.slice/demo.service', level: 3 });
   });
@@ -124,10 +135,14 @@ apps:
   });
 
   it('warns when an app shares an identity with a system domain, since the domain wins', () => {
-    const dir = policyDir({ 'a.yaml': 'identities: {v: {user: vault}}\napps: {sync: {identity: v, rules: [{allow: any}]}}\nsystemDomains: {off: {members: [v]}}\n' });
+    const dir = policyDir({
+      'a.yaml': 'identities: {v: {user: vault}}\napps: {sync: {identity: v, rules: [{allow: any}]}}\nsystemDomains: {off: {members: [v]}}\n',
+    });
     const result = loadPolicyDir(dir);
     expect(result.ok).toBe(true);
-    expect(result.warnings.map((w) => w.message)).toEqual(['app "sync" shares identity "v" with system domain "off"; the system domain wins and keeps it offline']);
+    expect(result.warnings.map((w) => w.message)).toEqual([
+      'app "sync" shares identity "v" with system domain "off"; the system domain wins and keeps it offline',
+    ]);
   });
 });
 
@@ -172,7 +187,9 @@ describe('policy loader: every class of bad input is an error with file:line:col
     const errors = errorsOf({ 'a.yaml': 'deny:\n  - to: any\n    ports: [0, 70000, "9000-8000", "http"]\n' });
     expect(errors).toHaveLength(4);
     expect(errors[0]).toMatch(/^a\.yaml:3:13: /);
-    expect(errors[2]).toBe('a.yaml:3:23: "9000-8000" is not a port or port range (at deny[0].ports[2]) (ports are 1–65535; a range is written "8000-8100" with the lower port first)');
+    expect(errors[2]).toBe(
+      'a.yaml:3:23: "9000-8000" is not a port or port range (at deny[0].ports[2]) (ports are 1–65535; a range is written "8000-8100" with the lower port first)',
+    );
   });
 
   it('icmp with ports', () => {
@@ -239,7 +256,9 @@ describe('policy loader: every class of bad input is an error with file:line:col
   it('a binary file, and a binary or non-UTF-8 list', () => {
     expect(errorsOf({ 'a.yaml': new Uint8Array([0x61, 0x3a, 0x0a, 0x00, 0xff]) })).toEqual(['a.yaml:2:1: file is binary (it contains a NUL byte), not YAML']);
     expect(errorsOf({ 'a.yaml': new Uint8Array([0x61, 0x3a, 0x20, 0xff, 0xfe]) })).toEqual(['a.yaml:1:1: file is not valid UTF-8 text']);
-    expect(errorsOf({ 'a.yaml': 'lists:\n  l: {file: l.bin}\n', 'l.bin': new Uint8Array([1, 0, 2]) })).toEqual(['a.yaml:2:13: list "l": l.bin is binary (it contains a NUL byte)']);
+    expect(errorsOf({ 'a.yaml': 'lists:\n  l: {file: l.bin}\n', 'l.bin': new Uint8Array([1, 0, 2]) })).toEqual([
+      'a.yaml:2:13: list "l": l.bin is binary (it contains a NUL byte)',
+    ]);
   });
 
   it('a file name that cannot go into rule ids, and the root slice', () => {

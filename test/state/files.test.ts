@@ -68,7 +68,13 @@ describe('writeFileAtomic', () => {
     expect(() => writeFileAtomic(dir, 'taken', 'content')).toThrow(/EISDIR|ENOTEMPTY|EEXIST/);
     expect(readdirSync(dir)).toEqual(['taken']);
     writeFileAtomic(dir, 'kept', 'old');
-    expect(() => writeFileAtomic(dir, 'kept', 'new', 0o640, { beforeRename: () => { throw new Error('disk gone'); } })).toThrow('disk gone');
+    expect(() =>
+      writeFileAtomic(dir, 'kept', 'new', 0o640, {
+        beforeRename: () => {
+          throw new Error('disk gone');
+        },
+      }),
+    ).toThrow('disk gone');
     expect(readdirSync(dir).sort()).toEqual(['kept', 'taken']);
     expect(readFileSync(join(dir, 'kept'), 'utf8')).toBe('old');
   });

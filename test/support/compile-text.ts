@@ -5,7 +5,12 @@ import type { Policy } from '../../src/policy/model.js';
 const encoder = new TextEncoder();
 
 export const FACTS: Facts = {
-  users: new Map([['alice', 1000], ['vault', 990], ['_apt', 42], ['debian-tor', 110]]),
+  users: new Map([
+    ['alice', 1000],
+    ['vault', 990],
+    ['_apt', 42],
+    ['debian-tor', 110],
+  ]),
   groups: new Map([['wheel', 10]]),
   cgroups: ['system.slice', 'system.slice/a.service', 'system.slice/b.service', 'system.slice/gpg.service'],
 };

@@ -29,7 +29,9 @@ export const arbConnection: fc.Arbitrary<Connection> = fc
         { kind: 'group', group: 'wheel' },
         { kind: 'group', group: 77 },
       ),
-      fc.constantFrom(...GEN_CGROUPS, 'system.slice/a.service/worker', 'user.slice/user-1000.slice/session-2.scope/x').map((path): Who => ({ kind: 'cgroup', path })),
+      fc
+        .constantFrom(...GEN_CGROUPS, 'system.slice/a.service/worker', 'user.slice/user-1000.slice/session-2.scope/x')
+        .map((path): Who => ({ kind: 'cgroup', path })),
     ),
     address: fc.constantFrom(
       '192.0.2.5',

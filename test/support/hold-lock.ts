@@ -10,7 +10,9 @@ const FIXTURE = join(import.meta.dirname, '..', 'enforce', 'fixtures', 'hold-loc
  */
 export async function holdLock(path: string, what: string, netns?: string): Promise<{ child: ChildProcess; letGo: () => void; exited: Promise<void> }> {
   const command = [process.execPath, '--import', 'tsx', FIXTURE, path, what];
-  const child = netns ? spawn('nsenter', [`--net=/run/netns/${netns}`, ...command], { stdio: ['pipe', 'pipe', 'inherit'] }) : spawn(command[0]!, command.slice(1), { stdio: ['pipe', 'pipe', 'inherit'] });
+  const child = netns
+    ? spawn('nsenter', [`--net=/run/netns/${netns}`, ...command], { stdio: ['pipe', 'pipe', 'inherit'] })
+    : spawn(command[0]!, command.slice(1), { stdio: ['pipe', 'pipe', 'inherit'] });
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   await new Promise<void>((resolve, reject) => {
     child.stdout.once('data', () => resolve());

@@ -38,10 +38,12 @@ export function nftCheck(ruleset: string, options: { json?: boolean; cgroups?: r
     'mount -t cgroup2 none /sys/fs/cgroup',
     ...paths.map((p) => `mkdir -p /sys/fs/cgroup/${quoted(p)}`),
     `set +e; nsenter --net=/run/netns/${netns} nft -c ${options.json ? '-j ' : ''}-f ${quoted(file)}; rc=$?`,
-    ...[...paths].sort((a, b) => b.split('/').length - a.split('/').length).flatMap((p) => {
-      const parts = p.split('/');
-      return parts.map((_, i) => `rmdir /sys/fs/cgroup/${quoted(parts.slice(0, parts.length - i).join('/'))} 2>/dev/null`);
-    }),
+    ...[...paths]
+      .sort((a, b) => b.split('/').length - a.split('/').length)
+      .flatMap((p) => {
+        const parts = p.split('/');
+        return parts.map((_, i) => `rmdir /sys/fs/cgroup/${quoted(parts.slice(0, parts.length - i).join('/'))} 2>/dev/null`);
+      }),
     'exit $rc',
   ].join('\n');
   const outer = [

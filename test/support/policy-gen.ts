@@ -70,7 +70,9 @@ const matchFields = fc
   })
   .map((r) => (r.ports && (r.proto === 'icmp' || (Array.isArray(r.proto) && r.proto.includes('icmp'))) ? { ...r, ports: undefined } : r));
 
-const appRule = fc.tuple(fc.constantFrom('allow', 'deny'), matchFields).map(([verdict, r]) => ({ [verdict]: r.to, ...defined({ ports: r.ports, proto: r.proto, log: r.log }) }));
+const appRule = fc
+  .tuple(fc.constantFrom('allow', 'deny'), matchFields)
+  .map(([verdict, r]) => ({ [verdict]: r.to, ...defined({ ports: r.ports, proto: r.proto, log: r.log }) }));
 
 const app = fc.record({ identity: selectors, default: fc.constantFrom(undefined, 'allow', 'deny'), rules: fc.array(appRule, { maxLength: 4 }) });
 
@@ -81,14 +83,19 @@ export const arbPolicy: fc.Arbitrary<GeneratedPolicy> = fc
     deny: fc.array(matchFields, { maxLength: 3 }),
     domains: fc.array(selectors, { maxLength: 2 }),
     tor: fc.option(
-      fc.record({ socks: fc.constantFrom(undefined, '127.0.0.1:9050', '[::1]:9050', '192.0.2.50:9050', '[2001:db8::50]:9150'), updaters: selectors, user: fc.constantFrom(undefined, 'debian-tor', 4242) }),
+      fc.record({
+        socks: fc.constantFrom(undefined, '127.0.0.1:9050', '[::1]:9050', '192.0.2.50:9050', '[2001:db8::50]:9150'),
+        updaters: selectors,
+        user: fc.constantFrom(undefined, 'debian-tor', 4242),
+      }),
       { nil: undefined },
     ),
     lockdown: fc.boolean(),
   })
   .map((p) => {
     const doc: Record<string, unknown> = { defaults: { egress: p.egress } };
-    if (p.apps.length > 0) doc['apps'] = Object.fromEntries(p.apps.map((a, i) => [`app${i}`, defined({ identity: a.identity, default: a.default, rules: a.rules })]));
+    if (p.apps.length > 0)
+      doc['apps'] = Object.fromEntries(p.apps.map((a, i) => [`app${i}`, defined({ identity: a.identity, default: a.default, rules: a.rules })]));
     if (p.deny.length > 0) doc['deny'] = p.deny.map((r) => defined({ to: r.to, ports: r.ports, proto: r.proto, log: r.log }));
     if (p.domains.length > 0) doc['systemDomains'] = Object.fromEntries(p.domains.map((members, i) => [`sd${i}`, { members }]));
     if (p.tor) doc['tor'] = defined({ enabled: true, socks: p.tor.socks, user: p.tor.user, updaters: p.tor.updaters });

@@ -192,7 +192,8 @@ function elementMatches(element: Element, value: Value, set: SetDecl | undefined
       if (typeof element === 'object' && 'range' in element) return value.value >= element.range[0] && value.value <= element.range[1];
       return false;
     case 'address': {
-      if (set && set.key !== (value.family === 4 ? 'ipv4_addr' : 'ipv6_addr')) throw new Error(`interpreter: an IPv${value.family} address looked up in ${set.name} (${JSON.stringify(set.key)})`);
+      if (set && set.key !== (value.family === 4 ? 'ipv4_addr' : 'ipv6_addr'))
+        throw new Error(`interpreter: an IPv${value.family} address looked up in ${set.name} (${JSON.stringify(set.key)})`);
       if (typeof element === 'string') return familyOf(element) === value.family && addressBits(value.family, element) === value.value;
       if (typeof element === 'object' && 'prefix' in element) {
         const { addr, len } = element.prefix;

@@ -38,8 +38,12 @@ export function printed(child: ChildProcess, stream: 'stdout' | 'stderr', text: 
       seen += chunk.toString();
       if (seen.includes(text)) done();
     };
-    const onExit = (code: number | null, signal: string | null) => done(new Error(`pid ${child.pid} exited (${signal ?? code}) before it printed "${text}"; it printed: ${seen}`));
-    const timer = setTimeout(() => done(new Error(`gave up after ${timeoutMs} ms waiting for pid ${child.pid} to print "${text}"; it printed: ${seen}`)), timeoutMs);
+    const onExit = (code: number | null, signal: string | null) =>
+      done(new Error(`pid ${child.pid} exited (${signal ?? code}) before it printed "${text}"; it printed: ${seen}`));
+    const timer = setTimeout(
+      () => done(new Error(`gave up after ${timeoutMs} ms waiting for pid ${child.pid} to print "${text}"; it printed: ${seen}`)),
+      timeoutMs,
+    );
     source.on('data', onData);
     child.once('exit', onExit);
   });

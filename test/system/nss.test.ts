@@ -22,7 +22,8 @@ const EXTRAUSERS = '/var/lib/extrausers';
 const skip =
   nftAvailable() ??
   (spawnSync('unshare', ['--version']).status !== 0 ? 'needs unshare (util-linux)' : undefined) ??
-  (['/usr/lib/libnss_extrausers.so.2', '/lib/x86_64-linux-gnu/libnss_extrausers.so.2', '/usr/lib/x86_64-linux-gnu/libnss_extrausers.so.2'].some(existsSync) && existsSync(EXTRAUSERS)
+  (['/usr/lib/libnss_extrausers.so.2', '/lib/x86_64-linux-gnu/libnss_extrausers.so.2', '/usr/lib/x86_64-linux-gnu/libnss_extrausers.so.2'].some(existsSync) &&
+  existsSync(EXTRAUSERS)
     ? undefined
     : 'libnss-extrausers is not installed (scripts/setup.sh installs it)');
 

@@ -33,7 +33,14 @@ Use it in CI to check policies before they are distributed.`,
   run(options, deps: Deps) {
     const result = loadPolicyDir(options.dir);
     const toJson = (issues: readonly Parameters<typeof formatIssue>[0][]) =>
-      sortIssues(issues).map((i) => ({ file: i.at.file, line: i.at.line, col: i.at.col, message: i.message, ...(i.hint ? { hint: i.hint } : {}), text: formatIssue(i, options.dir) }));
+      sortIssues(issues).map((i) => ({
+        file: i.at.file,
+        line: i.at.line,
+        col: i.at.col,
+        message: i.message,
+        ...(i.hint ? { hint: i.hint } : {}),
+        text: formatIssue(i, options.dir),
+      }));
     if (!result.ok) {
       if (options.json) deps.out(JSON.stringify({ ok: false, errors: toJson(result.errors), warnings: toJson(result.warnings) }, null, 2));
       else {

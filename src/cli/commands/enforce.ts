@@ -9,7 +9,8 @@ import { readSwitches, SWITCHES_FILE } from '../../state/switches.js';
 import { DEFAULT_POLICY_DIR, Exit, parseFlags, printIssues, type Command, type Deps } from '../deps.js';
 
 /** Said by every command that finds lockdown on, in the same words. */
-const LOCKDOWN_IS_ON = 'LOCKDOWN IS ON: all egress except loopback (and Tor itself, with updates over Tor) is denied. "egressctl lockdown off" restores the policy.';
+const LOCKDOWN_IS_ON =
+  'LOCKDOWN IS ON: all egress except loopback (and Tor itself, with updates over Tor) is denied. "egressctl lockdown off" restores the policy.';
 
 /** The enforcement commands share their dependencies: the nft binding is opened once per command. */
 async function enforcerDeps(deps: Deps): Promise<EnforcerDeps> {
@@ -27,14 +28,18 @@ function describePlan(plan: Plan): string[] {
   const lines: string[] = [];
   if (!plan.tablePresent) {
     const sets = plan.sets.filter((s) => !s.dynamic && (s.compiled ?? 0) > 0).reduce((n, s) => n + (s.compiled ?? 0), 0);
-    return [`  table inet egressd is not in the kernel: applying creates it with ${plan.added.length} rules and ${plan.sets.length} sets and maps (${sets} static elements); policy sha256:${plan.digest.compiled ?? '?'}`];
+    return [
+      `  table inet egressd is not in the kernel: applying creates it with ${plan.added.length} rules and ${plan.sets.length} sets and maps (${sets} static elements); policy sha256:${plan.digest.compiled ?? '?'}`,
+    ];
   }
   if (plan.digest.live !== plan.digest.compiled) lines.push(`  policy sha256:${plan.digest.live ?? '(none)'} → sha256:${plan.digest.compiled ?? '(none)'}`);
   if (plan.lockdown.live !== plan.lockdown.compiled) lines.push(`  lockdown ${plan.lockdown.live ? 'on' : 'off'} → ${plan.lockdown.compiled ? 'on' : 'off'}`);
   for (const r of plan.added) lines.push(`  + ${r.chain}: ${r.comment}`);
   for (const r of plan.removed) lines.push(`  - ${r.chain}: ${r.comment}`);
   for (const s of plan.sets.filter((x) => x.change !== 'same')) {
-    lines.push(`  ${s.change === 'added' ? '+' : s.change === 'removed' ? '-' : '~'} set ${s.name}: ${s.live ?? 0} → ${s.compiled ?? 0} elements${s.dynamic ? ' (filled at run time)' : ''}`);
+    lines.push(
+      `  ${s.change === 'added' ? '+' : s.change === 'removed' ? '-' : '~'} set ${s.name}: ${s.live ?? 0} → ${s.compiled ?? 0} elements${s.dynamic ? ' (filled at run time)' : ''}`,
+    );
   }
   return lines;
 }
@@ -89,9 +94,27 @@ change still running (nothing changed).`,
     printIssues(deps, options.dir, applied.compiled.warnings);
     const rules = applied.compiled.ruleset.chains.reduce((n, c) => n + c.rules.length, 0);
     if (options.json) {
-      deps.out(JSON.stringify({ applied: true, digest: applied.digest, lockdown: applied.lockdown, rules, sets: applied.compiled.ruleset.sets.length, backend: enforcer.nft.backend, liveFrom: applied.liveFrom, liveNames: Object.fromEntries(applied.liveNames), plan: applied.plan }, null, 2));
+      deps.out(
+        JSON.stringify(
+          {
+            applied: true,
+            digest: applied.digest,
+            lockdown: applied.lockdown,
+            rules,
+            sets: applied.compiled.ruleset.sets.length,
+            backend: enforcer.nft.backend,
+            liveFrom: applied.liveFrom,
+            liveNames: Object.fromEntries(applied.liveNames),
+            plan: applied.plan,
+          },
+          null,
+          2,
+        ),
+      );
     }
-    deps.err(`applied ${options.dir}: ${rules} rules, ${applied.compiled.ruleset.sets.length} sets and maps; policy sha256:${applied.digest.slice(0, 16)}… (${enforcer.nft.backend})`);
+    deps.err(
+      `applied ${options.dir}: ${rules} rules, ${applied.compiled.ruleset.sets.length} sets and maps; policy sha256:${applied.digest.slice(0, 16)}… (${enforcer.nft.backend})`,
+    );
     for (const line of describePlan(applied.plan)) deps.err(line);
     if (applied.lockdown) deps.err(LOCKDOWN_IS_ON);
     return Exit.Ok;
@@ -160,7 +183,12 @@ directory to compare with), 3 system error.`,
     }
     const notCompared = noPolicyDir ? `no policy directory at ${options.dir} to compare with` : policyError ? `the policy in ${options.dir} is invalid` : null;
     const live = planned ? planned.live : await liveSummary(enforcer.nft);
-    const drops = live ? [...live.chains.values()].flat().filter((r) => r.drops && (r.packets ?? 0) > 0).map((r) => ({ id: r.id, shortId: r.shortId ?? null, packets: r.packets ?? 0, bytes: r.bytes ?? 0 })) : [];
+    const drops = live
+      ? [...live.chains.values()]
+          .flat()
+          .filter((r) => r.drops && (r.packets ?? 0) > 0)
+          .map((r) => ({ id: r.id, shortId: r.shortId ?? null, packets: r.packets ?? 0, bytes: r.bytes ?? 0 }))
+      : [];
     const switches = recordedSwitches(deps.stateDir, live);
     const matches = planned !== undefined && live !== null && !planned.plan.changes;
     const report = {
@@ -184,7 +212,9 @@ directory to compare with), 3 system error.`,
       if (noPolicyDir) deps.err(notCompared!);
     } else {
       if (report.lockdown) deps.err(LOCKDOWN_IS_ON);
-      deps.err(`enforced: table inet egressd, policy sha256:${report.digest?.slice(0, 16) ?? '(unknown)'}…, ${report.rules} rules, ${report.sets.length} sets and maps`);
+      deps.err(
+        `enforced: table inet egressd, policy sha256:${report.digest?.slice(0, 16) ?? '(unknown)'}…, ${report.rules} rules, ${report.sets.length} sets and maps`,
+      );
       for (const s of report.sets.filter((x) => x.size > 0)) deps.err(`  ${s.kind} ${s.name}: ${s.size} elements${s.dynamic ? ' (run time)' : ''}`);
       for (const d of report.dropped) deps.err(`  dropped by ${d.shortId ? `${d.shortId} ` : ''}${d.id}${d.at ? ` (${d.at})` : ''}: ${d.packets} packets`);
       for (const line of describeSwitches(switches)) deps.err(line);
@@ -196,7 +226,9 @@ directory to compare with), 3 system error.`,
       } else if (matches) {
         deps.err(`matches the policy in ${options.dir}`);
       } else {
-        deps.err(`DIFFERS from the policy in ${options.dir}; "egressctl plan" shows how, "egressctl apply" enforces it ("--reread" if the table was changed by hand):`);
+        deps.err(
+          `DIFFERS from the policy in ${options.dir}; "egressctl plan" shows how, "egressctl apply" enforces it ("--reread" if the table was changed by hand):`,
+        );
         for (const line of describePlan(planned!.plan)) deps.err(line);
       }
     }
@@ -260,7 +292,11 @@ function recordedSwitches(stateDir: string, live: TableSummary | null): SwitchRe
     const torLive = live.chains.has('tor_updaters');
     if (torUpdates.on !== torLive) disagree.push({ switch: 'torUpdates', recorded: torUpdates.on, live: torLive });
   }
-  return { recorded: { lockdown: lockdown.on, lockdownSince: lockdown.since, torUpdates: torUpdates.on, torUpdatesSince: torUpdates.since }, problem: null, disagree };
+  return {
+    recorded: { lockdown: lockdown.on, lockdownSince: lockdown.since, torUpdates: torUpdates.on, torUpdatesSince: torUpdates.since },
+    problem: null,
+    disagree,
+  };
 }
 
 function describeSwitches(report: SwitchReport): string[] {
@@ -271,7 +307,9 @@ function describeSwitches(report: SwitchReport): string[] {
   const name = { lockdown: 'lockdown', torUpdates: 'updates over Tor' } as const;
   return [
     `  switches as recorded at the last apply: lockdown ${onOff(recorded.lockdown)} since ${recorded.lockdownSince}, updates over Tor ${onOff(recorded.torUpdates)} since ${recorded.torUpdatesSince}`,
-    ...report.disagree.map((d) => `  the switch record says ${name[d.switch]} ${onOff(d.recorded)}, but the live table has it ${onOff(d.live)}: the table is what is enforced`),
+    ...report.disagree.map(
+      (d) => `  the switch record says ${name[d.switch]} ${onOff(d.recorded)}, but the live table has it ${onOff(d.live)}: the table is what is enforced`,
+    ),
   ];
 }
 
@@ -320,14 +358,24 @@ error or another change still running after a minute (nothing changed).`,
   parse(argv) {
     const { values, positionals } = parseFlags('lockdown', argv, { json: { type: 'boolean' } }, 2);
     const [state, dir] = positionals;
-    if (state !== 'on' && state !== 'off') throw new EgressError(ErrorCode.Usage, 'egressctl lockdown: say "on" or "off"', { details: ['see: egressctl lockdown --help'] });
+    if (state !== 'on' && state !== 'off')
+      throw new EgressError(ErrorCode.Usage, 'egressctl lockdown: say "on" or "off"', { details: ['see: egressctl lockdown --help'] });
     return { on: state === 'on', dir: dir ?? DEFAULT_POLICY_DIR, json: values.json === true };
   },
   async run(options, deps) {
     const result = await setLockdown(options.on, options.dir, await enforcerDeps(deps));
-    if (options.json) deps.out(JSON.stringify({ lockdown: result.lockdown, digest: result.digest, policyUsable: result.policyUsable, ...(result.fallback && { fallback: result.fallback }) }));
+    if (options.json)
+      deps.out(
+        JSON.stringify({
+          lockdown: result.lockdown,
+          digest: result.digest,
+          policyUsable: result.policyUsable,
+          ...(result.fallback && { fallback: result.fallback }),
+        }),
+      );
     if (result.fallback === 'policy invalid') deps.err(`the policy in ${options.dir} is invalid; lockdown was applied without it (Tor is not excepted)`);
-    if (result.fallback === 'nftables refused') deps.err(`nftables refused what the policy in ${options.dir} compiles to; lockdown was applied without it (Tor is not excepted)`);
+    if (result.fallback === 'nftables refused')
+      deps.err(`nftables refused what the policy in ${options.dir} compiles to; lockdown was applied without it (Tor is not excepted)`);
     deps.err(result.lockdown ? LOCKDOWN_IS_ON : `lockdown off: the policy in ${options.dir} is enforced again`);
     return Exit.Ok;
   },

@@ -57,8 +57,15 @@ Exit status: 0 allowed, 1 denied, 2 bad input.`,
       1,
     );
     if (!values.app) throw new EgressError(ErrorCode.Usage, 'egressctl explain: --app WHO is required', { details: ['see: egressctl explain --help'] });
-    if (!values.to) throw new EgressError(ErrorCode.Usage, 'egressctl explain: --to HOST[:PORT][/PROTO] is required', { details: ['see: egressctl explain --help'] });
-    return { dir: positionals[0] ?? DEFAULT_POLICY_DIR, who: parseWho(values.app), ...parseDestinationFlag(values.to), json: values.json === true, lockdown: values.lockdown === true };
+    if (!values.to)
+      throw new EgressError(ErrorCode.Usage, 'egressctl explain: --to HOST[:PORT][/PROTO] is required', { details: ['see: egressctl explain --help'] });
+    return {
+      dir: positionals[0] ?? DEFAULT_POLICY_DIR,
+      who: parseWho(values.app),
+      ...parseDestinationFlag(values.to),
+      json: values.json === true,
+      lockdown: values.lockdown === true,
+    };
   },
 
   run(options, deps) {
@@ -70,10 +77,19 @@ Exit status: 0 allowed, 1 denied, 2 bad input.`,
     const users = who.kind === 'user' && typeof who.user === 'string' ? [...needed.users, who.user] : needed.users;
     const groups = who.kind === 'group' && typeof who.group === 'string' ? [...needed.groups, who.group] : needed.groups;
     const facts = deps.facts({ users, groups, cgroupDepth: 0 });
-    for (const [kind, ids] of [['user', facts.users], ['group', facts.groups]] as const) {
-      for (const [name, id] of ids) if (typeof id !== 'number') throw new EgressError(ErrorCode.Io, `egressctl explain: cannot look up ${kind} "${name}": ${id.error}`);
+    for (const [kind, ids] of [
+      ['user', facts.users],
+      ['group', facts.groups],
+    ] as const) {
+      for (const [name, id] of ids)
+        if (typeof id !== 'number') throw new EgressError(ErrorCode.Io, `egressctl explain: cannot look up ${kind} "${name}": ${id.error}`);
     }
-    const query = { who: options.who, host: options.host, ...(options.port !== undefined ? { port: options.port } : {}), ...(options.proto ? { proto: options.proto } : {}) };
+    const query = {
+      who: options.who,
+      host: options.host,
+      ...(options.port !== undefined ? { port: options.port } : {}),
+      ...(options.proto ? { proto: options.proto } : {}),
+    };
     const answer = explainPolicy(loaded.policy, query, facts, { lockdown: options.lockdown });
     if ('error' in answer) {
       deps.err(`egressctl explain: ${answer.error}`);
@@ -97,7 +113,8 @@ Exit status: 0 allowed, 1 denied, 2 bad input.`,
 export function parseWho(text: string): Who {
   const [kind, ...rest] = text.split(':');
   const value = rest.join(':');
-  const usage = (message: string) => new EgressError(ErrorCode.Usage, `egressctl explain: --app ${text}: ${message}`, { details: ['see: egressctl explain --help'] });
+  const usage = (message: string) =>
+    new EgressError(ErrorCode.Usage, `egressctl explain: --app ${text}: ${message}`, { details: ['see: egressctl explain --help'] });
   if (rest.length === 0) {
     if (!/^[a-z][a-z0-9_-]{0,31}$/.test(text)) throw usage('not an app or identity name');
     return { kind: 'name', name: text };
@@ -124,7 +141,10 @@ export function parseWho(text: string): Who {
 }
 
 export function parseDestinationFlag(text: string): { host: string; port: number | undefined; proto: Protocol | undefined } {
-  const usage = (message: string) => new EgressError(ErrorCode.Usage, `egressctl explain: --to ${text}: ${message}`, { details: ['e.g. example.org:443/tcp, [2001:db8::1]:53/udp, 192.0.2.1/icmp'] });
+  const usage = (message: string) =>
+    new EgressError(ErrorCode.Usage, `egressctl explain: --to ${text}: ${message}`, {
+      details: ['e.g. example.org:443/tcp, [2001:db8::1]:53/udp, 192.0.2.1/icmp'],
+    });
   let rest = text.trim();
   let proto: Protocol | undefined;
   const slash = rest.lastIndexOf('/');
