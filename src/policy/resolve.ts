@@ -266,15 +266,13 @@ class Resolver {
       return;
     }
     const parsed = parseNameList(text, spec.format ?? 'auto');
-    parsed.rejected
-      .slice(0, MAX_LIST_WARNINGS)
-      .forEach((line) =>
-        this.warnings.push({
-          severity: 'warning',
-          at: { file: spec.file, line: line.line, col: line.col },
-          message: `skipped "${line.text.slice(0, 80)}": ${line.reason}`,
-        }),
-      );
+    parsed.rejected.slice(0, MAX_LIST_WARNINGS).forEach((line) =>
+      this.warnings.push({
+        severity: 'warning',
+        at: { file: spec.file, line: line.line, col: line.col },
+        message: `skipped "${line.text.slice(0, 80)}": ${line.reason}`,
+      }),
+    );
     if (parsed.rejected.length > MAX_LIST_WARNINGS) {
       this.warnings.push({
         severity: 'warning',
