@@ -109,7 +109,7 @@ export function refuseCompileErrors(compiled: Compiled, dir: string): void {
 }
 
 /** The deepest cgroup level any selector needs: how far down the cgroup tree facts must look. */
-export function cgroupDepth(policy: Policy): number {
+function cgroupDepth(policy: Policy): number {
   const identities = everyIdentity(policy);
   return Math.max(0, ...identities.flatMap((i) => i.selectors.map((s) => (s.kind === 'cgroup' ? s.level : 0))));
 }

@@ -270,9 +270,10 @@ function dedupeDrops(drops: Drop[]): Drop[] {
 /** Each drop's file:line, from the id table of the last apply (rules.json): a comment may be cut short, the table is not. */
 function withOrigins(stateDir: string, digest: string | null, drops: Drop[]): (Drop & { at: string | null })[] {
   const table = readRuleTable(stateDir);
+  // Short ids outlive applies, but file:line is the table's only for the policy it was compiled from
+  // (the live table carries the digest's first 32 digits; an empty one proves nothing).
+  const current = table.state === 'ok' && digest !== null && digest.length > 0 && table.value.digest.startsWith(digest);
   return drops.map((d) => {
-    // Short ids outlive applies, but file:line is the table's only for the policy it was compiled from.
-    const current = table.state === 'ok' && digest !== null && table.value.digest.startsWith(digest);
     const entry = current && d.shortId ? table.value.byId.get(d.shortId) : undefined;
     return { ...d, ...(entry && { id: entry.ruleId }), at: entry ? entryOrigin(entry) : null };
   });
