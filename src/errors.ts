@@ -24,6 +24,12 @@ export const ErrorCode = {
    * was refused and left the policy in force as it was. Not the policy's fault.
    */
   ConcurrentChange: 'EGD_CONCURRENT_CHANGE',
+  /**
+   * A user or group name the policy uses could not be looked up: the name
+   * service failed, so whether its rules would match is unknown. Not the
+   * policy's text at fault, but it cannot be applied here now (nothing was changed).
+   */
+  NameLookup: 'EGD_NAME_LOOKUP',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

@@ -43,6 +43,7 @@ const EXIT_FOR: { readonly [code in ErrorCode]: number } = {
   [ErrorCode.NftState]: Exit.SystemError,
   [ErrorCode.Busy]: Exit.SystemError,
   [ErrorCode.ConcurrentChange]: Exit.SystemError,
+  [ErrorCode.NameLookup]: Exit.SystemError,
 };
 
 export function exitCodeFor(error: unknown): number {

@@ -87,23 +87,29 @@ export interface Compiled {
    * non-empty list (`refuseCompileErrors`); `check` and `compile` print it.
    */
   readonly errors: readonly PolicyIssue[];
+  /** Some of `errors` are names whose lookup failed (the name service, not the policy): EGD_NAME_LOOKUP, exit 3. */
+  readonly lookupFailed: boolean;
   readonly warnings: readonly PolicyIssue[];
   /** Every deciding rule's short id (rule-ids.ts), as log prefixes and comments carry it: the table a prefix or counter maps back through. */
   readonly ruleIds: readonly RuleIdEntry[];
 }
 
-/** Throws EGD_POLICY_INVALID, every error as file:line:col, when the compiled ruleset must not be applied. */
+/**
+ * Throws, every error as file:line:col, when the compiled ruleset must not be
+ * applied: EGD_NAME_LOOKUP when a name service failed, else EGD_POLICY_INVALID.
+ */
 export function refuseCompileErrors(compiled: Compiled, dir: string): void {
   if (compiled.errors.length === 0) return;
   const details = sortIssues([...compiled.errors, ...compiled.warnings]).map((issue) => formatIssue(issue, dir));
   const count = compiled.errors.length;
-  throw new EgressError(ErrorCode.PolicyInvalid, `${dir}: ${count} ${count === 1 ? 'error' : 'errors'} in the policy on this machine; nothing was changed`, {
-    details,
-  });
+  const what = compiled.lookupFailed
+    ? 'a user or group name could not be looked up'
+    : `${count} ${count === 1 ? 'error' : 'errors'} in the policy on this machine`;
+  throw new EgressError(compiled.lookupFailed ? ErrorCode.NameLookup : ErrorCode.PolicyInvalid, `${dir}: ${what}; nothing was changed`, { details });
 }
 
 /** The deepest cgroup level any selector needs: how far down the cgroup tree facts must look. */
-export function cgroupDepth(policy: Policy): number {
+function cgroupDepth(policy: Policy): number {
   const identities = everyIdentity(policy);
   return Math.max(0, ...identities.flatMap((i) => i.selectors.map((s) => (s.kind === 'cgroup' ? s.level : 0))));
 }
@@ -155,6 +161,7 @@ class Compiler {
   private readonly dnsBindings: DnsBinding[] = [];
   private readonly cgroupBindings: CgroupBinding[] = [];
   private readonly errors: PolicyIssue[] = [];
+  private lookupFailed = false;
   private readonly warnings: PolicyIssue[] = [];
   private readonly log: Policy['defaults']['log'];
   private readonly ruleIds: readonly RuleIdEntry[];
@@ -254,7 +261,15 @@ class Compiler {
     const base: ChainDecl = { name: 'output', hook: { hook: 'output', prio: 0, policy: policy.defaults.egress === 'deny' ? 'drop' : 'accept' }, rules: output };
     const ruleset: Ruleset = { table: TABLE, sets: this.sets, chains: [base, ...this.chains].map(fingerprintRules) };
     assertUniqueNames(ruleset);
-    return { ruleset, dnsBindings: this.dnsBindings, cgroupBindings: this.cgroupBindings, errors: this.errors, warnings: this.warnings, ruleIds: this.ruleIds };
+    return {
+      ruleset,
+      dnsBindings: this.dnsBindings,
+      cgroupBindings: this.cgroupBindings,
+      errors: this.errors,
+      lookupFailed: this.lookupFailed,
+      warnings: this.warnings,
+      ruleIds: this.ruleIds,
+    };
   }
 
   /**
@@ -511,6 +526,7 @@ class Compiler {
     const found = (kind === 'user' ? this.facts.users : this.facts.groups).get(name);
     if (typeof found === 'number') return found;
     if (found !== undefined) {
+      this.lookupFailed = true;
       this.error(
         at,
         `cannot look up ${kind} "${name}": ${found.error}`,
@@ -520,7 +536,7 @@ class Compiler {
       this.error(
         at,
         `${what} does not exist on this machine; it would match nothing and be let out`,
-        `create it, correct the name, or write {${kind}: ${name}, optional: true} where it may be missing`,
+        `create it or correct the name; if the name service that knows it (LDAP, sssd, homed) is down, bring it up: it may have answered "not found". Write {${kind}: ${name}, optional: true} only where the name may truly be missing`,
       );
     } else {
       this.warn(at, `${what} does not exist on this machine; its rules match nothing until it does`);

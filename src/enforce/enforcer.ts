@@ -290,7 +290,7 @@ async function removePreviousGeneration(deps: EnforcerDeps, before: LiveTable | 
 }
 
 /** Why `lockdown on` fell back to the bare lockdown: the policy could not be read, validated or compiled, or nftables refused what it compiles to. */
-export type LockdownFallback = 'policy invalid' | 'nftables refused';
+export type LockdownFallback = 'policy invalid' | 'nftables refused' | 'names not looked up';
 
 export interface LockdownApplied extends Applied {
   readonly policyUsable: boolean;
@@ -327,6 +327,8 @@ export async function setLockdown(on: boolean, dir: string, deps: EnforcerDeps):
 /** The policy's fault in a failed apply, if it was: nftables refused what it compiles to, or compiling it failed unexpectedly. */
 function policysFault(error: unknown): LockdownFallback | undefined {
   if (!isEgressError(error) || error.code === ErrorCode.PolicyInvalid) return 'policy invalid';
+  // Not the policy's text, but the policy cannot be built here now: the bare lockdown is stricter than anything it would give.
+  if (error.code === ErrorCode.NameLookup) return 'names not looked up';
   return error.code === ErrorCode.NftApply ? 'nftables refused' : undefined;
 }
 

@@ -15,10 +15,9 @@
  * are seen by `plan` and `status`, which read the table, and repaired by
  * `apply --reread`.
  */
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { z } from 'zod';
 import { removeFileDurably } from '../state/files.js';
+import { readStateFile } from '../state/read.js';
 import { idsOfComment, type TableSummary } from './summary.js';
 import type { Generation } from './swap.js';
 
@@ -67,12 +66,10 @@ export function recordText(record: AppliedRecord): string {
 
 /** The record, or undefined when there is none or it cannot be trusted to be ours (then apply reads the table). */
 export function readRecord(stateDir: string): AppliedRecord | undefined {
-  let parsed: z.infer<typeof recordSchema>;
-  try {
-    parsed = recordSchema.parse(JSON.parse(readFileSync(join(stateDir, RECORD_FILE), 'utf8')));
-  } catch {
-    return undefined;
-  }
+  // Absent or damaged alike: the record only spares apply a read of the table, which it then does.
+  const read = readStateFile(stateDir, RECORD_FILE, recordSchema);
+  if (read.state !== 'ok') return undefined;
+  const parsed = read.value;
   const { summary } = parsed;
   return {
     generation: parsed.generation,

@@ -179,11 +179,16 @@ function checkTable(family: string, name: string): void {
 
 /**
  * The reason in nft's answer, read once here: the errno text the kernel's
- * refusal carries (nft prints strerror), else a plain refusal.
+ * refusal carries, which nft prints as strerror at the end of its
+ * "Error:" line, else a plain refusal. Only those lines count: nft also
+ * echoes the input line it refused, and that may hold a cgroup path a
+ * non-root user named "x File exists" to make a missing cgroup pass for a
+ * concurrent writer (which lockdown does not fall back from).
  */
 export function classifyRefusal(errorLines: readonly string[]): NftRefusal {
-  if (errorLines.some((line) => /\bFile exists\b/.test(line))) return 'conflict';
-  if (errorLines.some((line) => /\bNo such file or directory\b/.test(line))) return 'missing';
+  const diagnostics = errorLines.filter((line) => /\bError: /.test(line));
+  if (diagnostics.some((line) => /: File exists$/.test(line))) return 'conflict';
+  if (diagnostics.some((line) => /: No such file or directory$/.test(line))) return 'missing';
   return 'refused';
 }
 

@@ -7,7 +7,7 @@ import type { Element, ElementEntry } from '../compile/ruleset.js';
 import type { NftFamily, NftListCommand } from './types.js';
 
 /** The first object of every JSON batch egressd sends. */
-export const METAINFO = { metainfo: { json_schema_version: 1 } } as const;
+const METAINFO = { metainfo: { json_schema_version: 1 } } as const;
 
 /**
  * An element as callers give it to `addElements`/`deleteElements`: a bare

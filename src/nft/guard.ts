@@ -1,9 +1,12 @@
 /**
  * The one check every change passes before it reaches nft: each command
  * names the table this client owns (egressd's: `table inet egressd`), and
- * every name written into nft's input is a plain identifier, so no command
- * — whoever built it — can reach another table or smuggle in a statement.
- * Also the element options nft JSON cannot carry.
+ * every set and chain a command declares or names has a plain identifier,
+ * so no command — whoever built it — reaches another table. Jump targets and
+ * `@set` references inside rules are not walked: they name the same
+ * declared objects, which the compiler makes from policy names the schema
+ * has already held to the naming rule. Also the element options nft JSON
+ * cannot carry.
  */
 import { describeCommand, namesOf, tableOf, type Command, type TableRef } from '../compile/ruleset.js';
 import { EgressError, ErrorCode } from '../errors.js';

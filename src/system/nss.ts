@@ -65,8 +65,10 @@ export function libcLookup(options: { firstBuffer?: number } = {}): NameLookup |
       const result: unknown[] = [null];
       // glibc returns errno as it finds it when a module is unavailable, and
       // a module need not set it: preset, so that never reads as success.
+      const buffer = Buffer.alloc(size);
+      // Right before the call: nothing in between may touch errno.
       koffi.errno(EPROTO);
-      const status = call(name, entry, Buffer.alloc(size), size, result);
+      const status = call(name, entry, buffer, size, result);
       if (status === 0) return result[0] === null ? undefined : kind === 'user' ? entry.pw_uid : entry.gr_gid;
       // getpwnam_r(3): ENOENT and ESRCH also mean "not found" (libnss-extrausers says ENOENT when its file is absent).
       if (status === ENOENT || status === ESRCH) return undefined;

@@ -135,6 +135,7 @@ describe('egressctl', () => {
       EGD_NFT_STATE: Exit.SystemError,
       EGD_BUSY: Exit.SystemError,
       EGD_CONCURRENT_CHANGE: Exit.SystemError,
+      EGD_NAME_LOOKUP: Exit.SystemError,
     });
     const err: string[] = [];
     const raced = new EgressError(ErrorCode.ConcurrentChange, 'another writer changed table inet egressd at the same time; this run changed nothing in force');

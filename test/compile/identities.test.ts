@@ -65,6 +65,13 @@ describe('identities that match nothing on this machine', () => {
       '2:33 cannot look up user "alice": getpwnam_r failed: EIO',
     ]);
     expect(errorsOf('apps: {web: {identity: {user: alice}}}\n', facts)).toEqual(['1:24 cannot look up user "alice": getpwnam_r failed: EIO']);
+    // The name service's fault, not the policy's: its own code (exit 3), which lockdown still falls back from.
+    const failed = compileYaml('apps: {web: {identity: {user: alice}}}\n', { facts });
+    expect(failed.lookupFailed).toBe(true);
+    expect(() => refuseCompileErrors(failed, 'p')).toThrow(expect.objectContaining({ code: ErrorCode.NameLookup }));
+    const missing = compileYaml('systemDomains: {off: {members: [{user: ghost}]}}\n');
+    expect(missing.lookupFailed).toBe(false);
+    expect(() => refuseCompileErrors(missing, 'p')).toThrow(expect.objectContaining({ code: ErrorCode.PolicyInvalid }));
   });
 
   it('a user known only to the caller (through NSS) is in the uid map; numeric ids need no lookup', () => {
@@ -86,7 +93,7 @@ describe('identities that match nothing on this machine', () => {
     expect(thrown).toBeInstanceOf(EgressError);
     expect((thrown as EgressError).code).toBe(ErrorCode.PolicyInvalid);
     expect((thrown as EgressError).details).toEqual([
-      `/etc/egressd/f.yaml:1:37: user "ghost" of system domain offline does not exist on this machine; it would match nothing and be let out (create it, correct the name, or write {user: ghost, optional: true} where it may be missing)`,
+      `/etc/egressd/f.yaml:1:37: user "ghost" of system domain offline does not exist on this machine; it would match nothing and be let out (create it or correct the name; if the name service that knows it (LDAP, sssd, homed) is down, bring it up: it may have answered "not found". Write {user: ghost, optional: true} only where the name may truly be missing)`,
       '/etc/egressd/f.yaml:2:24: warning: user "ghost2" of app web does not exist on this machine; its rules match nothing until it does',
     ]);
     expect(() => refuseCompileErrors(compileYaml('apps: {web: {identity: {user: alice}}}\n'), '/etc/egressd')).not.toThrow();

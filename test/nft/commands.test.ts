@@ -168,6 +168,9 @@ describe('refusal classification', () => {
     [['<input>:1:1-9: Error: Could not process rule: Operation not supported'], 'refused'],
     [['<input>:12:9-18: Error: syntax error, unexpected string'], 'refused'],
     [[], 'refused'],
+    // nft echoes the refused input line: what it holds (a cgroup path a user named) is not the reason.
+    [['<input>:4:20-50: Error: cgroupv2 path fails: No such file or directory', '  elements = { "user.slice/x File exists.scope" : drop }'], 'missing'],
+    [['<input>:4:1-9: Error: syntax error, unexpected string', '  elements = { "a: File exists" : drop }'], 'refused'],
   ] as const)('reads %j as %s', (lines, reason) => {
     expect(classifyRefusal(lines)).toBe(reason);
   });

@@ -386,6 +386,13 @@ describe.skipIf(skipReason !== null).each(backends)('src/nft on $backend', ({ ba
               op('addElements', apps, [{ key: cgroup, data: verdict.jump('app_x') }]),
               op('listMap', apps),
               op('addElements', apps, [{ key: `${cgroup}-missing`, data: verdict.drop() }]),
+              // As text, the way apply's prepare writes map elements: nft echoes the refused
+              // line, and a path a user named to look like another reason must not pass for it.
+              op('run', {
+                commands: [
+                  command.block({ ...table, sets: [{ ...table.sets[0]!, elements: [`${cgroup}-gone File exists`], verdicts: [verdict.drop()] }], chains: [] }),
+                ],
+              }),
             ],
             egdcg,
           ),
@@ -413,6 +420,8 @@ describe.skipIf(skipReason !== null).each(backends)('src/nft on $backend', ({ ba
       // nft resolves the path when the element is added: a missing cgroup is refused.
       expect(failed(out.results[3]).code).toBe('EGD_NFT_APPLY');
       expect(failed(out.results[3]).reason).toBe('missing');
+      expect(failed(out.results[4]).message).toContain('File exists');
+      expect(failed(out.results[4]).reason).toBe('missing');
 
       const listed = JSON.parse(readFileSync(join(dir, 'map.json'), 'utf8')) as { nftables: Record<string, unknown>[] };
       expect(listedElems(listed)).toEqual(expected);

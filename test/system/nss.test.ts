@@ -141,7 +141,7 @@ describe.skipIf(skip)(`users and groups through NSS (libnss-extrausers) ${skip ?
 
   it('a name service that fails is an error, even for an app: a miss and a failure are not the same', () => {
     const check = egressctl(['check', policyDir({ '00.yaml': 'apps:\n  web:\n    identity: {user: root}\n' })], 'broken');
-    expect(check.status).toBe(2);
+    expect(check.status).toBe(3);
     expect(check.stderr).toContain('00.yaml:3:15: cannot look up user "root": getpwnam_r: a name service module in nsswitch.conf is unavailable');
   });
 });

@@ -22,7 +22,8 @@ machine is an error unless its policy says optional: true.
 
   --json   print {"ok", "errors", "warnings", "summary"} on stdout
 
-Exit status: 0 valid (warnings allowed), 2 invalid.
+Exit status: 0 valid (warnings allowed), 2 invalid, 3 a user or group name
+could not be looked up (the name service failed).
 Use it in CI to check policies before they are distributed.`,
 
   parse(argv) {
@@ -58,7 +59,8 @@ Use it in CI to check policies before they are distributed.`,
         printIssues(deps, options.dir, [...compiled.errors, ...warnings]);
         deps.err(`${options.dir}: ${compiled.errors.length} ${compiled.errors.length === 1 ? 'error' : 'errors'} on this machine`);
       }
-      return Exit.BadInput;
+      // A name service that failed is the machine's fault, not the policy's.
+      return compiled.lookupFailed ? Exit.SystemError : Exit.BadInput;
     }
     const summary = {
       files: policy.files.length,

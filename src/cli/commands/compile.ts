@@ -33,7 +33,8 @@ not exist is an error (unless marked optional) and no table is printed.
 Note: nftables 1.0.6 cannot read "socket cgroupv2" in JSON, so tables with
 cgroup-based identities are applied as text; the JSON form is for tools.
 
-Exit status: 0 printed, 2 invalid policy or usage.`,
+Exit status: 0 printed, 2 invalid policy or usage, 3 a user or group name
+could not be looked up (the name service failed).`,
 
   parse(argv) {
     const { values, positionals } = parseFlags('compile', argv, { nft: { type: 'boolean' }, json: { type: 'boolean' }, lockdown: { type: 'boolean' } }, 1);
@@ -49,7 +50,7 @@ Exit status: 0 printed, 2 invalid policy or usage.`,
     if (compiled.errors.length > 0) {
       // Not printed: a table that would let a system domain out must not be one pipe away from `nft -f`.
       deps.err(`${options.dir}: ${compiled.errors.length} ${compiled.errors.length === 1 ? 'error' : 'errors'} on this machine; no table printed`);
-      return Exit.BadInput;
+      return compiled.lookupFailed ? Exit.SystemError : Exit.BadInput;
     }
     deps.out(options.format === 'json' ? JSON.stringify(renderJson(compiled.ruleset), null, 2) : renderText(compiled.ruleset).trimEnd());
     return Exit.Ok;

@@ -178,10 +178,15 @@ directory to compare with), 3 system error.`,
     try {
       if (!noPolicyDir) planned = await planPolicy(options.dir, enforcer);
     } catch (error) {
-      if (!(error instanceof EgressError) || error.code !== ErrorCode.PolicyInvalid) throw error;
+      // A name service that failed leaves the policy as uncomparable as an invalid one; what is enforced is still reported.
+      if (!(error instanceof EgressError) || (error.code !== ErrorCode.PolicyInvalid && error.code !== ErrorCode.NameLookup)) throw error;
       policyError = [error.message, ...error.details];
     }
-    const notCompared = noPolicyDir ? `no policy directory at ${options.dir} to compare with` : policyError ? `the policy in ${options.dir} is invalid` : null;
+    const notCompared = noPolicyDir
+      ? `no policy directory at ${options.dir} to compare with`
+      : policyError
+        ? `the policy in ${options.dir} cannot be compiled here`
+        : null;
     const live = planned ? planned.live : await liveSummary(enforcer.nft);
     const drops = live
       ? [...live.chains.values()]
@@ -221,7 +226,7 @@ directory to compare with), 3 system error.`,
       if (noPolicyDir) {
         deps.err(`${notCompared!}; "egressctl status DIR" compares it with the policy in DIR`);
       } else if (policyError) {
-        deps.err(`the policy in ${options.dir} is invalid, so it cannot be compared:`);
+        deps.err(`the policy in ${options.dir} cannot be compiled here, so it cannot be compared:`);
         for (const line of policyError.slice(1)) deps.err(`  ${line}`);
       } else if (matches) {
         deps.err(`matches the policy in ${options.dir}`);
@@ -265,9 +270,10 @@ function dedupeDrops(drops: Drop[]): Drop[] {
 /** Each drop's file:line, from the id table of the last apply (rules.json): a comment may be cut short, the table is not. */
 function withOrigins(stateDir: string, digest: string | null, drops: Drop[]): (Drop & { at: string | null })[] {
   const table = readRuleTable(stateDir);
+  // Short ids outlive applies, but file:line is the table's only for the policy it was compiled from
+  // (the live table carries the digest's first 32 digits; an empty one proves nothing).
+  const current = table.state === 'ok' && digest !== null && digest.length > 0 && table.value.digest.startsWith(digest);
   return drops.map((d) => {
-    // Short ids outlive applies, but file:line is the table's only for the policy it was compiled from.
-    const current = table.state === 'ok' && digest !== null && table.value.digest.startsWith(digest);
     const entry = current && d.shortId ? table.value.byId.get(d.shortId) : undefined;
     return { ...d, ...(entry && { id: entry.ruleId }), at: entry ? entryOrigin(entry) : null };
   });
@@ -374,6 +380,8 @@ error or another change still running after a minute (nothing changed).`,
         }),
       );
     if (result.fallback === 'policy invalid') deps.err(`the policy in ${options.dir} is invalid; lockdown was applied without it (Tor is not excepted)`);
+    if (result.fallback === 'names not looked up')
+      deps.err(`a user or group name the policy in ${options.dir} uses could not be looked up; lockdown was applied without the policy (Tor is not excepted)`);
     if (result.fallback === 'nftables refused')
       deps.err(`nftables refused what the policy in ${options.dir} compiles to; lockdown was applied without it (Tor is not excepted)`);
     deps.err(result.lockdown ? LOCKDOWN_IS_ON : `lockdown off: the policy in ${options.dir} is enforced again`);
