@@ -289,7 +289,7 @@ async function removePreviousGeneration(deps: EnforcerDeps, before: LiveTable | 
   }
 }
 
-/** Why `lockdown on` fell back to the bare lockdown: the policy could not be read, validated or compiled, or nftables refused what it compiles to. */
+/** Why `lockdown on` fell back to the bare lockdown: the policy could not be read, validated or compiled, a name it uses could not be looked up, or nftables refused what it compiles to. */
 export type LockdownFallback = 'policy invalid' | 'nftables refused' | 'names not looked up';
 
 export interface LockdownApplied extends Applied {
