@@ -125,7 +125,7 @@ describe.skipIf(skip)(`the state directory, against a table in a namespace ${ski
     const report = JSON.parse(status.stdout) as { dropped: { id: string; shortId: string; at: string; packets: number }[] };
     const denyPrefix = livePrefixes().find(({ comment }) => comment.includes('deny/00.yaml/0'))!.prefix;
     expect(report.dropped).toEqual([{ id: 'deny/00.yaml/0', shortId: parseLogPrefix(denyPrefix), at: '00.yaml:8', packets: 1, bytes: expect.any(Number) }]);
-    expect(status.stderr).toContain(`dropped by ${parseLogPrefix(denyPrefix)} deny/00.yaml/0 (00.yaml:8): 1 packets`);
+    expect(status.stderr).toContain(`dropped by ${parseLogPrefix(denyPrefix)} deny/00.yaml/0 (00.yaml:8): 1 packet`);
   });
 
   it('the switch record follows lockdown; status reports it and says when it disagrees with the table, which stays in force', () => {

@@ -221,7 +221,8 @@ directory to compare with), 3 system error.`,
         `enforced: table inet egressd, policy sha256:${report.digest?.slice(0, 16) ?? '(unknown)'}…, ${report.rules} rules, ${report.sets.length} sets and maps`,
       );
       for (const s of report.sets.filter((x) => x.size > 0)) deps.err(`  ${s.kind} ${s.name}: ${s.size} elements${s.dynamic ? ' (run time)' : ''}`);
-      for (const d of report.dropped) deps.err(`  dropped by ${d.shortId ? `${d.shortId} ` : ''}${d.id}${d.at ? ` (${d.at})` : ''}: ${d.packets} packets`);
+      for (const d of report.dropped)
+        deps.err(`  dropped by ${d.shortId ? `${d.shortId} ` : ''}${d.id}${d.at ? ` (${d.at})` : ''}: ${d.packets} ${d.packets === 1 ? 'packet' : 'packets'}`);
       for (const line of describeSwitches(switches)) deps.err(line);
       if (noPolicyDir) {
         deps.err(`${notCompared!}; "egressctl status DIR" compares it with the policy in DIR`);
