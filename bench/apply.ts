@@ -15,9 +15,8 @@
  *
  *   npx tsx bench/apply.ts [--runs 5]   (as root; it builds and removes its own namespace)
  */
-import { execFileSync, spawnSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
-import { mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -26,11 +25,11 @@ import { parseArgs } from 'node:util';
 import { compile } from '../src/compile/compile.js';
 import { renderText } from '../src/compile/ruleset.js';
 import { applyLoadedPolicy, type EnforcerDeps } from '../src/enforce/enforcer.js';
-import { lockPathFor } from '../src/enforce/lock.js';
 import type { Nft } from '../src/nft/client.js';
 import { openNft } from '../src/nft/open.js';
 import { loadPolicyOrThrow } from '../src/policy/load.js';
 import type { Policy } from '../src/policy/model.js';
+import { runInOwnNamespace } from './lib/netns.js';
 import { median } from './lib/stats.js';
 
 const { values } = parseArgs({ options: { inner: { type: 'string' }, runs: { type: 'string', default: '5' } } });
@@ -129,22 +128,7 @@ if (values.inner) {
     console.error('bench/apply.ts needs root (it creates a network namespace)');
     process.exit(2);
   }
-  const ns = `egd-apply-bench-${randomBytes(3).toString('hex')}`;
   const root = mkdtempSync(join(tmpdir(), 'egd-apply-bench-'));
   for (const variant of ['a', 'b', 'a2'] as const) writePolicy(join(root, variant), variant);
-  execFileSync('ip', ['netns', 'add', ns]);
-  // The applies inside leave the namespace's enforcement lock file behind.
-  const lock = lockPathFor(statSync(`/run/netns/${ns}`).ino);
-  try {
-    const result = spawnSync(
-      'nsenter',
-      [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', fileURLToPath(import.meta.url), '--inner', root, '--runs', String(runs)],
-      { stdio: 'inherit' },
-    );
-    process.exitCode = result.status ?? 1;
-  } finally {
-    execFileSync('ip', ['netns', 'delete', ns]);
-    rmSync(lock, { force: true });
-    rmSync(root, { recursive: true, force: true });
-  }
+  process.exitCode = runInOwnNamespace('egd-apply-bench', fileURLToPath(import.meta.url), root, ['--inner', root, '--runs', String(runs)]);
 }

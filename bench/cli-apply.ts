@@ -23,14 +23,13 @@
  *   npx tsx bench/cli-apply.ts [--runs 7] [--base /tmp/egressd-main]   (as root; it builds and removes its own namespace)
  */
 import { execFileSync, spawnSync } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { lockPathFor } from '../src/enforce/lock.js';
+import { runInOwnNamespace } from './lib/netns.js';
 import { median } from './lib/stats.js';
 
 const { values } = parseArgs({ options: { inner: { type: 'string' }, runs: { type: 'string', default: '7' }, base: { type: 'string' } } });
@@ -153,33 +152,13 @@ if (values.inner) {
   }
   // The CLI is timed as built: build it from the sources in this tree first.
   execFileSync('npm', ['run', '--silent', 'build'], { cwd: ROOT, stdio: 'inherit' });
-  const ns = `egd-cli-bench-${randomBytes(3).toString('hex')}`;
   const root = mkdtempSync(join(tmpdir(), 'egd-cli-bench-'));
   writePolicy(join(root, 'policy'));
-  execFileSync('ip', ['netns', 'add', ns]);
-  // The applies inside leave the namespace's enforcement lock file behind.
-  const lock = lockPathFor(statSync(`/run/netns/${ns}`).ino);
-  try {
-    const result = spawnSync(
-      'nsenter',
-      [
-        `--net=/run/netns/${ns}`,
-        process.execPath,
-        '--import',
-        'tsx',
-        fileURLToPath(import.meta.url),
-        '--inner',
-        root,
-        '--runs',
-        String(runs),
-        ...(values.base ? ['--base', values.base] : []),
-      ],
-      { stdio: 'inherit' },
-    );
-    process.exitCode = result.status ?? 1;
-  } finally {
-    execFileSync('ip', ['netns', 'delete', ns]);
-    rmSync(lock, { force: true });
-    rmSync(root, { recursive: true, force: true });
-  }
+  process.exitCode = runInOwnNamespace('egd-cli-bench', fileURLToPath(import.meta.url), root, [
+    '--inner',
+    root,
+    '--runs',
+    String(runs),
+    ...(values.base ? ['--base', values.base] : []),
+  ]);
 }
