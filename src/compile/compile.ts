@@ -42,6 +42,28 @@ export interface Facts {
   readonly groups: ReadonlyMap<string, IdLookup>;
   /** Existing cgroup paths relative to the cgroup2 root, e.g. "system.slice/cups.service". */
   readonly cgroups: readonly string[];
+  /** Existing cgroups whose path nft cannot name (not UTF-8, say); any that `cgroups` holds are found there too. */
+  readonly unnamedCgroups?: readonly UnnamedCgroup[];
+}
+
+/** A cgroup whose path nft cannot carry in a string: its name is not UTF-8, or holds a quote or a control character. */
+export interface UnnamedCgroup {
+  /** The path as globs see it: bytes that are not UTF-8 read as U+FFFD. */
+  readonly path: string;
+  /** The path for people, quoted, such bytes as \xNN. */
+  readonly shown: string;
+  /** Its nearest ancestor nft can name; '' for none. */
+  readonly namedAncestor: string;
+}
+
+/**
+ * Whether nft can carry a cgroup path in a string. A non-root user names
+ * the cgroups of its own subtree, with any bytes: one the table named
+ * anyway would make nft refuse every apply.
+ */
+export function nftCanName(path: string): boolean {
+  // eslint-disable-next-line no-control-regex -- control characters are what nft strings cannot carry
+  return !/["\u0000-\u001f]/.test(path);
 }
 
 /** What the caller looks up before compiling: NSS cannot list every user cheaply, so only the names the policy mentions. */
@@ -140,6 +162,8 @@ interface Dispatch {
   readonly cgroupLevels: Map<number, { elements: Element[]; verdicts: Verdict[]; claimed: Map<string, string> }>;
   readonly uids: { elements: number[]; verdicts: Verdict[]; claimed: Map<number, string> };
   readonly gids: { elements: number[]; verdicts: Verdict[]; claimed: Map<number, string> };
+  /** Ancestors of member cgroups nft cannot name, to be cut off once every identity has claimed its own (`claim`). */
+  readonly cutOffs: { level: number; path: string; closed: () => Verdict; owner: string; at: Origin; shown: string }[];
 }
 
 /**
@@ -166,6 +190,8 @@ class Compiler {
   private readonly log: Policy['defaults']['log'];
   private readonly ruleIds: readonly RuleIdEntry[];
   private readonly shortIds: ReadonlyMap<string, string>;
+  /** Every cgroup the facts list, with whether nft can name it. */
+  private readonly cgroups: readonly (UnnamedCgroup & { readonly nameable: boolean })[];
 
   constructor(
     private readonly policy: Policy,
@@ -175,6 +201,14 @@ class Compiler {
     this.log = policy.defaults.log;
     this.ruleIds = ruleIdTable(policy, options);
     this.shortIds = new Map(this.ruleIds.map((entry) => [entry.ruleId, entry.id]));
+    this.cgroups = [
+      ...facts.cgroups.map((path) => {
+        const segments = path.split('/');
+        const lost = segments.findIndex((segment) => !nftCanName(segment));
+        return { path, shown: JSON.stringify(path), namedAncestor: segments.slice(0, Math.max(lost, 0)).join('/'), nameable: lost < 0 };
+      }),
+      ...(facts.unnamedCgroups ?? []).map((cgroup) => ({ ...cgroup, nameable: false })),
+    ];
   }
 
   run(): Compiled {
@@ -192,7 +226,8 @@ class Compiler {
       const chain = `sd_${domain.name}`;
       this.chains.push({ name: chain, rules: this.denyTail(`sd/${domain.name}`, domain.at, true) });
       // A member that matches nothing is not kept offline: that is an error, not a warning.
-      for (const member of domain.members) this.claim(domains, member, verdict.goto(chain), `system domain ${domain.name}`, true);
+      // Its own chain lets nothing out, so a member's ancestor cut off with it gains nothing.
+      for (const member of domain.members) this.claim(domains, member, verdict.goto(chain), `system domain ${domain.name}`, true, () => verdict.goto(chain));
     }
     const systemDomainRules = this.dispatchRules(domains, 'system domains');
 
@@ -247,7 +282,9 @@ class Compiler {
       const chain = `app_${app.name}`;
       this.chains.push({ name: chain, rules: this.appChain(app) });
       // An app's identity may be missing here (one policy for several machines): a warning naming it.
-      for (const identity of app.identities) this.claim(apps, identity, verdict.goto(chain), `app ${app.name}`, false);
+      // A default-deny app's cut-off ancestor gets its default only: its allowances are for its own members.
+      const closed = app.defaultVerdict === 'deny' ? () => this.closedChain(`cut_app_${app.name}`, `app/${app.name}/default`, app.at) : undefined;
+      for (const identity of app.identities) this.claim(apps, identity, verdict.goto(chain), `app ${app.name}`, false, closed);
     }
     output.push(...this.dispatchRules(apps, 'apps'));
 
@@ -293,7 +330,8 @@ class Compiler {
     chainRules.push(...this.denyTail('tor/updaters', tor.at, true));
     this.chains.push({ name: 'tor_updaters', rules: chainRules });
     const updaters = this.newDispatch('tor');
-    for (const identity of tor.updaters) this.claim(updaters, identity, verdict.goto('tor_updaters'), 'Tor updaters', false);
+    const closed = () => this.closedChain('cut_tor_updaters', 'tor/updaters', tor.at);
+    for (const identity of tor.updaters) this.claim(updaters, identity, verdict.goto('tor_updaters'), 'Tor updaters', false, closed);
     return this.dispatchRules(updaters, 'updaters over Tor');
   }
 
@@ -437,14 +475,33 @@ class Compiler {
       cgroupLevels: new Map(),
       uids: { elements: [], verdicts: [], claimed: new Map() },
       gids: { elements: [], verdicts: [], claimed: new Map() },
+      cutOffs: [],
     };
+  }
+
+  /** A chain that lets nothing out, deciding as the rule `ruleId` of the owner does; made once, when first needed. */
+  private closedChain(name: string, ruleId: string, at: Origin | undefined): Verdict {
+    if (!this.chains.some((c) => c.name === name)) this.chains.push({ name, rules: this.denyTail(ruleId, at, true) });
+    return verdict.goto(name);
   }
 
   /**
    * Adds an identity's selectors to a dispatch; the first owner of a key keeps it, and a clash is reported.
    * `mustExist`: a user or group that does not exist is an error (unless its selector is optional).
+   *
+   * A member cgroup nft cannot name (a user names the cgroups of its own
+   * subtree, with any bytes) is left out with a warning, and apply goes on:
+   * nothing a user can create may stop it. Left out, its packets meet what
+   * follows — shallower cgroups, uid, gid, the global deny list, the
+   * default. For an identity that denies (`closed`: a system domain, the
+   * updaters over Tor, an app whose default is deny) that could let out
+   * what it keeps in, so its nearest ancestor nft can name is cut off
+   * instead, at its own level, with a verdict that lets nothing out. The
+   * ancestor is a cgroup the creating user could write to — its own
+   * subtree — so what else is cut off is that user's own; members named at
+   * the deeper level are looked up first and keep their own verdict.
    */
-  private claim(d: Dispatch, identity: Identity, target: Verdict, owner: string, mustExist: boolean): void {
+  private claim(d: Dispatch, identity: Identity, target: Verdict, owner: string, mustExist: boolean, closed?: () => Verdict): void {
     for (const selector of identity.selectors) {
       if (selector.kind === 'cgroup') {
         const level = d.cgroupLevels.get(selector.level) ?? { elements: [], verdicts: [], claimed: new Map<string, string>() };
@@ -452,12 +509,24 @@ class Compiler {
         const map = `${d.prefix}_cg_l${selector.level}`;
         this.cgroupBindings.push({ owner, glob: selector.glob, level: selector.level, map, verdict: target });
         const matches = cgroupGlobMatcher(selector.glob);
-        for (const path of this.facts.cgroups) {
+        for (const cgroup of this.cgroups) {
+          const { path } = cgroup;
           if (!matches(path)) continue;
-          // nft strings cannot carry these; a user could name a cgroup so to break every apply.
-          // eslint-disable-next-line no-control-regex -- control characters are what this looks for
-          if (/["\u0000-\u001f]/.test(path)) {
-            this.warn(identity.at, `cgroup ${JSON.stringify(path)} has a character nftables cannot carry; it is left out`);
+          if (!cgroup.nameable) {
+            if (closed === undefined) {
+              this.warn(identity.at, `cgroup ${cgroup.shown} has a name nftables cannot carry; it is left out`);
+            } else if (cgroup.namedAncestor === '') {
+              this.error(identity.at, `cgroup ${cgroup.shown} of ${owner} has a name nftables cannot carry, and so has every ancestor`, 'rename it');
+            } else {
+              d.cutOffs.push({
+                level: cgroup.namedAncestor.split('/').length,
+                path: cgroup.namedAncestor,
+                closed,
+                owner,
+                at: identity.at,
+                shown: cgroup.shown,
+              });
+            }
             continue;
           }
           const earlier = level.claimed.get(path);
@@ -497,6 +566,22 @@ class Compiler {
    * Deeper cgroups are more specific, so they are looked up first.
    */
   private dispatchRules(d: Dispatch, what: string): RuleDecl[] {
+    for (const cut of d.cutOffs) {
+      const level = d.cgroupLevels.get(cut.level) ?? { elements: [], verdicts: [], claimed: new Map<string, string>() };
+      d.cgroupLevels.set(cut.level, level);
+      const earlier = level.claimed.get(cut.path);
+      const message = `cgroup ${cut.shown} of ${cut.owner} has a name nftables cannot carry`;
+      if (earlier === undefined) {
+        level.claimed.set(cut.path, `cut-off ${cut.owner}`);
+        level.elements.push(cut.path);
+        level.verdicts.push(cut.closed());
+        this.warn(cut.at, `${message}; what its ancestor ${cut.path} holds is cut off instead, but for members named below it`);
+      } else if (earlier !== `cut-off ${cut.owner}`) {
+        this.warn(cut.at, `${message}; its ancestor ${cut.path} is ${earlier}'s, which decides for it`);
+      } else {
+        this.warn(cut.at, `${message}; what its ancestor ${cut.path} holds is cut off instead, but for members named below it`);
+      }
+    }
     const rules: RuleDecl[] = [];
     for (const level of [...d.cgroupLevels.keys()].sort((a, b) => b - a)) {
       const entry = d.cgroupLevels.get(level)!;

@@ -1,35 +1,95 @@
-import { existsSync, readdirSync } from 'node:fs';
+import { existsSync, readdirSync, type Dirent } from 'node:fs';
 import { join } from 'node:path';
-import type { Facts, FactsNeeded, IdLookup } from '../compile/compile.js';
+import { nftCanName, type Facts, type FactsNeeded, type IdLookup, type UnnamedCgroup } from '../compile/compile.js';
 import { nssLookup, type NameLookup } from './nss.js';
 
 /** The cgroup2 root nft resolves `socket cgroupv2` paths against. */
 export const CGROUP2_ROOT = '/sys/fs/cgroup';
 
+/** What the walk found: paths nft can name, and those it cannot (`Facts`). */
+export interface CgroupsFound {
+  readonly named: string[];
+  readonly unnamed: UnnamedCgroup[];
+}
+
 /**
  * Lists cgroup paths (relative to the cgroup2 root) down to `maxDepth`. Only
  * a cgroup2 hierarchy counts: on a v1 machine nothing can be matched by
  * `socket cgroupv2`, and the list is empty.
+ *
+ * Names are read as bytes: a user names the cgroups of its own subtree, and
+ * any byte but "/" and NUL is allowed. Read as strings, a name that is not
+ * UTF-8 came back with U+FFFD in it, a path that does not exist, and nft
+ * refused every apply for it. Such a path, and every path below it, is
+ * returned apart with its nearest ancestor that nft can name, for the
+ * compiler to leave out or cut off (see `Compiler.claim`).
+ *
+ * What bounds the walk: its depth is the deepest level a selector of the
+ * policy names (a glob matches at one depth only), so cgroups a user nests
+ * deeper are never read; its breadth is what the kernel lets users create
+ * (`cgroup.max.descendants`), each directory read once, its entries stat-free.
  */
-export function listCgroups(root: string, maxDepth: number): string[] {
-  if (maxDepth < 1 || !existsSync(join(root, 'cgroup.controllers'))) return [];
-  const found: string[] = [];
-  const walk = (relative: string, depth: number): void => {
-    let entries;
+export function listCgroups(root: string, maxDepth: number): CgroupsFound {
+  const found: CgroupsFound = { named: [], unnamed: [] };
+  if (maxDepth < 1 || !existsSync(join(root, 'cgroup.controllers'))) return found;
+  const rootBytes = Buffer.from(root);
+  // `named` is the nearest ancestor nft can name ('' for none); `lost`, when set, is the first segment it cannot.
+  const walk = (relative: Buffer, depth: number, named: string, lost: boolean): void => {
+    let entries: Dirent<Buffer>[];
     try {
-      entries = readdirSync(join(root, relative), { withFileTypes: true });
+      entries = readdirSync(relative.length === 0 ? rootBytes : Buffer.concat([rootBytes, SLASH, relative]), { withFileTypes: true, encoding: 'buffer' });
     } catch {
       return; // a cgroup that vanished while we walked
     }
     for (const entry of entries) {
       if (!entry.isDirectory()) continue;
-      const path = relative ? `${relative}/${entry.name}` : entry.name;
-      found.push(path);
-      if (depth < maxDepth) walk(path, depth + 1);
+      const path = relative.length === 0 ? entry.name : Buffer.concat([relative, SLASH, entry.name]);
+      const text = utf8(path);
+      const nameable = !lost && text !== undefined && nftCanName(text);
+      if (nameable) found.named.push(text);
+      else found.unnamed.push({ path: path.toString('utf8'), shown: showBytes(path), namedAncestor: named });
+      if (depth < maxDepth) walk(path, depth + 1, nameable ? text : named, !nameable);
     }
   };
-  walk('', 1);
-  return found.sort();
+  walk(Buffer.alloc(0), 1, '', false);
+  found.named.sort();
+  found.unnamed.sort((a, b) => (a.shown < b.shown ? -1 : a.shown > b.shown ? 1 : 0));
+  return found;
+}
+
+const SLASH = Buffer.from('/');
+
+/** The bytes as a string when they are UTF-8, else undefined. */
+function utf8(bytes: Buffer): string | undefined {
+  try {
+    return new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(bytes);
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * A path for people, quoted: what is UTF-8 and printable as itself, other
+ * bytes (not UTF-8, control characters) as \xNN, so a warning names the
+ * cgroup exactly and cannot be made to print something else.
+ */
+export function showBytes(bytes: Buffer): string {
+  let shown = '';
+  let i = 0;
+  while (i < bytes.length) {
+    const byte = bytes[i]!;
+    const length = byte >= 0xf0 ? 4 : byte >= 0xe0 ? 3 : byte >= 0xc0 ? 2 : 1;
+    const char = byte >= 0x80 ? utf8(bytes.subarray(i, i + length)) : String.fromCharCode(byte);
+    // eslint-disable-next-line no-control-regex -- control characters are what is escaped
+    if (char === undefined || /^[\u0000-\u001f\u007f-\u009f]$/.test(char)) {
+      shown += `\\x${byte.toString(16).padStart(2, '0')}`;
+      i += 1;
+      continue;
+    }
+    shown += char === '"' || char === '\\' ? `\\${char}` : char;
+    i += byte >= 0x80 ? length : 1;
+  }
+  return `"${shown}"`;
 }
 
 /**
@@ -48,9 +108,11 @@ export function gatherFacts(needed: FactsNeeded, lookup?: NameLookup, root = CGR
     }
     return ids;
   };
+  const cgroups = listCgroups(root, needed.cgroupDepth);
   return {
     users: resolve('user', needed.users),
     groups: resolve('group', needed.groups),
-    cgroups: listCgroups(root, needed.cgroupDepth),
+    cgroups: cgroups.named,
+    unnamedCgroups: cgroups.unnamed,
   };
 }

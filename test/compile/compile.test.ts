@@ -359,8 +359,30 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     const cgroups = ['system.slice/ok.service', 'system.slice/x"y.service', 'system.slice/fsck\\x2droot.service'];
     const compiled = compileYaml('apps: {a: {identity: {cgroup: "system.slice/*"}}}\n', { facts: { ...FACTS, cgroups } });
     expect(compiled.ruleset.sets.find((s) => s.name === 'app_cg_l2')!.elements).toEqual([cgroups[0], cgroups[2]]);
-    expect(compiled.warnings.map((w) => w.message)).toEqual([`cgroup ${JSON.stringify(cgroups[1])} has a character nftables cannot carry; it is left out`]);
+    expect(compiled.warnings.map((w) => w.message)).toEqual([`cgroup ${JSON.stringify(cgroups[1])} has a name nftables cannot carry; it is left out`]);
     expect(renderText(compiled.ruleset)).toContain(`"${cgroups[2]}" : goto app_a`);
+  });
+
+  it('cuts off the nearest nameable ancestor of a deny-side member nft cannot name, and only leaves out an allow-side one', () => {
+    const unnamedCgroups = [{ path: 'u/app-\ufffd.scope', shown: '"u/app-\\xff.scope"', namedAncestor: 'u' }];
+    const facts = { ...FACTS, cgroups: ['u', 'u/app-ok.scope'], unnamedCgroups };
+    const deny = compileYaml('apps: {a: {identity: {cgroup: "u/app-*"}, default: deny}}\n', { facts });
+    expect(deny.ruleset.sets.find((s) => s.name === 'app_cg_l2')!.elements).toEqual(['u/app-ok.scope']);
+    expect(deny.ruleset.sets.find((s) => s.name === 'app_cg_l1')!.elements).toEqual(['u']);
+    expect(renderText(deny.ruleset)).toContain('"u" : goto cut_app_a');
+    expect(deny.ruleset.chains.find((c) => c.name === 'cut_app_a')!.rules.at(-1)!.expr).toContainEqual({ drop: null });
+    expect(deny.warnings.map((w) => w.message)).toEqual([
+      'cgroup "u/app-\\xff.scope" of app a has a name nftables cannot carry; what its ancestor u holds is cut off instead, but for members named below it',
+    ]);
+    const domain = compileYaml('systemDomains: {off: {members: [{cgroup: "u/app-*"}]}}\n', { facts });
+    expect(renderText(domain.ruleset)).toContain('"u" : goto sd_off');
+    const allow = compileYaml('apps: {a: {identity: {cgroup: "u/app-*"}}}\n', { facts });
+    expect(allow.ruleset.sets.map((s) => s.name)).toEqual(['app_cg_l2']);
+    expect(allow.warnings.map((w) => w.message)).toEqual(['cgroup "u/app-\\xff.scope" has a name nftables cannot carry; it is left out']);
+    const orphan = compileYaml('systemDomains: {off: {members: [{cgroup: "x*"}]}}\n', {
+      facts: { ...FACTS, cgroups: [], unnamedCgroups: [{ path: 'x\ufffd', shown: '"x\\xff"', namedAncestor: '' }] },
+    });
+    expect(orphan.errors.map((e) => e.message)).toEqual(['cgroup "x\\xff" of system domain off has a name nftables cannot carry, and so has every ancestor']);
   });
 
   it('cuts comments and log prefixes in bytes, so long non-ASCII text still loads', () => {
