@@ -1,5 +1,6 @@
 import { isIP } from 'node:net';
-import { addressGroups, networkContains, parseNetwork } from '../policy/destination.js';
+import { addressGroups, asciiName, inetAton, networkContains, parseNetwork } from '../policy/destination.js';
+import { clip } from '../policy/issues.js';
 import type { Identity, Origin, Policy, Protocol, Rule, Selector } from '../policy/model.js';
 import { identitiesOverlap, slicePath } from '../policy/resolve.js';
 import type { Facts } from './compile.js';
@@ -50,6 +51,7 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   const steps: string[] = [];
   const notes: string[] = [];
   const target = classifyHost(query.host);
+  if ('error' in target) return target;
   if (target.note) notes.push(target.note);
   const belongs = membership(policy, query.who, facts);
   if ('error' in belongs) return belongs;
@@ -161,13 +163,24 @@ interface Target {
  * ::, which Linux connects to 127.0.0.1 and ::1. Any other address is taken to leave
  * through the network, although one of this machine's own addresses leaves
  * through lo too (explain does not look at the interfaces; --help says so).
+ * A name is asked in the form the policy keeps it, the form resolvers are
+ * asked for: an IDN as its ASCII form. What libc takes as an IPv4 address
+ * (0x0a.0.0.1, 10.1) is that address, as it is for the program connecting.
  */
-function classifyHost(host: string): Target {
-  const bare = host.replace(/^\[|\]$/g, '');
+function classifyHost(host: string): Target | { error: string } {
+  const written = host.replace(/^\[|\]$/g, '');
+  const aton = isIP(written) === 0 ? inetAton(written) : undefined;
+  const bare = aton ?? written;
   const family = isIP(bare);
   if (family === 0) {
-    const name = host.toLowerCase().replace(/\.$/, '');
-    return { name, ip: undefined, family: undefined, loopback: name === 'localhost' || name.endsWith('.localhost'), note: undefined };
+    const lower = host.toLowerCase().replace(/\.$/, '');
+    const ascii = asciiName(lower);
+    if (ascii === undefined) return { error: `"${clip(host)}" is not a valid internationalised (IDNA) name` };
+    const name = ascii.replace(/\.$/, '');
+    // UTS-46 maps full-width digits and dots, so a non-ASCII name can come out as an address.
+    if (name !== lower && (isIP(name) !== 0 || inetAton(name) !== undefined)) return classifyHost(name);
+    const note = name === lower ? undefined : `${lower} is asked for as ${name}, its IDNA ASCII form`;
+    return { name, ip: undefined, family: undefined, loopback: name === 'localhost' || name.endsWith('.localhost'), note };
   }
   const groups = addressGroups(family === 4 ? 4 : 6, bare);
   const mapped = family === 6 && groups.slice(0, 6).join() === '0,0,0,0,0,65535';
@@ -180,6 +193,7 @@ function classifyHost(host: string): Target {
   } else {
     ip = canonicalAddress(6, bare);
   }
+  if (aton !== undefined) note = `libc reads ${written.toLowerCase()} as the IPv4 address ${aton}, so a program connecting to it connects to ${aton}`;
   const unspecified = ip === '0.0.0.0' || ip === '::';
   if (unspecified) {
     ip = ip === '::' ? '::1' : '127.0.0.1';

@@ -1,4 +1,6 @@
 import { isIPv4, isIPv6 } from 'node:net';
+import { domainToASCII } from 'node:url';
+import { clip } from './issues.js';
 
 /**
  * A destination written in a policy, parsed once at load. The compiler and
@@ -22,13 +24,62 @@ export function checkDnsName(name: string): string | undefined {
   if (isPlainDnsName(name)) return undefined;
   if (name.length === 0) return 'empty name';
   if (name.length > 253) return `name is ${name.length} characters long; DNS allows 253`;
-  for (const label of name.split('.')) {
+  const labels = name.split('.');
+  for (const label of labels) {
     if (label.length === 0) return 'empty label (two dots in a row, or a leading dot)';
     if (label.length > 63) return `label "${label.slice(0, 20)}…" is longer than 63 characters`;
-    if (!LABEL.test(label)) return `label "${label}" has characters a DNS name cannot have`;
+    if (!LABEL.test(label)) return `label "${clip(label)}" has characters a DNS name cannot have`;
+  }
+  if (NUMERIC_LABEL.test(labels[labels.length - 1]!)) {
+    // libc's inet_aton and URL parsers read such a name as an address, so a rule for it would silently mean one.
+    const address = inetAton(name);
+    if (address !== undefined) return `it is an IPv4 address in a form nft and resolvers read differently; write ${address}`;
+    return 'its last label is a number, which resolvers and URL parsers read as part of an IPv4 address; no DNS name ends in one';
   }
   return undefined;
 }
+
+/** A last label that makes resolvers and URL parsers (WHATWG "ends in a number") take a name for an IPv4 address. */
+const NUMERIC_LABEL = /^(?:[0-9]+|0x[0-9a-f]*)$/;
+
+/**
+ * The dotted-decimal form of what glibc's and musl's inet_aton accept as an
+ * IPv4 address — one to four parts, each decimal, octal (leading 0) or hex
+ * (0x), the last filling the bytes left — or undefined. getaddrinfo takes
+ * these as addresses, never as names, so `0x0a.0.0.1`, `012.0.0.1`, `10.1`
+ * and `167772161` all connect to 10.0.0.1.
+ */
+export function inetAton(text: string): string | undefined {
+  const parts = text.toLowerCase().split('.');
+  if (parts.length > 4) return undefined;
+  const values: number[] = [];
+  for (const part of parts) {
+    let value: number;
+    if (/^0x[0-9a-f]+$/.test(part)) value = parseInt(part.slice(2), 16);
+    else if (/^0[0-7]*$/.test(part)) value = parseInt(part, 8);
+    else if (/^[1-9][0-9]*$/.test(part)) value = Number(part);
+    else return undefined;
+    values.push(value);
+  }
+  const last = values.pop()!;
+  if (values.some((value) => value > 255) || last >= 2 ** (8 * (4 - values.length))) return undefined;
+  const bytes = [...values, ...Array.from({ length: 4 - values.length }, (_, i) => Math.floor(last / 2 ** (8 * (3 - values.length - i))) % 256)];
+  return bytes.join('.');
+}
+
+/**
+ * A name as resolvers are asked for it: a name with non-ASCII characters
+ * becomes its IDNA (UTS-46) ASCII form, `münchen.example` →
+ * `xn--mnchen-3ya.example`; an ASCII name is returned as it is, without
+ * looking at it again. Undefined when the name is not a valid IDN.
+ */
+export function asciiName(name: string): string | undefined {
+  if (!NON_ASCII.test(name)) return name;
+  const ascii = domainToASCII(name);
+  return ascii === '' ? undefined : ascii;
+}
+
+const NON_ASCII = /[^\p{ASCII}]/u;
 
 const HYPHEN = 45;
 const FULL_STOP = 46;
@@ -45,27 +96,32 @@ export function isPlainDnsName(name: string): boolean {
   const length = name.length;
   if (length === 0 || length > 253) return false;
   let labelStart = 0;
+  let lastStart = 0;
   for (let i = 0; i <= length; i++) {
     const code = i < length ? name.charCodeAt(i) : FULL_STOP;
     if (code === FULL_STOP) {
       const label = i - labelStart;
       if (label === 0 || label > 63 || name.charCodeAt(i - 1) === HYPHEN) return false;
+      lastStart = labelStart;
       labelStart = i + 1;
     } else if (code === HYPHEN) {
       if (i === labelStart) return false;
     } else if (!((code >= 97 && code <= 122) || (code >= 48 && code <= 57) || code === UNDERSCORE)) return false;
   }
-  return true;
+  // A last label starting with a letter (com, org, …) cannot be numeric; the rest is checkDnsName's.
+  const first = name.charCodeAt(lastStart);
+  return !(first >= 48 && first <= 57 && NUMERIC_LABEL.test(name.slice(lastStart)));
 }
 
 export function parseDestination(raw: string): ParseResult<Destination> {
   const text = raw.trim();
   if (text.length === 0) return { ok: false, message: 'empty destination' };
+  const quoted = `"${clip(text)}"`;
 
   const list = LIST_REF.exec(text);
   if (list) return { ok: true, value: { kind: 'list', list: list[1]! } };
   if (text.startsWith('@')) {
-    return { ok: false, message: `"${text}" is not a valid list reference`, hint: 'list names are lower case letters, digits, "-" and "_", e.g. @tracking' };
+    return { ok: false, message: `${quoted} is not a valid list reference`, hint: 'list names are lower case letters, digits, "-" and "_", e.g. @tracking' };
   }
 
   const catalogue = CATALOGUE_REF.exec(text);
@@ -73,7 +129,7 @@ export function parseDestination(raw: string): ParseResult<Destination> {
   if (text.startsWith('catalogue:')) {
     return {
       ok: false,
-      message: `"${text}" is not a valid catalogue reference`,
+      message: `${quoted} is not a valid catalogue reference`,
       hint: 'write catalogue:CATEGORY or catalogue:ENTRY-ID, e.g. catalogue:telemetry',
     };
   }
@@ -84,53 +140,73 @@ export function parseDestination(raw: string): ParseResult<Destination> {
 
   const lower = text.toLowerCase().replace(/\.$/, '');
   if (lower.startsWith('*.')) {
-    const suffix = lower.slice(2);
-    const problem = checkDnsName(suffix);
-    if (problem) return { ok: false, message: `"${text}" is not a valid wildcard name: ${problem}` };
+    const suffix = toAscii(lower.slice(2));
+    const problem = suffix === undefined ? INVALID_IDN : checkDnsName(suffix);
+    if (problem || suffix === undefined) return { ok: false, message: `${quoted} is not a valid wildcard name: ${problem}` };
     return { ok: true, value: { kind: 'suffix', suffix } };
   }
   if (lower.includes('*')) {
     return {
       ok: false,
-      message: `"${text}" has a wildcard that is not a leading "*."`,
+      message: `${quoted} has a wildcard that is not a leading "*."`,
       hint: 'only "*.example.org" is supported; it matches example.org and every name below it',
     };
   }
   if (lower.includes('/') || lower.includes(':')) {
-    return { ok: false, message: `"${text}" is neither a DNS name nor an IP address or CIDR`, hint: 'write a bare name (example.org), not a URL' };
+    return { ok: false, message: `${quoted} is neither a DNS name nor an IP address or CIDR`, hint: 'write a bare name (example.org), not a URL' };
   }
-  const problem = checkDnsName(lower);
-  if (problem) return { ok: false, message: `"${text}" is not a valid DNS name: ${problem}` };
-  return { ok: true, value: { kind: 'name', name: lower } };
+  const name = toAscii(lower);
+  const address = name === undefined ? undefined : inetAton(name);
+  if (address !== undefined) return { ok: false, message: `${quoted} is an IPv4 address in a form nft and resolvers read differently; write ${address}` };
+  const problem = name === undefined ? INVALID_IDN : checkDnsName(name);
+  if (problem || name === undefined) return { ok: false, message: `${quoted} is not a valid DNS name: ${problem}` };
+  return { ok: true, value: { kind: 'name', name } };
+}
+
+/** What a name that is not a valid IDN is refused with. */
+export const INVALID_IDN = 'it has characters that are not a valid internationalised (IDNA) name';
+
+/** asciiName, with a trailing full stop the mapping made ("。" is one) dropped as the ASCII one was. */
+function toAscii(name: string): string | undefined {
+  const ascii = asciiName(name);
+  return ascii !== name && ascii?.endsWith('.') ? ascii.slice(0, -1) : ascii;
 }
 
 export function parseNetwork(text: string): ParseResult<Destination & { kind: 'net' }> {
   const slash = text.indexOf('/');
   const address = slash < 0 ? text : text.slice(0, slash);
   const prefixText = slash < 0 ? undefined : text.slice(slash + 1);
-  if (prefixText?.includes('/')) return { ok: false, message: `"${text}" has more than one "/"` };
+  const quoted = `"${clip(text)}"`;
+  if (prefixText?.includes('/')) return { ok: false, message: `${quoted} has more than one "/"` };
   const quick = quickGroups(address);
   const family = quick ? (quick.length === 2 ? 4 : 6) : isIPv4(address) ? 4 : isIPv6(address) ? 6 : undefined;
-  if (family === undefined) return { ok: false, message: `"${text}" is not a valid IPv4 or IPv6 address` };
+  if (family === undefined) {
+    const dotted = inetAton(address);
+    if (dotted !== undefined) {
+      const suffix = prefixText === undefined ? '' : `/${prefixText}`;
+      return { ok: false, message: `${quoted} is an IPv4 address in a form nft and resolvers read differently; write ${dotted}${suffix}` };
+    }
+    return { ok: false, message: `${quoted} is not a valid IPv4 or IPv6 address` };
+  }
   const bits = family === 4 ? 32 : 128;
   let prefix = bits;
   if (prefixText !== undefined) {
     if (!/^\d{1,3}$/.test(prefixText) || Number(prefixText) > bits) {
-      return { ok: false, message: `"${text}" has prefix length /${prefixText}; IPv${family} allows /0 to /${bits}` };
+      return { ok: false, message: `${quoted} has prefix length /${clip(prefixText)}; IPv${family} allows /0 to /${bits}` };
     }
     prefix = Number(prefixText);
   }
   const groups = quick ?? addressGroups(family, address);
   if (family === 6 && groups[0] === 0 && groups[1] === 0 && groups[2] === 0 && groups[3] === 0 && groups[4] === 0 && groups[5] === 0xffff) {
     // A dual-stack socket sends these as IPv4 packets, which an ip6 rule never sees.
-    return { ok: false, message: `"${text}" is an IPv4-mapped IPv6 address`, hint: 'write the IPv4 address or network instead' };
+    return { ok: false, message: `${quoted} is an IPv4-mapped IPv6 address`, hint: 'write the IPv4 address or network instead' };
   }
   // A whole address (most lines of a blocklist) has no host bits to clear.
   const masked = prefix === bits ? groups : maskGroups(groups, prefix);
   // Dotted quads that quickGroups reads (no leading zeros) are written the canonical way already.
   const canonical = quick && family === 4 && masked === groups ? address : formatGroups(family, masked);
   if (masked !== groups && masked.some((group, i) => group !== groups[i])) {
-    return { ok: false, message: `"${text}" has host bits set below the /${prefix} prefix`, hint: `did you mean ${canonical}/${prefix}?` };
+    return { ok: false, message: `${quoted} has host bits set below the /${prefix} prefix`, hint: `did you mean ${canonical}/${prefix}?` };
   }
   return { ok: true, value: { kind: 'net', family, address: canonical, prefix } };
 }

@@ -1,5 +1,5 @@
 import { isIP } from 'node:net';
-import { checkDnsName, parseNetwork } from './destination.js';
+import { asciiName, checkDnsName, INVALID_IDN, parseNetwork } from './destination.js';
 import type { Network } from './model.js';
 
 export type ListFormat = 'auto' | 'plain' | 'hosts';
@@ -35,7 +35,8 @@ const SPACE = /\s/;
  * Parses a name list in plain format (one name per line) or hosts format
  * ("0.0.0.0 name [name…]"); `#` starts a comment in both. A line `*.example.org`
  * is a suffix, a line holding an address or CIDR is a network, and every
- * other entry is an exact name. Duplicates are dropped.
+ * other entry is an exact name. Names with non-ASCII characters are kept in
+ * their IDNA ASCII form, the one resolvers are asked for. Duplicates are dropped.
  */
 export function parseNameList(text: string, format: ListFormat): ParsedList {
   const names = new Set<string>();
@@ -77,8 +78,17 @@ export function parseNameList(text: string, format: ListFormat): ParsedList {
       const name = lower.endsWith('.') ? lower.slice(0, -1) : lower;
       if (isHostsLine && HOSTS_SELF_NAMES.has(name)) continue;
       const isSuffix = name.startsWith('*.');
-      const bare = isSuffix ? name.slice(2) : name;
-      const problem = checkDnsName(bare);
+      let bare = isSuffix ? name.slice(2) : name;
+      let problem = checkDnsName(bare);
+      if (problem) {
+        // Only a name the ASCII check refused can be an IDN: the plain lines of a big list never get here.
+        const ascii = asciiName(bare);
+        if (ascii === undefined) problem = INVALID_IDN;
+        else if (ascii !== bare) {
+          bare = ascii.endsWith('.') ? ascii.slice(0, -1) : ascii;
+          problem = checkDnsName(bare);
+        }
+      }
       if (problem) {
         rejected.push({ line: lineNumber, col: raw.indexOf(token) + 1, text: token, reason: problem });
         continue;

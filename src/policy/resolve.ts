@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import type { z } from 'zod';
 import { addressGroups, groupsKey, maskGroups, parseDestination, parseNetwork, type Destination } from './destination.js';
 import { parseNameList } from './lists.js';
-import type { PolicyIssue } from './issues.js';
+import { boundIssue, clip, type PolicyIssue } from './issues.js';
 import {
   DEFAULT_LOG_GROUP,
   type App,
@@ -43,6 +43,12 @@ const MAX_LIST_WARNINGS = 5;
  * generated input in tests.
  */
 export function resolvePolicy(files: readonly PolicyFileInput[], readList: ListReader): ResolveResult {
+  const result = resolveUnbounded(files, readList);
+  const warnings = result.warnings.map(boundIssue);
+  return result.ok ? { ...result, warnings } : { ok: false, errors: result.errors.map(boundIssue), warnings };
+}
+
+function resolveUnbounded(files: readonly PolicyFileInput[], readList: ListReader): ResolveResult {
   const errors: PolicyIssue[] = [];
   const warnings: PolicyIssue[] = [];
   const parsed: { source: SourceFile; data: PolicyFile }[] = [];
@@ -96,7 +102,7 @@ function schemaIssue(source: SourceFile, issue: z.core.$ZodIssue): PolicyIssue {
     return {
       severity: 'error',
       at: where,
-      message: `unknown ${plural} ${keys.map((k) => `"${k}"`).join(', ')}${describePath(path)}`,
+      message: `unknown ${plural} ${keys.map((k) => `"${clip(k)}"`).join(', ')}${describePath(path)}`,
       hint: 'see `egressctl schema` for the keys each section takes',
     };
   }
@@ -104,7 +110,7 @@ function schemaIssue(source: SourceFile, issue: z.core.$ZodIssue): PolicyIssue {
     // Zod says only "Invalid key in record": the key check's own issues say the rule, as they do for a value.
     const key = String(path[path.length - 1]);
     const rule = issue.issues.map((inner) => inner.message).join('; ');
-    return { severity: 'error', at: source.locateKey(path), message: `"${key}" is not a valid name: ${rule}${describePath(path.slice(0, -1))}` };
+    return { severity: 'error', at: source.locateKey(path), message: `"${clip(key)}" is not a valid name: ${rule}${describePath(path.slice(0, -1))}` };
   }
   const hint = issue.code === 'custom' ? (issue.params as { hint?: string } | undefined)?.hint : undefined;
   let message = issue.message;
@@ -121,7 +127,7 @@ function schemaIssue(source: SourceFile, issue: z.core.$ZodIssue): PolicyIssue {
 function describePath(path: readonly PropertyKey[]): string {
   if (path.length === 0) return '';
   return ` (at ${path
-    .map((part) => (typeof part === 'number' ? `[${part}]` : `.${String(part)}`))
+    .map((part) => (typeof part === 'number' ? `[${part}]` : `.${clip(String(part))}`))
     .join('')
     .replace(/^\./, '')})`;
 }
@@ -237,6 +243,7 @@ class Resolver {
   private loadList(name: string, placed: Placed<NonNullable<PolicyFile['lists']>[string]>): void {
     const at = placed.source.locateKey(placed.path);
     const spec = placed.value;
+    const file = 'file' in spec ? clip(spec.file) : undefined;
     if ('names' in spec) {
       const names: string[] = [];
       const suffixes: string[] = [];
@@ -244,25 +251,25 @@ class Resolver {
         const dest = parseDestination(raw);
         if (dest.ok && dest.value.kind === 'name') names.push(dest.value.name);
         else if (dest.ok && dest.value.kind === 'suffix') suffixes.push(dest.value.suffix);
-        else this.error(placed, ['names', i], `"${raw}" is not a name; an inline list holds names and *.suffixes (addresses go in a list file)`);
+        else this.error(placed, ['names', i], `"${clip(raw)}" is not a name; an inline list holds names and *.suffixes (addresses go in a list file)`);
       });
       this.lists.set(name, { name, names, suffixes, networks: [], file: undefined, at });
       return;
     }
     const read = this.readList(spec.file);
     if ('error' in read) {
-      this.error(placed, ['file'], `list "${name}": cannot read ${spec.file}: ${read.error}`);
+      this.error(placed, ['file'], `list "${name}": cannot read ${file}: ${read.error}`);
       return;
     }
     if (read.bytes.indexOf(0) >= 0) {
-      this.error(placed, ['file'], `list "${name}": ${spec.file} is binary (it contains a NUL byte)`);
+      this.error(placed, ['file'], `list "${name}": ${file} is binary (it contains a NUL byte)`);
       return;
     }
     let text: string;
     try {
       text = new TextDecoder('utf-8', { fatal: true }).decode(read.bytes);
     } catch {
-      this.error(placed, ['file'], `list "${name}": ${spec.file} is not valid UTF-8 text`);
+      this.error(placed, ['file'], `list "${name}": ${file} is not valid UTF-8 text`);
       return;
     }
     const parsed = parseNameList(text, spec.format ?? 'auto');
@@ -270,18 +277,18 @@ class Resolver {
       this.warnings.push({
         severity: 'warning',
         at: { file: spec.file, line: line.line, col: line.col },
-        message: `skipped "${line.text.slice(0, 80)}": ${line.reason}`,
+        message: `skipped "${clip(line.text)}": ${line.reason}`,
       }),
     );
     if (parsed.rejected.length > MAX_LIST_WARNINGS) {
       this.warnings.push({
         severity: 'warning',
         at,
-        message: `list "${name}": ${parsed.rejected.length - MAX_LIST_WARNINGS} more lines of ${spec.file} skipped`,
+        message: `list "${name}": ${parsed.rejected.length - MAX_LIST_WARNINGS} more lines of ${file} skipped`,
       });
     }
     if (parsed.names.length + parsed.suffixes.length + parsed.networks.length === 0) {
-      this.warnings.push({ severity: 'warning', at, message: `list "${name}" (${spec.file}) holds no names or addresses` });
+      this.warnings.push({ severity: 'warning', at, message: `list "${name}" (${file}) holds no names or addresses` });
     }
     this.lists.set(name, { name, names: parsed.names, suffixes: parsed.suffixes, networks: parsed.networks, file: spec.file, at });
   }
@@ -293,7 +300,7 @@ class Resolver {
       const dest = parseDestination(raw);
       if (dest.ok && dest.value.kind === 'name') names.push(dest.value.name);
       else if (dest.ok && dest.value.kind === 'suffix') suffixes.push(dest.value.suffix);
-      else this.error(placed, ['names', i], `catalogue entry "${id}": "${raw}" is not a name or *.suffix`);
+      else this.error(placed, ['names', i], `catalogue entry "${id}": "${clip(raw)}" is not a name or *.suffix`);
     });
     const { software, reports, category, source } = placed.value;
     this.catalogue.set(id, { id, software, reports, category, names, suffixes, source, at: placed.source.locateKey(placed.path) });

@@ -1,5 +1,6 @@
 import { z } from 'zod';
 import { parseDestination, parseNetwork } from './destination.js';
+import { clip } from './issues.js';
 
 /**
  * The policy file format. This schema is the only source of the file types
@@ -24,7 +25,7 @@ const port = z.union([
     if ((!range && !single) || low < 1 || high > 65535 || low > high) {
       ctx.addIssue({
         code: 'custom',
-        message: `"${value}" is not a port or port range`,
+        message: `"${clip(value)}" is not a port or port range`,
         params: { hint: 'ports are 1–65535; a range is written "8000-8100" with the lower port first' },
       });
     }
@@ -149,7 +150,7 @@ const socksAddress = z.string().superRefine((value, ctx) => {
   const portNumber = Number(match?.[3]);
   const hostOk = host !== undefined && parseNetwork(host).ok;
   if (!match || !hostOk || portNumber < 1 || portNumber > 65535) {
-    ctx.addIssue({ code: 'custom', message: `"${value}" is not an address:port`, params: { hint: 'e.g. 127.0.0.1:9050 or [::1]:9050' } });
+    ctx.addIssue({ code: 'custom', message: `"${clip(value)}" is not an address:port`, params: { hint: 'e.g. 127.0.0.1:9050 or [::1]:9050' } });
   }
 });
 

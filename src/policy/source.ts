@@ -1,5 +1,5 @@
 import { isMap, isScalar, isSeq, LineCounter, parseDocument, type Node } from 'yaml';
-import type { PolicyIssue } from './issues.js';
+import { clip, type PolicyIssue } from './issues.js';
 import type { Origin } from './model.js';
 
 /** A parsed YAML file that can say where any value in it was written. */
@@ -52,7 +52,7 @@ export function parsePolicySource(file: string, bytes: Uint8Array): { source?: S
       issues: doc.errors.map((error) => ({
         severity: 'error' as const,
         at: at(error.pos[0]),
-        message: `YAML: ${error.message.split('\n')[0]}`,
+        message: `YAML: ${clip(error.message.split('\n')[0]!, 200)}`,
       })),
     };
   }
@@ -61,7 +61,7 @@ export function parsePolicySource(file: string, bytes: Uint8Array): { source?: S
   try {
     data = doc.toJS({ maxAliasCount: 100 });
   } catch (error) {
-    return { issues: [{ severity: 'error', at: top, message: `YAML: ${(error as Error).message.split('\n')[0]}` }] };
+    return { issues: [{ severity: 'error', at: top, message: `YAML: ${clip((error as Error).message.split('\n')[0]!, 200)}` }] };
   }
 
   const nodeAt = (path: readonly PropertyKey[]): Node | undefined => {

@@ -190,3 +190,43 @@ describe('explain answers for the packet the kernel sees', () => {
     ).toBe('accept');
   });
 });
+
+describe('explain asks for a name in the form resolvers are asked for it', () => {
+  const idn = policyFrom(
+    `
+defaults: {egress: allow}
+lists:
+  blocked: {file: blocked.txt}
+deny:
+  - to: ["@blocked", bücher.example]
+  - to: [10.0.0.0/8]
+`,
+    { 'blocked.txt': 'münchen.example\n' },
+  );
+  const who = { kind: 'user', user: 'alice' } as const;
+  const verdictFor = (host: string) => {
+    const answer = explain(idn, { who, host }, FACTS);
+    if ('error' in answer) throw new Error(answer.error);
+    return answer;
+  };
+
+  it('an IDN written in a list or a rule and asked in either form gets one answer', () => {
+    for (const host of ['münchen.example', 'MÜNCHEN.example', 'xn--mnchen-3ya.example', 'bücher.example', 'xn--bcher-kva.example']) {
+      expect(verdictFor(host), host).toMatchObject({ verdict: 'deny', level: 'global-deny' });
+    }
+    expect(verdictFor('münchen.example').notes).toContain('münchen.example is asked for as xn--mnchen-3ya.example, its IDNA ASCII form');
+    expect(verdictFor('muenchen.example')).toMatchObject({ verdict: 'allow', level: 'default' });
+  });
+
+  it('what libc reads as an IPv4 address is that address', () => {
+    for (const host of ['0x0a.0.0.1', '012.0.0.1', '10.1', '167772161', '０ｘ０ａ.0.0.1']) {
+      const answer = verdictFor(host);
+      expect(answer, host).toMatchObject({ verdict: 'deny', level: 'global-deny', ruleId: 'deny/f.yaml/1' });
+    }
+    expect(verdictFor('0x0a.0.0.1').notes).toContain('libc reads 0x0a.0.0.1 as the IPv4 address 10.0.0.1, so a program connecting to it connects to 10.0.0.1');
+  });
+
+  it('an invalid IDN is an error, not a name', () => {
+    expect(explain(idn, { who, host: 'ab\u200d.example' }, FACTS)).toEqual({ error: '"ab\u200d.example" is not a valid internationalised (IDNA) name' });
+  });
+});

@@ -6,6 +6,7 @@ import {
   bigIntToAddress,
   addressToBigInt,
   checkDnsName,
+  inetAton,
   isPlainDnsName,
   networkContains,
   parseDestination,
@@ -39,10 +40,70 @@ describe('destinations', () => {
     ['', /empty/],
     ['::ffff:192.0.2.1', /IPv4-mapped/],
     ['::ffff:203.0.113.0/120', /IPv4-mapped/],
+    ['0x0a.0.0.1', /^"0x0a.0.0.1" is an IPv4 address in a form nft and resolvers read differently; write 10.0.0.1$/],
+    ['0X0A.0.0.1.', /write 10.0.0.1$/],
+    ['012.0.0.1', /^"012.0.0.1" is an IPv4 address in a form .*; write 10.0.0.1$/],
+    ['10.1', /write 10.0.0.1$/],
+    ['167772161', /write 10.0.0.1$/],
+    ['0x7f.1', /write 127.0.0.1$/],
+    ['012.0.0.0/8', /write 10.0.0.0\/8$/],
+    ['*.0x0a.1', /not a valid wildcard name: it is an IPv4 address .*; write 10.0.0.1$/],
+    ['０ｘ０ａ.0.0.1', /write 10.0.0.1$/],
+    ['0x100.0.0.1', /last label is a number/],
+    ['example.123', /last label is a number/],
+    ['ab\u200d.example', /not a valid internationalised \(IDNA\) name/],
   ])('%s is refused', (text, message) => {
     const result = parseDestination(text);
     expect(result.ok).toBe(false);
     if (!result.ok) expect(result.message).toMatch(message);
+  });
+
+  it.each([
+    ['münchen.example', { kind: 'name', name: 'xn--mnchen-3ya.example' }],
+    ['MÜNCHEN.Example.', { kind: 'name', name: 'xn--mnchen-3ya.example' }],
+    ['bücher。example', { kind: 'name', name: 'xn--bcher-kva.example' }],
+    ['*.münchen.example', { kind: 'suffix', suffix: 'xn--mnchen-3ya.example' }],
+    ['xn--mnchen-3ya.example', { kind: 'name', name: 'xn--mnchen-3ya.example' }],
+    ['0xdeadbeef.example', { kind: 'name', name: '0xdeadbeef.example' }],
+    ['1e100.net', { kind: 'name', name: '1e100.net' }],
+  ])('%s is kept in the form resolvers are asked for', (text, expected) => {
+    expect(parseDestination(text)).toEqual({ ok: true, value: expected });
+  });
+
+  it('quotes at most 80 characters of what it refuses', () => {
+    for (const text of [
+      'x'.repeat(1_000_000),
+      `${'1.'.repeat(100_000)}1`,
+      `@${'X'.repeat(100_000)}`,
+      `*.${'a'.repeat(100_000)}*`,
+      `http://${'a'.repeat(100_000)}`,
+    ]) {
+      const result = parseDestination(text);
+      expect(result.ok).toBe(false);
+      if (!result.ok) expect(result.message.length, result.message.slice(0, 40)).toBeLessThan(200);
+    }
+  });
+
+  it.each([
+    ['10.0.0.1', '10.0.0.1'],
+    ['0x0a.0.0.1', '10.0.0.1'],
+    ['012.0.0.1', '10.0.0.1'],
+    ['10.1', '10.0.0.1'],
+    ['10.0.1', '10.0.0.1'],
+    ['167772161', '10.0.0.1'],
+    ['0xA000001', '10.0.0.1'],
+    ['0', '0.0.0.0'],
+    ['1.0xffffff', '1.255.255.255'],
+    ['1.0x1000000', undefined],
+    ['256.0.0.1', undefined],
+    ['08.0.0.1', undefined],
+    ['0x.0.0.1', undefined],
+    ['1.2.3.4.5', undefined],
+    ['4294967296', undefined],
+    ['1.2.3.', undefined],
+    ['a.example', undefined],
+  ])('inet_aton reads %s as %s', (text, expected) => {
+    expect(inetAton(text)).toBe(expected);
   });
 
   it('prints IPv6 the RFC 5952 way and tests containment', () => {
@@ -59,6 +120,19 @@ describe('name lists', () => {
     expect(parsed.names).toEqual(['a.example', 'b.example', 'plain.example']);
     expect(parsed.suffixes).toEqual(['wild.example']);
     expect(parsed.rejected).toEqual([]);
+  });
+
+  it('keeps IDNs in their ASCII form and refuses address forms and invalid IDNs by line', () => {
+    const parsed = parseNameList('münchen.example\n0x0a.0.0.1\n0.0.0.0 bücher.example 10.1\n*.ü.example\nab\u200d.example\n012.0.0.1\n', 'auto');
+    expect(parsed.names).toEqual(['xn--mnchen-3ya.example', 'xn--bcher-kva.example']);
+    expect(parsed.suffixes).toEqual(['xn--tda.example']);
+    expect(parsed.networks).toEqual([]);
+    expect(parsed.rejected).toEqual([
+      { line: 2, col: 1, text: '0x0a.0.0.1', reason: 'it is an IPv4 address in a form nft and resolvers read differently; write 10.0.0.1' },
+      { line: 3, col: 24, text: '10.1', reason: 'it is an IPv4 address in a form nft and resolvers read differently; write 10.0.0.1' },
+      { line: 5, col: 1, text: 'ab\u200d.example', reason: 'it has characters that are not a valid internationalised (IDNA) name' },
+      { line: 6, col: 1, text: '012.0.0.1', reason: '"012.0.0.1" is an IPv4 address in a form nft and resolvers read differently; write 10.0.0.1' },
+    ]);
   });
 });
 
@@ -166,11 +240,16 @@ describe('addresses read in one pass (quickGroups)', () => {
 describe('DNS names checked in one pass (isPlainDnsName)', () => {
   // checkDnsName's own checks, as they were before the one-pass check went in front of them.
   const LABEL = /^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$/;
+  // No DNS name ends in a numeric label: resolvers and URL parsers read such a name as an IPv4 address.
+  const NUMERIC = /^(?:[0-9]+|0x[0-9a-f]*)$/;
   const valid = (name: string) =>
-    name.length > 0 && name.length <= 253 && name.split('.').every((label) => label.length > 0 && label.length <= 63 && LABEL.test(label));
+    name.length > 0 &&
+    name.length <= 253 &&
+    name.split('.').every((label) => label.length > 0 && label.length <= 63 && LABEL.test(label)) &&
+    !NUMERIC.test(name.split('.').pop()!);
 
   it('accepts exactly the names the label checks accept', () => {
-    const char = fc.constantFrom(...'ab0_-.Z*'.split(''));
+    const char = fc.constantFrom(...'ab0x_-.Z*'.split(''));
     const label = fc.oneof(
       fc.array(char, { maxLength: 6 }).map((c) => c.join('')),
       fc.constantFrom('a'.repeat(63), 'a'.repeat(64), `a${'-'.repeat(61)}a`),

@@ -291,4 +291,53 @@ describe('policy loader: every class of bad input is an error with file:line:col
     const dir = policyDir({ 'a.yaml': 'defaults: {egress: maybe}\n' });
     expect(() => loadPolicyOrThrow(dir)).toThrow(expect.objectContaining({ code: 'EGD_POLICY_INVALID', details: [expect.stringContaining('a.yaml:1:20: ')] }));
   });
+
+  it('an IPv4 address written another way is not a name: refused with the dotted-decimal form to write', () => {
+    expect(errorsOf({ 'a.yaml': 'deny:\n  - to: [a.example, 0x0a.0.0.1, "10.1"]\n' })).toEqual([
+      'a.yaml:2:21: "0x0a.0.0.1" is an IPv4 address in a form nft and resolvers read differently; write 10.0.0.1 (at deny[0].to[1])',
+      'a.yaml:2:33: "10.1" is an IPv4 address in a form nft and resolvers read differently; write 10.0.0.1 (at deny[0].to[2])',
+    ]);
+  });
+
+  it('list lines that resolvers read as addresses, or that are not valid IDNs, are skipped with file:line; IDNs are kept as punycode', () => {
+    const dir = policyDir({
+      'a.yaml': 'lists:\n  l: {file: l.txt}\ndeny:\n  - to: ["@l"]\n',
+      'l.txt': 'münchen.example\n0x0a.0.0.1\nxn--bcher-kva.example\n167772161\nab\u200d.example\n',
+    });
+    const result = loadPolicyDir(dir);
+    expect(result.ok).toBe(true);
+    if (!result.ok) return;
+    expect(result.policy.lists.get('l')!.names).toEqual(['xn--mnchen-3ya.example', 'xn--bcher-kva.example']);
+    expect(result.warnings.map((w) => formatIssue(w))).toEqual([
+      'l.txt:2:1: warning: skipped "0x0a.0.0.1": it is an IPv4 address in a form nft and resolvers read differently; write 10.0.0.1',
+      'l.txt:4:1: warning: skipped "167772161": "167772161" is an IPv4 address in a form nft and resolvers read differently; write 10.0.0.1',
+      'l.txt:5:1: warning: skipped "ab\u200d.example": it has characters that are not a valid internationalised (IDNA) name',
+    ]);
+  });
+
+  it('no error or warning quotes more than a bounded piece of the input, whatever its source', () => {
+    const big = 'x'.repeat(1_000_000 - 100);
+    const files = {
+      destination: `deny:\n  - to: ["${big}"]\n`,
+      address: `deny:\n  - to: ["${'1.'.repeat(400_000)}1"]\n`,
+      port: `deny:\n  - to: [a.example]\n    ports: ["${big}"]\n`,
+      socks: `tor: {socks: "${big}"}\n`,
+      listFile: `lists:\n  l: {file: "${big}"}\n`,
+      inlineList: `lists:\n  l: {names: ["@${big}"]}\n`,
+      alias: `a: *${big}\n`,
+      unknownKey: `{"${big}": 1}\n`,
+      invalidKey: `lists: {"${big}": {names: [a.example]}}\n`,
+      garbage: Array.from({ length: 999_000 }, (_, i) => String.fromCharCode(33 + ((i * 7919) % 90))).join(''),
+    };
+    for (const [name, text] of Object.entries(files)) {
+      const dir = policyDir({ 'a.yaml': text, 'l.txt': `${big}\n${big} ${big}\n` });
+      const result = loadPolicyDir(dir);
+      const issues = [...(result.ok ? [] : result.errors), ...result.warnings];
+      expect(issues.length, name).toBeGreaterThan(0);
+      for (const issue of issues) expect(formatIssue(issue).length, `${name}: ${formatIssue(issue).slice(0, 100)}`).toBeLessThan(600);
+    }
+    const list = loadPolicyDir(policyDir({ 'a.yaml': 'lists:\n  l: {file: l.txt}\n', 'l.txt': `${big}\n${big} ${big}\n0.0.0.0 ${big}\n` }));
+    expect(list.warnings.length).toBe(4);
+    for (const issue of list.warnings) expect(formatIssue(issue).length).toBeLessThan(300);
+  });
 });
