@@ -157,9 +157,16 @@ function everyIdentity(policy: Policy): Identity[] {
   ];
 }
 
+/** One cgroup depth of a dispatch: its map's elements and verdicts, and which owner claimed each path. */
+interface LevelEntries {
+  readonly elements: Element[];
+  readonly verdicts: Verdict[];
+  readonly claimed: Map<string, string>;
+}
+
 interface Dispatch {
   readonly prefix: string;
-  readonly cgroupLevels: Map<number, { elements: Element[]; verdicts: Verdict[]; claimed: Map<string, string> }>;
+  readonly cgroupLevels: Map<number, LevelEntries>;
   readonly uids: { elements: number[]; verdicts: Verdict[]; claimed: Map<number, string> };
   readonly gids: { elements: number[]; verdicts: Verdict[]; claimed: Map<number, string> };
   /** Ancestors of member cgroups nft cannot name, to be cut off once every identity has claimed its own (`claim`). */
@@ -504,8 +511,7 @@ class Compiler {
   private claim(d: Dispatch, identity: Identity, target: Verdict, owner: string, mustExist: boolean, closed?: () => Verdict): void {
     for (const selector of identity.selectors) {
       if (selector.kind === 'cgroup') {
-        const level = d.cgroupLevels.get(selector.level) ?? { elements: [], verdicts: [], claimed: new Map<string, string>() };
-        d.cgroupLevels.set(selector.level, level);
+        const level = cgroupLevel(d, selector.level);
         const map = `${d.prefix}_cg_l${selector.level}`;
         this.cgroupBindings.push({ owner, glob: selector.glob, level: selector.level, map, verdict: target });
         const matches = cgroupGlobMatcher(selector.glob);
@@ -567,19 +573,19 @@ class Compiler {
    */
   private dispatchRules(d: Dispatch, what: string): RuleDecl[] {
     for (const cut of d.cutOffs) {
-      const level = d.cgroupLevels.get(cut.level) ?? { elements: [], verdicts: [], claimed: new Map<string, string>() };
-      d.cgroupLevels.set(cut.level, level);
+      const level = cgroupLevel(d, cut.level);
+      const cutOwner = `cut-off ${cut.owner}`;
       const earlier = level.claimed.get(cut.path);
-      const message = `cgroup ${cut.shown} of ${cut.owner} has a name nftables cannot carry`;
       if (earlier === undefined) {
-        level.claimed.set(cut.path, `cut-off ${cut.owner}`);
+        level.claimed.set(cut.path, cutOwner);
         level.elements.push(cut.path);
         level.verdicts.push(cut.closed());
+      }
+      const message = `cgroup ${cut.shown} of ${cut.owner} has a name nftables cannot carry`;
+      if (earlier === undefined || earlier === cutOwner) {
         this.warn(cut.at, `${message}; what its ancestor ${cut.path} holds is cut off instead, but for members named below it`);
-      } else if (earlier !== `cut-off ${cut.owner}`) {
-        this.warn(cut.at, `${message}; its ancestor ${cut.path} is ${earlier}'s, which decides for it`);
       } else {
-        this.warn(cut.at, `${message}; what its ancestor ${cut.path} holds is cut off instead, but for members named below it`);
+        this.warn(cut.at, `${message}; its ancestor ${cut.path} is ${earlier}'s, which decides for it`);
       }
     }
     const rules: RuleDecl[] = [];
@@ -651,6 +657,16 @@ class Compiler {
   private warn(at: Origin, message: string): void {
     if (!this.warnings.some((w) => w.message === message)) this.warnings.push({ severity: 'warning', at, message });
   }
+}
+
+/** A dispatch's map entries at one cgroup depth, made when first needed. */
+function cgroupLevel(d: Dispatch, level: number): LevelEntries {
+  let entry = d.cgroupLevels.get(level);
+  if (!entry) {
+    entry = { elements: [], verdicts: [], claimed: new Map<string, string>() };
+    d.cgroupLevels.set(level, entry);
+  }
+  return entry;
 }
 
 /** Marks the policy digest in the first rule's comment. */
