@@ -47,7 +47,8 @@ network. A connection to one of this machine's own addresses also leaves
 through lo and is allowed; explain does not look at the interfaces, so ask
 for 127.0.0.1 to see that case.
 
-Exit status: 0 allowed, 1 denied, 2 bad input.`,
+Exit status: 0 allowed, 1 denied, 2 bad input, 3 a user or group name could
+not be looked up (the name service failed).`,
 
   parse(argv) {
     const { values, positionals } = parseFlags(
@@ -82,7 +83,7 @@ Exit status: 0 allowed, 1 denied, 2 bad input.`,
       ['group', facts.groups],
     ] as const) {
       for (const [name, id] of ids)
-        if (typeof id !== 'number') throw new EgressError(ErrorCode.Io, `egressctl explain: cannot look up ${kind} "${name}": ${id.error}`);
+        if (typeof id !== 'number') throw new EgressError(ErrorCode.NameLookup, `egressctl explain: cannot look up ${kind} "${name}": ${id.error}`);
     }
     const query = {
       who: options.who,
