@@ -1,4 +1,4 @@
-import { SHORT_ID } from './rule-ids.js';
+import { SHORT_ID, SHORT_ID_PATTERN } from './rule-ids.js';
 
 /**
  * The NFLOG prefix of a denying rule: "egd " and the rule's short id
@@ -12,8 +12,10 @@ export function logPrefix(shortId: string): string {
   return `${LOG_PREFIX}${shortId} `;
 }
 
+const PREFIX = new RegExp(String.raw`^${LOG_PREFIX}(${SHORT_ID_PATTERN}) ?\0*$`);
+
 /** The short id in a log prefix as the kernel hands it over (its NUL and trailing space optional), or undefined if it is not egressd's. */
 export function parseLogPrefix(prefix: string): string | undefined {
-  const match = /^egd (r[0-9a-f]{8}) ?\0*$/.exec(prefix);
+  const match = PREFIX.exec(prefix);
   return match?.[1];
 }

@@ -35,7 +35,9 @@ export interface RuleIdEntry {
   readonly domain?: string;
 }
 
-export const SHORT_ID = /^r[0-9a-f]{8}$/;
+/** A short id, as a pattern to build the others from: log prefixes, comments and rules.json hold it. */
+export const SHORT_ID_PATTERN = 'r[0-9a-f]{8}';
+export const SHORT_ID = new RegExp(`^${SHORT_ID_PATTERN}$`);
 
 /** What a short id is a digest of; replaceable in tests to force collisions. */
 export type IdDigest = (identity: string, attempt: number) => string;

@@ -1,5 +1,6 @@
 import { createHash } from 'node:crypto';
 import { POLICY_MARK } from '../compile/compile.js';
+import { SHORT_ID_PATTERN } from '../compile/rule-ids.js';
 import type { Ruleset, SetDecl, Verdict } from '../compile/ruleset.js';
 import { elementsOf } from '../nft/listing.js';
 import type { NftJson, NftListedKey, NftTableListing } from '../nft/types.js';
@@ -41,6 +42,8 @@ export interface SetSummary {
 }
 
 const FINGERPRINT = / #[0-9a-f]{8}$/;
+/** A comment that starts with a short id: the id, then file:line (absent for built-in rules), then the rule id and an optional note. */
+const TAGGED = new RegExp(String.raw`^(${SHORT_ID_PATTERN}) (?:\S+:\d+ )?(\S+?)(?::(?: .*)?)?$`);
 
 /**
  * A rule's ids from its comment: "r1a2b3c4d file:line id[: note]" for a rule
@@ -48,7 +51,7 @@ const FINGERPRINT = / #[0-9a-f]{8}$/;
  */
 export function idsOfComment(comment: string): { id: string; shortId: string | undefined } {
   const bare = comment.replace(FINGERPRINT, '');
-  const tagged = /^(r[0-9a-f]{8}) (?:\S+:\d+ )?(\S+?)(?::(?: .*)?)?$/.exec(bare);
+  const tagged = TAGGED.exec(bare);
   if (tagged) return { id: tagged[2]!, shortId: tagged[1]! };
   const match = /^\S+:\d+ (\S+)/.exec(bare);
   return { id: match ? match[1]! : bare, shortId: undefined };

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import type { RuleIdEntry } from '../compile/rule-ids.js';
+import { SHORT_ID, type RuleIdEntry } from '../compile/rule-ids.js';
 import { writeFileAtomic } from './files.js';
 import { readStateFile, type StateRead } from './read.js';
 
@@ -12,7 +12,7 @@ export const RULES_FILE = 'rules.json';
 
 const entrySchema = z
   .object({
-    id: z.string().regex(/^r[0-9a-f]{8}$/),
+    id: z.string().regex(SHORT_ID),
     ruleId: z.string().min(1),
     kind: z.enum(['app-rule', 'app-default', 'global-deny', 'default', 'system-domain', 'lockdown', 'tor-updaters', 'tor-socks', 'tor-own']),
     verdict: z.enum(['allow', 'deny']),
