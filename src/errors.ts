@@ -30,6 +30,14 @@ export const ErrorCode = {
    * policy's text at fault, but it cannot be applied here now (nothing was changed).
    */
   NameLookup: 'EGD_NAME_LOOKUP',
+  /** A netlink request to the kernel failed, or its answer could not be read. */
+  Netlink: 'EGD_NETLINK',
+  /**
+   * The policy was applied (and stays: it is stricter), but connections of
+   * identities it denies could not all be cut (sock_diag): data such a
+   * connection queued may still leave once its program closes it.
+   */
+  SocketsNotCut: 'EGD_SOCKETS_NOT_CUT',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

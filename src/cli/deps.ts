@@ -44,6 +44,8 @@ const EXIT_FOR: { readonly [code in ErrorCode]: number } = {
   [ErrorCode.Busy]: Exit.SystemError,
   [ErrorCode.ConcurrentChange]: Exit.SystemError,
   [ErrorCode.NameLookup]: Exit.SystemError,
+  [ErrorCode.Netlink]: Exit.SystemError,
+  [ErrorCode.SocketsNotCut]: Exit.SystemError,
 };
 
 export function exitCodeFor(error: unknown): number {

@@ -58,7 +58,17 @@ async function main(): Promise<number> {
   const apply = async (why: string): Promise<void> => {
     try {
       const applied = await applyPolicy(dir, deps);
-      log.info({ event: 'applied', why, digest: applied.digest, lockdown: applied.lockdown, warnings: applied.compiled.warnings.length }, 'policy applied');
+      log.info(
+        {
+          event: 'applied',
+          why,
+          digest: applied.digest,
+          lockdown: applied.lockdown,
+          warnings: applied.compiled.warnings.length,
+          connectionsCut: applied.sweep.cut,
+        },
+        'policy applied',
+      );
     } catch (error) {
       const code = isEgressError(error) ? error.code : 'EGD_INTERNAL';
       const details = isEgressError(error) ? error.details : [String(error)];

@@ -14,6 +14,8 @@ import { forgetRecord, readRecord, RECORD_FILE, recordText, type AppliedRecord }
 import { writeFileAtomic } from '../state/files.js';
 import { writeRuleTable } from '../state/rule-table.js';
 import { nextSwitches, readSwitches, writeSwitches } from '../state/switches.js';
+import { openSocketAccess } from '../system/sockets.js';
+import { sweepSockets, type SocketAccess, type SweepOutcome } from './sweep.js';
 import {
   isApplyMarker,
   liveGeneration,
@@ -43,6 +45,12 @@ export interface EnforcerDeps {
   readonly unserialised?: (reason: string) => void;
   /** The lock's file (default: this network namespace's) and how long a change waits for it. */
   readonly lock?: { readonly path?: string; readonly timeoutMs?: number };
+  /**
+   * This network namespace's TCP sockets, opened by each apply to cut the
+   * connections it denies (sweep.ts). Default: the system's (sock_diag) —
+   * never "none": an apply that cuts nothing would leave orphans sending.
+   */
+  readonly sockets?: () => SocketAccess;
 }
 
 /** Runs a change of enforcement holding the table's lock (lock.ts). Never nested: it would wait for itself. */
@@ -66,6 +74,8 @@ export interface Applied {
   readonly liveFrom: 'record' | 'listing' | 'none';
   /** Each compiled set's and map's name in the kernel (with its digest): where the resolver and app tracker add elements. */
   readonly liveNames: ReadonlyMap<string, string>;
+  /** The connections of denied identities that were cut (sweep.ts). */
+  readonly sweep: SweepOutcome;
 }
 
 /** A cgroup that vanished between listing and applying makes nft refuse the element; the apply is retried with fresh facts. */
@@ -228,6 +238,8 @@ async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { l
     }
     // Its objects were prepared a moment ago: one that is gone was removed by someone else.
     await nft.run({ commands: swap.switch }).catch((error: unknown) => raced(error, ['conflict', 'missing']));
+    // Right after the switch, before anything else: until then a program of a denied identity can still close a socket and leave it sending.
+    const sweep = sweepOrError(policy, facts, lockdown, deps.sockets ?? openSocketAccess);
     const cleanedUp = await removePreviousGeneration(deps, live, generation);
     const record = cleanedUp ? { generation: next, names: namesAfterSwap(generation, marker), summary } : undefined;
     saveState(deps.stateDir, lastGood, { digest: policy.digest, lockdown, source: options.source }, record, {
@@ -241,10 +253,43 @@ async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { l
       source: options.source,
       rules: compiled.ruleset.chains.reduce((n, c) => n + c.rules.length, 0),
       backend: nft.backend,
+      ...('examined' in sweep && { connectionsCut: sweep.cut.length }),
     });
+    if (sweep instanceof Error || sweep.failed.length > 0) notCutThrows(deps, sweep);
     const liveNames = new Map(compiled.ruleset.sets.map((set, i) => [set.name, generation.sets[i]!.name]));
-    return { compiled, digest: policy.digest, lockdown, plan, liveFrom: live?.from ?? 'none', liveNames };
+    return { compiled, digest: policy.digest, lockdown, plan, liveFrom: live?.from ?? 'none', liveNames, sweep };
   }
+}
+
+/** The sweep's outcome, or why it could not run: either way the table stays applied. */
+function sweepOrError(policy: Policy, facts: Facts, lockdown: boolean, open: () => SocketAccess): SweepOutcome | EgressError {
+  try {
+    return sweepSockets(policy, facts, lockdown, open);
+  } catch (error) {
+    return isEgressError(error)
+      ? error
+      : new EgressError(ErrorCode.SocketsNotCut, `connections of denied identities could not be cut: ${String(error)}`, { cause: error });
+  }
+}
+
+/**
+ * A sweep that failed, whole or for some sockets, fails the apply
+ * (EGD_SOCKETS_NOT_CUT) after the table is applied and saved: the table is
+ * stricter than before and stays, but a connection left uncut may still send
+ * what it queued once its program closes it, and that must be said.
+ */
+function notCutThrows(deps: EnforcerDeps, sweep: SweepOutcome | EgressError): never {
+  const reasons = sweep instanceof Error ? [sweep.message] : sweep.failed.map((f) => `${f.socket}: ${f.reason}`);
+  deps.audit('applied, but connections of denied identities could not all be cut', {
+    failed: sweep instanceof Error ? -1 : sweep.failed.length,
+    reason: reasons[0] ?? '',
+  });
+  const what = sweep instanceof Error ? 'the connections of denied identities could not be cut' : `${sweep.failed.length} of them could not be cut`;
+  throw new EgressError(
+    ErrorCode.SocketsNotCut,
+    `applied, and the table stays; but ${what}: data such a connection queued may still leave once its program closes it. Apply again, or end those programs`,
+    { details: reasons, ...(sweep instanceof Error && { cause: sweep }) },
+  );
 }
 
 /**

@@ -136,6 +136,8 @@ describe('egressctl', () => {
       EGD_BUSY: Exit.SystemError,
       EGD_CONCURRENT_CHANGE: Exit.SystemError,
       EGD_NAME_LOOKUP: Exit.SystemError,
+      EGD_NETLINK: Exit.SystemError,
+      EGD_SOCKETS_NOT_CUT: Exit.SystemError,
     });
     const err: string[] = [];
     const raced = new EgressError(ErrorCode.ConcurrentChange, 'another writer changed table inet egressd at the same time; this run changed nothing in force');

@@ -2,6 +2,7 @@ import { statSync } from 'node:fs';
 import { EgressError, ErrorCode } from '../../errors.js';
 import { applyPolicy, liveSummary, planPolicy, release as releaseTable, setLockdown, type EnforcerDeps } from '../../enforce/enforcer.js';
 import type { Plan } from '../../enforce/plan.js';
+import type { SweepOutcome } from '../../enforce/sweep.js';
 import type { TableSummary } from '../../enforce/summary.js';
 import { entryOrigin } from '../../compile/rule-ids.js';
 import { readRuleTable } from '../../state/rule-table.js';
@@ -44,6 +45,15 @@ function describePlan(plan: Plan): string[] {
   return lines;
 }
 
+/** The connections the apply cut (sweep.ts), one line each. */
+function describeSweep(sweep: SweepOutcome): string[] {
+  if (sweep.cut.length === 0) return [];
+  return [
+    `  cut ${sweep.cut.length} ${sweep.cut.length === 1 ? 'connection' : 'connections'} the policy explicitly denies (nothing they queued will leave):`,
+    ...sweep.cut.map((c) => `    ${c.socket}: ${c.ruleId}`),
+  ];
+}
+
 const onePolicyDir = (command: string, argv: readonly string[]) => {
   const { values, positionals } = parseFlags(command, argv, { json: { type: 'boolean' } }, 1);
   return { dir: positionals[0] ?? DEFAULT_POLICY_DIR, json: values.json === true };
@@ -82,8 +92,16 @@ network namespace) while they run. One that finds another running waits
 for it, says for whom (its pid and what it is doing), and gives up after a
 minute without changing anything. A killed holder leaves no lock behind.
 
+Right after the switch, apply cuts every TCP connection of this network
+namespace that the new policy explicitly denies (system domain, lockdown,
+updaters over Tor, an app's deny rule, the global deny list; not a default
+deny), closed ones still sending included: a program that closes a socket
+leaves data queued that no \`meta skuid\` rule can stop. Each cut connection
+is listed; their programs get ECONNABORTED.
+
 Exit status: 0 applied, 2 invalid policy, 3 nftables refused or another
-change still running (nothing changed).`,
+change still running (nothing changed), or applied but some connections of
+denied identities could not be cut (EGD_SOCKETS_NOT_CUT: the table stays).`,
   parse: (argv) => {
     const { values, positionals } = parseFlags('apply', argv, { json: { type: 'boolean' }, reread: { type: 'boolean' } }, 1);
     return { dir: positionals[0] ?? DEFAULT_POLICY_DIR, json: values.json === true, reread: values.reread === true };
@@ -106,6 +124,7 @@ change still running (nothing changed).`,
             liveFrom: applied.liveFrom,
             liveNames: Object.fromEntries(applied.liveNames),
             plan: applied.plan,
+            sweep: applied.sweep,
           },
           null,
           2,
@@ -116,6 +135,7 @@ change still running (nothing changed).`,
       `applied ${options.dir}: ${rules} rules, ${applied.compiled.ruleset.sets.length} sets and maps; policy sha256:${applied.digest.slice(0, 16)}… (${enforcer.nft.backend})`,
     );
     for (const line of describePlan(applied.plan)) deps.err(line);
+    for (const line of describeSweep(applied.sweep)) deps.err(line);
     if (applied.lockdown) deps.err(LOCKDOWN_IS_ON);
     return Exit.Ok;
   },
@@ -360,8 +380,12 @@ Like apply, it first waits for a change of enforcement that is running (an
 apply, say) to finish, so that one cannot switch lockdown off again behind
 its back; it says whom it waits for.
 
+On cuts every TCP connection of this network namespace but Tor's, closed
+ones still sending included, as apply does for what it denies.
+
 Exit status: 0 done, 2 bad usage or (for off) invalid policy, 3 system
-error or another change still running after a minute (nothing changed).`,
+error or another change still running after a minute (nothing changed), or
+lockdown on but some connections could not be cut (EGD_SOCKETS_NOT_CUT).`,
   parse(argv) {
     const { values, positionals } = parseFlags('lockdown', argv, { json: { type: 'boolean' } }, 2);
     const [state, dir] = positionals;
@@ -378,6 +402,7 @@ error or another change still running after a minute (nothing changed).`,
           digest: result.digest,
           policyUsable: result.policyUsable,
           ...(result.fallback && { fallback: result.fallback }),
+          sweep: result.sweep,
         }),
       );
     if (result.fallback === 'policy invalid') deps.err(`the policy in ${options.dir} is invalid; lockdown was applied without it (Tor is not excepted)`);
@@ -385,6 +410,7 @@ error or another change still running after a minute (nothing changed).`,
       deps.err(`a user or group name the policy in ${options.dir} uses could not be looked up; lockdown was applied without the policy (Tor is not excepted)`);
     if (result.fallback === 'nftables refused')
       deps.err(`nftables refused what the policy in ${options.dir} compiles to; lockdown was applied without it (Tor is not excepted)`);
+    for (const line of describeSweep(result.sweep)) deps.err(line);
     deps.err(result.lockdown ? LOCKDOWN_IS_ON : `lockdown off: the policy in ${options.dir} is enforced again`);
     return Exit.Ok;
   },

@@ -1,0 +1,171 @@
+/**
+ * The TCP sockets of this network namespace, and cutting one, through
+ * sock_diag (NETLINK_SOCK_DIAG, <linux/inet_diag.h>): what `ss -K` does.
+ *
+ * inet_diag reports every TCP socket, orphans included — sockets whose
+ * program closed them while data was still queued: the kernel goes on
+ * sending it, with no file and so no owner that `meta skuid` could match.
+ * What it reports outlives the file: the uid the socket was made with
+ * (sk_uid), its cgroup (cgroup v2 id), its addresses, state and cookie. The
+ * inode is 0 for an orphan. SOCK_DESTROY aborts a socket (tcp_abort: a
+ * reset to the peer, ECONNABORTED to its program, queued data discarded);
+ * it needs CAP_NET_ADMIN and a kernel built with CONFIG_INET_DIAG_DESTROY.
+ */
+import { NetlinkError, NetlinkFamily, NlmFlag, openNetlink, parseAttributes, type NetlinkSocket } from './netlink.js';
+
+const SOCK_DIAG_BY_FAMILY = 20;
+const SOCK_DESTROY = 21;
+const AF_INET = 2;
+const AF_INET6 = 10;
+const IPPROTO_TCP = 6;
+const INET_DIAG_CGROUP_ID = 21;
+/** struct inet_diag_sockid: sport, dport, src[4], dst[4], if, cookie[2]. */
+const SOCKID_LENGTH = 48;
+/** struct inet_diag_msg: family, state, timer, retrans, sockid, expires, rqueue, wqueue, uid, inode. */
+const DIAG_MSG_LENGTH = 4 + SOCKID_LENGTH + 20;
+
+/** TCP states as the kernel numbers them (include/net/tcp_states.h). */
+export const TcpState = {
+  Established: 1,
+  SynSent: 2,
+  SynRecv: 3,
+  FinWait1: 4,
+  FinWait2: 5,
+  TimeWait: 6,
+  Close: 7,
+  CloseWait: 8,
+  LastAck: 9,
+  Listen: 10,
+  Closing: 11,
+  NewSynRecv: 12,
+} as const;
+
+/** As the kernel's tcp_states.h spells them: ESTABLISHED, FIN_WAIT1, … */
+const STATE_NAMES = new Map(Object.entries(TcpState).map(([name, value]) => [value, name.replace(/([a-z])([A-Z])/g, '$1_$2').toUpperCase()]));
+
+export interface Endpoint {
+  /** IPv4 dotted, IPv6 in RFC 5952 form; a v4-mapped address as ::ffff:a.b.c.d. */
+  readonly address: string;
+  readonly port: number;
+}
+
+export interface TcpSocket {
+  /** The socket's family: a dual-stack socket is 6, with v4-mapped addresses. */
+  readonly family: 4 | 6;
+  readonly state: number;
+  readonly local: Endpoint;
+  readonly remote: Endpoint;
+  /** The uid the socket was made with (sk_uid); it survives close(). */
+  readonly uid: number;
+  /** The socket's inode; 0 for an orphan (closed by its program, still sending). */
+  readonly inode: number;
+  readonly cookie: bigint;
+  /** Its cgroup v2 id, when the kernel reports it. */
+  readonly cgroupId: bigint | undefined;
+  /** struct inet_diag_sockid as reported: destroy names the socket by it, cookie included. */
+  readonly sockid: Buffer;
+}
+
+export function stateName(state: number): string {
+  return STATE_NAMES.get(state as (typeof TcpState)[keyof typeof TcpState]) ?? `state ${state}`;
+}
+
+/** The bit mask of `states` for idiag_states. */
+export function stateMask(states: readonly number[]): number {
+  return states.reduce((mask, state) => (mask | (1 << state)) >>> 0, 0);
+}
+
+/** struct inet_diag_req_v2 for one family, with the states asked for and a socket id (zero for a dump). */
+function request(family: 4 | 6, states: number, sockid?: Buffer): Buffer {
+  const out = Buffer.alloc(8 + SOCKID_LENGTH);
+  out.writeUInt8(family === 4 ? AF_INET : AF_INET6, 0);
+  out.writeUInt8(IPPROTO_TCP, 1);
+  out.writeUInt32LE(states >>> 0, 4);
+  if (sockid) sockid.copy(out, 8);
+  return out;
+}
+
+/** One inet_diag_msg (with its attributes) as a TcpSocket; a NetlinkError when it is malformed. */
+export function parseTcpSocket(payload: Buffer): TcpSocket {
+  if (payload.length < DIAG_MSG_LENGTH)
+    throw new NetlinkError(`sock_diag: an answer of ${payload.length} bytes, shorter than inet_diag_msg (${DIAG_MSG_LENGTH})`);
+  const familyCode = payload.readUInt8(0);
+  if (familyCode !== AF_INET && familyCode !== AF_INET6)
+    throw new NetlinkError(`sock_diag: an answer for address family ${familyCode}, neither AF_INET nor AF_INET6`);
+  const family = familyCode === AF_INET ? 4 : 6;
+  const sockid = Buffer.from(payload.subarray(4, 4 + SOCKID_LENGTH));
+  const attributes = parseAttributes(payload.subarray(DIAG_MSG_LENGTH));
+  const cgroup = attributes.get(INET_DIAG_CGROUP_ID);
+  return {
+    family,
+    state: payload.readUInt8(1),
+    local: { address: formatAddress(family, sockid.subarray(4, 20)), port: sockid.readUInt16BE(0) },
+    remote: { address: formatAddress(family, sockid.subarray(20, 36)), port: sockid.readUInt16BE(2) },
+    uid: payload.readUInt32LE(4 + SOCKID_LENGTH + 12),
+    inode: payload.readUInt32LE(4 + SOCKID_LENGTH + 16),
+    cookie: BigInt(sockid.readUInt32LE(40)) | (BigInt(sockid.readUInt32LE(44)) << 32n),
+    cgroupId: cgroup && cgroup.length >= 8 ? cgroup.readBigUInt64LE(0) : undefined,
+    sockid,
+  };
+}
+
+function formatAddress(family: 4 | 6, bytes: Buffer): string {
+  if (family === 4) return [...bytes.subarray(0, 4)].join('.');
+  const groups = Array.from({ length: 8 }, (_, i) => bytes.readUInt16BE(i * 2));
+  if (groups.slice(0, 5).every((g) => g === 0) && groups[5] === 0xffff) return `::ffff:${[...bytes.subarray(12, 16)].join('.')}`;
+  // RFC 5952: the longest run of two or more zero groups (the first of equals) becomes "::".
+  let best = { at: -1, length: 1 };
+  for (let i = 0; i < 8;) {
+    let j = i;
+    while (j < 8 && groups[j] === 0) j++;
+    if (j - i > best.length) best = { at: i, length: j - i };
+    i = j === i ? i + 1 : j;
+  }
+  const hex = groups.map((g) => g.toString(16));
+  if (best.at < 0) return hex.join(':');
+  return `${hex.slice(0, best.at).join(':')}::${hex.slice(best.at + best.length).join(':')}`;
+}
+
+/** The TCP sockets of both families in `states` (a stateMask). */
+export function dumpTcpSockets(netlink: NetlinkSocket, states: number): TcpSocket[] {
+  const sockets: TcpSocket[] = [];
+  for (const family of [4, 6] as const) {
+    for (const message of netlink.request(SOCK_DIAG_BY_FAMILY, NlmFlag.Dump, request(family, states))) {
+      if (message.type !== SOCK_DIAG_BY_FAMILY) throw new NetlinkError(`sock_diag: an answer of message type ${message.type} to a dump of sockets`);
+      sockets.push(parseTcpSocket(message.payload));
+    }
+  }
+  return sockets;
+}
+
+/**
+ * Aborts one socket, named by the id the dump reported (cookie included, so
+ * a socket made since on the same addresses is never hit). "gone": there is
+ * no such socket any more (it closed, or its cookie names another one).
+ */
+export function destroyTcpSocket(netlink: NetlinkSocket, socket: Pick<TcpSocket, 'family' | 'sockid'>): 'destroyed' | 'gone' {
+  try {
+    netlink.request(SOCK_DESTROY, NlmFlag.Ack, request(socket.family, 0, socket.sockid));
+    return 'destroyed';
+  } catch (error) {
+    // ENOENT: not found; ESTALE: the cookie does not match the socket now on those addresses.
+    if (error instanceof NetlinkError && (error.errno === 2 || error.errno === 116)) return 'gone';
+    throw error;
+  }
+}
+
+/** sock_diag of this network namespace, open until `close`. */
+export interface SockDiag {
+  tcpSockets(states: number): TcpSocket[];
+  destroy(socket: TcpSocket): 'destroyed' | 'gone';
+  close(): void;
+}
+
+export function openSockDiag(): SockDiag {
+  const netlink = openNetlink(NetlinkFamily.SockDiag);
+  return {
+    tcpSockets: (states) => dumpTcpSockets(netlink, states),
+    destroy: (socket) => destroyTcpSocket(netlink, socket),
+    close: () => netlink.close(),
+  };
+}
