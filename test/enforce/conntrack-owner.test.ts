@@ -121,4 +121,22 @@ describe.skipIf(unavailable)(`conntrack entries belong to the identity that open
     expect(await dropsOf(dir, 'app/web/default')).toBeGreaterThan(0);
     expect((await server.seen()).map((r) => r.text)).toEqual(['allowed', 'no longer allowed, established']);
   });
+
+  it("a uid-identified app's connection, closed, still ends cleanly under a global default deny: its orphaned socket's packets have no owner", async () => {
+    const server = await net.inet.listen({ proto: 'tcp', addr: '192.0.2.2', port: 0, lines: true });
+    open.push(server);
+    await apply(
+      `defaults: {egress: deny}\napps:\n  web: {identity: {user: ${users.app1.name}}, rules: [{allow: [192.0.2.2], ports: [${server.port}], proto: tcp}]}\n`,
+    );
+    const s = await net.host.session({ addr: '192.0.2.2', port: server.port, user: users.app1.name });
+    expect(await s.send('hello')).toBe(true);
+    await s.close();
+    // The server answers the client's FIN with its own; the client's ACK of it comes from its orphaned socket, found by
+    // no uid, so it meets the global default: dropped, the server would stay in LAST-ACK, resending its FIN.
+    const lingering = async () => (await net.inet.run('ss', ['-tanH', 'state', 'close-wait', 'state', 'last-ack', `sport = :${server.port}`])).trim();
+    const end = Date.now() + 5000;
+    while ((await lingering()) !== '' && Date.now() < end) await new Promise((r) => setTimeout(r, 100));
+    expect(await lingering()).toBe('');
+    expect((await server.seen()).map((r) => r.text)).toEqual(['hello']);
+  });
 });
