@@ -45,9 +45,11 @@ export function markValue(tag: number): string {
  * A tag per app name: a digest of the name picks a preferred tag; names are
  * placed in code-unit order, and one whose tag is taken gets the next free
  * one. The result depends only on the set of names. A new app can move an
- * existing one only when their digests collide (about one in 32,000 per
- * pair) and the new name sorts first; that app's connections then meet its
- * default as new ones once. At most 65,534 apps have tags.
+ * existing one only when its preferred tag is the one that app holds (1 in
+ * 65,534 for each app already there) and its name sorts first; that app's
+ * open connections then meet its default as new ones once. A tag an app
+ * leaves behind can go to a later app by the same chance. At most 65,534
+ * apps have tags (a policy with more is refused as an internal error).
  */
 export function appTags(names: readonly string[]): Map<string, number> {
   const span = TAGS - FIRST_APP_TAG;
