@@ -21,6 +21,7 @@ import {
   type Statement,
   type Verdict,
 } from './ruleset.js';
+import { appTags, CT_MARK_KEEP, CT_MARK_MASK, DEFAULT_TAG, markValue, UNCLAIMED_TAG } from './ct-mark.js';
 import { cgroupGlobMatcher } from './glob.js';
 import { logPrefix } from './log-prefix.js';
 import { ruleIdTable, type RuleIdEntry } from './rule-ids.js';
@@ -199,6 +200,9 @@ class Compiler {
   private readonly shortIds: ReadonlyMap<string, string>;
   /** Every cgroup the facts list, with whether nft can name it. */
   private readonly cgroups: readonly (UnnamedCgroup & { readonly nameable: boolean })[];
+  /** The table uses conntrack (a default deny somewhere): only then are connections tagged with their identity (ct-mark.ts). */
+  private readonly tracked: boolean;
+  private readonly tags: ReadonlyMap<string, number>;
 
   constructor(
     private readonly policy: Policy,
@@ -216,6 +220,8 @@ class Compiler {
       }),
       ...(facts.unnamedCgroups ?? []).map((cgroup) => ({ ...cgroup, nameable: false })),
     ];
+    this.tracked = policy.defaults.egress === 'deny' || policy.apps.some((app) => app.defaultVerdict === 'deny');
+    this.tags = this.tracked ? appTags(policy.apps.map((app) => app.name)) : new Map();
   }
 
   run(): Compiled {
@@ -300,7 +306,7 @@ class Compiler {
     this.chains.push({ name: 'global_deny', rules: globalDeny });
     output.push(rule([verdict.jump('global_deny')], 'global deny list'));
 
-    output.push(...this.defaultTail('default', policy.defaults.egress, policy.defaults.at));
+    output.push(...this.defaultTail('default', policy.defaults.egress, policy.defaults.at, DEFAULT_TAG));
 
     const base: ChainDecl = { name: 'output', hook: { hook: 'output', prio: 0, policy: policy.defaults.egress === 'deny' ? 'drop' : 'accept' }, rules: output };
     const ruleset: Ruleset = { table: TABLE, sets: this.sets, chains: [base, ...this.chains].map(fingerprintRules) };
@@ -344,16 +350,31 @@ class Compiler {
 
   private appChain(app: App): RuleDecl[] {
     const rules: RuleDecl[] = [];
-    for (const r of app.rules) rules.push(...this.ruleDecls(r, `a_${app.name}_${r.id.split('/').pop()}`));
+    const tag = this.tags.get(app.name);
+    for (const r of app.rules) rules.push(...this.ruleDecls(r, `a_${app.name}_${r.id.split('/').pop()}`, tag));
     // An app's own rules outrank the global deny list; its default does not.
     rules.push(rule([verdict.jump('global_deny')], comment(app.at, `app/${app.name}: then the global deny list`)));
-    rules.push(...this.defaultTail(`app/${app.name}/default`, app.defaultVerdict, app.at));
+    rules.push(...this.defaultTail(`app/${app.name}/default`, app.defaultVerdict, app.at, tag));
     return rules;
   }
 
+  /**
+   * What letting a packet out ends with: in a table that uses conntrack, the
+   * identity's tag written into the connection's mark first (ct-mark.ts).
+   * Written on every packet a rule lets out, not only a connection's first:
+   * testing `ct state new` costs as much as the write (three expressions
+   * each; the kernel stores a mark only when it changes), and it lets a
+   * connection opened before a marking table become its identity's while a
+   * rule still allows it.
+   */
+  private allowTail(tag: number | undefined): Statement[] {
+    if (!this.tracked || tag === undefined) return [verdict.accept()];
+    return [stmt.ctMarkSet(CT_MARK_KEEP, markValue(tag)), verdict.accept()];
+  }
+
   /** One policy rule → nft rules: one per address family and kind of address, or one if it matches any address. */
-  private ruleDecls(r: Rule, setPrefix: string): RuleDecl[] {
-    const tail = r.verdict === 'allow' ? [verdict.accept()] : this.denyVerdict(r.id, r.at, r.log, setPrefix);
+  private ruleDecls(r: Rule, setPrefix: string, tag?: number): RuleDecl[] {
+    const tail = r.verdict === 'allow' ? this.allowTail(tag) : this.denyVerdict(r.id, r.at, r.log, setPrefix);
     const l4 = this.protocolMatch(r);
     const text = this.tagged(r.at, r.id);
     if (r.to.any) return [rule([...l4, stmt.counter(), ...tail], text)];
@@ -460,20 +481,57 @@ class Compiler {
   }
 
   /**
-   * The end of the chain when nothing else decided. A default deny applies to
-   * new connections only: packets of connections already let out or let in
-   * pass just before it — after every explicit deny, which cuts them too.
-   * `ct direction reply` needs no rule of its own: a reply-direction packet is
-   * always `ct state established`. Only a default deny uses conntrack, so a
-   * table without one leaves it off in the namespace (it costs every new
-   * connection, bench/packet-cost.ts).
+   * The end of the chain when nothing else decided, for an identity with
+   * conntrack tag `tag` (the global default's or an app's). A default deny
+   * applies to new connections only: packets of connections already let out
+   * or let in pass just before it — after every explicit deny, which cuts
+   * them too — but only on connections that are this identity's own: their
+   * mark carries its tag, written when one of its rules let a packet out
+   * (allowTail). Another identity's entry, borrowed by binding its source
+   * port, carries another tag and meets the deny.
+   *
+   * A connection that came in (a server's replies: `ct direction reply`)
+   * carries no tag until the first answer; that answer claims it for the
+   * identity that sends it, and from then on only that identity answers on
+   * it. (An answer an allow rule or a default allow lets out claims it there.)
+   * Related packets (ICMP errors) carry their connection's mark; a connection
+   * a helper expects inherits its master's (init_conntrack copies it).
+   *
+   * The global default also lets through established packets that have no
+   * owner (`meta skuid` loads nothing): the kernel's own — data and FIN sent
+   * after close() from an orphaned socket, whose app was found by uid and so
+   * is not found any more, resets, ICMP errors. No process can send a packet
+   * without an owner on a tuple it does not hold. Only packets that would
+   * otherwise be dropped walk that check.
+   *
+   * Only a default deny uses conntrack, so a table without one leaves it off
+   * in the namespace (it costs every new connection, bench/packet-cost.ts),
+   * and has no mark either.
    */
-  private defaultTail(id: string, verdictName: 'allow' | 'deny', at: Origin | undefined): RuleDecl[] {
-    if (verdictName === 'allow') return [rule([stmt.counter(), verdict.accept()], this.tagged(at, id))];
-    return [
-      rule([match.ctState(['established', 'related']), verdict.accept()], this.tagged(at, id, ': established and related connections')),
-      ...this.denyTail(id, at, true),
+  private defaultTail(id: string, verdictName: 'allow' | 'deny', at: Origin | undefined, tag: number | undefined): RuleDecl[] {
+    if (verdictName === 'allow') return [rule([stmt.counter(), ...this.allowTail(tag)], this.tagged(at, id))];
+    if (tag === undefined) throw new Error(`internal: ${id} denies by default but has no conntrack tag`);
+    const mark = markValue(tag);
+    const rules = [
+      rule(
+        [match.ctState(['established', 'related']), match.ctMark(CT_MARK_MASK, mark), verdict.accept()],
+        this.tagged(at, id, ': its own established and related connections'),
+      ),
+      rule(
+        [match.ctDirection('reply'), match.ctMark(CT_MARK_MASK, markValue(UNCLAIMED_TAG)), stmt.ctMarkSet(CT_MARK_KEEP, mark), verdict.accept()],
+        this.tagged(at, id, ': answers on connections that came in, claimed'),
+      ),
     ];
+    if (tag === DEFAULT_TAG) {
+      if (!this.chains.some((c) => c.name === 'ownerless')) {
+        this.chains.push({
+          name: 'ownerless',
+          rules: [rule([match.hasOwner(), verdict.return()], 'a socket with an owner'), rule([verdict.accept()], "the kernel's own packets")],
+        });
+      }
+      rules.push(rule([match.ctState(['established', 'related']), verdict.jump('ownerless')], this.tagged(at, id, ': established, without an owner')));
+    }
+    return [...rules, ...this.denyTail(id, at, true)];
   }
 
   private newDispatch(prefix: string): Dispatch {

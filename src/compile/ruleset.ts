@@ -60,17 +60,21 @@ export type Expr =
   | { readonly payload: { readonly protocol: 'icmpv6'; readonly field: 'type' } }
   | { readonly payload: { readonly protocol: 'ip6'; readonly field: 'hoplimit' } }
   | { readonly socket: { readonly key: 'cgroupv2'; readonly level: number } }
-  | { readonly ct: { readonly key: 'state' | 'direction' } }
+  | { readonly ct: { readonly key: 'state' | 'direction' | 'mark' } }
   | { readonly set: readonly Element[] }
   /** A list of flags, tested bitwise (`ct state established,related`): no set at all. */
   | readonly string[]
   /** A bitwise AND, as libnftables JSON writes it: `ip6 daddr & ffff:ffff::`. */
   | { readonly '&': readonly [Expr, string] }
+  /** A bitwise OR: `ct mark & 0x0000ffff | 0x00010000`. */
+  | { readonly '|': readonly [Expr, string] }
   | Element;
 
 export type Statement =
   | { readonly match: { readonly op: '==' | '!=' | 'in'; readonly left: Expr; readonly right: Expr } }
   | { readonly vmap: { readonly key: Expr; readonly data: string } }
+  /** `ct mark set VALUE`: the only value egressd writes. */
+  | { readonly mangle: { readonly key: { readonly ct: { readonly key: 'mark' } }; readonly value: Expr } }
   | { readonly counter: null }
   | { readonly limit: { readonly rate: number; readonly per: 'second' | 'minute' | 'hour'; readonly burst: number } }
   | { readonly log: { readonly prefix: string; readonly group: number } }
@@ -138,6 +142,11 @@ export const match = {
   daddrIn6Multicast: (): Statement => eq({ payload: { protocol: 'ip6', field: 'daddr' } }, { prefix: { addr: 'ff00::', len: 8 } }),
   icmpv6Type: (types: readonly string[]): Statement => eq({ payload: { protocol: 'icmpv6', field: 'type' } }, { set: types }),
   ctState: (states: readonly string[]): Statement => ({ match: { op: 'in', left: { ct: { key: 'state' } }, right: states } }),
+  ctDirection: (direction: 'original' | 'reply'): Statement => eq({ ct: { key: 'direction' } }, direction),
+  /** The bits `mask` of the connection's mark equal `value` (both hex, `0x` and 8 digits). */
+  ctMark: (mask: string, value: string): Statement => eq({ '&': [{ ct: { key: 'mark' } }, mask] }, value),
+  /** The socket has an owner: `meta skuid` loads for any uid; for a packet without one (the kernel's, an orphaned socket's) the rule does not match. */
+  hasOwner: (): Statement => eq({ meta: { key: 'skuid' } }, { range: [0, 0xffffffff] }),
 };
 
 export const dispatch = {
@@ -150,6 +159,10 @@ export const stmt = {
   counter: (): Statement => ({ counter: null }),
   limit: (rate: number, per: 'second' | 'minute' | 'hour', burst: number): Statement => ({ limit: { rate, per, burst } }),
   log: (prefix: string, group: number): Statement => ({ log: { prefix, group } }),
+  /** Writes `value` into the bits of the connection's mark outside `keep`, keeping the bits `keep` names. */
+  ctMarkSet: (keep: string, value: string): Statement => ({
+    mangle: { key: { ct: { key: 'mark' } }, value: { '|': [{ '&': [{ ct: { key: 'mark' } }, keep] }, value] } },
+  }),
 };
 
 export function rule(expr: readonly Statement[], comment?: string): RuleDecl {
@@ -338,6 +351,7 @@ function exprText(expr: Expr): string {
   if ('ct' in expr) return `ct ${expr.ct.key}`;
   if ('set' in expr) return `{ ${expr.set.map((e) => exprText(e as Expr)).join(', ')} }`;
   if ('&' in expr) return `${exprText(expr['&'][0])} & ${expr['&'][1]}`;
+  if ('|' in expr) return `${exprText(expr['|'][0])} | ${expr['|'][1]}`;
   return elementText(expr);
 }
 
@@ -362,6 +376,7 @@ function statementText(s: Statement): string {
     return `${exprText(left)} ${op}${quoted ? quote(s.match.right) : exprText(s.match.right)}`;
   }
   if ('vmap' in s) return `${exprText(s.vmap.key)} vmap ${s.vmap.data}`;
+  if ('mangle' in s) return `${exprText(s.mangle.key)} set ${exprText(s.mangle.value)}`;
   if ('counter' in s) return 'counter';
   if ('limit' in s) return `limit rate ${s.limit.rate}/${s.limit.per} burst ${s.limit.burst} packets`;
   if ('log' in s) return `log prefix ${quote(s.log.prefix)} group ${s.log.group}`;

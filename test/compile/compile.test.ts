@@ -1,6 +1,7 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { compile } from '../../src/compile/compile.js';
+import { appTags, markValue } from '../../src/compile/ct-mark.js';
 import { renderJson, renderText, safeText, type ChainDecl, type RuleDecl } from '../../src/compile/ruleset.js';
 import { resolvePolicy } from '../../src/policy/resolve.js';
 import { nftAvailable, nftCheck } from '../support/nft-check.js';
@@ -27,7 +28,7 @@ const sid = (compiled: ReturnType<typeof compileYaml>, ruleId: string): string =
 };
 
 describe('compiler', () => {
-  it('orders the output chain by precedence: Tor updaters, loopback, system domain, lockdown, Tor itself, apps, global deny, default (established connections, then deny)', () => {
+  it('orders the output chain by precedence: Tor updaters, loopback, system domain, lockdown, Tor itself, apps, global deny, default (its own established connections, then deny)', () => {
     const compiled = compileYaml(
       `
 defaults: {egress: deny}
@@ -53,11 +54,17 @@ tor: {enabled: true, updaters: [apt]}
       position(`meta skuid 110 counter accept comment "${sid(compiled, 'tor/own')} f.yaml`),
       position('vmap @app_uid'),
       position('jump global_deny'),
-      position(`ct state established,related accept comment "${sid(compiled, 'default')} f.yaml:2 default: established and related connections"`),
+      position(
+        `ct state established,related ct mark & 0xffff0000 0x00010000 accept comment "${sid(compiled, 'default')} f.yaml:2 default: its own established and related connections"`,
+      ),
+      position(
+        `ct direction reply ct mark & 0xffff0000 0x00000000 ct mark set ct mark & 0x0000ffff | 0x00010000 accept comment "${sid(compiled, 'default')} f.yaml:2 default: answers on connections that came in, claimed"`,
+      ),
+      position(`ct state established,related jump ownerless comment "${sid(compiled, 'default')} f.yaml:2 default: established, without an owner"`),
       position(`log prefix "egd ${sid(compiled, 'default')} "`),
     ];
-    // Right before the default's log rule: every explicit deny comes first.
-    expect(order.at(-1)! - order.at(-2)!).toBe(1);
+    // Right before the default's log rule, together: every explicit deny comes first.
+    expect(order.slice(-4)).toEqual([0, 1, 2, 3].map((i) => order.at(-4)! + i));
     expect([...order].sort((a, b) => a - b)).toEqual(order);
     expect(chain(compiled, 'output').hook).toEqual({ hook: 'output', prio: 0, policy: 'drop' });
     expect(output.at(-1)).toMatch(new RegExp(`^counter drop comment "${sid(compiled, 'default')} f\\.yaml:2 default`));
@@ -81,8 +88,8 @@ tor: {enabled: true, updaters: [apt]}
     }
   });
 
-  it('each default deny, and only a default deny, is preceded by exactly one established/related accept', () => {
-    const ct = (r: RuleDecl) => JSON.stringify(r.expr).includes('"ct"');
+  it("each default deny, and only a default deny, is preceded by exactly one established/related accept (its own identity's), and in the global default one for packets without an owner", () => {
+    const ct = (r: RuleDecl) => JSON.stringify(r.expr).includes('"state"');
     let compiled: ReturnType<typeof compileYaml>;
     const tailStart = (c: ChainDecl, id: string) => c.rules.findIndex((r) => ruleText(r).includes(`log prefix "egd ${sid(compiled, id)} "`));
     for (const egress of ['allow', 'deny'] as const) {
@@ -101,7 +108,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
       );
       const counts = Object.fromEntries(compiled.ruleset.chains.map((c) => [c.name, c.rules.filter(ct).length]));
       expect(counts, egress).toEqual({
-        output: egress === 'deny' ? 1 : 0,
+        output: egress === 'deny' ? 2 : 0,
         app_closed: 1,
         app_open: 0,
         sd_offline: 0,
@@ -112,18 +119,28 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
         log_g0: 0,
         log_a_closed_1: 0,
         log_a_open_0: 0,
+        ...(egress === 'deny' ? { ownerless: 0 } : {}),
       });
       const closed = chain(compiled, 'app_closed');
       const at = tailStart(closed, 'app/closed/default');
       expect(at).toBeGreaterThan(0);
+      const closedTag = markValue(appTags(['closed', 'open']).get('closed')!);
+      expect(ruleText(closed.rules[at - 2]!)).toBe(
+        `ct state established,related ct mark & 0xffff0000 ${closedTag} accept comment "${sid(compiled, 'app/closed/default')} f.yaml:5 app/closed/default: its own established and related connections"`,
+      );
       expect(ruleText(closed.rules[at - 1]!)).toBe(
-        `ct state established,related accept comment "${sid(compiled, 'app/closed/default')} f.yaml:5 app/closed/default: established and related connections"`,
+        `ct direction reply ct mark & 0xffff0000 0x00000000 ct mark set ct mark & 0x0000ffff | ${closedTag} accept comment "${sid(compiled, 'app/closed/default')} f.yaml:5 app/closed/default: answers on connections that came in, claimed"`,
       );
       // After the app's own rules and the global deny list: they cut established connections too.
-      expect(ruleText(closed.rules[at - 2]!)).toMatch(/^jump global_deny /);
+      expect(ruleText(closed.rules[at - 3]!)).toMatch(/^jump global_deny /);
       if (egress === 'deny') {
         const output = chain(compiled, 'output');
-        expect(output.rules.findIndex(ct)).toBe(tailStart(output, 'default') - 1);
+        expect(output.rules.findIndex(ct)).toBe(tailStart(output, 'default') - 3);
+        expect(ruleText(output.rules[tailStart(output, 'default') - 1]!)).toMatch(/^ct state established,related jump ownerless /);
+        expect(chain(compiled, 'ownerless').rules.map(ruleText)).toEqual([
+          'meta skuid 0-4294967295 return comment "a socket with an owner"',
+          'accept comment "the kernel\'s own packets"',
+        ]);
       }
     }
   });
@@ -208,11 +225,13 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
       { name: 'ports_22_8000to8100', elements: [22, { range: [8000, 8100] }], flags: ['interval'] },
       { name: 'proto_icmp_ipv6_icmp_tcp_udp', elements: ['icmp', 'ipv6-icmp', 'tcp', 'udp'], flags: [] },
     ]);
+    // Default-deny apps: conntrack is on, and what an allow rule lets out is marked as the app's (its tag is the name's).
+    const a1 = `ct mark set ct mark & 0x0000ffff | ${markValue(appTags(Array.from({ length: 30 }, (_, i) => `a${i}`)).get('a1')!)}`;
     expect(ruleText(chain(compiled, 'app_a1').rules[0]!)).toBe(
-      `ip daddr @a_a1_0_dns4 meta l4proto @proto_tcp_udp th dport @ports_80_443 counter accept comment "${sid(compiled, 'app/a1/0')} f.yaml:17 app/a1/0"`,
+      `ip daddr @a_a1_0_dns4 meta l4proto @proto_tcp_udp th dport @ports_80_443 counter ${a1} accept comment "${sid(compiled, 'app/a1/0')} f.yaml:17 app/a1/0"`,
     );
     expect(ruleText(chain(compiled, 'app_a1').rules[2]!)).toBe(
-      `ip daddr @a_a1_1_net4 meta l4proto tcp th dport @ports_22_8000to8100 counter accept comment "${sid(compiled, 'app/a1/1')} f.yaml:19 app/a1/1"`,
+      `ip daddr @a_a1_1_net4 meta l4proto tcp th dport @ports_22_8000to8100 counter ${a1} accept comment "${sid(compiled, 'app/a1/1')} f.yaml:19 app/a1/1"`,
     );
     expect(text).toContain('elements = { icmp, ipv6-icmp, tcp, udp }');
     // Ports repeated, overlapping or adjacent are joined: nft refuses overlapping intervals in a named set.
@@ -225,7 +244,9 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     expect(ruleText(chain(joined, 'app_j').rules[1]!)).toBe(
       `meta l4proto @proto_tcp_udp th dport 8000-8100 counter accept comment "${sid(joined, 'app/j/1')} f.yaml:7 app/j/1"`,
     );
-    expect(text).toContain('ct state established,related accept');
+    expect(text).toContain(
+      `ct state established,related ct mark & 0xffff0000 ${markValue(appTags(Array.from({ length: 30 }, (_, i) => `a${i}`)).get('a1')!)} accept`,
+    );
     if (!nftAvailable()) {
       expect(nftCheck(text)).toEqual({ ok: true, stderr: '' });
       expect(nftCheck(JSON.stringify(renderJson(compiled.ruleset)), { json: true })).toEqual({ ok: true, stderr: '' });
@@ -277,7 +298,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     for (const name of ['app_a', 'log_a_a_0']) {
       for (const r of chain(compiled, name).rules) {
         const named =
-          /^(?:(r[0-9a-f]{8}) )?f\.yaml:\d+ (app\/a\/(\d|default)|app\/a: then the global deny list|app\/a\/default: established and related connections) #[0-9a-f]{8}$/.exec(
+          /^(?:(r[0-9a-f]{8}) )?f\.yaml:\d+ (app\/a\/(\d|default)|app\/a: then the global deny list|app\/a\/default: (its own established and related connections|answers on connections that came in, claimed)) #[0-9a-f]{8}$/.exec(
             r.comment ?? '',
           );
         expect(named, r.comment).not.toBeNull();

@@ -1,4 +1,5 @@
 import { describe, expect, it } from 'vitest';
+import { appTags, DEFAULT_TAG } from '../../src/compile/ct-mark.js';
 import { compileYaml, FACTS } from '../support/compile-text.js';
 import { evaluate, type Packet } from '../support/ruleset-interpreter.js';
 
@@ -53,9 +54,55 @@ describe('ruleset interpreter', () => {
       chain: 'app_w',
       path: ['output', 'app_w', 'global_deny'],
     });
-    // Packets of connections already let out pass the default deny, not the explicit ones.
-    expect(evaluate(ruleset, packet({ ct: 'established', daddr: '198.51.100.1' })).verdict).toBe('accept');
-    expect(evaluate(ruleset, packet({ ct: 'established', daddr: '192.0.2.200' })).verdict).toBe('drop');
+    // Packets of connections already let out (their mark names the global default) pass the default deny, not the explicit ones.
+    const own = DEFAULT_TAG * 0x10000;
+    expect(evaluate(ruleset, packet({ ct: 'established', ctMark: own, daddr: '198.51.100.1' })).verdict).toBe('accept');
+    expect(evaluate(ruleset, packet({ ct: 'established', ctMark: own, daddr: '192.0.2.200' })).verdict).toBe('drop');
+  });
+
+  it("passes a default deny's established packets only on connections marked as that identity's", () => {
+    const facts = { ...FACTS, cgroups: ['system.slice', 'system.slice/a.service', 'system.slice/b.service'] };
+    const { ruleset } = compileYaml(
+      'defaults: {egress: deny}\napps:\n  a: {identity: {unit: a.service}, rules: [{allow: [192.0.2.0/24], ports: [53], proto: udp}]}\n  b: {identity: {unit: b.service}}\n  c: {identity: {user: alice}, default: allow}\n',
+      { facts },
+    );
+    const tags = appTags(['a', 'b', 'c']);
+    const mark = (tag: number, low = 0) => tag * 0x10000 + low;
+    const a = packet({ cgroup: 'system.slice/a.service', l4proto: 'udp', dport: 53, daddr: '192.0.2.53' });
+    const b = { ...a, cgroup: 'system.slice/b.service' };
+    const nobody = { ...a, cgroup: 'user.slice' };
+    // a opens the flow: its allow rule writes a's tag, keeping the low 16 bits other software owns.
+    expect(evaluate(ruleset, { ...a, ctMark: 0x1234 })).toMatchObject({ verdict: 'accept', chain: 'app_a', ctMark: mark(tags.get('a')!, 0x1234) });
+    const aFlow = { ct: 'established' as const, ctMark: mark(tags.get('a')!, 0x1234) };
+    // b (default deny, no rule) and a process of the global default (deny) send on a's entry: dropped.
+    expect(evaluate(ruleset, { ...b, ...aFlow })).toMatchObject({ verdict: 'drop', chain: 'app_b' });
+    expect(evaluate(ruleset, { ...nobody, ...aFlow })).toMatchObject({ verdict: 'drop', chain: 'output' });
+    // The same, as the answer on a connection that came in and a answered first.
+    expect(evaluate(ruleset, { ...b, ...aFlow, ctDirection: 'reply' })).toMatchObject({ verdict: 'drop', chain: 'app_b' });
+    // b's own connections pass its default deny; so do answers on a connection that came in, which b's first answer claims.
+    expect(evaluate(ruleset, { ...b, ct: 'established', ctMark: mark(tags.get('b')!, 7) })).toMatchObject({ verdict: 'accept', chain: 'app_b' });
+    expect(evaluate(ruleset, { ...b, ct: 'established', ctDirection: 'reply', ctMark: 7 })).toMatchObject({
+      verdict: 'accept',
+      chain: 'app_b',
+      ctMark: mark(tags.get('b')!, 7),
+    });
+    // A connection opened before a marking table (mark 0, outbound) is new to the default deny: it passes only where a rule allows it, which makes it the app's.
+    expect(evaluate(ruleset, { ...b, ct: 'established' })).toMatchObject({ verdict: 'drop', chain: 'app_b' });
+    expect(evaluate(ruleset, { ...a, ct: 'established' })).toMatchObject({ verdict: 'accept', ctMark: mark(tags.get('a')!) });
+    // A default allow writes its identity's tag too, so a later switch to deny keeps the connection its own.
+    expect(evaluate(ruleset, packet({ skuid: 1000, daddr: '198.51.100.1' }))).toMatchObject({
+      verdict: 'accept',
+      chain: 'app_c',
+      ctMark: mark(tags.get('c')!),
+    });
+    // Packets without an owner (an orphaned socket of an app found by uid, the kernel's resets) pass the global default on an established connection, any mark.
+    const { skuid: _uid, skgid: _gid, ...ownerless } = packet({ ct: 'established', ctMark: mark(tags.get('c')!), daddr: '198.51.100.1' });
+    expect(evaluate(ruleset, ownerless)).toMatchObject({ verdict: 'accept', chain: 'ownerless' });
+    expect(evaluate(ruleset, { ...ownerless, ct: 'new' })).toMatchObject({ verdict: 'drop', chain: 'output' });
+    expect(evaluate(ruleset, packet({ ct: 'established', ctMark: mark(tags.get('c')!), daddr: '198.51.100.1' }))).toMatchObject({
+      verdict: 'drop',
+      chain: 'output',
+    });
   });
 
   it('lets ICMPv6 neighbour discovery out, and an echo request only where the policy allows', () => {

@@ -16,6 +16,8 @@ import type { ChainDecl, Element, Expr, RuleDecl, Ruleset, SetDecl, Statement, V
  *   of the base chain applies its policy.
  * - counter, log and limit decide nothing (a limit over its rate would make
  *   its rule fall through; the compiler keeps limits in rules that only log).
+ * - `ct mark set` writes the connection's mark, which the outcome reports;
+ *   a `ct` key loads the packet's conntrack entry (every packet has one).
  * Sets hold what the model holds: DNS sets are empty until the resolver runs.
  */
 
@@ -32,6 +34,10 @@ export interface Packet {
   /** The socket's cgroup relative to the cgroup2 root, "" for the root. */
   readonly cgroup: string;
   readonly ct: 'new' | 'established';
+  /** The conntrack entry's mark (all 32 bits) as the packet finds it; 0 when absent. */
+  readonly ctMark?: number;
+  /** Which way the packet goes on its conntrack entry; 'original' when absent. */
+  readonly ctDirection?: 'original' | 'reply';
   /** ipv6-icmp only. */
   readonly icmpv6Type?: string;
   readonly hoplimit?: number;
@@ -44,6 +50,8 @@ export interface Outcome {
   readonly chain: string;
   /** Chains entered, in order: for failure messages. */
   readonly path: readonly string[];
+  /** The conntrack entry's mark after the packet (`ct mark set` writes it). */
+  readonly ctMark: number;
 }
 
 export function evaluate(ruleset: Ruleset, packet: Packet): Outcome {
@@ -56,22 +64,23 @@ export function evaluate(ruleset: Ruleset, packet: Packet): Outcome {
   const stack: { chain: ChainDecl; next: number }[] = [];
   let chain: ChainDecl = base;
   let index = 0;
+  const entry = { mark: packet.ctMark ?? 0 };
   for (let steps = 0; steps < 10_000; steps++) {
     if (index >= chain.rules.length) {
       const back = stack.pop();
-      if (!back) return { verdict: base.hook.policy === 'accept' ? 'accept' : 'drop', rule: undefined, chain: base.name, path };
+      if (!back) return { verdict: base.hook.policy === 'accept' ? 'accept' : 'drop', rule: undefined, chain: base.name, path, ctMark: entry.mark };
       ({ chain, next: index } = back);
       continue;
     }
     const rule = chain.rules[index]!;
-    const verdict = runRule(rule, packet, sets);
+    const verdict = runRule(rule, packet, sets, entry);
     index++;
     if (verdict === undefined) continue;
-    if ('accept' in verdict) return { verdict: 'accept', rule, chain: chain.name, path };
-    if ('drop' in verdict) return { verdict: 'drop', rule, chain: chain.name, path };
+    if ('accept' in verdict) return { verdict: 'accept', rule, chain: chain.name, path, ctMark: entry.mark };
+    if ('drop' in verdict) return { verdict: 'drop', rule, chain: chain.name, path, ctMark: entry.mark };
     if ('return' in verdict) {
       const back = stack.pop();
-      if (!back) return { verdict: base.hook.policy === 'accept' ? 'accept' : 'drop', rule: undefined, chain: base.name, path };
+      if (!back) return { verdict: base.hook.policy === 'accept' ? 'accept' : 'drop', rule: undefined, chain: base.name, path, ctMark: entry.mark };
       ({ chain, next: index } = back);
       continue;
     }
@@ -87,16 +96,16 @@ export function evaluate(ruleset: Ruleset, packet: Packet): Outcome {
 }
 
 /** A rule's verdict for the packet, or undefined when it does not decide (a match failed, or it has no verdict). */
-function runRule(rule: RuleDecl, packet: Packet, sets: ReadonlyMap<string, SetDecl>): Verdict | undefined {
+function runRule(rule: RuleDecl, packet: Packet, sets: ReadonlyMap<string, SetDecl>, entry: { mark: number }): Verdict | undefined {
   for (const statement of rule.expr) {
-    const result = runStatement(statement, packet, sets);
+    const result = runStatement(statement, { ...packet, ctMark: entry.mark }, sets, entry);
     if (result === 'break') return undefined;
     if (result !== 'continue') return result;
   }
   return undefined;
 }
 
-function runStatement(s: Statement, packet: Packet, sets: ReadonlyMap<string, SetDecl>): Verdict | 'continue' | 'break' {
+function runStatement(s: Statement, packet: Packet, sets: ReadonlyMap<string, SetDecl>, entry: { mark: number }): Verdict | 'continue' | 'break' {
   if ('match' in s) {
     const { op, left, right } = s.match;
     const value = load(left, packet);
@@ -112,6 +121,12 @@ function runStatement(s: Statement, packet: Packet, sets: ReadonlyMap<string, Se
     return at < 0 ? 'break' : map.verdicts![at]!;
   }
   if ('counter' in s || 'limit' in s || 'log' in s) return 'continue';
+  if ('mangle' in s) {
+    const value = load(s.mangle.value, packet);
+    if (value?.kind !== 'number') throw new Error(`interpreter: ct mark set to ${JSON.stringify(s.mangle.value)}`);
+    entry.mark = value.value;
+    return 'continue';
+  }
   return s;
 }
 
@@ -149,14 +164,29 @@ function load(expr: Expr, packet: Packet): Value | undefined {
     if (segments.length < expr.socket.level) return undefined;
     return { kind: 'text', text: segments.slice(0, expr.socket.level).join('/') };
   }
-  if ('ct' in expr) return { kind: 'text', text: packet.ct };
-  if ('&' in expr) {
-    const inner = load(expr['&'][0], packet);
+  if ('ct' in expr) {
+    if (expr.ct.key === 'mark') return { kind: 'number', value: packet.ctMark ?? 0 };
+    if (expr.ct.key === 'direction') return { kind: 'text', text: packet.ctDirection ?? 'original' };
+    return { kind: 'text', text: packet.ct };
+  }
+  if ('&' in expr || '|' in expr) {
+    const [left, operand] = '&' in expr ? expr['&'] : expr['|'];
+    const inner = load(left, packet);
     if (inner === undefined) return undefined;
-    if (inner.kind !== 'address') throw new Error('interpreter: & on something other than an address');
-    return { ...inner, value: inner.value & addressBits(inner.family, expr['&'][1]) };
+    if (inner.kind === 'number') {
+      // 32-bit marks: JavaScript's bitwise operators are signed, so back to unsigned.
+      const bits = hexNumber(operand);
+      return { kind: 'number', value: ('&' in expr ? inner.value & bits : inner.value | bits) >>> 0 };
+    }
+    if (inner.kind !== 'address' || '|' in expr) throw new Error(`interpreter: ${JSON.stringify(expr)} on ${inner.kind}`);
+    return { ...inner, value: inner.value & addressBits(inner.family, operand) };
   }
   throw new Error(`interpreter: cannot load ${JSON.stringify(expr)}`);
+}
+
+function hexNumber(text: string): number {
+  if (!/^0x[0-9a-f]{1,8}$/i.test(text)) throw new Error(`interpreter: ${text} is not a 32-bit hex number`);
+  return Number.parseInt(text.slice(2), 16);
 }
 
 type Value = { kind: 'text'; text: string } | { kind: 'number'; value: number } | { kind: 'address'; family: 4 | 6; value: bigint };
@@ -189,6 +219,7 @@ function elementMatches(element: Element, value: Value, set: SetDecl | undefined
       return typeof element === 'string' && element === value.text;
     case 'number':
       if (typeof element === 'number') return element === value.value;
+      if (typeof element === 'string') return hexNumber(element) === value.value;
       if (typeof element === 'object' && 'range' in element) return value.value >= element.range[0] && value.value <= element.range[1];
       return false;
     case 'address': {
