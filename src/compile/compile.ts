@@ -245,6 +245,7 @@ class Compiler {
     const systemDomainRules = this.dispatchRules(domains, 'system domains');
 
     const output: RuleDecl[] = [];
+    output.push(...this.routingHeaderRules());
     // Updaters over Tor come first, before loopback: a local resolver or proxy
     // would otherwise look up or fetch for them, under its own identity.
     if (policy.tor.enabled) output.push(...this.torUpdaterRules(systemDomainRules));
@@ -320,6 +321,30 @@ class Compiler {
       warnings: this.warnings,
       ruleIds: this.ruleIds,
     };
+  }
+
+  /**
+   * An IPv6 routing header carries the destinations after the first: the
+   * output hook sees only the first as `ip6 daddr`. Any socket may set a
+   * segment routing header (type 4, IPV6_RTHDR, no capability needed), and a
+   * hop that processes SRv6 sends the packet on to the next segment — a
+   * destination no rule was asked about. So every packet with a routing
+   * header but type 2 (Mobile IPv6's, which names only the sender's own home
+   * address) is dropped, whoever sends it.
+   *
+   * First in the chain, before the updaters' dispatch and loopback: an
+   * updater's SOCKS gateway on another host is accepted on its address, and
+   * a first segment that is this machine's own address leaves by lo — where
+   * a machine that forwards with seg6_enabled sends it on to the next
+   * segment through the forward hook, which this table does not see
+   * (measured). It costs an IPv4 packet one nfproto comparison, an IPv6
+   * packet one walk of its extension headers, which for a packet without
+   * any stops at the transport header; a packet without a routing header
+   * breaks the rule (NFT_BREAK), so no `exists` test of its own is needed.
+   */
+  private routingHeaderRules(): RuleDecl[] {
+    this.chains.push({ name: 'routing_header', rules: this.denyTail('routing-header', undefined, true) });
+    return [rule([match.routingHeaderOtherThan(2), verdict.goto('routing_header')], this.tagged(undefined, 'routing-header', ': IPv6 routing headers'))];
   }
 
   /**

@@ -55,15 +55,11 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   if (target.note) notes.push(target.note);
   const belongs = membership(policy, query.who, facts);
   if ('error' in belongs) return belongs;
-  const decide = (verdict: 'allow' | 'deny', level: Level, ruleId: string, at: Origin | undefined, why?: string): Explanation => ({
-    verdict,
-    level,
-    ruleId,
-    at,
-    why,
-    steps,
-    notes,
-  });
+  const decide = (verdict: 'allow' | 'deny', level: Level, ruleId: string, at: Origin | undefined, why?: string): Explanation => {
+    // The table drops these before any other rule (compile.ts, routingHeaderRules): the answer is for a packet without one.
+    if (verdict === 'allow' && target.family !== 4) notes.push(ROUTING_HEADER_NOTE);
+    return { verdict, level, ruleId, at, why, steps, notes };
+  };
 
   const torUser = policy.tor.enabled && isTorUser(policy, query.who, facts);
   const sdMember = policy.systemDomains.find((domain) => domain.members.some(belongs));
@@ -145,6 +141,10 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   steps.push(`default: ${policy.defaults.egress}`);
   return decide(policy.defaults.egress, 'default', 'default', policy.defaults.at);
 }
+
+/** What an allow answer for IPv6 does not cover. */
+export const ROUTING_HEADER_NOTE =
+  'an IPv6 packet carrying a routing header (any type but 2, Mobile IPv6) is dropped whatever its destination: the header can carry destinations the rules never see';
 
 interface Target {
   readonly name: string | undefined;

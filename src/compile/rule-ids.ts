@@ -15,10 +15,12 @@ import type { Origin, Policy, Rule, Verdict } from '../policy/model.js';
  * copied, into the identity); `log`, `why` and file:line are not identity.
  * Two rules of one owner that are alike in all of it are told apart by
  * their order among themselves. The built-in decisions (defaults, system
- * domains, lockdown, Tor) are identified by their ids, which name them.
+ * domains, lockdown, Tor, the routing-header drop) are identified by
+ * their ids, which name them.
  */
 
-export type RuleKind = 'app-rule' | 'app-default' | 'global-deny' | 'default' | 'system-domain' | 'lockdown' | 'tor-updaters' | 'tor-socks' | 'tor-own';
+export type RuleKind =
+  'app-rule' | 'app-default' | 'global-deny' | 'default' | 'system-domain' | 'lockdown' | 'tor-updaters' | 'tor-socks' | 'tor-own' | 'routing-header';
 
 /** One row of the id table: a short id and the rule it stands for. */
 export interface RuleIdEntry {
@@ -60,6 +62,7 @@ export function ruleIdTable(policy: Policy, options: { readonly lockdown?: boole
   const builtIn = (ruleId: string, kind: RuleKind, verdict: Verdict, at: Origin | undefined, owner: { app?: string; domain?: string } = {}) =>
     candidates.push({ identity: JSON.stringify(['built-in', ruleId, verdict]), entry: { ruleId, kind, verdict, ...where(at), ...owner } });
 
+  builtIn('routing-header', 'routing-header', 'deny', undefined);
   for (const domain of policy.systemDomains) builtIn(`sd/${domain.name}`, 'system-domain', 'deny', domain.at, { domain: domain.name });
   if (policy.tor.enabled) {
     builtIn('tor/updaters', 'tor-updaters', 'deny', policy.tor.at);

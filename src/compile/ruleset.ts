@@ -60,6 +60,8 @@ export type Expr =
   | { readonly payload: { readonly protocol: 'icmpv6'; readonly field: 'type' } }
   | { readonly payload: { readonly protocol: 'ip6'; readonly field: 'hoplimit' } }
   | { readonly socket: { readonly key: 'cgroupv2'; readonly level: number } }
+  /** An IPv6 extension header's field: nft finds the header wherever it is in the chain of headers; a packet without one breaks the rule. */
+  | { readonly exthdr: { readonly name: 'rt'; readonly field: 'type' } }
   | { readonly ct: { readonly key: 'state' | 'direction' | 'mark' } }
   | { readonly set: readonly Element[] }
   /** A list of flags, tested bitwise (`ct state established,related`): no set at all. */
@@ -147,6 +149,8 @@ export const match = {
   ctMark: (mask: string, value: string): Statement => eq({ '&': [{ ct: { key: 'mark' } }, mask] }, value),
   /** The socket has an owner: `meta skuid` loads for any uid; for a packet without one (the kernel's, an orphaned socket's) the rule does not match. */
   hasOwner: (): Statement => eq({ meta: { key: 'skuid' } }, { range: [0, 0xffffffff] }),
+  /** An IPv6 routing header of any type but `type`; a packet without a routing header does not match. */
+  routingHeaderOtherThan: (type: number): Statement => ({ match: { op: '!=', left: { exthdr: { name: 'rt', field: 'type' } }, right: type } }),
 };
 
 export const dispatch = {
@@ -348,6 +352,7 @@ function exprText(expr: Expr): string {
   if ('meta' in expr) return `meta ${expr.meta.key}`;
   if ('payload' in expr) return `${expr.payload.protocol} ${expr.payload.field}`;
   if ('socket' in expr) return `socket cgroupv2 level ${expr.socket.level}`;
+  if ('exthdr' in expr) return `${expr.exthdr.name} ${expr.exthdr.field}`;
   if ('ct' in expr) return `ct ${expr.ct.key}`;
   if ('set' in expr) return `{ ${expr.set.map((e) => exprText(e as Expr)).join(', ')} }`;
   if ('&' in expr) return `${exprText(expr['&'][0])} & ${expr['&'][1]}`;

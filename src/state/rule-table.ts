@@ -14,7 +14,7 @@ const entrySchema = z
   .object({
     id: z.string().regex(SHORT_ID),
     ruleId: z.string().min(1),
-    kind: z.enum(['app-rule', 'app-default', 'global-deny', 'default', 'system-domain', 'lockdown', 'tor-updaters', 'tor-socks', 'tor-own']),
+    kind: z.enum(['app-rule', 'app-default', 'global-deny', 'default', 'system-domain', 'lockdown', 'tor-updaters', 'tor-socks', 'tor-own', 'routing-header']),
     verdict: z.enum(['allow', 'deny']),
     file: z.string().optional(),
     line: z.number().int().positive().optional(),

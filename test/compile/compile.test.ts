@@ -7,6 +7,7 @@ import { resolvePolicy } from '../../src/policy/resolve.js';
 import { nftAvailable, nftCheck } from '../support/nft-check.js';
 import { compileYaml, FACTS, policyFrom } from '../support/compile-text.js';
 import { arbPolicy, GEN_FACTS } from '../support/policy-gen.js';
+import { evaluate, type Packet } from '../support/ruleset-interpreter.js';
 
 const chain = (compiled: ReturnType<typeof compileYaml>, name: string): ChainDecl => {
   const found = compiled.ruleset.chains.find((c) => c.name === name);
@@ -47,6 +48,7 @@ tor: {enabled: true, updaters: [apt]}
       return index;
     };
     const order = [
+      position(`rt type != 2 goto routing_header comment "${sid(compiled, 'routing-header')} routing-header: IPv6 routing headers"`),
       position('vmap @tor_uid'),
       position('meta oif "lo" accept comment "loopback; policy sha256:'),
       position('vmap @sd_uid'),
@@ -68,6 +70,66 @@ tor: {enabled: true, updaters: [apt]}
     expect([...order].sort((a, b) => a - b)).toEqual(order);
     expect(chain(compiled, 'output').hook).toEqual({ hook: 'output', prio: 0, policy: 'drop' });
     expect(output.at(-1)).toMatch(new RegExp(`^counter drop comment "${sid(compiled, 'default')} f\\.yaml:2 default`));
+  });
+
+  it('drops every IPv6 packet with a routing header but type 2 first, before the updaters, loopback and everything that accepts on the destination; logged and counted under its own id', () => {
+    const tor = (socks: string) => `
+defaults: {egress: allow}
+identities: {apt: {user: _apt}}
+apps: {web: {identity: {user: alice}, rules: [{allow: [192.0.2.9]}]}}
+tor: {enabled: true, socks: "${socks}", updaters: [apt]}
+`;
+    for (const [yaml, lockdown] of [
+      ['defaults: {egress: deny}\n', false],
+      [tor('192.0.2.50:9050'), false],
+      [tor('[::1]:9050'), true],
+    ] as const) {
+      const compiled = compileYaml(yaml, { lockdown });
+      const id = sid(compiled, 'routing-header');
+      const output = chain(compiled, 'output').rules;
+      expect(ruleText(output[0]!), yaml).toBe(`rt type != 2 goto routing_header comment "${id} routing-header: IPv6 routing headers"`);
+      // Nothing else looks at routing headers, and no other rule sends packets to its chain.
+      expect(renderText(compiled.ruleset).match(/\brt type\b/g)).toHaveLength(1);
+      expect(renderText(compiled.ruleset).match(/\brouting_header\b/g)).toHaveLength(2);
+      expect(chain(compiled, 'routing_header').rules.map(ruleText)).toEqual([
+        `limit rate 10/second burst 20 packets log prefix "egd ${id} " group 7745 comment "${id} routing-header"`,
+        `counter drop comment "${id} routing-header"`,
+      ]);
+      expect(compiled.ruleIds.find((e) => e.id === id)).toEqual({ id, ruleId: 'routing-header', kind: 'routing-header', verdict: 'deny' });
+      expect(renderJson(compiled.ruleset).nftables).toContainEqual({
+        rule: expect.objectContaining({
+          chain: 'output',
+          expr: [{ match: { op: '!=', left: { exthdr: { name: 'rt', field: 'type' } }, right: 2 } }, { goto: { target: 'routing_header' } }],
+        }),
+      });
+    }
+    // Without denial logging it still drops and counts.
+    const quiet = compileYaml('defaults: {egress: deny, log: {denials: false}}\n');
+    expect(chain(quiet, 'routing_header').rules.map(ruleText)).toEqual([`counter drop comment "${sid(quiet, 'routing-header')} routing-header"`]);
+  });
+
+  it('a packet with a routing header is dropped at routing_header whoever sends it and wherever it goes, Tor and updaters included; type 2 and none are decided as before', () => {
+    const compiled = compileYaml(
+      `
+defaults: {egress: allow}
+identities: {apt: {user: _apt}}
+apps: {web: {identity: {user: alice}, rules: [{allow: ["2001:db8::9"]}], default: deny}}
+tor: {enabled: true, socks: "[2001:db8::50]:9050", updaters: [apt]}
+`,
+    );
+    const ids = FACTS.users;
+    const packets: Packet[] = [
+      { oif: 'eth0', family: 6, daddr: '2001:db8::9', l4proto: 'tcp', dport: 443, skuid: ids.get('alice') as number, skgid: 100, cgroup: '', ct: 'new' },
+      { oif: 'eth0', family: 6, daddr: '2001:db8::50', l4proto: 'tcp', dport: 9050, skuid: ids.get('_apt') as number, skgid: 100, cgroup: '', ct: 'new' },
+      { oif: 'eth0', family: 6, daddr: '2001:db8::77', l4proto: 'udp', dport: 53, skuid: ids.get('debian-tor') as number, skgid: 100, cgroup: '', ct: 'new' },
+      { oif: 'lo', family: 6, daddr: '::1', l4proto: 'tcp', dport: 80, skuid: 0, skgid: 0, cgroup: '', ct: 'established' },
+    ];
+    for (const packet of packets) {
+      expect(evaluate(compiled.ruleset, packet), JSON.stringify(packet)).toMatchObject({ verdict: 'accept' });
+      expect(evaluate(compiled.ruleset, { ...packet, routingHeader: 2 })).toMatchObject({ verdict: 'accept' });
+      for (const routingHeader of [0, 3, 4, 253])
+        expect(evaluate(compiled.ruleset, { ...packet, routingHeader })).toMatchObject({ verdict: 'drop', chain: 'routing_header' });
+    }
   });
 
   it('a policy without a default deny has no conntrack expression at all, lockdown, system domains and Tor included', () => {
@@ -113,6 +175,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
         app_open: 0,
         sd_offline: 0,
         lockdown: 0,
+        routing_header: 0,
         tor_updaters: 0,
         icmpv6_link: 0,
         global_deny: 0,
@@ -289,8 +352,11 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     const fingerprint = (c: typeof a) => chain(c, 'global_deny').rules[0]!.comment!.match(/ #([0-9a-f]{8})$/)![1];
     expect(fingerprint(a)).not.toBe(fingerprint(b));
     for (const c of a.ruleset.chains) for (const r of c.rules) expect(r.comment).toMatch(/ #[0-9a-f]{8}$/);
-    expect(chain(a, 'output').rules[0]!.comment).toMatch(/^loopback; policy sha256:[0-9a-f]{32} #[0-9a-f]{8}$/);
-    expect(chain(a, 'output').rules[0]!.comment).not.toBe(chain(b, 'output').rules[0]!.comment);
+    // The routing-header drop comes first (see its own test); the loopback rule, always there, carries the digest.
+    const loopback = (c: typeof a) => chain(c, 'output').rules.find((r) => ruleText(r).startsWith('meta oif "lo" accept'))!;
+    expect(chain(a, 'output').rules.indexOf(loopback(a))).toBe(1);
+    expect(loopback(a).comment).toMatch(/^loopback; policy sha256:[0-9a-f]{32} #[0-9a-f]{8}$/);
+    expect(loopback(a).comment).not.toBe(loopback(b).comment);
   });
 
   it('every rule of every policy chain names its file:line and rule id', () => {

@@ -1,7 +1,7 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { compile } from '../../src/compile/compile.js';
-import { explain, type Level } from '../../src/compile/explain.js';
+import { explain, ROUTING_HEADER_NOTE, type Level } from '../../src/compile/explain.js';
 import type { Ruleset } from '../../src/compile/ruleset.js';
 import { policyFrom } from '../support/compile-text.js';
 import { arbConnection, packetFor } from '../support/connection.js';
@@ -56,7 +56,13 @@ describe('explain agrees with the compiled table', () => {
             lockdown: generated.lockdown,
           });
           if ('error' in answer) throw new Error(answer.error);
-          const kernel = evaluate(ruleset, packetFor(c));
+          const packet = packetFor(c);
+          const kernel = evaluate(ruleset, packet);
+          // A routing header is dropped before anything else decides; explain answers for a packet without one, and says so for IPv6.
+          const routed = evaluate(ruleset, { ...packet, routingHeader: 4 });
+          if (packet.family === 6) expect(routed, JSON.stringify(c)).toMatchObject({ verdict: 'drop', chain: 'routing_header' });
+          else expect(routed).toEqual(kernel);
+          expect(answer.notes.includes(ROUTING_HEADER_NOTE), JSON.stringify(c)).toBe(answer.verdict === 'allow' && packet.family === 6);
           const where = `${kernel.verdict} ${kernel.chain.replace(/_.*/, '')}`;
           decidedIn.set(where, (decidedIn.get(where) ?? 0) + 1);
           const said = answer.verdict === 'allow' ? 'accept' : 'drop';

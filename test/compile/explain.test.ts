@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { compile } from '../../src/compile/compile.js';
-import { explain, type ExplainQuery } from '../../src/compile/explain.js';
+import { explain, ROUTING_HEADER_NOTE, type ExplainQuery } from '../../src/compile/explain.js';
 import { FACTS, policyFrom } from '../support/compile-text.js';
 import { packetFor } from '../support/connection.js';
 import { evaluate } from '../support/ruleset-interpreter.js';
@@ -117,6 +117,18 @@ describe('explain: each precedence level against the next', () => {
   it('says when an address could match a name rule through DNS', () => {
     const answer = ask({ kind: 'user', user: 'bob' }, '192.0.2.200');
     expect(answer.notes).toEqual(["deny/f.yaml/0 also matches 192.0.2.200 while it is a recent DNS answer for one of the rule's names"]);
+  });
+
+  it('says that an allowed IPv6 destination does not cover a packet carrying a routing header, which is dropped first', () => {
+    expect(ask({ kind: 'name', name: 'web' }, '2001:db8::7').notes).toContain(ROUTING_HEADER_NOTE);
+    expect(ask({ kind: 'name', name: 'web' }, 'example.org').notes).toContain(ROUTING_HEADER_NOTE);
+    // Where nothing is allowed there is nothing to qualify; IPv4 has no routing header.
+    const denied = ask({ kind: 'user', user: 'bob' }, '2001:db8::7');
+    expect(denied.verdict).toBe('deny');
+    expect(denied.notes).not.toContain(ROUTING_HEADER_NOTE);
+    const v4 = ask({ kind: 'name', name: 'web' }, '192.0.2.7');
+    expect(v4.verdict).toBe('allow');
+    expect(v4.notes).not.toContain(ROUTING_HEADER_NOTE);
   });
 
   it('an unknown app name is an error listing the known ones', () => {

@@ -44,6 +44,7 @@ describe('short rule ids', () => {
     for (const entry of ids) expect(entry.id).toMatch(/^r[0-9a-f]{8}$/);
     expect(new Set(ids.map((e) => e.id)).size).toBe(ids.length);
     expect(ids.map((e) => e.ruleId)).toEqual([
+      'routing-header',
       'sd/off',
       'tor/updaters',
       'tor/socks',
@@ -66,6 +67,7 @@ describe('short rule ids', () => {
     });
     expect(byRuleId(ids, 'sd/off')).toMatchObject({ kind: 'system-domain', verdict: 'deny', domain: 'off' });
     expect(byRuleId(ids, 'lockdown')).toEqual({ id: expect.any(String), ruleId: 'lockdown', kind: 'lockdown', verdict: 'deny' });
+    expect(byRuleId(ids, 'routing-header')).toEqual({ id: expect.any(String), ruleId: 'routing-header', kind: 'routing-header', verdict: 'deny' });
     expect(byRuleId(ids, 'deny/f.yaml/0')).toMatchObject({ kind: 'global-deny', verdict: 'deny', file: 'f.yaml', line: 11 });
     expect(byRuleId(ids, 'default')).toMatchObject({ kind: 'default', verdict: 'deny' });
   });
@@ -77,7 +79,7 @@ describe('short rule ids', () => {
     const table = new Map(compiled.ruleIds.map((e) => [e.id, e]));
     const text = renderText(compiled.ruleset);
     const prefixes = [...text.matchAll(/log prefix "([^"]*)"/g)].map((m) => m[1]!);
-    expect(prefixes.length).toBe(7); // sd/off, tor/updaters, lockdown, app/web/1, app/web/default, deny/f.yaml/0, default
+    expect(prefixes.length).toBe(8); // routing-header, sd/off, tor/updaters, lockdown, app/web/1, app/web/default, deny/f.yaml/0, default
     for (const prefix of prefixes) {
       expect(Buffer.byteLength(prefix)).toBe(14);
       expect(table.has(parseLogPrefix(prefix)!), prefix).toBe(true);

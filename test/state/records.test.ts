@@ -81,7 +81,13 @@ describe('the rule id table', () => {
     expect(read.value.rules).toEqual(compiled.ruleIds);
     expect(read.value.digest).toBe('d'.repeat(64));
     const prefixes = [...renderText(compiled.ruleset).matchAll(/log prefix "([^"]*)"/g)].map((m) => m[1]!);
-    expect(prefixes.map((p) => read.value.byId.get(parseLogPrefix(p)!)?.ruleId).sort()).toEqual(['app/web/0', 'app/web/default', 'default', 'deny/f.yaml/0']);
+    expect(prefixes.map((p) => read.value.byId.get(parseLogPrefix(p)!)?.ruleId).sort()).toEqual([
+      'app/web/0',
+      'app/web/default',
+      'default',
+      'deny/f.yaml/0',
+      'routing-header',
+    ]);
     expect(read.value.byId.get(parseLogPrefix(prefixes[0]!)!)).toMatchObject({ file: 'f.yaml', line: expect.any(Number) });
   });
 

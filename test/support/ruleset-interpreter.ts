@@ -9,6 +9,8 @@ import type { ChainDecl, Element, Expr, RuleDecl, Ruleset, SetDecl, Statement, V
  *   table adds the nfproto dependency): an ip6 packet to ::ffff:192.0.2.5
  *   never meets an `ip daddr` set.
  * - `meta oif "lo"` is about the interface, not the address.
+ * - `rt type` is the type of an IPv6 packet's routing header; a packet
+ *   without one (every IPv4 packet) breaks the rule, whatever the operator.
  * - a verdict-map lookup that finds nothing, like any failed match, ends the
  *   rule and goes on with the next one; `socket cgroupv2 level N` is the
  *   socket cgroup's ancestor N levels down (none if the cgroup is shallower).
@@ -41,6 +43,8 @@ export interface Packet {
   /** ipv6-icmp only. */
   readonly icmpv6Type?: string;
   readonly hoplimit?: number;
+  /** IPv6 only: the type of the packet's routing header; undefined for none. */
+  readonly routingHeader?: number;
 }
 
 export interface Outcome {
@@ -169,6 +173,7 @@ function load(expr: Expr, packet: Packet): Value | undefined {
     if (expr.ct.key === 'direction') return { kind: 'text', text: packet.ctDirection ?? 'original' };
     return { kind: 'text', text: packet.ct };
   }
+  if ('exthdr' in expr) return packet.family === 6 && packet.routingHeader !== undefined ? { kind: 'number', value: packet.routingHeader } : undefined;
   if ('&' in expr || '|' in expr) {
     const [left, operand] = '&' in expr ? expr['&'] : expr['|'];
     const inner = load(left, packet);
