@@ -254,30 +254,51 @@ class Compiler {
     output.push(...systemDomainRules);
 
     // IPv6 cannot work without neighbour discovery and MLD, which the kernel
-    // sends on nobody's behalf. Only their link-scope forms pass: hop limit
-    // 255 for ND, hop limit 1 to a multicast address for MLD. In a chain of
-    // their own, entered by ICMPv6 only: every other packet pays one
-    // comparison for them instead of two rules' eight expressions (~10 % of
-    // the table's cost per packet, perf on bench/packet-cost.ts).
-    this.chains.push({
-      name: 'icmpv6_link',
-      rules: [
-        rule(
-          [match.hoplimit(255), match.icmpv6Type(['nd-router-solicit', 'nd-neighbor-solicit', 'nd-neighbor-advert']), verdict.accept()],
-          'IPv6 neighbour discovery',
-        ),
+    // sends on nobody's behalf: from its own sockets, which have no file, so
+    // `meta skuid` finds no owner. A process's raw socket has one: its
+    // ND- or MLD-typed packets, which it may address anywhere, go on to the
+    // identity rules below (lockdown, its app, the global deny, the default)
+    // like any other packet of its. What passes here is the kernel's own ND
+    // (hop limit 255), which it sends only to link-local, multicast and
+    // on-link neighbours; and, outside lockdown, its MLD reports (hop limit
+    // 1, to a multicast address), at a bounded rate: their group addresses
+    // are chosen by whoever joins, a system domain's members included, so
+    // they are a channel past every identity (measured: 54,000 joins in 3 s
+    // made the kernel send 1.3 MB of reports). IGMP reports, IPv4's, are
+    // bounded alike but then meet the rules below: IPv4 unicast needs none.
+    // Under lockdown both meet the kill switch: the host's memberships lapse,
+    // and a switch that snoops MLD may stop passing it multicast (neighbours
+    // still reach it: they learn its link address from its own ND).
+    // In chains of their own, entered by ICMPv6 and IGMP only: every other
+    // packet pays one comparison for them instead of the rules' expressions
+    // (~10 % of the table's cost per packet, perf on bench/packet-cost.ts).
+    const link: RuleDecl[] = [
+      rule([match.owned(), verdict.return()], 'ICMPv6 and IGMP of a process, raw sockets too: its identity decides'),
+      rule(
+        [match.hoplimit(255), match.icmpv6Type(['nd-router-solicit', 'nd-neighbor-solicit', 'nd-neighbor-advert']), verdict.accept()],
+        "IPv6 neighbour discovery, the kernel's",
+      ),
+    ];
+    if (this.options.lockdown) {
+      output.push(rule([match.l4proto('ipv6-icmp'), verdict.jump('link_local')], "the kernel's neighbour discovery"));
+    } else {
+      link.push(
         rule(
           [
             match.hoplimit(1),
             match.daddrIn6Multicast(),
             match.icmpv6Type(['mld-listener-report', 'mld-listener-done', 'mld2-listener-report']),
-            verdict.accept(),
+            verdict.goto('mld_reports'),
           ],
-          'IPv6 multicast listener reports',
+          "IPv6 multicast listener reports, the kernel's",
         ),
-      ],
-    });
-    output.push(rule([match.l4proto('ipv6-icmp'), verdict.jump('icmpv6_link')], 'IPv6 neighbour discovery and multicast listener reports'));
+        rule([match.l4proto('igmp'), verdict.goto('igmp_reports')], "IGMP reports, the kernel's"),
+      );
+      this.chains.push({ name: 'mld_reports', rules: [...this.reportLimit('MLD'), rule([verdict.accept()], 'MLD reports within their rate')] });
+      this.chains.push({ name: 'igmp_reports', rules: this.reportLimit('IGMP') });
+      output.push(rule([match.l4proto('@proto_igmp_ipv6_icmp'), verdict.jump('link_local')], "the kernel's neighbour discovery and multicast reports"));
+    }
+    this.chains.push({ name: 'link_local', rules: link });
 
     // The kill switch, when on: only Tor itself may still leave.
     if (this.options.lockdown) {
@@ -308,6 +329,8 @@ class Compiler {
     output.push(rule([verdict.jump('global_deny')], 'global deny list'));
 
     output.push(...this.defaultTail('default', policy.defaults.egress, policy.defaults.at, DEFAULT_TAG));
+    // The set the link-local chain is entered by, declared last: the policy's own sets come first.
+    if (!this.options.lockdown) this.constantSet('proto_igmp_ipv6_icmp', 'inet_proto', ['igmp', 'ipv6-icmp']);
 
     const base: ChainDecl = { name: 'output', hook: { hook: 'output', prio: 0, policy: policy.defaults.egress === 'deny' ? 'drop' : 'accept' }, rules: output };
     const ruleset: Ruleset = { table: TABLE, sets: this.sets, chains: [base, ...this.chains].map(fingerprintRules) };
@@ -462,7 +485,7 @@ class Compiler {
    * an apply writes the next generation the table holds both — 800 anonymous
    * sets for 200 apps cost 200–250 ms of kernel time per apply (measured). A
    * named constant set is written once and kept while its elements stay.
-   * (The two ICMPv6 type sets of icmpv6_link stay anonymous: two per
+   * (The two ICMPv6 type sets of link_local stay anonymous: two per
    * generation, whatever the policy's size.)
    */
   private constantSet(name: string, key: SetKey, elements: readonly Element[], flags: readonly SetFlag[] = []): string {
@@ -492,6 +515,21 @@ class Compiler {
     const chain = `log_${setPrefix}`;
     if (!this.chains.some((c) => c.name === chain)) this.chains.push({ name: chain, rules: this.denyTail(id, at, true) });
     return [verdict.goto(chain)];
+  }
+
+  /**
+   * The kernel's multicast reports over their rate: dropped, counted. The
+   * rate bounds what joins can make the kernel say for anyone who joins;
+   * the host's own reports need far less (a few hundred bytes per interface
+   * per querier's round, 125 s by default; a burst when addresses come up).
+   */
+  private reportLimit(what: string): RuleDecl[] {
+    return [
+      rule(
+        [stmt.limitBytesOver(REPORT_BYTES_PER_SECOND, REPORT_BURST_BYTES), stmt.counter(), verdict.drop()],
+        `${what} reports over ${REPORT_BYTES_PER_SECOND} bytes/s`,
+      ),
+    ];
   }
 
   /** The end of a denying path: log (rate-limited) and drop, counting. */
@@ -751,6 +789,15 @@ function cgroupLevel(d: Dispatch, level: number): LevelEntries {
   }
   return entry;
 }
+
+/**
+ * What the kernel's MLD reports, and apart from them its IGMP reports, may
+ * carry on average, and after a quiet minute at once: the bound of the
+ * channel that group addresses chosen by a joining process are (README,
+ * threat model).
+ */
+export const REPORT_BYTES_PER_SECOND = 256;
+export const REPORT_BURST_BYTES = 16384;
 
 /** Marks the policy digest in the first rule's comment. */
 export const POLICY_MARK = 'policy sha256:';

@@ -79,6 +79,17 @@ export type Statement =
   | { readonly mangle: { readonly key: { readonly ct: { readonly key: 'mark' } }; readonly value: Expr } }
   | { readonly counter: null }
   | { readonly limit: { readonly rate: number; readonly per: 'second' | 'minute' | 'hour'; readonly burst: number } }
+  /** Bytes, as libnftables JSON writes it; `inv`: matches only over the rate. */
+  | {
+      readonly limit: {
+        readonly rate: number;
+        readonly rate_unit: 'bytes';
+        readonly per: 'second';
+        readonly burst: number;
+        readonly burst_unit: 'bytes';
+        readonly inv: true;
+      };
+    }
   | { readonly log: { readonly prefix: string; readonly group: number } }
   | Verdict;
 
@@ -140,6 +151,8 @@ export const match = {
   dport: (ports: Element): Statement => eq({ payload: { protocol: 'th', field: 'dport' } }, ports),
   tcpDport: (port: number): Statement => eq({ payload: { protocol: 'tcp', field: 'dport' } }, port),
   skuid: (uid: number): Statement => eq({ meta: { key: 'skuid' } }, uid),
+  /** The packet's socket has an owner: every uid matches, and a socket without a file (the kernel's own) has none to load. */
+  owned: (): Statement => eq({ meta: { key: 'skuid' } }, { range: [0, 4294967295] }),
   hoplimit: (limit: number): Statement => eq({ payload: { protocol: 'ip6', field: 'hoplimit' } }, limit),
   daddrIn6Multicast: (): Statement => eq({ payload: { protocol: 'ip6', field: 'daddr' } }, { prefix: { addr: 'ff00::', len: 8 } }),
   icmpv6Type: (types: readonly string[]): Statement => eq({ payload: { protocol: 'icmpv6', field: 'type' } }, { set: types }),
@@ -162,6 +175,8 @@ export const dispatch = {
 export const stmt = {
   counter: (): Statement => ({ counter: null }),
   limit: (rate: number, per: 'second' | 'minute' | 'hour', burst: number): Statement => ({ limit: { rate, per, burst } }),
+  /** Matches the bytes over `rate` per second, after a burst of `burst` bytes. */
+  limitBytesOver: (rate: number, burst: number): Statement => ({ limit: { rate, rate_unit: 'bytes', per: 'second', burst, burst_unit: 'bytes', inv: true } }),
   log: (prefix: string, group: number): Statement => ({ log: { prefix, group } }),
   /** Writes `value` into the bits of the connection's mark outside `keep`, keeping the bits `keep` names. */
   ctMarkSet: (keep: string, value: string): Statement => ({
@@ -383,7 +398,10 @@ function statementText(s: Statement): string {
   if ('vmap' in s) return `${exprText(s.vmap.key)} vmap ${s.vmap.data}`;
   if ('mangle' in s) return `${exprText(s.mangle.key)} set ${exprText(s.mangle.value)}`;
   if ('counter' in s) return 'counter';
-  if ('limit' in s) return `limit rate ${s.limit.rate}/${s.limit.per} burst ${s.limit.burst} packets`;
+  if ('limit' in s) {
+    if ('inv' in s.limit) return `limit rate over ${s.limit.rate} bytes/${s.limit.per} burst ${s.limit.burst} bytes`;
+    return `limit rate ${s.limit.rate}/${s.limit.per} burst ${s.limit.burst} packets`;
+  }
   if ('log' in s) return `log prefix ${quote(s.log.prefix)} group ${s.log.group}`;
   return verdictText(s);
 }

@@ -177,7 +177,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
         lockdown: 0,
         routing_header: 0,
         tor_updaters: 0,
-        icmpv6_link: 0,
+        link_local: 0,
         global_deny: 0,
         log_g0: 0,
         log_a_closed_1: 0,
@@ -243,7 +243,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     ];
     const compiled = compileYaml(`deny:\n  - to: ${JSON.stringify(nets)}\n`);
     const sets = new Map(compiled.ruleset.sets.map((s) => [s.name, s]));
-    expect([...sets.keys()].sort()).toEqual(['g0_net4', 'g0_net4_p24', 'g0_net4_p32', 'g0_net6', 'g0_net6_p48']);
+    expect([...sets.keys()].sort()).toEqual(['g0_net4', 'g0_net4_p24', 'g0_net4_p32', 'g0_net6', 'g0_net6_p48', 'proto_igmp_ipv6_icmp']);
     expect(sets.get('g0_net4')!.elements).toEqual([{ prefix: { addr: '192.168.0.0', len: 16 } }, { prefix: { addr: '198.51.100.0', len: 25 } }]);
     expect(sets.get('g0_net4')!.flags).toEqual(['interval']);
     expect(sets.get('g0_net4_p32')!.elements).toHaveLength(1500);
@@ -265,7 +265,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
       expect(nftCheck(JSON.stringify(renderJson(compiled.ruleset)), { json: true })).toEqual({ ok: true, stderr: '' });
     }
     const capped = compileYaml(`deny:\n  - to: ${JSON.stringify(five)}\n`).ruleset.sets.map((set) => `${set.name}:${set.elements.length}`);
-    expect(capped.sort()).toEqual(['g0_net6:1024', 'g0_net6_p40:1025', 'g0_net6_p48:1026', 'g0_net6_p56:1027', 'g0_net6_p64:1028']);
+    expect(capped.sort()).toEqual(['g0_net6:1024', 'g0_net6_p40:1025', 'g0_net6_p48:1026', 'g0_net6_p56:1027', 'g0_net6_p64:1028', 'proto_igmp_ipv6_icmp:2']);
   });
 
   it('rules hold no anonymous sets: protocols and ports of several are named sets that rules with the same ones share', () => {
@@ -278,7 +278,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     const text = renderText(compiled.ruleset);
     // The two ICMPv6 type sets of the link-local chain are the only anonymous ones, whatever the policy's size.
     const anonymous = compiled.ruleset.chains.flatMap((c) => c.rules.filter((r) => JSON.stringify(r.expr).includes('"set":')).map(() => c.name));
-    expect(anonymous).toEqual(['icmpv6_link', 'icmpv6_link']);
+    expect(anonymous).toEqual(['link_local', 'link_local']);
     const constants = compiled.ruleset.sets
       .filter((s) => s.key === 'inet_proto' || s.key === 'inet_service')
       .map((s) => ({ name: s.name, elements: s.elements, flags: s.flags }));
@@ -287,6 +287,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
       { name: 'ports_80_443', elements: [80, 443], flags: [] },
       { name: 'ports_22_8000to8100', elements: [22, { range: [8000, 8100] }], flags: ['interval'] },
       { name: 'proto_icmp_ipv6_icmp_tcp_udp', elements: ['icmp', 'ipv6-icmp', 'tcp', 'udp'], flags: [] },
+      { name: 'proto_igmp_ipv6_icmp', elements: ['igmp', 'ipv6-icmp'], flags: [] },
     ]);
     // Default-deny apps: conntrack is on, and what an allow rule lets out is marked as the app's (its tag is the name's).
     const a1 = `ct mark set ct mark & 0x0000ffff | ${markValue(appTags(Array.from({ length: 30 }, (_, i) => `a${i}`)).get('a1')!)}`;
@@ -464,7 +465,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     const domain = compileYaml('systemDomains: {off: {members: [{cgroup: "u/app-*"}]}}\n', { facts });
     expect(renderText(domain.ruleset)).toContain('"u" : goto sd_off');
     const allow = compileYaml('apps: {a: {identity: {cgroup: "u/app-*"}}}\n', { facts });
-    expect(allow.ruleset.sets.map((s) => s.name)).toEqual(['app_cg_l2']);
+    expect(allow.ruleset.sets.map((s) => s.name)).toEqual(['app_cg_l2', 'proto_igmp_ipv6_icmp']);
     expect(allow.warnings.map((w) => w.message)).toEqual(['cgroup "u/app-\\xff.scope" has a name nftables cannot carry; it is left out']);
     const orphan = compileYaml('systemDomains: {off: {members: [{cgroup: "x*"}]}}\n', {
       facts: { ...FACTS, cgroups: [], unnamedCgroups: [{ path: 'x\ufffd', shown: '"x\\xff"', namedAncestor: '' }] },

@@ -113,14 +113,43 @@ describe('ruleset interpreter', () => {
       skgid: _gid,
       ...kernelSent
     } = packet({ family: 6, daddr: 'ff02::1:ff00:2', l4proto: 'ipv6-icmp', icmpv6Type: 'nd-neighbor-solicit', hoplimit: 255 });
-    expect(evaluate(ruleset, kernelSent)).toMatchObject({ verdict: 'accept', chain: 'icmpv6_link' });
+    expect(evaluate(ruleset, kernelSent)).toMatchObject({ verdict: 'accept', chain: 'link_local' });
     expect(evaluate(ruleset, { ...kernelSent, hoplimit: 64 })).toMatchObject({ verdict: 'drop', chain: 'output' });
     expect(evaluate(ruleset, { ...kernelSent, icmpv6Type: 'echo-request', daddr: '2001:db8::2' })).toMatchObject({ verdict: 'drop', chain: 'output' });
     // A system domain's own ND-typed packets stop at its dispatch, before the link-local exception.
     expect(evaluate(ruleset, { ...kernelSent, skuid: 990 })).toMatchObject({ verdict: 'drop', chain: 'sd_off' });
+    // A process's own ND-typed packet (a raw socket), to an off-link address: its identity decides, not the link exception.
+    const raw = { ...kernelSent, daddr: '2001:db8:1::1', skuid: 1000, skgid: 1000 };
+    expect(evaluate(ruleset, raw)).toMatchObject({ verdict: 'drop', chain: 'output', path: ['output', 'link_local', 'global_deny'] });
+    expect(evaluate(ruleset, { ...raw, daddr: 'ff02::1:ff00:2' })).toMatchObject({ verdict: 'drop', chain: 'output' });
     // An ip6 packet to an IPv4-mapped address is not IPv4: `ip daddr` never sees it.
     const v4deny = compileYaml('deny:\n  - to: [192.0.2.0/24]\n').ruleset;
     expect(evaluate(v4deny, packet({ daddr: '192.0.2.5' })).verdict).toBe('drop');
     expect(evaluate(v4deny, packet({ family: 6, daddr: '::ffff:192.0.2.5' })).verdict).toBe('accept');
+  });
+
+  it("lets the kernel's MLD reports out only outside lockdown, and hands a process's ICMPv6 and IGMP to its identity", () => {
+    const policy = 'defaults: {egress: allow}\napps:\n  a: {identity: {user: alice}, default: deny}\ntor: {enabled: true}\n';
+    const free = compileYaml(policy).ruleset;
+    const locked = compileYaml(policy, { lockdown: true }).ruleset;
+    const { skuid: _uid, skgid: _gid, ...unowned } = packet({});
+    const mld = { ...unowned, family: 6 as const, daddr: 'ff02::16', l4proto: 'ipv6-icmp' as const, icmpv6Type: 'mld2-listener-report', hoplimit: 1 };
+    const nd = { ...unowned, family: 6 as const, daddr: '2001:db8::2', l4proto: 'ipv6-icmp' as const, icmpv6Type: 'nd-neighbor-solicit', hoplimit: 255 };
+    const igmp = { ...unowned, daddr: '224.0.0.22', l4proto: 'igmp' as const };
+    expect(evaluate(free, mld)).toMatchObject({ verdict: 'accept', chain: 'mld_reports' });
+    expect(evaluate(locked, mld)).toMatchObject({ verdict: 'drop', chain: 'lockdown' });
+    // ND the kernel sends passes under lockdown too: Tor over IPv6 needs it.
+    expect(evaluate(free, nd)).toMatchObject({ verdict: 'accept', chain: 'link_local' });
+    expect(evaluate(locked, nd)).toMatchObject({ verdict: 'accept', chain: 'link_local' });
+    // The kernel's IGMP reports, within their rate, meet the rules below: here the default allow; the kill switch under lockdown.
+    expect(evaluate(free, igmp)).toMatchObject({ verdict: 'accept', chain: 'output', path: ['output', 'link_local', 'igmp_reports', 'global_deny'] });
+    expect(evaluate(locked, igmp)).toMatchObject({ verdict: 'drop', chain: 'lockdown' });
+    // A process's MLD, ND or IGMP: its app's default deny, or the kill switch.
+    for (const p of [mld, nd, igmp]) {
+      expect(evaluate(free, { ...p, skuid: 1000, skgid: 1000 }), p.l4proto).toMatchObject({ verdict: 'drop', chain: 'app_a' });
+      expect(evaluate(locked, { ...p, skuid: 1000, skgid: 1000 }), p.l4proto).toMatchObject({ verdict: 'drop', chain: 'lockdown' });
+    }
+    // Tor's own ND-typed packets pass under lockdown as the rest of its traffic does.
+    expect(evaluate(locked, { ...nd, skuid: 110, skgid: 110 })).toMatchObject({ verdict: 'accept', chain: 'output' });
   });
 });

@@ -16,8 +16,10 @@ import type { ChainDecl, Element, Expr, RuleDecl, Ruleset, SetDecl, Statement, V
  *   socket cgroup's ancestor N levels down (none if the cgroup is shallower).
  * - jump returns, goto does not; the end of a regular chain returns; the end
  *   of the base chain applies its policy.
- * - counter, log and limit decide nothing (a limit over its rate would make
- *   its rule fall through; the compiler keeps limits in rules that only log).
+ * - counter, log and limit decide nothing: packets are taken to come within
+ *   every rate (a limit over its rate makes its rule fall through; the
+ *   compiler keeps those in rules that only log), so `limit rate over`
+ *   never matches.
  * - `ct mark set` writes the connection's mark, which the outcome reports;
  *   a `ct` key loads the packet's conntrack entry (every packet has one).
  * Sets hold what the model holds: DNS sets are empty until the resolver runs.
@@ -27,7 +29,7 @@ export interface Packet {
   readonly oif: 'lo' | 'eth0';
   readonly family: 4 | 6;
   readonly daddr: string;
-  readonly l4proto: 'tcp' | 'udp' | 'icmp' | 'ipv6-icmp';
+  readonly l4proto: 'tcp' | 'udp' | 'icmp' | 'ipv6-icmp' | 'igmp';
   /** tcp and udp only. */
   readonly dport?: number;
   /** Undefined: the socket has no owner (nft's skuid/skgid match nothing). */
@@ -124,6 +126,7 @@ function runStatement(s: Statement, packet: Packet, sets: ReadonlyMap<string, Se
     const at = map.elements.findIndex((element) => elementMatches(element, value, map));
     return at < 0 ? 'break' : map.verdicts![at]!;
   }
+  if ('limit' in s && 'inv' in s.limit) return 'break';
   if ('counter' in s || 'limit' in s || 'log' in s) return 'continue';
   if ('mangle' in s) {
     const value = load(s.mangle.value, packet);
