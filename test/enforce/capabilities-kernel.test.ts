@@ -24,6 +24,35 @@ interface Report {
   capabilities: { problems: string[]; notes: string[] };
 }
 
+/** Sends one UDP datagram to 192.0.2.2:PORT from 192.0.2.1:SPORT as a frame written on eth0 through an AF_PACKET socket, never through IP. */
+const RAW_FRAME = `
+import socket, struct, sys
+dst, src = (bytes.fromhex(m.replace(':', '')) for m in sys.argv[1:3])
+sport, port, payload = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5].encode()
+def checksum(b):
+    s = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff)
+    return ~(s + (s >> 16)) & 0xffff
+udp = struct.pack('!HHHH', sport, port, 8 + len(payload), 0) + payload
+ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton('192.0.2.1'), socket.inet_aton('192.0.2.2'))
+ip = ip[:10] + struct.pack('!H', checksum(ip)) + ip[12:]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(('eth0', 0))
+s.send(dst + src + b'\\x08\\x00' + ip + udp)
+`;
+
+/** The same datagram through an ordinary UDP socket, which the table judges; prints the error a drop gives. */
+const UDP_SEND = `
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(('192.0.2.1', int(sys.argv[1])))
+try:
+    s.sendto(sys.argv[3].encode(), ('192.0.2.2', int(sys.argv[2])))
+    print('sent')
+except OSError as e:
+    print(e.strerror)
+`;
+
 describe.skipIf(unavailable)(`capabilities of confined processes ${unavailable ? `(skipped: ${unavailable})` : ''}`, () => {
   let net: TestNet;
   let users: TestUsers;
@@ -142,5 +171,34 @@ describe.skipIf(unavailable)(`capabilities of confined processes ${unavailable ?
     const after = JSON.parse((await cli('status', dir, '--json')).stdout) as { capabilities: Report };
     expect(after.capabilities.warnings.map((w) => w.line)).toEqual([6]);
     expect((await cli('release')).code).toBe(0);
+  });
+
+  it('why: a system domain member holding CAP_NET_RAW gets an AF_PACKET frame out past the table, while its UDP socket is dropped (the residue the threat model names)', async () => {
+    const server = await net.inet.listen({ proto: 'udp', addr: '192.0.2.2', port: 0 });
+    try {
+      const dir = policy();
+      expect((await cli('apply', dir)).code).toBe(0);
+      const mac = async (side: typeof net.host | typeof net.inet) =>
+        (JSON.parse(await side.run('ip', ['-j', 'link', 'show', 'eth0'])) as { address: string }[])[0]!.address;
+      const [hostMac, inetMac] = [await mac(net.host), await mac(net.inet)];
+      const cgroup = `${E}/sealed/raw`;
+      // The socket first: the frame goes after it on the same link, so had the datagram passed, it would be seen first.
+      const udp = await net.host.exec('/usr/bin/python3', ['-c', UDP_SEND, '40002', String(server.port), 'through-the-table'], { cgroup });
+      expect(udp.stdout.trim()).toBe('Operation not permitted');
+      const raw = await net.host.exec('/usr/bin/python3', ['-c', RAW_FRAME, inetMac, hostMac, '40001', String(server.port), 'around-the-table'], { cgroup });
+      expect(raw.code, raw.stderr).toBe(0);
+      const seen = await server.waitFor(1);
+      expect(seen.map((s) => [s.peer, s.peerPort, s.bytes])).toEqual([['192.0.2.1', 40001, 'around-the-table'.length]]);
+      // The same frame from a member without CAP_NET_RAW cannot even open the socket.
+      const denied = await net.host.exec('/usr/bin/python3', ['-c', RAW_FRAME, inetMac, hostMac, '40003', String(server.port), 'x'], {
+        cgroup: `${E}/sealed/plain`,
+        user: users.app1.name,
+      });
+      expect(denied.code).not.toBe(0);
+      expect(denied.stderr).toContain('PermissionError');
+    } finally {
+      await server.close();
+      await cli('release');
+    }
   });
 });
