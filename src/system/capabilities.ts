@@ -105,6 +105,20 @@ export interface TaskReading {
   readonly tid: number;
   readonly cgroup: string | undefined;
   readonly status: string;
+  /**
+   * Its user namespace (the /proc/PID/ns/user link), where it could be read.
+   * Capabilities count in their own user namespace only: root of a rootless
+   * container holds them over its own namespaces, not over the network
+   * namespace the table guards (owned by the one egressctl runs in).
+   */
+  readonly userNs?: string;
+}
+
+/** What the probe read of the processes; `userNs` is the user namespace the check runs in. */
+export interface TasksRead {
+  readonly tasks: readonly TaskReading[];
+  readonly problems: readonly string[];
+  readonly userNs?: string;
 }
 
 /** A service unit's configuration as systemd reports it (org.freedesktop.systemd1.Service). */
@@ -126,7 +140,7 @@ export type UnitsRead =
 /** The thin I/O the check needs; capability-probe.ts reads the machine, tests fake it. */
 export interface CapabilityProbe {
   /** Every thread of every process, with the problems met reading them (a process that exits meanwhile is none). */
-  tasks(): { readonly tasks: readonly TaskReading[]; readonly problems: readonly string[] };
+  tasks(): TasksRead;
   /** The configuration of these service units, from systemd over the system bus. */
   units(names: readonly string[]): UnitsRead;
 }
@@ -190,7 +204,7 @@ function shownName(name: string): string {
 export function decideHeldCapabilities(
   members: readonly ConfinedMember[],
   ids: Pick<Facts, 'users' | 'groups'>,
-  read: { readonly tasks: readonly TaskReading[]; readonly problems: readonly string[] },
+  read: TasksRead,
   units: UnitsRead | undefined,
 ): CapabilityCheck {
   const warnings: PolicyIssue[] = [];
@@ -215,6 +229,8 @@ export function decideHeldCapabilities(
     const held = new Map<number, { name: string; caps: Set<NetCapability> }>();
     for (const { reading, status } of parsed) {
       if (status.kernel || !matches(reading, status)) continue;
+      // Unknown on either side: counted, so that a link that cannot be read never hides a finding.
+      if (read.userNs !== undefined && reading.userNs !== undefined && reading.userNs !== read.userNs) continue;
       const caps = netCapabilities(status.effective | status.permitted);
       if (caps.length === 0) continue;
       const entry = held.get(reading.pid) ?? { name: processName.get(reading.pid) ?? status.name, caps: new Set<NetCapability>() };

@@ -1,6 +1,6 @@
 import { spawnSync } from 'node:child_process';
-import { readdirSync, readFileSync } from 'node:fs';
-import { parseProcCgroup, type CapabilityProbe, type TaskReading, type UnitConfig, type UnitsRead } from './capabilities.js';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { parseProcCgroup, type CapabilityProbe, type TaskReading, type TasksRead, type UnitConfig, type UnitsRead } from './capabilities.js';
 
 /**
  * Reads, for capabilities.ts, the machine's threads from /proc and service
@@ -23,14 +23,28 @@ export function systemCapabilityProbe(options: { procRoot?: string; busAddress?:
 /** A process or thread that exited while it was read is no problem: it holds nothing now. */
 const gone = (error: unknown) => ['ENOENT', 'ESRCH'].includes((error as NodeJS.ErrnoException).code ?? '');
 
-function readTasks(proc: string): { tasks: TaskReading[]; problems: string[] } {
+/** A namespace link's target ("user:[4026531837]"), or undefined where it cannot be read (another user's process, for a non-root reader). */
+function nsLink(path: string): string | undefined {
+  try {
+    return readlinkSync(path);
+  } catch {
+    return undefined;
+  }
+}
+
+function readTasks(proc: string): TasksRead {
   const tasks: TaskReading[] = [];
   const problems: string[] = [];
+  const userNs = nsLink(`${proc}/self/ns/user`);
   let pids: string[];
   try {
     pids = readdirSync(proc).filter((name) => /^\d+$/.test(name));
   } catch (error) {
-    return { tasks, problems: [`running processes not checked: ${proc} cannot be read (${(error as Error).message})`] };
+    return {
+      tasks,
+      problems: [`running processes not checked: ${proc} cannot be read (${(error as Error).message})`],
+      ...(userNs !== undefined && { userNs }),
+    };
   }
   for (const pid of pids) {
     let tids: string[];
@@ -44,13 +58,14 @@ function readTasks(proc: string): { tasks: TaskReading[]; problems: string[] } {
       try {
         const status = readFileSync(`${proc}/${pid}/task/${tid}/status`, 'utf8');
         const cgroup = parseProcCgroup(readFileSync(`${proc}/${pid}/task/${tid}/cgroup`, 'utf8'));
-        tasks.push({ pid: Number(pid), tid: Number(tid), cgroup, status });
+        const ns = nsLink(`${proc}/${pid}/task/${tid}/ns/user`);
+        tasks.push({ pid: Number(pid), tid: Number(tid), cgroup, status, ...(ns !== undefined && { userNs: ns }) });
       } catch (error) {
         if (!gone(error)) problems.push(`capabilities of PID ${pid} (thread ${tid}) not checked: ${(error as Error).message}`);
       }
     }
   }
-  return { tasks, problems };
+  return { tasks, problems, ...(userNs !== undefined && { userNs }) };
 }
 
 type Busctl = (args: readonly string[]) => { ok: true; lines: string[] } | { ok: false; why: string; missing?: true };

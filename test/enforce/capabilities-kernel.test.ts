@@ -58,7 +58,7 @@ describe.skipIf(unavailable)(`capabilities of confined processes ${unavailable ?
   let users: TestUsers;
   let state: string;
   let E: string;
-  const pids: Record<'raw' | 'plain' | 'ambient' | 'quiet', number> = { raw: 0, plain: 0, ambient: 0, quiet: 0 };
+  const pids: Record<'raw' | 'plain' | 'ambient' | 'quiet' | 'userns', number> = { raw: 0, plain: 0, ambient: 0, quiet: 0, userns: 0 };
   const children: Partial<Record<keyof typeof pids, ChildProcess>> = {};
   const cli = (...args: string[]) => net.host.node(CLI, args, { env: { ...process.env, EGRESSD_STATE_DIR: state } });
   /** The policy: lines 4 to 7 are the members, in this order. */
@@ -96,6 +96,9 @@ describe.skipIf(unavailable)(`capabilities of confined processes ${unavailable ?
     await start('raw', net.host.spawn('sleep', ['300'], { cgroup: `${E}/sealed/raw` }), 0x3000n);
     // A member cgroup, a user without capabilities.
     await start('plain', net.host.spawn('sleep', ['300'], { cgroup: `${E}/sealed/plain`, user: users.app1.name }), 0n);
+    // A member cgroup, a user's own user namespace (as a rootless container's root): every capability, but over its own namespaces only.
+    const userns = ['--reuid', users.app1.name, '--regid', String(users.app1.gid), '--clear-groups', 'unshare', '--user', '--map-root-user', 'sleep', '300'];
+    await start('userns', net.host.spawn('setpriv', userns, { cgroup: `${E}/sealed/plain` }), 0x3000n);
     // A member user with CAP_NET_RAW, as AmbientCapabilities=CAP_NET_RAW gives it; nothing else.
     const ambient = [
       '--inh-caps=+net_raw',
@@ -128,6 +131,7 @@ describe.skipIf(unavailable)(`capabilities of confined processes ${unavailable ?
       ),
     ]);
     expect(at(4)[0]).not.toContain(`PID ${pids.plain}`);
+    // Neither the member without capabilities nor the one holding them in a user namespace of its own.
     expect(at(5)).toEqual([]);
     expect(at(6)).toEqual([expect.stringContaining(`PID ${pids.ambient} ("sleep") holds CAP_NET_RAW`)]);
     expect(at(6)[0]).not.toMatch(new RegExp(`PID ${pids.ambient} \\("sleep"\\) holds CAP_NET_ADMIN`));
@@ -196,6 +200,32 @@ describe.skipIf(unavailable)(`capabilities of confined processes ${unavailable ?
       });
       expect(denied.code).not.toBe(0);
       expect(denied.stderr).toContain('PermissionError');
+      // Nor from its own user namespace, where it holds every capability: the host's network namespace is not its namespace's.
+      const nested = await net.host.exec(
+        'setpriv',
+        [
+          '--reuid',
+          users.app1.name,
+          '--regid',
+          String(users.app1.gid),
+          '--clear-groups',
+          'unshare',
+          '--user',
+          '--map-root-user',
+          '/usr/bin/python3',
+          '-c',
+          RAW_FRAME,
+          inetMac,
+          hostMac,
+          '40004',
+          String(server.port),
+          'x',
+        ],
+        { cgroup: `${E}/sealed/plain` },
+      );
+      expect(nested.code).not.toBe(0);
+      expect(nested.stderr).toContain('PermissionError');
+      expect((await server.seen()).map((s) => s.peerPort)).toEqual([40001]);
     } finally {
       await server.close();
       await cli('release');

@@ -115,9 +115,9 @@ describe('reading /proc', () => {
       mkdirSync(join(proc, '12/task/12/status')); // a directory where a file should be: EISDIR
       mkdirSync(join(proc, 'self'), { recursive: true });
       const read = systemCapabilityProbe({ procRoot: proc }).tasks();
-      expect(read.tasks.map((t) => [t.pid, t.tid, t.cgroup])).toEqual([
-        [10, 10, 'sys/x.service'],
-        [10, 11, 'sys/x.service'],
+      expect(read.tasks.map((t) => [t.pid, t.tid, t.cgroup, t.userNs])).toEqual([
+        [10, 10, 'sys/x.service', undefined],
+        [10, 11, 'sys/x.service', undefined],
       ]);
       expect(read.problems).toEqual([expect.stringMatching(/^capabilities of PID 12 \(thread 12\) not checked: EISDIR/)]);
     });
@@ -137,6 +137,8 @@ describe('reading /proc', () => {
     const parsed = parseProcStatus(self!.status);
     expect(parsed.ok).toBe(true);
     expect(parsed.ok && parsed.status.effective).toBe(BigInt(`0x${/CapEff:\s*(\w+)/.exec(mine)![1]}`));
+    expect(self!.userNs).toMatch(/^user:\[\d+\]$/);
+    expect(read.userNs).toBe(self!.userNs);
   });
 });
 
@@ -244,6 +246,18 @@ tor:
       'capabilities of PID 503 not checked: its /proc status has a malformed Uid line: "not numbers"',
       'and 5 more such problems',
     ]);
+  });
+
+  it("capabilities count in the check's own user namespace only; where either link is unknown, they count", () => {
+    const inner = { ...task(800, 'apps/sealed-1', status({ name: 'container', eff: '000001ffffffffff' })), userNs: 'user:[4026533293]' };
+    const host = { ...task(801, 'apps/sealed-1', status({ name: 'host', eff: RAW })), userNs: 'user:[4026531837]' };
+    const unknown = task(802, 'apps/sealed-1', status({ name: 'unknown', eff: RAW }));
+    const check = (userNs?: string) =>
+      decideHeldCapabilities(members, FACTS, { tasks: [inner, host, unknown], problems: [], ...(userNs && { userNs }) }, undefined).warnings.map(
+        (w) => w.message,
+      );
+    expect(check('user:[4026531837]')).toEqual([expect.stringMatching(/: PID 801 \("host"\) holds CAP_NET_RAW, PID 802 \("unknown"\) holds CAP_NET_RAW \(/)]);
+    expect(check(undefined)[0]).toContain('PID 800 ("container") holds CAP_NET_ADMIN and CAP_NET_RAW');
   });
 
   it('a process that holds neither, or could only gain them (bounding set), is no finding', () => {
