@@ -9,7 +9,9 @@ cd "$(dirname "$0")/.."
 
 # netbase: /etc/protocols, where nft looks up protocol names such as ipv6-icmp.
 # libnss-extrausers: an NSS module, for the test of users known only through NSS (test/system/nss.test.ts).
-debian_packages=(nftables libnftables1 netbase iproute2 util-linux procps iputils-ping passwd tcpdump libnss-extrausers)
+# systemd: busctl, through which check and status ask systemd for units' capabilities (not started here).
+# dbus, python3-dbus, python3-gi: a private bus and a stand-in for systemd on it (test/system/capability-dbus.test.ts).
+debian_packages=(nftables libnftables1 netbase iproute2 util-linux procps iputils-ping passwd tcpdump libnss-extrausers systemd dbus python3-dbus python3-gi)
 if [[ ${1:-} == --bench ]]; then
   # bench/packet-cost.ts: a load generator in C, a compiler for its server, perf for its profile.
   debian_packages+=(wrk gcc libc6-dev linux-perf)

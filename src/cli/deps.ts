@@ -1,6 +1,7 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import type { Facts, FactsNeeded } from '../compile/compile.js';
 import type { Nft } from '../nft/client.js';
+import type { CapabilityProbe } from '../system/capabilities.js';
 import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import { formatIssue, sortIssues, type PolicyIssue } from '../policy/issues.js';
 import { loadPolicyDir, type LoadedPolicy } from '../policy/load.js';
@@ -19,6 +20,8 @@ export interface Deps {
   readonly stateDir: string;
   /** Records a change of enforcement in the system log. */
   readonly audit: (event: string, fields: Readonly<Record<string, string | number | boolean>>) => void;
+  /** Reads the capabilities of running processes and of systemd's units; absent, `check` and `status` do not look (fakes that test output only). */
+  readonly capabilities?: CapabilityProbe;
 }
 
 /** Stable, documented exit codes. */

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { gatherFacts } from '../system/facts.js';
 import { systemAudit } from '../system/audit.js';
+import { systemCapabilityProbe } from '../system/capability-probe.js';
 import { DEFAULT_STATE_DIR, Exit, type Deps } from './deps.js';
 import { main } from './egressctl.js';
 
@@ -14,6 +15,7 @@ const systemDeps: Deps = {
   nft: () => openNft(),
   stateDir: process.env['EGRESSD_STATE_DIR'] ?? DEFAULT_STATE_DIR,
   audit: systemAudit,
+  capabilities: systemCapabilityProbe(),
 };
 
 main(process.argv.slice(2), systemDeps).then(

@@ -399,12 +399,12 @@ export function release(deps: EnforcerDeps): Promise<boolean> {
 export async function planPolicy(
   dir: string,
   deps: Pick<EnforcerDeps, 'nft' | 'facts'>,
-): Promise<{ plan: Plan; compiled: Compiled; live: TableSummary | null }> {
+): Promise<{ plan: Plan; compiled: Compiled; live: TableSummary | null; policy: Policy }> {
   const { policy } = loadPolicyOrThrow(dir);
   const live = await liveSummary(deps.nft);
   const compiled = compile(policy, deps.facts(factsNeeded(policy)), { lockdown: live?.lockdown ?? false });
   refuseCompileErrors(compiled, dir);
-  return { plan: planChanges(summarizeCompiled(compiled.ruleset), live), compiled, live };
+  return { plan: planChanges(summarizeCompiled(compiled.ruleset), live), compiled, live, policy };
 }
 
 /**

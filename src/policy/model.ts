@@ -25,9 +25,10 @@ export interface Network {
  * How a process is recognised in the kernel. Units, slices, cgroup globs and
  * Flatpak ids all become cgroup globs at a fixed depth (`level`), because nft
  * matches `socket cgroupv2 level N` against one ancestor of the socket's cgroup.
+ * A unit keeps its name too (`unit`): systemd is asked about it by that name.
  */
 export type Selector =
-  | { readonly kind: 'cgroup'; readonly glob: string; readonly level: number; readonly written: string }
+  | { readonly kind: 'cgroup'; readonly glob: string; readonly level: number; readonly written: string; readonly unit?: string }
   | { readonly kind: 'user'; readonly user: string | number; readonly optional?: true }
   | { readonly kind: 'group'; readonly group: string | number; readonly optional?: true };
 

@@ -504,13 +504,13 @@ export function slicePath(slice: string): string {
 }
 
 function toSelector(input: SelectorInput): Selector {
-  const cgroup = (path: string, written: string): Selector => {
+  const cgroup = (path: string, written: string): Extract<Selector, { kind: 'cgroup' }> => {
     const glob = path.replace(/^\/+|\/+$/g, '');
     return { kind: 'cgroup', glob, level: glob === '' ? 0 : glob.split('/').length, written };
   };
   if (input.unit !== undefined) {
     const parent = slicePath(input.slice ?? 'system.slice');
-    return cgroup(parent ? `${parent}/${input.unit}` : input.unit, `unit ${input.unit}`);
+    return { ...cgroup(parent ? `${parent}/${input.unit}` : input.unit, `unit ${input.unit}`), unit: input.unit };
   }
   if (input.slice !== undefined) return cgroup(slicePath(input.slice), `slice ${input.slice}`);
   if (input.cgroup !== undefined) return cgroup(input.cgroup, `cgroup ${input.cgroup}`);

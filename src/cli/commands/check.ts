@@ -1,6 +1,7 @@
 import { formatIssue, sortIssues } from '../../policy/issues.js';
 import { loadPolicyDir } from '../../policy/load.js';
 import { compile, factsNeeded } from '../../compile/compile.js';
+import { capabilityCheck, printCapabilityCheck } from '../capability-warnings.js';
 import { DEFAULT_POLICY_DIR, Exit, parseFlags, printIssues, type Command, type Deps } from '../deps.js';
 
 export interface CheckOptions {
@@ -14,13 +15,20 @@ export const check: Command<CheckOptions> = {
   help: `Usage: egressctl check [DIR] [--json]
 
 Validates every *.yaml file in DIR (default ${DEFAULT_POLICY_DIR}) and the list
-files they name, then compiles the result, without touching the system.
+files they name, then compiles the result, without changing the system.
 Every problem is printed as FILE:LINE:COL: message (hint), all at once.
 User and group names are looked up through NSS: a system domain member or
 Tor's user (while updates over Tor are on) that does not exist on this
 machine is an error unless its policy says optional: true.
 
-  --json   print {"ok", "errors", "warnings", "summary"} on stdout
+A system domain member, or an updater while updates go over Tor, that holds
+CAP_NET_RAW or CAP_NET_ADMIN is not confined by the table (AF_PACKET frames
+never meet it; CAP_NET_ADMIN can change it): check warns, at the member's
+line, for each running process of it that holds either (read from /proc),
+and for each unit: member whose configuration gives it either, as systemd
+reports it over the system bus (without one, it says so in one line).
+
+  --json   print {"ok", "errors", "warnings", "summary", "capabilities"} on stdout
 
 Exit status: 0 valid (warnings allowed), 2 invalid, 3 a user or group name
 could not be looked up (the name service failed).
@@ -51,7 +59,8 @@ Use it in CI to check policies before they are distributed.`,
       return Exit.BadInput;
     }
     const { policy } = result;
-    const compiled = compile(policy, deps.facts(factsNeeded(policy)));
+    const facts = deps.facts(factsNeeded(policy));
+    const compiled = compile(policy, facts);
     const warnings = [...result.warnings, ...compiled.warnings];
     if (compiled.errors.length > 0) {
       if (options.json) deps.out(JSON.stringify({ ok: false, errors: toJson(compiled.errors), warnings: toJson(warnings) }, null, 2));
@@ -74,10 +83,14 @@ Use it in CI to check policies before they are distributed.`,
       nftRules: compiled.ruleset.chains.reduce((n, c) => n + c.rules.length, 0),
       nftSets: compiled.ruleset.sets.length,
     };
+    const capabilities = capabilityCheck(policy, deps, facts);
+    warnings.push(...capabilities.warnings);
     if (options.json) {
-      deps.out(JSON.stringify({ ok: true, errors: [], warnings: toJson(warnings), summary }, null, 2));
+      const { problems, notes } = capabilities;
+      deps.out(JSON.stringify({ ok: true, errors: [], warnings: toJson(warnings), summary, capabilities: { problems, notes } }, null, 2));
     } else {
       printIssues(deps, options.dir, warnings);
+      printCapabilityCheck(deps, options.dir, { warnings: [], problems: capabilities.problems, notes: capabilities.notes });
       deps.err(
         `${options.dir}: valid — ${summary.files} files, ${summary.apps} apps, ${summary.systemDomains} system domains, ` +
           `${summary.globalDenyRules} global deny rules over ${summary.listNames} listed names, default ${summary.defaultEgress}, ` +

@@ -7,6 +7,7 @@ import type { TableSummary } from '../../enforce/summary.js';
 import { entryOrigin } from '../../compile/rule-ids.js';
 import { readRuleTable } from '../../state/rule-table.js';
 import { readSwitches, SWITCHES_FILE } from '../../state/switches.js';
+import { capabilityCheck, capabilityCheckJson, printCapabilityCheck } from '../capability-warnings.js';
 import { DEFAULT_POLICY_DIR, Exit, parseFlags, printIssues, type Command, type Deps } from '../deps.js';
 
 /** Said by every command that finds lockdown on, in the same words. */
@@ -185,6 +186,12 @@ Without a directory at DIR (a host that takes its table from elsewhere),
 status still reports what is enforced, and says that there is nothing to
 compare it with; --json then has "policyDirectory": null.
 
+Like check, it warns where a system domain member, or an updater while
+updates go over Tor, holds CAP_NET_RAW or CAP_NET_ADMIN — a running process
+(from /proc) or a unit: member as systemd would start it (over the system
+bus, when there is one) — since the table does not confine it; --json has
+them under "capabilities" (null when the policy in DIR cannot be read).
+
 Exit status: 0 enforced and matching the policy on disk, 1 not enforced or
 different from it (or the policy on disk is invalid, or there is no policy
 directory to compare with), 3 system error.`,
@@ -214,6 +221,7 @@ directory to compare with), 3 system error.`,
           .filter((r) => r.drops && (r.packets ?? 0) > 0)
           .map((r) => ({ id: r.id, shortId: r.shortId ?? null, packets: r.packets ?? 0, bytes: r.bytes ?? 0 }))
       : [];
+    const capabilities = planned ? capabilityCheck(planned.policy, deps) : null;
     const switches = recordedSwitches(deps.stateDir, live);
     const matches = planned !== undefined && live !== null && !planned.plan.changes;
     const report = {
@@ -230,6 +238,7 @@ directory to compare with), 3 system error.`,
       switches,
       backend: enforcer.nft.backend,
       plan: planned?.plan ?? null,
+      capabilities: capabilities && capabilityCheckJson(options.dir, capabilities),
     };
     if (options.json) deps.out(JSON.stringify(report, null, 2));
     if (!live) {
@@ -258,6 +267,8 @@ directory to compare with), 3 system error.`,
         for (const line of describePlan(planned!.plan)) deps.err(line);
       }
     }
+    // Whether the table is in force or not: what it cannot confine is worth saying either way.
+    if (capabilities) printCapabilityCheck(deps, options.dir, capabilities);
     return matches ? Exit.Ok : Exit.Answer;
   },
 };
