@@ -136,6 +136,9 @@ describe.skipIf(unavailable)(`subordinate ids and group members against the kern
     expect(listed).toContain(`${SUB_FROM}-${SUB_FROM + SUB_COUNT - 1} : goto sd_offline`);
     expect(listed).toContain(`${users.app2.uid} : goto sd_offline`);
     expect(listed).toContain(`${users.app3.uid} : goto sd_offline`);
+    // The interval map lists back as compiled: status finds the table in force matching the policy.
+    const status = await cli('status', dir);
+    expect(status.code, status.stderr).toBe(0);
     // explain says what the kernel does.
     for (const who of [`uid:${SUB_FROM + 5}`, `gid:${SUB_FROM + 7}`, `user:${users.app2.name}`, `user:${users.app3.name}`]) {
       const answer = await cli('explain', dir, '--app', who, '--to', `${DEST}:${PORT}/tcp`, '--json');
