@@ -45,6 +45,34 @@ export interface Facts {
   readonly cgroups: readonly string[];
   /** Existing cgroups whose path nft cannot name (not UTF-8, say); any that `cgroups` holds are found there too. */
   readonly unnamedCgroups?: readonly UnnamedCgroup[];
+  /**
+   * For each user the policy names, by uid: its subordinate uid and gid
+   * ranges (/etc/subuid, /etc/subgid), or why they could not be read. A
+   * uid that is not here has none.
+   */
+  readonly subordinate?: ReadonlyMap<number, SubordinateIds | { readonly error: string }>;
+  /**
+   * For each group the policy names, by gid: the uids of its members — its
+   * member list and the users whose primary group it is — or why they could
+   * not be listed. A gid that is not here has none.
+   */
+  readonly members?: ReadonlyMap<number, readonly number[] | { readonly error: string }>;
+  /** Why primary members may be missing from `members` (a name service that may not list its users), for a warning; undefined when every source lists them. */
+  readonly membersIncomplete?: string;
+  /** What reading the facts warned about (a bad line of /etc/subuid), at its file:line. */
+  readonly warnings?: readonly PolicyIssue[];
+}
+
+/** Ids from `from` to `to`, both included. */
+export interface IdRange {
+  readonly from: number;
+  readonly to: number;
+}
+
+/** A user's subordinate ids: what `newuidmap` and `newgidmap` let it map into a user namespace, and send from there. */
+export interface SubordinateIds {
+  readonly uids: readonly IdRange[];
+  readonly gids: readonly IdRange[];
 }
 
 /** A cgroup whose path nft cannot carry in a string: its name is not UTF-8, or holds a quote or a control character. */
@@ -71,6 +99,9 @@ export function nftCanName(path: string): boolean {
 export interface FactsNeeded {
   readonly users: readonly string[];
   readonly groups: readonly string[];
+  /** Users and groups the policy names by number: they need no lookup, but their subordinate ranges and members are facts too. */
+  readonly userIds?: readonly number[];
+  readonly groupIds?: readonly number[];
   readonly cgroupDepth: number;
 }
 
@@ -141,12 +172,27 @@ function cgroupDepth(policy: Policy): number {
 export function factsNeeded(policy: Policy): FactsNeeded {
   const users = new Set<string>();
   const groups = new Set<string>();
+  const userIds = new Set<number>();
+  const groupIds = new Set<number>();
   for (const selector of everyIdentity(policy).flatMap((i) => i.selectors)) {
-    if (selector.kind === 'user' && typeof selector.user === 'string') users.add(selector.user);
-    if (selector.kind === 'group' && typeof selector.group === 'string') groups.add(selector.group);
+    if (selector.kind === 'user') {
+      if (typeof selector.user === 'string') users.add(selector.user);
+      else userIds.add(selector.user);
+    }
+    if (selector.kind === 'group') {
+      if (typeof selector.group === 'string') groups.add(selector.group);
+      else groupIds.add(selector.group);
+    }
   }
   if (policy.tor.enabled && typeof policy.tor.user === 'string') users.add(policy.tor.user);
-  return { users: [...users].sort(), groups: [...groups].sort(), cgroupDepth: cgroupDepth(policy) };
+  const byNumber = (a: number, b: number): number => a - b;
+  return {
+    users: [...users].sort(),
+    groups: [...groups].sort(),
+    userIds: [...userIds].sort(byNumber),
+    groupIds: [...groupIds].sort(byNumber),
+    cgroupDepth: cgroupDepth(policy),
+  };
 }
 
 function everyIdentity(policy: Policy): Identity[] {
@@ -165,11 +211,28 @@ interface LevelEntries {
   readonly claimed: Map<string, string>;
 }
 
+/** uids or gids a dispatch has given out: single ids and ranges, each with its verdict and owner. */
+interface IdClaims {
+  readonly points: Map<number, { target: Verdict; owner: string }>;
+  readonly ranges: { from: number; to: number; target: Verdict; owner: string }[];
+  /**
+   * Ids an identity holds through another name — a user's subordinate
+   * ranges, a group's members — claimed once every identity has claimed
+   * the ids it names (`dispatchRules`), in the order of `rank`, so that
+   * which identity keeps an id does not depend on the order of the files.
+   */
+  readonly later: { rank: number; from: number; to: number; target: Verdict; owner: string; at: Origin; what: string }[];
+}
+
+/** Ranks of what `IdClaims.later` holds: a user's subordinate ids before the members of a group. */
+const SUBORDINATE = 1;
+const MEMBER = 2;
+
 interface Dispatch {
   readonly prefix: string;
   readonly cgroupLevels: Map<number, LevelEntries>;
-  readonly uids: { elements: number[]; verdicts: Verdict[]; claimed: Map<number, string> };
-  readonly gids: { elements: number[]; verdicts: Verdict[]; claimed: Map<number, string> };
+  readonly uids: IdClaims;
+  readonly gids: IdClaims;
   /** Ancestors of member cgroups nft cannot name, to be cut off once every identity has claimed its own (`claim`). */
   readonly cutOffs: { level: number; path: string; closed: () => Verdict; owner: string; at: Origin; shown: string }[];
 }
@@ -226,6 +289,7 @@ class Compiler {
 
   run(): Compiled {
     const { policy } = this;
+    this.warnings.push(...(this.facts.warnings ?? []));
     // Tor's user may reach the network; a missing one is an error unless the policy says it may be missing.
     const torAt = policy.tor.userAt ?? policy.tor.at;
     const torUid =
@@ -601,8 +665,8 @@ class Compiler {
     return {
       prefix,
       cgroupLevels: new Map(),
-      uids: { elements: [], verdicts: [], claimed: new Map() },
-      gids: { elements: [], verdicts: [], claimed: new Map() },
+      uids: { points: new Map(), ranges: [], later: [] },
+      gids: { points: new Map(), ranges: [], later: [] },
       cutOffs: [],
     };
   }
@@ -676,15 +740,62 @@ class Compiler {
         mustExist && selector.optional !== true,
       );
       if (id === undefined) continue;
-      const table = isUser ? d.uids : d.gids;
-      const earlier = table.claimed.get(id);
-      if (earlier !== undefined) {
-        if (earlier !== owner) this.warn(identity.at, `${isUser ? 'uid' : 'gid'} ${id} belongs to both ${earlier} and ${owner}; ${earlier} keeps it`);
+      const kind = isUser ? 'uid' : 'gid';
+      for (const taken of claimIds(isUser ? d.uids : d.gids, id, id, target, owner))
+        this.warn(identity.at, `${kind} ${id} belongs to both ${taken.owner} and ${owner}; ${taken.owner} keeps it`);
+      const name = JSON.stringify(isUser ? selector.user : selector.group);
+      const at = identity.at;
+      if (isUser) {
+        // A process in a user namespace the user mapped to its subordinate ranges sends with those ids.
+        const ranges = this.factOf(this.facts.subordinate, id, at, `the subordinate ids of user ${name}`);
+        for (const range of ranges?.uids ?? []) d.uids.later.push({ rank: SUBORDINATE, ...range, target, owner, at, what: `subordinate uids of user ${name}` });
+        for (const range of ranges?.gids ?? []) d.gids.later.push({ rank: SUBORDINATE, ...range, target, owner, at, what: `subordinate gids of user ${name}` });
         continue;
       }
-      table.claimed.set(id, owner);
-      table.elements.push(id);
-      table.verdicts.push(target);
+      // A group's members stay its members whatever group they send with (sg, newgrp, a setgid program):
+      // their uids join the group's identity. Its gid stays too: a non-member running a setgid program is still the group.
+      const members = this.factOf(this.facts.members, id, at, `the members of group ${name}`);
+      for (const uid of members ?? []) d.uids.later.push({ rank: MEMBER, from: uid, to: uid, target, owner, at, what: `member of group ${name}` });
+      if (this.facts.membersIncomplete !== undefined)
+        this.warn(
+          at,
+          `group ${name} of ${owner}: ${this.facts.membersIncomplete}; a member whose primary group it is and that it does not list is matched by its group only, and leaves it by changing group (sg, newgrp, a setgid program)`,
+        );
+    }
+  }
+
+  /** Subordinate ranges or members from the facts; one that could not be read is an error wherever it is used, like a failed lookup. */
+  private factOf<T>(facts: ReadonlyMap<number, T | { readonly error: string }> | undefined, id: number, at: Origin, what: string): T | undefined {
+    const found = facts?.get(id);
+    if (found === undefined || !(typeof found === 'object' && found !== null && 'error' in found)) return found;
+    this.lookupFailed = true;
+    this.error(at, `cannot read ${what}: ${found.error}`, 'whether they would be let out is unknown, so the rules cannot be built; fix it and try again');
+    return undefined;
+  }
+
+  /**
+   * Claims what identities hold through another name, by rank, then in
+   * the order they were met. An id claimed before keeps its owner, and a
+   * clash is reported once per identity, owner and kind of claim (a group
+   * of thousands of members makes one warning, not thousands).
+   */
+  private claimLater(table: IdClaims, kind: 'uid' | 'gid'): void {
+    const clashes = new Map<string, { at: Origin; ids: string[] }>();
+    for (const claim of [...table.later].sort((a, b) => a.rank - b.rank)) {
+      for (const taken of claimIds(table, claim.from, claim.to, claim.target, claim.owner)) {
+        const key = JSON.stringify([claim.what, claim.owner, taken.owner]);
+        const clash = clashes.get(key) ?? { at: claim.at, ids: [] };
+        clash.ids.push(taken.from === taken.to ? `${taken.from}` : `${taken.from}-${taken.to}`);
+        clashes.set(key, clash);
+      }
+    }
+    for (const [key, { at, ids }] of clashes) {
+      const [what, owner, earlier] = JSON.parse(key) as [string, string, string];
+      const shown = ids.length > 5 ? `${ids.slice(0, 5).join(', ')} and ${ids.length - 5} more` : ids.join(', ');
+      this.warn(
+        at,
+        `${kind} ${shown} (${what}, for ${owner}) also ${ids.length === 1 && !ids[0]!.includes('-') ? 'belongs' : 'belong'} to ${earlier}, which keeps ${ids.length === 1 && !ids[0]!.includes('-') ? 'it' : 'them'}: ids an identity names come first, then subordinate ids, then members of groups`,
+      );
     }
   }
 
@@ -720,10 +831,14 @@ class Compiler {
       [d.uids, 'uid'],
       [d.gids, 'gid'],
     ] as const) {
-      if (table.elements.length === 0) continue;
-      const order = table.elements.map((_, i) => i).sort((a, b) => table.elements[a]! - table.elements[b]!);
+      this.claimLater(table, key);
+      const entries = [...[...table.points].map(([id, claim]) => ({ from: id, to: id, ...claim })), ...table.ranges].sort((a, b) => a.from - b.from);
+      if (entries.length === 0) continue;
       const name = `${d.prefix}_${key}`;
-      this.sets.push({ name, key, map: 'verdict', flags: [], elements: order.map((i) => table.elements[i]!), verdicts: order.map((i) => table.verdicts[i]!) });
+      // An interval map only when it holds a range: a hash lookup costs a packet less than an interval one.
+      const flags: SetFlag[] = table.ranges.length > 0 ? ['interval'] : [];
+      const elements = entries.map((e): Element => (e.from === e.to ? e.from : { range: [e.from, e.to] }));
+      this.sets.push({ name, key, map: 'verdict', flags, elements, verdicts: entries.map((e) => e.target) });
       rules.push(rule([key === 'uid' ? dispatch.uid(name) : dispatch.gid(name)], `${what} by ${key}`));
     }
     return rules;
@@ -778,6 +893,36 @@ class Compiler {
   private warn(at: Origin, message: string): void {
     if (!this.warnings.some((w) => w.message === message)) this.warnings.push({ severity: 'warning', at, message });
   }
+}
+
+/**
+ * Gives the ids from `from` to `to` that nobody holds yet to `owner`, and
+ * returns the parts others (or the same owner) held before. What is given
+ * never overlaps what was: nft refuses overlapping intervals in a map.
+ */
+function claimIds(table: IdClaims, from: number, to: number, target: Verdict, owner: string): { from: number; to: number; owner: string }[] {
+  const taken: { from: number; to: number; owner: string }[] = [];
+  if (from === to) {
+    const point = table.points.get(from);
+    if (point) taken.push({ from, to, owner: point.owner });
+  } else {
+    for (const [id, point] of table.points) if (id >= from && id <= to) taken.push({ from: id, to: id, owner: point.owner });
+  }
+  for (const range of table.ranges)
+    if (range.from <= to && range.to >= from) taken.push({ from: Math.max(range.from, from), to: Math.min(range.to, to), owner: range.owner });
+  taken.sort((a, b) => a.from - b.from);
+  let next = from;
+  const give = (end: number): void => {
+    if (next > end) return;
+    if (next === end) table.points.set(next, { target, owner });
+    else table.ranges.push({ from: next, to: end, target, owner });
+  };
+  for (const part of taken) {
+    give(part.from - 1);
+    next = Math.max(next, part.to + 1);
+  }
+  give(to);
+  return taken.filter((part) => part.owner !== owner);
 }
 
 /** A dispatch's map entries at one cgroup depth, made when first needed. */

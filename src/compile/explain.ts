@@ -3,7 +3,7 @@ import { addressGroups, asciiName, inetAton, networkContains, parseNetwork } fro
 import { clip } from '../policy/issues.js';
 import type { Identity, Origin, Policy, Protocol, Rule, Selector } from '../policy/model.js';
 import { identitiesOverlap, slicePath } from '../policy/resolve.js';
-import type { Facts } from './compile.js';
+import type { Facts, IdRange, SubordinateIds } from './compile.js';
 import { cgroupGlobMatcher } from './glob.js';
 
 /**
@@ -37,8 +37,8 @@ export interface Explanation {
   readonly notes: readonly string[];
 }
 
-/** The ids of the user and group names the policy and the question mention, as compile takes them. */
-export type ExplainFacts = Pick<Facts, 'users' | 'groups'>;
+/** The ids of the user and group names the policy and the question mention, with subordinate ranges and group members, as compile takes them. */
+export type ExplainFacts = Pick<Facts, 'users' | 'groups' | 'subordinate' | 'members'>;
 
 /**
  * Walks the fixed precedence — loopback, system domain, lockdown, Tor, app,
@@ -248,16 +248,18 @@ function destinationMatches(policy: Policy, rule: Rule, target: Target, notes?: 
 
 /**
  * When several apps claim the asker, the kernel's dispatch decides: deeper
- * cgroups first, then uid, then gid; among equals, the app written first.
+ * cgroups first, then uid, then gid; in the uid map, uids identities name
+ * before subordinate uids before members of groups; in the gid map, gids
+ * before subordinate gids (compile's `claimLater`); among equals, the app
+ * written first.
  */
 function firstByDispatchOrder(policy: Policy, who: Who, facts: ExplainFacts): Policy['apps'][number] | undefined {
-  const rank = (selector: Selector): number => (selector.kind === 'cgroup' ? 1000 - selector.level : selector.kind === 'user' ? 2000 : 3000);
   let best: { app: Policy['apps'][number]; rank: number } | undefined;
   for (const app of policy.apps) {
     for (const identity of app.identities) {
       for (const selector of identity.selectors) {
-        if (!selectorClaims(policy, selector, who, facts)) continue;
-        const r = rank(selector);
+        const r = selectorClaims(policy, selector, who, facts);
+        if (r === undefined) continue;
         if (!best || r < best.rank) best = { app, rank: r };
       }
     }
@@ -265,12 +267,14 @@ function firstByDispatchOrder(policy: Policy, who: Who, facts: ExplainFacts): Po
   return best?.app;
 }
 
-function selectorClaims(policy: Policy, selector: Selector, who: Who, facts: ExplainFacts): boolean {
-  if (who.kind !== 'name') return selectorMatches(selector, who, facts);
+/** Where in the dispatch a selector claims the asker (lower first), or undefined. */
+function selectorClaims(policy: Policy, selector: Selector, who: Who, facts: ExplainFacts): number | undefined {
+  if (who.kind !== 'name') return selectorRank(selector, who, facts);
   const app = policy.apps.find((candidate) => candidate.name === who.name);
   const named = app ? app.identities : [policy.identities.get(who.name)].filter((i): i is Identity => i !== undefined);
   const probe: Identity = { name: '', selectors: [selector], at: { file: '', line: 0, col: 0 } };
-  return named.some((mine) => identitiesOverlap(probe, mine));
+  if (!named.some((mine) => identitiesOverlap(probe, mine))) return undefined;
+  return selector.kind === 'cgroup' ? 1000 - selector.level : selector.kind === 'user' ? RANK.uid : RANK.gid;
 }
 
 function catalogueFor(policy: Policy, rule: Rule, name: string): string {
@@ -289,19 +293,54 @@ function membership(policy: Policy, who: Who, facts: ExplainFacts): ((identity: 
     }
     return (identity) => named.some((mine) => identitiesOverlap(identity, mine));
   }
-  return (identity) => identity.selectors.some((selector) => selectorMatches(selector, who, facts));
+  return (identity) => identity.selectors.some((selector) => selectorRank(selector, who, facts) !== undefined);
 }
 
-function selectorMatches(selector: Selector, who: Who, facts: ExplainFacts): boolean {
-  if (who.kind === 'user' && selector.kind === 'user') return sameId(selector.user, who.user, facts.users);
-  if (who.kind === 'group' && selector.kind === 'group') return sameId(selector.group, who.group, facts.groups);
+/** Where the kernel's dispatch finds an id, in the order of its maps (cgroups rank below 1000). */
+const RANK = { uid: 2000, subordinateUid: 2100, memberUid: 2200, gid: 3000, subordinateGid: 3100 } as const;
+
+/**
+ * Whether the selector holds the asker as the kernel sees it, and where in
+ * the dispatch: a user holds its uid and its subordinate uids and gids; a
+ * group holds its gid and its members' uids (primary or supplementary),
+ * whatever group they send with.
+ */
+function selectorRank(selector: Selector, who: Who, facts: ExplainFacts): number | undefined {
+  if (who.kind === 'user' && selector.kind === 'user') {
+    if (sameId(selector.user, who.user, facts.users)) return RANK.uid;
+    return inRanges(idOf(who.user, facts.users), subordinateOf(selector.user, facts)?.uids) ? RANK.subordinateUid : undefined;
+  }
+  if (who.kind === 'user' && selector.kind === 'group') {
+    const uid = idOf(who.user, facts.users);
+    const gid = idOf(selector.group, facts.groups);
+    const members = gid === undefined ? undefined : facts.members?.get(gid);
+    return uid !== undefined && Array.isArray(members) && members.includes(uid) ? RANK.memberUid : undefined;
+  }
+  if (who.kind === 'group' && selector.kind === 'group') return sameId(selector.group, who.group, facts.groups) ? RANK.gid : undefined;
+  if (who.kind === 'group' && selector.kind === 'user')
+    return inRanges(idOf(who.group, facts.groups), subordinateOf(selector.user, facts)?.gids) ? RANK.subordinateGid : undefined;
   if (who.kind === 'cgroup' && selector.kind === 'cgroup') {
     // `socket cgroupv2 level N` looks at the ancestor N levels down, so a process deeper in the tree matches too.
     const segments = who.path.replace(/^\/+|\/+$/g, '').split('/');
-    if (segments.length < selector.level) return false;
-    return cgroupGlobMatcher(selector.glob)(segments.slice(0, selector.level).join('/'));
+    if (segments.length < selector.level) return undefined;
+    return cgroupGlobMatcher(selector.glob)(segments.slice(0, selector.level).join('/')) ? 1000 - selector.level : undefined;
   }
-  return false;
+  return undefined;
+}
+
+function idOf(value: string | number, ids: ExplainFacts['users']): number | undefined {
+  const id = typeof value === 'number' ? value : ids.get(value);
+  return typeof id === 'number' ? id : undefined;
+}
+
+function subordinateOf(user: string | number, facts: ExplainFacts): SubordinateIds | undefined {
+  const uid = idOf(user, facts.users);
+  const ranges = uid === undefined ? undefined : facts.subordinate?.get(uid);
+  return ranges && !('error' in ranges) ? ranges : undefined;
+}
+
+function inRanges(id: number | undefined, ranges: readonly IdRange[] | undefined): boolean {
+  return id !== undefined && (ranges ?? []).some((range) => id >= range.from && id <= range.to);
 }
 
 function sameId(a: string | number, b: string | number, ids: ExplainFacts['users']): boolean {

@@ -1,7 +1,9 @@
-import { existsSync, readdirSync, type Dirent } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, type Dirent } from 'node:fs';
 import { join } from 'node:path';
-import { nftCanName, type Facts, type FactsNeeded, type IdLookup, type UnnamedCgroup } from '../compile/compile.js';
-import { nssLookup, type NameLookup } from './nss.js';
+import { nftCanName, type Facts, type FactsNeeded, type IdLookup, type IdRange, type SubordinateIds, type UnnamedCgroup } from '../compile/compile.js';
+import type { PolicyIssue } from '../policy/issues.js';
+import { nssAccounts, nssLookup, type Accounts, type NameLookup } from './nss.js';
+import { linesOf, parseSubordinate, type SubordinateLine } from './subordinate.js';
 
 /** The cgroup2 root nft resolves `socket cgroupv2` paths against. */
 export const CGROUP2_ROOT = '/sys/fs/cgroup';
@@ -92,27 +94,196 @@ export function showBytes(bytes: Buffer): string {
   return `"${shown}"`;
 }
 
+/** Where the facts about users and groups are read from besides NSS; tests point them elsewhere. */
+export interface AccountFiles {
+  readonly subuid: string;
+  readonly subgid: string;
+  readonly nsswitch: string;
+}
+
+export const ACCOUNT_FILES: AccountFiles = { subuid: '/etc/subuid', subgid: '/etc/subgid', nsswitch: '/etc/nsswitch.conf' };
+
+/**
+ * The files whose change changes what a compiled table holds for users and
+ * groups: a user or group added, a member added, a subordinate range given,
+ * a name service switched. The table holds ids, not names, so whoever keeps
+ * it current (the daemon) compiles and applies again when one changes. A
+ * name service that is not files (LDAP, sssd) changes without any of them.
+ */
+export function accountFilesToWatch(files: AccountFiles = ACCOUNT_FILES): string[] {
+  return ['/etc/passwd', '/etc/group', files.subuid, files.subgid, files.nsswitch];
+}
+
+/** What `gatherFacts` reads through; each defaults to the machine's own. */
+export interface FactSources {
+  readonly lookup?: NameLookup;
+  readonly accounts?: Accounts;
+  readonly files?: AccountFiles;
+  readonly cgroupRoot?: string;
+}
+
 /**
  * Gathers the machine facts the compiler needs; the only I/O on the compile
- * path. Users and groups are looked up through NSS, only the names `needed`.
+ * path. Users and groups are looked up through NSS, only the names `needed`;
+ * then the subordinate ranges of those users and the members of those
+ * groups.
  */
-export function gatherFacts(needed: FactsNeeded, lookup?: NameLookup, root = CGROUP2_ROOT): Facts {
+export function gatherFacts(needed: FactsNeeded, sources: FactSources = {}): Facts {
   // Bound on first use: a policy without user or group names loads no FFI.
-  let look = lookup;
+  let look = sources.lookup;
+  const lookup: NameLookup = (kind, name) => (look ??= nssLookup())(kind, name);
+  let accounts = sources.accounts;
+  const account = (): Accounts => (accounts ??= nssAccounts());
   const resolve = (kind: 'user' | 'group', names: readonly string[]): Map<string, IdLookup> => {
     const ids = new Map<string, IdLookup>();
     for (const name of names) {
-      look ??= nssLookup();
-      const found = look(kind, name);
+      const found = lookup(kind, name);
       if (found !== undefined) ids.set(name, found);
     }
     return ids;
   };
-  const cgroups = listCgroups(root, needed.cgroupDepth);
+  const cgroups = listCgroups(sources.cgroupRoot ?? CGROUP2_ROOT, needed.cgroupDepth);
+  const users = resolve('user', needed.users);
+  const groups = resolve('group', needed.groups);
+  const files = sources.files ?? ACCOUNT_FILES;
+  const warnings: PolicyIssue[] = [];
+  const uids = idsOf(users, needed.userIds);
+  const gids = idsOf(groups, needed.groupIds);
+  const facts: Facts = { users, groups, cgroups: cgroups.named, unnamedCgroups: cgroups.unnamed };
+  if (uids.length === 0 && gids.length === 0) return facts;
   return {
-    users: resolve('user', needed.users),
-    groups: resolve('group', needed.groups),
-    cgroups: cgroups.named,
-    unnamedCgroups: cgroups.unnamed,
+    ...facts,
+    subordinate: subordinateIds(uids, files, lookup, warnings),
+    members: groupMembers(groups, gids, account, lookup),
+    ...(gids.length > 0 ? definedIncomplete(readNsswitch(files.nsswitch)) : {}),
+    warnings,
   };
+}
+
+/** The ids found for names, and those named by number, once each. */
+function idsOf(found: ReadonlyMap<string, IdLookup>, numbers: readonly number[] = []): number[] {
+  const ids = new Set<number>(numbers);
+  for (const id of found.values()) if (typeof id === 'number') ids.add(id);
+  return [...ids].sort((a, b) => a - b);
+}
+
+/**
+ * Each user's ranges from /etc/subuid and /etc/subgid. A file that is not
+ * there gives none; one that cannot be read makes every user's ranges
+ * unknown (an error where they are used: a range left out would be let out).
+ */
+function subordinateIds(
+  uids: readonly number[],
+  files: AccountFiles,
+  lookup: NameLookup,
+  warnings: PolicyIssue[],
+): Map<number, SubordinateIds | { error: string }> {
+  const read = (file: string): SubordinateLine[] | { error: string } => {
+    let text: string;
+    try {
+      text = readFileSync(file, 'utf8');
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      return { error: `${file}: ${(error as NodeJS.ErrnoException).code ?? String(error)}` };
+    }
+    const parsed = parseSubordinate(text, file);
+    warnings.push(...parsed.warnings);
+    return parsed.lines;
+  };
+  const uidLines = read(files.subuid);
+  const gidLines = read(files.subgid);
+  // Another name of the same uid counts, as for newuidmap: each owner name is looked up once.
+  const owners = new Map<string, number | undefined>();
+  const uidOf = (name: string): number | undefined => {
+    if (!owners.has(name)) {
+      const id = lookup('user', name);
+      owners.set(name, typeof id === 'number' ? id : undefined);
+    }
+    return owners.get(name);
+  };
+  const result = new Map<number, SubordinateIds | { error: string }>();
+  for (const uid of uids) {
+    if ('error' in uidLines || 'error' in gidLines) {
+      result.set(uid, { error: 'error' in uidLines ? uidLines.error : (gidLines as { error: string }).error });
+      continue;
+    }
+    const ranges = (lines: SubordinateLine[]): IdRange[] => linesOf(lines, { name: undefined, uid }, uidOf).map(({ from, to }) => ({ from, to }));
+    const own = { uids: ranges(uidLines), gids: ranges(gidLines) };
+    if (own.uids.length + own.gids.length > 0) result.set(uid, own);
+  }
+  return result;
+}
+
+/**
+ * Each group's members as uids: the users its entry lists (supplementary
+ * members) and the users whose primary group it is, found by listing every
+ * user (getpwent). A listing or lookup that fails makes the group's members
+ * unknown (an error where they are used).
+ */
+function groupMembers(
+  named: ReadonlyMap<string, IdLookup>,
+  gids: readonly number[],
+  account: () => Accounts,
+  lookup: NameLookup,
+): Map<number, readonly number[] | { error: string }> {
+  const result = new Map<number, readonly number[] | { error: string }>();
+  if (gids.length === 0) return result;
+  const everyone = account().everyUser();
+  const uidByName = new Map('error' in everyone ? [] : everyone.map((user) => [user.name, user.uid] as const));
+  for (const gid of gids) {
+    if ('error' in everyone) {
+      result.set(gid, { error: `listing users: ${everyone.error}` });
+      continue;
+    }
+    const uids = new Set(everyone.filter((user) => user.gid === gid).map((user) => user.uid));
+    // Each name of the group (two names may share a gid), and the gid itself.
+    const keys: (string | number)[] = [...[...named].filter(([, id]) => id === gid).map(([name]) => name), gid];
+    let failed: string | undefined;
+    for (const key of keys) {
+      const entry = account().group(key);
+      if (entry === undefined) continue;
+      if ('error' in entry) {
+        failed = entry.error;
+        break;
+      }
+      for (const member of entry.members) {
+        const uid = uidByName.get(member) ?? lookup('user', member);
+        // A member list may name a user that is gone: it matches nobody.
+        if (typeof uid === 'number') uids.add(uid);
+        else if (uid !== undefined) failed = uid.error;
+      }
+    }
+    result.set(gid, failed !== undefined ? { error: failed } : [...uids].sort((a, b) => a - b));
+  }
+  return result;
+}
+
+/** Name services that list every user they know (getpwent). */
+const ENUMERATING = new Set(['files', 'compat', 'systemd', 'extrausers', 'db']);
+
+/**
+ * Why the users listed may not be every user: the `passwd:` sources of
+ * nsswitch.conf that may not enumerate (sssd does not unless `enumerate =
+ * true`; winbind not unless `winbind enum users`). Undefined when all do.
+ */
+function readNsswitch(file: string): string | undefined {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch {
+    return undefined; // glibc's default without the file is files only
+  }
+  const line = text.split('\n').find((l) => /^\s*passwd\s*:/.test(l));
+  if (line === undefined) return undefined;
+  const sources = line
+    .replace(/#.*/, '')
+    .replace(/^\s*passwd\s*:/, '')
+    .replace(/\[[^\]]*\]/g, ' ')
+    .split(/\s+/)
+    .filter((source) => source !== '' && !ENUMERATING.has(source));
+  return sources.length === 0 ? undefined : `users are also looked up through ${sources.join(', ')} (${file}), which may not list its users`;
+}
+
+function definedIncomplete(reason: string | undefined): { membersIncomplete?: string } {
+  return reason === undefined ? {} : { membersIncomplete: reason };
 }

@@ -99,12 +99,14 @@ describe('identities that match nothing on this machine', () => {
     expect(() => refuseCompileErrors(compileYaml('apps: {web: {identity: {user: alice}}}\n'), '/etc/egressd')).not.toThrow();
   });
 
-  it("factsNeeded names every user and group the policy mentions by name, and Tor's user only while Tor is on", () => {
+  it("factsNeeded names every user and group the policy mentions by name, and Tor's user only while Tor is on; those named by number apart", () => {
     const yaml =
       'identities: {apt: {user: _apt}, n: {user: 7}}\napps: {web: {identity: [{user: alice}, {group: wheel}]}}\nsystemDomains: {off: {members: [{user: vault}, {group: 12}]}}\ntor: {enabled: ENABLED, updaters: [apt]}\n';
     expect(factsNeeded(policyFrom(yaml.replace('ENABLED', 'true')))).toEqual({
       users: ['_apt', 'alice', 'debian-tor', 'vault'],
       groups: ['wheel'],
+      userIds: [7],
+      groupIds: [12],
       cgroupDepth: 0,
     });
     expect(factsNeeded(policyFrom(yaml.replace('ENABLED', 'false'))).users).toEqual(['_apt', 'alice', 'vault']);
@@ -159,19 +161,27 @@ describe('looking names up through NSS', () => {
       asked.push(`${kind}:${name}`);
       return name === 'alice' ? 1000 : name === 'broken' ? { error: 'EIO' } : undefined;
     };
-    const facts = gatherFacts({ users: ['alice', 'ghost', 'broken'], groups: ['wheel'], cgroupDepth: 0 }, lookup);
+    const facts = gatherFacts({ users: ['alice', 'ghost', 'broken'], groups: ['wheel'], cgroupDepth: 0 }, { lookup, files: NO_FILES });
     expect(asked).toEqual(['user:alice', 'user:ghost', 'user:broken', 'group:wheel']);
     expect([...facts.users]).toEqual([
       ['alice', 1000],
       ['broken', { error: 'EIO' }],
     ]);
     expect([...facts.groups]).toEqual([]);
-    const none = gatherFacts({ users: [], groups: [], cgroupDepth: 0 }, () => {
-      throw new Error('looked up');
-    });
+    const none = gatherFacts(
+      { users: [], groups: [], cgroupDepth: 0 },
+      {
+        lookup: () => {
+          throw new Error('looked up');
+        },
+      },
+    );
     expect(none.users.size + none.groups.size).toBe(0);
   });
 });
+
+/** Subordinate-id and nsswitch files that are not there: a test must not read the machine's own. */
+const NO_FILES = { subuid: '/nonexistent/subuid', subgid: '/nonexistent/subgid', nsswitch: '/nonexistent/nsswitch.conf' };
 
 // The compile of a policy mentioning no names must stay as it was: no lookup, no new issue.
 it('a policy without users or groups compiles without errors or warnings', () => {

@@ -26,8 +26,14 @@ export const arbConnection: fc.Arbitrary<Connection> = fc
         { kind: 'user', user: 'vault' },
         { kind: 'user', user: 'debian-tor' },
         { kind: 'user', user: 5555 },
+        { kind: 'user', user: 100005 },
+        { kind: 'user', user: 165200 },
+        { kind: 'user', user: 200999 },
         { kind: 'group', group: 'wheel' },
+        { kind: 'group', group: 'staff' },
         { kind: 'group', group: 77 },
+        { kind: 'group', group: 100007 },
+        { kind: 'group', group: 200000 },
       ),
       fc
         .constantFrom(...GEN_CGROUPS, 'system.slice/a.service/worker', 'user.slice/user-1000.slice/session-2.scope/x')

@@ -21,7 +21,26 @@ export const GEN_CGROUPS: readonly string[] = [
   'user.slice/user-1000.slice/session-2.scope',
 ];
 
-export const GEN_FACTS: Facts = { ...FACTS, cgroups: GEN_CGROUPS };
+/**
+ * Subordinate ranges and group members on the generated host: alice's
+ * subordinate uids overlap those of uid 4242 (the first claimed keeps the
+ * overlap), and alice is a member of wheel, as is uid 5555, which no
+ * selector names.
+ */
+export const GEN_FACTS: Facts = {
+  ...FACTS,
+  groups: new Map([...FACTS.groups, ['staff', 50]]),
+  cgroups: GEN_CGROUPS,
+  subordinate: new Map([
+    [1000, { uids: [{ from: 100000, to: 165535 }], gids: [{ from: 100000, to: 165535 }] }],
+    [4242, { uids: [{ from: 165000, to: 170000 }], gids: [] }],
+    [990, { uids: [{ from: 200000, to: 200999 }], gids: [{ from: 200000, to: 200000 }] }],
+  ]),
+  members: new Map([
+    [10, [1000, 5555]],
+    [50, [990, 4242]],
+  ]),
+};
 
 export interface GeneratedPolicy {
   readonly yaml: string;
@@ -36,6 +55,7 @@ const selector = fc.constantFrom<Record<string, string | number>>(
   { user: 'nobody-here' },
   { group: 'wheel' },
   { group: 10 },
+  { group: 'staff' },
   { unit: 'a.service' },
   { unit: 'gpg.service' },
   { cgroup: 'system.slice/*.service' },

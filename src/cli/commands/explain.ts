@@ -77,13 +77,21 @@ not be looked up (the name service failed).`,
     const { who } = options;
     const users = who.kind === 'user' && typeof who.user === 'string' ? [...needed.users, who.user] : needed.users;
     const groups = who.kind === 'group' && typeof who.group === 'string' ? [...needed.groups, who.group] : needed.groups;
-    const facts = deps.facts({ users, groups, cgroupDepth: 0 });
+    const facts = deps.facts({ ...needed, users, groups, cgroupDepth: 0 });
     for (const [kind, ids] of [
       ['user', facts.users],
       ['group', facts.groups],
     ] as const) {
       for (const [name, id] of ids)
         if (typeof id !== 'number') throw new EgressError(ErrorCode.NameLookup, `egressctl explain: cannot look up ${kind} "${name}": ${id.error}`);
+    }
+    // Unknown ranges or members would make "not a member" a guess.
+    for (const [what, found] of [
+      ['subordinate ids of uid', facts.subordinate],
+      ['members of gid', facts.members],
+    ] as const) {
+      for (const [id, value] of found ?? [])
+        if ('error' in value) throw new EgressError(ErrorCode.NameLookup, `egressctl explain: cannot read the ${what} ${id}: ${value.error}`);
     }
     const query = {
       who: options.who,

@@ -1,0 +1,167 @@
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { accountFilesToWatch, gatherFacts } from '../../src/system/facts.js';
+import { getentAccounts, libcAccounts, type Accounts, type GroupRow, type NameLookup, type PasswdRow } from '../../src/system/nss.js';
+import { parseSubordinate } from '../../src/system/subordinate.js';
+
+const work = mkdtempSync(join(tmpdir(), 'egd-members-'));
+afterAll(() => rmSync(work, { recursive: true, force: true }));
+
+/** A machine of a few users and groups, as NSS would list it. */
+const PASSWD: PasswdRow[] = [
+  { name: 'alice', uid: 1000, gid: 1000 },
+  { name: 'ally', uid: 1000, gid: 1000 },
+  { name: 'bob', uid: 1001, gid: 50 },
+  { name: 'carol', uid: 1002, gid: 1002 },
+];
+const GROUPS: GroupRow[] = [
+  { name: 'staff', gid: 50, members: ['carol', 'gone'] },
+  { name: 'alice', gid: 1000, members: [] },
+];
+const lookup: NameLookup = (kind, name) => (kind === 'user' ? PASSWD.find((u) => u.name === name)?.uid : GROUPS.find((g) => g.name === name)?.gid);
+const accounts = (overrides: Partial<Accounts> = {}): Accounts => ({
+  user: (key) => PASSWD.find((u) => u.name === key || u.uid === key),
+  group: (key) => GROUPS.find((g) => g.name === key || g.gid === key),
+  everyUser: () => PASSWD,
+  ...overrides,
+});
+const files = (subuid: string, subgid: string, nsswitch = 'passwd: files systemd\n') => {
+  const dir = mkdtempSync(join(work, 'f-'));
+  writeFileSync(join(dir, 'subuid'), subuid);
+  writeFileSync(join(dir, 'subgid'), subgid);
+  writeFileSync(join(dir, 'nsswitch.conf'), nsswitch);
+  return { subuid: join(dir, 'subuid'), subgid: join(dir, 'subgid'), nsswitch: join(dir, 'nsswitch.conf') };
+};
+
+describe('subordinate ids', () => {
+  it('parses owner:start:count; a bad line is skipped with a warning at file:line, never fatal', () => {
+    const text = [
+      'alice:100000:65536',
+      '',
+      '# a comment',
+      '1001:200000:10',
+      'bob:1:2:3',
+      'bob:x:10',
+      'bob:10:0',
+      'bob:4294967290:10',
+      ':5:5',
+      'carol:300000:1',
+    ].join('\n');
+    const { lines, warnings } = parseSubordinate(text, '/etc/subuid');
+    expect(lines).toEqual([
+      { owner: 'alice', from: 100000, to: 165535 },
+      { owner: '1001', from: 200000, to: 200009 },
+      { owner: 'carol', from: 300000, to: 300000 },
+    ]);
+    expect(warnings.map((w) => `${w.at.file}:${w.at.line}:${w.at.col} ${w.message}`)).toEqual([
+      '/etc/subuid:5:1 subordinate id line skipped: 4 fields, not 3 (owner:start:count)',
+      '/etc/subuid:6:1 subordinate id line skipped: start and count must be decimal numbers',
+      '/etc/subuid:7:1 subordinate id line skipped: a count of 0',
+      '/etc/subuid:8:1 subordinate id line skipped: the range passes 4294967294, the highest id',
+      '/etc/subuid:9:1 subordinate id line skipped: no owner',
+    ]);
+  });
+
+  it("gathers each named user's ranges, written with its name, its uid or another name of the same uid, as newuidmap finds them", () => {
+    const f = files('alice:100000:65536\nally:300000:5\n1001:200000:10\nzed:400000:5\nbroken line\n', 'alice:100000:65536\n1000:500000:1\n');
+    const facts = gatherFacts({ users: ['alice'], groups: [], userIds: [1001, 1002], cgroupDepth: 0 }, { lookup, accounts: accounts(), files: f });
+    expect(facts.subordinate).toEqual(
+      new Map([
+        [
+          1000,
+          {
+            uids: [
+              { from: 100000, to: 165535 },
+              { from: 300000, to: 300004 },
+            ],
+            gids: [
+              { from: 100000, to: 165535 },
+              { from: 500000, to: 500000 },
+            ],
+          },
+        ],
+        [1001, { uids: [{ from: 200000, to: 200009 }], gids: [] }],
+      ]),
+    );
+    expect(facts.warnings?.map((w) => `${w.at.file}:${w.at.line} ${w.message}`)).toEqual([
+      `${f.subuid}:5 subordinate id line skipped: 1 field, not 3 (owner:start:count)`,
+    ]);
+  });
+
+  it('files that are not there give no ranges; a file that cannot be read makes the ranges unknown', () => {
+    const none = gatherFacts(
+      { users: ['alice'], groups: [], cgroupDepth: 0 },
+      { lookup, accounts: accounts(), files: { subuid: join(work, 'no-subuid'), subgid: join(work, 'no-subgid'), nsswitch: join(work, 'no-nss') } },
+    );
+    expect(none.subordinate).toEqual(new Map());
+    const unreadable = gatherFacts(
+      { users: ['alice'], groups: [], cgroupDepth: 0 },
+      { lookup, accounts: accounts(), files: { ...files('', ''), subuid: work } },
+    );
+    expect(unreadable.subordinate?.get(1000)).toEqual({ error: `${work}: EISDIR` });
+  });
+});
+
+describe('group members', () => {
+  it("lists a group's supplementary members and the users whose primary group it is, by uid; a member that is gone matches nobody", () => {
+    const facts = gatherFacts({ users: [], groups: ['staff'], groupIds: [1000], cgroupDepth: 0 }, { lookup, accounts: accounts(), files: files('', '') });
+    expect(facts.members).toEqual(
+      new Map([
+        [50, [1001, 1002]],
+        [1000, [1000]],
+      ]),
+    );
+    expect(facts.membersIncomplete).toBeUndefined();
+  });
+
+  it('says when a name service may not list its users, and a listing that fails makes the members unknown', () => {
+    const f = files('', '', '# sssd\npasswd:   files [NOTFOUND=return] sss systemd ldap # comment\ngroup: files sss\n');
+    const facts = gatherFacts({ users: [], groups: ['staff'], cgroupDepth: 0 }, { lookup, accounts: accounts(), files: f });
+    expect(facts.membersIncomplete).toBe(`users are also looked up through sss, ldap (${f.nsswitch}), which may not list its users`);
+    const failing = gatherFacts(
+      { users: [], groups: ['staff'], cgroupDepth: 0 },
+      { lookup, accounts: accounts({ everyUser: () => ({ error: 'getpwent_r failed: EIO' }) }), files: f },
+    );
+    expect(failing.members?.get(50)).toEqual({ error: 'listing users: getpwent_r failed: EIO' });
+    const groupFails = gatherFacts(
+      { users: [], groups: ['staff'], cgroupDepth: 0 },
+      { lookup, accounts: accounts({ group: () => ({ error: 'EIO' }) }), files: f },
+    );
+    expect(groupFails.members?.get(50)).toEqual({ error: 'EIO' });
+  });
+
+  it('the daemon is told which files to watch', () => {
+    expect(accountFilesToWatch()).toEqual(['/etc/passwd', '/etc/group', '/etc/subuid', '/etc/subgid', '/etc/nsswitch.conf']);
+  });
+});
+
+describe('accounts through NSS', () => {
+  it('libc (koffi) and getent agree on this machine: entries by name and id, member lists, and every user', () => {
+    const libc = libcAccounts({ firstBuffer: 64 });
+    if (libc instanceof Error) throw libc;
+    const getent = getentAccounts();
+    for (const key of ['root', 0, 'egd-no-such-user', 987654]) expect(libc.user(key)).toEqual(getent.user(key));
+    const groups = getent.everyUser();
+    if ('error' in groups) throw new Error(groups.error);
+    expect(libc.everyUser()).toEqual(groups);
+    // Every group of the machine, member lists included (the small first buffer makes ERANGE grow it).
+    const all = execGroups();
+    expect(all.length).toBeGreaterThan(0);
+    for (const name of all) expect(libc.group(name)).toEqual(getent.group(name));
+    for (const gid of [0, 987654]) expect(libc.group(gid)).toEqual(getent.group(gid));
+    expect(getentAccounts('/nonexistent/getent').everyUser()).toEqual({ error: expect.stringContaining('ENOENT') });
+  });
+});
+
+/** The machine's group names, from getent. */
+function execGroups(): string[] {
+  const listed = getentAccounts();
+  const names: string[] = [];
+  for (const key of ['root', 'adm', 'sudo', 'ssl-cert', 'users', 'nogroup']) {
+    const found = listed.group(key);
+    if (found && !('error' in found)) names.push(found.name);
+  }
+  return names;
+}
