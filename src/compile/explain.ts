@@ -14,7 +14,13 @@ export type Who =
   | { readonly kind: 'name'; readonly name: string }
   | { readonly kind: 'user'; readonly user: string | number }
   | { readonly kind: 'group'; readonly group: string | number }
-  | { readonly kind: 'cgroup'; readonly path: string };
+  | {
+      readonly kind: 'cgroup';
+      readonly path: string;
+      /** The socket's user and group, when asked with a cgroup (they matter where the cgroup is delegated). */
+      readonly user?: string | number;
+      readonly group?: string | number;
+    };
 
 export interface ExplainQuery {
   readonly who: Who;
@@ -37,8 +43,8 @@ export interface Explanation {
   readonly notes: readonly string[];
 }
 
-/** The ids of the user and group names the policy and the question mention, as compile takes them. */
-export type ExplainFacts = Pick<Facts, 'users' | 'groups'>;
+/** The ids of the user and group names the policy and the question mention, and who owns which cgroup, as compile takes them. */
+export type ExplainFacts = Pick<Facts, 'users' | 'groups' | 'cgroupOwners'>;
 
 /**
  * Walks the fixed precedence — loopback, system domain, lockdown, Tor, app,
@@ -65,6 +71,34 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
     notes,
   });
 
+  /** An app's chain: its rules, then the global deny list, then its default. */
+  const appDecision = (chosen: Policy['apps'][number]): Explanation => {
+    for (const rule of chosen.rules) {
+      const outcome = ruleMatches(policy, rule, target, query, notes);
+      if (outcome) {
+        steps.push(`app "${chosen.name}": rule ${rule.id} matches (${outcome})`);
+        return decide(rule.verdict, 'app', rule.id, rule.at, rule.why);
+      }
+    }
+    steps.push(`app "${chosen.name}": no rule matches`);
+    const denied = globalDeny();
+    if (denied) return denied;
+    steps.push(`default of app "${chosen.name}": ${chosen.defaultVerdict}`);
+    return decide(chosen.defaultVerdict, 'default', `app/${chosen.name}/default`, chosen.at, chosen.why);
+  };
+
+  const globalDeny = (): Explanation | undefined => {
+    for (const rule of policy.globalDeny) {
+      const outcome = ruleMatches(policy, rule, target, query, notes);
+      if (outcome) {
+        steps.push(`global deny: rule ${rule.id} matches (${outcome})`);
+        return decide('deny', 'global-deny', rule.id, rule.at, rule.why);
+      }
+    }
+    steps.push('global deny: no rule matches');
+    return undefined;
+  };
+
   const torUser = policy.tor.enabled && isTorUser(policy, query.who, facts);
   const sdMember = policy.systemDomains.find((domain) => domain.members.some(belongs));
 
@@ -86,7 +120,15 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
       return decide('deny', 'lockdown', 'lockdown', undefined);
     }
     if (query.port === undefined && toSocks) notes.push(`only port ${socks.port}/tcp is reachable`);
-    return toSocks ? decide('allow', 'tor', 'tor/socks', policy.tor.at) : decide('deny', 'tor', 'tor/updaters', policy.tor.at);
+    if (!toSocks) return decide('deny', 'tor', 'tor/updaters', policy.tor.at);
+    // A gateway on another host is network: from a delegated cgroup, the user's or group's own app must let it out too.
+    const delegated = !socksLoopback && delegatedMember(policy, policy.tor.updaters, query.who, facts);
+    const root = delegated ? firstByDispatchOrder(policy, query.who, facts, false) : undefined;
+    if (delegated && root) {
+      steps.push(`${delegated}, so what the updaters let out, app "${root.name}" of its user or group must let out too`);
+      return appDecision(root);
+    }
+    return decide('allow', 'tor', 'tor/socks', policy.tor.at);
   }
 
   if (target.loopback) {
@@ -115,35 +157,18 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   }
   if (policy.tor.enabled) steps.push('tor: not an updater');
 
-  const app = firstByDispatchOrder(policy, query.who, facts);
-  if (app) {
-    for (const rule of app.rules) {
-      const outcome = ruleMatches(policy, rule, target, query, notes);
-      if (outcome) {
-        steps.push(`app "${app.name}": rule ${rule.id} matches (${outcome})`);
-        return decide(rule.verdict, 'app', rule.id, rule.at, rule.why);
-      }
-    }
-    steps.push(`app "${app.name}": no rule matches`);
-  } else {
+  const app = firstByDispatchOrder(policy, query.who, facts, true);
+  if (!app) {
     steps.push('apps: no app policy for this identity');
+    return globalDeny() ?? (steps.push(`default: ${policy.defaults.egress}`), decide(policy.defaults.egress, 'default', 'default', policy.defaults.at));
   }
-
-  for (const rule of policy.globalDeny) {
-    const outcome = ruleMatches(policy, rule, target, query, notes);
-    if (outcome) {
-      steps.push(`global deny: rule ${rule.id} matches (${outcome})`);
-      return decide('deny', 'global-deny', rule.id, rule.at, rule.why);
-    }
-  }
-  steps.push('global deny: no rule matches');
-
-  if (app) {
-    steps.push(`default of app "${app.name}": ${app.defaultVerdict}`);
-    return decide(app.defaultVerdict, 'default', `app/${app.name}/default`, app.at, app.why);
-  }
-  steps.push(`default: ${policy.defaults.egress}`);
-  return decide(policy.defaults.egress, 'default', 'default', policy.defaults.at);
+  const decided = appDecision(app);
+  // Deny wins over a cgroup its user controls: what its app lets out, the user's or group's own app must let out too.
+  const delegated = decided.verdict === 'allow' && delegatedMember(policy, app.identities, query.who, facts);
+  const root = delegated ? firstByDispatchOrder(policy, query.who, facts, false) : undefined;
+  if (!delegated || !root) return decided;
+  steps.push(`${delegated}, so what app "${app.name}" lets out, app "${root.name}" of its user or group must let out too`);
+  return appDecision(root);
 }
 
 interface Target {
@@ -249,13 +274,16 @@ function destinationMatches(policy: Policy, rule: Rule, target: Target, notes?: 
 /**
  * When several apps claim the asker, the kernel's dispatch decides: deeper
  * cgroups first, then uid, then gid; among equals, the app written first.
+ * Without `cgroups`, by uid and gid only: the root-set identities a
+ * delegated cgroup's verdict goes on to.
  */
-function firstByDispatchOrder(policy: Policy, who: Who, facts: ExplainFacts): Policy['apps'][number] | undefined {
+function firstByDispatchOrder(policy: Policy, who: Who, facts: ExplainFacts, cgroups: boolean): Policy['apps'][number] | undefined {
   const rank = (selector: Selector): number => (selector.kind === 'cgroup' ? 1000 - selector.level : selector.kind === 'user' ? 2000 : 3000);
   let best: { app: Policy['apps'][number]; rank: number } | undefined;
   for (const app of policy.apps) {
     for (const identity of app.identities) {
       for (const selector of identity.selectors) {
+        if (!cgroups && selector.kind === 'cgroup') continue;
         if (!selectorClaims(policy, selector, who, facts)) continue;
         const r = rank(selector);
         if (!best || r < best.rank) best = { app, rank: r };
@@ -293,15 +321,43 @@ function membership(policy: Policy, who: Who, facts: ExplainFacts): ((identity: 
 }
 
 function selectorMatches(selector: Selector, who: Who, facts: ExplainFacts): boolean {
-  if (who.kind === 'user' && selector.kind === 'user') return sameId(selector.user, who.user, facts.users);
-  if (who.kind === 'group' && selector.kind === 'group') return sameId(selector.group, who.group, facts.groups);
-  if (who.kind === 'cgroup' && selector.kind === 'cgroup') {
-    // `socket cgroupv2 level N` looks at the ancestor N levels down, so a process deeper in the tree matches too.
-    const segments = who.path.replace(/^\/+|\/+$/g, '').split('/');
-    if (segments.length < selector.level) return false;
-    return cgroupGlobMatcher(selector.glob)(segments.slice(0, selector.level).join('/'));
-  }
+  const user = whoUser(who);
+  const group = who.kind === 'group' ? who.group : who.kind === 'cgroup' ? who.group : undefined;
+  if (user !== undefined && selector.kind === 'user') return sameId(selector.user, user, facts.users);
+  if (group !== undefined && selector.kind === 'group') return sameId(selector.group, group, facts.groups);
+  if (who.kind === 'cgroup' && selector.kind === 'cgroup') return cgroupAt(who.path, selector) !== undefined;
   return false;
+}
+
+/** The ancestor `socket cgroupv2 level N` looks at when it matches the selector's glob: a process deeper in the tree matches too. */
+function cgroupAt(path: string, selector: Extract<Selector, { kind: 'cgroup' }>): string | undefined {
+  const segments = path.replace(/^\/+|\/+$/g, '').split('/');
+  if (segments.length < selector.level) return undefined;
+  const ancestor = segments.slice(0, selector.level).join('/');
+  return cgroupGlobMatcher(selector.glob)(ancestor) ? ancestor : undefined;
+}
+
+/**
+ * Says why the asker's cgroup is one a non-root user controls, when the
+ * deepest cgroup of `identities` it matches is (the map element the kernel
+ * finds); undefined otherwise. Only then is it held to the root-set
+ * identities as well, and only where the policy has some (as compile).
+ */
+function delegatedMember(policy: Policy, identities: readonly Identity[], who: Who, facts: ExplainFacts): string | undefined {
+  if (who.kind !== 'cgroup') return undefined;
+  if (!policy.apps.some((app) => app.identities.some((i) => i.selectors.some((s) => s.kind === 'user' || s.kind === 'group')))) return undefined;
+  let deepest: { level: number; path: string } | undefined;
+  for (const selector of identities.flatMap((i) => i.selectors)) {
+    if (selector.kind !== 'cgroup' || (deepest && deepest.level >= selector.level)) continue;
+    const path = cgroupAt(who.path, selector);
+    if (path !== undefined) deepest = { level: selector.level, path };
+  }
+  const owner = deepest && facts.cgroupOwners?.get(deepest.path);
+  return owner === undefined ? undefined : `cgroup ${deepest!.path} is owned by uid ${owner} (delegated)`;
+}
+
+function whoUser(who: Who): string | number | undefined {
+  return who.kind === 'user' ? who.user : who.kind === 'cgroup' ? who.user : undefined;
 }
 
 function sameId(a: string | number, b: string | number, ids: ExplainFacts['users']): boolean {
@@ -313,7 +369,8 @@ function sameId(a: string | number, b: string | number, ids: ExplainFacts['users
 }
 
 function isTorUser(policy: Policy, who: Who, facts: ExplainFacts): boolean {
-  return who.kind === 'user' && sameId(policy.tor.user, who.user, facts.users);
+  const user = whoUser(who);
+  return user !== undefined && sameId(policy.tor.user, user, facts.users);
 }
 
 /** `unit:cups.service` → the cgroup it runs in (system.slice unless a slice is given). */

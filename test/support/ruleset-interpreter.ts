@@ -44,6 +44,8 @@ export interface Outcome {
   readonly chain: string;
   /** Chains entered, in order: for failure messages. */
   readonly path: readonly string[];
+  /** The rules that jumped or went to path[1], path[2], …, each with its chain. */
+  readonly via: readonly { readonly chain: string; readonly rule: RuleDecl }[];
 }
 
 export function evaluate(ruleset: Ruleset, packet: Packet): Outcome {
@@ -52,6 +54,7 @@ export function evaluate(ruleset: Ruleset, packet: Packet): Outcome {
   const base = ruleset.chains.find((c) => c.hook);
   if (!base?.hook) throw new Error('interpreter: no base chain');
   const path: string[] = [base.name];
+  const via: { chain: string; rule: RuleDecl }[] = [];
   // Return addresses: the chain and the index of the rule after the jump.
   const stack: { chain: ChainDecl; next: number }[] = [];
   let chain: ChainDecl = base;
@@ -59,7 +62,7 @@ export function evaluate(ruleset: Ruleset, packet: Packet): Outcome {
   for (let steps = 0; steps < 10_000; steps++) {
     if (index >= chain.rules.length) {
       const back = stack.pop();
-      if (!back) return { verdict: base.hook.policy === 'accept' ? 'accept' : 'drop', rule: undefined, chain: base.name, path };
+      if (!back) return { verdict: base.hook.policy === 'accept' ? 'accept' : 'drop', rule: undefined, chain: base.name, path, via };
       ({ chain, next: index } = back);
       continue;
     }
@@ -67,11 +70,11 @@ export function evaluate(ruleset: Ruleset, packet: Packet): Outcome {
     const verdict = runRule(rule, packet, sets);
     index++;
     if (verdict === undefined) continue;
-    if ('accept' in verdict) return { verdict: 'accept', rule, chain: chain.name, path };
-    if ('drop' in verdict) return { verdict: 'drop', rule, chain: chain.name, path };
+    if ('accept' in verdict) return { verdict: 'accept', rule, chain: chain.name, path, via };
+    if ('drop' in verdict) return { verdict: 'drop', rule, chain: chain.name, path, via };
     if ('return' in verdict) {
       const back = stack.pop();
-      if (!back) return { verdict: base.hook.policy === 'accept' ? 'accept' : 'drop', rule: undefined, chain: base.name, path };
+      if (!back) return { verdict: base.hook.policy === 'accept' ? 'accept' : 'drop', rule: undefined, chain: base.name, path, via };
       ({ chain, next: index } = back);
       continue;
     }
@@ -80,6 +83,7 @@ export function evaluate(ruleset: Ruleset, packet: Packet): Outcome {
     if (!next) throw new Error(`interpreter: no chain ${target}`);
     if ('jump' in verdict) stack.push({ chain, next: index });
     path.push(target);
+    via.push({ chain: chain.name, rule });
     chain = next;
     index = 0;
   }
