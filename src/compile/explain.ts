@@ -166,6 +166,8 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   // Deny wins over a cgroup its user controls: what its app lets out, the user's or group's own app must let out too.
   const delegated = decided.verdict === 'allow' && delegatedMember(policy, app.identities, query.who, facts);
   const root = delegated ? firstByDispatchOrder(policy, query.who, facts, false) : undefined;
+  if (delegated && query.who.kind === 'cgroup' && query.who.user === undefined && query.who.group === undefined)
+    notes.push(`${delegated}: its process's user's or group's app must let this out too; give --as user:NAME to see`);
   if (!delegated || !root) return decided;
   steps.push(`${delegated}, so what app "${app.name}" lets out, app "${root.name}" of its user or group must let out too`);
   return appDecision(root);

@@ -155,7 +155,11 @@ describe('explain says so', () => {
       `cgroup ${SCOPE} is owned by uid 2001 (delegated), so what app "firefox" lets out, app "build" of its user or group must let out too`,
     );
     expect(ask({ kind: 'cgroup', path: SCOPE, user: 2001 }, '198.51.100.1')).toMatchObject({ verdict: 'deny', ruleId: 'app/firefox/default' });
-    expect(ask({ kind: 'cgroup', path: SCOPE }, '192.0.2.2')).toMatchObject({ verdict: 'allow', ruleId: 'app/firefox/0' });
+    const unasked = ask({ kind: 'cgroup', path: SCOPE }, '192.0.2.2');
+    expect(unasked).toMatchObject({ verdict: 'allow', ruleId: 'app/firefox/0' });
+    expect(unasked.notes).toContain(
+      `cgroup ${SCOPE} is owned by uid 2001 (delegated): its process's user's or group's app must let this out too; give --as user:NAME to see`,
+    );
     expect(ask({ kind: 'cgroup', path: 'system.slice/web.service', user: 2001 }, '192.0.2.2')).toMatchObject({ verdict: 'allow', ruleId: 'app/firefox/0' });
   });
 });
