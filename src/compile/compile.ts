@@ -46,6 +46,12 @@ export interface Facts {
   /** Existing cgroups whose path nft cannot name (not UTF-8, say); any that `cgroups` holds are found there too. */
   readonly unnamedCgroups?: readonly UnnamedCgroup[];
   /**
+   * The cgroups of `cgroups` whose directory a non-root uid owns, with that
+   * uid: systemd delegated them (`user@UID.service` and what its user makes
+   * below it). Their user can move its processes into them. Absent: root's.
+   */
+  readonly cgroupOwners?: ReadonlyMap<string, number>;
+  /**
    * For each user the policy names, by uid: its subordinate uid and gid
    * ranges (/etc/subuid, /etc/subgid), or why they could not be read. A
    * uid that is not here has none.
@@ -121,13 +127,22 @@ export interface DnsBinding {
   readonly set6: string;
 }
 
-/** Tells the app tracker which map a cgroup matching `glob` joins, with which verdict. */
+/** Tells the app tracker which map a cgroup matching `glob` joins, with which verdict: by the new cgroup's owner. */
 export interface CgroupBinding {
   readonly owner: string;
   readonly glob: string;
   readonly level: number;
   readonly map: string;
+  /** For a cgroup root owns. */
   readonly verdict: Verdict;
+  /**
+   * For a cgroup a non-root uid owns (`Facts.cgroupOwners`): the owner's
+   * decision, whose every accept still meets the uid and gid identities.
+   * Undefined: this table has no such chain for the owner yet (no member
+   * of it was delegated when it was compiled), so a delegated cgroup
+   * matching `glob` waits for the next compile.
+   */
+  readonly delegatedVerdict: Verdict | undefined;
 }
 
 export interface Compiled {
@@ -204,6 +219,21 @@ function everyIdentity(policy: Policy): Identity[] {
   ];
 }
 
+/** The chain a dispatch sends its delegated members to (`Compiler.delegatedChain`), and how to make it. */
+interface Delegated {
+  readonly chain: string;
+  readonly make: () => Verdict;
+}
+
+/**
+ * Where a delegated member's accepts go when its chain marks no connections
+ * (the updaters', or any in a table without conntrack): apps by uid, then by
+ * gid, then accept. An app chain that marks gets `uc_root_<chain>` instead,
+ * which ends by entering that app's own chain. Their lookups go to the
+ * apps' own chains, never to a `uc_` one, so no path loops.
+ */
+const ROOT_IDS = 'uc_root_ids';
+
 /** One cgroup depth of a dispatch: its map's elements and verdicts, and which owner claimed each path. */
 interface LevelEntries {
   readonly elements: Element[];
@@ -254,7 +284,12 @@ class Compiler {
   private readonly constants = new Map<string, string>();
   private readonly chains: ChainDecl[] = [];
   private readonly dnsBindings: DnsBinding[] = [];
-  private readonly cgroupBindings: CgroupBinding[] = [];
+  /** Bindings as claimed; `delegated` when the owner's delegated members get a chain of their own (`delegatedChain`). */
+  private readonly cgroupBindings: (Omit<CgroupBinding, 'delegatedVerdict'> & { readonly delegated?: string })[] = [];
+  /** The root-identity chains delegated copies go on to, made once the apps' uid and gid maps exist, each with what decides where neither has the packet. */
+  private readonly rootChains = new Map<string, Verdict>();
+  /** Whether some app names a user or group: only then can a delegated member's verdict take something away (`ROOT_IDS`). */
+  private readonly rootIdentities: boolean;
   private readonly errors: PolicyIssue[] = [];
   private lookupFailed = false;
   private readonly warnings: PolicyIssue[] = [];
@@ -275,6 +310,7 @@ class Compiler {
     this.log = policy.defaults.log;
     this.ruleIds = ruleIdTable(policy, options);
     this.shortIds = new Map(this.ruleIds.map((entry) => [entry.ruleId, entry.id]));
+    this.rootIdentities = policy.apps.some((app) => app.identities.some((i) => i.selectors.some((s) => s.kind === 'user' || s.kind === 'group')));
     this.cgroups = [
       ...facts.cgroups.map((path) => {
         const segments = path.split('/');
@@ -379,13 +415,17 @@ class Compiler {
     const apps = this.newDispatch('app');
     for (const app of policy.apps) {
       const chain = `app_${app.name}`;
-      this.chains.push({ name: chain, rules: this.appChain(app) });
+      const rules = this.appChain(app);
+      this.chains.push({ name: chain, rules });
       // An app's identity may be missing here (one policy for several machines): a warning naming it.
       // A default-deny app's cut-off ancestor gets its default only: its allowances are for its own members.
       const closed = app.defaultVerdict === 'deny' ? () => this.closedChain(`cut_app_${app.name}`, `app/${app.name}/default`, app.at) : undefined;
-      for (const identity of app.identities) this.claim(apps, identity, verdict.goto(chain), `app ${app.name}`, false, closed);
+      const name = `uc_app_${app.name}`;
+      const delegated = this.rootIdentities ? { chain: name, make: () => this.delegatedChain(name, rules, chain) } : undefined;
+      for (const identity of app.identities) this.claim(apps, identity, verdict.goto(chain), `app ${app.name}`, false, closed, delegated);
     }
     output.push(...this.dispatchRules(apps, 'apps'));
+    for (const [name, fallback] of this.rootChains) this.chains.push({ name, rules: this.rootIdentityRules(fallback) });
 
     const globalDeny: RuleDecl[] = [];
     policy.globalDeny.forEach((r, index) => globalDeny.push(...this.ruleDecls(r, `g${index}`)));
@@ -399,10 +439,14 @@ class Compiler {
     const base: ChainDecl = { name: 'output', hook: { hook: 'output', prio: 0, policy: policy.defaults.egress === 'deny' ? 'drop' : 'accept' }, rules: output };
     const ruleset: Ruleset = { table: TABLE, sets: this.sets, chains: [base, ...this.chains].map(fingerprintRules) };
     assertUniqueNames(ruleset);
+    const made = new Set(this.chains.map((c) => c.name));
     return {
       ruleset,
       dnsBindings: this.dnsBindings,
-      cgroupBindings: this.cgroupBindings,
+      cgroupBindings: this.cgroupBindings.map(({ delegated, ...binding }) => ({
+        ...binding,
+        delegatedVerdict: delegated === undefined ? binding.verdict : made.has(delegated) ? verdict.goto(delegated) : undefined,
+      })),
       errors: this.errors,
       lookupFailed: this.lookupFailed,
       warnings: this.warnings,
@@ -456,7 +500,11 @@ class Compiler {
     this.chains.push({ name: 'tor_updaters', rules: chainRules });
     const updaters = this.newDispatch('tor');
     const closed = () => this.closedChain('cut_tor_updaters', 'tor/updaters', tor.at);
-    for (const identity of tor.updaters) this.claim(updaters, identity, verdict.goto('tor_updaters'), 'Tor updaters', false, closed);
+    // A SOCKS port on loopback adds nothing for a process that moves in (loopback is open to every
+    // identity), but a gateway on another host is network that its user's own app may deny.
+    const delegated =
+      !loopback && this.rootIdentities ? { chain: 'uc_tor_updaters', make: () => this.delegatedChain('uc_tor_updaters', chainRules) } : undefined;
+    for (const identity of tor.updaters) this.claim(updaters, identity, verdict.goto('tor_updaters'), 'Tor updaters', false, closed, delegated);
     return this.dispatchRules(updaters, 'updaters over Tor');
   }
 
@@ -692,13 +740,23 @@ class Compiler {
    * ancestor is a cgroup the creating user could write to — its own
    * subtree — so what else is cut off is that user's own; members named at
    * the deeper level are looked up first and keep their own verdict.
+   *
+   * A member cgroup a non-root uid owns (`Facts.cgroupOwners`: systemd
+   * delegated it, or its user made it there) gets `delegated`'s verdict
+   * instead, where the identity could gain from it: its user can move any
+   * of its processes in, so the identity may take away from what the
+   * user's and group's own identities allow, never add (`delegatedChain`).
+   * Cgroups are looked up before uids and gids, so without this a user
+   * whose own app denies made a cgroup matching another app's glob and
+   * took that app's allowances.
    */
-  private claim(d: Dispatch, identity: Identity, target: Verdict, owner: string, mustExist: boolean, closed?: () => Verdict): void {
+  private claim(d: Dispatch, identity: Identity, target: Verdict, owner: string, mustExist: boolean, closed?: () => Verdict, delegated?: Delegated): void {
     for (const selector of identity.selectors) {
       if (selector.kind === 'cgroup') {
         const level = cgroupLevel(d, selector.level);
         const map = `${d.prefix}_cg_l${selector.level}`;
-        this.cgroupBindings.push({ owner, glob: selector.glob, level: selector.level, map, verdict: target });
+        const binding = { owner, glob: selector.glob, level: selector.level, map, verdict: target };
+        this.cgroupBindings.push(delegated ? { ...binding, delegated: delegated.chain } : binding);
         const matches = cgroupGlobMatcher(selector.glob);
         for (const cgroup of this.cgroups) {
           const { path } = cgroup;
@@ -727,7 +785,7 @@ class Compiler {
           }
           level.claimed.set(path, owner);
           level.elements.push(path);
-          level.verdicts.push(target);
+          level.verdicts.push(delegated && this.facts.cgroupOwners?.has(path) ? delegated.make() : target);
         }
         continue;
       }
@@ -800,8 +858,50 @@ class Compiler {
   }
 
   /**
+   * A copy of `rules` (an app's chain, the updaters') for its delegated
+   * members, in which every accept goes on to the root identities — the
+   * app's own rules, the `ct state established,related` before a default
+   * deny, the default allow: what the member's app lets out, the uid's or
+   * gid's app must let out too. Its drops stay drops; the global deny and
+   * log chains it jumps to only drop. The same sets, so one more chain of
+   * rules, made once, when a delegated member is first claimed.
+   *
+   * Connection marks (ct-mark.ts) are left to whoever decides last: the
+   * uid's or gid's app, which marks and checks its own connections, or —
+   * where neither has the packet — the member's app itself, entered afresh
+   * (`ownChain`). The copy neither writes nor checks a mark: one mark cannot
+   * name two identities, and checking the cgroup app's would cut the user's
+   * app's own connections. A process of that user gains nothing by it: its
+   * user's app decides after, and without one the app's own chain does.
+   */
+  private delegatedChain(name: string, rules: readonly RuleDecl[], ownChain?: string): Verdict {
+    if (!this.chains.some((c) => c.name === name)) {
+      const marked = ownChain !== undefined && rules.some((r) => r.expr.some(touchesCtMark));
+      const root = marked ? `uc_root_${ownChain}` : ROOT_IDS;
+      this.rootChains.set(root, marked ? verdict.goto(ownChain) : verdict.accept());
+      const copy = rules
+        // An answer's claim is the established accept's job here: a reply-direction packet is established.
+        .filter((r) => !r.expr.some(isCtDirectionMatch))
+        .map((r) => ({ ...r, expr: r.expr.filter((s) => !touchesCtMark(s)).map((s) => ('accept' in s ? verdict.goto(root) : s)) }));
+      this.chains.push({ name, rules: copy });
+    }
+    return verdict.goto(name);
+  }
+
+  /** A delegated copy's root-identity chain: the apps' uid and gid maps, as the base chain looks them up; with neither, `fallback` decides. */
+  private rootIdentityRules(fallback: Verdict): RuleDecl[] {
+    const rules: RuleDecl[] = [];
+    const has = (name: string) => this.sets.some((set) => set.name === name);
+    if (has('app_uid')) rules.push(rule([dispatch.uid('app_uid')], 'delegated cgroups: then apps by uid'));
+    if (has('app_gid')) rules.push(rule([dispatch.gid('app_gid')], 'delegated cgroups: then apps by gid'));
+    rules.push(rule([fallback], "delegated cgroups: no app by uid or gid, so the cgroup's app decides alone"));
+    return rules;
+  }
+
+  /**
    * One verdict-map lookup per cgroup depth in use, then by uid, then by gid.
-   * Deeper cgroups are more specific, so they are looked up first.
+   * Deeper cgroups are more specific, so they are looked up first; a
+   * delegated member's accepts still meet the uid and gid lookups (`ROOT_IDS`).
    */
   private dispatchRules(d: Dispatch, what: string): RuleDecl[] {
     for (const cut of d.cutOffs) {
@@ -1038,4 +1138,13 @@ function assertUniqueNames(ruleset: Ruleset): void {
 
 function comment(at: Origin | undefined, id: string): string {
   return safeComment(at ? `${at.file}:${at.line} ${id}` : id);
+}
+
+/** A statement that writes or reads the connection's mark (ct-mark.ts). */
+function touchesCtMark(s: Statement): boolean {
+  return 'mangle' in s || ('match' in s && JSON.stringify(s.match.left).includes('{"ct":{"key":"mark"}}'));
+}
+
+function isCtDirectionMatch(s: Statement): boolean {
+  return 'match' in s && JSON.stringify(s.match.left) === '{"ct":{"key":"direction"}}';
 }

@@ -14,7 +14,13 @@ export type Who =
   | { readonly kind: 'name'; readonly name: string }
   | { readonly kind: 'user'; readonly user: string | number }
   | { readonly kind: 'group'; readonly group: string | number }
-  | { readonly kind: 'cgroup'; readonly path: string };
+  | {
+      readonly kind: 'cgroup';
+      readonly path: string;
+      /** The socket's user and group, when asked with a cgroup (they matter where the cgroup is delegated). */
+      readonly user?: string | number;
+      readonly group?: string | number;
+    };
 
 export interface ExplainQuery {
   readonly who: Who;
@@ -37,8 +43,8 @@ export interface Explanation {
   readonly notes: readonly string[];
 }
 
-/** The ids of the user and group names the policy and the question mention, with subordinate ranges and group members, as compile takes them. */
-export type ExplainFacts = Pick<Facts, 'users' | 'groups' | 'subordinate' | 'members'>;
+/** The ids of the user and group names the policy and the question mention, with subordinate ranges and group members, and who owns which cgroup, as compile takes them. */
+export type ExplainFacts = Pick<Facts, 'users' | 'groups' | 'subordinate' | 'members' | 'cgroupOwners'>;
 
 /**
  * Walks the fixed precedence — loopback, system domain, lockdown, Tor, app,
@@ -57,8 +63,40 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   if ('error' in belongs) return belongs;
   const decide = (verdict: 'allow' | 'deny', level: Level, ruleId: string, at: Origin | undefined, why?: string): Explanation => {
     // The table drops these before any other rule (compile.ts, routingHeaderRules): the answer is for a packet without one.
-    if (verdict === 'allow' && target.family !== 4) notes.push(ROUTING_HEADER_NOTE);
+    // An allow that a later decision overrules (deny wins over a delegated cgroup) takes its note back.
+    const noted = notes.indexOf(ROUTING_HEADER_NOTE);
+    if (verdict === 'allow' && target.family !== 4) {
+      if (noted < 0) notes.push(ROUTING_HEADER_NOTE);
+    } else if (noted >= 0) notes.splice(noted, 1);
     return { verdict, level, ruleId, at, why, steps, notes };
+  };
+
+  /** An app's chain: its rules, then the global deny list, then its default. */
+  const appDecision = (chosen: Policy['apps'][number]): Explanation => {
+    for (const rule of chosen.rules) {
+      const outcome = ruleMatches(policy, rule, target, query, notes);
+      if (outcome) {
+        steps.push(`app "${chosen.name}": rule ${rule.id} matches (${outcome})`);
+        return decide(rule.verdict, 'app', rule.id, rule.at, rule.why);
+      }
+    }
+    steps.push(`app "${chosen.name}": no rule matches`);
+    const denied = globalDeny();
+    if (denied) return denied;
+    steps.push(`default of app "${chosen.name}": ${chosen.defaultVerdict}`);
+    return decide(chosen.defaultVerdict, 'default', `app/${chosen.name}/default`, chosen.at, chosen.why);
+  };
+
+  const globalDeny = (): Explanation | undefined => {
+    for (const rule of policy.globalDeny) {
+      const outcome = ruleMatches(policy, rule, target, query, notes);
+      if (outcome) {
+        steps.push(`global deny: rule ${rule.id} matches (${outcome})`);
+        return decide('deny', 'global-deny', rule.id, rule.at, rule.why);
+      }
+    }
+    steps.push('global deny: no rule matches');
+    return undefined;
   };
 
   const torUser = policy.tor.enabled && isTorUser(policy, query.who, facts);
@@ -82,7 +120,15 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
       return decide('deny', 'lockdown', 'lockdown', undefined);
     }
     if (query.port === undefined && toSocks) notes.push(`only port ${socks.port}/tcp is reachable`);
-    return toSocks ? decide('allow', 'tor', 'tor/socks', policy.tor.at) : decide('deny', 'tor', 'tor/updaters', policy.tor.at);
+    if (!toSocks) return decide('deny', 'tor', 'tor/updaters', policy.tor.at);
+    // A gateway on another host is network: from a delegated cgroup, the user's or group's own app must let it out too.
+    const delegated = !socksLoopback && delegatedMember(policy, policy.tor.updaters, query.who, facts);
+    const root = delegated ? firstByDispatchOrder(policy, query.who, facts, false) : undefined;
+    if (delegated && root) {
+      steps.push(`${delegated}, so what the updaters let out, app "${root.name}" of its user or group must let out too`);
+      return appDecision(root);
+    }
+    return decide('allow', 'tor', 'tor/socks', policy.tor.at);
   }
 
   if (target.loopback) {
@@ -111,35 +157,20 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   }
   if (policy.tor.enabled) steps.push('tor: not an updater');
 
-  const app = firstByDispatchOrder(policy, query.who, facts);
-  if (app) {
-    for (const rule of app.rules) {
-      const outcome = ruleMatches(policy, rule, target, query, notes);
-      if (outcome) {
-        steps.push(`app "${app.name}": rule ${rule.id} matches (${outcome})`);
-        return decide(rule.verdict, 'app', rule.id, rule.at, rule.why);
-      }
-    }
-    steps.push(`app "${app.name}": no rule matches`);
-  } else {
+  const app = firstByDispatchOrder(policy, query.who, facts, true);
+  if (!app) {
     steps.push('apps: no app policy for this identity');
+    return globalDeny() ?? (steps.push(`default: ${policy.defaults.egress}`), decide(policy.defaults.egress, 'default', 'default', policy.defaults.at));
   }
-
-  for (const rule of policy.globalDeny) {
-    const outcome = ruleMatches(policy, rule, target, query, notes);
-    if (outcome) {
-      steps.push(`global deny: rule ${rule.id} matches (${outcome})`);
-      return decide('deny', 'global-deny', rule.id, rule.at, rule.why);
-    }
-  }
-  steps.push('global deny: no rule matches');
-
-  if (app) {
-    steps.push(`default of app "${app.name}": ${app.defaultVerdict}`);
-    return decide(app.defaultVerdict, 'default', `app/${app.name}/default`, app.at, app.why);
-  }
-  steps.push(`default: ${policy.defaults.egress}`);
-  return decide(policy.defaults.egress, 'default', 'default', policy.defaults.at);
+  const decided = appDecision(app);
+  // Deny wins over a cgroup its user controls: what its app lets out, the user's or group's own app must let out too.
+  const delegated = decided.verdict === 'allow' && delegatedMember(policy, app.identities, query.who, facts);
+  const root = delegated ? firstByDispatchOrder(policy, query.who, facts, false) : undefined;
+  if (delegated && query.who.kind === 'cgroup' && query.who.user === undefined && query.who.group === undefined)
+    notes.push(`${delegated}: its process's user's or group's app must let this out too; give --as user:NAME to see`);
+  if (!delegated || !root) return decided;
+  steps.push(`${delegated}, so what app "${app.name}" lets out, app "${root.name}" of its user or group must let out too`);
+  return appDecision(root);
 }
 
 /** What an allow answer for IPv6 does not cover. */
@@ -251,13 +282,15 @@ function destinationMatches(policy: Policy, rule: Rule, target: Target, notes?: 
  * cgroups first, then uid, then gid; in the uid map, uids identities name
  * before subordinate uids before members of groups; in the gid map, gids
  * before subordinate gids (compile's `claimLater`); among equals, the app
- * written first.
+ * written first. Without `cgroups`, by uid and gid only: the root-set
+ * identities a delegated cgroup's verdict goes on to.
  */
-function firstByDispatchOrder(policy: Policy, who: Who, facts: ExplainFacts): Policy['apps'][number] | undefined {
+function firstByDispatchOrder(policy: Policy, who: Who, facts: ExplainFacts, cgroups: boolean): Policy['apps'][number] | undefined {
   let best: { app: Policy['apps'][number]; rank: number } | undefined;
   for (const app of policy.apps) {
     for (const identity of app.identities) {
       for (const selector of identity.selectors) {
+        if (!cgroups && selector.kind === 'cgroup') continue;
         const r = selectorClaims(policy, selector, who, facts);
         if (r === undefined) continue;
         if (!best || r < best.rank) best = { app, rank: r };
@@ -303,28 +336,27 @@ const RANK = { uid: 2000, subordinateUid: 2100, memberUid: 2200, gid: 3000, subo
  * Whether the selector holds the asker as the kernel sees it, and where in
  * the dispatch: a user holds its uid and its subordinate uids and gids; a
  * group holds its gid and its members' uids (primary or supplementary),
- * whatever group they send with.
+ * whatever group they send with. A cgroup asker may come with its
+ * process's user and group (`--as`).
  */
 function selectorRank(selector: Selector, who: Who, facts: ExplainFacts): number | undefined {
-  if (who.kind === 'user' && selector.kind === 'user') {
-    if (sameId(selector.user, who.user, facts.users)) return RANK.uid;
-    return inRanges(idOf(who.user, facts.users), subordinateOf(selector.user, facts)?.uids) ? RANK.subordinateUid : undefined;
+  const user = whoUser(who);
+  const group = who.kind === 'group' ? who.group : who.kind === 'cgroup' ? who.group : undefined;
+  if (selector.kind === 'user') {
+    if (user !== undefined && sameId(selector.user, user, facts.users)) return RANK.uid;
+    if (inRanges(user === undefined ? undefined : idOf(user, facts.users), subordinateOf(selector.user, facts)?.uids)) return RANK.subordinateUid;
+    if (inRanges(group === undefined ? undefined : idOf(group, facts.groups), subordinateOf(selector.user, facts)?.gids)) return RANK.subordinateGid;
+    return undefined;
   }
-  if (who.kind === 'user' && selector.kind === 'group') {
-    const uid = idOf(who.user, facts.users);
+  if (selector.kind === 'group') {
+    const uid = user === undefined ? undefined : idOf(user, facts.users);
     const gid = idOf(selector.group, facts.groups);
     const members = gid === undefined ? undefined : facts.members?.get(gid);
-    return uid !== undefined && Array.isArray(members) && members.includes(uid) ? RANK.memberUid : undefined;
+    if (uid !== undefined && Array.isArray(members) && members.includes(uid)) return RANK.memberUid;
+    if (group !== undefined && sameId(selector.group, group, facts.groups)) return RANK.gid;
+    return undefined;
   }
-  if (who.kind === 'group' && selector.kind === 'group') return sameId(selector.group, who.group, facts.groups) ? RANK.gid : undefined;
-  if (who.kind === 'group' && selector.kind === 'user')
-    return inRanges(idOf(who.group, facts.groups), subordinateOf(selector.user, facts)?.gids) ? RANK.subordinateGid : undefined;
-  if (who.kind === 'cgroup' && selector.kind === 'cgroup') {
-    // `socket cgroupv2 level N` looks at the ancestor N levels down, so a process deeper in the tree matches too.
-    const segments = who.path.replace(/^\/+|\/+$/g, '').split('/');
-    if (segments.length < selector.level) return undefined;
-    return cgroupGlobMatcher(selector.glob)(segments.slice(0, selector.level).join('/')) ? 1000 - selector.level : undefined;
-  }
+  if (who.kind === 'cgroup') return cgroupAt(who.path, selector) !== undefined ? 1000 - selector.level : undefined;
   return undefined;
 }
 
@@ -343,6 +375,37 @@ function inRanges(id: number | undefined, ranges: readonly IdRange[] | undefined
   return id !== undefined && (ranges ?? []).some((range) => id >= range.from && id <= range.to);
 }
 
+/** The ancestor `socket cgroupv2 level N` looks at when it matches the selector's glob: a process deeper in the tree matches too. */
+function cgroupAt(path: string, selector: Extract<Selector, { kind: 'cgroup' }>): string | undefined {
+  const segments = path.replace(/^\/+|\/+$/g, '').split('/');
+  if (segments.length < selector.level) return undefined;
+  const ancestor = segments.slice(0, selector.level).join('/');
+  return cgroupGlobMatcher(selector.glob)(ancestor) ? ancestor : undefined;
+}
+
+/**
+ * Says why the asker's cgroup is one a non-root user controls, when the
+ * deepest cgroup of `identities` it matches is (the map element the kernel
+ * finds); undefined otherwise. Only then is it held to the root-set
+ * identities as well, and only where the policy has some (as compile).
+ */
+function delegatedMember(policy: Policy, identities: readonly Identity[], who: Who, facts: ExplainFacts): string | undefined {
+  if (who.kind !== 'cgroup') return undefined;
+  if (!policy.apps.some((app) => app.identities.some((i) => i.selectors.some((s) => s.kind === 'user' || s.kind === 'group')))) return undefined;
+  let deepest: { level: number; path: string } | undefined;
+  for (const selector of identities.flatMap((i) => i.selectors)) {
+    if (selector.kind !== 'cgroup' || (deepest && deepest.level >= selector.level)) continue;
+    const path = cgroupAt(who.path, selector);
+    if (path !== undefined) deepest = { level: selector.level, path };
+  }
+  const owner = deepest && facts.cgroupOwners?.get(deepest.path);
+  return owner === undefined ? undefined : `cgroup ${deepest!.path} is owned by uid ${owner} (delegated)`;
+}
+
+function whoUser(who: Who): string | number | undefined {
+  return who.kind === 'user' ? who.user : who.kind === 'cgroup' ? who.user : undefined;
+}
+
 function sameId(a: string | number, b: string | number, ids: ExplainFacts['users']): boolean {
   const numeric = (value: string | number): number | string => {
     const id = typeof value === 'number' ? value : ids.get(value);
@@ -352,7 +415,8 @@ function sameId(a: string | number, b: string | number, ids: ExplainFacts['users
 }
 
 function isTorUser(policy: Policy, who: Who, facts: ExplainFacts): boolean {
-  return who.kind === 'user' && sameId(policy.tor.user, who.user, facts.users);
+  const user = whoUser(who);
+  return user !== undefined && sameId(policy.tor.user, user, facts.users);
 }
 
 /** `unit:cups.service` → the cgroup it runs in (system.slice unless a slice is given). */

@@ -1,4 +1,4 @@
-import { existsSync, readdirSync, readFileSync, type Dirent } from 'node:fs';
+import { existsSync, lstatSync, readdirSync, readFileSync, type Dirent } from 'node:fs';
 import { join } from 'node:path';
 import { nftCanName, type Facts, type FactsNeeded, type IdLookup, type IdRange, type SubordinateIds, type UnnamedCgroup } from '../compile/compile.js';
 import type { PolicyIssue } from '../policy/issues.js';
@@ -8,10 +8,12 @@ import { linesOf, parseSubordinate, type SubordinateLine } from './subordinate.j
 /** The cgroup2 root nft resolves `socket cgroupv2` paths against. */
 export const CGROUP2_ROOT = '/sys/fs/cgroup';
 
-/** What the walk found: paths nft can name, and those it cannot (`Facts`). */
+/** What the walk found: paths nft can name, and those it cannot, and who owns the named ones (`Facts`). */
 export interface CgroupsFound {
   readonly named: string[];
   readonly unnamed: UnnamedCgroup[];
+  /** The named paths whose directory a non-root uid owns, with that uid: delegated to it (`Facts.cgroupOwners`). */
+  readonly owners: Map<string, number>;
 }
 
 /**
@@ -26,13 +28,20 @@ export interface CgroupsFound {
  * returned apart with its nearest ancestor that nft can name, for the
  * compiler to leave out or cut off (see `Compiler.claim`).
  *
+ * Each named cgroup's owner is read too (one lstat each): systemd hands a
+ * subtree to a user (`user@UID.service`, a unit with `Delegate=yes` and
+ * `User=`) by chowning its directories, and the user chowns nothing back:
+ * what a user makes there is its own. Owner, not path shape: a path says
+ * nothing of who made it. A cgroup that vanished before its lstat is left
+ * out (nft could not resolve it either).
+ *
  * What bounds the walk: its depth is the deepest level a selector of the
  * policy names (a glob matches at one depth only), so cgroups a user nests
  * deeper are never read; its breadth is what the kernel lets users create
  * (`cgroup.max.descendants`), each directory read once, its entries stat-free.
  */
 export function listCgroups(root: string, maxDepth: number): CgroupsFound {
-  const found: CgroupsFound = { named: [], unnamed: [] };
+  const found: CgroupsFound = { named: [], unnamed: [], owners: new Map() };
   if (maxDepth < 1 || !existsSync(join(root, 'cgroup.controllers'))) return found;
   const rootBytes = Buffer.from(root);
   // `named` is the nearest ancestor nft can name ('' for none); `lost`, when set, is the first segment it cannot.
@@ -48,8 +57,12 @@ export function listCgroups(root: string, maxDepth: number): CgroupsFound {
       const path = relative.length === 0 ? entry.name : Buffer.concat([relative, SLASH, entry.name]);
       const text = utf8(path);
       const nameable = !lost && text !== undefined && nftCanName(text);
-      if (nameable) found.named.push(text);
-      else found.unnamed.push({ path: path.toString('utf8'), shown: showBytes(path), namedAncestor: named });
+      if (nameable) {
+        const owner = ownerOf(Buffer.concat([rootBytes, SLASH, path]));
+        if (owner === undefined) continue;
+        found.named.push(text);
+        if (owner !== 0) found.owners.set(text, owner);
+      } else found.unnamed.push({ path: path.toString('utf8'), shown: showBytes(path), namedAncestor: named });
       if (depth < maxDepth) walk(path, depth + 1, nameable ? text : named, !nameable);
     }
   };
@@ -60,6 +73,14 @@ export function listCgroups(root: string, maxDepth: number): CgroupsFound {
 }
 
 const SLASH = Buffer.from('/');
+
+function ownerOf(path: Buffer): number | undefined {
+  try {
+    return lstatSync(path).uid;
+  } catch {
+    return undefined;
+  }
+}
 
 /** The bytes as a string when they are UTF-8, else undefined. */
 function utf8(bytes: Buffer): string | undefined {
@@ -149,7 +170,7 @@ export function gatherFacts(needed: FactsNeeded, sources: FactSources = {}): Fac
   const warnings: PolicyIssue[] = [];
   const uids = idsOf(users, needed.userIds);
   const gids = idsOf(groups, needed.groupIds);
-  const facts: Facts = { users, groups, cgroups: cgroups.named, unnamedCgroups: cgroups.unnamed };
+  const facts: Facts = { users, groups, cgroups: cgroups.named, unnamedCgroups: cgroups.unnamed, cgroupOwners: cgroups.owners };
   if (uids.length === 0 && gids.length === 0) return facts;
   return {
     ...facts,

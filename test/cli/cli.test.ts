@@ -86,6 +86,11 @@ describe('egressctl', () => {
     [['explain', SHIPPED, '--app', 'uid:1', '--to', 'x.org:99999'], /port "99999" is not 1–65535/],
     [['explain', SHIPPED, '--app', 'uid:1', '--to', 'x.org/sctp'], /unknown protocol "sctp"/],
     [['explain', SHIPPED, '--app', 'uid:1', '--to', '192.0.2.1:1/icmp'], /icmp has no ports/],
+    [['explain', SHIPPED, '--app', 'uid:1', '--as', 'gid:2', '--to', 'x.org'], /--as: only with --app unit:NAME or cgroup:PATH/],
+    [
+      ['explain', SHIPPED, '--app', 'cgroup:a/b', '--as', 'uid:1', '--as', 'user:x', '--to', 'x.org'],
+      /--as: user:x: give one user:, uid:, group: or gid: of each/,
+    ],
     [['compile', '--frobnicate'], /Unknown option '--frobnicate'/],
     [['check', 'a', 'b'], /unexpected argument "b"/],
     [['frobnicate'], /unknown command "frobnicate"/],

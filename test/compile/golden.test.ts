@@ -20,12 +20,19 @@ interface CaseFacts {
   users: Record<string, number>;
   groups: Record<string, number>;
   cgroups: string[];
+  /** Cgroups a non-root uid owns (delegated), with the uid. */
+  cgroupOwners?: Record<string, number>;
   lockdown?: boolean;
 }
 
 function build(name: string) {
   const facts = JSON.parse(readFileSync(join(GOLDEN, name, 'facts.json'), 'utf8')) as CaseFacts;
-  const machine: Facts = { users: new Map(Object.entries(facts.users)), groups: new Map(Object.entries(facts.groups)), cgroups: facts.cgroups };
+  const machine: Facts = {
+    users: new Map(Object.entries(facts.users)),
+    groups: new Map(Object.entries(facts.groups)),
+    cgroups: facts.cgroups,
+    cgroupOwners: new Map(Object.entries(facts.cgroupOwners ?? {})),
+  };
   const { policy } = loadPolicyOrThrow(join(GOLDEN, name, 'policy'));
   const compiled = compile(policy, machine, { lockdown: facts.lockdown === true });
   return {

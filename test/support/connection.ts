@@ -35,9 +35,32 @@ export const arbConnection: fc.Arbitrary<Connection> = fc
         { kind: 'group', group: 100007 },
         { kind: 'group', group: 200000 },
       ),
+      // A cgroup with the socket's user and group, or neither: a delegated cgroup's verdict depends on them.
       fc
-        .constantFrom(...GEN_CGROUPS, 'system.slice/a.service/worker', 'user.slice/user-1000.slice/session-2.scope/x')
-        .map((path): Who => ({ kind: 'cgroup', path })),
+        .record({
+          path: fc.constantFrom(
+            ...GEN_CGROUPS,
+            'system.slice/a.service/worker',
+            'system.slice/d.service/sub',
+            'user.slice/user-1000.slice/session-2.scope/x',
+            'user.slice/user-1000.slice/user@1000.service/app.slice/app-firefox-1.scope/sub',
+          ),
+          user: fc.constantFrom(undefined, 'alice', 1000, 4242, 'vault', 'debian-tor'),
+          group: fc.constantFrom(undefined, 'wheel', 77),
+        })
+        .map(({ path, user, group }): Who => ({ kind: 'cgroup', path, ...(user !== undefined ? { user } : {}), ...(group !== undefined ? { group } : {}) })),
+      // The user's own processes in the cgroups delegated to it: where a cgroup's app and the user's meet.
+      fc
+        .record({
+          path: fc.constantFrom(
+            'user.slice/user-1000.slice/user@1000.service/app.slice/app-firefox-1.scope',
+            'user.slice/user-1000.slice/user@1000.service/app.slice/app-flatpak-org.example.Web-2.scope',
+            'user.slice/user-1000.slice/user@1000.service/app.slice',
+          ),
+          user: fc.constantFrom<string | number>('alice', 1000),
+          group: fc.constantFrom(undefined, 'wheel'),
+        })
+        .map(({ path, user, group }): Who => ({ kind: 'cgroup', path, user, ...(group !== undefined ? { group } : {}) })),
     ),
     address: fc.constantFrom(
       '192.0.2.5',
@@ -101,8 +124,8 @@ export function packetFor(c: Connection): Packet {
     daddr,
     l4proto: icmp ? (family === 4 ? 'icmp' : 'ipv6-icmp') : c.proto,
     ...(c.port !== undefined ? { dport: c.port } : {}),
-    skuid: id('user', c.who.kind === 'user' ? c.who.user : undefined),
-    skgid: id('group', c.who.kind === 'group' ? c.who.group : undefined),
+    skuid: id('user', c.who.kind === 'user' || c.who.kind === 'cgroup' ? c.who.user : undefined),
+    skgid: id('group', c.who.kind === 'group' || c.who.kind === 'cgroup' ? c.who.group : undefined),
     cgroup: c.who.kind === 'cgroup' ? c.who.path : '',
     ct: 'new',
     ...(icmp && family === 6 ? { icmpv6Type: 'echo-request', hoplimit: 64 } : {}),

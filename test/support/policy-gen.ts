@@ -10,6 +10,19 @@ import { FACTS } from './compile-text.js';
  * and Tor. One generator, so every property test explores the same space.
  */
 
+/**
+ * Cgroups delegated to a user (owned by it, as systemd chowns them): its
+ * user manager's subtree, with scopes matching a browser's glob and a
+ * Flatpak's, and a system unit with `Delegate=yes` and `User=`.
+ */
+const DELEGATED: ReadonlyMap<string, number> = new Map([
+  ['system.slice/d.service', 4242],
+  ['user.slice/user-1000.slice/user@1000.service', 1000],
+  ['user.slice/user-1000.slice/user@1000.service/app.slice', 1000],
+  ['user.slice/user-1000.slice/user@1000.service/app.slice/app-firefox-1.scope', 1000],
+  ['user.slice/user-1000.slice/user@1000.service/app.slice/app-flatpak-org.example.Web-2.scope', 1000],
+]);
+
 /** Cgroups that exist on the generated host; the compiler fills its cgroup maps from them. */
 export const GEN_CGROUPS: readonly string[] = [
   'system.slice',
@@ -19,7 +32,8 @@ export const GEN_CGROUPS: readonly string[] = [
   'user.slice',
   'user.slice/user-1000.slice',
   'user.slice/user-1000.slice/session-2.scope',
-];
+  ...DELEGATED.keys(),
+].sort();
 
 /**
  * Subordinate ranges and group members on the generated host: alice's
@@ -31,6 +45,7 @@ export const GEN_FACTS: Facts = {
   ...FACTS,
   groups: new Map([...FACTS.groups, ['staff', 50]]),
   cgroups: GEN_CGROUPS,
+  cgroupOwners: DELEGATED,
   subordinate: new Map([
     [1000, { uids: [{ from: 100000, to: 165535 }], gids: [{ from: 100000, to: 165535 }] }],
     [4242, { uids: [{ from: 165000, to: 170000 }], gids: [] }],
@@ -62,6 +77,10 @@ const selector = fc.constantFrom<Record<string, string | number>>(
   { slice: 'system.slice' },
   { slice: 'user-1000.slice', unit: 'session-2.scope' },
   { cgroup: 'user.slice/*' },
+  { cgroup: 'user.slice/user-*.slice/user@*.service/app.slice/app-firefox-*.scope' },
+  { flatpak: 'org.example.Web' },
+  { cgroup: 'user.slice/*/user@*.service' },
+  { unit: 'd.service' },
 );
 const selectors = fc.array(selector, { minLength: 1, maxLength: 2 });
 
@@ -96,23 +115,61 @@ const appRule = fc
 
 const app = fc.record({ identity: selectors, default: fc.constantFrom(undefined, 'allow', 'deny'), rules: fc.array(appRule, { maxLength: 4 }) });
 
+const tor = fc.record({
+  socks: fc.constantFrom(undefined, '127.0.0.1:9050', '[::1]:9050', '192.0.2.50:9050', '[2001:db8::50]:9150'),
+  updaters: selectors,
+  user: fc.constantFrom(undefined, 'debian-tor', 4242),
+});
+
 export const arbPolicy: fc.Arbitrary<GeneratedPolicy> = fc
   .record({
     egress: fc.constantFrom('allow', 'deny'),
     apps: fc.array(app, { maxLength: 3 }),
     deny: fc.array(matchFields, { maxLength: 3 }),
     domains: fc.array(selectors, { maxLength: 2 }),
-    tor: fc.option(
-      fc.record({
-        socks: fc.constantFrom(undefined, '127.0.0.1:9050', '[::1]:9050', '192.0.2.50:9050', '[2001:db8::50]:9150'),
-        updaters: selectors,
-        user: fc.constantFrom(undefined, 'debian-tor', 4242),
-      }),
-      { nil: undefined },
-    ),
+    tor: fc.option(tor, { nil: undefined }),
     lockdown: fc.boolean(),
   })
-  .map((p) => {
+  .map(policyDocument);
+
+/** A user's own app, and apps of cgroups delegated to it (a browser's glob, a Flatpak). */
+const userSide = fc.constantFrom<Record<string, string | number>[]>(
+  [{ user: 'alice' }],
+  [{ user: 1000 }, { group: 'wheel' }],
+  [{ group: 10 }],
+  [{ cgroup: 'user.slice/user-*.slice/user@*.service/app.slice/app-firefox-*.scope' }],
+  [{ flatpak: 'org.example.Web' }],
+  [{ cgroup: 'user.slice/*/user@*.service' }],
+);
+
+/**
+ * Policies where the apps of a user's delegated cgroups and the user's own
+ * app meet, which the random ones above reach only now and then: no system
+ * domains and no lockdown, which would decide first.
+ */
+export const arbDelegatedPolicy: fc.Arbitrary<GeneratedPolicy> = fc
+  .record({
+    egress: fc.constantFrom('allow', 'deny'),
+    apps: fc.array(fc.record({ identity: userSide, default: fc.constantFrom(undefined, 'allow', 'deny'), rules: fc.array(appRule, { maxLength: 3 }) }), {
+      minLength: 2,
+      maxLength: 4,
+    }),
+    deny: fc.array(matchFields, { maxLength: 2 }),
+    domains: fc.constant([]),
+    tor: fc.option(tor, { nil: undefined }),
+    lockdown: fc.constant(false),
+  })
+  .map(policyDocument);
+
+function policyDocument(p: {
+  egress: string;
+  apps: readonly { identity: unknown; default: string | undefined; rules: unknown }[];
+  deny: readonly { to: unknown; ports: unknown; proto: unknown; log: unknown }[];
+  domains: readonly unknown[];
+  tor: { socks: string | undefined; updaters: unknown; user: string | number | undefined } | undefined;
+  lockdown: boolean;
+}): GeneratedPolicy {
+  {
     const doc: Record<string, unknown> = { defaults: { egress: p.egress } };
     if (p.apps.length > 0)
       doc['apps'] = Object.fromEntries(p.apps.map((a, i) => [`app${i}`, defined({ identity: a.identity, default: a.default, rules: a.rules })]));
@@ -120,7 +177,8 @@ export const arbPolicy: fc.Arbitrary<GeneratedPolicy> = fc
     if (p.domains.length > 0) doc['systemDomains'] = Object.fromEntries(p.domains.map((members, i) => [`sd${i}`, { members }]));
     if (p.tor) doc['tor'] = defined({ enabled: true, socks: p.tor.socks, user: p.tor.user, updaters: p.tor.updaters });
     return { yaml: stringify(doc), lockdown: p.lockdown };
-  });
+  }
+}
 
 function defined(record: Record<string, unknown>): Record<string, unknown> {
   return Object.fromEntries(Object.entries(record).filter(([, value]) => value !== undefined));

@@ -58,6 +58,8 @@ export interface Outcome {
   readonly path: readonly string[];
   /** The conntrack entry's mark after the packet (`ct mark set` writes it). */
   readonly ctMark: number;
+  /** The rules that jumped or went to path[1], path[2], …, each with its chain. */
+  readonly via: readonly { readonly chain: string; readonly rule: RuleDecl }[];
 }
 
 export function evaluate(ruleset: Ruleset, packet: Packet): Outcome {
@@ -66,6 +68,7 @@ export function evaluate(ruleset: Ruleset, packet: Packet): Outcome {
   const base = ruleset.chains.find((c) => c.hook);
   if (!base?.hook) throw new Error('interpreter: no base chain');
   const path: string[] = [base.name];
+  const via: { chain: string; rule: RuleDecl }[] = [];
   // Return addresses: the chain and the index of the rule after the jump.
   const stack: { chain: ChainDecl; next: number }[] = [];
   let chain: ChainDecl = base;
@@ -74,7 +77,7 @@ export function evaluate(ruleset: Ruleset, packet: Packet): Outcome {
   for (let steps = 0; steps < 10_000; steps++) {
     if (index >= chain.rules.length) {
       const back = stack.pop();
-      if (!back) return { verdict: base.hook.policy === 'accept' ? 'accept' : 'drop', rule: undefined, chain: base.name, path, ctMark: entry.mark };
+      if (!back) return { verdict: base.hook.policy === 'accept' ? 'accept' : 'drop', rule: undefined, chain: base.name, path, ctMark: entry.mark, via };
       ({ chain, next: index } = back);
       continue;
     }
@@ -82,11 +85,11 @@ export function evaluate(ruleset: Ruleset, packet: Packet): Outcome {
     const verdict = runRule(rule, packet, sets, entry);
     index++;
     if (verdict === undefined) continue;
-    if ('accept' in verdict) return { verdict: 'accept', rule, chain: chain.name, path, ctMark: entry.mark };
-    if ('drop' in verdict) return { verdict: 'drop', rule, chain: chain.name, path, ctMark: entry.mark };
+    if ('accept' in verdict) return { verdict: 'accept', rule, chain: chain.name, path, ctMark: entry.mark, via };
+    if ('drop' in verdict) return { verdict: 'drop', rule, chain: chain.name, path, ctMark: entry.mark, via };
     if ('return' in verdict) {
       const back = stack.pop();
-      if (!back) return { verdict: base.hook.policy === 'accept' ? 'accept' : 'drop', rule: undefined, chain: base.name, path, ctMark: entry.mark };
+      if (!back) return { verdict: base.hook.policy === 'accept' ? 'accept' : 'drop', rule: undefined, chain: base.name, path, ctMark: entry.mark, via };
       ({ chain, next: index } = back);
       continue;
     }
@@ -95,6 +98,7 @@ export function evaluate(ruleset: Ruleset, packet: Packet): Outcome {
     if (!next) throw new Error(`interpreter: no chain ${target}`);
     if ('jump' in verdict) stack.push({ chain, next: index });
     path.push(target);
+    via.push({ chain: chain.name, rule });
     chain = next;
     index = 0;
   }

@@ -1,4 +1,4 @@
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { chownSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -18,6 +18,21 @@ describe('listCgroups', () => {
       { path: 'u/app\ufffd\n"é', shown: '"u/app\\xff\\x0a\\"é"', namedAncestor: 'u' },
       { path: 'u/app\ufffd\n"é/child', shown: '"u/app\\xff\\x0a\\"é/child"', namedAncestor: 'u' },
     ]);
-    expect(listCgroups(root, 1)).toEqual({ named: ['u'], unnamed: [] });
+    expect(listCgroups(root, 1)).toEqual({ named: ['u'], unnamed: [], owners: new Map() });
+  });
+
+  it("records who owns each named cgroup, when not root: systemd delegates a subtree by chowning it, and what the user makes there is the user's", () => {
+    const delegated = join(root, 'user.slice/user-2001.slice/user@2001.service');
+    mkdirSync(join(delegated, 'app.slice/app-firefox-1.scope'), { recursive: true });
+    for (const path of [delegated, join(delegated, 'app.slice'), join(delegated, 'app.slice/app-firefox-1.scope')]) chownSync(path, 2001, 2001);
+    const found = listCgroups(root, 5);
+    expect(found.named).toContain('user.slice/user-2001.slice');
+    expect(found.owners).toEqual(
+      new Map([
+        ['user.slice/user-2001.slice/user@2001.service', 2001],
+        ['user.slice/user-2001.slice/user@2001.service/app.slice', 2001],
+        ['user.slice/user-2001.slice/user@2001.service/app.slice/app-firefox-1.scope', 2001],
+      ]),
+    );
   });
 });

@@ -18,7 +18,7 @@ export interface ExplainOptions {
 export const explain: Command<ExplainOptions> = {
   name: 'explain',
   summary: 'say which rule decides a connection, and why',
-  help: `Usage: egressctl explain [DIR] --app WHO --to HOST[:PORT][/PROTO] [--json] [--lockdown]
+  help: `Usage: egressctl explain [DIR] --app WHO [--as ID]… --to HOST[:PORT][/PROTO] [--json] [--lockdown]
 
 Walks the policy in DIR (default ${DEFAULT_POLICY_DIR}) in its fixed order of
 precedence — loopback, system domain, Tor confinement, app rules, global
@@ -29,6 +29,11 @@ the FILE:LINE that decides it.
   --app WHO    an app or identity name from the policy, or one of
                user:NAME  uid:N  group:NAME  gid:N
                unit:NAME.service (in system.slice)  cgroup:PATH
+  --as ID      with a unit or cgroup: the socket's user or group as well
+               (user:NAME, uid:N, group:NAME, gid:N; up to one of each).
+               A cgroup its user owns (delegated by systemd: user@UID.service
+               and below) may take away from what the user's and group's
+               apps allow, never add: both must let the connection out
   --to DEST    example.org, example.org:443/tcp, 192.0.2.7:53/udp,
                [2001:db8::1]:443, 203.0.113.9/icmp
   --json       print the explanation as JSON on stdout
@@ -54,7 +59,7 @@ not be looked up (the name service failed).`,
     const { values, positionals } = parseFlags(
       'explain',
       argv,
-      { app: { type: 'string' }, to: { type: 'string' }, json: { type: 'boolean' }, lockdown: { type: 'boolean' } },
+      { app: { type: 'string' }, as: { type: 'string', multiple: true }, to: { type: 'string' }, json: { type: 'boolean' }, lockdown: { type: 'boolean' } },
       1,
     );
     if (!values.app) throw new EgressError(ErrorCode.Usage, 'egressctl explain: --app WHO is required', { details: ['see: egressctl explain --help'] });
@@ -62,7 +67,7 @@ not be looked up (the name service failed).`,
       throw new EgressError(ErrorCode.Usage, 'egressctl explain: --to HOST[:PORT][/PROTO] is required', { details: ['see: egressctl explain --help'] });
     return {
       dir: positionals[0] ?? DEFAULT_POLICY_DIR,
-      who: parseWho(values.app),
+      who: withIds(parseWho(values.app), values.as ?? []),
       ...parseDestinationFlag(values.to),
       json: values.json === true,
       lockdown: values.lockdown === true,
@@ -75,9 +80,12 @@ not be looked up (the name service failed).`,
     // The names the policy mentions and the one asked about; numeric ids need no lookup.
     const needed = factsNeeded(loaded.policy);
     const { who } = options;
-    const users = who.kind === 'user' && typeof who.user === 'string' ? [...needed.users, who.user] : needed.users;
-    const groups = who.kind === 'group' && typeof who.group === 'string' ? [...needed.groups, who.group] : needed.groups;
-    const facts = deps.facts({ ...needed, users, groups, cgroupDepth: 0 });
+    const user = who.kind === 'user' || who.kind === 'cgroup' ? who.user : undefined;
+    const group = who.kind === 'group' || who.kind === 'cgroup' ? who.group : undefined;
+    const users = typeof user === 'string' ? [...needed.users, user] : needed.users;
+    const groups = typeof group === 'string' ? [...needed.groups, group] : needed.groups;
+    // A cgroup's owner as compile sees it: whether it was delegated decides whether its user's app has a say too.
+    const facts = deps.facts({ ...needed, users, groups, cgroupDepth: who.kind === 'cgroup' ? needed.cgroupDepth : 0 });
     for (const [kind, ids] of [
       ['user', facts.users],
       ['group', facts.groups],
@@ -147,6 +155,21 @@ export function parseWho(text: string): Who {
     default:
       throw usage(`unknown kind "${kind}"; use user:, uid:, group:, gid:, unit: or cgroup:`);
   }
+}
+
+/** A unit or cgroup asked with the socket's user and group (`--as`). */
+function withIds(who: Who, ids: readonly string[]): Who {
+  if (ids.length === 0) return who;
+  const usage = (message: string) => new EgressError(ErrorCode.Usage, `egressctl explain: --as: ${message}`, { details: ['see: egressctl explain --help'] });
+  if (who.kind !== 'cgroup') throw usage('only with --app unit:NAME or cgroup:PATH');
+  let asked: Who = who;
+  for (const text of ids) {
+    const id = parseWho(text);
+    if (id.kind === 'user' && asked.user === undefined) asked = { ...asked, user: id.user };
+    else if (id.kind === 'group' && asked.group === undefined) asked = { ...asked, group: id.group };
+    else throw usage(`${text}: give one user:, uid:, group: or gid: of each`);
+  }
+  return asked;
 }
 
 export function parseDestinationFlag(text: string): { host: string; port: number | undefined; proto: Protocol | undefined } {
