@@ -28,7 +28,7 @@
  * group's app denies): that errs towards cutting.
  */
 import type { Facts } from '../compile/compile.js';
-import { explain, type Explanation, type Who } from '../compile/explain.js';
+import { explain, type ExplainFacts, type Explanation, type Who } from '../compile/explain.js';
 import { EgressError, ErrorCode } from '../errors.js';
 import type { Policy } from '../policy/model.js';
 import { stateMask, stateName, TcpState, type TcpSocket } from '../system/sock-diag.js';
@@ -106,7 +106,7 @@ export function describeSocket(socket: TcpSocket): string {
 /** The sockets to cut, each with the explanation that denies it. Reads the system (groups, addresses) only as needed. */
 export function socketsToCut(
   policy: Policy,
-  facts: Pick<Facts, 'users' | 'groups'>,
+  facts: ExplainFacts,
   lockdown: boolean,
   sockets: readonly TcpSocket[],
   access: Pick<SocketAccess, 'socketGroups' | 'groupsOfUser' | 'localAddresses'>,
@@ -158,7 +158,7 @@ export function socketsToCut(
  * reported in `failed`, and the sweep goes on with the rest; one that
  * cannot even be listed fails the sweep (EGD_SOCKETS_NOT_CUT).
  */
-export function sweepSockets(policy: Policy, facts: Pick<Facts, 'users' | 'groups'>, lockdown: boolean, open: () => SocketAccess): SweepOutcome {
+export function sweepSockets(policy: Policy, facts: ExplainFacts, lockdown: boolean, open: () => SocketAccess): SweepOutcome {
   let access: SocketAccess;
   let sockets: TcpSocket[];
   try {
