@@ -58,7 +58,7 @@ export type Expr =
   | { readonly meta: { readonly key: 'oif' | 'l4proto' | 'skuid' | 'skgid' | 'nfproto' } }
   | { readonly payload: { readonly protocol: 'ip' | 'ip6' | 'th' | 'tcp'; readonly field: 'daddr' | 'dport' } }
   | { readonly payload: { readonly protocol: 'icmpv6'; readonly field: 'type' } }
-  | { readonly payload: { readonly protocol: 'ip6'; readonly field: 'hoplimit' } }
+  | { readonly payload: { readonly protocol: 'ip6'; readonly field: 'hoplimit' | 'nexthdr' } }
   | { readonly socket: { readonly key: 'cgroupv2'; readonly level: number } }
   /** An IPv6 extension header's field: nft finds the header wherever it is in the chain of headers; a packet without one breaks the rule. */
   | { readonly exthdr: { readonly name: 'rt'; readonly field: 'type' } }
@@ -162,6 +162,8 @@ export const match = {
   ctMark: (mask: string, value: string): Statement => eq({ '&': [{ ct: { key: 'mark' } }, mask] }, value),
   /** The socket has an owner: `meta skuid` loads for any uid; for a packet without one (the kernel's, an orphaned socket's) the rule does not match. */
   hasOwner: (): Statement => eq({ meta: { key: 'skuid' } }, { range: [0, 0xffffffff] }),
+  /** The header right after the IPv6 header: a payload load, where finding an extension header anywhere in the chain walks it. */
+  ip6Nexthdr: (header: number): Statement => eq({ payload: { protocol: 'ip6', field: 'nexthdr' } }, header),
   /** An IPv6 routing header of any type but `type`; a packet without a routing header does not match. */
   routingHeaderOtherThan: (type: number): Statement => ({ match: { op: '!=', left: { exthdr: { name: 'rt', field: 'type' } }, right: type } }),
 };

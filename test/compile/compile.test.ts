@@ -48,7 +48,7 @@ tor: {enabled: true, updaters: [apt]}
       return index;
     };
     const order = [
-      position(`rt type != 2 goto routing_header comment "${sid(compiled, 'routing-header')} routing-header: IPv6 routing headers"`),
+      position(`ip6 nexthdr 43 rt type != 2 goto routing_header comment "${sid(compiled, 'routing-header')} routing-header: IPv6 routing headers"`),
       position('vmap @tor_uid'),
       position('meta oif "lo" accept comment "loopback; policy sha256:'),
       position('vmap @sd_uid'),
@@ -87,7 +87,7 @@ tor: {enabled: true, socks: "${socks}", updaters: [apt]}
       const compiled = compileYaml(yaml, { lockdown });
       const id = sid(compiled, 'routing-header');
       const output = chain(compiled, 'output').rules;
-      expect(ruleText(output[0]!), yaml).toBe(`rt type != 2 goto routing_header comment "${id} routing-header: IPv6 routing headers"`);
+      expect(ruleText(output[0]!), yaml).toBe(`ip6 nexthdr 43 rt type != 2 goto routing_header comment "${id} routing-header: IPv6 routing headers"`);
       // Nothing else looks at routing headers, and no other rule sends packets to its chain.
       expect(renderText(compiled.ruleset).match(/\brt type\b/g)).toHaveLength(1);
       expect(renderText(compiled.ruleset).match(/\brouting_header\b/g)).toHaveLength(2);
@@ -99,7 +99,11 @@ tor: {enabled: true, socks: "${socks}", updaters: [apt]}
       expect(renderJson(compiled.ruleset).nftables).toContainEqual({
         rule: expect.objectContaining({
           chain: 'output',
-          expr: [{ match: { op: '!=', left: { exthdr: { name: 'rt', field: 'type' } }, right: 2 } }, { goto: { target: 'routing_header' } }],
+          expr: [
+            { match: { op: '==', left: { payload: { protocol: 'ip6', field: 'nexthdr' } }, right: 43 } },
+            { match: { op: '!=', left: { exthdr: { name: 'rt', field: 'type' } }, right: 2 } },
+            { goto: { target: 'routing_header' } },
+          ],
         }),
       });
     }

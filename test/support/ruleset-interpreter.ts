@@ -62,6 +62,9 @@ export interface Outcome {
   readonly via: readonly { readonly chain: string; readonly rule: RuleDecl }[];
 }
 
+/** IANA protocol numbers, as `ip6 nexthdr` reads them. */
+const NEXT_HEADER: Readonly<Record<string, number>> = { tcp: 6, udp: 17, 'ipv6-icmp': 58, udplite: 136, sctp: 132, igmp: 2, icmp: 1 };
+
 export function evaluate(ruleset: Ruleset, packet: Packet): Outcome {
   const chains = new Map(ruleset.chains.map((c) => [c.name, c]));
   const sets = new Map(ruleset.sets.map((s) => [s.name, s]));
@@ -163,6 +166,8 @@ function load(expr: Expr, packet: Packet): Value | undefined {
     if (protocol === 'ip' || protocol === 'ip6') {
       if (packet.family !== (protocol === 'ip' ? 4 : 6)) return undefined;
       if (field === 'hoplimit') return packet.hoplimit === undefined ? undefined : { kind: 'number', value: packet.hoplimit };
+      // The packets here carry no extension header but a routing header, which comes first.
+      if (field === 'nexthdr') return { kind: 'number', value: packet.routingHeader !== undefined ? 43 : (NEXT_HEADER[packet.l4proto] ?? 255) };
       return { kind: 'address', family: packet.family, value: addressBits(packet.family, packet.daddr) };
     }
     if (protocol === 'icmpv6') return packet.l4proto === 'ipv6-icmp' && packet.icmpv6Type ? { kind: 'text', text: packet.icmpv6Type } : undefined;
