@@ -538,7 +538,8 @@ class Compiler {
    * testing `ct state new` costs as much as the write (three expressions
    * each; the kernel stores a mark only when it changes), and it lets a
    * connection opened before a marking table become its identity's while a
-   * rule still allows it.
+   * rule still allows it. A default allow marks new connections only
+   * (`defaultTail`): a SYN-ACK may fall to it from another identity's server.
    */
   private allowTail(tag: number | undefined): Statement[] {
     if (!this.tracked || tag === undefined) return [verdict.accept()];
@@ -697,7 +698,16 @@ class Compiler {
    * and has no mark either.
    */
   private defaultTail(id: string, verdictName: 'allow' | 'deny', at: Origin | undefined, tag: number | undefined): RuleDecl[] {
-    if (verdictName === 'allow') return [rule([stmt.counter(), ...this.allowTail(tag)], this.tagged(at, id))];
+    if (verdictName === 'allow') {
+      if (!this.tracked || tag === undefined) return [rule([stmt.counter(), verdict.accept()], this.tagged(at, id))];
+      // Marked when a connection starts from here only: a SYN-ACK that falls to a default allow (its
+      // request socket has no cgroup to be dispatched by) would otherwise make the connection this
+      // identity's, and the server's own answers, under its app's default deny, another's.
+      return [
+        rule([match.ctState(['new']), stmt.ctMarkSet(CT_MARK_KEEP, markValue(tag))], this.tagged(at, id, ': its new connections are its own')),
+        rule([stmt.counter(), verdict.accept()], this.tagged(at, id)),
+      ];
+    }
     if (tag === undefined) throw new Error(`internal: ${id} denies by default but has no conntrack tag`);
     const mark = markValue(tag);
     const rules = [
@@ -706,15 +716,29 @@ class Compiler {
         this.tagged(at, id, ': its own established and related connections'),
       ),
       rule(
-        [match.ctDirection('reply'), match.ctMark(CT_MARK_MASK, markValue(UNCLAIMED_TAG)), stmt.ctMarkSet(CT_MARK_KEEP, mark), verdict.accept()],
+        [
+          match.ctDirection('reply'),
+          match.ctMark(CT_MARK_MASK, markValue(UNCLAIMED_TAG)),
+          match.fullSocket(),
+          stmt.ctMarkSet(CT_MARK_KEEP, mark),
+          verdict.accept(),
+        ],
         this.tagged(at, id, ': answers on connections that came in, claimed'),
+      ),
+      // A SYN-ACK leaves from a request socket, which `socket cgroupv2` cannot place: it reaches the
+      // apps by uid and the global default, whose claim would make the connection theirs and the
+      // server's own answers another identity's. Unclaimed, it passes; the server's full socket
+      // claims the connection with its first answer. Only the kernel sends from a socket not full.
+      rule(
+        [match.ctDirection('reply'), match.ctMark(CT_MARK_MASK, markValue(UNCLAIMED_TAG)), verdict.accept()],
+        this.tagged(at, id, ': answers from a socket not yet full, unclaimed'),
       ),
     ];
     if (tag === DEFAULT_TAG) {
       if (!this.chains.some((c) => c.name === 'ownerless')) {
         this.chains.push({
           name: 'ownerless',
-          rules: [rule([match.hasOwner(), verdict.return()], 'a socket with an owner'), rule([verdict.accept()], "the kernel's own packets")],
+          rules: [rule([match.owned(), verdict.return()], 'a socket with an owner'), rule([verdict.accept()], "the kernel's own packets")],
         });
       }
       rules.push(rule([match.ctState(['established', 'related']), verdict.jump('ownerless')], this.tagged(at, id, ': established, without an owner')));

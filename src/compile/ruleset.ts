@@ -60,6 +60,7 @@ export type Expr =
   | { readonly payload: { readonly protocol: 'icmpv6'; readonly field: 'type' } }
   | { readonly payload: { readonly protocol: 'ip6'; readonly field: 'hoplimit' | 'nexthdr' } }
   | { readonly socket: { readonly key: 'cgroupv2'; readonly level: number } }
+  | { readonly socket: { readonly key: 'mark' } }
   /** An IPv6 extension header's field: nft finds the header wherever it is in the chain of headers; a packet without one breaks the rule. */
   | { readonly exthdr: { readonly name: 'rt'; readonly field: 'type' } }
   | { readonly ct: { readonly key: 'state' | 'direction' | 'mark' } }
@@ -153,6 +154,13 @@ export const match = {
   skuid: (uid: number): Statement => eq({ meta: { key: 'skuid' } }, uid),
   /** The packet's socket has an owner: every uid matches, and a socket without a file (the kernel's own) has none to load. */
   owned: (): Statement => eq({ meta: { key: 'skuid' } }, { range: [0, 4294967295] }),
+  /**
+   * The packet leaves from a full socket: `socket mark` loads for one only.
+   * A SYN-ACK leaves from a request socket (not full: `socket cgroupv2`
+   * cannot see its cgroup, while `meta skuid` reads its listener's), a
+   * TIME_WAIT socket's ACK from a timewait one, a syncookie SYN-ACK from none.
+   */
+  fullSocket: (): Statement => eq({ socket: { key: 'mark' } }, { range: [0, 4294967295] }),
   hoplimit: (limit: number): Statement => eq({ payload: { protocol: 'ip6', field: 'hoplimit' } }, limit),
   daddrIn6Multicast: (): Statement => eq({ payload: { protocol: 'ip6', field: 'daddr' } }, { prefix: { addr: 'ff00::', len: 8 } }),
   icmpv6Type: (types: readonly string[]): Statement => eq({ payload: { protocol: 'icmpv6', field: 'type' } }, { set: types }),
@@ -160,8 +168,6 @@ export const match = {
   ctDirection: (direction: 'original' | 'reply'): Statement => eq({ ct: { key: 'direction' } }, direction),
   /** The bits `mask` of the connection's mark equal `value` (both hex, `0x` and 8 digits). */
   ctMark: (mask: string, value: string): Statement => eq({ '&': [{ ct: { key: 'mark' } }, mask] }, value),
-  /** The socket has an owner: `meta skuid` loads for any uid; for a packet without one (the kernel's, an orphaned socket's) the rule does not match. */
-  hasOwner: (): Statement => eq({ meta: { key: 'skuid' } }, { range: [0, 0xffffffff] }),
   /** The header right after the IPv6 header: a payload load, where finding an extension header anywhere in the chain walks it. */
   ip6Nexthdr: (header: number): Statement => eq({ payload: { protocol: 'ip6', field: 'nexthdr' } }, header),
   /** An IPv6 routing header of any type but `type`; a packet without a routing header does not match. */
@@ -368,7 +374,7 @@ function exprText(expr: Expr): string {
   if (typeof expr === 'number') return String(expr);
   if ('meta' in expr) return `meta ${expr.meta.key}`;
   if ('payload' in expr) return `${expr.payload.protocol} ${expr.payload.field}`;
-  if ('socket' in expr) return `socket cgroupv2 level ${expr.socket.level}`;
+  if ('socket' in expr) return expr.socket.key === 'mark' ? 'socket mark' : `socket cgroupv2 level ${expr.socket.level}`;
   if ('exthdr' in expr) return `${expr.exthdr.name} ${expr.exthdr.field}`;
   if ('ct' in expr) return `ct ${expr.ct.key}`;
   if ('set' in expr) return `{ ${expr.set.map((e) => exprText(e as Expr)).join(', ')} }`;

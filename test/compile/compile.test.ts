@@ -60,13 +60,16 @@ tor: {enabled: true, updaters: [apt]}
         `ct state established,related ct mark & 0xffff0000 0x00010000 accept comment "${sid(compiled, 'default')} f.yaml:2 default: its own established and related connections"`,
       ),
       position(
-        `ct direction reply ct mark & 0xffff0000 0x00000000 ct mark set ct mark & 0x0000ffff | 0x00010000 accept comment "${sid(compiled, 'default')} f.yaml:2 default: answers on connections that came in, claimed"`,
+        `ct direction reply ct mark & 0xffff0000 0x00000000 socket mark 0-4294967295 ct mark set ct mark & 0x0000ffff | 0x00010000 accept comment "${sid(compiled, 'default')} f.yaml:2 default: answers on connections that came in, claimed"`,
+      ),
+      position(
+        `ct direction reply ct mark & 0xffff0000 0x00000000 accept comment "${sid(compiled, 'default')} f.yaml:2 default: answers from a socket not yet full, unclaimed"`,
       ),
       position(`ct state established,related jump ownerless comment "${sid(compiled, 'default')} f.yaml:2 default: established, without an owner"`),
       position(`log prefix "egd ${sid(compiled, 'default')} "`),
     ];
     // Right before the default's log rule, together: every explicit deny comes first.
-    expect(order.slice(-4)).toEqual([0, 1, 2, 3].map((i) => order.at(-4)! + i));
+    expect(order.slice(-5)).toEqual([0, 1, 2, 3, 4].map((i) => order.at(-5)! + i));
     expect([...order].sort((a, b) => a - b)).toEqual(order);
     expect(chain(compiled, 'output').hook).toEqual({ hook: 'output', prio: 0, policy: 'drop' });
     expect(output.at(-1)).toMatch(new RegExp(`^counter drop comment "${sid(compiled, 'default')} f\\.yaml:2 default`));
@@ -155,7 +158,8 @@ tor: {enabled: true, updaters: [apt]}
   });
 
   it("each default deny, and only a default deny, is preceded by exactly one established/related accept (its own identity's), and in the global default one for packets without an owner", () => {
-    const ct = (r: RuleDecl) => JSON.stringify(r.expr).includes('"state"');
+    // An established accept; a default allow's `ct state new` marks and decides nothing.
+    const ct = (r: RuleDecl) => JSON.stringify(r.expr).includes('"established"');
     let compiled: ReturnType<typeof compileYaml>;
     const tailStart = (c: ChainDecl, id: string) => c.rules.findIndex((r) => ruleText(r).includes(`log prefix "egd ${sid(compiled, id)} "`));
     for (const egress of ['allow', 'deny'] as const) {
@@ -192,23 +196,58 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
       const at = tailStart(closed, 'app/closed/default');
       expect(at).toBeGreaterThan(0);
       const closedTag = markValue(appTags(['closed', 'open']).get('closed')!);
-      expect(ruleText(closed.rules[at - 2]!)).toBe(
+      expect(ruleText(closed.rules[at - 3]!)).toBe(
         `ct state established,related ct mark & 0xffff0000 ${closedTag} accept comment "${sid(compiled, 'app/closed/default')} f.yaml:5 app/closed/default: its own established and related connections"`,
       );
+      expect(ruleText(closed.rules[at - 2]!)).toBe(
+        `ct direction reply ct mark & 0xffff0000 0x00000000 socket mark 0-4294967295 ct mark set ct mark & 0x0000ffff | ${closedTag} accept comment "${sid(compiled, 'app/closed/default')} f.yaml:5 app/closed/default: answers on connections that came in, claimed"`,
+      );
       expect(ruleText(closed.rules[at - 1]!)).toBe(
-        `ct direction reply ct mark & 0xffff0000 0x00000000 ct mark set ct mark & 0x0000ffff | ${closedTag} accept comment "${sid(compiled, 'app/closed/default')} f.yaml:5 app/closed/default: answers on connections that came in, claimed"`,
+        `ct direction reply ct mark & 0xffff0000 0x00000000 accept comment "${sid(compiled, 'app/closed/default')} f.yaml:5 app/closed/default: answers from a socket not yet full, unclaimed"`,
       );
       // After the app's own rules and the global deny list: they cut established connections too.
-      expect(ruleText(closed.rules[at - 3]!)).toMatch(/^jump global_deny /);
+      expect(ruleText(closed.rules[at - 4]!)).toMatch(/^jump global_deny /);
       if (egress === 'deny') {
         const output = chain(compiled, 'output');
-        expect(output.rules.findIndex(ct)).toBe(tailStart(output, 'default') - 3);
+        expect(output.rules.findIndex(ct)).toBe(tailStart(output, 'default') - 4);
         expect(ruleText(output.rules[tailStart(output, 'default') - 1]!)).toMatch(/^ct state established,related jump ownerless /);
         expect(chain(compiled, 'ownerless').rules.map(ruleText)).toEqual([
           'meta skuid 0-4294967295 return comment "a socket with an owner"',
           'accept comment "the kernel\'s own packets"',
         ]);
       }
+    }
+  });
+
+  it("a server in an app whose default is deny: its SYN-ACK (a request socket's, which cgroups cannot place) claims nothing, and the server's first answer makes the connection its app's", () => {
+    for (const egress of ['allow', 'deny'] as const) {
+      const compiled = compileYaml(
+        `defaults: {egress: ${egress}}\napps:\n  web: {identity: {unit: b.service}, default: deny}\n  www: {identity: {user: 1000}, default: deny}\n`,
+      );
+      const tags = appTags(['web', 'www']);
+      const reply: Packet = {
+        oif: 'eth0',
+        family: 4,
+        daddr: '203.0.113.9',
+        l4proto: 'tcp',
+        dport: 40000,
+        skuid: 33,
+        cgroup: 'system.slice/b.service',
+        ct: 'established',
+        ctDirection: 'reply',
+      };
+      // The SYN-ACK falls through the cgroup map to the global default: it passes and leaves the connection unclaimed.
+      const synAck = evaluate(compiled.ruleset, { ...reply, fullSocket: false });
+      expect(synAck, egress).toMatchObject({ verdict: 'accept', ctMark: 0 });
+      expect(synAck.path, egress).not.toContain('app_web');
+      // The server's own socket answers next: web claims it, and its answers go on passing as web's.
+      const first = evaluate(compiled.ruleset, reply);
+      expect(first, egress).toMatchObject({ verdict: 'accept', chain: 'app_web', ctMark: tags.get('web')! * 0x10000 });
+      expect(evaluate(compiled.ruleset, { ...reply, ctMark: first.ctMark }), egress).toMatchObject({ verdict: 'accept', chain: 'app_web' });
+      // A SYN-ACK of a server found by user is its listener's: www claims nothing on it either, and its socket does.
+      const byUser = { ...reply, skuid: 1000, cgroup: '' };
+      expect(evaluate(compiled.ruleset, { ...byUser, fullSocket: false }), egress).toMatchObject({ verdict: 'accept', ctMark: 0 });
+      expect(evaluate(compiled.ruleset, byUser), egress).toMatchObject({ verdict: 'accept', ctMark: tags.get('www')! * 0x10000 });
     }
   });
 
@@ -369,7 +408,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     for (const name of ['app_a', 'log_a_a_0']) {
       for (const r of chain(compiled, name).rules) {
         const named =
-          /^(?:(r[0-9a-f]{8}) )?f\.yaml:\d+ (app\/a\/(\d|default)|app\/a: then the global deny list|app\/a\/default: (its own established and related connections|answers on connections that came in, claimed)) #[0-9a-f]{8}$/.exec(
+          /^(?:(r[0-9a-f]{8}) )?f\.yaml:\d+ (app\/a\/(\d|default)|app\/a: then the global deny list|app\/a\/default: (its own established and related connections|answers on connections that came in, claimed|answers from a socket not yet full, unclaimed)) #[0-9a-f]{8}$/.exec(
             r.comment ?? '',
           );
         expect(named, r.comment).not.toBeNull();

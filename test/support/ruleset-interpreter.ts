@@ -35,6 +35,8 @@ export interface Packet {
   /** Undefined: the socket has no owner (nft's skuid/skgid match nothing). */
   readonly skuid?: number;
   readonly skgid?: number;
+  /** false for a packet from a socket not yet full (a SYN-ACK's request socket): `socket` expressions do not load; `meta skuid` still reads its listener's. */
+  readonly fullSocket?: boolean;
   /** The socket's cgroup relative to the cgroup2 root, "" for the root. */
   readonly cgroup: string;
   readonly ct: 'new' | 'established';
@@ -176,6 +178,9 @@ function load(expr: Expr, packet: Packet): Value | undefined {
     return packet.dport === undefined ? undefined : { kind: 'number', value: packet.dport };
   }
   if ('socket' in expr) {
+    // `socket` reads a full socket only: a request socket's SYN-ACK has neither cgroup nor mark.
+    if (packet.fullSocket === false) return undefined;
+    if (expr.socket.key === 'mark') return { kind: 'number', value: 0 };
     const segments = packet.cgroup.split('/').filter(Boolean);
     if (segments.length < expr.socket.level) return undefined;
     return { kind: 'text', text: segments.slice(0, expr.socket.level).join('/') };
