@@ -33,7 +33,7 @@ export const ErrorCode = {
   /** A netlink request to the kernel failed, or its answer could not be read. */
   Netlink: 'EGD_NETLINK',
   /**
-   * The policy was applied (and stays: it is stricter), but connections of
+   * The policy was applied and stays in force, but connections of
    * identities it denies could not all be cut (sock_diag): data such a
    * connection queued may still leave once its program closes it.
    */

@@ -232,7 +232,7 @@ interface Delegated {
  * which ends by entering that app's own chain. Their lookups go to the
  * apps' own chains, never to a `uc_` one, so no path loops.
  */
-const ROOT_IDS = 'uc_root_ids';
+const UC_ROOT_CHAIN = 'uc_root_ids';
 
 /** One cgroup depth of a dispatch: its map's elements and verdicts, and which owner claimed each path. */
 interface LevelEntries {
@@ -288,7 +288,7 @@ class Compiler {
   private readonly cgroupBindings: (Omit<CgroupBinding, 'delegatedVerdict'> & { readonly delegated?: string })[] = [];
   /** The root-identity chains delegated copies go on to, made once the apps' uid and gid maps exist, each with what decides where neither has the packet. */
   private readonly rootChains = new Map<string, Verdict>();
-  /** Whether some app names a user or group: only then can a delegated member's verdict take something away (`ROOT_IDS`). */
+  /** Whether some app names a user or group: only then can a delegated member's verdict take something away (`UC_ROOT_CHAIN`). */
   private readonly rootIdentities: boolean;
   private readonly errors: PolicyIssue[] = [];
   private lookupFailed = false;
@@ -913,8 +913,9 @@ class Compiler {
    */
   private delegatedChain(name: string, rules: readonly RuleDecl[], ownChain?: string): Verdict {
     if (!this.chains.some((c) => c.name === name)) {
-      const marked = ownChain !== undefined && rules.some((r) => r.expr.some(touchesCtMark));
-      const root = marked ? `uc_root_${ownChain}` : ROOT_IDS;
+      // App chains mark in a table that tracks connections (allowTail); the updaters' never do.
+      const marked = ownChain !== undefined && this.tracked;
+      const root = marked ? `uc_root_${ownChain}` : UC_ROOT_CHAIN;
       this.rootChains.set(root, marked ? verdict.goto(ownChain) : verdict.accept());
       const copy = rules
         // An answer's claim is the established accept's job here: a reply-direction packet is established.
@@ -925,7 +926,12 @@ class Compiler {
     return verdict.goto(name);
   }
 
-  /** A delegated copy's root-identity chain: the apps' uid and gid maps, as the base chain looks them up; with neither, `fallback` decides. */
+  /**
+   * A delegated copy's root-identity chain: the apps' uid and gid maps, as
+   * the base chain looks them up; with neither, `fallback` decides. A
+   * fallback into the app's own chain walks its rules a second time, so
+   * their counters count such a packet twice.
+   */
   private rootIdentityRules(fallback: Verdict): RuleDecl[] {
     const rules: RuleDecl[] = [];
     const has = (name: string) => this.sets.some((set) => set.name === name);
@@ -938,7 +944,7 @@ class Compiler {
   /**
    * One verdict-map lookup per cgroup depth in use, then by uid, then by gid.
    * Deeper cgroups are more specific, so they are looked up first; a
-   * delegated member's accepts still meet the uid and gid lookups (`ROOT_IDS`).
+   * delegated member's accepts still meet the uid and gid lookups (`UC_ROOT_CHAIN`).
    */
   private dispatchRules(d: Dispatch, what: string): RuleDecl[] {
     for (const cut of d.cutOffs) {

@@ -274,9 +274,10 @@ function sweepOrError(policy: Policy, facts: Facts, lockdown: boolean, open: () 
 
 /**
  * A sweep that failed, whole or for some sockets, fails the apply
- * (EGD_SOCKETS_NOT_CUT) after the table is applied and saved: the table is
- * stricter than before and stays, but a connection left uncut may still send
- * what it queued once its program closes it, and that must be said.
+ * (EGD_SOCKETS_NOT_CUT) after the table is applied and saved: the new policy
+ * is in force and stays (undoing it would also undo what it denies), but a
+ * connection left uncut may still send what it queued once its program
+ * closes it, and that must be said.
  */
 function notCutThrows(deps: EnforcerDeps, sweep: SweepOutcome | EgressError): never {
   const reasons = sweep instanceof Error ? [sweep.message] : sweep.failed.map((f) => `${f.socket}: ${f.reason}`);
