@@ -39,7 +39,7 @@ export interface SocketAccess {
   destroy(socket: TcpSocket): 'destroyed' | 'gone';
   /** The group of each live socket by inode (what `meta skgid` sees); sockets no process holds are left out. */
   socketGroups(inodes: ReadonlySet<number>): ReadonlyMap<number, number>;
-  /** A user's groups through NSS, primary and supplementary. */
+  /** A uid's groups through NSS, primary and supplementary; none for a uid without a passwd entry (a subordinate uid). */
   groupsOfUser(uid: number): readonly number[] | { error: string };
   /** This namespace's own addresses: connections to them leave through lo. */
   localAddresses(): ReadonlySet<string>;

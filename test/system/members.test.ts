@@ -1,9 +1,11 @@
+import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { accountFilesToWatch, gatherFacts } from '../../src/system/facts.js';
 import { getentAccounts, libcAccounts, type Accounts, type GroupRow, type NameLookup, type PasswdRow } from '../../src/system/nss.js';
+import { groupsOfUser } from '../../src/system/sockets.js';
 import { parseSubordinate } from '../../src/system/subordinate.js';
 
 const work = mkdtempSync(join(tmpdir(), 'egd-members-'));
@@ -25,6 +27,7 @@ const accounts = (overrides: Partial<Accounts> = {}): Accounts => ({
   user: (key) => PASSWD.find((u) => u.name === key || u.uid === key),
   group: (key) => GROUPS.find((g) => g.name === key || g.gid === key),
   everyUser: () => PASSWD,
+  groupsOf: (name, gid) => [gid, ...GROUPS.filter((g) => g.members.includes(name)).map((g) => g.gid)],
   ...overrides,
 });
 const files = (subuid: string, subgid: string, nsswitch = 'passwd: files systemd\n') => {
@@ -152,6 +155,36 @@ describe('accounts through NSS', () => {
     for (const name of all) expect(libc.group(name)).toEqual(getent.group(name));
     for (const gid of [0, 987654]) expect(libc.group(gid)).toEqual(getent.group(gid));
     expect(getentAccounts('/nonexistent/getent').everyUser()).toEqual({ error: expect.stringContaining('ENOENT') });
+  });
+});
+
+describe("a uid's groups, for the sweep's orphans", () => {
+  it('looked up by uid, never as a name; a uid without a passwd entry (a subordinate uid) has none; a failure is said', () => {
+    const asked: string[] = [];
+    const fake = accounts({ groupsOf: (name, gid) => (asked.push(`${name} ${gid}`), accounts().groupsOf(name, gid)) });
+    expect(groupsOfUser(1002, fake)).toEqual([1002, 50]);
+    expect(groupsOfUser(1001, fake)).toEqual([50]);
+    expect(asked).toEqual(['carol 1002', 'bob 50']);
+    expect(groupsOfUser(100000, fake)).toEqual([]);
+    expect(groupsOfUser(1000, accounts({ user: () => ({ error: 'getpwuid_r failed: EIO' }) }))).toEqual({ error: 'uid 1000: getpwuid_r failed: EIO' });
+    expect(groupsOfUser(1000, accounts({ groupsOf: () => ({ error: 'EIO' }) }))).toEqual({ error: 'uid 1000: EIO' });
+  });
+
+  it('on this machine: libc (getgrouplist) and getent agree with id, for every user; a uid no one has has no groups', () => {
+    const libc = libcAccounts();
+    if (libc instanceof Error) throw libc;
+    const getent = getentAccounts();
+    const users = getent.everyUser();
+    if ('error' in users) throw new Error(users.error);
+    expect(users.length).toBeGreaterThan(0);
+    const sorted = (found: readonly number[] | { error: string }) => ('error' in found ? found : [...found].sort((a, b) => a - b));
+    for (const user of users) {
+      const id = execFileSync('id', ['-G', '--', user.name], { encoding: 'utf8' }).trim().split(/\s+/).map(Number);
+      expect(sorted(groupsOfUser(user.uid, libc)), user.name).toEqual(sorted(id));
+      expect(sorted(groupsOfUser(user.uid, getent)), user.name).toEqual(sorted(id));
+    }
+    expect(groupsOfUser(3999999, libc)).toEqual([]);
+    expect(groupsOfUser(3999999, getent)).toEqual([]);
   });
 });
 
