@@ -214,12 +214,10 @@ function subordinateIds(
   const uidLines = read(files.subuid);
   const gidLines = read(files.subgid);
   // Another name of the same uid counts, as for newuidmap: each owner name is looked up once.
-  const owners = new Map<string, number | undefined>();
-  const uidOf = (name: string): number | undefined => {
-    if (!owners.has(name)) {
-      const id = lookup('user', name);
-      owners.set(name, typeof id === 'number' ? id : undefined);
-    }
+  // A lookup that fails is kept: that line may be any user's, so their ranges are unknown.
+  const owners = new Map<string, IdLookup | undefined>();
+  const uidOf = (name: string): IdLookup | undefined => {
+    if (!owners.has(name)) owners.set(name, lookup('user', name));
     return owners.get(name);
   };
   const result = new Map<number, SubordinateIds | { error: string }>();
@@ -228,9 +226,17 @@ function subordinateIds(
       result.set(uid, { error: 'error' in uidLines ? uidLines.error : (gidLines as { error: string }).error });
       continue;
     }
-    const ranges = (lines: SubordinateLine[]): IdRange[] => linesOf(lines, { name: undefined, uid }, uidOf).map(({ from, to }) => ({ from, to }));
-    const own = { uids: ranges(uidLines), gids: ranges(gidLines) };
-    if (own.uids.length + own.gids.length > 0) result.set(uid, own);
+    const ranges = (lines: SubordinateLine[], file: string): IdRange[] | { error: string } => {
+      const own = linesOf(lines, { name: undefined, uid }, uidOf, file);
+      return 'error' in own ? own : own.map(({ from, to }) => ({ from, to }));
+    };
+    const uidRanges = ranges(uidLines, files.subuid);
+    const gidRanges = ranges(gidLines, files.subgid);
+    if ('error' in uidRanges || 'error' in gidRanges) {
+      result.set(uid, 'error' in uidRanges ? uidRanges : (gidRanges as { error: string }));
+      continue;
+    }
+    if (uidRanges.length + gidRanges.length > 0) result.set(uid, { uids: uidRanges, gids: gidRanges });
   }
   return result;
 }

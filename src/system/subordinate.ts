@@ -13,6 +13,8 @@ const MAX_ID = 0xfffffffe;
 /** One line of a subordinate-id file: the ids `from` to `to` (inclusive) belong to `owner`. */
 export interface SubordinateLine {
   readonly owner: string;
+  /** Its line number in its file (from 1). */
+  readonly line: number;
   readonly from: number;
   readonly to: number;
 }
@@ -46,7 +48,7 @@ export function parseSubordinate(text: string, file: string): { lines: Subordina
       warnings.push({ severity: 'warning', at: { file, line: index + 1, col: 1 }, message: `subordinate id line skipped: ${why}` });
       return;
     }
-    lines.push({ owner, from: Number(start), to: Number(start) + Number(count) - 1 });
+    lines.push({ owner, line: index + 1, from: Number(start), to: Number(start) + Number(count) - 1 });
   });
   return { lines, warnings };
 }
@@ -54,16 +56,25 @@ export function parseSubordinate(text: string, file: string): { lines: Subordina
 /**
  * The lines of a user, as shadow's newuidmap finds them: written with its
  * name, with its uid, or with another name of the same uid (`uidOf` looks
- * such a name up; undefined for none).
+ * such a name up; undefined for none). A name whose lookup failed may be
+ * the user's: the answer is then that failure, naming the line.
  */
 export function linesOf(
   lines: readonly SubordinateLine[],
   user: { name: string | undefined; uid: number },
-  uidOf: (name: string) => number | undefined,
-): SubordinateLine[] {
-  return lines.filter((line) => {
-    if (line.owner === user.name) return true;
-    if (/^\d+$/.test(line.owner)) return Number(line.owner) === user.uid;
-    return uidOf(line.owner) === user.uid;
-  });
+  uidOf: (name: string) => number | undefined | { readonly error: string },
+  file: string,
+): SubordinateLine[] | { error: string } {
+  const own: SubordinateLine[] = [];
+  for (const line of lines) {
+    if (line.owner === user.name) own.push(line);
+    else if (/^\d+$/.test(line.owner)) {
+      if (Number(line.owner) === user.uid) own.push(line);
+    } else {
+      const uid = uidOf(line.owner);
+      if (typeof uid === 'object') return { error: `${file}:${line.line}: the owner ${line.owner} cannot be looked up: ${uid.error}` };
+      if (uid === user.uid) own.push(line);
+    }
+  }
+  return own;
 }

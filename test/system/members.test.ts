@@ -3,8 +3,10 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { FACTS, policyFrom } from '../support/compile-text.js';
 import { accountFilesToWatch, gatherFacts } from '../../src/system/facts.js';
 import { getentAccounts, libcAccounts, type Accounts, type GroupRow, type NameLookup, type PasswdRow } from '../../src/system/nss.js';
+import { compile } from '../../src/compile/compile.js';
 import { groupsOfUser } from '../../src/system/sockets.js';
 import { parseSubordinate } from '../../src/system/subordinate.js';
 
@@ -54,9 +56,9 @@ describe('subordinate ids', () => {
     ].join('\n');
     const { lines, warnings } = parseSubordinate(text, '/etc/subuid');
     expect(lines).toEqual([
-      { owner: 'alice', from: 100000, to: 165535 },
-      { owner: '1001', from: 200000, to: 200009 },
-      { owner: 'carol', from: 300000, to: 300000 },
+      { owner: 'alice', line: 1, from: 100000, to: 165535 },
+      { owner: '1001', line: 4, from: 200000, to: 200009 },
+      { owner: 'carol', line: 10, from: 300000, to: 300000 },
     ]);
     expect(warnings.map((w) => `${w.at.file}:${w.at.line}:${w.at.col} ${w.message}`)).toEqual([
       '/etc/subuid:5:1 subordinate id line skipped: 4 fields, not 3 (owner:start:count)',
@@ -91,6 +93,24 @@ describe('subordinate ids', () => {
     expect(facts.warnings?.map((w) => `${w.at.file}:${w.at.line} ${w.message}`)).toEqual([
       `${f.subuid}:5 subordinate id line skipped: 1 field, not 3 (owner:start:count)`,
     ]);
+  });
+
+  it("an owner name that cannot be looked up makes every named user's ranges unknown: that line may be theirs", () => {
+    const f = files('alice:100000:65536\nldapuser:300000:5\n1001:200000:10\n', '');
+    const failing: NameLookup = (kind, name) =>
+      kind === 'user' && name === 'ldapuser' ? { error: 'getpwnam_r: a name service module in nsswitch.conf is unavailable' } : lookup(kind, name);
+    const facts = gatherFacts({ users: ['alice'], groups: [], userIds: [1001], cgroupDepth: 0 }, { lookup: failing, accounts: accounts(), files: f });
+    const error = { error: `${f.subuid}:2: the owner ldapuser cannot be looked up: getpwnam_r: a name service module in nsswitch.conf is unavailable` };
+    expect(facts.subordinate).toEqual(
+      new Map([
+        [1000, error],
+        [1001, error],
+      ]),
+    );
+    // The compiler refuses, as for a failed name lookup.
+    const compiled = compile(policyFrom('systemDomains: {offline: {members: [{user: alice}]}}\n'), { ...FACTS, ...facts }, {});
+    expect(compiled.lookupFailed).toBe(true);
+    expect(compiled.errors.map((e) => e.message)).toEqual([`cannot read the subordinate ids of user "alice": ${error.error}`]);
   });
 
   it('files that are not there give no ranges; a file that cannot be read makes the ranges unknown', () => {
