@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { nftCanName, type Facts, type FactsNeeded, type IdLookup, type IdRange, type SubordinateIds, type UnnamedCgroup } from '../compile/compile.js';
 import type { PolicyIssue } from '../policy/issues.js';
 import { nssAccounts, nssLookup, type Accounts, type NameLookup } from './nss.js';
-import { linesOf, parseSubordinate, type SubordinateLine } from './subordinate.js';
+import { linesOf, parseSubordinate, type SubordinateFile } from './subordinate.js';
 
 /** The cgroup2 root nft resolves `socket cgroupv2` paths against. */
 export const CGROUP2_ROOT = '/sys/fs/cgroup';
@@ -199,17 +199,20 @@ function subordinateIds(
   lookup: NameLookup,
   warnings: PolicyIssue[],
 ): Map<number, SubordinateIds | { error: string }> {
-  const read = (file: string): SubordinateLine[] | { error: string } => {
+  // A refused line that names a policy user is an error for it (linesOf); the others stay warnings.
+  const lineWarnings: PolicyIssue[] = [];
+  const errorLines = new Set<string>();
+  const read = (file: string): SubordinateFile | { error: string } => {
     let text: string;
     try {
       text = readFileSync(file, 'utf8');
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      if ((error as NodeJS.ErrnoException).code === 'ENOENT') return { file, lines: [], refused: [] };
       return { error: `${file}: ${(error as NodeJS.ErrnoException).code ?? String(error)}` };
     }
     const parsed = parseSubordinate(text, file);
-    warnings.push(...parsed.warnings);
-    return parsed.lines;
+    lineWarnings.push(...parsed.warnings);
+    return { file, lines: parsed.lines, refused: parsed.refused };
   };
   const uidLines = read(files.subuid);
   const gidLines = read(files.subgid);
@@ -226,18 +229,23 @@ function subordinateIds(
       result.set(uid, { error: 'error' in uidLines ? uidLines.error : (gidLines as { error: string }).error });
       continue;
     }
-    const ranges = (lines: SubordinateLine[], file: string): IdRange[] | { error: string } => {
-      const own = linesOf(lines, { name: undefined, uid }, uidOf, file);
-      return 'error' in own ? own : own.map(({ from, to }) => ({ from, to }));
+    const ranges = (parsed: SubordinateFile): IdRange[] | { error: string } => {
+      const own = linesOf(parsed, { name: undefined, uid }, uidOf);
+      if ('error' in own) {
+        if (own.refused) errorLines.add(`${parsed.file}:${own.refused.line}`);
+        return { error: own.error };
+      }
+      return own.map(({ from, to }) => ({ from, to }));
     };
-    const uidRanges = ranges(uidLines, files.subuid);
-    const gidRanges = ranges(gidLines, files.subgid);
+    const uidRanges = ranges(uidLines);
+    const gidRanges = ranges(gidLines);
     if ('error' in uidRanges || 'error' in gidRanges) {
       result.set(uid, 'error' in uidRanges ? uidRanges : (gidRanges as { error: string }));
       continue;
     }
     if (uidRanges.length + gidRanges.length > 0) result.set(uid, { uids: uidRanges, gids: gidRanges });
   }
+  warnings.push(...lineWarnings.filter((w) => !errorLines.has(`${w.at.file}:${w.at.line}`)));
   return result;
 }
 
