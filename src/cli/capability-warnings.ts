@@ -1,7 +1,7 @@
-import { factsNeeded, type Facts } from '../compile/compile.js';
+import { factsNeeded } from '../compile/compile.js';
 import { formatIssue, sortIssues } from '../policy/issues.js';
 import type { Policy } from '../policy/model.js';
-import { checkCapabilities, type CapabilityCheck } from '../system/capabilities.js';
+import { checkCapabilities, type CapabilityCheck, type MemberFacts } from '../system/capabilities.js';
 import { printIssues, type Deps } from './deps.js';
 
 /**
@@ -10,7 +10,7 @@ import { printIssues, type Deps } from './deps.js';
  * change of exit status. Without `ids`, only the policy's user and group
  * names are looked up (no cgroup walk: the check reads each process's cgroup).
  */
-export function capabilityCheck(policy: Policy, deps: Deps, ids?: Pick<Facts, 'users' | 'groups'>): CapabilityCheck {
+export function capabilityCheck(policy: Policy, deps: Deps, ids?: MemberFacts): CapabilityCheck {
   if (!deps.capabilities) return { warnings: [], problems: [], notes: [] };
   return checkCapabilities(policy, ids ?? deps.facts({ ...factsNeeded(policy), cgroupDepth: 0 }), deps.capabilities);
 }

@@ -360,6 +360,22 @@ function selectorRank(selector: Selector, who: Who, facts: ExplainFacts): number
   return undefined;
 }
 
+/**
+ * Whether a user or group selector holds a process that may send with any of
+ * these uids and gids, as the table's dispatch decides it (`selectorRank`):
+ * its own id, a user's subordinate ranges, a group's members by uid.
+ */
+export function selectorHoldsIds(
+  selector: Extract<Selector, { kind: 'user' | 'group' }>,
+  ids: { readonly uids: readonly number[]; readonly gids: readonly number[] },
+  facts: Pick<ExplainFacts, 'users' | 'groups' | 'subordinate' | 'members'>,
+): boolean {
+  return (
+    ids.uids.some((uid) => selectorRank(selector, { kind: 'user', user: uid }, facts) !== undefined) ||
+    ids.gids.some((gid) => selectorRank(selector, { kind: 'group', group: gid }, facts) !== undefined)
+  );
+}
+
 function idOf(value: string | number, ids: ExplainFacts['users']): number | undefined {
   const id = typeof value === 'number' ? value : ids.get(value);
   return typeof id === 'number' ? id : undefined;

@@ -39,7 +39,7 @@ export interface SocketAccess {
   destroy(socket: TcpSocket): 'destroyed' | 'gone';
   /** The group of each live socket by inode (what `meta skgid` sees); sockets no process holds are left out. */
   socketGroups(inodes: ReadonlySet<number>): ReadonlyMap<number, number>;
-  /** A user's groups through NSS, primary and supplementary. */
+  /** A uid's groups through NSS, primary and supplementary; none for a uid without a passwd entry (a subordinate uid). */
   groupsOfUser(uid: number): readonly number[] | { error: string };
   /** This namespace's own addresses: connections to them leave through lo. */
   localAddresses(): ReadonlySet<string>;
@@ -137,8 +137,9 @@ export function socketsToCut(
 
   const cut: { socket: TcpSocket; because: Explanation }[] = [];
   for (const socket of sockets) {
-    // A connection to one of this machine's own addresses leaves through lo, as loopback does.
-    const host = local.has(socket.remote.address)
+    // A connection to one of this machine's own addresses leaves through lo, as loopback does;
+    // a dual-stack socket names an IPv4 one v4-mapped, and the interfaces list it plain.
+    const host = local.has(unmapped(socket.remote.address))
       ? socket.family === 4 || socket.remote.address.startsWith('::ffff:')
         ? '127.0.0.1'
         : '::1'
@@ -151,6 +152,11 @@ export function socketsToCut(
     if (because) cut.push({ socket, because });
   }
   return cut;
+}
+
+/** An IPv4-mapped address (::ffff:192.0.2.1, as sock_diag prints it) as the IPv4 address it is; any other as it is. */
+function unmapped(address: string): string {
+  return /^::ffff:\d{1,3}(\.\d{1,3}){3}$/i.test(address) ? address.slice(7) : address;
 }
 
 /**

@@ -10,8 +10,9 @@
  * Pure: the machine is read through a `CapabilityProbe` (capability-probe.ts),
  * so the decision is tested without root. What is checked:
  * - running processes (each thread: capabilities are per thread) that are
- *   members by cgroup, user or group, holding either capability in their
- *   effective or permitted set;
+ *   members by cgroup, user or group as the table holds them (a user's
+ *   subordinate ids, a group's members by uid), holding either capability
+ *   in their effective or permitted set;
  * - units named by `unit:`, as systemd would start them: running as root
  *   with either capability in CapabilityBoundingSet, or with it in
  *   AmbientCapabilities.
@@ -20,6 +21,7 @@
  * unit's or the file system's to bound, and the hint says how.
  */
 import type { Facts } from '../compile/compile.js';
+import { selectorHoldsIds } from '../compile/explain.js';
 import { cgroupGlobMatcher } from '../compile/glob.js';
 import { clip, type PolicyIssue } from '../policy/issues.js';
 import type { Origin, Policy, Selector } from '../policy/model.js';
@@ -196,17 +198,15 @@ function shownName(name: string): string {
   );
 }
 
+/** The facts that decide who is a member by user or group: ids, subordinate ranges, group members. */
+export type MemberFacts = Pick<Facts, 'users' | 'groups' | 'subordinate' | 'members'>;
+
 /**
  * The decision: which confined members hold either capability, from the
- * threads and units read. `ids` are the policy's user and group names as
- * the compiler was told them (`Facts`), so the check means what the table does.
+ * threads and units read. `ids` are the policy's users and groups as the
+ * compiler was told them (`Facts`), so the check means what the table does.
  */
-export function decideHeldCapabilities(
-  members: readonly ConfinedMember[],
-  ids: Pick<Facts, 'users' | 'groups'>,
-  read: TasksRead,
-  units: UnitsRead | undefined,
-): CapabilityCheck {
+export function decideHeldCapabilities(members: readonly ConfinedMember[], ids: MemberFacts, read: TasksRead, units: UnitsRead | undefined): CapabilityCheck {
   const warnings: PolicyIssue[] = [];
   const problems = [...read.problems];
   const notes: string[] = [];
@@ -302,7 +302,7 @@ function describe(member: ConfinedMember): string {
 }
 
 /** Whether a thread belongs to the member, or undefined when the member matches nothing here (a name that does not exist). */
-function memberMatcher(selector: Selector, ids: Pick<Facts, 'users' | 'groups'>): ((reading: TaskReading, status: TaskStatus) => boolean) | undefined {
+function memberMatcher(selector: Selector, ids: MemberFacts): ((reading: TaskReading, status: TaskStatus) => boolean) | undefined {
   if (selector.kind === 'cgroup') {
     // As `socket cgroupv2 level N`: the thread's cgroup or an ancestor of it, at the glob's depth.
     const glob = cgroupGlobMatcher(selector.glob);
@@ -312,19 +312,17 @@ function memberMatcher(selector: Selector, ids: Pick<Facts, 'users' | 'groups'>)
       return parts.length >= selector.level && glob(parts.slice(0, selector.level).join('/'));
     };
   }
-  const id = (map: Facts['users'], value: string | number) => (typeof value === 'number' ? value : map.get(value));
-  if (selector.kind === 'user') {
-    const uid = id(ids.users, selector.user);
-    // Any of real, effective, saved and filesystem uid: a process can switch among them at will.
-    return typeof uid === 'number' ? (_, status) => status.uids.includes(uid) : undefined;
-  }
-  const gid = id(ids.groups, selector.group);
-  // Supplementary groups count: a member can make any of them its primary group (sg, setgid) and send with it.
-  return typeof gid === 'number' ? (_, status) => status.gids.includes(gid) || status.groups.includes(gid) : undefined;
+  const named = selector.kind === 'user' ? selector.user : selector.group;
+  const id = typeof named === 'number' ? named : (selector.kind === 'user' ? ids.users : ids.groups).get(named);
+  if (typeof id !== 'number') return undefined;
+  // As the table holds them: a user with its subordinate ranges, a group with its members by uid
+  // (one started with `setpriv --clear-groups` is held by uid). Any of real, effective, saved and
+  // filesystem ids, and the supplementary groups: a process can switch among them (sg, setgid) and send with each.
+  return (_, status) => selectorHoldsIds(selector, { uids: status.uids, gids: [...status.gids, ...status.groups] }, ids);
 }
 
 /** The check as `check` and `status` run it: nothing is read when no member is confined. */
-export function checkCapabilities(policy: Policy, ids: Pick<Facts, 'users' | 'groups'>, probe: CapabilityProbe): CapabilityCheck {
+export function checkCapabilities(policy: Policy, ids: MemberFacts, probe: CapabilityProbe): CapabilityCheck {
   const members = confinedMembers(policy);
   if (members.length === 0) return { warnings: [], problems: [], notes: [] };
   const services = [

@@ -3,7 +3,7 @@ import { join } from 'node:path';
 import { nftCanName, type Facts, type FactsNeeded, type IdLookup, type IdRange, type SubordinateIds, type UnnamedCgroup } from '../compile/compile.js';
 import type { PolicyIssue } from '../policy/issues.js';
 import { nssAccounts, nssLookup, type Accounts, type NameLookup } from './nss.js';
-import { linesOf, parseSubordinate, type SubordinateLine } from './subordinate.js';
+import { linesOf, parseSubordinate, type SubordinateFile } from './subordinate.js';
 
 /** The cgroup2 root nft resolves `socket cgroupv2` paths against. */
 export const CGROUP2_ROOT = '/sys/fs/cgroup';
@@ -199,27 +199,28 @@ function subordinateIds(
   lookup: NameLookup,
   warnings: PolicyIssue[],
 ): Map<number, SubordinateIds | { error: string }> {
-  const read = (file: string): SubordinateLine[] | { error: string } => {
+  // A refused line that names a policy user is an error for it (linesOf); the others stay warnings.
+  const lineWarnings: PolicyIssue[] = [];
+  const errorLines = new Set<string>();
+  const read = (file: string): SubordinateFile | { error: string } => {
     let text: string;
     try {
       text = readFileSync(file, 'utf8');
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      if ((error as NodeJS.ErrnoException).code === 'ENOENT') return { file, lines: [], refused: [] };
       return { error: `${file}: ${(error as NodeJS.ErrnoException).code ?? String(error)}` };
     }
     const parsed = parseSubordinate(text, file);
-    warnings.push(...parsed.warnings);
-    return parsed.lines;
+    lineWarnings.push(...parsed.warnings);
+    return { file, lines: parsed.lines, refused: parsed.refused };
   };
   const uidLines = read(files.subuid);
   const gidLines = read(files.subgid);
   // Another name of the same uid counts, as for newuidmap: each owner name is looked up once.
-  const owners = new Map<string, number | undefined>();
-  const uidOf = (name: string): number | undefined => {
-    if (!owners.has(name)) {
-      const id = lookup('user', name);
-      owners.set(name, typeof id === 'number' ? id : undefined);
-    }
+  // A lookup that fails is kept: that line may be any user's, so their ranges are unknown.
+  const owners = new Map<string, IdLookup | undefined>();
+  const uidOf = (name: string): IdLookup | undefined => {
+    if (!owners.has(name)) owners.set(name, lookup('user', name));
     return owners.get(name);
   };
   const result = new Map<number, SubordinateIds | { error: string }>();
@@ -228,10 +229,23 @@ function subordinateIds(
       result.set(uid, { error: 'error' in uidLines ? uidLines.error : (gidLines as { error: string }).error });
       continue;
     }
-    const ranges = (lines: SubordinateLine[]): IdRange[] => linesOf(lines, { name: undefined, uid }, uidOf).map(({ from, to }) => ({ from, to }));
-    const own = { uids: ranges(uidLines), gids: ranges(gidLines) };
-    if (own.uids.length + own.gids.length > 0) result.set(uid, own);
+    const ranges = (parsed: SubordinateFile): IdRange[] | { error: string } => {
+      const own = linesOf(parsed, { name: undefined, uid }, uidOf);
+      if ('error' in own) {
+        if (own.refused) errorLines.add(`${parsed.file}:${own.refused.line}`);
+        return { error: own.error };
+      }
+      return own.map(({ from, to }) => ({ from, to }));
+    };
+    const uidRanges = ranges(uidLines);
+    const gidRanges = ranges(gidLines);
+    if ('error' in uidRanges || 'error' in gidRanges) {
+      result.set(uid, 'error' in uidRanges ? uidRanges : (gidRanges as { error: string }));
+      continue;
+    }
+    if (uidRanges.length + gidRanges.length > 0) result.set(uid, { uids: uidRanges, gids: gidRanges });
   }
+  warnings.push(...lineWarnings.filter((w) => !errorLines.has(`${w.at.file}:${w.at.line}`)));
   return result;
 }
 

@@ -131,6 +131,8 @@ export interface Accounts {
   user(key: string | number): Found<PasswdRow>;
   group(key: string | number): Found<GroupRow>;
   everyUser(): readonly PasswdRow[] | { readonly error: string };
+  /** A user's groups as login gives them (initgroups): `gid`, its primary group, and every group listing `name` as a member. */
+  groupsOf(name: string, gid: number): readonly number[] | { readonly error: string };
 }
 
 /** In-process through koffi when it loads; else the getent binary. */
@@ -140,14 +142,14 @@ export function nssAccounts(): Accounts {
 }
 
 /**
- * getpwnam_r, getpwuid_r, getgrnam_r, getgrgid_r and getpwent_r through
- * koffi, with the same errno handling as `libcLookup`. An Error when koffi
+ * getpwnam_r, getpwuid_r, getgrnam_r, getgrgid_r, getpwent_r and
+ * getgrouplist through koffi, with the same errno handling as `libcLookup`. An Error when koffi
  * or libc cannot be loaded.
  */
 export function libcAccounts(options: { firstBuffer?: number } = {}): Accounts | Error {
   let koffi: typeof import('koffi');
   type Call = (...args: unknown[]) => number;
-  let calls: { pwnam: Call; pwuid: Call; grnam: Call; grgid: Call; pwent: Call; setpwent: () => void; endpwent: () => void };
+  let calls: { pwnam: Call; pwuid: Call; grnam: Call; grgid: Call; pwent: Call; grouplist: Call; setpwent: () => void; endpwent: () => void };
   try {
     koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
     const libc = koffi.load('libc.so.6');
@@ -171,6 +173,7 @@ export function libcAccounts(options: { firstBuffer?: number } = {}): Accounts |
       grnam: libc.func('getgrnam_r', 'int', ['const char *', grOut, 'void *', 'size_t', result]) as Call,
       grgid: libc.func('getgrgid_r', 'int', ['uint32_t', grOut, 'void *', 'size_t', result]) as Call,
       pwent: libc.func('getpwent_r', 'int', [pwOut, 'void *', 'size_t', result]) as Call,
+      grouplist: libc.func('getgrouplist', 'int', ['const char *', 'uint32_t', 'void *', koffi.inout(koffi.pointer('int'))]) as Call,
       setpwent: libc.func('setpwent', 'void', []) as () => void,
       endpwent: libc.func('endpwent', 'void', []) as () => void,
     };
@@ -246,12 +249,24 @@ export function libcAccounts(options: { firstBuffer?: number } = {}): Accounts |
         calls.endpwent();
       }
     },
+    groupsOf: (name, gid) => {
+      // -1 when the array is too small, with the count it needs written back.
+      for (let size = 64; ;) {
+        const count = [size];
+        const buffer = Buffer.alloc(size * 4);
+        if (calls.grouplist(name, gid, buffer, count) !== -1 || count[0]! <= size) {
+          const found = Math.min(count[0]!, size);
+          return [...new Uint32Array(buffer.buffer, buffer.byteOffset, found)];
+        }
+        size = count[0]!;
+      }
+    },
   };
 }
 
 /** The same through `getent passwd|group [KEY]` (exit 2: no such entry; `getent passwd` alone enumerates). */
 export function getentAccounts(binary = 'getent'): Accounts {
-  const run = (database: 'passwd' | 'group', key?: string | number): string | undefined | { error: string } => {
+  const run = (database: 'passwd' | 'group' | 'initgroups', key?: string | number): string | undefined | { error: string } => {
     const args = key === undefined ? [database] : [database, '--', String(key)];
     const done = spawnSync(binary, args, { encoding: 'utf8', timeout: 60_000, maxBuffer: 256 * 1024 * 1024 });
     if (done.error) return { error: `getent ${database}: ${done.error.message}` };
@@ -285,6 +300,14 @@ export function getentAccounts(binary = 'getent'): Accounts {
       const out = run('passwd');
       if (out === undefined) return [];
       return typeof out === 'string' ? passwdRows(out) : out;
+    },
+    groupsOf: (name, gid) => {
+      // "NAME gid gid…": the groups listing it, without its primary group.
+      const out = run('initgroups', name);
+      if (out !== undefined && typeof out !== 'string') return out;
+      const listed = (out ?? '').trim().split(/\s+/).slice(1);
+      if (!listed.every((g) => /^\d+$/.test(g))) return { error: `getent initgroups ${name}: an answer it could not read` };
+      return [...new Set([gid, ...listed.map(Number)])];
     },
   };
 }

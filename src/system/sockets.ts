@@ -4,10 +4,10 @@
  * for a live one, the groups of an orphan's user, and the addresses that
  * leave through lo.
  */
-import { spawnSync } from 'node:child_process';
 import { readdirSync, readlinkSync, statSync } from 'node:fs';
 import { networkInterfaces } from 'node:os';
 import type { SocketAccess } from '../enforce/sweep.js';
+import { nssAccounts, type Accounts } from './nss.js';
 import { openSockDiag } from './sock-diag.js';
 
 /**
@@ -42,13 +42,18 @@ export function socketGroups(inodes: ReadonlySet<number>, proc = '/proc'): Map<n
   return found;
 }
 
-/** A user's groups through NSS, primary and supplementary (`id -G`), or why they could not be looked up. */
-export function groupsOfUser(uid: number): readonly number[] | { error: string } {
-  const run = spawnSync('id', ['-G', '--', String(uid)], { encoding: 'utf8', timeout: 10_000 });
-  if (run.error) return { error: `id -G ${uid}: ${run.error.message}` };
-  if (run.status !== 0) return { error: `id -G ${uid}: ${run.stderr.trim() || `exit ${run.status}`}` };
-  const gids = run.stdout.trim().split(/\s+/).map(Number);
-  return gids.every(Number.isInteger) ? gids : { error: `id -G ${uid}: unexpected answer "${run.stdout.trim()}"` };
+/**
+ * A uid's groups through NSS, primary and supplementary, as login would give
+ * them: its passwd entry by uid, then every group listing its name. Looked
+ * up by uid, never as a name (`id -G 1000` asks for a user named "1000"
+ * first). A uid with no passwd entry (a subordinate uid) has none.
+ */
+export function groupsOfUser(uid: number, accounts: Pick<Accounts, 'user' | 'groupsOf'>): readonly number[] | { error: string } {
+  const user = accounts.user(uid);
+  if (user === undefined) return [];
+  if ('error' in user) return { error: `uid ${uid}: ${user.error}` };
+  const groups = accounts.groupsOf(user.name, user.gid);
+  return 'error' in groups ? { error: `uid ${uid}: ${groups.error}` } : groups;
 }
 
 /** The addresses of this network namespace's interfaces: a connection to one leaves through lo. */
@@ -64,11 +69,13 @@ export function localAddresses(): Set<string> {
 /** The system's sockets, through sock_diag in the calling process's network namespace. */
 export function openSocketAccess(): SocketAccess {
   const diag = openSockDiag();
+  // Bound on first use: only an orphan of a policy naming groups asks.
+  let accounts: Accounts | undefined;
   return {
     tcpSockets: (states) => diag.tcpSockets(states),
     destroy: (socket) => diag.destroy(socket),
     socketGroups: (inodes) => socketGroups(inodes),
-    groupsOfUser,
+    groupsOfUser: (uid) => groupsOfUser(uid, (accounts ??= nssAccounts())),
     localAddresses,
     close: () => diag.close(),
   };

@@ -63,6 +63,14 @@ systemDomains:
     ]);
   });
 
+  it("a dual-stack socket to this machine's own IPv4 address (v4-mapped) leaves through lo too: never cut, under lockdown neither", () => {
+    const yaml = 'defaults: {egress: allow}\nsystemDomains:\n  offline: {members: [{user: vault}]}\n';
+    const mapped = [socket(990, '::ffff:192.0.2.1'), socket(1000, '::ffff:192.0.2.1'), socket(990, '::ffff:192.0.2.9')];
+    expect(cutOf(yaml, mapped)).toEqual([[990, '::ffff:192.0.2.9', 'sd/offline']]);
+    expect(cutOf(yaml, mapped, { lockdown: true })).toEqual([[990, '::ffff:192.0.2.9', 'sd/offline']]);
+    expect(cutOf('defaults: {egress: allow}\n', mapped, { lockdown: true })).toEqual([[990, '::ffff:192.0.2.9', 'lockdown']]);
+  });
+
   it("lockdown cuts everything but loopback and Tor's own user", () => {
     const yaml = 'defaults: {egress: allow}\ntor: {enabled: true}\n';
     expect(cutOf(yaml, [socket(1000, '192.0.2.2'), socket(110, '192.0.2.2'), socket(1000, '::1')], { lockdown: true })).toEqual([

@@ -212,6 +212,26 @@ tor:
     ]);
   });
 
+  it('a member by user holds its subordinate uids and gids; by group, its members by uid, as the table does (Facts.subordinate, Facts.members)', () => {
+    const facts = {
+      ...FACTS,
+      subordinate: new Map([[990, { uids: [{ from: 200000, to: 265535 }], gids: [{ from: 300000, to: 300009 }] }]]),
+      members: new Map([[10, [1001]]]),
+    };
+    const tasks = [
+      task(900, '', status({ name: 'rootless', uid: [200007, 200007, 200007, 200007], gid: [5, 5, 5, 5], eff: RAW })),
+      task(901, '', status({ name: 'subgid', uid: [4000, 4000, 4000, 4000], gid: [4000, 4000, 4000, 4000], groups: [300009], eff: RAW })),
+      task(902, '', status({ name: 'cleared', uid: [1001, 1001, 1001, 1001], gid: [1001, 1001, 1001, 1001], groups: [], eff: ADMIN })),
+      task(903, '', status({ name: 'outside', uid: [265536, 265536, 265536, 265536], gid: [300010, 300010, 300010, 300010], eff: RAW })),
+    ];
+    expect(decideHeldCapabilities(members, facts, { tasks, problems: [] }, undefined).warnings.map((w) => w.message)).toEqual([
+      'system domain offline member user vault is not confined by the table: PID 900 ("rootless") holds CAP_NET_RAW, PID 901 ("subgid") holds CAP_NET_RAW (AF_PACKET frames never meet the table)',
+      'system domain offline member group wheel is not confined by the table: PID 902 ("cleared") holds CAP_NET_ADMIN (it can change or remove the table)',
+    ]);
+    // Without those facts, the same processes are no member.
+    expect(decideHeldCapabilities(members, FACTS, { tasks, problems: [] }, undefined).warnings).toEqual([]);
+  });
+
   it('a process holds what any of its threads holds; kernel threads are no member', () => {
     const result = decide([
       task(300, '', status({ name: 'main', uid: [990, 990, 990, 990] })),

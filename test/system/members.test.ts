@@ -1,9 +1,13 @@
+import { execFileSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
+import { FACTS, policyFrom } from '../support/compile-text.js';
 import { accountFilesToWatch, gatherFacts } from '../../src/system/facts.js';
 import { getentAccounts, libcAccounts, type Accounts, type GroupRow, type NameLookup, type PasswdRow } from '../../src/system/nss.js';
+import { compile } from '../../src/compile/compile.js';
+import { groupsOfUser } from '../../src/system/sockets.js';
 import { parseSubordinate } from '../../src/system/subordinate.js';
 
 const work = mkdtempSync(join(tmpdir(), 'egd-members-'));
@@ -25,6 +29,7 @@ const accounts = (overrides: Partial<Accounts> = {}): Accounts => ({
   user: (key) => PASSWD.find((u) => u.name === key || u.uid === key),
   group: (key) => GROUPS.find((g) => g.name === key || g.gid === key),
   everyUser: () => PASSWD,
+  groupsOf: (name, gid) => [gid, ...GROUPS.filter((g) => g.members.includes(name)).map((g) => g.gid)],
   ...overrides,
 });
 const files = (subuid: string, subgid: string, nsswitch = 'passwd: files systemd\n') => {
@@ -36,7 +41,7 @@ const files = (subuid: string, subgid: string, nsswitch = 'passwd: files systemd
 };
 
 describe('subordinate ids', () => {
-  it('parses owner:start:count; a bad line is skipped with a warning at file:line, never fatal', () => {
+  it('parses owner:start:count as newuidmap does; a line it refuses is skipped with a warning at file:line', () => {
     const text = [
       'alice:100000:65536',
       '',
@@ -49,19 +54,60 @@ describe('subordinate ids', () => {
       ':5:5',
       'carol:300000:1',
     ].join('\n');
-    const { lines, warnings } = parseSubordinate(text, '/etc/subuid');
+    const { lines, warnings, refused } = parseSubordinate(text, '/etc/subuid');
+    // Read by newuidmap (shadow 4.13, tried): a fourth field is ignored; a range past 2^32 - 2 keeps the ids that exist.
     expect(lines).toEqual([
-      { owner: 'alice', from: 100000, to: 165535 },
-      { owner: '1001', from: 200000, to: 200009 },
-      { owner: 'carol', from: 300000, to: 300000 },
+      { owner: 'alice', line: 1, from: 100000, to: 165535 },
+      { owner: '1001', line: 4, from: 200000, to: 200009 },
+      { owner: 'bob', line: 5, from: 1, to: 2 },
+      { owner: 'bob', line: 8, from: 4294967290, to: 4294967294 },
+      { owner: 'carol', line: 10, from: 300000, to: 300000 },
     ]);
     expect(warnings.map((w) => `${w.at.file}:${w.at.line}:${w.at.col} ${w.message}`)).toEqual([
-      '/etc/subuid:5:1 subordinate id line skipped: 4 fields, not 3 (owner:start:count)',
-      '/etc/subuid:6:1 subordinate id line skipped: start and count must be decimal numbers',
-      '/etc/subuid:7:1 subordinate id line skipped: a count of 0',
-      '/etc/subuid:8:1 subordinate id line skipped: the range passes 4294967294, the highest id',
+      '/etc/subuid:6:1 subordinate id line skipped: start "x" is not a number',
+      '/etc/subuid:7:1 subordinate id line covers no id a process can have',
       '/etc/subuid:9:1 subordinate id line skipped: no owner',
     ]);
+    expect(refused).toEqual([
+      { owner: 'bob', line: 6, why: 'start "x" is not a number' },
+      { owner: '', line: 9, why: 'no owner' },
+    ]);
+  });
+
+  it("reads start and count as newuidmap's strtoul(…, 0) does, with its 64-bit wrap: each case below was tried on the real newuidmap", () => {
+    const cases: [string, [number, number] | 'none' | 'refused'][] = [
+      ['u:0x186a0:010', [100000, 100007]],
+      ['u:0303240:2', [100000, 100001]],
+      ['u:0x10:0X2', [16, 17]],
+      ['u: +100000:1', [100000, 100000]],
+      ['u:\t16:1', [16, 16]],
+      ['u:-0:1', [0, 0]],
+      // A count of 0 at 0 wraps to every id; a count of -1 to every id from start: newuidmap maps them (tried).
+      ['u:0:0', [0, 4294967294]],
+      ['u:1:-1', [1, 4294967294]],
+      ['u:4294967294:2', [4294967294, 4294967294]],
+      ['u:1:0', 'none'],
+      ['u:4294967295:1', 'none'],
+      ['u:-1:1', 'none'],
+      ['u:08:1', 'refused'],
+      ['u:0x:1', 'refused'],
+      ['u:100000:1 ', 'refused'],
+      ['u:100000:1\r', 'refused'],
+      ['u:99999999999999999999:1', 'refused'],
+      ['u:1', 'refused'],
+      ['u::1', 'refused'],
+      ['+u:100000:1', 'refused'],
+      // 1024 bytes: longer than shadow's line buffer takes (1023 is read, below).
+      [`u:1:${'0'.repeat(1019)}1`, 'refused'],
+    ];
+    for (const [line, expected] of cases) {
+      const parsed = parseSubordinate(`${line}\n`, 'f');
+      const got = parsed.lines.length > 0 ? [parsed.lines[0]!.from, parsed.lines[0]!.to] : parsed.refused.length > 0 ? 'refused' : 'none';
+      expect(got, JSON.stringify(line)).toEqual(expected);
+    }
+    // The owner is not trimmed, and a comment is a line like any other where newuidmap reads one.
+    expect(parseSubordinate(' alice:1:1\n#x:5:1\n# a comment\n', 'f').lines.map((l) => l.owner)).toEqual([' alice', '#x']);
+    expect(parseSubordinate(`u:1:${'0'.repeat(1018)}1\n`, 'f').lines).toHaveLength(1);
   });
 
   it("gathers each named user's ranges, written with its name, its uid or another name of the same uid, as newuidmap finds them", () => {
@@ -88,6 +134,48 @@ describe('subordinate ids', () => {
     expect(facts.warnings?.map((w) => `${w.at.file}:${w.at.line} ${w.message}`)).toEqual([
       `${f.subuid}:5 subordinate id line skipped: 1 field, not 3 (owner:start:count)`,
     ]);
+  });
+
+  it('newuidmap matches a uid owner as "%lu" prints it: "01000" is not uid 1000', () => {
+    const f = files('01000:100000:5\n1000:200000:5\n', '');
+    const facts = gatherFacts({ users: ['alice'], groups: [], cgroupDepth: 0 }, { lookup, accounts: accounts(), files: f });
+    expect(facts.subordinate?.get(1000)).toEqual({ uids: [{ from: 200000, to: 200004 }], gids: [] });
+  });
+
+  it("a line newuidmap refuses that names a policy user (by name, uid or another name of its uid) is an error at file:line for that user; another's stays a warning", () => {
+    const f = files('alice:100000:65536\nally:300000:5x\ncarol:400000:1 \n', '01001:0x:1\n');
+    const facts = gatherFacts({ users: ['alice', 'bob'], groups: [], cgroupDepth: 0 }, { lookup, accounts: accounts(), files: f });
+    expect(facts.subordinate).toEqual(
+      new Map([
+        [1000, { error: `${f.subuid}:2: a line of this user that newuidmap does not read: count "5x" is not a number` }],
+        [1001, { error: `${f.subgid}:1: a line of this user that newuidmap does not read: start "0x" is not a number` }],
+      ]),
+    );
+    expect(facts.warnings?.map((w) => `${w.at.file}:${w.at.line} ${w.message}`)).toEqual([
+      `${f.subuid}:3 subordinate id line skipped: count "1 " is not a number`,
+    ]);
+    const compiled = compile(policyFrom('systemDomains: {offline: {members: [{user: alice}]}}\n'), { ...FACTS, ...facts }, {});
+    expect(compiled.errors.map((e) => e.message)).toEqual([
+      `cannot read the subordinate ids of user "alice": ${f.subuid}:2: a line of this user that newuidmap does not read: count "5x" is not a number`,
+    ]);
+  });
+
+  it("an owner name that cannot be looked up makes every named user's ranges unknown: that line may be theirs", () => {
+    const f = files('alice:100000:65536\nldapuser:300000:5\n1001:200000:10\n', '');
+    const failing: NameLookup = (kind, name) =>
+      kind === 'user' && name === 'ldapuser' ? { error: 'getpwnam_r: a name service module in nsswitch.conf is unavailable' } : lookup(kind, name);
+    const facts = gatherFacts({ users: ['alice'], groups: [], userIds: [1001], cgroupDepth: 0 }, { lookup: failing, accounts: accounts(), files: f });
+    const error = { error: `${f.subuid}:2: the owner ldapuser cannot be looked up: getpwnam_r: a name service module in nsswitch.conf is unavailable` };
+    expect(facts.subordinate).toEqual(
+      new Map([
+        [1000, error],
+        [1001, error],
+      ]),
+    );
+    // The compiler refuses, as for a failed name lookup.
+    const compiled = compile(policyFrom('systemDomains: {offline: {members: [{user: alice}]}}\n'), { ...FACTS, ...facts }, {});
+    expect(compiled.lookupFailed).toBe(true);
+    expect(compiled.errors.map((e) => e.message)).toEqual([`cannot read the subordinate ids of user "alice": ${error.error}`]);
   });
 
   it('files that are not there give no ranges; a file that cannot be read makes the ranges unknown', () => {
@@ -152,6 +240,36 @@ describe('accounts through NSS', () => {
     for (const name of all) expect(libc.group(name)).toEqual(getent.group(name));
     for (const gid of [0, 987654]) expect(libc.group(gid)).toEqual(getent.group(gid));
     expect(getentAccounts('/nonexistent/getent').everyUser()).toEqual({ error: expect.stringContaining('ENOENT') });
+  });
+});
+
+describe("a uid's groups, for the sweep's orphans", () => {
+  it('looked up by uid, never as a name; a uid without a passwd entry (a subordinate uid) has none; a failure is said', () => {
+    const asked: string[] = [];
+    const fake = accounts({ groupsOf: (name, gid) => (asked.push(`${name} ${gid}`), accounts().groupsOf(name, gid)) });
+    expect(groupsOfUser(1002, fake)).toEqual([1002, 50]);
+    expect(groupsOfUser(1001, fake)).toEqual([50]);
+    expect(asked).toEqual(['carol 1002', 'bob 50']);
+    expect(groupsOfUser(100000, fake)).toEqual([]);
+    expect(groupsOfUser(1000, accounts({ user: () => ({ error: 'getpwuid_r failed: EIO' }) }))).toEqual({ error: 'uid 1000: getpwuid_r failed: EIO' });
+    expect(groupsOfUser(1000, accounts({ groupsOf: () => ({ error: 'EIO' }) }))).toEqual({ error: 'uid 1000: EIO' });
+  });
+
+  it('on this machine: libc (getgrouplist) and getent agree with id, for every user; a uid no one has has no groups', () => {
+    const libc = libcAccounts();
+    if (libc instanceof Error) throw libc;
+    const getent = getentAccounts();
+    const users = getent.everyUser();
+    if ('error' in users) throw new Error(users.error);
+    expect(users.length).toBeGreaterThan(0);
+    const sorted = (found: readonly number[] | { error: string }) => ('error' in found ? found : [...found].sort((a, b) => a - b));
+    for (const user of users) {
+      const id = execFileSync('id', ['-G', '--', user.name], { encoding: 'utf8' }).trim().split(/\s+/).map(Number);
+      expect(sorted(groupsOfUser(user.uid, libc)), user.name).toEqual(sorted(id));
+      expect(sorted(groupsOfUser(user.uid, getent)), user.name).toEqual(sorted(id));
+    }
+    expect(groupsOfUser(3999999, libc)).toEqual([]);
+    expect(groupsOfUser(3999999, getent)).toEqual([]);
   });
 });
 
