@@ -71,6 +71,9 @@ export function parseSubordinate(text: string, file: string): { lines: Subordina
       warn(number, 'subordinate id line covers no id a process can have');
       return;
     }
+    // newuidmap lets the owner map these ids, root's included: its identity holds them, and what confines it confines them.
+    if (read.start === 0n)
+      warn(number, `subordinate ids of ${JSON.stringify(read.owner)} include 0: it can map root into its user namespaces, so its identity holds uid 0 too`);
     lines.push({ owner: read.owner, line: number, from: Number(read.start), to: Number(last > BigInt(MAX_ID) ? BigInt(MAX_ID) : last) });
   });
   return { lines, refused, warnings };

@@ -108,6 +108,10 @@ describe('subordinate ids', () => {
     // The owner is not trimmed, and a comment is a line like any other where newuidmap reads one.
     expect(parseSubordinate(' alice:1:1\n#x:5:1\n# a comment\n', 'f').lines.map((l) => l.owner)).toEqual([' alice', '#x']);
     expect(parseSubordinate(`u:1:${'0'.repeat(1018)}1\n`, 'f').lines).toHaveLength(1);
+    // A range from 0 lets its owner map root: said, since the owner's identity then holds uid 0 too.
+    expect(parseSubordinate('u:0:0\nv:1:5\n', 'f').warnings.map((w) => [w.at.line, w.message])).toEqual([
+      [1, 'subordinate ids of "u" include 0: it can map root into its user namespaces, so its identity holds uid 0 too'],
+    ]);
   });
 
   it("gathers each named user's ranges, written with its name, its uid or another name of the same uid, as newuidmap finds them", () => {
