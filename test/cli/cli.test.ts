@@ -2,30 +2,16 @@ import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { main } from '../../src/cli/egressctl.js';
-import { Exit, exitCodeFor, type Deps } from '../../src/cli/deps.js';
+import { Exit, exitCodeFor } from '../../src/cli/deps.js';
 import { EgressError, ErrorCode } from '../../src/errors.js';
 import { FACTS } from '../support/compile-text.js';
+import { runEgressctl } from '../support/cli-run.js';
 import { policyDir } from '../support/policy-dir.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');
 const SHIPPED = join(ROOT, 'policies');
 
-/** Runs egressctl in-process with output captured; only the I/O is faked, the commands run for real. */
-async function run(...argv: string[]) {
-  const out: string[] = [];
-  const err: string[] = [];
-  const deps: Deps = {
-    out: (t) => out.push(t),
-    err: (t) => err.push(t),
-    facts: () => FACTS,
-    // These commands never reach the kernel; the enforcement commands are tested in network namespaces.
-    nft: () => Promise.reject(new Error('no nft in this test')),
-    stateDir: '/nonexistent',
-    audit: () => undefined,
-  };
-  const code = await main(argv, deps);
-  return { code, out: out.join('\n'), err: err.join('\n') };
-}
+const run = (...argv: string[]) => runEgressctl(argv);
 
 describe('egressctl', () => {
   it('check: the shipped policies are valid', async () => {

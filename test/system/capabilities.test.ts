@@ -2,8 +2,6 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'nod
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { main } from '../../src/cli/egressctl.js';
-import type { Deps } from '../../src/cli/deps.js';
 import {
   checkCapabilities,
   confinedMembers,
@@ -18,6 +16,7 @@ import {
 } from '../../src/system/capabilities.js';
 import { parseValue, systemCapabilityProbe } from '../../src/system/capability-probe.js';
 import { FACTS, policyFrom } from '../support/compile-text.js';
+import { runEgressctl } from '../support/cli-run.js';
 import { policyDir } from '../support/policy-dir.js';
 
 /** A /proc status file as Linux 6.x prints it, with the fields that matter given. */
@@ -375,21 +374,7 @@ describe('egressctl check and status carry the warnings', () => {
     }),
     units: () => ({ available: false, why: 'no system bus (stand-in)' }),
   };
-  const run = async (...argv: string[]) => {
-    const out: string[] = [];
-    const err: string[] = [];
-    const deps: Deps = {
-      out: (t) => out.push(t),
-      err: (t) => err.push(t),
-      facts: () => FACTS,
-      nft: () => Promise.reject(new Error('no nft in this test')),
-      stateDir: '/nonexistent',
-      audit: () => undefined,
-      capabilities: probe,
-    };
-    const code = await main(argv, deps);
-    return { code, out: out.join('\n'), err: err.join('\n') };
-  };
+  const run = (...argv: string[]) => runEgressctl(argv, { capabilities: probe });
 
   it('check: a warning at the member line, exit 0; --json stays one document with them in it', async () => {
     const dir = policyDir({ 'a.yaml': 'systemDomains:\n  offline:\n    members:\n      - {unit: vault.service}\n' });
