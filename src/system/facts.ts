@@ -151,10 +151,11 @@ export interface FactSources {
  */
 export function gatherFacts(needed: FactsNeeded, sources: FactSources = {}): Facts {
   // Bound on first use: a policy without user or group names loads no FFI.
-  let look = sources.lookup;
-  const lookup: NameLookup = (kind, name) => (look ??= nssLookup())(kind, name);
   let accounts = sources.accounts;
   const account = (): Accounts => (accounts ??= nssAccounts());
+  // Names looked up through the same binding the members and ranges are read with: libc is bound once.
+  let look = sources.lookup;
+  const lookup: NameLookup = (kind, name) => (look ??= nssLookup(account()))(kind, name);
   const resolve = (kind: 'user' | 'group', names: readonly string[]): Map<string, IdLookup> => {
     const ids = new Map<string, IdLookup>();
     for (const name of names) {

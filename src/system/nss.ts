@@ -19,10 +19,9 @@ export type NameLookup = (kind: 'user' | 'group', name: string) => IdLookup | un
 const FIRST_BUFFER = 16 * 1024;
 const MAX_BUFFER = 16 * 1024 * 1024;
 
-/** In-process through koffi when it loads; else the getent binary. */
-export function nssLookup(): NameLookup {
-  const inProcess = libcLookup();
-  return inProcess instanceof Error ? getentLookup() : inProcess;
+/** Names to ids off whole entries: by default in-process through koffi when it loads, else the getent binary (`nssAccounts`). */
+export function nssLookup(accounts: Accounts = nssAccounts()): NameLookup {
+  return idsFrom(accounts);
 }
 
 /** getpwnam_r / getgrnam_r from libc through koffi (`libcAccounts`), synchronously: the compile path is synchronous. An Error when koffi or libc cannot be loaded. */
