@@ -27,6 +27,7 @@
  * the same socket decide (a user-identified app that allows what its
  * group's app denies): that errs towards cutting.
  */
+import { isIPv4 } from 'node:net';
 import type { Facts } from '../compile/compile.js';
 import { explain, type ExplainFacts, type Explanation, type Who } from '../compile/explain.js';
 import { EgressError, ErrorCode } from '../errors.js';
@@ -139,11 +140,8 @@ export function socketsToCut(
   for (const socket of sockets) {
     // A connection to one of this machine's own addresses leaves through lo, as loopback does;
     // a dual-stack socket names an IPv4 one v4-mapped, and the interfaces list it plain.
-    const host = local.has(unmapped(socket.remote.address))
-      ? socket.family === 4 || socket.remote.address.startsWith('::ffff:')
-        ? '127.0.0.1'
-        : '::1'
-      : socket.remote.address;
+    const remote = unmapped(socket.remote.address);
+    const host = local.has(remote) ? (isIPv4(remote) ? '127.0.0.1' : '::1') : socket.remote.address;
     const port = socket.remote.port;
     const gid = socket.inode === 0 ? undefined : live.get(socket.inode);
     const gids = named.size === 0 ? [] : gid !== undefined ? (named.has(gid) ? [gid] : []) : groupsOf(socket.uid);
