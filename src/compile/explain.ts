@@ -4,7 +4,7 @@ import { clip } from '../policy/issues.js';
 import type { Identity, Origin, Policy, Protocol, Rule, Selector } from '../policy/model.js';
 import { identitiesOverlap, slicePath } from '../policy/resolve.js';
 import type { Facts, IdRange, SubordinateIds } from './compile.js';
-import { cgroupGlobMatcher } from './glob.js';
+import { cgroupAncestorMatching } from './glob.js';
 
 /**
  * Who is asking, as `egressctl explain --app` takes it: an app or identity
@@ -356,7 +356,7 @@ function selectorRank(selector: Selector, who: Who, facts: ExplainFacts): number
     if (group !== undefined && sameId(selector.group, group, facts.groups)) return RANK.gid;
     return undefined;
   }
-  if (who.kind === 'cgroup') return cgroupAt(who.path, selector) !== undefined ? 1000 - selector.level : undefined;
+  if (who.kind === 'cgroup') return cgroupAncestorMatching(who.path, selector) !== undefined ? 1000 - selector.level : undefined;
   return undefined;
 }
 
@@ -391,14 +391,6 @@ function inRanges(id: number | undefined, ranges: readonly IdRange[] | undefined
   return id !== undefined && (ranges ?? []).some((range) => id >= range.from && id <= range.to);
 }
 
-/** The ancestor `socket cgroupv2 level N` looks at when it matches the selector's glob: a process deeper in the tree matches too. */
-function cgroupAt(path: string, selector: Extract<Selector, { kind: 'cgroup' }>): string | undefined {
-  const segments = path.replace(/^\/+|\/+$/g, '').split('/');
-  if (segments.length < selector.level) return undefined;
-  const ancestor = segments.slice(0, selector.level).join('/');
-  return cgroupGlobMatcher(selector.glob)(ancestor) ? ancestor : undefined;
-}
-
 /**
  * Says why the asker's cgroup is one a non-root user controls, when the
  * deepest cgroup of `identities` it matches is (the map element the kernel
@@ -411,7 +403,7 @@ function delegatedMember(policy: Policy, identities: readonly Identity[], who: W
   let deepest: { level: number; path: string } | undefined;
   for (const selector of identities.flatMap((i) => i.selectors)) {
     if (selector.kind !== 'cgroup' || (deepest && deepest.level >= selector.level)) continue;
-    const path = cgroupAt(who.path, selector);
+    const path = cgroupAncestorMatching(who.path, selector);
     if (path !== undefined) deepest = { level: selector.level, path };
   }
   const owner = deepest && facts.cgroupOwners?.get(deepest.path);

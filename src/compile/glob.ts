@@ -20,3 +20,15 @@ export function cgroupGlobMatcher(glob: string): (path: string) => boolean {
   const regex = new RegExp(`^${pattern}$`);
   return (path) => regex.test(path.replace(/^\/+|\/+$/g, ''));
 }
+
+/**
+ * The ancestor of `path` that `socket cgroupv2 level N` looks at, when it
+ * matches the glob: a process deeper in the tree matches too. Undefined for
+ * a path shallower than the glob's level, or an ancestor it does not match.
+ */
+export function cgroupAncestorMatching(path: string, selector: { readonly glob: string; readonly level: number }): string | undefined {
+  const segments = path.replace(/^\/+|\/+$/g, '').split('/');
+  if (segments.length < selector.level) return undefined;
+  const ancestor = segments.slice(0, selector.level).join('/');
+  return cgroupGlobMatcher(selector.glob)(ancestor) ? ancestor : undefined;
+}

@@ -22,7 +22,7 @@
  */
 import type { Facts } from '../compile/compile.js';
 import { selectorHoldsIds } from '../compile/explain.js';
-import { cgroupGlobMatcher } from '../compile/glob.js';
+import { cgroupAncestorMatching } from '../compile/glob.js';
 import { clip, type PolicyIssue } from '../policy/issues.js';
 import type { Origin, Policy, Selector } from '../policy/model.js';
 
@@ -305,12 +305,7 @@ function describe(member: ConfinedMember): string {
 function memberMatcher(selector: Selector, ids: MemberFacts): ((reading: TaskReading, status: TaskStatus) => boolean) | undefined {
   if (selector.kind === 'cgroup') {
     // As `socket cgroupv2 level N`: the thread's cgroup or an ancestor of it, at the glob's depth.
-    const glob = cgroupGlobMatcher(selector.glob);
-    return (reading) => {
-      if (reading.cgroup === undefined || reading.cgroup === '') return false;
-      const parts = reading.cgroup.split('/');
-      return parts.length >= selector.level && glob(parts.slice(0, selector.level).join('/'));
-    };
+    return (reading) => reading.cgroup !== undefined && reading.cgroup !== '' && cgroupAncestorMatching(reading.cgroup, selector) !== undefined;
   }
   const named = selector.kind === 'user' ? selector.user : selector.group;
   const id = typeof named === 'number' ? named : (selector.kind === 'user' ? ids.users : ids.groups).get(named);
