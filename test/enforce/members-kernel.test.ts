@@ -51,6 +51,14 @@ describe.skipIf(unavailable)(`subordinate ids and group members against the kern
     return { tcp: await tcp.count(), udp: await udp.count() };
   };
 
+  /** What `server` saw, once it saw something or 1.5 s passed. */
+  const settled = async (server: Server): Promise<number> => {
+    for (const end = Date.now() + 1500; ; await new Promise((resolve) => setTimeout(resolve, 100))) {
+      const seen = await server.count();
+      if (seen > 0 || Date.now() >= end) return seen;
+    }
+  };
+
   /**
    * A real user namespace made by egd-app1 and mapped, as newuidmap and
    * newgidmap map it, to its subordinate ranges (root writes the maps); the
@@ -79,7 +87,8 @@ describe.skipIf(unavailable)(`subordinate ids and group members against the kern
     ].join('\n');
     const run = await net.host.exec('bash', ['-c', script]);
     if (run.code !== 0) throw new Error(`user namespace probe failed: ${run.code} ${run.stderr}`);
-    return { tcp: await tcp.count(), udp: await udp.count(), kernelUid: run.stdout.trim() };
+    // The shell only opens and closes its connection: give the servers a moment to record it, so that a 0 means none came.
+    return { tcp: await settled(tcp), udp: await settled(udp), kernelUid: run.stdout.trim() };
   };
 
   beforeAll(async () => {
@@ -101,7 +110,7 @@ describe.skipIf(unavailable)(`subordinate ids and group members against the kern
       [
         'until grep -q . /proc/self/gid_map; do sleep 0.02; done',
         // Now uid 0 of its namespace: what it executes has the namespace's capabilities, and can take uid 1 (the first subordinate uid).
-        `exec setpriv --reuid=1 --regid=1 --clear-groups -- bash -c 'sleep 0.3; echo hi > /dev/udp/${DEST}/${PORT}; timeout 1 bash -c "exec 3<>/dev/tcp/${DEST}/${PORT}" || true'`,
+        `exec setpriv --reuid=1 --regid=1 --clear-groups -- bash -c 'sleep 0.3; echo hi > /dev/udp/${DEST}/${PORT}; timeout 3 bash -c "exec 3<>/dev/tcp/${DEST}/${PORT}" || true'`,
         '',
       ].join('\n'),
       { mode: 0o644 },
