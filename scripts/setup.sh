@@ -11,10 +11,13 @@ cd "$(dirname "$0")/.."
 # libnss-extrausers: an NSS module, for the test of users known only through NSS (test/system/nss.test.ts).
 # systemd: busctl, through which check and status ask systemd for units' capabilities (not started here).
 # dbus, python3-dbus, python3-gi: a private bus and a stand-in for systemd on it (test/system/capability-dbus.test.ts).
-debian_packages=(nftables libnftables1 netbase iproute2 util-linux procps iputils-ping passwd tcpdump libnss-extrausers systemd dbus python3-dbus python3-gi)
+# libnftnl11, libmnl0: netfilter's own message builders, through which the resolver adds set elements without nft's cache.
+# dnsmasq-base, bind9-dnsutils: a real authoritative DNS server in the tests' "internet", and dig to ask it.
+debian_packages=(nftables libnftables1 libnftnl11 libmnl0 netbase iproute2 util-linux procps iputils-ping passwd tcpdump libnss-extrausers systemd dbus python3-dbus python3-gi dnsmasq-base bind9-dnsutils)
 if [[ ${1:-} == --bench ]]; then
   # bench/packet-cost.ts: a load generator in C, a compiler for its server, perf for its profile.
-  debian_packages+=(wrk gcc libc6-dev linux-perf)
+  # bench/resolver.ts: dnsperf drives the load; dnsmasq (above) is the resolver compared against.
+  debian_packages+=(wrk gcc libc6-dev linux-perf dnsperf)
 elif [[ $# -gt 0 ]]; then
   echo "usage: scripts/setup.sh [--bench]" >&2
   exit 2
