@@ -82,3 +82,39 @@ export class NftRefusedError extends EgressError {
 export function nftRefusal(value: unknown): NftRefusal | undefined {
   return value instanceof NftRefusedError ? value.reason : undefined;
 }
+
+/**
+ * Why the kernel refused a set element write (src/nft/set-elements.ts),
+ * classified once where the kernel answers; nothing of that transaction was
+ * written:
+ * - missing-set: a set it names is not in the table (a re-apply renamed it: re-read the live names);
+ * - missing-table: the table itself is not there (released, or not applied yet);
+ * - permission: this process may not change nftables here (CAP_NET_ADMIN in its network namespace);
+ * - invalid: something the set cannot take (an address of the other family, a set without
+ *   timeouts), or a write refused before it was sent (a bad name, address or timeout);
+ * - full: the set holds as many elements as its size allows;
+ * - other: anything else the kernel turned down.
+ */
+export type SetWriteRefusal = 'missing-set' | 'missing-table' | 'permission' | 'invalid' | 'full' | 'other';
+
+/** A set element write was refused (code EGD_NFT_APPLY); nothing of its transaction was written. */
+export class SetWriteRefusedError extends EgressError {
+  readonly reason: SetWriteRefusal;
+  /** The set the refused message named, when the refusal is about one. */
+  readonly set: string | undefined;
+  /** The kernel's errno (positive); undefined when the write was refused before it was sent. */
+  readonly errno: number | undefined;
+
+  constructor(reason: SetWriteRefusal, message: string, options: { set?: string; errno?: number; details?: readonly string[] } = {}) {
+    super(ErrorCode.NftApply, message, options.details === undefined ? {} : { details: options.details });
+    this.name = 'SetWriteRefusedError';
+    this.reason = reason;
+    this.set = options.set;
+    this.errno = options.errno;
+  }
+}
+
+/** The reason a set element write was refused, when `value` is such a refusal. */
+export function setWriteRefusal(value: unknown): SetWriteRefusal | undefined {
+  return value instanceof SetWriteRefusedError ? value.reason : undefined;
+}

@@ -186,7 +186,7 @@ export class NetlinkSocket {
 
 /** errno names as koffi knows them, for messages people read; callers match on the number. */
 let errnoNames: Map<number, string> | undefined;
-function errnoName(errno: number): string {
+export function errnoName(errno: number): string {
   errnoNames ??= loadErrnoNames();
   return errnoNames.get(errno) ?? `errno ${errno}`;
 }
@@ -206,6 +206,11 @@ const SOCK_CLOEXEC = 0o2000000;
 const SOL_SOCKET = 1;
 /** SO_RCVTIMEO with a 64-bit struct timeval (x86_64, arm64). */
 const SO_RCVTIMEO = 20;
+const SO_SNDBUF = 7;
+const SO_SNDBUFFORCE = 32;
+const SOL_NETLINK = 270;
+const NETLINK_CAP_ACK = 10;
+const NETLINK_EXT_ACK = 11;
 const MSG_TRUNC = 0x20;
 /** A dump's datagrams are at most 32 KiB (netlink_dump); larger would be cut, which MSG_TRUNC reveals. */
 const RECEIVE_BUFFER = 64 * 1024;
@@ -217,6 +222,27 @@ const RECEIVE_BUFFER = 64 * 1024;
  * that does not answer.
  */
 export function openNetlink(family: number, options: { receiveTimeoutMs?: number } = {}): NetlinkSocket {
+  return new NetlinkSocket(openNetlinkTransport(family, options));
+}
+
+export interface NetlinkTransportOptions {
+  readonly receiveTimeoutMs?: number;
+  /**
+   * Error messages carry the kernel's extended acknowledgement (which
+   * attribute it refused, and why) and only the header of the refused
+   * message, not the whole of it (NETLINK_EXT_ACK, NETLINK_CAP_ACK).
+   */
+  readonly extendedAck?: boolean;
+  /**
+   * A datagram may be this large: the kernel refuses a send larger than the
+   * socket's send buffer (EMSGSIZE), and an nfnetlink batch must be one
+   * datagram. Raised past the system's cap where CAP_NET_ADMIN allows.
+   */
+  readonly sendBufferBytes?: number;
+}
+
+/** The same socket as `openNetlink`'s, for callers that frame their own exchanges (a batch of several messages, say). */
+export function openNetlinkTransport(family: number, options: NetlinkTransportOptions = {}): NetlinkTransport {
   let koffi: typeof import('koffi');
   try {
     // Loaded here, not imported at the top: a koffi without a build for this platform is an error of this call, not of every importer.
@@ -262,13 +288,28 @@ export function openNetlink(family: number, options: { receiveTimeoutMs?: number
     timeval.writeBigInt64LE(BigInt(Math.floor(timeoutMs / 1000)), 0);
     timeval.writeBigInt64LE(BigInt((timeoutMs % 1000) * 1000), 8);
     if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, timeval, timeval.length) !== 0) throw failed('setsockopt(SO_RCVTIMEO)');
+    const int = (value: number): Buffer => {
+      const b = Buffer.alloc(4);
+      b.writeInt32LE(value, 0);
+      return b;
+    };
+    if (options.extendedAck === true) {
+      if (setsockopt(fd, SOL_NETLINK, NETLINK_EXT_ACK, int(1), 4) !== 0) throw failed('setsockopt(NETLINK_EXT_ACK)');
+      if (setsockopt(fd, SOL_NETLINK, NETLINK_CAP_ACK, int(1), 4) !== 0) throw failed('setsockopt(NETLINK_CAP_ACK)');
+    }
+    if (options.sendBufferBytes !== undefined) {
+      // The kernel doubles what it is given (socket(7)); FORCE needs CAP_NET_ADMIN, without it the system's cap applies.
+      const half = int(Math.ceil(options.sendBufferBytes / 2));
+      if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, half, 4) !== 0 && setsockopt(fd, SOL_SOCKET, SO_SNDBUF, half, 4) !== 0)
+        throw failed('setsockopt(SO_SNDBUF)');
+    }
   } catch (error) {
     close(fd);
     throw error;
   }
   const buffer = Buffer.alloc(RECEIVE_BUFFER);
   let open = true;
-  return new NetlinkSocket({
+  return {
     send(datagram) {
       for (;;) {
         if (sendto(fd, datagram, datagram.length, 0, kernel, kernel.length) >= 0) return;
@@ -294,5 +335,5 @@ export function openNetlink(family: number, options: { receiveTimeoutMs?: number
       if (open) close(fd);
       open = false;
     },
-  });
+  };
 }
