@@ -14,21 +14,23 @@
  *   canary: it turns Firefox's own DNS over HTTPS off by default; RFC 8020:
  *   nothing is below a name that does not exist).
  * - An answer whose CNAME chain holds a name denied to this identity by
- *   name gets the policy's `deniedAnswer`. Denied by name: the app's chain
- *   for this identity meets a deny rule naming it (names, suffixes, lists)
- *   before any rule that allows it, or meets none and the global deny list
- *   names it. An app rule allowing the name on some ports or protocols
- *   only still counts as allowing it: the identity may reach it there, so
- *   it needs the true answer; a deny rule limited to ports or protocols is
- *   not a denial of the name. A deny of every destination, or a default
- *   deny, is not a denial by name: the kernel drops the connection, and the
- *   true answer tells the program nothing the table lets it use.
+ *   name gets the policy's `deniedAnswer`. Denied by name: no connection to
+ *   it, on any port or protocol, gets through this identity's chain (its
+ *   app's rules, the global deny list, the default, as the table orders
+ *   them; through a delegated cgroup's app and then its user's), and what
+ *   denies it outright is a rule naming it (names, suffixes, lists). So an
+ *   app rule allowing the name on one port outranks the global deny list
+ *   for it (the identity may reach the name there, so it needs the true
+ *   answer), unless an earlier deny of that app already takes that port. A
+ *   deny of every destination, or a default deny, is not a denial by name:
+ *   the kernel drops the connection, and the true answer tells the program
+ *   nothing the table lets it use.
  * - Anything else gets the true answer.
  */
 import type { DnsBinding } from '../compile/compile.js';
 import { placeAsker, type AskerPlace, type ExplainFacts, type Who as ExplainWho } from '../compile/explain.js';
 import { buildNameIndex } from '../compile/names.js';
-import type { App, Policy, Rule } from '../policy/model.js';
+import type { App, Policy, PortRange, Rule } from '../policy/model.js';
 import type { Who } from './who.js';
 
 /** As src/resolver/server.ts (helper B) declares it. */
@@ -57,11 +59,11 @@ export const CANARY = 'use-application-dns.net';
 /** Identities remembered at once; past this the memo starts again (a user can make cgroups without end). */
 const MEMO_LIMIT = 16_384;
 
-/** One app rule as the decisions walk it: only rules that can match a name. */
+/** One rule as the decisions walk it: only rules that can match a name. */
 interface Step {
   readonly verdict: 'allow' | 'deny';
-  /** Limited to some ports or protocols. */
-  readonly limited: boolean;
+  /** The connections it matches; undefined: every one (no ports, no protocols). */
+  readonly space: Space | undefined;
   /** Matches every destination. */
   readonly any: boolean;
   /** Its index in dnsBindings, for a rule with names. */
@@ -78,7 +80,8 @@ interface Place {
   readonly refused: boolean;
   /** Tor's own user: its traffic is accepted before apps and the global deny list. */
   readonly unshaped: boolean;
-  readonly app: Chain | undefined;
+  /** The chain that decides: its app's, or (no app) the global deny list and the default. */
+  readonly app: Chain;
   readonly root: Chain | undefined;
 }
 
@@ -86,6 +89,77 @@ interface Outcome {
   readonly verdict: 'allow' | 'deny';
   readonly byName: boolean;
 }
+
+/**
+ * Connections to one name, by protocol and destination port: the rules'
+ * limits cut it into pieces, so that "does any connection get through" has
+ * an exact answer. `other` stands for every protocol a rule cannot name
+ * (only a rule without limits matches it); ICMP has no ports.
+ */
+interface Space {
+  readonly tcp: readonly PortRange[];
+  readonly udp: readonly PortRange[];
+  readonly icmp: boolean;
+  readonly other: boolean;
+}
+
+const ALL_PORTS: readonly PortRange[] = [{ from: 0, to: 65535 }];
+const FULL: Space = { tcp: ALL_PORTS, udp: ALL_PORTS, icmp: true, other: true };
+const EMPTY: Space = { tcp: [], udp: [], icmp: false, other: false };
+
+/** What a rule's ports and protocols match, as compile writes them: ports without protocols are tcp and udp; ICMP has no port to match. */
+function ruleSpace(rule: Rule): Space | undefined {
+  if (!rule.ports && !rule.protocols) return undefined;
+  const protocols = rule.protocols ?? ['tcp', 'udp'];
+  const ports = rule.ports ? joinRanges(rule.ports) : ALL_PORTS;
+  return {
+    tcp: protocols.includes('tcp') ? ports : [],
+    udp: protocols.includes('udp') ? ports : [],
+    icmp: protocols.includes('icmp') && !rule.ports,
+    other: false,
+  };
+}
+
+function joinRanges(ranges: readonly PortRange[]): PortRange[] {
+  const sorted = [...ranges].sort((a, b) => a.from - b.from);
+  const out: PortRange[] = [];
+  for (const r of sorted) {
+    const last = out[out.length - 1];
+    if (last && r.from <= last.to + 1) out[out.length - 1] = { from: last.from, to: Math.max(last.to, r.to) };
+    else out.push({ from: r.from, to: r.to });
+  }
+  return out;
+}
+
+function intersectRanges(a: readonly PortRange[], b: readonly PortRange[]): PortRange[] {
+  const out: PortRange[] = [];
+  for (const x of a)
+    for (const y of b) if (Math.max(x.from, y.from) <= Math.min(x.to, y.to)) out.push({ from: Math.max(x.from, y.from), to: Math.min(x.to, y.to) });
+  return joinRanges(out);
+}
+
+function subtractRanges(a: readonly PortRange[], b: readonly PortRange[]): PortRange[] {
+  let out = [...a];
+  for (const y of b)
+    out = out.flatMap((x) =>
+      y.to < x.from || y.from > x.to
+        ? [x]
+        : [...(x.from < y.from ? [{ from: x.from, to: y.from - 1 }] : []), ...(y.to < x.to ? [{ from: y.to + 1, to: x.to }] : [])],
+    );
+  return out;
+}
+
+const intersect = (a: Space, b: Space | undefined): Space =>
+  b === undefined ? a : { tcp: intersectRanges(a.tcp, b.tcp), udp: intersectRanges(a.udp, b.udp), icmp: a.icmp && b.icmp, other: a.other && b.other };
+const subtract = (a: Space, b: Space | undefined): Space =>
+  b === undefined ? EMPTY : { tcp: subtractRanges(a.tcp, b.tcp), udp: subtractRanges(a.udp, b.udp), icmp: a.icmp && !b.icmp, other: a.other && !b.other };
+const union = (a: Space, b: Space): Space => ({
+  tcp: joinRanges([...a.tcp, ...b.tcp]),
+  udp: joinRanges([...a.udp, ...b.udp]),
+  icmp: a.icmp || b.icmp,
+  other: a.other || b.other,
+});
+const isEmpty = (a: Space): boolean => a.tcp.length === 0 && a.udp.length === 0 && !a.icmp && !a.other;
 
 export function buildDecider(policy: Policy, dnsBindings: readonly DnsBinding[], facts: ExplainFacts, settings: DecideSettings): Decider {
   const index = buildNameIndex(policy, dnsBindings);
@@ -95,17 +169,13 @@ export function buildDecider(policy: Policy, dnsBindings: readonly DnsBinding[],
     if (!rule.to.any && !named) return undefined;
     const binding = named ? bindingOf.get(rule.id) : undefined;
     if (named && binding === undefined) throw new Error(`internal: rule ${rule.id} names hosts but has no DNS binding`);
-    return { verdict: rule.verdict, limited: rule.ports !== undefined || rule.protocols !== undefined, any: rule.to.any, binding };
+    return { verdict: rule.verdict, space: ruleSpace(rule), any: rule.to.any, binding };
   };
   const steps = (rules: readonly Rule[]): Step[] => rules.map(step).filter((s): s is Step => s !== undefined);
   const chains = new Map<string, Chain>(policy.apps.map((app) => [app.name, { steps: steps(app.rules), defaultVerdict: app.defaultVerdict }]));
   const chainOf = (app: App | undefined): Chain | undefined => (app ? chains.get(app.name) : undefined);
-  // Only a deny of every port and protocol that names the name denies it by name.
-  const globalByName = new Set(
-    steps(policy.globalDeny)
-      .filter((s) => !s.limited && s.binding !== undefined)
-      .map((s) => s.binding!),
-  );
+  const noApp: Chain = { steps: [], defaultVerdict: policy.defaults.egress };
+  const globalSteps = steps(policy.globalDeny);
   const deniedAnswer = settings.deniedAnswer === 'true' ? 'answer' : settings.deniedAnswer;
 
   const memo = new Map<string, Place>();
@@ -124,30 +194,57 @@ export function buildDecider(policy: Policy, dnsBindings: readonly DnsBinding[],
     return {
       refused: asker.torUpdater || asker.systemDomain !== undefined,
       unshaped: asker.torUser,
-      app: chainOf(asker.app),
+      app: chainOf(asker.app) ?? noApp,
       root: chainOf(asker.root),
     };
   };
 
-  const globalDeny = (ids: readonly number[]): boolean => ids.some((id) => globalByName.has(id));
-  /** An app's chain for one name: its rules in order, then the global deny list, then its default. */
-  const walk = (chain: Chain, ids: readonly number[]): Outcome => {
+  const covers = (s: Step, ids: readonly number[]): boolean => s.any || ids.includes(s.binding!);
+  /**
+   * The connections to the name that a chain lets out of `start`: its rules
+   * in order (the first that matches a connection decides it), then the
+   * global deny list, then its default — the table's order for every port
+   * and protocol at once.
+   */
+  const allowed = (chain: Chain, ids: readonly number[], start: Space): Space => {
+    let open = start;
+    let out = EMPTY;
     for (const s of chain.steps) {
-      if (!s.any && !ids.includes(s.binding!)) continue;
-      if (s.verdict === 'allow') return { verdict: 'allow', byName: !s.any };
-      if (!s.limited) return { verdict: 'deny', byName: !s.any };
+      if (isEmpty(open)) return out;
+      if (!covers(s, ids)) continue;
+      if (s.verdict === 'allow') out = union(out, intersect(open, s.space));
+      open = subtract(open, s.space);
     }
-    if (globalDeny(ids)) return { verdict: 'deny', byName: true };
+    for (const s of globalSteps) if (covers(s, ids)) open = subtract(open, s.space);
+    return chain.defaultVerdict === 'allow' ? union(out, open) : out;
+  };
+  /**
+   * What explain answers for the name without a port or protocol: the first
+   * rule without limits that matches it, then the global deny list (denied
+   * by name when any rule of it without limits names the name), then the
+   * default.
+   */
+  const unlimited = (chain: Chain, ids: readonly number[]): Outcome => {
+    const first = chain.steps.find((s) => s.space === undefined && covers(s, ids));
+    if (first) return { verdict: first.verdict, byName: !first.any };
+    if (globalSteps.some((s) => s.space === undefined && !s.any && covers(s, ids))) return { verdict: 'deny', byName: true };
+    if (globalSteps.some((s) => s.space === undefined && s.any)) return { verdict: 'deny', byName: false };
     return { verdict: chain.defaultVerdict, byName: false };
   };
+  /**
+   * Denied by name: no connection to it gets out (through a delegated
+   * cgroup's app and then its user's or group's), and what denies it
+   * outright is a rule naming it.
+   */
   const deniedByName = (place: Place, name: string): boolean => {
     const ids = index.lookup(name);
     if (ids.length === 0) return false;
-    if (!place.app) return globalDeny(ids);
-    let outcome = walk(place.app, ids);
-    // A delegated cgroup's allow goes on to its user's or group's app (explain's `delegatedMember`).
-    if (outcome.verdict === 'allow' && place.root) outcome = walk(place.root, ids);
-    return outcome.verdict === 'deny' && outcome.byName;
+    let outcome = unlimited(place.app, ids);
+    if (place.root && outcome.verdict === 'allow') outcome = unlimited(place.root, ids);
+    // The common answer, without cutting ports: nothing denies the name outright by name.
+    if (outcome.verdict !== 'deny' || !outcome.byName) return false;
+    const open = allowed(place.app, ids, FULL);
+    return isEmpty(place.root ? allowed(place.root, ids, open) : open);
   };
 
   return {

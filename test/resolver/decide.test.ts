@@ -108,6 +108,32 @@ apps:
     expect(decide.shape(NOBODY, q('www.example.org'), ['www.example.org'])).toBe('answer');
   });
 
+  it('an allow on some ports outranks the global deny list unless an earlier deny of the app takes those ports', () => {
+    const { decide } = decider(`
+deny:
+  - to: ["tracker.test"]
+apps:
+  shadowed:
+    identity: {user: alice}
+    rules:
+      - deny: any
+        ports: [53, "8000-8100"]
+      - allow: any
+        ports: [53, "8000-8100"]
+  partly:
+    identity: {user: vault}
+    rules:
+      - deny: any
+        ports: [53]
+      - allow: ["tracker.test"]
+        ports: [53, 443]
+`);
+    // Every port alice's allow names, its deny took first: no connection to tracker.test gets out, and the global list names it.
+    expect(decide.shape(ALICE, q('tracker.test'), ['tracker.test'])).toBe('nxdomain');
+    // vault reaches tracker.test on 443.
+    expect(decide.shape({ uid: 990 }, q('tracker.test'), ['tracker.test'])).toBe('answer');
+  });
+
   it('a deny of every destination or a default deny denies no name by name: the kernel drops, the answer is true', () => {
     const { decide } = decider(`
 deny:
@@ -264,8 +290,9 @@ apps:
       );
       // Half the names are listed; alice (a quarter of the askers) is allowed one of them only.
       expect(denied).toBe(asked.length / 2);
-      expect(buildMs).toBeLessThan(2000);
-      expect(perQueryUs).toBeLessThan(50);
+      // Loose bounds, for a loaded machine: a walk of the list per name (≈ 1 ms) would still fail them.
+      expect(buildMs).toBeLessThan(5000);
+      expect(perQueryUs).toBeLessThan(250);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
