@@ -62,8 +62,11 @@ describe.skipIf(unavailable)(`who asks: the client socket through sock_diag ${un
   let cgroup: string;
   const servers: ChildProcess[] = [];
 
-  const start = async (method: 'handle' | 'walk', port: number): Promise<void> => {
-    const child = net.host.spawn(process.execPath, ['--import', TSX, SERVER, JSON.stringify({ addrs: [ADDR4, ADDR6], port, method })]);
+  const start = async (method: 'handle' | 'walk', port: number, without?: string): Promise<void> => {
+    const argv = [process.execPath, '--import', TSX, SERVER, JSON.stringify({ addrs: [ADDR4, ADDR6], port, method })];
+    // Root without a capability: gone from the bounding set, it is not regained at exec.
+    const [cmd, ...args] = without ? ['setpriv', `--bounding-set=-${without}`, '--inh-caps=-all', '--', ...argv] : argv;
+    const child = net.host.spawn(cmd!, args);
     servers.push(child);
     await new Promise<void>((resolve, reject) => {
       let out = '';
@@ -144,6 +147,11 @@ describe.skipIf(unavailable)(`who asks: the client socket through sock_diag ${un
     const out = JSON.parse(r.stdout) as { reply: string; cgroup: string };
     expect(out.cgroup).toBe('/');
     expect(said(Buffer.from(out.reply, 'base64')).who).toEqual({ uid: users.app1.uid, cgroup: '' });
+  });
+
+  it('without CAP_DAC_READ_SEARCH (no open_by_handle_at) the path is found by a walk', async () => {
+    await start('handle', 5354, 'dac_read_search');
+    expect((await ask('tcp', ADDR6, 'who.test', 5354)).who).toEqual({ uid: users.app1.uid, cgroup });
   });
 
   it('the cgroup path found by a walk of cgroupfs is the same; identify costs microseconds (printed)', async () => {
