@@ -119,6 +119,14 @@ describe.skipIf(unavailable)(`who asks: the client socket through sock_diag ${un
     }
   }
 
+  it('a dual-stack IPv6 socket sending to the IPv4 address (v4-mapped) is found too', async () => {
+    for (const mode of ['connected', 'unconnected', 'tcp'] as const) {
+      const answer = await ask(mode, `::ffff:${ADDR4}`);
+      expect(answer.client?.address, mode).toBe('127.0.0.1');
+      expect(answer.who, mode).toEqual({ uid: users.app1.uid, cgroup });
+    }
+  });
+
   it('a real client, dig, over UDP and TCP', async () => {
     for (const transport of ['+notcp', '+tcp']) {
       const r = await net.host.exec('dig', [transport, '+short', '+tries=1', '+time=2', `@${ADDR4}`, '-p', String(PORT), 'TXT', 'who.test'], {
