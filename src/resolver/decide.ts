@@ -273,7 +273,10 @@ export function buildDecider(policy: Policy, dnsBindings: readonly DnsBinding[],
 /**
  * The resolver's identity as explain asks it: a socket in a cgroup, with its
  * uid (and gid when known), or a uid alone. The root cgroup is no cgroup:
- * no `socket cgroupv2 level N` selector holds a socket there.
+ * no `socket cgroupv2 level N` selector holds a socket there. A gid without
+ * a cgroup is left out (explain has no asker of a user and a group but a
+ * cgroup's); sock_diag reports no gid, so identify never sets one, and group
+ * selectors hold a socket by its uid's membership.
  */
 export function explainWho(who: Who): ExplainWho {
   if (who.cgroup === undefined || who.cgroup === '') return { kind: 'user', user: who.uid };
