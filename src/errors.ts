@@ -38,6 +38,12 @@ export const ErrorCode = {
    * connection queued may still leave once its program closes it.
    */
   SocketsNotCut: 'EGD_SOCKETS_NOT_CUT',
+  /**
+   * The socket a DNS query came from is not in this network namespace (it
+   * closed, or the query came from another host): who asked is unknown, so
+   * the resolver refuses it.
+   */
+  SocketNotFound: 'EGD_SOCKET_NOT_FOUND',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

@@ -173,6 +173,39 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   return appDecision(root);
 }
 
+/**
+ * Where explain's walk puts an asker before it looks at any destination:
+ * which precedence levels hold it, and which app's chain decides for it.
+ * The resolver's decisions (src/resolver/decide.ts) take this, so that
+ * they and explain find the same identity the same way.
+ */
+export interface AskerPlace {
+  /** An updater over Tor: it reaches only Tor's SOCKS port. */
+  readonly torUpdater: boolean;
+  /** The system domain it is a member of. */
+  readonly systemDomain: Policy['systemDomains'][number] | undefined;
+  /** Tor's own user: it may reach the network. */
+  readonly torUser: boolean;
+  /** The app whose chain decides, as the kernel's dispatch finds it. */
+  readonly app: Policy['apps'][number] | undefined;
+  /** Where `app` claims a delegated cgroup: the app of its user or group, which must let out what `app` lets out too. */
+  readonly root: Policy['apps'][number] | undefined;
+}
+
+export function placeAsker(policy: Policy, who: Who, facts: ExplainFacts): AskerPlace | { error: string } {
+  const belongs = membership(policy, who, facts);
+  if ('error' in belongs) return belongs;
+  const app = firstByDispatchOrder(policy, who, facts, true);
+  const delegated = app && delegatedMember(policy, app.identities, who, facts);
+  return {
+    torUpdater: policy.tor.enabled && policy.tor.updaters.some(belongs),
+    systemDomain: policy.systemDomains.find((domain) => domain.members.some(belongs)),
+    torUser: policy.tor.enabled && isTorUser(policy, who, facts),
+    app,
+    root: delegated ? firstByDispatchOrder(policy, who, facts, false) : undefined,
+  };
+}
+
 /** What an allow answer for IPv6 does not cover. */
 export const ROUTING_HEADER_NOTE =
   'an IPv6 packet carrying a routing header (any type but 2, Mobile IPv6) is dropped whatever its destination: the header can carry destinations the rules never see';

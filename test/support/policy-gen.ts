@@ -82,7 +82,7 @@ const selector = fc.constantFrom<Record<string, string | number>>(
   { cgroup: 'user.slice/*/user@*.service' },
   { unit: 'd.service' },
 );
-const selectors = fc.array(selector, { minLength: 1, maxLength: 2 });
+export const selectors = fc.array(selector, { minLength: 1, maxLength: 2 });
 
 const destination = fc.constantFrom(
   'example.org',
@@ -161,7 +161,7 @@ export const arbDelegatedPolicy: fc.Arbitrary<GeneratedPolicy> = fc
   })
   .map(policyDocument);
 
-function policyDocument(p: {
+export function policyDocument(p: {
   egress: string;
   apps: readonly { identity: unknown; default: string | undefined; rules: unknown }[];
   deny: readonly { to: unknown; ports: unknown; proto: unknown; log: unknown }[];
