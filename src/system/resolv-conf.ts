@@ -282,7 +282,7 @@ export interface Manager {
 }
 
 /**
- * resolved is in charge when resolv.conf is its (a link into
+ * resolved is in charge when resolv.conf is its (a link to its stub in
  * /run/systemd/resolve or to its static stub file), or when it runs and
  * resolv.conf names only its stub. When it runs but resolv.conf is someone
  * else's file naming other servers, programs never ask resolved: a drop-in
@@ -291,6 +291,9 @@ export interface Manager {
 export function whoIsInCharge(resolvConf: FileState, resolved: ResolvedControl): Manager {
   if (resolvConf.kind === 'symlink') {
     const destination = linkDestination(RESOLV_CONF, resolvConf.target);
+    // resolved's upstream list (its "uplink" mode): programs ask those servers directly, past resolved, so a drop-in would not hold.
+    if (destination === RESOLVED_UPSTREAMS)
+      return { manager: 'resolv.conf', why: `${RESOLV_CONF} is a link to ${destination}: programs ask its servers directly, not systemd-resolved` };
     if (destination.startsWith(`${RESOLVED_RUN_DIR}/`) || STATIC_STUBS.includes(destination))
       return { manager: 'systemd-resolved', why: `${RESOLV_CONF} is a link to ${destination}, systemd-resolved's` };
   }

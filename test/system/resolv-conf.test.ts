@@ -257,6 +257,20 @@ describe('dns enable / disable with systemd-resolved', () => {
     expect(existsSync(theirs.at('etc/systemd/resolved.conf.d'))).toBe(false);
   });
 
+  it("a link to resolved's upstream list (not its stub): programs ask those servers directly, so resolv.conf is what enable replaces", () => {
+    const m = machine(
+      { 'etc/resolv.conf': { symlink: '../run/systemd/resolve/resolv.conf' }, 'run/systemd/resolve/resolv.conf': 'nameserver 192.0.2.1\n' },
+      fakeResolved(true),
+    );
+    const link = look(m.at('etc/resolv.conf'));
+    const enabled = enableDns(LISTEN, { force: false }, m.deps);
+    expect(enabled.manager).toBe('resolv.conf');
+    expect(parseResolvConf(readFileSync(m.at('etc/resolv.conf'), 'utf8')).nameservers.map((n) => n.text)).toEqual(LISTEN);
+    expect(existsSync(m.at('etc/systemd/resolved.conf.d'))).toBe(false);
+    disableDns({ force: false }, m.deps);
+    expect(look(m.at('etc/resolv.conf'))).toEqual(link);
+  });
+
   it('someone edited the drop-in after enable: disable leaves it without --force', () => {
     const m = machine({ 'etc/resolv.conf': { symlink: '../run/systemd/resolve/stub-resolv.conf' } });
     enableDns(LISTEN, { force: false }, m.deps);
