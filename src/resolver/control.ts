@@ -16,6 +16,7 @@ import { canonicalAddress, type AddressMemory, type LearnedName, type MemoryCoun
 
 export const CONTROL_SOCKET = '/run/egressd/resolver.sock';
 export const MAX_REQUEST_BYTES = 4096;
+const MAX_UNREAD_REPLY_BYTES = 1 << 20;
 
 export type ControlRequest = { readonly op: 'names'; readonly address: string } | { readonly op: 'status' };
 
@@ -105,6 +106,11 @@ export async function startControlServer(options: ControlServerOptions): Promise
         pending = pending.subarray(newline + 1);
         const reply = line.length > maxBytes ? tooLong(maxBytes) : answer(line.toString('utf8'), options);
         socket.write(`${JSON.stringify(reply)}\n`);
+        // A client that asks and never reads is cut off before its replies pile up.
+        if (socket.writableLength > MAX_UNREAD_REPLY_BYTES) {
+          socket.destroy();
+          return;
+        }
       }
       if (pending.length > maxBytes) {
         // No line end in sight: say why, and read no more of it.

@@ -135,6 +135,30 @@ describe('resolver control socket', () => {
     silent.close();
   });
 
+  it('a client that asks and never reads is cut off, and the server keeps answering others', async () => {
+    const memory = new AddressMemory();
+    memory.remember(
+      Array.from({ length: 32 }, (_, i) => `name-${i}.example`),
+      '192.0.2.1',
+      600,
+    );
+    const { path } = await started(memory);
+    const closed = await new Promise<boolean>((resolve) => {
+      const socket = createConnection(path);
+      socket.on('connect', () => {
+        socket.pause();
+        const request = '{"op":"names","address":"192.0.2.1"}\n';
+        // About 40 MB of replies asked for; none read.
+        for (let i = 0; i < 20; i++) socket.write(request.repeat(1000));
+      });
+      socket.on('close', () => resolve(true));
+      socket.on('error', () => undefined);
+      setTimeout(() => resolve(false), 10_000);
+    });
+    expect(closed).toBe(true);
+    expect((await askResolver({ op: 'status' }, { path })).running).toBe(true);
+  });
+
   it('a file in the way that is no socket is left alone', async () => {
     const path = socketPath();
     mkdirSync(join(path, '..'), { recursive: true });
