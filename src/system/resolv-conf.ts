@@ -239,6 +239,14 @@ export function sameState(a: FileState, b: FileState): boolean {
   return a.kind === b.kind;
 }
 
+/** The same in every way disable restores: bytes or target, and mode and owner. */
+function identical(a: FileState, b: FileState): boolean {
+  if (!sameState(a, b)) return false;
+  if (a.kind === 'file' && b.kind === 'file') return a.mode === b.mode && a.uid === b.uid && a.gid === b.gid;
+  if (a.kind === 'symlink' && b.kind === 'symlink') return a.uid === b.uid && a.gid === b.gid;
+  return true;
+}
+
 const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
 
 function contentOf(state: FileState): Buffer | undefined {
@@ -576,13 +584,7 @@ export function disableDns(options: { force: boolean }, deps: DnsSwitchDeps): Ou
   const touched: string[] = [];
   const restore = (path: string, states: { before: FileState; after: FileState }) => {
     const now = snapshot(root, path);
-    if (
-      sameState(now, states.before) &&
-      (states.before.kind !== 'file' ||
-        now.kind !== 'file' ||
-        (now.mode === states.before.mode && now.uid === states.before.uid && now.gid === states.before.gid))
-    )
-      return;
+    if (identical(now, states.before)) return;
     const note = putState(root, path, states.before);
     if (note) said.push(note);
     touched.push(under(root, path));
