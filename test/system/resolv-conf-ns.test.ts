@@ -14,7 +14,12 @@ import { afterAll, describe, expect, it } from 'vitest';
 
 const ROOT = join(import.meta.dirname, '..', '..');
 const CLI = `${process.execPath} --import tsx ${join(ROOT, 'src/cli/main.ts')}`;
-const canRun = process.getuid?.() === 0 && spawnSync('unshare', ['-m', '--propagation', 'private', 'true']).status === 0;
+const skip =
+  process.getuid?.() !== 0
+    ? 'needs root'
+    : spawnSync('unshare', ['-m', '--propagation', 'private', 'true']).status !== 0
+      ? 'no private mount namespace (unshare -m)'
+      : '';
 const work = mkdtempSync(join(tmpdir(), 'egd-dns-ns-'));
 const hostResolvConf = readFileSync('/etc/resolv.conf');
 afterAll(() => {
@@ -75,7 +80,7 @@ ${CLI} dns disable 2> $D/disable2.err
 
 const decoded = (fingerprintLine: string) => Buffer.from(fingerprintLine.split(' ').at(-1)!, 'base64').toString('utf8');
 
-describe.skipIf(!canRun)('dns enable/disable round trip on the real paths (private mount namespace)', () => {
+describe.skipIf(skip)(`dns enable/disable round trip on the real paths (private mount namespace) ${skip ? `(skipped: ${skip})` : ''}`, () => {
   it('a regular file (mode 0600, not root-owned, no final newline) comes back byte for byte', () => {
     const r = roundTrip(
       'file',
