@@ -44,6 +44,14 @@ export const ErrorCode = {
    * the resolver refuses it.
    */
   SocketNotFound: 'EGD_SOCKET_NOT_FOUND',
+  /**
+   * What `egressctl dns enable` wrote (resolv.conf, the systemd-resolved
+   * drop-in) was changed by someone else since (NetworkManager, dhclient, a
+   * person): it was left as they left it; `--force` overrides.
+   */
+  DnsConfigChanged: 'EGD_DNS_CONFIG_CHANGED',
+  /** The resolver has no upstream server: the policy names none and the machine's own resolver configuration has none usable. */
+  NoUpstreams: 'EGD_NO_UPSTREAMS',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

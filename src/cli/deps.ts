@@ -22,6 +22,8 @@ export interface Deps {
   readonly audit: (event: string, fields: Readonly<Record<string, string | number | boolean>>) => void;
   /** Reads the capabilities of running processes and of systemd's units; absent, `check` and `status` do not look (fakes that test output only). */
   readonly capabilities?: CapabilityProbe;
+  /** The running resolver's control socket (src/resolver/control.ts); absent, explain and status do not ask it. */
+  readonly resolverSocket?: string;
 }
 
 /** Stable, documented exit codes. */
@@ -50,6 +52,9 @@ const EXIT_FOR: { readonly [code in ErrorCode]: number } = {
   [ErrorCode.Netlink]: Exit.SystemError,
   [ErrorCode.SocketsNotCut]: Exit.SystemError,
   [ErrorCode.SocketNotFound]: Exit.SystemError,
+  // Someone else's change to resolv.conf is not the system failing: a "no" the person decides on (--force).
+  [ErrorCode.DnsConfigChanged]: Exit.Answer,
+  [ErrorCode.NoUpstreams]: Exit.SystemError,
 };
 
 export function exitCodeFor(error: unknown): number {

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, fchmodSync, fchownSync, fsyncSync, mkdirSync, openSync, readdirSync, renameSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 
 /**
@@ -28,7 +28,19 @@ export function tempName(name: string): string {
   return `.${name}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
 }
 
-export function writeFileAtomic(dir: string, name: string, content: string | Uint8Array, mode = 0o640, hooks: AtomicWriteHooks = {}): void {
+/**
+ * `owner`: the file gets exactly this owner and `mode` (not `mode` less the
+ * umask) before it replaces the old one — for files outside the state
+ * directory that must come back as they were (src/system/resolv-conf.ts).
+ */
+export function writeFileAtomic(
+  dir: string,
+  name: string,
+  content: string | Uint8Array,
+  mode = 0o640,
+  hooks: AtomicWriteHooks = {},
+  owner?: { readonly uid: number; readonly gid: number },
+): void {
   if (name.includes('/') || name.startsWith('.')) throw new Error(`internal: ${JSON.stringify(name)} is not a state file name`);
   mkdirSync(dir, { recursive: true, mode: 0o750 });
   removeStaleTemps(dir, name);
@@ -36,6 +48,10 @@ export function writeFileAtomic(dir: string, name: string, content: string | Uin
   try {
     const fd = openSync(temp, 'wx', mode);
     try {
+      if (owner) {
+        fchownSync(fd, owner.uid, owner.gid);
+        fchmodSync(fd, mode);
+      }
       const bytes = typeof content === 'string' ? Buffer.from(content, 'utf8') : content;
       for (let done = 0; done < bytes.length;) done += writeSync(fd, bytes, done, bytes.length - done);
       fsyncSync(fd);

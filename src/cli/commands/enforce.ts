@@ -8,6 +8,7 @@ import { entryOrigin } from '../../compile/rule-ids.js';
 import { readRuleTable } from '../../state/rule-table.js';
 import { readSwitches, SWITCHES_FILE } from '../../state/switches.js';
 import { capabilityCheck, capabilityCheckJson, printCapabilityCheck } from '../capability-warnings.js';
+import { resolverStatusLine } from '../learned.js';
 import { DEFAULT_POLICY_DIR, Exit, parseFlags, printIssues, type Command, type Deps } from '../deps.js';
 
 /** Said by every command that finds lockdown on, in the same words. */
@@ -224,6 +225,7 @@ directory to compare with), 3 system error.`,
     const capabilities = planned ? capabilityCheck(planned.policy, deps) : null;
     const switches = recordedSwitches(deps.stateDir, live);
     const matches = planned !== undefined && live !== null && !planned.plan.changes;
+    const resolver = deps.resolverSocket === undefined ? undefined : await resolverStatusLine(deps.resolverSocket);
     const report = {
       enforced: live !== null,
       lockdown: live?.lockdown ?? false,
@@ -239,6 +241,7 @@ directory to compare with), 3 system error.`,
       backend: enforcer.nft.backend,
       plan: planned?.plan ?? null,
       capabilities: capabilities && capabilityCheckJson(options.dir, capabilities),
+      ...(resolver && { resolver: resolver.json }),
     };
     if (options.json) deps.out(JSON.stringify(report, null, 2));
     if (!live) {
@@ -267,6 +270,7 @@ directory to compare with), 3 system error.`,
         for (const line of describePlan(planned!.plan)) deps.err(line);
       }
     }
+    if (resolver) deps.err(resolver.line);
     // Whether the table is in force or not: what it cannot confine is worth saying either way.
     if (capabilities) printCapabilityCheck(deps, options.dir, capabilities);
     return matches ? Exit.Ok : Exit.Answer;

@@ -1,8 +1,10 @@
+import { isIP } from 'node:net';
 import { factsNeeded } from '../../compile/compile.js';
 import { explain as explainPolicy, unitCgroup, type Who } from '../../compile/explain.js';
 import { ruleIdTable } from '../../compile/rule-ids.js';
 import { EgressError, ErrorCode } from '../../errors.js';
 import type { Protocol } from '../../policy/model.js';
+import { describeLearned, learnedFrom, type LearnedReport } from '../learned.js';
 import { DEFAULT_POLICY_DIR, Exit, loadForCommand, parseFlags, type Command } from '../deps.js';
 
 export interface ExplainOptions {
@@ -41,7 +43,10 @@ the FILE:LINE that decides it.
 
 Names are matched as the resolver will match them; for an address, rules
 written with names match only while it is a recent DNS answer for one of
-them, and the output says so.
+them, and the output says so. For an address, when egressd's resolver runs,
+explain also asks it which names the address was learned from ("learned
+from: NAME (expires in …)") and says when those names are judged
+differently (a shared address: a CDN's), naming both.
 
 An address is answered for the packet the kernel sees for a new connection:
 an IPv4-mapped address (::ffff:192.0.2.5) is sent as IPv4 (to 192.0.2.5),
@@ -74,7 +79,7 @@ not be looked up (the name service failed).`,
     };
   },
 
-  run(options, deps) {
+  async run(options, deps) {
     const loaded = loadForCommand(options.dir, deps, true);
     if (!loaded) return Exit.BadInput;
     // The names the policy mentions and the one asked about; numeric ids need no lookup.
@@ -115,13 +120,22 @@ not be looked up (the name service failed).`,
     const where = answer.at ? `${options.dir.replace(/\/+$/, '')}/${answer.at.file}:${answer.at.line}` : '(built in)';
     // The id the kernel's log prefix and counters carry for this rule; loopback has none.
     const shortId = ruleIdTable(loaded.policy, { lockdown: options.lockdown }).find((entry) => entry.ruleId === answer.ruleId)?.id ?? null;
+    // For an address, the names the running resolver learned it from, each judged as the same connection to that name would be.
+    let learned: LearnedReport | null = null;
+    if (deps.resolverSocket !== undefined && isIP(options.host.replace(/%.*$/, '')) !== 0) {
+      learned = await learnedFrom(options.host, deps.resolverSocket, (name) => {
+        const judged = explainPolicy(loaded.policy, { ...query, host: name }, facts, { lockdown: options.lockdown });
+        return 'error' in judged ? undefined : { verdict: judged.verdict, ruleId: judged.ruleId };
+      });
+    }
     if (options.json) {
-      deps.out(JSON.stringify({ ...answer, shortId, at: answer.at ? { ...answer.at, path: where } : null }, null, 2));
+      deps.out(JSON.stringify({ ...answer, shortId, at: answer.at ? { ...answer.at, path: where } : null, ...(learned && { learnedFrom: learned }) }, null, 2));
     } else {
       deps.err(`${answer.verdict === 'allow' ? 'ALLOWED' : 'DENIED'} by ${answer.ruleId}${shortId ? ` [${shortId}]` : ''} (${answer.level}) at ${where}`);
       if (answer.why) deps.err(`  why: ${answer.why}`);
       for (const step of answer.steps) deps.err(`  - ${step}`);
       for (const note of answer.notes) deps.err(`  note: ${note}`);
+      if (learned) for (const line of describeLearned(options.host, learned)) deps.err(line);
     }
     return answer.verdict === 'allow' ? Exit.Ok : Exit.Answer;
   },
