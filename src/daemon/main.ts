@@ -1,28 +1,44 @@
 #!/usr/bin/env node
 /**
- * egressd, as far as it goes today: applies the policy, keeps it, and
- * re-applies it on SIGHUP. The app tracker, resolver, denial reader, D-Bus
- * service and sd_notify come with the full daemon; this loop is the part they
- * will plug into.
+ * egressd, as far as it goes today: applies the policy, keeps it, re-applies
+ * it on SIGHUP, and runs the DNS resolver that fills the table's name sets
+ * (src/resolver). The app tracker, denial reader, D-Bus service and
+ * sd_notify come with the full daemon; this loop is the part they will plug
+ * into. `egressd resolver` runs the resolver alone, against the table in
+ * force (for tests, `egressctl try`, and hosts where something else applies).
  *
  * Fail-closed: a policy that does not load on reload keeps the running table;
  * stopping never removes the rules (only `egressctl release` does).
  */
 import { parseArgs } from 'node:util';
 import { pino } from 'pino';
-import { TABLE } from '../compile/compile.js';
+import { compile, factsNeeded, TABLE } from '../compile/compile.js';
 import { applyPolicy, type EnforcerDeps } from '../enforce/enforcer.js';
 import { isEgressError } from '../errors.js';
 import { openNft } from '../nft/open.js';
+import { loadPolicyOrThrow } from '../policy/load.js';
+import { readLiveNames, startResolverRuntime, type InForce, type ResolverRuntime } from '../resolver/runtime.js';
 import { systemAudit } from '../system/audit.js';
 import { gatherFacts } from '../system/facts.js';
 
 const USAGE = `Usage: egressd [--policy DIR] [--state DIR]
+       egressd resolver [--policy DIR] [--state DIR]
 
 Applies the egress policy in DIR (default /etc/egressd) as table inet
 egressd and keeps it: SIGHUP re-reads and re-applies it (a broken policy
 leaves the running rules in force and logs every error), SIGTERM stops
 egressd and leaves the rules in force. Logs are JSON lines on stdout.
+
+Once the policy is applied, egressd answers DNS on the policy's dns.listen
+addresses (default 127.0.0.153 and ::1, port 53): every address an answer
+holds goes into the sets of the rules that name it before the answer
+leaves, so rules written with names are enforced. Point the machine at it
+with 'egressctl dns enable'. A resolver that cannot start (the port is
+taken, no upstream) is logged; enforcement goes on without it.
+
+'egressd resolver' runs only the resolver, for the table some other run
+applied: it follows that table (re-reading DIR when an apply changed it)
+and never changes the rules itself.
 
   --policy DIR   the policy directory (default /etc/egressd)
   --state DIR    where the last good ruleset is kept (default /var/lib/egressd)
@@ -33,9 +49,10 @@ with no table in force, 3 system error.`;
 const log = pino({ base: { service: 'egressd' }, timestamp: pino.stdTimeFunctions.isoTime, formatters: { level: (label) => ({ level: label }) } });
 
 async function main(): Promise<number> {
-  let values;
+  let values, positionals;
   try {
-    ({ values } = parseArgs({ options: { policy: { type: 'string' }, state: { type: 'string' }, help: { type: 'boolean' } }, strict: true }));
+    ({ values, positionals } = parseArgs({ options: { policy: { type: 'string' }, state: { type: 'string' }, help: { type: 'boolean' } }, strict: true, allowPositionals: true }));
+    if (positionals.length > 1 || (positionals.length === 1 && positionals[0] !== 'resolver')) throw new Error(`unknown command '${positionals.join(' ')}'`);
   } catch (error) {
     process.stderr.write(`egressd: ${(error as Error).message}\n\n${USAGE}\n`);
     return 2;
@@ -45,16 +62,19 @@ async function main(): Promise<number> {
     return 0;
   }
   const dir = values.policy ?? '/etc/egressd';
+  const stateDir = values.state ?? process.env['EGRESSD_STATE_DIR'] ?? '/var/lib/egressd';
+  if (positionals[0] === 'resolver') return resolverAlone(dir, stateDir);
   const deps: EnforcerDeps = {
     nft: await openNft(),
     facts: gatherFacts,
-    stateDir: values.state ?? process.env['EGRESSD_STATE_DIR'] ?? '/var/lib/egressd',
+    stateDir,
     audit: systemAudit,
     waiting: (holder) => log.info({ event: 'waiting-for-lock', holder }, 'waiting for another change of enforcement to finish'),
     unserialised: (reason) => log.warn({ event: 'no-lock', reason }, 'applying without the enforcement lock'),
   };
   log.info({ event: 'starting', policy: dir, backend: deps.nft.backend }, 'egressd starting');
 
+  let resolver: ResolverRuntime | undefined;
   const apply = async (why: string): Promise<void> => {
     try {
       const applied = await applyPolicy(dir, deps);
@@ -69,6 +89,14 @@ async function main(): Promise<number> {
         },
         'policy applied',
       );
+      const inForce = { ...applied, liveNames: new Map([...applied.liveNames].map(([name, live]) => [name, [live]])) };
+      try {
+        if (resolver) await resolver.update(inForce);
+        else resolver = await startResolverRuntime(inForce, { nft: deps.nft, log, stateDir });
+      } catch (error) {
+        // Names stop being learned; every rule with an address, and every set element learned so far, still holds.
+        log.error({ event: 'resolver-failed', why, error: describe(error) }, 'the resolver is not running; enforcement goes on');
+      }
     } catch (error) {
       const code = isEgressError(error) ? error.code : 'EGD_INTERNAL';
       const details = isEgressError(error) ? error.details : [String(error)];
@@ -99,6 +127,7 @@ async function main(): Promise<number> {
   const keepAlive = setInterval(() => undefined, 1 << 30);
   const stop = (signal: string): void => {
     clearInterval(keepAlive);
+    void resolver?.close();
     log.info({ event: 'stopping', signal }, 'egressd stopping; the rules stay in force');
     stopWith?.(0);
   };
@@ -114,6 +143,61 @@ async function main(): Promise<number> {
     return 2;
   }
   return stopped;
+}
+
+/**
+ * The resolver alone, for the table in force: it follows applies made by
+ * others (a changed apply marker means the policy and its sets changed) and
+ * SIGHUP, re-reading the policy directory, and changes no rule.
+ */
+async function resolverAlone(dir: string, stateDir: string): Promise<number> {
+  const nft = await openNft();
+  const load = async (): Promise<InForce & { marker: string | undefined }> => {
+    const { policy } = loadPolicyOrThrow(dir);
+    const facts = gatherFacts(factsNeeded(policy));
+    const live = await readLiveNames(nft);
+    return { policy, facts, compiled: compile(policy, facts), liveNames: live.names, marker: live.marker };
+  };
+  let inForce = await load();
+  if (inForce.marker === undefined) log.warn({ event: 'no-table' }, 'no egressd table in force: answers teach the kernel nothing until one is applied');
+  const runtime = await startResolverRuntime(inForce, { nft, log, stateDir });
+  let reloading = false;
+  const reload = async (why: string): Promise<void> => {
+    if (reloading) return;
+    reloading = true;
+    try {
+      inForce = await load();
+      await runtime.update(inForce);
+      log.info({ event: 'resolver-reloaded', why }, 'resolver: policy in force re-read');
+    } catch (error) {
+      log.error({ event: 'resolver-reload-failed', why, error: describe(error) }, 'resolver: kept the policy it had');
+    } finally {
+      reloading = false;
+    }
+  };
+  const follow = setInterval(() => {
+    void readLiveNames(nft).then(
+      (live) => (live.marker !== inForce.marker ? reload('table changed') : undefined),
+      (error: unknown) => log.warn({ event: 'resolver-table-unreadable', error: describe(error) }, 'resolver: could not read the table'),
+    );
+  }, FOLLOW_TABLE_MS);
+  process.on('SIGHUP', () => void reload('SIGHUP'));
+  return new Promise<number>((resolve) => {
+    const stop = (signal: string): void => {
+      clearInterval(follow);
+      log.info({ event: 'stopping', signal }, 'resolver stopping');
+      void runtime.close().then(() => resolve(0));
+    };
+    process.once('SIGTERM', () => stop('SIGTERM'));
+    process.once('SIGINT', () => stop('SIGINT'));
+  });
+}
+
+/** How often 'egressd resolver' looks for an apply by someone else (listing names costs milliseconds). */
+const FOLLOW_TABLE_MS = 1000;
+
+function describe(error: unknown): string | readonly string[] {
+  return isEgressError(error) && error.details.length > 0 ? [error.message, ...error.details] : String(error);
 }
 
 main().then(

@@ -66,6 +66,9 @@ function locked<T>(deps: EnforcerDeps, what: string, change: () => Promise<T>): 
 }
 
 export interface Applied {
+  readonly policy: Policy;
+  /** What the policy's identities resolved to on this machine when it was compiled. */
+  readonly facts: Facts;
   readonly compiled: Compiled;
   readonly digest: string;
   readonly lockdown: boolean;
@@ -257,7 +260,7 @@ async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { l
     });
     if (sweep instanceof Error || sweep.failed.length > 0) notCutThrows(deps, sweep);
     const liveNames = new Map(compiled.ruleset.sets.map((set, i) => [set.name, generation.sets[i]!.name]));
-    return { compiled, digest: policy.digest, lockdown, plan, liveFrom: live?.from ?? 'none', liveNames, sweep };
+    return { policy, facts, compiled, digest: policy.digest, lockdown, plan, liveFrom: live?.from ?? 'none', liveNames, sweep };
   }
 }
 

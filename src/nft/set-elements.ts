@@ -58,7 +58,17 @@ export interface ElementWrite {
 export interface SetElementWriter {
   /** One netlink transaction for all of them, acknowledged by the kernel before it returns. Refreshes the timeout of elements already there. */
   add(writes: readonly ElementWrite[]): void;
+  /**
+   * Takes addresses out of sets, in one transaction; an address a set does
+   * not hold is no error (NFT_MSG_DESTROYSETELEM, Linux 6.3 and later).
+   */
+  remove(removals: readonly ElementRemoval[]): void;
   close(): void;
+}
+
+export interface ElementRemoval {
+  readonly set: string;
+  readonly address: string;
 }
 
 export interface SetElementWriterOptions {
@@ -122,7 +132,7 @@ export function createSetElementWriter(api: LibnftnlApi, transport: NetlinkTrans
           if (left > e.timeoutMs) e.timeoutMs = Math.ceil(left);
         }
       }
-      const batch = buildBatch(api, tableName, sets, nextSeq);
+      const batch = buildBatch(api, tableName, sets, nextSeq, 'add');
       transport.send(batch.datagram);
       awaitAcks(transport, batch, tableName);
       for (const elements of sets.values()) for (const e of elements) deadlines.set(e.id, start + e.timeoutMs);
@@ -130,6 +140,17 @@ export function createSetElementWriter(api: LibnftnlApi, transport: NetlinkTrans
         for (const [id, deadline] of deadlines) if (deadline <= start) deadlines.delete(id);
         pruneAt = Math.max(1024, deadlines.size * 2);
       }
+    },
+    remove(removals) {
+      if (closed) throw new EgressError(ErrorCode.NftUnavailable, 'set element writer: closed');
+      if (removals.length === 0) return;
+      if (removals.length > MAX_WRITES_PER_TRANSACTION)
+        throw refusedBeforeSending(`${removals.length} element removals in one transaction, more than the ${MAX_WRITES_PER_TRANSACTION} one batch may hold`);
+      const sets = groupBySet(removals.map((r) => ({ ...r, timeoutMs: 1 })));
+      const batch = buildBatch(api, tableName, sets, nextSeq, 'destroy');
+      transport.send(batch.datagram);
+      awaitAcks(transport, batch, tableName);
+      for (const elements of sets.values()) for (const e of elements) deadlines.delete(e.id);
     },
     close() {
       if (closed) return;
@@ -271,6 +292,8 @@ export function loadLibnftnl(path: string = DEFAULT_LIBNFTNL): LibnftnlApi {
 
 // <linux/netfilter/nf_tables.h>, <libnftnl/set.h>, <libnftnl/udata.h>
 const NFT_MSG_NEWSETELEM = 12;
+/** Deletes an element, and is no error where there is none (Linux 6.3). */
+const NFT_MSG_DESTROYSETELEM = 30;
 const NFPROTO_INET = 1;
 const NLM_F_CREATE = 0x400;
 const NFTNL_SET_TABLE = 0;
@@ -310,7 +333,7 @@ interface Batch {
   readonly messages: Map<number, { readonly set: string; readonly bytes: Buffer; readonly count: number }>;
 }
 
-function buildBatch(api: LibnftnlApi, table: string, sets: Map<string, Element[]>, nextSeq: () => number): Batch {
+function buildBatch(api: LibnftnlApi, table: string, sets: Map<string, Element[]>, nextSeq: () => number, kind: 'add' | 'destroy'): Batch {
   const parts: Buffer[] = [];
   const begin = Buffer.alloc(NLMSG_HDRLEN + 4);
   const beginSeq = nextSeq();
@@ -320,7 +343,7 @@ function buildBatch(api: LibnftnlApi, table: string, sets: Map<string, Element[]
   for (const [set, elements] of sets) {
     for (let i = 0; i < elements.length; i += ELEMENTS_PER_MESSAGE) {
       const seq = nextSeq();
-      const bytes = buildMessage(api, table, set, elements.slice(i, i + ELEMENTS_PER_MESSAGE), seq);
+      const bytes = buildMessage(api, table, set, elements.slice(i, i + ELEMENTS_PER_MESSAGE), seq, kind);
       messages.set(seq, { set, bytes, count: Math.min(ELEMENTS_PER_MESSAGE, elements.length - i) });
       parts.push(bytes);
     }
@@ -334,7 +357,7 @@ function buildBatch(api: LibnftnlApi, table: string, sets: Map<string, Element[]
 
 const align4 = (n: number): number => (n + 3) & ~3;
 
-function buildMessage(api: LibnftnlApi, table: string, set: string, elements: readonly Element[], seq: number): Buffer {
+function buildMessage(api: LibnftnlApi, table: string, set: string, elements: readonly Element[], seq: number, kind: 'add' | 'destroy'): Buffer {
   // libnftnl writes without bounds checks: the buffer is sized for the most these elements can take.
   const bound = NLMSG_HDRLEN + 4 + 2 * (4 + align4(NAME_MAX_BYTES + 1)) + 4 + elements.length * ELEMENT_BOUND;
   const buffer = Buffer.alloc(bound);
@@ -344,8 +367,11 @@ function buildMessage(api: LibnftnlApi, table: string, set: string, elements: re
     if (api.setSetStr(nftSet, NFTNL_SET_TABLE, table) !== 0 || api.setSetStr(nftSet, NFTNL_SET_NAME, set) !== 0)
       throw new EgressError(ErrorCode.NftUnavailable, 'libnftnl: nftnl_set_set_str failed');
     api.setSetU32(nftSet, NFTNL_SET_FAMILY, NFPROTO_INET);
-    for (const element of elements) addElement(api, nftSet, element);
-    const nlh = api.nlmsgBuildHdr(buffer, NFT_MSG_NEWSETELEM, NFPROTO_INET, NLM_F_CREATE | NlmFlag.Ack, seq);
+    for (const element of elements) addElement(api, nftSet, element, kind);
+    const nlh =
+      kind === 'add'
+        ? api.nlmsgBuildHdr(buffer, NFT_MSG_NEWSETELEM, NFPROTO_INET, NLM_F_CREATE | NlmFlag.Ack, seq)
+        : api.nlmsgBuildHdr(buffer, NFT_MSG_DESTROYSETELEM, NFPROTO_INET, NlmFlag.Ack, seq);
     api.setElemsNlmsgBuildPayload(nlh, nftSet);
   } finally {
     // Frees the elements added to it too.
@@ -358,11 +384,16 @@ function buildMessage(api: LibnftnlApi, table: string, set: string, elements: re
 }
 
 /** Adds one element to `nftSet`, which owns it from then on (and frees it with itself, whatever fails after). */
-function addElement(api: LibnftnlApi, nftSet: Ptr, element: Element): void {
+function addElement(api: LibnftnlApi, nftSet: Ptr, element: Element, kind: 'add' | 'destroy'): void {
   const elem = api.elemAlloc();
   if (elem === null) throw new EgressError(ErrorCode.NftUnavailable, 'libnftnl: nftnl_set_elem_alloc failed');
   api.elemAdd(nftSet, elem);
   let ok = api.elemSet(elem, NFTNL_SET_ELEM_KEY, element.key, element.key.length) === 0;
+  // A removal names its key and nothing else.
+  if (kind === 'destroy') {
+    if (!ok) throw new EgressError(ErrorCode.NftUnavailable, `libnftnl could not build the element ${element.address}`);
+    return;
+  }
   api.elemSetU64(elem, NFTNL_SET_ELEM_TIMEOUT, element.timeoutMs);
   // The expiration is what makes the kernel refresh an element that is there already: see the header.
   api.elemSetU64(elem, NFTNL_SET_ELEM_EXPIRATION, element.timeoutMs);
@@ -512,6 +543,8 @@ function checkWriteName(kind: string, name: string): void {
 export interface BatchingWriter {
   /** Resolves once the kernel acknowledged the transaction these writes went in with whatever else was asked for in the same turn. */
   add(writes: readonly ElementWrite[]): Promise<void>;
+  /** Writes what is pending first (an add asked for before a removal lands before it), then removes. */
+  remove(removals: readonly ElementRemoval[]): Promise<void>;
   /** Writes what is pending, then closes the writer. */
   close(): void;
 }
@@ -576,6 +609,16 @@ export function createBatchingWriter(writer: SetElementWriter, options: Batching
           schedule(flush);
         }
       });
+    },
+    remove(removals) {
+      if (closed) return Promise.reject(new EgressError(ErrorCode.NftUnavailable, 'set element writer: closed'));
+      if (pending.length > 0) flush();
+      try {
+        writer.remove(removals);
+        return Promise.resolve();
+      } catch (error) {
+        return Promise.reject(error instanceof Error ? error : new Error(String(error)));
+      }
     },
     close() {
       if (closed) return;

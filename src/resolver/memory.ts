@@ -177,6 +177,17 @@ export class AddressMemory {
     return chains;
   }
 
+  /** Every unexpired chain and the seconds its first name has left: what a re-apply puts into sets it made anew. */
+  *chains(now = this.clock()): Generator<{ address: string; chain: string[]; ttl: number }> {
+    for (const entry of [...this.byAddress.values()]) {
+      for (const chain of this.sharedWith(entry.address, now)) {
+        const expiresAt = Math.min(...chain.map((name) => entry.names.find((held) => held.name === name)?.expiresAt ?? now));
+        const ttl = Math.floor((expiresAt - now) / 1000);
+        if (ttl > 0) yield { address: entry.address, chain, ttl };
+      }
+    }
+  }
+
   counters(): MemoryCounters {
     return { entries: this.byAddress.size, names: this.nameCount, evictions: this.evictions, expired: this.expired };
   }

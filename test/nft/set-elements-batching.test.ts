@@ -18,6 +18,9 @@ function recordingWriter(): SetElementWriter & { transactions: ElementWrite[][];
       const bad = writes.find((x) => x.set === 'gone');
       if (bad !== undefined) throw new SetWriteRefusedError('missing-set', 'no such set', { set: bad.set, errno: 2 });
     },
+    remove() {
+      throw new Error('not used here');
+    },
     close() {
       w.closed = true;
     },

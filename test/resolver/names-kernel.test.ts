@@ -1,0 +1,225 @@
+import type { ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createTestNet, ensureTestUsers, harnessUnavailableReason, type Server, type TestNet, type TestUsers } from '../harness/index.js';
+import { nflogPrefixes } from '../support/nflog.js';
+import { policyDir } from '../support/policy-dir.js';
+import { printed, until } from '../support/wait.js';
+
+/**
+ * Issue 18: names that hold. A real authoritative DNS server (dnsmasq) in
+ * the "internet", egressd's resolver on the host's loopback, the table
+ * applied by egressctl, and clients running as the test users. Every test
+ * checks what the internet side saw, or what a real client got.
+ */
+const ROOT = join(import.meta.dirname, '..', '..');
+const CLI = join(ROOT, 'src/cli/main.ts');
+const DAEMON = join(ROOT, 'src/daemon/main.ts');
+const TRACKING = join(ROOT, 'policies/lists/tracking.txt');
+const unavailable = harnessUnavailableReason() ?? (existsSync('/usr/sbin/dnsmasq') && existsSync('/usr/bin/dig') ? undefined : 'dnsmasq or dig is not installed (scripts/setup.sh)');
+
+const AUTHORITY = '198.51.100.53';
+const RESOLVER = '127.0.0.153';
+const GROUP = 7745;
+/** A name of the shipped 143,876-name list, and one below it that the list does not name (its lines are exact names). */
+const TRACKER = 'analytics-api.decluttr.com';
+
+interface Dig {
+  status: string;
+  addresses: string[];
+}
+
+describe.skipIf(unavailable)(`names in rules are enforced once the resolver answered them ${unavailable ? `(skipped: ${unavailable})` : ''}`, () => {
+  let net: TestNet;
+  let users: TestUsers;
+  let state: string;
+  let hosts: string;
+  let authority: ChildProcess;
+  let resolver: ChildProcess;
+  let web: Server;
+  let dir: string;
+  const env = () => ({ ...process.env, EGRESSD_STATE_DIR: state });
+
+  /** The authority's records: one "ADDRESS NAME" per line, re-read on SIGHUP. */
+  function setRecords(lines: readonly string[]): void {
+    writeFileSync(hosts, `${lines.join('\n')}\n`);
+  }
+
+  async function dig(name: string, user: string, type: 'A' | 'AAAA' = 'A', server = RESOLVER): Promise<Dig> {
+    const result = await net.host.exec('dig', [`@${server}`, '+tries=1', '+time=2', '+noall', '+comments', '+answer', name, type], { user, timeoutMs: 6000 });
+    const status = /status: ([A-Z]+)/.exec(result.stdout)?.[1] ?? (result.stdout.includes('timed out') || result.code === 9 ? 'TIMEOUT' : `dig exit ${result.code}`);
+    const addresses = result.stdout
+      .split('\n')
+      .filter((line) => !line.startsWith(';'))
+      .map((line) => line.trim().split(/\s+/))
+      .filter((fields) => fields[3] === type)
+      .map((fields) => fields[4] ?? '');
+    return { status, addresses };
+  }
+
+  const reach = (addr: string, user: string, timeoutMs = 800) => net.host.connect({ proto: 'tcp', addr, port: web.port, user, timeoutMs });
+
+  /** Whether the live DNS sets hold `addr` (the resolver put it there, or it has not expired yet). */
+  async function inSets(addr: string): Promise<boolean> {
+    const listing = await net.host.nft(['-j', 'list', 'table', 'inet', 'egressd']);
+    return listing.stdout.includes(`"${addr}"`);
+  }
+
+  beforeAll(async () => {
+    users = ensureTestUsers();
+    net = await createTestNet({ inetAddrs: [AUTHORITY, '203.0.113.10', '203.0.113.11', '203.0.113.20', '203.0.113.30', '203.0.113.31', '203.0.113.40'] });
+    state = mkdtempSync(join(tmpdir(), 'egd-names-state-'));
+    hosts = join(state, 'authority.hosts');
+    setRecords([
+      '203.0.113.10 api.example.test',
+      `203.0.113.20 ${TRACKER}`,
+      `203.0.113.40 sub.${TRACKER}`,
+      '203.0.113.20 telemetry.example.test',
+      '203.0.113.20 a.telemetry.example.test',
+      '203.0.113.30 good.example.test',
+      '203.0.113.30 shared.tracker.test',
+      '203.0.113.31 fine.example.test',
+      '203.0.113.31 spared.tracker.test',
+    ]);
+    authority = net.inet.spawn('dnsmasq', [
+      '--keep-in-foreground',
+      '--log-facility=-',
+      '--log-queries',
+      '--no-resolv',
+      '--no-hosts',
+      '--no-poll',
+      '--bind-interfaces',
+      `--listen-address=${AUTHORITY}`,
+      '--port=53',
+      `--addn-hosts=${hosts}`,
+      // Short TTLs: expiry is part of what is tested.
+      '--local-ttl=2',
+      `--cname=alias.example.test,${TRACKER}`,
+      '--user=root',
+      '--pid-file=',
+    ]);
+    web = await net.inet.listen({ proto: 'tcp', addr: '::', port: 0 });
+    dir = policyDir(
+      {
+        'lists/tracking.txt': readFileSync(TRACKING),
+        '00.yaml': `
+defaults: {egress: allow, log: {denials: true, group: ${GROUP}}}
+dns: {upstreams: ["${AUTHORITY}"], listen: ["${RESOLVER}"], ttlFloor: 1, ttlCap: 3600}
+lists:
+  tracking: {file: lists/tracking.txt, format: plain}
+deny:
+  - to: ["@tracking", "*.telemetry.example.test", "shared.tracker.test"]
+  - to: ["spared.tracker.test"]
+    sharedAddresses: spare
+apps:
+  api:
+    identity: {user: ${users.app2.name}}
+    default: deny
+    rules:
+      - allow: ["api.example.test"]
+        ports: [${web.port}]
+        proto: tcp
+  fan:
+    identity: {user: ${users.app1.name}}
+    rules:
+      - allow: ["${TRACKER}"]
+`,
+      },
+      { keep: true },
+    );
+    const applied = await net.host.node(CLI, ['apply', dir], { env: env() });
+    if (applied.code !== 0) throw new Error(`apply failed: ${applied.stderr}`);
+    resolver = net.host.spawn(process.execPath, ['--import', 'tsx', DAEMON, 'resolver', '--policy', dir], { env: env() });
+    await printed(resolver, 'stdout', '"event":"resolver-ready"', 30_000);
+  }, 90_000);
+
+  afterAll(async () => {
+    authority?.kill();
+    resolver?.kill();
+    await web?.close().catch(() => {});
+    await net?.destroy();
+    if (state) rmSync(state, { recursive: true, force: true });
+    if (dir) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('a default-deny app reaches a name it may reach only after looking it up, on the first try, and not after the answer expired', async () => {
+    const app = users.app2.name;
+    expect(await reach('203.0.113.10', app), 'before any lookup').toMatchObject({ ok: false });
+    expect(await dig('api.example.test', app)).toEqual({ status: 'NOERROR', addresses: ['203.0.113.10'] });
+    expect(await reach('203.0.113.10', app), 'first connection after the lookup').toMatchObject({ ok: true });
+    // TTL 2 s: the set element expires with it, and no lookup renews it.
+    await until('the element of 203.0.113.10 expired', async () => !(await inSets('203.0.113.10')), { timeoutMs: 10_000, everyMs: 250 });
+    expect(await reach('203.0.113.10', app), 'after expiry').toMatchObject({ ok: false });
+
+    // The authority rotates the name to another address: the next lookup follows it.
+    setRecords(readFileSync(hosts, 'utf8').replace('203.0.113.10 api.example.test', '203.0.113.11 api.example.test').split('\n').filter(Boolean));
+    authority.kill('SIGHUP');
+    await until('the rotated address answered', async () => (await dig('api.example.test', app)).addresses[0] === '203.0.113.11', { timeoutMs: 10_000, everyMs: 300 });
+    expect(await reach('203.0.113.11', app)).toMatchObject({ ok: true });
+    expect(await reach('203.0.113.10', app), 'the old address').toMatchObject({ ok: false });
+  });
+
+  it('a listed name is NXDOMAIN for everyone but the app allowed it, and its address is dropped for others once learned', async () => {
+    expect(await dig(TRACKER, users.app3.name)).toMatchObject({ status: 'NXDOMAIN', addresses: [] });
+    expect(await dig(TRACKER, users.app1.name)).toEqual({ status: 'NOERROR', addresses: ['203.0.113.20'] });
+    // Learned for the deny rule too: the address hard-coded by anyone else is dropped.
+    const before = await web.count();
+    expect(await reach('203.0.113.20', users.app3.name)).toMatchObject({ ok: false });
+    expect(await reach('203.0.113.20', users.app1.name), 'the app allowed it').toMatchObject({ ok: true });
+    expect(await web.count()).toBe(before + 1);
+    // The list's lines are exact names: a name below one is not on it.
+    expect(await dig(`sub.${TRACKER}`, users.app3.name)).toEqual({ status: 'NOERROR', addresses: ['203.0.113.40'] });
+    // "*.x" covers x and every name below it.
+    expect((await dig('telemetry.example.test', users.app3.name)).status).toBe('NXDOMAIN');
+    expect((await dig('a.telemetry.example.test', users.app3.name)).status).toBe('NXDOMAIN');
+  });
+
+  it('a CNAME chain that ends in a denied name is denied', async () => {
+    expect(await dig('alias.example.test', users.app3.name)).toMatchObject({ status: 'NXDOMAIN', addresses: [] });
+  });
+
+  it('nobody but the resolver sends DNS or DNS-over-TLS off the host: dropped, logged with its rule, never seen', async () => {
+    const dns = await net.inet.listen({ proto: 'udp', addr: '203.0.113.30', port: 53 });
+    const dot = await net.inet.listen({ proto: 'tcp', addr: '203.0.113.30', port: 853 });
+    const pcap = join(state, 'nflog.pcap');
+    const capture = net.host.spawn('tcpdump', ['-i', `nflog:${GROUP}`, '-U', '-w', pcap]);
+    const exited = new Promise<void>((resolve) => capture.once('exit', () => resolve()));
+    await printed(capture, 'stderr', `listening on nflog:${GROUP}`);
+    try {
+      expect(await dig('api.example.test', users.app3.name, 'A', AUTHORITY), 'straight to the authority').toMatchObject({ status: 'TIMEOUT' });
+      expect(await net.host.connect({ proto: 'udp', addr: '203.0.113.30', port: 53, user: users.app3.name, timeoutMs: 800 })).toMatchObject({ ok: false });
+      expect(await net.host.connect({ proto: 'tcp', addr: '203.0.113.30', port: 853, user: users.app3.name, timeoutMs: 800 })).toMatchObject({ ok: false });
+      // Root is no exception: only the resolver's marked sockets are.
+      expect(await net.host.connect({ proto: 'udp', addr: '203.0.113.30', port: 53, timeoutMs: 800 })).toMatchObject({ ok: false });
+      await until('three NFLOG records', () => nflogPrefixes(existsSync(pcap) ? readFileSync(pcap) : Buffer.alloc(0)).length >= 3, { timeoutMs: 5000 });
+    } finally {
+      capture.kill('SIGINT');
+      await exited;
+    }
+    expect(await dns.count()).toBe(0);
+    expect(await dot.count()).toBe(0);
+    const prefixes = nflogPrefixes(readFileSync(pcap));
+    expect(prefixes.every((p) => p.startsWith('egd '))).toBe(true);
+    // While the resolver's own upstream queries pass.
+    expect((await dig('fine.example.test', users.app3.name)).status).toBe('NOERROR');
+    await dns.close();
+    await dot.close();
+  });
+
+  it('an address shared by a denied name and an allowed one stays denied by default, and spared where the rule says so', async () => {
+    const user = users.app3.name;
+    expect((await dig('good.example.test', user)).addresses).toEqual(['203.0.113.30']);
+    expect(await reach('203.0.113.30', user), 'nothing denies it yet').toMatchObject({ ok: true });
+    expect((await dig('shared.tracker.test', user)).status).toBe('NXDOMAIN');
+    expect(await reach('203.0.113.30', user), 'the deny holds for the shared address').toMatchObject({ ok: false });
+    const explained = await net.host.node(CLI, ['explain', dir, '--app', user, '--to', '203.0.113.30'], { env: env() });
+    expect(explained.stdout).toContain('shared.tracker.test');
+    expect(explained.stdout).toContain('good.example.test');
+
+    expect((await dig('fine.example.test', user)).addresses).toEqual(['203.0.113.31']);
+    expect((await dig('spared.tracker.test', user)).status).toBe('NXDOMAIN');
+    expect(await reach('203.0.113.31', user), 'the rule spares addresses shared with names it does not deny').toMatchObject({ ok: true });
+  });
+});
