@@ -14,7 +14,8 @@ import { TABLE, type Compiled, type Facts } from '../compile/compile.js';
 import { isApplyMarker, parseLiveName } from '../enforce/swap.js';
 
 import type { Nft } from '../nft/client.js';
-import { createBatchingWriter, openSetElementWriter, setWriteRefusal, type BatchingWriter } from '../nft/set-elements.js';
+import { setWriteRefusal } from '../errors.js';
+import { createBatchingWriter, openSetElementWriter, type BatchingWriter } from '../nft/set-elements.js';
 import type { Policy } from '../policy/model.js';
 import { startControlServer, type ControlServer } from './control.js';
 import { buildDecider, type Decider } from './decide.js';
