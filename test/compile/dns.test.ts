@@ -1,9 +1,12 @@
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
-import type { Compiled } from '../../src/compile/compile.js';
+import { compile, type Compiled } from '../../src/compile/compile.js';
 import { explain, type ExplainQuery } from '../../src/compile/explain.js';
 import { parseLogPrefix } from '../../src/compile/log-prefix.js';
 import { renderText, type RuleDecl } from '../../src/compile/ruleset.js';
+import { loadPolicyOrThrow } from '../../src/policy/load.js';
 import { compileYaml, FACTS, policyFrom } from '../support/compile-text.js';
+import { packetFor } from '../support/connection.js';
 import { evaluate, type Packet } from '../support/ruleset-interpreter.js';
 
 const MARK = 0x45444e53;
@@ -153,5 +156,44 @@ describe('dns.exclusive: only the resolver sends DNS off the host', () => {
     expect(portless).toMatchObject({ verdict: 'allow', level: 'app' });
     if ('error' in portless) throw new Error(portless.error);
     expect(portless.notes).toContain("dns/exclusive (deny) applies to udp and tcp ports 53 and 853: only the resolver's own packets leave to them");
+  });
+});
+
+describe('the shipped DoH list (policies/15-dns-bypass.yaml)', () => {
+  const { policy } = loadPolicyOrThrow(join(import.meta.dirname, '..', '..', 'policies'));
+  const { ruleset } = compile(policy, FACTS);
+  const ask = (who: ExplainQuery['who'], host: string, port: number, proto: 'tcp' | 'udp', mark?: number) => {
+    const answer = explain(policy, { who, host, port, proto, ...(mark === undefined ? {} : { mark }) }, FACTS);
+    if ('error' in answer) throw new Error(answer.error);
+    const kernel = evaluate(ruleset, packetFor({ who, address: host, port, proto, ...(mark === undefined ? {} : { mark }) }));
+    return { kernel: `${kernel.verdict} ${kernel.chain}`, explain: `${answer.verdict} ${answer.level} ${answer.ruleId}` };
+  };
+  const root = { kind: 'user', user: 0 } as const;
+
+  it('denies public DoH endpoints by address and by name, for everyone', () => {
+    const doh = 'deny global-deny deny/15-dns-bypass.yaml/0';
+    for (const host of ['1.1.1.1', '8.8.8.8', '9.9.9.9', '2606:4700:4700::1111', '2620:fe::fe'])
+      expect(ask(root, host, 443, 'tcp')).toEqual({ kernel: 'drop log_g2', explain: doh });
+    for (const name of ['dns.google', 'cloudflare-dns.com', 'dns.quad9.net', 'mozilla.cloudflare-dns.com']) {
+      expect(explain(policy, { who: root, host: name, port: 443, proto: 'tcp' }, FACTS)).toMatchObject({
+        verdict: 'deny',
+        ruleId: 'deny/15-dns-bypass.yaml/0',
+      });
+    }
+    expect(policy.globalDeny.find((r) => r.id === 'deny/15-dns-bypass.yaml/0')).toMatchObject({ sharedAddresses: 'spare' });
+    // A DoH name behind Cloudflare's shared proxy is denied by name only: its addresses serve other sites too.
+    expect(ask(root, '104.18.20.135', 443, 'tcp')).toEqual({ kernel: 'accept output', explain: 'allow default default' });
+  });
+
+  it("lets the resolver's own queries out to an upstream the list denies, and nobody else's", () => {
+    for (const [host, port, proto] of [
+      ['1.1.1.1', 53, 'udp'],
+      ['9.9.9.9', 853, 'tcp'],
+      ['2606:4700:4700::1111', 53, 'tcp'],
+      ['2620:fe::fe', 853, 'udp'],
+    ] as const) {
+      expect(ask(root, host, port, proto, MARK)).toEqual({ kernel: 'accept dns_egress', explain: 'allow dns dns/resolver' });
+      expect(ask(root, host, port, proto)).toEqual({ kernel: 'drop dns_egress', explain: 'deny dns dns/exclusive' });
+    }
   });
 });
