@@ -19,19 +19,23 @@ import type { Origin, Policy, Rule, Verdict } from '../policy/model.js';
  * their ids, which name them.
  */
 
-export type RuleKind =
-  | 'app-rule'
-  | 'app-default'
-  | 'global-deny'
-  | 'default'
-  | 'system-domain'
-  | 'lockdown'
-  | 'tor-updaters'
-  | 'tor-socks'
-  | 'tor-own'
-  | 'routing-header'
-  | 'dns-resolver'
-  | 'dns-exclusive';
+/** Every kind of deciding rule; rules.json is checked against this list. */
+export const RULE_KINDS = [
+  'app-rule',
+  'app-default',
+  'global-deny',
+  'default',
+  'system-domain',
+  'lockdown',
+  'tor-updaters',
+  'tor-socks',
+  'tor-own',
+  'routing-header',
+  'dns-resolver',
+  'dns-exclusive',
+] as const;
+
+export type RuleKind = (typeof RULE_KINDS)[number];
 
 /** One row of the id table: a short id and the rule it stands for. */
 export interface RuleIdEntry {
