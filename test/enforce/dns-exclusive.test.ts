@@ -124,15 +124,19 @@ describe.skipIf(unavailable)(
       expect(await dot.count()).toBe(1);
       expect(await other.count()).toBe(1);
 
-      await until('NFLOG records of the dropped queries', () => nflogPrefixes(existsSync(pcap) ? readFileSync(pcap) : Buffer.alloc(0)).length >= 5);
-      capture.kill('SIGINT');
-      await exited;
       const table = readRuleTable(state);
       if (table.state !== 'ok') throw new Error(`rules.json: ${JSON.stringify(table)}`);
-      const logged = nflogPrefixes(readFileSync(pcap)).map((prefix) => table.value.byId.get(parseLogPrefix(prefix) ?? '')?.ruleId);
+      const logged = () =>
+        nflogPrefixes(existsSync(pcap) ? readFileSync(pcap) : Buffer.alloc(0)).map((prefix) => table.value.byId.get(parseLogPrefix(prefix) ?? '')?.ruleId);
       // The app's three queries (a SYN may be resent) and root's two unmarked ones, all under dns/exclusive; root's 5353 under the global deny.
-      expect(logged.filter((id) => id === 'dns/exclusive').length).toBeGreaterThanOrEqual(5);
-      expect(new Set(logged)).toEqual(new Set(['dns/exclusive', 'deny/00.yaml/0']));
+      await until('NFLOG records of every dropped query', () => {
+        const ids = logged();
+        return ids.filter((id) => id === 'dns/exclusive').length >= 5 && ids.includes('deny/00.yaml/0');
+      });
+      capture.kill('SIGINT');
+      await exited;
+      expect(logged().filter((id) => id === 'dns/exclusive').length).toBeGreaterThanOrEqual(5);
+      expect(new Set(logged())).toEqual(new Set(['dns/exclusive', 'deny/00.yaml/0']));
     });
 
     it('with dns.exclusive off, DNS is the rules’ to decide, and the resolver’s mark still passes', async () => {
