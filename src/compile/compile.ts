@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import type { App, Identity, NameList, Network, Origin, Policy, PortRange, Rule } from '../policy/model.js';
+import { DNS_PORTS, type App, type Identity, type NameList, type Network, type Origin, type Policy, type PortRange, type Rule } from '../policy/model.js';
 import { EgressError, ErrorCode } from '../errors.js';
 import { formatIssue, sortIssues, type PolicyIssue } from '../policy/issues.js';
 import {
@@ -24,7 +24,7 @@ import {
 import { appTags, CT_MARK_KEEP, CT_MARK_MASK, DEFAULT_TAG, markValue, UNCLAIMED_TAG } from './ct-mark.js';
 import { cgroupGlobMatcher } from './glob.js';
 import { logPrefix } from './log-prefix.js';
-import { ruleIdTable, type RuleIdEntry } from './rule-ids.js';
+import { DNS_EXCLUSIVE_RULE, DNS_RESOLVER_RULE, ruleIdTable, type RuleIdEntry } from './rule-ids.js';
 
 export const TABLE = EGRESSD_TABLE;
 
@@ -125,6 +125,8 @@ export interface DnsBinding {
   readonly lists: readonly string[];
   readonly set4: string;
   readonly set6: string;
+  /** Deny bindings: whether an address shared with a name the same identity may reach is denied ('deny') or spared (Rule.sharedAddresses). */
+  readonly sharedAddresses?: 'deny' | 'spare';
 }
 
 /** Tells the app tracker which map a cgroup matching `glob` joins, with which verdict: by the new cgroup's owner. */
@@ -411,6 +413,8 @@ class Compiler {
     if (torUid !== undefined)
       output.push(rule([match.skuid(torUid), stmt.counter(), verdict.accept()], this.tagged(policy.tor.at, 'tor/own', ": Tor's own traffic")));
 
+    output.push(...this.dnsRules());
+
     // Per-app rules, then the global deny list, then the default.
     const apps = this.newDispatch('app');
     for (const app of policy.apps) {
@@ -433,7 +437,9 @@ class Compiler {
     output.push(rule([verdict.jump('global_deny')], 'global deny list'));
 
     output.push(...this.defaultTail('default', policy.defaults.egress, policy.defaults.at, DEFAULT_TAG));
-    // The set the link-local chain is entered by, declared last: the policy's own sets come first.
+    // The sets the DNS rules and the link-local chain are entered by, declared last: the policy's own sets come first.
+    this.constantSet(DNS_PROTOCOLS_SET, 'inet_proto', ['tcp', 'udp']);
+    this.constantSet(DNS_PORTS_SET, 'inet_service', DNS_PORTS);
     if (!this.options.lockdown) this.constantSet('proto_igmp_ipv6_icmp', 'inet_proto', ['igmp', 'ipv6-icmp']);
 
     const base: ChainDecl = { name: 'output', hook: { hook: 'output', prio: 0, policy: policy.defaults.egress === 'deny' ? 'drop' : 'accept' }, rules: output };
@@ -489,6 +495,43 @@ class Compiler {
         this.tagged(undefined, 'routing-header', ': IPv6 routing headers'),
       ),
     ];
+  }
+
+  /**
+   * DNS (udp and tcp 53), DNS-over-TLS (tcp 853) and DNS-over-QUIC (udp
+   * 853) off the host: the resolver's own packets — its upstream sockets
+   * carry `dns.mark` (SO_MARK) — pass whatever the rules below say (a
+   * default deny, the DoH addresses the global list denies); with
+   * `dns.exclusive`, everyone else's are dropped and logged, whatever
+   * their app or the default would allow, so no process asks a server of
+   * its own past the resolver (which fills the name sets and answers
+   * denied names NXDOMAIN).
+   *
+   * After loopback (clients reach the resolver there), system domains
+   * (members have no network, DNS included), lockdown (the kill switch
+   * stops the resolver's upstream queries too) and Tor's own user (the
+   * exception to lockdown; Tor resolves names through its exits and its
+   * relays may listen on any port); before the apps, so that no app rule
+   * or default opens it up. Updaters over Tor reach only the SOCKS port,
+   * before all of this.
+   *
+   * Every packet that gets here pays one rule: the protocol and the
+   * destination port, each a load and a lookup in a two-element constant
+   * set (which nft keeps as a bitmap); the mark is read only for packets to
+   * those ports. Without `exclusive`, one rule tests the mark first.
+   */
+  private dnsRules(): RuleDecl[] {
+    const { dns } = this.policy;
+    const mark = match.mark(`0x${dns.mark.toString(16).padStart(8, '0')}`);
+    // Declared at the end (run), after the policy's own sets, unless a rule of the policy declared them first.
+    const ports = [match.l4proto(`@${DNS_PROTOCOLS_SET}`), match.dport(`@${DNS_PORTS_SET}`)];
+    const resolver = this.tagged(undefined, DNS_RESOLVER_RULE, ": the resolver's own queries");
+    if (!dns.exclusive) return [rule([mark, ...ports, stmt.counter(), verdict.accept()], resolver)];
+    this.chains.push({
+      name: 'dns_egress',
+      rules: [rule([mark, stmt.counter(), verdict.accept()], resolver), ...this.denyTail(DNS_EXCLUSIVE_RULE, undefined, true)],
+    });
+    return [rule([...ports, verdict.goto('dns_egress')], this.tagged(undefined, DNS_EXCLUSIVE_RULE, ': DNS, DNS-over-TLS and DNS-over-QUIC'))];
   }
 
   /**
@@ -579,7 +622,8 @@ class Compiler {
       this.sets.push({ name: set6, key: 'ipv6_addr', flags: ['timeout'], elements: [], comment: text, source });
       decls.push(rule([match.daddr(4, set4), ...l4, stmt.counter(), ...tail], text));
       decls.push(rule([match.daddr(6, set6), ...l4, stmt.counter(), ...tail], text));
-      this.dnsBindings.push({ ruleId: r.id, verdict: r.verdict, names: r.to.names, suffixes: r.to.suffixes, lists: r.to.lists, set4, set6 });
+      const shared = r.sharedAddresses === undefined ? {} : { sharedAddresses: r.sharedAddresses };
+      this.dnsBindings.push({ ruleId: r.id, verdict: r.verdict, names: r.to.names, suffixes: r.to.suffixes, lists: r.to.lists, set4, set6, ...shared });
     }
     return decls;
   }
@@ -1094,6 +1138,10 @@ export const REPORT_BURST_BYTES = 16384;
 
 /** The IPv6 next-header number of a routing header. */
 const IPPROTO_ROUTING = 43;
+
+/** The constant sets of the DNS rules (dnsRules), named as protocolMatch names them, so that a policy rule with the same ones shares them. */
+const DNS_PROTOCOLS_SET = 'proto_tcp_udp';
+const DNS_PORTS_SET = `ports_${DNS_PORTS.join('_')}`;
 
 /** Marks the policy digest in the first rule's comment. */
 export const POLICY_MARK = 'policy sha256:';

@@ -1,10 +1,11 @@
 import { isIP } from 'node:net';
 import { addressGroups, asciiName, inetAton, networkContains, parseNetwork } from '../policy/destination.js';
 import { clip } from '../policy/issues.js';
-import type { Identity, Origin, Policy, Protocol, Rule, Selector } from '../policy/model.js';
+import { DNS_PORTS, type Identity, type Origin, type Policy, type Protocol, type Rule, type Selector } from '../policy/model.js';
 import { identitiesOverlap, slicePath } from '../policy/resolve.js';
 import type { Facts, IdRange, SubordinateIds } from './compile.js';
 import { cgroupAncestorMatching } from './glob.js';
+import { DNS_EXCLUSIVE_RULE, DNS_RESOLVER_RULE } from './rule-ids.js';
 
 /**
  * Who is asking, as `egressctl explain --app` takes it: an app or identity
@@ -27,9 +28,11 @@ export interface ExplainQuery {
   readonly host: string;
   readonly port?: number;
   readonly proto?: Protocol;
+  /** The packet's mark (the socket's SO_MARK); undefined: none. The resolver's upstream sockets carry `dns.mark`. */
+  readonly mark?: number;
 }
 
-export type Level = 'loopback' | 'system-domain' | 'lockdown' | 'tor' | 'app' | 'global-deny' | 'default';
+export type Level = 'loopback' | 'system-domain' | 'lockdown' | 'tor' | 'dns' | 'app' | 'global-deny' | 'default';
 
 export interface Explanation {
   readonly verdict: 'allow' | 'deny';
@@ -47,8 +50,8 @@ export interface Explanation {
 export type ExplainFacts = Pick<Facts, 'users' | 'groups' | 'subordinate' | 'members' | 'cgroupOwners'>;
 
 /**
- * Walks the fixed precedence — loopback, system domain, lockdown, Tor, app,
- * global deny, default — over the loaded policy, the same order the compiled
+ * Walks the fixed precedence — loopback, system domain, lockdown, Tor, DNS,
+ * app, global deny, default — over the loaded policy, the same order the compiled
  * table takes, and says which rule decides. For an address its verdict is the
  * compiled table's for that packet; test/compile/explain-agrees.test.ts checks
  * that over random policies, so a change to either side that breaks it fails.
@@ -157,6 +160,9 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   }
   if (policy.tor.enabled) steps.push('tor: not an updater');
 
+  const dns = dnsDecision(policy, query, steps, notes);
+  if (dns) return decide(dns.verdict, 'dns', dns.ruleId, undefined);
+
   const app = firstByDispatchOrder(policy, query.who, facts, true);
   if (!app) {
     steps.push('apps: no app policy for this identity');
@@ -204,6 +210,37 @@ export function placeAsker(policy: Policy, who: Who, facts: ExplainFacts): Asker
     app,
     root: delegated ? firstByDispatchOrder(policy, who, facts, false) : undefined,
   };
+}
+
+/**
+ * DNS, DNS-over-TLS and DNS-over-QUIC off the host (compile.ts, dnsRules):
+ * the resolver's marked packets pass; with `dns.exclusive` everyone else's
+ * are dropped, whatever their app or the default says.
+ */
+function dnsDecision(policy: Policy, query: ExplainQuery, steps: string[], notes: string[]): { verdict: 'allow' | 'deny'; ruleId: string } | undefined {
+  const { dns } = policy;
+  const proto = query.proto ?? (query.port !== undefined ? 'tcp' : undefined);
+  const ports = DNS_PORTS.join(' and ');
+  const marked = query.mark !== undefined && query.mark >>> 0 === dns.mark;
+  if (proto === 'icmp') return undefined;
+  if (query.port === undefined || proto === undefined) {
+    if (dns.exclusive && !marked)
+      notes.push(`${DNS_EXCLUSIVE_RULE} (deny) applies to udp and tcp ports ${ports}: only the resolver's own packets leave to them`);
+    return undefined;
+  }
+  if (!DNS_PORTS.includes(query.port)) return undefined;
+  if (marked) {
+    steps.push(
+      `dns: port ${query.port}/${proto} with the resolver's mark 0x${dns.mark.toString(16)}: the resolver's own queries leave, whatever the rules below say`,
+    );
+    return { verdict: 'allow', ruleId: DNS_RESOLVER_RULE };
+  }
+  if (dns.exclusive) {
+    steps.push(`dns: port ${query.port}/${proto} is DNS, DNS-over-TLS or DNS-over-QUIC, which only the resolver sends off this machine (dns.exclusive)`);
+    return { verdict: 'deny', ruleId: DNS_EXCLUSIVE_RULE };
+  }
+  steps.push(`dns: port ${query.port}/${proto} is DNS, but dns.exclusive is off: the rules below decide`);
+  return undefined;
 }
 
 /** What an allow answer for IPv6 does not cover. */

@@ -15,12 +15,27 @@ import type { Origin, Policy, Rule, Verdict } from '../policy/model.js';
  * copied, into the identity); `log`, `why` and file:line are not identity.
  * Two rules of one owner that are alike in all of it are told apart by
  * their order among themselves. The built-in decisions (defaults, system
- * domains, lockdown, Tor, the routing-header drop) are identified by
+ * domains, lockdown, Tor, the resolver's DNS rules, the routing-header drop) are identified by
  * their ids, which name them.
  */
 
-export type RuleKind =
-  'app-rule' | 'app-default' | 'global-deny' | 'default' | 'system-domain' | 'lockdown' | 'tor-updaters' | 'tor-socks' | 'tor-own' | 'routing-header';
+/** Every kind of deciding rule; rules.json is checked against this list. */
+export const RULE_KINDS = [
+  'app-rule',
+  'app-default',
+  'global-deny',
+  'default',
+  'system-domain',
+  'lockdown',
+  'tor-updaters',
+  'tor-socks',
+  'tor-own',
+  'routing-header',
+  'dns-resolver',
+  'dns-exclusive',
+] as const;
+
+export type RuleKind = (typeof RULE_KINDS)[number];
 
 /** One row of the id table: a short id and the rule it stands for. */
 export interface RuleIdEntry {
@@ -36,6 +51,11 @@ export interface RuleIdEntry {
   readonly app?: string;
   readonly domain?: string;
 }
+
+/** The resolver's own DNS packets (its mark), let out whatever the policy says. */
+export const DNS_RESOLVER_RULE = 'dns/resolver';
+/** Everyone else's DNS packets, dropped while `dns.exclusive`. */
+export const DNS_EXCLUSIVE_RULE = 'dns/exclusive';
 
 /** A short id, as a pattern to build the others from: log prefixes, comments and rules.json hold it. */
 export const SHORT_ID_PATTERN = 'r[0-9a-f]{8}';
@@ -70,6 +90,8 @@ export function ruleIdTable(policy: Policy, options: { readonly lockdown?: boole
   }
   if (options.lockdown) builtIn('lockdown', 'lockdown', 'deny', undefined);
   if (policy.tor.enabled) builtIn('tor/own', 'tor-own', 'allow', policy.tor.at);
+  builtIn(DNS_RESOLVER_RULE, 'dns-resolver', 'allow', undefined);
+  if (policy.dns.exclusive) builtIn(DNS_EXCLUSIVE_RULE, 'dns-exclusive', 'deny', undefined);
   for (const app of policy.apps) {
     candidates.push(...policyRules(`app/${app.name}`, app.rules, 'app-rule', { app: app.name }));
     builtIn(`app/${app.name}/default`, 'app-default', app.defaultVerdict, app.at, { app: app.name });

@@ -55,7 +55,7 @@ export interface SetDecl {
 }
 
 export type Expr =
-  | { readonly meta: { readonly key: 'oif' | 'l4proto' | 'skuid' | 'skgid' | 'nfproto' } }
+  | { readonly meta: { readonly key: 'oif' | 'l4proto' | 'skuid' | 'skgid' | 'nfproto' | 'mark' } }
   | { readonly payload: { readonly protocol: 'ip' | 'ip6' | 'th' | 'tcp'; readonly field: 'daddr' | 'dport' } }
   | { readonly payload: { readonly protocol: 'icmpv6'; readonly field: 'type' } }
   | { readonly payload: { readonly protocol: 'ip6'; readonly field: 'hoplimit' | 'nexthdr' } }
@@ -152,6 +152,8 @@ export const match = {
   dport: (ports: Element): Statement => eq({ payload: { protocol: 'th', field: 'dport' } }, ports),
   tcpDport: (port: number): Statement => eq({ payload: { protocol: 'tcp', field: 'dport' } }, port),
   skuid: (uid: number): Statement => eq({ meta: { key: 'skuid' } }, uid),
+  /** The packet's mark (a socket's SO_MARK) equals `value` (hex, `0x` and 8 digits). */
+  mark: (value: string): Statement => eq({ meta: { key: 'mark' } }, value),
   /** The packet's socket has an owner: every uid matches, and a socket without a file (the kernel's own) has none to load. */
   owned: (): Statement => eq({ meta: { key: 'skuid' } }, { range: [0, 4294967295] }),
   /**

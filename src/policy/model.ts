@@ -74,6 +74,13 @@ export interface Rule {
   readonly log: boolean;
   readonly why: string | undefined;
   readonly at: Origin;
+  /**
+   * Deny rules with names only (undefined elsewhere): whether an address a
+   * denied name shares with a name the same identity may reach (a CDN's)
+   * is denied too ('deny', the default) or spared ('spare'). The resolver
+   * reads it when it fills the rule's sets.
+   */
+  readonly sharedAddresses?: 'deny' | 'spare';
 }
 
 export interface App {
@@ -133,6 +140,36 @@ export interface LogSettings {
   readonly burst: number;
 }
 
+/** egressd's resolver: where it listens, whom it asks, how long learned addresses stay, and who else may send DNS. */
+export interface DnsSettings {
+  /** Where the resolver listens (port 53). Default ['127.0.0.153', '::1']. */
+  readonly listen: readonly string[];
+  /** Upstream servers "ADDR" or "ADDR#PORT"; undefined = the machine's own (helper D's discovery). */
+  readonly upstreams: readonly string[] | undefined;
+  /** Set element timeout = answer TTL clamped into [ttlFloor, ttlCap] seconds. Defaults 60, 86400. */
+  readonly ttlFloor: number;
+  readonly ttlCap: number;
+  /** What a globally denied name gets: NXDOMAIN (default), 0.0.0.0/:: ('null'), or the true answer ('true'). */
+  readonly deniedAnswer: 'nxdomain' | 'null' | 'true';
+  /** Only the resolver's own sockets (meta mark == mark) may send udp/tcp 53 and 853 off the host. Default true. */
+  readonly exclusive: boolean;
+  /** The meta mark (SO_MARK) on the resolver's upstream sockets. Default 0x45444e53 ("EDNS"). */
+  readonly mark: number;
+}
+
+export const DNS_DEFAULTS: DnsSettings = {
+  listen: ['127.0.0.153', '::1'],
+  upstreams: undefined,
+  ttlFloor: 60,
+  ttlCap: 86400,
+  deniedAnswer: 'nxdomain',
+  exclusive: true,
+  mark: 0x45444e53,
+};
+
+/** The ports only the resolver may send to when `dns.exclusive`: DNS (udp, tcp), DNS-over-TLS (tcp) and DNS-over-QUIC (udp). */
+export const DNS_PORTS: readonly number[] = [53, 853];
+
 export interface Policy {
   readonly defaults: { readonly egress: Verdict; readonly log: LogSettings; readonly at: Origin | undefined };
   readonly lists: ReadonlyMap<string, NameList>;
@@ -142,6 +179,7 @@ export interface Policy {
   readonly globalDeny: readonly Rule[];
   readonly systemDomains: readonly SystemDomain[];
   readonly tor: TorSettings;
+  readonly dns: DnsSettings;
   /** The policy files in merge order, relative to the directory. */
   readonly files: readonly string[];
   /** sha256 over every policy file and list file (names and bytes): which policy this is. */

@@ -5,9 +5,12 @@ import { parseNameList } from './lists.js';
 import { boundIssue, clip, type PolicyIssue } from './issues.js';
 import {
   DEFAULT_LOG_GROUP,
+  DNS_DEFAULTS,
+  DNS_PORTS,
   type App,
   type CatalogueEntry,
   type DestinationSet,
+  type DnsSettings,
   type Identity,
   type NameList,
   type Network,
@@ -140,7 +143,7 @@ interface Placed<T> {
 
 type RecordSection = 'lists' | 'catalogue' | 'identities' | 'apps' | 'systemDomains';
 
-/** Merges files in order: named entries must be unique; `defaults` and `tor` fields are overridden by later files, like drop-ins. */
+/** Merges files in order: named entries must be unique; `defaults`, `tor` and `dns` fields are overridden by later files, like drop-ins. */
 class Merger {
   readonly records: { [K in RecordSection]: Map<string, Placed<NonNullable<PolicyFile[K]>[string]>> } = {
     lists: new Map(),
@@ -153,6 +156,7 @@ class Merger {
   readonly defaults: { [K in keyof NonNullable<PolicyFile['defaults']>]?: Placed<NonNullable<NonNullable<PolicyFile['defaults']>[K]>> } = {};
   readonly log: { [K in keyof NonNullable<NonNullable<PolicyFile['defaults']>['log']>]?: Placed<unknown> } = {};
   readonly tor: { [K in keyof NonNullable<PolicyFile['tor']>]?: Placed<NonNullable<NonNullable<PolicyFile['tor']>[K]>> } = {};
+  readonly dns: { [K in keyof NonNullable<PolicyFile['dns']>]?: Placed<NonNullable<NonNullable<PolicyFile['dns']>[K]>> } = {};
 
   constructor(private readonly errors: PolicyIssue[]) {}
 
@@ -187,6 +191,9 @@ class Merger {
     }
     for (const [key, value] of Object.entries(data.tor ?? {})) {
       if (value !== undefined) (this.tor as Record<string, Placed<unknown>>)[key] = { value, source, path: ['tor', key] };
+    }
+    for (const [key, value] of Object.entries(data.dns ?? {})) {
+      if (value !== undefined) (this.dns as Record<string, Placed<unknown>>)[key] = { value, source, path: ['dns', key] };
     }
   }
 }
@@ -223,6 +230,7 @@ class Resolver {
       at: placed.source.locateKey(placed.path),
     }));
     const tor = this.torSettings();
+    const dns = this.dnsSettings();
     this.warnShadowedApps(apps, systemDomains);
     if (this.errors.length > 0) return undefined;
 
@@ -236,6 +244,7 @@ class Resolver {
       globalDeny,
       systemDomains,
       tor,
+      dns,
       files,
     };
   }
@@ -345,7 +354,13 @@ class Resolver {
     verdict: Verdict,
     to: 'any' | string[],
     toKey: string,
-    fields: { ports?: (number | string)[] | undefined; proto?: Protocol | Protocol[] | undefined; log?: boolean | undefined; why?: string | undefined },
+    fields: {
+      ports?: (number | string)[] | undefined;
+      proto?: Protocol | Protocol[] | undefined;
+      log?: boolean | undefined;
+      why?: string | undefined;
+      sharedAddresses?: 'deny' | 'spare' | undefined;
+    },
     placed: Placed<unknown>,
     logDenials: boolean,
   ): Rule {
@@ -354,15 +369,28 @@ class Resolver {
     if (ports && protocols?.includes('icmp')) {
       this.error(placed, ['proto'], 'icmp has no ports', 'split the rule: one for tcp/udp with ports, one for icmp');
     }
+    const destinations = this.destinations(to, placed, [toKey]);
+    const named = destinations.names.length + destinations.suffixes.length + destinations.lists.length > 0;
+    if (fields.sharedAddresses !== undefined && verdict !== 'deny') {
+      this.error(placed, ['sharedAddresses'], 'sharedAddresses applies to deny rules only', 'an allow rule takes every address its names answer');
+    } else if (fields.sharedAddresses !== undefined && !named) {
+      this.error(
+        placed,
+        ['sharedAddresses'],
+        'sharedAddresses applies to deny rules with names only',
+        'the addresses a rule writes are denied as written; only addresses learned from names can be shared with another name',
+      );
+    }
     return {
       id,
       verdict,
-      to: this.destinations(to, placed, [toKey]),
+      to: destinations,
       ports,
       protocols: ports && protocols === undefined ? ['tcp', 'udp'] : protocols,
       log: fields.log ?? logDenials,
       why: fields.why,
       at: placed.source.locate(placed.path),
+      ...(verdict === 'deny' && named ? { sharedAddresses: fields.sharedAddresses ?? 'deny' } : {}),
     };
   }
 
@@ -464,6 +492,53 @@ class Resolver {
     };
   }
 
+  private dnsSettings(): DnsSettings {
+    const dns = this.merged.dns;
+    const listen = [...new Set((dns.listen?.value ?? DNS_DEFAULTS.listen).map((text) => canonical(text)))];
+    dns.listen?.value.forEach((text, i) => {
+      const parsed = parseNetwork(text);
+      const loopback = parsed.ok && (parsed.value.family === 4 ? parsed.value.address.startsWith('127.') : parsed.value.address === '::1');
+      // Only loopback: the resolver tells clients apart by their local sockets, and answers this machine alone.
+      if (!loopback) this.error(dns.listen!, [i], `the resolver listens on loopback only, not on "${clip(text)}"`, 'an address in 127.0.0.0/8, or ::1');
+    });
+    const upstreams = dns.upstreams?.value.map((text) => {
+      const [host = '', port] = text.split('#');
+      return port === undefined ? canonical(host) : `${canonical(host)}#${Number(port)}`;
+    });
+    upstreams?.forEach((upstream, i) => {
+      const [host = '', portText] = upstream.split('#');
+      const port = portText === undefined ? 53 : Number(portText);
+      if (port === 53 && listen.includes(host)) {
+        this.error(dns.upstreams!, [i], `upstream ${upstream} is where the resolver itself listens: it would ask itself`, 'name the server it should ask');
+      } else if (!DNS_PORTS.includes(port) && !isLoopback(host)) {
+        this.warnings.push({
+          severity: 'warning',
+          at: dns.upstreams!.source.locate([...dns.upstreams!.path, i]),
+          message: `upstream ${upstream}: only the resolver's packets to port ${DNS_PORTS.join(' and ')} pass whatever the policy says; to port ${port} they meet the rules like any other packet of egressd's`,
+        });
+      }
+    });
+    const ttlFloor = dns.ttlFloor?.value ?? DNS_DEFAULTS.ttlFloor;
+    const ttlCap = dns.ttlCap?.value ?? DNS_DEFAULTS.ttlCap;
+    if (ttlFloor > ttlCap) {
+      // Point at whichever of the two was written last (or at all): that is the one that made them cross.
+      const floorAt = dns.ttlFloor ? dns.ttlFloor.source.locate(dns.ttlFloor.path) : undefined;
+      const capAt = dns.ttlCap ? dns.ttlCap.source.locate(dns.ttlCap.path) : undefined;
+      const later =
+        !capAt || (floorAt && (floorAt.file > capAt.file || (floorAt.file === capAt.file && floorAt.line > capAt.line))) ? dns.ttlFloor! : dns.ttlCap!;
+      this.error(later, [], `dns.ttlFloor ${ttlFloor} is above dns.ttlCap ${ttlCap}`, 'the floor is the least time a learned address stays, the cap the most');
+    }
+    return {
+      listen,
+      upstreams,
+      ttlFloor,
+      ttlCap,
+      deniedAnswer: dns.deniedAnswer?.value ?? DNS_DEFAULTS.deniedAnswer,
+      exclusive: dns.exclusive?.value ?? DNS_DEFAULTS.exclusive,
+      mark: dns.mark?.value ?? DNS_DEFAULTS.mark,
+    };
+  }
+
   /** A member of a system domain is offline whatever its app rules say; say so, since the rules would look effective. */
   private warnShadowedApps(apps: readonly App[], domains: readonly SystemDomain[]): void {
     for (const app of apps) {
@@ -536,6 +611,16 @@ function writtenForm(dest: Destination): string {
     case 'net':
       return `${dest.address}/${dest.prefix}`;
   }
+}
+
+/** An address in the form the policy keeps (RFC 5952 for IPv6); the schema checked it already. */
+function canonical(address: string): string {
+  const parsed = parseNetwork(address);
+  return parsed.ok ? parsed.value.address : address;
+}
+
+function isLoopback(address: string): boolean {
+  return address === '::1' || address.startsWith('127.');
 }
 
 function toPortRange(port: number | string): PortRange {

@@ -43,6 +43,12 @@ const matchFields = {
     .describe('tcp, udp or icmp (icmp covers ICMPv6 too).'),
   log: z.boolean().optional().describe('Log denials of this rule (default: defaults.log.denials).'),
   why: z.string().max(500).optional().describe('Why this rule exists; shown by `egressctl explain`.'),
+  sharedAddresses: z
+    .enum(['deny', 'spare'])
+    .optional()
+    .describe(
+      'Deny rules with names only: an address one of its names shares with a name the same identity may reach (a CDN) is denied too (deny, the default) or spared (spare).',
+    ),
 };
 
 const destinations = z.union([z.literal('any'), z.array(destination).min(1)]);
@@ -154,6 +160,64 @@ const socksAddress = z.string().superRefine((value, ctx) => {
   }
 });
 
+/** An address without a prefix, as parseNetwork reads it. */
+function isAddress(text: string): boolean {
+  const parsed = parseNetwork(text);
+  return parsed.ok && parsed.value.prefix === (parsed.value.family === 4 ? 32 : 128) && !text.includes('/');
+}
+
+const listenAddress = z.string().superRefine((value, ctx) => {
+  if (!isAddress(value)) {
+    ctx.addIssue({ code: 'custom', message: `"${clip(value)}" is not an IPv4 or IPv6 address`, params: { hint: 'e.g. 127.0.0.153 or ::1; the port is 53' } });
+  }
+});
+
+/** "ADDR" or "ADDR#PORT", as dnsmasq and systemd-resolved write upstreams; IPv6 needs no brackets. */
+const upstreamAddress = z.string().superRefine((value, ctx) => {
+  const [host = '', portText, extra] = value.split('#');
+  const portNumber = Number(portText);
+  const portOk = portText === undefined || (/^\d{1,5}$/.test(portText) && portNumber >= 1 && portNumber <= 65535);
+  if (extra !== undefined || !isAddress(host) || !portOk) {
+    ctx.addIssue({
+      code: 'custom',
+      message: `"${clip(value)}" is not an upstream server ADDR or ADDR#PORT`,
+      params: { hint: 'e.g. 192.0.2.53, 2001:db8::53 or 192.0.2.53#853; addresses only, no names' },
+    });
+  }
+});
+
+/** What an answer's TTL may be at most (RFC 2181: 2^31 - 1 seconds). */
+export const MAX_TTL = 2147483647;
+
+const ttl = z
+  .number()
+  .int('a TTL bound is whole seconds')
+  .min(1, 'a TTL bound is at least 1 second')
+  .max(MAX_TTL, `a TTL bound is at most ${MAX_TTL} seconds (RFC 2181)`);
+
+const packetMark = z.number().superRefine((value, ctx) => {
+  if (value === 0) {
+    ctx.addIssue({
+      code: 'custom',
+      message: 'mark 0 is the mark of every unmarked packet',
+      params: { hint: 'pick a mark no other software on the machine sets; default 0x45444e53' },
+    });
+  } else if (!Number.isInteger(value) || value < 0 || value > 0xffffffff) {
+    ctx.addIssue({
+      code: 'custom',
+      message: `mark ${value} is not a 32-bit packet mark`,
+      params: { hint: 'a mark is 1–0xffffffff; YAML reads 0x45444e53 as a number' },
+    });
+  }
+});
+
+const deniedAnswer = z.enum(['nxdomain', 'null', 'true'], {
+  error: (issue) =>
+    issue.input === null || issue.input === true
+      ? `YAML reads an unquoted ${String(issue.input)} as ${issue.input === null ? 'no value' : 'a boolean'}: write "${String(issue.input)}" in quotes`
+      : 'deniedAnswer is "nxdomain", "null" (0.0.0.0 and ::) or "true" (the true answer)',
+});
+
 const rate = z.string().regex(/^[1-9]\d{0,5}\/(second|minute|hour)$/, 'a rate is N/second, N/minute or N/hour');
 
 export const policyFileSchema = z
@@ -217,6 +281,29 @@ export const policyFileSchema = z
       })
       .optional()
       .describe('Updates over Tor.'),
+    dns: z
+      .strictObject({
+        listen: z.array(listenAddress).min(1).optional().describe("Loopback addresses the resolver listens on, port 53 (default ['127.0.0.153', '::1'])."),
+        upstreams: z
+          .array(upstreamAddress)
+          .min(1)
+          .optional()
+          .describe("Upstream servers, ADDR or ADDR#PORT (default: the machine's own, from resolv.conf or systemd-resolved)."),
+        ttlFloor: ttl.optional().describe("A learned address stays in its rule's set at least this many seconds (default 60)."),
+        ttlCap: ttl.optional().describe("… and at most this many (default 86400), whatever the answer's TTL."),
+        deniedAnswer: deniedAnswer
+          .optional()
+          .describe(
+            'What a name the global deny list holds is answered: "nxdomain" (default), "null" (0.0.0.0 and ::) or "true" (the true answer, so the kernel\'s deny logs the attempt).',
+          ),
+        exclusive: z
+          .boolean()
+          .optional()
+          .describe("Only the resolver's own sockets may send udp/tcp 53 and 853 off the host; everyone else's are dropped and logged (default true)."),
+        mark: packetMark.optional().describe("The packet mark (SO_MARK) on the resolver's upstream sockets (default 0x45444e53)."),
+      })
+      .optional()
+      .describe("egressd's DNS resolver. Fields set by a later file override earlier ones."),
   })
   .describe('An egressd policy file. A policy directory holds *.yaml files merged in lexical order.');
 

@@ -1,5 +1,5 @@
 import { z } from 'zod';
-import { SHORT_ID, type RuleIdEntry } from '../compile/rule-ids.js';
+import { RULE_KINDS, SHORT_ID, type RuleIdEntry } from '../compile/rule-ids.js';
 import { writeFileAtomic } from './files.js';
 import { readStateFile, type StateRead } from './read.js';
 
@@ -14,7 +14,7 @@ const entrySchema = z
   .object({
     id: z.string().regex(SHORT_ID),
     ruleId: z.string().min(1),
-    kind: z.enum(['app-rule', 'app-default', 'global-deny', 'default', 'system-domain', 'lockdown', 'tor-updaters', 'tor-socks', 'tor-own', 'routing-header']),
+    kind: z.enum(RULE_KINDS),
     verdict: z.enum(['allow', 'deny']),
     file: z.string().optional(),
     line: z.number().int().positive().optional(),

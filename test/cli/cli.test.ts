@@ -17,7 +17,7 @@ describe('egressctl', () => {
   it('check: the shipped policies are valid', async () => {
     const result = await run('check', SHIPPED);
     expect(result.code).toBe(0);
-    expect(result.err).toMatch(/valid — \d+ files, 0 apps, 0 system domains, 2 global deny rules over 14\d,\d{3}|valid — .* over 144\d{3} listed names/);
+    expect(result.err).toMatch(/valid — \d+ files, 0 apps, 0 system domains, 3 global deny rules over 14\d,\d{3}|valid — .* over 145\d{3} listed names/);
   });
 
   it('check --json: errors as data with locations, exit 2', async () => {
@@ -65,6 +65,19 @@ describe('egressctl', () => {
     expect((await run('explain', SHIPPED, '--app', 'user:alice', '--to', 'example.org', '--lockdown')).code).toBe(1);
   });
 
+  it("explain: DNS off the host is the resolver's alone, and --mark resolver asks as the resolver", async () => {
+    const denied = await run('explain', SHIPPED, '--app', 'user:alice', '--to', '9.9.9.9:53/udp');
+    expect(denied.code).toBe(1);
+    expect(denied.err).toMatch(/^DENIED by dns\/exclusive \[r[0-9a-f]{8}\] \(dns\) at \(built in\)/);
+    const shortId = /\[(r[0-9a-f]{8})\]/.exec(denied.err)![1]!;
+    expect((await run('compile', SHIPPED)).out).toContain(`log prefix "egd ${shortId} "`);
+    const resolver = await run('explain', SHIPPED, '--app', 'user:root', '--to', '9.9.9.9:853/tcp', '--mark', 'resolver', '--json');
+    expect(resolver.code).toBe(0);
+    expect(JSON.parse(resolver.out)).toMatchObject({ verdict: 'allow', level: 'dns', ruleId: 'dns/resolver' });
+    expect((await run('explain', SHIPPED, '--app', 'user:root', '--to', '9.9.9.9:853/tcp', '--mark', '0x45444e53')).code).toBe(0);
+    expect((await run('explain', SHIPPED, '--app', 'user:root', '--to', '9.9.9.9:853/tcp', '--mark', '7')).code).toBe(1);
+  });
+
   it.each([
     [['explain', SHIPPED, '--to', 'x.org'], /--app WHO is required/],
     [['explain', SHIPPED, '--app', 'pid:1', '--to', 'x.org'], /unknown kind "pid"/],
@@ -72,6 +85,7 @@ describe('egressctl', () => {
     [['explain', SHIPPED, '--app', 'uid:1', '--to', 'x.org:99999'], /port "99999" is not 1–65535/],
     [['explain', SHIPPED, '--app', 'uid:1', '--to', 'x.org/sctp'], /unknown protocol "sctp"/],
     [['explain', SHIPPED, '--app', 'uid:1', '--to', '192.0.2.1:1/icmp'], /icmp has no ports/],
+    [['explain', SHIPPED, '--app', 'uid:1', '--to', '192.0.2.1:53', '--mark', '0x100000000'], /--mark "0x100000000" is not a 32-bit mark or "resolver"/],
     [['explain', SHIPPED, '--app', 'uid:1', '--as', 'gid:2', '--to', 'x.org'], /--as: only with --app unit:NAME or cgroup:PATH/],
     [
       ['explain', SHIPPED, '--app', 'cgroup:a/b', '--as', 'uid:1', '--as', 'user:x', '--to', 'x.org'],
@@ -111,7 +125,7 @@ describe('egressctl', () => {
     const result = await run('schema');
     const schema = JSON.parse(result.out) as { $schema: string; properties: Record<string, unknown>; additionalProperties: boolean };
     expect(schema.$schema).toContain('json-schema.org');
-    expect(Object.keys(schema.properties)).toEqual(['defaults', 'lists', 'catalogue', 'identities', 'apps', 'deny', 'systemDomains', 'tor']);
+    expect(Object.keys(schema.properties)).toEqual(['defaults', 'lists', 'catalogue', 'identities', 'apps', 'deny', 'systemDomains', 'tor', 'dns']);
     expect(schema.additionalProperties).toBe(false);
   });
 

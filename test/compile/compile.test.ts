@@ -187,6 +187,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
         tor_updaters: 0,
         link_local: 0,
         global_deny: 0,
+        dns_egress: 0,
         log_g0: 0,
         log_a_closed_1: 0,
         log_a_open_0: 0,
@@ -286,7 +287,16 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     ];
     const compiled = compileYaml(`deny:\n  - to: ${JSON.stringify(nets)}\n`);
     const sets = new Map(compiled.ruleset.sets.map((s) => [s.name, s]));
-    expect([...sets.keys()].sort()).toEqual(['g0_net4', 'g0_net4_p24', 'g0_net4_p32', 'g0_net6', 'g0_net6_p48', 'proto_igmp_ipv6_icmp']);
+    expect([...sets.keys()].sort()).toEqual([
+      'g0_net4',
+      'g0_net4_p24',
+      'g0_net4_p32',
+      'g0_net6',
+      'g0_net6_p48',
+      'ports_53_853',
+      'proto_igmp_ipv6_icmp',
+      'proto_tcp_udp',
+    ]);
     expect(sets.get('g0_net4')!.elements).toEqual([{ prefix: { addr: '192.168.0.0', len: 16 } }, { prefix: { addr: '198.51.100.0', len: 25 } }]);
     expect(sets.get('g0_net4')!.flags).toEqual(['interval']);
     expect(sets.get('g0_net4_p32')!.elements).toHaveLength(1500);
@@ -308,7 +318,16 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
       expect(nftCheck(JSON.stringify(renderJson(compiled.ruleset)), { json: true })).toEqual({ ok: true, stderr: '' });
     }
     const capped = compileYaml(`deny:\n  - to: ${JSON.stringify(five)}\n`).ruleset.sets.map((set) => `${set.name}:${set.elements.length}`);
-    expect(capped.sort()).toEqual(['g0_net6:1024', 'g0_net6_p40:1025', 'g0_net6_p48:1026', 'g0_net6_p56:1027', 'g0_net6_p64:1028', 'proto_igmp_ipv6_icmp:2']);
+    expect(capped.sort()).toEqual([
+      'g0_net6:1024',
+      'g0_net6_p40:1025',
+      'g0_net6_p48:1026',
+      'g0_net6_p56:1027',
+      'g0_net6_p64:1028',
+      'ports_53_853:2',
+      'proto_igmp_ipv6_icmp:2',
+      'proto_tcp_udp:2',
+    ]);
   });
 
   it('rules hold no anonymous sets: protocols and ports of several are named sets that rules with the same ones share', () => {
@@ -330,6 +349,8 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
       { name: 'ports_80_443', elements: [80, 443], flags: [] },
       { name: 'ports_22_8000to8100', elements: [22, { range: [8000, 8100] }], flags: ['interval'] },
       { name: 'proto_icmp_ipv6_icmp_tcp_udp', elements: ['icmp', 'ipv6-icmp', 'tcp', 'udp'], flags: [] },
+      // The DNS rule's ports; its protocols are the policy's proto_tcp_udp above.
+      { name: 'ports_53_853', elements: [53, 853], flags: [] },
       { name: 'proto_igmp_ipv6_icmp', elements: ['igmp', 'ipv6-icmp'], flags: [] },
     ]);
     // Default-deny apps: conntrack is on, and what an allow rule lets out is marked as the app's (its tag is the name's).
@@ -347,6 +368,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     );
     expect(joined.ruleset.sets.filter((s) => s.key === 'inet_service').map((s) => ({ name: s.name, elements: s.elements }))).toEqual([
       { name: 'ports_53_8000to8200', elements: [53, { range: [8000, 8200] }] },
+      { name: 'ports_53_853', elements: [53, 853] },
     ]);
     expect(ruleText(chain(joined, 'app_j').rules[1]!)).toBe(
       `meta l4proto @proto_tcp_udp th dport 8000-8100 counter accept comment "${sid(joined, 'app/j/1')} f.yaml:7 app/j/1"`,
@@ -363,7 +385,16 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
   it('names compile to timeout sets the resolver fills, bound to the rule', () => {
     const compiled = compileYaml('lists: {l: {names: [a.example]}}\ndeny:\n  - to: [x.example.org, "*.y.example.org", "@l"]\n');
     expect(compiled.dnsBindings).toEqual([
-      { ruleId: 'deny/f.yaml/0', verdict: 'deny', names: ['x.example.org'], suffixes: ['y.example.org'], lists: ['l'], set4: 'g0_dns4', set6: 'g0_dns6' },
+      {
+        ruleId: 'deny/f.yaml/0',
+        verdict: 'deny',
+        names: ['x.example.org'],
+        suffixes: ['y.example.org'],
+        lists: ['l'],
+        set4: 'g0_dns4',
+        set6: 'g0_dns6',
+        sharedAddresses: 'deny',
+      },
     ]);
     for (const name of ['g0_dns4', 'g0_dns6']) {
       expect(compiled.ruleset.sets.find((s) => s.name === name)).toMatchObject({ flags: ['timeout'], elements: [] });
@@ -508,7 +539,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     const domain = compileYaml('systemDomains: {off: {members: [{cgroup: "u/app-*"}]}}\n', { facts });
     expect(renderText(domain.ruleset)).toContain('"u" : goto sd_off');
     const allow = compileYaml('apps: {a: {identity: {cgroup: "u/app-*"}}}\n', { facts });
-    expect(allow.ruleset.sets.map((s) => s.name)).toEqual(['app_cg_l2', 'proto_igmp_ipv6_icmp']);
+    expect(allow.ruleset.sets.map((s) => s.name)).toEqual(['app_cg_l2', 'proto_tcp_udp', 'ports_53_853', 'proto_igmp_ipv6_icmp']);
     expect(allow.warnings.map((w) => w.message)).toEqual(['cgroup "u/app-\\xff.scope" has a name nftables cannot carry; it is left out']);
     const orphan = compileYaml('systemDomains: {off: {members: [{cgroup: "x*"}]}}\n', {
       facts: { ...FACTS, cgroups: [], unnamedCgroups: [{ path: 'x\ufffd', shown: '"x\\xff"', namedAncestor: '' }] },

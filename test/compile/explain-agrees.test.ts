@@ -30,6 +30,7 @@ function levelOf(ruleset: Ruleset, outcome: Outcome, lockdown: boolean): Level {
 
 function levelAt(ruleset: Ruleset, chain: string, rule: RuleDecl | undefined, lockdown: boolean): Level {
   if (chain.startsWith('sd_')) return 'system-domain';
+  if (chain === 'dns_egress') return 'dns';
   if (chain === 'lockdown') return 'lockdown';
   if (chain === 'tor_updaters' || chain === 'uc_tor_updaters') return 'tor';
   if (chain === 'global_deny' || chain.startsWith('log_g')) return 'global-deny';
@@ -43,6 +44,8 @@ function levelAt(ruleset: Ruleset, chain: string, rule: RuleDecl | undefined, lo
   if (chain !== 'output') throw new Error(`no level for chain ${chain}`);
   const text = JSON.stringify(rule.expr);
   if (text.includes('"oif"')) return 'loopback';
+  // The resolver's marked DNS packets, where dns.exclusive is off and they pass in the base chain.
+  if (text.includes('{"meta":{"key":"mark"}}')) return 'dns';
   // Tor's own user: the exception in lockdown, or its own rule.
   if (text.includes('"skuid"')) return lockdown ? 'lockdown' : 'tor';
   throw new Error(`no level for ${text} in output`);
@@ -63,9 +66,14 @@ function agreeOver(policies: fc.Arbitrary<GeneratedPolicy>, runs: number): Map<s
       const { socks } = policy.tor;
       const toSocks = policy.tor.enabled ? connections.map((c) => ({ ...c, address: socks.address, port: socks.port, proto: 'tcp' as const })) : [];
       for (const c of [...connections, ...toSocks]) {
-        const answer = explain(policy, { who: c.who, host: c.address, ...(c.port !== undefined ? { port: c.port } : {}), proto: c.proto }, GEN_FACTS, {
-          lockdown: generated.lockdown,
-        });
+        const query = {
+          who: c.who,
+          host: c.address,
+          ...(c.port !== undefined ? { port: c.port } : {}),
+          proto: c.proto,
+          ...(c.mark !== undefined ? { mark: c.mark } : {}),
+        };
+        const answer = explain(policy, query, GEN_FACTS, { lockdown: generated.lockdown });
         if ('error' in answer) throw new Error(answer.error);
         const packet = packetFor(c);
         const kernel = evaluate(ruleset, packet);
@@ -105,6 +113,8 @@ describe('explain agrees with the compiled table', () => {
       'drop lockdown',
       'accept tor',
       'drop tor',
+      'accept dns',
+      'drop dns',
     ])
       expect(reached, JSON.stringify(Object.fromEntries(decidedIn))).toContain(where);
   });

@@ -116,7 +116,10 @@ describe('explain: each precedence level against the next', () => {
 
   it('says when an address could match a name rule through DNS', () => {
     const answer = ask({ kind: 'user', user: 'bob' }, '192.0.2.200');
-    expect(answer.notes).toEqual(["deny/f.yaml/0 also matches 192.0.2.200 while it is a recent DNS answer for one of the rule's names"]);
+    expect(answer.notes).toEqual([
+      "dns/exclusive (deny) applies to udp and tcp ports 53 and 853: only the resolver's own packets leave to them",
+      "deny/f.yaml/0 also matches 192.0.2.200 while it is a recent DNS answer for one of the rule's names",
+    ]);
   });
 
   it('says that an allowed IPv6 destination does not cover a packet carrying a routing header, which is dropped first', () => {
@@ -140,7 +143,8 @@ describe('explain: each precedence level against the next', () => {
 
 describe('explain answers for the packet the kernel sees', () => {
   const v4Denied = policyFrom(
-    'defaults: {egress: allow}\ndeny:\n  - to: [192.0.2.0/24]\n  - to: ["::/0"]\n    proto: udp\nsystemDomains:\n  offline: {members: [{user: vault}]}\n',
+    // Not exclusive: the udp 53 packet below is about the family the kernel sees, not about who may send DNS.
+    'defaults: {egress: allow}\ndeny:\n  - to: [192.0.2.0/24]\n  - to: ["::/0"]\n    proto: udp\nsystemDomains:\n  offline: {members: [{user: vault}]}\ndns: {exclusive: false}\n',
   );
   const table = compile(v4Denied, FACTS).ruleset;
   const both = (host: string, who: ExplainQuery['who'] = { kind: 'user', user: 'alice' }, port = 443, proto: 'tcp' | 'udp' = 'tcp') => {

@@ -50,6 +50,8 @@ describe('short rule ids', () => {
       'tor/socks',
       'lockdown',
       'tor/own',
+      'dns/resolver',
+      'dns/exclusive',
       'app/web/0',
       'app/web/1',
       'app/web/default',
@@ -70,6 +72,12 @@ describe('short rule ids', () => {
     expect(byRuleId(ids, 'routing-header')).toEqual({ id: expect.any(String), ruleId: 'routing-header', kind: 'routing-header', verdict: 'deny' });
     expect(byRuleId(ids, 'deny/f.yaml/0')).toMatchObject({ kind: 'global-deny', verdict: 'deny', file: 'f.yaml', line: 11 });
     expect(byRuleId(ids, 'default')).toMatchObject({ kind: 'default', verdict: 'deny' });
+    expect(byRuleId(ids, 'dns/resolver')).toEqual({ id: expect.any(String), ruleId: 'dns/resolver', kind: 'dns-resolver', verdict: 'allow' });
+    expect(byRuleId(ids, 'dns/exclusive')).toEqual({ id: expect.any(String), ruleId: 'dns/exclusive', kind: 'dns-exclusive', verdict: 'deny' });
+    // Without dns.exclusive nobody else's DNS is dropped, so no rule stands for it; the resolver's own still pass.
+    const open = compileYaml(`${APP}dns: {exclusive: false}\n`).ruleIds.map((e) => e.ruleId);
+    expect(open).toContain('dns/resolver');
+    expect(open).not.toContain('dns/exclusive');
   });
 
   it('every log prefix of the compiled table parses back to a rule of its id table, and every comment that carries a short id names that rule', () => {
@@ -79,7 +87,7 @@ describe('short rule ids', () => {
     const table = new Map(compiled.ruleIds.map((e) => [e.id, e]));
     const text = renderText(compiled.ruleset);
     const prefixes = [...text.matchAll(/log prefix "([^"]*)"/g)].map((m) => m[1]!);
-    expect(prefixes.length).toBe(8); // routing-header, sd/off, tor/updaters, lockdown, app/web/1, app/web/default, deny/f.yaml/0, default
+    expect(prefixes.length).toBe(9); // routing-header, sd/off, tor/updaters, lockdown, dns/exclusive, app/web/1, app/web/default, deny/f.yaml/0, default
     for (const prefix of prefixes) {
       expect(Buffer.byteLength(prefix)).toBe(14);
       expect(table.has(parseLogPrefix(prefix)!), prefix).toBe(true);

@@ -63,7 +63,7 @@ describe('ruleset interpreter', () => {
   it("passes a default deny's established packets only on connections marked as that identity's", () => {
     const facts = { ...FACTS, cgroups: ['system.slice', 'system.slice/a.service', 'system.slice/b.service'] };
     const { ruleset } = compileYaml(
-      'defaults: {egress: deny}\napps:\n  a: {identity: {unit: a.service}, rules: [{allow: [192.0.2.0/24], ports: [53], proto: udp}]}\n  b: {identity: {unit: b.service}}\n  c: {identity: {user: alice}, default: allow}\n',
+      'defaults: {egress: deny}\napps:\n  a: {identity: {unit: a.service}, rules: [{allow: [192.0.2.0/24], ports: [53], proto: udp}]}\n  b: {identity: {unit: b.service}}\n  c: {identity: {user: alice}, default: allow}\ndns: {exclusive: false}\n',
       { facts },
     );
     const tags = appTags(['a', 'b', 'c']);

@@ -100,7 +100,14 @@ describe.skipIf(skip)(`the state directory, against a table in a namespace ${ski
     const state = newState();
     apply(state, policyDir({ '00.yaml': POLICY }));
     const first = new Map(livePrefixes().map(({ prefix }) => [prefix, lookUp(state, prefix)]));
-    expect([...first.values()].map((e) => e?.ruleId).sort()).toEqual(['app/web/0', 'app/web/default', 'default', 'deny/00.yaml/0', 'routing-header']);
+    expect([...first.values()].map((e) => e?.ruleId).sort()).toEqual([
+      'app/web/0',
+      'app/web/default',
+      'default',
+      'deny/00.yaml/0',
+      'dns/exclusive',
+      'routing-header',
+    ]);
     const denyPrefix = [...first].find(([, e]) => e?.ruleId === 'deny/00.yaml/0')![0];
     expect(first.get(denyPrefix)).toMatchObject({ kind: 'global-deny', verdict: 'deny', file: '00.yaml', line: 8 });
 

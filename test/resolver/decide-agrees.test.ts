@@ -69,6 +69,7 @@ const arbNamePolicy = fc
         arbitrary: fc.record({ socks: fc.constantFrom(undefined, '192.0.2.50:9050'), updaters: selectors, user: fc.constantFrom(undefined, 4242) }),
       },
     ),
+    dns: fc.constant(undefined),
     lockdown: fc.constant(false),
   })
   .map(policyDocument);

@@ -86,6 +86,7 @@ describe('the rule id table', () => {
       'app/web/default',
       'default',
       'deny/f.yaml/0',
+      'dns/exclusive',
       'routing-header',
     ]);
     expect(read.value.byId.get(parseLogPrefix(prefixes[0]!)!)).toMatchObject({ file: 'f.yaml', line: expect.any(Number) });

@@ -2,7 +2,7 @@ import fc from 'fast-check';
 import { isIPv4 } from 'node:net';
 import type { Who } from '../../src/compile/explain.js';
 import type { Protocol } from '../../src/policy/model.js';
-import { GEN_CGROUPS, GEN_FACTS } from './policy-gen.js';
+import { GEN_CGROUPS, GEN_DNS_MARK, GEN_FACTS } from './policy-gen.js';
 import { addressBits, type Packet } from './ruleset-interpreter.js';
 
 /** A new connection as `explain --app WHO --to ADDR[:PORT]/PROTO` describes it. */
@@ -11,6 +11,8 @@ export interface Connection {
   readonly address: string;
   readonly port: number | undefined;
   readonly proto: Protocol;
+  /** The socket's mark (SO_MARK), as `explain --mark` takes it; undefined: none. */
+  readonly mark?: number;
 }
 
 /** A uid and gid that no generated policy names: a socket whose other id the query does not give. */
@@ -87,10 +89,12 @@ export const arbConnection: fc.Arbitrary<Connection> = fc
       '::',
       '::ffff:0.0.0.0',
     ),
-    port: fc.constantFrom(443, 53, 8080, 9050, 9150, 22),
+    port: fc.constantFrom(443, 53, 853, 8080, 9050, 9150, 22),
     proto: fc.constantFrom<Protocol>('tcp', 'udp', 'icmp'),
+    // The resolver's default mark, GEN_DNS_MARK (which some generated policies choose), and marks nobody chose.
+    mark: fc.constantFrom(undefined, undefined, 0x45444e53, GEN_DNS_MARK, 1),
   })
-  .map((c) => (c.proto === 'icmp' ? { ...c, port: undefined } : c));
+  .map(({ mark, ...c }) => ({ ...c, ...(mark === undefined ? {} : { mark }), ...(c.proto === 'icmp' ? { port: undefined } : {}) }));
 
 /**
  * The packet the kernel sees for a new connection, from what Linux does, not
@@ -129,5 +133,6 @@ export function packetFor(c: Connection): Packet {
     cgroup: c.who.kind === 'cgroup' ? c.who.path : '',
     ct: 'new',
     ...(icmp && family === 6 ? { icmpv6Type: 'echo-request', hoplimit: 64 } : {}),
+    ...(c.mark === undefined ? {} : { mark: c.mark }),
   };
 }

@@ -6,8 +6,8 @@ import { FACTS } from './compile-text.js';
 /**
  * Random policies for property tests (fast-check): apps with user, group and
  * cgroup identities, allow/deny rules with v4 and v6 networks, names, ports
- * and protocols, a global deny list, system domains, the default, lockdown
- * and Tor. One generator, so every property test explores the same space.
+ * and protocols, a global deny list, system domains, the default, lockdown,
+ * Tor and the resolver's DNS settings. One generator, so every property test explores the same space.
  */
 
 /**
@@ -56,6 +56,9 @@ export const GEN_FACTS: Facts = {
     [50, [990, 4242]],
   ]),
 };
+
+/** A resolver mark some generated policies choose instead of the default. */
+export const GEN_DNS_MARK = 0x2a;
 
 export interface GeneratedPolicy {
   readonly yaml: string;
@@ -121,6 +124,8 @@ const tor = fc.record({
   user: fc.constantFrom(undefined, 'debian-tor', 4242),
 });
 
+const dns = fc.record({ exclusive: fc.constantFrom(undefined, true, false), mark: fc.constantFrom(undefined, GEN_DNS_MARK) });
+
 export const arbPolicy: fc.Arbitrary<GeneratedPolicy> = fc
   .record({
     egress: fc.constantFrom('allow', 'deny'),
@@ -128,6 +133,7 @@ export const arbPolicy: fc.Arbitrary<GeneratedPolicy> = fc
     deny: fc.array(matchFields, { maxLength: 3 }),
     domains: fc.array(selectors, { maxLength: 2 }),
     tor: fc.option(tor, { nil: undefined }),
+    dns: fc.option(dns, { nil: undefined }),
     lockdown: fc.boolean(),
   })
   .map(policyDocument);
@@ -157,6 +163,7 @@ export const arbDelegatedPolicy: fc.Arbitrary<GeneratedPolicy> = fc
     deny: fc.array(matchFields, { maxLength: 2 }),
     domains: fc.constant([]),
     tor: fc.option(tor, { nil: undefined }),
+    dns: fc.constant(undefined),
     lockdown: fc.constant(false),
   })
   .map(policyDocument);
@@ -167,6 +174,7 @@ export function policyDocument(p: {
   deny: readonly { to: unknown; ports: unknown; proto: unknown; log: unknown }[];
   domains: readonly unknown[];
   tor: { socks: string | undefined; updaters: unknown; user: string | number | undefined } | undefined;
+  dns: { exclusive: boolean | undefined; mark: number | undefined } | undefined;
   lockdown: boolean;
 }): GeneratedPolicy {
   {
@@ -176,6 +184,7 @@ export function policyDocument(p: {
     if (p.deny.length > 0) doc['deny'] = p.deny.map((r) => defined({ to: r.to, ports: r.ports, proto: r.proto, log: r.log }));
     if (p.domains.length > 0) doc['systemDomains'] = Object.fromEntries(p.domains.map((members, i) => [`sd${i}`, { members }]));
     if (p.tor) doc['tor'] = defined({ enabled: true, socks: p.tor.socks, user: p.tor.user, updaters: p.tor.updaters });
+    if (p.dns) doc['dns'] = defined({ exclusive: p.dns.exclusive, mark: p.dns.mark });
     return { yaml: stringify(doc), lockdown: p.lockdown };
   }
 }

@@ -49,6 +49,8 @@ export interface Packet {
   readonly hoplimit?: number;
   /** IPv6 only: the type of the packet's routing header; undefined for none. */
   readonly routingHeader?: number;
+  /** The packet's mark (`meta mark`: its socket's SO_MARK); 0 when absent. */
+  readonly mark?: number;
 }
 
 export interface Outcome {
@@ -161,6 +163,8 @@ function load(expr: Expr, packet: Packet): Value | undefined {
         return packet.skgid === undefined ? undefined : { kind: 'number', value: packet.skgid };
       case 'nfproto':
         return { kind: 'text', text: packet.family === 4 ? 'ipv4' : 'ipv6' };
+      case 'mark':
+        return { kind: 'number', value: packet.mark ?? 0 };
     }
   }
   if ('payload' in expr) {

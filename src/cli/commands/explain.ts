@@ -15,16 +15,18 @@ export interface ExplainOptions {
   readonly proto: Protocol | undefined;
   readonly json: boolean;
   readonly lockdown: boolean;
+  /** The socket's mark (SO_MARK): `resolver` is the policy's dns.mark, the one the resolver's upstream sockets carry. */
+  readonly mark: number | 'resolver' | undefined;
 }
 
 export const explain: Command<ExplainOptions> = {
   name: 'explain',
   summary: 'say which rule decides a connection, and why',
-  help: `Usage: egressctl explain [DIR] --app WHO [--as ID]… --to HOST[:PORT][/PROTO] [--json] [--lockdown]
+  help: `Usage: egressctl explain [DIR] --app WHO [--as ID]… --to HOST[:PORT][/PROTO] [--mark N|resolver] [--json] [--lockdown]
 
 Walks the policy in DIR (default ${DEFAULT_POLICY_DIR}) in its fixed order of
-precedence — loopback, system domain, Tor confinement, app rules, global
-deny, default — and prints the verdict, the rule id, its short id (the one
+precedence — loopback, system domain, Tor confinement, DNS, app rules,
+global deny, default — and prints the verdict, the rule id, its short id (the one
 log prefixes, counters and "egressctl status" show, e.g. [r1a2b3c4d]) and
 the FILE:LINE that decides it.
 
@@ -38,6 +40,10 @@ the FILE:LINE that decides it.
                apps allow, never add: both must let the connection out
   --to DEST    example.org, example.org:443/tcp, 192.0.2.7:53/udp,
                [2001:db8::1]:443, 203.0.113.9/icmp
+  --mark N     the socket's mark (SO_MARK), e.g. 0x45444e53; "resolver" is
+               the policy's dns.mark, which egressd's resolver puts on its
+               upstream queries: with dns.exclusive, only such packets
+               leave for udp/tcp ports 53 and 853
   --json       print the explanation as JSON on stdout
   --lockdown   answer as if the kill switch were on
 
@@ -64,7 +70,14 @@ not be looked up (the name service failed).`,
     const { values, positionals } = parseFlags(
       'explain',
       argv,
-      { app: { type: 'string' }, as: { type: 'string', multiple: true }, to: { type: 'string' }, json: { type: 'boolean' }, lockdown: { type: 'boolean' } },
+      {
+        app: { type: 'string' },
+        as: { type: 'string', multiple: true },
+        to: { type: 'string' },
+        json: { type: 'boolean' },
+        lockdown: { type: 'boolean' },
+        mark: { type: 'string' },
+      },
       1,
     );
     if (!values.app) throw new EgressError(ErrorCode.Usage, 'egressctl explain: --app WHO is required', { details: ['see: egressctl explain --help'] });
@@ -76,6 +89,7 @@ not be looked up (the name service failed).`,
       ...parseDestinationFlag(values.to),
       json: values.json === true,
       lockdown: values.lockdown === true,
+      mark: values.mark === undefined ? undefined : parseMark(values.mark),
     };
   },
 
@@ -111,6 +125,7 @@ not be looked up (the name service failed).`,
       host: options.host,
       ...(options.port !== undefined ? { port: options.port } : {}),
       ...(options.proto ? { proto: options.proto } : {}),
+      ...(options.mark === undefined ? {} : { mark: options.mark === 'resolver' ? loaded.policy.dns.mark : options.mark }),
     };
     const answer = explainPolicy(loaded.policy, query, facts, { lockdown: options.lockdown });
     if ('error' in answer) {
@@ -140,6 +155,13 @@ not be looked up (the name service failed).`,
     return answer.verdict === 'allow' ? Exit.Ok : Exit.Answer;
   },
 };
+
+function parseMark(text: string): number | 'resolver' {
+  if (text === 'resolver') return 'resolver';
+  const mark = /^(0x[0-9a-f]{1,8}|\d{1,10})$/i.test(text) ? Number(text) : NaN;
+  if (!(mark >= 0 && mark <= 0xffffffff)) throw new EgressError(ErrorCode.Usage, `egressctl explain: --mark "${text}" is not a 32-bit mark or "resolver"`);
+  return mark;
+}
 
 export function parseWho(text: string): Who {
   const [kind, ...rest] = text.split(':');
