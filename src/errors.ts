@@ -38,6 +38,8 @@ export const ErrorCode = {
    * connection queued may still leave once its program closes it.
    */
   SocketsNotCut: 'EGD_SOCKETS_NOT_CUT',
+  /** The DNS resolver could not start: an address to listen on, an upstream, or the socket mark (`reason` says which). */
+  ResolverStart: 'EGD_RESOLVER_START',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
@@ -81,4 +83,18 @@ export class NftRefusedError extends EgressError {
 /** The reason nft gave for refusing, when `value` is such a refusal. */
 export function nftRefusal(value: unknown): NftRefusal | undefined {
   return value instanceof NftRefusedError ? value.reason : undefined;
+}
+
+/** Why the resolver could not start: `listen` (an address could not be bound), `upstream` (an upstream is not "ADDR" or "ADDR#PORT"), `mark` (SO_MARK refused: no CAP_NET_ADMIN). */
+export type ResolverStartFailure = 'listen' | 'upstream' | 'mark';
+
+/** The resolver could not start (code EGD_RESOLVER_START); nothing of it is left running. */
+export class ResolverStartError extends EgressError {
+  readonly reason: ResolverStartFailure;
+
+  constructor(reason: ResolverStartFailure, message: string, options: { details?: readonly string[]; cause?: unknown } = {}) {
+    super(ErrorCode.ResolverStart, message, options);
+    this.name = 'ResolverStartError';
+    this.reason = reason;
+  }
 }

@@ -49,6 +49,7 @@ const EXIT_FOR: { readonly [code in ErrorCode]: number } = {
   [ErrorCode.NameLookup]: Exit.SystemError,
   [ErrorCode.Netlink]: Exit.SystemError,
   [ErrorCode.SocketsNotCut]: Exit.SystemError,
+  [ErrorCode.ResolverStart]: Exit.SystemError,
 };
 
 export function exitCodeFor(error: unknown): number {
