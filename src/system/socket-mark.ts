@@ -5,8 +5,9 @@
  * misses the SYN, so the file descriptor is made through libc (koffi) with
  * the mark already on it and handed to Node, which adopts it through its
  * public API (`bind({ fd })` for dgram, `new net.Socket({ fd })` for TCP).
- * Setting SO_MARK needs CAP_NET_ADMIN; without it every call here throws a
- * ResolverStartError with reason 'mark'.
+ * Setting SO_MARK needs CAP_NET_ADMIN (since Linux 5.17 CAP_NET_RAW does
+ * too); without either, opening a marker throws a ResolverStartError with
+ * reason 'mark'.
  */
 import dgram from 'node:dgram';
 import { createRequire } from 'node:module';
@@ -76,9 +77,13 @@ export function openSocketMarker(mark: number): SocketMarker {
     if (libc.setsockopt(fd, SOL_SOCKET, SO_MARK, value, 4) !== 0) {
       const errno = libc.errnoName(libc.errno());
       libc.close(fd);
-      throw new ResolverStartError('mark', `socket mark: setting SO_MARK 0x${mark.toString(16)} failed (${errno}); it needs CAP_NET_ADMIN`, {
-        details: ['the resolver must run with CAP_NET_ADMIN for its upstream queries to pass the table, or with no mark required'],
-      });
+      throw new ResolverStartError(
+        'mark',
+        `socket mark: setting SO_MARK 0x${mark.toString(16)} failed (${errno}); it needs CAP_NET_ADMIN (or, since Linux 5.17, CAP_NET_RAW)`,
+        {
+          details: ['run the resolver with CAP_NET_ADMIN so that its upstream queries pass the table'],
+        },
+      );
     }
     return fd;
   };
