@@ -14,6 +14,8 @@ const Flag = { QR: 0x8000, AA: 0x0400, TC: 0x0200, RD: 0x0100, RA: 0x0080, AD: 0
 export const EDNS_UDP_SIZE = 1232;
 /** A client without EDNS gets at most this much over UDP (RFC 1035). */
 export const CLASSIC_UDP_SIZE = 512;
+/** The most sent over UDP whatever the client offers (BIND's max-udp-size default): more goes over TCP. */
+const MAX_UDP_REPLY = 4096;
 const HEADER_BYTES = 12;
 /** A query has one question and at most an OPT (and perhaps a TSIG or a cookie's companions): more is not a query. */
 const MAX_QUERY_ADDITIONALS = 4;
@@ -114,7 +116,8 @@ export function parseQuery(raw: Buffer): Query | Rejection {
   const opts = (packet.additionals ?? []).filter((record) => record.type === 'OPT');
   if (opts.length > 1) return reject(Rcode.FormErr, `${opts.length} OPT records`, question);
   const opt = opts[0];
-  const edns = opt?.type === 'OPT' ? { udpPayloadSize: Math.max(CLASSIC_UDP_SIZE, opt.udpPayloadSize), version: opt.ednsVersion } : undefined;
+  const edns =
+    opt?.type === 'OPT' ? { udpPayloadSize: Math.min(MAX_UDP_REPLY, Math.max(CLASSIC_UDP_SIZE, opt.udpPayloadSize)), version: opt.ednsVersion } : undefined;
   return { id: head.id, flags: head.flags, question, name: normalizeName(question.name), type, edns };
 }
 

@@ -116,16 +116,22 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
   const pipeline = createPipeline({ hooks: options.hooks, upstream, cache, limits, onError });
   const counts = { tcpConnections: 0, tcpRejected: 0, tcpIdleClosed: 0, tcpAborted: 0, sendErrors: 0 };
   const connections = new Set<net.Socket>();
+  let closed = false;
 
   const serveUdp = (socket: dgram.Socket, local: { address: string; port: number }): void => {
     socket.on('error', onError);
     socket.on('message', (raw, from) => {
       const client: Client = { transport: 'udp', address: from.address, port: from.port, local };
       void pipeline.answer(raw, client).then((reply) => {
-        if (reply === undefined) return;
-        socket.send(reply, from.port, from.address, (error) => {
-          if (error) counts.sendErrors++;
-        });
+        // A query still in progress at close() is answered into nothing.
+        if (reply === undefined || closed) return;
+        try {
+          socket.send(reply, from.port, from.address, (error) => {
+            if (error) counts.sendErrors++;
+          });
+        } catch {
+          counts.sendErrors++;
+        }
       });
     });
   };
@@ -277,6 +283,7 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
       };
     },
     async close() {
+      closed = true;
       upstream.close();
       await closeListeners();
       cache.clear();

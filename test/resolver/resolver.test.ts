@@ -490,6 +490,26 @@ describe('start', () => {
     await expect(clash).rejects.toMatchObject({ reason: 'listen' });
   });
 
+  it('closes with queries in flight: they end unanswered, nothing throws, the port is free again', async () => {
+    const silent = await silentUpstream();
+    try {
+      const r = await startResolver({ listen: ['127.0.0.1'], port: 0, upstreams: [silent.address], hooks: hooks(), limits: { upstreamTimeoutMs: 2000 } });
+      const port = r.addresses[0]!.port;
+      const asked = udpQuery(port, query('a.example.test'), 1500);
+      const pipelined = tcpExchange(port, [query('b.example.test')], 1, 1500);
+      await until('both queries in flight', () => r.stats().pending === 2, { timeoutMs: 2000 });
+      await r.close();
+      await expect(asked).rejects.toThrow(/no UDP answer/);
+      expect(await pipelined).toEqual([]);
+      expect(r.stats().upstreamInFlight).toBe(0);
+      const again = await startResolver({ listen: ['127.0.0.1'], port, upstreams: [`127.0.0.1#${local.port}`], hooks: hooks() });
+      running.push(again);
+      expect((await udpQuery(port, query('a.example.test'))).answers).toHaveLength(1);
+    } finally {
+      silent.close();
+    }
+  });
+
   it('listens on IPv6 loopback too', async () => {
     const r = await startResolver({ listen: ['127.0.0.1', '::1'], port: 0, upstreams: [`127.0.0.1#${local.port}`], hooks: hooks() });
     running.push(r);
