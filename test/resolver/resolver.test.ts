@@ -429,13 +429,26 @@ describe('bad input and floods', () => {
     expect((await udpQuery(port, query('a.example.test'))).answers).toHaveLength(1);
   });
 
-  it('answers NOTIMP to another opcode or class', async () => {
+  it('answers NOTIMP to another opcode or class, BADVERS to another EDNS version', async () => {
     const { r, port } = await resolver([`127.0.0.1#${local.port}`], hooks());
     const notify = dnsPacket.encode({ type: 'query', id: 3, flags: 4 << 11, questions: [{ type: 'SOA', name: 'example.test' }] });
     expect(rcodeOf(await udpQuery(port, notify))).toBe(4);
     const chaos = await udpQuery(port, dnsPacket.encode({ type: 'query', id: 4, questions: [{ type: 'TXT', name: 'version.bind', class: 'CH' }] }));
     expect(rcodeOf(chaos)).toBe(4);
     expect(r.stats().notImp).toBe(2);
+    // An EDNS version it does not speak: BADVERS (16), carried in the OPT record, and nothing asked upstream.
+    const v1 = await udpQuery(
+      port,
+      dnsPacket.encode({
+        type: 'query',
+        id: 5,
+        questions: [{ type: 'A', name: 'a.example.test' }],
+        additionals: [{ type: 'OPT', name: '.', udpPayloadSize: 1232, extendedRcode: 0, ednsVersion: 1, flags: 0, flag_do: false, options: [] }],
+      }),
+    );
+    expect(rcodeOf(v1)).toBe(0);
+    expect(v1.additionals).toMatchObject([{ type: 'OPT', extendedRcode: 1 }]);
+    expect(r.stats()).toMatchObject({ badVers: 1, upstreamQueries: 0 });
   });
 
   it('keeps pending queries under the cap in a flood, dropping and counting the rest', async () => {
