@@ -182,7 +182,14 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
       }
       if (inProgress >= limits.maxTcpPipeline) conn.pause();
       else if (conn.isPaused()) conn.resume();
+      // A client that shut its side after its queries still gets every answer, then our FIN.
+      if (clientDone && inProgress === 0 && !conn.destroyed) conn.end();
     };
+    let clientDone = false;
+    conn.on('end', () => {
+      clientDone = true;
+      takeFrames();
+    });
     conn.on('data', (chunk: Buffer) => {
       buffered = buffered.length === 0 ? chunk : Buffer.concat([buffered, chunk]);
       takeFrames();
@@ -225,7 +232,7 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
       port = udp.address().port;
       serveUdp(udp, { address, port });
       addresses.push({ transport: 'udp', address, port });
-      const tcp = net.createServer({ noDelay: true }, serveTcp);
+      const tcp = net.createServer({ noDelay: true, allowHalfOpen: true }, serveTcp);
       tcp.maxConnections = limits.maxTcpConnections;
       tcp.on('drop', () => counts.tcpRejected++);
       tcp.on('error', onError);

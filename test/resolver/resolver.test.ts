@@ -19,7 +19,7 @@ import {
   type ResolverOptions,
 } from '../../src/resolver/server.js';
 import { until } from '../support/wait.js';
-import { answerLines, dataOf, dig, digStatus, query, rcodeOf, startDnsmasq, tcpExchange, udpQuery, type Dnsmasq } from './dns-support.js';
+import { answerLines, dataOf, dig, digStatus, frame, query, rcodeOf, startDnsmasq, tcpExchange, udpQuery, type Dnsmasq } from './dns-support.js';
 
 const long = (c: string) => c.repeat(250);
 
@@ -365,6 +365,23 @@ describe('TCP', () => {
     expect(replies.at(-1)!.id).toBe(1000);
     const big = replies.find((rep) => rep.id === 1004)!;
     expect(big.flag_tc).toBe(false);
+  });
+
+  it('answers every query of a client that shut its sending side right after them, then closes', async () => {
+    const h = hooks({ learn: () => new Promise((resolve) => setTimeout(resolve, 200)) });
+    const { port } = await resolver([`127.0.0.1#${local.port}`], h);
+    const socket = net.connect(port, '127.0.0.1');
+    let received = Buffer.alloc(0);
+    socket.on('data', (chunk: Buffer) => (received = Buffer.concat([received, chunk])));
+    socket.on('connect', () => socket.end(Buffer.concat([frame(query('a.example.test', 'A', 1)), frame(query('www.example.test', 'A', 2))])));
+    await new Promise((resolve) => socket.on('close', resolve));
+    const ids: number[] = [];
+    while (received.length >= 2) {
+      const length = received.readUInt16BE(0);
+      ids.push(dnsPacket.decode(received.subarray(2, 2 + length)).id!);
+      received = received.subarray(2 + length);
+    }
+    expect(ids.sort()).toEqual([1, 2]);
   });
 
   it('closes a connection that sends garbage, and one that stays idle; keeps serving', async () => {
