@@ -199,6 +199,26 @@ export function cnameChain(name: string, answers: readonly AnswerRecord[]): stri
   return chain;
 }
 
+/**
+ * The records of an upstream's answer section that answer `name`: those
+ * owned by a name of its CNAME chain. Anything else (a record for an
+ * unrelated name, a DNAME beside its synthesised CNAME) is left out, so that
+ * an upstream cannot make the policy learn an address for a name nobody asked.
+ */
+export function relevantAnswers(name: string, answers: readonly Answer[]): { kept: Answer[]; stray: number } {
+  const chain = new Set([name]);
+  let current = name;
+  for (let links = 0; links < MAX_CHAIN; links++) {
+    const link = answers.find((record) => record.type === 'CNAME' && normalizeName(record.name) === current);
+    if (link?.type !== 'CNAME') break;
+    current = normalizeName(link.data);
+    if (chain.has(current)) break;
+    chain.add(current);
+  }
+  const kept = answers.filter((record) => record.type !== 'OPT' && chain.has(normalizeName(record.name)));
+  return { kept, stray: answers.length - kept.length };
+}
+
 /** The 'null' answer for a question of type A or AAAA: the unspecified address. Undefined for other types. */
 export function nullAnswer(query: Query, ttl: number): Answer[] | undefined {
   if (query.type === 'A') return [{ type: 'A', name: query.question.name, ttl, data: '0.0.0.0' }];

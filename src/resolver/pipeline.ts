@@ -19,6 +19,7 @@ import {
   nullAnswer,
   parseQuery,
   Rcode,
+  relevantAnswers,
   type Query,
   type ReplyContent,
 } from './message.js';
@@ -54,6 +55,8 @@ export interface PipelineStats {
   readonly truncated: number;
   /** Unexpected errors inside the pipeline (answered SERVFAIL). */
   readonly internalErrors: number;
+  /** Upstream answer records left out for not answering the question (owned by no name of its CNAME chain). */
+  readonly strayRecords: number;
   /** Queries in progress now. */
   readonly pending: number;
 }
@@ -104,6 +107,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     servFail: 0,
     truncated: 0,
     internalErrors: 0,
+    strayRecords: 0,
   };
   let pending = 0;
   const inFlight = new Map<string, Promise<Resolution>>();
@@ -122,7 +126,9 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   const fromUpstream = async (query: Query, question: Question, key: string): Promise<Resolution> => {
     const answer = await deps.upstream.query(query.name, query.type);
     if (answer === undefined || (answer.rcode !== Rcode.NoError && answer.rcode !== Rcode.NxDomain)) return { failed: 'upstream' };
-    const message = { rcode: answer.rcode, answers: answer.message.answers ?? [], authorities: answer.message.authorities ?? [] };
+    const { kept, stray } = relevantAnswers(query.name, answer.message.answers ?? []);
+    counts.strayRecords += stray;
+    const message = { rcode: answer.rcode, answers: kept, authorities: answer.message.authorities ?? [] };
     const received = now();
     const entry = cacheEntry(query.type, message, answer.bytes, received, limits);
     // An answer that may not be cached (TTL 0, negative without SOA) goes to the clients waiting for it as it came.

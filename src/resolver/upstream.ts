@@ -29,8 +29,9 @@ export function parseUpstream(text: string): Upstream {
   const port = match?.[2] === undefined ? 53 : Number(match[2]);
   const address = match?.[1] ?? '';
   const family = net.isIP(address);
-  if (match === null || family === 0 || port < 1 || port > 65535)
-    throw new ResolverStartError('upstream', `upstream "${text}" is not ADDR or ADDR#PORT (an IPv4 or IPv6 address, a port from 1 to 65535)`);
+  // A zone index (fe80::1%eth0) is left out: Node reports no zone on a datagram's source, so replies could not be matched to it.
+  if (match === null || family === 0 || address.includes('%') || port < 1 || port > 65535)
+    throw new ResolverStartError('upstream', `upstream "${text}" is not ADDR or ADDR#PORT (an IPv4 or IPv6 address without a zone, a port from 1 to 65535)`);
   return { address: family === 6 ? canonicalV6(address) : address, port, family: family as Family };
 }
 

@@ -129,7 +129,7 @@ describe('parseUpstream', () => {
   });
 
   it('refuses names, bad ports, and empty text with EGD_RESOLVER_START (upstream)', () => {
-    for (const text of ['dns.example', '192.0.2.1#0', '192.0.2.1#70000', '', '192.0.2.1:53'])
+    for (const text of ['dns.example', '192.0.2.1#0', '192.0.2.1#70000', '', '192.0.2.1:53', 'fe80::1%eth0'])
       expect(() => parseUpstream(text)).toThrow(expect.objectContaining({ code: ErrorCode.ResolverStart, reason: 'upstream' }));
   });
 });

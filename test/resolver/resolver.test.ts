@@ -267,6 +267,42 @@ describe('answers through a real upstream', () => {
   });
 });
 
+describe('what an upstream may say', () => {
+  it('keeps only the records of the question CNAME chain: an unrelated name in the answer is neither learned nor passed on', async () => {
+    const stub = dgram.createSocket('udp4');
+    stub.on('message', (raw, from) => {
+      const asked = dnsPacket.decode(raw);
+      const name = asked.questions![0]!.name;
+      const reply = dnsPacket.encode({
+        type: 'response',
+        id: asked.id!,
+        flags: dnsPacket.RECURSION_DESIRED | dnsPacket.RECURSION_AVAILABLE,
+        questions: asked.questions,
+        answers: [
+          { type: 'CNAME', name, ttl: 60, data: 'cdn.example.net' },
+          { type: 'A', name: 'bank.example.org', ttl: 60, data: '203.0.113.66' },
+          { type: 'A', name: 'cdn.example.net', ttl: 60, data: '192.0.2.77' },
+        ],
+      });
+      stub.send(reply, from.port, from.address);
+    });
+    await new Promise<void>((resolve) => stub.bind(0, '127.0.0.1', () => resolve()));
+    try {
+      const h = hooks();
+      const { r, port } = await resolver([`127.0.0.1#${stub.address().port}`], h);
+      const reply = await udpQuery(port, query('www.example.test'));
+      expect(reply.answers?.map((a) => [a.name, dataOf(a)])).toEqual([
+        ['www.example.test', 'cdn.example.net'],
+        ['cdn.example.net', '192.0.2.77'],
+      ]);
+      expect(h.seen.learned[0]!.records.map((rec) => rec.name)).toEqual(['www.example.test', 'cdn.example.net']);
+      expect(r.stats().strayRecords).toBe(1);
+    } finally {
+      stub.close();
+    }
+  });
+});
+
 describe('the hooks', () => {
   it('awaits learn before the reply leaves', async () => {
     let learnEnded = 0;
