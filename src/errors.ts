@@ -52,6 +52,8 @@ export const ErrorCode = {
   DnsConfigChanged: 'EGD_DNS_CONFIG_CHANGED',
   /** The resolver has no upstream server: the policy names none and the machine's own resolver configuration has none usable. */
   NoUpstreams: 'EGD_NO_UPSTREAMS',
+  /** The DNS resolver could not start: an address to listen on, an upstream, or the socket mark (`reason` says which). */
+  ResolverStart: 'EGD_RESOLVER_START',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];
@@ -131,4 +133,18 @@ export class SetWriteRefusedError extends EgressError {
 /** The reason a set element write was refused, when `value` is such a refusal. */
 export function setWriteRefusal(value: unknown): SetWriteRefusal | undefined {
   return value instanceof SetWriteRefusedError ? value.reason : undefined;
+}
+
+/** Why the resolver could not start: `listen` (an address could not be bound), `upstream` (an upstream is not "ADDR" or "ADDR#PORT"), `mark` (SO_MARK refused: no CAP_NET_ADMIN). */
+export type ResolverStartFailure = 'listen' | 'upstream' | 'mark';
+
+/** The resolver could not start (code EGD_RESOLVER_START); nothing of it is left running. */
+export class ResolverStartError extends EgressError {
+  readonly reason: ResolverStartFailure;
+
+  constructor(reason: ResolverStartFailure, message: string, options: { details?: readonly string[]; cause?: unknown } = {}) {
+    super(ErrorCode.ResolverStart, message, options);
+    this.name = 'ResolverStartError';
+    this.reason = reason;
+  }
 }

@@ -55,6 +55,7 @@ const EXIT_FOR: { readonly [code in ErrorCode]: number } = {
   // Someone else's change to resolv.conf is not the system failing: a "no" the person decides on (--force).
   [ErrorCode.DnsConfigChanged]: Exit.Answer,
   [ErrorCode.NoUpstreams]: Exit.SystemError,
+  [ErrorCode.ResolverStart]: Exit.SystemError,
 };
 
 export function exitCodeFor(error: unknown): number {

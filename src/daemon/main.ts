@@ -51,7 +51,11 @@ const log = pino({ base: { service: 'egressd' }, timestamp: pino.stdTimeFunction
 async function main(): Promise<number> {
   let values, positionals;
   try {
-    ({ values, positionals } = parseArgs({ options: { policy: { type: 'string' }, state: { type: 'string' }, help: { type: 'boolean' } }, strict: true, allowPositionals: true }));
+    ({ values, positionals } = parseArgs({
+      options: { policy: { type: 'string' }, state: { type: 'string' }, help: { type: 'boolean' } },
+      strict: true,
+      allowPositionals: true,
+    }));
     if (positionals.length > 1 || (positionals.length === 1 && positionals[0] !== 'resolver')) throw new Error(`unknown command '${positionals.join(' ')}'`);
   } catch (error) {
     process.stderr.write(`egressd: ${(error as Error).message}\n\n${USAGE}\n`);

@@ -98,7 +98,10 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
         ttlFloor: inForce.policy.dns.ttlFloor,
         ttlCap: inForce.policy.dns.ttlCap,
       };
-      log.info({ event: 'resolver-policy', rules: view.bindings.length, listLoadMs: Math.round(performance.now() - started) }, 'resolver: names of the policy in force indexed');
+      log.info(
+        { event: 'resolver-policy', rules: view.bindings.length, listLoadMs: Math.round(performance.now() - started) },
+        'resolver: names of the policy in force indexed',
+      );
       return { decider, view };
     };
     let state = await build(first);
@@ -174,4 +177,3 @@ function discovered(options: ResolverRuntimeOptions, listen: readonly string[], 
 function prefixed(prefix: string, values: object): Record<string, number> {
   return Object.fromEntries(Object.entries(values).map(([key, value]) => [`${prefix}${key[0]!.toUpperCase()}${key.slice(1)}`, Number(value)]));
 }
-

@@ -18,7 +18,9 @@ const ROOT = join(import.meta.dirname, '..', '..');
 const CLI = join(ROOT, 'src/cli/main.ts');
 const DAEMON = join(ROOT, 'src/daemon/main.ts');
 const TRACKING = join(ROOT, 'policies/lists/tracking.txt');
-const unavailable = harnessUnavailableReason() ?? (existsSync('/usr/sbin/dnsmasq') && existsSync('/usr/bin/dig') ? undefined : 'dnsmasq or dig is not installed (scripts/setup.sh)');
+const unavailable =
+  harnessUnavailableReason() ??
+  (existsSync('/usr/sbin/dnsmasq') && existsSync('/usr/bin/dig') ? undefined : 'dnsmasq or dig is not installed (scripts/setup.sh)');
 
 const AUTHORITY = '198.51.100.53';
 const RESOLVER = '127.0.0.153';
@@ -49,7 +51,8 @@ describe.skipIf(unavailable)(`names in rules are enforced once the resolver answ
 
   async function dig(name: string, user: string, type: 'A' | 'AAAA' = 'A', server = RESOLVER): Promise<Dig> {
     const result = await net.host.exec('dig', [`@${server}`, '+tries=1', '+time=2', '+noall', '+comments', '+answer', name, type], { user, timeoutMs: 6000 });
-    const status = /status: ([A-Z]+)/.exec(result.stdout)?.[1] ?? (result.stdout.includes('timed out') || result.code === 9 ? 'TIMEOUT' : `dig exit ${result.code}`);
+    const status =
+      /status: ([A-Z]+)/.exec(result.stdout)?.[1] ?? (result.stdout.includes('timed out') || result.code === 9 ? 'TIMEOUT' : `dig exit ${result.code}`);
     const addresses = result.stdout
       .split('\n')
       .filter((line) => !line.startsWith(';'))
@@ -156,7 +159,10 @@ apps:
     // The authority rotates the name to another address: the next lookup follows it.
     setRecords(readFileSync(hosts, 'utf8').replace('203.0.113.10 api.example.test', '203.0.113.11 api.example.test').split('\n').filter(Boolean));
     authority.kill('SIGHUP');
-    await until('the rotated address answered', async () => (await dig('api.example.test', app)).addresses[0] === '203.0.113.11', { timeoutMs: 10_000, everyMs: 300 });
+    await until('the rotated address answered', async () => (await dig('api.example.test', app)).addresses[0] === '203.0.113.11', {
+      timeoutMs: 10_000,
+      everyMs: 300,
+    });
     expect(await reach('203.0.113.11', app)).toMatchObject({ ok: true });
     expect(await reach('203.0.113.10', app), 'the old address').toMatchObject({ ok: false });
   });

@@ -1,0 +1,184 @@
+/**
+ * The resolver's answer cache: keyed by (name, type, class), TTL-aware,
+ * bounded by entry count and bytes with least-recently-used eviction.
+ *
+ * An entry lives as long as the smallest TTL of its records (a positive
+ * answer, capped at maxTtl) or, for a negative answer (NXDOMAIN or no data),
+ * the SOA's negative TTL, min(SOA TTL, SOA MINIMUM) as RFC 2308 §5 says,
+ * capped at maxNegativeTtl; a negative answer without a SOA is not kept
+ * (RFC 2308 §5: SHOULD NOT be cached). Every record handed out carries the
+ * entry's remaining TTL, so a client never keeps an answer longer than the
+ * upstream allowed. SERVFAIL and other failures are never kept.
+ */
+import type { Answer } from 'dns-packet';
+import { Rcode } from './message.js';
+
+export interface CacheLimits {
+  readonly cacheEntries: number;
+  readonly cacheBytes: number;
+  readonly maxTtl: number;
+  readonly maxNegativeTtl: number;
+}
+
+/** What is kept of an upstream answer: its rcode, its answer section and (for a negative answer) its SOA. */
+export interface CacheEntry {
+  readonly rcode: number;
+  readonly answers: readonly Answer[];
+  readonly authorities: readonly Answer[];
+  /** When it was received and when it expires, in ms of the cache's clock. */
+  readonly storedAt: number;
+  readonly expiresAt: number;
+  /** Approximate memory it holds, counted against cacheBytes. */
+  readonly bytes: number;
+}
+
+/** An entry as a client gets it: records with the TTL that remains. */
+export interface CachedAnswer {
+  readonly rcode: number;
+  readonly answers: readonly Answer[];
+  readonly authorities: readonly Answer[];
+  /** Seconds left. */
+  readonly ttl: number;
+}
+
+export interface CacheStats {
+  readonly entries: number;
+  readonly bytes: number;
+  readonly hits: number;
+  readonly misses: number;
+  readonly evictions: number;
+  readonly expired: number;
+}
+
+export function cacheKey(name: string, type: string, klass = 'IN'): string {
+  return `${name}\u0000${type}\u0000${klass}`;
+}
+
+/** Per-entry overhead beyond the wire bytes: the key, the Map slot, the decoded objects. */
+const ENTRY_OVERHEAD = 256;
+
+/**
+ * How long an answer may be kept (seconds), or undefined when it may not:
+ * a failure, a TTL of 0, a negative answer without a SOA.
+ */
+export function cacheTtl(
+  questionType: string,
+  rcode: number,
+  answers: readonly Answer[],
+  authorities: readonly Answer[],
+  limits: CacheLimits,
+): number | undefined {
+  if (rcode !== Rcode.NoError && rcode !== Rcode.NxDomain) return undefined;
+  let ttl = Infinity;
+  for (const record of answers) if (record.type !== 'OPT') ttl = Math.min(ttl, record.ttl ?? 0);
+  if (isNegative(questionType, rcode, answers)) {
+    const soa = authorities.find((record) => record.type === 'SOA');
+    if (soa?.type !== 'SOA') return undefined;
+    ttl = Math.min(ttl, soa.ttl ?? 0, soa.data.minimum ?? 0, limits.maxNegativeTtl);
+  } else {
+    ttl = Math.min(ttl, limits.maxTtl);
+  }
+  return ttl >= 1 ? Math.floor(ttl) : undefined;
+}
+
+/** NXDOMAIN, or an answer with nothing but the CNAME chain to a name without data of the asked type (RFC 2308 §2.2). */
+function isNegative(questionType: string, rcode: number, answers: readonly Answer[]): boolean {
+  return rcode === Rcode.NxDomain || !answers.some((record) => record.type !== 'OPT' && (record.type !== 'CNAME' || questionType === 'CNAME'));
+}
+
+/** An entry for an answer to a question of `questionType` received at `now`, or undefined when it may not be kept. `wireBytes`: the answer's size on the wire. */
+export function cacheEntry(
+  questionType: string,
+  message: { rcode: number; answers: readonly Answer[]; authorities: readonly Answer[] },
+  wireBytes: number,
+  now: number,
+  limits: CacheLimits,
+): CacheEntry | undefined {
+  const ttl = cacheTtl(questionType, message.rcode, message.answers, message.authorities, limits);
+  if (ttl === undefined) return undefined;
+  const negative = isNegative(questionType, message.rcode, message.answers);
+  return {
+    rcode: message.rcode,
+    answers: message.answers.filter((record) => record.type !== 'OPT'),
+    // Only a negative answer's SOA is worth keeping: it tells the client how long to keep the negative answer.
+    authorities: negative ? message.authorities.filter((record) => record.type === 'SOA') : [],
+    storedAt: now,
+    expiresAt: now + ttl * 1000,
+    bytes: wireBytes + ENTRY_OVERHEAD,
+  };
+}
+
+/** Seconds left of `entry` at `now` (whole seconds, rounded down, so a TTL handed out never outlives the upstream's). */
+export function remainingTtl(entry: CacheEntry, now: number): number {
+  return Math.floor((entry.expiresAt - now) / 1000);
+}
+
+/** The entry's records as a client gets them at `now`. */
+export function viewOf(entry: CacheEntry, now: number): CachedAnswer {
+  const ttl = Math.max(0, remainingTtl(entry, now));
+  const withTtl = (record: Answer): Answer => (record.type === 'OPT' ? record : { ...record, ttl });
+  return { rcode: entry.rcode, answers: entry.answers.map(withTtl), authorities: entry.authorities.map(withTtl), ttl };
+}
+
+export class DnsCache {
+  // A Map iterates in insertion order: re-inserting on every hit makes its first key the least recently used.
+  private readonly entries = new Map<string, CacheEntry>();
+  private bytes = 0;
+  private hits = 0;
+  private misses = 0;
+  private evictions = 0;
+  private expired = 0;
+
+  constructor(
+    private readonly limits: CacheLimits,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  /** The answer for `key` with its remaining TTL, or undefined (absent, or less than a second left). */
+  get(key: string): CachedAnswer | undefined {
+    const entry = this.entries.get(key);
+    if (entry === undefined) {
+      this.misses++;
+      return undefined;
+    }
+    const now = this.now();
+    if (remainingTtl(entry, now) < 1) {
+      this.remove(key, entry);
+      this.expired++;
+      this.misses++;
+      return undefined;
+    }
+    this.entries.delete(key);
+    this.entries.set(key, entry);
+    this.hits++;
+    return viewOf(entry, now);
+  }
+
+  set(key: string, entry: CacheEntry): void {
+    const old = this.entries.get(key);
+    if (old !== undefined) this.remove(key, old);
+    if (entry.bytes > this.limits.cacheBytes || this.limits.cacheEntries < 1) return;
+    this.entries.set(key, entry);
+    this.bytes += entry.bytes;
+    while (this.entries.size > this.limits.cacheEntries || this.bytes > this.limits.cacheBytes) {
+      const oldest = this.entries.keys().next();
+      if (oldest.done === true) break;
+      this.remove(oldest.value, this.entries.get(oldest.value)!);
+      this.evictions++;
+    }
+  }
+
+  clear(): void {
+    this.entries.clear();
+    this.bytes = 0;
+  }
+
+  stats(): CacheStats {
+    return { entries: this.entries.size, bytes: this.bytes, hits: this.hits, misses: this.misses, evictions: this.evictions, expired: this.expired };
+  }
+
+  private remove(key: string, entry: CacheEntry): void {
+    this.entries.delete(key);
+    this.bytes -= entry.bytes;
+  }
+}

@@ -1,0 +1,273 @@
+/**
+ * One client query, from its bytes to the reply's bytes: parse, identify
+ * the client, admit the question, answer it from the cache or upstream
+ * (identical questions in flight share one upstream query), let the policy
+ * learn the answer before anything leaves, shape what this client gets,
+ * and encode the reply. Transport-free: server.ts feeds it UDP datagrams
+ * and TCP frames. Every hook failure fails closed (REFUSED before the
+ * answer is known, SERVFAIL when the policy could not learn it).
+ */
+import type { Answer } from 'dns-packet';
+import { cacheEntry, cacheKey, viewOf, type CachedAnswer, type DnsCache } from './cache.js';
+import type { ResolverLimits } from './limits.js';
+import {
+  answerRecords,
+  CLASSIC_UDP_SIZE,
+  cnameChain,
+  encodeReply,
+  isRejection,
+  nullAnswer,
+  parseQuery,
+  Rcode,
+  relevantAnswers,
+  type Query,
+  type ReplyContent,
+} from './message.js';
+import type { AnswerRecord, Client, Question, ResolverHooks } from './server.js';
+import type { UpstreamAnswer } from './upstream.js';
+
+export interface PipelineStats {
+  /** Messages received (datagrams and TCP frames). */
+  readonly received: number;
+  /** Messages that were queries to answer (passed parsing). */
+  readonly queries: number;
+  /** Messages dropped unanswered: too short for a header, a response, over the pending cap (UDP). */
+  readonly dropped: number;
+  readonly formErr: number;
+  readonly notImp: number;
+  readonly badVers: number;
+  /** Queries turned away because maxPending were in progress. */
+  readonly overloaded: number;
+  /** identify() threw: answered REFUSED. */
+  readonly unidentified: number;
+  readonly admitRefused: number;
+  readonly admitNxdomain: number;
+  readonly shapedNxdomain: number;
+  readonly shapedNull: number;
+  /** admit() or shape() threw: answered REFUSED. */
+  readonly hookErrors: number;
+  /** learn() threw: answered SERVFAIL. */
+  readonly learnFailed: number;
+  /** Queries that joined an identical one already waiting for upstream. */
+  readonly coalesced: number;
+  readonly servFail: number;
+  /** UDP replies cut to the header and question, with TC=1. */
+  readonly truncated: number;
+  /** Unexpected errors inside the pipeline (answered SERVFAIL). */
+  readonly internalErrors: number;
+  /** Upstream answer records left out for not answering the question (owned by no name of its CNAME chain). */
+  readonly strayRecords: number;
+  /** Queries in progress now. */
+  readonly pending: number;
+}
+
+export interface QueryPipeline {
+  /** The reply to `raw` from `client` (cut to fit when the client is on UDP), or undefined to send nothing. Never rejects. */
+  answer(raw: Buffer, client: Client): Promise<Buffer | undefined>;
+  stats(): PipelineStats;
+}
+
+export interface PipelineDeps<Who> {
+  readonly hooks: ResolverHooks<Who>;
+  readonly upstream: { query(name: string, type: string): Promise<UpstreamAnswer | undefined> };
+  readonly cache: DnsCache;
+  readonly limits: ResolverLimits;
+  readonly now?: () => number;
+  /** Told of unexpected errors (a bug, not bad input): the query got SERVFAIL. */
+  readonly onError?: (error: unknown) => void;
+}
+
+/** An answer the client may get, before shaping. */
+interface Resolved {
+  readonly view: CachedAnswer;
+  readonly records: readonly AnswerRecord[];
+}
+
+type Resolution = Resolved | { readonly failed: 'upstream' | 'learn' };
+
+export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
+  const { hooks, cache, limits } = deps;
+  const now = deps.now ?? Date.now;
+  const counts = {
+    received: 0,
+    queries: 0,
+    dropped: 0,
+    formErr: 0,
+    notImp: 0,
+    badVers: 0,
+    overloaded: 0,
+    unidentified: 0,
+    admitRefused: 0,
+    admitNxdomain: 0,
+    shapedNxdomain: 0,
+    shapedNull: 0,
+    hookErrors: 0,
+    learnFailed: 0,
+    coalesced: 0,
+    servFail: 0,
+    truncated: 0,
+    internalErrors: 0,
+    strayRecords: 0,
+  };
+  let pending = 0;
+  const inFlight = new Map<string, Promise<Resolution>>();
+
+  const learn = async (question: Question, records: readonly AnswerRecord[], fromCache: boolean): Promise<boolean> => {
+    try {
+      await hooks.learn(question, records, fromCache);
+      return true;
+    } catch {
+      counts.learnFailed++;
+      return false;
+    }
+  };
+
+  /** Asks upstream once for everyone asking `key` meanwhile; learns the answer before any of them may reply, then caches it. */
+  const fromUpstream = async (query: Query, question: Question, key: string): Promise<Resolution> => {
+    const answer = await deps.upstream.query(query.name, query.type);
+    if (answer === undefined || (answer.rcode !== Rcode.NoError && answer.rcode !== Rcode.NxDomain)) return { failed: 'upstream' };
+    const { kept, stray } = relevantAnswers(query.name, answer.message.answers ?? []);
+    counts.strayRecords += stray;
+    const message = { rcode: answer.rcode, answers: kept, authorities: answer.message.authorities ?? [] };
+    const received = now();
+    const entry = cacheEntry(query.type, message, answer.bytes, received, limits);
+    // An answer that may not be cached (TTL 0, negative without SOA) goes to the clients waiting for it as it came.
+    const view: CachedAnswer = entry
+      ? viewOf(entry, received)
+      : {
+          rcode: message.rcode,
+          answers: message.answers.filter((record) => record.type !== 'OPT'),
+          authorities: message.authorities.filter((record) => record.type === 'SOA'),
+          ttl: 0,
+        };
+    const records = answerRecords(view.answers);
+    if (!(await learn(question, records, false))) return { failed: 'learn' };
+    if (entry) cache.set(key, entry);
+    return { view, records };
+  };
+
+  const resolve = async (query: Query, question: Question): Promise<Resolution> => {
+    const key = cacheKey(query.name, query.type);
+    const cached = cache.get(key);
+    if (cached !== undefined) {
+      const records = answerRecords(cached.answers);
+      return (await learn(question, records, true)) ? { view: cached, records } : { failed: 'learn' };
+    }
+    const waiting = inFlight.get(key);
+    if (waiting !== undefined) {
+      counts.coalesced++;
+      return waiting;
+    }
+    const asked = fromUpstream(query, question, key).catch((error: unknown): Resolution => {
+      counts.internalErrors++;
+      deps.onError?.(error);
+      return { failed: 'upstream' };
+    });
+    inFlight.set(key, asked);
+    const forget = (): void => {
+      inFlight.delete(key);
+    };
+    void asked.then(forget, forget);
+    return asked;
+  };
+
+  const reply = (query: Query, client: Client, content: ReplyContent): Buffer => {
+    if (content.rcode === Rcode.ServFail) counts.servFail++;
+    const limit = client.transport === 'udp' ? (query.edns?.udpPayloadSize ?? CLASSIC_UDP_SIZE) : 65535;
+    const { bytes, truncated } = encodeReply(query, content, limit);
+    if (truncated) counts.truncated++;
+    return bytes;
+  };
+
+  const answerQuery = async (query: Query, client: Client): Promise<Buffer> => {
+    // RFC 6891 §6.1.3: an EDNS version this resolver does not speak is answered BADVERS, and nothing else.
+    if (query.edns !== undefined && query.edns.version > 0) {
+      counts.badVers++;
+      return reply(query, client, { rcode: Rcode.BadVers });
+    }
+    let who: Who;
+    try {
+      who = await hooks.identify(client);
+    } catch {
+      counts.unidentified++;
+      return reply(query, client, { rcode: Rcode.Refused });
+    }
+    const question: Question = { name: query.name, type: query.type };
+    let admission: 'go' | 'refused' | 'nxdomain';
+    try {
+      admission = hooks.admit(who, question);
+    } catch {
+      counts.hookErrors++;
+      return reply(query, client, { rcode: Rcode.Refused });
+    }
+    if (admission === 'refused') {
+      counts.admitRefused++;
+      return reply(query, client, { rcode: Rcode.Refused });
+    }
+    if (admission === 'nxdomain') {
+      counts.admitNxdomain++;
+      return reply(query, client, { rcode: Rcode.NxDomain });
+    }
+    const resolution = await resolve(query, question);
+    if ('failed' in resolution) return reply(query, client, { rcode: Rcode.ServFail });
+    const { view, records } = resolution;
+    let shape: 'answer' | 'nxdomain' | 'null';
+    try {
+      shape = hooks.shape(who, question, cnameChain(query.name, records));
+    } catch {
+      counts.hookErrors++;
+      return reply(query, client, { rcode: Rcode.Refused });
+    }
+    if (shape === 'nxdomain') {
+      counts.shapedNxdomain++;
+      return reply(query, client, { rcode: Rcode.NxDomain });
+    }
+    if (shape === 'null' && view.rcode === Rcode.NoError) {
+      counts.shapedNull++;
+      const answers: Answer[] | undefined = nullAnswer(query, limits.nullTtl);
+      return reply(query, client, answers === undefined ? { rcode: Rcode.NxDomain } : { rcode: Rcode.NoError, answers });
+    }
+    return reply(query, client, { rcode: view.rcode, answers: view.answers, authorities: view.authorities });
+  };
+
+  return {
+    async answer(raw, client) {
+      counts.received++;
+      const parsed = parseQuery(raw);
+      if ('drop' in parsed) {
+        counts.dropped++;
+        return undefined;
+      }
+      if (isRejection(parsed)) {
+        if (parsed.rcode === Rcode.NotImp) counts.notImp++;
+        else counts.formErr++;
+        return parsed.reply;
+      }
+      counts.queries++;
+      if (pending >= limits.maxPending) {
+        counts.overloaded++;
+        // A UDP client asks again; a TCP client waits for its answer, so it gets one.
+        if (client.transport === 'udp') {
+          counts.dropped++;
+          return undefined;
+        }
+        return reply(parsed, client, { rcode: Rcode.ServFail });
+      }
+      pending++;
+      try {
+        return await answerQuery(parsed, client);
+      } catch (error) {
+        counts.internalErrors++;
+        deps.onError?.(error);
+        try {
+          return reply(parsed, client, { rcode: Rcode.ServFail });
+        } catch {
+          return undefined;
+        }
+      } finally {
+        pending--;
+      }
+    },
+    stats: () => ({ ...counts, pending }),
+  };
+}

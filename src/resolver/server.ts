@@ -1,0 +1,299 @@
+/**
+ * egressd's DNS resolver: listens on UDP and TCP, answers each query
+ * through the pipeline (pipeline.ts: policy hooks, cache, upstream), and
+ * keeps every client's share of memory and time bounded (limits.ts).
+ *
+ * The hooks are the policy's (identify/admit/shape: who.ts, decide.ts;
+ * learn: the daemon, which fills the nft sets); this module only says when
+ * each is called. `startResolver` binds everything before it returns and
+ * fails whole (ResolverStartError) when anything cannot be bound or the
+ * upstream sockets cannot carry the required mark.
+ */
+import dgram from 'node:dgram';
+import net from 'node:net';
+import { ResolverStartError } from '../errors.js';
+import { openSocketMarker, type SocketMarker } from '../system/socket-mark.js';
+import { DnsCache } from './cache.js';
+import { resolverLimits, type ResolverLimits } from './limits.js';
+import { createPipeline, type PipelineStats } from './pipeline.js';
+import { parseUpstream, UpstreamClient } from './upstream.js';
+
+export interface Client {
+  readonly transport: 'udp' | 'tcp';
+  readonly address: string;
+  readonly port: number;
+  readonly local: { readonly address: string; readonly port: number };
+}
+/** name lower-case, no trailing dot; type 'A', 'AAAA', … */
+export interface Question {
+  readonly name: string;
+  readonly type: string;
+}
+/** data: address for A/AAAA, target name for CNAME */
+export interface AnswerRecord {
+  readonly name: string;
+  readonly type: string;
+  readonly ttl: number;
+  readonly data: string;
+}
+export interface ResolverHooks<Who> {
+  /** Who sent the query (helper C: sock_diag). May throw (socket not found): the core then answers REFUSED and counts it — fail closed. */
+  identify(client: Client): Who | Promise<Who>;
+  /** Before anything goes upstream: 'refused' (system domain members), 'nxdomain' (use-application-dns.net), or 'go'. */
+  admit(who: Who, question: Question): 'go' | 'refused' | 'nxdomain';
+  /** Every answer (from upstream or cache, whatever the client will get) BEFORE any reply leaves: the lead fills nft sets here. Awaited. */
+  learn(question: Question, records: readonly AnswerRecord[], fromCache: boolean): void | Promise<void>;
+  /** What this client gets, given every name of the answer's CNAME chain (question name first). */
+  shape(who: Who, question: Question, chain: readonly string[]): 'answer' | 'nxdomain' | 'null';
+}
+
+export interface ResolverOptions<Who> {
+  /** Addresses to listen on, UDP and TCP each. */
+  readonly listen: readonly string[];
+  /** Default 53. 0: one free port, the same for every address and both transports (tests). */
+  readonly port?: number;
+  /** "ADDR" or "ADDR#PORT", tried in order (the last that answered first). */
+  readonly upstreams: readonly string[];
+  readonly hooks: ResolverHooks<Who>;
+  /** The meta mark every upstream socket must carry (DnsSettings.mark); undefined: none. Setting it needs CAP_NET_ADMIN. */
+  readonly mark?: number | undefined;
+  readonly limits?: Partial<ResolverLimits>;
+  /** Told of unexpected errors (bugs, socket failures), which never stop the resolver. */
+  readonly onError?: (error: unknown) => void;
+}
+
+export interface ListenAddress {
+  readonly transport: 'udp' | 'tcp';
+  readonly address: string;
+  readonly port: number;
+}
+
+export interface ResolverStats extends PipelineStats {
+  readonly cacheHits: number;
+  readonly cacheMisses: number;
+  readonly cacheEntries: number;
+  readonly cacheBytes: number;
+  readonly evictions: number;
+  readonly expired: number;
+  readonly upstreamQueries: number;
+  readonly upstreamTimeouts: number;
+  readonly upstreamTcpRetries: number;
+  readonly upstreamMismatched: number;
+  readonly upstreamErrors: number;
+  /** Questions no upstream answered within the bound (each one SERVFAIL). */
+  readonly upstreamFailed: number;
+  readonly upstreamInFlight: number;
+  /** TCP client connections open now. */
+  readonly tcpConnections: number;
+  /** Turned away at maxTcpConnections. */
+  readonly tcpRejected: number;
+  /** Closed after tcpIdleMs without a query. */
+  readonly tcpIdleClosed: number;
+  /** Closed for a frame too short to be a message, or for replies left unread past maxTcpUnread. */
+  readonly tcpAborted: number;
+  /** Replies the kernel would not send. */
+  readonly sendErrors: number;
+}
+
+export interface Resolver {
+  readonly addresses: readonly ListenAddress[];
+  stats(): ResolverStats;
+  close(): Promise<void>;
+}
+
+/** The smallest frame worth reading: a DNS header. */
+const MIN_FRAME = 12;
+
+export async function startResolver<Who>(options: ResolverOptions<Who>): Promise<Resolver> {
+  const limits = resolverLimits(options.limits);
+  const servers = options.upstreams.map(parseUpstream);
+  if (options.listen.length === 0) throw new ResolverStartError('listen', 'no address to listen on');
+  for (const address of options.listen) if (net.isIP(address) === 0) throw new ResolverStartError('listen', `"${address}" is not an IP address to listen on`);
+  const marker: SocketMarker | undefined = options.mark === undefined ? undefined : openSocketMarker(options.mark);
+  const upstream = new UpstreamClient(servers, { marker, timeoutMs: limits.upstreamTimeoutMs, attemptMs: limits.upstreamAttemptMs });
+  const cache = new DnsCache(limits);
+  const onError = (error: unknown): void => options.onError?.(error);
+  const pipeline = createPipeline({ hooks: options.hooks, upstream, cache, limits, onError });
+  const counts = { tcpConnections: 0, tcpRejected: 0, tcpIdleClosed: 0, tcpAborted: 0, sendErrors: 0 };
+  const connections = new Set<net.Socket>();
+  let closed = false;
+
+  const serveUdp = (socket: dgram.Socket, local: { address: string; port: number }): void => {
+    socket.on('error', onError);
+    socket.on('message', (raw, from) => {
+      const client: Client = { transport: 'udp', address: from.address, port: from.port, local };
+      void pipeline.answer(raw, client).then((reply) => {
+        // A query still in progress at close() is answered into nothing.
+        if (reply === undefined || closed) return;
+        try {
+          socket.send(reply, from.port, from.address, (error) => {
+            if (error) counts.sendErrors++;
+          });
+        } catch {
+          counts.sendErrors++;
+        }
+      });
+    });
+  };
+
+  const serveTcp = (conn: net.Socket): void => {
+    if (conn.remoteAddress === undefined || conn.remotePort === undefined || conn.localAddress === undefined || conn.localPort === undefined) {
+      conn.destroy();
+      return;
+    }
+    const client: Client = {
+      transport: 'tcp',
+      address: conn.remoteAddress,
+      port: conn.remotePort,
+      local: { address: conn.localAddress, port: conn.localPort },
+    };
+    counts.tcpConnections++;
+    connections.add(conn);
+    conn.setNoDelay(true);
+    let buffered: Buffer = Buffer.alloc(0);
+    let inProgress = 0;
+    const abort = (): void => {
+      counts.tcpAborted++;
+      conn.destroy();
+    };
+    // Frames are taken while fewer than maxTcpPipeline are in progress; the rest waits in `buffered`, and the socket is not read meanwhile.
+    const takeFrames = (): void => {
+      while (inProgress < limits.maxTcpPipeline && buffered.length >= 2 && !conn.destroyed) {
+        const length = buffered.readUInt16BE(0);
+        if (length < MIN_FRAME) {
+          abort();
+          return;
+        }
+        if (buffered.length < 2 + length) break;
+        const frame = Buffer.from(buffered.subarray(2, 2 + length));
+        buffered = buffered.subarray(2 + length);
+        inProgress++;
+        void pipeline.answer(frame, client).then((reply) => {
+          inProgress--;
+          if (reply !== undefined && conn.writable) {
+            const out = Buffer.alloc(2 + reply.length);
+            out.writeUInt16BE(reply.length, 0);
+            reply.copy(out, 2);
+            conn.write(out);
+            if (conn.writableLength > limits.maxTcpUnread) abort();
+          }
+          takeFrames();
+        });
+      }
+      if (inProgress >= limits.maxTcpPipeline) conn.pause();
+      else if (conn.isPaused()) conn.resume();
+      // A client that shut its side after its queries still gets every answer, then our FIN.
+      if (clientDone && inProgress === 0 && !conn.destroyed) conn.end();
+    };
+    let clientDone = false;
+    conn.on('end', () => {
+      clientDone = true;
+      takeFrames();
+    });
+    conn.on('data', (chunk: Buffer) => {
+      buffered = buffered.length === 0 ? chunk : Buffer.concat([buffered, chunk]);
+      takeFrames();
+    });
+    conn.setTimeout(limits.tcpIdleMs, () => {
+      // A query still being answered keeps the connection; idleness counts from its reply.
+      if (inProgress > 0) return;
+      counts.tcpIdleClosed++;
+      conn.destroy();
+    });
+    conn.on('error', () => conn.destroy());
+    conn.on('close', () => {
+      connections.delete(conn);
+      counts.tcpConnections--;
+    });
+  };
+
+  const udpSockets: dgram.Socket[] = [];
+  const tcpServers: net.Server[] = [];
+  const addresses: ListenAddress[] = [];
+  const closeListeners = async (): Promise<void> => {
+    for (const socket of udpSockets.splice(0)) socket.close();
+    for (const conn of connections) conn.destroy();
+    await Promise.all(tcpServers.splice(0).map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
+  };
+
+  const bindAll = async (wanted: number): Promise<void> => {
+    let port = wanted;
+    for (const address of options.listen) {
+      const v6 = net.isIPv6(address);
+      const udp = dgram.createSocket({ type: v6 ? 'udp6' : 'udp4', ipv6Only: v6 });
+      udpSockets.push(udp);
+      await new Promise<void>((resolve, reject) => {
+        udp.once('error', reject);
+        udp.bind({ address, port, exclusive: true }, () => {
+          udp.off('error', reject);
+          resolve();
+        });
+      });
+      port = udp.address().port;
+      serveUdp(udp, { address, port });
+      addresses.push({ transport: 'udp', address, port });
+      const tcp = net.createServer({ noDelay: true, allowHalfOpen: true }, serveTcp);
+      tcp.maxConnections = limits.maxTcpConnections;
+      tcp.on('drop', () => counts.tcpRejected++);
+      tcp.on('error', onError);
+      tcpServers.push(tcp);
+      await new Promise<void>((resolve, reject) => {
+        tcp.once('error', reject);
+        tcp.listen({ host: address, port, ipv6Only: v6, exclusive: true }, () => {
+          tcp.off('error', reject);
+          resolve();
+        });
+      });
+      addresses.push({ transport: 'tcp', address, port });
+    }
+  };
+
+  const wanted = options.port ?? 53;
+  // Port 0 takes the port the kernel gives the first UDP socket; another program may hold it for TCP, so a few tries.
+  for (let attempt = 0; ; attempt++) {
+    try {
+      await bindAll(wanted);
+      break;
+    } catch (cause) {
+      await closeListeners();
+      addresses.length = 0;
+      const code = (cause as NodeJS.ErrnoException).code;
+      if (wanted === 0 && code === 'EADDRINUSE' && attempt < 5) continue;
+      upstream.close();
+      throw new ResolverStartError('listen', `the resolver cannot listen on ${options.listen.join(', ')} port ${wanted}: ${(cause as Error).message}`, {
+        cause,
+      });
+    }
+  }
+
+  return {
+    addresses,
+    stats() {
+      const c = cache.stats();
+      const u = upstream.stats();
+      return {
+        ...pipeline.stats(),
+        cacheHits: c.hits,
+        cacheMisses: c.misses,
+        cacheEntries: c.entries,
+        cacheBytes: c.bytes,
+        evictions: c.evictions,
+        expired: c.expired,
+        upstreamQueries: u.queries,
+        upstreamTimeouts: u.timeouts,
+        upstreamTcpRetries: u.tcpRetries,
+        upstreamMismatched: u.mismatched,
+        upstreamErrors: u.errors,
+        upstreamFailed: u.failed,
+        upstreamInFlight: u.inFlight,
+        ...counts,
+      };
+    },
+    async close() {
+      closed = true;
+      upstream.close();
+      await closeListeners();
+      cache.clear();
+    },
+  };
+}

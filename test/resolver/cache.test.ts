@@ -1,0 +1,86 @@
+import type { Answer } from 'dns-packet';
+import { describe, expect, it } from 'vitest';
+import { cacheEntry, cacheKey, cacheTtl, DnsCache, type CacheLimits } from '../../src/resolver/cache.js';
+
+const limits: CacheLimits = { cacheEntries: 3, cacheBytes: 1_000_000, maxTtl: 86_400, maxNegativeTtl: 900 };
+const a = (name: string, ttl: number, data = '192.0.2.1'): Answer => ({ type: 'A', name, ttl, data });
+const cname = (name: string, ttl: number, data: string): Answer => ({ type: 'CNAME', name, ttl, data });
+const soa = (ttl: number, minimum: number): Answer => ({
+  type: 'SOA',
+  name: 'example.test',
+  ttl,
+  data: { mname: 'ns.example.test', rname: 'h.example.test', serial: 1, refresh: 1, retry: 1, expire: 1, minimum },
+});
+
+describe('cache TTLs', () => {
+  it('keeps an answer for the smallest TTL of its records, capped', () => {
+    expect(cacheTtl('A', 0, [cname('www.x', 600, 'x'), a('x', 60)], [], limits)).toBe(60);
+    expect(cacheTtl('A', 0, [a('x', 10 ** 6)], [], limits)).toBe(86_400);
+    expect(cacheTtl('A', 0, [a('x', 0)], [], limits)).toBeUndefined();
+  });
+
+  it('keeps a negative answer for min(SOA TTL, SOA MINIMUM), capped, and not at all without a SOA (RFC 2308)', () => {
+    expect(cacheTtl('A', 3, [], [soa(300, 30)], limits)).toBe(30);
+    expect(cacheTtl('A', 3, [], [soa(20, 3600)], limits)).toBe(20);
+    expect(cacheTtl('A', 0, [], [soa(7200, 7200)], limits)).toBe(900);
+    expect(cacheTtl('A', 3, [], [], limits)).toBeUndefined();
+    // A CNAME to a name without data of the type: negative, and the CNAME's TTL bounds it too.
+    expect(cacheTtl('A', 0, [cname('www.x', 10, 'x')], [soa(300, 300)], limits)).toBe(10);
+    // …but asking for the CNAME itself, that is the answer.
+    expect(cacheTtl('CNAME', 0, [cname('www.x', 10, 'x')], [], limits)).toBe(10);
+  });
+
+  it('never keeps SERVFAIL, REFUSED or anything but NOERROR and NXDOMAIN', () => {
+    for (const rcode of [1, 2, 4, 5]) expect(cacheTtl('A', rcode, [a('x', 300)], [soa(300, 300)], limits)).toBeUndefined();
+  });
+});
+
+describe('DnsCache', () => {
+  it('hands out the TTL that remains, whole seconds rounded down, and forgets the entry when less than a second is left', () => {
+    let now = 1_000_000;
+    const cache = new DnsCache(limits, () => now);
+    const key = cacheKey('x', 'A');
+    cache.set(key, cacheEntry('A', { rcode: 0, answers: [a('x', 60), a('x', 90, '192.0.2.2')], authorities: [] }, 100, now, limits)!);
+    expect(cache.get(key)?.answers.map((r) => ('ttl' in r ? r.ttl : undefined))).toEqual([60, 60]);
+    now += 1500;
+    expect(cache.get(key)?.answers.map((r) => ('ttl' in r ? r.ttl : undefined))).toEqual([58, 58]);
+    now += 58_000;
+    expect(cache.get(key)).toBeUndefined();
+    expect(cache.stats()).toMatchObject({ hits: 2, misses: 1, expired: 1, entries: 0, bytes: 0 });
+  });
+
+  it('evicts the least recently used entry past its entry cap', () => {
+    const cache = new DnsCache(limits, () => 0);
+    const put = (name: string) => cache.set(cacheKey(name, 'A'), cacheEntry('A', { rcode: 0, answers: [a(name, 60)], authorities: [] }, 50, 0, limits)!);
+    put('a');
+    put('b');
+    put('c');
+    expect(cache.get(cacheKey('a', 'A'))).toBeDefined();
+    put('d');
+    expect(cache.get(cacheKey('b', 'A'))).toBeUndefined();
+    expect(cache.get(cacheKey('a', 'A'))).toBeDefined();
+    expect(cache.get(cacheKey('c', 'A'))).toBeDefined();
+    expect(cache.get(cacheKey('d', 'A'))).toBeDefined();
+    expect(cache.stats()).toMatchObject({ entries: 3, evictions: 1 });
+  });
+
+  it('evicts past its byte cap, and does not take an entry larger than the whole cache', () => {
+    const small: CacheLimits = { ...limits, cacheEntries: 1000, cacheBytes: 2000 };
+    const cache = new DnsCache(small, () => 0);
+    for (let i = 0; i < 10; i++) cache.set(cacheKey(`n${i}`, 'A'), cacheEntry('A', { rcode: 0, answers: [a(`n${i}`, 60)], authorities: [] }, 300, 0, small)!);
+    expect(cache.stats().bytes).toBeLessThanOrEqual(2000);
+    expect(cache.stats().entries).toBe(3);
+    expect(cache.stats().evictions).toBe(7);
+    cache.set(cacheKey('huge', 'TXT'), cacheEntry('TXT', { rcode: 0, answers: [a('huge', 60)], authorities: [] }, 5000, 0, small)!);
+    expect(cache.get(cacheKey('huge', 'TXT'))).toBeUndefined();
+    expect(cache.stats().entries).toBe(3);
+  });
+
+  it('keeps only the SOA of a negative answer, and nothing of the authority section of a positive one', () => {
+    const ns: Answer = { type: 'NS', name: 'example.test', ttl: 300, data: 'ns.example.test' };
+    const negative = cacheEntry('A', { rcode: 3, answers: [], authorities: [ns, soa(60, 60)] }, 100, 0, limits)!;
+    expect(negative.authorities.map((r) => r.type)).toEqual(['SOA']);
+    const positive = cacheEntry('A', { rcode: 0, answers: [a('x', 60)], authorities: [ns] }, 100, 0, limits)!;
+    expect(positive.authorities).toEqual([]);
+  });
+});
