@@ -129,6 +129,7 @@ describe('egressctl', () => {
       EGD_NAME_LOOKUP: Exit.SystemError,
       EGD_NETLINK: Exit.SystemError,
       EGD_SOCKETS_NOT_CUT: Exit.SystemError,
+      EGD_RESOLVER_START: Exit.SystemError,
     });
     const err: string[] = [];
     const raced = new EgressError(ErrorCode.ConcurrentChange, 'another writer changed table inet egressd at the same time; this run changed nothing in force');
