@@ -30,6 +30,14 @@ export interface ExplainQuery {
   readonly proto?: Protocol;
   /** The packet's mark (the socket's SO_MARK); undefined: none. The resolver's upstream sockets carry `dns.mark`. */
   readonly mark?: number;
+  /**
+   * For an address: the names the running resolver learned it from (its
+   * memory). The kernel matches a name rule for an address while the
+   * rule's sets hold it, so each rule whose names cover one of these
+   * matches the address too — unless it spares shared addresses and one of
+   * the names is not its own.
+   */
+  readonly learnedNames?: readonly string[];
 }
 
 export type Level = 'loopback' | 'system-domain' | 'lockdown' | 'tor' | 'dns' | 'app' | 'global-deny' | 'default';
@@ -59,7 +67,8 @@ export type ExplainFacts = Pick<Facts, 'users' | 'groups' | 'subordinate' | 'mem
 export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts, options: { lockdown?: boolean } = {}): Explanation | { error: string } {
   const steps: string[] = [];
   const notes: string[] = [];
-  const target = classifyHost(query.host);
+  const classified = classifyHost(query.host);
+  const target = 'error' in classified ? classified : { ...classified, learned: query.learnedNames ?? [] };
   if ('error' in target) return target;
   if (target.note) notes.push(target.note);
   const belongs = membership(policy, query.who, facts);
@@ -254,6 +263,8 @@ interface Target {
   readonly loopback: boolean;
   /** Says how the address asked for became `ip`, when it did. */
   readonly note: string | undefined;
+  /** For an address: the names the resolver learned it from. */
+  readonly learned?: readonly string[];
 }
 
 /**
@@ -326,12 +337,25 @@ function destinationMatches(policy: Policy, rule: Rule, target: Target, notes?: 
   if (target.ip !== undefined) {
     const net = rule.to.networks.find((candidate) => networkContains(candidate, target.family!, target.ip!));
     if (net) return `${target.ip} is in ${net.address}/${net.prefix}`;
-    if (rule.to.names.length + rule.to.suffixes.length + rule.to.lists.length > 0) {
-      notes?.push(`${rule.id} also matches ${target.ip} while it is a recent DNS answer for one of the rule's names`);
-    }
+    if (rule.to.names.length + rule.to.suffixes.length + rule.to.lists.length === 0) return undefined;
+    const learned = target.learned ?? [];
+    const covered = learned.map((name) => ({ name, why: nameMatches(policy, rule, name) }));
+    const by = covered.find((c) => c.why !== undefined);
+    if (by && !(rule.sharedAddresses === 'spare' && covered.some((c) => c.why === undefined)))
+      return `${target.ip} was learned from ${by.name} (${by.why!}): the resolver put it in this rule's set`;
+    if (by)
+      notes?.push(
+        `${rule.id} spares ${target.ip}: it also answers ${covered.find((c) => c.why === undefined)!.name}, which the rule does not deny (sharedAddresses: spare)`,
+      );
+    else notes?.push(`${rule.id} also matches ${target.ip} while it is a recent DNS answer for one of the rule's names`);
     return undefined;
   }
   const name = target.name!;
+  return nameMatches(policy, rule, name, notes);
+}
+
+/** Says why a rule's names cover `name`, or returns undefined. */
+function nameMatches(policy: Policy, rule: Rule, name: string, notes?: string[]): string | undefined {
   const exact = rule.to.names.includes(name);
   if (exact) return `${name} is listed${rule.to.catalogueEntries.length ? ` (catalogue: ${catalogueFor(policy, rule, name)})` : ''}`;
   const suffix = rule.to.suffixes.find((s) => name === s || name.endsWith(`.${s}`));

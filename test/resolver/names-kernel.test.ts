@@ -220,9 +220,10 @@ apps:
     expect(await reach('203.0.113.30', user), 'nothing denies it yet').toMatchObject({ ok: true });
     expect((await dig('shared.tracker.test', user)).status).toBe('NXDOMAIN');
     expect(await reach('203.0.113.30', user), 'the deny holds for the shared address').toMatchObject({ ok: false });
-    const explained = await net.host.node(CLI, ['explain', dir, '--app', user, '--to', '203.0.113.30'], { env: env() });
-    expect(explained.stdout).toContain('shared.tracker.test');
-    expect(explained.stdout).toContain('good.example.test');
+    const explained = await net.host.node(CLI, ['explain', dir, '--app', `user:${user}`, '--to', '203.0.113.30:443/tcp'], { env: env() });
+    expect(explained.stderr).toContain('shared.tracker.test');
+    expect(explained.stderr).toContain('good.example.test');
+    expect(explained.stderr).toMatch(/^DENIED/);
 
     expect((await dig('fine.example.test', user)).addresses).toEqual(['203.0.113.31']);
     expect((await dig('spared.tracker.test', user)).status).toBe('NXDOMAIN');

@@ -127,15 +127,8 @@ not be looked up (the name service failed).`,
       ...(options.proto ? { proto: options.proto } : {}),
       ...(options.mark === undefined ? {} : { mark: options.mark === 'resolver' ? loaded.policy.dns.mark : options.mark }),
     };
-    const answer = explainPolicy(loaded.policy, query, facts, { lockdown: options.lockdown });
-    if ('error' in answer) {
-      deps.err(`egressctl explain: ${answer.error}`);
-      return Exit.BadInput;
-    }
-    const where = answer.at ? `${options.dir.replace(/\/+$/, '')}/${answer.at.file}:${answer.at.line}` : '(built in)';
-    // The id the kernel's log prefix and counters carry for this rule; loopback has none.
-    const shortId = ruleIdTable(loaded.policy, { lockdown: options.lockdown }).find((entry) => entry.ruleId === answer.ruleId)?.id ?? null;
-    // For an address, the names the running resolver learned it from, each judged as the same connection to that name would be.
+    // For an address, the names the running resolver learned it from, each judged as the same connection to that name would be;
+    // and the address judged as the kernel does: in the sets of the rules that name them.
     let learned: LearnedReport | null = null;
     if (deps.resolverSocket !== undefined && isIP(options.host.replace(/%.*$/, '')) !== 0) {
       learned = await learnedFrom(options.host, deps.resolverSocket, (name) => {
@@ -143,6 +136,16 @@ not be looked up (the name service failed).`,
         return 'error' in judged ? undefined : { verdict: judged.verdict, ruleId: judged.ruleId };
       });
     }
+    const answer = explainPolicy(loaded.policy, learned?.names.length ? { ...query, learnedNames: learned.names.map((n) => n.name) } : query, facts, {
+      lockdown: options.lockdown,
+    });
+    if ('error' in answer) {
+      deps.err(`egressctl explain: ${answer.error}`);
+      return Exit.BadInput;
+    }
+    const where = answer.at ? `${options.dir.replace(/\/+$/, '')}/${answer.at.file}:${answer.at.line}` : '(built in)';
+    // The id the kernel's log prefix and counters carry for this rule; loopback has none.
+    const shortId = ruleIdTable(loaded.policy, { lockdown: options.lockdown }).find((entry) => entry.ruleId === answer.ruleId)?.id ?? null;
     if (options.json) {
       deps.out(JSON.stringify({ ...answer, shortId, at: answer.at ? { ...answer.at, path: where } : null, ...(learned && { learnedFrom: learned }) }, null, 2));
     } else {
