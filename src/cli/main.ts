@@ -2,7 +2,7 @@
 import { gatherFacts } from '../system/facts.js';
 import { systemAudit } from '../system/audit.js';
 import { systemCapabilityProbe } from '../system/capability-probe.js';
-import { CONTROL_SOCKET } from '../resolver/control.js';
+import { controlSocketPath } from '../resolver/control.js';
 import { DEFAULT_STATE_DIR, Exit, type Deps } from './deps.js';
 import { main } from './egressctl.js';
 
@@ -17,7 +17,7 @@ const systemDeps: Deps = {
   stateDir: process.env['EGRESSD_STATE_DIR'] ?? DEFAULT_STATE_DIR,
   audit: systemAudit,
   capabilities: systemCapabilityProbe(),
-  resolverSocket: CONTROL_SOCKET,
+  resolverSocket: controlSocketPath(),
 };
 
 main(process.argv.slice(2), systemDeps).then(

@@ -1,6 +1,7 @@
-import { chmodSync, lstatSync, mkdirSync, rmSync } from 'node:fs';
+import { chmodSync, lstatSync, mkdirSync, rmSync, statSync } from 'node:fs';
 import { createConnection, createServer, isIP, type Server, type Socket } from 'node:net';
-import { dirname } from 'node:path';
+import { dirname, join } from 'node:path';
+import { LOCK_DIR } from '../enforce/lock.js';
 import { EgressError, ErrorCode } from '../errors.js';
 import { canonicalAddress, type AddressMemory, type LearnedName, type MemoryCounters } from './memory.js';
 
@@ -8,13 +9,26 @@ import { canonicalAddress, type AddressMemory, type LearnedName, type MemoryCoun
  * The running resolver's local control socket: `egressctl explain --to
  * ADDRESS` and `egressctl status` ask it which names an address was learned
  * from, and for its counters. A unix stream socket, root's alone (0600 in
- * /run/egressd), one JSON object per line each way. A request longer than
+ * /run/egressd/net-<inode of the network namespace>.resolver.sock), one JSON object per line each way. A request longer than
  * `maxRequestBytes` or that is not a request gets an error line, never a
  * crash; the client gives up after a short timeout and says the resolver is
  * not running, so the CLI never hangs on it.
  */
 
-export const CONTROL_SOCKET = '/run/egressd/resolver.sock';
+/**
+ * The control socket of the resolver of this process's network namespace:
+ * one resolver per table, like the enforcement lock (lock.ts), so that
+ * resolvers in other namespaces (containers, the tests) never meet.
+ */
+export function controlSocketPath(): string {
+  let netns: number | 'unknown' = 'unknown';
+  try {
+    netns = statSync('/proc/self/ns/net').ino;
+  } catch {
+    // Without /proc every resolver on the machine shares one path; a second one refuses to start while the first answers.
+  }
+  return join(LOCK_DIR, `net-${netns}.resolver.sock`);
+}
 export const MAX_REQUEST_BYTES = 4096;
 const MAX_UNREAD_REPLY_BYTES = 1 << 20;
 
@@ -87,7 +101,7 @@ export function answer(line: string, options: Pick<ControlServerOptions, 'memory
 }
 
 export async function startControlServer(options: ControlServerOptions): Promise<ControlServer> {
-  const path = options.path ?? CONTROL_SOCKET;
+  const path = options.path ?? controlSocketPath();
   const maxBytes = options.maxRequestBytes ?? MAX_REQUEST_BYTES;
   mkdirSync(dirname(path), { recursive: true, mode: 0o750 });
   await removeStaleSocket(path);
@@ -163,7 +177,7 @@ export type AskOutcome = { readonly running: true; readonly reply: ControlReply 
 
 /** Asks the running resolver; "not running" (and why, worded to follow "resolver ") instead of an error or a hang. */
 export function askResolver(request: ControlRequest, options: { path?: string; timeoutMs?: number } = {}): Promise<AskOutcome> {
-  const path = options.path ?? CONTROL_SOCKET;
+  const path = options.path ?? controlSocketPath();
   return new Promise((resolve) => {
     let settled = false;
     let received = Buffer.alloc(0);

@@ -1,6 +1,7 @@
 import { spawnSync } from 'node:child_process';
 import { rmSync, statSync } from 'node:fs';
-import { lockPathFor } from '../../src/enforce/lock.js';
+import { join } from 'node:path';
+import { LOCK_DIR, lockPathFor } from '../../src/enforce/lock.js';
 
 /**
  * Deletes a network namespace a test made, and the enforcement lock file
@@ -8,11 +9,16 @@ import { lockPathFor } from '../../src/enforce/lock.js';
  */
 export function deleteNamespace(ns: string): void {
   let lock: string | undefined;
+  let resolverSocket: string | undefined;
   try {
-    lock = lockPathFor(statSync(`/run/netns/${ns}`).ino);
+    const inode = statSync(`/run/netns/${ns}`).ino;
+    lock = lockPathFor(inode);
+    resolverSocket = join(LOCK_DIR, `net-${inode}.resolver.sock`);
   } catch {
     // No such namespace: nothing to remove.
   }
   spawnSync('ip', ['netns', 'del', ns]);
   if (lock) rmSync(lock, { force: true });
+  // Left by a resolver killed in it.
+  if (resolverSocket) rmSync(resolverSocket, { force: true });
 }
