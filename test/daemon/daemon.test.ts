@@ -37,7 +37,9 @@ describe.skipIf(skip)(`egressd daemon ${skip ? `(skipped: ${skip})` : ''}`, () =
 
   beforeAll(() => {
     spawnSync('ip', ['netns', 'add', ns]);
-    writeFileSync(join(dir, '00.yaml'), 'deny:\n  - to: [203.0.113.0/24]\n');
+    spawnSync('ip', ['-n', ns, 'link', 'set', 'lo', 'up']);
+    // An upstream nobody answers: the resolver's own answers (the DoH canary) need none.
+    writeFileSync(join(dir, '00.yaml'), 'deny:\n  - to: [203.0.113.0/24]\ndns: {upstreams: ["192.0.2.53"]}\n');
   });
   afterAll(() => {
     daemon?.kill('SIGKILL');
@@ -62,6 +64,14 @@ describe.skipIf(skip)(`egressd daemon ${skip ? `(skipped: ${skip})` : ''}`, () =
     expect(applied.digest?.slice(0, 32)).toBe(digest());
   });
 
+  it('runs the resolver once the policy is applied, which answers on its own address', async () => {
+    const ready = lines.find((l) => l.event === 'resolver-ready') ?? (await next('resolver-ready'));
+    expect(ready.level).toBe('info');
+    const dig = spawnSync('nsenter', [`--net=/run/netns/${ns}`, 'dig', '@127.0.0.153', '+tries=1', '+time=2', 'use-application-dns.net', 'A'], { encoding: 'utf8' });
+    expect(dig.stdout).toContain('status: NXDOMAIN');
+    expect(lines.some((l) => l.event === 'resolver-failed')).toBe(false);
+  });
+
   it('SIGHUP with a broken policy keeps the running table byte-identical and logs every error', async () => {
     const before = nft('-j', 'list', 'ruleset').stdout;
     writeFileSync(join(dir, '10-broken.yaml'), 'apps: {x: {identity: ghost}}\ndeny: [{to: [192.0.2.1/24]}]\n');
@@ -78,10 +88,15 @@ describe.skipIf(skip)(`egressd daemon ${skip ? `(skipped: ${skip})` : ''}`, () =
     unlinkSync(join(dir, '10-broken.yaml'));
     writeFileSync(join(dir, '10-more.yaml'), 'deny:\n  - to: ["2001:db8:bad::/48"]\n');
     const applied = next('applied');
+    const resolverUpdated = next('resolver-policy');
     daemon.kill('SIGHUP');
     await applied;
     expect(digest()).toBeDefined();
     expect(digest()).not.toBe(old);
+    // The resolver took the new policy without a restart.
+    await resolverUpdated;
+    expect(lines.filter((l) => l.event === 'resolver-ready')).toHaveLength(1);
+    expect(lines.some((l) => l.event === 'resolver-failed')).toBe(false);
   });
 
   it('SIGTERM stops egressd and leaves the rules in force', async () => {

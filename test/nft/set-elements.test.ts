@@ -119,6 +119,34 @@ describe.skipIf(skipReason !== null)('set element writer (libnftnl, in a namespa
     expect(elem('d4', '192.0.2.22')?.expires).toBeGreaterThanOrEqual(55);
   });
 
+  it('removes elements in one transaction, one that is not there being no error', async () => {
+    succeeded(
+      (
+        await write([
+          add(
+            { set: 'd4', address: '192.0.2.50', timeoutMs: 60_000 },
+            { set: 'd6', address: '2001:db8::50', timeoutMs: 60_000 },
+            { set: 'd4', address: '192.0.2.51', timeoutMs: 60_000 },
+          ),
+        ])
+      )[0],
+    );
+    const results = await write([
+      {
+        op: 'remove',
+        removals: [
+          { set: 'd4', address: '192.0.2.50' },
+          { set: 'd6', address: '2001:db8::50' },
+          { set: 'd4', address: '192.0.2.59' },
+        ],
+      },
+    ]);
+    results.forEach(succeeded);
+    expect(elem('d4', '192.0.2.50')).toBeUndefined();
+    expect(elem('d6', '2001:db8::50')).toBeUndefined();
+    expect(elem('d4', '192.0.2.51')).toBeDefined();
+  });
+
   it('lets an element expire', async () => {
     succeeded((await write([add({ set: 'd4', address: '192.0.2.30', timeoutMs: 1000 }, { set: 'd4', address: '192.0.2.31', timeoutMs: 60_000 })]))[0]);
     expect(elem('d4', '192.0.2.30')).toBeDefined();

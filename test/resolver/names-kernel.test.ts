@@ -72,11 +72,27 @@ describe.skipIf(unavailable)(`names in rules are enforced once the resolver answ
 
   beforeAll(async () => {
     users = ensureTestUsers();
-    net = await createTestNet({ inetAddrs: [AUTHORITY, '203.0.113.10', '203.0.113.11', '203.0.113.20', '203.0.113.30', '203.0.113.31', '203.0.113.40'] });
+    net = await createTestNet({
+      inetAddrs: [
+        AUTHORITY,
+        '203.0.113.10',
+        '203.0.113.11',
+        '203.0.113.12',
+        '203.0.113.13',
+        '203.0.113.20',
+        '203.0.113.30',
+        '203.0.113.31',
+        '203.0.113.32',
+        '203.0.113.40',
+        '2001:db8:1::10',
+      ],
+    });
     state = mkdtempSync(join(tmpdir(), 'egd-names-state-'));
     hosts = join(state, 'authority.hosts');
     setRecords([
       '203.0.113.10 api.example.test',
+      '2001:db8:1::10 api.example.test',
+      '203.0.113.13 new.example.test',
       `203.0.113.20 ${TRACKER}`,
       `203.0.113.40 sub.${TRACKER}`,
       '203.0.113.20 telemetry.example.test',
@@ -85,6 +101,8 @@ describe.skipIf(unavailable)(`names in rules are enforced once the resolver answ
       '203.0.113.30 shared.tracker.test',
       '203.0.113.31 fine.example.test',
       '203.0.113.31 spared.tracker.test',
+      '203.0.113.32 spared2.tracker.test',
+      '203.0.113.32 later.example.test',
     ]);
     authority = net.inet.spawn('dnsmasq', [
       '--keep-in-foreground',
@@ -100,6 +118,8 @@ describe.skipIf(unavailable)(`names in rules are enforced once the resolver answ
       // Short TTLs: expiry is part of what is tested.
       '--local-ttl=2',
       `--cname=alias.example.test,${TRACKER}`,
+      // A long TTL: what a re-apply must keep.
+      '--host-record=long.example.test,203.0.113.12,3600',
       '--user=root',
       '--pid-file=',
     ]);
@@ -114,14 +134,14 @@ lists:
   tracking: {file: lists/tracking.txt, format: plain}
 deny:
   - to: ["@tracking", "*.telemetry.example.test", "shared.tracker.test"]
-  - to: ["spared.tracker.test"]
+  - to: ["spared.tracker.test", "spared2.tracker.test"]
     sharedAddresses: spare
 apps:
   api:
     identity: {user: ${users.app2.name}}
     default: deny
     rules:
-      - allow: ["api.example.test"]
+      - allow: ["api.example.test", "long.example.test"]
         ports: [${web.port}]
         proto: tcp
   fan:
@@ -152,6 +172,9 @@ apps:
     expect(await reach('203.0.113.10', app), 'before any lookup').toMatchObject({ ok: false });
     expect(await dig('api.example.test', app)).toEqual({ status: 'NOERROR', addresses: ['203.0.113.10'] });
     expect(await reach('203.0.113.10', app), 'first connection after the lookup').toMatchObject({ ok: true });
+    expect(await reach('2001:db8:1::10', app), 'IPv6, before its lookup').toMatchObject({ ok: false });
+    expect(await dig('api.example.test', app, 'AAAA')).toEqual({ status: 'NOERROR', addresses: ['2001:db8:1::10'] });
+    expect(await reach('2001:db8:1::10', app), 'IPv6, after').toMatchObject({ ok: true });
     // TTL 2 s: the set element expires with it, and no lookup renews it.
     await until('the element of 203.0.113.10 expired', async () => !(await inSets('203.0.113.10')), { timeoutMs: 10_000, everyMs: 250 });
     expect(await reach('203.0.113.10', app), 'after expiry').toMatchObject({ ok: false });
@@ -228,5 +251,42 @@ apps:
     expect((await dig('fine.example.test', user)).addresses).toEqual(['203.0.113.31']);
     expect((await dig('spared.tracker.test', user)).status).toBe('NXDOMAIN');
     expect(await reach('203.0.113.31', user), 'the rule spares addresses shared with names it does not deny').toMatchObject({ ok: true });
+    // The other order: denied first, then an allowed name answers the same address, which the rule gives up.
+    expect((await dig('spared2.tracker.test', user)).status).toBe('NXDOMAIN');
+    expect(await reach('203.0.113.32', user), 'only a denied name answered it so far').toMatchObject({ ok: false });
+    expect((await dig('later.example.test', user)).addresses).toEqual(['203.0.113.32']);
+    expect(await reach('203.0.113.32', user), 'spared once a name the rule does not deny answers it').toMatchObject({ ok: true });
+  });
+
+  it('a re-apply keeps what was learned for names that still stand, and new names work without restarting the resolver', async () => {
+    const app = users.app2.name;
+    expect((await dig('long.example.test', app)).addresses).toEqual(['203.0.113.12']);
+    expect(await reach('203.0.113.12', app)).toMatchObject({ ok: true });
+    expect(await reach('203.0.113.13', app), 'not allowed yet').toMatchObject({ ok: false });
+    const setHolding = async (addr: string) => {
+      const listing = JSON.parse((await net.host.nft(['-j', 'list', 'sets', 'inet'])).stdout) as { nftables: { set?: { name: string } }[] };
+      const names = listing.nftables.flatMap((item) => (item.set ? [item.set.name] : [])).filter((name) => name.includes('_dns4'));
+      for (const name of names) if ((await net.host.nft(['list', 'set', 'inet', 'egressd', name])).stdout.includes(addr)) return name;
+      return undefined;
+    };
+    const before = await setHolding('203.0.113.12');
+    // The rule gains a name: its set is made anew (sets are named by the names that fill them).
+    const reloaded = printed(resolver, 'stdout', '"event":"resolver-reloaded"', 20_000);
+    writeFileSync(
+      join(dir, '00.yaml'),
+      readFileSync(join(dir, '00.yaml'), 'utf8').replace(
+        '["api.example.test", "long.example.test"]',
+        '["api.example.test", "long.example.test", "new.example.test"]',
+      ),
+    );
+    const applied = await net.host.node(CLI, ['apply', dir], { env: env() });
+    expect(applied.code, applied.stderr).toBe(0);
+    await reloaded;
+    const after = await setHolding('203.0.113.12');
+    expect(after).toBeDefined();
+    expect(after).not.toBe(before);
+    expect(await reach('203.0.113.12', app), 'learned before the re-apply, no lookup since').toMatchObject({ ok: true });
+    expect((await dig('new.example.test', app)).addresses).toEqual(['203.0.113.13']);
+    expect(await reach('203.0.113.13', app), 'a name the re-apply added').toMatchObject({ ok: true });
   });
 });

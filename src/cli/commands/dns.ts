@@ -1,5 +1,6 @@
 import { join } from 'node:path';
 import { EgressError, ErrorCode } from '../../errors.js';
+import { loadPolicyOrThrow } from '../../policy/load.js';
 import {
   DEFAULT_LISTEN,
   disableDns,
@@ -25,7 +26,7 @@ export interface DnsOptions {
 export const dns: Command<DnsOptions> = {
   name: 'dns',
   summary: "make egressd's resolver the machine's, or stop (enable|disable|status)",
-  help: `Usage: egressctl dns enable [--listen ADDR]… [--force] [--json] [--root DIR]
+  help: `Usage: egressctl dns enable [--listen ADDR]… | [--policy DIR] [--force] [--json] [--root DIR]
        egressctl dns disable [--force] [--json] [--root DIR]
        egressctl dns status [--json] [--root DIR]
 
@@ -77,15 +78,24 @@ egressd), 2 bad usage, 3 system error.`,
     const { values, positionals } = parseFlags(
       'dns',
       argv,
-      { listen: { type: 'string', multiple: true }, force: { type: 'boolean' }, json: { type: 'boolean' }, root: { type: 'string' } },
+      {
+        listen: { type: 'string', multiple: true },
+        policy: { type: 'string' },
+        force: { type: 'boolean' },
+        json: { type: 'boolean' },
+        root: { type: 'string' },
+      },
       1,
     );
     const usage = (message: string) => new EgressError(ErrorCode.Usage, `egressctl dns: ${message}`, { details: ['see: egressctl dns --help'] });
     const action = positionals[0];
     if (action !== 'enable' && action !== 'disable' && action !== 'status') throw usage('say "enable", "disable" or "status"');
-    if (values.listen && action !== 'enable') throw usage('--listen goes with enable');
+    if ((values.listen || values.policy) && action !== 'enable') throw usage('--listen and --policy go with enable');
+    if (values.listen && values.policy) throw usage('--listen or --policy, not both');
+    // The addresses the policy tells egressd's resolver to listen on: what the machine must point at.
+    const listen = values.policy === undefined ? values.listen : loadPolicyOrThrow(values.policy).policy.dns.listen;
     if (values.force && action === 'status') throw usage('--force goes with enable or disable');
-    return { action, listen: values.listen ?? DEFAULT_LISTEN, force: values.force === true, json: values.json === true, root: values.root };
+    return { action, listen: listen ?? DEFAULT_LISTEN, force: values.force === true, json: values.json === true, root: values.root };
   },
 
   run(options, deps) {

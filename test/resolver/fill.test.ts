@@ -1,0 +1,111 @@
+import { describe, expect, it } from 'vitest';
+import type { DnsBinding } from '../../src/compile/compile.js';
+import type { ElementRemoval, ElementWrite } from '../../src/nft/set-elements.js';
+import { cnameChain, SetFiller, type FillView } from '../../src/resolver/fill.js';
+import { AddressMemory } from '../../src/resolver/memory.js';
+import type { AnswerRecord } from '../../src/resolver/server.js';
+
+/** What the table learns from answers, against a recording writer and a clock the test moves. */
+function binding(ruleId: string, names: string[], extra: Partial<DnsBinding> = {}): DnsBinding {
+  return { ruleId, verdict: 'deny', names, suffixes: [], lists: [], set4: `${ruleId}_dns4`, set6: `${ruleId}_dns6`, ...extra };
+}
+
+function setup(bindings: DnsBinding[], live: Record<string, string[]> = {}) {
+  let now = 1_000_000;
+  const writes: ElementWrite[][] = [];
+  const removals: ElementRemoval[][] = [];
+  const memory = new AddressMemory({ now: () => now });
+  const view: FillView = {
+    bindings,
+    bindingsFor: (chain) => bindings.flatMap((b, i) => (chain.some((name) => b.names.includes(name)) ? [i] : [])),
+    liveNames: new Map(bindings.flatMap((b) => [b.set4, b.set6].map((set) => [set, live[set] ?? [`${set}.0123456789abcdef`]]))),
+    ttlFloor: 60,
+    ttlCap: 3600,
+  };
+  const filler = new SetFiller(
+    view,
+    {
+      add: (w) => (writes.push([...w]), Promise.resolve()),
+      remove: (r) => (removals.push([...r]), Promise.resolve()),
+    },
+    memory,
+    () => now,
+  );
+  const answer = async (question: string, records: AnswerRecord[]) => {
+    memory.rememberAnswer(question, records);
+    await filler.learn({ name: question, type: 'A' }, records);
+  };
+  return { filler, writes, removals, answer, tick: (ms: number) => (now += ms), view };
+}
+
+const a = (name: string, data: string, ttl = 300): AnswerRecord => ({ name, type: 'A', ttl, data });
+const cname = (name: string, data: string, ttl = 300): AnswerRecord => ({ name, type: 'CNAME', ttl, data });
+
+describe('what an answer teaches the table', () => {
+  it('follows the CNAME chain from the question, and stops at a loop', () => {
+    expect(
+      cnameChain({ name: 'a.example', type: 'A' }, [
+        cname('a.example', 'b.cdn.example'),
+        cname('b.cdn.example', 'c.cdn.example'),
+        a('c.cdn.example', '192.0.2.1'),
+      ]),
+    ).toEqual(['a.example', 'b.cdn.example', 'c.cdn.example']);
+    expect(cnameChain({ name: 'x.example', type: 'A' }, [cname('x.example', 'y.example'), cname('y.example', 'x.example')])).toEqual([
+      'x.example',
+      'y.example',
+    ]);
+  });
+
+  it('puts an address into the set of every rule naming any name of its chain, with the TTL held within floor and cap, in every live set of that name', async () => {
+    const { writes, answer } = setup([binding('r1', ['a.example']), binding('r2', ['edge.cdn.example']), binding('r3', ['other.example'])], {
+      r2_dns4: ['r2_dns4.aaaa', 'r2_dns4.bbbb'],
+    });
+    await answer('a.example', [cname('a.example', 'edge.cdn.example'), a('edge.cdn.example', '192.0.2.7', 5)]);
+    expect(writes).toHaveLength(1);
+    expect(writes[0]!.map((w) => [w.set, w.address, w.timeoutMs])).toEqual([
+      ['r1_dns4.0123456789abcdef', '192.0.2.7', 60_000],
+      ['r2_dns4.aaaa', '192.0.2.7', 60_000],
+      ['r2_dns4.bbbb', '192.0.2.7', 60_000],
+    ]);
+    await answer('other.example', [a('other.example', '192.0.2.8', 100_000)]);
+    expect(writes[1]!.map((w) => w.timeoutMs)).toEqual([3_600_000]);
+  });
+
+  it('skips a write the kernel does not need (a warm cache) and renews an element before it would run out', async () => {
+    const { writes, answer, tick } = setup([binding('r1', ['a.example'])]);
+    await answer('a.example', [a('a.example', '192.0.2.7', 300)]);
+    tick(10_000);
+    // The cache hands out what is left of the TTL: the element outlives it.
+    await answer('a.example', [a('a.example', '192.0.2.7', 290)]);
+    expect(writes).toHaveLength(1);
+    tick(200_000);
+    // A new answer from upstream would outlive the element: renewed.
+    await answer('a.example', [a('a.example', '192.0.2.7', 300)]);
+    expect(writes).toHaveLength(2);
+  });
+
+  it('a sparing rule leaves out an address that also answers a name it does not deny, and takes it out again', async () => {
+    const { writes, removals, answer } = setup([binding('r1', ['tracker.example'], { sharedAddresses: 'spare' }), binding('r2', ['ads.example'])]);
+    await answer('page.example', [a('page.example', '192.0.2.9')]);
+    await answer('tracker.example', [a('tracker.example', '192.0.2.9')]);
+    expect(writes).toEqual([]);
+    await answer('tracker.example', [a('tracker.example', '192.0.2.10')]);
+    await answer('ads.example', [a('ads.example', '192.0.2.10')]);
+    expect(writes.flat().map((w) => [w.set.split('.')[0], w.address])).toEqual([
+      ['r1_dns4', '192.0.2.10'],
+      ['r2_dns4', '192.0.2.10'],
+    ]);
+    // ads.example is denied too, but not by r1: r1 spares the address, r2 (which does not spare) keeps it.
+    expect(removals).toEqual([[{ set: 'r1_dns4.0123456789abcdef', address: '192.0.2.10' }]]);
+  });
+
+  it('after a re-apply, puts what it remembers into sets made anew', async () => {
+    const { filler, writes, answer, view } = setup([binding('r1', ['a.example'])]);
+    await answer('a.example', [a('a.example', '192.0.2.7', 300)]);
+    const memory = new AddressMemory();
+    memory.rememberAnswer('a.example', [a('a.example', '192.0.2.7', 300)]);
+    filler.update({ ...view, liveNames: new Map([['r1_dns4', ['r1_dns4.ffff']]]) });
+    expect(await filler.relearn(memory.chains())).toBe(1);
+    expect(writes.at(-1)!.map((w) => w.set)).toEqual(['r1_dns4.ffff']);
+  });
+});
