@@ -67,7 +67,9 @@ describe.skipIf(skip)(`egressd daemon ${skip ? `(skipped: ${skip})` : ''}`, () =
   it('runs the resolver once the policy is applied, which answers on its own address', async () => {
     const ready = lines.find((l) => l.event === 'resolver-ready') ?? (await next('resolver-ready'));
     expect(ready.level).toBe('info');
-    const dig = spawnSync('nsenter', [`--net=/run/netns/${ns}`, 'dig', '@127.0.0.153', '+tries=1', '+time=2', 'use-application-dns.net', 'A'], { encoding: 'utf8' });
+    const dig = spawnSync('nsenter', [`--net=/run/netns/${ns}`, 'dig', '@127.0.0.153', '+tries=1', '+time=2', 'use-application-dns.net', 'A'], {
+      encoding: 'utf8',
+    });
     expect(dig.stdout).toContain('status: NXDOMAIN');
     expect(lines.some((l) => l.event === 'resolver-failed')).toBe(false);
   });
