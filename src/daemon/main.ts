@@ -17,7 +17,7 @@ import { applyPolicy, type EnforcerDeps } from '../enforce/enforcer.js';
 import { isEgressError } from '../errors.js';
 import { openNft } from '../nft/open.js';
 import { loadPolicyOrThrow } from '../policy/load.js';
-import { readLiveNames, startResolverRuntime, type InForce, type ResolverRuntime } from '../resolver/runtime.js';
+import { dnsSetsInForce, readLiveTable, startResolverRuntime, type InForce, type ResolverRuntime } from '../resolver/runtime.js';
 import { systemAudit } from '../system/audit.js';
 import { gatherFacts } from '../system/facts.js';
 
@@ -159,8 +159,9 @@ async function resolverAlone(dir: string, stateDir: string): Promise<number> {
   const load = async (): Promise<InForce & { marker: string | undefined }> => {
     const { policy } = loadPolicyOrThrow(dir);
     const facts = gatherFacts(factsNeeded(policy));
-    const live = await readLiveNames(nft);
-    return { policy, facts, compiled: compile(policy, facts), liveNames: live.names, marker: live.marker };
+    const live = await readLiveTable(nft);
+    const compiled = compile(policy, facts);
+    return { policy, facts, compiled, liveNames: dnsSetsInForce(compiled, live.sets), marker: live.marker };
   };
   let inForce = await load();
   if (inForce.marker === undefined) log.warn({ event: 'no-table' }, 'no egressd table in force: answers teach the kernel nothing until one is applied');
@@ -179,9 +180,15 @@ async function resolverAlone(dir: string, stateDir: string): Promise<number> {
       reloading = false;
     }
   };
+  // An apply is followed once: a policy that does not load is not loaded again every second, only at the next apply or SIGHUP.
+  let followed = inForce.marker;
   const follow = setInterval(() => {
-    void readLiveNames(nft).then(
-      (live) => (live.marker !== inForce.marker ? reload('table changed') : undefined),
+    void readLiveTable(nft).then(
+      (live) => {
+        if (live.marker === followed) return;
+        followed = live.marker;
+        return reload('table changed');
+      },
       (error: unknown) => log.warn({ event: 'resolver-table-unreadable', error: describe(error) }, 'resolver: could not read the table'),
     );
   }, FOLLOW_TABLE_MS);

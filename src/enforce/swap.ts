@@ -86,6 +86,16 @@ function contentName(set: SetDecl, salt = ''): string {
 }
 
 /**
+ * The names a compiled set can have in the table: the one its contents give
+ * it, or that name salted with a generation (withGeneration's `avoid`).
+ * A set of another name is another set — for the resolver, another rule's,
+ * whatever its base name says — and is never written as this one.
+ */
+export function liveSetNames(set: SetDecl): readonly string[] {
+  return [contentName(set), contentName(set, 'a'), contentName(set, 'b')];
+}
+
+/**
  * Each apply adds an empty chain named `applied_<random>.<generation>` with
  * its generation: the table's names then say which apply left it, so that
  * names alone (cheap to list) can tell whether the table is still exactly as

@@ -11,12 +11,12 @@
  */
 import type { Logger } from 'pino';
 import { TABLE, type Compiled, type Facts } from '../compile/compile.js';
-import { isApplyMarker, parseLiveName } from '../enforce/swap.js';
+import { isApplyMarker, liveSetNames } from '../enforce/swap.js';
 
 import type { Nft } from '../nft/client.js';
 import { setWriteRefusal } from '../errors.js';
 import { createBatchingWriter, openSetElementWriter, type BatchingWriter } from '../nft/set-elements.js';
-import type { Policy } from '../policy/model.js';
+import type { DnsSettings, Policy } from '../policy/model.js';
 import { startControlServer, type ControlServer } from './control.js';
 import { buildDecider, type Decider } from './decide.js';
 import { SetFiller, type FillView } from './fill.js';
@@ -49,7 +49,7 @@ export interface ResolverRuntimeOptions {
 export interface ResolverRuntime {
   readonly resolver: Resolver;
   readonly upstreams: readonly string[];
-  /** The policy now in force (after an apply). Upstreams and listen addresses are read at start only. */
+  /** The policy now in force (after an apply); new listen addresses, upstreams or mark restart the server. */
   update(inForce: InForce): Promise<void>;
   /** The table's set names changed under us (an apply by someone else): read them again. */
   refreshLiveNames(): Promise<void>;
@@ -57,28 +57,41 @@ export interface ResolverRuntime {
   close(): Promise<void>;
 }
 
-/** Compiled set name → every live set of that name (two while an apply is between its switch and its clean-up), and the apply marker in force. */
-export async function readLiveNames(nft: Nft): Promise<{ names: Map<string, string[]>; marker: string | undefined }> {
+/** The sets in the live table and the apply marker in force, by name only (milliseconds: no element is read). */
+export async function readLiveTable(nft: Nft): Promise<{ sets: ReadonlySet<string>; marker: string | undefined }> {
   const listed = await nft.listNames(TABLE.family, TABLE.name);
+  return { sets: new Set(listed?.sets.map((set) => set.name)), marker: listed?.chains.map((c) => c.name).find(isApplyMarker) };
+}
+
+/**
+ * Each DNS set of `compiled` → the live sets that are exactly it: named by
+ * its contents, which include the names that fill it and the rule's
+ * verdict. Never by its base name alone, which is only its rule's place: if
+ * the table was applied from another policy (another directory, an edit not
+ * applied yet), `a_app_3_dns4` may be another rule's — an allow where this
+ * policy has a deny — and an answer must not go there.
+ */
+export function dnsSetsInForce(compiled: Compiled, liveSets: ReadonlySet<string>): Map<string, string[]> {
+  const wanted = new Set(compiled.dnsBindings.flatMap((b) => [b.set4, b.set6]));
   const names = new Map<string, string[]>();
-  for (const set of listed?.sets ?? []) {
-    const { base } = parseLiveName(set.name);
-    const known = names.get(base);
-    if (known) known.push(set.name);
-    else names.set(base, [set.name]);
+  for (const set of compiled.ruleset.sets) {
+    if (!wanted.has(set.name)) continue;
+    const live = liveSetNames(set).filter((name) => liveSets.has(name));
+    if (live.length > 0) names.set(set.name, live);
   }
-  return { names, marker: listed?.chains.map((c) => c.name).find(isApplyMarker) };
+  return names;
 }
 
 interface State {
+  readonly compiled: Compiled;
   readonly decider: Decider;
   readonly view: FillView;
 }
 
 export async function startResolverRuntime(first: InForce, options: ResolverRuntimeOptions): Promise<ResolverRuntime> {
   const { nft, log } = options;
-  const dns = first.policy.dns;
-  const upstreams = dns.upstreams ?? discovered(options, dns.listen, log);
+  let dns = first.policy.dns;
+  let upstreams = dns.upstreams ?? discovered(options, dns.listen, log);
   const memory = new AddressMemory();
   let writer: BatchingWriter | undefined;
   let who: WhoAsks | undefined;
@@ -90,7 +103,10 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
     const build = async (inForce: InForce): Promise<State> => {
       const started = performance.now();
       const decider = buildDecider(inForce.policy, inForce.compiled.dnsBindings, inForce.facts, inForce.policy.dns);
-      const liveNames = inForce.liveNames ?? (await readLiveNames(nft)).names;
+      const liveNames = inForce.liveNames ?? dnsSetsInForce(inForce.compiled, (await readLiveTable(nft)).sets);
+      const missing = inForce.compiled.dnsBindings.length * 2 - liveNames.size;
+      // A policy other than the table's: its rules with names teach the table nothing until it is applied.
+      if (missing > 0) log.warn({ event: 'resolver-sets-missing', sets: missing }, 'resolver: some name sets of the policy are not in the table in force');
       const view: FillView = {
         bindings: inForce.compiled.dnsBindings,
         bindingsFor: (chain) => decider.bindingsFor(chain),
@@ -102,7 +118,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
         { event: 'resolver-policy', rules: view.bindings.length, listLoadMs: Math.round(performance.now() - started) },
         'resolver: names of the policy in force indexed',
       );
-      return { decider, view };
+      return { compiled: inForce.compiled, decider, view };
     };
     let state = await build(first);
     const filler = new SetFiller(state.view, writer, memory);
@@ -118,34 +134,66 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
         await filler.learn(question, records);
       }
     };
-    resolver = await startResolver<Who>({
-      listen: dns.listen,
-      ...(options.port === undefined ? {} : { port: options.port }),
-      upstreams,
-      mark: dns.mark,
-      hooks: {
-        identify,
-        admit: (asker, question) => state.decider.admit(asker, question),
-        learn,
-        shape: (asker, question, chain) => state.decider.shape(asker, question, chain),
-      },
-      onError: (error) => log.error({ event: 'resolver-error', error: String(error) }, 'resolver: unexpected error; answering goes on'),
-    });
+    const serve = (settings: DnsSettings, servers: readonly string[]): Promise<Resolver> =>
+      startResolver<Who>({
+        listen: settings.listen,
+        ...(options.port === undefined ? {} : { port: options.port }),
+        upstreams: servers,
+        mark: settings.mark,
+        hooks: {
+          identify,
+          admit: (asker, question) => state.decider.admit(asker, question),
+          learn,
+          shape: (asker, question, chain) => state.decider.shape(asker, question, chain),
+        },
+        onError: (error) => log.error({ event: 'resolver-error', error: String(error) }, 'resolver: unexpected error; answering goes on'),
+        // One local user cannot take every query slot (names whose servers never answer hold one for 2.5 s each).
+        askerKey: (asker) => String(asker.uid),
+      });
+    resolver = await serve(dns, upstreams);
+    let listening = true;
     const counters = (): Record<string, number> => ({ ...resolver!.stats(), ...filler.counters, ...prefixed('memory', memory.counters()) });
     if (options.controlSocket !== false) {
       control = await startControlServer({ memory, counters, ...(options.controlSocket === undefined ? {} : { path: options.controlSocket }) });
     }
     const runtime: ResolverRuntime = {
-      resolver,
-      upstreams,
+      get resolver() {
+        return resolver!;
+      },
+      get upstreams() {
+        return upstreams;
+      },
       async update(inForce) {
         state = await build(inForce);
         filler.update(state.view);
+        const next = inForce.policy.dns;
+        const nextUpstreams = next.upstreams ?? discovered(options, next.listen, log);
+        if (!listening || JSON.stringify([next.listen, nextUpstreams, next.mark]) !== JSON.stringify([dns.listen, upstreams, dns.mark])) {
+          // Where it listens, whom it asks and with which mark are the sockets' own: new sockets, a moment without an answer.
+          await resolver!.close();
+          listening = false;
+          try {
+            resolver = await serve(next, nextUpstreams);
+            listening = true;
+            [dns, upstreams] = [next, nextUpstreams];
+            log.info({ event: 'resolver-ready', listen: resolver.addresses, upstreams }, `resolver: answering on ${dns.listen.join(', ')}`);
+          } catch (error) {
+            // Back to what answered before; should that fail too, the next update tries again (`resolver` is closed, never half-open).
+            resolver = await serve(dns, upstreams).then(
+              (previous) => ((listening = true), previous),
+              (again: unknown) => {
+                log.error({ event: 'resolver-failed', error: String(again) }, 'resolver: could not listen again with the previous settings');
+                return resolver!;
+              },
+            );
+            throw error;
+          }
+        }
         const relearned = await filler.relearn(memory.chains());
         if (relearned > 0) log.info({ event: 'resolver-relearned', elements: relearned }, 'resolver: remembered addresses put into the new sets');
       },
       async refreshLiveNames() {
-        const { names } = await readLiveNames(nft);
+        const names = dnsSetsInForce(state.compiled, (await readLiveTable(nft)).sets);
         state = { ...state, view: { ...state.view, liveNames: names } };
         filler.update(state.view);
       },
