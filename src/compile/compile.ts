@@ -125,7 +125,7 @@ export interface DnsBinding {
   readonly lists: readonly string[];
   readonly set4: string;
   readonly set6: string;
-  /** Deny bindings: whether an address shared with a name the same identity may reach is denied ('deny') or spared (Rule.sharedAddresses). */
+  /** Deny bindings: whether a learned address that also answers a name this rule does not deny is denied ('deny') or spared (Rule.sharedAddresses; src/resolver/fill.ts). */
   readonly sharedAddresses?: 'deny' | 'spare';
 }
 
@@ -517,19 +517,22 @@ class Compiler {
    *
    * Every packet that gets here pays one rule: the protocol and the
    * destination port, each a load and a lookup in a two-element constant
-   * set (which nft keeps as a bitmap); the mark is read only for packets to
-   * those ports. Without `exclusive`, one rule tests the mark first.
+   * set (which nft keeps as a bitmap); the mark and the socket's uid are
+   * read only for packets to those ports. Without `exclusive`, one rule
+   * tests the mark first.
    */
   private dnsRules(): RuleDecl[] {
     const { dns } = this.policy;
-    const mark = match.mark(`0x${dns.mark.toString(16).padStart(8, '0')}`);
+    // The mark alone is not the resolver: since Linux 5.17 CAP_NET_RAW lets a socket carry any mark, and a
+    // program with that capability (mtr-packet, a ping) runs as its user. The resolver's sockets are root's.
+    const mark = [match.mark(`0x${dns.mark.toString(16).padStart(8, '0')}`), match.skuid(0)];
     // Declared at the end (run), after the policy's own sets, unless a rule of the policy declared them first.
     const ports = [match.l4proto(`@${DNS_PROTOCOLS_SET}`), match.dport(`@${DNS_PORTS_SET}`)];
     const resolver = this.tagged(undefined, DNS_RESOLVER_RULE, ": the resolver's own queries");
-    if (!dns.exclusive) return [rule([mark, ...ports, stmt.counter(), verdict.accept()], resolver)];
+    if (!dns.exclusive) return [rule([...mark, ...ports, stmt.counter(), verdict.accept()], resolver)];
     this.chains.push({
       name: 'dns_egress',
-      rules: [rule([mark, stmt.counter(), verdict.accept()], resolver), ...this.denyTail(DNS_EXCLUSIVE_RULE, undefined, true)],
+      rules: [rule([...mark, stmt.counter(), verdict.accept()], resolver), ...this.denyTail(DNS_EXCLUSIVE_RULE, undefined, true)],
     });
     return [rule([...ports, verdict.goto('dns_egress')], this.tagged(undefined, DNS_EXCLUSIVE_RULE, ': DNS, DNS-over-TLS and DNS-over-QUIC'))];
   }

@@ -31,13 +31,13 @@ export interface ExplainQuery {
   /** The packet's mark (the socket's SO_MARK); undefined: none. The resolver's upstream sockets carry `dns.mark`. */
   readonly mark?: number;
   /**
-   * For an address: the names the running resolver learned it from (its
-   * memory). The kernel matches a name rule for an address while the
-   * rule's sets hold it, so each rule whose names cover one of these
-   * matches the address too — unless it spares shared addresses and one of
-   * the names is not its own.
+   * For an address: the CNAME chains (question first) the running resolver
+   * learned it from (its memory). The kernel matches a name rule for an
+   * address while the rule's sets hold it, so each rule whose names cover a
+   * name of one of these chains matches the address too — unless it spares
+   * shared addresses and another chain has no name of its (fill.ts).
    */
-  readonly learnedNames?: readonly string[];
+  readonly learnedChains?: readonly (readonly string[])[];
 }
 
 export type Level = 'loopback' | 'system-domain' | 'lockdown' | 'tor' | 'dns' | 'app' | 'global-deny' | 'default';
@@ -68,7 +68,7 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   const steps: string[] = [];
   const notes: string[] = [];
   const classified = classifyHost(query.host);
-  const target = 'error' in classified ? classified : { ...classified, learned: query.learnedNames ?? [] };
+  const target = 'error' in classified ? classified : { ...classified, learned: query.learnedChains ?? [] };
   if ('error' in target) return target;
   if (target.note) notes.push(target.note);
   const belongs = membership(policy, query.who, facts);
@@ -169,7 +169,7 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   }
   if (policy.tor.enabled) steps.push('tor: not an updater');
 
-  const dns = dnsDecision(policy, query, steps, notes);
+  const dns = dnsDecision(policy, query, facts, steps, notes);
   if (dns) return decide(dns.verdict, 'dns', dns.ruleId, undefined);
 
   const app = firstByDispatchOrder(policy, query.who, facts, true);
@@ -226,11 +226,21 @@ export function placeAsker(policy: Policy, who: Who, facts: ExplainFacts): Asker
  * the resolver's marked packets pass; with `dns.exclusive` everyone else's
  * are dropped, whatever their app or the default says.
  */
-function dnsDecision(policy: Policy, query: ExplainQuery, steps: string[], notes: string[]): { verdict: 'allow' | 'deny'; ruleId: string } | undefined {
+function dnsDecision(
+  policy: Policy,
+  query: ExplainQuery,
+  facts: ExplainFacts,
+  steps: string[],
+  notes: string[],
+): { verdict: 'allow' | 'deny'; ruleId: string } | undefined {
   const { dns } = policy;
   const proto = query.proto ?? (query.port !== undefined ? 'tcp' : undefined);
   const ports = DNS_PORTS.join(' and ');
-  const marked = query.mark !== undefined && query.mark >>> 0 === dns.mark;
+  // The mark and root's socket, as the resolver's are: CAP_NET_RAW alone lets a socket carry any mark (Linux 5.17), and a tool with it keeps its user's uid.
+  const user = whoUser(query.who);
+  const marked = query.mark !== undefined && query.mark >>> 0 === dns.mark && user !== undefined && (user === 'root' || idOf(user, facts.users) === 0);
+  if (query.mark !== undefined && query.mark >>> 0 === dns.mark && !marked)
+    notes.push(`the resolver's mark passes only on root's sockets (egressd's resolver runs as root); give --app user:root to see them`);
   if (proto === 'icmp') return undefined;
   if (query.port === undefined || proto === undefined) {
     if (dns.exclusive && !marked)
@@ -240,7 +250,7 @@ function dnsDecision(policy: Policy, query: ExplainQuery, steps: string[], notes
   if (!DNS_PORTS.includes(query.port)) return undefined;
   if (marked) {
     steps.push(
-      `dns: port ${query.port}/${proto} with the resolver's mark 0x${dns.mark.toString(16)}: the resolver's own queries leave, whatever the rules below say`,
+      `dns: port ${query.port}/${proto} from root with the resolver's mark 0x${dns.mark.toString(16)}: the resolver's own queries leave, whatever the rules below say`,
     );
     return { verdict: 'allow', ruleId: DNS_RESOLVER_RULE };
   }
@@ -263,8 +273,8 @@ interface Target {
   readonly loopback: boolean;
   /** Says how the address asked for became `ip`, when it did. */
   readonly note: string | undefined;
-  /** For an address: the names the resolver learned it from. */
-  readonly learned?: readonly string[];
+  /** For an address: the chains of names the resolver learned it from. */
+  readonly learned?: readonly (readonly string[])[];
 }
 
 /**
@@ -338,15 +348,19 @@ function destinationMatches(policy: Policy, rule: Rule, target: Target, notes?: 
     const net = rule.to.networks.find((candidate) => networkContains(candidate, target.family!, target.ip!));
     if (net) return `${target.ip} is in ${net.address}/${net.prefix}`;
     if (rule.to.names.length + rule.to.suffixes.length + rule.to.lists.length === 0) return undefined;
-    const learned = target.learned ?? [];
-    const covered = learned.map((name) => ({ name, why: nameMatches(policy, rule, name) }));
+    const covered = (target.learned ?? []).map((chain) => {
+      for (const name of chain) {
+        const why = nameMatches(policy, rule, name);
+        if (why !== undefined) return { chain, why };
+      }
+      return { chain, why: undefined };
+    });
     const by = covered.find((c) => c.why !== undefined);
-    if (by && !(rule.sharedAddresses === 'spare' && covered.some((c) => c.why === undefined)))
-      return `${target.ip} was learned from ${by.name} (${by.why!}): the resolver put it in this rule's set`;
-    if (by)
-      notes?.push(
-        `${rule.id} spares ${target.ip}: it also answers ${covered.find((c) => c.why === undefined)!.name}, which the rule does not deny (sharedAddresses: spare)`,
-      );
+    const other = covered.find((c) => c.why === undefined);
+    if (by && !(rule.sharedAddresses === 'spare' && other))
+      return `${target.ip} was learned from ${by.chain.join(' > ')} (${by.why}): the resolver put it in this rule's set`;
+    if (by && other)
+      notes?.push(`${rule.id} spares ${target.ip}: it also answers ${other.chain.join(' > ')}, which the rule does not deny (sharedAddresses: spare)`);
     else notes?.push(`${rule.id} also matches ${target.ip} while it is a recent DNS answer for one of the rule's names`);
     return undefined;
   }

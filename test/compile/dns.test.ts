@@ -72,7 +72,7 @@ describe('dns.exclusive: only the resolver sends DNS off the host', () => {
     const chain = compiled.ruleset.chains.find((c) => c.name === 'dns_egress')!.rules.map(ruleText);
     const drop = shortId(compiled, 'dns/exclusive');
     expect(chain).toEqual([
-      `meta mark 0x45444e53 counter accept comment "${shortId(compiled, 'dns/resolver')} dns/resolver: the resolver's own queries"`,
+      `meta mark 0x45444e53 meta skuid 0 counter accept comment "${shortId(compiled, 'dns/resolver')} dns/resolver: the resolver's own queries"`,
       `limit rate 10/second burst 20 packets log prefix "egd ${drop} " group 7745 comment "${drop} dns/exclusive"`,
       `counter drop comment "${drop} dns/exclusive"`,
     ]);
@@ -92,6 +92,8 @@ describe('dns.exclusive: only the resolver sends DNS off the host', () => {
       expect(both(ALLOW_ALL, { l4proto, dport, skuid: 4321 })).toEqual({ kernel: 'drop dns_egress', explain: 'deny dns dns/exclusive' });
       // A mark that is not the resolver's is nobody's.
       expect(both(ALLOW_ALL, { l4proto, dport, mark: 7 })).toEqual({ kernel: 'drop dns_egress', explain: 'deny dns dns/exclusive' });
+      // Nor is the resolver's mark on a socket that is not root's: CAP_NET_RAW alone sets any mark (Linux 5.17), and mtr-packet has it.
+      expect(both(ALLOW_ALL, { l4proto, dport, mark: MARK, skuid: 4321 })).toEqual({ kernel: 'drop dns_egress', explain: 'deny dns dns/exclusive' });
     }
     // Other ports and protocols are the app's to decide.
     expect(both(ALLOW_ALL, { dport: 5353 })).toEqual({ kernel: 'accept app_everything', explain: 'allow app app/everything/0' });
@@ -121,7 +123,7 @@ describe('dns.exclusive: only the resolver sends DNS off the host', () => {
       .ruleset.chains.find((c) => c.name === 'output')!
       .rules.map(ruleText);
     expect(rules.filter((text) => text.includes('dns/'))).toEqual([
-      `meta mark 0x45444e53 meta l4proto @proto_tcp_udp th dport @ports_53_853 counter accept comment "${shortId(compileYaml(open), 'dns/resolver')} dns/resolver: the resolver's own queries"`,
+      `meta mark 0x45444e53 meta skuid 0 meta l4proto @proto_tcp_udp th dport @ports_53_853 counter accept comment "${shortId(compileYaml(open), 'dns/resolver')} dns/resolver: the resolver's own queries"`,
     ]);
     expect(compileYaml(open).ruleset.chains.map((c) => c.name)).not.toContain('dns_egress');
   });

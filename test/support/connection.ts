@@ -23,6 +23,8 @@ export const arbConnection: fc.Arbitrary<Connection> = fc
     who: fc.oneof(
       fc.constantFrom<Who>(
         { kind: 'user', user: 'alice' },
+        // Root, as the resolver runs: only its sockets pass with the resolver's mark.
+        { kind: 'user', user: 0 },
         { kind: 'user', user: 1000 },
         { kind: 'user', user: 4242 },
         { kind: 'user', user: 'vault' },
@@ -47,7 +49,7 @@ export const arbConnection: fc.Arbitrary<Connection> = fc
             'user.slice/user-1000.slice/session-2.scope/x',
             'user.slice/user-1000.slice/user@1000.service/app.slice/app-firefox-1.scope/sub',
           ),
-          user: fc.constantFrom(undefined, 'alice', 1000, 4242, 'vault', 'debian-tor'),
+          user: fc.constantFrom(undefined, 'alice', 0, 1000, 4242, 'vault', 'debian-tor'),
           group: fc.constantFrom(undefined, 'wheel', 77),
         })
         .map(({ path, user, group }): Who => ({ kind: 'cgroup', path, ...(user !== undefined ? { user } : {}), ...(group !== undefined ? { group } : {}) })),
@@ -93,8 +95,15 @@ export const arbConnection: fc.Arbitrary<Connection> = fc
     proto: fc.constantFrom<Protocol>('tcp', 'udp', 'icmp'),
     // The resolver's default mark, GEN_DNS_MARK (which some generated policies choose), and marks nobody chose.
     mark: fc.constantFrom(undefined, undefined, 0x45444e53, GEN_DNS_MARK, 1),
+    // Half the marked sockets are root's, as the resolver's are: the mark passes only on those.
+    byRoot: fc.boolean(),
   })
-  .map(({ mark, ...c }) => ({ ...c, ...(mark === undefined ? {} : { mark }), ...(c.proto === 'icmp' ? { port: undefined } : {}) }));
+  .map(({ mark, byRoot, ...c }) => ({
+    ...c,
+    ...(mark === undefined ? {} : { mark }),
+    ...(mark !== undefined && byRoot ? { who: { kind: 'user', user: 0 } } : {}),
+    ...(c.proto === 'icmp' ? { port: undefined } : {}),
+  }));
 
 /**
  * The packet the kernel sees for a new connection, from what Linux does, not

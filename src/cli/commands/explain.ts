@@ -136,7 +136,7 @@ not be looked up (the name service failed).`,
         return 'error' in judged ? undefined : { verdict: judged.verdict, ruleId: judged.ruleId };
       });
     }
-    const answer = explainPolicy(loaded.policy, learned?.names.length ? { ...query, learnedNames: learned.names.map((n) => n.name) } : query, facts, {
+    const answer = explainPolicy(loaded.policy, learned?.chains.length ? { ...query, learnedChains: learned.chains.map((c) => c.names) } : query, facts, {
       lockdown: options.lockdown,
     });
     if ('error' in answer) {
