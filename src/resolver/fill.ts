@@ -18,6 +18,7 @@
 import { isIPv6 } from 'node:net';
 import type { DnsBinding } from '../compile/compile.js';
 import type { ElementRemoval, ElementWrite } from '../nft/set-elements.js';
+import { cnameChain } from './message.js';
 import type { AnswerRecord, Question } from './server.js';
 
 export interface FillView {
@@ -52,19 +53,12 @@ export interface FillCounters {
 
 const lower = (name: string) => name.toLowerCase().replace(/\.$/, '');
 
-/** The names of an answer's CNAME chain, the question's first, in the order they lead; a loop ends it. */
-export function cnameChain(question: Question, records: readonly AnswerRecord[]): string[] {
-  const chain = [lower(question.name)];
-  const targets = new Map<string, string>();
-  for (const r of records) if (r.type === 'CNAME') targets.set(lower(r.name), lower(r.data));
-  for (let next = targets.get(chain[0]!); next !== undefined && !chain.includes(next); next = targets.get(next)) chain.push(next);
-  return chain;
-}
-
 export class SetFiller {
   readonly counters: FillCounters = { answers: 0, addressesSeen: 0, elementsWritten: 0, writesSkipped: 0, spared: 0, transactions: 0, failures: 0 };
   /** Live set + address → when the kernel's element expires (ms), as last written. */
   private readonly written = new Map<string, number>();
+  /** When `written` is next swept of what has expired: it holds one entry per element, not more. */
+  private sweepAt = 4096;
   private view: FillView;
 
   constructor(
@@ -76,17 +70,23 @@ export class SetFiller {
     this.view = view;
   }
 
-  /** A re-apply: new rules, new live names. What was written into sets that still stand stays known. */
+  /**
+   * A re-apply: new rules, new live names. What this process wrote is
+   * forgotten — a set can come back empty under the same name (a release,
+   * then an apply) — and `relearn` writes what the memory holds again.
+   */
   update(view: FillView): void {
-    const live = new Set([...view.liveNames.values()].flat());
-    for (const key of this.written.keys()) if (!live.has(key.slice(0, key.indexOf('|')))) this.written.delete(key);
+    this.written.clear();
     this.view = view;
   }
 
   /** Call after the memory has this answer: `shared` then knows every chain leading to its addresses. */
   async learn(question: Question, records: readonly AnswerRecord[]): Promise<void> {
     this.counters.answers++;
-    const chain = cnameChain(question, records);
+    const chain = cnameChain(
+      lower(question.name),
+      records.map((r) => (r.type === 'CNAME' ? { ...r, name: lower(r.name), data: lower(r.data) } : r)),
+    );
     const inChain = new Set(chain);
     const addresses = records.filter((r) => (r.type === 'A' || r.type === 'AAAA') && inChain.has(lower(r.name)));
     if (addresses.length === 0) return;
@@ -94,7 +94,11 @@ export class SetFiller {
     const writes = this.writesFor(chain, addresses);
     const removals = this.sparedNow(chain, addresses);
     if (writes.length > 0) await this.write(writes);
-    if (removals.length > 0) await this.writer.remove(removals);
+    if (removals.length > 0) {
+      await this.writer.remove(removals);
+      // Known gone only once the kernel said so: a removal that failed is tried again with the next such answer.
+      for (const r of removals) this.written.delete(`${r.set}|${r.address}`);
+    }
   }
 
   /** Re-adds remembered addresses into sets a re-apply made anew (same names, new rules), so none waits for its next lookup. */
@@ -111,6 +115,10 @@ export class SetFiller {
   private writesFor(chain: readonly string[], addresses: readonly AnswerRecord[]): ElementWrite[] {
     const { bindings, liveNames, ttlFloor, ttlCap } = this.view;
     const now = this.now();
+    if (this.written.size >= this.sweepAt) {
+      for (const [key, expires] of this.written) if (expires <= now) this.written.delete(key);
+      this.sweepAt = Math.max(4096, this.written.size * 2);
+    }
     const writes: ElementWrite[] = [];
     for (const index of this.view.bindingsFor(chain)) {
       const binding = bindings[index];
@@ -154,7 +162,7 @@ export class SetFiller {
       if (binding.sharedAddresses !== 'spare' || covering.has(index)) return;
       for (const r of addresses) {
         for (const set of liveNames.get(isIPv6(r.data) ? binding.set6 : binding.set4) ?? []) {
-          if (!this.written.delete(`${set}|${r.data}`)) continue;
+          if (!this.written.has(`${set}|${r.data}`)) continue;
           removals.push({ set, address: r.data });
           this.counters.spared++;
         }

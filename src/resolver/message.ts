@@ -200,22 +200,29 @@ export function cnameChain(name: string, answers: readonly AnswerRecord[]): stri
 }
 
 /**
- * The records of an upstream's answer section that answer `name`: those
- * owned by a name of its CNAME chain. Anything else (a record for an
- * unrelated name, a DNAME beside its synthesised CNAME) is left out, so that
- * an upstream cannot make the policy learn an address for a name nobody asked.
+ * The records of an upstream's answer section that answer `name`: the
+ * CNAME that links each name of its chain to the next (the first one, as
+ * `cnameChain` follows), and the records of the chain's last name. Anything
+ * else is left out — a record for an unrelated name, a DNAME beside its
+ * synthesised CNAME, and data beside a CNAME at the same name (which RFC
+ * 1034 forbids): `a.evil CNAME api.example` with `a.evil A 6.6.6.6` must
+ * not teach the sets of api.example's rules 6.6.6.6. So an upstream cannot
+ * make the policy learn an address for a name nobody asked.
  */
 export function relevantAnswers(name: string, answers: readonly Answer[]): { kept: Answer[]; stray: number } {
+  const links = new Set<Answer>();
   const chain = new Set([name]);
   let current = name;
-  for (let links = 0; links < MAX_CHAIN; links++) {
+  for (let hops = 0; hops < MAX_CHAIN; hops++) {
     const link = answers.find((record) => record.type === 'CNAME' && normalizeName(record.name) === current);
     if (link?.type !== 'CNAME') break;
-    current = normalizeName(link.data);
-    if (chain.has(current)) break;
-    chain.add(current);
+    const next = normalizeName(link.data);
+    if (chain.has(next)) break;
+    links.add(link);
+    chain.add(next);
+    current = next;
   }
-  const kept = answers.filter((record) => record.type !== 'OPT' && chain.has(normalizeName(record.name)));
+  const kept = answers.filter((record) => links.has(record) || (record.type !== 'OPT' && record.type !== 'CNAME' && normalizeName(record.name) === current));
   return { kept, stray: answers.length - kept.length };
 }
 

@@ -1,7 +1,8 @@
 import { describe, expect, it } from 'vitest';
 import type { DnsBinding } from '../../src/compile/compile.js';
 import type { ElementRemoval, ElementWrite } from '../../src/nft/set-elements.js';
-import { cnameChain, SetFiller, type FillView } from '../../src/resolver/fill.js';
+import { SetFiller, type FillView } from '../../src/resolver/fill.js';
+import { cnameChain, relevantAnswers } from '../../src/resolver/message.js';
 import { AddressMemory } from '../../src/resolver/memory.js';
 import type { AnswerRecord } from '../../src/resolver/server.js';
 
@@ -43,17 +44,25 @@ const cname = (name: string, data: string, ttl = 300): AnswerRecord => ({ name, 
 
 describe('what an answer teaches the table', () => {
   it('follows the CNAME chain from the question, and stops at a loop', () => {
-    expect(
-      cnameChain({ name: 'a.example', type: 'A' }, [
-        cname('a.example', 'b.cdn.example'),
-        cname('b.cdn.example', 'c.cdn.example'),
-        a('c.cdn.example', '192.0.2.1'),
-      ]),
-    ).toEqual(['a.example', 'b.cdn.example', 'c.cdn.example']);
-    expect(cnameChain({ name: 'x.example', type: 'A' }, [cname('x.example', 'y.example'), cname('y.example', 'x.example')])).toEqual([
-      'x.example',
-      'y.example',
+    expect(cnameChain('a.example', [cname('a.example', 'b.cdn.example'), cname('b.cdn.example', 'c.cdn.example'), a('c.cdn.example', '192.0.2.1')])).toEqual([
+      'a.example',
+      'b.cdn.example',
+      'c.cdn.example',
     ]);
+    expect(cnameChain('x.example', [cname('x.example', 'y.example'), cname('y.example', 'x.example')])).toEqual(['x.example', 'y.example']);
+  });
+
+  it('takes from an upstream only the links of the chain and the records of its last name: data beside a CNAME teaches nothing', () => {
+    const answers = [
+      cname('q.evil.example', 'api.example'),
+      a('q.evil.example', '203.0.113.66'),
+      cname('q.evil.example', 'other.example'),
+      a('api.example', '192.0.2.7'),
+      a('unrelated.example', '192.0.2.8'),
+    ];
+    const { kept, stray } = relevantAnswers('q.evil.example', answers as never);
+    expect(kept).toEqual([answers[0], answers[3]]);
+    expect(stray).toBe(3);
   });
 
   it('puts an address into the set of every rule naming any name of its chain, with the TTL held within floor and cap, in every live set of that name', async () => {
