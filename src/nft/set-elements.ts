@@ -29,6 +29,7 @@
  */
 import { createRequire } from 'node:module';
 import { isIPv4, isIPv6 } from 'node:net';
+import { release } from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { EGRESSD_TABLE, safeComment } from '../compile/ruleset.js';
 import { EgressError, ErrorCode, SetWriteRefusedError, type SetWriteRefusal } from '../errors.js';
@@ -76,6 +77,8 @@ export interface SetElementWriterOptions {
   readonly libraryPath?: string;
   /** How long to wait for the kernel's acknowledgements; default 5000 ms. */
   readonly receiveTimeoutMs?: number;
+  /** As WriterInternals.destroy: for tests of what kernels before 6.3 get. */
+  readonly destroy?: boolean;
 }
 
 export const DEFAULT_LIBNFTNL = 'libnftnl.so.11';
@@ -95,7 +98,7 @@ export function openSetElementWriter(table: { family: 'inet'; name: string } = E
     sendBufferBytes: SEND_BUFFER_BYTES,
     ...(options.receiveTimeoutMs === undefined ? {} : { receiveTimeoutMs: options.receiveTimeoutMs }),
   });
-  return createSetElementWriter(api, transport, table.name);
+  return createSetElementWriter(api, transport, table.name, options.destroy === undefined ? {} : { destroy: options.destroy });
 }
 
 export interface WriterInternals {
@@ -103,6 +106,8 @@ export interface WriterInternals {
   readonly firstSeq?: number;
   /** A monotonic clock in milliseconds; default performance.now. */
   readonly now?: () => number;
+  /** Remove with NFT_MSG_DESTROYSETELEM (default: on Linux 6.3 and later), else one NFT_MSG_DELSETELEM a batch. */
+  readonly destroy?: boolean;
 }
 
 /** The writer over a given library binding and transport (tests pass fakes of either). */
@@ -147,9 +152,24 @@ export function createSetElementWriter(api: LibnftnlApi, transport: NetlinkTrans
       if (removals.length > MAX_WRITES_PER_TRANSACTION)
         throw refusedBeforeSending(`${removals.length} element removals in one transaction, more than the ${MAX_WRITES_PER_TRANSACTION} one batch may hold`);
       const sets = groupBySet(removals.map((r) => ({ ...r, timeoutMs: 1 })));
-      const batch = buildBatch(api, tableName, sets, nextSeq, 'destroy');
-      transport.send(batch.datagram);
-      awaitAcks(transport, batch, tableName);
+      if (internals.destroy ?? DESTROY_SUPPORTED) {
+        const batch = buildBatch(api, tableName, sets, nextSeq, 'destroy');
+        transport.send(batch.datagram);
+        awaitAcks(transport, batch, tableName);
+      } else {
+        // Before Linux 6.3 a deletion of an element that is not there fails its whole batch: one element a batch, and "not there" is done.
+        for (const [set, elements] of sets) {
+          for (const element of elements) {
+            const batch = buildBatch(api, tableName, new Map([[set, [element]]]), nextSeq, 'delete');
+            transport.send(batch.datagram);
+            try {
+              awaitAcks(transport, batch, tableName);
+            } catch (error) {
+              if (!(error instanceof SetWriteRefusedError && error.errno === ERRNO.ENOENT)) throw error;
+            }
+          }
+        }
+      }
       for (const elements of sets.values()) for (const e of elements) deadlines.delete(e.id);
     },
     close() {
@@ -292,8 +312,18 @@ export function loadLibnftnl(path: string = DEFAULT_LIBNFTNL): LibnftnlApi {
 
 // <linux/netfilter/nf_tables.h>, <libnftnl/set.h>, <libnftnl/udata.h>
 const NFT_MSG_NEWSETELEM = 12;
+const NFT_MSG_DELSETELEM = 14;
 /** Deletes an element, and is no error where there is none (Linux 6.3). */
 const NFT_MSG_DESTROYSETELEM = 30;
+/** Linux 6.3 or later: NFT_MSG_DESTROYSETELEM. Debian 12's own kernel is 6.1. */
+const DESTROY_SUPPORTED = (() => {
+  const [major = 0, minor = 0] = release()
+    .split('.')
+    .map((part) => parseInt(part, 10));
+  return major > 6 || (major === 6 && minor >= 3);
+})();
+/** What one batch does to its elements: add (or refresh), delete, or delete where there. */
+type ElementChange = 'add' | 'delete' | 'destroy';
 const NFPROTO_INET = 1;
 const NLM_F_CREATE = 0x400;
 const NFTNL_SET_TABLE = 0;
@@ -333,7 +363,7 @@ interface Batch {
   readonly messages: Map<number, { readonly set: string; readonly bytes: Buffer; readonly count: number }>;
 }
 
-function buildBatch(api: LibnftnlApi, table: string, sets: Map<string, Element[]>, nextSeq: () => number, kind: 'add' | 'destroy'): Batch {
+function buildBatch(api: LibnftnlApi, table: string, sets: Map<string, Element[]>, nextSeq: () => number, kind: ElementChange): Batch {
   const parts: Buffer[] = [];
   const begin = Buffer.alloc(NLMSG_HDRLEN + 4);
   const beginSeq = nextSeq();
@@ -357,7 +387,7 @@ function buildBatch(api: LibnftnlApi, table: string, sets: Map<string, Element[]
 
 const align4 = (n: number): number => (n + 3) & ~3;
 
-function buildMessage(api: LibnftnlApi, table: string, set: string, elements: readonly Element[], seq: number, kind: 'add' | 'destroy'): Buffer {
+function buildMessage(api: LibnftnlApi, table: string, set: string, elements: readonly Element[], seq: number, kind: ElementChange): Buffer {
   // libnftnl writes without bounds checks: the buffer is sized for the most these elements can take.
   const bound = NLMSG_HDRLEN + 4 + 2 * (4 + align4(NAME_MAX_BYTES + 1)) + 4 + elements.length * ELEMENT_BOUND;
   const buffer = Buffer.alloc(bound);
@@ -371,7 +401,7 @@ function buildMessage(api: LibnftnlApi, table: string, set: string, elements: re
     const nlh =
       kind === 'add'
         ? api.nlmsgBuildHdr(buffer, NFT_MSG_NEWSETELEM, NFPROTO_INET, NLM_F_CREATE | NlmFlag.Ack, seq)
-        : api.nlmsgBuildHdr(buffer, NFT_MSG_DESTROYSETELEM, NFPROTO_INET, NlmFlag.Ack, seq);
+        : api.nlmsgBuildHdr(buffer, kind === 'destroy' ? NFT_MSG_DESTROYSETELEM : NFT_MSG_DELSETELEM, NFPROTO_INET, NlmFlag.Ack, seq);
     api.setElemsNlmsgBuildPayload(nlh, nftSet);
   } finally {
     // Frees the elements added to it too.
@@ -384,13 +414,13 @@ function buildMessage(api: LibnftnlApi, table: string, set: string, elements: re
 }
 
 /** Adds one element to `nftSet`, which owns it from then on (and frees it with itself, whatever fails after). */
-function addElement(api: LibnftnlApi, nftSet: Ptr, element: Element, kind: 'add' | 'destroy'): void {
+function addElement(api: LibnftnlApi, nftSet: Ptr, element: Element, kind: ElementChange): void {
   const elem = api.elemAlloc();
   if (elem === null) throw new EgressError(ErrorCode.NftUnavailable, 'libnftnl: nftnl_set_elem_alloc failed');
   api.elemAdd(nftSet, elem);
   let ok = api.elemSet(elem, NFTNL_SET_ELEM_KEY, element.key, element.key.length) === 0;
   // A removal names its key and nothing else.
-  if (kind === 'destroy') {
+  if (kind !== 'add') {
     if (!ok) throw new EgressError(ErrorCode.NftUnavailable, `libnftnl could not build the element ${element.address}`);
     return;
   }
