@@ -5,12 +5,20 @@
 export interface ResolverLimits {
   /** Client queries in progress at once (parsed, not yet answered); more are dropped (UDP) or answered SERVFAIL (TCP). */
   readonly maxPending: number;
+  /**
+   * Of those, from one asker (the resolver's `askerKey`: a uid): one local
+   * user asking names whose servers never answer must not take every slot
+   * and leave everyone else unanswered.
+   */
+  readonly maxPendingPerAsker: number;
   /** Open TCP client connections; more are closed at once. */
   readonly maxTcpConnections: number;
   /** Queries in progress on one TCP connection; while there are this many, the connection is not read. */
   readonly maxTcpPipeline: number;
   /** A TCP connection with nothing in progress and nothing received for this long is closed. */
   readonly tcpIdleMs: number;
+  /** A TCP message begun must be whole this long after its first byte, or the connection is closed (a byte every few seconds holds no slot). */
+  readonly tcpFrameMs: number;
   /** Replies a TCP client has not read, in bytes: past this the connection is closed. */
   readonly maxTcpUnread: number;
   /** A client hears SERVFAIL at the latest this long after its query went upstream. */
@@ -30,9 +38,11 @@ export interface ResolverLimits {
 
 export const DEFAULT_LIMITS: ResolverLimits = {
   maxPending: 4096,
+  maxPendingPerAsker: 512,
   maxTcpConnections: 256,
   maxTcpPipeline: 64,
   tcpIdleMs: 10_000,
+  tcpFrameMs: 3000,
   maxTcpUnread: 256 * 1024,
   upstreamTimeoutMs: 2500,
   upstreamAttemptMs: 1000,

@@ -36,8 +36,10 @@ export interface PipelineStats {
   readonly formErr: number;
   readonly notImp: number;
   readonly badVers: number;
-  /** Queries turned away because maxPending were in progress. */
+  /** Queries turned away because maxPending were in progress, or maxPendingPerAsker of their asker's. */
   readonly overloaded: number;
+  /** Of those, for their asker's: answered SERVFAIL. */
+  readonly overloadedByAsker: number;
   /** identify() threw: answered REFUSED. */
   readonly unidentified: number;
   readonly admitRefused: number;
@@ -75,6 +77,8 @@ export interface PipelineDeps<Who> {
   readonly now?: () => number;
   /** Told of unexpected errors (a bug, not bad input): the query got SERVFAIL. */
   readonly onError?: (error: unknown) => void;
+  /** Who counts as one asker for maxPendingPerAsker; undefined: no cap per asker. */
+  readonly askerKey?: (who: Who) => string;
 }
 
 /** An answer the client may get, before shaping. */
@@ -96,6 +100,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     notImp: 0,
     badVers: 0,
     overloaded: 0,
+    overloadedByAsker: 0,
     unidentified: 0,
     admitRefused: 0,
     admitNxdomain: 0,
@@ -110,6 +115,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     strayRecords: 0,
   };
   let pending = 0;
+  const pendingByAsker = new Map<string, number>();
   const inFlight = new Map<string, Promise<Resolution>>();
 
   const learn = async (question: Question, records: readonly AnswerRecord[], fromCache: boolean): Promise<boolean> => {
@@ -192,6 +198,26 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       counts.unidentified++;
       return reply(query, client, { rcode: Rcode.Refused });
     }
+    const asker = deps.askerKey?.(who);
+    const askerPending = asker === undefined ? 0 : (pendingByAsker.get(asker) ?? 0);
+    if (asker !== undefined && askerPending >= limits.maxPendingPerAsker) {
+      counts.overloaded++;
+      counts.overloadedByAsker++;
+      return reply(query, client, { rcode: Rcode.ServFail });
+    }
+    if (asker !== undefined) pendingByAsker.set(asker, askerPending + 1);
+    try {
+      return await answerAdmitted(query, client, who);
+    } finally {
+      if (asker !== undefined) {
+        const left = (pendingByAsker.get(asker) ?? 1) - 1;
+        if (left > 0) pendingByAsker.set(asker, left);
+        else pendingByAsker.delete(asker);
+      }
+    }
+  };
+
+  const answerAdmitted = async (query: Query, client: Client, who: Who): Promise<Buffer> => {
     const question: Question = { name: query.name, type: query.type };
     let admission: 'go' | 'refused' | 'nxdomain';
     try {

@@ -60,6 +60,8 @@ export interface ResolverOptions<Who> {
   readonly limits?: Partial<ResolverLimits>;
   /** Told of unexpected errors (bugs, socket failures), which never stop the resolver. */
   readonly onError?: (error: unknown) => void;
+  /** Who counts as one asker for limits.maxPendingPerAsker (e.g. its uid); undefined: no cap per asker. */
+  readonly askerKey?: (who: Who) => string;
 }
 
 export interface ListenAddress {
@@ -113,7 +115,7 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
   const upstream = new UpstreamClient(servers, { marker, timeoutMs: limits.upstreamTimeoutMs, attemptMs: limits.upstreamAttemptMs });
   const cache = new DnsCache(limits);
   const onError = (error: unknown): void => options.onError?.(error);
-  const pipeline = createPipeline({ hooks: options.hooks, upstream, cache, limits, onError });
+  const pipeline = createPipeline({ hooks: options.hooks, upstream, cache, limits, onError, ...(options.askerKey ? { askerKey: options.askerKey } : {}) });
   const counts = { tcpConnections: 0, tcpRejected: 0, tcpIdleClosed: 0, tcpAborted: 0, sendErrors: 0 };
   const connections = new Set<net.Socket>();
   let closed = false;
@@ -152,6 +154,8 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
     conn.setNoDelay(true);
     let buffered: Buffer = Buffer.alloc(0);
     let inProgress = 0;
+    // A message begun must be whole soon: a byte every few seconds would otherwise hold a connection slot for ever.
+    let frameDeadline: NodeJS.Timeout | undefined;
     const abort = (): void => {
       counts.tcpAborted++;
       conn.destroy();
@@ -182,6 +186,12 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
       }
       if (inProgress >= limits.maxTcpPipeline) conn.pause();
       else if (conn.isPaused()) conn.resume();
+      // Bytes of a message not yet whole, while the connection is read: the client owes the rest.
+      const owed = inProgress < limits.maxTcpPipeline && buffered.length > 0 && !conn.destroyed;
+      if (!owed) {
+        clearTimeout(frameDeadline);
+        frameDeadline = undefined;
+      } else frameDeadline ??= setTimeout(abort, limits.tcpFrameMs);
       // A client that shut its side after its queries still gets every answer, then our FIN.
       if (clientDone && inProgress === 0 && !conn.destroyed) conn.end();
     };
@@ -202,6 +212,7 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
     });
     conn.on('error', () => conn.destroy());
     conn.on('close', () => {
+      clearTimeout(frameDeadline);
       connections.delete(conn);
       counts.tcpConnections--;
     });

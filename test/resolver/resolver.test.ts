@@ -434,6 +434,51 @@ describe('TCP', () => {
     expect(dnsPacket.decode(ok[0]!).answers?.map(dataOf)[0]).toBe('192.0.2.10');
   });
 
+  it('cuts a connection whose message stays unfinished (a byte every few seconds holds no slot)', async () => {
+    const { r, port } = await resolver([`127.0.0.1#${local.port}`], hooks(), { limits: { tcpFrameMs: 300, tcpIdleMs: 10_000 } });
+    const slow = net.connect(port, '127.0.0.1');
+    slow.on('error', () => undefined);
+    await new Promise<void>((resolve) => slow.once('connect', () => resolve()));
+    const whole = query('a.example.test', 'A', 9);
+    const framed = Buffer.concat([Buffer.from([whole.length >> 8, whole.length & 255]), whole]);
+    const opened = Date.now();
+    // Two bytes of length and one of the message, then one more byte before the deadline: the deadline counts from the message's start.
+    slow.write(framed.subarray(0, 3));
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    slow.write(framed.subarray(3, 4));
+    const closedAt = await new Promise<number>((resolve) => slow.on('close', () => resolve(Date.now())));
+    expect(closedAt - opened).toBeGreaterThanOrEqual(250);
+    expect(closedAt - opened).toBeLessThan(5000);
+    expect(r.stats().tcpAborted).toBe(1);
+    // A message sent whole, however slowly the connection was opened, is answered.
+    const ok = await tcpExchange(port, [whole], 1);
+    expect(dnsPacket.decode(ok[0]!).id).toBe(9);
+  });
+
+  it('caps the queries one asker has in progress, so one user cannot take every slot', async () => {
+    const silent = await silentUpstream();
+    try {
+      // Who asks is the client's port here: the flooder sends from one socket, the bystander from another.
+      const h = hooks({ identify: (client) => String(client.port) });
+      const { r, port } = await resolver([silent.address, `127.0.0.1#${local.port}`], h, {
+        limits: { maxPending: 100, maxPendingPerAsker: 20, upstreamTimeoutMs: 1500, upstreamAttemptMs: 1000 },
+        askerKey: (who) => who,
+      });
+      const flooder = dgram.createSocket('udp4');
+      await new Promise<void>((resolve) => flooder.bind(0, '127.0.0.1', () => resolve()));
+      for (let i = 0; i < 60; i++) flooder.send(query(`n${i}.flood.test`, 'A', i), port, '127.0.0.1');
+      await until('the flood received', () => r.stats().received === 60, { timeoutMs: 5000 });
+      expect(r.stats()).toMatchObject({ overloadedByAsker: 40 });
+      expect(r.stats().pending).toBeLessThanOrEqual(20);
+      // Someone else is still answered while the flooder's slots wait on the silent upstream.
+      const answer = await udpQuery(port, query('a.example.test', 'A', 77));
+      expect(answer.answers?.map(dataOf)).toEqual(['192.0.2.10']);
+      flooder.close();
+    } finally {
+      silent.close();
+    }
+  });
+
   it('caps open connections, counting those turned away', async () => {
     const { r, port } = await resolver([`127.0.0.1#${local.port}`], hooks(), { limits: { maxTcpConnections: 3 } });
     const sockets = await Promise.all(
