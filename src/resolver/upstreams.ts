@@ -73,6 +73,9 @@ export function discoverUpstreams(options: DiscoverOptions): Discovered {
     for (const server of parsed.nameservers) {
       if (own.has(canonicalAddress(server.address))) {
         notes.push(`${candidate.source}: ${server.text} is egressd's own resolver: skipped`);
+      } else if (server.address.includes('%')) {
+        // A link-local server (a router's fe80::…%eth0): its socket would have to be bound to the link, which the resolver does not do.
+        notes.push(`${candidate.source}: ${server.text} is a link-local server, which egressd's resolver cannot ask: skipped`);
       } else if (RESOLVED_STUBS.includes(server.address)) {
         stub = true;
         notes.push(`${candidate.source}: ${server.text} is systemd-resolved's stub: its upstreams are used instead`);

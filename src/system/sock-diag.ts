@@ -234,7 +234,11 @@ export function findSocket(netlink: NetlinkSocket, query: SocketQuery): TcpSocke
   if (answers.length !== 1 || message?.type !== SOCK_DIAG_BY_FAMILY)
     throw new NetlinkError(`sock_diag: ${answers.length} answers (type ${message?.type}) to an exact lookup, not one socket`);
   const socket = parseTcpSocket(message.payload);
-  if (query.protocol === 'tcp' && (socket.state === TcpState.TimeWait || socket.state === TcpState.NewSynRecv)) return undefined;
+  // Not the connection asked about: the kernel's lookup of a TCP socket falls back to a listener; TIME_WAIT and NEW_SYN_RECV report uid 0.
+  if (query.protocol === 'tcp' && (socket.state === TcpState.TimeWait || socket.state === TcpState.NewSynRecv || socket.state === TcpState.Listen))
+    return undefined;
+  // The socket found must have the port that sent: a UDP lookup is a delivery lookup, and may name a wildcard socket of another port's owner.
+  if (socket.local.port !== query.local.port) return undefined;
   return socket;
 }
 

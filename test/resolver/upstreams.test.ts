@@ -26,14 +26,16 @@ function discoveryError(options: Parameters<typeof discoverUpstreams>[0]) {
 }
 
 describe('discoverUpstreams', () => {
-  it('the current resolv.conf: scope ids and ports kept, duplicates once, garbage skipped with a note', () => {
+  it('the current resolv.conf: ports kept, duplicates once, link-local servers and garbage skipped with a note', () => {
     const m = machine({ 'etc/resolv.conf': fixture('networkmanager.conf') });
     const found = discoverUpstreams(m);
-    expect(found.upstreams).toEqual(['192.0.2.1', 'fe80::1%enp3s0', '198.51.100.53#5353', '2001:db8::53#5300']);
+    // A link-local server would need its socket bound to the link: skipped, not a resolver that cannot start.
+    expect(found.upstreams).toEqual(['192.0.2.1', '198.51.100.53#5353', '2001:db8::53#5300']);
     expect(found.source).toBe(join(m.root, 'etc/resolv.conf'));
     expect(found.notes).toEqual([
       expect.stringMatching(/line 7: ignored: "nameserver not-an-address"/),
       expect.stringMatching(/line 8: ignored: "this line is garbage"/),
+      expect.stringMatching(/fe80::1%enp3s0 is a link-local server, which egressd's resolver cannot ask: skipped/),
     ]);
   });
 
@@ -55,7 +57,7 @@ describe('discoverUpstreams', () => {
     enableDns(LISTEN, { force: false }, { ...m, resolved: notRunning, now: () => new Date() });
     expect(readFileSync(join(m.root, 'etc/resolv.conf'), 'utf8')).toMatch(/nameserver 127\.0\.0\.153/);
     const found = discoverUpstreams(m);
-    expect(found.upstreams).toEqual(['192.0.2.1', 'fe80::1%enp3s0', '198.51.100.53#5353', '2001:db8::53#5300']);
+    expect(found.upstreams).toEqual(['192.0.2.1', '198.51.100.53#5353', '2001:db8::53#5300']);
     expect(found.source).toMatch(/as recorded by "egressctl dns enable"/);
   });
 

@@ -36,12 +36,23 @@ const errorMessage = (seq: number, code: number) => {
   return encodeMessage({ type: NlmsgType.Error, flags: 0, seq, payload });
 };
 
-/** An inet_diag_msg answering with the request's own socket id, in `state`, for uid 999. */
+/**
+ * An inet_diag_msg for the socket the request names, in `state`, for uid
+ * 999, with its addresses as the kernel reports a socket's: its own first.
+ * A UDP request names the socket from its peer's side (src is the peer),
+ * so the answer has them the other way round.
+ */
 function diagAnswer(seq: number, request: Buffer, state: number): Buffer {
   const msg = Buffer.alloc(72);
   msg.writeUInt8(request.readUInt8(16), 0);
   msg.writeUInt8(state, 1);
   request.subarray(24, 24 + 48).copy(msg, 4);
+  if (request.readUInt8(17) === 17) {
+    request.subarray(24, 26).copy(msg, 6);
+    request.subarray(26, 28).copy(msg, 4);
+    request.subarray(28, 44).copy(msg, 24);
+    request.subarray(44, 60).copy(msg, 8);
+  }
   msg.writeUInt32LE(999, 64);
   return encodeMessage({ type: 20, flags: 0, seq, payload: msg });
 }
