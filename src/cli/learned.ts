@@ -76,9 +76,10 @@ export async function resolverStatusLine(socket: string): Promise<{ line: string
   if (!reply.ok || reply.op !== 'status')
     return { line: `resolver: running, but its status could not be read`, json: { running: true, why: reply.ok ? 'unexpected reply' : reply.error } };
   const { names, entries } = reply.memory;
+  const shared = reply.shared.map((s) => `\n  shared: ${s.address} answers ${s.chains.map((chain) => chain.join(' > ')).join(' and ')}`).join('');
   return {
-    line: `resolver: running, ${names} ${names === 1 ? 'name' : 'names'} remembered for ${entries} ${entries === 1 ? 'address' : 'addresses'}`,
-    json: { running: true, memory: reply.memory, counters: reply.resolver },
+    line: `resolver: running, ${names} ${names === 1 ? 'name' : 'names'} remembered for ${entries} ${entries === 1 ? 'address' : 'addresses'}${shared}`,
+    json: { running: true, memory: reply.memory, shared: reply.shared, counters: reply.resolver },
   };
 }
 

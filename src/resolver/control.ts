@@ -30,6 +30,7 @@ export function controlSocketPath(): string {
   return join(LOCK_DIR, `net-${netns}.resolver.sock`);
 }
 export const MAX_REQUEST_BYTES = 4096;
+const SHARED_SHOWN = 10;
 const MAX_UNREAD_REPLY_BYTES = 1 << 20;
 
 export type ControlRequest = { readonly op: 'names'; readonly address: string } | { readonly op: 'status' };
@@ -58,6 +59,8 @@ export interface StatusReply {
   readonly ok: true;
   readonly op: 'status';
   readonly memory: MemoryCounters;
+  /** The addresses most recently learned that answer more than one chain of names (a CDN's), newest first, at most ten. */
+  readonly shared: readonly { readonly address: string; readonly chains: readonly (readonly string[])[] }[];
   /** The resolver's own counters (queries, cache, refusals…), as its core keeps them. */
   readonly resolver: Readonly<Record<string, number>>;
 }
@@ -92,7 +95,8 @@ export function answer(line: string, options: Pick<ControlServerOptions, 'memory
   }
   const request = asRequest(json);
   if (!request) return { ok: false, error: 'not a request: {"op":"names","address":ADDRESS} or {"op":"status"}' };
-  if (request.op === 'status') return { ok: true, op: 'status', memory: options.memory.counters(), resolver: options.counters?.() ?? {} };
+  if (request.op === 'status')
+    return { ok: true, op: 'status', memory: options.memory.counters(), shared: options.memory.shared(SHARED_SHOWN), resolver: options.counters?.() ?? {} };
   const bare = request.address.replace(/%.*$/, '');
   if (isIP(bare) === 0) return { ok: false, error: `"${request.address}" is not an IP address` };
   const address = canonicalAddress(request.address);

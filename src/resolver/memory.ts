@@ -177,6 +177,17 @@ export class AddressMemory {
     return chains;
   }
 
+  /** Up to `limit` addresses, most recently learned first, that more than one chain leads to, with those chains. */
+  shared(limit: number, now = this.clock()): { address: string; chains: string[][] }[] {
+    const found: { address: string; chains: string[][] }[] = [];
+    for (let entry = this.newest; entry && found.length < limit; entry = entry.older) {
+      if (entry.names.length < 2) continue;
+      const chains = this.sharedWith(entry.address, now);
+      if (chains.length > 1) found.push({ address: entry.address, chains });
+    }
+    return found;
+  }
+
   /** Every unexpired chain and the seconds its first name has left: what a re-apply puts into sets it made anew. */
   *chains(now = this.clock()): Generator<{ address: string; chain: string[]; ttl: number }> {
     for (const entry of [...this.byAddress.values()]) {

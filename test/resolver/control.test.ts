@@ -70,6 +70,7 @@ describe('resolver control socket', () => {
       ok: true,
       op: 'status',
       memory: { entries: 1, names: 2, evictions: 0, expired: 0 },
+      shared: [],
       resolver: { queries: 7 },
     });
   });

@@ -62,6 +62,10 @@ describe('AddressMemory', () => {
     ]);
     memory.rememberAnswer('docs.example', [{ name: 'docs.example', type: 'A', ttl: 300, data: '198.51.100.20' }]);
     expect(memory.sharedWith('198.51.100.20', T0)).toEqual([['docs.example'], ['tracker.example', 'cdn.example.net']]);
+    // What status lists: only addresses more than one chain leads to, newest first.
+    memory.rememberAnswer('alone.example', [{ name: 'alone.example', type: 'A', ttl: 300, data: '198.51.100.21' }]);
+    expect(memory.shared(10, T0)).toEqual([{ address: '198.51.100.20', chains: [['docs.example'], ['tracker.example', 'cdn.example.net']] }]);
+    expect(memory.shared(0, T0)).toEqual([]);
     expect(
       memory
         .namesOf('198.51.100.20', T0)

@@ -97,8 +97,6 @@ describe.skipIf(unavailable)(`names in rules are enforced once the resolver answ
       `203.0.113.40 sub.${TRACKER}`,
       '203.0.113.20 telemetry.example.test',
       '203.0.113.20 a.telemetry.example.test',
-      '203.0.113.30 good.example.test',
-      '203.0.113.30 shared.tracker.test',
       '203.0.113.31 fine.example.test',
       '203.0.113.31 spared.tracker.test',
       '203.0.113.32 spared2.tracker.test',
@@ -120,6 +118,9 @@ describe.skipIf(unavailable)(`names in rules are enforced once the resolver answ
       `--cname=alias.example.test,${TRACKER}`,
       // A long TTL: what a re-apply must keep.
       '--host-record=long.example.test,203.0.113.12,3600',
+      // The shared address: long enough for explain and status to be asked while both names hold.
+      '--host-record=good.example.test,203.0.113.30,3600',
+      '--host-record=shared.tracker.test,203.0.113.30,3600',
       '--user=root',
       '--pid-file=',
     ]);
@@ -247,6 +248,10 @@ apps:
     expect(explained.stderr).toContain('shared.tracker.test');
     expect(explained.stderr).toContain('good.example.test');
     expect(explained.stderr).toMatch(/^DENIED/);
+    const status = await net.host.node(CLI, ['status', dir], { env: env() });
+    expect(status.stderr).toMatch(
+      /shared: 203\.0\.113\.30 answers (good\.example\.test and shared\.tracker\.test|shared\.tracker\.test and good\.example\.test)/,
+    );
 
     expect((await dig('fine.example.test', user)).addresses).toEqual(['203.0.113.31']);
     expect((await dig('spared.tracker.test', user)).status).toBe('NXDOMAIN');
