@@ -75,10 +75,11 @@ export interface Rule {
   readonly why: string | undefined;
   readonly at: Origin;
   /**
-   * Deny rules with names only (undefined elsewhere): whether an address a
-   * denied name shares with a name the same identity may reach (a CDN's)
-   * is denied too ('deny', the default) or spared ('spare'). The resolver
-   * reads it when it fills the rule's sets.
+   * Deny rules with names only (undefined elsewhere): whether an address
+   * learned for one of its names that also answers a name the rule does not
+   * deny (a CDN's) is denied too ('deny', the default) or left out of the
+   * rule's sets ('spare'), for everyone, whoever asked. The resolver reads
+   * it when it fills the rule's sets.
    */
   readonly sharedAddresses?: 'deny' | 'spare';
 }

@@ -47,7 +47,7 @@ const matchFields = {
     .enum(['deny', 'spare'])
     .optional()
     .describe(
-      'Deny rules with names only: an address one of its names shares with a name the same identity may reach (a CDN) is denied too (deny, the default) or spared (spare).',
+      'Deny rules with names only: an address the resolver learned for one of its names that also answers a name this rule does not deny (a CDN) is denied too (deny, the default) or left out of the rule (spare). Whoever looked up the other name, the address is spared for everyone.',
     ),
 };
 
