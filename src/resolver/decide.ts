@@ -31,13 +31,8 @@ import type { DnsBinding } from '../compile/compile.js';
 import { placeAsker, type AskerPlace, type ExplainFacts, type Who as ExplainWho } from '../compile/explain.js';
 import { buildNameIndex } from '../compile/names.js';
 import type { App, Policy, PortRange, Rule } from '../policy/model.js';
+import type { Question } from './server.js';
 import type { Who } from './who.js';
-
-/** As src/resolver/server.ts (helper B) declares it. */
-export interface Question {
-  readonly name: string;
-  readonly type: string;
-}
 
 /** What of DnsSettings (src/policy/model.ts) the decisions read. */
 export interface DecideSettings {

@@ -15,14 +15,7 @@
 import { EgressError, ErrorCode } from '../errors.js';
 import { openCgroupPaths, type CgroupPaths, type CgroupPathsOptions } from '../system/cgroup-id.js';
 import { openSockDiag, type SockDiag, type TcpSocket } from '../system/sock-diag.js';
-
-/** As src/resolver/server.ts (helper B) declares it; structural, so that either can be merged first. */
-export interface Client {
-  readonly transport: 'udp' | 'tcp';
-  readonly address: string;
-  readonly port: number;
-  readonly local: { readonly address: string; readonly port: number };
-}
+import type { Client } from './server.js';
 
 /** Who asks, as the kernel knows the socket. */
 export interface Who {

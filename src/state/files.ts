@@ -77,7 +77,8 @@ export function removeFileDurably(dir: string, name: string): void {
   }
 }
 
-function syncDirectory(dir: string): void {
+/** fsync(2) of a directory: a rename or unlink in it is on disk once this returns. */
+export function syncDirectory(dir: string): void {
   const fd = openSync(dir, 'r');
   try {
     fsyncSync(fd);

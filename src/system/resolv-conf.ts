@@ -24,7 +24,7 @@ import { isIP } from 'node:net';
 import { dirname, join, posix } from 'node:path';
 import { z } from 'zod';
 import { EgressError, ErrorCode } from '../errors.js';
-import { removeFileDurably, tempName, writeFileAtomic } from '../state/files.js';
+import { removeFileDurably, syncDirectory, tempName, writeFileAtomic } from '../state/files.js';
 import { readStateFile } from '../state/read.js';
 
 /**
@@ -410,15 +410,6 @@ function writeInPlace(full: string, bytes: Buffer, state: { mode: number; uid: n
     }
   } catch (error) {
     throw ioError(`cannot write ${full}`, error);
-  }
-}
-
-function syncDirectory(dir: string): void {
-  const fd = openSync(dir, 'r');
-  try {
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
   }
 }
 
