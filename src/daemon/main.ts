@@ -2,8 +2,8 @@
 /**
  * egressd, as far as it goes today: applies the policy, keeps it, re-applies
  * it on SIGHUP, and runs the DNS resolver that fills the table's name sets
- * (src/resolver). The app tracker, denial reader, D-Bus service and
- * sd_notify come with the full daemon; this loop is the part they will plug
+ * (src/resolver), telling systemd where it is (readiness.ts). The app
+ * tracker, denial reader and D-Bus service come with the full daemon; this loop is the part they will plug
  * into. `egressd resolver` runs the resolver alone, against the table in
  * force (for tests, `egressctl try`, and hosts where something else applies).
  *
@@ -20,6 +20,8 @@ import { loadPolicyOrThrow } from '../policy/load.js';
 import { dnsSetsInForce, readLiveTable, startResolverRuntime, type InForce, type ResolverRuntime } from '../resolver/runtime.js';
 import { systemAudit } from '../system/audit.js';
 import { gatherFacts } from '../system/facts.js';
+import { openNotifier } from '../system/sd-notify.js';
+import { readiness } from './readiness.js';
 
 const USAGE = `Usage: egressd [--policy DIR] [--state DIR]
        egressd resolver [--policy DIR] [--state DIR]
@@ -77,9 +79,13 @@ async function main(): Promise<number> {
     unserialised: (reason) => log.warn({ event: 'no-lock', reason }, 'applying without the enforcement lock'),
   };
   log.info({ event: 'starting', policy: dir, backend: deps.nft.backend }, 'egressd starting');
+  const notifier = openNotifier({ failed: (reason) => log.warn({ event: 'notify-failed', reason }, 'could not notify systemd; notifications stop') });
+  const service = readiness(notifier);
+  notifier.startWatchdog();
 
   let resolver: ResolverRuntime | undefined;
   const apply = async (why: string): Promise<void> => {
+    service.applying(why);
     try {
       const applied = await applyPolicy(dir, deps);
       log.info(
@@ -94,17 +100,26 @@ async function main(): Promise<number> {
         'policy applied',
       );
       const inForce = { ...applied, liveNames: new Map([...applied.liveNames].map(([name, live]) => [name, [live]])) };
+      let answering = true;
       try {
         if (resolver) await resolver.update(inForce);
         else resolver = await startResolverRuntime(inForce, { nft: deps.nft, log, stateDir });
       } catch (error) {
+        answering = false;
         // Names stop being learned; every rule with an address, and every set element learned so far, still holds.
         log.error({ event: 'resolver-failed', why, error: describe(error) }, 'the resolver is not running; enforcement goes on');
       }
+      service.enforcing({
+        digest: applied.digest,
+        rules: applied.compiled.ruleIds.length,
+        lockdown: applied.lockdown,
+        resolver: answering ? resolver?.resolver.addresses : undefined,
+      });
     } catch (error) {
       const code = isEgressError(error) ? error.code : 'EGD_INTERNAL';
       const details = isEgressError(error) ? error.details : [String(error)];
       log.error({ event: 'apply-failed', why, code, errors: details }, `${(error as Error).message}; the running rules stay in force`);
+      service.failed(code, details, await deps.nft.tableExists(TABLE.family, TABLE.name).catch(() => false));
     }
   };
 
@@ -131,6 +146,8 @@ async function main(): Promise<number> {
   const keepAlive = setInterval(() => undefined, 1 << 30);
   const stop = (signal: string): void => {
     clearInterval(keepAlive);
+    service.stopping(signal);
+    notifier.close();
     void resolver?.close();
     log.info({ event: 'stopping', signal }, 'egressd stopping; the rules stay in force');
     stopWith?.(0);
