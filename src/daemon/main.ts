@@ -19,7 +19,8 @@ import { openNft } from '../nft/open.js';
 import { loadPolicyOrThrow } from '../policy/load.js';
 import { dnsSetsInForce, readLiveTable, startResolverRuntime, type InForce, type ResolverRuntime } from '../resolver/runtime.js';
 import { systemAudit } from '../system/audit.js';
-import { gatherFacts } from '../system/facts.js';
+import { accountFilesToWatch, gatherFacts } from '../system/facts.js';
+import { watchAccounts } from './accounts.js';
 
 const USAGE = `Usage: egressd [--policy DIR] [--state DIR]
        egressd resolver [--policy DIR] [--state DIR]
@@ -79,6 +80,7 @@ async function main(): Promise<number> {
   log.info({ event: 'starting', policy: dir, backend: deps.nft.backend }, 'egressd starting');
 
   let resolver: ResolverRuntime | undefined;
+  let inForce: InForce | undefined;
   const apply = async (why: string): Promise<void> => {
     try {
       const applied = await applyPolicy(dir, deps);
@@ -93,7 +95,7 @@ async function main(): Promise<number> {
         },
         'policy applied',
       );
-      const inForce = { ...applied, liveNames: new Map([...applied.liveNames].map(([name, live]) => [name, [live]])) };
+      inForce = { ...applied, liveNames: new Map([...applied.liveNames].map(([name, live]) => [name, [live]])) };
       try {
         if (resolver) await resolver.update(inForce);
         else resolver = await startResolverRuntime(inForce, { nft: deps.nft, log, stateDir });
@@ -131,11 +133,23 @@ async function main(): Promise<number> {
   const keepAlive = setInterval(() => undefined, 1 << 30);
   const stop = (signal: string): void => {
     clearInterval(keepAlive);
+    accounts.close();
     void resolver?.close();
     log.info({ event: 'stopping', signal }, 'egressd stopping; the rules stay in force');
     stopWith?.(0);
   };
   process.on('SIGHUP', () => reload('SIGHUP'));
+  const accounts = watchAccounts({
+    files: accountFilesToWatch(),
+    inForce: () => inForce,
+    gather: gatherFacts,
+    changed: (files) => {
+      log.info({ event: 'accounts-changed', files }, 'what users and groups of the policy resolve to changed');
+      reload('accounts changed');
+    },
+    unchanged: (files) => log.info({ event: 'accounts-unchanged', files }, 'account files changed; nothing the policy uses did'),
+    failed: (error) => log.error({ event: 'accounts-unreadable', error: describe(error) }, 'could not read users and groups again'),
+  });
   process.once('SIGTERM', () => stop('SIGTERM'));
   process.once('SIGINT', () => stop('SIGINT'));
 
@@ -143,6 +157,7 @@ async function main(): Promise<number> {
   await reloading;
   if (!(await deps.nft.tableExists(TABLE.family, TABLE.name))) {
     clearInterval(keepAlive);
+    accounts.close();
     log.error({ event: 'stopping' }, 'no usable policy and no table in force; nothing to keep');
     return 2;
   }
