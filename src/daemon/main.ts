@@ -19,8 +19,9 @@ import { openNft } from '../nft/open.js';
 import { loadPolicyOrThrow } from '../policy/load.js';
 import { dnsSetsInForce, readLiveTable, startResolverRuntime, type InForce, type ResolverRuntime } from '../resolver/runtime.js';
 import { systemAudit } from '../system/audit.js';
-import { gatherFacts } from '../system/facts.js';
+import { accountFilesToWatch, gatherFacts } from '../system/facts.js';
 import { openNotifier } from '../system/sd-notify.js';
+import { watchAccounts } from './accounts.js';
 import { readiness } from './readiness.js';
 
 const USAGE = `Usage: egressd [--policy DIR] [--state DIR]
@@ -28,8 +29,11 @@ const USAGE = `Usage: egressd [--policy DIR] [--state DIR]
 
 Applies the egress policy in DIR (default /etc/egressd) as table inet
 egressd and keeps it: SIGHUP re-reads and re-applies it (a broken policy
-leaves the running rules in force and logs every error), SIGTERM stops
-egressd and leaves the rules in force. Logs are JSON lines on stdout.
+leaves the running rules in force and logs every error), and so does a
+change to what the policy's users and groups resolve to (/etc/passwd,
+/etc/group, /etc/subuid, /etc/subgid); SIGTERM stops egressd and leaves
+the rules in force. Logs are JSON lines on stdout. Under systemd
+(NOTIFY_SOCKET), it says READY=1 once a table is enforced.
 
 Once the policy is applied, egressd answers DNS on the policy's dns.listen
 addresses (default 127.0.0.153 and ::1, port 53): every address an answer
@@ -84,6 +88,7 @@ async function main(): Promise<number> {
   notifier.startWatchdog();
 
   let resolver: ResolverRuntime | undefined;
+  let inForce: InForce | undefined;
   const apply = async (why: string): Promise<void> => {
     service.applying(why);
     try {
@@ -99,7 +104,7 @@ async function main(): Promise<number> {
         },
         'policy applied',
       );
-      const inForce = { ...applied, liveNames: new Map([...applied.liveNames].map(([name, live]) => [name, [live]])) };
+      inForce = { ...applied, liveNames: new Map([...applied.liveNames].map(([name, live]) => [name, [live]])) };
       let answering = true;
       try {
         if (resolver) await resolver.update(inForce);
@@ -148,11 +153,23 @@ async function main(): Promise<number> {
     clearInterval(keepAlive);
     service.stopping(signal);
     notifier.close();
+    accounts.close();
     void resolver?.close();
     log.info({ event: 'stopping', signal }, 'egressd stopping; the rules stay in force');
     stopWith?.(0);
   };
   process.on('SIGHUP', () => reload('SIGHUP'));
+  const accounts = watchAccounts({
+    files: accountFilesToWatch(),
+    inForce: () => inForce,
+    gather: gatherFacts,
+    changed: (files) => {
+      log.info({ event: 'accounts-changed', files }, 'what users and groups of the policy resolve to changed');
+      reload('accounts changed');
+    },
+    unchanged: (files) => log.info({ event: 'accounts-unchanged', files }, 'account files changed; nothing the policy uses did'),
+    failed: (error) => log.error({ event: 'accounts-unreadable', error: describe(error) }, 'could not read users and groups again'),
+  });
   process.once('SIGTERM', () => stop('SIGTERM'));
   process.once('SIGINT', () => stop('SIGINT'));
 
@@ -160,6 +177,7 @@ async function main(): Promise<number> {
   await reloading;
   if (!(await deps.nft.tableExists(TABLE.family, TABLE.name))) {
     clearInterval(keepAlive);
+    accounts.close();
     log.error({ event: 'stopping' }, 'no usable policy and no table in force; nothing to keep');
     return 2;
   }

@@ -22,7 +22,9 @@ import { buildDecider, type Decider } from './decide.js';
 import { SetFiller, type FillView } from './fill.js';
 import { AddressMemory } from './memory.js';
 import { startResolver, type AnswerRecord, type Question, type Resolver } from './server.js';
-import { discoverUpstreams } from './upstreams.js';
+import { followUpstreams, rediscover } from './follow-upstreams.js';
+import { discoverUpstreams, type Discovered } from './upstreams.js';
+import type { FileWatch, WatchFilesOptions } from '../system/watch-files.js';
 import { openWhoAsks, type Who, type WhoAsks } from './who.js';
 
 /** The policy in force and what it was compiled against. */
@@ -44,6 +46,8 @@ export interface ResolverRuntimeOptions {
   readonly controlSocket?: string | false;
   /** Default 53. */
   readonly port?: number;
+  /** Follow the machine's upstreams (when the policy names none) as their files change; false: only at start and update. */
+  readonly followUpstreams?: false | WatchFilesOptions;
 }
 
 export interface ResolverRuntime {
@@ -51,6 +55,11 @@ export interface ResolverRuntime {
   readonly upstreams: readonly string[];
   /** The policy now in force (after an apply); new listen addresses, upstreams or mark restart the server. */
   update(inForce: InForce): Promise<void>;
+  /**
+   * Where the policy names no upstreams: finds the machine's again and, if
+   * they changed, restarts the server with them. True when it restarted.
+   */
+  rediscover(): Promise<boolean>;
   /** The table's set names changed under us (an apply by someone else): read them again. */
   refreshLiveNames(): Promise<void>;
   counters(): Record<string, number>;
@@ -91,7 +100,9 @@ interface State {
 export async function startResolverRuntime(first: InForce, options: ResolverRuntimeOptions): Promise<ResolverRuntime> {
   const { nft, log } = options;
   let dns = first.policy.dns;
-  let upstreams = dns.upstreams ?? discovered(options, dns.listen, log);
+  let found = dns.upstreams ? undefined : discovered(options, dns.listen, log);
+  let upstreams = dns.upstreams ?? found!.upstreams;
+  let following: FileWatch | undefined;
   const memory = new AddressMemory();
   let writer: BatchingWriter | undefined;
   let who: WhoAsks | undefined;
@@ -156,6 +167,49 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
     if (options.controlSocket !== false) {
       control = await startControlServer({ memory, counters, ...(options.controlSocket === undefined ? {} : { path: options.controlSocket }) });
     }
+    /** New listen addresses, upstreams or mark: the sockets' own, so new sockets and a moment without an answer. */
+    const restart = async (next: DnsSettings, nextUpstreams: readonly string[]): Promise<void> => {
+      if (listening && JSON.stringify([next.listen, nextUpstreams, next.mark]) === JSON.stringify([dns.listen, upstreams, dns.mark])) return;
+      await resolver!.close();
+      listening = false;
+      try {
+        resolver = await serve(next, nextUpstreams);
+        listening = true;
+        [dns, upstreams] = [next, nextUpstreams];
+        log.info({ event: 'resolver-ready', listen: resolver.addresses, upstreams }, `resolver: answering on ${dns.listen.join(', ')}`);
+      } catch (error) {
+        // Back to what answered before; should that fail too, the next update tries again (`resolver` is closed, never half-open).
+        resolver = await serve(dns, upstreams).then(
+          (previous) => ((listening = true), previous),
+          (again: unknown) => {
+            log.error({ event: 'resolver-failed', error: String(again) }, 'resolver: could not listen again with the previous settings');
+            return resolver!;
+          },
+        );
+        throw error;
+      }
+    };
+    // An update and a rediscovery each change the server: one at a time.
+    let queue: Promise<unknown> = Promise.resolve();
+    const serial = <T>(change: () => Promise<T>): Promise<T> => {
+      const run = queue.then(change);
+      queue = run.catch(() => undefined);
+      return run;
+    };
+    /** Watches the upstreams' files while the policy names none. */
+    const follow = (): void => {
+      if (dns.upstreams || options.followUpstreams === false) {
+        following?.close();
+        following = undefined;
+        return;
+      }
+      following ??= followUpstreams({
+        watched: () => found?.watched ?? [],
+        rediscover: () => runtime.rediscover(),
+        failed: (error) => log.error({ event: 'resolver-error', error: String(error) }, 'resolver: rediscovering the upstreams failed'),
+        ...(options.followUpstreams === undefined ? {} : { watch: options.followUpstreams }),
+      });
+    };
     const runtime: ResolverRuntime = {
       get resolver() {
         return resolver!;
@@ -163,34 +217,36 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
       get upstreams() {
         return upstreams;
       },
-      async update(inForce) {
-        state = await build(inForce);
-        filler.update(state.view);
-        const next = inForce.policy.dns;
-        const nextUpstreams = next.upstreams ?? discovered(options, next.listen, log);
-        if (!listening || JSON.stringify([next.listen, nextUpstreams, next.mark]) !== JSON.stringify([dns.listen, upstreams, dns.mark])) {
-          // Where it listens, whom it asks and with which mark are the sockets' own: new sockets, a moment without an answer.
-          await resolver!.close();
-          listening = false;
-          try {
-            resolver = await serve(next, nextUpstreams);
-            listening = true;
-            [dns, upstreams] = [next, nextUpstreams];
-            log.info({ event: 'resolver-ready', listen: resolver.addresses, upstreams }, `resolver: answering on ${dns.listen.join(', ')}`);
-          } catch (error) {
-            // Back to what answered before; should that fail too, the next update tries again (`resolver` is closed, never half-open).
-            resolver = await serve(dns, upstreams).then(
-              (previous) => ((listening = true), previous),
-              (again: unknown) => {
-                log.error({ event: 'resolver-failed', error: String(again) }, 'resolver: could not listen again with the previous settings');
-                return resolver!;
-              },
-            );
-            throw error;
+      update(inForce) {
+        return serial(async () => {
+          state = await build(inForce);
+          filler.update(state.view);
+          const next = inForce.policy.dns;
+          const nextFound = next.upstreams ? undefined : discovered(options, next.listen, log);
+          await restart(next, next.upstreams ?? nextFound!.upstreams);
+          found = nextFound;
+          follow();
+          const relearned = await filler.relearn(memory.chains());
+          if (relearned > 0) log.info({ event: 'resolver-relearned', elements: relearned }, 'resolver: remembered addresses put into the new sets');
+        });
+      },
+      rediscover() {
+        return serial(async () => {
+          if (dns.upstreams) return false;
+          const again = rediscover(upstreams, () => discovered(options, dns.listen, log));
+          if (again.kind === 'none') {
+            log.warn({ event: 'resolver-upstreams-lost', error: again.error.message }, 'resolver: no upstream found now; asking the ones it had');
+            return false;
           }
-        }
-        const relearned = await filler.relearn(memory.chains());
-        if (relearned > 0) log.info({ event: 'resolver-relearned', elements: relearned }, 'resolver: remembered addresses put into the new sets');
+          found = again.found;
+          if (again.kind === 'same') return false;
+          log.info(
+            { event: 'resolver-upstreams-changed', source: again.found.source, upstreams: again.found.upstreams, was: upstreams },
+            "resolver: the machine's upstreams changed",
+          );
+          await restart(dns, again.found.upstreams);
+          return true;
+        });
       },
       async refreshLiveNames() {
         const names = dnsSetsInForce(state.compiled, (await readLiveTable(nft)).sets);
@@ -199,6 +255,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
       },
       counters,
       async close() {
+        following?.close();
         await control?.close();
         await resolver?.close();
         writer?.close();
@@ -206,6 +263,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
       },
     };
     log.info({ event: 'resolver-ready', listen: resolver.addresses, upstreams }, `resolver: answering on ${dns.listen.join(', ')}`);
+    follow();
     return runtime;
   } catch (error) {
     await control?.close().catch(() => undefined);
@@ -216,10 +274,10 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
   }
 }
 
-function discovered(options: ResolverRuntimeOptions, listen: readonly string[], log: Logger): readonly string[] {
+function discovered(options: ResolverRuntimeOptions, listen: readonly string[], log: Logger): Discovered {
   const found = discoverUpstreams({ root: options.root ?? '/', stateDir: options.stateDir, listen });
   for (const note of found.notes) log.warn({ event: 'resolver-upstream-note', source: found.source, note }, `resolver upstreams: ${note}`);
-  return found.upstreams;
+  return found;
 }
 
 function prefixed(prefix: string, values: object): Record<string, number> {

@@ -1,4 +1,5 @@
-import { join } from 'node:path';
+import { lstatSync, readlinkSync } from 'node:fs';
+import { join, posix } from 'node:path';
 import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import { canonicalAddress } from './memory.js';
 import {
@@ -9,6 +10,7 @@ import {
   RESOLV_CONF,
   RESOLVED_STUBS,
   RESOLVED_UPSTREAMS,
+  DNS_RECORD_FILE,
   type DnsRecord,
   type FileState,
 } from '../system/resolv-conf.js';
@@ -30,6 +32,8 @@ export interface Discovered {
   readonly source: string;
   /** What was skipped and why, for the log. */
   readonly notes: readonly string[];
+  /** Every file read to find them (links on the way included) and the record of enable: a change to one may change them. */
+  readonly watched: readonly string[];
 }
 
 export interface DiscoverOptions {
@@ -83,7 +87,7 @@ export function discoverUpstreams(options: DiscoverOptions): Discovered {
         upstreams.push(server.text);
       }
     }
-    if (upstreams.length > 0) return { upstreams, source: candidate.source, notes };
+    if (upstreams.length > 0) return { upstreams, source: candidate.source, notes, watched: watchedFiles(options, candidates.slice(0, i + 1)) };
     const resolved = resolvedFile();
     if (stub && !candidates.some((c) => c.source === resolved.source)) candidates.push(resolved);
   }
@@ -115,4 +119,30 @@ function resolveTarget(target: string): string {
 /** A file's text within root; `target`: the file a link at `path` led to, which enable has since replaced. */
 function read(root: string, path: string, target?: string): string | undefined {
   return readThrough(root, target === undefined ? path : resolveTarget(target))?.toString('utf8');
+}
+
+/**
+ * The files a discovery read, as the watch needs them: each candidate's path
+ * and every link it went through (resolv.conf is often a link into /run,
+ * whose target is what its owner rewrites), and the record of enable, whose
+ * coming or going changes where the upstreams are read. Candidates that are
+ * no file (enable's record of a file it replaced) have no path to watch.
+ */
+function watchedFiles(options: DiscoverOptions, candidates: readonly Candidate[]): string[] {
+  const files = new Set<string>([join(options.stateDir, DNS_RECORD_FILE), join(options.root, RESOLV_CONF)]);
+  for (const { source } of candidates) {
+    if (!source.startsWith(options.root) || source.includes(' ')) continue;
+    let at = posix.relative(options.root, source);
+    for (let hops = 0; hops < 16; hops++) {
+      const path = join(options.root, at);
+      files.add(path);
+      try {
+        if (!lstatSync(path).isSymbolicLink()) break;
+        at = posix.resolve('/', posix.dirname(`/${at}`), readlinkSync(path)).slice(1);
+      } catch {
+        break;
+      }
+    }
+  }
+  return [...files];
 }
