@@ -3,7 +3,7 @@
 # dist/ and fills node_modules/), as root:
 #   scripts/install.sh [--root DIR] [--uninstall]
 #
-#   /usr/lib/egressd/           dist/, package.json, package-lock.json, and
+#   /usr/lib/egressd/           dist/, package.json, package-lock.json, README.md (the units' Documentation=), and
 #                               node_modules/ with the production packages of
 #                               package-lock.json only (copied from this
 #                               checkout's node_modules: no network, no npm)
@@ -254,7 +254,7 @@ install_build() {
   # install that changes nothing changes no directory either.
   local build=$tmp/build
   mkdir -m 0755 "$build"
-  cp -R --preserve=mode "$src/dist" "$src/package.json" "$src/package-lock.json" "$build/"
+  cp -R --preserve=mode "$src/dist" "$src/package.json" "$src/package-lock.json" "$src/README.md" "$build/"
   production_packages >"$tmp/packages"
   (cd "$src" && tr '\n' '\0' <"$tmp/packages" | xargs -0 -r cp -R --parents --preserve=mode -t "$build")
   count=$(wc -l <"$tmp/packages")

@@ -36,7 +36,7 @@ function source(systemd: Record<string, string> = {}): string {
   const src = temp('egressd-src-');
   mkdirSync(join(src, 'scripts'));
   cpSync(SCRIPT, join(src, 'scripts', 'install.sh'));
-  for (const part of ['dist', 'policies', 'package.json', 'package-lock.json']) cpSync(join(CHECKOUT, part), join(src, part), { recursive: true });
+  for (const part of ['dist', 'policies', 'package.json', 'package-lock.json', 'README.md']) cpSync(join(CHECKOUT, part), join(src, part), { recursive: true });
   symlinkSync(realpathSync(join(CHECKOUT, 'node_modules')), join(src, 'node_modules'));
   cpSync(join(CHECKOUT, 'systemd'), join(src, 'systemd'), { recursive: true });
   for (const [name, text] of Object.entries(systemd)) writeFileSync(join(src, 'systemd', name), text);
@@ -211,7 +211,7 @@ describe.skipIf(unavailable)(`scripts/install.sh --root ${unavailable ? `(skippe
       'failsafe-test.nft': 'table inet egressd {}\n',
       'other-test.nft': 'table inet egressd {}\n',
       'egressd-tmpfiles.conf': 'd /var/lib/egressd 0700 root root -\n',
-      'egressd.sysusers.conf': 'g egressd-audit -\n',
+      'egressd-sysusers.conf': 'g egressd-audit -\n',
       'org.egressd1.conf': '<busconfig/>\n',
     });
     const root = temp('egressd-root-');
