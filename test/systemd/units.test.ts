@@ -109,6 +109,14 @@ describe('egressd.service as the daemon needs it', () => {
     expect(settings('StateDirectory')).toEqual(['egressd']);
   });
 
+  it('lets node, executed by root, keep the capabilities nftables needs: no SecureBits=noroot (root would exec with none), or the capabilities ambient', () => {
+    const noroot = settings('SecureBits').some((bits) => /\bnoroot\b/.test(bits ?? ''));
+    const ambient = settings('AmbientCapabilities').join(' ');
+    expect(settings('User')).toEqual([]);
+    if (noroot) expect(ambient).toContain('CAP_NET_ADMIN');
+    expect(settings('CapabilityBoundingSet')[0]).toContain('CAP_NET_ADMIN');
+  });
+
   it('keeps the address families sd_notify, nftables and sock_diag need', () => {
     expect(settings('RestrictAddressFamilies')).toEqual(['AF_UNIX AF_NETLINK AF_INET AF_INET6']);
   });
