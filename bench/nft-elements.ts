@@ -18,6 +18,7 @@ import { batchDocument, list } from '../src/nft/commands.js';
 import { loadLibnftables, NftOutputFlag } from '../src/nft/libnftables.js';
 import { openNft } from '../src/nft/open.js';
 import type { Nft } from '../src/nft/client.js';
+import { latencyTable, type LatencyRow } from './lib/stats.js';
 
 const SIZE = 100_000;
 const INTERVAL_SIZE = 20_000;
@@ -30,33 +31,6 @@ const { values } = parseArgs({
     'slow-adds': { type: 'string', default: '20' },
   },
 });
-
-interface Row {
-  readonly scenario: string;
-  readonly samples: readonly number[];
-}
-
-function percentile(sorted: readonly number[], p: number): number {
-  const index = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
-  return sorted[index] ?? Number.NaN;
-}
-
-function table(rows: readonly Row[]): string {
-  const head = ['scenario', 'n', 'p50 ms', 'p99 ms', 'max ms'];
-  const body = rows.map((row) => {
-    const sorted = [...row.samples].sort((a, b) => a - b);
-    return [
-      row.scenario,
-      String(sorted.length),
-      percentile(sorted, 50).toFixed(3),
-      percentile(sorted, 99).toFixed(3),
-      (sorted[sorted.length - 1] ?? Number.NaN).toFixed(3),
-    ];
-  });
-  const widths = head.map((h, i) => Math.max(h.length, ...body.map((r) => (r[i] ?? '').length)));
-  const line = (cells: readonly string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join('  ');
-  return [line(head), widths.map((w) => '-'.repeat(w)).join('  '), ...body.map(line)].join('\n');
-}
 
 const BENCH: TableRef = { family: 'inet', name: 'bench' };
 const OTHER: TableRef = { family: 'inet', name: 'other' };
@@ -87,7 +61,7 @@ async function inner(): Promise<void> {
 
   const elements = Array.from({ length: SIZE }, (_, i) => addr('a', i));
   const big: Ruleset = { table: BENCH, sets: [{ name: 'big6', key: 'ipv6_addr', flags: ['timeout'], elements }], chains: [] };
-  const loads: Row[] = [];
+  const loads: LatencyRow[] = [];
   for (const [label, nft] of [
     ['libnftables', lib],
     ['nft binary', bin],
@@ -97,7 +71,7 @@ async function inner(): Promise<void> {
     loads.push({ scenario: `replace table, ${SIZE.toLocaleString('en')} elements (${label})`, samples: [performance.now() - start] });
   }
 
-  const rows: Row[] = [];
+  const rows: LatencyRow[] = [];
   rows.push({ scenario: 'in-process, fresh nft_ctx per add', samples: await timeAdds(lib, adds, 'b') });
   rows.push({ scenario: 'spawn `nft` per add', samples: await timeAdds(bin, spawnAdds, 'c') });
 
@@ -136,9 +110,9 @@ async function inner(): Promise<void> {
   await lib.deleteTable();
 
   console.log(`nft ${await lib.version()}; single element add (timeout 600s) into a ${SIZE.toLocaleString('en')}-element hash set\n`);
-  console.log(table(rows));
+  console.log(latencyTable(rows));
   console.log('');
-  console.log(table(loads));
+  console.log(latencyTable(loads));
 }
 
 function outer(): void {

@@ -51,6 +51,7 @@ import { parseArgs } from 'node:util';
 import dnsPacket from 'dns-packet';
 import { parseNameList } from '../src/policy/lists.js';
 import { runInOwnNamespace } from './lib/netns.js';
+import { percentile } from './lib/stats.js';
 
 const { values } = parseArgs({ options: { inner: { type: 'string' }, quick: { type: 'boolean', default: false } } });
 const quick = values.quick;
@@ -93,11 +94,6 @@ function checkBudget(step: string): void {
 }
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
-
-function percentile(sorted: readonly number[], p: number): number {
-  const index = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
-  return sorted[index] ?? Number.NaN;
-}
 
 // ---------------------------------------------------------------- processes
 

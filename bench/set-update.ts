@@ -21,6 +21,7 @@ import { createBatchingWriter, openSetElementWriter, type ElementWrite } from '.
 import { openNft } from '../src/nft/open.js';
 import type { Nft } from '../src/nft/client.js';
 import { runInOwnNamespace } from './lib/netns.js';
+import { latencyTable, type LatencyRow } from './lib/stats.js';
 
 const CIDRS = 100_000;
 const TIMEOUT_S = 600;
@@ -35,33 +36,6 @@ const { values } = parseArgs({
   },
 });
 const count = (given: string | undefined, full: number, quick: number): number => Number(given ?? (values.quick ? quick : full));
-
-interface Row {
-  readonly scenario: string;
-  readonly samples: readonly number[];
-}
-
-function percentile(sorted: readonly number[], p: number): number {
-  const index = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
-  return sorted[index] ?? Number.NaN;
-}
-
-function table(rows: readonly Row[]): string {
-  const head = ['scenario', 'n', 'p50 ms', 'p99 ms', 'max ms'];
-  const body = rows.map((row) => {
-    const sorted = [...row.samples].sort((a, b) => a - b);
-    return [
-      row.scenario,
-      String(sorted.length),
-      percentile(sorted, 50).toFixed(3),
-      percentile(sorted, 99).toFixed(3),
-      (sorted[sorted.length - 1] ?? Number.NaN).toFixed(3),
-    ];
-  });
-  const widths = head.map((h, i) => Math.max(h.length, ...body.map((r) => (r[i] ?? '').length)));
-  const line = (cells: readonly string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join('  ');
-  return [line(head), widths.map((w) => '-'.repeat(w)).join('  '), ...body.map(line)].join('\n');
-}
 
 const TABLE: TableRef = { family: 'inet', name: 'egressd' };
 
@@ -118,7 +92,7 @@ async function inner(): Promise<void> {
   loadTable();
   const loadMs = performance.now() - loadStart;
 
-  const rows: Row[] = [];
+  const rows: LatencyRow[] = [];
   const writer = openSetElementWriter(TABLE);
   const toWrites = ({ set, addresses }: { set: string; addresses: string[] }): ElementWrite[] =>
     addresses.map((address) => ({ set, address, timeoutMs: TIMEOUT_S * 1000, comment: 'bench.example.test' }));
@@ -163,7 +137,7 @@ async function inner(): Promise<void> {
     `kernel ${release()}, nft ${await bin.version()}; one answer (1-4 addresses, timeout ${TIMEOUT_S}s) into a hash set, ` +
       `a ${CIDRS.toLocaleString('en')}-CIDR interval set in the same table (loaded in ${loadMs.toFixed(0)} ms)${values.quick ? '; --quick' : ''}\n`,
   );
-  console.log(table(rows));
+  console.log(latencyTable(rows));
 }
 
 function outer(): void {

@@ -25,3 +25,33 @@ export function medianWithInterval(xs: readonly number[]): { median: number; low
   // 100 resamples below the interval and 100 above it.
   return { median: median(xs), low: medians[100]!, high: medians[1899]! };
 }
+
+/** The nearest-rank percentile of values sorted ascending; NaN for none. */
+export function percentile(sorted: readonly number[], p: number): number {
+  const index = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
+  return sorted[index] ?? Number.NaN;
+}
+
+/** One scenario's latencies, in ms. */
+export interface LatencyRow {
+  readonly scenario: string;
+  readonly samples: readonly number[];
+}
+
+/** scenario, n, p50, p99 and max of each row, as a fixed-width text table. */
+export function latencyTable(rows: readonly LatencyRow[]): string {
+  const head = ['scenario', 'n', 'p50 ms', 'p99 ms', 'max ms'];
+  const body = rows.map((row) => {
+    const sorted = [...row.samples].sort((a, b) => a - b);
+    return [
+      row.scenario,
+      String(sorted.length),
+      percentile(sorted, 50).toFixed(3),
+      percentile(sorted, 99).toFixed(3),
+      (sorted[sorted.length - 1] ?? Number.NaN).toFixed(3),
+    ];
+  });
+  const widths = head.map((h, i) => Math.max(h.length, ...body.map((r) => (r[i] ?? '').length)));
+  const line = (cells: readonly string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join('  ');
+  return [line(head), widths.map((w) => '-'.repeat(w)).join('  '), ...body.map(line)].join('\n');
+}
