@@ -152,7 +152,7 @@ export interface DnsSettings {
   readonly ttlCap: number;
   /** What a globally denied name gets: NXDOMAIN (default), 0.0.0.0/:: ('null'), or the true answer ('true'). */
   readonly deniedAnswer: 'nxdomain' | 'null' | 'true';
-  /** Only the resolver's own sockets (meta mark == mark) may send udp/tcp 53 and 853 off the host. Default true. */
+  /** Only the resolver's own sockets (root's, carrying `mark`) may send udp/tcp 53 and 853 off the host. Default true. */
   readonly exclusive: boolean;
   /** The meta mark (SO_MARK) on the resolver's upstream sockets. Default 0x45444e53 ("EDNS"). */
   readonly mark: number;

@@ -18,7 +18,7 @@
 import { isIPv6 } from 'node:net';
 import type { DnsBinding } from '../compile/compile.js';
 import type { ElementRemoval, ElementWrite } from '../nft/set-elements.js';
-import { cnameChain } from './message.js';
+import { cnameChain, normalizeName } from './message.js';
 import type { AnswerRecord, Question } from './server.js';
 
 export interface FillView {
@@ -51,8 +51,6 @@ export interface FillCounters {
   failures: number;
 }
 
-const lower = (name: string) => name.toLowerCase().replace(/\.$/, '');
-
 export class SetFiller {
   readonly counters: FillCounters = { answers: 0, addressesSeen: 0, elementsWritten: 0, writesSkipped: 0, spared: 0, transactions: 0, failures: 0 };
   /** Live set + address → when the kernel's element expires (ms), as last written. */
@@ -84,11 +82,11 @@ export class SetFiller {
   async learn(question: Question, records: readonly AnswerRecord[]): Promise<void> {
     this.counters.answers++;
     const chain = cnameChain(
-      lower(question.name),
-      records.map((r) => (r.type === 'CNAME' ? { ...r, name: lower(r.name), data: lower(r.data) } : r)),
+      normalizeName(question.name),
+      records.map((r) => (r.type === 'CNAME' ? { ...r, name: normalizeName(r.name), data: normalizeName(r.data) } : r)),
     );
     const inChain = new Set(chain);
-    const addresses = records.filter((r) => (r.type === 'A' || r.type === 'AAAA') && inChain.has(lower(r.name)));
+    const addresses = records.filter((r) => (r.type === 'A' || r.type === 'AAAA') && inChain.has(normalizeName(r.name)));
     if (addresses.length === 0) return;
     this.counters.addressesSeen += addresses.length;
     const writes = this.writesFor(chain, addresses);
@@ -139,7 +137,7 @@ export class SetFiller {
             this.counters.writesSkipped++;
             continue;
           }
-          const comment = lower(r.name) === chain[0] ? chain[0] : `${chain[0]} > ${lower(r.name)}`;
+          const comment = normalizeName(r.name) === chain[0] ? chain[0] : `${chain[0]} > ${normalizeName(r.name)}`;
           writes.push({ set, address: r.data, timeoutMs: seconds * 1000, comment });
           this.written.set(key, expires);
         }

@@ -1,4 +1,5 @@
 import { isIP } from 'node:net';
+import { normalizeName } from './message.js';
 
 /**
  * Which names an address was learned from, for as long as the answers
@@ -101,10 +102,10 @@ export class AddressMemory {
     }
     this.linkNewest(entry);
     for (let i = 0; i < names.length; i++) {
-      const name = normalName(names[i]!);
+      const name = normalizeName(names[i]!);
       const ttl = typeof ttlSeconds === 'number' ? ttlSeconds : (ttlSeconds[i] ?? 0);
       const expiresAt = now + Math.max(0, ttl) * 1000;
-      const next = i + 1 < names.length ? normalName(names[i + 1]!) : undefined;
+      const next = i + 1 < names.length ? normalizeName(names[i + 1]!) : undefined;
       const held = entry.names.find((n) => n.name === name);
       if (held) {
         held.expiresAt = Math.max(held.expiresAt, expiresAt);
@@ -129,17 +130,17 @@ export class AddressMemory {
    */
   rememberAnswer(question: string, records: readonly AnswerLike[], now = this.clock()): void {
     const cnameTo = new Map<string, AnswerLike>();
-    for (const r of records) if (r.type === 'CNAME') cnameTo.set(normalName(r.data), r);
-    const asked = normalName(question);
+    for (const r of records) if (r.type === 'CNAME') cnameTo.set(normalizeName(r.data), r);
+    const asked = normalizeName(question);
     for (const r of records) {
       if (r.type !== 'A' && r.type !== 'AAAA') continue;
-      const chain = [normalName(r.name)];
+      const chain = [normalizeName(r.name)];
       const ttls = [r.ttl];
       // Walk back from the address record's owner to the question; a loop or a stray record ends the walk.
       for (let hops = 0; chain[0] !== asked && hops < 32; hops++) {
         const link = cnameTo.get(chain[0]!);
-        if (!link || chain.includes(normalName(link.name))) break;
-        chain.unshift(normalName(link.name));
+        if (!link || chain.includes(normalizeName(link.name))) break;
+        chain.unshift(normalizeName(link.name));
         ttls.unshift(Math.min(link.ttl, ttls[0]!));
       }
       this.remember(chain, r.data, ttls, now);
@@ -254,10 +255,6 @@ export class AddressMemory {
 
 function allExpired(entry: AddressEntry, now: number): boolean {
   return entry.names.every((held) => held.expiresAt <= now);
-}
-
-function normalName(name: string): string {
-  return name.toLowerCase().replace(/\.$/, '');
 }
 
 /**
