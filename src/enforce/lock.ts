@@ -26,14 +26,24 @@ export function lockPathFor(netnsInode: number | 'unknown'): string {
   return join(LOCK_DIR, `net-${netnsInode}.lock`);
 }
 
+/**
+ * The inode of this process's network namespace, which names what is the
+ * table's in /run/egressd (its lock, its resolver's socket). Without /proc,
+ * 'unknown': every egressd process on the machine then shares one name —
+ * one lock, still safe; one resolver socket, which a second resolver
+ * refuses to take while the first answers.
+ */
+export function ownNetnsInode(): number | 'unknown' {
+  try {
+    return statSync('/proc/self/ns/net').ino;
+  } catch {
+    return 'unknown';
+  }
+}
+
 /** The lock of this process's network namespace. */
 export function defaultLockPath(): string {
-  try {
-    return lockPathFor(statSync('/proc/self/ns/net').ino);
-  } catch {
-    // Without /proc every egressd process on the machine shares one lock: still safe.
-    return lockPathFor('unknown');
-  }
+  return lockPathFor(ownNetnsInode());
 }
 
 const LOCK_EX = 2;

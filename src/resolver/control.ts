@@ -1,7 +1,7 @@
-import { chmodSync, lstatSync, mkdirSync, rmSync, statSync } from 'node:fs';
+import { chmodSync, lstatSync, mkdirSync, rmSync } from 'node:fs';
 import { createConnection, createServer, isIP, type Server, type Socket } from 'node:net';
 import { dirname, join } from 'node:path';
-import { LOCK_DIR } from '../enforce/lock.js';
+import { LOCK_DIR, ownNetnsInode } from '../enforce/lock.js';
 import { EgressError, ErrorCode } from '../errors.js';
 import { canonicalAddress, type AddressMemory, type LearnedName, type MemoryCounters } from './memory.js';
 
@@ -15,19 +15,14 @@ import { canonicalAddress, type AddressMemory, type LearnedName, type MemoryCoun
  * not running, so the CLI never hangs on it.
  */
 
-/**
- * The control socket of the resolver of this process's network namespace:
- * one resolver per table, like the enforcement lock (lock.ts), so that
- * resolvers in other namespaces (containers, the tests) never meet.
- */
+/** The control socket of the resolver of the network namespace with this inode: one resolver per table, like the enforcement lock (lock.ts). */
+export function controlSocketPathFor(netnsInode: number | 'unknown'): string {
+  return join(LOCK_DIR, `net-${netnsInode}.resolver.sock`);
+}
+
+/** The control socket of this process's network namespace, so that resolvers in other namespaces (containers, the tests) never meet. */
 export function controlSocketPath(): string {
-  let netns: number | 'unknown' = 'unknown';
-  try {
-    netns = statSync('/proc/self/ns/net').ino;
-  } catch {
-    // Without /proc every resolver on the machine shares one path; a second one refuses to start while the first answers.
-  }
-  return join(LOCK_DIR, `net-${netns}.resolver.sock`);
+  return controlSocketPathFor(ownNetnsInode());
 }
 export const MAX_REQUEST_BYTES = 4096;
 const SHARED_SHOWN = 10;

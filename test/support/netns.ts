@@ -1,7 +1,7 @@
 import { spawnSync } from 'node:child_process';
 import { rmSync, statSync } from 'node:fs';
-import { join } from 'node:path';
-import { LOCK_DIR, lockPathFor } from '../../src/enforce/lock.js';
+import { lockPathFor } from '../../src/enforce/lock.js';
+import { controlSocketPathFor } from '../../src/resolver/control.js';
 
 /**
  * Deletes a network namespace a test made, and the enforcement lock file
@@ -13,7 +13,7 @@ export function deleteNamespace(ns: string): void {
   try {
     const inode = statSync(`/run/netns/${ns}`).ino;
     lock = lockPathFor(inode);
-    resolverSocket = join(LOCK_DIR, `net-${inode}.resolver.sock`);
+    resolverSocket = controlSocketPathFor(inode);
   } catch {
     // No such namespace: nothing to remove.
   }
