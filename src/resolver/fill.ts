@@ -89,8 +89,9 @@ export class SetFiller {
     const addresses = records.filter((r) => (r.type === 'A' || r.type === 'AAAA') && inChain.has(normalizeName(r.name)));
     if (addresses.length === 0) return;
     this.counters.addressesSeen += addresses.length;
-    const writes = this.writesFor(chain, addresses);
-    const removals = this.sparedNow(chain, addresses);
+    const covering = this.view.bindingsFor(chain);
+    const writes = this.writesFor(chain, covering, addresses);
+    const removals = this.sparedNow(covering, addresses);
     if (writes.length > 0) await this.write(writes);
     if (removals.length > 0) {
       await this.writer.remove(removals);
@@ -104,13 +105,18 @@ export class SetFiller {
     const writes: ElementWrite[] = [];
     for (const entry of entries) {
       const last = entry.chain[entry.chain.length - 1] ?? '';
-      writes.push(...this.writesFor(entry.chain, [{ name: last, type: isIPv6(entry.address) ? 'AAAA' : 'A', ttl: entry.ttl, data: entry.address }]));
+      writes.push(
+        ...this.writesFor(entry.chain, this.view.bindingsFor(entry.chain), [
+          { name: last, type: isIPv6(entry.address) ? 'AAAA' : 'A', ttl: entry.ttl, data: entry.address },
+        ]),
+      );
     }
     for (let at = 0; at < writes.length; at += 4096) await this.write(writes.slice(at, at + 4096));
     return writes.length;
   }
 
-  private writesFor(chain: readonly string[], addresses: readonly AnswerRecord[]): ElementWrite[] {
+  /** `covering`: the bindings whose names cover a name of `chain` (the view's bindingsFor). */
+  private writesFor(chain: readonly string[], covering: readonly number[], addresses: readonly AnswerRecord[]): ElementWrite[] {
     const { bindings, liveNames, ttlFloor, ttlCap } = this.view;
     const now = this.now();
     if (this.written.size >= this.sweepAt) {
@@ -118,7 +124,7 @@ export class SetFiller {
       this.sweepAt = Math.max(4096, this.written.size * 2);
     }
     const writes: ElementWrite[] = [];
-    for (const index of this.view.bindingsFor(chain)) {
+    for (const index of covering) {
       const binding = bindings[index];
       if (!binding) continue;
       for (const r of addresses) {
@@ -152,9 +158,9 @@ export class SetFiller {
   }
 
   /** Addresses of this answer that a sparing rule (which does not cover this chain) holds from an earlier answer: out they go. */
-  private sparedNow(chain: readonly string[], addresses: readonly AnswerRecord[]): ElementRemoval[] {
+  private sparedNow(coveringChain: readonly number[], addresses: readonly AnswerRecord[]): ElementRemoval[] {
     const { bindings, liveNames } = this.view;
-    const covering = new Set(this.view.bindingsFor(chain));
+    const covering = new Set(coveringChain);
     const removals: ElementRemoval[] = [];
     bindings.forEach((binding, index) => {
       if (binding.sharedAddresses !== 'spare' || covering.has(index)) return;
