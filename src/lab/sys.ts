@@ -5,7 +5,8 @@
 import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { lockPathFor } from '../../src/enforce/lock.js';
+import { lockPathFor } from '../enforce/lock.js';
+import { controlSocketPathFor } from '../resolver/control.js';
 
 export const RUN_DIR = '/run/egressd-test';
 /** Namespaces the harness makes: `egdt<6 hex>-host` / `egdt<6 hex>-inet` (15 chars). */
@@ -199,7 +200,9 @@ export function readRecords(): NetRecord[] {
   for (const n of names) {
     if (!/^[0-9a-f]{6}\.json$/.test(n)) continue;
     try {
-      recs.push(JSON.parse(fs.readFileSync(path.join(RUN_DIR, n), 'utf8')) as NetRecord);
+      // Records written by older harnesses may lack cgroups.
+      const rec = JSON.parse(fs.readFileSync(path.join(RUN_DIR, n), 'utf8')) as Omit<NetRecord, 'cgroups'> & { cgroups?: string[] };
+      recs.push({ ...rec, cgroups: rec.cgroups ?? [] });
     } catch {
       /* being written or removed */
     }
@@ -239,13 +242,14 @@ export function killNetnsProcs(ns: string): number[] {
 export function deleteNetns(ns: string): void {
   if (!NETNS_RE.test(ns)) throw new HarnessError(`refusing to delete namespace ${ns}`);
   if (!fs.existsSync(`/run/netns/${ns}`)) return;
-  // Applies inside the namespace left its enforcement lock file (one per namespace).
-  const lock = lockPathFor(fs.statSync(`/run/netns/${ns}`).ino);
+  // Applies inside the namespace left its enforcement lock file, and a resolver killed in it its control socket (one each per namespace).
+  const inode = fs.statSync(`/run/netns/${ns}`).ino;
   const r = spawnSync('ip', ['netns', 'delete', ns], { encoding: 'utf8' });
   if (r.status !== 0 && fs.existsSync(`/run/netns/${ns}`)) {
     throw new HarnessError(`ip netns delete ${ns}: ${r.stderr.trim()}`);
   }
-  fs.rmSync(lock, { force: true });
+  fs.rmSync(lockPathFor(inode), { force: true });
+  fs.rmSync(controlSocketPathFor(inode), { force: true });
 }
 
 /**
@@ -274,7 +278,7 @@ export function cleanupStale(): { namespaces: string[]; cgroups: string[] } {
         /* another cleaner got there first */
       }
     }
-    cgroups.push(...(rec.cgroups ?? []));
+    cgroups.push(...rec.cgroups);
     try {
       fs.unlinkSync(recordPath(rec.id));
     } catch {

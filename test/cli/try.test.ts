@@ -1,0 +1,107 @@
+import { spawn, spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { TryResult } from '../../src/lab/try.js';
+import { harnessNamespaces, harnessUnavailableReason } from '../harness/index.js';
+
+const ROOT = join(import.meta.dirname, '..', '..');
+const CLI = join(ROOT, 'dist', 'cli', 'main.js');
+
+/**
+ * What `egressctl try` promises to leave as it found it, read on the
+ * machine itself: the ruleset, the network namespaces and links, the
+ * cgroup2 hierarchy (mounted privately to be read, as the lab mounts it),
+ * users and groups, egressd's run-time files. Other test files build and
+ * remove their own namespaces meanwhile, so those (and their lock files)
+ * are left out: the run's own are checked by name.
+ */
+function hostState(): Record<string, string> {
+  const run = (argv: string[]): string => {
+    const r = spawnSync(argv[0]!, argv.slice(1), { encoding: 'utf8' });
+    return `${r.status} ${r.stdout}${r.stderr}`;
+  };
+  const harness = new Set(harnessNamespaces());
+  const hash = (file: string): string => createHash('sha256').update(fs.readFileSync(file)).digest('hex');
+  const cgroupDir = fs.mkdtempSync(join(os.tmpdir(), 'try-cg-'));
+  // Other test files make and remove cgroups of their own meanwhile; try's are under /try.
+  const cgroups = run(['unshare', '--mount', 'sh', '-c', `mount -t cgroup2 none ${cgroupDir} && cd ${cgroupDir} && (find try 2>/dev/null || echo 'no /try')`]);
+  fs.rmdirSync(cgroupDir);
+  return {
+    ruleset: run(['nft', 'list', 'ruleset']),
+    netns: (fs.existsSync('/run/netns') ? fs.readdirSync('/run/netns') : []).filter((n) => !harness.has(n) && !/^egdt[0-9a-f]{6}-/.test(n)).join(','),
+    links: run(['ip', '-o', 'link', 'show']).replace(/\s+\d+ packets.*$/gm, ''),
+    addresses: run(['ip', '-o', 'address', 'show']),
+    cgroups,
+    passwd: hash('/etc/passwd'),
+    group: hash('/etc/group'),
+    runDirs: ['/run/egressd', '/run/egressd-test'].map((dir) => `${dir} ${fs.existsSync(dir) ? 'present' : 'absent'}`).join(', '),
+    daemons: run(['pgrep', '-f', 'dist/daemon/main.js --policy /tmp/egressctl-try-']),
+  };
+}
+
+const unavailable = harnessUnavailableReason();
+
+describe.skipIf(unavailable)('egressctl try', () => {
+  let before: Record<string, string>;
+  beforeAll(() => {
+    before = hostState();
+  });
+  afterAll(() => {
+    for (const dir of fs.readdirSync(os.tmpdir()).filter((d) => d.startsWith('egressctl-try-')))
+      fs.rmSync(join(os.tmpdir(), dir), { recursive: true, force: true });
+  });
+
+  it('shows a telemetry name blocked, a mirror allowed and a system domain cut off, each with its rule, and leaves the host as it was', async () => {
+    const ran = spawnSync(process.execPath, [CLI, 'try', '--json', '--no-color'], { encoding: 'utf8', timeout: 120_000 });
+    expect(ran.status, ran.stderr).toBe(0);
+    const result = JSON.parse(ran.stdout) as TryResult;
+    const [telemetry, mirror, offline] = result.samples;
+    expect(telemetry).toMatchObject({ name: 'metrics.ubuntu.com', outcome: { lookup: { error: 'ENOTFOUND' } }, serverSaw: 0, blocked: true });
+    expect(telemetry?.rule).toMatchObject({
+      verdict: 'deny',
+      at: expect.stringMatching(/^10-phone-home\.yaml:\d+$/),
+      shortId: expect.stringMatching(/^r[0-9a-f]{8}$/),
+    });
+    expect(mirror).toMatchObject({ outcome: { lookup: { addresses: ['198.51.100.80'] }, connect: 'connected' }, serverSaw: 1, blocked: false });
+    expect(mirror?.rule).toMatchObject({ verdict: 'allow', ruleId: 'default' });
+    // The system domain's lookup is refused, and its connection by address is dropped in the kernel: the server never saw it.
+    expect(offline).toMatchObject({ outcome: { lookup: { error: 'EREFUSED' }, address: '198.51.100.80', connect: 'ETIMEDOUT' }, serverSaw: 0, blocked: true });
+    expect(offline?.rule).toMatchObject({ verdict: 'deny', ruleId: 'sd/try-offline', at: '90-try.yaml:3' });
+    expect(ran.stderr).toMatch(/BLOCKED.*NXDOMAIN[\s\S]*ALLOWED[\s\S]*BLOCKED.*REFUSED/);
+    expect(harnessNamespaces()).not.toContain(result.lab.host);
+    expect(harnessNamespaces()).not.toContain(result.lab.internet);
+    expect(hostState()).toEqual(before);
+    // Its egressd's enforcement lock and resolver socket, named for the lab's namespace, are gone with it.
+    expect(fs.readdirSync('/run/egressd').filter((f) => f.startsWith(`net-${result.lab.hostNetnsInode}.`))).toEqual([]);
+  }, 150_000);
+
+  it('removes everything when interrupted with Ctrl-C half-way', async () => {
+    const child = spawn(process.execPath, [CLI, 'try', '--no-color'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    const lab = await new Promise<string>((resolve, reject) => {
+      child.stderr.on('data', (chunk: Buffer) => {
+        stderr += chunk.toString();
+        const match = /Built a throwaway network: (egdt[0-9a-f]{6})-host/.exec(stderr);
+        if (match) resolve(match[1]!);
+      });
+      child.once('exit', () => reject(new Error(`try exited before building its network: ${stderr}`)));
+    });
+    // Interrupted while egressd starts in the lab: its processes, cgroups and namespaces exist by now.
+    expect(harnessNamespaces()).toContain(`${lab}-host`);
+    child.kill('SIGINT');
+    const code = await new Promise<number | null>((resolve) => child.once('exit', resolve));
+    expect(code, stderr).toBe(130);
+    expect(stderr).toMatch(/Interrupted: removing everything/);
+    expect(harnessNamespaces().filter((n) => n.startsWith(lab))).toEqual([]);
+    expect(hostState()).toEqual(before);
+  }, 150_000);
+
+  it('says what is wrong with bad flags', () => {
+    const ran = spawnSync(process.execPath, [CLI, 'try', '--colour'], { encoding: 'utf8' });
+    expect(ran.status).toBe(2);
+    expect(ran.stderr).toMatch(/--colour/);
+  });
+});
