@@ -16,7 +16,7 @@ const LOCKDOWN_IS_ON =
   'LOCKDOWN IS ON: all egress except loopback (and Tor itself, with updates over Tor) is denied. "egressctl lockdown off" restores the policy.';
 
 /** The enforcement commands share their dependencies: the nft binding is opened once per command. */
-async function enforcerDeps(deps: Deps): Promise<EnforcerDeps> {
+export async function enforcerDeps(deps: Deps): Promise<EnforcerDeps> {
   return {
     nft: await deps.nft(),
     facts: deps.facts,
@@ -27,7 +27,7 @@ async function enforcerDeps(deps: Deps): Promise<EnforcerDeps> {
   };
 }
 
-function describePlan(plan: Plan): string[] {
+export function describePlan(plan: Plan): string[] {
   const lines: string[] = [];
   if (!plan.tablePresent) {
     const sets = plan.sets.filter((s) => !s.dynamic && (s.compiled ?? 0) > 0).reduce((n, s) => n + (s.compiled ?? 0), 0);
