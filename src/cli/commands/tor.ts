@@ -192,7 +192,8 @@ async function switchDepsFor(options: TorOptions, deps: Deps): Promise<TorSwitch
   };
   if (!isLive(options)) return base;
   // The table of this network namespace: its enforcement deps, opened once for the command.
-  const enforcer = await enforcerDeps(deps);
+  // Under --root, the image's state directory keeps what the apply leaves (last-good, switches.json), beside the record.
+  const enforcer = { ...(await enforcerDeps(deps)), stateDir };
   const services = options.root === undefined && existsSync('/run/systemd/system') ? systemServices : undefined;
   return {
     ...base,
