@@ -108,6 +108,14 @@ describe.skipIf(unavailable)(`tor enable confines the updaters in the kernel ${u
     expect(status.stderr).toMatch(/^updates: blocked — Tor /);
     expect(status.code).toBe(1);
 
+    // egressctl status says the same line, from the live table.
+    const whole = await net.host.node(CLI, ['status', join(stage, 'etc/egressd'), '--json'], {
+      env: { ...process.env, EGRESSD_STATE_DIR: join(stage, 'var/lib/egressd') },
+      timeoutMs: 60_000,
+    });
+    expect(whole.stderr).toMatch(/^updates: blocked — Tor /m);
+    expect(JSON.parse(whole.stdout)).toMatchObject({ updates: { torUpdates: true } });
+
     // Twice is once: nothing written, still confined.
     const again = await egressctl('tor', 'enable', '--root', stage, '--apply', '--updaters', 'apt', '--json');
     expect(again.code).toBe(0);
@@ -120,5 +128,10 @@ describe.skipIf(unavailable)(`tor enable confines the updaters in the kernel ${u
     expect(tree(stage)).toEqual(before);
     const off = await egressctl('tor', 'status', '--root', stage);
     expect(off.stderr).toContain('updates: direct (updates over Tor off)');
+    const wholeOff = await net.host.node(CLI, ['status', join(stage, 'etc/egressd')], {
+      env: { ...process.env, EGRESSD_STATE_DIR: join(stage, 'var/lib/egressd') },
+      timeoutMs: 60_000,
+    });
+    expect(wholeOff.stderr).toContain('updates: direct (updates over Tor off)');
   });
 });
