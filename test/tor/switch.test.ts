@@ -1,5 +1,5 @@
 import { spawnSync } from 'node:child_process';
-import { cpSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { cpSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -8,6 +8,7 @@ import { APT_DROP_IN } from '../../src/tor/files.js';
 import { listenerAt } from '../../src/tor/listener.js';
 import { disableTor, enableTor, readTorRecord, TOR_RECORD_FILE, type TorSwitchDeps } from '../../src/tor/switch.js';
 import { policyDir } from '../support/policy-dir.js';
+import { runEgressctl } from '../support/cli-run.js';
 
 /**
  * The switch on a staging root: every system path under it, nothing
@@ -186,6 +187,56 @@ describe('tor enable / disable on a staging root', () => {
     await expect(enableTor(ALL, deps(root, { apply: refused }))).rejects.toThrow('nft refused');
     expect(tree(root, stateFree)).toEqual(before);
     expect(readTorRecord(join(root, 'var/lib/egressd'))).toBeUndefined();
+  });
+});
+
+describe('tor enable / disable: changes and someone else\'s edits', () => {
+  it('enable again with fewer updaters puts back what is no longer wanted; disable still restores the root byte for byte', async () => {
+    const root = stagingRoot();
+    const before = tree(root);
+    await enableTor(ALL, deps(root));
+    expect(existsSync(join(root, 'etc/systemd/system/flatpak-system-helper.service.d'))).toBe(true);
+    const fewer = await enableTor({ ...ALL, updaters: ['apt', 'fwupd'] }, deps(root));
+    expect(fewer.files.filter((f) => f.action === 'restore').map((f) => f.path)).toEqual([
+      join(root, 'etc/systemd/system/packagekit.service.d/egressd-tor.conf'),
+      join(root, 'etc/systemd/system/flatpak-system-helper.service.d/egressd-tor.conf'),
+    ]);
+    // The directories enable made go with their files; fwupd's own (someone else's local.conf) stays.
+    expect(existsSync(join(root, 'etc/systemd/system/flatpak-system-helper.service.d'))).toBe(false);
+    expect(readFileSync(join(root, 'etc/egressd/90-tor.yaml'), 'utf8')).toContain('updaters: [apt, fwupd]');
+    await disableTor({ force: false }, deps(root));
+    expect(tree(root, stateFree)).toEqual(before);
+  });
+
+  it('disable leaves a file someone else changed since enable, and says so; --force puts back what was there before', async () => {
+    const root = stagingRoot();
+    const before = tree(root);
+    await enableTor(ALL, deps(root));
+    const apt = join(root, APT_DROP_IN);
+    writeFileSync(apt, `${readFileSync(apt, 'utf8')}// an admin's line\n`);
+    const edited = tree(root);
+    const error = await expectError(disableTor({ force: false }, deps(root)), ErrorCode.TorConflict);
+    expect(error.details.join('\n')).toContain(`${apt} is neither what enable wrote nor what was there before`);
+    expect(tree(root)).toEqual(edited);
+    await disableTor({ force: true }, deps(root));
+    expect(tree(root, stateFree)).toEqual(before);
+  });
+
+  it('the command: exit 1 for a conflict, 3 for Tor missing, 2 for bad usage; --help documents the exit codes', async () => {
+    const conflicted = stagingRoot({ 'etc/apt/apt.conf.d/01proxy': 'Acquire::http::Proxy "http://proxy.example:3128";\n' });
+    const one = await runEgressctl(['tor', 'enable', '--root', conflicted]);
+    expect(one.code).toBe(1);
+    expect(one.err).toContain('apt already has a proxy');
+    const missing = stagingRoot();
+    spawnSync('rm', [join(missing, 'usr/bin/tor')]);
+    expect((await runEgressctl(['tor', 'enable', '--root', missing])).code).toBe(3);
+    expect((await runEgressctl(['tor', 'enable', '--updaters', 'snapd', '--root', missing])).code).toBe(2);
+    expect((await runEgressctl(['tor', 'disable', '--socks', '127.0.0.1:9050'])).code).toBe(2);
+    const help = await runEgressctl(['tor', '--help']);
+    expect(help.err).toMatch(/Exit status: 0 done .* 1 someone\s+else's configuration is in the way/s);
+    const ok = await runEgressctl(['tor', 'enable', '--root', stagingRoot(), '--json']);
+    expect(ok.code).toBe(0);
+    expect(JSON.parse(ok.out)).toMatchObject({ action: 'enable', changed: true, applied: false });
   });
 });
 
