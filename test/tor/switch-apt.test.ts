@@ -58,7 +58,10 @@ sleep 0.3
 kill $! 2>/dev/null
 tail -n +2 "$1/socks.log"`;
   const run = spawnSync('unshare', ['-n', 'sh', '-c', script, 'sh', stage.dir, stage.config], { encoding: 'utf8', timeout: 60_000 });
-  return run.stdout.trim().split('\n').filter((l) => l !== '');
+  return run.stdout
+    .trim()
+    .split('\n')
+    .filter((l) => l !== '');
 }
 
 describe.skipIf(!root || !hasApt)(`apt reads egressd's drop-in ${!root ? '(skipped: needs root)' : !hasApt ? '(skipped: no apt or python3-apt)' : ''}`, () => {

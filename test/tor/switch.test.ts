@@ -1,5 +1,5 @@
 import { spawnSync } from 'node:child_process';
-import { cpSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, cpSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -190,7 +190,7 @@ describe('tor enable / disable on a staging root', () => {
   });
 });
 
-describe('tor enable / disable: changes and someone else\'s edits', () => {
+describe("tor enable / disable: changes and someone else's edits", () => {
   it('enable again with fewer updaters puts back what is no longer wanted; disable still restores the root byte for byte', async () => {
     const root = stagingRoot();
     const before = tree(root);
@@ -237,6 +237,39 @@ describe('tor enable / disable: changes and someone else\'s edits', () => {
     const ok = await runEgressctl(['tor', 'enable', '--root', stagingRoot(), '--json']);
     expect(ok.code).toBe(0);
     expect(JSON.parse(ok.out)).toMatchObject({ action: 'enable', changed: true, applied: false });
+  });
+});
+
+const hasTor = spawnSync('tor', ['--version']).status === 0;
+
+describe.skipIf(!hasTor || process.getuid?.() !== 0)("Tor's side of it", () => {
+  it('real Tor accepts the snippet enable writes where torrc includes a directory', async () => {
+    const root = stagingRoot({ 'etc/tor/torrc': '%include /etc/tor/torrc.d/\n' });
+    await enableTor(ALL, deps(root));
+    // torrc as the staged one, with its include and data directory inside the staging root; checked by tor as Tor's user.
+    writeFileSync(join(root, 'verify-torrc'), `%include ${join(root, 'etc/tor/torrc.d')}/\nDataDirectory ${join(root, 'tor-data')}\n`);
+    mkdirSync(join(root, 'tor-data'), { mode: 0o700 });
+    chmodSync(root, 0o755);
+    spawnSync('chown', ['-R', 'debian-tor', join(root, 'tor-data')]);
+    const verify = spawnSync(
+      'tor',
+      ['--verify-config', '--defaults-torrc', join(root, 'usr/share/tor/tor-service-defaults-torrc'), '-f', join(root, 'verify-torrc'), '--User', 'debian-tor'],
+      {
+        encoding: 'utf8',
+        timeout: 30_000,
+      },
+    );
+    expect(verify.stdout).toContain('Including configuration file');
+    expect(verify.stdout + verify.stderr).toContain('Configuration was valid');
+  });
+
+  it('a SocksPort in torrc on the port the snippet would open is reported (Tor would not start), nothing written', async () => {
+    const root = stagingRoot({ 'etc/tor/torrc': 'SocksPort 9050 IsolateDestAddr\n%include /etc/tor/torrc.d/\n' });
+    mkdirSync(join(root, 'etc/tor/torrc.d'));
+    const before = tree(root);
+    const error = await expectError(enableTor(ALL, deps(root)), ErrorCode.TorConflict);
+    expect(error.details.join('\n')).toContain("SocksPort 9050 IsolateDestAddr is the port egressd's snippet would open too");
+    expect(tree(root)).toEqual(before);
   });
 });
 
