@@ -228,15 +228,17 @@ export function parseAptConf(text: string, file: string): AptSetting[] {
 }
 
 /** Keys that decide where apt's http and https methods connect. */
-const PROXY_KEY = /^(?:binary::[^:]+::)?acquire::(?:https?|socks)::(?:proxy(?:::.*)?|proxy-auto-detect|proxyautodetect)$/;
+const PROXY_KEY = /^(?:binary::[^:]+::)?acquire::(?:https?|ftp|socks)::(?:proxy(?:::.*)?|proxy-auto-detect|proxyautodetect)$/;
 
 /** Proxy settings apt already has, in apt.conf and apt.conf.d (but for `skip`, egressd's own file). */
 export function existingAptProxies(root: string, skip: string): AptSetting[] {
   const files: string[] = [APT_MAIN];
   try {
     for (const name of readdirSync(join(root, APT_CONF_DIR)).sort()) {
-      // apt reads only names of these characters, and not *.disabled etc. — close enough: anything it might read.
+      // What apt reads (apt.conf(5)): names of these characters with no extension or ".conf"; "01proxy.dpkg-old" it ignores.
       if (!/^[\w.-]+$/.test(name)) continue;
+      const dot = name.lastIndexOf('.');
+      if (dot >= 0 && name.slice(dot) !== '.conf') continue;
       files.push(posix.join(APT_CONF_DIR, name));
     }
   } catch {

@@ -94,6 +94,10 @@ a.run()
       '02perhost': '/* one host direct */\nAcquire::https::Proxy::deb.example.test "DIRECT";\n',
       '03binary': 'Binary::apt-get::Acquire::http::Proxy "socks5h://x@127.0.0.1:1";\n',
       '04other': 'APT::Periodic::Update-Package-Lists "1";\nAcquire::Languages "none"; // no Proxy here\n',
+      // apt ignores these names: not a conflict.
+      '05old.dpkg-old': 'Acquire::http::Proxy "http://old.example:3128";\n',
+      '06x.disabled': 'Acquire::https::Proxy "http://old.example:3128";\n',
+      '07proxy.conf': 'Acquire::ftp::Proxy "http://ftp.example:3128";\nAcquire::socks::Proxy "socks5h://s.example:1080";\n',
     };
     const stage = aptStage(files);
     const dumped = spawnSync('apt-config', ['dump'], { encoding: 'utf8', env: { ...process.env, APT_CONFIG: stage.config } }).stdout;
@@ -107,6 +111,6 @@ a.run()
       .map((s) => s.key)
       .sort();
     expect(weSee).toEqual(aptSees);
-    expect(weSee).toHaveLength(3);
+    expect(weSee).toHaveLength(5);
   });
 });

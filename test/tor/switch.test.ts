@@ -196,6 +196,12 @@ describe("tor enable / disable: changes and someone else's edits", () => {
     const before = tree(root);
     await enableTor(ALL, deps(root));
     expect(existsSync(join(root, 'etc/systemd/system/flatpak-system-helper.service.d'))).toBe(true);
+    // A dry run over files egressd wrote: a diff of each.
+    const dry = await enableTor({ ...ALL, socks: '127.0.0.1:9150', dryRun: true }, deps(root));
+    const aptShown = dry.files.find((f) => f.path === join(root, APT_DROP_IN))?.shown ?? [];
+    expect(aptShown).toContain('- Acquire::http::Proxy "socks5h://egressd-apt-frontends:tor@127.0.0.1:9050";');
+    expect(aptShown).toContain('+ Acquire::http::Proxy "socks5h://egressd-apt-frontends:tor@127.0.0.1:9150";');
+    expect(aptShown).toContain('  Acquire::EnableSrvRecords "false";');
     const fewer = await enableTor({ ...ALL, updaters: ['apt', 'fwupd'] }, deps(root));
     expect(fewer.files.filter((f) => f.action === 'restore').map((f) => f.path)).toEqual([
       join(root, 'etc/systemd/system/packagekit.service.d/egressd-tor.conf'),
