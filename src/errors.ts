@@ -54,6 +54,15 @@ export const ErrorCode = {
   NoUpstreams: 'EGD_NO_UPSTREAMS',
   /** The DNS resolver could not start: an address to listen on, an upstream, or the socket mark (`reason` says which). */
   ResolverStart: 'EGD_RESOLVER_START',
+  /**
+   * `egressctl tor enable` found configuration of someone else's in its way
+   * (an apt proxy, a file of the name it writes, a later policy file
+   * overriding `tor`, the SOCKS port held by something that is not Tor):
+   * it was reported, not overwritten, and nothing was changed.
+   */
+  TorConflict: 'EGD_TOR_CONFLICT',
+  /** Tor is not installed (no tor binary in the system image), so updates over Tor would have nothing to go through. */
+  TorMissing: 'EGD_TOR_MISSING',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

@@ -56,6 +56,9 @@ const EXIT_FOR: { readonly [code in ErrorCode]: number } = {
   [ErrorCode.DnsConfigChanged]: Exit.Answer,
   [ErrorCode.NoUpstreams]: Exit.SystemError,
   [ErrorCode.ResolverStart]: Exit.SystemError,
+  // Someone else's configuration in the way: left as it is, for the person to decide on.
+  [ErrorCode.TorConflict]: Exit.Answer,
+  [ErrorCode.TorMissing]: Exit.SystemError,
 };
 
 export function exitCodeFor(error: unknown): number {

@@ -17,6 +17,7 @@ const commandLoaders: readonly (readonly [string, () => Promise<Command<never>>]
   ['release', async () => (await import('./commands/enforce.js')).release],
   ['schema', async () => (await import('./commands/schema.js')).schema],
   ['dns', async () => (await import('./commands/dns.js')).dns],
+  ['tor', async () => (await import('./commands/tor.js')).tor],
   ['try', async () => (await import('./commands/try.js')).tryIt],
 ] as unknown as (readonly [string, () => Promise<Command<never>>])[];
 

@@ -126,7 +126,7 @@ export function parseNameserver(text: string): Nameserver | undefined {
 // ---------------------------------------------------------------------------
 // What is there: snapshots of a path
 
-const fileState = z.discriminatedUnion('kind', [
+export const fileState = z.discriminatedUnion('kind', [
   z.object({ kind: z.literal('absent') }).strict(),
   z
     .object({
@@ -240,7 +240,7 @@ export function sameState(a: FileState, b: FileState): boolean {
 }
 
 /** The same in every way disable restores: bytes or target, and mode and owner. */
-function identical(a: FileState, b: FileState): boolean {
+export function identical(a: FileState, b: FileState): boolean {
   if (!sameState(a, b)) return false;
   if (a.kind === 'file' && b.kind === 'file') return a.mode === b.mode && a.uid === b.uid && a.gid === b.gid;
   if (a.kind === 'symlink' && b.kind === 'symlink') return a.uid === b.uid && a.gid === b.gid;

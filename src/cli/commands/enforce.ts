@@ -16,7 +16,7 @@ const LOCKDOWN_IS_ON =
   'LOCKDOWN IS ON: all egress except loopback (and Tor itself, with updates over Tor) is denied. "egressctl lockdown off" restores the policy.';
 
 /** The enforcement commands share their dependencies: the nft binding is opened once per command. */
-async function enforcerDeps(deps: Deps): Promise<EnforcerDeps> {
+export async function enforcerDeps(deps: Deps): Promise<EnforcerDeps> {
   return {
     nft: await deps.nft(),
     facts: deps.facts,
@@ -27,7 +27,7 @@ async function enforcerDeps(deps: Deps): Promise<EnforcerDeps> {
   };
 }
 
-function describePlan(plan: Plan): string[] {
+export function describePlan(plan: Plan): string[] {
   const lines: string[] = [];
   if (!plan.tablePresent) {
     const sets = plan.sets.filter((s) => !s.dynamic && (s.compiled ?? 0) > 0).reduce((n, s) => n + (s.compiled ?? 0), 0);
@@ -226,6 +226,9 @@ directory to compare with), 3 system error.`,
     const switches = recordedSwitches(deps.stateDir, live);
     const matches = planned !== undefined && live !== null && !planned.plan.changes;
     const resolver = deps.resolverSocket === undefined ? undefined : await resolverStatusLine(deps.resolverSocket);
+    // Loaded here only: apply and plan share this module and need none of it. No table: nothing holds updaters, they go direct.
+    const { torSwitchStatus } = await import('../../tor/switch-status.js');
+    const updates = await torSwitchStatus({ root: '/', stateDir: deps.stateDir, liveTorUpdates: live ? live.chains.has('tor_updaters') : false });
     const report = {
       enforced: live !== null,
       lockdown: live?.lockdown ?? false,
@@ -242,6 +245,7 @@ directory to compare with), 3 system error.`,
       plan: planned?.plan ?? null,
       capabilities: capabilities && capabilityCheckJson(options.dir, capabilities),
       ...(resolver && { resolver: resolver.json }),
+      updates: { line: updates.line, torUpdates: updates.torUpdates, tor: updates.tor },
     };
     if (options.json) deps.out(JSON.stringify(report, null, 2));
     if (!live) {
@@ -271,6 +275,7 @@ directory to compare with), 3 system error.`,
       }
     }
     if (resolver) deps.err(resolver.line);
+    deps.err(updates.line);
     // Whether the table is in force or not: what it cannot confine is worth saying either way.
     if (capabilities) printCapabilityCheck(deps, options.dir, capabilities);
     return matches ? Exit.Ok : Exit.Answer;
