@@ -131,15 +131,15 @@ put_link() {
 
 # Where a file of systemd/ goes. Units go to /usr/lib/systemd/system; a
 # tmpfiles or sysusers snippet and a D-Bus policy go where their tools read
-# them; an .nft file goes where a unit names it under /usr (egressd-early's
-# fail-safe ruleset), else beside the units.
+# them; an .nft file or a script goes where a unit names it under /usr
+# (egressd-early's script and fail-safe ruleset), else beside the units.
 dest_for() {
   local name=$1 named
   case $name in
     *tmpfiles*.conf) echo /usr/lib/tmpfiles.d/egressd.conf ;;
     *sysusers*.conf) echo /usr/lib/sysusers.d/egressd.conf ;;
     org.*.conf) echo "/usr/share/dbus-1/system.d/$name" ;;
-    *.nft)
+    *.nft | *.sh)
       named=$(cat "$src"/systemd/*.service 2>/dev/null | grep -o "/usr/[^[:space:]\"']*/$name" | head -1 || true)
       echo "${named:-$UNITDIR/$name}"
       ;;
