@@ -37,7 +37,8 @@
 # egressd applied stay in force: "egressctl release" before --uninstall
 # removes them.
 #
-# Exit codes: 0 done, 2 bad arguments, 3 cannot install (not root, no build).
+# Exit codes: 0 done, 2 bad arguments, 3 cannot install (not root, no build),
+# 4 installed, but a unit did not start (each is named; the others were started).
 set -euo pipefail
 umask 022
 
@@ -80,6 +81,7 @@ touch "$tmp/old" "$tmp/new"
 [[ -f $root$RECORD ]] && grep -v '^#' "$root$RECORD" >"$tmp/old" || true
 
 changes=0
+not_started=()
 say() { echo "install: $*"; }
 changed() { say "$*"; changes=$((changes + 1)); }
 record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$tmp/new"; }
@@ -131,15 +133,15 @@ put_link() {
 
 # Where a file of systemd/ goes. Units go to /usr/lib/systemd/system; a
 # tmpfiles or sysusers snippet and a D-Bus policy go where their tools read
-# them; an .nft file goes where a unit names it under /usr (egressd-early's
-# fail-safe ruleset), else beside the units.
+# them; an .nft file or a script goes where a unit names it under /usr
+# (egressd-early's script and fail-safe ruleset), else beside the units.
 dest_for() {
   local name=$1 named
   case $name in
     *tmpfiles*.conf) echo /usr/lib/tmpfiles.d/egressd.conf ;;
     *sysusers*.conf) echo /usr/lib/sysusers.d/egressd.conf ;;
     org.*.conf) echo "/usr/share/dbus-1/system.d/$name" ;;
-    *.nft)
+    *.nft | *.sh)
       named=$(cat "$src"/systemd/*.service 2>/dev/null | grep -o "/usr/[^[:space:]\"']*/$name" | head -1 || true)
       echo "${named:-$UNITDIR/$name}"
       ;;
@@ -357,13 +359,19 @@ start_units() {
     systemctl enable --quiet "$u"
     if [[ $u == egressd.service ]]; then
       if ((build_changed || units_changed)); then
-        systemctl try-restart "$u"
+        systemctl try-restart "$u" || true
       elif ((policies_changed)); then
-        systemctl try-reload-or-restart "$u"
+        systemctl try-reload-or-restart "$u" || true
       fi
     fi
-    systemctl start "$u"
-    say "enabled and started $u"
+    # One unit that does not start must not keep the next from starting: egressd
+    # applies the policy whatever egressd-early managed to load.
+    if systemctl start "$u"; then
+      say "enabled and started $u"
+    else
+      say "warning: $u was enabled but did not start (systemctl status $u says why)"
+      not_started+=("$u")
+    fi
   done
   return 0
 }
@@ -407,3 +415,4 @@ else
   say "$changes changes in ${root:-/}"
 fi
 start_units
+((${#not_started[@]} == 0)) || exit 4

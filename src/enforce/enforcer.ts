@@ -8,6 +8,7 @@ import type { NftTableNames } from '../nft/types.js';
 import type { Policy } from '../policy/model.js';
 import { resolvePolicy } from '../policy/resolve.js';
 import { defaultLockPath, withEnforcementLock } from './lock.js';
+import { BOOT_FORM_FILE, bootFormText } from './boot-form.js';
 import { planChanges, type Plan } from './plan.js';
 import { liveSets, summarizeCompiled, summarizeLive, summarizeSet, type SetSummary, type TableSummary } from './summary.js';
 import { forgetRecord, readRecord, RECORD_FILE, recordText, type AppliedRecord } from './record.js';
@@ -228,6 +229,7 @@ async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { l
     const summary = summarizeCompiled(compiled.ruleset);
     const plan = planChanges(summary, live?.summary ?? null);
     const lastGood = renderText(compiled.ruleset);
+    const boot = bootFormText(compiled.ruleset);
     try {
       await prepared;
     } catch (error) {
@@ -245,7 +247,7 @@ async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { l
     const sweep = sweepOrError(policy, facts, lockdown, deps.sockets ?? openSocketAccess);
     const cleanedUp = await removePreviousGeneration(deps, live, generation);
     const record = cleanedUp ? { generation: next, names: namesAfterSwap(generation, marker), summary } : undefined;
-    saveState(deps.stateDir, lastGood, { digest: policy.digest, lockdown, source: options.source }, record, {
+    saveState(deps.stateDir, { lastGood, boot }, { digest: policy.digest, lockdown, source: options.source }, record, {
       ruleIds: compiled.ruleIds,
       torUpdates: policy.tor.enabled,
       apply: marker,
@@ -412,7 +414,8 @@ export async function planPolicy(
 }
 
 /**
- * Keeps the last applied ruleset (egressd-early loads it at boot), its short
+ * Keeps the last applied ruleset and its boot form (boot-form.ts: what
+ * egressd-early loads at boot), its short
  * rule ids (rules.json), the switches it was applied with (switches.json)
  * and the record the next apply compares the live table with; each file is
  * written whole or not at all (state/files.ts). The record goes last: it is
@@ -421,14 +424,15 @@ export async function planPolicy(
  */
 function saveState(
   stateDir: string,
-  text: string,
+  rulesets: { lastGood: string; boot: string },
   meta: { digest: string; lockdown: boolean; source: string },
   record: AppliedRecord | undefined,
   applied: { ruleIds: readonly RuleIdEntry[]; torUpdates: boolean; apply: string },
 ): void {
   try {
     if (!record) forgetRecord(stateDir);
-    writeFileAtomic(stateDir, 'last-good.nft', text);
+    writeFileAtomic(stateDir, 'last-good.nft', rulesets.lastGood);
+    writeFileAtomic(stateDir, BOOT_FORM_FILE, rulesets.boot);
     writeFileAtomic(stateDir, 'last-good.json', `${JSON.stringify({ ...meta, table: `${TABLE.family} ${TABLE.name}` }, null, 2)}\n`);
     writeRuleTable(stateDir, { digest: meta.digest, rules: applied.ruleIds });
     writeSwitches(stateDir, nextSwitches(readSwitches(stateDir), { lockdown: meta.lockdown, torUpdates: applied.torUpdates }, applied.apply, new Date()));

@@ -119,7 +119,7 @@ describe.skipIf(skip)(`the state directory, against a table in a namespace ${ski
     expect(second.get(webDeny)).toMatchObject({ ruleId: 'app/web/1', app: 'web' });
     expect(second.size).toBe(first.size + 2);
     // Only whole files in the state directory: no temporary file is left by an apply.
-    expect(readdirSync(state).sort()).toEqual(['applied.json', 'last-good.json', 'last-good.nft', 'rules.json', 'switches.json']);
+    expect(readdirSync(state).sort()).toEqual(['applied.json', 'last-good-boot.nft', 'last-good.json', 'last-good.nft', 'rules.json', 'switches.json']);
   });
 
   it('status names the rule that dropped, by short id and file:line', () => {

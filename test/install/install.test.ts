@@ -118,6 +118,11 @@ describe.skipIf(unavailable)(`scripts/install.sh --root ${unavailable ? `(skippe
     expect(existsSync(join(root, 'etc/egressd/lists/LICENSE.blocklistproject'))).toBe(true);
     for (const unit of readdirSync(join(CHECKOUT, 'systemd')).filter((f) => f.endsWith('.service')))
       expect(read(root, 'usr/lib/systemd/system', unit)).toBe(read(CHECKOUT, 'systemd', unit));
+    // egressd-early's script and fail-safe ruleset, where its ExecStart names them.
+    expect(read(root, 'usr/lib/systemd/system/egressd-early.service')).toContain(
+      '/usr/lib/egressd/egressd-early.sh /var/lib/egressd /usr/lib/egressd/egressd-failsafe.nft',
+    );
+    for (const file of ['egressd-early.sh', 'egressd-failsafe.nft']) expect(read(lib, file), file).toBe(read(CHECKOUT, 'systemd', file));
 
     expect(readlinkSync(join(root, 'usr/bin/egressctl'))).toBe('../lib/egressd/dist/cli/main.js');
     expect(readlinkSync(join(root, 'usr/sbin/egressd'))).toBe('../lib/egressd/dist/daemon/main.js');
