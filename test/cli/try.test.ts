@@ -12,7 +12,8 @@ const CLI = join(ROOT, 'dist', 'cli', 'main.js');
 
 /**
  * What `egressctl try` promises to leave as it found it, read on the
- * machine itself: the ruleset, the network namespaces and links, the
+ * machine itself: the ruleset, the network namespaces (but the egd* ones
+ * other test files make) and links, the
  * cgroup2 hierarchy (mounted privately to be read, as the lab mounts it),
  * users and groups, egressd's run-time files. Other test files build and
  * remove their own namespaces meanwhile, so those (and their lock files)
@@ -32,7 +33,7 @@ function hostState(): Record<string, string> {
   fs.rmdirSync(cgroupDir);
   return {
     ruleset: run(['nft', 'list', 'ruleset']),
-    netns: (fs.existsSync('/run/netns') ? fs.readdirSync('/run/netns') : []).filter((n) => !harness.has(n) && !/^egdt[0-9a-f]{6}-/.test(n)).join(','),
+    netns: (fs.existsSync('/run/netns') ? fs.readdirSync('/run/netns') : []).filter((n) => !harness.has(n) && !n.startsWith('egd')).join(','),
     links: run(['ip', '-o', 'link', 'show']).replace(/\s+\d+ packets.*$/gm, ''),
     addresses: run(['ip', '-o', 'address', 'show']),
     cgroups,
