@@ -152,6 +152,8 @@ export class CgroupTracker {
   notice(path: string): void {
     if (this.closed || !this.view) return;
     const segments = path.split('/').filter((s) => s !== '');
+    // Told, not read: a ".." would look outside cgroupfs, at an inode that is no cgroup's.
+    if (segments.some((s) => s === '.' || s === '..')) return;
     for (let depth = 1; depth <= Math.min(segments.length, this.view.rules.maxLevel); depth++) this.queue(Buffer.from(segments.slice(0, depth).join('/')));
   }
 
