@@ -2,7 +2,8 @@ import { mkdirSync, mkdtempSync, rmdirSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { createTestNet, harnessUnavailableReason, type Server, type TestNet } from '../harness/index.js';
+import { chownSync } from 'node:fs';
+import { createTestNet, ensureTestUsers, harnessUnavailableReason, type Server, type TestNet, type TestUsers } from '../harness/index.js';
 import { policyDir } from '../support/policy-dir.js';
 import { mapElements, startTracker, wallNow, type RunningTracker } from './support.js';
 
@@ -25,6 +26,7 @@ describe.skipIf(unavailable)(`the app tracker keeps the identity maps current ${
   let tracker: RunningTracker;
   let state: string;
   let dir: string;
+  let users: TestUsers;
   const connect = async (cgroup: string) => (await net.host.connect({ proto: 'tcp', addr: '198.51.100.1', port: 8443, timeoutMs: 1500, cgroup })).ok;
   /** Makes a cgroup from this process (as systemd would), registered with the harness for clean-up; the moment mkdir returned. */
   const make = (path: string): number => {
@@ -34,9 +36,14 @@ describe.skipIf(unavailable)(`the app tracker keeps the identity maps current ${
   const added = (path: string, from = 0) => tracker.waitFor((e) => e.ev === 'change' && e.added === true && e.path === path, 5000, from);
 
   beforeAll(async () => {
+    users = ensureTestUsers();
     net = await createTestNet();
     E = `egdapps-${net.id}`;
     net.host.mkCgroup(`${E}/sys`);
+    // A subtree systemd delegated to a user (as user@UID.service): chowned to it.
+    net.host.mkCgroup(`${E}/deleg`);
+    for (const file of ['', '/cgroup.procs', '/cgroup.subtree_control', '/cgroup.threads'])
+      chownSync(`${net.host.cgroupFsPath(`${E}/deleg`)}${file}`, users.app1.uid, users.app1.gid);
     state = mkdtempSync(join(tmpdir(), 'egd-apps-state-'));
     server = await net.inet.listen({ proto: 'tcp', addr: '::', port: 8443 });
     dir = policyDir(
@@ -45,13 +52,16 @@ describe.skipIf(unavailable)(`the app tracker keeps the identity maps current ${
 defaults: {egress: deny}
 apps:
   browser: {identity: {cgroup: "${E}/browser-*"}, rules: [{allow: [198.51.100.1], ports: [8443], proto: tcp}]}
+  viewer: {identity: {cgroup: "${E}/deleg/viewer-*"}, rules: [{allow: [198.51.100.1], ports: [8443], proto: tcp}]}
+  # An app by user: a delegated member's verdict then differs from a root-owned one's (it must meet the user's app too).
+  build: {identity: {user: ${users.app2.name}}, default: deny}
 systemDomains:
   offline: {members: [{cgroup: "${E}/sys/vault-*"}]}
 `,
       },
       { keep: true },
     );
-    tracker = await startTracker(net, { policy: dir, state, reconcileMs: 600_000 });
+    tracker = await startTracker(net, { policy: dir, state, reconcileMs: 600_000, recompileIntervalMs: 0 });
   });
   afterAll(async () => {
     await tracker?.stop();
@@ -169,5 +179,20 @@ systemDomains:
     } finally {
       for (const path of born) rmdirSync(`${root}/${path}`);
     }
+  });
+
+  it("a cgroup its user made in its delegated subtree: the table has no chain for the app's delegated members yet, so the tracker has it re-applied, then writes it", async () => {
+    const path = `${E}/deleg/viewer-1`;
+    const from = tracker.events.length;
+    const made = await net.host.exec('mkdir', [`/sys/fs/cgroup/${path}`], { user: users.app1.name });
+    expect(made.code).toBe(0);
+    net.host.mkCgroup(path);
+    const applied = await tracker.waitFor((e) => e.ev === 'applied' && e['why'] === 'reload', 15_000, from);
+    const change = await added(path, from);
+    expect(change.at!).toBeGreaterThanOrEqual(applied.at! - 1000);
+    // Its own user, which has no app of its own: the scope's app decides (deny wins where both have a say).
+    const script = `echo $$ > /sys/fs/cgroup/${path}/cgroup.procs && exec timeout 2 bash -c 'exec 3<>/dev/tcp/198.51.100.1/8443'`;
+    const r = await net.host.exec('bash', ['-c', script], { user: users.app1.name, cgroup: `${E}/deleg` });
+    expect(r.code).toBe(0);
   });
 });
