@@ -76,6 +76,7 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
   });
   let systemd: SystemdFollow | undefined;
   let timer: NodeJS.Timeout | undefined;
+  let queue: Promise<unknown> = Promise.resolve();
   try {
     await tracker.setPolicy(first);
     if (options.systemd !== false) {
@@ -86,7 +87,8 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
           onCgroup: (path) => tracker.notice(path),
           onLost: (error) => {
             log.warn({ event: 'apps-systemd-lost', error: error.message }, "app tracker: systemd's bus went away");
-            stop(error);
+            // Stopped whole, so that the part the daemon starts again is the only one watching and writing.
+            void shutDown().then(() => stop(error));
           },
         });
       } catch (error) {
@@ -103,21 +105,23 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
     writer.close();
     throw error;
   }
+  let down: Promise<void> | undefined;
+  const shutDown = (): Promise<void> =>
+    (down ??= (async () => {
+      clearInterval(timer);
+      systemd?.close();
+      tracker.close();
+      await queue;
+      writer.close();
+    })());
   log.info({ event: 'apps-ready', ...tracker.counters(), systemd: systemd !== undefined }, 'app tracker: following cgroups');
-  let queue: Promise<unknown> = Promise.resolve();
   return {
     update(inForce) {
       const run = queue.then(() => tracker.setPolicy(inForce));
       queue = run.catch(() => undefined);
       return run;
     },
-    async close() {
-      clearInterval(timer);
-      systemd?.close();
-      tracker.close();
-      await queue;
-      writer.close();
-    },
+    close: shutDown,
     stopped,
     describe() {
       const c = tracker.counters();
