@@ -1019,7 +1019,9 @@ class Compiler {
     for (const level of [...d.cgroupLevels.keys()].sort((a, b) => b - a)) {
       const entry = d.cgroupLevels.get(level)!;
       const name = `${d.prefix}_cg_l${level}`;
-      this.sets.push({ name, key: { cgroupLevel: level }, map: 'verdict', flags: [], elements: entry.elements, verdicts: entry.verdicts });
+      // The selectors that fill it at run time (the app tracker): an empty map of another policy is not this one.
+      const source = JSON.stringify(this.cgroupBindings.filter((b) => b.map === name).map((b) => [b.owner, b.glob, b.verdict, b.delegated ?? null]));
+      this.sets.push({ name, key: { cgroupLevel: level }, map: 'verdict', flags: [], elements: entry.elements, verdicts: entry.verdicts, source });
       rules.push(rule([dispatch.cgroup(level, name)], `${what} by cgroup (level ${level})`));
     }
     for (const [table, key] of [

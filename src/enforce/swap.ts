@@ -151,8 +151,11 @@ export function withGeneration(ruleset: Ruleset, generation: Generation, avoid: 
     'jump' in v ? { jump: { target: target(v.jump.target) } } : 'goto' in v ? { goto: { target: target(v.goto.target) } } : v;
   const sets = ruleset.sets.map((set) => {
     const retargeted: SetDecl = set.verdicts ? { ...set, verdicts: set.verdicts.map(verdict) } : set;
-    const name = contentName(retargeted);
-    return { ...retargeted, name: avoid.has(name) ? contentName(retargeted, generation) : name };
+    // A verdict map is new with each generation even when none of its verdicts names a chain yet (an
+    // empty cgroup map): the app tracker adds elements that do, and they must not outlive their chains.
+    const salt = retargeted.map ? generation : '';
+    const name = contentName(retargeted, salt);
+    return { ...retargeted, name: avoid.has(name) ? contentName(retargeted, `${salt}${generation}`) : name };
   });
   const setNames = new Map(ruleset.sets.map((set, i) => [set.name, sets[i]!.name]));
   const setRef = (value: unknown) => (typeof value === 'string' && value.startsWith('@') ? `@${setNames.get(value.slice(1)) ?? value.slice(1)}` : value);

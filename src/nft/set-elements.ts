@@ -29,7 +29,7 @@
  */
 import { createRequire } from 'node:module';
 import { isIPv4, isIPv6 } from 'node:net';
-import { release } from 'node:os';
+import { endianness, release } from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { EGRESSD_TABLE, safeComment } from '../compile/ruleset.js';
 import { EgressError, ErrorCode, SetWriteRefusedError, type SetWriteRefusal } from '../errors.js';
@@ -187,8 +187,17 @@ interface Element {
   readonly id: string;
   readonly key: Buffer;
   readonly address: string;
+  /** 0: an element without a timeout (a cgroup map's: it goes when its cgroup goes). */
   timeoutMs: number;
   comment: string | undefined;
+  /** A verdict map's element: what it maps to. */
+  readonly verdict?: ElementVerdict;
+}
+
+/** A verdict as netfilter codes it (NF_ACCEPT, NFT_GOTO, …), with its chain for a jump or goto. */
+interface ElementVerdict {
+  readonly code: number;
+  readonly chain?: string;
 }
 
 /** The writes per set, each address once: a repeated one keeps the longest timeout and the last comment. */
@@ -249,6 +258,9 @@ export interface LibnftnlApi {
   elemAlloc(): Ptr | null;
   elemSet(elem: Ptr, attr: number, data: Buffer | Ptr, length: number): number;
   elemSetU64(elem: Ptr, attr: number, value: number): void;
+  /** For verdict-map elements (cgroup maps): a fake binding without them cannot write those. */
+  elemSetU32?(elem: Ptr, attr: number, value: number): void;
+  elemSetStr?(elem: Ptr, attr: number, value: string): number;
   elemAdd(set: Ptr, elem: Ptr): void;
   nlmsgBuildHdr(buffer: Buffer, type: number, family: number, flags: number, seq: number): Ptr;
   setElemsNlmsgBuildPayload(nlh: Ptr, set: Ptr): void;
@@ -276,6 +288,8 @@ export function loadLibnftnl(path: string = DEFAULT_LIBNFTNL): LibnftnlApi {
     const elemSet = fn('nftnl_set_elem_set', 'int', [ptr, 'uint16_t', 'const void *', 'uint32_t']);
     const elemSetU64 = fn('nftnl_set_elem_set_u64', 'void', [ptr, 'uint16_t', 'uint64_t']);
     const elemAdd = fn('nftnl_set_elem_add', 'void', [ptr, ptr]);
+    const elemSetU32 = fn('nftnl_set_elem_set_u32', 'void', [ptr, 'uint16_t', 'uint32_t']);
+    const elemSetStr = fn('nftnl_set_elem_set_str', 'int', [ptr, 'uint16_t', 'const char *']);
     // The message buffers are Node Buffers: koffi passes their memory itself, so libnftnl writes straight into them.
     const nlmsgBuildHdr = fn('nftnl_nlmsg_build_hdr', 'void *', ['void *', 'uint16_t', 'uint16_t', 'uint16_t', 'uint32_t']);
     const buildPayload = fn('nftnl_set_elems_nlmsg_build_payload', 'void', ['void *', ptr]);
@@ -295,6 +309,8 @@ export function loadLibnftnl(path: string = DEFAULT_LIBNFTNL): LibnftnlApi {
       elemSet: (e, a, d, l) => elemSet(e, a, d, l) as number,
       elemSetU64: (e, a, v) => void elemSetU64(e, a, v),
       elemAdd: (s, e) => void elemAdd(s, e),
+      elemSetU32: (e, a, v) => void elemSetU32(e, a, v),
+      elemSetStr: (e, a, v) => elemSetStr(e, a, v) as number,
       nlmsgBuildHdr: (b, t, f, fl, sq) => nlmsgBuildHdr(b, t, f, fl, sq) as Ptr,
       setElemsNlmsgBuildPayload: (n, s) => void buildPayload(n, s),
       batchBegin: (b, sq) => batchBegin(b, sq) as Ptr,
@@ -330,6 +346,8 @@ const NFTNL_SET_TABLE = 0;
 const NFTNL_SET_NAME = 1;
 const NFTNL_SET_FAMILY = 7;
 const NFTNL_SET_ELEM_KEY = 1;
+const NFTNL_SET_ELEM_VERDICT = 2;
+const NFTNL_SET_ELEM_CHAIN = 3;
 const NFTNL_SET_ELEM_TIMEOUT = 5;
 const NFTNL_SET_ELEM_EXPIRATION = 6;
 const NFTNL_SET_ELEM_USERDATA = 7;
@@ -424,9 +442,17 @@ function addElement(api: LibnftnlApi, nftSet: Ptr, element: Element, kind: Eleme
     if (!ok) throw new EgressError(ErrorCode.NftUnavailable, `libnftnl could not build the element ${element.address}`);
     return;
   }
-  api.elemSetU64(elem, NFTNL_SET_ELEM_TIMEOUT, element.timeoutMs);
-  // The expiration is what makes the kernel refresh an element that is there already: see the header.
-  api.elemSetU64(elem, NFTNL_SET_ELEM_EXPIRATION, element.timeoutMs);
+  if (element.verdict !== undefined) {
+    if (api.elemSetU32 === undefined || api.elemSetStr === undefined)
+      throw new EgressError(ErrorCode.NftUnavailable, 'libnftnl binding without verdict elements');
+    api.elemSetU32(elem, NFTNL_SET_ELEM_VERDICT, element.verdict.code >>> 0);
+    if (element.verdict.chain !== undefined) ok = ok && api.elemSetStr(elem, NFTNL_SET_ELEM_CHAIN, element.verdict.chain) === 0;
+  }
+  if (element.timeoutMs > 0) {
+    api.elemSetU64(elem, NFTNL_SET_ELEM_TIMEOUT, element.timeoutMs);
+    // The expiration is what makes the kernel refresh an element that is there already: see the header.
+    api.elemSetU64(elem, NFTNL_SET_ELEM_EXPIRATION, element.timeoutMs);
+  }
   if (element.comment !== undefined) {
     const udata = api.udataBufAlloc(USERDATA_MAX);
     if (udata === null) ok = false;
@@ -566,6 +592,148 @@ function checkWriteName(kind: string, name: string): void {
     throw refusedBeforeSending((error as Error).message.replace(/ \(nothing was sent to nft\)$/, ''), kind === 'set' ? name : undefined);
   }
   if (Buffer.byteLength(name) > NAME_MAX_BYTES) throw refusedBeforeSending(`${kind} name ${JSON.stringify(name)} is longer than ${NAME_MAX_BYTES} bytes`);
+}
+
+// --- cgroup maps: `typeof socket cgroupv2 level N` verdict maps ----------------------------
+
+/** What a cgroup map element maps to: nft's verdicts, a chain's by its live name. */
+export type MapVerdict =
+  | { readonly kind: 'accept' }
+  | { readonly kind: 'drop' }
+  | { readonly kind: 'return' }
+  | { readonly kind: 'jump'; readonly chain: string }
+  | { readonly kind: 'goto'; readonly chain: string };
+
+export interface CgroupElementWrite {
+  /** The map's live name. */
+  readonly map: string;
+  /** The cgroup's id: the inode number of its directory, as `socket cgroupv2` yields it. */
+  readonly id: bigint;
+  readonly verdict: MapVerdict;
+}
+
+export interface CgroupElementRemoval {
+  readonly map: string;
+  readonly id: bigint;
+}
+
+/**
+ * Cgroup ids into the table's identity maps, by netfilter's own messages
+ * like the address writer: nft would resolve a path (and fetch its cache),
+ * while the kernel keys these maps by the id, which the tracker has from a
+ * stat of the directory. So a cgroup whose name nft cannot carry (any
+ * bytes) is written all the same. Elements carry no timeout: an id is
+ * never reused, and the tracker removes it when its cgroup goes.
+ */
+export interface CgroupMapWriter {
+  /** One transaction, acknowledged before it returns. An element already there with the same verdict is no error. */
+  add(writes: readonly CgroupElementWrite[]): void;
+  /** One transaction; an id a map does not hold is no error. */
+  remove(removals: readonly CgroupElementRemoval[]): void;
+  close(): void;
+}
+
+/** Opens a netlink socket in this process's network namespace for cgroup map writes; throws EGD_NFT_UNAVAILABLE or EGD_NETLINK when either cannot be had. */
+export function openCgroupMapWriter(table: { family: 'inet'; name: string } = EGRESSD_TABLE, options: SetElementWriterOptions = {}): CgroupMapWriter {
+  // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition
+  if (table.family !== 'inet') throw refusedBeforeSending(`only inet tables are written, not ${String(table.family)}`);
+  checkWriteName('table', table.name);
+  const api = loadLibnftnl(options.libraryPath ?? DEFAULT_LIBNFTNL);
+  const transport = openNetlinkTransport(NetlinkFamily.Netfilter, {
+    extendedAck: true,
+    sendBufferBytes: SEND_BUFFER_BYTES,
+    ...(options.receiveTimeoutMs === undefined ? {} : { receiveTimeoutMs: options.receiveTimeoutMs }),
+  });
+  return createCgroupMapWriter(api, transport, table.name, options.destroy === undefined ? {} : { destroy: options.destroy });
+}
+
+/** The cgroup map writer over a given library binding and transport. */
+export function createCgroupMapWriter(api: LibnftnlApi, transport: NetlinkTransport, tableName: string, internals: WriterInternals = {}): CgroupMapWriter {
+  checkWriteName('table', tableName);
+  let seq = (internals.firstSeq ?? Math.floor(Date.now() / 1000) + 0x4000_0000) >>> 0;
+  let closed = false;
+  const nextSeq = (): number => (seq = (seq + 1) >>> 0);
+  const check = (count: number, what: string): void => {
+    if (closed) throw new EgressError(ErrorCode.NftUnavailable, 'cgroup map writer: closed');
+    if (count > MAX_WRITES_PER_TRANSACTION)
+      throw refusedBeforeSending(`${count} cgroup element ${what} in one transaction, more than the ${MAX_WRITES_PER_TRANSACTION} one batch may hold`);
+  };
+  return {
+    add(writes) {
+      check(writes.length, 'writes');
+      if (writes.length === 0) return;
+      const batch = buildBatch(api, tableName, groupCgroupElements(writes), nextSeq, 'add');
+      transport.send(batch.datagram);
+      awaitAcks(transport, batch, tableName);
+    },
+    remove(removals) {
+      check(removals.length, 'removals');
+      if (removals.length === 0) return;
+      const sets = groupCgroupElements(removals);
+      if (internals.destroy ?? DESTROY_SUPPORTED) {
+        const batch = buildBatch(api, tableName, sets, nextSeq, 'destroy');
+        transport.send(batch.datagram);
+        awaitAcks(transport, batch, tableName);
+        return;
+      }
+      // Before Linux 6.3: one element a batch, and "not there" is done (as the address writer does).
+      for (const [set, elements] of sets) {
+        for (const element of elements) {
+          const batch = buildBatch(api, tableName, new Map([[set, [element]]]), nextSeq, 'delete');
+          transport.send(batch.datagram);
+          try {
+            awaitAcks(transport, batch, tableName);
+          } catch (error) {
+            if (!(error instanceof SetWriteRefusedError && error.errno === ERRNO.ENOENT)) throw error;
+          }
+        }
+      }
+    },
+    close() {
+      if (closed) return;
+      closed = true;
+      transport.close();
+    },
+  };
+}
+
+/** `socket cgroupv2` loads the id into a register as the CPU holds it: the key is the id in host byte order. */
+export function cgroupKey(id: bigint): Buffer {
+  if (id < 0n || id >= 1n << 64n) throw refusedBeforeSending(`cgroup id ${String(id)} is not a 64-bit unsigned number`);
+  const key = Buffer.alloc(8);
+  if (endianness() === 'LE') key.writeBigUInt64LE(id);
+  else key.writeBigUInt64BE(id);
+  return key;
+}
+
+const MAX_VERDICT_CHAIN_BYTES = 200;
+const VERDICT_CODE = { accept: 1, drop: 0, return: -5, jump: -3, goto: -4 } as const;
+
+function groupCgroupElements(writes: readonly (CgroupElementRemoval & { readonly verdict?: MapVerdict })[]): Map<string, Element[]> {
+  const sets = new Map<string, Map<string, Element>>();
+  for (const w of writes) {
+    checkWriteName('set', w.map);
+    const verdict = w.verdict;
+    if (verdict !== undefined && (verdict.kind === 'jump' || verdict.kind === 'goto')) {
+      checkWriteName('chain', verdict.chain);
+      // What keeps an element within ELEMENT_BOUND: nest, key, and a verdict nest with its chain's name.
+      if (Buffer.byteLength(verdict.chain) > MAX_VERDICT_CHAIN_BYTES)
+        throw refusedBeforeSending(`chain name ${JSON.stringify(verdict.chain)} is longer than ${MAX_VERDICT_CHAIN_BYTES} bytes`, w.map);
+    }
+    const key = cgroupKey(w.id);
+    let elements = sets.get(w.map);
+    if (elements === undefined) sets.set(w.map, (elements = new Map<string, Element>()));
+    const id = `${w.map} ${key.toString('hex')}`;
+    elements.set(id, {
+      id,
+      key,
+      address: `cgroup ${String(w.id)}`,
+      timeoutMs: 0,
+      comment: undefined,
+      ...(verdict === undefined ? {} : { verdict: { code: VERDICT_CODE[verdict.kind], ...('chain' in verdict ? { chain: verdict.chain } : {}) } }),
+    });
+  }
+  return new Map([...sets].map(([set, elements]) => [set, [...elements.values()]]));
 }
 
 // --- one transaction for the writes of one event-loop turn ---------------------------------

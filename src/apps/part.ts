@@ -1,0 +1,131 @@
+/**
+ * The app tracker as a part of egressd (src/daemon/part.ts): started once
+ * the table is enforced, told of every later apply, stopped with egressd.
+ * The kernel keeps every element it wrote whether or not it runs; while it
+ * is down, new cgroups meet the table's default until it is back (its first
+ * look finds them).
+ *
+ *   import { appsPart } from '../apps/part.js';
+ *   parts.push(appsPart());                       // the system bus, /sys/fs/cgroup
+ *   parts.push(appsPart({ systemd: false }));     // inotify and the periodic look alone
+ */
+import { TABLE } from '../compile/compile.js';
+import type { Part, PartContext, PartSpec } from '../daemon/part.js';
+import { openCgroupMapWriter, type CgroupMapWriter } from '../nft/set-elements.js';
+import type { InForce } from '../resolver/runtime.js';
+import { followSystemd, type SystemdFollow } from './systemd.js';
+import { CgroupTracker, type TrackerChange } from './tracker.js';
+
+export interface AppsPartOptions {
+  /** Where cgroup2 is mounted; default /sys/fs/cgroup. */
+  readonly root?: string;
+  /**
+   * systemd's signals: default the system bus, and without one (a container,
+   * no systemd) the tracker runs on inotify alone and says so; `busAddress`
+   * names a bus that must answer (the part fails to start otherwise); false:
+   * not followed.
+   */
+  readonly systemd?: false | { readonly busAddress?: string };
+  /** Watch cgroupfs with inotify (default true). */
+  readonly watch?: boolean;
+  /** The full look at every matching cgroup (what inotify's overflow may have lost); default 30,000 ms. */
+  readonly reconcileMs?: number;
+  readonly maxTracked?: number;
+  readonly maxWatches?: number;
+  /** The shortest time between two re-applies the tracker asks for (a delegated cgroup the table has no chain for); default 10,000 ms. */
+  readonly recompileIntervalMs?: number;
+  /** Default: a netlink socket of this network namespace (openCgroupMapWriter). */
+  readonly writer?: () => CgroupMapWriter;
+  /** Tests and the bench: every write, when acknowledged. */
+  readonly onChange?: (change: TrackerChange) => void;
+}
+
+export const APPS_PART_NAME = 'apps';
+
+export function appsPart(options: AppsPartOptions = {}): PartSpec {
+  return { name: APPS_PART_NAME, start: (inForce, context) => startApps(inForce, context, options) };
+}
+
+async function startApps(first: InForce, context: PartContext, options: AppsPartOptions): Promise<Part> {
+  const { log } = context;
+  const writer = (options.writer ?? (() => openCgroupMapWriter()))();
+  let lastRecompile = -Infinity;
+  let stop: (why: unknown) => void = () => undefined;
+  const stopped = new Promise<unknown>((resolve) => (stop = resolve));
+  const tracker = new CgroupTracker({
+    writer,
+    log,
+    liveSets: async () => {
+      const names = await context.nft.listNames(TABLE.family, TABLE.name);
+      return new Set([...(names?.sets ?? []), ...(names?.maps ?? [])].map((x) => x.name));
+    },
+    ...(options.root === undefined ? {} : { root: options.root }),
+    ...(options.watch === undefined ? {} : { watch: options.watch }),
+    ...(options.maxTracked === undefined ? {} : { maxTracked: options.maxTracked }),
+    ...(options.maxWatches === undefined ? {} : { maxWatches: options.maxWatches }),
+    ...(options.onChange === undefined ? {} : { onChange: options.onChange }),
+    recompile: (why) => {
+      const now = performance.now();
+      if (now - lastRecompile < (options.recompileIntervalMs ?? 10_000)) return;
+      lastRecompile = now;
+      log.info({ event: 'apps-recompile', why }, `app tracker: re-applying: ${why}`);
+      context
+        .reload(`app tracker: ${why}`)
+        .catch((error: unknown) => log.error({ event: 'apps-recompile-failed', error: String(error) }, 'app tracker: the re-apply failed'));
+    },
+  });
+  let systemd: SystemdFollow | undefined;
+  let timer: NodeJS.Timeout | undefined;
+  let queue: Promise<unknown> = Promise.resolve();
+  try {
+    await tracker.setPolicy(first);
+    if (options.systemd !== false) {
+      const busAddress = options.systemd?.busAddress;
+      try {
+        systemd = await followSystemd({
+          ...(busAddress === undefined ? {} : { busAddress }),
+          onCgroup: (path) => tracker.notice(path),
+          onLost: (error) => {
+            log.warn({ event: 'apps-systemd-lost', error: error.message }, "app tracker: systemd's bus went away");
+            // Stopped whole, so that the part the daemon starts again is the only one watching and writing.
+            void shutDown().then(() => stop(error));
+          },
+        });
+      } catch (error) {
+        // Named explicitly, the bus must answer; the machine's own may simply not be there.
+        if (busAddress !== undefined) throw error;
+        log.info({ event: 'apps-no-systemd', reason: (error as Error).message }, "app tracker: systemd's signals are not followed; cgroupfs alone tells");
+      }
+    }
+    timer = setInterval(() => tracker.lookEverywhere(), options.reconcileMs ?? 30_000);
+    timer.unref();
+  } catch (error) {
+    tracker.close();
+    systemd?.close();
+    writer.close();
+    throw error;
+  }
+  let down: Promise<void> | undefined;
+  const shutDown = (): Promise<void> =>
+    (down ??= (async () => {
+      clearInterval(timer);
+      systemd?.close();
+      tracker.close();
+      await queue;
+      writer.close();
+    })());
+  log.info({ event: 'apps-ready', ...tracker.counters(), systemd: systemd !== undefined }, 'app tracker: following cgroups');
+  return {
+    update(inForce) {
+      const run = queue.then(() => tracker.setPolicy(inForce));
+      queue = run.catch(() => undefined);
+      return run;
+    },
+    close: shutDown,
+    stopped,
+    describe() {
+      const c = tracker.counters();
+      return `apps: ${c.tracked} cgroups tracked, ${c.watches} directories watched, systemd signals ${systemd ? 'on' : 'off'}${c.dropped > 0 ? `, ${c.dropped} over the bound` : ''}`;
+    },
+  };
+}

@@ -1,0 +1,455 @@
+/**
+ * Keeps the table's identity maps (`socket cgroupv2 level N` verdict maps)
+ * in step with cgroupfs while egressd runs: a cgroup that a selector of the
+ * policy in force matches is written into its maps by id as soon as it is
+ * seen, and taken out when it goes.
+ *
+ * Seen by inotify (Node's fs.watch, one watch per directory on the way to
+ * a selector's level, and only those: what is deeper or elsewhere costs
+ * nothing), by systemd's signals (systemd.ts, as `notice`), and by a full
+ * look every `reconcileMs` and after every apply (`setPolicy`). The truth
+ * is always cgroupfs: every path, however it was heard of, is looked at
+ * with one lstat, which gives its id (the directory's inode number, what
+ * `socket cgroupv2` yields) and its owner (a non-root owner is a delegated
+ * cgroup, with the verdict compile gives those). Its name is matched as
+ * compile matches it (bytes that are not UTF-8 read as U+FFFD) and written
+ * by id, so a name nft could not carry is written all the same.
+ *
+ * fs.watch, not inotify through koffi: cgroupfs reports mkdir and rmdir to
+ * inotify as any directory does, and fs.watch takes them off the event loop
+ * with no thread of its own. What it cannot do is say that the kernel's
+ * inotify queue overflowed (libuv drops IN_Q_OVERFLOW): the periodic look
+ * and systemd's signals are what covers that.
+ *
+ * Paths heard of within one turn of the event loop are looked at together
+ * and written in one transaction (a burst of thousands of cgroups costs one
+ * lstat each and a few transactions). Bounded: at most `maxTracked`
+ * cgroups held and `maxWatches` directories watched; past either, a cgroup
+ * is not written and is counted (`dropped`) — its packets meet the table's
+ * default, never another identity's verdict.
+ *
+ * A cgroup born while an apply runs may be missing from the new
+ * generation's maps (the apply listed cgroups before it was born) and its
+ * write may land in the generation being removed: the daemon calls
+ * `setPolicy` after every apply, which reads the new maps' names and looks
+ * at every cgroup again, so it is written there; until then its packets
+ * meet the default. A write refused because its map is gone reads the live
+ * names again and is redone.
+ */
+import { lstatSync, readdirSync, watch, type FSWatcher } from 'node:fs';
+import { performance } from 'node:perf_hooks';
+import type { Logger } from 'pino';
+import { nftCanName, type Compiled } from '../compile/compile.js';
+import { showBytes } from '../system/facts.js';
+import { setWriteRefusal } from '../errors.js';
+import { MAX_WRITES_PER_TRANSACTION, type CgroupElementRemoval, type CgroupElementWrite, type CgroupMapWriter, type MapVerdict } from '../nft/set-elements.js';
+import { cgroupMapsInForce, cgroupRules, liveVerdict, verdictKey, type CgroupRules, type LiveMap } from './rules.js';
+
+export interface TrackerOptions {
+  readonly writer: CgroupMapWriter;
+  readonly log: Logger;
+  /** The names of the table's sets and maps now (a cheap listing): for a policy given without live names, and after a write found its map gone. */
+  readonly liveSets: () => Promise<ReadonlySet<string>>;
+  /** Where cgroup2 is mounted; default /sys/fs/cgroup, where nft and the kernel's ids agree. */
+  readonly root?: string;
+  /** Watch cgroupfs (default true); false leaves systemd's signals and the periodic look (tests of the signals alone). */
+  readonly watch?: boolean;
+  /** Default 65,536 cgroups. */
+  readonly maxTracked?: number;
+  /** Default 4096 directories. */
+  readonly maxWatches?: number;
+  /** Directories read per full look at most; default 100,000. */
+  readonly walkLimit?: number;
+  /**
+   * A delegated cgroup matched an identity whose table has no chain for
+   * delegated members yet: only a new compile makes it. Asked once per
+   * policy in force.
+   */
+  readonly recompile?: (why: string) => void;
+  /** Told of every cgroup written or taken out, when the kernel acknowledged it (tests, bench). */
+  readonly onChange?: (change: TrackerChange) => void;
+}
+
+export interface TrackerChange {
+  readonly path: string;
+  readonly id: bigint;
+  readonly added: boolean;
+  /** The live maps written. */
+  readonly maps: readonly string[];
+  /** performance.timeOrigin + performance.now() at the acknowledgement. */
+  readonly at: number;
+}
+
+export interface TrackerCounters {
+  readonly tracked: number;
+  readonly watches: number;
+  readonly added: number;
+  readonly removed: number;
+  readonly failed: number;
+  readonly dropped: number;
+  readonly looks: number;
+  readonly recompiles: number;
+}
+
+/** The policy in force as the tracker uses it. */
+export interface TrackedPolicy {
+  readonly compiled: Compiled;
+  readonly liveNames?: ReadonlyMap<string, readonly string[]>;
+}
+
+interface View {
+  readonly compiled: Compiled;
+  readonly rules: CgroupRules;
+  readonly chains: ReadonlySet<string>;
+  readonly maps: ReadonlyMap<string, readonly LiveMap[]>;
+  readonly live: ReadonlySet<string>;
+}
+
+interface Entry {
+  readonly bytes: Buffer;
+  readonly text: string;
+  readonly id: bigint;
+  /** Live map → the verdict written there (verdictKey). */
+  readonly written: Map<string, string>;
+}
+
+const SLASH = Buffer.from('/');
+
+export class CgroupTracker {
+  private readonly root: Buffer;
+  private view: View | undefined;
+  private readonly tracked = new Map<string, Entry>();
+  private readonly watches = new Map<string, FSWatcher>();
+  private readonly pending = new Map<string, Buffer>();
+  private scheduled = false;
+  private closed = false;
+  private stale = false;
+  private recompileAsked = false;
+  private readonly count = { added: 0, removed: 0, failed: 0, dropped: 0, looks: 0, recompiles: 0 };
+  private warnedFull = false;
+  private refreshing = false;
+  private readonly askedFor = new Set<bigint>();
+  private lastRefresh = -Infinity;
+
+  constructor(private readonly options: TrackerOptions) {
+    this.root = Buffer.from((options.root ?? '/sys/fs/cgroup').replace(/\/+$/, ''));
+  }
+
+  /** A policy is in force (the first, or after an apply): its maps' live names, then a look at every cgroup. */
+  async setPolicy(policy: TrackedPolicy): Promise<void> {
+    const given = policy.liveNames;
+    const liveSets = given ? undefined : await this.options.liveSets();
+    const maps = cgroupMapsInForce(policy.compiled, liveSets, given);
+    const missing = new Set(policy.compiled.cgroupBindings.map((b) => b.map)).size - maps.size;
+    if (missing > 0)
+      this.options.log.warn({ event: 'apps-maps-missing', maps: missing }, 'app tracker: some identity maps of the policy are not in the table in force');
+    this.install(policy.compiled, maps);
+    this.recompileAsked = false;
+    this.lookEverywhere();
+  }
+
+  /** A cgroup path someone told of (systemd): it and its ancestors are looked at. */
+  notice(path: string): void {
+    if (this.closed || !this.view) return;
+    const segments = path.split('/').filter((s) => s !== '');
+    // Told, not read: a ".." would look outside cgroupfs, at an inode that is no cgroup's.
+    if (segments.some((s) => s === '.' || s === '..')) return;
+    for (let depth = 1; depth <= Math.min(segments.length, this.view.rules.maxLevel); depth++) this.queue(Buffer.from(segments.slice(0, depth).join('/')));
+  }
+
+  /** Looks at every cgroup a selector can match, and at every one held: what inotify missed is found here. */
+  lookEverywhere(): void {
+    if (this.closed || !this.view) return;
+    this.count.looks++;
+    const { rules } = this.view;
+    const limit = this.options.walkLimit ?? 100_000;
+    let read = 0;
+    const walk = (relative: Buffer, depth: number): void => {
+      if (read++ >= limit) return;
+      this.watchDir(relative);
+      let names: Buffer[];
+      try {
+        names = readdirSync(this.absolute(relative), { withFileTypes: true, encoding: 'buffer' })
+          .filter((e) => e.isDirectory())
+          .map((e) => e.name);
+      } catch {
+        return;
+      }
+      for (const name of names) {
+        const child = relative.length === 0 ? name : Buffer.concat([relative, SLASH, name]);
+        this.queue(child);
+        if (depth + 1 < rules.maxLevel && rules.leadsToMatch(child.toString('utf8'))) walk(child, depth + 1);
+      }
+    };
+    if (rules.maxLevel > 0) walk(Buffer.alloc(0), 0);
+    for (const entry of this.tracked.values()) this.queue(entry.bytes);
+    this.flush();
+  }
+
+  counters(): TrackerCounters {
+    return { tracked: this.tracked.size, watches: this.watches.size, ...this.count };
+  }
+
+  close(): void {
+    this.closed = true;
+    for (const watcher of this.watches.values()) watcher.close();
+    this.watches.clear();
+    this.pending.clear();
+  }
+
+  private install(compiled: Compiled, maps: ReadonlyMap<string, readonly LiveMap[]>): void {
+    const live = new Set([...maps.values()].flatMap((list) => list.map((m) => m.live)));
+    const chains = new Set(compiled.ruleset.chains.filter((c) => !c.hook).map((c) => c.name));
+    this.view = { compiled, rules: cgroupRules(compiled.cgroupBindings), chains, maps, live };
+    this.stale = false;
+    // What went with the previous generation is no longer ours to remove; what stays (a kept map) is compared anew.
+    for (const entry of this.tracked.values()) for (const map of [...entry.written.keys()]) if (!live.has(map)) entry.written.delete(map);
+    for (const [key, watcher] of this.watches) {
+      if (!this.view.rules.leadsToMatch(Buffer.from(key, 'latin1').toString('utf8'))) {
+        watcher.close();
+        this.watches.delete(key);
+      }
+    }
+  }
+
+  private absolute(relative: Buffer): Buffer {
+    return relative.length === 0 ? this.root : Buffer.concat([this.root, SLASH, relative]);
+  }
+
+  private queue(relative: Buffer): void {
+    this.pending.set(relative.toString('latin1'), relative);
+    if (this.scheduled) return;
+    this.scheduled = true;
+    setImmediate(() => this.flush());
+  }
+
+  private watchDir(relative: Buffer): void {
+    const key = relative.toString('latin1');
+    if (this.options.watch === false || this.watches.has(key) || this.closed) return;
+    if (this.watches.size >= (this.options.maxWatches ?? 4096)) {
+      this.full('watches');
+      return;
+    }
+    let watcher: FSWatcher;
+    try {
+      watcher = watch(this.absolute(relative), { encoding: 'buffer', persistent: false }, (_event, name) => {
+        // No name: something changed that inotify could not name; the directory is read again.
+        if (name === null) this.relist(relative);
+        else this.queue(relative.length === 0 ? name : Buffer.concat([relative, SLASH, name]));
+      });
+    } catch {
+      return; // gone already: its parent's watch tells
+    }
+    watcher.on('error', () => {
+      watcher.close();
+      this.watches.delete(key);
+      this.queue(relative);
+    });
+    this.watches.set(key, watcher);
+  }
+
+  /** A directory just watched, or whose watch could not name what changed: every child is looked at (what came before the watch). */
+  private relist(relative: Buffer): void {
+    try {
+      for (const entry of readdirSync(this.absolute(relative), { withFileTypes: true, encoding: 'buffer' }))
+        if (entry.isDirectory()) this.queue(relative.length === 0 ? entry.name : Buffer.concat([relative, SLASH, entry.name]));
+    } catch {
+      // gone: its own removal is heard of
+    }
+  }
+
+  private full(what: 'watches' | 'cgroups'): void {
+    this.count.dropped++;
+    if (this.warnedFull) return;
+    this.warnedFull = true;
+    this.options.log.warn({ event: 'apps-full', what }, `app tracker: too many ${what}; cgroups past the bound are not written and meet the table's default`);
+  }
+
+  /** Looks at every path heard of, then writes what changed in as few transactions as the batch limit allows. */
+  private flush(): void {
+    this.scheduled = false;
+    const view = this.view;
+    if (this.closed || !view) return;
+    const adds: { entry: Entry; map: string; verdict: MapVerdict }[] = [];
+    const removals: { entry: Entry; map: string; id: bigint }[] = [];
+    for (const [key, relative] of this.pending) {
+      this.pending.delete(key);
+      this.look(view, key, relative, adds, removals);
+    }
+    this.write(adds, removals);
+    if (this.stale) void this.refresh();
+  }
+
+  private look(
+    view: View,
+    key: string,
+    relative: Buffer,
+    adds: { entry: Entry; map: string; verdict: MapVerdict }[],
+    removals: { entry: Entry; map: string; id: bigint }[],
+  ): void {
+    const text = relative.toString('utf8');
+    const depth = text.split('/').length;
+    const held = this.tracked.get(key);
+    if (depth > view.rules.maxLevel && held === undefined) return;
+    const claims = [...view.rules.claimsFor(text)];
+    const leads = depth < view.rules.maxLevel && view.rules.leadsToMatch(text);
+    if (claims.length === 0 && !leads && held === undefined) return;
+    let stat: { ino: bigint; uid: bigint; isDirectory(): boolean } | undefined;
+    try {
+      stat = lstatSync(this.absolute(relative), { bigint: true });
+    } catch {
+      stat = undefined;
+    }
+    const gone = stat === undefined || !stat.isDirectory();
+    // Removed, or removed and made again under the same path (a new id): the old id goes.
+    if (held && (gone || held.id !== stat!.ino)) {
+      for (const map of held.written.keys()) removals.push({ entry: held, map, id: held.id });
+      this.tracked.delete(key);
+    }
+    if (gone) {
+      this.watches.get(key)?.close();
+      this.watches.delete(key);
+      return;
+    }
+    if (leads && this.options.watch !== false && !this.watches.has(key)) {
+      this.watchDir(relative);
+      // What was made in it before the watch was set is not heard of: read it once.
+      if (this.watches.has(key)) this.relist(relative);
+    }
+    const desired = new Map<string, MapVerdict>();
+    const uid = Number(stat!.uid);
+    if (claims.length > 0 && !nameable(relative)) {
+      // Written by id the kernel would take it, but nft then aborts listing the map (nft 1.0.6,
+      // json.c mapping_expr_json): compile's way instead — left out, or its ancestor cut off.
+      this.askRecompile(stat!.ino, `cgroup ${showBytes(relative)} matches ${claims[0]!.owner} and has a name nftables cannot carry`);
+      claims.length = 0;
+    }
+    for (const claim of claims) {
+      const verdict = uid === 0 ? claim.verdict : claim.delegatedVerdict;
+      if (verdict === undefined) {
+        this.askRecompile(stat!.ino, `a cgroup of ${claim.owner} delegated to uid ${uid} appeared, and the table has no chain for its delegated members yet`);
+        continue;
+      }
+      for (const live of view.maps.get(claim.map) ?? []) desired.set(live.live, liveVerdict(verdict, live.generation, view.chains));
+    }
+    let entry = this.tracked.get(key);
+    if (entry === undefined) {
+      if (desired.size === 0) return;
+      if (this.tracked.size >= (this.options.maxTracked ?? 65_536)) {
+        this.full('cgroups');
+        return;
+      }
+      entry = { bytes: relative, text, id: stat!.ino, written: new Map() };
+      this.tracked.set(key, entry);
+    }
+    for (const [map, written] of entry.written) {
+      const want = desired.get(map);
+      if (want === undefined || verdictKey(want) !== written) removals.push({ entry, map, id: entry.id });
+    }
+    for (const [map, verdict] of desired) if (entry.written.get(map) !== verdictKey(verdict)) adds.push({ entry, map, verdict });
+    // Nothing of it is wanted any more (the policy changed): its removals are queued above, and it is not held.
+    if (desired.size === 0) this.tracked.delete(key);
+  }
+
+  private write(adds: { entry: Entry; map: string; verdict: MapVerdict }[], removals: { entry: Entry; map: string; id: bigint }[]): void {
+    const { writer } = this.options;
+    const at = (): number => performance.timeOrigin + performance.now();
+    for (let i = 0; i < removals.length; i += MAX_WRITES_PER_TRANSACTION) {
+      const chunk = removals.slice(i, i + MAX_WRITES_PER_TRANSACTION);
+      const request: CgroupElementRemoval[] = chunk.map((r) => ({ map: r.map, id: r.id }));
+      if (!this.tryWrite(() => writer.remove(request), chunk.length)) {
+        // A map that is gone holds nothing: its generation went with it.
+        for (const r of chunk) this.tryWrite(() => writer.remove([{ map: r.map, id: r.id }]), 1);
+      }
+      for (const r of chunk) r.entry.written.delete(r.map);
+      this.count.removed += chunk.length;
+      const when = at();
+      for (const [entry, maps] of byEntry(chunk)) this.options.onChange?.({ path: entry.text, id: entry.id, added: false, maps, at: when });
+    }
+    for (let i = 0; i < adds.length; i += MAX_WRITES_PER_TRANSACTION) {
+      const chunk = adds.slice(i, i + MAX_WRITES_PER_TRANSACTION);
+      const request: CgroupElementWrite[] = chunk.map((a) => ({ map: a.map, id: a.entry.id, verdict: a.verdict }));
+      let done = chunk;
+      if (!this.tryWrite(() => writer.add(request), chunk.length)) {
+        done = chunk.filter((a) => this.tryWrite(() => writer.add([{ map: a.map, id: a.entry.id, verdict: a.verdict }]), 1));
+      }
+      for (const a of done) a.entry.written.set(a.map, verdictKey(a.verdict));
+      this.count.added += done.length;
+      const when = at();
+      for (const [entry, maps] of byEntry(done)) this.options.onChange?.({ path: entry.text, id: entry.id, added: true, maps, at: when });
+    }
+  }
+
+  /** One transaction; false when the kernel refused it (nothing of it was written). A map that is gone marks the view stale. */
+  private tryWrite(change: () => void, size: number): boolean {
+    try {
+      change();
+      return true;
+    } catch (error) {
+      const reason = setWriteRefusal(error);
+      if (reason === 'missing-set' || reason === 'missing-table') this.stale = true;
+      if (size === 1) {
+        this.count.failed++;
+        if (reason !== 'missing-set' && reason !== 'missing-table')
+          this.options.log.error({ event: 'apps-write-failed', error: String(error) }, 'app tracker: a cgroup element could not be written');
+      }
+      return false;
+    }
+  }
+
+  /** A write found its map gone (an apply switched generations): the live names are read again, and every cgroup looked at again. */
+  private async refresh(): Promise<void> {
+    const view = this.view;
+    if (!view || this.closed || this.refreshing) return;
+    // At most one listing a second, whatever keeps refusing writes.
+    const wait = this.lastRefresh + 1000 - performance.now();
+    if (wait > 0) {
+      this.refreshing = true;
+      setTimeout(() => {
+        this.refreshing = false;
+        void this.refresh();
+      }, wait).unref();
+      return;
+    }
+    this.lastRefresh = performance.now();
+    this.stale = false;
+    try {
+      const maps = cgroupMapsInForce(view.compiled, await this.options.liveSets());
+      // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition -- closed meanwhile, while the table was listed
+      if (this.view !== view || this.closed) return;
+      this.install(view.compiled, maps);
+      this.lookEverywhere();
+    } catch (error) {
+      this.options.log.error({ event: 'apps-refresh-failed', error: String(error) }, 'app tracker: the table could not be listed');
+    }
+  }
+
+  /** Once per policy in force, and once per cgroup ever: a cgroup the next compile still leaves out (a name nft cannot carry) asks no more. */
+  private askRecompile(id: bigint, why: string): void {
+    if (this.recompileAsked || !this.options.recompile || this.askedFor.has(id)) return;
+    if (this.askedFor.size >= 4096) this.askedFor.clear();
+    this.askedFor.add(id);
+    this.recompileAsked = true;
+    this.count.recompiles++;
+    this.options.recompile(why);
+  }
+}
+
+/** What nft can carry in a string, as compile decides it (facts.ts, nftCanName): UTF-8 without quotes or control characters. */
+function nameable(bytes: Buffer): boolean {
+  try {
+    return nftCanName(new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(bytes));
+  } catch {
+    return false;
+  }
+}
+
+function byEntry(items: readonly { readonly entry: Entry; readonly map: string }[]): Map<Entry, string[]> {
+  const grouped = new Map<Entry, string[]>();
+  for (const item of items) {
+    const maps = grouped.get(item.entry);
+    if (maps) maps.push(item.map);
+    else grouped.set(item.entry, [item.map]);
+  }
+  return grouped;
+}
