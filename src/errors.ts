@@ -54,6 +54,12 @@ export const ErrorCode = {
   NoUpstreams: 'EGD_NO_UPSTREAMS',
   /** The DNS resolver could not start: an address to listen on, an upstream, or the socket mark (`reason` says which). */
   ResolverStart: 'EGD_RESOLVER_START',
+  /** The denial store (SQLite) could not be opened, read or written, or was damaged (then kept aside and a fresh one started); enforcement is not affected. */
+  DenialStore: 'EGD_DENIAL_STORE',
+  /** A denial query's filter is wrong; `details[0]` names the field (since, until, app, dest, rule, uid, limit, id). */
+  DenialFilter: 'EGD_DENIAL_FILTER',
+  /** The caller may not do this (denial records: root and group egressd-audit only). */
+  NotPermitted: 'EGD_NOT_PERMITTED',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

@@ -56,6 +56,9 @@ const EXIT_FOR: { readonly [code in ErrorCode]: number } = {
   [ErrorCode.DnsConfigChanged]: Exit.Answer,
   [ErrorCode.NoUpstreams]: Exit.SystemError,
   [ErrorCode.ResolverStart]: Exit.SystemError,
+  [ErrorCode.DenialStore]: Exit.SystemError,
+  [ErrorCode.DenialFilter]: Exit.BadInput,
+  [ErrorCode.NotPermitted]: Exit.SystemError,
 };
 
 export function exitCodeFor(error: unknown): number {
