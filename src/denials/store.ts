@@ -352,7 +352,8 @@ function checkIntact(db: Database.Database): void {
   }
 }
 
-function migrate(db: Database.Database, path: string): void {
+/** A schema from a later egressd is never written to (a downgrade keeps its records for the upgrade back). */
+function refuseNewer(db: Database.Database, path: string): void {
   const version = db.pragma('user_version', { simple: true }) as number;
   if (version > SCHEMA_VERSION) {
     throw new EgressError(
@@ -363,10 +364,10 @@ function migrate(db: Database.Database, path: string): void {
       },
     );
   }
-  if (version === 0) {
-    // A new database: incremental auto-vacuum must be chosen before the first table.
-    db.pragma('auto_vacuum = INCREMENTAL');
-  }
+}
+
+function migrate(db: Database.Database): void {
+  const version = db.pragma('user_version', { simple: true }) as number;
   for (let v = version; v < SCHEMA_VERSION; v++) {
     db.transaction(() => {
       db.exec(MIGRATIONS[v]!);
@@ -426,12 +427,15 @@ function keepAside(path: string, now: number): string {
 function openDatabase(path: string): Database.Database {
   const db = new Database(path, { timeout: 5000 });
   try {
+    refuseNewer(db, path);
+    // Before anything writes the first page: a new database then gives pages back to the file system when pruned (an existing one keeps its mode).
+    db.pragma('auto_vacuum = INCREMENTAL');
     db.pragma('journal_mode = WAL');
     db.pragma('synchronous = NORMAL');
     // The WAL is checkpointed every 1000 pages and cut back to this after: it never grows past the size cap's reach.
     db.pragma('journal_size_limit = 16777216');
     checkIntact(db);
-    migrate(db, path);
+    migrate(db);
     return db;
   } catch (error) {
     db.close();
