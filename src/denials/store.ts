@@ -295,6 +295,7 @@ export function filterSql(filter: DenialFilter): { where: string; params: unknow
     params.push(filter.uid);
     timeOnly = false;
   }
+  limitOf(filter);
   return { where: clauses.length === 0 ? '' : `WHERE ${clauses.join(' AND ')}`, params, timeOnly };
 }
 
