@@ -396,3 +396,35 @@ describe('denial store: SIGKILL mid-write', () => {
     store.close();
   });
 });
+
+describe('keepDenials', () => {
+  it('every record reaches the journal and the store; a failing store is logged once and the journal goes on', async () => {
+    const { keepDenials } = await import('../../src/denials/keep.js');
+    let listener: ((r: DenialRecord) => void) | undefined;
+    const source = {
+      subscribe: (l: (r: DenialRecord) => void) => {
+        listener = l;
+        return () => (listener = undefined);
+      },
+    };
+    const journaled: DenialRecord[] = [];
+    const logged: { event?: string }[] = [];
+    const store = open();
+    const stop = keepDenials(source, {
+      store,
+      journal: { via: 'stdout', write: (r) => journaled.push(r) },
+      log: { error: (o: object) => logged.push(o) } as never,
+    });
+    listener!(denial({ port: 1 }));
+    listener!(denial({ port: 2 }));
+    store.flush();
+    expect(store.query({}).map((r) => r.port)).toEqual([2, 1]);
+    store.close();
+    listener!(denial({ port: 3 }));
+    listener!(denial({ port: 4 }));
+    expect(journaled.map((r) => r.port)).toEqual([1, 2, 3, 4]);
+    expect(logged).toEqual([expect.objectContaining({ event: 'denial-store-failed', code: ErrorCode.DenialStore })]);
+    stop();
+    expect(listener).toBeUndefined();
+  });
+});
