@@ -80,6 +80,8 @@ export interface DenialStoreOptions {
   /** Problems found where no caller waits (a timed flush or prune, a database replaced at open); default: logged. */
   readonly onError?: (error: EgressError) => void;
   readonly now?: () => number;
+  /** Databases up to this size get a full quick_check at open (default 64 MiB); larger ones a check of their size. */
+  readonly quickCheckMaxBytes?: number;
 }
 
 export const AUDIT_GROUP = 'egressd-audit';
@@ -347,13 +349,32 @@ export function isCorrupt(error: unknown): boolean {
 }
 
 /** The database is not SQLite's, or SQLite finds it damaged. */
-function checkIntact(db: Database.Database): void {
-  const rows = db.pragma('quick_check(5)') as { quick_check: string }[];
-  if (rows.length !== 1 || rows[0]!.quick_check !== 'ok') {
-    const error = new Error(`quick_check: ${rows.map((r) => r.quick_check).join('; ')}`) as Error & { code: string };
+/**
+ * quick_check reads every page, and the store runs on the daemon's own
+ * thread (beside the resolver): it is run on databases up to
+ * QUICK_CHECK_MAX_BYTES. A larger one (and one left with a WAL, whose header
+ * may lag behind) is checked by its header's page count against the file's
+ * size, which catches a truncated file; damage elsewhere in it shows as
+ * SQLITE_CORRUPT on the reads and writes that meet it, reported as
+ * EGD_DENIAL_STORE.
+ */
+export const QUICK_CHECK_MAX_BYTES = 64 * 1024 * 1024;
+function checkIntact(db: Database.Database, path: string, quickCheckMaxBytes: number): void {
+  const corrupt = (what: string): never => {
+    const error = new Error(what) as Error & { code: string };
     error.code = 'SQLITE_CORRUPT';
     throw error;
+  };
+  const size = statSync(path).size;
+  if (size <= quickCheckMaxBytes) {
+    const rows = db.pragma('quick_check(5)') as { quick_check: string }[];
+    if (rows.length !== 1 || rows[0]!.quick_check !== 'ok') corrupt(`quick_check: ${rows.map((r) => r.quick_check).join('; ')}`);
+    return;
   }
+  const pages = db.pragma('page_count', { simple: true }) as number;
+  const pageSize = db.pragma('page_size', { simple: true }) as number;
+  if (!existsSync(`${path}-wal`) && pages * pageSize > size)
+    corrupt(`the header counts ${pages} pages of ${pageSize} bytes; the file holds ${size} bytes (truncated)`);
 }
 
 /** A schema from a later egressd is never written to (a downgrade keeps its records for the upgrade back). */
@@ -428,7 +449,7 @@ function keepAside(path: string, now: number): string {
   return aside;
 }
 
-function openDatabase(path: string): Database.Database {
+function openDatabase(path: string, quickCheckMaxBytes: number): Database.Database {
   const db = new Database(path, { timeout: 5000 });
   try {
     refuseNewer(db, path);
@@ -440,7 +461,7 @@ function openDatabase(path: string): Database.Database {
     db.pragma('cache_size = -16384');
     // The WAL is checkpointed every 1000 pages and cut back to this after: it never grows past the size cap's reach.
     db.pragma('journal_size_limit = 16777216');
-    checkIntact(db);
+    checkIntact(db, path, quickCheckMaxBytes);
     migrate(db);
     return db;
   } catch (error) {
@@ -472,12 +493,12 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
   try {
     ensureModes(path, auditGid(o.group === undefined ? AUDIT_GROUP : o.group));
     try {
-      db = openDatabase(path);
+      db = openDatabase(path, o.quickCheckMaxBytes ?? QUICK_CHECK_MAX_BYTES);
     } catch (error) {
       if (!isCorrupt(error)) throw error;
       const aside = keepAside(path, now());
       ensureModes(path, auditGid(o.group === undefined ? AUDIT_GROUP : o.group));
-      db = openDatabase(path);
+      db = openDatabase(path, o.quickCheckMaxBytes ?? QUICK_CHECK_MAX_BYTES);
       const replaced = storeError(`damaged; kept as ${aside}, a fresh one started`, path, error);
       log?.error(
         { event: 'denial-store-replaced', code: replaced.code, path, keptAs: aside, error: (error as Error).message },
@@ -551,10 +572,13 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
       // The oldest tenth (at least 1000 records) at a time: a few rounds, not a row at a time.
       const total = (db.prepare('SELECT count(*) AS n FROM denials').get() as { n: number }).n;
       if (total === 0) break;
-      const cut = db.prepare('SELECT id FROM denials ORDER BY id LIMIT 1 OFFSET ?').get(Math.min(total - 1, Math.max(1000, Math.floor(total / 10)))) as
-        { id: number } | undefined;
-      size += deleteWhere('WHERE id < ?', [cut?.id ?? Number.MAX_SAFE_INTEGER]);
-      if (cut === undefined) break;
+      const take = Math.max(1000, Math.floor(total / 10));
+      const cut = take >= total ? undefined : (db.prepare('SELECT id FROM denials ORDER BY id LIMIT 1 OFFSET ?').get(take) as { id: number } | undefined);
+      const removed = deleteWhere('WHERE id < ?', [cut?.id ?? Number.MAX_SAFE_INTEGER]);
+      size += removed;
+      // The rollup's emptied rows go too, or they would hold the pages the loop measures.
+      db.prepare('DELETE FROM rollup WHERE records <= 0').run();
+      if (removed === 0) break;
     }
     if (age + size > 0) {
       db.prepare('DELETE FROM rollup WHERE records <= 0').run();

@@ -213,9 +213,9 @@ describe('denial store: housekeeping', () => {
 
   it('keeps the database under its size cap, dropping the oldest first, and gives the space back', () => {
     const path = freshPath();
-    const cap = 2 * 1024 * 1024;
+    const cap = 1024 * 1024;
     let store = open(path, { maxBytes: 1024 * 1024 * 1024 });
-    const records = [...manyDenials(40_000, { end: T0 - HOUR, stepMs: 50 })];
+    const records = [...manyDenials(20_000, { end: T0 - HOUR, stepMs: 50 })];
     store.add(records);
     store.close();
     const before = statSync(path).size;
@@ -233,6 +233,20 @@ describe('denial store: housekeeping', () => {
     expect(store.summary({})).toEqual(bruteSummary(newest));
     store.close();
     expect(statSync(path).size).toBeLessThanOrEqual(cap + 64 * 1024);
+  });
+
+  it('a cap below what an empty database takes removes every record and stops there', () => {
+    const path = freshPath();
+    const store = open(path, { maxBytes: 1024 * 1024 * 1024 });
+    store.add([...manyDenials(1500)]);
+    store.close();
+    const tiny = open(path, { maxBytes: 1 });
+    expect(tiny.query({})).toEqual([]);
+    expect(tiny.summary({})).toEqual(bruteSummary([]));
+    tiny.add([denial()]);
+    tiny.flush();
+    expect(tiny.query({})).toHaveLength(1);
+    tiny.close();
   });
 
   it('prunes by itself on its timer', async () => {
@@ -309,6 +323,23 @@ describe('denial store: damage', () => {
       open(path).close();
       writeFileSync(path, Buffer.alloc(64 * 1024, 0x5a));
     });
+  });
+
+  it('a truncated file too large for quick_check at open: the same, from its size', () => {
+    const path = freshPath();
+    const store = open(path);
+    store.add([...manyDenials(5_000)]);
+    store.close();
+    truncateSync(path, Math.floor(statSync(path).size / 2) + 100);
+    const original = readFileSync(path);
+    const errors: EgressError[] = [];
+    open(path, { quickCheckMaxBytes: 4096, onError: (e) => errors.push(e) }).close();
+    expect(errors.map((e) => e.code)).toEqual([ErrorCode.DenialStore]);
+    // SQLite meets the missing pages itself (the schema, the housekeeping's index walk) or the size check does: either way, at open.
+    expect(errors[0]!.message).toMatch(/malformed|truncated/);
+    const aside = readdirSync(join(path, '..')).filter((f) => f.startsWith('denials.sqlite.corrupt-'));
+    expect(aside).toHaveLength(1);
+    expect(readFileSync(join(path, '..', aside[0]!)).equals(original)).toBe(true);
   });
 
   it('a truncated file: the same', () => {
