@@ -63,6 +63,12 @@ export const ErrorCode = {
   TorConflict: 'EGD_TOR_CONFLICT',
   /** Tor is not installed (no tor binary in the system image), so updates over Tor would have nothing to go through. */
   TorMissing: 'EGD_TOR_MISSING',
+  /** The denial store (SQLite) could not be opened, read or written, or was damaged (then kept aside and a fresh one started); enforcement is not affected. */
+  DenialStore: 'EGD_DENIAL_STORE',
+  /** A denial query's filter is wrong; `details[0]` names the field (since, until, app, dest, rule, uid, limit, id). */
+  DenialFilter: 'EGD_DENIAL_FILTER',
+  /** The caller may not do this (denial records: root and group egressd-audit only). */
+  NotPermitted: 'EGD_NOT_PERMITTED',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

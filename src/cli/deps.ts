@@ -59,6 +59,9 @@ const EXIT_FOR: { readonly [code in ErrorCode]: number } = {
   // Someone else's configuration in the way: left as it is, for the person to decide on.
   [ErrorCode.TorConflict]: Exit.Answer,
   [ErrorCode.TorMissing]: Exit.SystemError,
+  [ErrorCode.DenialStore]: Exit.SystemError,
+  [ErrorCode.DenialFilter]: Exit.BadInput,
+  [ErrorCode.NotPermitted]: Exit.SystemError,
 };
 
 export function exitCodeFor(error: unknown): number {

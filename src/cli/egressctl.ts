@@ -19,6 +19,7 @@ const commandLoaders: readonly (readonly [string, () => Promise<Command<never>>]
   ['dns', async () => (await import('./commands/dns.js')).dns],
   ['tor', async () => (await import('./commands/tor.js')).tor],
   ['try', async () => (await import('./commands/try.js')).tryIt],
+  ['denials', async () => (await import('./commands/denials.js')).denials],
 ] as unknown as (readonly [string, () => Promise<Command<never>>])[];
 
 /** The usage text names every command with its summary: only it loads them all. */

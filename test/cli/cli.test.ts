@@ -113,7 +113,7 @@ describe('egressctl', () => {
   it('each command the usage lists is loaded under its own name', async () => {
     // Commands are loaded when they run (egressctl.ts): a name mapped to another command's module shows here.
     const listed = [...(await run('--help')).err.matchAll(/^ {2}([a-z]+) {2,}/gm)].map((m) => m[1]!);
-    expect(listed).toEqual(['check', 'compile', 'explain', 'apply', 'plan', 'status', 'lockdown', 'release', 'schema', 'dns', 'tor', 'try']);
+    expect(listed).toEqual(['check', 'compile', 'explain', 'apply', 'plan', 'status', 'lockdown', 'release', 'schema', 'dns', 'tor', 'try', 'denials']);
     for (const command of listed) {
       const result = await run(command, '--help');
       expect(result.code).toBe(0);
@@ -149,6 +149,9 @@ describe('egressctl', () => {
       EGD_RESOLVER_START: Exit.SystemError,
       EGD_TOR_CONFLICT: Exit.Answer,
       EGD_TOR_MISSING: Exit.SystemError,
+      EGD_DENIAL_STORE: Exit.SystemError,
+      EGD_DENIAL_FILTER: Exit.BadInput,
+      EGD_NOT_PERMITTED: Exit.SystemError,
     });
     const err: string[] = [];
     const raced = new EgressError(ErrorCode.ConcurrentChange, 'another writer changed table inet egressd at the same time; this run changed nothing in force');

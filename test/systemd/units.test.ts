@@ -161,7 +161,10 @@ describe.skipIf(!has('systemd-tmpfiles') || !has('systemd-sysusers'))('the sysus
     expect(readFileSync(join(root, 'etc/group'), 'utf8')).toMatch(/^egressd-audit:x:\d+:$/m);
     const tmpfiles = spawnSync('systemd-tmpfiles', [`--root=${root}`, '--create', join(SYSTEMD_DIR, 'egressd-tmpfiles.conf')], { encoding: 'utf8' });
     expect(tmpfiles.status, tmpfiles.stderr).toBe(0);
-    expect(statSync(join(root, 'var/lib/egressd')).mode & 0o7777).toBe(0o750);
+    expect(statSync(join(root, 'var/lib/egressd')).mode & 0o7777).toBe(0o751);
+    const denials = statSync(join(root, 'var/lib/egressd/denials'));
+    expect(denials.mode & 0o7777).toBe(0o2750);
+    expect(denials.gid).toBe(Number(/^egressd-audit:x:(\d+):$/m.exec(readFileSync(join(root, 'etc/group'), 'utf8'))![1]));
     expect(statSync(join(root, 'run/egressd')).mode & 0o7777).toBe(0o755);
   });
 });
