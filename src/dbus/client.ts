@@ -23,6 +23,8 @@ export interface FirewallClient {
   reload(): Promise<{ digest: string }>;
   queryDenials(filter: DenialFilter): Promise<ClientRecord[]>;
   allowFromDenial(recordId: number, scope: string): Promise<Record<string, unknown>>;
+  /** egressctl allow --app NAME --to DEST: an allow not taken from a record. */
+  allow(app: string, to: readonly string[], options: { ports?: readonly number[]; proto?: string }, scope: string): Promise<Record<string, unknown>>;
   /** Denied records for this caller (its own uid; `all` for root and audit); `listener` gets each with its store id (0: unknown). */
   subscribe(listener: (record: ClientRecord, id: number) => void, options?: { all?: boolean }): Promise<{ uid: number; all: boolean }>;
   /** Settles when the connection is lost or the service leaves the bus. */
@@ -133,6 +135,13 @@ export async function connectFirewall(options: { busAddress?: string; timeoutMs?
     },
     async allowFromDenial(recordId, scope) {
       const [dict] = await dbusCall('AllowFromDenial', 'ts', [recordId, scope]);
+      return unwrap(dict as Record<string, { value: unknown }>);
+    },
+    async allow(app, to, opts, scope) {
+      const options: Record<string, InstanceType<typeof Variant>> = {};
+      if (opts.ports?.length) options['ports'] = new Variant('aq', [...opts.ports]);
+      if (opts.proto) options['proto'] = new Variant('s', opts.proto);
+      const [dict] = await dbusCall('Allow', 'sasa{sv}s', [app, [...to], options, scope]);
       return unwrap(dict as Record<string, { value: unknown }>);
     },
     async subscribe(listener, opts = {}) {

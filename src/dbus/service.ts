@@ -5,6 +5,7 @@
  *   Reload() → a{sv}                       root, or polkit org.egressd.reload
  *   QueryDenials(a{sv} filter) → aa{sv}    root and members of egressd-audit
  *   AllowFromDenial(t id, s scope) → a{sv} root, or polkit org.egressd.allow (for the caller's own records)
+ *   Allow(s app, as to, a{sv} options, s scope) → a{sv}   root, or polkit org.egressd.allow (egressctl allow --app)
  *   Subscribe(a{sv} options) → a{sv}       anyone: Denied signals of the caller's own uid; {all: true} root and audit only
  *   Unsubscribe()
  *   signal Denied(a{sv} record, t id)      id 0: not (yet) in the store
@@ -35,9 +36,9 @@ import { aggregateKey, type DenialRecord } from '../denials/record.js';
 import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import { nssAccounts, type Accounts } from '../system/nss.js';
 import { callerCredentials, DEFAULT_AUDIT_GROUP, roleOf, type Caller, type PolkitAction, type PolkitCheck } from './access.js';
-import { allowanceFor, DropIn, parseScope } from './allow.js';
+import { allowanceFor, DROP_IN, DropIn, manualAllowance, parseScope, type Allowance, type AllowProto } from './allow.js';
 import type { DenialCounters, DenialFeed, DenialStore, StoredDenial } from './contracts.js';
-import { booleanArg, filterFromDbus, recordToDbus } from './wire.js';
+import { booleanArg, filterFromDbus, integerArg, recordToDbus, stringArg } from './wire.js';
 
 const { Message, Variant } = dbus;
 type Message = InstanceType<typeof Message>;
@@ -128,6 +129,7 @@ const INTROSPECTION = `<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object I
     <method name="Reload"><arg name="outcome" type="a{sv}" direction="out"/></method>
     <method name="QueryDenials"><arg name="filter" type="a{sv}" direction="in"/><arg name="records" type="aa{sv}" direction="out"/></method>
     <method name="AllowFromDenial"><arg name="record_id" type="t" direction="in"/><arg name="scope" type="s" direction="in"/><arg name="result" type="a{sv}" direction="out"/></method>
+    <method name="Allow"><arg name="app" type="s" direction="in"/><arg name="to" type="as" direction="in"/><arg name="options" type="a{sv}" direction="in"/><arg name="scope" type="s" direction="in"/><arg name="result" type="a{sv}" direction="out"/></method>
     <method name="Subscribe"><arg name="options" type="a{sv}" direction="in"/><arg name="subscription" type="a{sv}" direction="out"/></method>
     <method name="Unsubscribe"/>
     <signal name="Denied"><arg name="record" type="a{sv}"/><arg name="record_id" type="t"/></signal>
@@ -154,6 +156,7 @@ const SIGNATURES: Readonly<Record<string, string>> = {
   Reload: '',
   QueryDenials: 'a{sv}',
   AllowFromDenial: 'ts',
+  Allow: 'sasa{sv}s',
   Subscribe: 'a{sv}',
   Unsubscribe: '',
 };
@@ -269,6 +272,22 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
     };
   }
 
+  async function allowed(entry: Allowance): Promise<Reply> {
+    const { digest } = await dropIn.add(entry);
+    return [
+      'a{sv}',
+      [
+        {
+          file: new Variant('s', DROP_IN),
+          app: new Variant('s', entry.app),
+          to: new Variant('s', entry.allow.join(', ')),
+          until: new Variant('s', entry.until ?? 'always'),
+          digest: new Variant('s', digest),
+        },
+      ],
+    ];
+  }
+
   async function call(msg: Message): Promise<Reply> {
     // dbus-next's types promise a body and a signature; a call without arguments has neither.
     const args = (msg.body as unknown[] | undefined) ?? [];
@@ -310,19 +329,35 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
           { event: 'dbus-allow', uid: who.uid, pid: who.pid, record: id, app: entry.app, to: entry.allow, until: entry.until ?? 'always' },
           'allow from a denial',
         );
-        const { digest } = await dropIn.add(entry);
-        return [
-          'a{sv}',
-          [
-            {
-              file: new Variant('s', 'allowed entry in 80-allowed.yaml'),
-              app: new Variant('s', entry.app),
-              to: new Variant('s', entry.allow.join(', ')),
-              until: new Variant('s', entry.until ?? 'always'),
-              digest: new Variant('s', digest),
-            },
-          ],
-        ];
+        return allowed(entry);
+      }
+      case 'Allow': {
+        const who = await caller(msg.sender);
+        if (!(await mayChange(who, 'org.egressd.allow'))) throw refuse(who, 'Allow');
+        const [app, to, options, scopeText] = args as [string, string[], Record<string, unknown>, string];
+        const scope = parseScope(scopeText);
+        if (app.length === 0 || app.length > 64) throw new EgressError(ErrorCode.InvalidArgument, 'app: must be 1–64 characters');
+        if (to.length === 0 || to.length > 64 || to.some((d) => d.length === 0 || d.length > 255))
+          throw new EgressError(ErrorCode.InvalidArgument, 'to: 1–64 destinations of 1–255 characters');
+        let ports: number[] | undefined;
+        let proto: AllowProto | undefined;
+        for (const [key, value] of Object.entries(options)) {
+          if (key === 'ports') {
+            const v = value as { signature?: string; value?: unknown };
+            if (v.signature !== 'aq' && v.signature !== 'au') throw new EgressError(ErrorCode.InvalidArgument, 'ports: expected a list of ports (aq)');
+            ports = (v.value as number[]).map((p) => integerArg('ports', new Variant('u', p), 1, 65535));
+          } else if (key === 'proto') {
+            const p = stringArg('proto', value);
+            if (p !== 'tcp' && p !== 'udp' && p !== 'icmp') throw new EgressError(ErrorCode.InvalidArgument, 'proto: tcp, udp or icmp');
+            proto = p;
+          } else throw new EgressError(ErrorCode.InvalidArgument, `unknown option "${key.slice(0, 64)}" (known: ports, proto)`);
+        }
+        const entry = manualAllowance(app, to, { ...(ports ? { ports } : {}), ...(proto ? { proto } : {}) }, { uid: who.uid, name: who.name }, now(), scope);
+        log.info(
+          { event: 'dbus-allow', uid: who.uid, pid: who.pid, app: entry.app, to: entry.allow, until: entry.until ?? 'always' },
+          'allow asked over D-Bus',
+        );
+        return allowed(entry);
       }
       case 'Subscribe': {
         const who = await caller(msg.sender);

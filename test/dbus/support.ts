@@ -207,7 +207,7 @@ export function startClient(user: { uid: number; gid: number }, busAddress: stri
   });
   return {
     lines,
-    async waitFor(predicate, timeoutMs = 15_000) {
+    async waitFor(predicate, timeoutMs = 40_000) {
       const end = Date.now() + timeoutMs;
       while (!predicate(lines)) {
         if (Date.now() > end) throw new Error(`client as uid ${user.uid}: timed out; lines: ${JSON.stringify(lines)}; stderr: ${err}`);
