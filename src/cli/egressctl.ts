@@ -17,6 +17,8 @@ const commandLoaders: readonly (readonly [string, () => Promise<Command<never>>]
   ['release', async () => (await import('./commands/enforce.js')).release],
   ['schema', async () => (await import('./commands/schema.js')).schema],
   ['dns', async () => (await import('./commands/dns.js')).dns],
+  ['allow', async () => (await import('./commands/allow.js')).allow],
+  ['notify', async () => (await import('./commands/notify.js')).notify],
 ] as unknown as (readonly [string, () => Promise<Command<never>>])[];
 
 /** The usage text names every command with its summary: only it loads them all. */
