@@ -318,9 +318,10 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
       }
       case 'AllowFromDenial': {
         const who = await caller(msg.sender);
+        // Who first: an unauthorized caller learns nothing, not even whether its arguments were good.
+        if (!(await mayChange(who, 'org.egressd.allow'))) throw refuse(who, 'AllowFromDenial');
         const id = Number(args[0]);
         const scope = parseScope(args[1] as string);
-        if (!(await mayChange(who, 'org.egressd.allow'))) throw refuse(who, 'AllowFromDenial');
         const record = Number.isSafeInteger(id) && id > 0 ? store().get(id) : undefined;
         // Not found and not yours answer alike: a record id says nothing about other users' records.
         if (!record || (who.role !== 'root' && record.uid !== who.uid)) throw new EgressError(ErrorCode.NotFound, `no denial record ${String(args[0])}`);
@@ -437,7 +438,7 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
   const onMessage = (msg: Message) => {
     if (msg.type === dbus.MessageType.SIGNAL && msg.sender === 'org.freedesktop.DBus' && msg.member === 'NameOwnerChanged') {
       const [name, , owner] = msg.body as [string, string, string];
-      if (owner === '' && subscriptions.delete(name)) log.debug({ event: 'dbus-unsubscribed', name }, 'subscriber left the bus');
+      if (owner === '' && subscriptions.delete(name)) log.info({ event: 'dbus-unsubscribed', name }, 'subscriber left the bus');
     }
   };
   bus.on('message', onMessage);

@@ -214,8 +214,13 @@ describe.skipIf(skip)(`org.egressd.Firewall1 on a real system-like bus ${skip ? 
     feed.emit(denial({ uid: users.app1.uid, name: 'telemetry.example.org', address: '203.0.113.7' }));
     const record = store.rows[store.rows.length - 1]!;
     const before = reloads.length;
-    const [refused] = await runClient(users.app1, buses.system, [['allow', record.id, '1h']]);
+    const [refused, badScope] = await runClient(users.app1, buses.system, [
+      ['allow', record.id, '1h'],
+      ['allow', record.id, 'forever'],
+    ]);
     expect(refused!.error).toBe('EGD_ACCESS_DENIED');
+    // Refused before its arguments are read: an unauthorized caller learns nothing from them.
+    expect(badScope!.error).toBe('EGD_ACCESS_DENIED');
     const [audited] = await runClient(audit.auditor, buses.system, [['allow', record.id, 'always']]);
     expect(audited!.error).toBe('EGD_ACCESS_DENIED');
     expect(existsSync(join(dir, DROP_IN))).toBe(false);
