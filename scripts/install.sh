@@ -141,6 +141,7 @@ dest_for() {
     *tmpfiles*.conf) echo /usr/lib/tmpfiles.d/egressd.conf ;;
     *sysusers*.conf) echo /usr/lib/sysusers.d/egressd.conf ;;
     org.*.conf) echo "/usr/share/dbus-1/system.d/$name" ;;
+    *.policy) echo "/usr/share/polkit-1/actions/$name" ;;
     *.nft | *.sh)
       named=$(cat "$src"/systemd/*.service 2>/dev/null | grep -o "/usr/[^[:space:]\"']*/$name" | head -1 || true)
       echo "${named:-$UNITDIR/$name}"
@@ -299,10 +300,14 @@ install_build() {
 
 install_systemd_files() {
   local f to before=$changes
-  for f in "$src"/systemd/*.service "$src"/systemd/*.conf "$src"/systemd/*.nft; do
+  for f in "$src"/systemd/*.service "$src"/systemd/*.conf "$src"/systemd/*.nft "$src"/systemd/*.policy; do
     [[ -f $f ]] || continue
     to=$(dest_for "$(basename "$f")")
     [[ $to == "$LIB"/* ]] || put_file "$f" "$to" 0644
+  done
+  # Units each user's systemd runs (egressctl notify).
+  for f in "$src"/systemd/user/*.service; do
+    [[ -f $f ]] && put_file "$f" "/usr/lib/systemd/user/$(basename "$f")" 0644
   done
   units_changed=$((changes - before))
 }

@@ -69,6 +69,16 @@ export const ErrorCode = {
   DenialFilter: 'EGD_DENIAL_FILTER',
   /** The caller may not do this (denial records: root and group egressd-audit only). */
   NotPermitted: 'EGD_NOT_PERMITTED',
+  /** The caller may not do this (D-Bus: org.egressd.Firewall1.Error.AccessDenied): decided from its credentials on the bus, never from its arguments. */
+  AccessDenied: 'EGD_ACCESS_DENIED',
+  /** An argument of a request is malformed or out of range (`details` name the field). */
+  InvalidArgument: 'EGD_INVALID_ARGUMENT',
+  /** What a request names (a denial record) does not exist, or no longer. */
+  NotFound: 'EGD_NOT_FOUND',
+  /** A denial no allow can undo: a system domain, lockdown, Tor's confinement, or a sender in no app. */
+  NotAllowable: 'EGD_NOT_ALLOWABLE',
+  /** egressd's D-Bus service could not be reached (the daemon is not running, or no system bus). */
+  DaemonUnavailable: 'EGD_DAEMON_UNAVAILABLE',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

@@ -62,6 +62,12 @@ const EXIT_FOR: { readonly [code in ErrorCode]: number } = {
   [ErrorCode.DenialStore]: Exit.SystemError,
   [ErrorCode.DenialFilter]: Exit.BadInput,
   [ErrorCode.NotPermitted]: Exit.SystemError,
+  // Refused by the daemon: a "no" answer, as explain's "denied" is.
+  [ErrorCode.AccessDenied]: Exit.Answer,
+  [ErrorCode.InvalidArgument]: Exit.BadInput,
+  [ErrorCode.NotFound]: Exit.BadInput,
+  [ErrorCode.NotAllowable]: Exit.Answer,
+  [ErrorCode.DaemonUnavailable]: Exit.SystemError,
 };
 
 export function exitCodeFor(error: unknown): number {

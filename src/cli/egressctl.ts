@@ -20,6 +20,8 @@ const commandLoaders: readonly (readonly [string, () => Promise<Command<never>>]
   ['tor', async () => (await import('./commands/tor.js')).tor],
   ['try', async () => (await import('./commands/try.js')).tryIt],
   ['denials', async () => (await import('./commands/denials.js')).denials],
+  ['allow', async () => (await import('./commands/allow.js')).allow],
+  ['notify', async () => (await import('./commands/notify.js')).notify],
 ] as unknown as (readonly [string, () => Promise<Command<never>>])[];
 
 /** The usage text names every command with its summary: only it loads them all. */

@@ -20,14 +20,19 @@ export interface LoadedPolicy {
 /**
  * Reads every *.yaml / *.yml file of `dir` in lexical (byte) order, like
  * systemd drop-ins, and resolves them into one Policy.
+ *
+ * `replace`: files taken as if they were in `dir` with these bytes (null: as
+ * if absent) — a drop-in is checked with the whole policy before it is written.
  */
-export function loadPolicyDir(dir: string): ResolveResult & { dir: string } {
+export function loadPolicyDir(dir: string, replace: ReadonlyMap<string, Uint8Array | null> = new Map()): ResolveResult & { dir: string } {
   let names: string[];
   try {
     if (!statSync(dir).isDirectory()) throw new Error('not a directory');
     names = readdirSync(dir, { withFileTypes: true })
       .filter((entry) => (entry.isFile() || entry.isSymbolicLink()) && /\.ya?ml$/.test(entry.name) && !entry.name.startsWith('.'))
       .map((entry) => entry.name)
+      .filter((name) => !replace.has(name))
+      .concat([...replace].filter(([, bytes]) => bytes !== null).map(([name]) => name))
       .sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
   } catch (error) {
     throw new EgressError(ErrorCode.Io, `cannot read policy directory ${dir}: ${(error as Error).message}`, { cause: error });
@@ -47,6 +52,11 @@ export function loadPolicyDir(dir: string): ResolveResult & { dir: string } {
       continue;
     }
     try {
+      const replaced = replace.get(file);
+      if (replaced) {
+        files.push({ file, bytes: replaced });
+        continue;
+      }
       const path = join(dir, file);
       const size = statSync(path).size;
       // An oversized file is refused by its size, without reading it.

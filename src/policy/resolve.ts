@@ -153,6 +153,7 @@ class Merger {
     systemDomains: new Map(),
   };
   readonly deny: Placed<NonNullable<PolicyFile['deny']>[number]>[] = [];
+  readonly allowed: Placed<NonNullable<PolicyFile['allowed']>[number]>[] = [];
   readonly defaults: { [K in keyof NonNullable<PolicyFile['defaults']>]?: Placed<NonNullable<NonNullable<PolicyFile['defaults']>[K]>> } = {};
   readonly log: { [K in keyof NonNullable<NonNullable<PolicyFile['defaults']>['log']>]?: Placed<unknown> } = {};
   readonly tor: { [K in keyof NonNullable<PolicyFile['tor']>]?: Placed<NonNullable<NonNullable<PolicyFile['tor']>[K]>> } = {};
@@ -182,6 +183,7 @@ class Merger {
       }
     }
     data.deny?.forEach((value, index) => this.deny.push({ value, source, path: ['deny', index] }));
+    data.allowed?.forEach((value, index) => this.allowed.push({ value, source, path: ['allowed', index] }));
     for (const [key, value] of Object.entries(data.defaults ?? {})) {
       if (key === 'log') continue;
       if (value !== undefined) (this.defaults as Record<string, Placed<unknown>>)[key] = { value, source, path: ['defaults', key] };
@@ -221,7 +223,10 @@ class Resolver {
 
     const egress = (this.merged.defaults.egress?.value ?? 'allow') as Verdict;
     const log = this.logSettings();
-    const apps = [...records.apps].map(([name, placed]) => this.app(name, placed, egress, log.denials));
+    const apps = this.withAllowed(
+      [...records.apps].map(([name, placed]) => this.app(name, placed, egress, log.denials)),
+      log.denials,
+    );
     const globalDeny = this.merged.deny.map((placed, index) => this.globalDenyRule(placed, index, log.denials));
     const systemDomains = [...records.systemDomains].map(([name, placed]): SystemDomain => ({
       name,
@@ -341,6 +346,31 @@ class Resolver {
       return this.rule(`app/${name}/${index}`, verdict, to, verdict, rule, { ...placed, path: [...placed.path, 'rules', index] }, logDenials);
     });
     return { name, identities, defaultVerdict: spec.default ?? egress, rules, why: spec.why, at: placed.source.locateKey(placed.path) };
+  }
+
+  /** `allowed` entries go first in their app's rules, in file order: an allow from an alert outranks the app's own denies and the global deny list. */
+  private withAllowed(apps: App[], logDenials: boolean): App[] {
+    const added = new Map<string, Rule[]>();
+    for (const placed of this.merged.allowed) {
+      const name = placed.value.app;
+      if (!apps.some((app) => app.name === name)) {
+        this.error(
+          placed,
+          ['app'],
+          `allowed: unknown app "${name}"`,
+          suggest(
+            name,
+            apps.map((app) => app.name),
+            'apps',
+          ),
+        );
+        continue;
+      }
+      const rules = added.get(name) ?? [];
+      rules.push(this.rule(`app/${name}/allowed/${rules.length}`, 'allow', placed.value.allow, 'allow', placed.value, placed, logDenials));
+      added.set(name, rules);
+    }
+    return apps.map((app) => (added.has(app.name) ? { ...app, rules: [...added.get(app.name)!, ...app.rules] } : app));
   }
 
   private globalDenyRule(placed: Placed<NonNullable<PolicyFile['deny']>[number]>, index: number, logDenials: boolean): Rule {

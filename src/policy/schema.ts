@@ -257,6 +257,22 @@ export const policyFileSchema = z
       .array(z.strictObject({ to: destinations.describe('Destinations denied for everyone (unless an app rule allows them).'), ...matchFields }))
       .optional()
       .describe('The global deny list.'),
+    allowed: z
+      .array(
+        z.strictObject({
+          app: entityName.describe('An app from `apps` (in any file): this allow goes before its own rules.'),
+          allow: z.array(destination).min(1).describe('Destinations the app may reach: names, *.suffix, IPs, CIDRs.'),
+          ...matchFields,
+          until: z.iso
+            .datetime({ offset: true })
+            .optional()
+            .describe(
+              'When the allow ends (ISO 8601). The running daemon removes the entry then and reloads; loading never reads the clock, so the entry holds until egressd removes it.',
+            ),
+        }),
+      )
+      .optional()
+      .describe('Allows added to apps defined elsewhere: what `egressctl allow` and allow-from-alert write into 80-allowed.yaml.'),
     systemDomains: z
       .record(
         entityName,

@@ -113,7 +113,7 @@ describe('egressctl', () => {
   it('each command the usage lists is loaded under its own name', async () => {
     // Commands are loaded when they run (egressctl.ts): a name mapped to another command's module shows here.
     const listed = [...(await run('--help')).err.matchAll(/^ {2}([a-z]+) {2,}/gm)].map((m) => m[1]!);
-    expect(listed).toEqual(['check', 'compile', 'explain', 'apply', 'plan', 'status', 'lockdown', 'release', 'schema', 'dns', 'tor', 'try', 'denials']);
+    expect(listed).toEqual(['check', 'compile', 'explain', 'apply', 'plan', 'status', 'lockdown', 'release', 'schema', 'dns', 'tor', 'try', 'denials', 'allow', 'notify']);
     for (const command of listed) {
       const result = await run(command, '--help');
       expect(result.code).toBe(0);
@@ -125,7 +125,7 @@ describe('egressctl', () => {
     const result = await run('schema');
     const schema = JSON.parse(result.out) as { $schema: string; properties: Record<string, unknown>; additionalProperties: boolean };
     expect(schema.$schema).toContain('json-schema.org');
-    expect(Object.keys(schema.properties)).toEqual(['defaults', 'lists', 'catalogue', 'identities', 'apps', 'deny', 'systemDomains', 'tor', 'dns']);
+    expect(Object.keys(schema.properties)).toEqual(['defaults', 'lists', 'catalogue', 'identities', 'apps', 'deny', 'allowed', 'systemDomains', 'tor', 'dns']);
     expect(schema.additionalProperties).toBe(false);
   });
 
@@ -152,6 +152,11 @@ describe('egressctl', () => {
       EGD_DENIAL_STORE: Exit.SystemError,
       EGD_DENIAL_FILTER: Exit.BadInput,
       EGD_NOT_PERMITTED: Exit.SystemError,
+      EGD_ACCESS_DENIED: Exit.Answer,
+      EGD_INVALID_ARGUMENT: Exit.BadInput,
+      EGD_NOT_FOUND: Exit.BadInput,
+      EGD_NOT_ALLOWABLE: Exit.Answer,
+      EGD_DAEMON_UNAVAILABLE: Exit.SystemError,
     });
     const err: string[] = [];
     const raced = new EgressError(ErrorCode.ConcurrentChange, 'another writer changed table inet egressd at the same time; this run changed nothing in force');

@@ -1,0 +1,79 @@
+/**
+ * Who is calling, from the bus's own word: the uid and pid the bus daemon
+ * read off the caller's socket (SO_PEERCRED) when it connected
+ * (org.freedesktop.DBus.GetConnectionCredentials). Nothing a caller sends —
+ * no argument, no header it sets — names who it is. Memberships of the audit
+ * group are looked up through NSS (src/system/nss.ts), as login and polkit
+ * see them, not from the caller's process groups: removing someone from
+ * egressd-audit takes effect at the next call, not the next login.
+ */
+import { execFile } from 'node:child_process';
+import dbus from 'dbus-next';
+import type { Accounts } from '../system/nss.js';
+import { EgressError, ErrorCode } from '../errors.js';
+
+/** root may change and read everything; audit may read every denial; user sees only its own. */
+export type Role = 'root' | 'audit' | 'user';
+
+export interface Caller {
+  /** The unique bus name (":1.42"). */
+  readonly sender: string;
+  readonly uid: number;
+  readonly pid: number | undefined;
+  readonly role: Role;
+  /** The user's name, when NSS knows the uid. */
+  readonly name: string | undefined;
+}
+
+export const DEFAULT_AUDIT_GROUP = 'egressd-audit';
+
+/** The polkit actions egressd asks about (systemd/org.egressd.policy). */
+export type PolkitAction = 'org.egressd.allow' | 'org.egressd.reload';
+
+/** Asks polkit whether the bus name may do an action; false when polkit says no or cannot be asked. */
+export type PolkitCheck = (sender: string, action: PolkitAction) => Promise<boolean>;
+
+/**
+ * polkit through pkcheck, by bus name: polkitd asks the bus itself who that
+ * is (no pid to race), and may ask the person through their session's
+ * authentication agent. Only for a service on the machine's system bus,
+ * where polkitd is.
+ */
+export function pkcheckPolkit(binary = 'pkcheck', timeoutMs = 120_000): PolkitCheck {
+  return (sender, action) =>
+    new Promise((resolve) => {
+      execFile(binary, ['--action-id', action, '--system-bus-name', sender, '--allow-user-interaction'], { timeout: timeoutMs }, (error) =>
+        resolve(error === null),
+      );
+    });
+}
+
+export async function callerCredentials(bus: dbus.MessageBus, sender: string): Promise<{ uid: number; pid: number | undefined }> {
+  const reply = await bus.call(
+    new dbus.Message({
+      destination: 'org.freedesktop.DBus',
+      path: '/org/freedesktop/DBus',
+      interface: 'org.freedesktop.DBus',
+      member: 'GetConnectionCredentials',
+      signature: 's',
+      body: [sender],
+    }),
+  );
+  const creds = (reply?.body[0] ?? {}) as Record<string, { value: unknown } | undefined>;
+  const uid = creds['UnixUserID']?.value;
+  const pid = creds['ProcessID']?.value;
+  if (typeof uid !== 'number') throw new EgressError(ErrorCode.AccessDenied, 'the bus did not say which user is calling');
+  return { uid, pid: typeof pid === 'number' ? pid : undefined };
+}
+
+/** The caller's role: uid 0 is root; a member of the audit group (by NSS, primary or listed) is audit; anyone else a user. A lookup that fails counts as no membership. */
+export function roleOf(uid: number, accounts: Accounts, auditGroup: string): { role: Role; name: string | undefined } {
+  const row = accounts.user(uid);
+  const name = row !== undefined && !('error' in row) ? row.name : undefined;
+  if (uid === 0) return { role: 'root', name };
+  const group = accounts.group(auditGroup);
+  if (name === undefined || row === undefined || 'error' in row || group === undefined || 'error' in group) return { role: 'user', name };
+  if (row.gid === group.gid) return { role: 'audit', name };
+  const groups = accounts.groupsOf(name, row.gid);
+  return { role: !('error' in groups) && groups.includes(group.gid) ? 'audit' : 'user', name };
+}
