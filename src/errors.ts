@@ -54,6 +54,8 @@ export const ErrorCode = {
   NoUpstreams: 'EGD_NO_UPSTREAMS',
   /** The DNS resolver could not start: an address to listen on, an upstream, or the socket mark (`reason` says which). */
   ResolverStart: 'EGD_RESOLVER_START',
+  /** egressd is stopping: a reload asked for now is not applied (the rules in force stay). */
+  Stopping: 'EGD_STOPPING',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

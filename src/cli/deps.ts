@@ -56,6 +56,7 @@ const EXIT_FOR: { readonly [code in ErrorCode]: number } = {
   [ErrorCode.DnsConfigChanged]: Exit.Answer,
   [ErrorCode.NoUpstreams]: Exit.SystemError,
   [ErrorCode.ResolverStart]: Exit.SystemError,
+  [ErrorCode.Stopping]: Exit.SystemError,
 };
 
 export function exitCodeFor(error: unknown): number {
