@@ -3,6 +3,7 @@ import { describe, expect, it } from 'vitest';
 import { Daemon, daemonState, PART_BACKOFF, restartDelay, statusLine, type Backoff } from '../../src/daemon/daemon.js';
 import type { Part, PartSpec } from '../../src/daemon/part.js';
 import { readiness } from '../../src/daemon/readiness.js';
+import { parseInvocation } from '../../src/daemon/run.js';
 import type { Applied } from '../../src/enforce/enforcer.js';
 import { EgressError, ErrorCode } from '../../src/errors.js';
 import type { Nft } from '../../src/nft/client.js';
@@ -257,5 +258,22 @@ describe('Daemon', () => {
     expect(a.instances).toHaveLength(1);
     expect(sent.at(-1)).toBe('STOPPING=1\nSTATUS=stopping (SIGTERM); the rules stay in force');
     expect(events('stopping')).toHaveLength(1);
+  });
+});
+
+describe('which parts run', () => {
+  const parts: PartSpec[] = [scripted('resolver').spec, scripted('apps').spec];
+
+  it('--no-NAME turns a part off; an unknown one is a usage error naming it', () => {
+    expect(parseInvocation(['--policy', '/p', '--no-resolver'], parts, {})).toEqual({
+      mode: 'daemon',
+      policyDir: '/p',
+      stateDir: '/var/lib/egressd',
+      off: ['resolver'],
+    });
+    expect(parseInvocation([], parts, { EGRESSD_STATE_DIR: '/s' })).toEqual({ mode: 'daemon', policyDir: '/etc/egressd', stateDir: '/s', off: [] });
+    expect(parseInvocation(['resolver'], parts, {})).toMatchObject({ mode: 'resolver', off: [] });
+    expect(parseInvocation(['--no-tor'], parts, {})).toEqual({ error: expect.stringContaining("'--no-tor'") as unknown });
+    expect(parseInvocation(['apply'], parts, {})).toEqual({ error: "unknown command 'apply'" });
   });
 });

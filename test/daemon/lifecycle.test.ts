@@ -72,12 +72,12 @@ interface Daemon {
   events(event: string): LogLine[];
 }
 
-function startDaemon(socket: NotifySocket, entry = MAIN): Daemon {
+function startDaemon(socket: NotifySocket, entry = MAIN, extra: readonly string[] = []): Daemon {
   const env = {
     ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !['WATCHDOG_USEC', 'WATCHDOG_PID'].includes(k))),
     NOTIFY_SOCKET: socket.address,
   };
-  const child = net.host.spawn(process.execPath, ['--import', 'tsx', entry, '--policy', dir, '--state', state], { env });
+  const child = net.host.spawn(process.execPath, ['--import', 'tsx', entry, '--policy', dir, '--state', state, ...extra], { env });
   const lines: LogLine[] = [];
   createInterface({ input: child.stdout! }).on('line', (text) => lines.push(JSON.parse(text) as LogLine));
   child.stderr!.on('data', (chunk: Buffer) => process.stderr.write(chunk));
@@ -308,4 +308,19 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     expect(await daemon.exited).toBe(0);
     expect(digest()).toBe(up.table);
   }, 60_000);
+
+  it('--no-resolver: enforcing without the resolver, and STATUS says it is off', async () => {
+    const notify = await socket();
+    const daemon = startDaemon(notify, MAIN, ['--no-resolver']);
+    daemons.push(daemon);
+    const up = await ready(notify, 0);
+    expect(up.table).toMatch(/^[0-9a-f]{32}$/);
+    expect(up.message.fields.get('STATUS')).toMatch(/^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver off$/);
+    const dig = await net.host.exec('dig', ['@127.0.0.153', '+tries=1', '+time=1', 'use-application-dns.net', 'A']);
+    expect(dig.stdout).not.toContain('status: NXDOMAIN');
+    expect(daemon.events('resolver-ready')).toEqual([]);
+    expect(daemon.events('state-changed').at(-1)?.state).toBe('enforcing');
+    daemon.child.kill('SIGTERM');
+    expect(await daemon.exited).toBe(0);
+  }, 30_000);
 });
