@@ -6,7 +6,7 @@ import { createInterface } from 'node:readline';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { createTestNet, ensureTestUsers, harnessUnavailableReason, type Server, type TestNet, type TestUsers } from '../harness/index.js';
 import { openNotifySocket, type NotifyMessage, type NotifySocket } from '../support/notify-socket.js';
-import { until } from '../support/wait.js';
+import { printed, until } from '../support/wait.js';
 
 /**
  * egressd's life in the namespace harness, told by what systemd would be
@@ -323,4 +323,36 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     daemon.child.kill('SIGTERM');
     expect(await daemon.exited).toBe(0);
   }, 30_000);
+
+  it('a resolver that cannot listen (its port taken) is degraded, retried with back-off, and answers once the port is free', async () => {
+    const holder = net.host.spawn('/usr/bin/python3', [
+      '-c',
+      'import socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(("127.0.0.153", 53))\nprint("bound", flush=True)\ntime.sleep(600)',
+    ]);
+    await printed(holder, 'stdout', 'bound');
+    const notify = await socket();
+    const daemon = startDaemon(notify);
+    daemons.push(daemon);
+    const up = await ready(notify, 0);
+    expect(up.table).toMatch(/^[0-9a-f]{32}$/);
+    expect(up.message.fields.get('STATUS')).toMatch(/^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver failed \(0 restarts\)$/);
+    await until('a second failed start', () => daemon.events('part-failed').length >= 2);
+    expect(daemon.events('part-failed').every((l) => l.part === 'resolver' && l.phase === 'start')).toBe(true);
+    expect(daemon.events('state-changed').at(-1)?.state).toBe('degraded');
+    holder.kill('SIGKILL');
+    const from = notify.messages.length;
+    const back = await notify.next(
+      (m) => m.fields.get('STATUS') === up.message.fields.get('STATUS')!.replace(/resolver failed \(0 restarts\)$/, 'resolver on 127.0.0.153, ::1'),
+      from,
+      20_000,
+    );
+    expect(back.fields.has('READY')).toBe(false);
+    await until('enforcing', () => daemon.events('state-changed').at(-1)?.state === 'enforcing');
+    expect(daemon.events('part-started').at(-1)!.restarts).toBeGreaterThanOrEqual(2);
+    const dig = await net.host.exec('dig', ['@127.0.0.153', '+tries=1', '+time=2', 'use-application-dns.net', 'A']);
+    expect(dig.stdout).toContain('status: NXDOMAIN');
+    expect(digest()).toBe(up.table);
+    daemon.child.kill('SIGTERM');
+    expect(await daemon.exited).toBe(0);
+  }, 60_000);
 });
