@@ -147,6 +147,7 @@ describe('egressctl', () => {
       EGD_DNS_CONFIG_CHANGED: Exit.Answer,
       EGD_NO_UPSTREAMS: Exit.SystemError,
       EGD_RESOLVER_START: Exit.SystemError,
+      EGD_STOPPING: Exit.SystemError,
     });
     const err: string[] = [];
     const raced = new EgressError(ErrorCode.ConcurrentChange, 'another writer changed table inet egressd at the same time; this run changed nothing in force');
