@@ -163,7 +163,12 @@ export class Daemon {
     return this.phase !== 'starting' && !this.stopping();
   }
 
-  /** Re-validate and re-apply, queued behind an apply in progress and coalesced with other requests made meanwhile. */
+  /**
+   * Re-validate and re-apply, queued behind an apply in progress and
+   * coalesced with other requests made meanwhile. A part must not await it
+   * inside its own `start` or `update`: that apply waits for the part (it
+   * would count as failed after the part timeout).
+   */
   reload(why: string): Promise<ReloadOutcome> {
     if (this.stopping()) return Promise.resolve(stoppingOutcome());
     return new Promise((resolve) => {
