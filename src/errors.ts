@@ -79,6 +79,8 @@ export const ErrorCode = {
   NotAllowable: 'EGD_NOT_ALLOWABLE',
   /** egressd's D-Bus service could not be reached (the daemon is not running, or no system bus). */
   DaemonUnavailable: 'EGD_DAEMON_UNAVAILABLE',
+  /** egressd is stopping: a reload asked for now is not applied (the rules in force stay). */
+  Stopping: 'EGD_STOPPING',
 } as const;
 
 export type ErrorCode = (typeof ErrorCode)[keyof typeof ErrorCode];

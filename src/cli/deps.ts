@@ -68,6 +68,7 @@ const EXIT_FOR: { readonly [code in ErrorCode]: number } = {
   [ErrorCode.NotFound]: Exit.BadInput,
   [ErrorCode.NotAllowable]: Exit.Answer,
   [ErrorCode.DaemonUnavailable]: Exit.SystemError,
+  [ErrorCode.Stopping]: Exit.SystemError,
 };
 
 export function exitCodeFor(error: unknown): number {

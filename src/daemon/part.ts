@@ -56,6 +56,8 @@ export interface Part {
   readonly stopped: Promise<unknown>;
   /** One line for `status`, STATUS= and the D-Bus Status. */
   describe?(): string;
+  /** The part that remembers which names addresses were learned from (the resolver) answers `PartContext.learnedNames` through this. */
+  learnedNames?(address: string): readonly string[];
 }
 
 export interface PartSpec {

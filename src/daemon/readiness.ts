@@ -13,12 +13,15 @@ export interface Enforcing {
   readonly digest: string;
   readonly rules: number;
   readonly lockdown: boolean;
-  /** Where the resolver answers; undefined when it is not running. */
-  readonly resolver: readonly ListenAddress[] | undefined;
+  /** Where the resolver answers; undefined when it is not running. Said when `parts` is not given. */
+  readonly resolver?: readonly ListenAddress[] | undefined;
+  /** Each part's line (its own description, or why it does not run), in the daemon's order: said instead of the resolver's alone. */
+  readonly parts?: readonly string[];
 }
 
 export function enforcingStatus(e: Enforcing): string {
   const policy = `${e.lockdown ? 'lockdown, ' : ''}enforcing policy sha256:${e.digest.slice(0, 12)}… (${e.rules} ${e.rules === 1 ? 'rule' : 'rules'})`;
+  if (e.parts) return [policy, ...e.parts].join(', ');
   const addresses = [...new Set(e.resolver?.map((a) => a.address))];
   return `${policy}, ${addresses.length > 0 ? `resolver on ${addresses.join(', ')}` : 'resolver not running'}`;
 }
@@ -27,12 +30,32 @@ export function reloadingStatus(why: string): string {
   return `re-applying: ${why}`;
 }
 
-/** `code` and `errors` as the apply-failed log line carries them. */
+/**
+ * `code` and `errors` as the apply-failed log line carries them. A broken
+ * policy's errors are all said, each with its file:line:col, so `systemctl
+ * status` shows what to fix; past STATUS_ERRORS_MAX characters the rest are
+ * counted and left to the log.
+ */
 export function failedStatus(code: string, errors: readonly string[], tableInForce: boolean): string {
   const n = errors.length;
   const what =
-    code === ErrorCode.PolicyInvalid ? `${n} ${n === 1 ? 'error' : 'errors'} in the policy` : `${code}${errors[0] === undefined ? '' : ` (${errors[0]})`}`;
+    code === ErrorCode.PolicyInvalid
+      ? `${n} ${n === 1 ? 'error' : 'errors'} in the policy${n === 0 ? '' : ` (${listed(errors)})`}`
+      : `${code}${errors[0] === undefined ? '' : ` (${errors[0]})`}`;
   return `apply failed: ${what}; ${tableInForce ? 'previous table stays in force' : 'no egressd table in force'}`;
+}
+
+/** STATUS is one line systemd keeps whole; a policy with hundreds of errors is told in the log. */
+export const STATUS_ERRORS_MAX = 2000;
+
+function listed(errors: readonly string[]): string {
+  let text = '';
+  for (const [i, error] of errors.entries()) {
+    const one = error.replace(/\s*\n\s*/g, ' ');
+    if (text.length + one.length > STATUS_ERRORS_MAX && i > 0) return `${text}; … ${errors.length - i} more in the log`;
+    text += `${i === 0 ? '' : '; '}${one}`;
+  }
+  return text;
 }
 
 export function stoppingStatus(signal: string): string {
@@ -47,10 +70,13 @@ export interface Readiness {
   /** The apply failed; `tableInForce` says whether a table from before still holds (at start, none means no READY). */
   failed(code: string, errors: readonly string[], tableInForce: boolean): void;
   stopping(signal: string): void;
+  /** What holds changed between applies (a part stopped or came back): a new STATUS line, once READY was said. */
+  status(text: string): void;
 }
 
 export function readiness(notifier: Notifier, now: () => bigint = monotonicUsec): Readiness {
   let ready = false;
+  let stopped = false;
   const send = (fields: NotifyFields): void => notifier.send(fields);
   return {
     applying(why) {
@@ -69,7 +95,11 @@ export function readiness(notifier: Notifier, now: () => bigint = monotonicUsec)
       } else send({ status: failedStatus(code, errors, tableInForce) });
     },
     stopping(signal) {
+      stopped = true;
       send({ stopping: true, status: stoppingStatus(signal) });
+    },
+    status(text) {
+      if (ready && !stopped) send({ status: text });
     },
   };
 }

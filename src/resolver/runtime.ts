@@ -63,6 +63,8 @@ export interface ResolverRuntime {
   /** The table's set names changed under us (an apply by someone else): read them again. */
   refreshLiveNames(): Promise<void>;
   counters(): Record<string, number>;
+  /** Names `address` was learned from that have not expired, latest expiry first (the address memory's). */
+  learnedNames(address: string): string[];
   close(): Promise<void>;
 }
 
@@ -254,6 +256,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
         filler.update(state.view);
       },
       counters,
+      learnedNames: (address) => memory.namesOf(address).map((learned) => learned.name),
       async close() {
         following?.close();
         await control?.close();

@@ -157,6 +157,7 @@ describe('egressctl', () => {
       EGD_NOT_FOUND: Exit.BadInput,
       EGD_NOT_ALLOWABLE: Exit.Answer,
       EGD_DAEMON_UNAVAILABLE: Exit.SystemError,
+      EGD_STOPPING: Exit.SystemError,
     });
     const err: string[] = [];
     const raced = new EgressError(ErrorCode.ConcurrentChange, 'another writer changed table inet egressd at the same time; this run changed nothing in force');

@@ -102,7 +102,10 @@ describe.skipIf(skip)(`egressd Type=notify ${skip ? `(skipped: ${skip})` : ''}`,
     run.child.kill('SIGHUP');
     const after = await socket.next(has('RELOADING'), from);
     const failed = await socket.next(has('READY'), socket.messages.indexOf(after) + 1);
-    expect(failed.fields.get('STATUS')).toBe('apply failed: 1 error in the policy; previous table stays in force');
+    // Every error, with its file:line:col, is in the STATUS systemctl shows.
+    expect(failed.fields.get('STATUS')).toBe(
+      `apply failed: 1 error in the policy (${join(dir, '20-broken.yaml')}:1:14: "192.0.2.1/24" has host bits set below the /24 prefix (at deny[0].to[0]) (did you mean 192.0.2.0/24?)); previous table stays in force`,
+    );
     expect(digest()).toBe(tableAtReload);
     rmSync(join(dir, '20-broken.yaml'));
 
@@ -122,7 +125,9 @@ describe.skipIf(skip)(`egressd Type=notify ${skip ? `(skipped: ${skip})` : ''}`,
     const run = start(broken, { NOTIFY_SOCKET: socket.address });
     runs.push(run);
     const ready = await socket.next(has('READY'));
-    expect(ready.fields.get('STATUS')).toBe('apply failed: 1 error in the policy; previous table stays in force');
+    expect(ready.fields.get('STATUS')).toBe(
+      `apply failed: 1 error in the policy (${join(broken, '00.yaml')}:1:14: "192.0.2.1/24" has host bits set below the /24 prefix (at deny[0].to[0]) (did you mean 192.0.2.0/24?)); previous table stays in force`,
+    );
     run.child.kill('SIGTERM');
     await socket.next(has('STOPPING'));
     expect(await run.exited).toBe(0);

@@ -26,8 +26,8 @@ describe('STATUS texts', () => {
   });
 
   it('count the policy errors of a failed apply, or name the code of another failure', () => {
-    expect(failedStatus(ErrorCode.PolicyInvalid, ['a', 'b', 'c'], true)).toBe('apply failed: 3 errors in the policy; previous table stays in force');
-    expect(failedStatus(ErrorCode.PolicyInvalid, ['a'], false)).toBe('apply failed: 1 error in the policy; no egressd table in force');
+    expect(failedStatus(ErrorCode.PolicyInvalid, ['a', 'b', 'c'], true)).toBe('apply failed: 3 errors in the policy (a; b; c); previous table stays in force');
+    expect(failedStatus(ErrorCode.PolicyInvalid, ['a'], false)).toBe('apply failed: 1 error in the policy (a); no egressd table in force');
     expect(failedStatus(ErrorCode.NftApply, ['nft said no'], true)).toBe('apply failed: EGD_NFT_APPLY (nft said no); previous table stays in force');
   });
 });
@@ -47,7 +47,7 @@ describe('readiness', () => {
     expect(sent).toEqual([
       `READY=1\nSTATUS=${enforcingStatus(enforcing)}`,
       'RELOADING=1\nMONOTONIC_USEC=42\nSTATUS=re-applying: SIGHUP',
-      'READY=1\nSTATUS=apply failed: 2 errors in the policy; previous table stays in force',
+      'READY=1\nSTATUS=apply failed: 2 errors in the policy (x; y); previous table stays in force',
       'RELOADING=1\nMONOTONIC_USEC=42\nSTATUS=re-applying: SIGHUP',
       `READY=1\nSTATUS=${enforcingStatus(enforcing)}`,
       'STOPPING=1\nSTATUS=stopping (SIGTERM); the rules stay in force',
@@ -57,9 +57,9 @@ describe('readiness', () => {
   it('a failed first apply is READY when a table from before is in force, and not when none is', () => {
     const kept = recorder();
     readiness(kept.notifier).failed(ErrorCode.PolicyInvalid, ['x'], true);
-    expect(kept.sent).toEqual(['READY=1\nSTATUS=apply failed: 1 error in the policy; previous table stays in force']);
+    expect(kept.sent).toEqual(['READY=1\nSTATUS=apply failed: 1 error in the policy (x); previous table stays in force']);
     const none = recorder();
     readiness(none.notifier).failed(ErrorCode.PolicyInvalid, ['x'], false);
-    expect(none.sent).toEqual(['STATUS=apply failed: 1 error in the policy; no egressd table in force']);
+    expect(none.sent).toEqual(['STATUS=apply failed: 1 error in the policy (x); no egressd table in force']);
   });
 });

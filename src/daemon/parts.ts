@@ -1,0 +1,15 @@
+/**
+ * The parts egressd runs beside enforcement, in start order: the one place a
+ * new part is added. Each can be turned off on the command line with
+ * `--no-NAME` (run.ts), so a unit drop-in or `egressd --no-resolver` by hand
+ * says which run on this host.
+ */
+import { resolverPart } from '../resolver/part.js';
+import type { PartSpec } from './part.js';
+
+export function defaultParts(): PartSpec[] {
+  return [
+    resolverPart(),
+    // The app tracker (src/apps), the denial reader and store (src/denials), the D-Bus service (src/dbus) and Tor's status (src/tor) go here.
+  ];
+}
