@@ -77,6 +77,15 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
   let systemd: SystemdFollow | undefined;
   let timer: NodeJS.Timeout | undefined;
   let queue: Promise<unknown> = Promise.resolve();
+  let down: Promise<void> | undefined;
+  const shutDown = (): Promise<void> =>
+    (down ??= (async () => {
+      clearInterval(timer);
+      systemd?.close();
+      tracker.close();
+      await queue;
+      writer.close();
+    })());
   try {
     await tracker.setPolicy(first);
     if (options.systemd !== false) {
@@ -105,15 +114,6 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
     writer.close();
     throw error;
   }
-  let down: Promise<void> | undefined;
-  const shutDown = (): Promise<void> =>
-    (down ??= (async () => {
-      clearInterval(timer);
-      systemd?.close();
-      tracker.close();
-      await queue;
-      writer.close();
-    })());
   log.info({ event: 'apps-ready', ...tracker.counters(), systemd: systemd !== undefined }, 'app tracker: following cgroups');
   return {
     update(inForce) {

@@ -56,8 +56,17 @@ export async function followSystemd(options: SystemdFollowOptions): Promise<Syst
   const maxPending = options.maxPending ?? 64;
   let closed = false;
   const count = { signals: 0, lookups: 0, dropped: 0 };
+  // Until it is set up, a bus that fails (no socket: a machine without D-Bus) fails the start; only after, is it lost.
+  let setUp = false;
+  let failSetUp: (error: Error) => void = () => undefined;
+  const setUpFailed = new Promise<never>((_, reject) => (failSetUp = reject));
+  setUpFailed.catch(() => undefined);
   const lost = (error: Error): void => {
     if (closed) return;
+    if (!setUp) {
+      failSetUp(error);
+      return;
+    }
     closed = true;
     options.onLost(error);
   };
@@ -65,23 +74,27 @@ export async function followSystemd(options: SystemdFollowOptions): Promise<Syst
     bus.call(new dbus.Message({ destination, path, interface: iface, member, signature, body }));
   try {
     await withTimeout(
-      (async () => {
-        bus.on('error', (error: unknown) => lost(error instanceof Error ? error : new Error(String(error))));
-        (bus as unknown as { _connection: NodeJS.EventEmitter })._connection.on('end', () => lost(new Error(`the bus at ${address} closed`)));
-        await call(
-          'AddMatch',
-          'org.freedesktop.DBus',
-          '/org/freedesktop/DBus',
-          's',
-          [`type='signal',sender='${SYSTEMD}',interface='${MANAGER}'`],
-          'org.freedesktop.DBus',
-        );
-        // systemd sends UnitNew and UnitRemoved only to clients that subscribed.
-        await call('Subscribe', MANAGER, '/org/freedesktop/systemd1');
-      })(),
+      Promise.race([
+        setUpFailed,
+        (async () => {
+          bus.on('error', (error: unknown) => lost(error instanceof Error ? error : new Error(String(error))));
+          (bus as unknown as { _connection: NodeJS.EventEmitter })._connection.on('end', () => lost(new Error(`the bus at ${address} closed`)));
+          await call(
+            'AddMatch',
+            'org.freedesktop.DBus',
+            '/org/freedesktop/DBus',
+            's',
+            [`type='signal',sender='${SYSTEMD}',interface='${MANAGER}'`],
+            'org.freedesktop.DBus',
+          );
+          // systemd sends UnitNew and UnitRemoved only to clients that subscribed.
+          await call('Subscribe', MANAGER, '/org/freedesktop/systemd1');
+        })(),
+      ]),
       timeoutMs,
       `systemd did not answer on ${address} within ${timeoutMs} ms`,
     );
+    setUp = true;
   } catch (error) {
     closed = true;
     bus.disconnect();

@@ -4,12 +4,15 @@
  * `--no-NAME` (run.ts), so a unit drop-in or `egressd --no-resolver` by hand
  * says which run on this host.
  */
+import { appsPart } from '../apps/part.js';
+import { firewallServicePart } from '../dbus/part.js';
 import { resolverPart } from '../resolver/part.js';
 import type { PartSpec } from './part.js';
 
 export function defaultParts(): PartSpec[] {
   return [
     resolverPart(),
-    // The app tracker (src/apps), the denial reader and store (src/denials), the D-Bus service (src/dbus) and Tor's status (src/tor) go here.
+    appsPart(),
+    firewallServicePart(),
   ];
 }

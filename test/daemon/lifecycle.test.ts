@@ -77,7 +77,9 @@ function startDaemon(socket: NotifySocket, entry = MAIN, extra: readonly string[
     ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !['WATCHDOG_USEC', 'WATCHDOG_PID'].includes(k))),
     NOTIFY_SOCKET: socket.address,
   };
-  const child = net.host.spawn(process.execPath, ['--import', 'tsx', entry, '--policy', dir, '--state', state, ...extra], { env });
+  // The app tracker and the D-Bus service are off unless a test asks for the default parts (`'default-parts'` first in `extra`): the STATUS lines below are the resolver's.
+  const parts = extra[0] === 'default-parts' ? extra.slice(1) : ['--no-apps', '--no-dbus', ...extra];
+  const child = net.host.spawn(process.execPath, ['--import', 'tsx', entry, '--policy', dir, '--state', state, ...parts], { env });
   const lines: LogLine[] = [];
   createInterface({ input: child.stdout! }).on('line', (text) => lines.push(JSON.parse(text) as LogLine));
   child.stderr!.on('data', (chunk: Buffer) => process.stderr.write(chunk));
@@ -156,7 +158,9 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     daemons.push(daemon);
     const first = await ready(notify, 0);
     expect(first.table).toMatch(/^[0-9a-f]{32}$/);
-    expect(first.message.fields.get('STATUS')).toMatch(/^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver on 127\.0\.0\.153, ::1$/);
+    expect(first.message.fields.get('STATUS')).toMatch(
+      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver on 127\.0\.0\.153, ::1, apps off, dbus off$/,
+    );
     expect(daemon.events('applied')).toHaveLength(1);
 
     // Broken: two errors in two files.
@@ -191,7 +195,7 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     expect(replaced.table).not.toBe(first.table);
     const rules = /\((\d+) rules\)/.exec(first.message.fields.get('STATUS')!)![1];
     expect(replaced.message.fields.get('STATUS')).toBe(
-      `enforcing policy sha256:${replaced.table!.slice(0, 12)}… (${rules} rules), resolver on 127.0.0.153, ::1`,
+      `enforcing policy sha256:${replaced.table!.slice(0, 12)}… (${rules} rules), resolver on 127.0.0.153, ::1, apps off, dbus off`,
     );
     await until('enforcing', () => daemon.events('state-changed').at(-1)?.state === 'enforcing');
   }, 60_000);
@@ -272,7 +276,7 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     const daemon = startDaemon(notify, WITH_CRASHER);
     daemons.push(daemon);
     const up = await ready(notify, 0);
-    expect(up.message.fields.get('STATUS')).toMatch(/, resolver on 127\.0\.0\.153, ::1, crasher up$/);
+    expect(up.message.fields.get('STATUS')).toMatch(/, resolver on 127\.0\.0\.153, ::1, crasher up, apps off, dbus off$/);
     const denied = flood();
     await until('three restarts', () => daemon.events('part-started').filter((l) => l.part === 'crasher').length >= 4, { timeoutMs: 30_000 });
     const failures = daemon.events('part-failed').filter((l) => l.part === 'crasher');
@@ -293,7 +297,7 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
       expect(Date.parse(starts[i + 1]!.time) - Date.parse(failures[i]!.time)).toBeGreaterThanOrEqual(delays[i]! - 2);
     }
     // Told to systemd between applies, and logged as a state.
-    expect(notify.messages.some((m) => !m.fields.has('READY') && /, crasher restarting \(\d+ restarts?\)$/.test(m.fields.get('STATUS') ?? ''))).toBe(true);
+    expect(notify.messages.some((m) => !m.fields.has('READY') && /, crasher restarting \(\d+ restarts?\), apps off, dbus off$/.test(m.fields.get('STATUS') ?? ''))).toBe(true);
     expect(daemon.events('state-changed').map((l) => l.state)).toContain('degraded');
     // The resolver never went down and still answers; the table never changed; the flood never passed.
     expect(daemon.events('part-failed').filter((l) => l.part === 'resolver')).toEqual([]);
@@ -315,11 +319,31 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     daemons.push(daemon);
     const up = await ready(notify, 0);
     expect(up.table).toMatch(/^[0-9a-f]{32}$/);
-    expect(up.message.fields.get('STATUS')).toMatch(/^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver off$/);
+    expect(up.message.fields.get('STATUS')).toMatch(/^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver off, apps off, dbus off$/);
     const dig = await net.host.exec('dig', ['@127.0.0.153', '+tries=1', '+time=1', 'use-application-dns.net', 'A']);
     expect(dig.stdout).not.toContain('status: NXDOMAIN');
     expect(daemon.events('resolver-ready')).toEqual([]);
     expect(daemon.events('state-changed').at(-1)?.state).toBe('enforcing');
+    daemon.child.kill('SIGTERM');
+    expect(await daemon.exited).toBe(0);
+  }, 30_000);
+
+  it('the default parts: the app tracker follows cgroupfs and the D-Bus service waits for a system bus, and egressd is enforcing, not degraded', async () => {
+    const notify = await socket();
+    const daemon = startDaemon(notify, MAIN, ['default-parts']);
+    daemons.push(daemon);
+    const up = await ready(notify, 0);
+    // This machine has no system bus: neither part counts that as failing.
+    expect(up.message.fields.get('STATUS')).toMatch(
+      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver on 127\.0\.0\.153, ::1, apps: \d+ cgroups tracked, \d+ directories watched, systemd signals off, D-Bus: no system bus yet$/,
+    );
+    await until(
+      'the D-Bus part says it waits, and the state is told',
+      () => daemon.events('dbus-no-bus').length === 1 && daemon.events('state-changed').length > 0,
+      { timeoutMs: 5000 },
+    );
+    expect(daemon.events('state-changed').at(-1)?.state).toBe('enforcing');
+    expect(daemon.events('part-failed')).toEqual([]);
     daemon.child.kill('SIGTERM');
     expect(await daemon.exited).toBe(0);
   }, 30_000);
@@ -335,14 +359,18 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     daemons.push(daemon);
     const up = await ready(notify, 0);
     expect(up.table).toMatch(/^[0-9a-f]{32}$/);
-    expect(up.message.fields.get('STATUS')).toMatch(/^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver failed \(0 restarts\)$/);
+    expect(up.message.fields.get('STATUS')).toMatch(
+      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver failed \(0 restarts\), apps off, dbus off$/,
+    );
     await until('a second failed start', () => daemon.events('part-failed').length >= 2);
     expect(daemon.events('part-failed').every((l) => l.part === 'resolver' && l.phase === 'start')).toBe(true);
     expect(daemon.events('state-changed').at(-1)?.state).toBe('degraded');
     holder.kill('SIGKILL');
     const from = notify.messages.length;
     const back = await notify.next(
-      (m) => m.fields.get('STATUS') === up.message.fields.get('STATUS')!.replace(/resolver failed \(0 restarts\)$/, 'resolver on 127.0.0.153, ::1'),
+      (m) =>
+        m.fields.get('STATUS') ===
+        up.message.fields.get('STATUS')!.replace(/resolver failed \(0 restarts\), apps off, dbus off$/, 'resolver on 127.0.0.153, ::1, apps off, dbus off'),
       from,
       20_000,
     );

@@ -30,7 +30,19 @@ interface Run {
 function start(policy: string, env: NodeJS.ProcessEnv): Run {
   const child = spawn(
     'nsenter',
-    [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/daemon/main.ts'), '--policy', policy, '--state', state],
+    [
+      `--net=/run/netns/${ns}`,
+      process.execPath,
+      '--import',
+      'tsx',
+      join(ROOT, 'src/daemon/main.ts'),
+      '--policy',
+      policy,
+      '--state',
+      state,
+      '--no-apps',
+      '--no-dbus',
+    ],
     {
       stdio: ['ignore', 'pipe', 'inherit'],
       env: { ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !['NOTIFY_SOCKET', 'WATCHDOG_USEC', 'WATCHDOG_PID'].includes(k))), ...env },
@@ -72,7 +84,9 @@ describe.skipIf(skip)(`egressd Type=notify ${skip ? `(skipped: ${skip})` : ''}`,
     runs.push(run);
     const ready = await readyAndTable;
     expect(tableAtReady).toMatch(/^[0-9a-f]{32}$/);
-    const status = /^enforcing policy sha256:([0-9a-f]{12})… \((\d+) rules\), resolver on 127\.0\.0\.153, ::1$/.exec(ready.fields.get('STATUS') ?? '');
+    const status = /^enforcing policy sha256:([0-9a-f]{12})… \((\d+) rules\), resolver on 127\.0\.0\.153, ::1, apps off, dbus off$/.exec(
+      ready.fields.get('STATUS') ?? '',
+    );
     expect(status?.[1], ready.fields.get('STATUS')).toBe(tableAtReady!.slice(0, 12));
     const rules = Number(status![2]);
     // Nothing said READY before it; the apply was logged before it was told.
@@ -94,7 +108,9 @@ describe.skipIf(skip)(`egressd Type=notify ${skip ? `(skipped: ${skip})` : ''}`,
     let tableAtReload: string | undefined;
     const reloaded = await socket.next((m) => has('READY')(m) && (tableAtReload ??= digest()) !== undefined, socket.messages.indexOf(reloading) + 1);
     expect(tableAtReload).not.toBe(old);
-    expect(reloaded.fields.get('STATUS')).toBe(`enforcing policy sha256:${tableAtReload!.slice(0, 12)}… (${rules + 1} rules), resolver on 127.0.0.153, ::1`);
+    expect(reloaded.fields.get('STATUS')).toBe(
+      `enforcing policy sha256:${tableAtReload!.slice(0, 12)}… (${rules + 1} rules), resolver on 127.0.0.153, ::1, apps off, dbus off`,
+    );
 
     // A broken one: the reload ends (READY=1) and says the old table holds.
     writeFileSync(join(dir, '20-broken.yaml'), 'deny: [{to: [192.0.2.1/24]}]\n');
