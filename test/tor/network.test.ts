@@ -19,7 +19,7 @@ describe.skipIf(unavailable)(`the private Tor network ${unavailable ? `(skipped:
   });
 
   it('bootstraps', async () => {
-    console.log(tor.times, tor.rssKiB());
+    console.log(JSON.stringify(tor.times), tor.rssKiB());
     expect(await tor.clientStatus()).toMatchObject({ reachable: true, bootstrap: 100, circuitEstablished: true });
   });
 });

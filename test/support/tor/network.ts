@@ -42,11 +42,17 @@ export interface TorClient {
   readonly control: { readonly host: string; readonly port: number; readonly socket: string; readonly cookieFile: string };
 }
 
+export interface ClientTimes {
+  /** From the client's start to bootstrap 100 % with a circuit. */
+  readonly bootstrapMs: number;
+  /** … to the first name resolved at the exit through a circuit (SOCKS RESOLVE): ready for updates. */
+  readonly exitReadyMs: number;
+}
+
 export interface TorNetworkTimes {
   /** From the relays' start to a consensus that lists all three. */
   readonly consensusMs: number;
-  /** From the client's start to bootstrap 100 % with a circuit. */
-  readonly clientBootstrapMs: number;
+  readonly client: ClientTimes;
 }
 
 export interface TorNetwork {
@@ -64,8 +70,8 @@ export interface TorNetwork {
   readonly clientRunning: boolean;
   /** Stops the host's tor (SIGTERM, then waits for it to go). */
   stopClient(): Promise<void>;
-  /** Starts it again and waits for bootstrap 100 % with a circuit; returns how long that took. */
-  startClient(): Promise<number>;
+  /** Starts it again and waits until it is ready to exit; returns how long that took. */
+  startClient(): Promise<ClientTimes>;
   /** The client's status through its control socket. */
   clientStatus(): Promise<TorStatus>;
   /** Resident memory of every tor of the network, in KiB. */
@@ -252,13 +258,19 @@ export async function startTorNetwork(net: TestNet, options: TorNetworkOptions):
       if (!found) throw new Error(`tor --list-fingerprint printed no fingerprint for ${nick}: ${out}`);
       return found.replace(/ /g, '');
     };
-    const authorityLine = `DirAuthority auth orport=${OR_PORT} no-v2 v3ident=${v3ident} ${at.authority}:${DIR_PORT} ${fingerprint(relays.authority, 'auth')}`;
+    const fingerprints = { authority: fingerprint(relays.authority, 'auth'), middle: fingerprint(relays.middle, 'middle'), exit: fingerprint(relays.exit, 'exit') };
+    const authorityLine = `DirAuthority auth orport=${OR_PORT} no-v2 v3ident=${v3ident} ${at.authority}:${DIR_PORT} ${fingerprints.authority}`;
 
     const names = Object.entries(options.names);
     writeFileSync(join(relays.exit, 'resolv.conf'), `nameserver ${at.dns}\n`);
     const torrc = (nick: keyof typeof relays, role: string, values: Record<string, string>) => {
       const dir = relays[nick];
-      const text = render('common.torrc', { AUTHORITY: authorityLine, DIR: dir }) + render(role, { DIR: dir, NICK: nick, ORPORT: String(OR_PORT), ...values });
+      const text = render('common.torrc', {
+          AUTHORITY: authorityLine,
+          DIR: dir,
+          GUARDS: `${fingerprints.authority},${fingerprints.middle}`,
+          EXITS: fingerprints.exit,
+        }) + render(role, { DIR: dir, NICK: nick, ORPORT: String(OR_PORT), ...values });
       writeFileSync(join(dir, 'torrc'), text);
       chownTree(dir, uid, gid);
       return join(dir, 'torrc');
@@ -268,6 +280,7 @@ export async function startTorNetwork(net: TestNet, options: TorNetworkOptions):
       middle: torrc('middle', 'middle.torrc', { ADDRESS: at.middle }),
       exit: torrc('exit', 'exit.torrc', {
         ADDRESS: at.exit,
+        HOST_LINK: `${net.addrs.host.v4}/24:*,reject [${net.addrs.host.v6}]/64:*`,
         EXIT_POLICY: [...new Set(names.map(([, address]) => address))].map((address) => `ExitPolicy accept ${address}:*`).join('\n'),
       }),
     };
@@ -311,22 +324,37 @@ export async function startTorNetwork(net: TestNet, options: TorNetworkOptions):
 
     const control = { host: '127.0.0.1', port: controlPort, socket: join(relays.client, 'control'), cookieFile: join(relays.client, 'control_auth_cookie') };
     const clientStatus = () => readTorStatus({ socket: control.socket, cookieFile: control.cookieFile });
-    const startClient = async () => {
+    // Bootstrapped with a circuit is not yet ready to exit: the client may still lack the
+    // exit's descriptor. Ready is a name resolved at the exit, through a circuit, over SOCKS.
+    const [probeName, probeAddress] = names[0] ?? [];
+    const startClient = async (): Promise<ClientTimes> => {
       const begun = Date.now();
       client = collect(net.host.spawn('tor', ['--defaults-torrc', empty, '-f', clientTorrc], { user: TOR_USER, group: TOR_USER }));
       const self = client;
+      const log = join(relays.client, 'notice.log');
       await until(
-        `the host's tor bootstrapped with a circuit (its log:\n${tail(join(relays.client, 'notice.log'))})`,
+        `the host's tor bootstrapped with a circuit (its log:\n${tail(log)})`,
         async () => {
-          if (self.exitCode !== null) throw new Error(`the host's tor exited: ${said(self, join(relays.client, 'notice.log'))}`);
+          if (self.exitCode !== null) throw new Error(`the host's tor exited: ${said(self, log)}`);
           const status = await clientStatus();
           return status.reachable && status.bootstrap === 100 && status.circuitEstablished;
         },
         { timeoutMs: 60_000, everyMs: 100 },
       );
-      return Date.now() - begun;
+      const bootstrapMs = Date.now() - begun;
+      if (probeName === undefined) return { bootstrapMs, exitReadyMs: bootstrapMs };
+      await until(
+        `${probeName} resolved at the exit through the host's tor (its log:\n${tail(log)})`,
+        async () => {
+          if (self.exitCode !== null) throw new Error(`the host's tor exited: ${said(self, log)}`);
+          const resolved = await net.host.exec('tor-resolve', ['-5', probeName, `127.0.0.1:${socksPort}`], { timeoutMs: 10_000 });
+          return resolved.stdout.trim() === probeAddress;
+        },
+        { timeoutMs: 60_000, everyMs: 200 },
+      );
+      return { bootstrapMs, exitReadyMs: Date.now() - begun };
     };
-    const clientBootstrapMs = await startClient();
+    const clientTimes = await startClient();
 
     return {
       root,
@@ -336,7 +364,7 @@ export async function startTorNetwork(net: TestNet, options: TorNetworkOptions):
       relayAddresses: [at.authority, at.middle, at.exit],
       dnsAddress: at.dns,
       client: { dir: relays.client, socks: { host: '127.0.0.1', port: socksPort }, control },
-      times: { consensusMs, clientBootstrapMs },
+      times: { consensusMs, client: clientTimes },
       get clientRunning() {
         return client !== undefined && client.exitCode === null && client.signalCode === null;
       },
