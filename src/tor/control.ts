@@ -41,6 +41,33 @@ interface Reply {
 class Unreachable extends Error {}
 
 export async function readTorStatus(address: TorControlAddress, options: { timeoutMs?: number } = {}): Promise<TorStatus> {
+  const answer = await getTorInfo(address, ['status/bootstrap-phase', 'status/circuit-established', 'version'], options);
+  if (!answer.ok) return { reachable: false, reason: answer.reason };
+  const phase = keyValues(answer.values.get('status/bootstrap-phase') ?? '');
+  const progress = Number(phase.get('PROGRESS'));
+  const circuit = answer.values.get('status/circuit-established');
+  if (!Number.isInteger(progress) || progress < 0 || progress > 100 || (circuit !== '0' && circuit !== '1'))
+    return { reachable: false, reason: garbage().message };
+  const version = answer.values.get('version');
+  return {
+    reachable: true,
+    bootstrap: progress,
+    summary: printable(phase.get('SUMMARY') ?? ''),
+    circuitEstablished: circuit === '1',
+    ...(version !== undefined && { version: printable(version) }),
+  };
+}
+
+/**
+ * GETINFO of some keys after the same authentication (for what a status
+ * line does not hold: circuit-status, net/listeners/socks). Values are as
+ * Tor sent them (a data block's lines joined with "\n"); never throws.
+ */
+export async function getTorInfo(
+  address: TorControlAddress,
+  keys: readonly string[],
+  options: { timeoutMs?: number } = {},
+): Promise<{ readonly ok: true; readonly values: ReadonlyMap<string, string> } | { readonly ok: false; readonly reason: string }> {
   const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   const where = address.socket ?? `${address.host ?? '127.0.0.1'}:${address.port ?? 9051}`;
   let conversation: Conversation | undefined;
@@ -50,16 +77,30 @@ export async function readTorStatus(address: TorControlAddress, options: { timeo
   });
   try {
     conversation = await Promise.race([Conversation.open(address, where), deadline]);
-    return await Promise.race([ask(conversation, address.cookieFile), deadline]);
+    const values = await Promise.race([ask(conversation, address.cookieFile, keys), deadline]);
+    return { ok: true, values };
   } catch (error) {
-    return { reachable: false, reason: error instanceof Unreachable ? printable(error.message) : `control port ${where}: ${printable(String(error))}` };
+    return { ok: false, reason: error instanceof Unreachable ? printable(error.message) : `control port ${where}: ${printable(String(error))}` };
   } finally {
     clearTimeout(timer);
     conversation?.close();
   }
 }
 
-async function ask(conversation: Conversation, cookieFile: string): Promise<TorStatus> {
+async function ask(conversation: Conversation, cookieFile: string, keys: readonly string[]): Promise<Map<string, string>> {
+  await authenticate(conversation, cookieFile);
+  const reply = await conversation.command(`GETINFO ${keys.join(' ')}`);
+  expectOk(reply, 'GETINFO');
+  const values = new Map<string, string>();
+  for (const line of reply.lines) {
+    const at = line.indexOf('=');
+    if (at > 0) values.set(line.slice(0, at), line.slice(at + 1).replace(/^\n/, ''));
+  }
+  conversation.send('QUIT');
+  return values;
+}
+
+async function authenticate(conversation: Conversation, cookieFile: string): Promise<void> {
   const info = await conversation.command('PROTOCOLINFO 1');
   expectOk(info, 'PROTOCOLINFO');
   const methods = (/(?:^| )METHODS=([A-Z0-9,]+)/.exec(info.lines.find((line) => line.startsWith('AUTH ')) ?? '')?.[1] ?? '').split(',').filter(Boolean);
@@ -79,26 +120,6 @@ async function ask(conversation: Conversation, cookieFile: string): Promise<TorS
     throw new Unreachable(`authentication refused: the control port does not know the cookie in ${cookieFile} (another Tor, or not Tor, listens there)`);
   const auth = await conversation.command(`AUTHENTICATE ${createHmac('sha256', CLIENT_KEY).update(message).digest('hex')}`);
   if (auth.code !== '250') throw new Unreachable(`authentication refused (${auth.code} ${auth.lines.join(' ')})`);
-  const reply = await conversation.command('GETINFO status/bootstrap-phase status/circuit-established version');
-  expectOk(reply, 'GETINFO');
-  const values = new Map<string, string>();
-  for (const line of reply.lines) {
-    const at = line.indexOf('=');
-    if (at > 0) values.set(line.slice(0, at), line.slice(at + 1));
-  }
-  const phase = keyValues(values.get('status/bootstrap-phase') ?? '');
-  const progress = Number(phase.get('PROGRESS'));
-  const circuit = values.get('status/circuit-established');
-  if (!Number.isInteger(progress) || progress < 0 || progress > 100 || (circuit !== '0' && circuit !== '1')) throw garbage();
-  conversation.send('QUIT');
-  const version = values.get('version');
-  return {
-    reachable: true,
-    bootstrap: progress,
-    summary: printable(phase.get('SUMMARY') ?? ''),
-    circuitEstablished: circuit === '1',
-    ...(version !== undefined && { version: printable(version) }),
-  };
 }
 
 async function readCookie(path: string): Promise<Buffer> {
@@ -152,7 +173,10 @@ class Conversation {
     socket.setEncoding('latin1');
     socket.on('data', (chunk: string) => {
       this.received += chunk.length;
-      if (this.received > MAX_REPLY_BYTES) return this.end(garbage());
+      if (this.received > MAX_REPLY_BYTES) {
+        this.end(garbage());
+        return;
+      }
       this.buffered += chunk;
       for (let at = this.buffered.indexOf('\n'); at >= 0; at = this.buffered.indexOf('\n')) {
         this.lines.push(this.buffered.slice(0, at).replace(/\r$/, ''));
@@ -160,13 +184,22 @@ class Conversation {
       }
       this.wake?.();
     });
-    socket.on('error', (error: NodeJS.ErrnoException) => this.end(new Unreachable(`control connection failed (${error.code ?? error.message})`)));
+    socket.on('error', (error: NodeJS.ErrnoException) =>
+      this.end(
+        new Unreachable(
+          error.code === 'EPIPE' || error.code === 'ECONNRESET'
+            ? 'control port closed the connection'
+            : `control connection failed (${error.code ?? error.message})`,
+        ),
+      ),
+    );
     socket.on('close', () => this.end(new Unreachable('control port closed the connection')));
   }
 
   static open(address: TorControlAddress, where: string): Promise<Conversation> {
     return new Promise((resolve, reject) => {
-      const socket = address.socket !== undefined ? connect({ path: address.socket }) : connect({ host: address.host ?? '127.0.0.1', port: address.port ?? 9051 });
+      const socket =
+        address.socket !== undefined ? connect({ path: address.socket }) : connect({ host: address.host ?? '127.0.0.1', port: address.port ?? 9051 });
       const fail = (error: NodeJS.ErrnoException) => {
         socket.destroy();
         if (error.code === 'ECONNREFUSED' || error.code === 'ENOENT') reject(new Unreachable(`not running (nothing listens on ${where})`));

@@ -69,9 +69,14 @@ export function buildAptRepository(packages: readonly PackageSpec[]): AptReposit
     run(['dpkg-deb', '--root-owner-group', '-Znone', '--build', tree, join(dir, file)]);
     const deb = readFileSync(join(dir, file));
     stanzas.push(
-      [...control.slice(0, -2), `Filename: ./${file}`, `Size: ${deb.length}`, `MD5sum: ${hashOf('md5', deb)}`, `SHA256: ${hashOf('sha256', deb)}`, ...control.slice(-2)].join(
-        '\n',
-      ),
+      [
+        ...control.slice(0, -2),
+        `Filename: ./${file}`,
+        `Size: ${deb.length}`,
+        `MD5sum: ${hashOf('md5', deb)}`,
+        `SHA256: ${hashOf('sha256', deb)}`,
+        ...control.slice(-2),
+      ].join('\n'),
     );
     return { name: spec.name, version, file, size: deb.length };
   });

@@ -92,7 +92,8 @@ export interface TorNetworkOptions {
 
 /** Why this machine cannot run the network, or undefined. */
 export function torUnavailableReason(): string | undefined {
-  for (const tool of ['/usr/sbin/tor', '/usr/bin/tor-gencert', '/usr/sbin/dnsmasq']) if (!existsSync(tool)) return `${tool} is not installed (scripts/setup.sh)`;
+  for (const tool of ['/usr/sbin/tor', '/usr/bin/tor-gencert', '/usr/sbin/dnsmasq'])
+    if (!existsSync(tool)) return `${tool} is not installed (scripts/setup.sh)`;
   if (spawnSync('id', ['-u', TOR_USER]).status !== 0) return `Tor's user ${TOR_USER} does not exist (the tor package makes it)`;
   return undefined;
 }
@@ -258,14 +259,19 @@ export async function startTorNetwork(net: TestNet, options: TorNetworkOptions):
       if (!found) throw new Error(`tor --list-fingerprint printed no fingerprint for ${nick}: ${out}`);
       return found.replace(/ /g, '');
     };
-    const fingerprints = { authority: fingerprint(relays.authority, 'auth'), middle: fingerprint(relays.middle, 'middle'), exit: fingerprint(relays.exit, 'exit') };
+    const fingerprints = {
+      authority: fingerprint(relays.authority, 'auth'),
+      middle: fingerprint(relays.middle, 'middle'),
+      exit: fingerprint(relays.exit, 'exit'),
+    };
     const authorityLine = `DirAuthority auth orport=${OR_PORT} no-v2 v3ident=${v3ident} ${at.authority}:${DIR_PORT} ${fingerprints.authority}`;
 
     const names = Object.entries(options.names);
     writeFileSync(join(relays.exit, 'resolv.conf'), `nameserver ${at.dns}\n`);
     const torrc = (nick: keyof typeof relays, role: string, values: Record<string, string>) => {
       const dir = relays[nick];
-      const text = render('common.torrc', {
+      const text =
+        render('common.torrc', {
           AUTHORITY: authorityLine,
           DIR: dir,
           GUARDS: `${fingerprints.authority},${fingerprints.middle}`,
