@@ -84,6 +84,11 @@ export function makeAptRoot(net: TestNet, source: { url: string; keyFile: string
     ].join('\n'),
   );
   const dropIn = join(root, 'etc/apt/apt.conf.d/90egressd-tor');
+  const remove = () => {
+    rmSync(root, { recursive: true, force: true });
+    process.off('exit', remove);
+  };
+  process.once('exit', remove);
   return {
     root,
     config,
@@ -96,7 +101,7 @@ export function makeAptRoot(net: TestNet, source: { url: string; keyFile: string
       return net.host.exec('apt-get', ['-q', ...args], { env: { ...process.env, APT_CONFIG: config, LC_ALL: 'C' }, cwd: downloads, timeoutMs });
     },
     forget: reset,
-    remove: () => rmSync(root, { recursive: true, force: true }),
+    remove,
   };
 }
 

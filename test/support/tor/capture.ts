@@ -43,7 +43,13 @@ export async function startCapture(side: HostSide | InetSide, iface: string, fil
   // --immediate-mode: without it libpcap hands packets over in blocks, and those still in the
   // kernel's ring at SIGINT are lost — a leak could go unseen.
   const child: ChildProcess = side.spawn('tcpdump', ['-i', iface, '-nn', '--immediate-mode', '-U', '-w', file, ...filter]);
-  await printed(child, 'stderr', `listening on ${iface}`, 10_000);
+  try {
+    await printed(child, 'stderr', `listening on ${iface}`, 10_000);
+  } catch (error) {
+    child.kill('SIGKILL');
+    rmSync(dir, { recursive: true, force: true });
+    throw error;
+  }
   return {
     pcap: () => (existsSync(file) ? readFileSync(file) : Buffer.alloc(0)),
     async stop() {

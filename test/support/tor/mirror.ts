@@ -1,7 +1,7 @@
 import type { ChildProcess } from 'node:child_process';
 import { spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { TestNet } from '../../harness/index.js';
@@ -108,7 +108,12 @@ export function buildAptRepository(packages: readonly PackageSpec[]): AptReposit
   }
   chmodSync(join(top, 'mirror.gpg'), 0o644);
   rmSync(build, { recursive: true, force: true });
-  return { dir, keyFile: join(top, 'mirror.gpg'), packages: built, remove: () => rmSync(top, { recursive: true, force: true }) };
+  const remove = () => {
+    rmSync(top, { recursive: true, force: true });
+    process.off('exit', remove);
+  };
+  process.once('exit', remove);
+  return { dir, keyFile: join(top, 'mirror.gpg'), packages: built, remove };
 }
 
 export interface Access {
@@ -155,6 +160,3 @@ export async function startMirror(net: TestNet, dir: string, address: string, po
     },
   };
 }
-
-/** The size of a file (for throughput). */
-export const sizeOf = (path: string): number => statSync(path).size;
