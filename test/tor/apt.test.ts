@@ -239,6 +239,10 @@ tor:
       // Not a packet from the host but to the relays' ORPort: the kernel's resets answering what
       // the relays still sent to the sockets of the tor that just stopped. Nothing to the mirror, no DNS.
       expect(leaks(packets)).toEqual([]);
+      expect(
+        fromHost(packets).filter((packet) => !packet.text.includes('Flags [R')),
+        'no connection opened from the host',
+      ).toEqual([]);
       const rules = readRuleTable(state);
       if (rules.state !== 'ok') throw new Error(`rules.json: ${rules.state}`);
       expect(new Set(nflogPrefixes(nflog).map((prefix) => rules.value.byId.get(parseLogPrefix(prefix) ?? '')?.ruleId))).toEqual(new Set(['tor/updaters']));

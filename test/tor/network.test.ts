@@ -1,4 +1,4 @@
-import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createHmac } from 'node:crypto';
 import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -106,6 +106,19 @@ describe.skipIf(unavailable)(`the control-port client against a real Tor ${unava
       reachable: true,
       bootstrap: 100,
     });
+  });
+
+  it('Tor crashed: its control socket left behind answers nothing, which is "not running" too', async () => {
+    await tor.stopClient({ crash: true });
+    try {
+      expect(existsSync(tor.client.control.socket), 'the socket file outlived the crash').toBe(true);
+      expect(await readTorStatus({ socket: tor.client.control.socket, cookieFile: tor.client.control.cookieFile })).toEqual({
+        reachable: false,
+        reason: `not running (nothing listens on ${tor.client.control.socket})`,
+      });
+    } finally {
+      await tor.startClient();
+    }
   });
 });
 

@@ -68,8 +68,8 @@ export interface TorNetwork {
   readonly times: TorNetworkTimes;
   /** Whether the client runs. */
   readonly clientRunning: boolean;
-  /** Stops the host's tor (SIGTERM, then waits for it to go). */
-  stopClient(): Promise<void>;
+  /** Stops the host's tor (SIGTERM, then waits for it to go); `crash`: SIGKILL, leaving its control socket and pid file behind. */
+  stopClient(options?: { crash?: boolean }): Promise<void>;
   /** Starts it again and waits until it is ready to exit; returns how long that took. */
   startClient(): Promise<ClientTimes>;
   /** The client's status through its control socket. */
@@ -374,7 +374,11 @@ export async function startTorNetwork(net: TestNet, options: TorNetworkOptions):
       get clientRunning() {
         return client !== undefined && client.exitCode === null && client.signalCode === null;
       },
-      async stopClient() {
+      async stopClient(options = {}) {
+        if (options.crash && client && client.exitCode === null && client.signalCode === null) {
+          client.kill('SIGKILL');
+          await exited(client);
+        }
         await terminate(client);
       },
       startClient,
