@@ -138,7 +138,7 @@ tor:
     const before = mirror.accesses().length;
     const as = { user: APT_USER, timeoutMs: 800 };
     // Root may reach the control port (a positive control: it listens), _apt may not.
-    expect(await net.host.connect({ proto: 'tcp', addr: '127.0.0.1', port: CONTROL_PORT, timeoutMs: 800 })).toMatchObject({ connected: true });
+    expect(await net.host.connect({ proto: 'tcp', addr: '127.0.0.1', port: CONTROL_PORT, timeoutMs: 3000 })).toMatchObject({ connected: true });
     const {
       result: attempts,
       nflog,
