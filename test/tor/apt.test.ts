@@ -131,7 +131,12 @@ tor:
     expect(fromHost(packets).length, "Tor's own packets to the relays were seen").toBeGreaterThan(0);
     // apt's SOCKS credentials reached Tor, which keeps its streams on circuits of apt's own.
     const circuits = await getTorInfo({ socket: tor.client.control.socket, cookieFile: tor.client.control.cookieFile }, ['circuit-status']);
-    expect(circuits.ok && circuits.values.get('circuit-status')).toMatch(/ BUILT .*SOCKS_USERNAME="apt"/);
+    // The user name apt-get sends, as the drop-in gives it (apt-get's own Binary:: scope first, where the writer has one).
+    const dropIn = aptTorDropIn(SOCKS, 'apt');
+    const user = (/^Binary::apt-get::Acquire::http::Proxy "socks5h:\/\/([^:@"]+)/m.exec(dropIn) ??
+      /^Acquire::http::Proxy "socks5h:\/\/([^:@"]+)/m.exec(dropIn))?.[1];
+    expect(user).toBeDefined();
+    expect(circuits.ok && circuits.values.get('circuit-status')).toContain(`SOCKS_USERNAME="${decodeURIComponent(user ?? '')}"`);
   });
 
   it("the attacker's view: as _apt, no DNS, no direct connection, no other loopback service, no control port, no relay — dropped, logged with the updaters' rule, never seen outside", async () => {
