@@ -726,7 +726,7 @@ class Compiler {
       const { count, per } = this.log.rate;
       const shortId = this.shortId(id);
       const prefix = logPrefix(shortId);
-      const meter = this.logMeter(shortId, meterTimeout(count, per, this.log.burst));
+      const meter = this.logMeter(shortId, meterTimeout(count, per, this.log.burst), `${count}/${per} burst ${this.log.burst}`);
       rules.push(
         rule(
           [
@@ -746,13 +746,17 @@ class Compiler {
     return rules;
   }
 
-  /** The meter of a rule's log limit, one per short id (a rule's tails share it). */
-  private logMeter(shortId: string, timeout: number): string {
+  /**
+   * The meter of a rule's log limit, one per short id (a rule's tails share
+   * it). Each uid's element holds the limit it was made with, so the limit is
+   * its source: a new rate names a new set, and no uid keeps the old one.
+   */
+  private logMeter(shortId: string, timeout: number, limit: string): string {
     const name = `lograte_${shortId}`;
     if (!this.meters.has(name)) {
       this.meters.add(name);
       // nft marks it dynamic itself, seeing the `update` (and 1.0.6's JSON parser refuses the flag).
-      this.sets.push({ name, key: 'uid', flags: ['timeout'], elements: [], size: LOG_METER_SIZE, timeout });
+      this.sets.push({ name, key: 'uid', flags: ['timeout'], elements: [], size: LOG_METER_SIZE, timeout, source: limit });
     }
     return name;
   }

@@ -255,6 +255,33 @@ describe.skipIf(unavailable)(`the denial reader against real denied traffic ${un
     }
   }, 60_000);
 
+  it("a flood from one uid does not silence another uid's denials on the same rule: the log limit is per rule and uid", async () => {
+    await apply(policy('10/second', 20));
+    const agent = await startAgent({}, { windowMs: 60_000 });
+    const { app2, app3 } = users;
+    try {
+      const started = Date.now();
+      const flooding = flood(['203.0.113.41'], 1, 4000, 10_000_000, app2.name);
+      // The flood has spent its burst: from here on the rule's limit is all used, were it one for everyone.
+      await until('the flood logged past its burst', async () => (await agent.counters()).counters.events >= 20, { timeoutMs: 10_000 });
+      for (let i = 0; i < 5; i++) await net.host.connect({ proto: 'udp', addr: '203.0.113.42', port: 7000 + i, user: app3.name, timeoutMs: 100 });
+      await until("the other uid's denials recorded", () => agent.records.filter((r) => r.uid === app3.uid).length === 5, { timeoutMs: 5000 });
+      const sent = await flooding;
+      const seconds = (Date.now() - started) / 1000;
+      expect(agent.records.filter((r) => r.uid === app3.uid).map((r) => r.port)).toEqual([7000, 7001, 7002, 7003, 7004]);
+      // The flood itself is still thinned to its own rate: its burst and 10/s.
+      const { counters } = await agent.counters();
+      const flooded = counters.events - 5;
+      expect(sent).toBeGreaterThan(10_000);
+      expect(flooded).toBeGreaterThanOrEqual(20);
+      expect(flooded).toBeLessThanOrEqual(20 + Math.ceil(10 * seconds) + 2);
+      expect(counters.lost).toBe(0);
+    } finally {
+      await agent.stop();
+      await apply(policy('1000/second', 1000));
+    }
+  }, 60_000);
+
   it('a flood into a small receive buffer overflows it: ENOBUFS and the sequence gaps are counted, and read plus lost is every packet logged', async () => {
     await apply(policy('100000/second', 10000));
     const agent = await startAgent({}, { windowMs: 500, receiveBufferBytes: 128 * 1024 });
