@@ -755,8 +755,9 @@ class Compiler {
     const name = `lograte_${shortId}`;
     if (!this.meters.has(name)) {
       this.meters.add(name);
-      // nft marks it dynamic itself, seeing the `update` (and 1.0.6's JSON parser refuses the flag).
-      this.sets.push({ name, key: 'uid', flags: ['timeout'], elements: [], size: LOG_METER_SIZE, timeout, source: limit });
+      // Said outright: nft infers `dynamic` only when the set and a rule that updates it are in one
+      // transaction, and the base chain's rules come in the swap's second one (the kernel then refuses the update: EINVAL).
+      this.sets.push({ name, key: 'uid', flags: ['dynamic', 'timeout'], elements: [], size: LOG_METER_SIZE, timeout, source: limit });
     }
     return name;
   }

@@ -16,7 +16,8 @@ export interface TableRef {
 }
 
 export type SetKey = 'ipv4_addr' | 'ipv6_addr' | 'uid' | 'gid' | 'inet_proto' | 'inet_service' | { readonly cgroupLevel: number };
-export type SetFlag = 'interval' | 'timeout';
+/** `dynamic`: the packet path adds elements (`update @set`); nft infers it only for rules in the set's own transaction. */
+export type SetFlag = 'interval' | 'timeout' | 'dynamic';
 
 /** The table egressd owns; the binding refuses any transaction that names another. */
 export const EGRESSD_TABLE: TableRef = { family: 'inet', name: 'egressd' };
@@ -348,7 +349,9 @@ export function renderJson(ruleset: Ruleset): { nftables: JsonObject[] } {
   for (const set of ruleset.sets) {
     const body: Record<string, unknown> = { family, table, name: set.name, ...keyJson(set.key) };
     if (set.map) body['map'] = set.map;
-    if (set.flags.length > 0) body['flags'] = [...set.flags];
+    // nft 1.0.6's JSON parser refuses `dynamic` (it lists such a set without it too); tables are applied as text, which carries it.
+    const flags = set.flags.filter((flag) => flag !== 'dynamic');
+    if (flags.length > 0) body['flags'] = flags;
     if (set.elements.length > 0) {
       body['elem'] = set.map ? set.elements.map((element, i) => [elementJson(element), set.verdicts![i]]) : set.elements.map(elementJson);
     }
