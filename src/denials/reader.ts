@@ -179,8 +179,10 @@ export function startDenialReader(
   loadRules(inForce);
   // Mutable from close() and update() while the loop awaits: read through the object, never narrowed.
   const live: { socket: NflogSocket; closing: boolean } = { socket: openNflog(inForce.policy.defaults.log.group, options), closing: false };
-  let stop: (value: unknown) => void = () => undefined;
-  const stopped = new Promise((resolve) => (stop = resolve));
+  let failed: (error: unknown) => void = () => undefined;
+  // Settles only when the reader stops by itself (the daemon then restarts it); a close() is not that.
+  const stopped = new Promise((resolve) => (failed = resolve));
+  let deliberate = false;
   const drainPerTurn = options.drainPerTurn ?? 64;
   const ticker = setInterval(() => pipeline.tick(), Math.min(1000, Math.max(50, (options.windowMs ?? 10_000) / 4)));
   ticker.unref();
@@ -224,11 +226,11 @@ export function startDenialReader(
     live.closing = true;
     return error;
   });
-  void running.then((error) => {
+  const finished = running.then((error) => {
     clearInterval(ticker);
     pipeline.flush();
     live.socket.close();
-    stop(error);
+    if (!deliberate) failed(error);
   });
 
   return Promise.resolve({
@@ -261,12 +263,9 @@ export function startDenialReader(
       return Promise.resolve();
     },
     async close() {
-      if (live.closing) {
-        await stopped;
-        return;
-      }
+      deliberate = true;
       live.closing = true;
-      await stopped;
+      await finished;
     },
     describe() {
       const c = hub.counters();
