@@ -136,7 +136,7 @@ export interface NetlinkTransport {
 export interface ListeningNetlinkTransport extends NetlinkTransport {
   /** True when a datagram (or an error) is waiting; false after `timeoutMs`. Only one wait at a time. */
   waitReadable(timeoutMs: number): Promise<boolean>;
-  /** The next queued datagram, or undefined when none is. */
+  /** The next queued datagram, or undefined when none is. Not a copy: valid until the next receive (a flood's reader parses it at once and keeps nothing of it). */
   receiveNow(): Buffer | undefined;
 }
 
@@ -389,7 +389,7 @@ export function openNetlinkTransport(family: number, options: NetlinkTransportOp
           throw new NetlinkError(`netlink: recv failed: ${errnoName(errno)}`, { errno });
         }
         if (length > buffer.length) throw new NetlinkError(`netlink: a datagram of ${length} bytes, larger than the ${buffer.length}-byte buffer, was cut`);
-        return Buffer.from(buffer.subarray(0, length));
+        return buffer.subarray(0, length);
       }
     },
     close() {
