@@ -282,6 +282,7 @@ export function compile(policy: Policy, facts: Facts, options: CompileOptions = 
 
 class Compiler {
   private readonly sets: SetDecl[] = [];
+  private readonly meters = new Set<string>();
   /** Constant sets by name, with their elements (as JSON): rules share them. */
   private readonly constants = new Map<string, string>();
   private readonly chains: ChainDecl[] = [];
@@ -705,15 +706,60 @@ class Compiler {
     ];
   }
 
-  /** The end of a denying path: log (rate-limited) and drop, counting. */
+  /**
+   * The end of a denying path: log (rate-limited) and drop, counting.
+   *
+   * The log's limit is per rule and sending uid: a meter (a dynamic set
+   * keyed by `meta skuid`, one per rule) holds a limit for each uid, so one
+   * uid flooding a rule thins only its own log, and another's denials on the
+   * same rule are still logged. The set is bounded (LOG_METER_SIZE uids per
+   * rule, each gone LOG_METER_TIMEOUT s after its last packet): when it is
+   * full, a new uid's packets are dropped unlogged (still counted) until a
+   * slot frees — the kernel's memory stays bounded whatever sends. Packets
+   * without an owner (the kernel's own, an orphaned socket's) have no uid to
+   * key on and share one limit per rule, as before. It all runs only on
+   * packets already being dropped.
+   */
   private denyTail(id: string, at: Origin | undefined, log: boolean): RuleDecl[] {
     const rules: RuleDecl[] = [];
     if (log && this.log.denials) {
       const { count, per } = this.log.rate;
-      rules.push(rule([stmt.limit(count, per, this.log.burst), stmt.log(logPrefix(this.shortId(id)), this.log.group)], this.tagged(at, id)));
+      const shortId = this.shortId(id);
+      const prefix = logPrefix(shortId);
+      const meter = this.logMeter(shortId, meterTimeout(count, per, this.log.burst), `${count}/${per} burst ${this.log.burst}`);
+      rules.push(
+        rule(
+          [
+            stmt.update(meter, { meta: { key: 'skuid' } }, [stmt.limit(count, per, this.log.burst)]),
+            stmt.log(prefix, this.log.group),
+            stmt.counter(),
+            verdict.drop(),
+          ],
+          this.tagged(at, id),
+        ),
+        // Over its own uid's limit (or the meter is full): dropped, not logged.
+        rule([match.owned(), stmt.counter(), verdict.drop()], this.tagged(at, id)),
+        rule([stmt.limit(count, per, this.log.burst), stmt.log(prefix, this.log.group)], this.tagged(at, id)),
+      );
     }
     rules.push(rule([stmt.counter(), verdict.drop()], this.tagged(at, id)));
     return rules;
+  }
+
+  /**
+   * The meter of a rule's log limit, one per short id (a rule's tails share
+   * it). Each uid's element holds the limit it was made with, so the limit is
+   * its source: a new rate names a new set, and no uid keeps the old one.
+   */
+  private logMeter(shortId: string, timeout: number, limit: string): string {
+    const name = `lograte_${shortId}`;
+    if (!this.meters.has(name)) {
+      this.meters.add(name);
+      // Said outright: nft infers `dynamic` only when the set and a rule that updates it are in one
+      // transaction, and the base chain's rules come in the swap's second one (the kernel then refuses the update: EINVAL).
+      this.sets.push({ name, key: 'uid', flags: ['dynamic', 'timeout'], elements: [], size: LOG_METER_SIZE, timeout, source: limit });
+    }
+    return name;
   }
 
   /**
@@ -1146,6 +1192,18 @@ const IPPROTO_ROUTING = 43;
 
 /** The constant sets of the DNS rules (dnsRules), named as protocolMatch names them, so that a policy rule with the same ones shares them. */
 const DNS_PROTOCOLS_SET = 'proto_tcp_udp';
+/** Uids a rule's log meter tells apart at once. */
+const LOG_METER_SIZE = 4096;
+
+/**
+ * How long a uid keeps its meter slot after its last denied packet (s): at
+ * least until its bucket has refilled, or an expired and re-added slot would
+ * hand a slow rate (1/hour) a fresh burst; at most a day.
+ */
+function meterTimeout(count: number, per: 'second' | 'minute' | 'hour', burst: number): number {
+  const seconds = { second: 1, minute: 60, hour: 3600 }[per];
+  return Math.min(86_400, Math.max(120, Math.ceil((burst * seconds) / count)));
+}
 const DNS_PORTS_SET = `ports_${DNS_PORTS.join('_')}`;
 
 /** Marks the policy digest in the first rule's comment. */

@@ -16,7 +16,8 @@ export interface TableRef {
 }
 
 export type SetKey = 'ipv4_addr' | 'ipv6_addr' | 'uid' | 'gid' | 'inet_proto' | 'inet_service' | { readonly cgroupLevel: number };
-export type SetFlag = 'interval' | 'timeout';
+/** `dynamic`: the packet path adds elements (`update @set`); nft infers it only for rules in the set's own transaction. */
+export type SetFlag = 'interval' | 'timeout' | 'dynamic';
 
 /** The table egressd owns; the binding refuses any transaction that names another. */
 export const EGRESSD_TABLE: TableRef = { family: 'inet', name: 'egressd' };
@@ -46,6 +47,9 @@ export interface SetDecl {
   /** For maps: one verdict per element, same order. */
   readonly verdicts?: readonly Verdict[];
   readonly comment?: string;
+  /** For sets the packet path fills (`update @set`): at most this many elements, each gone `timeout` seconds after its last packet. */
+  readonly size?: number;
+  readonly timeout?: number;
   /**
    * For sets filled at run time: a digest of what fills them (the DNS names
    * bound to them). Not rendered; a set is kept across applies only while
@@ -92,6 +96,8 @@ export type Statement =
       };
     }
   | { readonly log: { readonly prefix: string; readonly group: number } }
+  /** `update @set { KEY STATEMENTS }`: the packet's key, added (or refreshed) in a dynamic set, with statements of its own per element (a per-key limit). */
+  | { readonly set: { readonly op: 'update'; readonly elem: Expr; readonly set: string; readonly stmt: readonly Statement[] } }
   | Verdict;
 
 export interface RuleDecl {
@@ -188,6 +194,8 @@ export const stmt = {
   /** Matches the bytes over `rate` per second, after a burst of `burst` bytes. */
   limitBytesOver: (rate: number, burst: number): Statement => ({ limit: { rate, rate_unit: 'bytes', per: 'second', burst, burst_unit: 'bytes', inv: true } }),
   log: (prefix: string, group: number): Statement => ({ log: { prefix, group } }),
+  /** `update @setName { key inner… }`: breaks the rule when the set is full or an inner statement breaks (a limit over its rate). */
+  update: (setName: string, key: Expr, inner: readonly Statement[]): Statement => ({ set: { op: 'update', elem: key, set: `@${setName}`, stmt: inner } }),
   /** Writes `value` into the bits of the connection's mark outside `keep`, keeping the bits `keep` names. */
   ctMarkSet: (keep: string, value: string): Statement => ({
     mangle: { key: { ct: { key: 'mark' } }, value: { '|': [{ '&': [{ ct: { key: 'mark' } }, keep] }, value] } },
@@ -341,11 +349,15 @@ export function renderJson(ruleset: Ruleset): { nftables: JsonObject[] } {
   for (const set of ruleset.sets) {
     const body: Record<string, unknown> = { family, table, name: set.name, ...keyJson(set.key) };
     if (set.map) body['map'] = set.map;
-    if (set.flags.length > 0) body['flags'] = [...set.flags];
+    // nft 1.0.6's JSON parser refuses `dynamic` (it lists such a set without it too); tables are applied as text, which carries it.
+    const flags = set.flags.filter((flag) => flag !== 'dynamic');
+    if (flags.length > 0) body['flags'] = flags;
     if (set.elements.length > 0) {
       body['elem'] = set.map ? set.elements.map((element, i) => [elementJson(element), set.verdicts![i]]) : set.elements.map(elementJson);
     }
     if (set.comment) body['comment'] = set.comment;
+    if (set.size !== undefined) body['size'] = set.size;
+    if (set.timeout !== undefined) body['timeout'] = set.timeout;
     out.push({ [set.map ? 'map' : 'set']: body });
   }
   for (const chain of ruleset.chains) {
@@ -413,6 +425,7 @@ function statementText(s: Statement): string {
     return `limit rate ${s.limit.rate}/${s.limit.per} burst ${s.limit.burst} packets`;
   }
   if ('log' in s) return `log prefix ${quote(s.log.prefix)} group ${s.log.group}`;
+  if ('set' in s) return `update ${s.set.set} { ${exprText(s.set.elem)} ${s.set.stmt.map(statementText).join(' ')} }`;
   return verdictText(s);
 }
 
@@ -446,7 +459,9 @@ export function renderText(ruleset: Ruleset): string {
   for (const set of ruleset.sets) {
     lines.push(`\t${set.map ? 'map' : 'set'} ${set.name} {`);
     lines.push(`\t\t${setKeyText(set.key)}${set.map ? ` : ${set.map}` : ''}`);
+    if (set.size !== undefined) lines.push(`\t\tsize ${set.size}`);
     if (set.flags.length > 0) lines.push(`\t\tflags ${set.flags.join(',')}`);
+    if (set.timeout !== undefined) lines.push(`\t\ttimeout ${set.timeout}s`);
     if (set.comment) lines.push(`\t\tcomment ${quote(set.comment)}`);
     if (set.elements.length > 0) lines.push(elementBlock(set));
     lines.push('\t}');

@@ -162,6 +162,7 @@ export function withGeneration(ruleset: Ruleset, generation: Generation, avoid: 
   const statement = (s: Statement): Statement => {
     if ('match' in s) return { match: { ...s.match, right: setRef(s.match.right) as Element } };
     if ('vmap' in s) return { vmap: { ...s.vmap, data: setRef(s.vmap.data) as string } };
+    if ('set' in s) return { set: { ...s.set, set: setRef(s.set.set) as string } };
     if ('jump' in s || 'goto' in s) return verdict(s);
     return s;
   };

@@ -229,7 +229,7 @@ export const policyFileSchema = z
           .strictObject({
             denials: z.boolean().optional().describe('Log denied packets to NFLOG (default true).'),
             group: z.number().int().min(0).max(65535).optional().describe('NFLOG group (default 7745).'),
-            rate: rate.optional().describe('Log at most this often per rule (default 10/second).'),
+            rate: rate.optional().describe('Log at most this often per rule and sending uid (default 10/second).'),
             burst: z.number().int().min(1).max(10000).optional().describe('Packets logged in a burst above the rate (default 20).'),
           })
           .optional(),

@@ -126,6 +126,20 @@ export interface NetlinkTransport {
   close(): void;
 }
 
+/**
+ * The same socket for a listener that must never block the event loop (the
+ * denial reader): `waitReadable` runs poll(2) on libuv's thread pool, and
+ * `receiveNow` drains what is queued without waiting (MSG_DONTWAIT), on the
+ * calling thread, so errno is read where it was set. A socket that
+ * overflowed makes `receiveNow` throw a NetlinkError with errno ENOBUFS once.
+ */
+export interface ListeningNetlinkTransport extends NetlinkTransport {
+  /** True when a datagram (or an error) is waiting; false after `timeoutMs`. Only one wait at a time. */
+  waitReadable(timeoutMs: number): Promise<boolean>;
+  /** The next queued datagram, or undefined when none is. Not a copy: valid until the next receive (a flood's reader parses it at once and keeps nothing of it). */
+  receiveNow(): Buffer | undefined;
+}
+
 /** How long one receive may wait for the kernel before the request fails. */
 export const DEFAULT_RECEIVE_TIMEOUT_MS = 5000;
 
@@ -212,6 +226,9 @@ const SOL_NETLINK = 270;
 const NETLINK_CAP_ACK = 10;
 const NETLINK_EXT_ACK = 11;
 const MSG_TRUNC = 0x20;
+const MSG_DONTWAIT = 0x40;
+const SO_RCVBUF = 8;
+const SO_RCVBUFFORCE = 33;
 /** A dump's datagrams are at most 32 KiB (netlink_dump); larger would be cut, which MSG_TRUNC reveals. */
 const RECEIVE_BUFFER = 64 * 1024;
 
@@ -239,10 +256,14 @@ export interface NetlinkTransportOptions {
    * datagram. Raised past the system's cap where CAP_NET_ADMIN allows.
    */
   readonly sendBufferBytes?: number;
+  /** The socket's receive buffer (SO_RCVBUFFORCE past the system's cap where CAP_NET_ADMIN allows, else SO_RCVBUF up to it). */
+  readonly receiveBufferBytes?: number;
+  /** The largest datagram a receive takes whole (default 64 KiB). */
+  readonly datagramBytes?: number;
 }
 
 /** The same socket as `openNetlink`'s, for callers that frame their own exchanges (a batch of several messages, say). */
-export function openNetlinkTransport(family: number, options: NetlinkTransportOptions = {}): NetlinkTransport {
+export function openNetlinkTransport(family: number, options: NetlinkTransportOptions = {}): ListeningNetlinkTransport {
   let koffi: typeof import('koffi');
   try {
     // Loaded here, not imported at the top: a koffi without a build for this platform is an error of this call, not of every importer.
@@ -270,6 +291,7 @@ export function openNetlinkTransport(family: number, options: NetlinkTransportOp
   ) => number;
   const recv = libc.func('recv', 'intptr_t', ['int', 'void *', 'size_t', 'int']) as (fd: number, buffer: Buffer, length: number, flags: number) => number;
   const close = libc.func('close', 'int', ['int']) as (fd: number) => number;
+  const poll = libc.func('poll', 'int', ['void *', 'uint64_t', 'int']);
   const { EINTR, EAGAIN } = koffi.os.errno;
   const failed = (what: string): NetlinkError => {
     const errno = koffi.errno();
@@ -303,12 +325,19 @@ export function openNetlinkTransport(family: number, options: NetlinkTransportOp
       if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, half, 4) !== 0 && setsockopt(fd, SOL_SOCKET, SO_SNDBUF, half, 4) !== 0)
         throw failed('setsockopt(SO_SNDBUF)');
     }
+    if (options.receiveBufferBytes !== undefined) {
+      const half = int(Math.ceil(options.receiveBufferBytes / 2));
+      if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, half, 4) !== 0 && setsockopt(fd, SOL_SOCKET, SO_RCVBUF, half, 4) !== 0)
+        throw failed('setsockopt(SO_RCVBUF)');
+    }
   } catch (error) {
     close(fd);
     throw error;
   }
-  const buffer = Buffer.alloc(RECEIVE_BUFFER);
+  const buffer = Buffer.alloc(options.datagramBytes ?? RECEIVE_BUFFER);
   let open = true;
+  const pollfd = Buffer.alloc(8);
+  let waiting: Promise<boolean> | undefined;
   return {
     send(datagram) {
       for (;;) {
@@ -331,8 +360,42 @@ export function openNetlinkTransport(family: number, options: NetlinkTransportOp
         return Buffer.from(buffer.subarray(0, length));
       }
     },
+    waitReadable(timeoutMs) {
+      if (!open) return Promise.reject(new NetlinkError('netlink: the socket is closed'));
+      if (waiting) return Promise.reject(new NetlinkError('netlink: a wait is already in progress'));
+      // struct pollfd { int fd; short events = POLLIN; short revents; }
+      pollfd.writeInt32LE(fd, 0);
+      pollfd.writeInt16LE(1, 4);
+      pollfd.writeInt16LE(0, 6);
+      const wait = new Promise<boolean>((resolve, reject) => {
+        poll.async(pollfd, 1, timeoutMs, (error: unknown, ready: number) => {
+          waiting = undefined;
+          if (error) reject(new NetlinkError(`netlink: poll failed: ${error instanceof Error ? error.message : 'koffi error'}`, { cause: error }));
+          // -1 is EINTR at worst here (the fd is ours and valid): the caller simply waits again.
+          else resolve(ready > 0);
+        });
+      });
+      waiting = wait;
+      return wait;
+    },
+    receiveNow() {
+      if (!open) throw new NetlinkError('netlink: the socket is closed');
+      for (;;) {
+        const length = recv(fd, buffer, buffer.length, MSG_TRUNC | MSG_DONTWAIT);
+        if (length < 0) {
+          const errno = koffi.errno();
+          if (errno === EINTR) continue;
+          if (errno === EAGAIN) return undefined;
+          throw new NetlinkError(`netlink: recv failed: ${errnoName(errno)}`, { errno });
+        }
+        if (length > buffer.length) throw new NetlinkError(`netlink: a datagram of ${length} bytes, larger than the ${buffer.length}-byte buffer, was cut`);
+        return buffer.subarray(0, length);
+      }
+    },
     close() {
-      if (open) close(fd);
+      // A poll in flight on the thread pool still holds the fd: closed once it returns, so the number is never reused under it.
+      if (open && waiting) void waiting.finally(() => close(fd)).catch(() => undefined);
+      else if (open) close(fd);
       open = false;
     },
   };

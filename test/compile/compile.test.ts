@@ -95,6 +95,8 @@ tor: {enabled: true, socks: "${socks}", updaters: [apt]}
       expect(renderText(compiled.ruleset).match(/\brt type\b/g)).toHaveLength(1);
       expect(renderText(compiled.ruleset).match(/\brouting_header\b/g)).toHaveLength(2);
       expect(chain(compiled, 'routing_header').rules.map(ruleText)).toEqual([
+        `update @lograte_${id} { meta skuid limit rate 10/second burst 20 packets } log prefix "egd ${id} " group 7745 counter drop comment "${id} routing-header"`,
+        `meta skuid 0-4294967295 counter drop comment "${id} routing-header"`,
         `limit rate 10/second burst 20 packets log prefix "egd ${id} " group 7745 comment "${id} routing-header"`,
         `counter drop comment "${id} routing-header"`,
       ]);
@@ -287,16 +289,22 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     ];
     const compiled = compileYaml(`deny:\n  - to: ${JSON.stringify(nets)}\n`);
     const sets = new Map(compiled.ruleset.sets.map((s) => [s.name, s]));
-    expect([...sets.keys()].sort()).toEqual([
-      'g0_net4',
-      'g0_net4_p24',
-      'g0_net4_p32',
-      'g0_net6',
-      'g0_net6_p48',
-      'ports_53_853',
-      'proto_igmp_ipv6_icmp',
-      'proto_tcp_udp',
-    ]);
+    expect([...sets.keys()].sort()).toEqual(
+      [
+        'g0_net4',
+        'g0_net4_p24',
+        'g0_net4_p32',
+        'g0_net6',
+        'g0_net6_p48',
+        // The log meters (per rule and uid) of the logging tails: routing header, DNS, the deny.
+        `lograte_${sid(compiled, 'deny/f.yaml/0')}`,
+        `lograte_${sid(compiled, 'dns/exclusive')}`,
+        `lograte_${sid(compiled, 'routing-header')}`,
+        'ports_53_853',
+        'proto_igmp_ipv6_icmp',
+        'proto_tcp_udp',
+      ].sort(),
+    );
     expect(sets.get('g0_net4')!.elements).toEqual([{ prefix: { addr: '192.168.0.0', len: 16 } }, { prefix: { addr: '198.51.100.0', len: 25 } }]);
     expect(sets.get('g0_net4')!.flags).toEqual(['interval']);
     expect(sets.get('g0_net4_p32')!.elements).toHaveLength(1500);
@@ -318,7 +326,13 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
       expect(nftCheck(JSON.stringify(renderJson(compiled.ruleset)), { json: true })).toEqual({ ok: true, stderr: '' });
     }
     const capped = compileYaml(`deny:\n  - to: ${JSON.stringify(five)}\n`).ruleset.sets.map((set) => `${set.name}:${set.elements.length}`);
-    expect(capped.sort()).toEqual([
+    // The log meters (routing header, DNS, the deny) start empty.
+    expect(capped.filter((set) => set.startsWith('lograte_')).map((set) => set.replace(/^lograte_r[0-9a-f]{8}/, 'lograte'))).toEqual([
+      'lograte:0',
+      'lograte:0',
+      'lograte:0',
+    ]);
+    expect(capped.filter((set) => !set.startsWith('lograte_')).sort()).toEqual([
       'g0_net6:1024',
       'g0_net6_p40:1025',
       'g0_net6_p48:1026',
@@ -339,7 +353,8 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     const compiled = compileYaml(`apps:\n${apps.join('')}`);
     const text = renderText(compiled.ruleset);
     // The two ICMPv6 type sets of the link-local chain are the only anonymous ones, whatever the policy's size.
-    const anonymous = compiled.ruleset.chains.flatMap((c) => c.rules.filter((r) => JSON.stringify(r.expr).includes('"set":')).map(() => c.name));
+    // (`"set":[`: an anonymous set's elements; a log meter's `update` statement is `"set":{` and names its set.)
+    const anonymous = compiled.ruleset.chains.flatMap((c) => c.rules.filter((r) => JSON.stringify(r.expr).includes('"set":[')).map(() => c.name));
     expect(anonymous).toEqual(['link_local', 'link_local']);
     const constants = compiled.ruleset.sets
       .filter((s) => s.key === 'inet_proto' || s.key === 'inet_service')
@@ -407,6 +422,8 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     const id = sid(compiled, 'deny/f.yaml/0');
     expect(rules).toEqual([`ip daddr @g0_net4 counter goto log_g0 comment "${id} f.yaml:3 deny/f.yaml/0"`]);
     expect(chain(compiled, 'log_g0').rules.map(ruleText)).toEqual([
+      `update @lograte_${id} { meta skuid limit rate 3/minute burst 2 packets } log prefix "egd ${id} " group 9 counter drop comment "${id} f.yaml:3 deny/f.yaml/0"`,
+      `meta skuid 0-4294967295 counter drop comment "${id} f.yaml:3 deny/f.yaml/0"`,
       `limit rate 3/minute burst 2 packets log prefix "egd ${id} " group 9 comment "${id} f.yaml:3 deny/f.yaml/0"`,
       `counter drop comment "${id} f.yaml:3 deny/f.yaml/0"`,
     ]);
@@ -490,6 +507,8 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     const updaters = sid(local, 'tor/updaters');
     expect(chain(local, 'tor_updaters').rules.map(ruleText)).toEqual([
       `meta oif "lo" ip daddr 127.0.0.1 tcp dport 9050 accept comment "${sid(local, 'tor/socks')} f.yaml:2 tor/socks"`,
+      `update @lograte_${updaters} { meta skuid limit rate 10/second burst 20 packets } log prefix "egd ${updaters} " group 7745 counter drop comment "${updaters} f.yaml:2 tor/updaters"`,
+      `meta skuid 0-4294967295 counter drop comment "${updaters} f.yaml:2 tor/updaters"`,
       `limit rate 10/second burst 20 packets log prefix "egd ${updaters} " group 7745 comment "${updaters} f.yaml:2 tor/updaters"`,
       `counter drop comment "${updaters} f.yaml:2 tor/updaters"`,
     ]);
@@ -544,7 +563,14 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     const domain = compileYaml('systemDomains: {off: {members: [{cgroup: "u/app-*"}]}}\n', { facts });
     expect(renderText(domain.ruleset)).toContain('"u" : goto sd_off');
     const allow = compileYaml('apps: {a: {identity: {cgroup: "u/app-*"}}}\n', { facts });
-    expect(allow.ruleset.sets.map((s) => s.name)).toEqual(['app_cg_l2', 'proto_tcp_udp', 'ports_53_853', 'proto_igmp_ipv6_icmp']);
+    expect(allow.ruleset.sets.map((s) => s.name)).toEqual([
+      `lograte_${sid(allow, 'routing-header')}`,
+      `lograte_${sid(allow, 'dns/exclusive')}`,
+      'app_cg_l2',
+      'proto_tcp_udp',
+      'ports_53_853',
+      'proto_igmp_ipv6_icmp',
+    ]);
     expect(allow.warnings.map((w) => w.message)).toEqual(['cgroup "u/app-\\xff.scope" has a name nftables cannot carry; it is left out']);
     const orphan = compileYaml('systemDomains: {off: {members: [{cgroup: "x*"}]}}\n', {
       facts: { ...FACTS, cgroups: [], unnamedCgroups: [{ path: 'x\ufffd', shown: '"x\\xff"', namedAncestor: '' }] },

@@ -73,6 +73,8 @@ describe('dns.exclusive: only the resolver sends DNS off the host', () => {
     const drop = shortId(compiled, 'dns/exclusive');
     expect(chain).toEqual([
       `meta mark 0x45444e53 meta skuid 0 counter accept comment "${shortId(compiled, 'dns/resolver')} dns/resolver: the resolver's own queries"`,
+      `update @lograte_${drop} { meta skuid limit rate 10/second burst 20 packets } log prefix "egd ${drop} " group 7745 counter drop comment "${drop} dns/exclusive"`,
+      `meta skuid 0-4294967295 counter drop comment "${drop} dns/exclusive"`,
       `limit rate 10/second burst 20 packets log prefix "egd ${drop} " group 7745 comment "${drop} dns/exclusive"`,
       `counter drop comment "${drop} dns/exclusive"`,
     ]);

@@ -137,6 +137,8 @@ function runStatement(s: Statement, packet: Packet, sets: ReadonlyMap<string, Se
     const at = map.elements.findIndex((element) => elementMatches(element, value, map));
     return at < 0 ? 'break' : map.verdicts![at]!;
   }
+  // A log meter: keyed by the owner's uid, so a packet without one breaks the rule; its limit, like any, is taken as under its rate.
+  if ('set' in s) return load(s.set.elem, packet) === undefined ? 'break' : 'continue';
   if ('limit' in s && 'inv' in s.limit) return 'break';
   if ('counter' in s || 'limit' in s || 'log' in s) return 'continue';
   if ('mangle' in s) {
