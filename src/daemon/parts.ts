@@ -6,13 +6,11 @@
  */
 import { appsPart } from '../apps/part.js';
 import { firewallServicePart } from '../dbus/part.js';
+import { denialParts } from '../denials/part.js';
 import { resolverPart } from '../resolver/part.js';
 import type { PartSpec } from './part.js';
 
 export function defaultParts(): PartSpec[] {
-  return [
-    resolverPart(),
-    appsPart(),
-    firewallServicePart(),
-  ];
+  const denials = denialParts();
+  return [resolverPart(), appsPart(), denials.reader, denials.keeper, firewallServicePart({ store: denials.store, feed: denials.feed })];
 }

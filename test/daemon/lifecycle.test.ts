@@ -49,8 +49,13 @@ function digest(): string | undefined {
 }
 
 /** The whole ruleset without counters (-s): what a flood changes is only them. */
+/** The ruleset without state: counters (-s) and what the kernel itself adds to the log meters (lograte_*: an entry per sending uid, which a flood fills). */
 function ruleset(): string {
-  return spawnSync('nsenter', [`--net=/run/netns/${net.host.netns}`, 'nft', '-s', '-j', 'list', 'ruleset'], { encoding: 'utf8' }).stdout;
+  const listed = spawnSync('nsenter', [`--net=/run/netns/${net.host.netns}`, 'nft', '-s', '-j', 'list', 'ruleset'], { encoding: 'utf8' }).stdout;
+  if (!listed) return listed;
+  const parsed = JSON.parse(listed) as { nftables: Record<string, { name?: string; elem?: unknown }>[] };
+  for (const item of parsed.nftables) if (item['set']?.name?.startsWith('lograte_')) delete item['set'].elem;
+  return JSON.stringify(parsed);
 }
 
 interface LogLine {
@@ -77,8 +82,8 @@ function startDaemon(socket: NotifySocket, entry = MAIN, extra: readonly string[
     ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !['WATCHDOG_USEC', 'WATCHDOG_PID'].includes(k))),
     NOTIFY_SOCKET: socket.address,
   };
-  // The app tracker and the D-Bus service are off unless a test asks for the default parts (`'default-parts'` first in `extra`): the STATUS lines below are the resolver's.
-  const parts = extra[0] === 'default-parts' ? extra.slice(1) : ['--no-apps', '--no-dbus', ...extra];
+  // The app tracker, the denial path and the D-Bus service are off unless a test asks for the default parts (`'default-parts'` first in `extra`): the STATUS lines below are the resolver's.
+  const parts = extra[0] === 'default-parts' ? extra.slice(1) : ['--no-apps', '--no-denials', '--no-denial-store', '--no-dbus', ...extra];
   const child = net.host.spawn(process.execPath, ['--import', 'tsx', entry, '--policy', dir, '--state', state, ...parts], { env });
   const lines: LogLine[] = [];
   createInterface({ input: child.stdout! }).on('line', (text) => lines.push(JSON.parse(text) as LogLine));
@@ -159,7 +164,7 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     const first = await ready(notify, 0);
     expect(first.table).toMatch(/^[0-9a-f]{32}$/);
     expect(first.message.fields.get('STATUS')).toMatch(
-      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver on 127\.0\.0\.153, ::1, apps off, dbus off$/,
+      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver on 127\.0\.0\.153, ::1, apps off, denials off, denial-store off, dbus off$/,
     );
     expect(daemon.events('applied')).toHaveLength(1);
 
@@ -195,7 +200,7 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     expect(replaced.table).not.toBe(first.table);
     const rules = /\((\d+) rules\)/.exec(first.message.fields.get('STATUS')!)![1];
     expect(replaced.message.fields.get('STATUS')).toBe(
-      `enforcing policy sha256:${replaced.table!.slice(0, 12)}… (${rules} rules), resolver on 127.0.0.153, ::1, apps off, dbus off`,
+      `enforcing policy sha256:${replaced.table!.slice(0, 12)}… (${rules} rules), resolver on 127.0.0.153, ::1, apps off, denials off, denial-store off, dbus off`,
     );
     await until('enforcing', () => daemon.events('state-changed').at(-1)?.state === 'enforcing');
   }, 60_000);
@@ -276,7 +281,7 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     const daemon = startDaemon(notify, WITH_CRASHER);
     daemons.push(daemon);
     const up = await ready(notify, 0);
-    expect(up.message.fields.get('STATUS')).toMatch(/, resolver on 127\.0\.0\.153, ::1, crasher up, apps off, dbus off$/);
+    expect(up.message.fields.get('STATUS')).toMatch(/, resolver on 127\.0\.0\.153, ::1, crasher up, apps off, denials off, denial-store off, dbus off$/);
     const denied = flood();
     await until('three restarts', () => daemon.events('part-started').filter((l) => l.part === 'crasher').length >= 4, { timeoutMs: 30_000 });
     const failures = daemon.events('part-failed').filter((l) => l.part === 'crasher');
@@ -297,7 +302,13 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
       expect(Date.parse(starts[i + 1]!.time) - Date.parse(failures[i]!.time)).toBeGreaterThanOrEqual(delays[i]! - 2);
     }
     // Told to systemd between applies, and logged as a state.
-    expect(notify.messages.some((m) => !m.fields.has('READY') && /, crasher restarting \(\d+ restarts?\), apps off, dbus off$/.test(m.fields.get('STATUS') ?? ''))).toBe(true);
+    expect(
+      notify.messages.some(
+        (m) =>
+          !m.fields.has('READY') &&
+          /, crasher restarting \(\d+ restarts?\), apps off, denials off, denial-store off, dbus off$/.test(m.fields.get('STATUS') ?? ''),
+      ),
+    ).toBe(true);
     expect(daemon.events('state-changed').map((l) => l.state)).toContain('degraded');
     // The resolver never went down and still answers; the table never changed; the flood never passed.
     expect(daemon.events('part-failed').filter((l) => l.part === 'resolver')).toEqual([]);
@@ -319,7 +330,9 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     daemons.push(daemon);
     const up = await ready(notify, 0);
     expect(up.table).toMatch(/^[0-9a-f]{32}$/);
-    expect(up.message.fields.get('STATUS')).toMatch(/^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver off, apps off, dbus off$/);
+    expect(up.message.fields.get('STATUS')).toMatch(
+      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver off, apps off, denials off, denial-store off, dbus off$/,
+    );
     const dig = await net.host.exec('dig', ['@127.0.0.153', '+tries=1', '+time=1', 'use-application-dns.net', 'A']);
     expect(dig.stdout).not.toContain('status: NXDOMAIN');
     expect(daemon.events('resolver-ready')).toEqual([]);
@@ -335,7 +348,7 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     const up = await ready(notify, 0);
     // This machine has no system bus: neither part counts that as failing.
     expect(up.message.fields.get('STATUS')).toMatch(
-      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver on 127\.0\.0\.153, ::1, apps: \d+ cgroups tracked, \d+ directories watched, systemd signals off, D-Bus: no system bus yet$/,
+      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver on 127\.0\.0\.153, ::1, apps: \d+ cgroups tracked, \d+ directories watched, systemd signals off, denials: group 7745, \d+ read, \d+ records, 0 lost, denials stored and sent to the log, D-Bus: no system bus yet$/,
     );
     await until(
       'the D-Bus part says it waits, and the state is told',
@@ -360,7 +373,7 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     const up = await ready(notify, 0);
     expect(up.table).toMatch(/^[0-9a-f]{32}$/);
     expect(up.message.fields.get('STATUS')).toMatch(
-      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver failed \(0 restarts\), apps off, dbus off$/,
+      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver failed \(0 restarts\), apps off, denials off, denial-store off, dbus off$/,
     );
     await until('a second failed start', () => daemon.events('part-failed').length >= 2);
     expect(daemon.events('part-failed').every((l) => l.part === 'resolver' && l.phase === 'start')).toBe(true);
@@ -370,7 +383,12 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     const back = await notify.next(
       (m) =>
         m.fields.get('STATUS') ===
-        up.message.fields.get('STATUS')!.replace(/resolver failed \(0 restarts\), apps off, dbus off$/, 'resolver on 127.0.0.153, ::1, apps off, dbus off'),
+        up.message.fields
+          .get('STATUS')!
+          .replace(
+            /resolver failed \(0 restarts\), apps off, denials off, denial-store off, dbus off$/,
+            'resolver on 127.0.0.153, ::1, apps off, denials off, denial-store off, dbus off',
+          ),
       from,
       20_000,
     );

@@ -41,6 +41,8 @@ function start(policy: string, env: NodeJS.ProcessEnv): Run {
       '--state',
       state,
       '--no-apps',
+      '--no-denials',
+      '--no-denial-store',
       '--no-dbus',
     ],
     {
@@ -84,9 +86,10 @@ describe.skipIf(skip)(`egressd Type=notify ${skip ? `(skipped: ${skip})` : ''}`,
     runs.push(run);
     const ready = await readyAndTable;
     expect(tableAtReady).toMatch(/^[0-9a-f]{32}$/);
-    const status = /^enforcing policy sha256:([0-9a-f]{12})… \((\d+) rules\), resolver on 127\.0\.0\.153, ::1, apps off, dbus off$/.exec(
-      ready.fields.get('STATUS') ?? '',
-    );
+    const status =
+      /^enforcing policy sha256:([0-9a-f]{12})… \((\d+) rules\), resolver on 127\.0\.0\.153, ::1, apps off, denials off, denial-store off, dbus off$/.exec(
+        ready.fields.get('STATUS') ?? '',
+      );
     expect(status?.[1], ready.fields.get('STATUS')).toBe(tableAtReady!.slice(0, 12));
     const rules = Number(status![2]);
     // Nothing said READY before it; the apply was logged before it was told.
@@ -109,7 +112,7 @@ describe.skipIf(skip)(`egressd Type=notify ${skip ? `(skipped: ${skip})` : ''}`,
     const reloaded = await socket.next((m) => has('READY')(m) && (tableAtReload ??= digest()) !== undefined, socket.messages.indexOf(reloading) + 1);
     expect(tableAtReload).not.toBe(old);
     expect(reloaded.fields.get('STATUS')).toBe(
-      `enforcing policy sha256:${tableAtReload!.slice(0, 12)}… (${rules + 1} rules), resolver on 127.0.0.153, ::1, apps off, dbus off`,
+      `enforcing policy sha256:${tableAtReload!.slice(0, 12)}… (${rules + 1} rules), resolver on 127.0.0.153, ::1, apps off, denials off, denial-store off, dbus off`,
     );
 
     // A broken one: the reload ends (READY=1) and says the old table holds.
