@@ -18,6 +18,8 @@ import { factsNeeded } from '../compile/compile.js';
 import { explain, type Explanation } from '../compile/explain.js';
 import { ruleIdTable } from '../compile/rule-ids.js';
 import { LOCK_DIR } from '../enforce/lock.js';
+import type { DenialRecord } from '../denials/record.js';
+import { denialStorePath, openDenialReader } from '../denials/store.js';
 import { loadPolicyOrThrow } from '../policy/load.js';
 import { gatherFacts } from '../system/facts.js';
 import { createTestNet, RUN_DIR, type Server, type TestNet } from './index.js';
@@ -69,6 +71,8 @@ export interface SampleResult {
   };
   /** Whether it went as the shipped policies say it should. */
   readonly asExpected: boolean;
+  /** What egressd's denial log recorded of its connection, as `egressctl denials` shows it; undefined when no packet was dropped. */
+  readonly recorded?: Pick<DenialRecord, 'shortId' | 'ruleId' | 'file' | 'line' | 'uid' | 'protocol' | 'address' | 'port' | 'count'>;
 }
 
 export interface TryResult {
@@ -189,7 +193,18 @@ export async function runTry(options: TryOptions): Promise<TryResult> {
       const serverSaw = (await server.count()) - before;
       const rule = judge({ kind: 'cgroup', path: cgroup }, target.name);
       const blocked = serverSaw === 0;
-      const result: SampleResult = { title, who, name: target.name, outcome, serverSaw, blocked, rule, asExpected: blocked === (rule.verdict === 'deny') };
+      const recorded = outcome.connect === 'ETIMEDOUT' && outcome.address !== undefined ? await denialOf(stateDir, outcome.address) : undefined;
+      const result: SampleResult = {
+        title,
+        who,
+        name: target.name,
+        outcome,
+        serverSaw,
+        blocked,
+        rule,
+        asExpected: blocked === (rule.verdict === 'deny'),
+        ...(recorded && { recorded }),
+      };
       samples.push(result);
       options.progress({ kind: 'sample', result });
       aborted();
@@ -206,6 +221,27 @@ export async function runTry(options: TryOptions): Promise<TryResult> {
     for (const dir of madeDirs) if (fs.existsSync(dir) && fs.readdirSync(dir).length === 0) fs.rmdirSync(dir);
     options.progress({ kind: 'removed' });
   }
+}
+
+/** The denial egressd's reader recorded for a dropped connection to `address` (its store writes within a second). */
+async function denialOf(stateDir: string, address: string): Promise<SampleResult['recorded']> {
+  const path = denialStorePath(stateDir);
+  for (let waited = 0; waited <= 3000; waited += 250) {
+    if (fs.existsSync(path)) {
+      const reader = openDenialReader(path);
+      try {
+        const found = reader.query({ dest: address, limit: 1 })[0];
+        if (found) {
+          const { shortId, ruleId, file, line, uid, protocol, port, count } = found;
+          return { shortId, ruleId, file, line, uid, protocol, address, port, count };
+        }
+      } finally {
+        reader.close();
+      }
+    }
+    await new Promise((resolve) => setTimeout(resolve, 250));
+  }
+  return undefined;
 }
 
 /** SIGTERM, and up to `ms` for the process to exit. */

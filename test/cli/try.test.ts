@@ -71,6 +71,17 @@ describe.skipIf(unavailable)('egressctl try', () => {
     // The system domain's lookup is refused, and its connection by address is dropped in the kernel: the server never saw it.
     expect(offline).toMatchObject({ outcome: { lookup: { error: 'EREFUSED' }, address: '198.51.100.80', connect: 'ETIMEDOUT' }, serverSaw: 0, blocked: true });
     expect(offline?.rule).toMatchObject({ verdict: 'deny', ruleId: 'sd/try-offline', at: '90-try.yaml:3' });
+    // The kernel's drop, as egressd's denial reader recorded it in the lab's store: the rule that dropped it, who sent it, where to.
+    expect(offline?.recorded).toMatchObject({
+      ruleId: 'sd/try-offline',
+      file: '90-try.yaml',
+      line: 3,
+      uid: 0,
+      protocol: 'tcp',
+      address: '198.51.100.80',
+      port: 443,
+    });
+    expect(telemetry?.recorded).toBeUndefined();
     expect(ran.stderr).toMatch(/BLOCKED.*NXDOMAIN[\s\S]*ALLOWED[\s\S]*BLOCKED.*REFUSED/);
     expect(harnessNamespaces()).not.toContain(result.lab.host);
     expect(harnessNamespaces()).not.toContain(result.lab.internet);

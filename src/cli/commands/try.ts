@@ -118,6 +118,11 @@ function describeSample(s: SampleResult, paint: (code: number, text: string) => 
     `${s.title} (${s.who}) looks up ${s.name}`,
     `  ${verdict}: egressd's resolver ${lookup}; ${connection}.`,
     `  rule: ${rule}${s.rule.why ? ` — ${s.rule.why}` : ''}`,
+    ...(s.recorded
+      ? [
+          `  recorded by egressd's denial log (egressctl denials): ${s.recorded.protocol} to ${s.recorded.address}:${s.recorded.port ?? '-'} by uid ${s.recorded.uid ?? '?'}, rule ${s.recorded.ruleId ?? s.recorded.shortId}${s.recorded.file ? ` at ${s.recorded.file}:${s.recorded.line ?? '?'}` : ''}`,
+        ]
+      : []),
     ...(s.asExpected ? [] : [paint(31, '  this is not what the policy says should happen')]),
     '',
   ];
