@@ -113,7 +113,23 @@ describe('egressctl', () => {
   it('each command the usage lists is loaded under its own name', async () => {
     // Commands are loaded when they run (egressctl.ts): a name mapped to another command's module shows here.
     const listed = [...(await run('--help')).err.matchAll(/^ {2}([a-z]+) {2,}/gm)].map((m) => m[1]!);
-    expect(listed).toEqual(['check', 'compile', 'explain', 'apply', 'plan', 'status', 'lockdown', 'release', 'schema', 'dns', 'tor', 'try', 'denials', 'allow', 'notify']);
+    expect(listed).toEqual([
+      'check',
+      'compile',
+      'explain',
+      'apply',
+      'plan',
+      'status',
+      'lockdown',
+      'release',
+      'schema',
+      'dns',
+      'tor',
+      'try',
+      'denials',
+      'allow',
+      'notify',
+    ]);
     for (const command of listed) {
       const result = await run(command, '--help');
       expect(result.code).toBe(0);
