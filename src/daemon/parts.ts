@@ -8,9 +8,10 @@ import { appsPart } from '../apps/part.js';
 import { firewallServicePart } from '../dbus/part.js';
 import { denialParts } from '../denials/part.js';
 import { resolverPart } from '../resolver/part.js';
+import { torStatusPart } from '../tor/part.js';
 import type { PartSpec } from './part.js';
 
 export function defaultParts(): PartSpec[] {
   const denials = denialParts();
-  return [resolverPart(), appsPart(), denials.reader, denials.keeper, firewallServicePart({ store: denials.store, feed: denials.feed })];
+  return [resolverPart(), appsPart(), denials.reader, denials.keeper, firewallServicePart({ store: denials.store, feed: denials.feed }), torStatusPart()];
 }

@@ -82,8 +82,8 @@ function startDaemon(socket: NotifySocket, entry = MAIN, extra: readonly string[
     ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !['WATCHDOG_USEC', 'WATCHDOG_PID'].includes(k))),
     NOTIFY_SOCKET: socket.address,
   };
-  // The app tracker, the denial path and the D-Bus service are off unless a test asks for the default parts (`'default-parts'` first in `extra`): the STATUS lines below are the resolver's.
-  const parts = extra[0] === 'default-parts' ? extra.slice(1) : ['--no-apps', '--no-denials', '--no-denial-store', '--no-dbus', ...extra];
+  // The app tracker, the denial path, the D-Bus service and Tor's status are off unless a test asks for the default parts (`'default-parts'` first in `extra`): the STATUS lines below are the resolver's.
+  const parts = extra[0] === 'default-parts' ? extra.slice(1) : ['--no-apps', '--no-denials', '--no-denial-store', '--no-dbus', '--no-tor', ...extra];
   const child = net.host.spawn(process.execPath, ['--import', 'tsx', entry, '--policy', dir, '--state', state, ...parts], { env });
   const lines: LogLine[] = [];
   createInterface({ input: child.stdout! }).on('line', (text) => lines.push(JSON.parse(text) as LogLine));
@@ -164,7 +164,7 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     const first = await ready(notify, 0);
     expect(first.table).toMatch(/^[0-9a-f]{32}$/);
     expect(first.message.fields.get('STATUS')).toMatch(
-      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver on 127\.0\.0\.153, ::1, apps off, denials off, denial-store off, dbus off$/,
+      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver on 127\.0\.0\.153, ::1, apps off, denials off, denial-store off, dbus off, tor off$/,
     );
     expect(daemon.events('applied')).toHaveLength(1);
 
@@ -200,7 +200,7 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     expect(replaced.table).not.toBe(first.table);
     const rules = /\((\d+) rules\)/.exec(first.message.fields.get('STATUS')!)![1];
     expect(replaced.message.fields.get('STATUS')).toBe(
-      `enforcing policy sha256:${replaced.table!.slice(0, 12)}… (${rules} rules), resolver on 127.0.0.153, ::1, apps off, denials off, denial-store off, dbus off`,
+      `enforcing policy sha256:${replaced.table!.slice(0, 12)}… (${rules} rules), resolver on 127.0.0.153, ::1, apps off, denials off, denial-store off, dbus off, tor off`,
     );
     await until('enforcing', () => daemon.events('state-changed').at(-1)?.state === 'enforcing');
   }, 60_000);
@@ -281,7 +281,9 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     const daemon = startDaemon(notify, WITH_CRASHER);
     daemons.push(daemon);
     const up = await ready(notify, 0);
-    expect(up.message.fields.get('STATUS')).toMatch(/, resolver on 127\.0\.0\.153, ::1, crasher up, apps off, denials off, denial-store off, dbus off$/);
+    expect(up.message.fields.get('STATUS')).toMatch(
+      /, resolver on 127\.0\.0\.153, ::1, crasher up, apps off, denials off, denial-store off, dbus off, tor off$/,
+    );
     const denied = flood();
     await until('three restarts', () => daemon.events('part-started').filter((l) => l.part === 'crasher').length >= 4, { timeoutMs: 30_000 });
     const failures = daemon.events('part-failed').filter((l) => l.part === 'crasher');
@@ -306,7 +308,7 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
       notify.messages.some(
         (m) =>
           !m.fields.has('READY') &&
-          /, crasher restarting \(\d+ restarts?\), apps off, denials off, denial-store off, dbus off$/.test(m.fields.get('STATUS') ?? ''),
+          /, crasher restarting \(\d+ restarts?\), apps off, denials off, denial-store off, dbus off, tor off$/.test(m.fields.get('STATUS') ?? ''),
       ),
     ).toBe(true);
     expect(daemon.events('state-changed').map((l) => l.state)).toContain('degraded');
@@ -331,7 +333,7 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     const up = await ready(notify, 0);
     expect(up.table).toMatch(/^[0-9a-f]{32}$/);
     expect(up.message.fields.get('STATUS')).toMatch(
-      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver off, apps off, denials off, denial-store off, dbus off$/,
+      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver off, apps off, denials off, denial-store off, dbus off, tor off$/,
     );
     const dig = await net.host.exec('dig', ['@127.0.0.153', '+tries=1', '+time=1', 'use-application-dns.net', 'A']);
     expect(dig.stdout).not.toContain('status: NXDOMAIN');
@@ -348,7 +350,7 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     const up = await ready(notify, 0);
     // This machine has no system bus: neither part counts that as failing.
     expect(up.message.fields.get('STATUS')).toMatch(
-      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver on 127\.0\.0\.153, ::1, apps: \d+ cgroups tracked, \d+ directories watched, systemd signals off, denials: group 7745, \d+ read, \d+ records, 0 lost, denials stored and sent to the log, D-Bus: no system bus yet$/,
+      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver on 127\.0\.0\.153, ::1, apps: \d+ cgroups tracked, \d+ directories watched, systemd signals off, denials: group 7745, \d+ read, \d+ records, 0 lost, denials stored and sent to the log, D-Bus: no system bus yet, updates: direct \(updates over Tor off\)$/,
     );
     await until(
       'the D-Bus part says it waits, and the state is told',
@@ -373,7 +375,7 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
     const up = await ready(notify, 0);
     expect(up.table).toMatch(/^[0-9a-f]{32}$/);
     expect(up.message.fields.get('STATUS')).toMatch(
-      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver failed \(0 restarts\), apps off, denials off, denial-store off, dbus off$/,
+      /^enforcing policy sha256:[0-9a-f]{12}… \(\d+ rules\), resolver failed \(0 restarts\), apps off, denials off, denial-store off, dbus off, tor off$/,
     );
     await until('a second failed start', () => daemon.events('part-failed').length >= 2);
     expect(daemon.events('part-failed').every((l) => l.part === 'resolver' && l.phase === 'start')).toBe(true);
@@ -386,8 +388,8 @@ describe.skipIf(unavailable)(`egressd's life ${unavailable ? `(skipped: ${unavai
         up.message.fields
           .get('STATUS')!
           .replace(
-            /resolver failed \(0 restarts\), apps off, denials off, denial-store off, dbus off$/,
-            'resolver on 127.0.0.153, ::1, apps off, denials off, denial-store off, dbus off',
+            /resolver failed \(0 restarts\), apps off, denials off, denial-store off, dbus off, tor off$/,
+            'resolver on 127.0.0.153, ::1, apps off, denials off, denial-store off, dbus off, tor off',
           ),
       from,
       20_000,

@@ -44,6 +44,7 @@ function start(policy: string, env: NodeJS.ProcessEnv): Run {
       '--no-denials',
       '--no-denial-store',
       '--no-dbus',
+      '--no-tor',
     ],
     {
       stdio: ['ignore', 'pipe', 'inherit'],
@@ -87,7 +88,7 @@ describe.skipIf(skip)(`egressd Type=notify ${skip ? `(skipped: ${skip})` : ''}`,
     const ready = await readyAndTable;
     expect(tableAtReady).toMatch(/^[0-9a-f]{32}$/);
     const status =
-      /^enforcing policy sha256:([0-9a-f]{12})… \((\d+) rules\), resolver on 127\.0\.0\.153, ::1, apps off, denials off, denial-store off, dbus off$/.exec(
+      /^enforcing policy sha256:([0-9a-f]{12})… \((\d+) rules\), resolver on 127\.0\.0\.153, ::1, apps off, denials off, denial-store off, dbus off, tor off$/.exec(
         ready.fields.get('STATUS') ?? '',
       );
     expect(status?.[1], ready.fields.get('STATUS')).toBe(tableAtReady!.slice(0, 12));
@@ -112,7 +113,7 @@ describe.skipIf(skip)(`egressd Type=notify ${skip ? `(skipped: ${skip})` : ''}`,
     const reloaded = await socket.next((m) => has('READY')(m) && (tableAtReload ??= digest()) !== undefined, socket.messages.indexOf(reloading) + 1);
     expect(tableAtReload).not.toBe(old);
     expect(reloaded.fields.get('STATUS')).toBe(
-      `enforcing policy sha256:${tableAtReload!.slice(0, 12)}… (${rules + 1} rules), resolver on 127.0.0.153, ::1, apps off, denials off, denial-store off, dbus off`,
+      `enforcing policy sha256:${tableAtReload!.slice(0, 12)}… (${rules + 1} rules), resolver on 127.0.0.153, ::1, apps off, denials off, denial-store off, dbus off, tor off`,
     );
 
     // A broken one: the reload ends (READY=1) and says the old table holds.
