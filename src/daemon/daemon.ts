@@ -219,13 +219,23 @@ export class Daemon {
   }
 
   private async drain(): Promise<void> {
-    while (this.pending) {
-      const { why, waiters } = this.pending;
-      this.pending = undefined;
-      const outcome = await this.applyOnce(why);
-      for (const resolve of waiters) resolve(outcome);
+    try {
+      while (this.pending) {
+        const { why, waiters } = this.pending;
+        this.pending = undefined;
+        let outcome: ReloadOutcome;
+        try {
+          outcome = await this.applyOnce(why);
+        } catch (error) {
+          // applyOnce answers every failure of the apply itself; this is a bug past it. Its callers hear of it; the queue goes on.
+          this.options.log.error({ event: 'reload-crashed', why, error: String(error) }, 'a reload failed unexpectedly; the running rules stay in force');
+          outcome = { applied: false, code: 'EGD_INTERNAL', errors: [String(error)] };
+        }
+        for (const resolve of waiters) resolve(outcome);
+      }
+    } finally {
+      this.draining = undefined;
     }
-    this.draining = undefined;
   }
 
   private async applyOnce(why: string): Promise<ReloadOutcome> {
@@ -282,7 +292,9 @@ export class Daemon {
     if (!slot.spec || !inForce || this.stopping()) return;
     const generation = ++slot.generation;
     slot.state = 'starting';
-    const starting = slot.spec.start(inForce, this.context(slot));
+    // A start that throws before it returns a promise (a part written without async) fails like one that rejects.
+    const spec = slot.spec;
+    const starting = Promise.resolve().then(() => spec.start(inForce, this.context(slot)));
     let part: Part;
     try {
       part = await within(starting, this.timeoutMs, `${slot.name} did not start within ${this.timeoutMs / 1000} s`);

@@ -23,6 +23,9 @@ export interface DenialParts {
   readonly store: DenialStore;
 }
 
+/** How often a store that would not open is tried again. */
+const STORE_RETRY_MS = 60_000;
+
 export function denialParts(): DenialParts {
   const { spec, feed } = denialsReaderPart();
   let open: DenialStore | undefined;
@@ -41,24 +44,46 @@ export function denialParts(): DenialParts {
   const keeper: PartSpec = {
     name: 'denial-store',
     start(_inForce, context): Promise<Part> {
-      const journal = openDenialJournal({ log: context.log });
+      // EGRESSD_JOURNAL_SOCKET: another socket (a lab's egressd, `egressctl try`, sends nothing to the host's journal).
+      const socket = process.env['EGRESSD_JOURNAL_SOCKET'];
+      const journal = openDenialJournal({ log: context.log, ...(socket !== undefined && { socket }) });
       let opened: DenialStore | undefined;
-      try {
-        opened = openDenialStore(denialStorePath(context.stateDir), { log: context.log });
-      } catch (error) {
-        // The journal still gets every record; the store is tried again at the next start of this part.
-        context.log.error(
-          { event: 'denial-store-failed', code: isEgressError(error) ? error.code : 'unknown', error: (error as Error).message },
-          'the denial store could not be opened; denials go to the journal only',
-        );
-      }
-      open = opened;
-      const stop = keepDenials(feed, { store: opened, journal, log: context.log });
+      let said = false;
+      const tryOpen = (): void => {
+        try {
+          opened = openDenialStore(denialStorePath(context.stateDir), { log: context.log });
+          open = opened;
+          if (said) context.log.info({ event: 'denial-store-opened' }, 'the denial store opened; denials are stored again');
+        } catch (error) {
+          // The journal still gets every record; the store is tried again every STORE_RETRY_MS.
+          if (!said)
+            context.log.error(
+              { event: 'denial-store-failed', code: isEgressError(error) ? error.code : 'unknown', error: (error as Error).message },
+              'the denial store could not be opened; denials go to the journal only until it opens',
+            );
+          said = true;
+        }
+      };
+      tryOpen();
+      const retry = setInterval(() => {
+        if (opened) clearInterval(retry);
+        else tryOpen();
+      }, STORE_RETRY_MS);
+      retry.unref();
+      const sinks = {
+        journal,
+        log: context.log,
+        get store() {
+          return opened;
+        },
+      };
+      const stop = keepDenials(feed, sinks);
       return Promise.resolve({
         stopped: new Promise<never>(() => undefined),
         update: () => Promise.resolve(),
         describe: () => `denials ${opened ? 'stored' : 'not stored (store failed)'} and sent to the ${journal.via === 'journal' ? 'journal' : 'log'}`,
         close() {
+          clearInterval(retry);
           stop();
           if (open === opened) open = undefined;
           opened?.close();

@@ -23,7 +23,20 @@
  * - `summary` reads a rollup the triggers keep (per hour, and for the whole
  *   store), not the rows, unless a filter other than time selects them.
  */
-import { chmodSync, chownSync, closeSync, existsSync, fchmodSync, fchownSync, mkdirSync, openSync, readFileSync, renameSync, statSync } from 'node:fs';
+import {
+  chmodSync,
+  chownSync,
+  closeSync,
+  existsSync,
+  fchmodSync,
+  fchownSync,
+  fstatSync,
+  mkdirSync,
+  openSync,
+  readFileSync,
+  renameSync,
+  statSync,
+} from 'node:fs';
 import { dirname, join } from 'node:path';
 import Database from 'better-sqlite3';
 import type { Logger } from 'pino';
@@ -408,31 +421,50 @@ function auditGid(group: string | null): number | undefined {
   return found !== undefined && !('error' in found) ? found.gid : undefined;
 }
 
-/** Root's and the audit group's alone: 2750 for the directory (new files take its group), 0640 for the files. */
+/**
+ * Root's and the audit group's alone: 2750 for the directory (new files take its group), 0640 for the files.
+ * Only what differs is changed: under the shipped unit, egressd has no CAP_CHOWN and its seccomp filter
+ * (RestrictSUIDSGID=yes) refuses any chmod that sets the setgid bit — tmpfiles made the directory right at
+ * boot, and nothing here may fail for repeating it.
+ */
 function ensureModes(path: string, gid: number | undefined): void {
   const dir = dirname(path);
   mkdirSync(dir, { recursive: true, mode: 0o750 });
   const owner = process.getuid?.() === 0;
-  if (owner) chownSync(dir, 0, gid ?? 0);
+  const group = gid ?? 0;
+  const ensureOwner = (stat: { uid: number; gid: number }, change: () => void): void => {
+    if (owner && (stat.uid !== 0 || stat.gid !== group)) change();
+  };
+  ensureOwner(statSync(dir), () => chownSync(dir, 0, group));
   if (gid !== undefined) {
     // The group must pass through the state directory to reach this one: search (o+x), never listing; its own files stay 0640 root:root.
     const parent = dirname(dir);
     const mode = statSync(parent).mode & 0o7777;
     if ((mode & 0o001) === 0) chmodSync(parent, mode | 0o001);
   }
-  chmodSync(dir, 0o2750);
+  if ((statSync(dir).mode & 0o7777) !== 0o2750) {
+    try {
+      chmodSync(dir, 0o2750);
+    } catch (error) {
+      // Refused the setgid bit (seccomp): the directory at least keeps everyone but root and its group out.
+      if ((error as NodeJS.ErrnoException).code !== 'EPERM') throw error;
+      chmodSync(dir, 0o750);
+    }
+  }
   // Made before SQLite opens it: SQLite gives -wal and -shm the database's mode (and, as root, its owner).
   const fd = openSync(path, 'a', 0o640);
   try {
-    if (owner) fchownSync(fd, 0, gid ?? 0);
-    fchmodSync(fd, 0o640);
+    const stat = fstatSync(fd);
+    ensureOwner(stat, () => fchownSync(fd, 0, group));
+    if ((stat.mode & 0o7777) !== 0o640) fchmodSync(fd, 0o640);
   } finally {
     closeSync(fd);
   }
   for (const extra of ['-wal', '-shm']) {
     if (!existsSync(path + extra)) continue;
-    if (owner) chownSync(path + extra, 0, gid ?? 0);
-    chmodSync(path + extra, 0o640);
+    const stat = statSync(path + extra);
+    ensureOwner(stat, () => chownSync(path + extra, 0, group));
+    if ((stat.mode & 0o7777) !== 0o640) chmodSync(path + extra, 0o640);
   }
 }
 

@@ -155,14 +155,12 @@ export async function runTry(options: TryOptions): Promise<TryResult> {
 
     const stateDir = path.join(work, 'state');
     fs.mkdirSync(stateDir);
-    daemon = net.host.spawn(process.execPath, [
-      ...process.execArgv,
-      path.resolve(here, `../daemon/main${scriptExt}`),
-      '--policy',
-      policyDir,
-      '--state',
-      stateDir,
-    ]);
+    // The lab's egressd keeps to the lab: not on the host's system bus (where users' agents would take it for the real one), its denials not in the host's journal.
+    daemon = net.host.spawn(
+      process.execPath,
+      [...process.execArgv, path.resolve(here, `../daemon/main${scriptExt}`), '--policy', policyDir, '--state', stateDir, '--no-dbus'],
+      { env: { ...process.env, EGRESSD_JOURNAL_SOCKET: path.join(work, 'no-journal') } },
+    );
     await interruptible(printed(daemon, '"event":"resolver-ready"', 60_000, 'egressd'));
     // Its log goes on; a pipe nobody reads would stop egressd at its next line.
     daemon.stdout?.resume();

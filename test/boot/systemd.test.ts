@@ -118,7 +118,7 @@ describe.skipIf(unavailable)(`egressd under systemd as PID 1 (Debian 12 in syste
     expect(field('CapEff')).toBe('0000000000001400');
     expect(field('NoNewPrivs')).toBe('1');
     expect(field('Seccomp')).toBe('2');
-    // ProtectSystem=strict: the daemon cannot write /usr or /etc, only its state and runtime directories.
+    // ProtectSystem=strict: the daemon cannot write /usr or /etc, only its state and runtime directories, and /etc/egressd (allow from the alert).
     const writes = await machine.exec([
       'nsenter',
       `--target=${MainPID}`,
@@ -126,11 +126,19 @@ describe.skipIf(unavailable)(`egressd under systemd as PID 1 (Debian 12 in syste
       '--',
       'sh',
       '-c',
-      'touch /usr/lib/egressd/x 2>&1; touch /etc/egressd/x 2>&1; touch /var/lib/egressd/probe && rm /var/lib/egressd/probe && echo state-writable',
+      'touch /usr/lib/egressd/x 2>&1; touch /etc/x 2>&1; touch /var/lib/egressd/probe && rm /var/lib/egressd/probe && echo state-writable; touch /etc/egressd/probe && rm /etc/egressd/probe && echo policy-writable',
     ]);
     expect(writes.stdout).toContain("cannot touch '/usr/lib/egressd/x': Read-only file system");
-    expect(writes.stdout).toContain("cannot touch '/etc/egressd/x': Read-only file system");
+    expect(writes.stdout).toContain("cannot touch '/etc/x': Read-only file system");
     expect(writes.stdout).toContain('state-writable');
+    expect(writes.stdout).toContain('policy-writable');
+    // The denial store opens under the unit's seccomp filter and without CAP_CHOWN (tmpfiles made its directory).
+    const store = await machine.exec([
+      'sh',
+      '-c',
+      'stat -c "%a %U %G" /var/lib/egressd/denials /var/lib/egressd/denials/denials.sqlite; journalctl -u egressd -o cat | grep -c denial-store-failed',
+    ]);
+    expect(store.stdout).toMatch(/^2750 root egressd-audit\n640 root egressd-audit\n0\n$/);
     await new Promise((r) => setTimeout(r, 3000));
     expect(await show('egressd.service', 'ActiveState', 'NRestarts', 'MainPID')).toEqual({ ActiveState: 'active', NRestarts: '0', MainPID });
     // Nothing it runs with is refused by the unit's filters: no seccomp or capability errors in its log.

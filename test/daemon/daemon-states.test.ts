@@ -57,14 +57,18 @@ function harness(options: { parts: PartSpec[]; apply?: () => Promise<Applied>; o
 }
 
 /** A part whose life the test drives: `crash()` settles its `stopped`. */
-function scripted(name: string, behaviour: { startFails?: number; updateThrows?: boolean } = {}) {
+function scripted(name: string, behaviour: { startFails?: number; startThrows?: boolean; updateThrows?: boolean } = {}) {
   const instances: { inForce: InForce[]; closed: boolean; crash: (why: string) => void }[] = [];
   let starts = 0;
   const spec: PartSpec = {
     name,
     start(inForce) {
       starts++;
-      if (starts <= (behaviour.startFails ?? 0)) return Promise.reject(new Error(`start ${starts} refused`));
+      if (starts <= (behaviour.startFails ?? 0)) {
+        // A part written without async throws before it returns a promise (the NFLOG group held by another reader: EBUSY).
+        if (behaviour.startThrows) throw new Error(`start ${starts} refused`);
+        return Promise.reject(new Error(`start ${starts} refused`));
+      }
       let crash!: (why: string) => void;
       const stopped = new Promise<never>((_, reject) => (crash = (why) => reject(new Error(why))));
       const instance = { inForce: [inForce], closed: false, crash };
@@ -181,6 +185,19 @@ describe('Daemon', () => {
     expect(a.instances[0]!.inForce.at(-1)).toMatchObject({ digest: 'd2'.padEnd(64, '0') });
     expect(events('part-failed').map((l) => l.phase)).toEqual(['start', 'start']);
     await until('enforcing', () => daemon.state === 'enforcing');
+    await daemon.stop('SIGTERM');
+  });
+
+  it('a part whose start throws before returning a promise fails like one that rejects: start-up goes on, later reloads run', async () => {
+    const a = scripted('a', { startFails: 1, startThrows: true });
+    const b = scripted('b');
+    const { daemon, events } = harness({ parts: [a.spec, b.spec] });
+    await daemon.start();
+    expect(daemon.status().parts[0]).toMatchObject({ state: 'failed', detail: 'start 1 refused' });
+    expect(b.instances).toHaveLength(1);
+    expect(await daemon.reload('SIGHUP')).toEqual({ applied: true, digest: 'd2'.padEnd(64, '0') });
+    await until('a started', () => a.instances.length === 1);
+    expect(events('part-failed').map((l) => l.phase)).toEqual(['start']);
     await daemon.stop('SIGTERM');
   });
 
