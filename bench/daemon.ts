@@ -66,9 +66,14 @@ async function stop(child: ChildProcess): Promise<void> {
 interface EgressdRun {
   readonly readyMs: number;
   readonly memory: Memory;
+  /** Read again SETTLE_MS after READY (the first run only). */
+  readonly settled?: Memory;
 }
 
-async function egressdOnce(socket: NotifySocket, policy: string, state: string): Promise<EgressdRun> {
+/** How long the first run is left idle before its memory is read again: V8 gives back the start-up's heap only after a while. */
+const SETTLE_MS = 20_000;
+
+async function egressdOnce(socket: NotifySocket, policy: string, state: string, settle = false): Promise<EgressdRun> {
   const entry = existsSync(BUILT) ? [BUILT] : ['--import', 'tsx', join(ROOT, 'src/daemon/main.ts')];
   const from = socket.messages.length;
   const started = performance.now();
@@ -82,7 +87,10 @@ async function egressdOnce(socket: NotifySocket, policy: string, state: string):
     if (!ready.fields.get('STATUS')?.startsWith('enforcing')) throw new Error(`egressd did not enforce: ${ready.fields.get('STATUS')}`);
     // What it holds while it runs, once the start-up garbage is collectable.
     await sleep(1000);
-    return { readyMs, memory: memory(child.pid!) };
+    const atReady = memory(child.pid!);
+    if (!settle) return { readyMs, memory: atReady };
+    await sleep(SETTLE_MS - 1000);
+    return { readyMs, memory: atReady, settled: memory(child.pid!) };
   } finally {
     await stop(child);
   }
@@ -140,7 +148,7 @@ async function inner(root: string): Promise<void> {
     for (let i = 0; i < runs; i++) {
       // No table: the first start on a machine (or after `egressctl release`).
       spawnSync('nft', ['delete', 'table', 'inet', 'egressd']);
-      cold.push(await egressdOnce(socket, policy, state));
+      cold.push(await egressdOnce(socket, policy, state, i === 0));
       // Its own table in force: a restart (the apply swaps generations).
       warm.push(await egressdOnce(socket, policy, state));
     }
@@ -163,6 +171,7 @@ async function inner(root: string): Promise<void> {
         mb(Math.max(...warm.map((r) => r.memory.hwm))),
         ms(median(warm.map((r) => r.readyMs))),
       ],
+      [`egressd, first run, ${SETTLE_MS / 1000} s after READY (idle)`, mb(cold[0]!.settled!.rss), mb(cold[0]!.settled!.hwm), ''],
       [`dnsmasq, the same names as address=/name/`, mb(masq.memory.rss), mb(masq.memory.hwm), ms(masq.startMs)],
       ['target (egressd)', '≤ 120 MB', '', '≤ 1500 ms'],
     ];
@@ -173,7 +182,7 @@ async function inner(root: string): Promise<void> {
     for (const row of rows) console.log(row.map((cell, i) => (i === 0 ? cell.padEnd(widths[i]!) : cell.padStart(widths[i]!))).join('  '));
     const worst = Math.max(...all.map((r) => r.memory.rss));
     console.log(
-      `\nRSS ${worst <= 120 ? 'within' : 'over'} 120 MB (worst ${mb(worst)}); start to READY ${median(cold.map((r) => r.readyMs)) <= 1500 ? 'within' : 'over'} 1.5 s (cold median)`,
+      `\nRSS ${worst <= 120 ? 'within' : 'over'} 120 MB one second after READY (worst ${mb(worst)}), ${cold[0]!.settled!.rss <= 120 ? 'within' : 'over'} it idle (${mb(cold[0]!.settled!.rss)}); start to READY ${median(cold.map((r) => r.readyMs)) <= 1500 ? 'within' : 'over'} 1.5 s (cold median)`,
     );
   } finally {
     socket.close();
