@@ -24,7 +24,7 @@ import {
 import { appTags, CT_MARK_KEEP, CT_MARK_MASK, DEFAULT_TAG, markValue, UNCLAIMED_TAG } from './ct-mark.js';
 import { cgroupGlobMatcher } from './glob.js';
 import { logPrefix } from './log-prefix.js';
-import { DNS_EXCLUSIVE_RULE, DNS_RESOLVER_RULE, ruleIdTable, type RuleIdEntry } from './rule-ids.js';
+import { DNS_EXCLUSIVE_RULE, DNS_RESOLVER_RULE, ruleIdTable, socksOnLoopback, TOR_SOCKS_ANSWER_RULE, type RuleIdEntry } from './rule-ids.js';
 
 export const TABLE = EGRESSD_TABLE;
 
@@ -351,7 +351,7 @@ class Compiler {
     output.push(...this.routingHeaderRules());
     // Updaters over Tor come first, before loopback: a local resolver or proxy
     // would otherwise look up or fetch for them, under its own identity.
-    if (policy.tor.enabled) output.push(...this.torUpdaterRules(systemDomainRules));
+    if (policy.tor.enabled) output.push(...this.torUpdaterRules(systemDomainRules, torUid));
     // This rule carries the policy digest: `status` and `plan` read it back from the live table.
     output.push(rule([match.oif('lo'), verdict.accept()], `loopback; ${POLICY_MARK}${policy.digest.slice(0, 32)}`));
     output.push(...systemDomainRules);
@@ -542,14 +542,35 @@ class Compiler {
    * Updaters reach only Tor's SOCKS port — not loopback services, not the
    * network. A SOCKS gateway on another host (Whonix-style) is network, so
    * system domains and lockdown still come first for it.
+   *
+   * A SOCKS port on loopback is an unprivileged port: any user's program
+   * may hold it before Tor starts or while Tor is down, and would be sent
+   * every update host name. So nothing but Tor answers from it: a packet
+   * from the SOCKS address and port on lo whose socket is neither Tor's
+   * user's nor root's is dropped — the SYN-ACK too, which leaves from a
+   * request socket whose `meta skuid` is its listener's (measured in
+   * test/tor/socks-owner-kernel.test.ts), so such a listener never completes
+   * a handshake. Root's, because Debian's tor.service starts Tor as root and
+   * Tor opens its listeners before it switches to its User (measured: the
+   * SOCKS listener's owner is uid 0). A packet without an owner (the
+   * kernel's resets) breaks the rule and carries nothing.
    */
-  private torUpdaterRules(systemDomainRules: readonly RuleDecl[]): RuleDecl[] {
+  private torUpdaterRules(systemDomainRules: readonly RuleDecl[], torUid: number | undefined): RuleDecl[] {
     const { tor } = this.policy;
     const { socks } = tor;
-    const loopback = socks.family === 4 ? socks.address.startsWith('127.') : socks.address === '::1';
+    const loopback = socksOnLoopback(socks);
     const toSocks = [match.daddrIs(socks.family, socks.address), match.tcpDport(socks.port)];
     const chainRules: RuleDecl[] = [];
+    const guard: RuleDecl[] = [];
     if (loopback) {
+      const answers = [match.oif('lo'), match.saddrIs(socks.family, socks.address), match.tcpSport(socks.port)];
+      const owners = torUid === undefined || torUid === 0 ? [0] : [0, torUid];
+      guard.push(
+        rule(
+          [...answers, match.skuidNotIn(owners), ...this.denyVerdict(TOR_SOCKS_ANSWER_RULE, tor.at, true, 'tor_socks_answer')],
+          this.tagged(tor.at, TOR_SOCKS_ANSWER_RULE, ': only Tor answers on its SOCKS port'),
+        ),
+      );
       chainRules.push(rule([match.oif('lo'), ...toSocks, verdict.accept()], this.tagged(tor.at, 'tor/socks')));
     } else {
       chainRules.push(...systemDomainRules);
@@ -565,7 +586,7 @@ class Compiler {
     const delegated =
       !loopback && this.rootIdentities ? { chain: 'uc_tor_updaters', make: () => this.delegatedChain('uc_tor_updaters', chainRules) } : undefined;
     for (const identity of tor.updaters) this.claim(updaters, identity, verdict.goto('tor_updaters'), 'Tor updaters', false, closed, delegated);
-    return this.dispatchRules(updaters, 'updaters over Tor');
+    return [...guard, ...this.dispatchRules(updaters, 'updaters over Tor')];
   }
 
   private appChain(app: App): RuleDecl[] {

@@ -5,7 +5,7 @@ import { DNS_PORTS, type Identity, type Origin, type Policy, type Protocol, type
 import { identitiesOverlap, slicePath } from '../policy/resolve.js';
 import type { Facts, IdRange, SubordinateIds } from './compile.js';
 import { cgroupAncestorMatching } from './glob.js';
-import { DNS_EXCLUSIVE_RULE, DNS_RESOLVER_RULE } from './rule-ids.js';
+import { DNS_EXCLUSIVE_RULE, DNS_RESOLVER_RULE, socksOnLoopback, TOR_SOCKS_ANSWER_RULE } from './rule-ids.js';
 
 /**
  * Who is asking, as `egressctl explain --app` takes it: an app or identity
@@ -114,14 +114,19 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   const torUser = policy.tor.enabled && isTorUser(policy, query.who, facts);
   const sdMember = policy.systemDomains.find((domain) => domain.members.some(belongs));
 
+  // Whoever asks, a connection to a SOCKS port on loopback is answered only by Tor (or root): the table drops what any
+  // other listener there sends back (tor/socks-answer). Who answers is not who asks, so it is said, not decided here.
+  const { socks } = policy.tor;
+  const socksLoopback = socksOnLoopback(socks);
+  const toSocks = target.ip === socks.address && (query.port === undefined || query.port === socks.port) && (query.proto ?? 'tcp') === 'tcp';
+  if (policy.tor.enabled && socksLoopback && toSocks)
+    notes.push(
+      `${TOR_SOCKS_ANSWER_RULE}: only Tor's user ${JSON.stringify(policy.tor.user)} or root may answer from ${socksAt(socks)}; if another user's program holds the port, the connection is never answered`,
+    );
+
   // Updaters over Tor are dispatched before loopback: they reach only the SOCKS port.
   if (policy.tor.enabled && policy.tor.updaters.some(belongs)) {
-    const { socks } = policy.tor;
-    const socksLoopback = socks.family === 4 ? socks.address.startsWith('127.') : socks.address === '::1';
-    const toSocks = target.ip === socks.address && (query.port === undefined || query.port === socks.port) && (query.proto ?? 'tcp') === 'tcp';
-    steps.push(
-      `tor: an updater, so only Tor's SOCKS port ${socks.family === 6 ? `[${socks.address}]` : socks.address}:${socks.port} is reachable, loopback services included`,
-    );
+    steps.push(`tor: an updater, so only Tor's SOCKS port ${socksAt(socks)} is reachable, loopback services included`);
     // A gateway on another host is network: system domains and lockdown come first, whatever the destination.
     if (!socksLoopback && sdMember) {
       steps.push(`system domain "${sdMember.name}": the SOCKS gateway is network, and members have none`);
@@ -545,4 +550,8 @@ function canonicalAddress(family: 4 | 6, address: string): string {
   const parsed = parseNetwork(address);
   if (!parsed.ok || parsed.value.family !== family) throw new Error(`internal: ${address} is not an IPv${family} address`);
   return parsed.value.address;
+}
+
+function socksAt(socks: Policy['tor']['socks']): string {
+  return socks.family === 6 ? `[${socks.address}]:${socks.port}` : `${socks.address}:${socks.port}`;
 }

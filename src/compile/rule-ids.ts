@@ -29,6 +29,7 @@ export const RULE_KINDS = [
   'lockdown',
   'tor-updaters',
   'tor-socks',
+  'tor-socks-answer',
   'tor-own',
   'routing-header',
   'dns-resolver',
@@ -54,6 +55,14 @@ export interface RuleIdEntry {
 
 /** The resolver's own DNS packets (its mark), let out whatever the policy says. */
 export const DNS_RESOLVER_RULE = 'dns/resolver';
+/** Packets from Tor's SOCKS port on loopback whose socket is neither Tor's user's nor root's (a listener standing in for Tor), dropped. */
+export const TOR_SOCKS_ANSWER_RULE = 'tor/socks-answer';
+
+/** A SOCKS port on this machine's loopback, which any local user's program could hold; one on another host is network. */
+export function socksOnLoopback(socks: { readonly family: 4 | 6; readonly address: string }): boolean {
+  return socks.family === 4 ? socks.address.startsWith('127.') : socks.address === '::1';
+}
+
 /** Everyone else's DNS packets, dropped while `dns.exclusive`. */
 export const DNS_EXCLUSIVE_RULE = 'dns/exclusive';
 
@@ -87,6 +96,7 @@ export function ruleIdTable(policy: Policy, options: { readonly lockdown?: boole
   if (policy.tor.enabled) {
     builtIn('tor/updaters', 'tor-updaters', 'deny', policy.tor.at);
     builtIn('tor/socks', 'tor-socks', 'allow', policy.tor.at);
+    if (socksOnLoopback(policy.tor.socks)) builtIn(TOR_SOCKS_ANSWER_RULE, 'tor-socks-answer', 'deny', policy.tor.at);
   }
   if (options.lockdown) builtIn('lockdown', 'lockdown', 'deny', undefined);
   if (policy.tor.enabled) builtIn('tor/own', 'tor-own', 'allow', policy.tor.at);

@@ -60,7 +60,7 @@ export interface SetDecl {
 
 export type Expr =
   | { readonly meta: { readonly key: 'oif' | 'l4proto' | 'skuid' | 'skgid' | 'nfproto' | 'mark' } }
-  | { readonly payload: { readonly protocol: 'ip' | 'ip6' | 'th' | 'tcp'; readonly field: 'daddr' | 'dport' } }
+  | { readonly payload: { readonly protocol: 'ip' | 'ip6' | 'th' | 'tcp'; readonly field: 'daddr' | 'dport' | 'saddr' | 'sport' } }
   | { readonly payload: { readonly protocol: 'icmpv6'; readonly field: 'type' } }
   | { readonly payload: { readonly protocol: 'ip6'; readonly field: 'hoplimit' | 'nexthdr' } }
   | { readonly socket: { readonly key: 'cgroupv2'; readonly level: number } }
@@ -157,6 +157,10 @@ export const match = {
   /** Destination port of any transport header — one, a range, or `@set` of several; callers pair it with an l4proto match. */
   dport: (ports: Element): Statement => eq({ payload: { protocol: 'th', field: 'dport' } }, ports),
   tcpDport: (port: number): Statement => eq({ payload: { protocol: 'tcp', field: 'dport' } }, port),
+  saddrIs: (family: 4 | 6, address: string): Statement => eq({ payload: { protocol: family === 4 ? 'ip' : 'ip6', field: 'saddr' } }, address),
+  tcpSport: (port: number): Statement => eq({ payload: { protocol: 'tcp', field: 'sport' } }, port),
+  /** The socket's owner is none of `uids`; a packet without an owner (the kernel's own) breaks the rule. */
+  skuidNotIn: (uids: readonly number[]): Statement => ({ match: { op: '!=', left: { meta: { key: 'skuid' } }, right: { set: uids } } }),
   skuid: (uid: number): Statement => eq({ meta: { key: 'skuid' } }, uid),
   /** The packet's mark (a socket's SO_MARK) equals `value` (hex, `0x` and 8 digits). */
   mark: (value: string): Statement => eq({ meta: { key: 'mark' } }, value),

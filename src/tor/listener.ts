@@ -21,3 +21,14 @@ export function listenerAt(socks: Socks): { uid: number } | null {
     diag.close();
   }
 }
+
+/**
+ * Whether a listener's owner is Tor: Tor's user, or root — Debian's
+ * tor.service starts Tor as root, and Tor opens its listeners before it
+ * switches to its User, so its SOCKS socket stays root's (measured). The
+ * table lets the same two answer from the SOCKS port (compile.ts,
+ * tor/socks-answer).
+ */
+export function isTorsListener(listener: { readonly uid: number }, torUid: number | undefined): boolean {
+  return listener.uid === 0 || listener.uid === torUid;
+}

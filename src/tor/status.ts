@@ -22,10 +22,13 @@ export type TorStatus =
       readonly reachable: false;
       /** "not running" (nothing listens), "cookie unreadable", "authentication refused", … — said to a person. */
       readonly reason: string;
+      /** Not Tor's state: something else holds the SOCKS port (the reason says who); the table drops what it sends. */
+      readonly socksHeld?: true;
     };
 
 export function updatesLine(torUpdatesOn: boolean, status: TorStatus | undefined): string {
   if (!torUpdatesOn) return 'updates: direct (updates over Tor off)';
+  if (status?.reachable === false && status.socksHeld) return `updates: blocked — ${status.reason}`;
   if (status === undefined || !status.reachable) return `updates: blocked — Tor ${status?.reason ?? 'not running'}`;
   if (status.bootstrap < 100) return `updates: blocked — Tor bootstrapping (${status.bootstrap} %: ${status.summary})`;
   if (!status.circuitEstablished) return 'updates: blocked — Tor has no circuit';

@@ -1,8 +1,10 @@
 import { readSwitches } from '../state/switches.js';
+import { nssAccounts } from '../system/nss.js';
 import { readTorStatus, type TorControlAddress } from './control.js';
-import { DEBIAN_CONTROL, readTorConfig } from './files.js';
+import { DEBIAN_CONTROL, readTorConfig, socksText, type Socks } from './files.js';
+import { isTorsListener, listenerAt } from './listener.js';
 import { updatesLine, type TorStatus } from './status.js';
-import { readTorRecord, type TorRecord } from './switch.js';
+import { parseSocks, readTorRecord, type TorRecord } from './switch.js';
 
 /**
  * `egressctl tor status` and the line `egressctl status` adds: whether the
@@ -42,7 +44,42 @@ export function controlAddress(root: string, record: TorRecord | undefined): Tor
   return readTorConfig(root).control ?? DEBIAN_CONTROL;
 }
 
-export async function torSwitchStatus(options: { root: string; stateDir: string; liveTorUpdates?: boolean; timeoutMs?: number }): Promise<TorSwitchStatus> {
+/** Who holds the SOCKS port, and who Tor's user is: passed in by tests, sock_diag and NSS otherwise. */
+export interface SocksOwnerDeps {
+  readonly socksListener: (socks: Socks) => { uid: number } | null;
+  readonly uidOf: (user: string | number) => number | undefined;
+}
+
+const systemSocksOwner = (): SocksOwnerDeps => ({
+  socksListener: listenerAt,
+  uidOf: (user) => {
+    if (typeof user === 'number') return user;
+    const row = nssAccounts().user(user);
+    return row && !('error' in row) ? row.uid : undefined;
+  },
+});
+
+/**
+ * The SOCKS port held by a socket that is not Tor's (nor root's): the table
+ * drops everything it sends (tor/socks-answer), so updates cannot work
+ * whatever Tor's control port says — Tor itself could not open the port.
+ * Where enable recorded it, else the policy's defaults.
+ */
+function socksHeldByOther(record: TorRecord | undefined, deps: SocksOwnerDeps): string | undefined {
+  const socks = parseSocks(record?.socks ?? '127.0.0.1:9050');
+  const listener = deps.socksListener(socks);
+  const torUser = record?.torUser ?? 'debian-tor';
+  if (!listener || isTorsListener(listener, deps.uidOf(torUser))) return undefined;
+  return `${socksText(socks)} is held by uid ${listener.uid}, not Tor (${JSON.stringify(torUser)})`;
+}
+
+export async function torSwitchStatus(options: {
+  root: string;
+  stateDir: string;
+  liveTorUpdates?: boolean;
+  timeoutMs?: number;
+  socksOwner?: SocksOwnerDeps;
+}): Promise<TorSwitchStatus> {
   const switches = readSwitches(options.stateDir);
   let record: TorRecord | undefined;
   let recordProblem: string | null = null;
@@ -56,7 +93,9 @@ export async function torSwitchStatus(options: { root: string; stateDir: string;
   const from = options.liveTorUpdates !== undefined ? 'table' : recorded ? 'switches.json' : 'none';
   const control = controlAddress(options.root, record);
   let tor: TorStatus | null = null;
-  if (torUpdates) {
+  const heldBy = torUpdates ? socksHeldByOther(record, options.socksOwner ?? systemSocksOwner()) : undefined;
+  if (heldBy !== undefined) tor = { reachable: false, reason: heldBy, socksHeld: true };
+  else if (torUpdates) {
     tor = control
       ? await readTorStatus(control, { timeoutMs: options.timeoutMs ?? 2_000 }).catch((error: unknown) => ({
           reachable: false as const,

@@ -10,6 +10,7 @@ import { removeFileDurably, writeFileAtomic } from '../state/files.js';
 import { readStateFile } from '../state/read.js';
 import { fileState, identical, putState, recordedContent, sameState, snapshot, type FileState } from '../system/resolv-conf.js';
 import { lineDiff } from './diff.js';
+import { isTorsListener } from './listener.js';
 import {
   APT_DROP_IN,
   aptDropInText,
@@ -68,6 +69,8 @@ const recordSchema = z
     updaters: z.array(z.string().min(1)),
     /** The policy directory of the target system. */
     policyDir: z.string().min(1),
+    /** Tor's user as the policy names it, for `tor status` to tell Tor's listener on the SOCKS port from another's; absent in older records (Debian's debian-tor then). */
+    torUser: z.union([z.string().min(1), z.number().int().nonnegative()]).optional(),
     /** Tor's control socket or port and cookie, for `tor status`; null when Tor's configuration has none with cookie authentication. */
     control: z
       .object({ socket: z.string().optional(), host: z.string().optional(), port: z.number().int().optional(), cookieFile: z.string() })
@@ -289,7 +292,7 @@ function checkConflicts(deps: TorSwitchDeps, wanted: readonly Wanted[], record: 
   if (deps.socksListener) {
     const listener = deps.socksListener(socks);
     const torUid = deps.uidOf(torUser);
-    if (listener && listener.uid !== torUid)
+    if (listener && !isTorsListener(listener, torUid))
       problems.push(
         `${socksText(socks)} is taken by something that is not Tor: its socket belongs to uid ${listener.uid}, Tor's user ${JSON.stringify(torUser)} is ${torUid === undefined ? 'unknown here' : `uid ${torUid}`}`,
       );
@@ -405,6 +408,7 @@ export async function enableTor(options: TorEnableOptions, deps: TorSwitchDeps):
     socks: socksText(socks),
     updaters: updaters.map((u) => u.name),
     policyDir: deps.policyDir,
+    torUser: policy.tor.user,
     control: control && { ...control },
     files,
   };

@@ -205,6 +205,43 @@ describe('explain answers for the packet the kernel sees', () => {
       evaluate(compile(socks, FACTS).ruleset, packetFor({ who: { kind: 'user', user: '_apt' }, address: '2001:DB8:0::9', port: 9150, proto: 'tcp' })).verdict,
     ).toBe('accept');
   });
+
+  it("only Tor's user or root answers from a SOCKS port on loopback: the table drops another listener's answers, and explain says so", () => {
+    const { ruleset } = compile(policy, FACTS);
+    // What a listener on 127.0.0.1:9050 sends back to a client's port: its SYN-ACK (from a request socket, the listener's uid), then data.
+    const answer = {
+      oif: 'lo',
+      family: 4,
+      daddr: '127.0.0.1',
+      saddr: '127.0.0.1',
+      l4proto: 'tcp',
+      sport: 9050,
+      dport: 40001,
+      cgroup: '',
+      ct: 'established',
+    } as const;
+    for (const fullSocket of [false, true]) {
+      expect(evaluate(ruleset, { ...answer, fullSocket, skuid: 1000 })).toMatchObject({ verdict: 'drop', chain: 'log_tor_socks_answer' });
+      expect(evaluate(ruleset, { ...answer, fullSocket, skuid: 42 })).toMatchObject({ verdict: 'drop', chain: 'log_tor_socks_answer' });
+      expect(evaluate(ruleset, { ...answer, fullSocket, skuid: 110 })).toMatchObject({ verdict: 'accept' });
+      // Debian starts Tor as root, and Tor opens its listeners before it becomes debian-tor.
+      expect(evaluate(ruleset, { ...answer, fullSocket, skuid: 0 })).toMatchObject({ verdict: 'accept' });
+    }
+    // The kernel's own reset (no owner) carries nothing; another port or address of loopback is not Tor's.
+    expect(evaluate(ruleset, { ...answer })).toMatchObject({ verdict: 'accept' });
+    expect(evaluate(ruleset, { ...answer, skuid: 1000, sport: 9051 })).toMatchObject({ verdict: 'accept' });
+    expect(evaluate(ruleset, { ...answer, skuid: 1000, saddr: '127.0.0.2' })).toMatchObject({ verdict: 'accept' });
+    // Explain is about who asks; who may answer is a note, for an updater and anyone else asking for the SOCKS port.
+    for (const user of ['_apt', 'alice']) {
+      const said = ask({ kind: 'user', user }, '127.0.0.1', { port: 9050 });
+      expect(said.verdict).toBe('allow');
+      expect(
+        said.notes.some((n) => n.startsWith('tor/socks-answer: only Tor\'s user "debian-tor" or root may answer from 127.0.0.1:9050')),
+        user,
+      ).toBe(true);
+    }
+    expect(ask({ kind: 'user', user: 'alice' }, '127.0.0.1', { port: 631 }).notes.some((n) => n.startsWith('tor/socks-answer'))).toBe(false);
+  });
 });
 
 describe('explain asks for a name in the form resolvers are asked for it', () => {

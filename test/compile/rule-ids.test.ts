@@ -48,6 +48,7 @@ describe('short rule ids', () => {
       'sd/off',
       'tor/updaters',
       'tor/socks',
+      'tor/socks-answer',
       'lockdown',
       'tor/own',
       'dns/resolver',
@@ -74,6 +75,11 @@ describe('short rule ids', () => {
     expect(byRuleId(ids, 'default')).toMatchObject({ kind: 'default', verdict: 'deny' });
     expect(byRuleId(ids, 'dns/resolver')).toEqual({ id: expect.any(String), ruleId: 'dns/resolver', kind: 'dns-resolver', verdict: 'allow' });
     expect(byRuleId(ids, 'dns/exclusive')).toEqual({ id: expect.any(String), ruleId: 'dns/exclusive', kind: 'dns-exclusive', verdict: 'deny' });
+    expect(byRuleId(ids, 'tor/socks-answer')).toMatchObject({ kind: 'tor-socks-answer', verdict: 'deny' });
+    // A SOCKS gateway on another host is network, not a port a local user could hold: no rule guards it.
+    const gateway = compileYaml(`${APP}tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [{user: _apt}]}\n`).ruleIds.map((e) => e.ruleId);
+    expect(gateway).toContain('tor/socks');
+    expect(gateway).not.toContain('tor/socks-answer');
     // Without dns.exclusive nobody else's DNS is dropped, so no rule stands for it; the resolver's own still pass.
     const open = compileYaml(`${APP}dns: {exclusive: false}\n`).ruleIds.map((e) => e.ruleId);
     expect(open).toContain('dns/resolver');
@@ -87,10 +93,10 @@ describe('short rule ids', () => {
     const table = new Map(compiled.ruleIds.map((e) => [e.id, e]));
     const text = renderText(compiled.ruleset);
     const prefixes = [...text.matchAll(/log prefix "([^"]*)"/g)].map((m) => m[1]!);
-    // routing-header, sd/off, tor/updaters, lockdown, dns/exclusive, app/web/1, app/web/default, deny/f.yaml/0, default:
-    // each twice (its log limited per uid, and once for packets without an owner).
-    expect(new Set(prefixes).size).toBe(9);
-    expect(prefixes.length).toBe(18);
+    // routing-header, sd/off, tor/updaters, tor/socks-answer, lockdown, dns/exclusive, app/web/1, app/web/default, deny/f.yaml/0,
+    // default: each twice (its log limited per uid, and once for packets without an owner).
+    expect(new Set(prefixes).size).toBe(10);
+    expect(prefixes.length).toBe(20);
     for (const prefix of prefixes) {
       expect(Buffer.byteLength(prefix)).toBe(14);
       expect(table.has(parseLogPrefix(prefix)!), prefix).toBe(true);

@@ -32,6 +32,10 @@ export interface Packet {
   readonly l4proto: 'tcp' | 'udp' | 'icmp' | 'ipv6-icmp' | 'igmp';
   /** tcp and udp only. */
   readonly dport?: number;
+  /** tcp and udp only; absent: the ephemeral port a connection that this socket opened leaves from (EPHEMERAL_PORT). */
+  readonly sport?: number;
+  /** Absent: the address the kernel picks for the destination (LOCAL_SOURCE: 127.0.0.1 or ::1 on lo, the host's address elsewhere). */
+  readonly saddr?: string;
   /** Undefined: the socket has no owner (nft's skuid/skgid match nothing). */
   readonly skuid?: number;
   readonly skgid?: number;
@@ -65,6 +69,11 @@ export interface Outcome {
   /** The rules that jumped or went to path[1], path[2], …, each with its chain. */
   readonly via: readonly { readonly chain: string; readonly rule: RuleDecl }[];
 }
+
+/** The source port of a packet that names none: one of the kernel's ephemeral ports (net.ipv4.ip_local_port_range), never a service's. */
+export const EPHEMERAL_PORT = 40000;
+/** The source address of a packet that names none, by family and interface. */
+const LOCAL_SOURCE = { lo: { 4: '127.0.0.1', 6: '::1' }, eth0: { 4: '192.0.2.10', 6: '2001:db8::10' } } as const;
 
 /** IANA protocol numbers, as `ip6 nexthdr` reads them. */
 const NEXT_HEADER: Readonly<Record<string, number>> = { tcp: 6, udp: 17, 'ipv6-icmp': 58, udplite: 136, sctp: 132, igmp: 2, icmp: 1 };
@@ -176,12 +185,14 @@ function load(expr: Expr, packet: Packet): Value | undefined {
       if (field === 'hoplimit') return packet.hoplimit === undefined ? undefined : { kind: 'number', value: packet.hoplimit };
       // The packets here carry no extension header but a routing header, which comes first.
       if (field === 'nexthdr') return { kind: 'number', value: packet.routingHeader !== undefined ? 43 : (NEXT_HEADER[packet.l4proto] ?? 255) };
-      return { kind: 'address', family: packet.family, value: addressBits(packet.family, packet.daddr) };
+      const address = field === 'saddr' ? (packet.saddr ?? LOCAL_SOURCE[packet.oif][packet.family]) : packet.daddr;
+      return { kind: 'address', family: packet.family, value: addressBits(packet.family, address) };
     }
     if (protocol === 'icmpv6') return packet.l4proto === 'ipv6-icmp' && packet.icmpv6Type ? { kind: 'text', text: packet.icmpv6Type } : undefined;
     if (protocol === 'tcp' && packet.l4proto !== 'tcp') return undefined;
     // The compiler pairs `th dport` with an l4proto match of tcp or udp; a packet without ports has none.
-    return packet.dport === undefined ? undefined : { kind: 'number', value: packet.dport };
+    if (packet.dport === undefined) return undefined;
+    return { kind: 'number', value: field === 'sport' ? (packet.sport ?? EPHEMERAL_PORT) : packet.dport };
   }
   if ('socket' in expr) {
     // `socket` reads a full socket only: a request socket's SYN-ACK has neither cgroup nor mark.

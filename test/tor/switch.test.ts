@@ -292,9 +292,18 @@ describe('the SOCKS port, looked at by its listening socket (sock_diag)', () => 
     expect(listenerAt({ host: '127.0.0.1', port, family: 4 })).toEqual({ uid: process.getuid!() });
     const root = stagingRoot();
     const before = tree(root);
-    const error = await expectError(enableTor({ ...ALL, socks: `127.0.0.1:${port}` }, deps(root, { socksListener: listenerAt })), ErrorCode.TorConflict);
-    expect(error.details.join('\n')).toContain(`127.0.0.1:${port} is taken by something that is not Tor: its socket belongs to uid ${process.getuid!()}`);
+    // Root's socket is Tor's when Debian starts it (it opens its listeners before it becomes its User): this one is another user's.
+    const other = (socks: Parameters<typeof listenerAt>[0]) => (listenerAt(socks) ? { uid: 1001 } : null);
+    const error = await expectError(enableTor({ ...ALL, socks: `127.0.0.1:${port}` }, deps(root, { socksListener: other })), ErrorCode.TorConflict);
+    expect(error.details.join('\n')).toContain(`127.0.0.1:${port} is taken by something that is not Tor: its socket belongs to uid 1001`);
     expect(tree(root)).toEqual(before);
+  });
+
+  it('held by root: that is Tor as Debian starts it, enable goes ahead', async () => {
+    const port = await listen();
+    const asRoot = (socks: Parameters<typeof listenerAt>[0]) => (listenerAt(socks) ? { uid: 0 } : null);
+    const ok = await enableTor({ ...ALL, socks: `127.0.0.1:${port}` }, deps(stagingRoot(), { socksListener: asRoot }));
+    expect(ok.warnings.join('\n')).not.toContain('nothing listens');
   });
 
   it("held by Tor's user: enable goes ahead; nothing listening: a warning that updates fail until Tor runs", async () => {
