@@ -33,6 +33,7 @@ export function denialParts(): DenialParts {
   const store: DenialStore = {
     add: (records) => current().add(records),
     flush: () => current().flush(),
+    idOf: (record) => open?.idOf(record),
     query: (filter) => current().query(filter),
     get: (id) => current().get(id),
     summary: (filter) => current().summary(filter),

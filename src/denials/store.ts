@@ -63,6 +63,8 @@ export interface DenialSummary {
 export interface DenialStore {
   add(records: readonly DenialRecord[]): void;
   flush(): void;
+  /** The row id `add` gave this record (the same object), once its batch is written; undefined before that, or when it never was. A map lookup: the D-Bus Denied signal asks it per record. */
+  idOf(record: DenialRecord): number | undefined;
   query(filter: DenialFilter): StoredDenial[];
   get(id: number): StoredDenial | undefined;
   summary(filter: DenialFilter): DenialSummary;
@@ -534,8 +536,12 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
   }
 
   const insert = db.prepare(`INSERT INTO denials (${COLUMNS.join(', ')}) VALUES (${COLUMNS.map(() => '?').join(', ')})`);
+  // Weak: a record's id lives as long as someone (the D-Bus signal waiting for it) holds the record.
+  const ids = new WeakMap<DenialRecord, number>();
   const writeBatch = db.transaction((records: readonly DenialRecord[]) => {
-    for (const record of records) insert.run(recordValues(record));
+    const written: [DenialRecord, number][] = [];
+    for (const record of records) written.push([record, Number(insert.run(recordValues(record)).lastInsertRowid)]);
+    return written;
   });
   const byId = db.prepare('SELECT * FROM denials WHERE id = ?');
 
@@ -547,7 +553,8 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
     const batch = pending;
     pending = [];
     try {
-      writeBatch(batch);
+      // Known only once committed: a rolled-back batch gives no ids.
+      for (const [record, id] of writeBatch(batch)) ids.set(record, id);
     } catch (error) {
       // The batch is dropped rather than kept: a database that refuses one batch (disk full, damage) would refuse a growing backlog too.
       throw storeError(`${batch.length} records not written`, path, error);
@@ -688,6 +695,9 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
     },
     flush() {
       run('flush', flush);
+    },
+    idOf(record) {
+      return ids.get(record);
     },
     query(filter) {
       const { where, params } = filterSql(filter);

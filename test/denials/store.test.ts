@@ -293,6 +293,20 @@ describe('denial store: housekeeping', () => {
     store.close();
   });
 
+  it('idOf gives the row id each added record was written to, once its batch is written', () => {
+    const store = open(freshPath(), { flushIntervalMs: 60_000 });
+    const records = [...manyDenials(5)];
+    store.add(records);
+    expect(records.map((r) => store.idOf(r))).toEqual([undefined, undefined, undefined, undefined, undefined]);
+    store.flush();
+    const ids = records.map((r) => store.idOf(r)!);
+    expect(new Set(ids).size).toBe(5);
+    records.forEach((r, i) => expect(store.get(ids[i]!)).toMatchObject({ address: r.address, lastSeen: r.lastSeen }));
+    // A copy is another record: only the object handed to add has an id.
+    expect(store.idOf({ ...records[0]! })).toBeUndefined();
+    store.close();
+  });
+
   it('prunes by itself on its timer', async () => {
     let clock = T0;
     const store = open(freshPath(), { pruneIntervalMs: 100, retentionDays: 1, now: () => clock });
