@@ -58,9 +58,11 @@ export function denialParts(): DenialParts {
       return Promise.resolve({
         stopped: new Promise<never>(() => undefined),
         update: () => Promise.resolve(),
-        describe: () => `denials ${opened ? 'stored' : 'not stored (store failed)'} and sent to the ${journal.via === 'journal' ? 'journal' : 'log'}`,
+        describe: () =>
+          `denials ${opened ? 'stored' : 'not stored (store failed)'} and sent to the ${journal.via === 'journal' ? 'journal' : 'log'}${journal.dropped > 0 ? ` (${journal.dropped} dropped from the journal while it was behind)` : ''}`,
         close() {
           stop();
+          journal.close();
           if (open === opened) open = undefined;
           opened?.close();
           return Promise.resolve();

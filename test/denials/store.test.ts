@@ -501,7 +501,7 @@ describe('keepDenials', () => {
     const store = open();
     const stop = keepDenials(source, {
       store,
-      journal: { via: 'stdout', write: (r) => journaled.push(r) },
+      journal: { via: 'stdout', dropped: 0, write: (r) => journaled.push(r), close: () => undefined },
       log: { error: (o: object) => logged.push(o) } as never,
     });
     listener!(denial({ port: 1 }));
