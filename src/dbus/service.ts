@@ -32,12 +32,12 @@
 import dbus from 'dbus-next';
 import type { Logger } from 'pino';
 import type { DaemonStatus, ReloadOutcome } from '../daemon/part.js';
-import { aggregateKey, type DenialRecord } from '../denials/record.js';
+import type { DenialRecord } from '../denials/record.js';
 import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import { nssAccounts, type Accounts } from '../system/nss.js';
 import { callerCredentials, DEFAULT_AUDIT_GROUP, roleOf, type Caller, type PolkitAction, type PolkitCheck } from './access.js';
 import { allowanceFor, DROP_IN, DropIn, manualAllowance, parseScope, type Allowance, type AllowProto } from './allow.js';
-import type { DenialCounters, DenialFeed, DenialStore, StoredDenial } from './contracts.js';
+import type { DenialCounters, DenialFeed, DenialStore } from './contracts.js';
 import { booleanArg, filterFromDbus, integerArg, recordToDbus, stringArg } from './wire.js';
 
 const { Message, Variant } = dbus;
@@ -109,6 +109,8 @@ export interface ServiceDeps {
   readonly maxPendingSignals?: number;
   /** How long a record waits for its store id before its signal goes (one store flush per tick). */
   readonly signalDelayMs?: number;
+  /** Denied signals sent (and records taken) per tick at most; the rest go in the next turn of the loop. Default 256. */
+  readonly maxSignalsPerTick?: number;
 }
 
 export interface FirewallService {
@@ -460,45 +462,50 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
     throw new EgressError(ErrorCode.DaemonUnavailable, `cannot own ${BUS_NAME} on the bus: ${why}`);
   }
 
-  /** The store id of each record: the newest stored row of the same identity, destination and rule whose span covers it. */
-  function storeIds(records: readonly DenialRecord[]): number[] {
-    if (!deps.store) return records.map(() => 0);
+  /** Makes the store write what it holds, so each record of this tick has its row id; a store that fails leaves ids at 0. */
+  function flushStore(): void {
     try {
-      deps.store.flush();
-      return records.map((r) => {
-        const key = aggregateKey(r);
-        const rows: StoredDenial[] = deps.store!.query({
-          since: r.lastSeen,
-          rule: r.shortId,
-          dest: r.address,
-          ...(r.uid !== undefined ? { uid: r.uid } : {}),
-          limit: 50,
-        });
-        const row = rows.filter((s) => aggregateKey(s) === key && s.firstSeen <= r.firstSeen && s.lastSeen >= r.lastSeen).sort((a, b) => b.id - a.id)[0];
-        return row?.id ?? 0;
-      });
+      deps.store?.flush();
     } catch (error) {
       log.warn({ event: 'dbus-store-id', err: error }, 'denial store ids not read; Denied signals go without them');
-      return records.map(() => 0);
     }
   }
 
+  /** The row id the store gave the record (idOf: a map lookup, no query), or 0 without one. */
+  function storeId(record: DenialRecord): number {
+    try {
+      return deps.store?.idOf(record) ?? 0;
+    } catch {
+      return 0;
+    }
+  }
+
+  // This runs on the daemon's one thread, beside the resolver: a tick sends at most this many signals (and takes at most as many records), the rest go the next turn.
+  const signalsPerTick = deps.maxSignalsPerTick ?? 256;
   function flushSignals(): void {
     timer = undefined;
-    const batch = pending;
-    pending = [];
-    if (subscriptions.size === 0) return;
-    const ids = storeIds(batch);
-    batch.forEach((record, i) => {
-      const body = [recordToDbus(record), ids[i] ?? 0];
+    if (subscriptions.size === 0) {
+      pending = [];
+      return;
+    }
+    flushStore();
+    let taken = 0;
+    let sent = 0;
+    while (taken < pending.length && taken < signalsPerTick && sent < signalsPerTick) {
+      const record = pending[taken++]!;
+      const body = [recordToDbus(record), storeId(record)];
       for (const [name, sub] of subscriptions) {
         if (!sub.all && (record.uid === undefined || record.uid !== sub.uid)) continue;
         const signal = Message.newSignal(OBJECT_PATH, INTERFACE, 'Denied', 'a{sv}t', body);
         signal.destination = name;
         bus.send(signal);
         signalsSent += 1;
+        sent += 1;
       }
-    });
+    }
+    pending.splice(0, taken);
+    // The rest in the next turn, not after another delay: they waited theirs.
+    if (pending.length > 0) timer = setTimeout(flushSignals, 0);
   }
 
   const unsubscribeFeed = deps.feed?.subscribe((record) => {

@@ -6,10 +6,14 @@
  * journald) the record is one JSON line on stdout through the daemon's
  * logger instead, `event: 'denied'`, with the record's own field names.
  *
- * A journal that fails is reported once; records go on to the store.
+ * The journal is never waited on (src/system/journal.ts: a non-blocking
+ * socket): when journald's queue is full the entry is dropped and counted
+ * (`dropped`; the record itself is in the store), and the first drop after
+ * entries went through again is logged, at most once a minute. A journal
+ * that fails otherwise is reported once; records then go to stdout.
  */
 import type { Logger } from 'pino';
-import { journalAvailable, loadSdJournal, JOURNAL_SOCKET, type JournalFields, type SendJournal } from '../system/journal.js';
+import { journalAvailable, openJournalSender, JOURNAL_SOCKET, type JournalFields, type SendJournal } from '../system/journal.js';
 import type { DenialRecord } from './record.js';
 
 /** journalctl MESSAGE_ID=76287487ef8842cc99649526ae37f308 finds every denial. */
@@ -59,40 +63,73 @@ export function denialMessage(r: DenialRecord): string {
 export interface DenialJournal {
   /** Where records go: the journal's socket, or stdout. */
   readonly via: 'journal' | 'stdout';
+  /** Entries journald had no room for (its queue full): never waited on, counted here; their records are in the store. */
+  readonly dropped: number;
   write(record: DenialRecord): void;
+  /** Closes the socket (a keeper restarted makes a new one). */
+  close(): void;
 }
 
 export interface DenialJournalOptions {
   readonly log: Logger;
   /** Default /run/systemd/journal/socket. */
   readonly socket?: string;
-  /** The transport (default libsystemd's sd_journal_sendv). */
-  readonly load?: () => SendJournal;
+  /** The transport (default a non-blocking socket to `socket`, openJournalSender). */
+  readonly load?: () => SendJournal & { close?(): void };
+  readonly now?: () => number;
 }
+
+const EAGAIN = 11;
+const ENOBUFS = 105;
+/** The least time between two "journal behind" lines in the log. */
+const BEHIND_LOG_MS = 60_000;
 
 export function openDenialJournal(options: DenialJournalOptions): DenialJournal {
   const { log } = options;
+  const now = options.now ?? Date.now;
+  const socket = options.socket ?? JOURNAL_SOCKET;
   const toStdout = (record: DenialRecord) => log.info({ event: 'denied', ...record }, denialMessage(record));
-  if (!journalAvailable(options.socket ?? JOURNAL_SOCKET)) return { via: 'stdout', write: toStdout };
-  let send: SendJournal | undefined;
+  if (!journalAvailable(socket)) return { via: 'stdout', dropped: 0, write: toStdout, close: () => undefined };
+  let send: (SendJournal & { close?(): void }) | undefined;
   let broken = false;
+  let dropped = 0;
+  let dropping = false;
+  let saidAt = -Infinity;
   return {
     via: 'journal',
+    get dropped() {
+      return dropped;
+    },
     write(record) {
       if (broken) {
         toStdout(record);
         return;
       }
       try {
-        send ??= (options.load ?? loadSdJournal)();
+        send ??= (options.load ?? (() => openJournalSender(socket)))();
         const sent = send(denialJournalFields(record));
-        if (sent < 0) throw new Error(`sd_journal_sendv: errno ${-sent}`);
+        if (sent === -EAGAIN || sent === -ENOBUFS) {
+          dropped++;
+          if (!dropping && now() - saidAt >= BEHIND_LOG_MS) {
+            saidAt = now();
+            log.warn({ event: 'journal-behind', dropped }, 'journald is behind: denial entries are dropped from the journal (they are kept in the store)');
+          }
+          dropping = true;
+          return;
+        }
+        if (sent < 0) throw new Error(`journal socket: errno ${-sent}`);
+        dropping = false;
       } catch (error) {
         // Once broken, every later record takes the stdout line: none is dropped, and the failure is said once.
         broken = true;
         log.warn({ event: 'journal-failed', error: (error as Error).message }, 'denials cannot be written to the journal; they go to stdout');
         toStdout(record);
       }
+    },
+    close() {
+      send?.close?.();
+      send = undefined;
+      broken = true;
     },
   };
 }

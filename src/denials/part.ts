@@ -36,6 +36,7 @@ export function denialParts(): DenialParts {
   const store: DenialStore = {
     add: (records) => current().add(records),
     flush: () => current().flush(),
+    idOf: (record) => open?.idOf(record),
     query: (filter) => current().query(filter),
     get: (id) => current().get(id),
     summary: (filter) => current().summary(filter),
@@ -81,10 +82,12 @@ export function denialParts(): DenialParts {
       return Promise.resolve({
         stopped: new Promise<never>(() => undefined),
         update: () => Promise.resolve(),
-        describe: () => `denials ${opened ? 'stored' : 'not stored (store failed)'} and sent to the ${journal.via === 'journal' ? 'journal' : 'log'}`,
+        describe: () =>
+          `denials ${opened ? 'stored' : 'not stored (store failed)'} and sent to the ${journal.via === 'journal' ? 'journal' : 'log'}${journal.dropped > 0 ? ` (${journal.dropped} dropped from the journal while it was behind)` : ''}`,
         close() {
           clearInterval(retry);
           stop();
+          journal.close();
           if (open === opened) open = undefined;
           opened?.close();
           return Promise.resolve();

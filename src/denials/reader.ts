@@ -43,8 +43,53 @@ export interface DenialFeed {
 }
 
 export interface DenialReaderOptions extends AggregatorOptions, NflogOptions {
-  /** Datagrams drained per event-loop turn before yielding. Default 64. */
-  readonly drainPerTurn?: number;
+  /** Events (packets, not datagrams: one datagram holds up to 256) read per event-loop turn before yielding. Default 512. */
+  readonly eventsPerTurn?: number;
+  /** Milliseconds one turn may take before yielding, whatever its count. Default 5. */
+  readonly turnBudgetMs?: number;
+}
+
+/** What one turn of draining read, and whether it stopped with more perhaps waiting (a limit reached) rather than at an empty socket. */
+export interface DrainTurn {
+  readonly datagrams: number;
+  readonly events: number;
+  readonly more: boolean;
+}
+
+/**
+ * One turn: whole datagrams (so no event is split across turns and the
+ * sequence accounting stays exact) until the socket is empty or the turn
+ * has read `eventsPerTurn` events or taken `budgetMs`. Every record the
+ * events close is published inside the turn, with the journal, store and
+ * D-Bus work of each, so the limit is on events, not datagrams: 64
+ * datagrams of 256 packets was 16k records in one turn.
+ */
+export function drainTurn(
+  receive: () => Buffer | undefined,
+  take: (bytes: Buffer) => number,
+  overflow: () => void,
+  limits: { readonly eventsPerTurn: number; readonly budgetMs: number },
+  clock: () => number = () => performance.now(),
+): DrainTurn {
+  const start = clock();
+  let datagrams = 0;
+  let events = 0;
+  for (;;) {
+    if (events >= limits.eventsPerTurn || clock() - start >= limits.budgetMs) return { datagrams, events, more: true };
+    let bytes: Buffer | undefined;
+    try {
+      bytes = receive();
+    } catch (error) {
+      if (error instanceof NetlinkError && error.errno === ENOBUFS) {
+        overflow();
+        continue;
+      }
+      throw error;
+    }
+    if (bytes === undefined) return { datagrams, events, more: false };
+    events += take(bytes);
+    datagrams++;
+  }
 }
 
 const ENOBUFS = 105;
@@ -106,7 +151,8 @@ export class DenialPipeline {
     return this.aggregator.closedEarly;
   }
 
-  datagram(bytes: Uint8Array): void {
+  /** Returns the number of events the datagram held. */
+  datagram(bytes: Uint8Array): number {
     const parsed = parseDatagram(bytes);
     const count = this.hub.count;
     count.unparsed += parsed.unparsed;
@@ -117,6 +163,7 @@ export class DenialPipeline {
       this.sequence(event);
       this.aggregator.add(event, now);
     }
+    return parsed.events.length;
   }
 
   /** The socket overflowed: what was lost shows as a sequence gap in the next packet. */
@@ -183,32 +230,20 @@ export function startDenialReader(
   // Settles only when the reader stops by itself (the daemon then restarts it); a close() is not that.
   const stopped = new Promise((resolve) => (failed = resolve));
   let deliberate = false;
-  const drainPerTurn = options.drainPerTurn ?? 64;
+  const limits = { eventsPerTurn: options.eventsPerTurn ?? 512, budgetMs: options.turnBudgetMs ?? 5 };
   const ticker = setInterval(() => pipeline.tick(), Math.min(1000, Math.max(50, (options.windowMs ?? 10_000) / 4)));
   ticker.unref();
 
   const take = (bytes: Buffer) => pipeline.datagram(bytes);
   for (const early of live.socket.early.splice(0)) take(early);
 
-  const drain = (): number => {
-    let taken = 0;
-    while (taken < drainPerTurn) {
-      let bytes: Buffer | undefined;
-      try {
-        bytes = live.socket.transport.receiveNow();
-      } catch (error) {
-        if (error instanceof NetlinkError && error.errno === ENOBUFS) {
-          pipeline.overflow();
-          continue;
-        }
-        throw error;
-      }
-      if (bytes === undefined) break;
-      take(bytes);
-      taken++;
-    }
-    return taken;
-  };
+  const drain = (): boolean =>
+    drainTurn(
+      () => live.socket.transport.receiveNow(),
+      take,
+      () => pipeline.overflow(),
+      limits,
+    ).more;
 
   // close() and update() change `live` while the loop awaits.
   const stillReading = (socket: NflogSocket) => !live.closing && socket === live.socket;
@@ -218,7 +253,7 @@ export function startDenialReader(
       const ready = await current.transport.waitReadable(POLL_MS);
       if (!ready || !stillReading(current)) continue;
       // Drain in turns, yielding between them so that a flood never holds the event loop.
-      while (stillReading(current) && drain() === drainPerTurn) await new Promise((resolve) => setImmediate(resolve));
+      while (stillReading(current) && drain()) await new Promise((resolve) => setImmediate(resolve));
     }
   };
   const running = loop().catch((error: unknown) => {

@@ -9,10 +9,14 @@
  *   the records added in the last flush interval, and never more than
  *   batchSize − 1 of them; what was committed survives (WAL, synchronous=NORMAL:
  *   a power cut may lose the last commits too, never the database).
- * - Housekeeping runs by itself (at open, then every `pruneIntervalMs`):
- *   records whose last packet is older than `retentionDays` (default 90) go,
- *   then the oldest go until the database is under `maxBytes` (default
- *   256 MiB), and the freed pages are given back to the file system.
+ * - Housekeeping runs by itself (from the turn after open, then every
+ *   `pruneIntervalMs`): records whose last packet is older than
+ *   `retentionDays` (default 90) go, then the oldest go until the database
+ *   is under `maxBytes` (default 256 MiB), and the freed pages are given
+ *   back to the file system. It runs as many short statements (each sized
+ *   to about 5 ms) with the event loop given back between them: the store
+ *   shares the daemon's one thread with the resolver, and a prune of 100k
+ *   records in one go held it for seconds.
  * - A database SQLite calls corrupt (garbage, a truncated file) is renamed
  *   aside with a timestamp and a fresh one is started beside it; one that
  *   cannot be written is an EGD_DENIAL_STORE error to the caller. Either way
@@ -72,6 +76,8 @@ export interface DenialSummary {
 export interface DenialStore {
   add(records: readonly DenialRecord[]): void;
   flush(): void;
+  /** The row id `add` gave this record (the same object), once its batch is written; undefined before that, or when it never was. A map lookup: the D-Bus Denied signal asks it per record. */
+  idOf(record: DenialRecord): number | undefined;
   query(filter: DenialFilter): StoredDenial[];
   get(id: number): StoredDenial | undefined;
   summary(filter: DenialFilter): DenialSummary;
@@ -96,6 +102,24 @@ export interface DenialStoreOptions {
   /** Databases up to this size get a full quick_check at open (default 64 MiB); larger ones a check of their size. */
   readonly quickCheckMaxBytes?: number;
 }
+
+/** The store as openDenialStore returns it: housekeeping can be asked for, and waited on (tests, benchmarks). */
+export interface HouseKept {
+  /** Prunes now (after a prune already running); resolves with what it removed. */
+  prune(): Promise<{ age: number; size: number }>;
+  /** Resolves when no prune is running (the one started at open included). */
+  idle(): Promise<void>;
+}
+
+/** A closed store's housekeeping stops here. */
+class PruneStopped extends Error {}
+
+/** Each housekeeping statement is sized to take about this long on the daemon's thread. */
+const SLICE_MS = 5;
+/** Rows per DELETE: adapted between these to SLICE_MS. */
+const SLICE_ROWS = { min: 50, start: 500, max: 5000 } as const;
+/** Pages given back to the file system per incremental_vacuum step. */
+const VACUUM_PAGES = 256;
 
 export const AUDIT_GROUP = 'egressd-audit';
 export const DEFAULTS = { retentionDays: 90, maxBytes: 256 * 1024 * 1024, flushIntervalMs: 1000, batchSize: 1000, pruneIntervalMs: 3_600_000 } as const;
@@ -502,7 +526,7 @@ function openDatabase(path: string, quickCheckMaxBytes: number): Database.Databa
   }
 }
 
-export function openDenialStore(path: string, options: DenialStoreOptions = {}): DenialStore {
+export function openDenialStore(path: string, options: DenialStoreOptions = {}): DenialStore & HouseKept {
   const o = { ...DEFAULTS, ...options };
   const now = options.now ?? Date.now;
   const log = options.log;
@@ -544,8 +568,12 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
   }
 
   const insert = db.prepare(`INSERT INTO denials (${COLUMNS.join(', ')}) VALUES (${COLUMNS.map(() => '?').join(', ')})`);
+  // Weak: a record's id lives as long as someone (the D-Bus signal waiting for it) holds the record.
+  const ids = new WeakMap<DenialRecord, number>();
   const writeBatch = db.transaction((records: readonly DenialRecord[]) => {
-    for (const record of records) insert.run(recordValues(record));
+    const written: [DenialRecord, number][] = [];
+    for (const record of records) written.push([record, Number(insert.run(recordValues(record)).lastInsertRowid)]);
+    return written;
   });
   const byId = db.prepare('SELECT * FROM denials WHERE id = ?');
 
@@ -557,7 +585,8 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
     const batch = pending;
     pending = [];
     try {
-      writeBatch(batch);
+      // Known only once committed: a rolled-back batch gives no ids.
+      for (const [record, id] of writeBatch(batch)) ids.set(record, id);
     } catch (error) {
       // The batch is dropped rather than kept: a database that refuses one batch (disk full, damage) would refuse a growing backlog too.
       throw storeError(`${batch.length} records not written`, path, error);
@@ -578,43 +607,71 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
     return (pages - free) * pageSize;
   };
 
-  /** Deletes in slices, so a reader or the next batch never waits long. */
-  const deleteWhere = (where: string, params: unknown[]): number => {
-    const slice = db.prepare(`DELETE FROM denials WHERE id IN (SELECT id FROM denials ${where} LIMIT 5000)`);
-    let total = 0;
-    for (;;) {
-      const { changes } = slice.run(...params);
-      total += changes;
-      if (changes === 0) return total;
-    }
+  // Housekeeping shares the thread with the resolver: every step below is one bounded statement, and the loop is given back between steps.
+  const ageSlice = db.prepare('DELETE FROM denials WHERE id IN (SELECT id FROM denials WHERE last_seen < ? LIMIT ?)');
+  const oldestSlice = db.prepare('DELETE FROM denials WHERE id IN (SELECT id FROM denials ORDER BY id LIMIT ?)');
+  // The rollup's whole-store bucket holds each app's record count: their sum is count(*) without reading the table.
+  const recordCount = db.prepare(`SELECT coalesce(sum(records), 0) AS n FROM rollup WHERE dim = 0 AND hour = ${ALL}`);
+  const dropEmptyRollup = db.prepare('DELETE FROM rollup WHERE records <= 0');
+  let sliceRows: number = SLICE_ROWS.start;
+  /** A closed store ends its housekeeping at the next step. */
+  const stillOpen = async (): Promise<void> => {
+    await new Promise((resolve) => setImmediate(resolve));
+    if (closed) throw new PruneStopped();
   };
 
-  const prune = (): { age: number; size: number } => {
+  /** Deletes up to `max` rows in slices, each sized to take about SLICE_MS (rows per slice adapt to what the last took), yielding between them. */
+  const deleteSliced = async (slice: Database.Statement, params: unknown[], max: number): Promise<number> => {
+    let total = 0;
+    while (total < max) {
+      await stillOpen();
+      const rows = Math.min(sliceRows, max - total);
+      const started = performance.now();
+      const { changes } = slice.run(...params, rows);
+      const took = performance.now() - started;
+      if (took > SLICE_MS) sliceRows = Math.max(SLICE_ROWS.min, Math.floor(sliceRows / 2));
+      else if (took < SLICE_MS / 2) sliceRows = Math.min(SLICE_ROWS.max, sliceRows * 2);
+      total += changes;
+      if (changes < rows) break;
+    }
+    return total;
+  };
+
+  const prune = async (): Promise<{ age: number; size: number }> => {
+    await stillOpen();
     flush();
     const cutoff = now() - o.retentionDays * 86_400_000;
-    const age = deleteWhere('WHERE last_seen < ?', [cutoff]);
+    const age = await deleteSliced(ageSlice, [cutoff], Number.MAX_SAFE_INTEGER);
     if (age > 0)
       log?.info(
         { event: 'denials-pruned', reason: 'age', records: age, before: new Date(cutoff).toISOString() },
         `${age} denial records older than ${o.retentionDays} days removed`,
       );
     let size = 0;
+    await stillOpen();
     const bytesBefore = usedBytes();
     while (usedBytes() > o.maxBytes) {
       // The oldest tenth (at least 1000 records) at a time: a few rounds, not a row at a time.
-      const total = (db.prepare('SELECT count(*) AS n FROM denials').get() as { n: number }).n;
+      const total = (recordCount.get() as { n: number }).n;
       if (total === 0) break;
-      const take = Math.max(1000, Math.floor(total / 10));
-      const cut = take >= total ? undefined : (db.prepare('SELECT id FROM denials ORDER BY id LIMIT 1 OFFSET ?').get(take) as { id: number } | undefined);
-      const removed = deleteWhere('WHERE id < ?', [cut?.id ?? Number.MAX_SAFE_INTEGER]);
+      const removed = await deleteSliced(oldestSlice, [], Math.max(1000, Math.floor(total / 10)));
       size += removed;
       // The rollup's emptied rows go too, or they would hold the pages the loop measures.
-      db.prepare('DELETE FROM rollup WHERE records <= 0').run();
+      await stillOpen();
+      dropEmptyRollup.run();
       if (removed === 0) break;
+      await stillOpen();
     }
     if (age + size > 0) {
-      db.prepare('DELETE FROM rollup WHERE records <= 0').run();
-      db.pragma('incremental_vacuum');
+      await stillOpen();
+      dropEmptyRollup.run();
+      // The freed pages go back to the file system a slice at a time too.
+      while ((db.pragma('freelist_count', { simple: true }) as number) > 0) {
+        await stillOpen();
+        db.pragma(`incremental_vacuum(${VACUUM_PAGES})`);
+      }
+      await stillOpen();
+      // The WAL is at most about the auto-checkpoint's 1000 pages here: this copies those back and cuts the file.
       db.pragma('wal_checkpoint(TRUNCATE)');
     }
     if (size > 0)
@@ -624,14 +681,30 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
       );
     return { age, size };
   };
+  /** The prune running now, if any: one at a time. */
+  let pruning: Promise<unknown> | undefined;
+  const track = <T>(done: Promise<T>): Promise<T> => {
+    const settled = done.then(
+      () => undefined,
+      () => undefined,
+    );
+    pruning = settled;
+    void settled.then(() => {
+      if (pruning === settled) pruning = undefined;
+    });
+    return done;
+  };
+  // A prune still running when the timer comes again is left to finish, not doubled.
   const timedPrune = (): void => {
-    try {
-      prune();
-    } catch (error) {
-      report(error instanceof EgressError ? error : storeError('housekeeping failed', path, error));
-    }
+    if (pruning) return;
+    void track(
+      prune().catch((error: unknown) => {
+        if (!(error instanceof PruneStopped)) report(error instanceof EgressError ? error : storeError('housekeeping failed', path, error));
+      }),
+    );
   };
 
+  // At open too, but from the next turn on: opening (the keeper part's start) never waits on it.
   timedPrune();
   const flushTimer = setInterval(timedFlush, o.flushIntervalMs).unref();
   const pruneTimer = setInterval(timedPrune, o.pruneIntervalMs).unref();
@@ -646,7 +719,7 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
     }
   };
 
-  const store: DenialStore & { prune(): { age: number; size: number } } = {
+  const store: DenialStore & HouseKept = {
     add(records) {
       if (closed) throw new EgressError(ErrorCode.DenialStore, `denial store ${path}: closed`);
       for (const record of records) pending.push(record);
@@ -654,6 +727,9 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
     },
     flush() {
       run('flush', flush);
+    },
+    idOf(record) {
+      return ids.get(record);
     },
     query(filter) {
       const { where, params } = filterSql(filter);
@@ -673,8 +749,22 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
       const sql = filterSql(filter);
       return run('summary', () => summarise(db, filter, sql));
     },
-    prune() {
-      return run('housekeeping', prune);
+    async prune() {
+      // After any prune already running (the one at open), then one of its own, whose errors are the caller's.
+      while (pruning) await pruning;
+      if (closed) throw new EgressError(ErrorCode.DenialStore, `denial store ${path}: closed`);
+      return track(
+        prune().catch((error: unknown) => {
+          throw error instanceof PruneStopped
+            ? new EgressError(ErrorCode.DenialStore, `denial store ${path}: closed`)
+            : error instanceof EgressError
+              ? error
+              : storeError('housekeeping failed', path, error);
+        }),
+      );
+    },
+    async idle() {
+      while (pruning) await pruning;
     },
     close() {
       if (closed) return;

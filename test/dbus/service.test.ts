@@ -210,6 +210,42 @@ describe.skipIf(skip)(`org.egressd.Firewall1 on a real system-like bus ${skip ? 
     expect(service.stats().subscribers).toBe(0);
   }, 120_000);
 
+  it("each Denied carries its own record's store id, also beside a later aggregate of the same identity, destination and rule; a burst goes out whole, a bounded number per tick", async () => {
+    const auditor = startClient(audit.auditor, buses.system, [['subscribe', { all: true }]]);
+    try {
+      await auditor.waitFor((l) => l.length >= 1);
+      // The first packet's record (count 1) and, in the same tick, the aggregate that followed it (the same key, a span covering the first).
+      const first = denial({ uid: users.app1.uid, address: '203.0.113.21', name: 'same.example.org' });
+      const later = { ...first, count: 4, lastSeen: first.lastSeen + 3000 };
+      feed.emit(first);
+      feed.emit(later);
+      // A burst past one tick's cap (256): every record still signalled, in order, each with its id.
+      const burst = Array.from({ length: 600 }, (_, i) => denial({ uid: users.app2.uid, address: `198.51.${i >> 8}.${i & 255}`, name: `b${i}.example.org` }));
+      const sentBefore = service.stats().signalsSent;
+      for (const r of burst) feed.emit(r);
+      // Signals sent between two turns of the loop: the work one tick does.
+      let mostInOneTurn = 0;
+      for (let last = sentBefore, end = Date.now() + 30_000; last < sentBefore + 602 && Date.now() < end;) {
+        await new Promise((r) => setImmediate(r));
+        const now = service.stats().signalsSent;
+        mostInOneTurn = Math.max(mostInOneTurn, now - last);
+        last = now;
+      }
+      expect(service.stats().signalsSent - sentBefore).toBe(602);
+      expect(mostInOneTurn).toBeLessThanOrEqual(256);
+      await auditor.waitFor((l) => l.filter((x) => x.denied).length >= 602, 30_000);
+      const got = auditor.lines.filter((x) => x.denied);
+      expect(got.map((x) => x.id)).toEqual([first, later, ...burst].map((r) => store.idOf(r)));
+      expect(got[0]!.id).not.toBe(got[1]!.id);
+      expect(store.get(got[0]!.id!)).toMatchObject({ count: 1, address: '203.0.113.21' });
+      expect(store.get(got[1]!.id!)).toMatchObject({ count: 4, address: '203.0.113.21' });
+      expect(got.slice(2).map((x) => x.denied!.name)).toEqual(burst.map((r) => r.name));
+      expect(service.stats().signalsDropped).toBe(0);
+    } finally {
+      auditor.stop();
+    }
+  }, 120_000);
+
   it("AllowFromDenial: refused for a user (even for its own record) and nothing is written; root's allow is checked, written with who/when/which record, and applied", async () => {
     feed.emit(denial({ uid: users.app1.uid, name: 'telemetry.example.org', address: '203.0.113.7' }));
     const record = store.rows[store.rows.length - 1]!;

@@ -229,9 +229,16 @@ export function startClient(user: { uid: number; gid: number }, busAddress: stri
 export class MemoryStore implements DenialStore {
   readonly rows: StoredDenial[] = [];
   flushes = 0;
+  private readonly ids = new WeakMap<DenialRecord, number>();
 
   add(records: readonly DenialRecord[]): void {
-    for (const r of records) this.rows.push({ ...r, id: this.rows.length + 1 });
+    for (const r of records) {
+      this.rows.push({ ...r, id: this.rows.length + 1 });
+      this.ids.set(r, this.rows.length);
+    }
+  }
+  idOf(record: DenialRecord): number | undefined {
+    return this.ids.get(record);
   }
   flush(): void {
     this.flushes += 1;

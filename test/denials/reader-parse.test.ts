@@ -10,9 +10,9 @@ import { describe, expect, it } from 'vitest';
 import { Aggregator, type Aggregate } from '../../src/denials/aggregate.js';
 import { configMessage, NFULNL_MSG_PACKET } from '../../src/denials/nflog.js';
 import { ipv6Text, parseDatagram, type DenialEvent } from '../../src/denials/parse.js';
-import { DenialFeedHub, DenialPipeline } from '../../src/denials/reader.js';
+import { DenialFeedHub, DenialPipeline, drainTurn } from '../../src/denials/reader.js';
 import type { DenialRecord } from '../../src/denials/record.js';
-import { encodeMessage, NlmsgType } from '../../src/system/netlink.js';
+import { encodeMessage, NetlinkError, NlmsgType } from '../../src/system/netlink.js';
 
 function attr(type: number, value: Buffer): Buffer {
   const out = Buffer.alloc((4 + value.length + 3) & ~3);
@@ -262,5 +262,70 @@ describe('aggregation', () => {
     // Across the wrap of the 32-bit sequence.
     pipeline.datagram(Buffer.concat([message(0xfffffffe), message(0xffffffff), message(0), message(2)]));
     expect(hub.counters()).toMatchObject({ events: 8, lost: 3 + 1, sequenceGaps: 2 });
+  });
+});
+
+describe('draining the socket in turns', () => {
+  // A flood as the kernel batches it: 64 datagrams of 256 packets, each packet to a new destination (a new record each).
+  const flood = () => {
+    let seq = 0;
+    return Array.from({ length: 64 }, (_, d) =>
+      Buffer.concat(
+        Array.from({ length: 256 }, (_, p) =>
+          packetMessage({ family: 2, prefix: 'egd r0000abcd ', packet: ipv4Packet(`10.${d}.${p}.1`, 17, 53), uid: 1, seq: seq++ }),
+        ),
+      ),
+    );
+  };
+
+  it('a turn publishes a bounded number of records however many packets a datagram holds, and loses none of the count', () => {
+    const hub = new DenialFeedHub();
+    let published = 0;
+    hub.subscribe(() => published++);
+    const pipeline = new DenialPipeline(hub, () => []);
+    const queue = flood();
+    // An overflow the socket reports between datagrams: counted, and the turn goes on.
+    let overflowOnce = true;
+    const receive = () => {
+      if (queue.length === 32 && overflowOnce) {
+        overflowOnce = false;
+        throw new NetlinkError('overflow', { errno: 105 });
+      }
+      return queue.shift();
+    };
+    const perTurn: number[] = [];
+    for (;;) {
+      const before = published;
+      const turn = drainTurn(
+        receive,
+        (b) => pipeline.datagram(b),
+        () => pipeline.overflow(),
+        { eventsPerTurn: 512, budgetMs: 60_000 },
+      );
+      perTurn.push(published - before);
+      expect(turn.events).toBeLessThanOrEqual(512);
+      if (!turn.more) break;
+    }
+    expect(Math.max(...perTurn)).toBeLessThanOrEqual(512);
+    expect(perTurn.length).toBeGreaterThanOrEqual(32);
+    expect(hub.counters()).toMatchObject({ events: 64 * 256, lost: 0, enobufs: 1, unparsed: 0 });
+    expect(published).toBe(64 * 256);
+  });
+
+  it('a turn stops at its time budget even below its event limit', () => {
+    const queue = flood();
+    let clock = 0;
+    const turn = drainTurn(
+      () => queue.shift(),
+      () => {
+        clock += 2;
+        return 1;
+      },
+      () => undefined,
+      { eventsPerTurn: 1_000_000, budgetMs: 5 },
+      () => clock,
+    );
+    expect(turn).toEqual({ datagrams: 3, events: 3, more: true });
+    expect(queue).toHaveLength(61);
   });
 });

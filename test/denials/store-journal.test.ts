@@ -10,7 +10,7 @@ import { denial } from './store-records.js';
  * The journal for real: systemd-journald started by the test in a private
  * mount namespace (tmpfs over /run/systemd and /run/log, so neither the
  * machine's journal nor its socket is touched), the record written through
- * libsystemd's sd_journal_sendv, read back with journalctl --directory.
+ * egressd's own non-blocking socket in journald's native protocol, read back with journalctl --directory.
  */
 const ROOT = join(import.meta.dirname, '..', '..');
 const JOURNALD = '/lib/systemd/systemd-journald';
