@@ -35,7 +35,8 @@ export function denialParts(): DenialParts {
   };
   const store: DenialStore = {
     add: (records) => current().add(records),
-    flush: () => current().flush(),
+    // Nothing to flush without a store: a caller that only wants what was added written (the Denied signals) goes on.
+    flush: () => open?.flush(),
     idOf: (record) => open?.idOf(record),
     query: (filter) => current().query(filter),
     get: (id) => current().get(id),
