@@ -290,7 +290,7 @@ export class Daemon {
       try {
         applied = await this.options.applyInForce(inForce.policy);
       } catch (error) {
-        log.error({ event: 'allow-expiry-failed', error: describeError(error) }, 'an expired allow could not be taken out of the table; trying again');
+        log.error({ event: 'allow-expiry-apply-failed', error: describeError(error) }, 'an expired allow could not be taken out of the table; trying again');
       }
     }
     if (this.stopping()) return;
