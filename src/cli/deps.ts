@@ -24,6 +24,8 @@ export interface Deps {
   readonly capabilities?: CapabilityProbe;
   /** The running resolver's control socket (src/resolver/control.ts); absent, explain and status do not ask it. */
   readonly resolverSocket?: string;
+  /** The clock an `allowed:` entry's `until` is judged by (plan, explain, check); default Date.now. */
+  readonly now?: () => number;
 }
 
 /** Stable, documented exit codes. */

@@ -29,11 +29,19 @@
  *
  * Reloads are queued: one apply at a time; those asked for while one runs
  * are coalesced into the next, and each caller gets that apply's outcome.
+ *
+ * Time-limited allows (`allowed:` entries with `until`): every apply leaves
+ * out those whose time is up (policy/expiry.ts), and the daemon applies again
+ * at the next `until` — itself, whatever parts run. If the directory's policy
+ * then does not apply (another file broke meanwhile), the policy in force is
+ * applied again without the expired entries (`applyInForce`): the table only
+ * loses the allow, nothing else changes, and egressd stays degraded.
  */
 import type { Logger } from 'pino';
 import type { Applied } from '../enforce/enforcer.js';
 import { ErrorCode, isEgressError } from '../errors.js';
 import type { Nft } from '../nft/client.js';
+import type { Policy } from '../policy/model.js';
 import type { InForce } from '../resolver/runtime.js';
 import type { DaemonState, DaemonStatus, Part, PartContext, PartReport, PartSpec, ReloadOutcome } from './part.js';
 import { enforcingStatus, failedStatus, type Readiness } from './readiness.js';
@@ -86,6 +94,11 @@ export interface DaemonOptions {
   readonly backoff?: Backoff;
   readonly random?: () => number;
   readonly partTimeoutMs?: number;
+  /** Applies a policy already loaded (the one in force; expired allows are left out by the apply): used when an allow expired and the directory's policy does not apply. */
+  readonly applyInForce?: (policy: Policy) => Promise<Applied>;
+  readonly now?: () => number;
+  /** The longest wait between two looks at the clock before an allow's `until` (a wall clock set forward is seen within it). Default 60 s. */
+  readonly expiryCheckMs?: number;
 }
 
 type SlotState = 'waiting' | 'starting' | 'running' | 'restarting' | 'failed' | 'off';
@@ -123,6 +136,9 @@ export class Daemon {
   private readonly slots: Slot[];
   private readonly backoff: Backoff;
   private readonly timeoutMs: number;
+  /** The earliest `until` of an allow in force, and the timer that applies again then. */
+  private expiresAt: number | undefined;
+  private expiryTimer: NodeJS.Timeout | undefined;
 
   constructor(private readonly options: DaemonOptions) {
     this.backoff = options.backoff ?? PART_BACKOFF;
@@ -201,6 +217,7 @@ export class Daemon {
     if (this.stopping()) return;
     this.phase = 'stopping';
     this.reported = 'stopping';
+    clearTimeout(this.expiryTimer);
     this.options.readiness.stopping(signal);
     const pending = this.pending;
     this.pending = undefined;
@@ -254,6 +271,7 @@ export class Daemon {
       this.lastFailure = { code, errors };
       if (tableInForce) this.setPhase('running');
       readiness.failed(code, errors, tableInForce);
+      await this.expireInForce();
       return { applied: false, code, errors };
     }
     log.info(
@@ -267,19 +285,70 @@ export class Daemon {
       },
       'policy applied',
     );
+    await this.took(applied, false);
+    return { applied: true, digest: applied.digest };
+  }
+
+  /** After a failed apply: an allow in force whose time is up still goes, by applying the policy in force again (it drops what expired). */
+  private async expireInForce(): Promise<void> {
+    const { log } = this.options;
+    const now = (this.options.now ?? Date.now)();
+    if (this.expiresAt === undefined || this.expiresAt > now || this.stopping()) return;
+    const inForce = this.inForceNow;
+    let applied: Applied | undefined;
+    if (inForce && this.options.applyInForce) {
+      try {
+        applied = await this.options.applyInForce(inForce.policy);
+      } catch (error) {
+        log.error({ event: 'allow-expiry-apply-failed', error: describeError(error) }, 'an expired allow could not be taken out of the table; trying again');
+      }
+    }
+    if (this.stopping()) return;
+    if (!applied) {
+      this.armExpiry(this.expiresAt, true);
+      return;
+    }
+    log.warn(
+      { event: 'allow-expired-in-force', digest: applied.digest, expired: applied.expired.map((e) => e.rule.id) },
+      'the policy directory does not apply; the policy in force was applied again without the allows whose time is up',
+    );
+    await this.took(applied, true);
+  }
+
+  /** A successful apply: it is what is in force now; parts are told, the next expiry armed. `stillFailed`: the policy in force applied again, not the directory's. */
+  private async took(applied: Applied, stillFailed: boolean): Promise<void> {
+    const { readiness } = this.options;
     const inForce: InForce = { ...applied, liveNames: new Map([...applied.liveNames].map(([name, live]) => [name, [live]])) };
     this.inForceNow = inForce;
     this.applied = { digest: applied.digest, lockdown: applied.lockdown, rules: applied.compiled.ruleIds.length };
-    this.lastFailure = undefined;
-    if (this.stopping()) return { applied: true, digest: applied.digest };
+    if (!stillFailed) this.lastFailure = undefined;
+    this.armExpiry(applied.nextExpiry);
+    if (this.stopping()) return;
     if (!this.partsStarted) {
       this.partsStarted = true;
       await Promise.all(this.slots.filter((s) => s.state === 'waiting').map((s) => this.startPart(s)));
     } else await Promise.all(this.slots.map((s) => this.updatePart(s, inForce)));
-    if (this.stopping()) return { applied: true, digest: applied.digest };
+    if (this.stopping()) return;
     this.setPhase('running');
-    readiness.enforcing(this.enforcing());
-    return { applied: true, digest: applied.digest };
+    if (this.lastFailure) this.partsChanged();
+    else readiness.enforcing(this.enforcing());
+  }
+
+  /** Applies again at `at` (looking at the clock at least every expiryCheckMs); `retry`: `at` has passed and the last try failed. */
+  private armExpiry(at: number | undefined, retry = false): void {
+    clearTimeout(this.expiryTimer);
+    this.expiryTimer = undefined;
+    this.expiresAt = at;
+    if (at === undefined || this.stopping()) return;
+    const now = this.options.now ?? Date.now;
+    const longest = this.options.expiryCheckMs ?? 60_000;
+    const wait = retry ? longest : Math.max(0, Math.min(at - now(), longest));
+    this.expiryTimer = setTimeout(() => {
+      this.expiryTimer = undefined;
+      if (now() >= at) void this.reload('allowed entry expired');
+      else this.armExpiry(at);
+    }, wait);
+    this.expiryTimer.unref();
   }
 
   private enforcing(): Parameters<typeof enforcingStatus>[0] {

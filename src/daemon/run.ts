@@ -11,8 +11,9 @@
 import { parseArgs } from 'node:util';
 import { pino, type Logger } from 'pino';
 import { compile, factsNeeded, TABLE } from '../compile/compile.js';
-import { applyPolicy, type EnforcerDeps } from '../enforce/enforcer.js';
+import { applyLoadedPolicy, applyPolicy, type EnforcerDeps } from '../enforce/enforcer.js';
 import { openNft } from '../nft/open.js';
+import { policyAt } from '../policy/expiry.js';
 import { loadPolicyOrThrow } from '../policy/load.js';
 import { dnsSetsInForce, readLiveTable, startResolverRuntime, type InForce } from '../resolver/runtime.js';
 import { systemAudit } from '../system/audit.js';
@@ -135,6 +136,7 @@ async function daemon(invocation: Invocation, parts: readonly PartSpec[], log: L
     log,
     readiness: readiness(notifier),
     apply: () => applyPolicy(policyDir, deps),
+    applyInForce: (policy) => applyLoadedPolicy(policy, deps, { source: `${policyDir} (the policy in force, without expired allows)` }),
     tableInForce: () => deps.nft.tableExists(TABLE.family, TABLE.name),
     parts,
     off: invocation.off,
@@ -187,7 +189,8 @@ async function daemon(invocation: Invocation, parts: readonly PartSpec[], log: L
 async function resolverAlone(dir: string, stateDir: string, log: Logger): Promise<number> {
   const nft = await openNft();
   const load = async (): Promise<InForce & { marker: string | undefined }> => {
-    const { policy } = loadPolicyOrThrow(dir);
+    // As the apply that made the table: without the allowed entries whose time is up.
+    const { policy } = policyAt(loadPolicyOrThrow(dir).policy, Date.now());
     const facts = gatherFacts(factsNeeded(policy));
     const live = await readLiveTable(nft);
     const compiled = compile(policy, facts);

@@ -5,7 +5,8 @@
  * no argument, no header it sets — names who it is. Memberships of the audit
  * group are looked up through NSS (src/system/nss.ts), as login and polkit
  * see them, not from the caller's process groups: removing someone from
- * egressd-audit takes effect at the next call, not the next login.
+ * egressd-audit takes effect within seconds (the service reuses a uid's role
+ * for a few seconds: NSS lookups are synchronous), not at the next login.
  */
 import { execFile } from 'node:child_process';
 import dbus from 'dbus-next';
@@ -37,9 +38,13 @@ export type PolkitCheck = (sender: string, action: PolkitAction) => Promise<bool
  * polkit through pkcheck, by bus name: polkitd asks the bus itself who that
  * is (no pid to race), and may ask the person through their session's
  * authentication agent. Only for a service on the machine's system bus,
- * where polkitd is.
+ * where polkitd is. A check that has not answered in `timeoutMs` (the
+ * person did not answer the dialog) is a no, and its pkcheck is killed: each
+ * holds one of the service's few check slots (service.ts) meanwhile.
  */
-export function pkcheckPolkit(binary = 'pkcheck', timeoutMs = 120_000): PolkitCheck {
+export const PKCHECK_TIMEOUT_MS = 30_000;
+
+export function pkcheckPolkit(binary = 'pkcheck', timeoutMs = PKCHECK_TIMEOUT_MS): PolkitCheck {
   return (sender, action) =>
     new Promise((resolve) => {
       execFile(binary, ['--action-id', action, '--system-bus-name', sender, '--allow-user-interaction'], { timeout: timeoutMs }, (error) =>

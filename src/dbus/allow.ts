@@ -7,11 +7,11 @@
  * person decides, and a failed check or apply changes nothing (the old
  * drop-in stays, on disk and in the kernel).
  *
- * Expiry: the policy language says when an entry ends (`until`) but loading
- * never reads the clock, so a policy means the same whenever it is checked.
- * The daemon removes expired entries itself (`prune`, on a timer, and when it
- * starts) and reloads; while egressd is stopped, an expired entry stays in
- * the file (and the kernel keeps what was applied) until it starts again.
+ * Expiry: the policy language says when an entry ends (`until`); loading
+ * never reads the clock, apply does: an entry whose time is up is left out of
+ * every apply (policy/expiry.ts), and the daemon applies again at the next
+ * `until`, whether or not this service runs. Removing expired entries from
+ * the file (`prune`, on the D-Bus part's timer) is only tidying.
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -129,7 +129,7 @@ export function renderDropIn(entries: readonly Allowance[]): string {
   const lines = [
     '# Written by egressd: allows from desktop alerts (AllowFromDenial) and `egressctl allow`.',
     '# Each entry says who allowed what, when and from which denial record. egressd removes',
-    '# an entry once its `until` has passed and reloads; delete an entry to take it back.',
+    '# an entry once its `until` has passed (it is no longer applied then); delete an entry to take it back.',
   ];
   if (entries.length === 0) return `${lines.join('\n')}\nallowed: []\n`;
   lines.push('allowed:');

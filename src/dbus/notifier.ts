@@ -11,6 +11,10 @@
  *   others are counted and the next one says how many were held back.
  * - Quiet hours: no notifications in the window (local time); the terminal
  *   still prints. Mute: an app named in `mute` is never shown.
+ * - Text: names come from the resolver (learned for anyone's question),
+ *   apps and rules from policy files: a terminal line is escaped for the
+ *   terminal, a notification's body for markup, its summary (plain text by
+ *   the specification) of control characters.
  * - Allow: a notification of a record the daemon can allow offers "Allow";
  *   choosing it calls AllowFromDenial(record, allowScope). Nothing is
  *   allowed until the daemon has applied it: the kernel keeps denying while
@@ -21,6 +25,7 @@ import { z } from 'zod';
 import type { DenialRecord } from '../denials/record.js';
 import { EgressError, ErrorCode } from '../errors.js';
 import { parseScope } from './allow.js';
+import { markupSafe, terminalSafe } from './text.js';
 
 export interface NotifyConfig {
   readonly groupSeconds: number;
@@ -128,7 +133,7 @@ export function ruleText(r: DenialRecord): string {
 export function terminalLine(r: DenialRecord, id: number): string {
   const time = new Date(r.lastSeen).toISOString().slice(11, 19);
   const where = `${destination(r)}${r.name ? ` (${r.address})` : ''} ${r.protocol}${r.port !== undefined ? `/${r.port}` : ''}`;
-  return `${time} ${who(r)} → ${where} blocked ${r.count}× ${ruleText(r)}${id > 0 ? ` [record ${id}]` : ''}`;
+  return terminalSafe(`${time} ${who(r)} → ${where} blocked ${r.count}× ${ruleText(r)}${id > 0 ? ` [record ${id}]` : ''}`);
 }
 
 interface Group {
@@ -164,8 +169,8 @@ export function createNotifier(deps: NotifierDeps): Notifier {
     const r = g.record;
     return {
       replacesId,
-      summary: `${who(r)} tried to reach ${destination(r)}`,
-      body: `blocked ${g.count}×, ${ruleText(r)}${extra}`,
+      summary: terminalSafe(`${who(r)} tried to reach ${destination(r)}`),
+      body: markupSafe(`blocked ${g.count}×, ${ruleText(r)}${extra}`),
       actions: allowable(r, g.recordId) ? ['allow', `Allow ${scopeText}`] : [],
     };
   }
@@ -244,8 +249,8 @@ export function createNotifier(deps: NotifierDeps): Notifier {
       summary = `Not allowed: ${who(r)} → ${destination(r)}`;
       body = (error as Error).message;
     }
-    deps.terminal?.(`${summary} (${body})`);
-    if (deps.desktop) await deps.desktop({ replacesId: notificationId, summary, body, actions: [] });
+    deps.terminal?.(terminalSafe(`${summary} (${body})`));
+    if (deps.desktop) await deps.desktop({ replacesId: notificationId, summary: terminalSafe(summary), body: markupSafe(body), actions: [] });
     groups.delete(keyOf(r));
     byNotification.delete(notificationId);
   }

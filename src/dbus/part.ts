@@ -2,8 +2,9 @@
  * The D-Bus service as a part of the daemon (src/daemon/part.ts): started
  * once a table is enforced, told nothing by later applies (it reads the
  * daemon's status when asked), closed when egressd stops. It also removes
- * allowed entries whose time is up (80-allowed.yaml) and reloads: at start,
- * and at each entry's `until`.
+ * allowed entries whose time is up from 80-allowed.yaml: tidying only, since
+ * apply leaves expired entries out and the daemon re-applies at each `until`
+ * whether or not this part runs.
  */
 import { existsSync } from 'node:fs';
 import type { Part, PartContext, PartSpec } from '../daemon/part.js';

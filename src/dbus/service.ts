@@ -29,12 +29,14 @@
  * not through dbus-next's Interface class, whose handlers are not told who
  * called; every reply or error is sent in one place (`answer`).
  */
+import { readFileSync } from 'node:fs';
 import dbus from 'dbus-next';
 import type { Logger } from 'pino';
 import type { DaemonStatus, ReloadOutcome } from '../daemon/part.js';
 import type { DenialRecord } from '../denials/record.js';
 import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import { nssAccounts, type Accounts } from '../system/nss.js';
+import { parseSubordinate, type SubordinateLine } from '../system/subordinate.js';
 import { callerCredentials, DEFAULT_AUDIT_GROUP, roleOf, type Caller, type PolkitAction, type PolkitCheck } from './access.js';
 import { allowanceFor, DROP_IN, DropIn, manualAllowance, parseScope, type Allowance, type AllowProto } from './allow.js';
 import type { DenialCounters, DenialFeed, DenialStore } from './contracts.js';
@@ -102,9 +104,22 @@ export interface ServiceDeps {
   /** Default: none — only root may change. The part passes pkcheck when polkit is installed. */
   readonly polkit?: PolkitCheck;
   readonly now?: () => number;
-  /** Subscriptions at most per uid and in all (a user cannot make the daemon hold unbounded state). */
+  /**
+   * Subscriptions at most per uid and in all (a user cannot make the daemon
+   * hold unbounded state). A user's subordinate uids (/etc/subuid: what its
+   * user namespaces send as) count as one uid, its range's owner; and
+   * `reservedSubscriptions` of the total are kept for root and audit.
+   */
   readonly maxSubscriptionsPerUid?: number;
   readonly maxSubscriptions?: number;
+  readonly reservedSubscriptions?: number;
+  /** Default /etc/subuid. */
+  readonly subuidFile?: string;
+  /** polkit checks (pkcheck processes) running at most, in all and per uid; past it a call is refused with LimitsExceeded. */
+  readonly maxPolkitChecks?: number;
+  readonly maxPolkitChecksPerUid?: number;
+  /** How long a caller's role (root, audit member, user: NSS lookups) is reused for the same uid. */
+  readonly roleCacheMs?: number;
   /** Denied signals waiting for their store id at most; past it they are dropped and counted. */
   readonly maxPendingSignals?: number;
   /** How long a record waits for its store id before its signal goes (one store flush per tick). */
@@ -168,6 +183,9 @@ const NO_COUNTERS: DenialCounters = { events: 0, records: 0, lost: 0, enobufs: 0
 interface Subscription {
   readonly uid: number;
   readonly all: boolean;
+  /** Whose the uid is for the limits: "uid:N", or "subuid:OWNER" for a uid in OWNER's subordinate range. */
+  readonly holder: string;
+  readonly privileged: boolean;
 }
 
 /** A reply: its signature and body. */
@@ -191,9 +209,14 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
   const auditGroup = deps.auditGroup ?? DEFAULT_AUDIT_GROUP;
   const perUid = deps.maxSubscriptionsPerUid ?? 8;
   const maxSubs = deps.maxSubscriptions ?? 1024;
+  const reserved = Math.min(maxSubs, deps.reservedSubscriptions ?? 64);
+  const subuidFile = deps.subuidFile ?? '/etc/subuid';
   const maxPending = deps.maxPendingSignals ?? 4096;
   const delay = deps.signalDelayMs ?? 100;
   const dropIn = new DropIn(deps.policyDir, deps.reload);
+  const maxPolkit = deps.maxPolkitChecks ?? 16;
+  const maxPolkitPerUid = deps.maxPolkitChecksPerUid ?? 2;
+  const roleCacheMs = deps.roleCacheMs ?? 5000;
 
   const bus = connectBus(deps.busAddress);
   try {
@@ -212,6 +235,9 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
   });
 
   const subscriptions = new Map<string, Subscription>();
+  /** Senders of Subscribe calls being answered (how many of each), and those of them that left the bus meanwhile. */
+  const subscribing = new Map<string, number>();
+  const left = new Set<string>();
   let signalsSent = 0;
   let signalsDropped = 0;
   let pending: DenialRecord[] = [];
@@ -219,14 +245,82 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
 
   const counters = () => deps.feed?.counters() ?? NO_COUNTERS;
 
-  async function caller(sender: string): Promise<Caller> {
-    const { uid, pid } = await callerCredentials(bus, sender);
-    return { sender, uid, pid, ...roleOf(uid, accounts, auditGroup) };
+  // NSS lookups are synchronous (they may ask LDAP): a caller's role is looked up once per uid for roleCacheMs, not per call.
+  const roles = new Map<number, { readonly role: Caller['role']; readonly name: string | undefined; readonly at: number }>();
+  function roleFor(uid: number): { role: Caller['role']; name: string | undefined } {
+    const t = now();
+    const cached = roles.get(uid);
+    if (cached && t - cached.at >= 0 && t - cached.at < roleCacheMs) return cached;
+    // Many uids (a user's subuids): the map is emptied rather than allowed to grow.
+    if (roles.size >= 4096) roles.clear();
+    const found = { ...roleOf(uid, accounts, auditGroup), at: t };
+    roles.set(uid, found);
+    return found;
   }
 
+  // The subordinate ranges, read again at most every roleCacheMs; a file that cannot be read gives none (each uid counts alone).
+  let subuids: { lines: readonly SubordinateLine[]; at: number } | undefined;
+  function holderOf(uid: number): string {
+    const t = now();
+    if (!subuids || !(t - subuids.at >= 0 && t - subuids.at < roleCacheMs)) {
+      let lines: readonly SubordinateLine[];
+      try {
+        lines = parseSubordinate(readFileSync(subuidFile, 'utf8'), subuidFile).lines;
+      } catch {
+        lines = [];
+      }
+      subuids = { lines, at: t };
+    }
+    const range = subuids.lines.find((l) => uid >= l.from && uid <= l.to);
+    return range ? `subuid:${range.owner}` : `uid:${uid}`;
+  }
+
+  /** Whether a unique name is still on the bus (it may have left while its call was being answered). */
+  async function stillConnected(sender: string): Promise<boolean> {
+    try {
+      const reply = await bus.call(
+        new Message({
+          destination: 'org.freedesktop.DBus',
+          path: '/org/freedesktop/DBus',
+          interface: 'org.freedesktop.DBus',
+          member: 'GetNameOwner',
+          signature: 's',
+          body: [sender],
+        }),
+      );
+      return reply?.body[0] === sender;
+    } catch {
+      return false;
+    }
+  }
+
+  async function caller(sender: string): Promise<Caller> {
+    const { uid, pid } = await callerCredentials(bus, sender);
+    const { role, name } = roleFor(uid);
+    return { sender, uid, pid, role, name };
+  }
+
+  // Each polkit check is a pkcheck process that may wait for a person: bounded in all and per uid.
+  const polkitRunning = new Map<number, number>();
+  let polkitTotal = 0;
   async function mayChange(who: Caller, action: PolkitAction): Promise<boolean> {
     if (who.role === 'root') return true;
-    return deps.polkit ? deps.polkit(who.sender, action) : false;
+    if (!deps.polkit) return false;
+    const mine = polkitRunning.get(who.uid) ?? 0;
+    if (mine >= maxPolkitPerUid || polkitTotal >= maxPolkit) {
+      log.warn({ event: 'dbus-polkit-limit', uid: who.uid, running: polkitTotal }, 'authorization checks at their limit; call refused');
+      throw new ServiceLimit(`too many authorization checks in progress (at most ${maxPolkitPerUid} per user, ${maxPolkit} in all); try again`);
+    }
+    polkitRunning.set(who.uid, mine + 1);
+    polkitTotal += 1;
+    try {
+      return await deps.polkit(who.sender, action);
+    } finally {
+      polkitTotal -= 1;
+      const left = (polkitRunning.get(who.uid) ?? 1) - 1;
+      if (left > 0) polkitRunning.set(who.uid, left);
+      else polkitRunning.delete(who.uid);
+    }
   }
 
   function refuse(who: Caller, what: string): EgressError {
@@ -371,11 +465,19 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
           else throw new EgressError(ErrorCode.InvalidArgument, `unknown option "${key.slice(0, 64)}" (known: all)`);
         }
         if (all && who.role === 'user') throw refuse(who, 'Subscribe {all: true}');
+        // Its NameOwnerChanged may have come while this call awaited the bus: then it is not added (it would never be removed).
+        if (!(await stillConnected(msg.sender)) || left.has(msg.sender)) throw new EgressError(ErrorCode.InvalidArgument, 'the subscriber left the bus');
+        const privileged = who.role !== 'user';
+        const holder = holderOf(who.uid);
         if (!subscriptions.has(msg.sender)) {
-          const mine = [...subscriptions.values()].filter((s) => s.uid === who.uid).length;
-          if (mine >= perUid || subscriptions.size >= maxSubs) throw new ServiceLimit(`too many subscriptions (at most ${perUid} per user)`);
+          const held = [...subscriptions.values()];
+          const mine = held.filter((s) => s.holder === holder).length;
+          const users = held.filter((s) => !s.privileged).length;
+          if (mine >= perUid) throw new ServiceLimit(`too many subscriptions (at most ${perUid} per user)`);
+          if (subscriptions.size >= maxSubs || (!privileged && users >= maxSubs - reserved))
+            throw new ServiceLimit(`too many subscriptions (at most ${maxSubs} in all, ${reserved} of them kept for root and ${auditGroup})`);
         }
-        subscriptions.set(msg.sender, { uid: who.uid, all });
+        subscriptions.set(msg.sender, { uid: who.uid, all, holder, privileged });
         return ['a{sv}', [{ uid: new Variant('u', who.uid), all: new Variant('b', all) }]];
       }
       case 'Unsubscribe':
@@ -431,7 +533,22 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
       invalidArgs(msg, `${msg.member} takes (${expected}), not (${signature})`);
       return true;
     }
-    answer(msg, () => call(msg));
+    if (msg.member !== 'Subscribe') {
+      answer(msg, () => call(msg));
+      return true;
+    }
+    // Marked now, before any await: a NameOwnerChanged processed while the call runs is then seen.
+    subscribing.set(msg.sender, (subscribing.get(msg.sender) ?? 0) + 1);
+    answer(msg, () =>
+      call(msg).finally(() => {
+        const n = (subscribing.get(msg.sender) ?? 1) - 1;
+        if (n > 0) subscribing.set(msg.sender, n);
+        else {
+          subscribing.delete(msg.sender);
+          left.delete(msg.sender);
+        }
+      }),
+    );
     return true;
   };
   bus.addMethodHandler(handler);
@@ -440,6 +557,7 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
   const onMessage = (msg: Message) => {
     if (msg.type === dbus.MessageType.SIGNAL && msg.sender === 'org.freedesktop.DBus' && msg.member === 'NameOwnerChanged') {
       const [name, , owner] = msg.body as [string, string, string];
+      if (owner === '' && subscribing.has(name)) left.add(name);
       if (owner === '' && subscriptions.delete(name)) log.info({ event: 'dbus-unsubscribed', name }, 'subscriber left the bus');
     }
   };

@@ -6,6 +6,7 @@ import type { Nft } from '../nft/client.js';
 import { loadPolicyOrThrow } from '../policy/load.js';
 import type { NftTableNames } from '../nft/types.js';
 import type { Policy } from '../policy/model.js';
+import { policyAt, type ExpiredAllow } from '../policy/expiry.js';
 import { resolvePolicy } from '../policy/resolve.js';
 import { defaultLockPath, withEnforcementLock } from './lock.js';
 import { BOOT_FORM_FILE, bootFormText } from './boot-form.js';
@@ -52,6 +53,8 @@ export interface EnforcerDeps {
    * never "none": an apply that cuts nothing would leave orphans sending.
    */
   readonly sockets?: () => SocketAccess;
+  /** The clock: an `allowed:` entry whose `until` is at or before it is left out of what is applied (policy/expiry.ts). Default Date.now. */
+  readonly now?: () => number;
 }
 
 /** Runs a change of enforcement holding the table's lock (lock.ts). Never nested: it would wait for itself. */
@@ -67,6 +70,7 @@ function locked<T>(deps: EnforcerDeps, what: string, change: () => Promise<T>): 
 }
 
 export interface Applied {
+  /** The policy in force: the one given, without the allowed entries that had expired when it was applied. */
   readonly policy: Policy;
   /** What the policy's identities resolved to on this machine when it was compiled. */
   readonly facts: Facts;
@@ -80,6 +84,10 @@ export interface Applied {
   readonly liveNames: ReadonlyMap<string, string>;
   /** The connections of denied identities that were cut (sweep.ts). */
   readonly sweep: SweepOutcome;
+  /** Allowed entries left out because their `until` had passed. */
+  readonly expired: readonly ExpiredAllow[];
+  /** The earliest `until` still ahead: the table should be applied again then (the daemon does). */
+  readonly nextExpiry: number | undefined;
 }
 
 /** A cgroup that vanished between listing and applying makes nft refuse the element; the apply is retried with fresh facts. */
@@ -193,8 +201,10 @@ export function applyLoadedPolicy(policy: Policy, deps: EnforcerDeps, options: {
   return locked(deps, what, () => applyHoldingLock(policy, deps, options));
 }
 
-async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { lockdown?: boolean; reread?: boolean; source: string }): Promise<Applied> {
+async function applyHoldingLock(written: Policy, deps: EnforcerDeps, options: { lockdown?: boolean; reread?: boolean; source: string }): Promise<Applied> {
   const { nft } = deps;
+  // Read holding the lock: an apply that waited for it still drops what expired meanwhile.
+  const { policy, expired, nextExpiry } = policyAt(written, (deps.now ?? Date.now)());
   const live = await readLive(deps, options.reread ?? false);
   const lockdown = options.lockdown ?? live?.summary.lockdown ?? false;
   const next: Generation = live?.generation === 'a' ? 'b' : 'a';
@@ -262,7 +272,7 @@ async function applyHoldingLock(policy: Policy, deps: EnforcerDeps, options: { l
     });
     if (sweep instanceof Error || sweep.failed.length > 0) notCutThrows(deps, sweep);
     const liveNames = new Map(compiled.ruleset.sets.map((set, i) => [set.name, generation.sets[i]!.name]));
-    return { policy, facts, compiled, digest: policy.digest, lockdown, plan, liveFrom: live?.from ?? 'none', liveNames, sweep };
+    return { policy, facts, compiled, digest: policy.digest, lockdown, plan, liveFrom: live?.from ?? 'none', liveNames, sweep, expired, nextExpiry };
   }
 }
 
@@ -404,13 +414,13 @@ export function release(deps: EnforcerDeps): Promise<boolean> {
 /** The compiled policy against the live table, without changing anything. */
 export async function planPolicy(
   dir: string,
-  deps: Pick<EnforcerDeps, 'nft' | 'facts'>,
-): Promise<{ plan: Plan; compiled: Compiled; live: TableSummary | null; policy: Policy }> {
-  const { policy } = loadPolicyOrThrow(dir);
+  deps: Pick<EnforcerDeps, 'nft' | 'facts' | 'now'>,
+): Promise<{ plan: Plan; compiled: Compiled; live: TableSummary | null; policy: Policy; expired: readonly ExpiredAllow[] }> {
+  const { policy, expired } = policyAt(loadPolicyOrThrow(dir).policy, (deps.now ?? Date.now)());
   const live = await liveSummary(deps.nft);
   const compiled = compile(policy, deps.facts(factsNeeded(policy)), { lockdown: live?.lockdown ?? false });
   refuseCompileErrors(compiled, dir);
-  return { plan: planChanges(summarizeCompiled(compiled.ruleset), live), compiled, live, policy };
+  return { plan: planChanges(summarizeCompiled(compiled.ruleset), live), compiled, live, policy, expired };
 }
 
 /**

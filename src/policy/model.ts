@@ -82,6 +82,8 @@ export interface Rule {
    * it when it fills the rule's sets.
    */
   readonly sharedAddresses?: 'deny' | 'spare';
+  /** An `allowed:` entry's end (ms since the epoch, from its `until`): from then on apply leaves the rule out (policy/expiry.ts). */
+  readonly until?: number;
 }
 
 export interface App {

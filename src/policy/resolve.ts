@@ -367,7 +367,9 @@ class Resolver {
         continue;
       }
       const rules = added.get(name) ?? [];
-      rules.push(this.rule(`app/${name}/allowed/${rules.length}`, 'allow', placed.value.allow, 'allow', placed.value, placed, logDenials));
+      const rule = this.rule(`app/${name}/allowed/${rules.length}`, 'allow', placed.value.allow, 'allow', placed.value, placed, logDenials);
+      const until = placed.value.until === undefined ? NaN : Date.parse(placed.value.until);
+      rules.push(Number.isNaN(until) ? rule : { ...rule, until });
       added.set(name, rules);
     }
     return apps.map((app) => (added.has(app.name) ? { ...app, rules: [...added.get(app.name)!, ...app.rules] } : app));

@@ -267,7 +267,7 @@ export const policyFileSchema = z
             .datetime({ offset: true })
             .optional()
             .describe(
-              'When the allow ends (ISO 8601). The running daemon removes the entry then and reloads; loading never reads the clock, so the entry holds until egressd removes it.',
+              'When the allow ends (ISO 8601). From then on every apply leaves the entry out of the table, and the running daemon re-applies at that time; loading never reads the clock (apply does), and egressd removes the entry from the file later.',
             ),
         }),
       )

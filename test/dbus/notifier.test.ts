@@ -63,3 +63,38 @@ describe('the notifier (clock passed in)', () => {
     expect(() => parseNotifyConfig('mute: firefox\n', 'n.yaml')).toThrow(expect.objectContaining({ details: [expect.stringContaining('n.yaml: mute: ')] }));
   });
 });
+
+describe('what the notifier shows is escaped for where it is shown', () => {
+  // A name the resolver learned for anyone's question, with a terminal escape (clear screen, set the title) and markup in it.
+  const hostile = 'x\u001b[2J\u001b]0;owned\u0007<b>&<a href="http://evil">.example.org';
+
+  it('the terminal line has no control characters; the notification body no markup', async () => {
+    const lines: string[] = [];
+    const shown: Notification[] = [];
+    const notifier = createNotifier({
+      config: DEFAULT_NOTIFY_CONFIG,
+      terminal: (line) => lines.push(line),
+      desktop: (n) => {
+        shown.push(n);
+        return Promise.resolve(1);
+      },
+      allow: () => Promise.reject(new Error(`cannot allow ${hostile}`)),
+      now: () => Date.parse('2026-12-04T12:00:00Z'),
+    });
+    await notifier.denied(denial({ name: hostile, ruleId: 'app/<i>x</i>/0' }), 7);
+    await notifier.actionInvoked(1, 'allow');
+    expect(lines).toHaveLength(2);
+    for (const line of lines) {
+      // eslint-disable-next-line no-control-regex
+      expect(line).not.toMatch(/[\u0000-\u001f\u007f-\u009f]/);
+      expect(line).toContain('x\\x1b[2J\\x1b]0;owned\\x07');
+    }
+    for (const n of shown) {
+      // eslint-disable-next-line no-control-regex
+      expect(n.summary + n.body).not.toMatch(/[\u0000-\u001f\u007f-\u009f]/);
+      expect(n.body).not.toMatch(/[<>]/);
+    }
+    expect(shown[0]!.body).toContain('rule app/&lt;i&gt;x&lt;/i&gt;/0');
+    expect(shown[1]!.body).toContain('&lt;b&gt;&amp;&lt;a href=&quot;http://evil&quot;&gt;');
+  });
+});

@@ -32,8 +32,9 @@ drop-in stays as it was. The kernel keeps denying until the apply is done.
                    alerts carry them): its app, and its name (or address),
                    port and protocol
   --app NAME       an app of the policy, with --to: names, *.suffix, IPs, CIDRs
-  --for DURATION   30m, 1h, 1d, 2w (default 1h); egressd removes the entry
-                   when it expires and reloads
+  --for DURATION   30m, 1h, 1d, 2w (default 1h); from then on no apply
+                   includes the entry, the daemon applies again then, and
+                   removes it from the file
   --always         no expiry
 
 Through egressd's D-Bus service (org.egressd.Firewall1) when the daemon runs:

@@ -1,6 +1,7 @@
 import { formatIssue, sortIssues } from '../../policy/issues.js';
 import { loadPolicyDir } from '../../policy/load.js';
 import { compile, factsNeeded } from '../../compile/compile.js';
+import { expiredIssues, policyAt } from '../../policy/expiry.js';
 import { capabilityCheck, printCapabilityCheck } from '../capability-warnings.js';
 import { DEFAULT_POLICY_DIR, Exit, parseFlags, printIssues, type Command, type Deps } from '../deps.js';
 
@@ -19,7 +20,8 @@ files they name, then compiles the result, without changing the system.
 Every problem is printed as FILE:LINE:COL: message (hint), all at once.
 User and group names are looked up through NSS: a system domain member or
 Tor's user (while updates over Tor are on) that does not exist on this
-machine is an error unless its policy says optional: true.
+machine is an error unless its policy says optional: true. An allowed
+entry whose \`until\` has passed is a warning: apply leaves it out.
 
 A system domain member, or an updater while updates go over Tor, that holds
 CAP_NET_RAW or CAP_NET_ADMIN is not confined by the table (AF_PACKET frames
@@ -61,7 +63,8 @@ Use it in CI to check policies before they are distributed.`,
     const { policy } = result;
     const facts = deps.facts(factsNeeded(policy));
     const compiled = compile(policy, facts);
-    const warnings = [...result.warnings, ...compiled.warnings];
+    // Checked whole (an expired entry must still be valid to stay in the file), and said which entries apply no more.
+    const warnings = [...result.warnings, ...compiled.warnings, ...expiredIssues(policyAt(policy, (deps.now ?? Date.now)()).expired)];
     if (compiled.errors.length > 0) {
       if (options.json) deps.out(JSON.stringify({ ok: false, errors: toJson(compiled.errors), warnings: toJson(warnings) }, null, 2));
       else {

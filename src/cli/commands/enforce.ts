@@ -10,6 +10,7 @@ import { readSwitches, SWITCHES_FILE } from '../../state/switches.js';
 import { capabilityCheck, capabilityCheckJson, printCapabilityCheck } from '../capability-warnings.js';
 import { resolverStatusLine } from '../learned.js';
 import { DEFAULT_POLICY_DIR, Exit, parseFlags, printIssues, type Command, type Deps } from '../deps.js';
+import { expiredIssues } from '../../policy/expiry.js';
 
 /** Said by every command that finds lockdown on, in the same words. */
 const LOCKDOWN_IS_ON =
@@ -20,6 +21,7 @@ export async function enforcerDeps(deps: Deps): Promise<EnforcerDeps> {
   return {
     nft: await deps.nft(),
     facts: deps.facts,
+    ...(deps.now ? { now: deps.now } : {}),
     stateDir: deps.stateDir,
     audit: deps.audit,
     waiting: (holder) => deps.err(`waiting for another change of enforcement to finish (${holder})`),
@@ -111,7 +113,7 @@ denied identities could not be cut (EGD_SOCKETS_NOT_CUT: the table stays).`,
   async run(options, deps) {
     const enforcer = await enforcerDeps(deps);
     const applied = await applyPolicy(options.dir, enforcer, { reread: options.reread });
-    printIssues(deps, options.dir, applied.compiled.warnings);
+    printIssues(deps, options.dir, [...expiredIssues(applied.expired), ...applied.compiled.warnings]);
     const rules = applied.compiled.ruleset.chains.reduce((n, c) => n + c.rules.length, 0);
     if (options.json) {
       deps.out(
@@ -127,6 +129,7 @@ denied identities could not be cut (EGD_SOCKETS_NOT_CUT: the table stays).`,
             liveNames: Object.fromEntries(applied.liveNames),
             plan: applied.plan,
             sweep: applied.sweep,
+            expired: applied.expired.map((e) => ({ app: e.app, ruleId: e.rule.id, until: new Date(e.until).toISOString(), at: e.rule.at })),
           },
           null,
           2,
@@ -152,14 +155,23 @@ Compiles the policy in DIR (default ${DEFAULT_POLICY_DIR}) and compares it with
 the live table inet egressd, changing nothing: rules added (+) and removed
 (-), named by file:line and rule id, and sets whose contents would change
 (~, with sizes). Sets filled at run time (DNS answers, cgroups) are compared
-by size only.
+by size only. An allowed entry whose \`until\` has passed is left out, as
+apply leaves it out, and named as expired.
 
 Exit status: 0 nothing would change, 1 something would, 2 invalid policy,
 3 system error.`,
   parse: (argv) => onePolicyDir('plan', argv),
   async run(options, deps) {
-    const { plan: result } = await planPolicy(options.dir, await enforcerDeps(deps));
-    if (options.json) deps.out(JSON.stringify(result, null, 2));
+    const { plan: result, expired } = await planPolicy(options.dir, await enforcerDeps(deps));
+    if (options.json)
+      deps.out(
+        JSON.stringify(
+          { ...result, expired: expired.map((e) => ({ app: e.app, ruleId: e.rule.id, until: new Date(e.until).toISOString(), at: e.rule.at })) },
+          null,
+          2,
+        ),
+      );
+    else printIssues(deps, options.dir, expiredIssues(expired));
     if (!result.changes) {
       deps.err(`${options.dir}: the live table already matches; nothing would change`);
       return Exit.Ok;

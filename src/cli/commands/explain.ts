@@ -4,6 +4,7 @@ import { explain as explainPolicy, unitCgroup, type Who } from '../../compile/ex
 import { ruleIdTable } from '../../compile/rule-ids.js';
 import { EgressError, ErrorCode } from '../../errors.js';
 import type { Protocol } from '../../policy/model.js';
+import { expiredIssues, policyAt } from '../../policy/expiry.js';
 import { describeLearned, learnedFrom, type LearnedReport } from '../learned.js';
 import { DEFAULT_POLICY_DIR, Exit, loadForCommand, parseFlags, type Command } from '../deps.js';
 
@@ -94,8 +95,11 @@ not be looked up (the name service failed).`,
   },
 
   async run(options, deps) {
-    const loaded = loadForCommand(options.dir, deps, true);
-    if (!loaded) return Exit.BadInput;
+    const read = loadForCommand(options.dir, deps, true);
+    if (!read) return Exit.BadInput;
+    // Judged as apply would apply it now: an allowed entry whose time is up decides nothing.
+    const { policy: inForce, expired } = policyAt(read.policy, (deps.now ?? Date.now)());
+    const loaded = { ...read, policy: inForce };
     // The names the policy mentions and the one asked about; numeric ids need no lookup.
     const needed = factsNeeded(loaded.policy);
     const { who } = options;
@@ -147,12 +151,26 @@ not be looked up (the name service failed).`,
     // The id the kernel's log prefix and counters carry for this rule; loopback has none.
     const shortId = ruleIdTable(loaded.policy, { lockdown: options.lockdown }).find((entry) => entry.ruleId === answer.ruleId)?.id ?? null;
     if (options.json) {
-      deps.out(JSON.stringify({ ...answer, shortId, at: answer.at ? { ...answer.at, path: where } : null, ...(learned && { learnedFrom: learned }) }, null, 2));
+      const gone = expired.map((e) => ({ app: e.app, ruleId: e.rule.id, until: new Date(e.until).toISOString(), at: e.rule.at }));
+      deps.out(
+        JSON.stringify(
+          {
+            ...answer,
+            shortId,
+            at: answer.at ? { ...answer.at, path: where } : null,
+            ...(learned && { learnedFrom: learned }),
+            ...(gone.length > 0 && { expired: gone }),
+          },
+          null,
+          2,
+        ),
+      );
     } else {
       deps.err(`${answer.verdict === 'allow' ? 'ALLOWED' : 'DENIED'} by ${answer.ruleId}${shortId ? ` [${shortId}]` : ''} (${answer.level}) at ${where}`);
       if (answer.why) deps.err(`  why: ${answer.why}`);
       for (const step of answer.steps) deps.err(`  - ${step}`);
       for (const note of answer.notes) deps.err(`  note: ${note}`);
+      for (const issue of expiredIssues(expired)) deps.err(`  note: ${issue.message} (${options.dir.replace(/\/+$/, '')}/${issue.at.file}:${issue.at.line})`);
       if (learned) for (const line of describeLearned(options.host, learned)) deps.err(line);
     }
     return answer.verdict === 'allow' ? Exit.Ok : Exit.Answer;
