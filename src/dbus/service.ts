@@ -336,8 +336,11 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
   function statusDict(): Record<string, InstanceType<typeof Variant>> {
     const s = deps.status();
     const c = counters();
+    // The one line of updates over Tor (the daemon's tor part): "updates: over Tor (bootstrapped 100 %)", "updates: blocked — …", "updates: direct …".
+    const updates = s.parts.find((p) => p.name === 'tor')?.detail;
     return {
       state: new Variant('s', s.state),
+      ...(updates !== undefined ? { updates: new Variant('s', updates) } : {}),
       ...(s.digest !== undefined ? { digest: new Variant('s', s.digest) } : {}),
       lockdown: new Variant('b', s.lockdown),
       parts: new Variant(

@@ -54,7 +54,10 @@ describe.skipIf(skip)(`org.egressd.Firewall1 on a real system-like bus ${skip ? 
     state: 'enforcing',
     digest: 'abc123',
     lockdown: false,
-    parts: [{ name: 'resolver', state: 'running', detail: 'on 127.0.0.153', restarts: 0 }],
+    parts: [
+      { name: 'resolver', state: 'running', detail: 'on 127.0.0.153', restarts: 0 },
+      { name: 'tor', state: 'running', detail: 'updates: blocked — Tor not running', restarts: 0 },
+    ],
   };
 
   /** The stand-in reload: loads what the daemon would apply and answers as applyPolicy would. */
@@ -99,6 +102,8 @@ describe.skipIf(skip)(`org.egressd.Firewall1 on a real system-like bus ${skip ? 
   it('Status and the properties answer anyone, with the daemon state and the denial counters (lost events included)', async () => {
     const [line] = await runClient(users.app2, buses.system, [['status']]);
     expect(line!.ok).toMatchObject({ state: 'enforcing', digest: 'abc123', lockdown: false, lost: 3, enobufs: 1, sequenceGaps: 2 });
+    // Updates over Tor in one line, as egressctl status and tor status say it (the daemon's tor part).
+    expect(line!.ok).toMatchObject({ updates: 'updates: blocked — Tor not running' });
     const bus = dbus.sessionBus({ busAddress: buses.system });
     try {
       const obj = await bus.getProxyObject(BUS_NAME, OBJECT_PATH);
