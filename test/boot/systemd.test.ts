@@ -172,6 +172,10 @@ describe.skipIf(unavailable)(`egressd under systemd as PID 1 (Debian 12 in syste
 
   it('a reboot comes back enforcing: egressd-early has the last good ruleset in force before network-pre.target, and egressd is ready before it too', async () => {
     times.reboot = await machine.reboot();
+    // journald may write a unit's early lines a moment after the system says it is running: the boot's journal is read once they are in it.
+    await waitFor("egressd-early's lines in this boot's journal", async () =>
+      (await journal()).some((e) => (e.MESSAGE ?? '').startsWith('last good ruleset in force')),
+    ).catch(() => undefined);
     const entries = await journal();
     const at = (pick: (e: Entry) => boolean, what: string) => {
       const i = entries.findIndex(pick);
