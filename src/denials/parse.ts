@@ -5,6 +5,7 @@
  * read — never a throw: a malformed packet message costs one `unparsed`,
  * a malformed datagram (bad netlink framing) one per datagram.
  */
+import { formatGroups } from '../policy/destination.js';
 import { NlmsgType, parseAttributes, parseMessages } from '../system/netlink.js';
 import { parseLogPrefix } from '../compile/log-prefix.js';
 import { NFULNL_MSG_PACKET } from './nflog.js';
@@ -179,24 +180,7 @@ function portAt(packet: Buffer, offset: number, protocol: number): number | unde
 export function ipv6Text(bytes: Buffer): string {
   const groups: number[] = [];
   for (let i = 0; i < 16; i += 2) groups.push(bytes.readUInt16BE(i));
-  let bestStart = -1;
-  let bestLength = 1;
-  for (let i = 0; i < 8;) {
-    if (groups[i] !== 0) {
-      i++;
-      continue;
-    }
-    let j = i;
-    while (j < 8 && groups[j] === 0) j++;
-    if (j - i > bestLength) {
-      bestStart = i;
-      bestLength = j - i;
-    }
-    i = j;
-  }
-  const hex = (list: number[]) => list.map((g) => g.toString(16)).join(':');
   // IPv4-mapped, as Node and nft write it (a policy's v4 rules never see one; the kernel drops it).
-  if (bestStart === 0 && bestLength === 5 && groups[5] === 0xffff) return `::ffff:${bytes[12]}.${bytes[13]}.${bytes[14]}.${bytes[15]}`;
-  if (bestStart < 0) return hex(groups);
-  return `${hex(groups.slice(0, bestStart))}::${hex(groups.slice(bestStart + bestLength))}`;
+  if (groups.slice(0, 5).every((g) => g === 0) && groups[5] === 0xffff) return `::ffff:${bytes[12]}.${bytes[13]}.${bytes[14]}.${bytes[15]}`;
+  return formatGroups(6, groups);
 }

@@ -88,6 +88,12 @@ export const MAX_WRITES_PER_TRANSACTION = 8192;
 
 /** Opens a netlink socket in this process's network namespace and binds libnftnl; throws EGD_NFT_UNAVAILABLE or EGD_NETLINK when either cannot be had. */
 export function openSetElementWriter(table: { family: 'inet'; name: string } = EGRESSD_TABLE, options: SetElementWriterOptions = {}): SetElementWriter {
+  const { api, transport } = openNetfilter(table, options);
+  return createSetElementWriter(api, transport, table.name, options.destroy === undefined ? {} : { destroy: options.destroy });
+}
+
+/** libnftnl and a netlink socket of this process's network namespace, for writes into `table`. */
+function openNetfilter(table: { family: 'inet'; name: string }, options: SetElementWriterOptions): { api: LibnftnlApi; transport: NetlinkTransport } {
   // The types say inet; the check holds whatever a caller cast.
   // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition
   if (table.family !== 'inet') throw refusedBeforeSending(`only inet tables are written, not ${String(table.family)}`);
@@ -98,7 +104,7 @@ export function openSetElementWriter(table: { family: 'inet'; name: string } = E
     sendBufferBytes: SEND_BUFFER_BYTES,
     ...(options.receiveTimeoutMs === undefined ? {} : { receiveTimeoutMs: options.receiveTimeoutMs }),
   });
-  return createSetElementWriter(api, transport, table.name, options.destroy === undefined ? {} : { destroy: options.destroy });
+  return { api, transport };
 }
 
 export interface WriterInternals {
@@ -635,15 +641,7 @@ export interface CgroupMapWriter {
 
 /** Opens a netlink socket in this process's network namespace for cgroup map writes; throws EGD_NFT_UNAVAILABLE or EGD_NETLINK when either cannot be had. */
 export function openCgroupMapWriter(table: { family: 'inet'; name: string } = EGRESSD_TABLE, options: SetElementWriterOptions = {}): CgroupMapWriter {
-  // eslint-disable-next-line @typescript-eslint/no-unnecessary-condition
-  if (table.family !== 'inet') throw refusedBeforeSending(`only inet tables are written, not ${String(table.family)}`);
-  checkWriteName('table', table.name);
-  const api = loadLibnftnl(options.libraryPath ?? DEFAULT_LIBNFTNL);
-  const transport = openNetlinkTransport(NetlinkFamily.Netfilter, {
-    extendedAck: true,
-    sendBufferBytes: SEND_BUFFER_BYTES,
-    ...(options.receiveTimeoutMs === undefined ? {} : { receiveTimeoutMs: options.receiveTimeoutMs }),
-  });
+  const { api, transport } = openNetfilter(table, options);
   return createCgroupMapWriter(api, transport, table.name, options.destroy === undefined ? {} : { destroy: options.destroy });
 }
 

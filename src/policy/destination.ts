@@ -338,7 +338,8 @@ export function groupsKey(groups: readonly number[]): string {
   return String.fromCharCode(...groups);
 }
 
-function formatGroups(family: 4 | 6, groups: readonly number[]): string {
+/** An address's text from its 16-bit groups (two for IPv4, eight for IPv6), IPv6 as RFC 5952 writes it. */
+export function formatGroups(family: 4 | 6, groups: readonly number[]): string {
   if (family === 4) return `${groups[0]! >> 8}.${groups[0]! & 255}.${groups[1]! >> 8}.${groups[1]! & 255}`;
   // RFC 5952: compress the longest run (length ≥ 2) of zero groups, the first one on ties.
   let bestStart = -1;
