@@ -162,8 +162,11 @@ export function setWriteRefusal(value: unknown): SetWriteRefusal | undefined {
   return value instanceof SetWriteRefusedError ? value.reason : undefined;
 }
 
-/** Why the resolver could not start: `listen` (an address could not be bound), `upstream` (an upstream is not "ADDR" or "ADDR#PORT"), `mark` (SO_MARK refused: no CAP_NET_ADMIN). */
-export type ResolverStartFailure = 'listen' | 'upstream' | 'mark';
+/**
+ * Why the resolver could not start: `listen` (an address could not be bound), `upstream` (an upstream is not "ADDR" or "ADDR#PORT"),
+ * `mark` (SO_MARK refused: no CAP_NET_ADMIN), `unit-allow` (egressd's unit denies addresses and would not let the upstreams through).
+ */
+export type ResolverStartFailure = 'listen' | 'upstream' | 'mark' | 'unit-allow';
 
 /** The resolver could not start (code EGD_RESOLVER_START); nothing of it is left running. */
 export class ResolverStartError extends EgressError {

@@ -26,6 +26,8 @@ import { followUpstreams, rediscover } from './follow-upstreams.js';
 import { discoverUpstreams, type Discovered } from './upstreams.js';
 import type { FileWatch, WatchFilesOptions } from '../system/watch-files.js';
 import { openWhoAsks, type Who, type WhoAsks } from './who.js';
+import { allowUnitUpstreams, type UnitAllowOutcome } from '../system/unit-address-allow.js';
+import { ResolverStartError } from '../errors.js';
 
 /** The policy in force and what it was compiled against. */
 export interface InForce {
@@ -48,6 +50,12 @@ export interface ResolverRuntimeOptions {
   readonly port?: number;
   /** Follow the machine's upstreams (when the policy names none) as their files change; false: only at start and update. */
   readonly followUpstreams?: false | WatchFilesOptions;
+  /**
+   * Lets the process reach these upstreams before the resolver asks them,
+   * every time they change; default: egressd's unit's IPAddressAllow
+   * (src/system/unit-address-allow.ts), which does nothing outside a unit.
+   */
+  readonly allowUpstreams?: (upstreams: readonly string[]) => Promise<UnitAllowOutcome>;
 }
 
 export interface ResolverRuntime {
@@ -147,8 +155,24 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
         await filler.learn(question, records);
       }
     };
-    const serve = (settings: DnsSettings, servers: readonly string[]): Promise<Resolver> =>
-      startResolver<Who>({
+    const allowUpstreams = options.allowUpstreams ?? ((servers: readonly string[]) => allowUnitUpstreams(servers));
+    let allowedFor: string | undefined;
+    const serve = async (settings: DnsSettings, servers: readonly string[]): Promise<Resolver> => {
+      const key = servers.join(' ');
+      if (allowedFor !== key) {
+        const outcome = await allowUpstreams(servers).catch((error: unknown) => {
+          throw new ResolverStartError('unit-allow', `the upstreams ${servers.join(', ')} could not be let through egressd's unit: ${String(error)}`, {
+            cause: error,
+          });
+        });
+        allowedFor = key;
+        if (outcome.kind === 'set')
+          log.info(
+            { event: 'resolver-unit-allow', unit: outcome.unit, allowed: outcome.allowed },
+            `resolver: ${outcome.unit} may reach ${outcome.allowed.join(', ')}`,
+          );
+      }
+      return startResolver<Who>({
         listen: settings.listen,
         ...(options.port === undefined ? {} : { port: options.port }),
         upstreams: servers,
@@ -163,6 +187,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
         // One local user cannot take every query slot (names whose servers never answer hold one for 2.5 s each).
         askerKey: (asker) => String(asker.uid),
       });
+    };
     resolver = await serve(dns, upstreams);
     let listening = true;
     const counters = (): Record<string, number> => ({ ...resolver!.stats(), ...filler.counters, ...prefixed('memory', memory.counters()) });

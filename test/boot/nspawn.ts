@@ -39,6 +39,7 @@ export class Machine {
     image: string,
     private readonly checkout: string,
     private readonly name = `egdboot${process.pid}`,
+    private readonly extraArgs: readonly string[] = [],
   ) {
     this.scratch = mkdtempSync(join(tmpdir(), 'egressd-boot-'));
     this.merged = join(this.scratch, 'root');
@@ -69,6 +70,7 @@ export class Machine {
         '--bind-ro=/usr/bin/node',
         `--bind-ro=${this.checkout}:/src`,
         `--bind-ro=${modules}`,
+        ...this.extraArgs,
       ],
       { stdio: ['ignore', 'pipe', 'pipe'], env: { PATH, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY: '1' } },
     );
@@ -127,6 +129,8 @@ export class Machine {
         clearTimeout(timer);
         resolve({ code, stdout, stderr });
       });
+      // A command that exits before reading its input (systemctl reboot) closes the pipe: not an error of the command's.
+      child.stdin.on('error', () => undefined);
       child.stdin.end(options.input ?? '');
     });
   }

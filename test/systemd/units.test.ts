@@ -120,6 +120,11 @@ describe('egressd.service as the daemon needs it', () => {
   it('keeps the address families sd_notify, nftables and sock_diag need', () => {
     expect(settings('RestrictAddressFamilies')).toEqual(['AF_UNIX AF_NETLINK AF_INET AF_INET6']);
   });
+
+  it('reaches no address but loopback by itself: the resolver adds its upstreams at run time (test/boot checks the kernel holds to it)', () => {
+    expect(settings('IPAddressDeny')).toEqual(['any']);
+    expect(settings('IPAddressAllow')).toEqual(['localhost']);
+  });
 });
 
 /** Node's JIT writes code and then runs it: under MemoryDenyWriteExecute (PR_SET_MDWE, Linux 6.3) V8 aborts, so the unit cannot set it. */
@@ -166,5 +171,16 @@ describe.skipIf(!has('systemd-tmpfiles') || !has('systemd-sysusers'))('the sysus
     expect(denials.mode & 0o7777).toBe(0o2750);
     expect(denials.gid).toBe(Number(/^egressd-audit:x:(\d+):$/m.exec(readFileSync(join(root, 'etc/group'), 'utf8'))![1]));
     expect(statSync(join(root, 'run/egressd')).mode & 0o7777).toBe(0o755);
+  });
+});
+
+describe('egressd-early.service as the boot needs it', () => {
+  const unit = readFileSync(join(SYSTEMD_DIR, 'egressd-early.service'), 'utf8');
+  const settings = (key: string) => [...unit.matchAll(new RegExp(`^${key}=(.*)$`, 'gm'))].map((m) => m[1]);
+
+  it('sets up no /dev of its own (it raced with the boot and failed the unit: systemd/README.md), and opens no device', () => {
+    expect(settings('PrivateDevices')).toEqual(['no']);
+    expect(settings('DevicePolicy')).toEqual(['closed']);
+    expect(settings('DeviceAllow')).toEqual([]);
   });
 });

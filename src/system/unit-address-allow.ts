@@ -1,0 +1,131 @@
+/**
+ * The addresses egressd's own unit may talk to, set while it runs.
+ *
+ * egressd.service has `IPAddressDeny=any` and `IPAddressAllow=localhost`:
+ * systemd's BPF program on the unit's cgroup drops every packet egressd's
+ * processes send to (or receive from) anywhere else, so a bug or an exploit
+ * in the process that parses DNS answers and D-Bus calls cannot reach the
+ * network. Its resolver must reach its upstreams, which are known only at
+ * run time (the policy's, or the machine's own, which DHCP changes), so the
+ * resolver allows exactly those (`systemctl set-property --runtime`: gone
+ * at reboot) before it asks them, and again when they change: the old ones
+ * are allowed no longer.
+ *
+ * One call both clears the list and sets the new one (systemd merges a
+ * non-empty list into what is there, and an empty one clears it): the BPF
+ * program is rebuilt once, after the call, so there is no moment with
+ * loopback missing. Nothing here runs where it has nothing to do: outside
+ * a systemd unit (a container, the foreground, tests), or in a unit with no
+ * IPAddressDeny.
+ */
+import { execFile } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { addressGroups, formatGroups, parseNetwork } from '../policy/destination.js';
+
+const AF_INET = 2;
+const AF_INET6 = 10;
+
+/** systemd's a(iayu): address family, address bytes, prefix length. */
+export type UnitAddressPrefix = readonly [family: number, address: readonly number[], prefix: number];
+
+/** What `localhost` means in a unit file (systemd.resource-control(5)): 127.0.0.0/8 and ::1/128. */
+const LOOPBACK: readonly UnitAddressPrefix[] = [
+  [AF_INET, [127, 0, 0, 0], 8],
+  [AF_INET6, [...new Array<number>(15).fill(0), 1], 128],
+];
+
+/** The unit's allow list for these upstreams ("ADDR" or "ADDR#PORT"): each address alone, and loopback. Pure. */
+export function allowListFor(upstreams: readonly string[]): UnitAddressPrefix[] {
+  const out: UnitAddressPrefix[] = [...LOOPBACK];
+  const seen = new Set<string>();
+  for (const upstream of upstreams) {
+    const host = upstream.split('#')[0] ?? '';
+    const parsed = parseNetwork(host);
+    if (!parsed.ok || /[/%]/.test(host)) throw new Error(`upstream "${upstream}" is not ADDR or ADDR#PORT`);
+    const { family, address } = parsed.value;
+    if (seen.has(address)) continue;
+    seen.add(address);
+    const bytes = addressGroups(family, address).flatMap((group) => [group >> 8, group & 255]);
+    out.push(family === 4 ? [AF_INET, bytes, 32] : [AF_INET6, bytes, 128]);
+  }
+  return out;
+}
+
+/** A prefix as text, for logs and for comparing with what systemd holds: "127.0.0.0/8", "2001:db8::1/128". */
+export function prefixText([family, address, prefix]: UnitAddressPrefix): string {
+  const groups: number[] = [];
+  for (let i = 0; i < address.length; i += 2) groups.push(((address[i] ?? 0) << 8) | (address[i + 1] ?? 0));
+  return `${formatGroups(family === AF_INET ? 4 : 6, groups)}/${prefix}`;
+}
+
+export type UnitAllowOutcome =
+  /** The unit's allow list is now loopback and these upstreams. */
+  | { readonly kind: 'set'; readonly unit: string; readonly allowed: readonly string[] }
+  /** Nothing to do: not started by systemd, or the unit denies nothing. */
+  | { readonly kind: 'unconfined'; readonly why: string };
+
+export interface UnitAllowOptions {
+  /**
+   * The unit egressd is the process of; default: the last part of its
+   * cgroup when systemd started this very process (SYSTEMD_EXEC_PID is its
+   * pid: children of a unit, a CI runner's tests among them, inherit the
+   * variable but not the pid), else none.
+   */
+  readonly unit?: string | undefined;
+  /** `systemctl`, run with argv; default /usr/bin/systemctl, which talks to systemd's private socket (no D-Bus daemon needed). */
+  readonly systemctl?: (args: readonly string[]) => Promise<string>;
+}
+
+/** The unit systemd started this process as, or undefined. */
+export function ownUnit(env: NodeJS.ProcessEnv = process.env, pid = process.pid, cgroupFile = '/proc/self/cgroup'): string | undefined {
+  if (env['SYSTEMD_EXEC_PID'] !== String(pid)) return undefined;
+  let text: string;
+  try {
+    text = readFileSync(cgroupFile, 'utf8');
+  } catch {
+    return undefined;
+  }
+  const path = /^0::(\S+)$/m.exec(text)?.[1] ?? '';
+  const last = path.slice(path.lastIndexOf('/') + 1);
+  return /^[\w:@.\\-]+\.service$/.test(last) ? last : undefined;
+}
+
+function runSystemctl(args: readonly string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    execFile('/usr/bin/systemctl', [...args], { timeout: 10_000, encoding: 'utf8' }, (error, stdout, stderr) => {
+      if (error) reject(new Error(`systemctl ${args.join(' ')}: ${stderr.trim() || error.message}`));
+      else resolve(stdout);
+    });
+  });
+}
+
+/**
+ * Lets egressd's unit reach exactly these upstreams (and loopback). Throws
+ * when the unit denies addresses and the list could not be set, or was not
+ * read back as set: the resolver must not start believing it can ask
+ * servers the kernel will not let it reach.
+ *
+ * Through systemctl and so systemd's private socket, not the system bus:
+ * egressd starts before the network, and nothing orders the D-Bus daemon
+ * before it.
+ */
+export async function allowUnitUpstreams(upstreams: readonly string[], options: UnitAllowOptions = {}): Promise<UnitAllowOutcome> {
+  const unit = 'unit' in options ? options.unit : ownUnit();
+  if (unit === undefined) return { kind: 'unconfined', why: 'not started by systemd' };
+  const wanted = allowListFor(upstreams).map(prefixText);
+  const systemctl = options.systemctl ?? runSystemctl;
+  const show = async (): Promise<Record<string, string>> =>
+    Object.fromEntries(
+      (await systemctl(['show', unit, '--property=IPAddressDeny', '--property=IPAddressAllow']))
+        .split('\n')
+        .filter((line) => line.includes('='))
+        .map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]),
+    );
+  if ((await show())['IPAddressDeny']?.trim() === '') return { kind: 'unconfined', why: `${unit} denies no address` };
+  // One call: systemd clears the list (the empty value), then sets the new one, and rebuilds its BPF program once, after both.
+  await systemctl(['set-property', '--runtime', unit, 'IPAddressAllow=', `IPAddressAllow=${wanted.join(' ')}`]);
+  const held = new Set(((await show())['IPAddressAllow'] ?? '').split(/\s+/).filter(Boolean));
+  const missing = wanted.filter((prefix) => !held.has(prefix));
+  if (missing.length > 0) throw new Error(`${unit}'s IPAddressAllow lacks ${missing.join(', ')} after it was set (it holds: ${[...held].join(' ')})`);
+  return { kind: 'set', unit, allowed: wanted };
+}
