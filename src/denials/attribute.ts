@@ -44,7 +44,8 @@ const SENDER_CACHE = 4096;
  * alone cannot say which app it was.
  */
 export function appOfUid(policy: Policy, facts: ExplainFacts): (uid: number) => string | undefined {
-  if (policy.apps.some((app) => app.identities.some((identity) => identity.selectors.some((s) => s.kind === 'cgroup')))) return () => undefined;
+  if (policy.apps.length === 0 || policy.apps.some((app) => app.identities.some((identity) => identity.selectors.some((s) => s.kind === 'cgroup'))))
+    return () => undefined;
   const known = new Map<number, string | undefined>();
   return (uid) => {
     if (known.has(uid)) return known.get(uid);
