@@ -161,7 +161,8 @@ export function createNotifier(deps: NotifierDeps): Notifier {
   let heldBack = 0;
   const stats = { shown: 0, updated: 0, heldBack: 0, muted: 0, quiet: 0 };
 
-  const keyOf = (r: DenialRecord) => `${r.app ?? r.domain ?? r.uid ?? '-'}|${destination(r)}|${r.shortId}`;
+  // Port and protocol too: "Allow" allows its group's record, so a group must never hold two destinations the allow would tell apart.
+  const keyOf = (r: DenialRecord) => `${r.app ?? r.domain ?? r.uid ?? '-'}|${destination(r)}|${r.protocol}/${r.port ?? '-'}|${r.shortId}`;
   const allowable = (r: DenialRecord, id: number) => id > 0 && r.app !== undefined && (r.kind === undefined || ALLOWABLE.has(r.kind));
   const scopeText = config.allowScope === 'always' ? 'always' : `for ${config.allowScope}`;
 

@@ -4,12 +4,16 @@
  * from. Rules of earlier applies stay known while this process runs, so a
  * packet logged just before an apply and read just after still finds its rule.
  */
+import { placeAsker, type ExplainFacts } from '../compile/explain.js';
 import type { RuleIdEntry } from '../compile/rule-ids.js';
+import type { Policy } from '../policy/model.js';
 import type { Aggregate } from './aggregate.js';
 import type { DenialRecord } from './record.js';
 
 export class RuleLookup {
   private rules = new Map<string, RuleIdEntry>();
+  /** The app a uid's packets go to (appOfUid), for rules of no app; none until the policy in force is given. */
+  senderApp: (uid: number) => string | undefined = () => undefined;
 
   /** The table now in force; entries of earlier tables stay unless the same short id is now another rule. */
   replace(entries: readonly RuleIdEntry[]): void {
@@ -27,9 +31,37 @@ export class RuleLookup {
   }
 }
 
+/** Uids whose app is remembered at most (a flood of subordinate uids must not grow it without bound). */
+const SENDER_CACHE = 4096;
+
+/**
+ * The app whose chain the kernel sends a uid's packets to, by the policy's
+ * own dispatch (explain's placeAsker): so that a denial by a rule of no app
+ * (the global deny list, the default) still names the app that sent it, and
+ * can be allowed from for that app. When some app is chosen by cgroup it
+ * answers nothing: a socket in that cgroup goes to that app's chain before
+ * any uid is looked at, and NFLOG does not carry the cgroup, so the uid
+ * alone cannot say which app it was.
+ */
+export function appOfUid(policy: Policy, facts: ExplainFacts): (uid: number) => string | undefined {
+  if (policy.apps.length === 0 || policy.apps.some((app) => app.identities.some((identity) => identity.selectors.some((s) => s.kind === 'cgroup'))))
+    return () => undefined;
+  const known = new Map<number, string | undefined>();
+  return (uid) => {
+    if (known.has(uid)) return known.get(uid);
+    const place = placeAsker(policy, { kind: 'user', user: uid }, facts);
+    const app = 'error' in place || place.systemDomain || place.torUpdater ? undefined : place.app?.name;
+    if (known.size >= SENDER_CACHE) known.clear();
+    known.set(uid, app);
+    return app;
+  };
+}
+
 export function attribute(aggregate: Aggregate, rules: RuleLookup, learnedNames: (address: string) => readonly string[]): DenialRecord {
   const { event } = aggregate;
   const rule = rules.get(event.shortId);
+  // A rule of an app or system domain says who; a global rule is the sender's app's too, when the uid says which.
+  const app = rule?.app ?? (rule?.domain === undefined && event.uid !== undefined ? rules.senderApp(event.uid) : undefined);
   return {
     firstSeen: aggregate.firstSeen,
     lastSeen: aggregate.lastSeen,
@@ -39,7 +71,7 @@ export function attribute(aggregate: Aggregate, rules: RuleLookup, learnedNames:
     kind: rule?.kind,
     file: rule?.file,
     line: rule?.line,
-    app: rule?.app,
+    app,
     domain: rule?.domain,
     uid: event.uid,
     gid: event.gid,

@@ -22,7 +22,7 @@ import type { InForce } from '../resolver/runtime.js';
 import { readRuleTable } from '../state/rule-table.js';
 import { NetlinkError } from '../system/netlink.js';
 import { Aggregator, type Aggregate, type AggregatorOptions } from './aggregate.js';
-import { attribute, RuleLookup } from './attribute.js';
+import { appOfUid, attribute, RuleLookup } from './attribute.js';
 import { openNflog, type NflogOptions, type NflogSocket } from './nflog.js';
 import { parseDatagram, type DenialEvent } from './parse.js';
 import type { DenialRecord } from './record.js';
@@ -219,6 +219,7 @@ export function startDenialReader(
   const pipeline = new DenialPipeline(hub, (address) => context.learnedNames(address), options);
   const loadRules = (force: InForce) => {
     pipeline.rules.replace(force.compiled.ruleIds);
+    pipeline.rules.senderApp = appOfUid(force.policy, force.facts);
     const table = readRuleTable(context.stateDir);
     if (table.state === 'ok') pipeline.rules.replace(table.value.rules);
     else if (table.state !== 'absent') context.log.warn({ state: table.state }, 'rules.json cannot be read; denials are attributed from the policy in force');

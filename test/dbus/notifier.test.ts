@@ -44,6 +44,34 @@ describe('the notifier (clock passed in)', () => {
     expect(shown[2]!.body).toContain('(3 more held back: at most 2 a minute)');
   });
 
+  it("a notification's Allow allows what it was shown for: the same app, name and rule on another port or protocol is another notification", async () => {
+    let t = Date.parse('2026-12-04T12:00:00Z');
+    const shown: Notification[] = [];
+    const allowed: number[] = [];
+    let id = 0;
+    const notifier = createNotifier({
+      config: DEFAULT_NOTIFY_CONFIG,
+      desktop: (n) => {
+        shown.push(n);
+        return Promise.resolve(n.replacesId || ++id);
+      },
+      allow: (recordId) => {
+        allowed.push(recordId);
+        return Promise.resolve({ to: 'x', until: 'always' });
+      },
+      now: () => (t += 100),
+    });
+    const r = denial({ name: 'a.example.org', port: 443, protocol: 'tcp' });
+    await notifier.denied(r, 1);
+    await notifier.denied({ ...r, port: 8444 }, 2);
+    await notifier.denied({ ...r, protocol: 'udp' }, 3);
+    await notifier.denied({ ...r, count: 2 }, 4);
+    expect(shown.map((n) => n.replacesId)).toEqual([0, 0, 0, 1]);
+    // Clicked on the first: record 4 is its group's (port 443), never record 2 of port 8444.
+    await notifier.actionInvoked(1, 'allow');
+    expect(allowed).toEqual([4]);
+  });
+
   it('no Allow for what no allow can open, or a record the store has not given an id', async () => {
     const { notifier, shown } = harness();
     await notifier.denied(denial({ name: 'sd.example.org', kind: 'system-domain', app: undefined, domain: 'offline' }), 5);

@@ -50,7 +50,8 @@ export interface Buses {
   stop(): void;
 }
 
-export async function startBuses(): Promise<Buses> {
+/** `systemPolicy`: more <policy> elements for the system bus (a test's own services on it, e.g. a polkit authority). */
+export async function startBuses(systemPolicy = ''): Promise<Buses> {
   const dir = mkdtempSync(join(tmpdir(), 'egd-dbus-'));
   chmodSync(dir, 0o755);
   const systemConf = join(dir, 'system.conf');
@@ -83,6 +84,7 @@ export async function startBuses(): Promise<Buses> {
     <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.systemd1.Activator"/>
   </policy>
   <include>${POLICY_FILE}</include>
+${systemPolicy}
 </busconfig>
 `,
   );

@@ -17,8 +17,8 @@ const windowMs = Number(process.argv[4] ?? 2000);
 const maxOpen = Number(process.argv[5] ?? 10_000);
 const receiveBufferBytes = Number(process.argv[6] ?? 8 * 1024 * 1024);
 const stateDir = process.env['EGRESSD_STATE_DIR'] ?? '/nonexistent';
-// The reader takes the group from the policy and rules from rules.json; nothing else of InForce is read.
-const inForce = { policy: { defaults: { log: { group } } }, compiled: { ruleIds: [] } } as unknown as InForce;
+// The reader takes the group from the policy, rules from rules.json, and the apps to name a global rule's sender by (none here); nothing else of InForce is read.
+const inForce = { policy: { defaults: { log: { group } }, apps: [] }, compiled: { ruleIds: [] } } as unknown as InForce;
 const log = pino({ level: 'warn' }, pino.destination(2));
 const reader = await startDenialReader(
   inForce,

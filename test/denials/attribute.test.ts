@@ -1,0 +1,81 @@
+import { rmSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
+import type { ExplainFacts } from '../../src/compile/explain.js';
+import type { RuleIdEntry } from '../../src/compile/rule-ids.js';
+import { appOfUid, attribute, RuleLookup } from '../../src/denials/attribute.js';
+import type { DenialEvent } from '../../src/denials/parse.js';
+import { loadPolicyDir } from '../../src/policy/load.js';
+import { policyDir } from '../support/policy-dir.js';
+
+/**
+ * Which app a record names. A rule of an app names its app; a rule of no
+ * app (the global deny list, the default) names the sender's app when its
+ * uid says it by the policy's dispatch: without that, a denial by the
+ * global list — "firefox tried to reach telemetry…" — could never be allowed
+ * from (AllowFromDenial needs the app), and the notification named a uid.
+ */
+const facts: ExplainFacts = { users: new Map(), groups: new Map() };
+const RULES: RuleIdEntry[] = [
+  { id: 'r00000001', ruleId: 'deny/00.yaml/0', kind: 'global-deny', verdict: 'deny', file: '00.yaml', line: 3 },
+  { id: 'r00000002', ruleId: 'app/mail/default', kind: 'app-default', verdict: 'deny', file: '00.yaml', line: 6, app: 'mail' },
+  { id: 'r00000003', ruleId: 'sd/offline', kind: 'system-domain', verdict: 'deny', file: '00.yaml', line: 9, domain: 'offline' },
+];
+
+function lookupFor(text: string): RuleLookup {
+  const dir = policyDir({ '00.yaml': text });
+  try {
+    const loaded = loadPolicyDir(dir);
+    if (!loaded.ok) throw new Error(JSON.stringify(loaded.errors));
+    const rules = new RuleLookup();
+    rules.replace(RULES);
+    rules.senderApp = appOfUid(loaded.policy, facts);
+    return rules;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+const event = (shortId: string, uid: number | undefined): DenialEvent => ({
+  shortId,
+  uid,
+  gid: uid,
+  family: 4,
+  protocol: 'tcp',
+  address: '203.0.113.1',
+  port: 443,
+  seq: undefined,
+});
+const appOf = (rules: RuleLookup, shortId: string, uid: number | undefined) =>
+  attribute({ event: event(shortId, uid), firstSeen: 1, lastSeen: 1, count: 1 }, rules, () => []).app;
+
+const byUid = (moreApps = '') => `defaults: {egress: allow}
+deny:
+  - to: [203.0.113.1]
+systemDomains:
+  offline: {members: [{user: 1236}]}
+apps:
+  firefox: {identity: {user: 1234}}
+  mail: {identity: {user: 1235}, default: deny}
+${moreApps}`;
+
+describe('which app a denial record names', () => {
+  it("a global rule's record names the sender's app by its uid; a rule of an app its app; a uid in no app, or no uid, none", () => {
+    const rules = lookupFor(byUid());
+    expect(appOf(rules, 'r00000001', 1234)).toBe('firefox');
+    expect(appOf(rules, 'r00000001', 1235)).toBe('mail');
+    expect(appOf(rules, 'r00000001', 4321)).toBeUndefined();
+    expect(appOf(rules, 'r00000001', undefined)).toBeUndefined();
+    expect(appOf(rules, 'r00000002', 1234)).toBe('mail');
+    // A system domain's record names the domain, never an app.
+    const sd = attribute({ event: event('r00000003', 1236), firstSeen: 1, lastSeen: 1, count: 1 }, rules, () => []);
+    expect(sd).toMatchObject({ app: undefined, domain: 'offline' });
+    // An unknown short id (rules.json lost) still names the sender's app: who sent does not depend on which rule dropped it.
+    expect(appOf(rules, 'r0000000f', 1234)).toBe('firefox');
+  });
+
+  it('with an app chosen by cgroup, the uid alone names no app: the packet may have gone to that app first, and NFLOG does not say the cgroup', () => {
+    const rules = lookupFor(byUid(`  browser: {identity: {cgroup: "user.slice/*/app.slice/browser-*.scope"}}\n`));
+    expect(appOf(rules, 'r00000001', 1234)).toBeUndefined();
+    expect(appOf(rules, 'r00000002', 1234)).toBe('mail');
+  });
+});
