@@ -13,7 +13,7 @@ import { BOOT_FORM_FILE, bootFormText } from './boot-form.js';
 import { planChanges, type Plan } from './plan.js';
 import { liveSets, summarizeCompiled, summarizeLive, summarizeSet, type SetSummary, type TableSummary } from './summary.js';
 import { forgetRecord, readRecord, RECORD_FILE, recordText, type AppliedRecord } from './record.js';
-import { writeFileAtomic } from '../state/files.js';
+import { stageFileAtomic, writeFileAtomic } from '../state/files.js';
 import { writeRuleTable } from '../state/rule-table.js';
 import { nextSwitches, readSwitches, writeSwitches } from '../state/switches.js';
 import { openSocketAccess } from '../system/sockets.js';
@@ -238,11 +238,11 @@ async function applyHoldingLock(written: Policy, deps: EnforcerDeps, options: { 
     // Worked out while nft takes the new generation on its worker thread.
     const summary = summarizeCompiled(compiled.ruleset);
     const plan = planChanges(summary, live?.summary ?? null);
-    const lastGood = renderText(compiled.ruleset);
-    const boot = bootFormText(compiled.ruleset);
+    const rulesets = stageRulesets(deps.stateDir, renderText(compiled.ruleset), bootFormText(compiled.ruleset));
     try {
       await prepared;
     } catch (error) {
+      rulesets.discard();
       // Retried only when the cgroup tree really changed under us; any other refusal is final
       // (and changed nothing, so the marker can be used again).
       const reason = nftRefusal(error);
@@ -252,12 +252,15 @@ async function applyHoldingLock(written: Policy, deps: EnforcerDeps, options: { 
       throw error;
     }
     // Its objects were prepared a moment ago: one that is gone was removed by someone else.
-    await nft.run({ commands: swap.switch }).catch((error: unknown) => raced(error, ['conflict', 'missing']));
+    await nft.run({ commands: swap.switch }).catch((error: unknown) => {
+      rulesets.discard();
+      raced(error, ['conflict', 'missing']);
+    });
     // Right after the switch, before anything else: until then a program of a denied identity can still close a socket and leave it sending.
     const sweep = sweepOrError(policy, facts, lockdown, deps.sockets ?? openSocketAccess);
     const cleanedUp = await removePreviousGeneration(deps, live, generation);
     const record = cleanedUp ? { generation: next, names: namesAfterSwap(generation, marker), summary } : undefined;
-    saveState(deps.stateDir, { lastGood, boot }, { digest: policy.digest, lockdown, source: options.source }, record, {
+    saveState(deps.stateDir, rulesets, { digest: policy.digest, lockdown, source: options.source }, record, {
       ruleIds: compiled.ruleIds,
       torUpdates: policy.tor.enabled,
       apply: marker,
@@ -423,6 +426,38 @@ export async function planPolicy(
   return { plan: planChanges(summarizeCompiled(compiled.ruleset), live), compiled, live, policy, expired };
 }
 
+/** last-good.nft and its boot form, written and synced while nft takes the new generation; in place only once it is in force. */
+interface StagedRulesets {
+  /** Puts both in place (last-good first, as before); throws as writeFileAtomic does. */
+  commit(): void;
+  discard(): void;
+}
+
+/**
+ * Stages both rulesets (state/files.ts). One that cannot be staged now (no
+ * state directory yet, a full disk) is written whole at commit instead, so
+ * that a failure to keep them is said after the apply, as it always was —
+ * never taken for a refusal of the policy.
+ */
+function stageRulesets(stateDir: string, lastGood: string, boot: string): StagedRulesets {
+  const stage = (name: string, text: string): { commit(): void; discard(): void } => {
+    try {
+      return stageFileAtomic(stateDir, name, text);
+    } catch {
+      return { commit: () => writeFileAtomic(stateDir, name, text), discard: () => undefined };
+    }
+  };
+  const files = [stage('last-good.nft', lastGood), stage(BOOT_FORM_FILE, boot)];
+  return {
+    commit: () => {
+      for (const file of files) file.commit();
+    },
+    discard: () => {
+      for (const file of files) file.discard();
+    },
+  };
+}
+
 /**
  * Keeps the last applied ruleset and its boot form (boot-form.ts: what
  * egressd-early loads at boot), its short
@@ -434,20 +469,20 @@ export async function planPolicy(
  */
 function saveState(
   stateDir: string,
-  rulesets: { lastGood: string; boot: string },
+  rulesets: StagedRulesets,
   meta: { digest: string; lockdown: boolean; source: string },
   record: AppliedRecord | undefined,
   applied: { ruleIds: readonly RuleIdEntry[]; torUpdates: boolean; apply: string },
 ): void {
   try {
     if (!record) forgetRecord(stateDir);
-    writeFileAtomic(stateDir, 'last-good.nft', rulesets.lastGood);
-    writeFileAtomic(stateDir, BOOT_FORM_FILE, rulesets.boot);
+    rulesets.commit();
     writeFileAtomic(stateDir, 'last-good.json', `${JSON.stringify({ ...meta, table: `${TABLE.family} ${TABLE.name}` }, null, 2)}\n`);
     writeRuleTable(stateDir, { digest: meta.digest, rules: applied.ruleIds });
     writeSwitches(stateDir, nextSwitches(readSwitches(stateDir), { lockdown: meta.lockdown, torUpdates: applied.torUpdates }, applied.apply, new Date()));
     if (record) writeFileAtomic(stateDir, RECORD_FILE, recordText(record));
   } catch (error) {
+    rulesets.discard();
     // The table is applied; failing to keep a copy must not undo that, but it must be said.
     throw new EgressError(ErrorCode.Io, `applied, but could not save the last good ruleset in ${stateDir}: ${(error as Error).message}`, { cause: error });
   }
