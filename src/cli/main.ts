@@ -2,7 +2,7 @@
 import { gatherFacts } from '../system/facts.js';
 import { systemAudit } from '../system/audit.js';
 import { systemCapabilityProbe } from '../system/capability-probe.js';
-import { controlSocketPath } from '../resolver/control.js';
+import { controlSocketPath } from '../resolver/control-path.js';
 import { DEFAULT_STATE_DIR, Exit, type Deps } from './deps.js';
 import { main } from './egressctl.js';
 

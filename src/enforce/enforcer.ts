@@ -1,5 +1,4 @@
 import { compile, factsNeeded, refuseCompileErrors, TABLE, type Compiled, type Facts, type FactsNeeded } from '../compile/compile.js';
-import type { RuleIdEntry } from '../compile/rule-ids.js';
 import { renderText, type Ruleset } from '../compile/ruleset.js';
 import { EgressError, ErrorCode, isEgressError, nftRefusal } from '../errors.js';
 import type { Nft } from '../nft/client.js';
@@ -13,8 +12,8 @@ import { BOOT_FORM_FILE, bootFormText } from './boot-form.js';
 import { planChanges, type Plan } from './plan.js';
 import { liveSets, summarizeCompiled, summarizeLive, summarizeSet, type SetSummary, type TableSummary } from './summary.js';
 import { forgetRecord, readRecord, RECORD_FILE, recordText, type AppliedRecord } from './record.js';
-import { writeFileAtomic } from '../state/files.js';
-import { writeRuleTable } from '../state/rule-table.js';
+import { stageFileAtomic, writeFileAtomic } from '../state/files.js';
+import { RULES_FILE, ruleTableText } from '../state/rule-table.js';
 import { nextSwitches, readSwitches, writeSwitches } from '../state/switches.js';
 import { openSocketAccess } from '../system/sockets.js';
 import { sweepSockets, type SocketAccess, type SweepOutcome } from './sweep.js';
@@ -238,11 +237,11 @@ async function applyHoldingLock(written: Policy, deps: EnforcerDeps, options: { 
     // Worked out while nft takes the new generation on its worker thread.
     const summary = summarizeCompiled(compiled.ruleset);
     const plan = planChanges(summary, live?.summary ?? null);
-    const lastGood = renderText(compiled.ruleset);
-    const boot = bootFormText(compiled.ruleset);
+    const staged = stageApplied(deps.stateDir, compiled, { digest: policy.digest, lockdown, source: options.source });
     try {
       await prepared;
     } catch (error) {
+      staged.discard();
       // Retried only when the cgroup tree really changed under us; any other refusal is final
       // (and changed nothing, so the marker can be used again).
       const reason = nftRefusal(error);
@@ -252,16 +251,15 @@ async function applyHoldingLock(written: Policy, deps: EnforcerDeps, options: { 
       throw error;
     }
     // Its objects were prepared a moment ago: one that is gone was removed by someone else.
-    await nft.run({ commands: swap.switch }).catch((error: unknown) => raced(error, ['conflict', 'missing']));
+    await nft.run({ commands: swap.switch }).catch((error: unknown) => {
+      staged.discard();
+      raced(error, ['conflict', 'missing']);
+    });
     // Right after the switch, before anything else: until then a program of a denied identity can still close a socket and leave it sending.
     const sweep = sweepOrError(policy, facts, lockdown, deps.sockets ?? openSocketAccess);
     const cleanedUp = await removePreviousGeneration(deps, live, generation);
     const record = cleanedUp ? { generation: next, names: namesAfterSwap(generation, marker), summary } : undefined;
-    saveState(deps.stateDir, { lastGood, boot }, { digest: policy.digest, lockdown, source: options.source }, record, {
-      ruleIds: compiled.ruleIds,
-      torUpdates: policy.tor.enabled,
-      apply: marker,
-    });
+    saveState(deps.stateDir, staged, record, { lockdown, torUpdates: policy.tor.enabled, apply: marker });
     deps.audit(lockdown ? 'applied (lockdown on)' : 'applied', {
       digest: policy.digest.slice(0, 32),
       lockdown,
@@ -423,31 +421,73 @@ export async function planPolicy(
   return { plan: planChanges(summarizeCompiled(compiled.ruleset), live), compiled, live, policy, expired };
 }
 
+/** State files written and synced while nft takes the new generation; in place only once it is in force. */
+interface StagedFiles {
+  /** Puts them in place in the order staged, each durably before the next; throws as writeFileAtomic does. */
+  commit(): void;
+  discard(): void;
+}
+
 /**
- * Keeps the last applied ruleset and its boot form (boot-form.ts: what
- * egressd-early loads at boot), its short
- * rule ids (rules.json), the switches it was applied with (switches.json)
- * and the record the next apply compares the live table with; each file is
- * written whole or not at all (state/files.ts). The record goes last: it is
+ * Stages state files (state/files.ts). One that cannot be staged now (no
+ * state directory yet, a full disk) is written whole at commit instead, so
+ * that a failure to keep it is said after the apply, as it always was —
+ * never taken for a refusal of the policy.
+ */
+function stageFiles(stateDir: string, files: readonly (readonly [name: string, text: string])[]): StagedFiles {
+  const staged = files.map(([name, text]): Pick<StagedFiles, 'commit' | 'discard'> => {
+    try {
+      return stageFileAtomic(stateDir, name, text);
+    } catch {
+      return { commit: () => writeFileAtomic(stateDir, name, text), discard: () => undefined };
+    }
+  });
+  return {
+    commit: () => {
+      for (const file of staged) file.commit();
+    },
+    discard: () => {
+      for (const file of staged) file.discard();
+    },
+  };
+}
+
+/**
+ * What saveState keeps that is known before the switch, staged then: the
+ * last applied ruleset and its boot form (boot-form.ts: what egressd-early
+ * loads at boot), what it was applied from (last-good.json), and its short
+ * rule ids (rules.json).
+ */
+function stageApplied(stateDir: string, compiled: Compiled, meta: { digest: string; lockdown: boolean; source: string }): StagedFiles {
+  return stageFiles(stateDir, [
+    ['last-good.nft', renderText(compiled.ruleset)],
+    [BOOT_FORM_FILE, bootFormText(compiled.ruleset)],
+    ['last-good.json', `${JSON.stringify({ ...meta, table: `${TABLE.family} ${TABLE.name}` }, null, 2)}\n`],
+    [RULES_FILE, ruleTableText({ digest: meta.digest, rules: compiled.ruleIds })],
+  ]);
+}
+
+/**
+ * Keeps the files stageApplied wrote ahead, then the switches the table
+ * was applied with (switches.json) and the record the next apply compares
+ * the live table with; each file is written whole or not at all, and
+ * durably before the next (state/files.ts). The record goes last: it is
  * trusted only with the rest in place. Without a record (a clean-up that
  * failed), the next apply reads the table whole.
  */
 function saveState(
   stateDir: string,
-  rulesets: { lastGood: string; boot: string },
-  meta: { digest: string; lockdown: boolean; source: string },
+  staged: StagedFiles,
   record: AppliedRecord | undefined,
-  applied: { ruleIds: readonly RuleIdEntry[]; torUpdates: boolean; apply: string },
+  applied: { lockdown: boolean; torUpdates: boolean; apply: string },
 ): void {
   try {
     if (!record) forgetRecord(stateDir);
-    writeFileAtomic(stateDir, 'last-good.nft', rulesets.lastGood);
-    writeFileAtomic(stateDir, BOOT_FORM_FILE, rulesets.boot);
-    writeFileAtomic(stateDir, 'last-good.json', `${JSON.stringify({ ...meta, table: `${TABLE.family} ${TABLE.name}` }, null, 2)}\n`);
-    writeRuleTable(stateDir, { digest: meta.digest, rules: applied.ruleIds });
-    writeSwitches(stateDir, nextSwitches(readSwitches(stateDir), { lockdown: meta.lockdown, torUpdates: applied.torUpdates }, applied.apply, new Date()));
+    staged.commit();
+    writeSwitches(stateDir, nextSwitches(readSwitches(stateDir), { lockdown: applied.lockdown, torUpdates: applied.torUpdates }, applied.apply, new Date()));
     if (record) writeFileAtomic(stateDir, RECORD_FILE, recordText(record));
   } catch (error) {
+    staged.discard();
     // The table is applied; failing to keep a copy must not undo that, but it must be said.
     throw new EgressError(ErrorCode.Io, `applied, but could not save the last good ruleset in ${stateDir}: ${(error as Error).message}`, { cause: error });
   }

@@ -1,7 +1,7 @@
 import { chmodSync, lstatSync, mkdirSync, rmSync } from 'node:fs';
 import { createConnection, createServer, isIP, type Server, type Socket } from 'node:net';
-import { dirname, join } from 'node:path';
-import { LOCK_DIR, ownNetnsInode } from '../enforce/lock.js';
+import { dirname } from 'node:path';
+import { controlSocketPath } from './control-path.js';
 import { EgressError, ErrorCode } from '../errors.js';
 import { canonicalAddress, type AddressMemory, type LearnedName, type MemoryCounters } from './memory.js';
 
@@ -15,15 +15,7 @@ import { canonicalAddress, type AddressMemory, type LearnedName, type MemoryCoun
  * not running, so the CLI never hangs on it.
  */
 
-/** The control socket of the resolver of the network namespace with this inode: one resolver per table, like the enforcement lock (lock.ts). */
-export function controlSocketPathFor(netnsInode: number | 'unknown'): string {
-  return join(LOCK_DIR, `net-${netnsInode}.resolver.sock`);
-}
-
-/** The control socket of this process's network namespace, so that resolvers in other namespaces (containers, the tests) never meet. */
-export function controlSocketPath(): string {
-  return controlSocketPathFor(ownNetnsInode());
-}
+export { controlSocketPath, controlSocketPathFor } from './control-path.js';
 export const MAX_REQUEST_BYTES = 4096;
 const SHARED_SHOWN = 10;
 const MAX_UNREAD_REPLY_BYTES = 1 << 20;

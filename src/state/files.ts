@@ -41,6 +41,40 @@ export function writeFileAtomic(
   hooks: AtomicWriteHooks = {},
   owner?: { readonly uid: number; readonly gid: number },
 ): void {
+  const staged = stageFileAtomic(dir, name, content, mode, owner);
+  try {
+    hooks.beforeRename?.(staged.tempPath);
+  } catch (error) {
+    staged.discard();
+    throw error;
+  }
+  staged.commit();
+}
+
+/** A file written and synced under its temporary name, not in place yet. */
+export interface StagedFile {
+  readonly tempPath: string;
+  /** Renames it over the old file and syncs the directory: from then on it is the file, whole and durable. */
+  commit(): void;
+  /** Removes the temporary file; the old file stays as it was. */
+  discard(): void;
+}
+
+/**
+ * writeFileAtomic's first half: the content written and fsynced under a
+ * temporary name. An apply stages its two big rulesets (2 MB each with a
+ * 100,000-address list) while nft works on its thread, and commits them once
+ * the switch succeeded, so the write and fsync leave the path a fresh
+ * `egressctl apply` waits on; what a crash leaves is unchanged (the old file
+ * or the new one whole, and stale temporary files go with the next write).
+ */
+export function stageFileAtomic(
+  dir: string,
+  name: string,
+  content: string | Uint8Array,
+  mode = 0o640,
+  owner?: { readonly uid: number; readonly gid: number },
+): StagedFile {
   if (name.includes('/') || name.startsWith('.')) throw new Error(`internal: ${JSON.stringify(name)} is not a state file name`);
   mkdirSync(dir, { recursive: true, mode: 0o750 });
   removeStaleTemps(dir, name);
@@ -58,13 +92,30 @@ export function writeFileAtomic(
     } finally {
       closeSync(fd);
     }
-    hooks.beforeRename?.(temp);
-    renameSync(temp, join(dir, name));
   } catch (error) {
     rmSync(temp, { force: true });
     throw error;
   }
-  syncDirectory(dir);
+  let settled = false;
+  return {
+    tempPath: temp,
+    commit() {
+      if (settled) throw new Error(`internal: the staged ${name} was already committed or discarded`);
+      settled = true;
+      try {
+        renameSync(temp, join(dir, name));
+      } catch (error) {
+        rmSync(temp, { force: true });
+        throw error;
+      }
+      syncDirectory(dir);
+    },
+    discard() {
+      if (settled) return;
+      settled = true;
+      rmSync(temp, { force: true });
+    },
+  };
 }
 
 /** Removes a state file durably (a removal is a change of the directory, as a rename is). */

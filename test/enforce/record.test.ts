@@ -253,10 +253,18 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
       timeout: 60_000,
     });
     expect(run.status, run.stderr).toBe(0);
-    const { applied, locked, audits, before, after } = JSON.parse(run.stdout) as Record<'applied' | 'locked', { code: string; message: string }> & {
+    const {
+      applied,
+      locked,
+      audits,
+      before,
+      after,
+      state: left,
+    } = JSON.parse(run.stdout) as Record<'applied' | 'locked', { code: string; message: string }> & {
       audits: string[];
       before: string;
       after: string;
+      state: { files: string[]; lastGoodKept: boolean };
     };
     expect(applied.code).toBe('EGD_CONCURRENT_CHANGE');
     expect(applied.message).toContain('another writer changed table inet egressd at the same time');
@@ -265,6 +273,11 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     expect(locked.code).toBe('EGD_CONCURRENT_CHANGE');
     expect(audits).toEqual(['applied']);
     expect(after).toBe(before);
+    // The refused changes staged their rulesets while nft worked: the first apply's stay, and no temporary file is left.
+    expect(left).toEqual({
+      files: ['applied.json', 'last-good-boot.nft', 'last-good.json', 'last-good.nft', 'rules.json', 'switches.json'],
+      lastGoodKept: true,
+    });
   });
 
   it('a first apply of a default deny that dies between its two transactions leaves egress as it was, not blocked', () => {

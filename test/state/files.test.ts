@@ -3,7 +3,7 @@ import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, wr
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { removeFileDurably, tempName, writeFileAtomic } from '../../src/state/files.js';
+import { removeFileDurably, stageFileAtomic, tempName, writeFileAtomic } from '../../src/state/files.js';
 
 const dirs: string[] = [];
 const newDir = () => {
@@ -77,6 +77,26 @@ describe('writeFileAtomic', () => {
     ).toThrow('disk gone');
     expect(readdirSync(dir).sort()).toEqual(['kept', 'taken']);
     expect(readFileSync(join(dir, 'kept'), 'utf8')).toBe('old');
+  });
+
+  it('a staged file is written whole under its temporary name and leaves the old file alone until commit; discard removes it', () => {
+    const dir = newDir();
+    writeFileAtomic(dir, 'last-good.nft', 'old\n');
+    const staged = stageFileAtomic(dir, 'last-good.nft', 'new\n');
+    expect(readFileSync(staged.tempPath, 'utf8')).toBe('new\n');
+    expect(readFileSync(join(dir, 'last-good.nft'), 'utf8')).toBe('old\n');
+    staged.commit();
+    expect(readdirSync(dir)).toEqual(['last-good.nft']);
+    expect(readFileSync(join(dir, 'last-good.nft'), 'utf8')).toBe('new\n');
+    expect(() => staged.commit()).toThrow(/internal/);
+
+    const dropped = stageFileAtomic(dir, 'last-good.nft', 'never\n');
+    dropped.discard();
+    dropped.discard();
+    expect(readdirSync(dir)).toEqual(['last-good.nft']);
+    expect(readFileSync(join(dir, 'last-good.nft'), 'utf8')).toBe('new\n');
+    expect(() => dropped.commit()).toThrow(/internal/);
+    expect(readFileSync(join(dir, 'last-good.nft'), 'utf8')).toBe('new\n');
   });
 
   it('takes only plain names: a path or a hidden name would escape the directory or look like a temporary file', () => {

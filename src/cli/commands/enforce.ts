@@ -7,8 +7,6 @@ import type { TableSummary } from '../../enforce/summary.js';
 import { entryOrigin } from '../../compile/rule-ids.js';
 import { readRuleTable } from '../../state/rule-table.js';
 import { readSwitches, SWITCHES_FILE } from '../../state/switches.js';
-import { capabilityCheck, capabilityCheckJson, printCapabilityCheck } from '../capability-warnings.js';
-import { resolverStatusLine } from '../learned.js';
 import { DEFAULT_POLICY_DIR, Exit, parseFlags, printIssues, type Command, type Deps } from '../deps.js';
 import { expiredIssues } from '../../policy/expiry.js';
 
@@ -234,6 +232,11 @@ directory to compare with), 3 system error.`,
           .filter((r) => r.drops && (r.packets ?? 0) > 0)
           .map((r) => ({ id: r.id, shortId: r.shortId ?? null, packets: r.packets ?? 0, bytes: r.bytes ?? 0 }))
       : [];
+    // Loaded here only, as the Tor status below: apply shares this module and needs neither (the resolver's client loads dns-packet).
+    const [{ capabilityCheck, capabilityCheckJson, printCapabilityCheck }, { resolverStatusLine }] = await Promise.all([
+      import('../capability-warnings.js'),
+      import('../learned.js'),
+    ]);
     const capabilities = planned ? capabilityCheck(planned.policy, deps) : null;
     const switches = recordedSwitches(deps.stateDir, live);
     const matches = planned !== undefined && live !== null && !planned.plan.changes;
