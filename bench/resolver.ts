@@ -583,7 +583,7 @@ async function inner(dir: string): Promise<void> {
   execFileSync('ip', ['link', 'set', 'lo', 'up']);
   const list = parseNameList(readFileSync(LIST, 'utf8'), 'plain');
   // Names spread over the whole list; dnsmasq's address= and dnsperf take plain LDH names.
-  const plain = list.names.filter((n) => /^[a-z0-9-]+(\.[a-z0-9-]+)+$/.test(n));
+  const plain = [...list.names].filter((n) => /^[a-z0-9-]+(\.[a-z0-9-]+)+$/.test(n));
   const step = Math.floor(plain.length / QUERY_NAMES);
   const names = Array.from({ length: QUERY_NAMES }, (_, i) => plain[i * step]!);
   const queries = join(dir, 'queries.txt');
@@ -591,7 +591,7 @@ async function inner(dir: string): Promise<void> {
   // 198.18.0.0/15 is for benchmarks: one address per name.
   writeFileSync(join(dir, 'authority.conf'), names.map((n, i) => `address=/${n}/198.18.${i >> 8}.${i & 255}\n`).join(''));
   const nftsets = join(dir, 'nftset.conf');
-  writeFileSync(nftsets, list.names.map((n) => `nftset=/${n}/4#inet#${TABLE}#dns4,6#inet#${TABLE}#dns6\n`).join(''));
+  writeFileSync(nftsets, [...list.names].map((n) => `nftset=/${n}/4#inet#${TABLE}#dns4,6#inet#${TABLE}#dns6\n`).join(''));
   nft(['-f', '-'], `table inet ${TABLE} {\n\tset dns4 { typeof ip daddr; flags timeout; }\n\tset dns6 { typeof ip6 daddr; flags timeout; }\n}\n`);
   const probe = names[0]!;
 

@@ -1300,7 +1300,7 @@ function listDigest(list: NameList | undefined): string {
   if (!list) return '';
   let digest = listDigests.get(list);
   if (digest === undefined) {
-    digest = createHash('sha256').update(list.names.join('\n')).update('\0').update(list.suffixes.join('\n')).digest('hex');
+    digest = createHash('sha256').update(list.names.joined()).update('\0').update(list.suffixes.joined()).digest('hex');
     listDigests.set(list, digest);
   }
   return digest;

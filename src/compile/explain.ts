@@ -6,6 +6,7 @@ import { identitiesOverlap, slicePath } from '../policy/resolve.js';
 import type { Facts, IdRange, SubordinateIds } from './compile.js';
 import { cgroupAncestorMatching } from './glob.js';
 import { DNS_EXCLUSIVE_RULE, DNS_RESOLVER_RULE, socksOnLoopback, TOR_SOCKS_ANSWER_RULE } from './rule-ids.js';
+import type { NameTable } from '../policy/name-table.js';
 
 /**
  * Who is asking, as `egressctl explain --app` takes it: an app or identity
@@ -373,6 +374,16 @@ function destinationMatches(policy: Policy, rule: Rule, target: Target, notes?: 
   return nameMatches(policy, rule, name, notes);
 }
 
+/** The suffix of `suffixes` covering `name` (the name itself or a parent), the first in the list's order, or undefined. */
+function coveringSuffix(suffixes: NameTable, name: string): string | undefined {
+  let first = -1;
+  for (let at = 0; at >= 0; at = name.indexOf('.', at) + 1 || -1) {
+    const index = suffixes.indexOf(name, at);
+    if (index >= 0 && (first < 0 || index < first)) first = index;
+  }
+  return first < 0 ? undefined : suffixes.at(first);
+}
+
 /** Says why a rule's names cover `name`, or returns undefined. */
 function nameMatches(policy: Policy, rule: Rule, name: string, notes?: string[]): string | undefined {
   const exact = rule.to.names.includes(name);
@@ -382,8 +393,8 @@ function nameMatches(policy: Policy, rule: Rule, name: string, notes?: string[])
   for (const listName of rule.to.lists) {
     const list = policy.lists.get(listName);
     if (!list) continue;
-    if (list.names.includes(name)) return `${name} is in list @${listName}`;
-    const listSuffix = list.suffixes.find((s) => name === s || name.endsWith(`.${s}`));
+    if (list.names.has(name)) return `${name} is in list @${listName}`;
+    const listSuffix = coveringSuffix(list.suffixes, name);
     if (listSuffix) return `${name} is under *.${listSuffix} in list @${listName}`;
   }
   if (rule.to.networks.length > 0) notes?.push(`${rule.id} would also match if ${name} resolves into one of its networks`);

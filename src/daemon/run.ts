@@ -189,23 +189,25 @@ async function daemon(invocation: Invocation, parts: readonly PartSpec[], log: L
 async function resolverAlone(dir: string, stateDir: string, log: Logger): Promise<number> {
   const nft = await openNft();
   const load = async (): Promise<InForce & { marker: string | undefined }> => {
+    const started = performance.now();
     // As the apply that made the table: without the allowed entries whose time is up.
     const { policy } = policyAt(loadPolicyOrThrow(dir).policy, Date.now());
     const facts = gatherFacts(factsNeeded(policy));
     const live = await readLiveTable(nft);
     const compiled = compile(policy, facts);
+    log.info({ event: 'resolver-policy-loaded', policyLoadMs: Math.round(performance.now() - started) }, 'resolver: policy read and compiled');
     return { policy, facts, compiled, liveNames: dnsSetsInForce(compiled, live.sets), marker: live.marker };
   };
-  let inForce = await load();
-  if (inForce.marker === undefined) log.warn({ event: 'no-table' }, 'no egressd table in force: answers teach the kernel nothing until one is applied');
-  const runtime = await startResolverRuntime(inForce, { nft, log, stateDir });
+  // Not kept: the runtime keeps what it needs of a policy, and a reload loads the next one.
+  const first = await load();
+  if (first.marker === undefined) log.warn({ event: 'no-table' }, 'no egressd table in force: answers teach the kernel nothing until one is applied');
+  const runtime = await startResolverRuntime(first, { nft, log, stateDir });
   let reloading = false;
   const reload = async (why: string): Promise<void> => {
     if (reloading) return;
     reloading = true;
     try {
-      inForce = await load();
-      await runtime.update(inForce);
+      await runtime.update(await load());
       log.info({ event: 'resolver-reloaded', why }, 'resolver: policy in force re-read');
     } catch (error) {
       log.error({ event: 'resolver-reload-failed', why, error: describeError(error) }, 'resolver: kept the policy it had');
@@ -214,7 +216,7 @@ async function resolverAlone(dir: string, stateDir: string, log: Logger): Promis
     }
   };
   // An apply is followed once: a policy that does not load is not loaded again every second, only at the next apply or SIGHUP.
-  let followed = inForce.marker;
+  let followed = first.marker;
   const follow = setInterval(() => {
     void readLiveTable(nft).then(
       (live) => {

@@ -1,12 +1,13 @@
 import { isIP } from 'node:net';
 import { asciiName, checkDnsName, INVALID_IDN, parseNetwork } from './destination.js';
 import type { Network } from './model.js';
+import { NameTableBuilder, type NameTable } from './name-table.js';
 
 export type ListFormat = 'auto' | 'plain' | 'hosts';
 
 export interface ParsedList {
-  readonly names: string[];
-  readonly suffixes: string[];
+  readonly names: NameTable;
+  readonly suffixes: NameTable;
   /** Addresses and CIDRs listed one per line (plain format), e.g. an IP blocklist. */
   readonly networks: Network[];
   /** Lines that are not names, with their 1-based line numbers; they are skipped, never guessed at. */
@@ -37,10 +38,11 @@ const SPACE = /\s/;
  * is a suffix, a line holding an address or CIDR is a network, and every
  * other entry is an exact name. Names with non-ASCII characters are kept in
  * their IDNA ASCII form, the one resolvers are asked for. Duplicates are dropped.
+ * Names go straight into name tables, so no line outlives its parsing.
  */
 export function parseNameList(text: string, format: ListFormat): ParsedList {
-  const names = new Set<string>();
-  const suffixes = new Set<string>();
+  const names = new NameTableBuilder();
+  const suffixes = new NameTableBuilder();
   const networks: Network[] = [];
   const rejected: ParsedList['rejected'] = [];
   let lineNumber = 0;
@@ -93,8 +95,8 @@ export function parseNameList(text: string, format: ListFormat): ParsedList {
         rejected.push({ line: lineNumber, col: raw.indexOf(token) + 1, text: token, reason: problem });
         continue;
       }
-      (isSuffix ? suffixes : names).add(bare);
+      (isSuffix ? suffixes : names).addNew(bare);
     }
   }
-  return { names: [...names], suffixes: [...suffixes], networks, rejected };
+  return { names: names.build(), suffixes: suffixes.build(), networks, rejected };
 }

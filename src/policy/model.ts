@@ -4,6 +4,7 @@
  * `explain` read only this form.
  */
 import type { CatalogueCategory } from './schema.js';
+import type { NameTable } from './name-table.js';
 
 /** A place in a policy file; `file` is relative to the policy directory. */
 export interface Origin {
@@ -104,8 +105,9 @@ export interface SystemDomain {
 
 export interface NameList {
   readonly name: string;
-  readonly names: readonly string[];
-  readonly suffixes: readonly string[];
+  /** Compact (a list may hold 100,000s): ask `has`, iterate only where every name is needed. */
+  readonly names: NameTable;
+  readonly suffixes: NameTable;
   /** Addresses and CIDRs from the list file; rules using the list match them directly. */
   readonly networks: readonly Network[];
   /** The list file relative to the policy directory, if it came from one. */

@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import type { z } from 'zod';
 import { addressGroups, groupsKey, maskGroups, parseDestination, parseNetwork, type Destination } from './destination.js';
 import { parseNameList } from './lists.js';
+import { NameTableBuilder } from './name-table.js';
 import { boundIssue, clip, type PolicyIssue } from './issues.js';
 import {
   DEFAULT_LOG_GROUP,
@@ -259,15 +260,15 @@ class Resolver {
     const spec = placed.value;
     const file = 'file' in spec ? clip(spec.file) : undefined;
     if ('names' in spec) {
-      const names: string[] = [];
-      const suffixes: string[] = [];
+      const names = new NameTableBuilder();
+      const suffixes = new NameTableBuilder();
       spec.names.forEach((raw, i) => {
         const dest = parseDestination(raw);
-        if (dest.ok && dest.value.kind === 'name') names.push(dest.value.name);
-        else if (dest.ok && dest.value.kind === 'suffix') suffixes.push(dest.value.suffix);
+        if (dest.ok && dest.value.kind === 'name') names.add(dest.value.name);
+        else if (dest.ok && dest.value.kind === 'suffix') suffixes.add(dest.value.suffix);
         else this.error(placed, ['names', i], `"${clip(raw)}" is not a name; an inline list holds names and *.suffixes (addresses go in a list file)`);
       });
-      this.lists.set(name, { name, names, suffixes, networks: [], file: undefined, at });
+      this.lists.set(name, { name, names: names.build(), suffixes: suffixes.build(), networks: [], file: undefined, at });
       return;
     }
     const read = this.readList(spec.file);
@@ -301,7 +302,7 @@ class Resolver {
         message: `list "${name}": ${parsed.rejected.length - MAX_LIST_WARNINGS} more lines of ${file} skipped`,
       });
     }
-    if (parsed.names.length + parsed.suffixes.length + parsed.networks.length === 0) {
+    if (parsed.names.size + parsed.suffixes.size + parsed.networks.length === 0) {
       this.warnings.push({ severity: 'warning', at, message: `list "${name}" (${file}) holds no names or addresses` });
     }
     this.lists.set(name, { name, names: parsed.names, suffixes: parsed.suffixes, networks: parsed.networks, file: spec.file, at });
@@ -452,7 +453,7 @@ class Resolver {
         case 'list': {
           const list = this.lists.get(dest.list);
           if (list) {
-            if (list.names.length + list.suffixes.length > 0) lists.add(dest.list);
+            if (list.names.size + list.suffixes.size > 0) lists.add(dest.list);
             for (const net of list.networks) networks.push(net);
           } else if (!this.merged.records.lists.has(dest.list))
             this.error(placed, [...key, index], `unknown list "@${dest.list}"`, suggest(dest.list, this.merged.records.lists.keys(), 'lists', '@'));

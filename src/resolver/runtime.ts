@@ -90,7 +90,7 @@ export async function readLiveTable(nft: Nft): Promise<{ sets: ReadonlySet<strin
  * applied yet), `a_app_3_dns4` may be another rule's — an allow where this
  * policy has a deny — and an answer must not go there.
  */
-export function dnsSetsInForce(compiled: Compiled, liveSets: ReadonlySet<string>): Map<string, string[]> {
+export function dnsSetsInForce(compiled: DnsSetsOf, liveSets: ReadonlySet<string>): Map<string, string[]> {
   const wanted = new Set(compiled.dnsBindings.flatMap((b) => [b.set4, b.set6]));
   const names = new Map<string, string[]>();
   for (const set of compiled.ruleset.sets) {
@@ -101,8 +101,17 @@ export function dnsSetsInForce(compiled: Compiled, liveSets: ReadonlySet<string>
   return names;
 }
 
+/** What of a compiled policy names its DNS sets. */
+export type DnsSetsOf = Pick<Compiled, 'dnsBindings'> & { readonly ruleset: Pick<Compiled['ruleset'], 'sets'> };
+
+/** Only the DNS sets of a compiled policy: the rest of the ruleset (a big CIDR list's elements) is not kept after the apply. */
+function dnsSetsOnly(compiled: Compiled): DnsSetsOf {
+  const wanted = new Set(compiled.dnsBindings.flatMap((b) => [b.set4, b.set6]));
+  return { dnsBindings: compiled.dnsBindings, ruleset: { sets: compiled.ruleset.sets.filter((set) => wanted.has(set.name)) } };
+}
+
 interface State {
-  readonly compiled: Compiled;
+  readonly compiled: DnsSetsOf;
   readonly decider: Decider;
   readonly view: FillView;
 }
@@ -139,7 +148,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
         { event: 'resolver-policy', rules: view.bindings.length, listLoadMs: Math.round(performance.now() - started) },
         'resolver: names of the policy in force indexed',
       );
-      return { compiled: inForce.compiled, decider, view };
+      return { compiled: dnsSetsOnly(inForce.compiled), decider, view };
     };
     let state = await build(first);
     const filler = new SetFiller(state.view, writer, memory);

@@ -117,15 +117,15 @@ describe('destinations', () => {
 describe('name lists', () => {
   it('reads hosts and plain lines, skips self names and comments, keeps suffixes apart', () => {
     const parsed = parseNameList('# c\n127.0.0.1 localhost\n0.0.0.0 a.example b.example\nplain.example # x\n*.wild.example\n::1 ip6-localhost\n', 'auto');
-    expect(parsed.names).toEqual(['a.example', 'b.example', 'plain.example']);
-    expect(parsed.suffixes).toEqual(['wild.example']);
+    expect([...parsed.names]).toEqual(['a.example', 'b.example', 'plain.example']);
+    expect([...parsed.suffixes]).toEqual(['wild.example']);
     expect(parsed.rejected).toEqual([]);
   });
 
   it('keeps IDNs in their ASCII form and refuses address forms and invalid IDNs by line', () => {
     const parsed = parseNameList('münchen.example\n0x0a.0.0.1\n0.0.0.0 bücher.example 10.1\n*.ü.example\nab\u200d.example\n012.0.0.1\n', 'auto');
-    expect(parsed.names).toEqual(['xn--mnchen-3ya.example', 'xn--bcher-kva.example']);
-    expect(parsed.suffixes).toEqual(['xn--tda.example']);
+    expect([...parsed.names]).toEqual(['xn--mnchen-3ya.example', 'xn--bcher-kva.example']);
+    expect([...parsed.suffixes]).toEqual(['xn--tda.example']);
     expect(parsed.networks).toEqual([]);
     expect(parsed.rejected).toEqual([
       { line: 2, col: 1, text: '0x0a.0.0.1', reason: 'it is an IPv4 address in a form nft and resolvers read differently; write 10.0.0.1' },
