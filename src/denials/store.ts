@@ -73,10 +73,48 @@ export interface DenialSummary {
   readonly destinations: readonly Ranked[];
   readonly rules: readonly Ranked[];
 }
+/**
+ * The store as the daemon's parts use it: the database runs in a worker
+ * thread (store-worker.ts), so `add` hands records over and returns at once
+ * and everything that reads waits for the worker. What `add` cannot hand
+ * over (the worker is behind by `maxQueued` records, or has failed) is
+ * dropped and counted, never silently.
+ */
 export interface DenialStore {
+  /** Batched: returns at once; written within the flush interval, or dropped and counted (counters()). */
+  add(records: readonly DenialRecord[]): void;
+  /** Resolves once every record added before it is written (or counted as failed). */
+  flush(): Promise<void>;
+  /** The row id `add` gave this record (the same object), once its batch is written; undefined before that, or when it never was. A map lookup: the D-Bus Denied signal asks it per record. */
+  idOf(record: DenialRecord): number | undefined;
+  query(filter: DenialFilter): Promise<StoredDenial[]>;
+  get(id: number): Promise<StoredDenial | undefined>;
+  summary(filter: DenialFilter): Promise<DenialSummary>;
+  counters(): DenialStoreCounters;
+  close(): Promise<void>;
+}
+
+/** What became of the records handed to a store's `add`: every one is queued, written, dropped or failed. */
+export interface DenialStoreCounters {
+  /** Handed over, not yet written. */
+  readonly queued: number;
+  /** The most that were ever queued at once (the bound holds: ≤ maxQueued). */
+  readonly queuedPeak: number;
+  readonly written: number;
+  /** Not taken: the store was `maxQueued` records behind (a flood of new destinations), or had failed. */
+  readonly dropped: number;
+  /** The packets (record counts) of those. */
+  readonly droppedEvents: number;
+  /** Taken, but the database refused their batch (disk full, damage): reported as EGD_DENIAL_STORE. */
+  readonly failed: number;
+  readonly failedEvents: number;
+}
+
+/** The SQLite database itself, synchronous: what the store's worker thread runs, and tests and benchmarks open directly. */
+export interface DenialDatabase {
   add(records: readonly DenialRecord[]): void;
   flush(): void;
-  /** The row id `add` gave this record (the same object), once its batch is written; undefined before that, or when it never was. A map lookup: the D-Bus Denied signal asks it per record. */
+  /** The row id `add` gave this record (the same object), once its batch is written; undefined before that, or when it never was. */
   idOf(record: DenialRecord): number | undefined;
   query(filter: DenialFilter): StoredDenial[];
   get(id: number): StoredDenial | undefined;
@@ -101,6 +139,8 @@ export interface DenialStoreOptions {
   readonly now?: () => number;
   /** Databases up to this size get a full quick_check at open (default 64 MiB); larger ones a check of their size. */
   readonly quickCheckMaxBytes?: number;
+  /** Told of every batch once it is committed (its row ids, in order) or refused (undefined): the worker tells the daemon's thread. */
+  readonly onBatch?: (records: readonly DenialRecord[], ids: readonly number[] | undefined) => void;
 }
 
 /** The store as openDenialStore returns it: housekeeping can be asked for, and waited on (tests, benchmarks). */
@@ -526,7 +566,7 @@ function openDatabase(path: string, quickCheckMaxBytes: number): Database.Databa
   }
 }
 
-export function openDenialStore(path: string, options: DenialStoreOptions = {}): DenialStore & HouseKept {
+export function openDenialStore(path: string, options: DenialStoreOptions = {}): DenialDatabase & HouseKept {
   const o = { ...DEFAULTS, ...options };
   const now = options.now ?? Date.now;
   const log = options.log;
@@ -584,13 +624,20 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
     if (pending.length === 0) return;
     const batch = pending;
     pending = [];
+    let written: [DenialRecord, number][];
     try {
       // Known only once committed: a rolled-back batch gives no ids.
-      for (const [record, id] of writeBatch(batch)) ids.set(record, id);
+      written = writeBatch(batch);
     } catch (error) {
       // The batch is dropped rather than kept: a database that refuses one batch (disk full, damage) would refuse a growing backlog too.
+      options.onBatch?.(batch, undefined);
       throw storeError(`${batch.length} records not written`, path, error);
     }
+    for (const [record, id] of written) ids.set(record, id);
+    options.onBatch?.(
+      batch,
+      written.map(([, id]) => id),
+    );
   };
   const timedFlush = (): void => {
     try {
@@ -719,7 +766,7 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
     }
   };
 
-  const store: DenialStore & HouseKept = {
+  const store: DenialDatabase & HouseKept = {
     add(records) {
       if (closed) throw new EgressError(ErrorCode.DenialStore, `denial store ${path}: closed`);
       for (const record of records) pending.push(record);
@@ -784,7 +831,7 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
 /** Opens the store for reading only (`egressctl denials`): no housekeeping, no writes. */
 export function openDenialReader(
   path: string,
-): Pick<DenialStore, 'query' | 'get' | 'summary' | 'close'> & { maxId(): number; newer(afterId: number, filter: DenialFilter): StoredDenial[] } {
+): Pick<DenialDatabase, 'query' | 'get' | 'summary' | 'close'> & { maxId(): number; newer(afterId: number, filter: DenialFilter): StoredDenial[] } {
   const db = openForReading(path);
   return {
     newer(afterId, filter) {
