@@ -158,7 +158,7 @@ export function startDenialStore(path: string, options: WorkerStoreOptions = {})
     workerData: data,
     eval: entry.eval,
     // Its own heap, bounded: the queue bounds what it holds, and a runaway query fails the store, not the daemon.
-    resourceLimits: { maxOldGenerationSizeMb: 256 },
+    resourceLimits: { maxOldGenerationSizeMb: 64, maxYoungGenerationSizeMb: 8 },
     stdout: false,
     stderr: false,
   });
