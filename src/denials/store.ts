@@ -1,7 +1,10 @@
 /**
  * The denial store: every record the reader makes, kept in one SQLite
  * database under the state directory (`denials/denials.sqlite`) for
- * `egressctl denials`, D-Bus queries and allow-from-alert.
+ * `egressctl denials`, D-Bus queries and allow-from-alert. This file is
+ * the database, synchronous; egressd runs it in a worker thread
+ * (store-worker.ts, store-thread.ts), never on the thread that reads NFLOG
+ * and answers DNS.
  *
  * - Writes are batched: `add` returns at once and rows are written in one
  *   transaction every `flushIntervalMs` (default 1 s), or as soon as
@@ -14,9 +17,9 @@
  *   `retentionDays` (default 90) go, then the oldest go until the database
  *   is under `maxBytes` (default 256 MiB), and the freed pages are given
  *   back to the file system. It runs as many short statements (each sized
- *   to about 5 ms) with the event loop given back between them: the store
- *   shares the daemon's one thread with the resolver, and a prune of 100k
- *   records in one go held it for seconds.
+ *   to about 5 ms) with the event loop given back between them: the worker
+ *   takes records and answers queries between them (a prune of 100k records
+ *   in one go held its thread for seconds).
  * - A database SQLite calls corrupt (garbage, a truncated file) is renamed
  *   aside with a timestamp and a fresh one is started beside it; one that
  *   cannot be written is an EGD_DENIAL_STORE error to the caller. Either way
@@ -154,7 +157,7 @@ export interface HouseKept {
 /** A closed store's housekeeping stops here. */
 class PruneStopped extends Error {}
 
-/** Each housekeeping statement is sized to take about this long on the daemon's thread. */
+/** Each housekeeping statement is sized to take about this long on the store's thread. */
 const SLICE_MS = 5;
 /** Rows per DELETE: adapted between these to SLICE_MS. */
 const SLICE_ROWS = { min: 50, start: 500, max: 5000 } as const;
@@ -427,8 +430,8 @@ export function isCorrupt(error: unknown): boolean {
 
 /** The database is not SQLite's, or SQLite finds it damaged. */
 /**
- * quick_check reads every page, and the store runs on the daemon's own
- * thread (beside the resolver): it is run on databases up to
+ * quick_check reads every page, and the daemon's keeper waits for the open
+ * (in the store's worker): it is run on databases up to
  * QUICK_CHECK_MAX_BYTES. A larger one (and one left with a WAL, whose header
  * may lag behind) is checked by its header's page count against the file's
  * size, which catches a truncated file; damage elsewhere in it shows as
@@ -654,7 +657,7 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
     return (pages - free) * pageSize;
   };
 
-  // Housekeeping shares the thread with the resolver: every step below is one bounded statement, and the loop is given back between steps.
+  // Housekeeping shares the store's thread with adds and queries: every step below is one bounded statement, and the loop is given back between steps.
   const ageSlice = db.prepare('DELETE FROM denials WHERE id IN (SELECT id FROM denials WHERE last_seen < ? LIMIT ?)');
   const oldestSlice = db.prepare('DELETE FROM denials WHERE id IN (SELECT id FROM denials ORDER BY id LIMIT ?)');
   // The rollup's whole-store bucket holds each app's record count: their sum is count(*) without reading the table.
