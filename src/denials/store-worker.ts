@@ -53,6 +53,8 @@ export interface WorkerStoreOptions extends Pick<
   readonly postBatch?: number;
   /** How long close waits for the worker to write what it holds before it is stopped (default 30 s). */
   readonly closeTimeoutMs?: number;
+  /** The worker's old-generation heap at most, in MB (default 64): past it the worker dies and the store fails, the daemon does not. */
+  readonly heapMb?: number;
 }
 
 /** The worker's housekeeping, asked for from here (tests, benchmarks). */
@@ -85,10 +87,10 @@ export type FromThread =
   | { readonly t: 'done'; readonly seq: number; readonly value?: unknown; readonly error?: WireError };
 export interface ThreadData {
   readonly path: string;
-  readonly options: Omit<WorkerStoreOptions, 'log' | 'onError' | 'maxQueued' | 'postBatch' | 'closeTimeoutMs'>;
+  readonly options: Omit<WorkerStoreOptions, 'log' | 'onError' | 'maxQueued' | 'postBatch' | 'closeTimeoutMs' | 'heapMb'>;
 }
 
-export const WORKER_DEFAULTS = { maxQueued: 10_000, postBatch: 1000, closeTimeoutMs: 30_000 } as const;
+export const WORKER_DEFAULTS = { maxQueued: 10_000, postBatch: 1000, closeTimeoutMs: 30_000, heapMb: 64 } as const;
 
 function unwire(error: WireError): EgressError {
   const known = Object.values(ErrorCode) as string[];
@@ -158,7 +160,7 @@ export function startDenialStore(path: string, options: WorkerStoreOptions = {})
     workerData: data,
     eval: entry.eval,
     // Its own heap, bounded: the queue bounds what it holds, and a runaway query fails the store, not the daemon.
-    resourceLimits: { maxOldGenerationSizeMb: 64, maxYoungGenerationSizeMb: 8 },
+    resourceLimits: { maxOldGenerationSizeMb: options.heapMb ?? WORKER_DEFAULTS.heapMb, maxYoungGenerationSizeMb: 8 },
     stdout: false,
     stderr: false,
   });

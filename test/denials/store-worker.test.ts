@@ -188,6 +188,27 @@ describe('denial store in its worker thread', () => {
     await expect(start(denialStorePath(base))).rejects.toMatchObject({ code: ErrorCode.DenialStore });
   });
 
+  it('a worker that dies (here: out of its heap on a huge query) fails the store, not the process: the call and later ones reject, it is reported once, later records are counted dropped', async () => {
+    const path = freshPath();
+    const direct = openDenialStore(path, { group: null });
+    direct.add([...manyDenials(60_000)]);
+    direct.close();
+    const errors: EgressError[] = [];
+    const store = await start(path, { heapMb: 16, onError: (e) => errors.push(e) });
+    expect(await store.query({ limit: 1 })).toHaveLength(1);
+    await expect(store.query({ limit: 1_000_000 })).rejects.toMatchObject({ code: ErrorCode.DenialStore });
+    expect(store.failed).toBe(true);
+    expect(errors.map((e) => e.code)).toEqual([ErrorCode.DenialStore]);
+    await expect(store.summary({})).rejects.toMatchObject({ code: ErrorCode.DenialStore });
+    store.add([denial({ count: 4 })]);
+    expect(store.counters()).toMatchObject({ dropped: 1, droppedEvents: 4 });
+    await store.close();
+    // The database is as it was: the keeper's retry opens it again.
+    const again = await start(path);
+    expect((await again.summary({})).records).toBe(60_000);
+    await again.close();
+  });
+
   it('SIGKILL mid-write: the database is intact and holds every record handed over but at most the queue bound', async () => {
     const path = freshPath();
     const maxQueued = 1000;
