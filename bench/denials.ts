@@ -11,43 +11,58 @@
  *   (v4 and v6, routed to a veth) × 4096 ports — 65,536 distinct
  *   destinations — for a fixed time. Then, in turn, each reader binds the
  *   same group:
- *     (1) egressd's reader (src/denials/reader.ts) in this process: events
- *         read per second, records made, events lost (sequence gaps) and
- *         ENOBUFS, and RSS after the run; when src/denials/store.ts exists
- *         (the store, merged later), records also go into a store in a
- *         temporary directory, and its stored rate fills the "stored/s"
- *         column;
- *     (2) ulogd2 (Debian's) with its SQLITE3 output into a table of the
+ *     (1) egressd's reader (src/denials/reader.ts) alone, in this process:
+ *         events read per second, records made, events lost (sequence
+ *         gaps) and ENOBUFS;
+ *     (2) the same reader with the store attached as egressd runs it
+ *         (src/denials/store-worker.ts: SQLite in a worker thread, `add`
+ *         handed over, a bounded queue that drops and counts): every record
+ *         goes to a store in a temporary directory. With 65,536
+ *         destinations and at most 10,000 aggregates open, every packet is
+ *         a record of its own — the store's worst case. "store dropped" is
+ *         what its queue could not take (counted), "store unaccounted" the
+ *         events read that are neither in a stored record nor in one
+ *         counted dropped (must be 0);
+ *     (3) ulogd2 (Debian's) with its SQLITE3 output into a table of the
  *         fields a denial record holds, with SQLite's default journal;
- *     (3) the same with the database in WAL mode.
+ *     (4) the same with the database in WAL mode;
+ *     (5) memory: the reader and the store in a fresh process of their own,
+ *         a flood that stops by itself after 1,000,000 packets, then that
+ *         process's VmRSS and VmHWM (/proc/PID/status: the worker thread's
+ *         heap included).
  *   For ulogd2, stored/s is rows stored over the time from the flood's start
  *   to the last row, and lost is packets logged minus rows stored (worked
  *   out here: ulogd2 does not count it). For egressd, lost is what its
  *   sequence numbers counted, and "unaccounted" what neither it read nor
  *   counted (a loss at the very end shows only in a later packet's number).
+ *   The machine's load average is printed with the table: the machine may be
+ *   shared, and the numbers move with it.
  *
- *   npx tsx bench/denials.ts [--quick]   (as root; `npm run bench -- denials`)
- * --quick floods 2 s per row (under a minute in all); the full run 10 s.
+ *   npx tsx bench/denials.ts [--quick] [--rss-only]   (--rss-only: only the 1,000,000-packet memory row; build first for the daemon's figure)   (as root; `npm run bench -- denials`)
+ * --quick floods 2 s per row (a minute or two in all, the 1,000,000-packet row included); the full run 10 s.
  */
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { createRequire } from 'node:module';
+import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import pino from 'pino';
-import type { DenialRecord } from '../src/denials/record.js';
+import type { DenialStoreCounters } from '../src/denials/store.js';
+import { startDenialStore } from '../src/denials/store-worker.js';
 import type { InForce } from '../src/resolver/runtime.js';
 import { startDenialReader } from '../src/denials/reader.js';
 import { runInOwnNamespace } from './lib/netns.js';
 
-const { values } = parseArgs({ options: { inner: { type: 'string' }, quick: { type: 'boolean', default: false } } });
+const { values } = parseArgs({
+  options: { inner: { type: 'string' }, 'rss-only': { type: 'boolean', default: false }, quick: { type: 'boolean', default: false } },
+});
 const quick = values.quick;
 const ROOT = join(import.meta.dirname, '..');
 const CLI = join(ROOT, 'src/cli/main.ts');
 const FLOOD = join(ROOT, 'test/denials/flood.cjs');
-const STORE = join(ROOT, 'src/denials/store.ts');
 const GROUP = 7799;
 const FLOOD_SECONDS = quick ? 2 : 10;
 /** How long a reader may take to drain what the flood left queued, at most. */
@@ -56,6 +71,9 @@ const V4 = Array.from({ length: 8 }, (_, i) => `203.0.113.${10 + i}`);
 const V6 = Array.from({ length: 8 }, (_, i) => `2001:db8:1::${(10 + i).toString(16)}`);
 const PORTS = 4096;
 const FLOOD_USER = 'nobody';
+/** The memory row: this many packets, then the flood stops by itself (or after RSS_MAX_SECONDS). */
+const RSS_EVENTS = 1_000_000;
+const RSS_MAX_SECONDS = 120;
 
 interface Row {
   readonly reader: string;
@@ -65,6 +83,10 @@ interface Row {
   readonly records: number | undefined;
   readonly stored: number | undefined;
   readonly storedRate: number | undefined;
+  /** Records the store did not take (its bounded queue was full, or it failed): counted. */
+  readonly storeDropped?: number | undefined;
+  /** Events read but neither in a stored record nor in one counted dropped: must be 0. */
+  readonly storeUnaccounted?: number | undefined;
   readonly lost: number;
   /** Logged, but neither read nor counted lost (a loss at the very end, which no later sequence number reveals). */
   readonly unaccounted: number | undefined;
@@ -90,7 +112,7 @@ async function waitFor(what: string, check: () => boolean, ms: number): Promise<
   }
 }
 
-function flood(): Promise<number> {
+function flood(max = 100_000_000, seconds = FLOOD_SECONDS): Promise<number> {
   return new Promise((resolve, reject) => {
     const child = spawn(
       'setpriv',
@@ -105,8 +127,8 @@ function flood(): Promise<number> {
         [...V4, ...V6].join(','),
         '20000',
         String(PORTS),
-        String(FLOOD_SECONDS * 1000),
-        '100000000',
+        String(seconds * 1000),
+        String(max),
       ],
       {
         stdio: ['ignore', 'pipe', 'inherit'],
@@ -125,23 +147,38 @@ function flood(): Promise<number> {
   });
 }
 
-async function egressdRow(state: string): Promise<Row> {
+/**
+ * A loss at the flood's very end shows only in a later packet's sequence number: once the reader is still,
+ * one packet more — and again if that one was lost too (sent while the socket was still full), up to 5 times.
+ * Returns the packets sent in all.
+ */
+async function revealEndLoss(seen: () => number | Promise<number>, flooded: number): Promise<number> {
+  let sent = flooded;
+  for (let tries = 0; tries < 5; tries++) {
+    let last = await seen();
+    for (let still = 0; still < 3 && last < sent;) {
+      await sleep(200);
+      const now = await seen();
+      still = now === last ? still + 1 : 0;
+      last = now;
+    }
+    if (last >= sent) break;
+    sent += await flood(1, 1);
+  }
+  return sent;
+}
+
+async function egressdRow(state: string, withStore: boolean): Promise<Row> {
   const log = pino({ level: 'warn' }, pino.destination(2));
   const inForce = { policy: { defaults: { log: { group: GROUP } } }, compiled: { ruleIds: [] } } as unknown as InForce;
   const reader = await startDenialReader(inForce, { log, stateDir: state, learnedNames: () => [] });
   const rssBefore = process.memoryUsage().rss;
-  // The store, once merged: its own rate beside the reader's.
-  let store: { add(records: readonly DenialRecord[]): void; flush(): void; close(): void } | undefined;
-  let stored = 0;
-  if (existsSync(STORE)) {
-    const module = (await import(pathToFileURL(STORE).href)) as { openDenialStore(path: string): NonNullable<typeof store> };
-    store = module.openDenialStore(join(mkdtempSync(join(tmpdir(), 'egd-bench-store-')), 'denials.sqlite'));
-  }
-  let lastRecord = 0;
+  // The store as the daemon runs it: its database in a worker thread, add handed over, the queue bounded (dropped and counted past it).
+  const store = withStore ? await startDenialStore(join(mkdtempSync(join(tmpdir(), 'egd-bench-store-')), 'denials.sqlite'), { log, group: null }) : undefined;
+  let lastStored = 0;
+  let storedSeen = 0;
   reader.subscribe((record) => {
-    lastRecord = performance.now();
     store?.add([record]);
-    stored++;
   });
   let lastEvent = 0;
   let seen = 0;
@@ -151,37 +188,166 @@ async function egressdRow(state: string): Promise<Row> {
       seen = c.events + c.lost;
       lastEvent = performance.now();
     }
+    const written = store?.counters().written ?? 0;
+    if (written !== storedSeen) {
+      storedSeen = written;
+      lastStored = performance.now();
+    }
   }, 20);
   const start = performance.now();
-  const sent = await flood();
+  const flooded = await flood();
   await waitFor(
     'the reader to drain',
-    () => reader.counters().events + reader.counters().lost >= sent || performance.now() - lastEvent > 1000,
+    () => reader.counters().events + reader.counters().lost >= flooded || performance.now() - lastEvent > 1000,
     DRAIN_SECONDS * 1000 + 2000,
   ).catch(() => undefined);
-  clearInterval(watch);
-  const counters = reader.counters();
+  const drained = reader.counters();
   const readSeconds = (lastEvent - start) / 1000;
-  if (store) {
-    store.flush();
-    store.close();
-  }
-  const rss = process.memoryUsage().rss;
+  const sent = await revealEndLoss(() => reader.counters().events + reader.counters().lost, flooded);
+  const counters = reader.counters();
+  // Closing the reader closes its open aggregates: their records go to the store too, so every event read is in a record.
   await reader.close();
+  let storeCounts: DenialStoreCounters | undefined;
+  let storedPackets: number | undefined;
+  if (store) {
+    await store.flush();
+    clearInterval(watch);
+    storeCounts = store.counters();
+    storedPackets = (await store.summary({})).packets;
+    await store.close();
+  }
+  clearInterval(watch);
+  const rss = process.memoryUsage().rss;
+  const final = reader.counters();
   return {
-    reader: store ? 'egressd reader + store' : 'egressd reader',
+    reader: store ? 'egressd reader + store (worker)' : 'egressd reader alone',
     sent,
     read: counters.events,
-    readRate: counters.events / readSeconds,
-    records: counters.records,
-    stored: store ? stored : undefined,
-    storedRate: store ? stored / ((lastRecord - start) / 1000) : undefined,
+    readRate: drained.events / readSeconds,
+    records: final.records,
+    stored: storeCounts?.written,
+    storedRate: storeCounts ? storeCounts.written / ((lastStored - start) / 1000) : undefined,
+    storeDropped: storeCounts ? storeCounts.dropped + storeCounts.failed : undefined,
+    storeUnaccounted:
+      storeCounts && storedPackets !== undefined ? final.events - storedPackets - storeCounts.droppedEvents - storeCounts.failedEvents : undefined,
     lost: counters.lost,
     unaccounted: sent - counters.events - counters.lost,
     enobufs: counters.enobufs,
     rssMb: rss / 1024 / 1024,
     rssBeforeMb: rssBefore / 1024 / 1024,
   };
+}
+
+/**
+ * The reader and the store as egressd runs them (the daemon's denial parts: reader, store worker), alone in a
+ * process of their own so its memory is theirs: told "counters" on stdin, it prints its counters and memory.
+ * From dist/ when built (as egressd runs: plain node, no tsx in memory), else from the sources under tsx.
+ */
+const RSS_CHILD = `
+import { readFileSync } from 'node:fs';
+import { createInterface } from 'node:readline';
+const [state, group, from, pinoUrl] = process.argv.slice(2);
+const { default: pino } = await import(pinoUrl);
+const { startDenialReader } = await import(from + '/denials/reader.js');
+const { startDenialStore } = await import(from + '/denials/store-worker.js');
+const log = pino({ level: 'warn' }, pino.destination(2));
+const inForce = { policy: { defaults: { log: { group: Number(group) } } }, compiled: { ruleIds: [] } };
+const reader = await startDenialReader(inForce, { log, stateDir: state, learnedNames: () => [] });
+const store = await startDenialStore(state + '/rss-store/denials.sqlite', { log, group: null });
+reader.subscribe((record) => store.add([record]));
+const memory = () => {
+  const status = readFileSync('/proc/self/status', 'utf8');
+  const kb = (field) => Number(new RegExp(field + ':[^0-9]*([0-9]+)').exec(status)?.[1]) / 1024;
+  const m = process.memoryUsage();
+  return { rss: kb('VmRSS'), hwm: kb('VmHWM'), heapUsed: m.heapUsed / 1048576, heapTotal: m.heapTotal / 1048576, external: m.external / 1048576 };
+};
+process.stdout.write(JSON.stringify({ ready: true }) + '\\n');
+for await (const line of createInterface({ input: process.stdin })) {
+  if (line === 'counters') process.stdout.write(JSON.stringify({ reader: reader.counters(), store: store.counters(), memory: memory() }) + '\\n');
+  if (line === 'close') break;
+}
+await reader.close();
+await store.close();
+`;
+
+interface RssRow {
+  readonly from: string;
+  readonly sent: number;
+  readonly heap: string;
+  readonly events: number;
+  readonly lost: number;
+  readonly stored: number;
+  readonly dropped: number;
+  readonly rssBefore: number;
+  readonly rss: number;
+  readonly hwm: number;
+  readonly seconds: number;
+}
+
+/** 1,000,000 packets (the flood stops by itself at that count) into a fresh reader + store process; its memory once they are read. */
+async function rssRow(state: string): Promise<RssRow> {
+  const built = existsSync(join(ROOT, 'dist/denials/store-worker.js'));
+  const from = pathToFileURL(join(ROOT, built ? 'dist' : 'src')).href;
+  // A file, not -e: a worker thread inherits the process's flags, and --input-type is refused in a worker.
+  const script = join(state, 'rss-child.mjs');
+  writeFileSync(script, RSS_CHILD);
+  const child = spawn(
+    process.execPath,
+    [...(built ? [] : ['--import', 'tsx']), script, state, String(GROUP), from, pathToFileURL(createRequire(import.meta.url).resolve('pino')).href],
+    {
+      cwd: ROOT,
+      stdio: ['pipe', 'pipe', 'inherit'],
+    },
+  );
+  const lines: string[] = [];
+  let buffered = '';
+  child.stdout.on('data', (d: Buffer) => {
+    buffered += d.toString();
+    for (let at = buffered.indexOf('\n'); at >= 0; at = buffered.indexOf('\n')) {
+      lines.push(buffered.slice(0, at));
+      buffered = buffered.slice(at + 1);
+    }
+  });
+  type Answer = {
+    reader: { events: number; lost: number };
+    store: DenialStoreCounters;
+    memory: { rss: number; hwm: number; heapUsed: number; heapTotal: number; external: number };
+  };
+  const ask = async (): Promise<Answer> => {
+    const before = lines.length;
+    child.stdin.write('counters\n');
+    await waitFor('the reader + store process to answer', () => lines.length > before, 10_000);
+    return JSON.parse(lines[lines.length - 1]!) as Answer;
+  };
+  try {
+    await waitFor('the reader + store process to bind', () => lines.length > 0, 20_000);
+    const before = await ask();
+    const started = performance.now();
+    // One packet more once the flood has stopped: a loss at the flood's very end shows only in a later packet's sequence number.
+    const flooded = await flood(RSS_EVENTS, RSS_MAX_SECONDS);
+    const sent = await revealEndLoss(async () => {
+      const { reader } = await ask();
+      return reader.events + reader.lost;
+    }, flooded);
+    const seconds = (performance.now() - started) / 1000;
+    const last = await ask();
+    return {
+      from: built ? 'dist' : 'src under tsx',
+      sent,
+      heap: `main thread's heap ${last.memory.heapUsed.toFixed(1)} MB used of ${last.memory.heapTotal.toFixed(1)}, external ${last.memory.external.toFixed(1)}`,
+      events: last.reader.events,
+      lost: last.reader.lost,
+      stored: last.store.written,
+      dropped: last.store.dropped + last.store.failed,
+      rssBefore: before.memory.rss,
+      rss: last.memory.rss,
+      hwm: last.memory.hwm,
+      seconds,
+    };
+  } finally {
+    child.stdin.end('close\n');
+    await new Promise((resolve) => child.once('exit', resolve));
+  }
 }
 
 const ULOGD_TABLE = `CREATE TABLE ulog_pkt (oob_time_sec INT UNSIGNED, oob_prefix VARCHAR(64), oob_uid INT UNSIGNED, oob_gid INT UNSIGNED, oob_family TINYINT UNSIGNED, ip_protocol TINYINT UNSIGNED, ip_daddr_str VARCHAR(40), udp_dport SMALLINT UNSIGNED, tcp_dport SMALLINT UNSIGNED);`;
@@ -273,23 +439,40 @@ async function inner(root: string): Promise<void> {
     stdio: ['ignore', 'ignore', 'inherit'],
   });
 
+  const load = [loadavg()];
   const rows: Row[] = [];
-  rows.push(await egressdRow(state));
-  rows.push(await ulogdRow(root, false));
-  rows.push(await ulogdRow(root, true));
+  if (!values['rss-only']) {
+    rows.push(await egressdRow(state, false));
+    rows.push(await egressdRow(state, true));
+    rows.push(await ulogdRow(root, false));
+    rows.push(await ulogdRow(root, true));
+  }
+  const rss = await rssRow(state);
+  load.push(loadavg());
 
   const n = (value: number | undefined, digits = 0) =>
     value === undefined || !Number.isFinite(value) ? '—' : value.toLocaleString('en-US', { maximumFractionDigits: digits });
   console.log(
     `\nbench/denials.ts${quick ? ' --quick' : ''}: UDP flood from one denied uid, ${FLOOD_SECONDS} s per row, ${V4.length + V6.length} addresses × ${PORTS} ports`,
   );
-  console.log('| reader | sent = logged | read | read/s | records | stored | stored/s | lost | unaccounted | ENOBUFS | RSS MB (before) |');
-  console.log('|---|---|---|---|---|---|---|---|---|---|---|');
+  console.log(
+    `load average (1, 5, 15 min): ${load.map((l) => l.map((x) => x.toFixed(2)).join(', ')).join(' at the start; ')} at the end (2 cores; other runs skew the numbers)`,
+  );
+  console.log(
+    '| reader | sent = logged | read | read/s | lost (counted) | unaccounted | records | stored | stored/s | store dropped (counted) | store unaccounted | ENOBUFS | RSS MB (before) |',
+  );
+  console.log('|---|---|---|---|---|---|---|---|---|---|---|---|---|');
   for (const r of rows) {
     console.log(
-      `| ${r.reader} | ${n(r.sent)} | ${n(r.read)} | ${n(r.readRate)} | ${n(r.records)} | ${n(r.stored)} | ${n(r.storedRate)} | ${n(r.lost)} | ${n(r.unaccounted)} | ${n(r.enobufs)} | ${n(r.rssMb, 1)}${r.rssBeforeMb === undefined ? '' : ` (${n(r.rssBeforeMb, 1)})`} |`,
+      `| ${r.reader} | ${n(r.sent)} | ${n(r.read)} | ${n(r.readRate)} | ${n(r.lost)} | ${n(r.unaccounted)} | ${n(r.records)} | ${n(r.stored)} | ${n(r.storedRate)} | ${n(r.storeDropped)} | ${n(r.storeUnaccounted)} | ${n(r.enobufs)} | ${n(r.rssMb, 1)}${r.rssBeforeMb === undefined ? '' : ` (${n(r.rssBeforeMb, 1)})`} |`,
     );
   }
+  console.log(
+    `\nreader + store in a process of their own (${rss.from}), ${n(RSS_EVENTS)} packets (the flood stops at that count; ${n(rss.seconds, 1)} s): sent ${n(rss.sent)}, read ${n(rss.events)}, lost ${n(rss.lost)} (counted), unaccounted ${n(rss.sent - rss.events - rss.lost)}, stored ${n(rss.stored)}, store dropped ${n(rss.dropped)} (counted); ${rss.heap}`,
+  );
+  console.log('| process | VmRSS MB before | VmRSS MB after | VmHWM MB |');
+  console.log('|---|---|---|---|');
+  console.log(`| reader + store (worker), after ${n(rss.events + rss.lost)} events | ${n(rss.rssBefore, 1)} | ${n(rss.rss, 1)} | ${n(rss.hwm, 1)} |`);
 }
 
 if (values.inner !== undefined) {
@@ -301,8 +484,14 @@ if (values.inner !== undefined) {
   }
   const root = mkdtempSync(join(tmpdir(), 'egd-bench-denials-'));
   process.exit(
-    runInOwnNamespace('egdbench-denials', fileURLToPath(import.meta.url), root, ['--inner', root, ...(quick ? ['--quick'] : [])], {
-      timeoutMs: quick ? 60_000 : 300_000,
-    }),
+    runInOwnNamespace(
+      'egdbench-denials',
+      fileURLToPath(import.meta.url),
+      root,
+      ['--inner', root, ...(quick ? ['--quick'] : []), ...(values['rss-only'] ? ['--rss-only'] : [])],
+      {
+        timeoutMs: quick ? 240_000 : 600_000,
+      },
+    ),
   );
 }

@@ -3,5 +3,5 @@
  * reader's interfaces, from their own modules (the service was built against
  * BRIEF-RT.md's copy of them before those modules were merged).
  */
-export type { DenialFilter, StoredDenial, Ranked, DenialSummary, DenialStore } from '../denials/store.js';
+export type { DenialFilter, StoredDenial, Ranked, DenialSummary, DenialStore, DenialStoreCounters } from '../denials/store.js';
 export type { DenialCounters, DenialFeed } from '../denials/reader.js';

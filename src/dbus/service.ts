@@ -9,7 +9,8 @@
  *   Subscribe(a{sv} options) → a{sv}       anyone: Denied signals of the caller's own uid; {all: true} root and audit only
  *   Unsubscribe()
  *   signal Denied(a{sv} record, t id)      id 0: not (yet) in the store
- *   properties State, PolicyDigest, Lockdown, DeniedEvents, DeniedRecords, LostEvents (read-only, anyone)
+ *   properties State, PolicyDigest, Lockdown, DeniedEvents, DeniedRecords, LostEvents, StoreDroppedRecords (read-only, anyone)
+ *   (StoreDroppedRecords: records read but not stored — the store's worker was behind or failing; they went to the journal)
  *
  * Every decision is taken here from the caller's credentials on the bus
  * (access.ts); the bus policy (systemd/org.egressd.Firewall1.conf) only lets
@@ -156,6 +157,7 @@ const INTROSPECTION = `<!DOCTYPE node PUBLIC "-//freedesktop//DTD D-BUS Object I
     <property name="DeniedEvents" type="t" access="read"/>
     <property name="DeniedRecords" type="t" access="read"/>
     <property name="LostEvents" type="t" access="read"/>
+    <property name="StoreDroppedRecords" type="t" access="read"/>
   </interface>
   <interface name="org.freedesktop.DBus.Properties">
     <method name="Get"><arg type="s" direction="in"/><arg type="s" direction="in"/><arg type="v" direction="out"/></method>
@@ -333,6 +335,12 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
     return deps.store;
   }
 
+  /** Records read but not stored (the store's worker behind by its bound, or failing), and their packets: losses, told like the reader's. */
+  function storeDropped(): { records: number; events: number } {
+    const c = deps.store?.counters();
+    return c ? { records: c.dropped + c.failed, events: c.droppedEvents + c.failedEvents } : { records: 0, events: 0 };
+  }
+
   function statusDict(): Record<string, InstanceType<typeof Variant>> {
     const s = deps.status();
     const c = counters();
@@ -355,6 +363,8 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
       unparsed: new Variant('t', c.unparsed),
       subscribers: new Variant('u', subscriptions.size),
       signalsDropped: new Variant('t', signalsDropped),
+      storeDropped: new Variant('t', storeDropped().records),
+      storeDroppedEvents: new Variant('t', storeDropped().events),
     };
   }
 
@@ -368,6 +378,7 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
       DeniedEvents: new Variant('t', c.events),
       DeniedRecords: new Variant('t', c.records),
       LostEvents: new Variant('t', c.lost),
+      StoreDroppedRecords: new Variant('t', storeDropped().records),
     };
   }
 
@@ -413,7 +424,7 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
         const who = await caller(msg.sender);
         if (who.role === 'user') throw refuse(who, 'QueryDenials');
         const filter = filterFromDbus(args[0] as Record<string, unknown>);
-        return ['aa{sv}', [store().query(filter).map(recordToDbus)]];
+        return ['aa{sv}', [(await store().query(filter)).map(recordToDbus)]];
       }
       case 'AllowFromDenial': {
         const who = await caller(msg.sender);
@@ -421,7 +432,7 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
         if (!(await mayChange(who, 'org.egressd.allow'))) throw refuse(who, 'AllowFromDenial');
         const id = Number(args[0]);
         const scope = parseScope(args[1] as string);
-        const record = Number.isSafeInteger(id) && id > 0 ? store().get(id) : undefined;
+        const record = Number.isSafeInteger(id) && id > 0 ? await store().get(id) : undefined;
         // Not found and not yours answer alike: a record id says nothing about other users' records.
         if (!record || (who.role !== 'root' && record.uid !== who.uid)) throw new EgressError(ErrorCode.NotFound, `no denial record ${String(args[0])}`);
         const entry = allowanceFor(record, { uid: who.uid, name: who.name }, now(), scope);
@@ -583,10 +594,10 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
     throw new EgressError(ErrorCode.DaemonUnavailable, `cannot own ${BUS_NAME} on the bus: ${why}`);
   }
 
-  /** Makes the store write what it holds, so each record of this tick has its row id; a store that fails leaves ids at 0. */
-  function flushStore(): void {
+  /** Waits for the store's worker to write what it holds, so each record of this tick has its row id; a store that fails leaves ids at 0. */
+  async function flushStore(): Promise<void> {
     try {
-      deps.store?.flush();
+      await deps.store?.flush();
     } catch (error) {
       log.warn({ event: 'dbus-store-id', err: error }, 'denial store ids not read; Denied signals go without them');
     }
@@ -603,16 +614,21 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
 
   // This runs on the daemon's one thread, beside the resolver: a tick sends at most this many signals (and takes at most as many records), the rest go the next turn.
   const signalsPerTick = deps.maxSignalsPerTick ?? 256;
-  function flushSignals(): void {
-    timer = undefined;
+  async function flushSignals(): Promise<void> {
     if (subscriptions.size === 0) {
+      timer = undefined;
       pending = [];
       return;
     }
-    flushStore();
+    // Only the records already handed to the store when the flush was asked for have their ids after it; later ones wait for the next tick's.
+    // `timer` stays set meanwhile, so records arriving now do not start a second tick beside this one.
+    const ready = pending.length;
+    await flushStore();
+    timer = undefined;
+    if (closing) return;
     let taken = 0;
     let sent = 0;
-    while (taken < pending.length && taken < signalsPerTick && sent < signalsPerTick) {
+    while (taken < ready && taken < pending.length && taken < signalsPerTick && sent < signalsPerTick) {
       const record = pending[taken++]!;
       const body = [recordToDbus(record), storeId(record)];
       for (const [name, sub] of subscriptions) {
@@ -626,7 +642,7 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
     }
     pending.splice(0, taken);
     // The rest in the next turn, not after another delay: they waited theirs.
-    if (pending.length > 0) timer = setTimeout(flushSignals, 0);
+    if (pending.length > 0) timer = setTimeout(() => void flushSignals(), 0);
   }
 
   const unsubscribeFeed = deps.feed?.subscribe((record) => {
@@ -636,7 +652,7 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
       return;
     }
     pending.push(record);
-    timer ??= setTimeout(flushSignals, delay);
+    timer ??= setTimeout(() => void flushSignals(), delay);
   });
 
   log.info({ event: 'dbus-started', name: BUS_NAME, bus: deps.busAddress ?? 'system' }, `D-Bus service ${BUS_NAME} started`);

@@ -4,11 +4,13 @@
  * fleets). Neither can stop the other, nor the reader: a store that fails is
  * logged once per kind of failure and the journal still gets every record.
  *
- * The daemon's denial part (the lead wires it) does, with the reader's feed:
- *   const store = openDenialStore(denialStorePath(context.stateDir), { log: context.log });   // may throw EGD_DENIAL_STORE: log it, keep the journal
+ * The daemon's denial part (part.ts) does, with the reader's feed:
+ *   const store = await startDenialStore(denialStorePath(context.stateDir), { log: context.log });   // may reject EGD_DENIAL_STORE: log it, keep the journal
  *   const journal = openDenialJournal({ log: context.log });
  *   const stop = keepDenials(feed, { store, journal, log: context.log });
- *   // on close: stop(); store.close();
+ *   // on close: stop(); await store.close();
+ * The store's add never waits: it hands the record to the store's worker
+ * thread, or counts it dropped when the worker is too far behind.
  */
 import type { Logger } from 'pino';
 import { isEgressError } from '../errors.js';
@@ -23,7 +25,7 @@ export interface RecordSource {
 
 export function keepDenials(
   source: RecordSource,
-  sinks: { readonly store: DenialStore | undefined; readonly journal: DenialJournal; readonly log: Logger },
+  sinks: { readonly store: Pick<DenialStore, 'add'> | undefined; readonly journal: DenialJournal; readonly log: Logger },
 ): () => void {
   const said = new Set<string>();
   return source.subscribe((record) => {

@@ -11,24 +11,41 @@ import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import { openDenialJournal } from './journal.js';
 import { keepDenials } from './keep.js';
 import { denialsReaderPart, type DenialFeed } from './reader.js';
-import { denialStorePath, openDenialStore, type DenialStore } from './store.js';
+import { denialStorePath, type DenialStore, type DenialStoreCounters } from './store.js';
+import { startDenialStore, type WorkerHouseKeeping } from './store-worker.js';
 
 export interface DenialParts {
   /** Reads NFLOG; `--no-denials` turns the whole path off. */
   readonly reader: PartSpec;
-  /** Keeps what the reader makes: the store and the journal. */
+  /** Keeps what the reader makes: the store (in its worker thread) and the journal. */
   readonly keeper: PartSpec;
   readonly feed: DenialFeed;
-  /** The keeper's store while it has one open; otherwise every call fails with EGD_DENIAL_STORE. */
+  /** The keeper's store while it has one open; otherwise every call fails with EGD_DENIAL_STORE. Its counters run across the stores the keeper opened. */
   readonly store: DenialStore;
 }
 
-/** How often a store that would not open is tried again. */
+/** How often a store that would not open (or whose worker stopped) is tried again. */
 const STORE_RETRY_MS = 60_000;
+
+const NO_COUNTS: DenialStoreCounters = { queued: 0, queuedPeak: 0, written: 0, dropped: 0, droppedEvents: 0, failed: 0, failedEvents: 0 };
 
 export function denialParts(): DenialParts {
   const { spec, feed } = denialsReaderPart();
-  let open: DenialStore | undefined;
+  let open: (DenialStore & WorkerHouseKeeping) | undefined;
+  /** What stores closed before the one open now counted: status shows every record dropped since egressd started. */
+  let retired: DenialStoreCounters = NO_COUNTS;
+  const retire = (closing: DenialStore): void => {
+    const c = closing.counters();
+    retired = {
+      queued: 0,
+      queuedPeak: Math.max(retired.queuedPeak, c.queuedPeak),
+      written: retired.written + c.written,
+      dropped: retired.dropped + c.dropped,
+      droppedEvents: retired.droppedEvents + c.droppedEvents,
+      failed: retired.failed + c.failed,
+      failedEvents: retired.failedEvents + c.failedEvents,
+    };
+  };
   const current = (): DenialStore => {
     if (!open) throw new EgressError(ErrorCode.DenialStore, 'the denial store is not open (see the log: denial-store-failed)');
     return open;
@@ -36,26 +53,50 @@ export function denialParts(): DenialParts {
   const store: DenialStore = {
     add: (records) => current().add(records),
     // Nothing to flush without a store: a caller that only wants what was added written (the Denied signals) goes on.
-    flush: () => open?.flush(),
+    flush: () => open?.flush() ?? Promise.resolve(),
     idOf: (record) => open?.idOf(record),
-    query: (filter) => current().query(filter),
-    get: (id) => current().get(id),
-    summary: (filter) => current().summary(filter),
-    close: () => undefined,
+    query: async (filter) => current().query(filter),
+    get: async (id) => current().get(id),
+    summary: async (filter) => current().summary(filter),
+    counters: () => {
+      const c = open?.counters() ?? NO_COUNTS;
+      return {
+        queued: c.queued,
+        queuedPeak: Math.max(retired.queuedPeak, c.queuedPeak),
+        written: retired.written + c.written,
+        dropped: retired.dropped + c.dropped,
+        droppedEvents: retired.droppedEvents + c.droppedEvents,
+        failed: retired.failed + c.failed,
+        failedEvents: retired.failedEvents + c.failedEvents,
+      };
+    },
+    close: () => Promise.resolve(),
   };
   const keeper: PartSpec = {
     name: 'denial-store',
-    start(_inForce, context): Promise<Part> {
+    async start(_inForce, context): Promise<Part> {
       // EGRESSD_JOURNAL_SOCKET: another socket (a lab's egressd, `egressctl try`, sends nothing to the host's journal).
       const socket = process.env['EGRESSD_JOURNAL_SOCKET'];
       const journal = openDenialJournal({ log: context.log, ...(socket !== undefined && { socket }) });
-      let opened: DenialStore | undefined;
+      let opened: (DenialStore & WorkerHouseKeeping) | undefined;
+      let opening = false;
+      let closed = false;
+      const isClosed = (): boolean => closed;
       let said = false;
-      const tryOpen = (): void => {
+      const tryOpen = async (): Promise<void> => {
+        if (opening || closed) return;
+        opening = true;
         try {
-          opened = openDenialStore(denialStorePath(context.stateDir), { log: context.log });
-          open = opened;
+          const fresh = await startDenialStore(denialStorePath(context.stateDir), { log: context.log });
+          // The part may have been closed while the worker opened the database.
+          if (isClosed()) {
+            await fresh.close();
+            return;
+          }
+          opened = fresh;
+          open = fresh;
           if (said) context.log.info({ event: 'denial-store-opened' }, 'the denial store opened; denials are stored again');
+          said = false;
         } catch (error) {
           // The journal still gets every record; the store is tried again every STORE_RETRY_MS.
           if (!said)
@@ -64,12 +105,21 @@ export function denialParts(): DenialParts {
               'the denial store could not be opened; denials go to the journal only until it opens',
             );
           said = true;
+        } finally {
+          opening = false;
         }
       };
-      tryOpen();
+      // The part starts once the store has opened or failed to: its first records are stored.
+      await tryOpen();
       const retry = setInterval(() => {
-        if (opened) clearInterval(retry);
-        else tryOpen();
+        // A worker that stopped (it said so: denial-store-failed) is replaced like a store that never opened.
+        if (opened?.failed) {
+          retire(opened);
+          if (open === opened) open = undefined;
+          opened = undefined;
+          said = true;
+        }
+        if (!opened) void tryOpen();
       }, STORE_RETRY_MS);
       retry.unref();
       const sinks = {
@@ -80,20 +130,35 @@ export function denialParts(): DenialParts {
         },
       };
       const stop = keepDenials(feed, sinks);
-      return Promise.resolve({
+      return {
         stopped: new Promise<never>(() => undefined),
         update: () => Promise.resolve(),
-        describe: () =>
-          `denials ${opened ? 'stored' : 'not stored (store failed)'} and sent to the ${journal.via === 'journal' ? 'journal' : 'log'}${journal.dropped > 0 ? ` (${journal.dropped} dropped from the journal while it was behind)` : ''}`,
-        close() {
+        describe: () => {
+          const c = store.counters();
+          const lost = c.dropped + c.failed;
+          return `denials ${opened && !opened.failed ? 'stored' : 'not stored (store failed)'}${lost > 0 ? ` (${lost} records not stored: the store was behind or failing)` : ''} and sent to the ${journal.via === 'journal' ? 'journal' : 'log'}${journal.dropped > 0 ? ` (${journal.dropped} dropped from the journal while it was behind)` : ''}`;
+        },
+        async close() {
+          closed = true;
           clearInterval(retry);
           stop();
           journal.close();
           if (open === opened) open = undefined;
-          opened?.close();
-          return Promise.resolve();
+          const closing = opened;
+          opened = undefined;
+          if (closing) {
+            await closing
+              .close()
+              .catch((error: unknown) =>
+                context.log.error(
+                  { event: 'denial-store-failed', code: isEgressError(error) ? error.code : 'unknown', error: (error as Error).message },
+                  'the denial store did not close cleanly',
+                ),
+              );
+            retire(closing);
+          }
         },
-      });
+      };
     },
   };
   return { reader: { ...spec, name: 'denials' }, keeper, feed, store };

@@ -1,7 +1,10 @@
 /**
  * The denial store: every record the reader makes, kept in one SQLite
  * database under the state directory (`denials/denials.sqlite`) for
- * `egressctl denials`, D-Bus queries and allow-from-alert.
+ * `egressctl denials`, D-Bus queries and allow-from-alert. This file is
+ * the database, synchronous; egressd runs it in a worker thread
+ * (store-worker.ts, store-thread.ts), never on the thread that reads NFLOG
+ * and answers DNS.
  *
  * - Writes are batched: `add` returns at once and rows are written in one
  *   transaction every `flushIntervalMs` (default 1 s), or as soon as
@@ -14,9 +17,9 @@
  *   `retentionDays` (default 90) go, then the oldest go until the database
  *   is under `maxBytes` (default 256 MiB), and the freed pages are given
  *   back to the file system. It runs as many short statements (each sized
- *   to about 5 ms) with the event loop given back between them: the store
- *   shares the daemon's one thread with the resolver, and a prune of 100k
- *   records in one go held it for seconds.
+ *   to about 5 ms) with the event loop given back between them: the worker
+ *   takes records and answers queries between them (a prune of 100k records
+ *   in one go held its thread for seconds).
  * - A database SQLite calls corrupt (garbage, a truncated file) is renamed
  *   aside with a timestamp and a fresh one is started beside it; one that
  *   cannot be written is an EGD_DENIAL_STORE error to the caller. Either way
@@ -73,10 +76,48 @@ export interface DenialSummary {
   readonly destinations: readonly Ranked[];
   readonly rules: readonly Ranked[];
 }
+/**
+ * The store as the daemon's parts use it: the database runs in a worker
+ * thread (store-worker.ts), so `add` hands records over and returns at once
+ * and everything that reads waits for the worker. What `add` cannot hand
+ * over (the worker is behind by `maxQueued` records, or has failed) is
+ * dropped and counted, never silently.
+ */
 export interface DenialStore {
+  /** Batched: returns at once; written within the flush interval, or dropped and counted (counters()). */
+  add(records: readonly DenialRecord[]): void;
+  /** Resolves once every record added before it is written (or counted as failed). */
+  flush(): Promise<void>;
+  /** The row id `add` gave this record (the same object), once its batch is written; undefined before that, or when it never was. A map lookup: the D-Bus Denied signal asks it per record. */
+  idOf(record: DenialRecord): number | undefined;
+  query(filter: DenialFilter): Promise<StoredDenial[]>;
+  get(id: number): Promise<StoredDenial | undefined>;
+  summary(filter: DenialFilter): Promise<DenialSummary>;
+  counters(): DenialStoreCounters;
+  close(): Promise<void>;
+}
+
+/** What became of the records handed to a store's `add`: every one is queued, written, dropped or failed. */
+export interface DenialStoreCounters {
+  /** Handed over, not yet written. */
+  readonly queued: number;
+  /** The most that were ever queued at once (the bound holds: ≤ maxQueued). */
+  readonly queuedPeak: number;
+  readonly written: number;
+  /** Not taken: the store was `maxQueued` records behind (a flood of new destinations), or had failed. */
+  readonly dropped: number;
+  /** The packets (record counts) of those. */
+  readonly droppedEvents: number;
+  /** Taken, but the database refused their batch (disk full, damage): reported as EGD_DENIAL_STORE. */
+  readonly failed: number;
+  readonly failedEvents: number;
+}
+
+/** The SQLite database itself, synchronous: what the store's worker thread runs, and tests and benchmarks open directly. */
+export interface DenialDatabase {
   add(records: readonly DenialRecord[]): void;
   flush(): void;
-  /** The row id `add` gave this record (the same object), once its batch is written; undefined before that, or when it never was. A map lookup: the D-Bus Denied signal asks it per record. */
+  /** The row id `add` gave this record (the same object), once its batch is written; undefined before that, or when it never was. */
   idOf(record: DenialRecord): number | undefined;
   query(filter: DenialFilter): StoredDenial[];
   get(id: number): StoredDenial | undefined;
@@ -101,6 +142,8 @@ export interface DenialStoreOptions {
   readonly now?: () => number;
   /** Databases up to this size get a full quick_check at open (default 64 MiB); larger ones a check of their size. */
   readonly quickCheckMaxBytes?: number;
+  /** Told of every batch once it is committed (its row ids, in order) or refused (undefined): the worker tells the daemon's thread. */
+  readonly onBatch?: (records: readonly DenialRecord[], ids: readonly number[] | undefined) => void;
 }
 
 /** The store as openDenialStore returns it: housekeeping can be asked for, and waited on (tests, benchmarks). */
@@ -114,7 +157,7 @@ export interface HouseKept {
 /** A closed store's housekeeping stops here. */
 class PruneStopped extends Error {}
 
-/** Each housekeeping statement is sized to take about this long on the daemon's thread. */
+/** Each housekeeping statement is sized to take about this long on the store's thread. */
 const SLICE_MS = 5;
 /** Rows per DELETE: adapted between these to SLICE_MS. */
 const SLICE_ROWS = { min: 50, start: 500, max: 5000 } as const;
@@ -387,8 +430,8 @@ export function isCorrupt(error: unknown): boolean {
 
 /** The database is not SQLite's, or SQLite finds it damaged. */
 /**
- * quick_check reads every page, and the store runs on the daemon's own
- * thread (beside the resolver): it is run on databases up to
+ * quick_check reads every page, and the daemon's keeper waits for the open
+ * (in the store's worker): it is run on databases up to
  * QUICK_CHECK_MAX_BYTES. A larger one (and one left with a WAL, whose header
  * may lag behind) is checked by its header's page count against the file's
  * size, which catches a truncated file; damage elsewhere in it shows as
@@ -526,7 +569,7 @@ function openDatabase(path: string, quickCheckMaxBytes: number): Database.Databa
   }
 }
 
-export function openDenialStore(path: string, options: DenialStoreOptions = {}): DenialStore & HouseKept {
+export function openDenialStore(path: string, options: DenialStoreOptions = {}): DenialDatabase & HouseKept {
   const o = { ...DEFAULTS, ...options };
   const now = options.now ?? Date.now;
   const log = options.log;
@@ -584,13 +627,20 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
     if (pending.length === 0) return;
     const batch = pending;
     pending = [];
+    let written: [DenialRecord, number][];
     try {
       // Known only once committed: a rolled-back batch gives no ids.
-      for (const [record, id] of writeBatch(batch)) ids.set(record, id);
+      written = writeBatch(batch);
     } catch (error) {
       // The batch is dropped rather than kept: a database that refuses one batch (disk full, damage) would refuse a growing backlog too.
+      options.onBatch?.(batch, undefined);
       throw storeError(`${batch.length} records not written`, path, error);
     }
+    for (const [record, id] of written) ids.set(record, id);
+    options.onBatch?.(
+      batch,
+      written.map(([, id]) => id),
+    );
   };
   const timedFlush = (): void => {
     try {
@@ -607,7 +657,7 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
     return (pages - free) * pageSize;
   };
 
-  // Housekeeping shares the thread with the resolver: every step below is one bounded statement, and the loop is given back between steps.
+  // Housekeeping shares the store's thread with adds and queries: every step below is one bounded statement, and the loop is given back between steps.
   const ageSlice = db.prepare('DELETE FROM denials WHERE id IN (SELECT id FROM denials WHERE last_seen < ? LIMIT ?)');
   const oldestSlice = db.prepare('DELETE FROM denials WHERE id IN (SELECT id FROM denials ORDER BY id LIMIT ?)');
   // The rollup's whole-store bucket holds each app's record count: their sum is count(*) without reading the table.
@@ -719,7 +769,7 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
     }
   };
 
-  const store: DenialStore & HouseKept = {
+  const store: DenialDatabase & HouseKept = {
     add(records) {
       if (closed) throw new EgressError(ErrorCode.DenialStore, `denial store ${path}: closed`);
       for (const record of records) pending.push(record);
@@ -784,7 +834,7 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
 /** Opens the store for reading only (`egressctl denials`): no housekeeping, no writes. */
 export function openDenialReader(
   path: string,
-): Pick<DenialStore, 'query' | 'get' | 'summary' | 'close'> & { maxId(): number; newer(afterId: number, filter: DenialFilter): StoredDenial[] } {
+): Pick<DenialDatabase, 'query' | 'get' | 'summary' | 'close'> & { maxId(): number; newer(afterId: number, filter: DenialFilter): StoredDenial[] } {
   const db = openForReading(path);
   return {
     newer(afterId, filter) {

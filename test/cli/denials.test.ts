@@ -3,7 +3,7 @@ import { chmodSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { denialStorePath, openDenialStore, type DenialStore, type StoredDenial } from '../../src/denials/store.js';
+import { denialStorePath, openDenialStore, type DenialDatabase, type StoredDenial } from '../../src/denials/store.js';
 import { ensureTestUsers, type TestUsers } from '../harness/index.js';
 import { runEgressctl } from '../support/cli-run.js';
 import { denial } from '../denials/store-records.js';
@@ -50,7 +50,7 @@ const records = [
   }),
 ];
 
-function stateWith(group: string | null = null): { stateDir: string; store: DenialStore } {
+function stateWith(group: string | null = null): { stateDir: string; store: DenialDatabase } {
   const stateDir = join(scratch, `state${++n}`);
   const store = openDenialStore(denialStorePath(stateDir), { group });
   store.add(records);

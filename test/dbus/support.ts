@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import pino from 'pino';
 import type { DenialRecord } from '../../src/denials/record.js';
 import { aggregateKey } from '../../src/denials/record.js';
-import type { DenialCounters, DenialFeed, DenialFilter, DenialStore, DenialSummary, StoredDenial } from '../../src/dbus/contracts.js';
+import type { DenialCounters, DenialFeed, DenialFilter, DenialStore, DenialStoreCounters, DenialSummary, StoredDenial } from '../../src/dbus/contracts.js';
 import { lookupGroup, lookupUser, RUN_DIR, runSync } from '../harness/sys.js';
 
 export const ROOT = join(import.meta.dirname, '..', '..');
@@ -242,10 +242,16 @@ export class MemoryStore implements DenialStore {
   idOf(record: DenialRecord): number | undefined {
     return this.ids.get(record);
   }
-  flush(): void {
+  /** Counted as the real store counts what its bounded queue could not take. */
+  dropped = 0;
+  flush(): Promise<void> {
     this.flushes += 1;
+    return Promise.resolve();
   }
-  query(filter: DenialFilter): StoredDenial[] {
+  query(filter: DenialFilter): Promise<StoredDenial[]> {
+    return Promise.resolve(this.rows_(filter));
+  }
+  private rows_(filter: DenialFilter): StoredDenial[] {
     return this.rows
       .filter(
         (r) =>
@@ -259,14 +265,19 @@ export class MemoryStore implements DenialStore {
       .sort((a, b) => b.lastSeen - a.lastSeen || b.id - a.id)
       .slice(0, filter.limit ?? 1000);
   }
-  get(id: number): StoredDenial | undefined {
-    return this.rows.find((r) => r.id === id);
+  get(id: number): Promise<StoredDenial | undefined> {
+    return Promise.resolve(this.rows.find((r) => r.id === id));
   }
-  summary(filter: DenialFilter): DenialSummary {
-    const rows = this.query(filter);
-    return { records: rows.length, packets: rows.reduce((n, r) => n + r.count, 0), apps: [], destinations: [], rules: [] };
+  summary(filter: DenialFilter): Promise<DenialSummary> {
+    const rows = this.rows_(filter);
+    return Promise.resolve({ records: rows.length, packets: rows.reduce((n, r) => n + r.count, 0), apps: [], destinations: [], rules: [] });
   }
-  close(): void {}
+  counters(): DenialStoreCounters {
+    return { queued: 0, queuedPeak: 0, written: this.rows.length, dropped: this.dropped, droppedEvents: this.dropped, failed: 0, failedEvents: 0 };
+  }
+  close(): Promise<void> {
+    return Promise.resolve();
+  }
 }
 
 /** A feed the test drives; the store subscribes first, as the daemon wires it. */
