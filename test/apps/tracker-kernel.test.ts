@@ -267,6 +267,20 @@ systemDomains:
     expect(reloads(from)).toBe(first);
   }, 60_000);
 
+  it('names as long as the kernel allows, with glob metacharacters and spaces: written by id, and a re-apply with them in the facts still applies', async () => {
+    const paths = [`${E}/browser-${'x'.repeat(247)}`, `${E}/browser-*`, `${E}/browser-[a] ?`];
+    const from = tracker.events.length;
+    for (const path of paths) make(path);
+    for (const path of paths) await added(path, from);
+    const again = tracker.events.length;
+    tracker.send({ cmd: 'apply' });
+    const applied = await tracker.waitFor((e) => e.ev === 'applied' || e.ev === 'error', 30_000, again);
+    expect(applied.ev, JSON.stringify(applied)).toBe('applied');
+    const { elements } = await mapElements(net, 'app_cg_l2');
+    for (const path of paths) expect(elements).toContain(path);
+    for (const path of paths) await net.host.rmCgroup(path);
+  });
+
   it('a newline is the one byte (besides "/" and NUL) the kernel refuses in a cgroup name: nothing for the tracker to handle', async () => {
     const r = await net.host.exec('bash', ['-c', `mkdir "/sys/fs/cgroup/${E}/deleg/viewer-$(printf 'a\\nb')"`], { user: users.app1.name });
     expect(r.code).not.toBe(0);
