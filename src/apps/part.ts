@@ -32,8 +32,10 @@ export interface AppsPartOptions {
   readonly reconcileMs?: number;
   readonly maxTracked?: number;
   readonly maxWatches?: number;
-  /** The shortest time between two re-applies the tracker asks for (a delegated cgroup the table has no chain for); default 10,000 ms. */
+  /** The shortest time between two re-applies the tracker asks for (a delegated cgroup the table has no chain for); default 10,000 ms. A need asked for in vain waits twice as long each time. */
   readonly recompileIntervalMs?: number;
+  /** The longest such a wait grows; default 1,800,000 ms. */
+  readonly maxRecompileBackoffMs?: number;
   /** Default: a netlink socket of this network namespace (openCgroupMapWriter). */
   readonly writer?: () => CgroupMapWriter;
   /** Tests and the bench: every write, when acknowledged. */
@@ -49,7 +51,6 @@ export function appsPart(options: AppsPartOptions = {}): PartSpec {
 async function startApps(first: InForce, context: PartContext, options: AppsPartOptions): Promise<Part> {
   const { log } = context;
   const writer = (options.writer ?? (() => openCgroupMapWriter()))();
-  let lastRecompile = -Infinity;
   let stop: (why: unknown) => void = () => undefined;
   const stopped = new Promise<unknown>((resolve) => (stop = resolve));
   const tracker = new CgroupTracker({
@@ -64,10 +65,10 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
     ...(options.maxTracked === undefined ? {} : { maxTracked: options.maxTracked }),
     ...(options.maxWatches === undefined ? {} : { maxWatches: options.maxWatches }),
     ...(options.onChange === undefined ? {} : { onChange: options.onChange }),
+    ...(options.recompileIntervalMs === undefined ? {} : { recompileIntervalMs: options.recompileIntervalMs }),
+    ...(options.maxRecompileBackoffMs === undefined ? {} : { maxRecompileBackoffMs: options.maxRecompileBackoffMs }),
+    // How often is the tracker's to bound (per need, with back-off): every ask it makes is a re-apply.
     recompile: (why) => {
-      const now = performance.now();
-      if (now - lastRecompile < (options.recompileIntervalMs ?? 10_000)) return;
-      lastRecompile = now;
       log.info({ event: 'apps-recompile', why }, `app tracker: re-applying: ${why}`);
       context
         .reload(`app tracker: ${why}`)
@@ -125,7 +126,7 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
     stopped,
     describe() {
       const c = tracker.counters();
-      return `apps: ${c.tracked} cgroups tracked, ${c.watches} directories watched, systemd signals ${systemd ? 'on' : 'off'}${c.dropped > 0 ? `, ${c.dropped} over the bound` : ''}`;
+      return `apps: ${c.tracked} cgroups tracked, ${c.watches} directories watched, systemd signals ${systemd ? 'on' : 'off'}${c.dropped > 0 ? `, ${c.dropped} over the bound` : ''}${c.cut > 0 ? `, ${c.cut} unnameable cut off at an ancestor` : ''}${c.recompiles > 0 ? `, ${c.recompiles} re-applies asked` : ''}`;
     },
   };
 }

@@ -21,6 +21,8 @@ export interface Claim {
   readonly verdict: Verdict;
   /** Undefined: the table has no chain for this owner's delegated members yet; a recompile makes it. */
   readonly delegatedVerdict: Verdict | undefined;
+  /** CgroupBinding.cutOff: present for an identity that denies. */
+  readonly cutOff?: Verdict | null;
 }
 
 export interface CgroupRules {
@@ -49,7 +51,13 @@ export function cgroupRules(bindings: readonly CgroupBinding[]): CgroupRules {
       for (const { binding, matches } of compiled) {
         if (binding.level !== depth || taken.has(binding.map) || !matches(path)) continue;
         taken.add(binding.map);
-        claims.push({ map: binding.map, owner: binding.owner, verdict: binding.verdict, delegatedVerdict: binding.delegatedVerdict });
+        claims.push({
+          map: binding.map,
+          owner: binding.owner,
+          verdict: binding.verdict,
+          delegatedVerdict: binding.delegatedVerdict,
+          ...(binding.cutOff === undefined ? {} : { cutOff: binding.cutOff }),
+        });
       }
       return claims;
     },
@@ -83,7 +91,8 @@ export function cgroupMapsInForce(
   liveSets: ReadonlySet<string> | undefined,
   given?: ReadonlyMap<string, readonly string[]>,
 ): Map<string, LiveMap[]> {
-  const wanted = new Set(compiled.cgroupBindings.map((b) => b.map));
+  // Every cgroup map, also one no selector fills: compile makes a level's map for cut-off ancestors alone, and the tracker cuts off there too.
+  const wanted = new Set([...compiled.cgroupBindings.map((b) => b.map), ...compiled.ruleset.sets.filter((s) => typeof s.key === 'object').map((s) => s.name)]);
   // Verdict maps are named for their generation too (withGeneration): a name says which chains its elements go to.
   const byGeneration = (['a', 'b'] as const).map((generation) => ({ generation, sets: withGeneration(compiled.ruleset, generation).sets }));
   const found = new Map<string, LiveMap[]>();

@@ -28,6 +28,27 @@
  * is not written and is counted (`dropped`) — its packets meet the table's
  * default, never another identity's verdict.
  *
+ * A cgroup whose name nft cannot carry (not UTF-8, a quote, a control
+ * character: its user names the cgroups of its own subtree with any
+ * bytes) is never written by id — nft 1.0.6 aborts listing a map element
+ * whose path it cannot print — and is decided as compile decides it, with
+ * no compile: for an identity that lets out (an app whose default allows)
+ * it is left out, its packets meeting what follows; for one that denies,
+ * its nearest ancestor nft can name is cut off instead, at that level's map
+ * of the same dispatch, with the identity's closed verdict (`Claim.cutOff`)
+ * — written by the ancestor's id, which lists. However many such cgroups a
+ * user makes, they cost one lstat each and no re-apply.
+ *
+ * What only a compile can make, the tracker asks for (`recompile`): a
+ * chain for an app's delegated members, a closed chain or a level's map for
+ * cut-offs. Asked per such need (a key the policy's selectors give, never
+ * a cgroup's id or name): at most one ask per `recompileIntervalMs`, and a
+ * need asked for again, because the compile it asked for did not meet it
+ * (the cgroup went before the compile looked), waits twice as long each
+ * time, up to `maxRecompileBackoffMs`; seen met, it starts afresh. So a
+ * user making and removing cgroups in a loop forces a number of re-applies
+ * that grows with the log of the time it keeps at it, per need.
+ *
  * A cgroup born while an apply runs may be missing from the new
  * generation's maps (the apply listed cgroups before it was born) and its
  * write may land in the generation being removed: the daemon calls
@@ -43,7 +64,8 @@ import { nftCanName, type Compiled } from '../compile/compile.js';
 import { showBytes } from '../system/facts.js';
 import { setWriteRefusal } from '../errors.js';
 import { MAX_WRITES_PER_TRANSACTION, type CgroupElementRemoval, type CgroupElementWrite, type CgroupMapWriter, type MapVerdict } from '../nft/set-elements.js';
-import { cgroupMapsInForce, cgroupRules, liveVerdict, verdictKey, type CgroupRules, type LiveMap } from './rules.js';
+import type { Verdict } from '../compile/ruleset.js';
+import { cgroupMapsInForce, cgroupRules, liveVerdict, verdictKey, type CgroupRules, type Claim, type LiveMap } from './rules.js';
 
 export interface TrackerOptions {
   readonly writer: CgroupMapWriter;
@@ -61,11 +83,17 @@ export interface TrackerOptions {
   /** Directories read per full look at most; default 100,000. */
   readonly walkLimit?: number;
   /**
-   * A delegated cgroup matched an identity whose table has no chain for
-   * delegated members yet: only a new compile makes it. Asked once per
-   * policy in force.
+   * A cgroup needs what only a new compile makes (a chain for delegated
+   * members, a closed chain or a level's map to cut off at): see the
+   * module's comment for how often it is asked.
    */
   readonly recompile?: (why: string) => void;
+  /** The shortest time between two asks; default 10,000 ms. */
+  readonly recompileIntervalMs?: number;
+  /** The longest a need asked for in vain waits before it is asked for again; default 1,800,000 ms. */
+  readonly maxRecompileBackoffMs?: number;
+  /** The clock for the above, in ms (tests); default performance.now. */
+  readonly now?: () => number;
   /** Told of every cgroup written or taken out, when the kernel acknowledged it (tests, bench). */
   readonly onChange?: (change: TrackerChange) => void;
 }
@@ -89,6 +117,12 @@ export interface TrackerCounters {
   readonly dropped: number;
   readonly looks: number;
   readonly recompiles: number;
+  /** Asks not made: within the interval, or the need's back-off. */
+  readonly recompilesHeld: number;
+  /** Cgroups nft cannot name whose ancestor is cut off in their stead. */
+  readonly cut: number;
+  /** Cgroups nft cannot name, left out (an identity that lets out, or no ancestor nft can name). */
+  readonly leftOut: number;
 }
 
 /** The policy in force as the tracker uses it. */
@@ -103,6 +137,19 @@ interface View {
   readonly chains: ReadonlySet<string>;
   readonly maps: ReadonlyMap<string, readonly LiveMap[]>;
   readonly live: ReadonlySet<string>;
+}
+
+/** A cgroup nft cannot name, whose nearest nameable ancestor is cut off in its stead: per dispatch, that level's map and the closed verdict. */
+interface Cut {
+  readonly bytes: Buffer;
+  readonly ancestor: Buffer;
+  readonly ancestorKey: string;
+  readonly marks: readonly { readonly map: string; readonly verdict: Verdict }[];
+}
+
+interface Need {
+  readonly misses: number;
+  readonly notBefore: number;
 }
 
 interface Entry {
@@ -124,12 +171,19 @@ export class CgroupTracker {
   private scheduled = false;
   private closed = false;
   private stale = false;
-  private recompileAsked = false;
-  private readonly count = { added: 0, removed: 0, failed: 0, dropped: 0, looks: 0, recompiles: 0 };
+  private readonly count = { added: 0, removed: 0, failed: 0, dropped: 0, looks: 0, recompiles: 0, recompilesHeld: 0, leftOut: 0 };
   private warnedFull = false;
   private refreshing = false;
-  private readonly askedFor = new Set<bigint>();
   private lastRefresh = -Infinity;
+  /** By the unnameable cgroup's key. */
+  private readonly cuts = new Map<string, Cut>();
+  /** Ancestor key → the keys of the cgroups that cut it off. */
+  private readonly cutOn = new Map<string, Set<string>>();
+  /** By need (recompileKey): how often asked in vain, and when it may be asked again. */
+  private readonly needs = new Map<string, Need>();
+  private lastAsk = -Infinity;
+  /** What was said about cgroups left out, once per map and owner. */
+  private readonly told = new Set<string>();
 
   constructor(private readonly options: TrackerOptions) {
     this.root = Buffer.from((options.root ?? '/sys/fs/cgroup').replace(/\/+$/, ''));
@@ -140,11 +194,10 @@ export class CgroupTracker {
     const given = policy.liveNames;
     const liveSets = given ? undefined : await this.options.liveSets();
     const maps = cgroupMapsInForce(policy.compiled, liveSets, given);
-    const missing = new Set(policy.compiled.cgroupBindings.map((b) => b.map)).size - maps.size;
+    const missing = [...new Set(policy.compiled.cgroupBindings.map((b) => b.map))].filter((map) => !maps.has(map)).length;
     if (missing > 0)
       this.options.log.warn({ event: 'apps-maps-missing', maps: missing }, 'app tracker: some identity maps of the policy are not in the table in force');
     this.install(policy.compiled, maps);
-    this.recompileAsked = false;
     this.lookEverywhere();
   }
 
@@ -183,11 +236,12 @@ export class CgroupTracker {
     };
     if (rules.maxLevel > 0) walk(Buffer.alloc(0), 0);
     for (const entry of this.tracked.values()) this.queue(entry.bytes);
+    for (const cut of this.cuts.values()) this.queue(cut.bytes);
     this.flush();
   }
 
   counters(): TrackerCounters {
-    return { tracked: this.tracked.size, watches: this.watches.size, ...this.count };
+    return { tracked: this.tracked.size, watches: this.watches.size, cut: this.cuts.size, ...this.count };
   }
 
   close(): void {
@@ -272,10 +326,10 @@ export class CgroupTracker {
     if (this.closed || !view) return;
     const adds: { entry: Entry; map: string; verdict: MapVerdict }[] = [];
     const removals: { entry: Entry; map: string; id: bigint }[] = [];
-    for (const [key, relative] of this.pending) {
-      this.pending.delete(key);
-      this.look(view, key, relative, adds, removals);
-    }
+    // A snapshot: a path queued while these are looked at (an ancestor a cut names) is looked at in the next turn, once these are written.
+    const batch = [...this.pending];
+    this.pending.clear();
+    for (const [key, relative] of batch) this.look(view, key, relative, adds, removals);
     this.write(adds, removals);
     if (this.stale) void this.refresh();
   }
@@ -290,10 +344,12 @@ export class CgroupTracker {
     const text = relative.toString('utf8');
     const depth = text.split('/').length;
     const held = this.tracked.get(key);
-    if (depth > view.rules.maxLevel && held === undefined) return;
+    const cutsHere = this.cutOn.get(key);
+    const cutting = this.cuts.get(key);
+    if (depth > view.rules.maxLevel && held === undefined && cutting === undefined) return;
     const claims = [...view.rules.claimsFor(text)];
     const leads = depth < view.rules.maxLevel && view.rules.leadsToMatch(text);
-    if (claims.length === 0 && !leads && held === undefined) return;
+    if (claims.length === 0 && !leads && held === undefined && cutsHere === undefined && cutting === undefined) return;
     let stat: { ino: bigint; uid: bigint; isDirectory(): boolean } | undefined;
     try {
       stat = lstatSync(this.absolute(relative), { bigint: true });
@@ -307,6 +363,7 @@ export class CgroupTracker {
       this.tracked.delete(key);
     }
     if (gone) {
+      this.uncut(key);
       this.watches.get(key)?.close();
       this.watches.delete(key);
       return;
@@ -321,16 +378,31 @@ export class CgroupTracker {
     if (claims.length > 0 && !nameable(relative)) {
       // Written by id the kernel would take it, but nft then aborts listing the map (nft 1.0.6,
       // json.c mapping_expr_json): compile's way instead — left out, or its ancestor cut off.
-      this.askRecompile(stat!.ino, `cgroup ${showBytes(relative)} matches ${claims[0]!.owner} and has a name nftables cannot carry`);
+      this.cutOff(view, key, relative, claims);
       claims.length = 0;
-    }
+    } else if (cutting !== undefined) this.uncut(key);
+    /** The compiled maps whose say on this path is its own claim's: a cut-off from below does not override it. */
+    const own = new Set<string>();
     for (const claim of claims) {
       const verdict = uid === 0 ? claim.verdict : claim.delegatedVerdict;
       if (verdict === undefined) {
-        this.askRecompile(stat!.ino, `a cgroup of ${claim.owner} delegated to uid ${uid} appeared, and the table has no chain for its delegated members yet`);
+        this.askRecompile(
+          `delegated ${claim.owner}`,
+          `a cgroup of ${claim.owner} delegated to uid ${uid} appeared, and the table has no chain for its delegated members yet`,
+        );
         continue;
       }
+      if (uid !== 0) this.needs.delete(`delegated ${claim.owner}`);
+      own.add(claim.map);
       for (const live of view.maps.get(claim.map) ?? []) desired.set(live.live, liveVerdict(verdict, live.generation, view.chains));
+    }
+    for (const below of cutsHere ?? []) {
+      for (const mark of this.cuts.get(below)?.marks ?? []) {
+        if (own.has(mark.map)) continue;
+        // The first cut-off of a map decides, as compile's first does.
+        for (const live of view.maps.get(mark.map) ?? [])
+          if (!desired.has(live.live)) desired.set(live.live, liveVerdict(mark.verdict, live.generation, view.chains));
+      }
     }
     let entry = this.tracked.get(key);
     if (entry === undefined) {
@@ -424,12 +496,93 @@ export class CgroupTracker {
     }
   }
 
-  /** Once per policy in force, and once per cgroup ever: a cgroup the next compile still leaves out (a name nft cannot carry) asks no more. */
-  private askRecompile(id: bigint, why: string): void {
-    if (this.recompileAsked || !this.options.recompile || this.askedFor.has(id)) return;
-    if (this.askedFor.size >= 4096) this.askedFor.clear();
-    this.askedFor.add(id);
-    this.recompileAsked = true;
+  /**
+   * A cgroup nft cannot name matches `claims`: for each identity that
+   * denies, its nearest ancestor nft can name is cut off in that
+   * dispatch's map of the ancestor's level; identities that let out leave
+   * it out. Compile's decision (Compiler.claim), made here without one.
+   */
+  private cutOff(view: View, key: string, relative: Buffer, claims: readonly Claim[]): void {
+    const ancestor = namedAncestor(relative);
+    const level = ancestor.length === 0 ? 0 : ancestor.toString('utf8').split('/').length;
+    const marks: { map: string; verdict: Verdict }[] = [];
+    for (const claim of claims) {
+      const map = claim.map.replace(/_cg_l\d+$/, `_cg_l${level}`);
+      if (claim.cutOff === undefined || level === 0) {
+        this.leftOut(claim, relative, claim.cutOff === undefined ? 'it is left out' : 'and no ancestor of it can be named; it is left out');
+        continue;
+      }
+      const need = `cut ${map} ${claim.owner}`;
+      if (claim.cutOff === null || !view.maps.has(map)) {
+        this.askRecompile(
+          need,
+          `cgroup ${showBytes(relative)} of ${claim.owner} has a name nftables cannot carry, and the table has no way yet to cut off its ancestor at level ${level}`,
+        );
+        continue;
+      }
+      this.needs.delete(need);
+      if (!marks.some((m) => m.map === map)) marks.push({ map, verdict: claim.cutOff });
+    }
+    const was = this.cuts.get(key);
+    const ancestorKey = ancestor.toString('latin1');
+    if (marks.length === 0) {
+      this.uncut(key);
+      return;
+    }
+    if (was && was.ancestorKey === ancestorKey && JSON.stringify(was.marks) === JSON.stringify(marks)) return;
+    this.uncut(key);
+    if (this.cuts.size >= (this.options.maxTracked ?? 65_536)) {
+      this.full('cgroups');
+      return;
+    }
+    this.cuts.set(key, { bytes: relative, ancestor, ancestorKey, marks });
+    const on = this.cutOn.get(ancestorKey) ?? new Set<string>();
+    on.add(key);
+    this.cutOn.set(ancestorKey, on);
+    this.queue(ancestor);
+  }
+
+  /** The cgroup at `key` cuts off nothing any more (gone, or the policy changed): its ancestor is looked at again. */
+  private uncut(key: string): void {
+    const cut = this.cuts.get(key);
+    if (cut === undefined) return;
+    this.cuts.delete(key);
+    const on = this.cutOn.get(cut.ancestorKey);
+    on?.delete(key);
+    if (on?.size === 0) this.cutOn.delete(cut.ancestorKey);
+    this.queue(cut.ancestor);
+  }
+
+  private leftOut(claim: Claim, relative: Buffer, what: string): void {
+    this.count.leftOut++;
+    const said = `${claim.map} ${claim.owner}`;
+    if (this.told.has(said) || this.told.size >= 1024) return;
+    this.told.add(said);
+    this.options.log.warn(
+      { event: 'apps-unnamed-left-out', owner: claim.owner, cgroup: showBytes(relative) },
+      `app tracker: cgroup ${showBytes(relative)} matches ${claim.owner} and has a name nftables cannot carry; ${what} (said once per identity)`,
+    );
+  }
+
+  /**
+   * Per need, never per cgroup: one ask per interval at most, and a need
+   * asked for again (the compile it asked for did not meet it) waits twice
+   * as long each time. Seen met, a need is forgotten (`needs.delete`).
+   */
+  private askRecompile(need: string, why: string): void {
+    if (!this.options.recompile) return;
+    const now = (this.options.now ?? (() => performance.now()))();
+    const interval = this.options.recompileIntervalMs ?? 10_000;
+    const was = this.needs.get(need);
+    if (now < this.lastAsk + interval || (was !== undefined && now < was.notBefore)) {
+      this.count.recompilesHeld++;
+      return;
+    }
+    // Needs are named by the policy's maps and owners; a bound for a long life of changing policies.
+    if (was === undefined && this.needs.size >= 4096) this.needs.clear();
+    const misses = (was?.misses ?? 0) + 1;
+    this.needs.set(need, { misses, notBefore: now + Math.min(interval * 2 ** (misses - 1), this.options.maxRecompileBackoffMs ?? 1_800_000) });
+    this.lastAsk = now;
     this.count.recompiles++;
     this.options.recompile(why);
   }
@@ -442,6 +595,18 @@ function nameable(bytes: Buffer): boolean {
   } catch {
     return false;
   }
+}
+
+/** The path up to its first segment nft cannot name (compile's `namedAncestor`); empty when that is the first. */
+function namedAncestor(bytes: Buffer): Buffer {
+  let end = 0;
+  for (let at = 0; at <= bytes.length; at++) {
+    if (at < bytes.length && bytes[at] !== 0x2f) continue;
+    const segment = bytes.subarray(end === 0 ? 0 : end + 1, at);
+    if (!nameable(segment)) break;
+    end = at;
+  }
+  return bytes.subarray(0, end);
 }
 
 function byEntry(items: readonly { readonly entry: Entry; readonly map: string }[]): Map<Entry, string[]> {

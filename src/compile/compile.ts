@@ -145,6 +145,14 @@ export interface CgroupBinding {
    * matching `glob` waits for the next compile.
    */
   readonly delegatedVerdict: Verdict | undefined;
+  /**
+   * Only for an identity that denies (a system domain, the updaters over
+   * Tor, a default-deny app): the verdict a member's nearest ancestor nft
+   * can name is cut off with when the member's own name cannot be carried
+   * (as compile cuts off, `Compiler.claim`); null when this table has no
+   * such chain yet. Absent: such a member is left out.
+   */
+  readonly cutOff?: Verdict | null;
 }
 
 export interface Compiled {
@@ -227,6 +235,12 @@ interface Delegated {
   readonly make: () => Verdict;
 }
 
+/** The chain an identity that denies cuts off an unnameable member's ancestor with, and how to make it (`Compiler.claim`). */
+interface Closed {
+  readonly chain: string;
+  readonly make: () => Verdict;
+}
+
 /**
  * Where a delegated member's accepts go when its chain marks no connections
  * (the updaters', or any in a table without conntrack): apps by uid, then by
@@ -288,7 +302,7 @@ class Compiler {
   private readonly chains: ChainDecl[] = [];
   private readonly dnsBindings: DnsBinding[] = [];
   /** Bindings as claimed; `delegated` when the owner's delegated members get a chain of their own (`delegatedChain`). */
-  private readonly cgroupBindings: (Omit<CgroupBinding, 'delegatedVerdict'> & { readonly delegated?: string })[] = [];
+  private readonly cgroupBindings: (Omit<CgroupBinding, 'delegatedVerdict' | 'cutOff'> & { readonly delegated?: string; readonly closed?: string })[] = [];
   /** The root-identity chains delegated copies go on to, made once the apps' uid and gid maps exist, each with what decides where neither has the packet. */
   private readonly rootChains = new Map<string, Verdict>();
   /** Whether some app names a user or group: only then can a delegated member's verdict take something away (`UC_ROOT_CHAIN`). */
@@ -343,7 +357,8 @@ class Compiler {
       this.chains.push({ name: chain, rules: this.denyTail(`sd/${domain.name}`, domain.at, true) });
       // A member that matches nothing is not kept offline: that is an error, not a warning.
       // Its own chain lets nothing out, so a member's ancestor cut off with it gains nothing.
-      for (const member of domain.members) this.claim(domains, member, verdict.goto(chain), `system domain ${domain.name}`, true, () => verdict.goto(chain));
+      for (const member of domain.members)
+        this.claim(domains, member, verdict.goto(chain), `system domain ${domain.name}`, true, { chain, make: () => verdict.goto(chain) });
     }
     const systemDomainRules = this.dispatchRules(domains, 'system domains');
 
@@ -424,7 +439,8 @@ class Compiler {
       this.chains.push({ name: chain, rules });
       // An app's identity may be missing here (one policy for several machines): a warning naming it.
       // A default-deny app's cut-off ancestor gets its default only: its allowances are for its own members.
-      const closed = app.defaultVerdict === 'deny' ? () => this.closedChain(`cut_app_${app.name}`, `app/${app.name}/default`, app.at) : undefined;
+      const cut = `cut_app_${app.name}`;
+      const closed = app.defaultVerdict === 'deny' ? { chain: cut, make: () => this.closedChain(cut, `app/${app.name}/default`, app.at) } : undefined;
       const name = `uc_app_${app.name}`;
       const delegated = this.rootIdentities ? { chain: name, make: () => this.delegatedChain(name, rules, chain) } : undefined;
       for (const identity of app.identities) this.claim(apps, identity, verdict.goto(chain), `app ${app.name}`, false, closed, delegated);
@@ -450,9 +466,10 @@ class Compiler {
     return {
       ruleset,
       dnsBindings: this.dnsBindings,
-      cgroupBindings: this.cgroupBindings.map(({ delegated, ...binding }) => ({
+      cgroupBindings: this.cgroupBindings.map(({ delegated, closed, ...binding }) => ({
         ...binding,
         delegatedVerdict: delegated === undefined ? binding.verdict : made.has(delegated) ? verdict.goto(delegated) : undefined,
+        ...(closed === undefined ? {} : { cutOff: made.has(closed) ? verdict.goto(closed) : null }),
       })),
       errors: this.errors,
       lookupFailed: this.lookupFailed,
@@ -580,7 +597,7 @@ class Compiler {
     chainRules.push(...this.denyTail('tor/updaters', tor.at, true));
     this.chains.push({ name: 'tor_updaters', rules: chainRules });
     const updaters = this.newDispatch('tor');
-    const closed = () => this.closedChain('cut_tor_updaters', 'tor/updaters', tor.at);
+    const closed = { chain: 'cut_tor_updaters', make: () => this.closedChain('cut_tor_updaters', 'tor/updaters', tor.at) };
     // A SOCKS port on loopback adds nothing for a process that moves in (loopback is open to every
     // identity), but a gateway on another host is network that its user's own app may deny.
     const delegated =
@@ -906,12 +923,12 @@ class Compiler {
    * whose own app denies made a cgroup matching another app's glob and
    * took that app's allowances.
    */
-  private claim(d: Dispatch, identity: Identity, target: Verdict, owner: string, mustExist: boolean, closed?: () => Verdict, delegated?: Delegated): void {
+  private claim(d: Dispatch, identity: Identity, target: Verdict, owner: string, mustExist: boolean, closed?: Closed, delegated?: Delegated): void {
     for (const selector of identity.selectors) {
       if (selector.kind === 'cgroup') {
         const level = cgroupLevel(d, selector.level);
         const map = `${d.prefix}_cg_l${selector.level}`;
-        const binding = { owner, glob: selector.glob, level: selector.level, map, verdict: target };
+        const binding = { owner, glob: selector.glob, level: selector.level, map, verdict: target, ...(closed ? { closed: closed.chain } : {}) };
         this.cgroupBindings.push(delegated ? { ...binding, delegated: delegated.chain } : binding);
         const matches = cgroupGlobMatcher(selector.glob);
         for (const cgroup of this.cgroups) {
@@ -926,7 +943,7 @@ class Compiler {
               d.cutOffs.push({
                 level: cgroup.namedAncestor.split('/').length,
                 path: cgroup.namedAncestor,
-                closed,
+                closed: closed.make,
                 owner,
                 at: identity.at,
                 shown: cgroup.shown,

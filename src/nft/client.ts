@@ -30,6 +30,7 @@ import {
 } from '../compile/ruleset.js';
 import { EgressError, ErrorCode, NftRefusedError, type NftRefusal } from '../errors.js';
 import type { NftBackend, NftBackendKind, NftOutcome } from './backend.js';
+import { CGROUP_KEY_TYPE, openCgroupElementReader, type CgroupElementReader } from './cgroup-elements.js';
 import { batchDocument, list, toEntries, type NftElementInput } from './commands.js';
 import { checkName, guardTransaction } from './guard.js';
 import type {
@@ -84,6 +85,8 @@ export interface NftClientInfo {
   readonly version?: string;
   /** The only table this client changes; default `table inet egressd`. Tests and benchmarks name throwaway ones. */
   readonly table?: TableRef;
+  /** Where `listTable` reads cgroup maps' elements (ids, not paths); default a netlink socket of this namespace. */
+  readonly cgroupElements?: (table: string) => CgroupElementReader;
 }
 
 function lines(text: string): string[] {
@@ -199,6 +202,8 @@ export class Nft {
   readonly fallbackReason: string | undefined;
   /** The only table this client changes. */
   readonly table: TableRef;
+  /** Where `listTable` reads cgroup maps' elements. Not private: tests wrap a client with Object.create, which private members do not follow. */
+  readonly cgroupElements: (table: string) => CgroupElementReader;
   readonly #impl: NftBackend;
   #version: Promise<string> | undefined;
   #previous: Promise<unknown> = Promise.resolve();
@@ -208,6 +213,7 @@ export class Nft {
     this.backend = impl.kind;
     this.fallbackReason = info.fallbackReason;
     this.table = info.table ?? EGRESSD_TABLE;
+    this.cgroupElements = info.cgroupElements ?? openCgroupElementReader;
     this.#version = info.version === undefined ? undefined : Promise.resolve(info.version);
   }
 
@@ -291,9 +297,28 @@ export class Nft {
    * Lists table F N, or returns `null` if there is no such table. `terse`
    * leaves set elements out of the output, but nft still fetches them all
    * (~1 s at 100,000 interval elements); `listNames` is the cheap listing.
+   *
+   * The elements of `socket cgroupv2` maps are listed as ids, read from the
+   * kernel (./cgroup-elements.ts), never as the paths nft prints: nft finds
+   * each element's path by walking all of cgroupfs (seconds per hundred
+   * elements on a busy machine) and aborts on a path that is not UTF-8.
+   * Then the listing is made of two reads, nft's and the kernel's, not one
+   * snapshot: an element written between them may be missing, as from a
+   * listing made a moment earlier.
    */
   async listTable(family: NftFamily, name: string, options: { readonly terse?: boolean } = {}): Promise<NftTableListing | null> {
     checkTable(family, name);
+    if (options.terse !== true && family === 'inet') {
+      const names = await this.listNames(family, name);
+      if (names?.maps.some((m) => m.type === CGROUP_KEY_TYPE)) {
+        try {
+          return await listWithCgroupIds(this, family, name);
+        } catch (err) {
+          // Changed between the two reads (an apply swapped generations): the whole listing once more, as nft prints it.
+          if (!(err instanceof EgressError && err.code === ErrorCode.NftApply)) throw err;
+        }
+      }
+    }
     try {
       const result = await this.run({ json: [list.table(family, name)] }, { terse: options.terse ?? false, long: true });
       if (result.json === undefined) throw new EgressError(ErrorCode.NftState, 'nft listed nothing for a table');
@@ -411,4 +436,43 @@ function hintFor(errorText: string): string {
     return '\nnft reads protocol names from /etc/protocols, which is missing or incomplete here: install it (Debian package netbase).';
   }
   return '';
+}
+
+/**
+ * Every chain with its rules and every set and map but the cgroup maps,
+ * from nft; those from the kernel. Several reads: nft 1.0.6 fetches its
+ * cache for one named object per run (a batch of two `list set` or two
+ * `list chain` finds only one), and a table's listing prints every map.
+ */
+async function listWithCgroupIds(nft: Nft, family: NftFamily, name: string): Promise<NftTableListing> {
+  const ours = (item: NftJsonObject): boolean => {
+    const inner = Object.values(item)[0];
+    return isObject(inner) && inner['family'] === family && ('table' in item ? inner['name'] === name : inner['table'] === name);
+  };
+  const declared = await nft.run({ json: [list.table(family, name)] }, { terse: true, long: true });
+  const withSets = await nft.run({ json: [list.sets(family)] }, { long: true });
+  if (declared.json === undefined || withSets.json === undefined) throw new EgressError(ErrorCode.NftState, 'nft listed nothing for a table');
+  const sets = withSets.json.nftables.filter((item) => 'set' in item && ours(item));
+  // The maps as declared beside the rules listed: the names listed before may be a moment older.
+  const declaredMaps = itemsOf(declared.json, 'map')
+    .filter((map) => map['family'] === family && map['table'] === name)
+    .map(asSet);
+  const maps: NftJsonObject[] = [];
+  for (const map of declaredMaps.filter((m) => m.type !== CGROUP_KEY_TYPE)) {
+    const listed = await nft.run({ json: [list.map(family, name, map.name)] }, { long: true });
+    maps.push(...(listed.json?.nftables ?? []).filter((item) => 'map' in item && ours(item)));
+  }
+  const reader = nft.cgroupElements(name);
+  try {
+    for (const map of declaredMaps.filter((m) => m.type === CGROUP_KEY_TYPE)) {
+      const elem = reader.read(map.name);
+      // Gone since it was listed: a generation swapped meanwhile.
+      if (elem === null) continue;
+      maps.push({ map: { ...map, ...(elem.length === 0 ? {} : { elem }) } } as unknown as NftJsonObject);
+    }
+  } finally {
+    reader.close();
+  }
+  const rest = declared.json.nftables.filter((item) => !('set' in item) && !('map' in item) && ('metainfo' in item || ours(item)));
+  return tableListing({ nftables: [...rest, ...sets, ...maps] });
 }

@@ -32,6 +32,7 @@ export const list = {
   table: (family: NftFamily, name: string): NftListCommand => ({ list: { table: { family, name } } }),
   set: (family: NftFamily, table: string, name: string): NftListCommand => ({ list: { set: { family, table, name } } }),
   map: (family: NftFamily, table: string, name: string): NftListCommand => ({ list: { map: { family, table, name } } }),
+  chain: (family: NftFamily, table: string, name: string): NftListCommand => ({ list: { chain: { family, table, name } } }),
   chains: (family: NftFamily): NftListCommand => ({ list: { chains: { family } } }),
   sets: (family: NftFamily): NftListCommand => ({ list: { sets: { family } } }),
   maps: (family: NftFamily): NftListCommand => ({ list: { maps: { family } } }),

@@ -38,6 +38,7 @@ export type NftListCommand = {
     | { readonly table: { readonly family: NftFamily; readonly name: string } }
     | { readonly set: { readonly family: NftFamily; readonly table: string; readonly name: string } }
     | { readonly map: { readonly family: NftFamily; readonly table: string; readonly name: string } }
+    | { readonly chain: { readonly family: NftFamily; readonly table: string; readonly name: string } }
     | { readonly chains: { readonly family: NftFamily } }
     | { readonly sets: { readonly family: NftFamily } }
     | { readonly maps: { readonly family: NftFamily } };

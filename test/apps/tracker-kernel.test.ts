@@ -18,6 +18,8 @@ import { mapElements, startTracker, wallNow, type RunningTracker } from './suppo
 const unavailable = harnessUnavailableReason();
 /** The issue's target for the window between a cgroup's creation and its id in the map. */
 const WINDOW_MS = 50;
+/** The tracker's shortest time between two re-applies it asks for (the daemon's default is 10 s): short, so that a test sees several. */
+const RECOMPILE_MS = 300;
 
 describe.skipIf(unavailable)(`the app tracker keeps the identity maps current ${unavailable ? `(skipped: ${unavailable})` : ''}`, () => {
   let net: TestNet;
@@ -53,6 +55,7 @@ defaults: {egress: deny}
 apps:
   browser: {identity: {cgroup: "${E}/browser-*"}, rules: [{allow: [198.51.100.1], ports: [8443], proto: tcp}]}
   viewer: {identity: {cgroup: "${E}/deleg/viewer-*"}, rules: [{allow: [198.51.100.1], ports: [8443], proto: tcp}]}
+  editor: {identity: {cgroup: "${E}/deleg/editor-*"}, rules: [{allow: [198.51.100.1], ports: [8443], proto: tcp}]}
   # An app by user: a delegated member's verdict then differs from a root-owned one's (it must meet the user's app too).
   build: {identity: {user: ${users.app2.name}}, default: deny}
 systemDomains:
@@ -61,7 +64,7 @@ systemDomains:
       },
       { keep: true },
     );
-    tracker = await startTracker(net, { policy: dir, state, reconcileMs: 600_000, recompileIntervalMs: 0 });
+    tracker = await startTracker(net, { policy: dir, state, reconcileMs: 600_000, recompileIntervalMs: RECOMPILE_MS });
   });
   afterAll(async () => {
     await tracker?.stop();
@@ -194,5 +197,92 @@ systemDomains:
     const script = `echo $$ > /sys/fs/cgroup/${path}/cgroup.procs && exec timeout 2 bash -c 'exec 3<>/dev/tcp/198.51.100.1/8443'`;
     const r = await net.host.exec('bash', ['-c', script], { user: users.app1.name, cgroup: `${E}/deleg` });
     expect(r.code).toBe(0);
+  });
+
+  it('its user making and removing cgroups in a loop that match an app (no chain for delegated members yet): the re-applies it forces grow with the log of the time, not with the cgroups', async () => {
+    const reloads = (from: number) => tracker.events.slice(from).filter((e) => e.ev === 'applied' && e['why'] === 'reload').length;
+    const from = tracker.events.length;
+    const started = wallNow();
+    // Each lives about a millisecond: the tracker sees it (its window is a fraction of that), asks, and the cgroup is gone before the re-apply
+    // compiles. One every 400 ms, past the interval: the old tracker asked for each (a new id), a re-apply per cgroup.
+    const script = `for i in $(seq 1 25); do mkdir /sys/fs/cgroup/${E}/deleg/editor-$i && rmdir /sys/fs/cgroup/${E}/deleg/editor-$i && sleep 0.4; done`;
+    const r = await net.host.exec('bash', ['-c', script], { user: users.app1.name, timeoutMs: 60_000 });
+    expect(r.code, r.stderr).toBe(0);
+    // Re-applies asked before the loop ended have answered.
+    await new Promise((resolve) => setTimeout(resolve, 2000));
+    const elapsed = wallNow() - started;
+    const seen = tracker.events.slice(from).filter((e) => e.ev === 'change' && String(e.path).includes('/editor-')).length;
+    // Asked at 0, 1, 3, 7, 15 … intervals: doubling waits. The old tracker asked once per cgroup id, every interval.
+    const bound = Math.ceil(Math.log2(elapsed / RECOMPILE_MS + 1)) + 1;
+    expect(reloads(from), `${reloads(from)} re-applies in ${Math.round(elapsed)} ms (bound ${bound}); ${seen} editor cgroups written`).toBeLessThanOrEqual(
+      bound,
+    );
+    expect(reloads(from)).toBeGreaterThanOrEqual(1);
+    // One that stays is written once its wait is over (the periodic look or its next sighting asks again).
+    const path = `${E}/deleg/editor-stays`;
+    const later = tracker.events.length;
+    const made = await net.host.exec('mkdir', [`/sys/fs/cgroup/${path}`], { user: users.app1.name });
+    expect(made.code).toBe(0);
+    net.host.mkCgroup(path);
+    // Looked at again (as the periodic look does) until its need's wait is over: then asked for, and written.
+    const deadline = wallNow() + 60_000;
+    while (!tracker.events.slice(later).some((e) => e.ev === 'change' && e.added === true && e.path === path) && wallNow() < deadline) {
+      tracker.send({ cmd: 'look' });
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+    }
+    await added(path, later);
+    expect(reloads(later)).toBeLessThanOrEqual(1);
+  }, 120_000);
+
+  it("its user making many cgroups a default-deny app matches, with names nft cannot carry: one re-apply at most, their ancestor's id is cut off instead, the maps still list, and the cut goes with them", async () => {
+    const reloads = (from: number) => tracker.events.slice(from).filter((e) => e.ev === 'applied' && e['why'] === 'reload').length;
+    const from = tracker.events.length;
+    const dirs = `/sys/fs/cgroup/${E}/deleg`;
+    const one = await net.host.exec('bash', ['-c', `mkdir "${dirs}/viewer-$(printf '\\xff')-0"`], { user: users.app1.name });
+    expect(one.code, one.stderr).toBe(0);
+    const ancestor = net.host.cgroupId(`${E}/deleg`);
+    const cut = (e: { ev: string; id?: string; added?: boolean }) => e.ev === 'change' && e.added === true && e.id === String(ancestor);
+    await tracker.waitFor(cut, 15_000, from);
+    const first = reloads(from);
+    expect(first).toBeLessThanOrEqual(1);
+    const many = await net.host.exec('bash', ['-c', `for i in $(seq 1 100); do mkdir "${dirs}/viewer-$(printf '\\xff\\x01')-$i" || exit 1; done`], {
+      user: users.app1.name,
+    });
+    expect(many.code, many.stderr).toBe(0);
+    tracker.send({ cmd: 'look' });
+    await new Promise((resolve) => setTimeout(resolve, 3 * RECOMPILE_MS + 500));
+    expect(reloads(from)).toBe(first);
+    // nft lists the maps (an unnameable id in them would abort it), with the ancestor in them.
+    expect((await mapElements(net, 'app_cg_l2')).elements).toContain(`${E}/deleg`);
+    const gone = tracker.events.length;
+    const removed = await net.host.exec(
+      'bash',
+      ['-c', `rmdir "${dirs}/viewer-$(printf '\\xff')-0"; for i in $(seq 1 100); do rmdir "${dirs}/viewer-$(printf '\\xff\\x01')-$i"; done`],
+      {
+        user: users.app1.name,
+      },
+    );
+    expect(removed.code, removed.stderr).toBe(0);
+    await tracker.waitFor((e) => e.ev === 'change' && e.added === false && e.id === String(ancestor), 15_000, gone);
+    expect(reloads(from)).toBe(first);
+  }, 60_000);
+
+  it('names as long as the kernel allows, with glob metacharacters and spaces: written by id, and a re-apply with them in the facts still applies', async () => {
+    const paths = [`${E}/browser-${'x'.repeat(247)}`, `${E}/browser-*`, `${E}/browser-[a] ?`];
+    const from = tracker.events.length;
+    for (const path of paths) make(path);
+    for (const path of paths) await added(path, from);
+    const again = tracker.events.length;
+    tracker.send({ cmd: 'apply' });
+    const applied = await tracker.waitFor((e) => e.ev === 'applied' || e.ev === 'error', 30_000, again);
+    expect(applied.ev, JSON.stringify(applied)).toBe('applied');
+    const { elements } = await mapElements(net, 'app_cg_l2');
+    for (const path of paths) expect(elements).toContain(path);
+    for (const path of paths) await net.host.rmCgroup(path);
+  });
+
+  it('a newline is the one byte (besides "/" and NUL) the kernel refuses in a cgroup name: nothing for the tracker to handle', async () => {
+    const r = await net.host.exec('bash', ['-c', `mkdir "/sys/fs/cgroup/${E}/deleg/viewer-$(printf 'a\\nb')"`], { user: users.app1.name });
+    expect(r.code).not.toBe(0);
   });
 });
