@@ -87,6 +87,17 @@ interface Resolved {
   readonly records: readonly AnswerRecord[];
 }
 
+/** What is kept of a query seen before: how it parsed, and its last reply from the cache with the view it came from. */
+interface Memo {
+  readonly query: Query;
+  view?: CachedAnswer;
+  reply?: Buffer;
+}
+const MEMOS = 4096;
+const MEMO_QUERY_BYTES = 512;
+const MEMO_REPLY_BYTES = 1232;
+const TC_FLAG = 0x0200;
+
 type Resolution = Resolved | { readonly failed: 'upstream' | 'learn' };
 
 export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
@@ -115,6 +126,8 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     strayRecords: 0,
   };
   let pending = 0;
+  const memos = new Map<string, Memo>();
+  const recordsOf = new WeakMap<CachedAnswer, AnswerRecord[]>();
   const pendingByAsker = new Map<string, number>();
   const inFlight = new Map<string, Promise<Resolution>>();
 
@@ -156,7 +169,8 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     const key = cacheKey(query.name, query.type);
     const cached = cache.get(key);
     if (cached !== undefined) {
-      const records = answerRecords(cached.answers);
+      let records = recordsOf.get(cached);
+      if (records === undefined) recordsOf.set(cached, (records = answerRecords(cached.answers)));
       return (await learn(question, records, true)) ? { view: cached, records } : { failed: 'learn' };
     }
     const waiting = inFlight.get(key);
@@ -185,7 +199,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     return bytes;
   };
 
-  const answerQuery = async (query: Query, client: Client): Promise<Buffer> => {
+  const answerQuery = async (query: Query, client: Client, memo: Memo | undefined): Promise<Buffer> => {
     // RFC 6891 §6.1.3: an EDNS version this resolver does not speak is answered BADVERS, and nothing else.
     if (query.edns !== undefined && query.edns.version > 0) {
       counts.badVers++;
@@ -207,7 +221,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     }
     if (asker !== undefined) pendingByAsker.set(asker, askerPending + 1);
     try {
-      return await answerAdmitted(query, client, who);
+      return await answerAdmitted(query, client, who, memo);
     } finally {
       if (asker !== undefined) {
         const left = (pendingByAsker.get(asker) ?? 1) - 1;
@@ -217,7 +231,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     }
   };
 
-  const answerAdmitted = async (query: Query, client: Client, who: Who): Promise<Buffer> => {
+  const answerAdmitted = async (query: Query, client: Client, who: Who, memo: Memo | undefined): Promise<Buffer> => {
     const question: Question = { name: query.name, type: query.type };
     let admission: 'go' | 'refused' | 'nxdomain';
     try {
@@ -253,13 +267,36 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       const answers: Answer[] | undefined = nullAnswer(query, limits.nullTtl);
       return reply(query, client, answers === undefined ? { rcode: Rcode.NxDomain } : { rcode: Rcode.NoError, answers });
     }
-    return reply(query, client, { rcode: view.rcode, answers: view.answers, authorities: view.authorities });
+    // The same question, spelled and flagged the same, answered from the same view (entry and second): the same bytes but the id.
+    if (memo !== undefined && memo.view === view && memo.reply !== undefined) {
+      const bytes = Buffer.from(memo.reply);
+      bytes.writeUInt16BE(query.id, 0);
+      return bytes;
+    }
+    const bytes = reply(query, client, { rcode: view.rcode, answers: view.answers, authorities: view.authorities });
+    if (memo !== undefined && bytes.length <= MEMO_REPLY_BYTES && (bytes.readUInt16BE(2) & TC_FLAG) === 0) {
+      memo.view = view;
+      memo.reply = bytes;
+    }
+    return bytes;
   };
 
   return {
     async answer(raw, client) {
       counts.received++;
-      const parsed = parseQuery(raw);
+      // A query's bytes but its id decide everything parseQuery says: the same bytes again (a client asking a name it asked before) are not decoded again.
+      const memoKey = raw.length >= 12 && raw.length <= MEMO_QUERY_BYTES ? `${client.transport}${raw.toString('latin1', 2)}` : undefined;
+      let memo = memoKey === undefined ? undefined : memos.get(memoKey);
+      let parsed: ReturnType<typeof parseQuery>;
+      if (memo !== undefined) parsed = { ...memo.query, id: raw.readUInt16BE(0) };
+      else {
+        parsed = parseQuery(raw);
+        if (memoKey !== undefined && !isRejection(parsed)) {
+          // Bounded without bookkeeping: the busy questions come back within moments.
+          if (memos.size >= MEMOS) memos.clear();
+          memos.set(memoKey, (memo = { query: parsed }));
+        }
+      }
       if ('drop' in parsed) {
         counts.dropped++;
         return undefined;
@@ -281,7 +318,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       }
       pending++;
       try {
-        return await answerQuery(parsed, client);
+        return await answerQuery(parsed, client, memo);
       } catch (error) {
         counts.internalErrors++;
         deps.onError?.(error);
