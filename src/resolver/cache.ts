@@ -39,6 +39,8 @@ export interface CachedAnswer {
   readonly authorities: readonly Answer[];
   /** Seconds left. */
   readonly ttl: number;
+  /** The entry it was read from (a cache hit): every view of one entry has the same records but for their TTL. */
+  readonly entry?: CacheEntry;
 }
 
 export interface CacheStats {
@@ -156,7 +158,7 @@ export class DnsCache {
     const ttl = Math.max(0, remainingTtl(entry, now));
     const seen = this.views.get(entry);
     if (seen?.ttl === ttl) return seen;
-    const view = viewOf(entry, now);
+    const view = { ...viewOf(entry, now), entry };
     this.views.set(entry, view);
     return view;
   }

@@ -8,7 +8,7 @@
  * answer is known, SERVFAIL when the policy could not learn it).
  */
 import type { Answer } from 'dns-packet';
-import { cacheEntry, cacheKey, viewOf, type CachedAnswer, type DnsCache } from './cache.js';
+import { cacheEntry, cacheKey, viewOf, type CacheEntry, type CachedAnswer, type DnsCache } from './cache.js';
 import type { ResolverLimits } from './limits.js';
 import {
   answerRecords,
@@ -20,6 +20,7 @@ import {
   parseQuery,
   Rcode,
   relevantAnswers,
+  ttlOffsets,
   type Query,
   type ReplyContent,
 } from './message.js';
@@ -87,13 +88,13 @@ interface Resolved {
   readonly records: readonly AnswerRecord[];
 }
 
-/** What is kept of a query seen before: how it parsed, and its last reply from the cache with the view it came from. */
+/** A query seen before (its bytes but the id, and the transport): how it parsed. */
 interface Memo {
+  readonly key: string;
   readonly query: Query;
-  view?: CachedAnswer;
-  reply?: Buffer;
 }
-const MEMOS = 4096;
+/** Queries kept parsed, the oldest forgotten first: more than the names a busy machine asks about again and again. */
+const MEMOS = 16_384;
 const MEMO_QUERY_BYTES = 512;
 const MEMO_REPLY_BYTES = 1232;
 const TC_FLAG = 0x0200;
@@ -127,6 +128,8 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   };
   let pending = 0;
   const memos = new Map<string, Memo>();
+  /** One encoded reply per cache entry (the last spelling asked): it lives and goes with the entry. */
+  const templates = new WeakMap<CacheEntry, { readonly key: string; readonly bytes: Buffer; readonly ttlAt: readonly number[] }>();
   const recordsOf = new WeakMap<CachedAnswer, AnswerRecord[]>();
   const pendingByAsker = new Map<string, number>();
   const inFlight = new Map<string, Promise<Resolution>>();
@@ -267,16 +270,18 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       const answers: Answer[] | undefined = nullAnswer(query, limits.nullTtl);
       return reply(query, client, answers === undefined ? { rcode: Rcode.NxDomain } : { rcode: Rcode.NoError, answers });
     }
-    // The same question, spelled and flagged the same, answered from the same view (entry and second): the same bytes but the id.
-    if (memo !== undefined && memo.view === view && memo.reply !== undefined) {
-      const bytes = Buffer.from(memo.reply);
+    // The same question, spelled and flagged the same, answered from the same cache entry: the bytes encoded for it before, with this query's id and the TTL that remains now.
+    const template = memo === undefined || view.entry === undefined ? undefined : templates.get(view.entry);
+    if (template !== undefined && template.key === memo!.key) {
+      const bytes = Buffer.from(template.bytes);
       bytes.writeUInt16BE(query.id, 0);
+      for (const at of template.ttlAt) bytes.writeUInt32BE(view.ttl, at);
       return bytes;
     }
     const bytes = reply(query, client, { rcode: view.rcode, answers: view.answers, authorities: view.authorities });
-    if (memo !== undefined && bytes.length <= MEMO_REPLY_BYTES && (bytes.readUInt16BE(2) & TC_FLAG) === 0) {
-      memo.view = view;
-      memo.reply = bytes;
+    if (memo !== undefined && view.entry !== undefined && bytes.length <= MEMO_REPLY_BYTES && (bytes.readUInt16BE(2) & TC_FLAG) === 0) {
+      const ttlAt = ttlOffsets(bytes);
+      if (ttlAt !== undefined) templates.set(view.entry, { key: memo.key, bytes, ttlAt });
     }
     return bytes;
   };
@@ -292,9 +297,8 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       else {
         parsed = parseQuery(raw);
         if (memoKey !== undefined && !isRejection(parsed)) {
-          // Bounded without bookkeeping: the busy questions come back within moments.
-          if (memos.size >= MEMOS) memos.clear();
-          memos.set(memoKey, (memo = { query: parsed }));
+          if (memos.size >= MEMOS) memos.delete(memos.keys().next().value!);
+          memos.set(memoKey, (memo = { key: memoKey, query: parsed }));
         }
       }
       if ('drop' in parsed) {
