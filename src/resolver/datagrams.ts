@@ -188,11 +188,14 @@ export function createDatagramServer(handler: DatagramHandler, onError: (error: 
     setImmediate(flush);
   };
 
-  const drain = (bound: Bound): void => {
+  /** Reads what `bound` has queued (up to ROUNDS batches) into the handler; how many datagrams. */
+  const drain = (bound: Bound): number => {
+    let taken = 0;
     for (let round = 0; round < ROUNDS && !closed; round++) {
       for (let i = 0; i < BATCH; i++) inHdr.writeUInt32LE(SOCKADDR_BYTES, i * MMSGHDR_BYTES + 8);
       const n = recvmmsg(bound.fd, inHdr, BATCH, MSG_DONTWAIT, null);
-      if (n <= 0) return;
+      if (n <= 0) return taken;
+      taken += n;
       for (let i = 0; i < n; i++) {
         const length = inHdr.readUInt32LE(i * MMSGHDR_BYTES + 56);
         const nameLength = inHdr.readUInt32LE(i * MMSGHDR_BYTES + 8);
@@ -211,8 +214,25 @@ export function createDatagramServer(handler: DatagramHandler, onError: (error: 
           onError(error);
         }
       }
-      if (n < BATCH) return;
+      if (n < BATCH) return taken;
     }
+    return taken;
+  };
+
+  /**
+   * After a round: its replies go out, then whatever came meanwhile is read
+   * at once; only a round that finds nothing waits on the poll's thread
+   * (under load, a thread's wake-up per round was a fifth of the time spent
+   * idle). Each round is its own turn of the event loop, so the rest of
+   * egressd is never starved.
+   */
+  const turn = (): void => {
+    if (flushing) flush();
+    if (closed) return;
+    let taken = 0;
+    for (const bound of sockets) taken += drain(bound);
+    if (taken > 0) setImmediate(turn);
+    else wait();
   };
 
   const wait = (): void => {
@@ -231,11 +251,8 @@ export function createDatagramServer(handler: DatagramHandler, onError: (error: 
         sockets.forEach((bound, i) => {
           if (pollfds.readInt16LE(i * 8 + 6) !== 0) drain(bound);
         });
-        // Replies of this round (the warm ones are ready once its microtasks ran) go out first; then wait again.
-        setImmediate(() => {
-          if (flushing) flush();
-          wait();
-        });
+        // Replies of this round (the warm ones are ready once its microtasks ran) go out first.
+        setImmediate(turn);
       });
     });
   };
