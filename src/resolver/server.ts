@@ -226,7 +226,7 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
     for (const address of options.listen) {
       const v6 = net.isIPv6(address);
       datagrams ??= createDatagramServer(serveUdp, onError);
-      port = datagrams.bind(address, port);
+      port = await datagrams.bind(address, port);
       addresses.push({ transport: 'udp', address, port });
       const tcp = net.createServer({ noDelay: true, allowHalfOpen: true }, serveTcp);
       tcp.maxConnections = limits.maxTcpConnections;
@@ -242,7 +242,6 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
       });
       addresses.push({ transport: 'tcp', address, port });
     }
-    datagrams?.start();
   };
 
   const wanted = options.port ?? 53;
