@@ -1,6 +1,6 @@
 /**
- * The resolver's UDP sockets, egressd's own (libc through koffi, as
- * netlink.ts does), read and written many datagrams per system call:
+ * The resolver's UDP sockets, read and written many datagrams per system
+ * call through their descriptors (libc through koffi, as netlink.ts does):
  * recvmmsg(2) takes what is queued, sendmmsg(2) sends the replies that are
  * ready. Node's dgram costs a system call, a libuv callback and a JS object
  * or two per datagram each way — measured here, that alone capped a warm
