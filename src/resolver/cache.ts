@@ -39,6 +39,8 @@ export interface CachedAnswer {
   readonly authorities: readonly Answer[];
   /** Seconds left. */
   readonly ttl: number;
+  /** The entry it was read from (a cache hit): every view of one entry has the same records but for their TTL. */
+  readonly entry?: CacheEntry;
 }
 
 export interface CacheStats {
@@ -123,6 +125,7 @@ export function viewOf(entry: CacheEntry, now: number): CachedAnswer {
 export class DnsCache {
   // A Map iterates in insertion order: re-inserting on every hit makes its first key the least recently used.
   private readonly entries = new Map<string, CacheEntry>();
+  private readonly views = new WeakMap<CacheEntry, CachedAnswer>();
   private bytes = 0;
   private hits = 0;
   private misses = 0;
@@ -151,7 +154,13 @@ export class DnsCache {
     this.entries.delete(key);
     this.entries.set(key, entry);
     this.hits++;
-    return viewOf(entry, now);
+    // One view per entry and second: its records are the same for every hit of that second, and the pipeline keeps their encoded reply by the view.
+    const ttl = Math.max(0, remainingTtl(entry, now));
+    const seen = this.views.get(entry);
+    if (seen?.ttl === ttl) return seen;
+    const view = { ...viewOf(entry, now), entry };
+    this.views.set(entry, view);
+    return view;
   }
 
   set(key: string, entry: CacheEntry): void {

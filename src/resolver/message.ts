@@ -153,6 +153,38 @@ export function encodeReply(query: Query, content: ReplyContent, limit?: number)
   return { bytes: dnsPacket.encode({ ...base, flags: base.flags | Flag.TC }), truncated: true };
 }
 
+/**
+ * Where the TTL of each record of the answer and authority sections is in
+ * `reply` (the additional section's OPT carries flags there, not a TTL);
+ * undefined when the bytes cannot be walked.
+ */
+export function ttlOffsets(reply: Buffer): number[] | undefined {
+  if (reply.length < HEADER_BYTES) return undefined;
+  const skipName = (at: number): number | undefined => {
+    while (at < reply.length) {
+      const length = reply[at]!;
+      if (length === 0) return at + 1;
+      if ((length & 0xc0) === 0xc0) return at + 2;
+      at += 1 + length;
+    }
+    return undefined;
+  };
+  let at: number | undefined = HEADER_BYTES;
+  for (let q = reply.readUInt16BE(4); q > 0; q--) {
+    at = skipName(at);
+    if (at === undefined) return undefined;
+    at += 4;
+  }
+  const offsets: number[] = [];
+  for (let r = reply.readUInt16BE(6) + reply.readUInt16BE(8); r > 0; r--) {
+    at = skipName(at);
+    if (at === undefined || at + 10 > reply.length) return undefined;
+    offsets.push(at + 4);
+    at += 10 + reply.readUInt16BE(at + 8);
+  }
+  return at <= reply.length ? offsets : undefined;
+}
+
 /** The records of an answer section as the hooks see them: lower-case names, addresses and target names as text. */
 export function answerRecords(answers: readonly Answer[]): AnswerRecord[] {
   const records: AnswerRecord[] = [];

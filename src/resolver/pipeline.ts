@@ -8,7 +8,7 @@
  * answer is known, SERVFAIL when the policy could not learn it).
  */
 import type { Answer } from 'dns-packet';
-import { cacheEntry, cacheKey, viewOf, type CachedAnswer, type DnsCache } from './cache.js';
+import { cacheEntry, cacheKey, viewOf, type CacheEntry, type CachedAnswer, type DnsCache } from './cache.js';
 import type { ResolverLimits } from './limits.js';
 import {
   answerRecords,
@@ -20,6 +20,7 @@ import {
   parseQuery,
   Rcode,
   relevantAnswers,
+  ttlOffsets,
   type Query,
   type ReplyContent,
 } from './message.js';
@@ -87,6 +88,17 @@ interface Resolved {
   readonly records: readonly AnswerRecord[];
 }
 
+/** A query seen before (its bytes but the id, and the transport): how it parsed. */
+interface Memo {
+  readonly key: string;
+  readonly query: Query;
+}
+/** Queries kept parsed, the oldest forgotten first: more than the names a busy machine asks about again and again. */
+const MEMOS = 16_384;
+const MEMO_QUERY_BYTES = 512;
+const MEMO_REPLY_BYTES = 1232;
+const TC_FLAG = 0x0200;
+
 type Resolution = Resolved | { readonly failed: 'upstream' | 'learn' };
 
 export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
@@ -115,6 +127,10 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     strayRecords: 0,
   };
   let pending = 0;
+  const memos = new Map<string, Memo>();
+  /** One encoded reply per cache entry (the last spelling asked): it lives and goes with the entry. */
+  const templates = new WeakMap<CacheEntry, { readonly key: string; readonly bytes: Buffer; readonly ttlAt: readonly number[] }>();
+  const recordsOf = new WeakMap<CachedAnswer, AnswerRecord[]>();
   const pendingByAsker = new Map<string, number>();
   const inFlight = new Map<string, Promise<Resolution>>();
 
@@ -156,7 +172,8 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     const key = cacheKey(query.name, query.type);
     const cached = cache.get(key);
     if (cached !== undefined) {
-      const records = answerRecords(cached.answers);
+      let records = recordsOf.get(cached);
+      if (records === undefined) recordsOf.set(cached, (records = answerRecords(cached.answers)));
       return (await learn(question, records, true)) ? { view: cached, records } : { failed: 'learn' };
     }
     const waiting = inFlight.get(key);
@@ -185,7 +202,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     return bytes;
   };
 
-  const answerQuery = async (query: Query, client: Client): Promise<Buffer> => {
+  const answerQuery = async (query: Query, client: Client, memo: Memo | undefined): Promise<Buffer> => {
     // RFC 6891 §6.1.3: an EDNS version this resolver does not speak is answered BADVERS, and nothing else.
     if (query.edns !== undefined && query.edns.version > 0) {
       counts.badVers++;
@@ -207,7 +224,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     }
     if (asker !== undefined) pendingByAsker.set(asker, askerPending + 1);
     try {
-      return await answerAdmitted(query, client, who);
+      return await answerAdmitted(query, client, who, memo);
     } finally {
       if (asker !== undefined) {
         const left = (pendingByAsker.get(asker) ?? 1) - 1;
@@ -217,7 +234,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     }
   };
 
-  const answerAdmitted = async (query: Query, client: Client, who: Who): Promise<Buffer> => {
+  const answerAdmitted = async (query: Query, client: Client, who: Who, memo: Memo | undefined): Promise<Buffer> => {
     const question: Question = { name: query.name, type: query.type };
     let admission: 'go' | 'refused' | 'nxdomain';
     try {
@@ -253,13 +270,37 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       const answers: Answer[] | undefined = nullAnswer(query, limits.nullTtl);
       return reply(query, client, answers === undefined ? { rcode: Rcode.NxDomain } : { rcode: Rcode.NoError, answers });
     }
-    return reply(query, client, { rcode: view.rcode, answers: view.answers, authorities: view.authorities });
+    // The same question, spelled and flagged the same, answered from the same cache entry: the bytes encoded for it before, with this query's id and the TTL that remains now.
+    const template = memo === undefined || view.entry === undefined ? undefined : templates.get(view.entry);
+    if (template !== undefined && template.key === memo!.key) {
+      const bytes = Buffer.from(template.bytes);
+      bytes.writeUInt16BE(query.id, 0);
+      for (const at of template.ttlAt) bytes.writeUInt32BE(view.ttl, at);
+      return bytes;
+    }
+    const bytes = reply(query, client, { rcode: view.rcode, answers: view.answers, authorities: view.authorities });
+    if (memo !== undefined && view.entry !== undefined && bytes.length <= MEMO_REPLY_BYTES && (bytes.readUInt16BE(2) & TC_FLAG) === 0) {
+      const ttlAt = ttlOffsets(bytes);
+      if (ttlAt !== undefined) templates.set(view.entry, { key: memo.key, bytes, ttlAt });
+    }
+    return bytes;
   };
 
   return {
     async answer(raw, client) {
       counts.received++;
-      const parsed = parseQuery(raw);
+      // A query's bytes but its id decide everything parseQuery says: the same bytes again (a client asking a name it asked before) are not decoded again.
+      const memoKey = raw.length >= 12 && raw.length <= MEMO_QUERY_BYTES ? `${client.transport}${raw.toString('latin1', 2)}` : undefined;
+      let memo = memoKey === undefined ? undefined : memos.get(memoKey);
+      let parsed: ReturnType<typeof parseQuery>;
+      if (memo !== undefined) parsed = { ...memo.query, id: raw.readUInt16BE(0) };
+      else {
+        parsed = parseQuery(raw);
+        if (memoKey !== undefined && !isRejection(parsed)) {
+          if (memos.size >= MEMOS) memos.delete(memos.keys().next().value!);
+          memos.set(memoKey, (memo = { key: memoKey, query: parsed }));
+        }
+      }
       if ('drop' in parsed) {
         counts.dropped++;
         return undefined;
@@ -281,7 +322,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       }
       pending++;
       try {
-        return await answerQuery(parsed, client);
+        return await answerQuery(parsed, client, memo);
       } catch (error) {
         counts.internalErrors++;
         deps.onError?.(error);

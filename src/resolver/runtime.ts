@@ -152,7 +152,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
     };
     let state = await build(first);
     const filler = new SetFiller(state.view, writer, memory);
-    const identify = who.identify.bind(who);
+    const identify = who.identifyInBatch.bind(who);
     const learn = async (question: Question, records: readonly AnswerRecord[]): Promise<void> => {
       memory.rememberAnswer(question.name, records);
       try {

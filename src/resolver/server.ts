@@ -9,11 +9,11 @@
  * fails whole (ResolverStartError) when anything cannot be bound or the
  * upstream sockets cannot carry the required mark.
  */
-import dgram from 'node:dgram';
 import net from 'node:net';
 import { ResolverStartError } from '../errors.js';
 import { openSocketMarker, type SocketMarker } from '../system/socket-mark.js';
 import { DnsCache } from './cache.js';
+import { createDatagramServer, type DatagramServer } from './datagrams.js';
 import { resolverLimits, type ResolverLimits } from './limits.js';
 import { createPipeline, type PipelineStats } from './pipeline.js';
 import { parseUpstream, UpstreamClient } from './upstream.js';
@@ -119,24 +119,16 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
   const counts = { tcpConnections: 0, tcpRejected: 0, tcpIdleClosed: 0, tcpAborted: 0, sendErrors: 0 };
   const connections = new Set<net.Socket>();
   let closed = false;
+  let udpSendErrors = 0;
 
-  const serveUdp = (socket: dgram.Socket, local: { address: string; port: number }): void => {
-    socket.on('error', onError);
-    socket.on('message', (raw, from) => {
-      const client: Client = { transport: 'udp', address: from.address, port: from.port, local };
-      void pipeline.answer(raw, client).then((reply) => {
-        // A query still in progress at close() is answered into nothing.
-        if (reply === undefined || closed) return;
-        try {
-          socket.send(reply, from.port, from.address, (error) => {
-            if (error) counts.sendErrors++;
-          });
-        } catch {
-          counts.sendErrors++;
-        }
-      });
+  const serveUdp = (raw: Buffer, from: { address: string; port: number }, local: { address: string; port: number }, send: (reply: Buffer) => void): void => {
+    const client: Client = { transport: 'udp', address: from.address, port: from.port, local };
+    void pipeline.answer(raw, client).then((reply) => {
+      // A query still in progress at close() is answered into nothing.
+      if (reply !== undefined && !closed) send(reply);
     });
   };
+  let datagrams: DatagramServer | undefined;
 
   const serveTcp = (conn: net.Socket): void => {
     if (conn.remoteAddress === undefined || conn.remotePort === undefined || conn.localAddress === undefined || conn.localPort === undefined) {
@@ -218,12 +210,14 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
     });
   };
 
-  const udpSockets: dgram.Socket[] = [];
   const tcpServers: net.Server[] = [];
   const addresses: ListenAddress[] = [];
   const closeListeners = async (): Promise<void> => {
-    for (const socket of udpSockets.splice(0)) socket.close();
     for (const conn of connections) conn.destroy();
+    const udp = datagrams;
+    datagrams = undefined;
+    if (udp) udpSendErrors += udp.sendErrors;
+    await udp?.close();
     await Promise.all(tcpServers.splice(0).map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
   };
 
@@ -231,17 +225,8 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
     let port = wanted;
     for (const address of options.listen) {
       const v6 = net.isIPv6(address);
-      const udp = dgram.createSocket({ type: v6 ? 'udp6' : 'udp4', ipv6Only: v6 });
-      udpSockets.push(udp);
-      await new Promise<void>((resolve, reject) => {
-        udp.once('error', reject);
-        udp.bind({ address, port, exclusive: true }, () => {
-          udp.off('error', reject);
-          resolve();
-        });
-      });
-      port = udp.address().port;
-      serveUdp(udp, { address, port });
+      datagrams ??= createDatagramServer(serveUdp, onError);
+      port = await datagrams.bind(address, port);
       addresses.push({ transport: 'udp', address, port });
       const tcp = net.createServer({ noDelay: true, allowHalfOpen: true }, serveTcp);
       tcp.maxConnections = limits.maxTcpConnections;
@@ -298,6 +283,7 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
         upstreamFailed: u.failed,
         upstreamInFlight: u.inFlight,
         ...counts,
+        sendErrors: counts.sendErrors + udpSendErrors + (datagrams?.sendErrors ?? 0),
       };
     },
     async close() {

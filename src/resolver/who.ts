@@ -14,7 +14,7 @@
  */
 import { EgressError, ErrorCode } from '../errors.js';
 import { openCgroupPaths, type CgroupPaths, type CgroupPathsOptions } from '../system/cgroup-id.js';
-import { openSockDiag, type SockDiag, type TcpSocket } from '../system/sock-diag.js';
+import { openSockDiag, type SockDiag, type SocketQuery, type TcpSocket } from '../system/sock-diag.js';
 import type { Client } from './server.js';
 
 /** Who asks, as the kernel knows the socket. */
@@ -41,6 +41,15 @@ export class SocketNotFoundError extends EgressError {
 export interface WhoAsks {
   /** Who sent a query from `client`; throws a SocketNotFoundError when its socket is gone. */
   identify(client: Client): Who;
+  /**
+   * The same answer, for every client asked about in this turn of the event
+   * loop together: one netlink round trip for all of them (a resolver reads
+   * its datagrams many at a time), and one lookup for clients on the same
+   * four addresses. Each lookup is made after every query that asks it
+   * arrived, as `identify` would be; nothing is remembered past the turn,
+   * so a port another user takes over later is looked up anew.
+   */
+  identifyInBatch(client: Client): Promise<Who>;
   close(): void;
 }
 
@@ -61,11 +70,50 @@ export function openWhoAsks(options: WhoAsksOptions = {}): WhoAsks {
     if (!options.sockDiag) diag.close();
     throw error;
   }
+  const queryOf = (client: Client): SocketQuery => ({
+    protocol: client.transport,
+    local: { address: client.address, port: client.port },
+    remote: client.local,
+  });
+  let waiting = new Map<string, { query: SocketQuery; client: Client; settle: { resolve: (who: Who) => void; reject: (error: unknown) => void }[] }>();
+  const lookUp = (): void => {
+    const asked = [...waiting.values()];
+    waiting = new Map();
+    let found: ReturnType<SockDiag['findMany']>;
+    try {
+      found = diag.findMany(asked.map((a) => a.query));
+    } catch (error) {
+      for (const a of asked) for (const s of a.settle) s.reject(error);
+      return;
+    }
+    asked.forEach((a, i) => {
+      const socket = found[i];
+      let outcome: { who: Who } | { error: unknown };
+      try {
+        outcome =
+          socket instanceof Error ? { error: socket } : socket === undefined ? { error: new SocketNotFoundError(a.client) } : { who: whoOf(socket, paths) };
+      } catch (error) {
+        outcome = { error };
+      }
+      for (const s of a.settle)
+        if ('who' in outcome) s.resolve(outcome.who);
+        else s.reject(outcome.error);
+    });
+  };
   return {
     identify(client) {
-      const socket = diag.find({ protocol: client.transport, local: { address: client.address, port: client.port }, remote: client.local });
+      const socket = diag.find(queryOf(client));
       if (!socket) throw new SocketNotFoundError(client);
       return whoOf(socket, paths);
+    },
+    identifyInBatch(client) {
+      return new Promise<Who>((resolve, reject) => {
+        const key = `${client.transport} ${client.address} ${client.port} ${client.local.address} ${client.local.port}`;
+        if (waiting.size === 0) queueMicrotask(lookUp);
+        const same = waiting.get(key);
+        if (same) same.settle.push({ resolve, reject });
+        else waiting.set(key, { query: queryOf(client), client, settle: [{ resolve, reject }] });
+      });
     },
     close() {
       paths?.close();

@@ -191,6 +191,53 @@ export class NetlinkSocket {
     }
   }
 
+  /**
+   * Several requests that are not dumps, in one datagram (the kernel takes
+   * them in order, each on its own): the answers to each, or the
+   * NetlinkError it was refused with, in the order asked. For requests
+   * answered by exactly one message or an error (an exact sock_diag
+   * lookup): one system call out instead of one per request.
+   */
+  requestEach(requests: readonly { type: number; flags: number; payload: Uint8Array }[]): (NetlinkMessage[] | NetlinkError)[] {
+    if (this.closed) throw new NetlinkError('netlink: the socket is closed');
+    if (requests.length === 0) return [];
+    const first = (this.seq + 1) >>> 0;
+    const datagram = Buffer.concat(
+      requests.map((r) => {
+        if ((r.flags & NlmFlag.Dump) === NlmFlag.Dump) throw new NetlinkError('netlink: a dump cannot share a datagram');
+        return encodeMessage({ type: r.type, flags: r.flags | NlmFlag.Request, seq: (this.seq = (this.seq + 1) >>> 0), payload: r.payload });
+      }),
+    );
+    this.transport.send(datagram);
+    const results: (NetlinkMessage[] | NetlinkError | undefined)[] = requests.map(() => undefined);
+    const answers: NetlinkMessage[][] = requests.map(() => []);
+    let open = requests.length;
+    while (open > 0) {
+      for (const message of parseMessages(this.transport.receive())) {
+        const index = (message.seq - first) >>> 0;
+        const request = requests[index];
+        // Left over from an earlier request that failed half-way, or one already answered: not an answer to these.
+        if (request === undefined || results[index] !== undefined) continue;
+        const done = (result: NetlinkMessage[] | NetlinkError): void => {
+          results[index] = result;
+          open--;
+        };
+        if (message.type === NlmsgType.Error) {
+          const code = errorCodeOf(message);
+          done(
+            code === 0 ? answers[index]! : new NetlinkError(`netlink: the kernel refused message type ${request.type}: ${errnoName(-code)}`, { errno: -code }),
+          );
+          continue;
+        }
+        if (message.type === NlmsgType.Overrun) throw new NetlinkError('netlink: the kernel reports an overrun; answers were lost');
+        if (message.type === NlmsgType.Noop || message.type === NlmsgType.Done) continue;
+        answers[index]!.push(message);
+        if ((message.flags & NlmFlag.Multi) === 0 && (request.flags & NlmFlag.Ack) === 0) done(answers[index]!);
+      }
+    }
+    return results as (NetlinkMessage[] | NetlinkError)[];
+  }
+
   close(): void {
     if (this.closed) return;
     this.closed = true;

@@ -13,7 +13,7 @@
  */
 import { isIP } from 'node:net';
 import { addressGroups } from '../policy/destination.js';
-import { NetlinkError, NetlinkFamily, NlmFlag, openNetlink, parseAttributes, type NetlinkSocket } from './netlink.js';
+import { NetlinkError, NetlinkFamily, NlmFlag, openNetlink, parseAttributes, type NetlinkMessage, type NetlinkSocket } from './netlink.js';
 
 const SOCK_DIAG_BY_FAMILY = 20;
 const SOCK_DESTROY = 21;
@@ -222,18 +222,53 @@ function writeAddress(family: 4 | 6, address: string, out: Buffer, at: number): 
  * with uid 0, which is nobody's.
  */
 export function findSocket(netlink: NetlinkSocket, query: SocketQuery): TcpSocket | undefined {
+  const found = findSockets(netlink, [query])[0];
+  if (found instanceof Error) throw found;
+  return found;
+}
+
+const LOOKUPS_PER_DATAGRAM = 32;
+
+function lookupRequest(query: SocketQuery): { type: number; flags: number; payload: Buffer } {
   const { family, sockid } = socketId(query);
-  let answers;
-  try {
-    answers = netlink.request(SOCK_DIAG_BY_FAMILY, 0, request(family, 0xffffffff, sockid, query.protocol === 'tcp' ? IPPROTO_TCP : IPPROTO_UDP));
-  } catch (error) {
-    if (error instanceof NetlinkError && error.errno === 2) return undefined;
-    throw error;
-  }
+  return { type: SOCK_DIAG_BY_FAMILY, flags: 0, payload: request(family, 0xffffffff, sockid, query.protocol === 'tcp' ? IPPROTO_TCP : IPPROTO_UDP) };
+}
+
+/**
+ * `findSocket` for several queries, sent to the kernel in one datagram: for
+ * each, its socket, undefined, or the error its lookup failed with. Each
+ * lookup is the kernel's own, made when the datagram is read, so each sees
+ * the sockets as they are then.
+ */
+export function findSockets(netlink: NetlinkSocket, queries: readonly SocketQuery[]): (TcpSocket | undefined | NetlinkError)[] {
+  const requests: { type: number; flags: number; payload: Buffer }[] = [];
+  const failed = new Map<number, NetlinkError>();
+  queries.forEach((query, i) => {
+    try {
+      requests.push(lookupRequest(query));
+    } catch (error) {
+      if (!(error instanceof NetlinkError)) throw error;
+      failed.set(i, error);
+    }
+  });
+  // At most LOOKUPS_PER_DATAGRAM answers queued at once: far under a netlink socket's default receive buffer, which would drop the rest.
+  const results: (NetlinkMessage[] | NetlinkError)[] = [];
+  for (let at = 0; at < requests.length; at += LOOKUPS_PER_DATAGRAM) results.push(...netlink.requestEach(requests.slice(at, at + LOOKUPS_PER_DATAGRAM)));
+  let next = 0;
+  return queries.map((query, i) => failed.get(i) ?? foundSocket(query, results[next++]!));
+}
+
+function foundSocket(query: SocketQuery, answers: NetlinkMessage[] | NetlinkError): TcpSocket | undefined | NetlinkError {
+  if (answers instanceof NetlinkError) return answers.errno === 2 ? undefined : answers;
   const message = answers[0];
   if (answers.length !== 1 || message?.type !== SOCK_DIAG_BY_FAMILY)
-    throw new NetlinkError(`sock_diag: ${answers.length} answers (type ${message?.type}) to an exact lookup, not one socket`);
-  const socket = parseTcpSocket(message.payload);
+    return new NetlinkError(`sock_diag: ${answers.length} answers (type ${message?.type}) to an exact lookup, not one socket`);
+  let socket: TcpSocket;
+  try {
+    socket = parseTcpSocket(message.payload);
+  } catch (error) {
+    return error as NetlinkError;
+  }
   // Not the connection asked about: the kernel's lookup of a TCP socket falls back to a listener; TIME_WAIT and NEW_SYN_RECV report uid 0.
   if (query.protocol === 'tcp' && (socket.state === TcpState.TimeWait || socket.state === TcpState.NewSynRecv || socket.state === TcpState.Listen))
     return undefined;
@@ -247,6 +282,8 @@ export interface SockDiag {
   tcpSockets(states: number): TcpSocket[];
   /** The socket `query` names (findSocket), or undefined. */
   find(query: SocketQuery): TcpSocket | undefined;
+  /** `find` for several, in one round trip (findSockets). */
+  findMany(queries: readonly SocketQuery[]): (TcpSocket | undefined | NetlinkError)[];
   destroy(socket: TcpSocket): 'destroyed' | 'gone';
   close(): void;
 }
@@ -257,6 +294,7 @@ export function openSockDiag(): SockDiag {
     tcpSockets: (states) => dumpTcpSockets(netlink, states),
     destroy: (socket) => destroyTcpSocket(netlink, socket),
     find: (query) => findSocket(netlink, query),
+    findMany: (queries) => findSockets(netlink, queries),
     close: () => netlink.close(),
   };
 }

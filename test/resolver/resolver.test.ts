@@ -6,7 +6,7 @@
  */
 import dgram from 'node:dgram';
 import net from 'node:net';
-import dnsPacket from 'dns-packet';
+import dnsPacket, { type DecodedPacket } from 'dns-packet';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ErrorCode, ResolverStartError } from '../../src/errors.js';
 import {
@@ -144,6 +144,32 @@ describe('answers through a real upstream', () => {
       [false, 300],
       [true, second[0]![1]],
     ]);
+  });
+
+  it('answers a question asked again from the bytes encoded for it before, with its own id and the TTL that remains, learning each time', async () => {
+    const h = hooks();
+    const { r, port } = await resolver([`127.0.0.1#${local.port}`], h);
+    for (const edns of [false, true]) {
+      const ask = (id: number) => udpQuery(port, query('a.example.test', 'AAAA', id, edns));
+      await ask(1); // from upstream
+      const hit = await ask(2); // the first from the cache: encoded
+      await new Promise((resolve) => setTimeout(resolve, 1100));
+      const again = await ask(3); // encoded before: patched
+      expect(again.id).toBe(3);
+      const ttlOf = (reply: DecodedPacket): number => {
+        const first = reply.answers?.[0];
+        return first !== undefined && first.type !== 'OPT' ? (first.ttl ?? 0) : 0;
+      };
+      const [before, after] = [ttlOf(hit), ttlOf(again)];
+      expect(again.answers?.map((a) => ({ ...a, ttl: 0 }))).toEqual(hit.answers?.map((a) => ({ ...a, ttl: 0 })));
+      expect(before).toBeGreaterThan(290);
+      expect(after).toBeLessThan(before);
+      expect(after).toBeGreaterThanOrEqual(before - 2);
+      expect(again.additionals?.length ?? 0).toBe(edns ? 1 : 0);
+    }
+    // The EDNS round's first query is a hit already (the entry of the first round).
+    expect(h.seen.learned.filter((l) => l.fromCache)).toHaveLength(5);
+    expect(r.stats().cacheHits).toBe(5);
   });
 
   it('hands shape the whole CNAME chain, question name first, and learn every record of it', async () => {

@@ -23,7 +23,7 @@ const unavailable = harnessUnavailableReason();
 
 /** A client as app1 runs it: one query for `name` of type TXT, the reply in base64, and its own cgroup v2 path. */
 const CLIENT = `
-const [mode, addr, port, name] = JSON.parse(process.argv[1]);
+const [mode, addr, port, name, from] = JSON.parse(process.argv[1]);
 const labels = name.split('.').flatMap((l) => [Buffer.from([l.length]), Buffer.from(l)]);
 const query = Buffer.concat([Buffer.from([0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0]), ...labels, Buffer.from([0, 0, 16, 0, 1])]);
 const cgroup = require('fs').readFileSync('/proc/self/cgroup', 'utf8').split('\\n').find((l) => l.startsWith('0::')).slice(3);
@@ -37,6 +37,7 @@ if (mode === 'tcp') {
   const s = require('dgram').createSocket(addr.includes(':') ? 'udp6' : 'udp4');
   s.on('message', done);
   if (mode === 'connected') s.connect(port, addr, () => s.send(query));
+  else if (from) s.bind(from, () => s.send(query, port, addr));
   else s.send(query, port, addr);
 }
 `;
@@ -84,8 +85,17 @@ describe.skipIf(unavailable)(`who asks: the client socket through sock_diag ${un
     });
   };
 
-  const ask = async (mode: 'connected' | 'unconnected' | 'tcp', addr: string, name = 'who.test', port = PORT): Promise<Said & { own: string }> => {
-    const r = await net.host.exec(process.execPath, ['-e', CLIENT, JSON.stringify([mode, addr, port, name])], { user: users.app1.name, cgroup });
+  const ask = async (
+    mode: 'connected' | 'unconnected' | 'tcp',
+    addr: string,
+    name = 'who.test',
+    port = PORT,
+    as: { user?: string; from?: number } = {},
+  ): Promise<Said & { own: string }> => {
+    const r = await net.host.exec(process.execPath, ['-e', CLIENT, JSON.stringify([mode, addr, port, name, as.from ?? 0])], {
+      user: as.user ?? users.app1.name,
+      cgroup,
+    });
     if (r.code !== 0) throw new Error(`client failed (${r.code}): ${r.stderr}`);
     const out = JSON.parse(r.stdout) as { reply: string; cgroup: string };
     return { ...said(Buffer.from(out.reply, 'base64')), own: out.cgroup.replace(/^\//, '') };
@@ -137,6 +147,22 @@ describe.skipIf(unavailable)(`who asks: the client socket through sock_diag ${un
       const text = [...r.stdout.matchAll(/"((?:[^"\\]|\\.)*)"/g)].map((m) => m[1]!.replace(/\\(.)/g, '$1')).join('');
       const answer = JSON.parse(text) as Said;
       expect(answer.who, transport).toEqual({ uid: users.app1.uid, cgroup });
+    }
+  });
+
+  it("the resolver's batched lookup: a port another user takes over is that user's at once, never the first one's", async () => {
+    // The attack on any memory of who asked: app1 asks from a port and closes it; app2 binds the same port and asks. Answered as app1, app2 would get app1's answers.
+    const from = 40_000 + (process.pid % 20_000);
+    for (const addr of [ADDR4, ADDR6]) {
+      const first = await ask('unconnected', addr, 'batched.test', PORT, { from });
+      expect(first.error).toBeUndefined();
+      expect(first.client?.port).toBe(from);
+      expect(first.who?.uid).toBe(users.app1.uid);
+      const second = await ask('unconnected', addr, 'batched.test', PORT, { from, user: users.app2.name });
+      expect(second.client?.port).toBe(from);
+      expect(second.who?.uid).toBe(users.app2.uid);
+      const third = await ask('unconnected', addr, 'batched.test', PORT, { from });
+      expect(third.who?.uid).toBe(users.app1.uid);
     }
   });
 

@@ -100,6 +100,25 @@ describe('netlink framing', () => {
     expect(() => short.request(21, NlmFlag.Ack, Buffer.alloc(4))).toThrow(/an error message with 2 bytes of payload/);
   });
 
+  it('several requests in one datagram: each gets its own answer or refusal, in the order asked, whatever order they come in', () => {
+    // The kernel answers each message of the datagram on its own: here the second first, the third refused, a stray answer of an earlier request among them.
+    const transport = fake((first) => [
+      encodeMessage({ type: 20, flags: 0, seq: first + 1, payload: Buffer.from('b') }),
+      errorMessage(first - 1, -2),
+      Buffer.concat([encodeMessage({ type: 20, flags: 0, seq: first, payload: Buffer.from('a') }), errorMessage(first + 2, -2)]),
+    ]);
+    const socket = new NetlinkSocket(transport);
+    const results = socket.requestEach([0, 1, 2].map(() => ({ type: 20, flags: 0, payload: Buffer.alloc(4) })));
+    expect(transport.sent).toHaveLength(1);
+    expect(parseMessages(transport.sent[0]!).map((m) => m.seq)).toEqual([0, 1, 2].map((i) => transport.sent[0]!.readUInt32LE(8) + i));
+    expect(results.map((r) => (r instanceof Error ? { errno: (r as { errno?: number }).errno } : r.map((m) => m.payload.toString())))).toEqual([
+      ['a'],
+      ['b'],
+      { errno: 2 },
+    ]);
+    expect(() => socket.requestEach([{ type: 20, flags: NlmFlag.Dump, payload: Buffer.alloc(4) }])).toThrow(/dump/);
+  });
+
   it('a dump that never ends waits no longer than the transport does', () => {
     const endless = new NetlinkSocket(fake((seq) => [encodeMessage({ type: 20, flags: NlmFlag.Multi, seq, payload: Buffer.alloc(0) })]));
     expect(() => endless.request(20, NlmFlag.Dump, Buffer.alloc(4))).toThrow(/nothing more to receive/);
