@@ -297,6 +297,11 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
         await resolver?.close();
         writer?.close();
         who?.close();
+        // Its upstreams are let through only while it asks them (the unit lets through loopback alone again).
+        if (allowedFor !== undefined && allowedFor !== '')
+          await allowUpstreams([]).catch((error: unknown) =>
+            log.warn({ event: 'resolver-unit-allow-failed', error: String(error) }, "resolver: could not take its upstreams off the unit's list"),
+          );
       },
     };
     log.info({ event: 'resolver-ready', listen: resolver.addresses, upstreams }, `resolver: answering on ${dns.listen.join(', ')}`);

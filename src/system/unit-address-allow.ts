@@ -20,7 +20,7 @@
  */
 import { execFile } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { addressGroups, formatGroups, parseNetwork } from '../policy/destination.js';
+import { addressGroups, formatGroups, networkContains, parseNetwork } from '../policy/destination.js';
 
 const AF_INET = 2;
 const AF_INET6 = 10;
@@ -34,7 +34,10 @@ const LOOPBACK: readonly UnitAddressPrefix[] = [
   [AF_INET6, [...new Array<number>(15).fill(0), 1], 128],
 ];
 
-/** The unit's allow list for these upstreams ("ADDR" or "ADDR#PORT"): each address alone, and loopback. Pure. */
+/**
+ * The unit's allow list for these upstreams ("ADDR" or "ADDR#PORT"): loopback, and each other address alone (a
+ * loopback upstream — stubby, dnscrypt-proxy on 127.0.0.1#5353 — is in loopback already). Pure.
+ */
 export function allowListFor(upstreams: readonly string[]): UnitAddressPrefix[] {
   const out: UnitAddressPrefix[] = [...LOOPBACK];
   const seen = new Set<string>();
@@ -43,12 +46,17 @@ export function allowListFor(upstreams: readonly string[]): UnitAddressPrefix[] 
     const parsed = parseNetwork(host);
     if (!parsed.ok || /[/%]/.test(host)) throw new Error(`upstream "${upstream}" is not ADDR or ADDR#PORT`);
     const { family, address } = parsed.value;
-    if (seen.has(address)) continue;
+    if (seen.has(address) || LOOPBACK.some((net) => covers(net, family, address))) continue;
     seen.add(address);
     const bytes = addressGroups(family, address).flatMap((group) => [group >> 8, group & 255]);
     out.push(family === 4 ? [AF_INET, bytes, 32] : [AF_INET6, bytes, 128]);
   }
   return out;
+}
+
+function covers([netFamily, bytes, prefix]: UnitAddressPrefix, family: 4 | 6, address: string): boolean {
+  const netText = prefixText([netFamily, bytes, prefix]);
+  return networkContains({ family: netFamily === AF_INET ? 4 : 6, address: netText.slice(0, netText.indexOf('/')), prefix }, family, address);
 }
 
 /** A prefix as text, for logs and for comparing with what systemd holds: "127.0.0.0/8", "2001:db8::1/128". */
@@ -124,8 +132,18 @@ export async function allowUnitUpstreams(upstreams: readonly string[], options: 
   if ((await show())['IPAddressDeny']?.trim() === '') return { kind: 'unconfined', why: `${unit} denies no address` };
   // One call: systemd clears the list (the empty value), then sets the new one, and rebuilds its BPF program once, after both.
   await systemctl(['set-property', '--runtime', unit, 'IPAddressAllow=', `IPAddressAllow=${wanted.join(' ')}`]);
-  const held = new Set(((await show())['IPAddressAllow'] ?? '').split(/\s+/).filter(Boolean));
-  const missing = wanted.filter((prefix) => !held.has(prefix));
-  if (missing.length > 0) throw new Error(`${unit}'s IPAddressAllow lacks ${missing.join(', ')} after it was set (it holds: ${[...held].join(' ')})`);
+  // systemd may print a prefix its own way or fold one into a wider one it holds: what counts is that each is covered.
+  const held = ((await show())['IPAddressAllow'] ?? '').split(/\s+/).filter(Boolean);
+  const heldNets = held.flatMap((text) => {
+    const parsed = parseNetwork(text);
+    return parsed.ok ? [parsed.value] : [];
+  });
+  const missing = wanted.filter((text) => {
+    const address = text.slice(0, text.indexOf('/'));
+    const prefix = Number(text.slice(text.indexOf('/') + 1));
+    const family = address.includes(':') ? 6 : 4;
+    return !heldNets.some((net) => net.prefix <= prefix && networkContains(net, family, address));
+  });
+  if (missing.length > 0) throw new Error(`${unit}'s IPAddressAllow lacks ${missing.join(', ')} after it was set (it holds: ${held.join(' ')})`);
   return { kind: 'set', unit, allowed: wanted };
 }

@@ -245,6 +245,13 @@ describe.skipIf(unavailable)(`egressd under systemd as PID 1 (Debian 12 in syste
     expect(seen).not.toMatch(/before\.test|leak\.test|old\.test/);
     const log = await machine.run(['journalctl', '--unit=egressd.service', '--no-pager', '--output=cat']);
     expect(log).toContain('resolver: egressd.service may reach 127.0.0.0/8, ::1/128, 192.0.2.54/32');
+
+    // Only while egressd runs: stopped, the unit lets through loopback alone; started, the resolver lets its upstream through again.
+    await machine.run(['systemctl', 'stop', 'egressd.service']);
+    expect((await allowed()).IPAddressAllow?.split(' ').sort()).toEqual(['127.0.0.0/8', '::1/128']);
+    await machine.run(['systemctl', 'start', 'egressd.service']);
+    await waitFor('the unit letting 192.0.2.54 through again', async () => (await allowed()).IPAddressAllow?.split(' ').includes('192.0.2.54/32') ?? false);
+    expect((await allowed()).IPAddressAllow?.split(' ').sort()).toEqual(['127.0.0.0/8', '192.0.2.54/32', '::1/128']);
     expect(await show('egressd.service', 'ActiveState', 'NRestarts')).toEqual({ ActiveState: 'active', NRestarts: '0' });
   });
 

@@ -22,6 +22,10 @@ describe('allowListFor', () => {
     expect(allowListFor([]).map(prefixText)).toEqual(['127.0.0.0/8', '::1/128']);
   });
 
+  it('adds nothing for a loopback upstream (stubby on 127.0.0.1#5353): loopback is on the list already', () => {
+    expect(allowListFor(['127.0.0.1#5353', '127.0.1.53', '::1#5353']).map(prefixText)).toEqual(['127.0.0.0/8', '::1/128']);
+  });
+
   it('gives systemd address bytes in network order', () => {
     expect(allowListFor(['2001:db8::53'])[2]).toEqual([10, [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x53], 128]);
     expect(allowListFor(['203.0.113.9'])[2]).toEqual([2, [203, 0, 113, 9], 32]);
@@ -94,6 +98,15 @@ describe('allowUnitUpstreams', () => {
     const none = fakeSystemctl('0.0.0.0/0 ::/0', []);
     expect(await allowUnitUpstreams(['192.0.2.53'], { unit: undefined, systemctl: none.run })).toEqual({ kind: 'unconfined', why: 'not started by systemd' });
     expect(none.calls).toEqual([]);
+  });
+
+  it('takes what systemd holds in its own form, a prefix folded into a wider one included', async () => {
+    const folded = fakeSystemctl('0.0.0.0/0 ::/0', []);
+    const run = async (args: readonly string[]) =>
+      args[0] === 'show' ? 'IPAddressDeny=::/0 0.0.0.0/0\nIPAddressAllow=::1/128 127.0.0.0/8 192.0.2.0/24 2001:db8:0:0:0:0:0:53/128\n' : folded.run(args);
+    expect(await allowUnitUpstreams(['192.0.2.53', '2001:db8::53'], { unit: 'egressd.service', systemctl: run })).toMatchObject({ kind: 'set' });
+    const narrower = async (args: readonly string[]) => (args[0] === 'show' ? 'IPAddressDeny=any\nIPAddressAllow=127.0.0.0/8 ::1/128 192.0.2.53/33\n' : '');
+    await expect(allowUnitUpstreams(['192.0.2.54'], { unit: 'egressd.service', systemctl: narrower })).rejects.toThrow(/lacks 192\.0\.2\.54\/32/);
   });
 
   it('fails when systemd kept another list, or systemctl fails: the resolver must not ask servers it cannot reach', async () => {
