@@ -222,15 +222,17 @@ export class Daemon {
     const pending = this.pending;
     this.pending = undefined;
     for (const resolve of pending?.waiters ?? []) resolve(stoppingOutcome());
-    await Promise.all(
-      this.slots.map(async (slot) => {
-        clearTimeout(slot.timer);
-        slot.generation++;
-        const part = slot.part;
-        slot.part = undefined;
-        if (part) await this.close(slot, part);
-      }),
-    );
+    for (const slot of this.slots) {
+      clearTimeout(slot.timer);
+      slot.generation++;
+    }
+    // One after the other, in the order they are listed: a part's last words reach the parts after it (the denial reader
+    // flushes its open aggregates into the feed on close, and only then may the store behind it close). Each close is bounded.
+    for (const slot of this.slots) {
+      const part = slot.part;
+      slot.part = undefined;
+      if (part) await this.close(slot, part);
+    }
     if (this.draining) await within(this.draining, this.timeoutMs).catch(() => undefined);
     this.options.log.info({ event: 'stopping', signal }, 'egressd stopping; the rules stay in force');
   }

@@ -278,6 +278,44 @@ describe('Daemon', () => {
   });
 });
 
+describe('stopping, in order', () => {
+  it("closes the parts one after the other as listed, so what a part says as it closes reaches the parts after it (the reader's last aggregates, the store)", async () => {
+    const heard: string[] = [];
+    let listening = true;
+    const producer: PartSpec = {
+      name: 'reader',
+      start: () =>
+        Promise.resolve({
+          update: () => Promise.resolve(),
+          // Its last records go out while it closes, a moment later (the reader's loop ends at its next poll).
+          close: async () => {
+            await new Promise((r) => setTimeout(r, 50));
+            if (listening) heard.push('last aggregates kept');
+          },
+          stopped: new Promise<never>(() => undefined),
+          describe: () => 'reader',
+        }),
+    };
+    const consumer: PartSpec = {
+      name: 'store',
+      start: () =>
+        Promise.resolve({
+          update: () => Promise.resolve(),
+          close: () => {
+            listening = false;
+            return Promise.resolve();
+          },
+          stopped: new Promise<never>(() => undefined),
+          describe: () => 'store',
+        }),
+    };
+    const { daemon } = harness({ parts: [producer, consumer] });
+    await daemon.start();
+    await daemon.stop('SIGTERM');
+    expect(heard).toEqual(['last aggregates kept']);
+  });
+});
+
 describe('which parts run', () => {
   const parts: PartSpec[] = [scripted('resolver').spec, scripted('apps').spec];
 
