@@ -160,7 +160,7 @@ class PruneStopped extends Error {}
 /** Each housekeeping statement is sized to take about this long on the store's thread. */
 const SLICE_MS = 5;
 /** Rows per DELETE: adapted between these to SLICE_MS. */
-const SLICE_ROWS = { min: 50, start: 500, max: 5000 } as const;
+export const SLICE_ROWS = { min: 50, start: 500, max: 5000 } as const;
 /** Pages given back to the file system per incremental_vacuum step. */
 const VACUUM_PAGES = 256;
 
