@@ -57,7 +57,12 @@ import { startDenialReader } from '../src/denials/reader.js';
 import { runInOwnNamespace } from './lib/netns.js';
 
 const { values } = parseArgs({
-  options: { inner: { type: 'string' }, 'rss-only': { type: 'boolean', default: false }, quick: { type: 'boolean', default: false } },
+  options: {
+    inner: { type: 'string' },
+    'rss-only': { type: 'boolean', default: false },
+    quick: { type: 'boolean', default: false },
+    'rss-compare': { type: 'string', multiple: true, default: [] },
+  },
 });
 const quick = values.quick;
 const ROOT = join(import.meta.dirname, '..');
@@ -170,7 +175,7 @@ async function revealEndLoss(seen: () => number | Promise<number>, flooded: numb
 
 async function egressdRow(state: string, withStore: boolean): Promise<Row> {
   const log = pino({ level: 'warn' }, pino.destination(2));
-  const inForce = { policy: { defaults: { log: { group: GROUP } } }, compiled: { ruleIds: [] } } as unknown as InForce;
+  const inForce = { policy: { apps: [], defaults: { log: { group: GROUP } } }, facts: {}, compiled: { ruleIds: [] } } as unknown as InForce;
   const reader = await startDenialReader(inForce, { log, stateDir: state, learnedNames: () => [] });
   const rssBefore = process.memoryUsage().rss;
   // The store as the daemon runs it: its database in a worker thread, add handed over, the queue bounded (dropped and counted past it).
@@ -246,12 +251,15 @@ async function egressdRow(state: string, withStore: boolean): Promise<Row> {
 const RSS_CHILD = `
 import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
-const [state, group, from, pinoUrl] = process.argv.slice(2);
+import { setFlagsFromString } from 'node:v8';
+const [state, group, from, pinoUrl, flags] = process.argv.slice(2);
+// What src/daemon/main.ts sets at run time (the same call, after start-up), so this row measures the daemon's heap, not Node's default one.
+if (flags === 'daemon') setFlagsFromString('--heap-growing-percent=50');
 const { default: pino } = await import(pinoUrl);
 const { startDenialReader } = await import(from + '/denials/reader.js');
 const { startDenialStore } = await import(from + '/denials/store-worker.js');
 const log = pino({ level: 'warn' }, pino.destination(2));
-const inForce = { policy: { defaults: { log: { group: Number(group) } } }, compiled: { ruleIds: [] } };
+const inForce = { policy: { apps: [], defaults: { log: { group: Number(group) } } }, facts: {}, compiled: { ruleIds: [] } };
 const reader = await startDenialReader(inForce, { log, stateDir: state, learnedNames: () => [] });
 const store = await startDenialStore(state + '/rss-store/denials.sqlite', { log, group: null });
 reader.subscribe((record) => store.add([record]));
@@ -259,7 +267,7 @@ const memory = () => {
   const status = readFileSync('/proc/self/status', 'utf8');
   const kb = (field) => Number(new RegExp(field + ':[^0-9]*([0-9]+)').exec(status)?.[1]) / 1024;
   const m = process.memoryUsage();
-  return { rss: kb('VmRSS'), hwm: kb('VmHWM'), heapUsed: m.heapUsed / 1048576, heapTotal: m.heapTotal / 1048576, external: m.external / 1048576 };
+  return { rss: kb('VmRSS'), hwm: kb('VmHWM'), anon: kb('RssAnon'), heapUsed: m.heapUsed / 1048576, heapTotal: m.heapTotal / 1048576, external: m.external / 1048576 };
 };
 process.stdout.write(JSON.stringify({ ready: true }) + '\\n');
 for await (const line of createInterface({ input: process.stdin })) {
@@ -280,20 +288,25 @@ interface RssRow {
   readonly dropped: number;
   readonly rssBefore: number;
   readonly rss: number;
+  readonly anon: number;
   readonly hwm: number;
   readonly seconds: number;
 }
 
-/** 1,000,000 packets (the flood stops by itself at that count) into a fresh reader + store process; its memory once they are read. */
-async function rssRow(state: string): Promise<RssRow> {
-  const built = existsSync(join(ROOT, 'dist/denials/store-worker.js'));
-  const from = pathToFileURL(join(ROOT, built ? 'dist' : 'src')).href;
+/**
+ * 1,000,000 packets (the flood stops by itself at that count) into a fresh reader + store process; its memory once they are read.
+ * `tree`: the checkout whose dist/ (or src/) runs — this one, or another built tree to compare with (--rss-compare DIR).
+ * `flags`: 'daemon' sets V8's flags as src/daemon/main.ts does at run time; 'node' leaves Node's defaults (the rows before 2026-12-05).
+ */
+async function rssRow(state: string, tree = ROOT, flags: 'daemon' | 'node' = 'daemon'): Promise<RssRow> {
+  const built = existsSync(join(tree, 'dist/denials/store-worker.js'));
+  const from = pathToFileURL(join(tree, built ? 'dist' : 'src')).href;
   // A file, not -e: a worker thread inherits the process's flags, and --input-type is refused in a worker.
   const script = join(state, 'rss-child.mjs');
   writeFileSync(script, RSS_CHILD);
   const child = spawn(
     process.execPath,
-    [...(built ? [] : ['--import', 'tsx']), script, state, String(GROUP), from, pathToFileURL(createRequire(import.meta.url).resolve('pino')).href],
+    [...(built ? [] : ['--import', 'tsx']), script, state, String(GROUP), from, pathToFileURL(createRequire(import.meta.url).resolve('pino')).href, flags],
     {
       cwd: ROOT,
       stdio: ['pipe', 'pipe', 'inherit'],
@@ -311,7 +324,7 @@ async function rssRow(state: string): Promise<RssRow> {
   type Answer = {
     reader: { events: number; lost: number };
     store: DenialStoreCounters;
-    memory: { rss: number; hwm: number; heapUsed: number; heapTotal: number; external: number };
+    memory: { rss: number; hwm: number; anon: number; heapUsed: number; heapTotal: number; external: number };
   };
   const ask = async (): Promise<Answer> => {
     const before = lines.length;
@@ -332,15 +345,16 @@ async function rssRow(state: string): Promise<RssRow> {
     const seconds = (performance.now() - started) / 1000;
     const last = await ask();
     return {
-      from: built ? 'dist' : 'src under tsx',
+      from: `${tree === ROOT ? 'this tree' : tree}, ${built ? 'dist' : 'src under tsx'}, ${flags === 'daemon' ? "the daemon's V8 flags" : "Node's default V8 flags"}`,
       sent,
-      heap: `main thread's heap ${last.memory.heapUsed.toFixed(1)} MB used of ${last.memory.heapTotal.toFixed(1)}, external ${last.memory.external.toFixed(1)}`,
+      heap: `main thread's heap ${before.memory.heapUsed.toFixed(1)} MB used of ${before.memory.heapTotal.toFixed(1)} before, ${last.memory.heapUsed.toFixed(1)} of ${last.memory.heapTotal.toFixed(1)} after, external ${last.memory.external.toFixed(1)}`,
       events: last.reader.events,
       lost: last.reader.lost,
       stored: last.store.written,
       dropped: last.store.dropped + last.store.failed,
       rssBefore: before.memory.rss,
       rss: last.memory.rss,
+      anon: last.memory.anon,
       hwm: last.memory.hwm,
       seconds,
     };
@@ -447,7 +461,13 @@ async function inner(root: string): Promise<void> {
     rows.push(await ulogdRow(root, false));
     rows.push(await ulogdRow(root, true));
   }
-  const rss = await rssRow(state);
+  // Side by side in one run: another built tree (e.g. the commit before a change) with Node's flags and the daemon's, then this one.
+  const rssRows: RssRow[] = [];
+  for (const tree of values['rss-compare']) {
+    rssRows.push(await rssRow(state, tree, 'node'));
+    rssRows.push(await rssRow(state, tree, 'daemon'));
+  }
+  rssRows.push(await rssRow(state));
   load.push(loadavg());
 
   const n = (value: number | undefined, digits = 0) =>
@@ -467,12 +487,14 @@ async function inner(root: string): Promise<void> {
       `| ${r.reader} | ${n(r.sent)} | ${n(r.read)} | ${n(r.readRate)} | ${n(r.lost)} | ${n(r.unaccounted)} | ${n(r.records)} | ${n(r.stored)} | ${n(r.storedRate)} | ${n(r.storeDropped)} | ${n(r.storeUnaccounted)} | ${n(r.enobufs)} | ${n(r.rssMb, 1)}${r.rssBeforeMb === undefined ? '' : ` (${n(r.rssBeforeMb, 1)})`} |`,
     );
   }
-  console.log(
-    `\nreader + store in a process of their own (${rss.from}), ${n(RSS_EVENTS)} packets (the flood stops at that count; ${n(rss.seconds, 1)} s): sent ${n(rss.sent)}, read ${n(rss.events)}, lost ${n(rss.lost)} (counted), unaccounted ${n(rss.sent - rss.events - rss.lost)}, stored ${n(rss.stored)}, store dropped ${n(rss.dropped)} (counted); ${rss.heap}`,
-  );
-  console.log('| process | VmRSS MB before | VmRSS MB after | VmHWM MB |');
-  console.log('|---|---|---|---|');
-  console.log(`| reader + store (worker), after ${n(rss.events + rss.lost)} events | ${n(rss.rssBefore, 1)} | ${n(rss.rss, 1)} | ${n(rss.hwm, 1)} |`);
+  for (const rss of rssRows)
+    console.log(
+      `\nreader + store in a process of their own (${rss.from}), ${n(RSS_EVENTS)} packets (the flood stops at that count; ${n(rss.seconds, 1)} s): sent ${n(rss.sent)}, read ${n(rss.events)}, lost ${n(rss.lost)} (counted), unaccounted ${n(rss.sent - rss.events - rss.lost)}, stored ${n(rss.stored)}, store dropped ${n(rss.dropped)} (counted); ${rss.heap}`,
+    );
+  console.log('\n| process | events | VmRSS MB before | VmRSS MB after | of it anonymous | VmHWM MB |');
+  console.log('|---|---|---|---|---|---|');
+  for (const rss of rssRows)
+    console.log(`| ${rss.from} | ${n(rss.events + rss.lost)} | ${n(rss.rssBefore, 1)} | ${n(rss.rss, 1)} | ${n(rss.anon, 1)} | ${n(rss.hwm, 1)} |`);
 }
 
 if (values.inner !== undefined) {
@@ -488,9 +510,15 @@ if (values.inner !== undefined) {
       'egdbench-denials',
       fileURLToPath(import.meta.url),
       root,
-      ['--inner', root, ...(quick ? ['--quick'] : []), ...(values['rss-only'] ? ['--rss-only'] : [])],
+      [
+        '--inner',
+        root,
+        ...(quick ? ['--quick'] : []),
+        ...(values['rss-only'] ? ['--rss-only'] : []),
+        ...values['rss-compare'].flatMap((dir) => ['--rss-compare', dir]),
+      ],
       {
-        timeoutMs: quick ? 240_000 : 600_000,
+        timeoutMs: (quick ? 240_000 : 600_000) + values['rss-compare'].length * 2 * 150_000,
       },
     ),
   );

@@ -160,7 +160,7 @@ class PruneStopped extends Error {}
 /** Each housekeeping statement is sized to take about this long on the store's thread. */
 const SLICE_MS = 5;
 /** Rows per DELETE: adapted between these to SLICE_MS. */
-const SLICE_ROWS = { min: 50, start: 500, max: 5000 } as const;
+export const SLICE_ROWS = { min: 50, start: 500, max: 5000 } as const;
 /** Pages given back to the file system per incremental_vacuum step. */
 const VACUUM_PAGES = 256;
 
@@ -556,8 +556,9 @@ function openDatabase(path: string, quickCheckMaxBytes: number): Database.Databa
     db.pragma('auto_vacuum = INCREMENTAL');
     db.pragma('journal_mode = WAL');
     db.pragma('synchronous = NORMAL');
-    // 16 MiB of pages (default 2): the indexes' random inserts then mostly hit memory (measured: ≈ 30 % more records/s).
-    db.pragma('cache_size = -16384');
+    // 8 MiB of pages (default 2): the indexes' random inserts then mostly hit memory (16 MiB gave ≈ 30 % more records/s than 2, but
+    // under a flood the cache fills and stays: it is the worker's RSS, and issue 20 bounds the daemon's at 150 MB — bench/README.md).
+    db.pragma('cache_size = -8192');
     // The WAL is checkpointed every 1000 pages and cut back to this after: it never grows past the size cap's reach.
     db.pragma('journal_size_limit = 16777216');
     checkIntact(db, path, quickCheckMaxBytes);
