@@ -58,20 +58,27 @@ export interface DatagramServer {
   bind(address: string, port: number): Promise<number>;
   /** Replies the kernel would not send. */
   readonly sendErrors: number;
+  /** Sockets read one datagram at a time (Node did not show their descriptor, or `batched: false`). */
+  readonly unbatched: number;
   /** Closes every socket; resolves once their ports are free. */
   close(): Promise<void>;
 }
 
 interface Bound {
   readonly socket: dgram.Socket;
+  /** -1: Node did not show it, and this socket goes one datagram at a time through dgram. */
   readonly fd: number;
   readonly local: Peer;
   readonly v6: boolean;
   /** Replies waiting for the next sendmmsg: the peer's sockaddr as received, and the bytes. */
-  readonly out: { name: Buffer; bytes: Buffer }[];
+  readonly out: { name: () => Buffer; peer: Peer; bytes: Buffer }[];
 }
 
-export function createDatagramServer(handler: DatagramHandler, onError: (error: unknown) => void): DatagramServer {
+/**
+ * `batched` false: every socket one datagram at a time through dgram (what happens anyway, logged once by the caller, when
+ * a Node.js no longer shows a socket's descriptor); tests run both ways.
+ */
+export function createDatagramServer(handler: DatagramHandler, onError: (error: unknown) => void, options: { batched?: boolean } = {}): DatagramServer {
   // Loaded here, not imported at the top: a koffi without a build for this platform is an error of this call, not of every importer.
   const koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
   const libc = koffi.load('libc.so.6');
@@ -133,6 +140,7 @@ export function createDatagramServer(handler: DatagramHandler, onError: (error: 
 
   const sockets: Bound[] = [];
   let sendErrors = 0;
+  let unbatched = 0;
   let closed = false;
   let flushing = false;
 
@@ -145,13 +153,18 @@ export function createDatagramServer(handler: DatagramHandler, onError: (error: 
   const flush = (): void => {
     flushing = false;
     for (const bound of sockets) {
+      if (bound.fd < 0) {
+        for (const { peer, bytes } of bound.out.splice(0)) bound.socket.send(bytes, peer.port, peer.address, (error) => error && sendErrors++);
+        continue;
+      }
       while (bound.out.length > 0 && !closed) {
         const round = bound.out.splice(0, BATCH);
         round.forEach(({ name, bytes }, i) => {
           bytes.copy(outData, i * SEND_BYTES, 0, SEND_BYTES);
-          name.copy(outNames, i * SOCKADDR_BYTES);
+          const sockaddr = name();
+          sockaddr.copy(outNames, i * SOCKADDR_BYTES);
           outIov.writeBigUInt64LE(BigInt(Math.min(bytes.length, SEND_BYTES)), i * IOVEC_BYTES + 8);
-          outHdr.writeUInt32LE(name.length, i * MMSGHDR_BYTES + 8);
+          outHdr.writeUInt32LE(sockaddr.length, i * MMSGHDR_BYTES + 8);
         });
         let sent = 0;
         while (sent < round.length) {
@@ -177,7 +190,7 @@ export function createDatagramServer(handler: DatagramHandler, onError: (error: 
       handler(raw, peer, bound.local, (bytes) => {
         if (answered || closed) return;
         answered = true;
-        bound.out.push({ name: name(), bytes });
+        bound.out.push({ name, peer, bytes });
         scheduleFlush();
       });
     } catch (error) {
@@ -227,15 +240,16 @@ export function createDatagramServer(handler: DatagramHandler, onError: (error: 
           resolve();
         });
       });
-      const fd = descriptorOf(socket);
-      if (fd === undefined) {
-        socket.close();
-        throw new Error('the resolver cannot read its UDP socket many datagrams at a time: this Node.js does not show the descriptor');
+      const fd = options.batched === false ? -1 : (descriptorOf(socket) ?? -1);
+      if (fd < 0) {
+        unbatched++;
+        socket.setRecvBufferSize(RECEIVE_BUFFER / 2);
+      } else {
+        // Room for a burst while the main thread is busy (the kernel doubles it; FORCE past rmem_max needs CAP_NET_ADMIN).
+        const room = Buffer.alloc(4);
+        room.writeInt32LE(RECEIVE_BUFFER / 2, 0);
+        if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, room, 4) !== 0) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, room, 4);
       }
-      // Room for a burst while the main thread is busy (the kernel doubles it; FORCE past rmem_max needs CAP_NET_ADMIN).
-      const room = Buffer.alloc(4);
-      room.writeInt32LE(RECEIVE_BUFFER / 2, 0);
-      if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, room, 4) !== 0) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, room, 4);
       const bound: Bound = { socket, fd, local: { address, port: socket.address().port }, v6, out: [] };
       sockets.push(bound);
       socket.on('error', onError);
@@ -244,12 +258,15 @@ export function createDatagramServer(handler: DatagramHandler, onError: (error: 
         const peer = { address: from.address, port: from.port };
         take1(bound, raw, peer, () => sockaddrOf(v6, peer));
         // What queued behind it: many at a time.
-        drain(bound);
+        if (fd >= 0) drain(bound);
       });
       return bound.local.port;
     },
     get sendErrors() {
       return sendErrors;
+    },
+    get unbatched() {
+      return unbatched;
     },
     async close() {
       if (closed) return;

@@ -50,6 +50,8 @@ export interface ResolverHooks<Who> {
 export interface ResolverOptions<Who> {
   /** Addresses to listen on, UDP and TCP each. */
   readonly listen: readonly string[];
+  /** false: UDP one datagram at a time through dgram, no recvmmsg/sendmmsg (what a Node.js that hides socket descriptors gets; tests). */
+  readonly batchedUdp?: boolean;
   /** Default 53. 0: one free port, the same for every address and both transports (tests). */
   readonly port?: number;
   /** "ADDR" or "ADDR#PORT", tried in order (the last that answered first). */
@@ -95,6 +97,8 @@ export interface ResolverStats extends PipelineStats {
   readonly tcpAborted: number;
   /** Replies the kernel would not send. */
   readonly sendErrors: number;
+  /** UDP sockets read one datagram at a time: this Node.js did not show their descriptors for recvmmsg (slower, not less correct). */
+  readonly udpUnbatched: number;
 }
 
 export interface Resolver {
@@ -225,7 +229,7 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
     let port = wanted;
     for (const address of options.listen) {
       const v6 = net.isIPv6(address);
-      datagrams ??= createDatagramServer(serveUdp, onError);
+      datagrams ??= createDatagramServer(serveUdp, onError, { batched: options.batchedUdp ?? true });
       port = await datagrams.bind(address, port);
       addresses.push({ transport: 'udp', address, port });
       const tcp = net.createServer({ noDelay: true, allowHalfOpen: true }, serveTcp);
@@ -284,6 +288,7 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
         upstreamInFlight: u.inFlight,
         ...counts,
         sendErrors: counts.sendErrors + udpSendErrors + (datagrams?.sendErrors ?? 0),
+        udpUnbatched: datagrams?.unbatched ?? 0,
       };
     },
     async close() {

@@ -139,7 +139,7 @@ describe('answers through a real upstream', () => {
     expect(second[0]![1]).toBeLessThanOrEqual(298);
     expect(second[0]![1]).toBeGreaterThanOrEqual(296);
     expect(local.queries().length - before).toBe(1);
-    expect(r.stats()).toMatchObject({ cacheHits: 1, upstreamQueries: 1 });
+    expect(r.stats()).toMatchObject({ cacheHits: 1, upstreamQueries: 1, udpUnbatched: 0 });
     expect(h.seen.learned.map((l) => [l.fromCache, l.records[0]!.ttl])).toEqual([
       [false, 300],
       [true, second[0]![1]],
@@ -172,6 +172,17 @@ describe('answers through a real upstream', () => {
     expect(r.stats().cacheHits).toBe(5);
   });
 
+  it('answers the same one datagram at a time through dgram, where Node.js hides the socket descriptor recvmmsg needs', async () => {
+    const h = hooks();
+    const { r, port } = await resolver([`127.0.0.1#${local.port}`], h, { batchedUdp: false });
+    const first = await udpQuery(port, query('a.example.test', 'A', 7));
+    const again = await udpQuery(port, query('a.example.test', 'A', 8));
+    expect([first.id, again.id]).toEqual([7, 8]);
+    expect(again.answers?.map((a) => [a.name, a.type, dataOf(a)])).toEqual([['a.example.test', 'A', '192.0.2.10']]);
+    expect(r.stats()).toMatchObject({ udpUnbatched: 1, cacheHits: 1, upstreamQueries: 1 });
+    expect(h.seen.learned).toHaveLength(2);
+  });
+
   it('hands shape the whole CNAME chain, question name first, and learn every record of it', async () => {
     const h = hooks();
     const { port } = await resolver([`127.0.0.1#${local.port}`], h);
@@ -201,7 +212,7 @@ describe('answers through a real upstream', () => {
     expect(soa[0]![2]).toBe('SOA');
     expect(soa[0]![1]).toBeLessThanOrEqual(120);
     expect(auth.queries().length - before).toBe(1);
-    expect(r.stats()).toMatchObject({ cacheHits: 1, upstreamQueries: 1 });
+    expect(r.stats()).toMatchObject({ cacheHits: 1, upstreamQueries: 1, udpUnbatched: 0 });
   });
 
   it('does not cache a negative answer that carries no SOA', async () => {
