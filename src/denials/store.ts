@@ -167,7 +167,7 @@ const VACUUM_PAGES = 256;
 export const AUDIT_GROUP = 'egressd-audit';
 export const DEFAULTS = { retentionDays: 90, maxBytes: 256 * 1024 * 1024, flushIntervalMs: 1000, batchSize: 1000, pruneIntervalMs: 3_600_000 } as const;
 /** The schema this code writes (PRAGMA user_version); older ones are migrated at open, newer ones refused. */
-export const SCHEMA_VERSION = 1;
+export const SCHEMA_VERSION = 2;
 const HOUR = 3_600_000;
 /** The rollup's bucket for the whole store, beside one per hour. */
 const ALL = -1;
@@ -187,16 +187,15 @@ const destKey = (r: string) => `coalesce(${r}name, ${r}address)`;
 const ruleKey = (r: string) => `${r}short_id || coalesce(' ' || ${r}rule_id, '') || coalesce(' ' || ${r}file || coalesce(':' || ${r}line, ''), '')`;
 const KEYS = [appKey, destKey, ruleKey] as const;
 
-const MIGRATIONS: readonly string[] = [
-  // 0 → 1
-  `CREATE TABLE denials (
-    id INTEGER PRIMARY KEY,
+/** A record's columns after its id (the schema's since version 1). */
+const DENIAL_COLUMNS_SQL = `
     first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL, count INTEGER NOT NULL,
     short_id TEXT NOT NULL, rule_id TEXT, kind TEXT, file TEXT, line INTEGER,
     app TEXT, domain TEXT, uid INTEGER, gid INTEGER,
     protocol TEXT NOT NULL, family INTEGER NOT NULL, address TEXT NOT NULL, port INTEGER, name TEXT,
-    addr BLOB NOT NULL, name_rev TEXT
-  ) STRICT;
+    addr BLOB NOT NULL, name_rev TEXT`;
+/** The indexes the queries' filters read (time, app, domain, address, name, rule, uid). */
+const DENIAL_INDEXES_SQL = `
   CREATE INDEX denials_last_seen ON denials(last_seen);
   CREATE INDEX denials_app ON denials(app, last_seen) WHERE app IS NOT NULL;
   CREATE INDEX denials_domain ON denials(domain, last_seen) WHERE domain IS NOT NULL;
@@ -205,7 +204,9 @@ const MIGRATIONS: readonly string[] = [
   CREATE INDEX denials_short_id ON denials(short_id, last_seen);
   CREATE INDEX denials_rule_id ON denials(rule_id, last_seen) WHERE rule_id IS NOT NULL;
   CREATE INDEX denials_uid ON denials(uid, last_seen) WHERE uid IS NOT NULL;
-  CREATE TABLE rollup (dim INTEGER NOT NULL, hour INTEGER NOT NULL, key TEXT NOT NULL, records INTEGER NOT NULL, packets INTEGER NOT NULL, PRIMARY KEY (dim, hour, key)) STRICT, WITHOUT ROWID;
+`;
+/** The rollup kept by triggers: summaries read it instead of the rows. */
+const ROLLUP_TRIGGERS_SQL = `
   CREATE TRIGGER denials_rollup_add AFTER INSERT ON denials BEGIN
     ${KEYS.map(
       (key, dim) =>
@@ -217,7 +218,23 @@ const MIGRATIONS: readonly string[] = [
       (key, dim) =>
         `UPDATE rollup SET records = records - 1, packets = packets - OLD.count WHERE dim = ${dim} AND hour IN (OLD.last_seen / ${HOUR}, ${ALL}) AND key = ${key('OLD.')};`,
     ).join('\n    ')}
-  END;`,
+  END;`;
+
+/** Each schema version's step from the one before (exported for the migration test). */
+export const MIGRATIONS: readonly string[] = [
+  // 0 → 1
+  `CREATE TABLE denials (id INTEGER PRIMARY KEY, ${DENIAL_COLUMNS_SQL}) STRICT;
+  ${DENIAL_INDEXES_SQL}
+  CREATE TABLE rollup (dim INTEGER NOT NULL, hour INTEGER NOT NULL, key TEXT NOT NULL, records INTEGER NOT NULL, packets INTEGER NOT NULL, PRIMARY KEY (dim, hour, key)) STRICT, WITHOUT ROWID;
+  ${ROLLUP_TRIGGERS_SQL}`,
+  // 1 → 2: a record's id is never given again, also once retention emptied the table (without AUTOINCREMENT SQLite
+  // gives max(id) + 1): an agent's notification names its record by id, and "Allow" must not reach another record.
+  `CREATE TABLE denials_next (id INTEGER PRIMARY KEY AUTOINCREMENT, ${DENIAL_COLUMNS_SQL}) STRICT;
+  INSERT INTO denials_next SELECT * FROM denials;
+  DROP TABLE denials;
+  ALTER TABLE denials_next RENAME TO denials;
+  ${DENIAL_INDEXES_SQL}
+  ${ROLLUP_TRIGGERS_SQL}`,
 ];
 
 /** The columns a record is written to, in order. */

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ErrorCode, type EgressError } from '../../src/errors.js';
-import { denialStorePath, openDenialStore, SCHEMA_VERSION, SLICE_ROWS, type DenialStore, type DenialSummary } from '../../src/denials/store.js';
+import { denialStorePath, MIGRATIONS, openDenialStore, SCHEMA_VERSION, SLICE_ROWS, type DenialStore, type DenialSummary } from '../../src/denials/store.js';
 import type { DenialRecord } from '../../src/denials/record.js';
 import { ensureTestUsers } from '../harness/index.js';
 import { denial, manyDenials } from './store-records.js';
@@ -349,6 +349,59 @@ describe('denial store: files, modes, schema', () => {
     open(empty).close();
     const check = new Database(empty, { readonly: true });
     expect(check.pragma('user_version', { simple: true })).toBe(SCHEMA_VERSION);
+    check.close();
+  });
+});
+
+describe('denial store: record ids', () => {
+  it('never gives an id twice, also once retention emptied the store (an agent allows from a record by its id)', async () => {
+    const path = freshPath();
+    let store = open(path, { now: () => T0 - 30 * 86_400_000 });
+    store.add([...manyDenials(5, { end: T0 - 30 * 86_400_000 })]);
+    store.flush();
+    const before = store.query({ limit: 10 }).map((r) => r.id);
+    store.close();
+    store = open(path, { retentionDays: 1 });
+    await store.idle();
+    expect(store.query({})).toEqual([]);
+    store.add([denial({ firstSeen: T0, lastSeen: T0 })]);
+    store.flush();
+    const [after] = store.query({}).map((r) => r.id);
+    expect(after).toBeGreaterThan(Math.max(...before));
+    store.close();
+  });
+
+  it('a version 1 store is migrated with its records, ids and rollup, and gives new ids after its highest', () => {
+    const path = freshPath();
+    open(path).close();
+    rmSync(path);
+    const v1 = new Database(path);
+    v1.exec(MIGRATIONS[0]!);
+    v1.pragma('user_version = 1');
+    const insert = v1.prepare(
+      "INSERT INTO denials (id, first_seen, last_seen, count, short_id, protocol, family, address, addr, app) VALUES (?, ?, ?, ?, 'r1', 'tcp', 4, ?, ?, 'firefox')",
+    );
+    for (const [id, count] of [
+      [3, 2],
+      [7, 5],
+      [9, 1],
+    ] as const)
+      insert.run(id, T0, T0, count, `192.0.2.${id}`, Buffer.from([192, 0, 2, id]));
+    v1.close();
+    const store = open(path);
+    expect(store.query({ limit: 10 }).map((r) => [r.id, r.count, r.address])).toEqual([
+      [9, 1, '192.0.2.9'],
+      [7, 5, '192.0.2.7'],
+      [3, 2, '192.0.2.3'],
+    ]);
+    expect(store.summary({})).toMatchObject({ records: 3, packets: 8, apps: [{ key: 'firefox', count: 8 }] });
+    store.add([denial({ firstSeen: T0, lastSeen: T0 })]);
+    store.flush();
+    expect(Math.max(...store.query({}).map((r) => r.id))).toBe(10);
+    store.close();
+    const check = new Database(path, { readonly: true });
+    expect(check.pragma('user_version', { simple: true })).toBe(2);
+    expect((check.prepare("SELECT sql FROM sqlite_master WHERE name = 'denials'").get() as { sql: string }).sql).toContain('AUTOINCREMENT');
     check.close();
   });
 });
