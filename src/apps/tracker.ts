@@ -76,8 +76,12 @@ export interface TrackerOptions {
   readonly root?: string;
   /** Watch cgroupfs (default true); false leaves systemd's signals and the periodic look (tests of the signals alone). */
   readonly watch?: boolean;
-  /** Default 65,536 cgroups. */
+  /** Default 65,536 cgroups (and as many cut-offs). */
   readonly maxTracked?: number;
+  /** Of `maxTracked`, kept for root-owned cgroups (systemd's units): default a quarter. */
+  readonly rootReserve?: number;
+  /** Cgroups (and cut-offs) one non-root uid may have held; default an eighth of `maxTracked`. */
+  readonly maxTrackedPerUid?: number;
   /** Default 4096 directories. */
   readonly maxWatches?: number;
   /** Directories read per full look at most; default 100,000. */
@@ -92,6 +96,8 @@ export interface TrackerOptions {
   readonly recompileIntervalMs?: number;
   /** The longest a need asked for in vain waits before it is asked for again; default 1,800,000 ms. */
   readonly maxRecompileBackoffMs?: number;
+  /** A need not asked for this long is forgotten (its back-off starts afresh); default 1,800,000 ms. */
+  readonly recompileQuietMs?: number;
   /** The clock for the above, in ms (tests); default performance.now. */
   readonly now?: () => number;
   /** Told of every cgroup written or taken out, when the kernel acknowledged it (tests, bench). */
@@ -142,20 +148,33 @@ interface View {
 /** A cgroup nft cannot name, whose nearest nameable ancestor is cut off in its stead: per dispatch, that level's map and the closed verdict. */
 interface Cut {
   readonly bytes: Buffer;
+  readonly uid: number;
   readonly ancestor: Buffer;
   readonly ancestorKey: string;
   readonly marks: readonly { readonly map: string; readonly verdict: Verdict }[];
 }
 
+/**
+ * What the cuts below one ancestor ask of it, per compiled map: each
+ * verdict with how many cuts ask for it, in the order first asked (the
+ * first decides, as compile's first does). Kept as cuts come and go, so a
+ * look at the ancestor costs the maps, never the cuts under it.
+ */
+type CutsOn = Map<string, Map<string, { readonly verdict: Verdict; count: number }>>;
+
 interface Need {
   readonly misses: number;
   readonly notBefore: number;
+  /** When last asked for, granted or held: a need quiet for `recompileQuietMs` is forgotten. */
+  readonly lastAsked: number;
 }
 
 interface Entry {
   readonly bytes: Buffer;
   readonly text: string;
   readonly id: bigint;
+  /** Its owner when first held: what it is counted against (`maxTrackedPerUid`). */
+  readonly uid: number;
   /** Live map → the verdict written there (verdictKey). */
   readonly written: Map<string, string>;
 }
@@ -177,8 +196,10 @@ export class CgroupTracker {
   private lastRefresh = -Infinity;
   /** By the unnameable cgroup's key. */
   private readonly cuts = new Map<string, Cut>();
-  /** Ancestor key → the keys of the cgroups that cut it off. */
-  private readonly cutOn = new Map<string, Set<string>>();
+  /** Ancestor key → what the cuts below it ask of it. */
+  private readonly cutOn = new Map<string, CutsOn>();
+  /** Non-root uid → cgroups held and cuts made of its cgroups. */
+  private readonly perUid = new Map<number, number>();
   /** By need (recompileKey): how often asked in vain, and when it may be asked again. */
   private readonly needs = new Map<string, Need>();
   private lastAsk = -Infinity;
@@ -199,6 +220,48 @@ export class CgroupTracker {
       this.options.log.warn({ event: 'apps-maps-missing', maps: missing }, 'app tracker: some identity maps of the policy are not in the table in force');
     this.install(policy.compiled, maps);
     this.lookEverywhere();
+    this.holdCompiledCuts();
+  }
+
+  /**
+   * The ancestors compile itself cut off (an unnameable member it saw) are
+   * held as written, so that one whose member went while the apply ran is
+   * freed: the tracker never saw that member. After the look, which cut
+   * again those whose member is still there, and a turn before their own
+   * look, which keeps what a cut still asks for and takes out the rest.
+   */
+  private holdCompiledCuts(): void {
+    const view = this.view;
+    if (this.closed || !view) return;
+    const cutVerdicts = new Set(view.compiled.cgroupBindings.flatMap((b) => (b.cutOff ? [JSON.stringify(b.cutOff)] : [])));
+    if (cutVerdicts.size === 0) return;
+    for (const set of view.compiled.ruleset.sets) {
+      const lives = view.maps.get(set.name);
+      if (lives === undefined || set.verdicts === undefined) continue;
+      set.elements.forEach((element, i) => {
+        const verdict = set.verdicts![i]!;
+        if (typeof element !== 'string' || !cutVerdicts.has(JSON.stringify(verdict))) return;
+        const relative = Buffer.from(element);
+        const key = relative.toString('latin1');
+        let entry = this.tracked.get(key);
+        if (entry === undefined) {
+          let stat;
+          try {
+            stat = lstatSync(this.absolute(relative), { bigint: true });
+          } catch {
+            return; // gone: its id went out of the map with it
+          }
+          const uid = Number(stat.uid);
+          if (!this.admit(uid, this.tracked.size)) return;
+          entry = { bytes: relative, text: element, id: stat.ino, uid, written: new Map() };
+          this.tracked.set(key, entry);
+          this.countUid(uid, 1);
+        }
+        for (const live of lives)
+          if (!entry.written.has(live.live)) entry.written.set(live.live, verdictKey(liveVerdict(verdict, live.generation, view.chains)));
+        this.queue(relative);
+      });
+    }
   }
 
   /** A cgroup path someone told of (systemd): it and its ancestors are looked at. */
@@ -360,7 +423,7 @@ export class CgroupTracker {
     // Removed, or removed and made again under the same path (a new id): the old id goes.
     if (held && (gone || held.id !== stat!.ino)) {
       for (const map of held.written.keys()) removals.push({ entry: held, map, id: held.id });
-      this.tracked.delete(key);
+      this.untrack(key);
     }
     if (gone) {
       this.uncut(key);
@@ -378,7 +441,7 @@ export class CgroupTracker {
     if (claims.length > 0 && !nameable(relative)) {
       // Written by id the kernel would take it, but nft then aborts listing the map (nft 1.0.6,
       // json.c mapping_expr_json): compile's way instead — left out, or its ancestor cut off.
-      this.cutOff(view, key, relative, claims);
+      this.cutOff(view, key, relative, uid, claims);
       claims.length = 0;
     } else if (cutting !== undefined) this.uncut(key);
     /** The compiled maps whose say on this path is its own claim's: a cut-off from below does not override it. */
@@ -386,33 +449,34 @@ export class CgroupTracker {
     for (const claim of claims) {
       const verdict = uid === 0 ? claim.verdict : claim.delegatedVerdict;
       if (verdict === undefined) {
+        // Keyed by uid too: one user's back-off never holds another's.
         this.askRecompile(
-          `delegated ${claim.owner}`,
+          `delegated ${claim.owner} uid ${uid}`,
           `a cgroup of ${claim.owner} delegated to uid ${uid} appeared, and the table has no chain for its delegated members yet`,
         );
         continue;
       }
-      if (uid !== 0) this.needs.delete(`delegated ${claim.owner}`);
       own.add(claim.map);
       for (const live of view.maps.get(claim.map) ?? []) desired.set(live.live, liveVerdict(verdict, live.generation, view.chains));
     }
-    for (const below of cutsHere ?? []) {
-      for (const mark of this.cuts.get(below)?.marks ?? []) {
-        if (own.has(mark.map)) continue;
-        // The first cut-off of a map decides, as compile's first does.
-        for (const live of view.maps.get(mark.map) ?? [])
-          if (!desired.has(live.live)) desired.set(live.live, liveVerdict(mark.verdict, live.generation, view.chains));
-      }
+    for (const [map, verdicts] of cutsHere ?? []) {
+      if (own.has(map)) continue;
+      // The first cut-off of a map decides, as compile's first does.
+      const first = verdicts.values().next().value;
+      if (first === undefined) continue;
+      for (const live of view.maps.get(map) ?? [])
+        if (!desired.has(live.live)) desired.set(live.live, liveVerdict(first.verdict, live.generation, view.chains));
     }
     let entry = this.tracked.get(key);
     if (entry === undefined) {
       if (desired.size === 0) return;
-      if (this.tracked.size >= (this.options.maxTracked ?? 65_536)) {
+      if (!this.admit(uid, this.tracked.size)) {
         this.full('cgroups');
         return;
       }
-      entry = { bytes: relative, text, id: stat!.ino, written: new Map() };
+      entry = { bytes: relative, text, id: stat!.ino, uid, written: new Map() };
       this.tracked.set(key, entry);
+      this.countUid(uid, 1);
     }
     for (const [map, written] of entry.written) {
       const want = desired.get(map);
@@ -420,7 +484,35 @@ export class CgroupTracker {
     }
     for (const [map, verdict] of desired) if (entry.written.get(map) !== verdictKey(verdict)) adds.push({ entry, map, verdict });
     // Nothing of it is wanted any more (the policy changed): its removals are queued above, and it is not held.
-    if (desired.size === 0) this.tracked.delete(key);
+    if (desired.size === 0) this.untrack(key);
+  }
+
+  private untrack(key: string): void {
+    const entry = this.tracked.get(key);
+    if (entry === undefined) return;
+    this.tracked.delete(key);
+    this.countUid(entry.uid, -1);
+  }
+
+  /**
+   * Whether one more cgroup (or cut) of `uid` may be held beside `size`:
+   * below the bound, and for a non-root uid below its own share and short
+   * of the room kept for root's — a user filling the bound never stops a
+   * unit systemd makes (a restart's new id) from being written.
+   */
+  private admit(uid: number, size: number): boolean {
+    const max = this.options.maxTracked ?? 65_536;
+    if (size >= max) return false;
+    if (uid === 0) return true;
+    if (size >= max - (this.options.rootReserve ?? Math.floor(max / 4))) return false;
+    return (this.perUid.get(uid) ?? 0) < (this.options.maxTrackedPerUid ?? Math.max(1, Math.floor(max / 8)));
+  }
+
+  private countUid(uid: number, by: number): void {
+    if (uid === 0) return;
+    const count = (this.perUid.get(uid) ?? 0) + by;
+    if (count <= 0) this.perUid.delete(uid);
+    else this.perUid.set(uid, count);
   }
 
   private write(adds: { entry: Entry; map: string; verdict: MapVerdict }[], removals: { entry: Entry; map: string; id: bigint }[]): void {
@@ -502,7 +594,7 @@ export class CgroupTracker {
    * dispatch's map of the ancestor's level; identities that let out leave
    * it out. Compile's decision (Compiler.claim), made here without one.
    */
-  private cutOff(view: View, key: string, relative: Buffer, claims: readonly Claim[]): void {
+  private cutOff(view: View, key: string, relative: Buffer, uid: number, claims: readonly Claim[]): void {
     const ancestor = namedAncestor(relative);
     const level = ancestor.length === 0 ? 0 : ancestor.toString('utf8').split('/').length;
     const marks: { map: string; verdict: Verdict }[] = [];
@@ -512,7 +604,7 @@ export class CgroupTracker {
         this.leftOut(claim, relative, claim.cutOff === undefined ? 'it is left out' : 'and no ancestor of it can be named; it is left out');
         continue;
       }
-      const need = `cut ${map} ${claim.owner}`;
+      const need = `cut ${map} ${claim.owner} uid ${uid}`;
       if (claim.cutOff === null || !view.maps.has(map)) {
         this.askRecompile(
           need,
@@ -520,7 +612,6 @@ export class CgroupTracker {
         );
         continue;
       }
-      this.needs.delete(need);
       if (!marks.some((m) => m.map === map)) marks.push({ map, verdict: claim.cutOff });
     }
     const was = this.cuts.get(key);
@@ -531,15 +622,28 @@ export class CgroupTracker {
     }
     if (was && was.ancestorKey === ancestorKey && JSON.stringify(was.marks) === JSON.stringify(marks)) return;
     this.uncut(key);
-    if (this.cuts.size >= (this.options.maxTracked ?? 65_536)) {
+    if (!this.admit(uid, this.cuts.size)) {
       this.full('cgroups');
       return;
     }
-    this.cuts.set(key, { bytes: relative, ancestor, ancestorKey, marks });
-    const on = this.cutOn.get(ancestorKey) ?? new Set<string>();
-    on.add(key);
+    this.cuts.set(key, { bytes: relative, uid, ancestor, ancestorKey, marks });
+    this.countUid(uid, 1);
+    const on: CutsOn = this.cutOn.get(ancestorKey) ?? (new Map() as CutsOn);
     this.cutOn.set(ancestorKey, on);
-    this.queue(ancestor);
+    let decides = false;
+    for (const mark of marks) {
+      const verdicts = on.get(mark.map) ?? new Map<string, { verdict: Verdict; count: number }>();
+      on.set(mark.map, verdicts);
+      const verdictId = JSON.stringify(mark.verdict);
+      const held = verdicts.get(verdictId);
+      if (held) held.count++;
+      else {
+        verdicts.set(verdictId, { verdict: mark.verdict, count: 1 });
+        if (verdicts.size === 1) decides = true;
+      }
+    }
+    // Only a cut that changes what the ancestor is given looks at it again: thousands under one ancestor cost one look.
+    if (decides) this.queue(ancestor);
   }
 
   /** The cgroup at `key` cuts off nothing any more (gone, or the policy changed): its ancestor is looked at again. */
@@ -547,10 +651,22 @@ export class CgroupTracker {
     const cut = this.cuts.get(key);
     if (cut === undefined) return;
     this.cuts.delete(key);
+    this.countUid(cut.uid, -1);
     const on = this.cutOn.get(cut.ancestorKey);
-    on?.delete(key);
-    if (on?.size === 0) this.cutOn.delete(cut.ancestorKey);
-    this.queue(cut.ancestor);
+    if (on === undefined) return;
+    let decided = false;
+    for (const mark of cut.marks) {
+      const verdicts = on.get(mark.map);
+      const verdictId = JSON.stringify(mark.verdict);
+      const held = verdicts?.get(verdictId);
+      if (verdicts === undefined || held === undefined) continue;
+      if (--held.count > 0) continue;
+      if (verdicts.keys().next().value === verdictId) decided = true;
+      verdicts.delete(verdictId);
+      if (verdicts.size === 0) on.delete(mark.map);
+    }
+    if (on.size === 0) this.cutOn.delete(cut.ancestorKey);
+    if (decided) this.queue(cut.ancestor);
   }
 
   private leftOut(claim: Claim, relative: Buffer, what: string): void {
@@ -566,22 +682,29 @@ export class CgroupTracker {
 
   /**
    * Per need, never per cgroup: one ask per interval at most, and a need
-   * asked for again (the compile it asked for did not meet it) waits twice
-   * as long each time. Seen met, a need is forgotten (`needs.delete`).
+   * asked for again waits twice as long each time — also when the compile
+   * it asked for met it: a compile makes a need's chain only while a member
+   * is there, so a user whose cgroups come and go would otherwise be met,
+   * forgotten and asked for anew every interval. A need not asked for
+   * (granted or held) for `recompileQuietMs` is forgotten.
    */
   private askRecompile(need: string, why: string): void {
     if (!this.options.recompile) return;
     const now = (this.options.now ?? (() => performance.now()))();
     const interval = this.options.recompileIntervalMs ?? 10_000;
-    const was = this.needs.get(need);
+    const held = this.needs.get(need);
+    const was = held !== undefined && now - held.lastAsked < (this.options.recompileQuietMs ?? 1_800_000) ? held : undefined;
+    // Re-set, not updated: the map's order is then oldest-asked first, which the bound below drops.
+    this.needs.delete(need);
     if (now < this.lastAsk + interval || (was !== undefined && now < was.notBefore)) {
       this.count.recompilesHeld++;
+      if (was !== undefined) this.needs.set(need, { ...was, lastAsked: now });
       return;
     }
-    // Needs are named by the policy's maps and owners; a bound for a long life of changing policies.
-    if (was === undefined && this.needs.size >= 4096) this.needs.clear();
+    // Needs are named by the policy's maps, owners and uids; a bound for a long life of changing policies.
+    if (this.needs.size >= 4096) this.needs.delete(this.needs.keys().next().value!);
     const misses = (was?.misses ?? 0) + 1;
-    this.needs.set(need, { misses, notBefore: now + Math.min(interval * 2 ** (misses - 1), this.options.maxRecompileBackoffMs ?? 1_800_000) });
+    this.needs.set(need, { misses, lastAsked: now, notBefore: now + Math.min(interval * 2 ** (misses - 1), this.options.maxRecompileBackoffMs ?? 1_800_000) });
     this.lastAsk = now;
     this.count.recompiles++;
     this.options.recompile(why);

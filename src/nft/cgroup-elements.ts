@@ -14,7 +14,7 @@
 import { endianness } from 'node:os';
 import type { Verdict } from '../compile/ruleset.js';
 import { EgressError, ErrorCode } from '../errors.js';
-import { NetlinkError, NetlinkFamily, NlmFlag, openNetlink, type NetlinkSocket } from '../system/netlink.js';
+import { DUMP_INTERRUPTED_ERRNO, NetlinkError, NetlinkFamily, NlmFlag, openNetlink, type NetlinkSocket } from '../system/netlink.js';
 import type { NftElemJson } from './types.js';
 
 const NFNL_SUBSYS_NFTABLES = 10;
@@ -31,6 +31,7 @@ const NFTA_DATA_VERDICT = 2;
 const NFTA_VERDICT_CODE = 1;
 const NFTA_VERDICT_CHAIN = 2;
 const ENOENT = 2;
+const DUMP_ATTEMPTS = 3;
 
 /** What `nft -j` calls a `typeof socket cgroupv2 level N` key. */
 export const CGROUP_KEY_TYPE = 'cgroupsv2';
@@ -57,11 +58,16 @@ function readMap(socket: NetlinkSocket, table: string, map: string): NftElemJson
     attribute(NFTA_SET_ELEM_LIST_SET, cString(map)),
   ]);
   let answers;
-  try {
-    answers = socket.request((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NlmFlag.Dump, payload);
-  } catch (error) {
-    if (error instanceof NetlinkError && error.errno === ENOENT) return null;
-    throw error;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      answers = socket.request((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NlmFlag.Dump, payload);
+      break;
+    } catch (error) {
+      if (error instanceof NetlinkError && error.errno === ENOENT) return null;
+      // Interrupted by a change to the map while it was dumped: a few more times, then the error stands.
+      if (error instanceof NetlinkError && error.errno === DUMP_INTERRUPTED_ERRNO && attempt < DUMP_ATTEMPTS) continue;
+      throw error;
+    }
   }
   const elements: NftElemJson[] = [];
   for (const answer of answers) {

@@ -310,12 +310,18 @@ export class Nft {
     checkTable(family, name);
     if (options.terse !== true && family === 'inet') {
       const names = await this.listNames(family, name);
-      if (names?.maps.some((m) => m.type === CGROUP_KEY_TYPE)) {
+      let before = names;
+      // Several reads: a generation swapped between them gives a mixed listing, which the names before and after tell; a few more tries, then nft's own listing (one snapshot).
+      for (let attempt = 0; attempt < LISTING_ATTEMPTS && before?.maps.some((m) => m.type === CGROUP_KEY_TYPE); attempt++) {
         try {
-          return await listWithCgroupIds(this, family, name);
+          const listing = await listWithCgroupIds(this, family, name, before);
+          const after = await this.listNames(family, name);
+          if (namesKey(after) === namesKey(before)) return listing;
+          before = after;
         } catch (err) {
-          // Changed between the two reads (an apply swapped generations): the whole listing once more, as nft prints it.
+          // Changed between the reads (an apply swapped generations): the whole listing once more, as nft prints it.
           if (!(err instanceof EgressError && err.code === ErrorCode.NftApply)) throw err;
+          break;
         }
       }
     }
@@ -444,15 +450,26 @@ function hintFor(errorText: string): string {
  * cache for one named object per run (a batch of two `list set` or two
  * `list chain` finds only one), and a table's listing prints every map.
  */
-async function listWithCgroupIds(nft: Nft, family: NftFamily, name: string): Promise<NftTableListing> {
+const LISTING_ATTEMPTS = 3;
+
+function namesKey(names: NftTableNames | null): string {
+  if (names === null) return '';
+  return JSON.stringify([names.chains.map((c) => c.name).sort(), names.sets.map((s) => s.name).sort(), names.maps.map((m) => m.name).sort()]);
+}
+
+async function listWithCgroupIds(nft: Nft, family: NftFamily, name: string, names: NftTableNames): Promise<NftTableListing> {
   const ours = (item: NftJsonObject): boolean => {
     const inner = Object.values(item)[0];
     return isObject(inner) && inner['family'] === family && ('table' in item ? inner['name'] === name : inner['table'] === name);
   };
   const declared = await nft.run({ json: [list.table(family, name)] }, { terse: true, long: true });
-  const withSets = await nft.run({ json: [list.sets(family)] }, { long: true });
-  if (declared.json === undefined || withSets.json === undefined) throw new EgressError(ErrorCode.NftState, 'nft listed nothing for a table');
-  const sets = withSets.json.nftables.filter((item) => 'set' in item && ours(item));
+  if (declared.json === undefined) throw new EgressError(ErrorCode.NftState, 'nft listed nothing for a table');
+  // Each of ours by name, never `list sets`: that lists every table's sets, and a foreign cgroupsv2 set would bring back nft's walk of cgroupfs (and its abort).
+  const sets: NftJsonObject[] = [];
+  for (const set of names.sets) {
+    const listed = await nft.run({ json: [list.set(family, name, set.name)] }, { long: true });
+    sets.push(...(listed.json?.nftables ?? []).filter((item) => 'set' in item && ours(item)));
+  }
   // The maps as declared beside the rules listed: the names listed before may be a moment older.
   const declaredMaps = itemsOf(declared.json, 'map')
     .filter((map) => map['family'] === family && map['table'] === name)

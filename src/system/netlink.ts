@@ -20,7 +20,10 @@ import { EgressError, ErrorCode } from '../errors.js';
 export const NetlinkFamily = { Route: 0, SockDiag: 4, Netfilter: 12 } as const;
 
 /** nlmsg_flags. */
-export const NlmFlag = { Request: 0x1, Multi: 0x2, Ack: 0x4, Root: 0x100, Match: 0x200, Dump: 0x300 } as const;
+export const NlmFlag = { Request: 0x1, Multi: 0x2, Ack: 0x4, DumpIntr: 0x10, Root: 0x100, Match: 0x200, Dump: 0x300 } as const;
+
+/** The errno a dump the kernel says was interrupted (NLM_F_DUMP_INTR) throws with: the caller dumps again. */
+export const DUMP_INTERRUPTED_ERRNO = 4;
 
 /** The control message types every family shares. */
 export const NlmsgType = { Noop: 1, Error: 2, Done: 3, Overrun: 4 } as const;
@@ -167,6 +170,7 @@ export class NetlinkSocket {
     this.transport.send(encodeMessage({ type, flags: flags | NlmFlag.Request, seq, payload }));
     const dump = (flags & NlmFlag.Dump) === NlmFlag.Dump;
     const answers: NetlinkMessage[] = [];
+    let interrupted = false;
     for (;;) {
       for (const message of parseMessages(this.transport.receive())) {
         // Left over from an earlier request that failed half-way: not an answer to this one.
@@ -181,10 +185,13 @@ export class NetlinkSocket {
           // A dump that failed part-way says so in NLMSG_DONE's payload.
           const code = message.payload.length >= 4 ? message.payload.readInt32LE(0) : 0;
           if (code < 0) throw new NetlinkError(`netlink: the dump of message type ${type} failed: ${errnoName(-code)}`, { errno: -code });
+          // What was dumped changed while it was (a generation swap): the answers are a mix of before and after.
+          if (interrupted) throw new NetlinkError(`netlink: the dump of message type ${type} was interrupted by a change`, { errno: DUMP_INTERRUPTED_ERRNO });
           return answers;
         }
         if (message.type === NlmsgType.Overrun) throw new NetlinkError('netlink: the kernel reports an overrun; answers were lost');
         if (message.type === NlmsgType.Noop) continue;
+        if ((message.flags & NlmFlag.DumpIntr) !== 0) interrupted = true;
         answers.push(message);
         if (!dump && (message.flags & NlmFlag.Multi) === 0 && (flags & NlmFlag.Ack) === 0) return answers;
       }

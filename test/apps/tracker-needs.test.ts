@@ -58,15 +58,16 @@ describe('the tracker bounds what cgroup names a user controls can make it do', 
     rig.tracker.lookEverywhere();
     await settle();
   };
+  let policy = POLICY;
   const compileNow = (): Compiled => {
     const found = listCgroups(root, 3);
-    return compileYaml(POLICY, {
+    return compileYaml(policy, {
       facts: { ...FACTS, cgroups: found.named, unnamedCgroups: found.unnamed, cgroupOwners: found.owners },
     });
   };
   const liveNames = (compiled: Compiled) => new Map(compiled.ruleset.sets.map((s, i) => [s.name, [withGeneration(compiled.ruleset, 'a').sets[i]!.name]]));
 
-  const start = async (options: { intervalMs?: number; maxBackoffMs?: number } = {}): Promise<Rig> => {
+  const start = async (options: { intervalMs?: number; maxBackoffMs?: number; maxTracked?: number; beforeFirstPolicy?: () => void } = {}): Promise<Rig> => {
     const adds: CgroupElementWrite[] = [];
     const removals: CgroupElementRemoval[] = [];
     const warnings: string[] = [];
@@ -83,6 +84,7 @@ describe('the tracker bounds what cgroup names a user controls can make it do', 
       now: () => clock,
       recompileIntervalMs: options.intervalMs ?? 10_000,
       ...(options.maxBackoffMs === undefined ? {} : { maxRecompileBackoffMs: options.maxBackoffMs }),
+      ...(options.maxTracked === undefined ? {} : { maxTracked: options.maxTracked }),
       // The daemon's reload, a turn later (it is queued): the facts are the tree as it is then.
       recompile: () => {
         reapplies++;
@@ -92,6 +94,7 @@ describe('the tracker bounds what cgroup names a user controls can make it do', 
         });
       },
     });
+    options.beforeFirstPolicy?.();
     await tracker.setPolicy({ compiled: current, liveNames: liveNames(current) });
     await settle();
     return { tracker, adds, removals, warnings, reapplies: () => reapplies, compiled: () => current };
@@ -99,6 +102,7 @@ describe('the tracker bounds what cgroup names a user controls can make it do', 
 
   beforeEach(() => {
     clock = 0;
+    policy = POLICY;
     // tmpfs, as cgroupfs, never gives a removed directory's inode number to the next one (ext4 does at once).
     root = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : tmpdir(), 'egd-tracker-needs-'));
     // What listCgroups takes for a cgroup2 root.
@@ -208,6 +212,76 @@ describe('the tracker bounds what cgroup names a user controls can make it do', 
     await look();
     expect(rig.reapplies()).toBe(before + 1);
     expect(rig.tracker.counters().tracked).toBe(51);
+  });
+
+  it('a user alternating two needs (a delegated cgroup of one app, then of another, each kept until its re-apply looked): a met need keeps its back-off, so re-applies still grow with the log of the time', async () => {
+    policy = `${POLICY}  reader: {identity: {cgroup: "home/reader-*"}, default: deny, rules: [{allow: [192.0.2.2]}]}\n`;
+    rig = await start({ intervalMs: 10_000, maxBackoffMs: 3_600_000 });
+    // 200 rounds over 2,000 s: the old tracker forgot a need once met, and the next compile (for the other app) dropped its chain again: 200 re-applies.
+    for (let i = 0; i < 200; i++) {
+      const name = `home/${i % 2 === 0 ? 'viewer' : 'reader'}-${i}`;
+      mk(name, UID);
+      rig.tracker.lookEverywhere();
+      // The re-apply runs and looks while the cgroup is there: the need is met.
+      await settle();
+      await settle();
+      rm(name);
+      await settle();
+      clock += 10_000;
+    }
+    // Per need, doubling waits: 10, 20, 40 ... s, twice (two needs).
+    expect(rig.reapplies()).toBeLessThanOrEqual(2 * (Math.ceil(Math.log2(2000 / 10 + 1)) + 1));
+    expect(rig.reapplies()).toBeGreaterThanOrEqual(4);
+  });
+
+  it("one user's back-off does not hold another user's cgroup of the same app: needs are keyed by the cgroup's owner too", async () => {
+    rig = await start({ intervalMs: 10_000, maxBackoffMs: 1_800_000 });
+    // User A pushes viewer's need far out: cgroups gone before each re-apply looks.
+    // Asked at 0, 10, 30, 70, 150 s; the next not before 310 s.
+    for (let i = 0; i < 250; i++) {
+      mk(`home/viewer-a${i}`, UID);
+      rig.tracker.lookEverywhere();
+      rm(`home/viewer-a${i}`);
+      await settle();
+      clock += 1000;
+    }
+    const before = rig.reapplies();
+    clock += 10_000;
+    // User B starts viewer: its own need, asked for at once (the interval is over), and written after.
+    mk('home/viewer-b', UID + 1);
+    await look();
+    await settle();
+    expect(rig.reapplies()).toBe(before + 1);
+    expect(rig.adds.find((a) => a.id === idOf('home/viewer-b'))?.verdict).toEqual({ kind: 'goto', chain: 'uc_app_viewer.a' });
+  });
+
+  it("a user filling the tracker's bound does not stop a root-owned cgroup from being written", async () => {
+    for (let i = 0; i < 40; i++) mk(`home/viewer-${i}`, UID);
+    rig = await start({ maxTracked: 16 });
+    expect(rig.tracker.counters().tracked).toBeLessThan(16);
+    expect(rig.tracker.counters().dropped).toBeGreaterThan(0);
+    mk('apps/browser-restarted');
+    await look();
+    expect(rig.adds.map((a) => a.id)).toContain(idOf('apps/browser-restarted'));
+  });
+
+  it('an ancestor compile cut off for an unnameable cgroup that went during the apply is freed by the tracker', async () => {
+    const bad = Buffer.concat([Buffer.from('apps/p0/vault-'), Buffer.from([0xc3, 0x28])]);
+    mk('apps/p0');
+    mk(bad);
+    // Compile saw it (the ancestor is cut off in the table); it is gone before the tracker looks.
+    rig = await start({ beforeFirstPolicy: () => rm(bad) });
+    expect(rig.compiled().ruleset.sets.find((s) => s.name === 'app_cg_l2')!.elements).toContain('apps/p0');
+    await settle();
+    expect(rig.removals).toContainEqual({ map: expect.stringMatching(/^app_cg_l2\./), id: idOf('apps/p0') });
+    // One still there keeps its ancestor's cut-off.
+    const bad1 = Buffer.concat([Buffer.from('apps/p1/vault-'), Buffer.from([0xc3, 0x28])]);
+    mk('apps/p1');
+    mk(bad1);
+    rig.tracker.close();
+    rig = await start();
+    await look();
+    expect(rig.removals.map((r) => r.id)).not.toContain(idOf('apps/p1'));
   });
 
   it('glob metacharacters, spaces and a long name are only bytes: written by id like any other', async () => {
