@@ -1,6 +1,7 @@
 import { compile, refuseCompileErrors } from '../compile/compile.js';
 import { renderText, type Ruleset, type SetDecl } from '../compile/ruleset.js';
 import type { Policy } from '../policy/model.js';
+import type { RuleIdEntry } from '../compile/rule-ids.js';
 
 /**
  * The ruleset egressd-early loads at boot (systemd/egressd-early.sh), kept
@@ -17,6 +18,7 @@ import type { Policy } from '../policy/model.js';
  * and the Tor rules all hold from boot. What a cgroup identity would have
  * decided falls to the default verdict until egressd applies and its app
  * tracker adds the cgroups as they appear — under a default deny, denied.
+ * Allows that end at a time (`allowed:` with `until`) are left out too.
  */
 export const BOOT_FORM_FILE = 'last-good-boot.nft';
 
@@ -25,12 +27,29 @@ function withoutCgroups(set: SetDecl): SetDecl {
   return { ...set, elements: [], ...(set.verdicts && { verdicts: [] }) };
 }
 
-export function bootForm(ruleset: Ruleset): Ruleset {
-  return { ...ruleset, sets: ruleset.sets.map(withoutCgroups) };
+/**
+ * The short ids of the policy's rules that end at a time (`allowed:` entries
+ * with `until`): the boot form leaves them out. Nothing takes a rule out of
+ * the kernel but an apply, and at boot (or after a stop) the allow may have
+ * ended long ago; without them the boot form only allows less, and
+ * egressd's first apply puts back those still in time.
+ */
+export function timeLimitedRules(policy: Policy, ruleIds: readonly RuleIdEntry[]): Set<string> {
+  const ending = new Set(policy.apps.flatMap((app) => app.rules.filter((rule) => rule.until !== undefined).map((rule) => rule.id)));
+  return new Set(ruleIds.filter((entry) => ending.has(entry.ruleId)).map((entry) => entry.id));
 }
 
-export function bootFormText(ruleset: Ruleset): string {
-  return renderText(bootForm(ruleset));
+/** `leaveOut`: short ids (timeLimitedRules) whose rules the boot form drops; a rule's comment starts with its short id. */
+export function bootForm(ruleset: Ruleset, leaveOut: ReadonlySet<string> = new Set()): Ruleset {
+  const chains =
+    leaveOut.size === 0
+      ? ruleset.chains
+      : ruleset.chains.map((chain) => ({ ...chain, rules: chain.rules.filter((rule) => !leaveOut.has(rule.comment?.split(' ', 1)[0] ?? '')) }));
+  return { ...ruleset, sets: ruleset.sets.map(withoutCgroups), chains };
+}
+
+export function bootFormText(ruleset: Ruleset, leaveOut?: ReadonlySet<string>): string {
+  return renderText(bootForm(ruleset, leaveOut));
 }
 
 /**

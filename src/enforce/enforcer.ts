@@ -8,7 +8,7 @@ import type { Policy } from '../policy/model.js';
 import { policyAt, type ExpiredAllow } from '../policy/expiry.js';
 import { resolvePolicy } from '../policy/resolve.js';
 import { defaultLockPath, withEnforcementLock } from './lock.js';
-import { BOOT_FORM_FILE, bootFormText } from './boot-form.js';
+import { BOOT_FORM_FILE, bootFormText, timeLimitedRules } from './boot-form.js';
 import { planChanges, type Plan } from './plan.js';
 import { liveSets, summarizeCompiled, summarizeLive, summarizeSet, type SetSummary, type TableSummary } from './summary.js';
 import { forgetRecord, readRecord, RECORD_FILE, recordText, type AppliedRecord } from './record.js';
@@ -237,7 +237,11 @@ async function applyHoldingLock(written: Policy, deps: EnforcerDeps, options: { 
     // Worked out while nft takes the new generation on its worker thread.
     const summary = summarizeCompiled(compiled.ruleset);
     const plan = planChanges(summary, live?.summary ?? null);
-    const staged = stageApplied(deps.stateDir, compiled, { digest: policy.digest, lockdown, source: options.source });
+    const staged = stageApplied(deps.stateDir, compiled, timeLimitedRules(policy, compiled.ruleIds), {
+      digest: policy.digest,
+      lockdown,
+      source: options.source,
+    });
     try {
       await prepared;
     } catch (error) {
@@ -458,10 +462,15 @@ function stageFiles(stateDir: string, files: readonly (readonly [name: string, t
  * loads at boot), what it was applied from (last-good.json), and its short
  * rule ids (rules.json).
  */
-function stageApplied(stateDir: string, compiled: Compiled, meta: { digest: string; lockdown: boolean; source: string }): StagedFiles {
+function stageApplied(
+  stateDir: string,
+  compiled: Compiled,
+  timeLimited: ReadonlySet<string>,
+  meta: { digest: string; lockdown: boolean; source: string },
+): StagedFiles {
   return stageFiles(stateDir, [
     ['last-good.nft', renderText(compiled.ruleset)],
-    [BOOT_FORM_FILE, bootFormText(compiled.ruleset)],
+    [BOOT_FORM_FILE, bootFormText(compiled.ruleset, timeLimited)],
     ['last-good.json', `${JSON.stringify({ ...meta, table: `${TABLE.family} ${TABLE.name}` }, null, 2)}\n`],
     [RULES_FILE, ruleTableText({ digest: meta.digest, rules: compiled.ruleIds })],
   ]);

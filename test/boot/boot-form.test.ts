@@ -155,6 +155,37 @@ tor: {enabled: true, socks: "127.0.0.1:9050", user: ${users.app3.name}, updaters
     expect(await connects({ user: users.app1.uid })).toBe(false);
   });
 
+  it('leaves out an allow that ends at a time: at boot it may have ended long ago, and only an apply takes a rule out; an allow for always holds', async () => {
+    // No table from the test before (it left lockdown on, which an apply keeps).
+    await boot();
+    const state = newState();
+    const later = new Date(Date.now() + 3_600_000).toISOString();
+    const dir = policyDir({
+      '00.yaml': `
+defaults: {egress: deny}
+apps:
+  for-a-while: {identity: {user: ${users.app1.name}}, default: deny}
+  for-always: {identity: {user: ${users.app2.name}}, default: deny}
+allowed:
+  - {app: for-a-while, allow: ["192.0.2.2"], until: "${later}", why: boot test}
+  - {app: for-always, allow: ["192.0.2.2"], why: boot test}
+`,
+    });
+    expect((await cli(state, 'apply', dir)).code).toBe(0);
+    expect(await connects({ user: users.app1.uid })).toBe(true);
+    expect(await connects({ user: users.app2.uid })).toBe(true);
+    // The rule goes (its address set stays, unused).
+    expect(readFileSync(join(state, 'last-good.nft'), 'utf8')).toMatch(/accept comment "[^"]* app\/for-a-while\/allowed\/0/);
+    expect(readFileSync(join(state, BOOT_FORM_FILE), 'utf8')).not.toMatch(/accept comment "[^"]* app\/for-a-while\/allowed\/0/);
+    await boot();
+    expect((await early(state)).code).toBe(0);
+    expect(await connects({ user: users.app1.uid })).toBe(false);
+    expect(await connects({ user: users.app2.uid })).toBe(true);
+    // egressd's apply puts back what is still in time.
+    expect((await cli(state, 'apply', dir)).code).toBe(0);
+    expect(await connects({ user: users.app1.uid })).toBe(true);
+  });
+
   it('with no last good ruleset, loads the shipped default in its fail-safe form: its DNS confinement holds, the rest is allowed', async () => {
     const state = newState();
     await boot();
