@@ -251,7 +251,7 @@ export class CgroupTracker {
           } catch {
             return; // gone: its id went out of the map with it
           }
-          const uid = Number(stat.uid);
+          const uid = this.principalOf(relative, Number(stat.uid));
           if (!this.admit(uid, this.tracked.size)) return;
           entry = { bytes: relative, text: element, id: stat.ino, uid, written: new Map() };
           this.tracked.set(key, entry);
@@ -438,10 +438,12 @@ export class CgroupTracker {
     }
     const desired = new Map<string, MapVerdict>();
     const uid = Number(stat!.uid);
+    // Whose room and back-off it counts against: the user the subtree was delegated to, whatever owner it gave the cgroup.
+    const principal = this.principalOf(relative, uid);
     if (claims.length > 0 && !nameable(relative)) {
       // Written by id the kernel would take it, but nft then aborts listing the map (nft 1.0.6,
       // json.c mapping_expr_json): compile's way instead — left out, or its ancestor cut off.
-      this.cutOff(view, key, relative, uid, claims);
+      this.cutOff(view, key, relative, principal, claims);
       claims.length = 0;
     } else if (cutting !== undefined) this.uncut(key);
     /** The compiled maps whose say on this path is its own claim's: a cut-off from below does not override it. */
@@ -449,9 +451,9 @@ export class CgroupTracker {
     for (const claim of claims) {
       const verdict = uid === 0 ? claim.verdict : claim.delegatedVerdict;
       if (verdict === undefined) {
-        // Keyed by uid too: one user's back-off never holds another's.
+        // Keyed by the principal too: one user's back-off never holds another's.
         this.askRecompile(
-          `delegated ${claim.owner} uid ${uid}`,
+          `delegated ${claim.owner} uid ${principal}`,
           `a cgroup of ${claim.owner} delegated to uid ${uid} appeared, and the table has no chain for its delegated members yet`,
         );
         continue;
@@ -470,13 +472,13 @@ export class CgroupTracker {
     let entry = this.tracked.get(key);
     if (entry === undefined) {
       if (desired.size === 0) return;
-      if (!this.admit(uid, this.tracked.size)) {
+      if (!this.admit(principal, this.tracked.size)) {
         this.full('cgroups');
         return;
       }
-      entry = { bytes: relative, text, id: stat!.ino, uid, written: new Map() };
+      entry = { bytes: relative, text, id: stat!.ino, uid: principal, written: new Map() };
       this.tracked.set(key, entry);
-      this.countUid(uid, 1);
+      this.countUid(principal, 1);
     }
     for (const [map, written] of entry.written) {
       const want = desired.get(map);
@@ -485,6 +487,31 @@ export class CgroupTracker {
     for (const [map, verdict] of desired) if (entry.written.get(map) !== verdictKey(verdict)) adds.push({ entry, map, verdict });
     // Nothing of it is wanted any more (the policy changed): its removals are queued above, and it is not held.
     if (desired.size === 0) this.untrack(key);
+  }
+
+  /**
+   * The user a cgroup counts against: the owner of the topmost cgroup on its
+   * path that root does not own — the delegation's root (`user@UID.service`,
+   * a `Delegate=` unit's cgroup), which systemd gave that user. Not the
+   * cgroup's own owner: inside its subtree a user with subordinate uids
+   * (rootless podman's /etc/subuid range) can chown each cgroup it makes to
+   * another of them, and would get a share and a back-off of its own for
+   * each. Root's cgroups are root's.
+   */
+  private principalOf(relative: Buffer, owner: number): number {
+    if (owner === 0) return 0;
+    let end = relative.indexOf(0x2f);
+    for (;;) {
+      const prefix = end < 0 ? relative : relative.subarray(0, end);
+      try {
+        const uid = lstatSync(this.absolute(prefix)).uid;
+        if (uid !== 0) return uid;
+      } catch {
+        return owner; // gone meanwhile: the look that follows takes it out
+      }
+      if (end < 0) return owner;
+      end = relative.indexOf(0x2f, end + 1);
+    }
   }
 
   private untrack(key: string): void {

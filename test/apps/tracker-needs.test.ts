@@ -235,6 +235,8 @@ describe('the tracker bounds what cgroup names a user controls can make it do', 
   });
 
   it("one user's back-off does not hold another user's cgroup of the same app: needs are keyed by the cgroup's owner too", async () => {
+    // Each viewer cgroup a delegation of its own (home root's), so A's and B's are two users'.
+    chownSync(path('home'), 0, 0);
     rig = await start({ intervalMs: 10_000, maxBackoffMs: 1_800_000 });
     // User A pushes viewer's need far out: cgroups gone before each re-apply looks.
     // Asked at 0, 10, 30, 70, 150 s; the next not before 310 s.
@@ -263,6 +265,15 @@ describe('the tracker bounds what cgroup names a user controls can make it do', 
     mk('apps/browser-restarted');
     await look();
     expect(rig.adds.map((a) => a.id)).toContain(idOf('apps/browser-restarted'));
+  });
+
+  it("subordinate uids do not multiply a user's share: cgroups it chowns to other uids in its delegated subtree count against it", async () => {
+    // home is delegated to UID; inside it, a user namespace mapping its /etc/subuid range can give each cgroup another owner.
+    for (let i = 0; i < 40; i++) mk(`home/viewer-${i}`, 100_000 + i);
+    rig = await start({ maxTracked: 16 });
+    // An eighth of 16: the user's, whatever owners it gave its cgroups.
+    expect(rig.tracker.counters().tracked).toBe(2);
+    expect(rig.tracker.counters().dropped).toBeGreaterThan(0);
   });
 
   it('an ancestor compile cut off for an unnameable cgroup that went during the apply is freed by the tracker', async () => {
