@@ -116,7 +116,11 @@ interface State {
   readonly view: FillView;
 }
 
+/** The newest resolver runtime of this process: only it may take the upstreams off the unit's list. */
+let newestGeneration = 0;
+
 export async function startResolverRuntime(first: InForce, options: ResolverRuntimeOptions): Promise<ResolverRuntime> {
+  const generation = ++newestGeneration;
   const { nft, log } = options;
   let dns = first.policy.dns;
   let found = dns.upstreams ? undefined : discovered(options, dns.listen, log);
@@ -297,8 +301,9 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
         await resolver?.close();
         writer?.close();
         who?.close();
-        // Its upstreams are let through only while it asks them (the unit lets through loopback alone again).
-        if (allowedFor !== undefined && allowedFor !== '')
+        // Its upstreams are let through only while it asks them (the unit lets through loopback alone again) — unless a
+        // newer resolver of this process started meanwhile (a restart after a failure): the list is its now.
+        if (allowedFor !== undefined && allowedFor !== '' && generation === newestGeneration)
           await allowUpstreams([]).catch((error: unknown) =>
             log.warn({ event: 'resolver-unit-allow-failed', error: String(error) }, "resolver: could not take its upstreams off the unit's list"),
           );

@@ -117,7 +117,17 @@ function runSystemctl(args: readonly string[]): Promise<string> {
  * egressd starts before the network, and nothing orders the D-Bus daemon
  * before it.
  */
-export async function allowUnitUpstreams(upstreams: readonly string[], options: UnitAllowOptions = {}): Promise<UnitAllowOutcome> {
+export function allowUnitUpstreams(upstreams: readonly string[], options: UnitAllowOptions = {}): Promise<UnitAllowOutcome> {
+  // One at a time, in the order asked: a closing resolver's reset and its successor's set must not interleave their
+  // set and read-back (the reset landing last would leave the new upstreams dropped while the resolver believes them let through).
+  const run = queue.then(() => allowNow(upstreams, options));
+  queue = run.catch(() => undefined);
+  return run;
+}
+
+let queue: Promise<unknown> = Promise.resolve();
+
+async function allowNow(upstreams: readonly string[], options: UnitAllowOptions): Promise<UnitAllowOutcome> {
   const unit = 'unit' in options ? options.unit : ownUnit();
   if (unit === undefined) return { kind: 'unconfined', why: 'not started by systemd' };
   const wanted = allowListFor(upstreams).map(prefixText);
@@ -145,5 +155,9 @@ export async function allowUnitUpstreams(upstreams: readonly string[], options: 
     return !heldNets.some((net) => net.prefix <= prefix && networkContains(net, family, address));
   });
   if (missing.length > 0) throw new Error(`${unit}'s IPAddressAllow lacks ${missing.join(', ')} after it was set (it holds: ${held.join(' ')})`);
+  // …and nothing more: a systemd that merged instead of clearing would keep the old upstreams let through.
+  const extra = heldNets.filter((net) => !LOOPBACK.some((lo) => covers(lo, net.family, net.address)) && !wanted.includes(`${net.address}/${net.prefix}`));
+  if (extra.length > 0)
+    throw new Error(`${unit}'s IPAddressAllow still lets through ${extra.map((n) => `${n.address}/${n.prefix}`).join(', ')} after it was set`);
   return { kind: 'set', unit, allowed: wanted };
 }

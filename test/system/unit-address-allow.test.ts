@@ -100,13 +100,32 @@ describe('allowUnitUpstreams', () => {
     expect(none.calls).toEqual([]);
   });
 
-  it('takes what systemd holds in its own form, a prefix folded into a wider one included', async () => {
+  it('takes what systemd holds in its own form (its order, IPv6 written out)', async () => {
     const folded = fakeSystemctl('0.0.0.0/0 ::/0', []);
     const run = async (args: readonly string[]) =>
-      args[0] === 'show' ? 'IPAddressDeny=::/0 0.0.0.0/0\nIPAddressAllow=::1/128 127.0.0.0/8 192.0.2.0/24 2001:db8:0:0:0:0:0:53/128\n' : folded.run(args);
+      args[0] === 'show' ? 'IPAddressDeny=::/0 0.0.0.0/0\nIPAddressAllow=::1/128 127.0.0.0/8 192.0.2.53/32 2001:db8:0:0:0:0:0:53/128\n' : folded.run(args);
     expect(await allowUnitUpstreams(['192.0.2.53', '2001:db8::53'], { unit: 'egressd.service', systemctl: run })).toMatchObject({ kind: 'set' });
     const narrower = async (args: readonly string[]) => (args[0] === 'show' ? 'IPAddressDeny=any\nIPAddressAllow=127.0.0.0/8 ::1/128 192.0.2.53/33\n' : '');
     await expect(allowUnitUpstreams(['192.0.2.54'], { unit: 'egressd.service', systemctl: narrower })).rejects.toThrow(/lacks 192\.0\.2\.54\/32/);
+  });
+
+  it('fails when systemd kept more than it was given (merged instead of cleared: the old upstream still let through)', async () => {
+    const merging = async (args: readonly string[]) =>
+      args[0] === 'show' ? 'IPAddressDeny=any\nIPAddressAllow=127.0.0.0/8 ::1/128 192.0.2.1/32 192.0.2.53/32\n' : '';
+    await expect(allowUnitUpstreams(['192.0.2.53'], { unit: 'egressd.service', systemctl: merging })).rejects.toThrow('still lets through 192.0.2.1/32');
+  });
+
+  it('one call at a time, in the order asked: a reset and the next set never interleave', async () => {
+    const systemctl = fakeSystemctl('any', ['127.0.0.0/8', '::1/128']);
+    const slow = async (args: readonly string[]) => {
+      await new Promise((resolve) => setTimeout(resolve, args[0] === 'show' ? 20 : 5));
+      return systemctl.run(args);
+    };
+    const reset = allowUnitUpstreams([], { unit: 'egressd.service', systemctl: slow });
+    const set = allowUnitUpstreams(['192.0.2.53'], { unit: 'egressd.service', systemctl: slow });
+    expect(await Promise.all([reset, set])).toMatchObject([{ kind: 'set' }, { kind: 'set' }]);
+    expect(systemctl.calls.map((c) => c[0])).toEqual(['show', 'set-property', 'show', 'show', 'set-property', 'show']);
+    expect(systemctl.list()).toContain('192.0.2.53/32');
   });
 
   it('fails when systemd kept another list, or systemctl fails: the resolver must not ask servers it cannot reach', async () => {
