@@ -890,8 +890,9 @@ function openForReading(path: string): Database.Database {
   statSync(path);
   const check = (db: Database.Database) => {
     const version = db.pragma('user_version', { simple: true }) as number;
-    if (version !== SCHEMA_VERSION)
-      throw new EgressError(ErrorCode.DenialStore, `denial store ${path}: schema version ${version}, this egressctl reads ${SCHEMA_VERSION}`);
+    // Version 1 has the same columns (2 only gave ids AUTOINCREMENT): readable until egressd, restarted, migrates it.
+    if (version < 1 || version > SCHEMA_VERSION)
+      throw new EgressError(ErrorCode.DenialStore, `denial store ${path}: schema version ${version}, this egressctl reads 1 to ${SCHEMA_VERSION}`);
     return db;
   };
   let db: Database.Database | undefined;

@@ -5,7 +5,16 @@ import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ErrorCode, type EgressError } from '../../src/errors.js';
-import { denialStorePath, MIGRATIONS, openDenialStore, SCHEMA_VERSION, SLICE_ROWS, type DenialStore, type DenialSummary } from '../../src/denials/store.js';
+import {
+  denialStorePath,
+  MIGRATIONS,
+  openDenialReader,
+  openDenialStore,
+  SCHEMA_VERSION,
+  SLICE_ROWS,
+  type DenialStore,
+  type DenialSummary,
+} from '../../src/denials/store.js';
 import type { DenialRecord } from '../../src/denials/record.js';
 import { ensureTestUsers } from '../harness/index.js';
 import { denial, manyDenials } from './store-records.js';
@@ -388,6 +397,10 @@ describe('denial store: record ids', () => {
     ] as const)
       insert.run(id, T0, T0, count, `192.0.2.${id}`, Buffer.from([192, 0, 2, id]));
     v1.close();
+    // egressctl reads it as it is, before egressd (restarted after an upgrade) migrates it.
+    const reader = openDenialReader(path);
+    expect(reader.query({}).map((r) => r.id)).toEqual([9, 7, 3]);
+    reader.close();
     const store = open(path);
     expect(store.query({ limit: 10 }).map((r) => [r.id, r.count, r.address])).toEqual([
       [9, 1, '192.0.2.9'],
