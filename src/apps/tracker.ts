@@ -45,9 +45,16 @@
  * a cgroup's id or name): at most one ask per `recompileIntervalMs`, and a
  * need asked for again, because the compile it asked for did not meet it
  * (the cgroup went before the compile looked), waits twice as long each
- * time, up to `maxRecompileBackoffMs`; seen met, it starts afresh. So a
- * user making and removing cgroups in a loop forces a number of re-applies
- * that grows with the log of the time it keeps at it, per need.
+ * time, up to `maxRecompileBackoffMs` — also when the compile met it, since
+ * a compile makes a need's chain only while a member is there — and a need
+ * not asked for in `recompileQuietMs` is forgotten. Needs are keyed by the
+ * user the cgroup's subtree is delegated to (principalOf). So a user making
+ * and removing cgroups in a loop forces a number of re-applies that grows
+ * with the log of the time it keeps at it, up to one per need and
+ * `maxRecompileBackoffMs`; and a cgroup of its own made while its need waits
+ * meets what follows it (its user's identities, the default) for at most
+ * that long. Both end for good once compile keeps those chains whether or
+ * not a member is there (not done yet).
  *
  * A cgroup born while an apply runs may be missing from the new
  * generation's maps (the apply listed cgroups before it was born) and its
@@ -94,7 +101,10 @@ export interface TrackerOptions {
   readonly recompile?: (why: string) => void;
   /** The shortest time between two asks; default 10,000 ms. */
   readonly recompileIntervalMs?: number;
-  /** The longest a need asked for in vain waits before it is asked for again; default 1,800,000 ms. */
+  /**
+   * The longest a need waits before it is asked for again; default 300,000 ms: also how long a cgroup of that need may meet
+   * the default meanwhile, so short — the cost is at most one re-apply per need and that time.
+   */
   readonly maxRecompileBackoffMs?: number;
   /** A need not asked for this long is forgotten (its back-off starts afresh); default 1,800,000 ms. */
   readonly recompileQuietMs?: number;
@@ -731,7 +741,7 @@ export class CgroupTracker {
     // Needs are named by the policy's maps, owners and uids; a bound for a long life of changing policies.
     if (this.needs.size >= 4096) this.needs.delete(this.needs.keys().next().value!);
     const misses = (was?.misses ?? 0) + 1;
-    this.needs.set(need, { misses, lastAsked: now, notBefore: now + Math.min(interval * 2 ** (misses - 1), this.options.maxRecompileBackoffMs ?? 1_800_000) });
+    this.needs.set(need, { misses, lastAsked: now, notBefore: now + Math.min(interval * 2 ** (misses - 1), this.options.maxRecompileBackoffMs ?? 300_000) });
     this.lastAsk = now;
     this.count.recompiles++;
     this.options.recompile(why);
