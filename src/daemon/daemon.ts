@@ -134,6 +134,8 @@ export class Daemon {
   private pending: Pending | undefined;
   private draining: Promise<void> | undefined;
   private readonly slots: Slot[];
+  /** Part closes under way (each bounded by timeoutMs). */
+  private readonly closing = new Set<Promise<void>>();
   private readonly backoff: Backoff;
   private readonly timeoutMs: number;
   /** The earliest `until` of an allow in force, and the timer that applies again then. */
@@ -233,6 +235,8 @@ export class Daemon {
       slot.part = undefined;
       if (part) await this.close(slot, part);
     }
+    // Closes started before (after a failure, a late start), each bounded as every close is.
+    await Promise.all([...this.closing]);
     if (this.draining) await within(this.draining, this.timeoutMs).catch(() => undefined);
     this.options.log.info({ event: 'stopping', signal }, 'egressd stopping; the rules stay in force');
   }
@@ -431,12 +435,18 @@ export class Daemon {
     this.partsChanged();
   }
 
-  private async close(slot: Slot, part: Part): Promise<void> {
-    try {
-      await within(part.close(), this.timeoutMs, `${slot.name} did not close within ${this.timeoutMs / 1000} s`);
-    } catch (error) {
-      this.options.log.warn({ event: 'part-close-failed', part: slot.name, error: describeError(error) }, `${slot.name}: closing failed`);
-    }
+  private close(slot: Slot, part: Part): Promise<void> {
+    const closing = (async () => {
+      try {
+        await within(part.close(), this.timeoutMs, `${slot.name} did not close within ${this.timeoutMs / 1000} s`);
+      } catch (error) {
+        this.options.log.warn({ event: 'part-close-failed', part: slot.name, error: describeError(error) }, `${slot.name}: closing failed`);
+      }
+    })();
+    // stop() waits for these too: a part closed after a failure, or one that started late, still says its last words.
+    this.closing.add(closing);
+    void closing.finally(() => this.closing.delete(closing));
+    return closing;
   }
 
   private context(slot: Slot): PartContext {

@@ -316,6 +316,32 @@ describe('stopping, in order', () => {
   });
 });
 
+describe('stopping waits for closes already under way', () => {
+  it('a part that failed just before the stop has finished closing when stop returns', async () => {
+    let crash!: (why: string) => void;
+    let closed = false;
+    const failing: PartSpec = {
+      name: 'failing',
+      start: () =>
+        Promise.resolve({
+          update: () => Promise.resolve(),
+          close: async () => {
+            await new Promise((r) => setTimeout(r, 100));
+            closed = true;
+          },
+          stopped: new Promise<never>((_, reject) => (crash = (why) => reject(new Error(why)))),
+          describe: () => 'failing',
+        }),
+    };
+    const { daemon, events } = harness({ parts: [failing] });
+    await daemon.start();
+    crash('gone');
+    await until('reported', () => events('part-failed').length === 1, { everyMs: 5 });
+    await daemon.stop('SIGTERM');
+    expect(closed).toBe(true);
+  });
+});
+
 describe('which parts run', () => {
   const parts: PartSpec[] = [scripted('resolver').spec, scripted('apps').spec];
 
