@@ -185,8 +185,11 @@ export class NetlinkSocket {
           // A dump that failed part-way says so in NLMSG_DONE's payload.
           const code = message.payload.length >= 4 ? message.payload.readInt32LE(0) : 0;
           if (code < 0) throw new NetlinkError(`netlink: the dump of message type ${type} failed: ${errnoName(-code)}`, { errno: -code });
-          // What was dumped changed while it was (a generation swap): the answers are a mix of before and after.
-          if (interrupted) throw new NetlinkError(`netlink: the dump of message type ${type} was interrupted by a change`, { errno: DUMP_INTERRUPTED_ERRNO });
+          // What was dumped changed while it was (a generation swap): the answers are a mix of before and after. The kernel
+          // may flag NLMSG_DONE itself (netlink_dump_done); nf_tables' set-element dumps flag nothing, which
+          // listTable's names compared before and after stand in for.
+          if (interrupted || (message.flags & NlmFlag.DumpIntr) !== 0)
+            throw new NetlinkError(`netlink: the dump of message type ${type} was interrupted by a change`, { errno: DUMP_INTERRUPTED_ERRNO });
           return answers;
         }
         if (message.type === NlmsgType.Overrun) throw new NetlinkError('netlink: the kernel reports an overrun; answers were lost');
