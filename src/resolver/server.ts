@@ -127,7 +127,7 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
 
   const serveUdp = (raw: Buffer, from: { address: string; port: number }, local: { address: string; port: number }, send: (reply: Buffer) => void): void => {
     const client: Client = { transport: 'udp', address: from.address, port: from.port, local };
-    void pipeline.answer(raw, client).then((reply) => {
+    pipeline.handle(raw, client, (reply) => {
       // A query still in progress at close() is answered into nothing.
       if (reply !== undefined && !closed) send(reply);
     });
@@ -168,7 +168,7 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
         const frame = Buffer.from(buffered.subarray(2, 2 + length));
         buffered = buffered.subarray(2 + length);
         inProgress++;
-        void pipeline.answer(frame, client).then((reply) => {
+        pipeline.handle(frame, client, (reply) => {
           inProgress--;
           if (reply !== undefined && conn.writable) {
             const out = Buffer.alloc(2 + reply.length);
