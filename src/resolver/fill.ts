@@ -229,8 +229,9 @@ export class SetFiller {
     const { ttlFloor, ttlCap } = this.view;
     const seconds = Math.min(ttlCap, Math.max(ttlFloor, ttl));
     const expires = now + seconds * 1000;
-    // Exact where the TTL is the timeout; a tenth's slack where the floor or cap changed it, and never below the answer's own TTL.
-    const needed = seconds === ttl ? expires : Math.max(expires - Math.max(1000, seconds * 100), now + Math.min(ttl, seconds) * 1000);
+    // Exact where the TTL is the timeout; where the floor or the cap changed it, a tenth's slack (bounds the writes), and under the floor never below the answer's own TTL.
+    const slack = Math.max(1000, seconds * 100);
+    const needed = seconds === ttl ? expires : ttl < seconds ? Math.max(expires - slack, now + ttl * 1000) : expires - slack;
     const held = this.written.get(key);
     if (held !== undefined && held.expires >= needed && held.expires - now >= held.span * RECHECK_FRACTION) {
       this.counters.writesSkipped++;

@@ -172,4 +172,13 @@ describe('what an answer teaches the table', () => {
     await filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', 23)]);
     expect(writes.map((w) => w.map((x) => x.timeoutMs))).toEqual([[60_000], [60_000]]);
   });
+  it('over the cap, the element is renewed once it falls a tenth short of the cap, not with every answer', async () => {
+    const { filler, writes, answer, tick } = setup([binding('r1', ['a.example'])]);
+    await answer('a.example', [a('a.example', '192.0.2.7', 100_000)]);
+    tick(100_000);
+    expect(filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', 99_900)])).toBeUndefined();
+    tick(300_000);
+    await filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', 99_600)]);
+    expect(writes.map((w) => w.map((x) => x.timeoutMs))).toEqual([[3_600_000], [3_600_000]]);
+  });
 });
