@@ -319,15 +319,8 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     }
     const key = memo?.cacheKey ?? cacheKey(query.name, query.type);
     const cached = cache.get(key);
-    const then = (resolution: Resolution): void => {
-      try {
-        finish(shaped(query, id, client, memo, who, question, resolution));
-      } catch (error) {
-        failed(query, id, client, finish, error);
-      }
-    };
     if (cached === undefined) {
-      void fromUpstreamOnce(query, question, key).then(then);
+      void fromUpstreamOnce(query, question, key).then((resolution) => settled(query, id, client, memo, who, question, resolution, finish));
       return;
     }
     let records = recordsOf.get(cached);
@@ -338,7 +331,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       learning = hooks.learn(question, records, true);
     } catch {
       counts.learnFailed++;
-      then({ failed: 'learn' });
+      finish(reply(query, id, client, { rcode: Rcode.ServFail }));
       return;
     }
     // Nothing to wait for (the table holds every address already): the reply goes now, in this call.
@@ -347,12 +340,30 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       return;
     }
     learning.then(
-      () => then(resolved),
+      () => settled(query, id, client, memo, who, question, resolved, finish),
       () => {
         counts.learnFailed++;
-        then({ failed: 'learn' });
+        settled(query, id, client, memo, who, question, { failed: 'learn' }, finish);
       },
     );
+  };
+
+  /** After a promise: the same as the synchronous path, with what it throws answered SERVFAIL. */
+  const settled = (
+    query: Query,
+    id: number,
+    client: Client,
+    memo: Memo | undefined,
+    who: Who,
+    question: Question,
+    resolution: Resolution,
+    finish: Done,
+  ): void => {
+    try {
+      finish(shaped(query, id, client, memo, who, question, resolution));
+    } catch (error) {
+      failed(query, id, client, finish, error);
+    }
   };
 
   /** The reply to an answer the table has learned: what this client gets of it. */
