@@ -157,7 +157,18 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
       conn.destroy();
     };
     // Frames are taken while fewer than maxTcpPipeline are in progress; the rest waits in `buffered`, and the socket is not read meanwhile.
+    // A reply can come while its frame is being taken (a warm cache hit answers in the same call): the loop below takes what follows, not a nested call per frame.
+    let taking = false;
     const takeFrames = (): void => {
+      if (taking) return;
+      taking = true;
+      try {
+        takeSome();
+      } finally {
+        taking = false;
+      }
+    };
+    const takeSome = (): void => {
       while (inProgress < limits.maxTcpPipeline && buffered.length >= 2 && !conn.destroyed) {
         const length = buffered.readUInt16BE(0);
         if (length < MIN_FRAME) {
