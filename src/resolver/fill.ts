@@ -6,8 +6,20 @@
  *
  * The kernel's element timeout is the answer's TTL clamped into
  * [floor, cap]. A write is skipped where the kernel already holds the
- * element nearly as long as this answer asks (a warm cache costs no netlink
- * round trip); never where the element would expire sooner.
+ * element as long as this answer asks (a warm cache costs no netlink round
+ * trip, and `learn` returns without a promise: the resolver answers at
+ * once); never where the element would expire before the TTL the answer
+ * gives. Exact where that TTL is the timeout; where the floor or the cap
+ * changed it, an element is renewed once it falls a tenth short (bounds the
+ * writes for short TTLs under the floor).
+ *
+ * What it skips on is its own record of what it wrote, which someone else
+ * can make stale: a re-apply that makes new sets (new live names: `update`
+ * forgets the record) or an element deleted by hand (`nft delete element`),
+ * which nothing tells it. For that, an element is also written again once
+ * less than half of the time it was last written with remains: one deleted
+ * by hand is back with the next answer after that, and an element costs
+ * ~log2(timeout / floor) writes more over its life, not one per answer.
  *
  * Shared addresses: by default an address a denied name answered stays in
  * the deny rule's set whatever else it answers (a CDN front for a tracker
@@ -51,13 +63,47 @@ export interface FillCounters {
   failures: number;
 }
 
+/** Of `written`: when the kernel's element expires (ms) and the timeout it was last written with (ms). */
+interface Written {
+  readonly expires: number;
+  readonly span: number;
+}
+
+/** An element an answer belongs in (one live set, one address), worked out once per answer's records. */
+interface Element {
+  readonly key: string;
+  readonly set: string;
+  readonly address: string;
+  readonly ttl: number;
+  readonly comment: string;
+  /** Index of its binding, for a sparing rule's check. */
+  readonly binding: number;
+}
+
+/** What an answer's records mean for the table under one view: the name index asked once per records array, not per query. */
+interface Plan {
+  readonly generation: number;
+  readonly covering: readonly number[];
+  readonly addresses: readonly AnswerRecord[];
+  readonly elements: readonly Element[];
+}
+
+/** Of the time an element was last written with, what must remain for an answer to skip writing it again (see the module's comment). */
+const RECHECK_FRACTION = 0.5;
+
 export class SetFiller {
   readonly counters: FillCounters = { answers: 0, addressesSeen: 0, elementsWritten: 0, writesSkipped: 0, spared: 0, transactions: 0, failures: 0 };
-  /** Live set + address → when the kernel's element expires (ms), as last written. */
-  private readonly written = new Map<string, number>();
+  /** Live set + address → what the kernel's element holds, as last written. */
+  private readonly written = new Map<string, Written>();
   /** When `written` is next swept of what has expired: it holds one entry per element, not more. */
   private sweepAt = 4096;
   private view: FillView;
+  /** Bumped by `update`: a plan of an older view names old sets and rules. */
+  private generation = 0;
+  /** Whether any rule of the view spares shared addresses: then every answer asks the address memory. */
+  private sparing: boolean;
+  /** Keyed by the records array: the resolver hands the same one for every hit of a cache entry within a second. */
+  private readonly plans = new WeakMap<readonly AnswerRecord[], Plan>();
 
   constructor(
     view: FillView,
@@ -66,32 +112,73 @@ export class SetFiller {
     private readonly now: () => number = Date.now,
   ) {
     this.view = view;
+    this.sparing = view.bindings.some((b) => b.sharedAddresses === 'spare');
   }
 
   /**
-   * A re-apply: new rules, new live names. What this process wrote is
-   * forgotten — a set can come back empty under the same name (a release,
-   * then an apply) — and `relearn` writes what the memory holds again.
+   * A re-apply, or live names read again: new rules, new live names. What
+   * this process wrote is forgotten — a set can come back empty under the
+   * same name (a release, then an apply) — so the next answer of every
+   * address writes it again, and `relearn` writes what the memory holds.
    */
   update(view: FillView): void {
     this.written.clear();
     this.view = view;
+    this.generation++;
+    this.sparing = view.bindings.some((b) => b.sharedAddresses === 'spare');
   }
 
-  /** Call after the memory has this answer: `shared` then knows every chain leading to its addresses. */
-  async learn(question: Question, records: readonly AnswerRecord[]): Promise<void> {
+  /**
+   * Call after the memory has this answer: `shared` then knows every chain
+   * leading to its addresses. Undefined, synchronously, when the kernel
+   * already holds everything this answer asks for (see the module's
+   * comment); otherwise a promise of the writes, settled once the kernel
+   * acknowledged them.
+   */
+  learn(question: Question, records: readonly AnswerRecord[]): Promise<void> | undefined {
     this.counters.answers++;
-    const chain = cnameChain(
-      normalizeName(question.name),
-      records.map((r) => (r.type === 'CNAME' ? { ...r, name: normalizeName(r.name), data: normalizeName(r.data) } : r)),
-    );
-    const inChain = new Set(chain);
-    const addresses = records.filter((r) => (r.type === 'A' || r.type === 'AAAA') && inChain.has(normalizeName(r.name)));
-    if (addresses.length === 0) return;
-    this.counters.addressesSeen += addresses.length;
-    const covering = this.view.bindingsFor(chain);
-    const writes = this.writesFor(chain, covering, addresses);
-    const removals = this.sparedNow(covering, addresses);
+    const plan = this.planFor(question, records);
+    if (plan.addresses.length === 0) return undefined;
+    this.counters.addressesSeen += plan.addresses.length;
+    const now = this.now();
+    this.sweep(now);
+    let writes: ElementWrite[] | undefined;
+    for (const element of plan.elements) {
+      if (this.sparing && this.view.bindings[element.binding]?.sharedAddresses === 'spare' && this.answersOtherNames(element.binding, element.address)) {
+        this.counters.spared++;
+        continue;
+      }
+      const write = this.writeFor(element.key, element.set, element.address, element.ttl, element.comment, now);
+      if (write !== undefined) (writes ??= []).push(write);
+    }
+    const removals = this.sparing ? this.sparedNow(plan.covering, plan.addresses) : [];
+    if (writes === undefined && removals.length === 0) return undefined;
+    return this.commit(writes ?? [], removals);
+  }
+
+  /** Re-adds remembered addresses into sets a re-apply made anew (same names, new rules), so none waits for its next lookup. */
+  async relearn(entries: Iterable<{ readonly address: string; readonly chain: readonly string[]; readonly ttl: number }>): Promise<number> {
+    const writes: ElementWrite[] = [];
+    const now = this.now();
+    this.sweep(now);
+    for (const entry of entries) {
+      const last = entry.chain[entry.chain.length - 1] ?? '';
+      const record: AnswerRecord = { name: last, type: isIPv6(entry.address) ? 'AAAA' : 'A', ttl: entry.ttl, data: entry.address };
+      const covering = this.view.bindingsFor(entry.chain);
+      for (const element of this.elementsOf(entry.chain, covering, [record])) {
+        if (this.view.bindings[element.binding]?.sharedAddresses === 'spare' && this.answersOtherNames(element.binding, element.address)) {
+          this.counters.spared++;
+          continue;
+        }
+        const write = this.writeFor(element.key, element.set, element.address, element.ttl, element.comment, now);
+        if (write !== undefined) writes.push(write);
+      }
+    }
+    for (let at = 0; at < writes.length; at += 4096) await this.write(writes.slice(at, at + 4096));
+    return writes.length;
+  }
+
+  private async commit(writes: readonly ElementWrite[], removals: readonly ElementRemoval[]): Promise<void> {
     if (writes.length > 0) await this.write(writes);
     if (removals.length > 0) {
       await this.writer.remove(removals);
@@ -100,56 +187,58 @@ export class SetFiller {
     }
   }
 
-  /** Re-adds remembered addresses into sets a re-apply made anew (same names, new rules), so none waits for its next lookup. */
-  async relearn(entries: Iterable<{ readonly address: string; readonly chain: readonly string[]; readonly ttl: number }>): Promise<number> {
-    const writes: ElementWrite[] = [];
-    for (const entry of entries) {
-      const last = entry.chain[entry.chain.length - 1] ?? '';
-      writes.push(
-        ...this.writesFor(entry.chain, this.view.bindingsFor(entry.chain), [
-          { name: last, type: isIPv6(entry.address) ? 'AAAA' : 'A', ttl: entry.ttl, data: entry.address },
-        ]),
-      );
-    }
-    for (let at = 0; at < writes.length; at += 4096) await this.write(writes.slice(at, at + 4096));
-    return writes.length;
+  private planFor(question: Question, records: readonly AnswerRecord[]): Plan {
+    const known = this.plans.get(records);
+    if (known !== undefined && known.generation === this.generation) return known;
+    const chain = cnameChain(
+      normalizeName(question.name),
+      records.map((r) => (r.type === 'CNAME' ? { ...r, name: normalizeName(r.name), data: normalizeName(r.data) } : r)),
+    );
+    const inChain = new Set(chain);
+    const addresses = records.filter((r) => (r.type === 'A' || r.type === 'AAAA') && inChain.has(normalizeName(r.name)));
+    const covering = addresses.length === 0 ? [] : this.view.bindingsFor(chain);
+    const plan: Plan = { generation: this.generation, covering, addresses, elements: this.elementsOf(chain, covering, addresses) };
+    this.plans.set(records, plan);
+    return plan;
   }
 
   /** `covering`: the bindings whose names cover a name of `chain` (the view's bindingsFor). */
-  private writesFor(chain: readonly string[], covering: readonly number[], addresses: readonly AnswerRecord[]): ElementWrite[] {
-    const { bindings, liveNames, ttlFloor, ttlCap } = this.view;
-    const now = this.now();
-    if (this.written.size >= this.sweepAt) {
-      for (const [key, expires] of this.written) if (expires <= now) this.written.delete(key);
-      this.sweepAt = Math.max(4096, this.written.size * 2);
-    }
-    const writes: ElementWrite[] = [];
+  private elementsOf(chain: readonly string[], covering: readonly number[], addresses: readonly AnswerRecord[]): Element[] {
+    const { bindings, liveNames } = this.view;
+    const elements: Element[] = [];
     for (const index of covering) {
       const binding = bindings[index];
       if (!binding) continue;
       for (const r of addresses) {
-        if (binding.sharedAddresses === 'spare' && this.answersOtherNames(index, r.data)) {
-          this.counters.spared++;
-          continue;
-        }
-        const seconds = Math.min(ttlCap, Math.max(ttlFloor, r.ttl));
-        const expires = now + seconds * 1000;
-        // Skipped only if the kernel keeps it nearly as long already; the slack bounds writes for TTLs under the floor.
-        const slack = Math.max(1000, seconds * 100);
-        for (const set of liveNames.get(isIPv6(r.data) ? binding.set6 : binding.set4) ?? []) {
-          const key = `${set}|${r.data}`;
-          const known = this.written.get(key);
-          if (known !== undefined && known >= expires - slack) {
-            this.counters.writesSkipped++;
-            continue;
-          }
-          const comment = normalizeName(r.name) === chain[0] ? chain[0] : `${chain[0]} > ${normalizeName(r.name)}`;
-          writes.push({ set, address: r.data, timeoutMs: seconds * 1000, comment });
-          this.written.set(key, expires);
-        }
+        const comment = normalizeName(r.name) === chain[0] ? chain[0] : `${chain[0]} > ${normalizeName(r.name)}`;
+        for (const set of liveNames.get(isIPv6(r.data) ? binding.set6 : binding.set4) ?? [])
+          elements.push({ key: `${set}|${r.data}`, set, address: r.data, ttl: r.ttl, comment, binding: index });
       }
     }
-    return writes;
+    return elements;
+  }
+
+  private sweep(now: number): void {
+    if (this.written.size < this.sweepAt) return;
+    for (const [key, held] of this.written) if (held.expires <= now) this.written.delete(key);
+    this.sweepAt = Math.max(4096, this.written.size * 2);
+  }
+
+  /** The write an answer of `ttl` seconds needs for this element at `now`, recorded as done; undefined when the kernel holds it long enough. */
+  private writeFor(key: string, set: string, address: string, ttl: number, comment: string, now: number): ElementWrite | undefined {
+    const { ttlFloor, ttlCap } = this.view;
+    const seconds = Math.min(ttlCap, Math.max(ttlFloor, ttl));
+    const expires = now + seconds * 1000;
+    // Exact where the TTL is the timeout; where the floor or the cap changed it, a tenth's slack (bounds the writes), and under the floor never below the answer's own TTL.
+    const slack = Math.max(1000, seconds * 100);
+    const needed = seconds === ttl ? expires : ttl < seconds ? Math.max(expires - slack, now + ttl * 1000) : expires - slack;
+    const held = this.written.get(key);
+    if (held !== undefined && held.expires >= needed && held.expires - now >= held.span * RECHECK_FRACTION) {
+      this.counters.writesSkipped++;
+      return undefined;
+    }
+    this.written.set(key, { expires, span: seconds * 1000 });
+    return { set, address, timeoutMs: seconds * 1000, comment };
   }
 
   /** Whether a chain the rule at `index` does not cover also led to `address`. */

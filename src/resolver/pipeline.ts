@@ -67,6 +67,13 @@ export interface PipelineStats {
 export interface QueryPipeline {
   /** The reply to `raw` from `client` (cut to fit when the client is on UDP), or undefined to send nothing. Never rejects. */
   answer(raw: Buffer, client: Client): Promise<Buffer | undefined>;
+  /**
+   * The same, told to `done` exactly once. Without any promise when the hooks
+   * need none: `done` is called before `handle` returns when identify
+   * answers at once and the answer is a cache hit whose learn has nothing
+   * to write; when identify needs its batch, right as it settles. Never throws.
+   */
+  handle(raw: Buffer, client: Client, done: (reply: Buffer | undefined) => void): void;
   stats(): PipelineStats;
 }
 
@@ -88,10 +95,13 @@ interface Resolved {
   readonly records: readonly AnswerRecord[];
 }
 
-/** A query seen before (its bytes but the id, and the transport): how it parsed. */
+/** A query seen before (its bytes but the id, and the transport): how it parsed, and what the path needs of it, made once. */
 interface Memo {
   readonly key: string;
+  /** Its id is the first asker's: a reply takes the id of the query it answers. */
   readonly query: Query;
+  readonly question: Question;
+  readonly cacheKey: string;
 }
 /** Queries kept parsed, the oldest forgotten first: more than the names a busy machine asks about again and again. */
 const MEMOS = 16_384;
@@ -100,6 +110,11 @@ const MEMO_REPLY_BYTES = 1232;
 const TC_FLAG = 0x0200;
 
 type Resolution = Resolved | { readonly failed: 'upstream' | 'learn' };
+type Done = (reply: Buffer | undefined) => void;
+
+function isThenable<T>(value: T | PromiseLike<T>): value is PromiseLike<T> {
+  return typeof (value as { then?: unknown } | undefined)?.then === 'function';
+}
 
 export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   const { hooks, cache, limits } = deps;
@@ -131,6 +146,8 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   /** One encoded reply per cache entry (the last spelling asked): it lives and goes with the entry. */
   const templates = new WeakMap<CacheEntry, { readonly key: string; readonly bytes: Buffer; readonly ttlAt: readonly number[] }>();
   const recordsOf = new WeakMap<CachedAnswer, AnswerRecord[]>();
+  /** Each answer's CNAME chain, asked of its records once. */
+  const chains = new WeakMap<readonly AnswerRecord[], string[]>();
   const pendingByAsker = new Map<string, number>();
   const inFlight = new Map<string, Promise<Resolution>>();
 
@@ -168,14 +185,8 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     return { view, records };
   };
 
-  const resolve = async (query: Query, question: Question): Promise<Resolution> => {
-    const key = cacheKey(query.name, query.type);
-    const cached = cache.get(key);
-    if (cached !== undefined) {
-      let records = recordsOf.get(cached);
-      if (records === undefined) recordsOf.set(cached, (records = answerRecords(cached.answers)));
-      return (await learn(question, records, true)) ? { view: cached, records } : { failed: 'learn' };
-    }
+  /** Asks upstream (or joins who already asks); `then` gets the resolution. */
+  const fromUpstreamOnce = (query: Query, question: Question, key: string): Promise<Resolution> => {
     const waiting = inFlight.get(key);
     if (waiting !== undefined) {
       counts.coalesced++;
@@ -194,91 +205,198 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     return asked;
   };
 
-  const reply = (query: Query, client: Client, content: ReplyContent): Buffer => {
+  const reply = (query: Query, id: number, client: Client, content: ReplyContent): Buffer => {
     if (content.rcode === Rcode.ServFail) counts.servFail++;
     const limit = client.transport === 'udp' ? (query.edns?.udpPayloadSize ?? CLASSIC_UDP_SIZE) : 65535;
-    const { bytes, truncated } = encodeReply(query, content, limit);
+    const { bytes, truncated } = encodeReply(query.id === id ? query : { ...query, id }, content, limit);
     if (truncated) counts.truncated++;
     return bytes;
   };
 
-  const answerQuery = async (query: Query, client: Client, memo: Memo | undefined): Promise<Buffer> => {
+  /** What went wrong where nothing should have: SERVFAIL, if even that can be encoded. */
+  const failed = (query: Query, id: number, client: Client, finish: Done, error: unknown): void => {
+    counts.internalErrors++;
+    deps.onError?.(error);
+    let bytes: Buffer | undefined;
+    try {
+      bytes = reply(query, id, client, { rcode: Rcode.ServFail });
+    } catch {
+      bytes = undefined;
+    }
+    finish(bytes);
+  };
+
+  // The path below is in continuation style, not async functions: a step whose hook answered at once goes on in the same call, so a warm cache hit costs no promise.
+
+  const answerQuery = (query: Query, id: number, client: Client, memo: Memo | undefined, finish: Done): void => {
     // RFC 6891 §6.1.3: an EDNS version this resolver does not speak is answered BADVERS, and nothing else.
     if (query.edns !== undefined && query.edns.version > 0) {
       counts.badVers++;
-      return reply(query, client, { rcode: Rcode.BadVers });
+      finish(reply(query, id, client, { rcode: Rcode.BadVers }));
+      return;
     }
-    let who: Who;
+    let identified: Who | PromiseLike<Who>;
     try {
-      who = await hooks.identify(client);
+      identified = hooks.identify(client);
     } catch {
       counts.unidentified++;
-      return reply(query, client, { rcode: Rcode.Refused });
+      finish(reply(query, id, client, { rcode: Rcode.Refused }));
+      return;
     }
+    if (!isThenable(identified)) {
+      answerIdentified(query, id, client, memo, identified, finish);
+      return;
+    }
+    identified.then(
+      (who) => {
+        try {
+          answerIdentified(query, id, client, memo, who, finish);
+        } catch (error) {
+          failed(query, id, client, finish, error);
+        }
+      },
+      () => {
+        counts.unidentified++;
+        try {
+          finish(reply(query, id, client, { rcode: Rcode.Refused }));
+        } catch (error) {
+          failed(query, id, client, finish, error);
+        }
+      },
+    );
+  };
+
+  const answerIdentified = (query: Query, id: number, client: Client, memo: Memo | undefined, who: Who, finish: Done): void => {
     const asker = deps.askerKey?.(who);
-    const askerPending = asker === undefined ? 0 : (pendingByAsker.get(asker) ?? 0);
-    if (asker !== undefined && askerPending >= limits.maxPendingPerAsker) {
+    if (asker === undefined) {
+      answerAdmitted(query, id, client, memo, who, finish);
+      return;
+    }
+    const askerPending = pendingByAsker.get(asker) ?? 0;
+    if (askerPending >= limits.maxPendingPerAsker) {
       counts.overloaded++;
       counts.overloadedByAsker++;
-      return reply(query, client, { rcode: Rcode.ServFail });
+      finish(reply(query, id, client, { rcode: Rcode.ServFail }));
+      return;
     }
-    if (asker !== undefined) pendingByAsker.set(asker, askerPending + 1);
-    try {
-      return await answerAdmitted(query, client, who, memo);
-    } finally {
-      if (asker !== undefined) {
+    pendingByAsker.set(asker, askerPending + 1);
+    let released = false;
+    const done = (bytes: Buffer | undefined): void => {
+      if (!released) {
+        released = true;
         const left = (pendingByAsker.get(asker) ?? 1) - 1;
         if (left > 0) pendingByAsker.set(asker, left);
         else pendingByAsker.delete(asker);
       }
+      finish(bytes);
+    };
+    try {
+      answerAdmitted(query, id, client, memo, who, done);
+    } catch (error) {
+      failed(query, id, client, done, error);
     }
   };
 
-  const answerAdmitted = async (query: Query, client: Client, who: Who, memo: Memo | undefined): Promise<Buffer> => {
-    const question: Question = { name: query.name, type: query.type };
+  const answerAdmitted = (query: Query, id: number, client: Client, memo: Memo | undefined, who: Who, finish: Done): void => {
+    const question: Question = memo?.question ?? { name: query.name, type: query.type };
     let admission: 'go' | 'refused' | 'nxdomain';
     try {
       admission = hooks.admit(who, question);
     } catch {
       counts.hookErrors++;
-      return reply(query, client, { rcode: Rcode.Refused });
+      finish(reply(query, id, client, { rcode: Rcode.Refused }));
+      return;
     }
     if (admission === 'refused') {
       counts.admitRefused++;
-      return reply(query, client, { rcode: Rcode.Refused });
+      finish(reply(query, id, client, { rcode: Rcode.Refused }));
+      return;
     }
     if (admission === 'nxdomain') {
       counts.admitNxdomain++;
-      return reply(query, client, { rcode: Rcode.NxDomain });
+      finish(reply(query, id, client, { rcode: Rcode.NxDomain }));
+      return;
     }
-    const resolution = await resolve(query, question);
-    if ('failed' in resolution) return reply(query, client, { rcode: Rcode.ServFail });
+    const key = memo?.cacheKey ?? cacheKey(query.name, query.type);
+    const cached = cache.get(key);
+    if (cached === undefined) {
+      void fromUpstreamOnce(query, question, key).then((resolution) => settled(query, id, client, memo, who, question, resolution, finish));
+      return;
+    }
+    let records = recordsOf.get(cached);
+    if (records === undefined) recordsOf.set(cached, (records = answerRecords(cached.answers)));
+    const resolved: Resolved = { view: cached, records };
+    let learning: void | Promise<void>;
+    try {
+      learning = hooks.learn(question, records, true);
+    } catch {
+      counts.learnFailed++;
+      finish(reply(query, id, client, { rcode: Rcode.ServFail }));
+      return;
+    }
+    // Nothing to wait for (the table holds every address already): the reply goes now, in this call.
+    if (!isThenable(learning)) {
+      finish(shaped(query, id, client, memo, who, question, resolved));
+      return;
+    }
+    learning.then(
+      () => settled(query, id, client, memo, who, question, resolved, finish),
+      () => {
+        counts.learnFailed++;
+        settled(query, id, client, memo, who, question, { failed: 'learn' }, finish);
+      },
+    );
+  };
+
+  /** After a promise: the same as the synchronous path, with what it throws answered SERVFAIL. */
+  const settled = (
+    query: Query,
+    id: number,
+    client: Client,
+    memo: Memo | undefined,
+    who: Who,
+    question: Question,
+    resolution: Resolution,
+    finish: Done,
+  ): void => {
+    try {
+      finish(shaped(query, id, client, memo, who, question, resolution));
+    } catch (error) {
+      failed(query, id, client, finish, error);
+    }
+  };
+
+  /** The reply to an answer the table has learned: what this client gets of it. */
+  const shaped = (query: Query, id: number, client: Client, memo: Memo | undefined, who: Who, question: Question, resolution: Resolution): Buffer => {
+    if ('failed' in resolution) return reply(query, id, client, { rcode: Rcode.ServFail });
     const { view, records } = resolution;
+    let chain = chains.get(records);
+    if (chain === undefined) chains.set(records, (chain = cnameChain(query.name, records)));
     let shape: 'answer' | 'nxdomain' | 'null';
     try {
-      shape = hooks.shape(who, question, cnameChain(query.name, records));
+      shape = hooks.shape(who, question, chain);
     } catch {
       counts.hookErrors++;
-      return reply(query, client, { rcode: Rcode.Refused });
+      return reply(query, id, client, { rcode: Rcode.Refused });
     }
     if (shape === 'nxdomain') {
       counts.shapedNxdomain++;
-      return reply(query, client, { rcode: Rcode.NxDomain });
+      return reply(query, id, client, { rcode: Rcode.NxDomain });
     }
     if (shape === 'null' && view.rcode === Rcode.NoError) {
       counts.shapedNull++;
       const answers: Answer[] | undefined = nullAnswer(query, limits.nullTtl);
-      return reply(query, client, answers === undefined ? { rcode: Rcode.NxDomain } : { rcode: Rcode.NoError, answers });
+      return reply(query, id, client, answers === undefined ? { rcode: Rcode.NxDomain } : { rcode: Rcode.NoError, answers });
     }
     // The same question, spelled and flagged the same, answered from the same cache entry: the bytes encoded for it before, with this query's id and the TTL that remains now.
     const template = memo === undefined || view.entry === undefined ? undefined : templates.get(view.entry);
     if (template !== undefined && template.key === memo!.key) {
       const bytes = Buffer.from(template.bytes);
-      bytes.writeUInt16BE(query.id, 0);
+      bytes.writeUInt16BE(id, 0);
       for (const at of template.ttlAt) bytes.writeUInt32BE(view.ttl, at);
       return bytes;
     }
-    const bytes = reply(query, client, { rcode: view.rcode, answers: view.answers, authorities: view.authorities });
+    const bytes = reply(query, id, client, { rcode: view.rcode, answers: view.answers, authorities: view.authorities });
     if (memo !== undefined && view.entry !== undefined && bytes.length <= MEMO_REPLY_BYTES && (bytes.readUInt16BE(2) & TC_FLAG) === 0) {
       const ttlAt = ttlOffsets(bytes);
       if (ttlAt !== undefined) templates.set(view.entry, { key: memo.key, bytes, ttlAt });
@@ -286,55 +404,63 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     return bytes;
   };
 
-  return {
-    async answer(raw, client) {
-      counts.received++;
-      // A query's bytes but its id decide everything parseQuery says: the same bytes again (a client asking a name it asked before) are not decoded again.
-      const memoKey = raw.length >= 12 && raw.length <= MEMO_QUERY_BYTES ? `${client.transport}${raw.toString('latin1', 2)}` : undefined;
-      let memo = memoKey === undefined ? undefined : memos.get(memoKey);
-      let parsed: ReturnType<typeof parseQuery>;
-      if (memo !== undefined) parsed = { ...memo.query, id: raw.readUInt16BE(0) };
-      else {
-        parsed = parseQuery(raw);
-        if (memoKey !== undefined && !isRejection(parsed)) {
-          if (memos.size >= MEMOS) memos.delete(memos.keys().next().value!);
-          memos.set(memoKey, (memo = { key: memoKey, query: parsed }));
-        }
-      }
+  const handle = (raw: Buffer, client: Client, done: Done): void => {
+    counts.received++;
+    // A query's bytes but its id decide everything parseQuery says: the same bytes again (a client asking a name it asked before) are not decoded again.
+    const memoKey = raw.length >= 12 && raw.length <= MEMO_QUERY_BYTES ? `${client.transport}${raw.toString('latin1', 2)}` : undefined;
+    let memo = memoKey === undefined ? undefined : memos.get(memoKey);
+    let query: Query;
+    if (memo !== undefined) query = memo.query;
+    else {
+      const parsed = parseQuery(raw);
       if ('drop' in parsed) {
         counts.dropped++;
-        return undefined;
+        done(undefined);
+        return;
       }
       if (isRejection(parsed)) {
         if (parsed.rcode === Rcode.NotImp) counts.notImp++;
         else counts.formErr++;
-        return parsed.reply;
+        done(parsed.reply);
+        return;
       }
-      counts.queries++;
-      if (pending >= limits.maxPending) {
-        counts.overloaded++;
-        // A UDP client asks again; a TCP client waits for its answer, so it gets one.
-        if (client.transport === 'udp') {
-          counts.dropped++;
-          return undefined;
-        }
-        return reply(parsed, client, { rcode: Rcode.ServFail });
+      query = parsed;
+      if (memoKey !== undefined) {
+        if (memos.size >= MEMOS) memos.delete(memos.keys().next().value!);
+        memos.set(memoKey, (memo = { key: memoKey, query, question: { name: query.name, type: query.type }, cacheKey: cacheKey(query.name, query.type) }));
       }
-      pending++;
-      try {
-        return await answerQuery(parsed, client, memo);
-      } catch (error) {
-        counts.internalErrors++;
-        deps.onError?.(error);
-        try {
-          return reply(parsed, client, { rcode: Rcode.ServFail });
-        } catch {
-          return undefined;
-        }
-      } finally {
-        pending--;
+    }
+    const id = raw.readUInt16BE(0);
+    counts.queries++;
+    if (pending >= limits.maxPending) {
+      counts.overloaded++;
+      // A UDP client asks again; a TCP client waits for its answer, so it gets one.
+      if (client.transport === 'udp') {
+        counts.dropped++;
+        done(undefined);
+        return;
       }
-    },
+      done(reply(query, id, client, { rcode: Rcode.ServFail }));
+      return;
+    }
+    pending++;
+    let finished = false;
+    const finish = (bytes: Buffer | undefined): void => {
+      if (finished) return;
+      finished = true;
+      pending--;
+      done(bytes);
+    };
+    try {
+      answerQuery(query, id, client, memo, finish);
+    } catch (error) {
+      failed(query, id, client, finish, error);
+    }
+  };
+
+  return {
+    answer: (raw, client) => new Promise<Buffer | undefined>((resolve) => handle(raw, client, resolve)),
+    handle,
     stats: () => ({ ...counts, pending }),
   };
 }

@@ -157,16 +157,20 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
     let state = await build(first);
     const filler = new SetFiller(state.view, writer, memory);
     const identify = who.identifyInBatch.bind(who);
-    const learn = async (question: Question, records: readonly AnswerRecord[]): Promise<void> => {
-      memory.rememberAnswer(question.name, records);
-      try {
-        await filler.learn(question, records);
-      } catch (error) {
+    /** Records already in the memory: the resolver hands one array for every hit of a cache entry within a second, and remembering it again changes nothing but its recency. */
+    const remembered = new WeakSet<readonly AnswerRecord[]>();
+    // Undefined when the table holds the answer already: the resolver then replies in the same call (pipeline.ts).
+    const learn = (question: Question, records: readonly AnswerRecord[]): Promise<void> | undefined => {
+      if (!remembered.has(records)) {
+        memory.rememberAnswer(question.name, records);
+        remembered.add(records);
+      }
+      return filler.learn(question, records)?.catch(async (error: unknown) => {
         // A set that is gone was replaced by an apply (its names changed): read the names again and try once more.
         if (setWriteRefusal(error) !== 'missing-set') throw error;
         await runtime.refreshLiveNames();
         await filler.learn(question, records);
-      }
+      });
     };
     const allowUpstreams = options.allowUpstreams ?? ((servers: readonly string[]) => allowUnitUpstreams(servers));
     let allowedFor: string | undefined;

@@ -127,7 +127,7 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
 
   const serveUdp = (raw: Buffer, from: { address: string; port: number }, local: { address: string; port: number }, send: (reply: Buffer) => void): void => {
     const client: Client = { transport: 'udp', address: from.address, port: from.port, local };
-    void pipeline.answer(raw, client).then((reply) => {
+    pipeline.handle(raw, client, (reply) => {
       // A query still in progress at close() is answered into nothing.
       if (reply !== undefined && !closed) send(reply);
     });
@@ -157,7 +157,18 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
       conn.destroy();
     };
     // Frames are taken while fewer than maxTcpPipeline are in progress; the rest waits in `buffered`, and the socket is not read meanwhile.
+    // A reply can come while its frame is being taken (a warm cache hit answers in the same call): the loop below takes what follows, not a nested call per frame.
+    let taking = false;
     const takeFrames = (): void => {
+      if (taking) return;
+      taking = true;
+      try {
+        takeSome();
+      } finally {
+        taking = false;
+      }
+    };
+    const takeSome = (): void => {
       while (inProgress < limits.maxTcpPipeline && buffered.length >= 2 && !conn.destroyed) {
         const length = buffered.readUInt16BE(0);
         if (length < MIN_FRAME) {
@@ -168,7 +179,7 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
         const frame = Buffer.from(buffered.subarray(2, 2 + length));
         buffered = buffered.subarray(2 + length);
         inProgress++;
-        void pipeline.answer(frame, client).then((reply) => {
+        pipeline.handle(frame, client, (reply) => {
           inProgress--;
           if (reply !== undefined && conn.writable) {
             const out = Buffer.alloc(2 + reply.length);

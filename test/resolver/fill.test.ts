@@ -117,4 +117,68 @@ describe('what an answer teaches the table', () => {
     expect(await filler.relearn(memory.chains())).toBe(1);
     expect(writes.at(-1)!.map((w) => w.set)).toEqual(['r1_dns4.ffff']);
   });
+  it('answers a warm hit at once (no promise) when the kernel holds every element as long as the answer asks, and never when one would run out before its TTL', async () => {
+    const { filler, writes, answer, tick } = setup([binding('r1', ['a.example'])]);
+    await answer('a.example', [a('a.example', '192.0.2.7', 300)]);
+    tick(10_000);
+    expect(filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', 290)])).toBeUndefined();
+    // A TTL the element would not outlive (one more second than it holds): written, and awaited.
+    const longer = filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', 291)]);
+    expect(longer).toBeInstanceOf(Promise);
+    await longer;
+    expect(writes.map((w) => w.map((x) => x.timeoutMs))).toEqual([[300_000], [291_000]]);
+  });
+
+  it('a re-apply (new live names) forgets what was written: the next hit writes into the new set before it answers', async () => {
+    const { filler, writes, answer, tick, view } = setup([binding('r1', ['a.example'])]);
+    const records = [a('a.example', '192.0.2.7', 300)];
+    await answer('a.example', records);
+    tick(1000);
+    const hit = [a('a.example', '192.0.2.7', 299)];
+    expect(filler.learn({ name: 'a.example', type: 'A' }, hit)).toBeUndefined();
+    filler.update({ ...view, liveNames: new Map([['r1_dns4', ['r1_dns4.ffff']]]) });
+    // The same records array as before the update (its plan named the old set): planned again.
+    const again = filler.learn({ name: 'a.example', type: 'A' }, hit);
+    expect(again).toBeInstanceOf(Promise);
+    await again;
+    expect(writes.at(-1)!.map((w) => [w.set, w.timeoutMs])).toEqual([['r1_dns4.ffff', 299_000]]);
+  });
+
+  it('an element deleted by hand (nothing tells the filler) is written again by the first answer after half its time is gone', async () => {
+    const { filler, writes, answer, tick } = setup([binding('r1', ['a.example'])]);
+    await answer('a.example', [a('a.example', '192.0.2.7', 600)]);
+    // `nft delete element` here: the filler's record still says it is there, so hits answer at once for a bounded time.
+    tick(299_000);
+    expect(filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', 301)])).toBeUndefined();
+    tick(2_000);
+    const recheck = filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', 299)]);
+    expect(recheck).toBeInstanceOf(Promise);
+    await recheck;
+    expect(writes.map((w) => w.map((x) => x.timeoutMs))).toEqual([[600_000], [299_000]]);
+    // Then again only once half of what it was written with is gone: a few writes over its life, not one per answer.
+    tick(100_000);
+    expect(filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', 199)])).toBeUndefined();
+    tick(50_000);
+    expect(filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', 149)])).toBeInstanceOf(Promise);
+  });
+
+  it('under the floor, the element always outlives the TTL the answer gives, and is renewed within a tenth of the floor', async () => {
+    const { filler, writes, answer, tick } = setup([binding('r1', ['a.example'])]);
+    await answer('a.example', [a('a.example', '192.0.2.7', 30)]);
+    tick(5_000);
+    // Wants 60 s from now, holds 55: within the tenth, and beyond the 25 s the answer gives.
+    expect(filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', 25)])).toBeUndefined();
+    tick(2_000);
+    await filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', 23)]);
+    expect(writes.map((w) => w.map((x) => x.timeoutMs))).toEqual([[60_000], [60_000]]);
+  });
+  it('over the cap, the element is renewed once it falls a tenth short of the cap, not with every answer', async () => {
+    const { filler, writes, answer, tick } = setup([binding('r1', ['a.example'])]);
+    await answer('a.example', [a('a.example', '192.0.2.7', 100_000)]);
+    tick(100_000);
+    expect(filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', 99_900)])).toBeUndefined();
+    tick(300_000);
+    await filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', 99_600)]);
+    expect(writes.map((w) => w.map((x) => x.timeoutMs))).toEqual([[3_600_000], [3_600_000]]);
+  });
 });

@@ -1,0 +1,167 @@
+/**
+ * The warm path: a cache hit whose addresses the table holds already is
+ * answered in the same call (no promise), and every other answer still
+ * waits for the kernel to take its addresses — a re-apply's new sets and an
+ * element someone else deleted included.
+ */
+import dnsPacket from 'dns-packet';
+import { describe, expect, it } from 'vitest';
+import type { DnsBinding } from '../../src/compile/compile.js';
+import type { ElementWrite } from '../../src/nft/set-elements.js';
+import { DnsCache } from '../../src/resolver/cache.js';
+import { SetFiller, type FillView } from '../../src/resolver/fill.js';
+import { resolverLimits } from '../../src/resolver/limits.js';
+import { createPipeline } from '../../src/resolver/pipeline.js';
+import type { Client, ResolverHooks } from '../../src/resolver/server.js';
+import type { UpstreamAnswer } from '../../src/resolver/upstream.js';
+
+const client: Client = { transport: 'udp', address: '127.0.0.1', port: 40000, local: { address: '127.0.0.153', port: 53 } };
+const binding: DnsBinding = { ruleId: 'r1', verdict: 'deny', names: ['a.example'], suffixes: [], lists: [], set4: 'r1_dns4', set6: 'r1_dns6' };
+
+function setup(identify: ResolverHooks<string>['identify'] = () => 'someone') {
+  let now = 1_000_000;
+  /** The kernel's set, as the writer leaves it: live set|address → expiry. Writes are acknowledged when the test says. */
+  const kernel = new Map<string, number>();
+  const unacked: { writes: ElementWrite[]; ack: () => void }[] = [];
+  const view: FillView = {
+    bindings: [binding],
+    bindingsFor: (chain) => (chain.includes('a.example') ? [0] : []),
+    liveNames: new Map([['r1_dns4', ['r1_dns4.0000000000000001']]]),
+    ttlFloor: 60,
+    ttlCap: 86_400,
+  };
+  const filler = new SetFiller(
+    view,
+    {
+      add: (writes) =>
+        new Promise<void>((resolve) =>
+          unacked.push({
+            writes: [...writes],
+            ack: () => {
+              for (const w of writes) kernel.set(`${w.set}|${w.address}`, now + w.timeoutMs);
+              resolve();
+            },
+          }),
+        ),
+      remove: () => Promise.resolve(),
+    },
+    undefined,
+    () => now,
+  );
+  const upstream = {
+    query(name: string): Promise<UpstreamAnswer | undefined> {
+      const message = dnsPacket.decode(
+        dnsPacket.encode({ type: 'response', id: 1, questions: [{ type: 'A', name }], answers: [{ type: 'A', name, ttl: 600, data: '192.0.2.7' }] }),
+      );
+      return Promise.resolve({ message, rcode: 0, bytes: 64, server: { address: '127.0.0.1', port: 53 }, transport: 'udp' } as unknown as UpstreamAnswer);
+    },
+  };
+  const limits = resolverLimits();
+  const pipeline = createPipeline<string>({
+    hooks: { identify, admit: () => 'go', learn: (question, records) => filler.learn(question, records), shape: () => 'answer' },
+    upstream,
+    cache: new DnsCache(limits, () => now),
+    limits,
+    now: () => now,
+  });
+  /** Asks; says whether the reply came before `handle` returned, and gives it when it comes. */
+  const ask = (id: number) => {
+    let reply: Buffer | undefined;
+    pipeline.handle(
+      dnsPacket.encode({ type: 'query', id, flags: dnsPacket.RECURSION_DESIRED, questions: [{ type: 'A', name: 'a.example' }] }),
+      client,
+      (bytes) => {
+        reply = bytes;
+      },
+    );
+    return { sync: reply !== undefined, reply: () => reply };
+  };
+  const settle = () => new Promise((resolve) => setTimeout(resolve, 5));
+  /** Whether the kernel holds the address now, and for how long more (ms). */
+  const held = (set = 'r1_dns4.0000000000000001') => (kernel.get(`${set}|192.0.2.7`) ?? now) - now;
+  return { pipeline, filler, view, kernel, unacked, ask, settle, held, tick: (ms: number) => (now += ms) };
+}
+
+describe('the warm path', () => {
+  it('answers a cache hit whose address the set holds in the same call, without a write; the first answer waited for the kernel', async () => {
+    const t = setup();
+    const first = t.ask(1);
+    expect(first.sync).toBe(false);
+    await t.settle();
+    // Upstream answered, the write is out, the reply is not.
+    expect(t.unacked).toHaveLength(1);
+    expect(first.reply()).toBeUndefined();
+    t.unacked.shift()!.ack();
+    await t.settle();
+    expect(dnsPacket.decode(first.reply()!).answers).toHaveLength(1);
+    t.tick(1000);
+    const hit = t.ask(2);
+    expect(hit.sync).toBe(true);
+    const decoded = dnsPacket.decode(hit.reply()!);
+    expect(decoded.id).toBe(2);
+    expect(decoded.answers?.[0]).toMatchObject({ data: '192.0.2.7', ttl: 599 });
+    expect(t.unacked).toHaveLength(0);
+    expect(t.held()).toBeGreaterThanOrEqual(599_000);
+    expect(t.pipeline.stats().pending).toBe(0);
+  });
+
+  it('with identify in a batch (a promise), the hit replies as identify settles: one hop, nothing after it', async () => {
+    let settleWho: (who: string) => void = () => undefined;
+    const t = setup(() => new Promise<string>((resolve) => (settleWho = resolve)));
+    const first = t.ask(1);
+    settleWho('someone');
+    await t.settle();
+    t.unacked.shift()!.ack();
+    await t.settle();
+    expect(first.reply()).toBeDefined();
+    const hit = t.ask(2);
+    expect(hit.sync).toBe(false);
+    settleWho('someone');
+    // One microtask: the identify promise's own reaction.
+    await Promise.resolve();
+    expect(hit.reply()).toBeDefined();
+  });
+
+  it('after a re-apply made new sets, a cache hit writes into them and answers only once the kernel took it', async () => {
+    const t = setup();
+    t.ask(1);
+    await t.settle();
+    t.unacked.shift()!.ack();
+    await t.settle();
+    t.tick(1000);
+    expect(t.ask(2).sync).toBe(true);
+    // The re-apply: new live names (runtime's refreshLiveNames/update hands the filler the new view).
+    t.filler.update({ ...t.view, liveNames: new Map([['r1_dns4', ['r1_dns4.0000000000000002']]]) });
+    const hit = t.ask(3);
+    expect(hit.sync).toBe(false);
+    await t.settle();
+    expect(hit.reply()).toBeUndefined();
+    expect(t.unacked[0]!.writes.map((w) => [w.set, w.address])).toEqual([['r1_dns4.0000000000000002', '192.0.2.7']]);
+    t.unacked.shift()!.ack();
+    await t.settle();
+    expect(hit.reply()).toBeDefined();
+    expect(t.held('r1_dns4.0000000000000002')).toBeGreaterThanOrEqual((dnsPacket.decode(hit.reply()!).answers![0] as { ttl: number }).ttl * 1000);
+  });
+
+  it('an element deleted by someone else is written again, before the answer, once half its time is gone', async () => {
+    const t = setup();
+    t.ask(1);
+    await t.settle();
+    t.unacked.shift()!.ack();
+    await t.settle();
+    // `nft delete element`: the kernel forgets it, the filler is not told.
+    t.kernel.clear();
+    t.tick(299_000);
+    expect(t.ask(2).sync).toBe(true);
+    t.tick(2_000);
+    const hit = t.ask(3);
+    expect(hit.sync).toBe(false);
+    await t.settle();
+    expect(hit.reply()).toBeUndefined();
+    t.unacked.shift()!.ack();
+    await t.settle();
+    const ttl = (dnsPacket.decode(hit.reply()!).answers![0] as { ttl: number }).ttl;
+    expect(ttl).toBe(299);
+    expect(t.held()).toBeGreaterThanOrEqual(ttl * 1000);
+  });
+});
