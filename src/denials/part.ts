@@ -34,17 +34,18 @@ export function denialParts(): DenialParts {
   let open: (DenialStore & WorkerHouseKeeping) | undefined;
   /** What stores closed before the one open now counted: status shows every record dropped since egressd started. */
   let retired: DenialStoreCounters = NO_COUNTS;
+  /** The counts of the stores closed before (`retired`) and of `c`; what is queued is `c`'s alone. */
+  const since = (c: DenialStoreCounters): DenialStoreCounters => ({
+    queued: c.queued,
+    queuedPeak: Math.max(retired.queuedPeak, c.queuedPeak),
+    written: retired.written + c.written,
+    dropped: retired.dropped + c.dropped,
+    droppedEvents: retired.droppedEvents + c.droppedEvents,
+    failed: retired.failed + c.failed,
+    failedEvents: retired.failedEvents + c.failedEvents,
+  });
   const retire = (closing: DenialStore): void => {
-    const c = closing.counters();
-    retired = {
-      queued: 0,
-      queuedPeak: Math.max(retired.queuedPeak, c.queuedPeak),
-      written: retired.written + c.written,
-      dropped: retired.dropped + c.dropped,
-      droppedEvents: retired.droppedEvents + c.droppedEvents,
-      failed: retired.failed + c.failed,
-      failedEvents: retired.failedEvents + c.failedEvents,
-    };
+    retired = { ...since(closing.counters()), queued: 0 };
   };
   const current = (): DenialStore => {
     if (!open) throw new EgressError(ErrorCode.DenialStore, 'the denial store is not open (see the log: denial-store-failed)');
@@ -58,18 +59,7 @@ export function denialParts(): DenialParts {
     query: async (filter) => current().query(filter),
     get: async (id) => current().get(id),
     summary: async (filter) => current().summary(filter),
-    counters: () => {
-      const c = open?.counters() ?? NO_COUNTS;
-      return {
-        queued: c.queued,
-        queuedPeak: Math.max(retired.queuedPeak, c.queuedPeak),
-        written: retired.written + c.written,
-        dropped: retired.dropped + c.dropped,
-        droppedEvents: retired.droppedEvents + c.droppedEvents,
-        failed: retired.failed + c.failed,
-        failedEvents: retired.failedEvents + c.failedEvents,
-      };
-    },
+    counters: () => since(open?.counters() ?? NO_COUNTS),
     close: () => Promise.resolve(),
   };
   const keeper: PartSpec = {
