@@ -449,11 +449,13 @@ export class CgroupTracker {
     const desired = new Map<string, MapVerdict>();
     const uid = Number(stat!.uid);
     // Whose room and back-off it counts against: the user the subtree was delegated to, whatever owner it gave the cgroup.
-    const principal = this.principalOf(relative, uid);
+    // Walked up to only when asked (a cut, a need, a first hold): the periodic look of what is held already asks nothing.
+    let walked: number | undefined;
+    const principal = (): number => (walked ??= this.principalOf(relative, uid));
     if (claims.length > 0 && !nameable(relative)) {
       // Written by id the kernel would take it, but nft then aborts listing the map (nft 1.0.6,
       // json.c mapping_expr_json): compile's way instead — left out, or its ancestor cut off.
-      this.cutOff(view, key, relative, principal, claims);
+      this.cutOff(view, key, relative, principal(), claims);
       claims.length = 0;
     } else if (cutting !== undefined) this.uncut(key);
     /** The compiled maps whose say on this path is its own claim's: a cut-off from below does not override it. */
@@ -463,7 +465,7 @@ export class CgroupTracker {
       if (verdict === undefined) {
         // Keyed by the principal too: one user's back-off never holds another's.
         this.askRecompile(
-          `delegated ${claim.owner} uid ${principal}`,
+          `delegated ${claim.owner} uid ${principal()}`,
           `a cgroup of ${claim.owner} delegated to uid ${uid} appeared, and the table has no chain for its delegated members yet`,
         );
         continue;
@@ -482,13 +484,13 @@ export class CgroupTracker {
     let entry = this.tracked.get(key);
     if (entry === undefined) {
       if (desired.size === 0) return;
-      if (!this.admit(principal, this.tracked.size)) {
+      if (!this.admit(principal(), this.tracked.size)) {
         this.full('cgroups');
         return;
       }
-      entry = { bytes: relative, text, id: stat!.ino, uid: principal, written: new Map() };
+      entry = { bytes: relative, text, id: stat!.ino, uid: principal(), written: new Map() };
       this.tracked.set(key, entry);
-      this.countUid(principal, 1);
+      this.countUid(principal(), 1);
     }
     for (const [map, written] of entry.written) {
       const want = desired.get(map);
