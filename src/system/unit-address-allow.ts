@@ -20,50 +20,43 @@
  */
 import { execFile } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { addressGroups, formatGroups, networkContains, parseNetwork } from '../policy/destination.js';
+import { networkContains, parseNetwork } from '../policy/destination.js';
 
-const AF_INET = 2;
-const AF_INET6 = 10;
-
-/** systemd's a(iayu): address family, address bytes, prefix length. */
-export type UnitAddressPrefix = readonly [family: number, address: readonly number[], prefix: number];
+/** A network as the unit's list holds it. */
+export interface UnitNet {
+  readonly family: 4 | 6;
+  readonly address: string;
+  readonly prefix: number;
+}
 
 /** What `localhost` means in a unit file (systemd.resource-control(5)): 127.0.0.0/8 and ::1/128. */
-const LOOPBACK: readonly UnitAddressPrefix[] = [
-  [AF_INET, [127, 0, 0, 0], 8],
-  [AF_INET6, [...new Array<number>(15).fill(0), 1], 128],
+const LOOPBACK: readonly UnitNet[] = [
+  { family: 4, address: '127.0.0.0', prefix: 8 },
+  { family: 6, address: '::1', prefix: 128 },
 ];
+
+const isLoopback = (family: 4 | 6, address: string): boolean => LOOPBACK.some((net) => networkContains(net, family, address));
 
 /**
  * The unit's allow list for these upstreams ("ADDR" or "ADDR#PORT"): loopback, and each other address alone (a
  * loopback upstream — stubby, dnscrypt-proxy on 127.0.0.1#5353 — is in loopback already). Pure.
  */
-export function allowListFor(upstreams: readonly string[]): UnitAddressPrefix[] {
-  const out: UnitAddressPrefix[] = [...LOOPBACK];
-  const seen = new Set<string>();
+export function allowListFor(upstreams: readonly string[]): UnitNet[] {
+  const out: UnitNet[] = [...LOOPBACK];
   for (const upstream of upstreams) {
     const host = upstream.split('#')[0] ?? '';
     const parsed = parseNetwork(host);
     if (!parsed.ok || /[/%]/.test(host)) throw new Error(`upstream "${upstream}" is not ADDR or ADDR#PORT`);
-    const { family, address } = parsed.value;
-    if (seen.has(address) || LOOPBACK.some((net) => covers(net, family, address))) continue;
-    seen.add(address);
-    const bytes = addressGroups(family, address).flatMap((group) => [group >> 8, group & 255]);
-    out.push(family === 4 ? [AF_INET, bytes, 32] : [AF_INET6, bytes, 128]);
+    const { family, address, prefix } = parsed.value;
+    if (isLoopback(family, address) || out.some((net) => net.address === address)) continue;
+    out.push({ family, address, prefix });
   }
   return out;
 }
 
-function covers([netFamily, bytes, prefix]: UnitAddressPrefix, family: 4 | 6, address: string): boolean {
-  const netText = prefixText([netFamily, bytes, prefix]);
-  return networkContains({ family: netFamily === AF_INET ? 4 : 6, address: netText.slice(0, netText.indexOf('/')), prefix }, family, address);
-}
-
-/** A prefix as text, for logs and for comparing with what systemd holds: "127.0.0.0/8", "2001:db8::1/128". */
-export function prefixText([family, address, prefix]: UnitAddressPrefix): string {
-  const groups: number[] = [];
-  for (let i = 0; i < address.length; i += 2) groups.push(((address[i] ?? 0) << 8) | (address[i + 1] ?? 0));
-  return `${formatGroups(family === AF_INET ? 4 : 6, groups)}/${prefix}`;
+/** A network as text, for systemctl and logs: "127.0.0.0/8", "2001:db8::1/128" (addresses canonical, as parseNetwork writes them). */
+export function prefixText(net: UnitNet): string {
+  return `${net.address}/${net.prefix}`;
 }
 
 export type UnitAllowOutcome =
@@ -130,7 +123,8 @@ let queue: Promise<unknown> = Promise.resolve();
 async function allowNow(upstreams: readonly string[], options: UnitAllowOptions): Promise<UnitAllowOutcome> {
   const unit = 'unit' in options ? options.unit : ownUnit();
   if (unit === undefined) return { kind: 'unconfined', why: 'not started by systemd' };
-  const wanted = allowListFor(upstreams).map(prefixText);
+  const wantedNets = allowListFor(upstreams);
+  const wanted = wantedNets.map(prefixText);
   const systemctl = options.systemctl ?? runSystemctl;
   const show = async (): Promise<Record<string, string>> =>
     Object.fromEntries(
@@ -148,16 +142,11 @@ async function allowNow(upstreams: readonly string[], options: UnitAllowOptions)
     const parsed = parseNetwork(text);
     return parsed.ok ? [parsed.value] : [];
   });
-  const missing = wanted.filter((text) => {
-    const address = text.slice(0, text.indexOf('/'));
-    const prefix = Number(text.slice(text.indexOf('/') + 1));
-    const family = address.includes(':') ? 6 : 4;
-    return !heldNets.some((net) => net.prefix <= prefix && networkContains(net, family, address));
-  });
-  if (missing.length > 0) throw new Error(`${unit}'s IPAddressAllow lacks ${missing.join(', ')} after it was set (it holds: ${held.join(' ')})`);
+  const missing = wantedNets.filter((want) => !heldNets.some((net) => net.prefix <= want.prefix && networkContains(net, want.family, want.address)));
+  if (missing.length > 0)
+    throw new Error(`${unit}'s IPAddressAllow lacks ${missing.map(prefixText).join(', ')} after it was set (it holds: ${held.join(' ')})`);
   // …and nothing more: a systemd that merged instead of clearing would keep the old upstreams let through.
-  const extra = heldNets.filter((net) => !LOOPBACK.some((lo) => covers(lo, net.family, net.address)) && !wanted.includes(`${net.address}/${net.prefix}`));
-  if (extra.length > 0)
-    throw new Error(`${unit}'s IPAddressAllow still lets through ${extra.map((n) => `${n.address}/${n.prefix}`).join(', ')} after it was set`);
+  const extra = heldNets.filter((net) => !isLoopback(net.family, net.address) && !wanted.includes(prefixText(net)));
+  if (extra.length > 0) throw new Error(`${unit}'s IPAddressAllow still lets through ${extra.map(prefixText).join(', ')} after it was set`);
   return { kind: 'set', unit, allowed: wanted };
 }

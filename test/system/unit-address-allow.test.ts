@@ -26,9 +26,9 @@ describe('allowListFor', () => {
     expect(allowListFor(['127.0.0.1#5353', '127.0.1.53', '::1#5353']).map(prefixText)).toEqual(['127.0.0.0/8', '::1/128']);
   });
 
-  it('gives systemd address bytes in network order', () => {
-    expect(allowListFor(['2001:db8::53'])[2]).toEqual([10, [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x53], 128]);
-    expect(allowListFor(['203.0.113.9'])[2]).toEqual([2, [203, 0, 113, 9], 32]);
+  it('gives systemctl each address in its canonical form, the whole address as the prefix', () => {
+    expect(allowListFor(['2001:0db8:0:0::0053'])[2]).toEqual({ family: 6, address: '2001:db8::53', prefix: 128 });
+    expect(allowListFor(['203.0.113.9'])[2]).toEqual({ family: 4, address: '203.0.113.9', prefix: 32 });
   });
 
   it('refuses what is not an address: a network, a name, a zone', () => {
