@@ -7,7 +7,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { ErrorCode, type EgressError } from '../../src/errors.js';
 import { denialStorePath, openDenialStore, SCHEMA_VERSION } from '../../src/denials/store.js';
 import { startDenialStore, type WorkerStoreOptions } from '../../src/denials/store-worker.js';
-import { denial, manyDenials } from './store-records.js';
+import { denial, killWriterAfter, manyDenials } from './store-records.js';
 
 /**
  * The store as the daemon runs it: the database in a worker thread, `add`
@@ -216,24 +216,7 @@ describe('denial store in its worker thread', () => {
       cwd: join(import.meta.dirname, '../..'),
       stdio: ['ignore', 'pipe', 'inherit'],
     });
-    let reported = 0;
-    let text = '';
-    child.stdout.on('data', (chunk: Buffer) => {
-      text += chunk.toString();
-      const all = [...text.matchAll(/added (\d+)\n/g)];
-      if (all.length > 0) reported = Number(all[all.length - 1]![1]);
-    });
-    await new Promise<void>((resolve, reject) => {
-      child.once('exit', () => reject(new Error(`the writer exited: ${text.slice(-500)}`)));
-      const poll = setInterval(() => {
-        if (reported >= 20_000) {
-          clearInterval(poll);
-          child.kill('SIGKILL');
-          resolve();
-        }
-      }, 5);
-    });
-    await new Promise((r) => child.once('exit', r));
+    const reported = await killWriterAfter(child, 20_000);
     expect(child.signalCode).toBe('SIGKILL');
     expect(existsSync(`${path}-wal`)).toBe(true);
     const errors: EgressError[] = [];

@@ -17,7 +17,7 @@ import {
 } from '../../src/denials/store.js';
 import type { DenialRecord } from '../../src/denials/record.js';
 import { ensureTestUsers } from '../harness/index.js';
-import { denial, manyDenials } from './store-records.js';
+import { denial, killWriterAfter, manyDenials } from './store-records.js';
 
 const scratch = mkdtempSync(join(tmpdir(), 'egd-store-'));
 afterAll(() => rmSync(scratch, { recursive: true, force: true }));
@@ -512,23 +512,7 @@ describe('denial store: SIGKILL mid-write', () => {
       cwd: join(import.meta.dirname, '../..'),
       stdio: ['ignore', 'pipe', 'inherit'],
     });
-    let reported = 0;
-    let text = '';
-    child.stdout.on('data', (chunk: Buffer) => {
-      text += chunk.toString();
-      const all = [...text.matchAll(/added (\d+)\n/g)];
-      if (all.length > 0) reported = Number(all[all.length - 1]![1]);
-    });
-    await new Promise<void>((resolve) => {
-      const poll = setInterval(() => {
-        if (reported >= 30_000) {
-          clearInterval(poll);
-          child.kill('SIGKILL');
-          resolve();
-        }
-      }, 5);
-    });
-    await new Promise((r) => child.once('exit', r));
+    const reported = await killWriterAfter(child, 30_000);
     expect(child.signalCode).toBe('SIGKILL');
     expect(existsSync(`${path}-wal`)).toBe(true);
     const errors: EgressError[] = [];
