@@ -21,6 +21,7 @@
 import { execFile } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { networkContains, parseNetwork } from '../policy/destination.js';
+import { parseProcCgroup } from './capabilities.js';
 
 /** A network as the unit's list holds it. */
 export interface UnitNet {
@@ -86,7 +87,7 @@ export function ownUnit(env: NodeJS.ProcessEnv = process.env, pid = process.pid,
   } catch {
     return undefined;
   }
-  const path = /^0::(\S+)$/m.exec(text)?.[1] ?? '';
+  const path = parseProcCgroup(text) ?? '';
   const last = path.slice(path.lastIndexOf('/') + 1);
   return /^[\w:@.\\-]+\.service$/.test(last) ? last : undefined;
 }
