@@ -175,7 +175,7 @@ async function revealEndLoss(seen: () => number | Promise<number>, flooded: numb
 
 async function egressdRow(state: string, withStore: boolean): Promise<Row> {
   const log = pino({ level: 'warn' }, pino.destination(2));
-  const inForce = { policy: { apps: [], defaults: { log: { group: GROUP } } }, facts: {}, compiled: { ruleIds: [] } } as unknown as InForce;
+  const inForce = { policy: { apps: [], globalDeny: [], defaults: { log: { group: GROUP } } }, facts: {}, compiled: { ruleIds: [] } } as unknown as InForce;
   const reader = await startDenialReader(inForce, { log, stateDir: state, learnedNames: () => [] });
   const rssBefore = process.memoryUsage().rss;
   // The store as the daemon runs it: its database in a worker thread, add handed over, the queue bounded (dropped and counted past it).

@@ -24,7 +24,17 @@ import {
 import { appTags, CT_MARK_KEEP, CT_MARK_MASK, DEFAULT_TAG, markValue, UNCLAIMED_TAG } from './ct-mark.js';
 import { cgroupGlobMatcher } from './glob.js';
 import { logPrefix } from './log-prefix.js';
-import { DNS_EXCLUSIVE_RULE, DNS_RESOLVER_RULE, ruleIdTable, socksOnLoopback, TOR_SOCKS_ANSWER_RULE, type RuleIdEntry } from './rule-ids.js';
+import {
+  appsWithOwnGlobalDeny,
+  DNS_EXCLUSIVE_RULE,
+  DNS_RESOLVER_RULE,
+  entryKey,
+  keyOfEntry,
+  ruleIdTable,
+  socksOnLoopback,
+  TOR_SOCKS_ANSWER_RULE,
+  type RuleIdEntry,
+} from './rule-ids.js';
 
 export const TABLE = EGRESSD_TABLE;
 
@@ -312,7 +322,10 @@ class Compiler {
   private readonly warnings: PolicyIssue[] = [];
   private readonly log: Policy['defaults']['log'];
   private readonly ruleIds: readonly RuleIdEntry[];
+  /** Short ids by entryKey: a rule's id, and for a global rule's copy the app it is copied for. */
   private readonly shortIds: ReadonlyMap<string, string>;
+  /** The apps whose chain goes on to a copy of the global deny list (appsWithOwnGlobalDeny). */
+  private readonly ownGlobalDeny: ReadonlySet<string>;
   /** Every cgroup the facts list, with whether nft can name it. */
   private readonly cgroups: readonly (UnnamedCgroup & { readonly nameable: boolean })[];
   /** The table uses conntrack (a default deny somewhere): only then are connections tagged with their identity (ct-mark.ts). */
@@ -326,7 +339,8 @@ class Compiler {
   ) {
     this.log = policy.defaults.log;
     this.ruleIds = ruleIdTable(policy, options);
-    this.shortIds = new Map(this.ruleIds.map((entry) => [entry.ruleId, entry.id]));
+    this.shortIds = new Map(this.ruleIds.map((entry) => [keyOfEntry(entry), entry.id]));
+    this.ownGlobalDeny = new Set(appsWithOwnGlobalDeny(policy).map((app) => app.name));
     this.rootIdentities = policy.apps.some((app) => app.identities.some((i) => i.selectors.some((s) => s.kind === 'user' || s.kind === 'group')));
     this.cgroups = [
       ...facts.cgroups.map((path) => {
@@ -452,6 +466,12 @@ class Compiler {
     policy.globalDeny.forEach((r, index) => globalDeny.push(...this.ruleDecls(r, `g${index}`)));
     this.chains.push({ name: 'global_deny', rules: globalDeny });
     output.push(rule([verdict.jump('global_deny')], 'global deny list'));
+    // The copies after the list itself, whose sets they look up.
+    for (const app of this.ownGlobalDeny) {
+      const copy: RuleDecl[] = [];
+      policy.globalDeny.forEach((r, index) => copy.push(...this.ruleDecls(r, `g${index}`, undefined, app)));
+      this.chains.push({ name: globalDenyChain(app), rules: copy });
+    }
 
     output.push(...this.defaultTail('default', policy.defaults.egress, policy.defaults.at, DEFAULT_TAG));
     // The sets the DNS rules and the link-local chain are entered by, declared last: the policy's own sets come first.
@@ -611,7 +631,8 @@ class Compiler {
     const tag = this.tags.get(app.name);
     for (const r of app.rules) rules.push(...this.ruleDecls(r, `a_${app.name}_${r.id.split('/').pop()}`, tag));
     // An app's own rules outrank the global deny list; its default does not.
-    rules.push(rule([verdict.jump('global_deny')], comment(app.at, `app/${app.name}: then the global deny list`)));
+    const globalDeny = this.ownGlobalDeny.has(app.name) ? globalDenyChain(app.name) : 'global_deny';
+    rules.push(rule([verdict.jump(globalDeny)], comment(app.at, `app/${app.name}: then the global deny list`)));
     rules.push(...this.defaultTail(`app/${app.name}/default`, app.defaultVerdict, app.at, tag));
     return rules;
   }
@@ -631,12 +652,18 @@ class Compiler {
     return [stmt.ctMarkSet(CT_MARK_KEEP, markValue(tag)), verdict.accept()];
   }
 
-  /** One policy rule → nft rules: one per address family and kind of address, or one if it matches any address. */
-  private ruleDecls(r: Rule, setPrefix: string, tag?: number): RuleDecl[] {
-    const tail = r.verdict === 'allow' ? this.allowTail(tag) : this.denyVerdict(r.id, r.at, r.log, setPrefix);
+  /**
+   * One policy rule → nft rules: one per address family and kind of address,
+   * or one if it matches any address. `copyFor`: a global rule's copy for
+   * that app (appsWithOwnGlobalDeny), with its own short id and log chain,
+   * looking up the sets the rule itself declared.
+   */
+  private ruleDecls(r: Rule, setPrefix: string, tag?: number, copyFor?: string): RuleDecl[] {
+    const tail = r.verdict === 'allow' ? this.allowTail(tag) : this.denyVerdict(r.id, r.at, r.log, setPrefix, copyFor);
     const l4 = this.protocolMatch(r);
-    const text = this.tagged(r.at, r.id);
+    const text = this.tagged(r.at, r.id, '', copyFor);
     if (r.to.any) return [rule([...l4, stmt.counter(), ...tail], text)];
+    const declare = copyFor === undefined;
 
     const decls: RuleDecl[] = [];
     for (const family of [4, 6] as const) {
@@ -645,27 +672,29 @@ class Compiler {
       const { hashed, rest } = splitByPrefix(r.to.networks.filter((net) => net.family === family));
       for (const [prefix, networks] of hashed) {
         const name = `${setPrefix}_net${family}_p${prefix}`;
-        this.sets.push({ name, key, flags: [], elements: networks.map((net) => net.address), comment: text });
+        if (declare) this.sets.push({ name, key, flags: [], elements: networks.map((net) => net.address), comment: text });
         const lookup = prefix === bits ? match.daddr(family, name) : match.daddrMasked(family, prefix, name);
         decls.push(rule([lookup, ...l4, stmt.counter(), ...tail], text));
       }
       if (rest.length > 0) {
         const name = `${setPrefix}_net${family}`;
-        this.sets.push({ name, key, flags: ['interval'], elements: rest.map(networkElement), comment: text });
+        if (declare) this.sets.push({ name, key, flags: ['interval'], elements: rest.map(networkElement), comment: text });
         decls.push(rule([match.daddr(family, name), ...l4, stmt.counter(), ...tail], text));
       }
     }
     if (r.to.names.length + r.to.suffixes.length + r.to.lists.length > 0) {
       const set4 = `${setPrefix}_dns4`;
       const set6 = `${setPrefix}_dns6`;
-      // Filled by the resolver with each answer's addresses, expiring with the answer's TTL.
-      const source = this.dnsSource(r);
-      this.sets.push({ name: set4, key: 'ipv4_addr', flags: ['timeout'], elements: [], comment: text, source });
-      this.sets.push({ name: set6, key: 'ipv6_addr', flags: ['timeout'], elements: [], comment: text, source });
       decls.push(rule([match.daddr(4, set4), ...l4, stmt.counter(), ...tail], text));
       decls.push(rule([match.daddr(6, set6), ...l4, stmt.counter(), ...tail], text));
-      const shared = r.sharedAddresses === undefined ? {} : { sharedAddresses: r.sharedAddresses };
-      this.dnsBindings.push({ ruleId: r.id, verdict: r.verdict, names: r.to.names, suffixes: r.to.suffixes, lists: r.to.lists, set4, set6, ...shared });
+      if (declare) {
+        // Filled by the resolver with each answer's addresses, expiring with the answer's TTL.
+        const source = this.dnsSource(r);
+        this.sets.push({ name: set4, key: 'ipv4_addr', flags: ['timeout'], elements: [], comment: text, source });
+        this.sets.push({ name: set6, key: 'ipv6_addr', flags: ['timeout'], elements: [], comment: text, source });
+        const shared = r.sharedAddresses === undefined ? {} : { sharedAddresses: r.sharedAddresses };
+        this.dnsBindings.push({ ruleId: r.id, verdict: r.verdict, names: r.to.names, suffixes: r.to.suffixes, lists: r.to.lists, set4, set6, ...shared });
+      }
     }
     return decls;
   }
@@ -722,10 +751,10 @@ class Compiler {
    * itself would make the rule stop matching above the rate and let the packet
    * through; in its own chain the limit only thins the log.
    */
-  private denyVerdict(id: string, at: Origin | undefined, log: boolean, setPrefix: string): Statement[] {
+  private denyVerdict(id: string, at: Origin | undefined, log: boolean, setPrefix: string, copyFor?: string): Statement[] {
     if (!log || !this.log.denials) return [verdict.drop()];
-    const chain = `log_${setPrefix}`;
-    if (!this.chains.some((c) => c.name === chain)) this.chains.push({ name: chain, rules: this.denyTail(id, at, true) });
+    const chain = copyFor === undefined ? `log_${setPrefix}` : `log_${setPrefix}_${globalDenyChain(copyFor)}`;
+    if (!this.chains.some((c) => c.name === chain)) this.chains.push({ name: chain, rules: this.denyTail(id, at, true, copyFor) });
     return [verdict.goto(chain)];
   }
 
@@ -758,11 +787,12 @@ class Compiler {
    * key on and share one limit per rule, as before. It all runs only on
    * packets already being dropped.
    */
-  private denyTail(id: string, at: Origin | undefined, log: boolean): RuleDecl[] {
+  private denyTail(id: string, at: Origin | undefined, log: boolean, copyFor?: string): RuleDecl[] {
     const rules: RuleDecl[] = [];
+    const text = this.tagged(at, id, '', copyFor);
     if (log && this.log.denials) {
       const { count, per } = this.log.rate;
-      const shortId = this.shortId(id);
+      const shortId = this.shortId(id, copyFor);
       const prefix = logPrefix(shortId);
       const meter = this.logMeter(shortId, meterTimeout(count, per, this.log.burst), `${count}/${per} burst ${this.log.burst}`);
       rules.push(
@@ -773,14 +803,14 @@ class Compiler {
             stmt.counter(),
             verdict.drop(),
           ],
-          this.tagged(at, id),
+          text,
         ),
         // Over its own uid's limit (or the meter is full): dropped, not logged.
-        rule([match.owned(), stmt.counter(), verdict.drop()], this.tagged(at, id)),
-        rule([stmt.limit(count, per, this.log.burst), stmt.log(prefix, this.log.group)], this.tagged(at, id)),
+        rule([match.owned(), stmt.counter(), verdict.drop()], text),
+        rule([stmt.limit(count, per, this.log.burst), stmt.log(prefix, this.log.group)], text),
       );
     }
-    rules.push(rule([stmt.counter(), verdict.drop()], this.tagged(at, id)));
+    rules.push(rule([stmt.counter(), verdict.drop()], text));
     return rules;
   }
 
@@ -1156,9 +1186,9 @@ class Compiler {
     if (!this.errors.some((e) => e.message === message)) this.errors.push({ severity: 'error', at, message, hint });
   }
 
-  private shortId(ruleId: string): string {
-    const id = this.shortIds.get(ruleId);
-    if (id === undefined) throw new Error(`internal: rule ${ruleId} has no short id`);
+  private shortId(ruleId: string, copyFor?: string): string {
+    const id = this.shortIds.get(entryKey(ruleId, copyFor));
+    if (id === undefined) throw new Error(`internal: rule ${ruleId}${copyFor === undefined ? '' : ` (app ${copyFor})`} has no short id`);
     return id;
   }
 
@@ -1167,13 +1197,19 @@ class Compiler {
    * (a comment is cut at 128 bytes, and file names can be long), then
    * file:line and the rule's own id, for people.
    */
-  private tagged(at: Origin | undefined, ruleId: string, note = ''): string {
-    return safeComment(`${this.shortId(ruleId)} ${at ? `${at.file}:${at.line} ` : ''}${ruleId}${note}`);
+  private tagged(at: Origin | undefined, ruleId: string, note = '', copyFor?: string): string {
+    const copy = copyFor === undefined ? '' : `: for app ${copyFor}`;
+    return safeComment(`${this.shortId(ruleId, copyFor)} ${at ? `${at.file}:${at.line} ` : ''}${ruleId}${copy}${note}`);
   }
 
   private warn(at: Origin, message: string): void {
     if (!this.warnings.some((w) => w.message === message)) this.warnings.push({ severity: 'warning', at, message });
   }
+}
+
+/** The chain of an app's own copy of the global deny list (appsWithOwnGlobalDeny). */
+function globalDenyChain(app: string): string {
+  return `global_deny_app_${app}`;
 }
 
 /**

@@ -49,6 +49,8 @@ export interface Explanation {
   readonly ruleId: string;
   readonly at: Origin | undefined;
   readonly why: string | undefined;
+  /** The app whose chain decided (its rule, the global deny list or its default); absent when no app's did. */
+  readonly app?: string;
   /** The path taken, one line per precedence level, for people. */
   readonly steps: readonly string[];
   /** Caveats: what the answer depends on that a policy cannot know (DNS answers). */
@@ -74,14 +76,14 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   if (target.note) notes.push(target.note);
   const belongs = membership(policy, query.who, facts);
   if ('error' in belongs) return belongs;
-  const decide = (verdict: 'allow' | 'deny', level: Level, ruleId: string, at: Origin | undefined, why?: string): Explanation => {
+  const decide = (verdict: 'allow' | 'deny', level: Level, ruleId: string, at: Origin | undefined, why?: string, app?: string): Explanation => {
     // The table drops these before any other rule (compile.ts, routingHeaderRules): the answer is for a packet without one.
     // An allow that a later decision overrules (deny wins over a delegated cgroup) takes its note back.
     const noted = notes.indexOf(ROUTING_HEADER_NOTE);
     if (verdict === 'allow' && target.family !== 4) {
       if (noted < 0) notes.push(ROUTING_HEADER_NOTE);
     } else if (noted >= 0) notes.splice(noted, 1);
-    return { verdict, level, ruleId, at, why, steps, notes };
+    return { verdict, level, ruleId, at, why, ...(app !== undefined && { app }), steps, notes };
   };
 
   /** An app's chain: its rules, then the global deny list, then its default. */
@@ -90,22 +92,22 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
       const outcome = ruleMatches(policy, rule, target, query, notes);
       if (outcome) {
         steps.push(`app "${chosen.name}": rule ${rule.id} matches (${outcome})`);
-        return decide(rule.verdict, 'app', rule.id, rule.at, rule.why);
+        return decide(rule.verdict, 'app', rule.id, rule.at, rule.why, chosen.name);
       }
     }
     steps.push(`app "${chosen.name}": no rule matches`);
-    const denied = globalDeny();
+    const denied = globalDeny(chosen.name);
     if (denied) return denied;
     steps.push(`default of app "${chosen.name}": ${chosen.defaultVerdict}`);
-    return decide(chosen.defaultVerdict, 'default', `app/${chosen.name}/default`, chosen.at, chosen.why);
+    return decide(chosen.defaultVerdict, 'default', `app/${chosen.name}/default`, chosen.at, chosen.why, chosen.name);
   };
 
-  const globalDeny = (): Explanation | undefined => {
+  const globalDeny = (app?: string): Explanation | undefined => {
     for (const rule of policy.globalDeny) {
       const outcome = ruleMatches(policy, rule, target, query, notes);
       if (outcome) {
         steps.push(`global deny: rule ${rule.id} matches (${outcome})`);
-        return decide('deny', 'global-deny', rule.id, rule.at, rule.why);
+        return decide('deny', 'global-deny', rule.id, rule.at, rule.why, app);
       }
     }
     steps.push('global deny: no rule matches');

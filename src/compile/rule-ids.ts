@@ -1,5 +1,5 @@
 import { hash } from 'node:crypto';
-import type { Origin, Policy, Rule, Verdict } from '../policy/model.js';
+import type { App, Origin, Policy, Rule, Verdict } from '../policy/model.js';
 
 /**
  * Short rule ids: what the kernel carries (log prefix, rule comments) so that
@@ -107,8 +107,48 @@ export function ruleIdTable(policy: Policy, options: { readonly lockdown?: boole
     builtIn(`app/${app.name}/default`, 'app-default', app.defaultVerdict, app.at, { app: app.name });
   }
   candidates.push(...policyRules('deny', policy.globalDeny, 'global-deny', {}));
+  for (const app of appsWithOwnGlobalDeny(policy)) candidates.push(...policyRules(`deny@app/${app.name}`, policy.globalDeny, 'global-deny', { app: app.name }));
   builtIn('default', 'default', policy.defaults.egress, policy.defaults.at);
   return assignShortIds(candidates, digest);
+}
+
+/**
+ * The apps that meet the global deny list in a copy of their own (compile.ts),
+ * whose rules carry short ids of their own, each naming the app in the id
+ * table: the apps chosen by cgroup. NFLOG hands the denial reader the
+ * sender's uid and gid, never its cgroup, so a denial by the shared list
+ * could not say which of them sent it — and without the app, the alert can
+ * offer no "Allow". An app chosen by user or group alone is told by the uid
+ * (denials/attribute.ts), and shares the list. The copies share the list's
+ * sets: they add rules, not elements.
+ */
+export function appsWithOwnGlobalDeny(policy: Policy): readonly App[] {
+  if (policy.globalDeny.length === 0) return [];
+  return policy.apps.filter((app) => app.identities.some((identity) => identity.selectors.some((s) => s.kind === 'cgroup')));
+}
+
+/** What tells an entry of the id table apart from the others: its rule, and for a global rule's copy the app it is copied for. */
+export function entryKey(ruleId: string, copyFor?: string): string {
+  return copyFor === undefined ? ruleId : `${ruleId}\0${copyFor}`;
+}
+
+/** An entry's key (entryKey): a global rule's entry that names an app is that app's copy. */
+export function keyOfEntry(entry: Pick<RuleIdEntry, 'ruleId' | 'kind' | 'app'>): string {
+  return entryKey(entry.ruleId, entry.kind === 'global-deny' ? entry.app : undefined);
+}
+
+/**
+ * The short id the kernel carries for a decision: its rule's, or for a
+ * global rule that decided in the chain of an app with a copy of its own,
+ * that copy's.
+ */
+export function shortIdOf(table: readonly RuleIdEntry[], decision: { readonly ruleId: string; readonly app?: string }): string | undefined {
+  const wanted = [entryKey(decision.ruleId, decision.app), entryKey(decision.ruleId)];
+  for (const key of wanted) {
+    const entry = table.find((e) => keyOfEntry(e) === key);
+    if (entry) return entry.id;
+  }
+  return undefined;
 }
 
 function where(at: Origin | undefined): { file?: string; line?: number } {
@@ -148,11 +188,12 @@ export function assignShortIds(candidates: readonly Candidate[], digest: IdDiges
     }
   }
   const entries = candidates.map((c) => ({ id: ids.get(c.identity)!, ...c.entry }));
-  const ruleIds = new Set<string>();
+  const keys = new Set<string>();
   for (const entry of entries) {
     // Two rules with one identity would share an id; policyRules counts alike rules so that they cannot.
-    if (ruleIds.has(entry.ruleId)) throw new Error(`internal: rule id ${entry.ruleId} twice in the id table`);
-    ruleIds.add(entry.ruleId);
+    const key = keyOfEntry(entry);
+    if (keys.has(key)) throw new Error(`internal: rule id ${entry.ruleId}${entry.app === undefined ? '' : ` (app ${entry.app})`} twice in the id table`);
+    keys.add(key);
   }
   if (new Set(entries.map((e) => e.id)).size !== entries.length) throw new Error('internal: two rules share a short id');
   return entries;

@@ -5,7 +5,7 @@
  * packet logged just before an apply and read just after still finds its rule.
  */
 import { placeAsker, type ExplainFacts } from '../compile/explain.js';
-import type { RuleIdEntry } from '../compile/rule-ids.js';
+import { appsWithOwnGlobalDeny, type RuleIdEntry } from '../compile/rule-ids.js';
 import type { Policy } from '../policy/model.js';
 import type { Aggregate } from './aggregate.js';
 import type { DenialRecord } from './record.js';
@@ -26,6 +26,11 @@ export class RuleLookup {
     return this.rules.get(shortId);
   }
 
+  /** Every entry known, for tests and listings. */
+  entries(): RuleIdEntry[] {
+    return [...this.rules.values()];
+  }
+
   get size(): number {
     return this.rules.size;
   }
@@ -36,20 +41,22 @@ const SENDER_CACHE = 4096;
 
 /**
  * The app whose chain the kernel sends a uid's packets to, by the policy's
- * own dispatch (explain's placeAsker): so that a denial by a rule of no app
- * (the global deny list, the default) still names the app that sent it, and
- * can be allowed from for that app. When some app is chosen by cgroup it
- * answers nothing: a socket in that cgroup goes to that app's chain before
- * any uid is looked at, and NFLOG does not carry the cgroup, so the uid
- * alone cannot say which app it was.
+ * own dispatch (explain's placeAsker): so that a denial by a global rule
+ * still names the app that sent it, and can be allowed from for that app.
+ * Only among the apps that share the global deny list: an app chosen by
+ * cgroup meets a copy of its own (appsWithOwnGlobalDeny), whose short ids
+ * name it, because NFLOG does not carry the cgroup. A denial by the shared
+ * list came from a packet that no such app's chain took, so the uid places
+ * it among the others.
  */
 export function appOfUid(policy: Policy, facts: ExplainFacts): (uid: number) => string | undefined {
-  if (policy.apps.length === 0 || policy.apps.some((app) => app.identities.some((identity) => identity.selectors.some((s) => s.kind === 'cgroup'))))
-    return () => undefined;
+  const own = new Set(appsWithOwnGlobalDeny(policy));
+  const sharing = { ...policy, apps: policy.apps.filter((app) => !own.has(app)) };
+  if (sharing.apps.length === 0) return () => undefined;
   const known = new Map<number, string | undefined>();
   return (uid) => {
     if (known.has(uid)) return known.get(uid);
-    const place = placeAsker(policy, { kind: 'user', user: uid }, facts);
+    const place = placeAsker(sharing, { kind: 'user', user: uid }, facts);
     const app = 'error' in place || place.systemDomain || place.torUpdater ? undefined : place.app?.name;
     if (known.size >= SENDER_CACHE) known.clear();
     known.set(uid, app);

@@ -22,7 +22,7 @@ export interface DenialRecord {
   /** Where the rule is written, relative to the policy directory. */
   readonly file: string | undefined;
   readonly line: number | undefined;
-  /** The app or system domain the rule belongs to; for a rule of no app, the sender's app when its uid alone says it (attribute.ts). */
+  /** The app or system domain the rule belongs to; a global rule's copy its app; for a rule of no app, the sender's app when its uid says it (attribute.ts). */
   readonly app: string | undefined;
   readonly domain: string | undefined;
   /** The sending socket's owner, as the kernel logged it (absent for orphaned sockets). */

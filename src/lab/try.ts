@@ -16,7 +16,7 @@ import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { factsNeeded } from '../compile/compile.js';
 import { explain, type Explanation } from '../compile/explain.js';
-import { ruleIdTable } from '../compile/rule-ids.js';
+import { ruleIdTable, shortIdOf } from '../compile/rule-ids.js';
 import { LOCK_DIR } from '../enforce/lock.js';
 import type { DenialRecord } from '../denials/record.js';
 import { denialStorePath, openDenialReader } from '../denials/store.js';
@@ -263,7 +263,7 @@ function describeRule(answer: Explanation, table: ReturnType<typeof ruleIdTable>
   return {
     verdict: answer.verdict,
     ruleId: answer.ruleId,
-    shortId: table.find((entry) => entry.ruleId === answer.ruleId)?.id,
+    shortId: shortIdOf(table, answer),
     at: answer.at ? `${answer.at.file}:${answer.at.line}` : undefined,
     why: answer.why,
   };

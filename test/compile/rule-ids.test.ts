@@ -145,6 +145,24 @@ describe('short rule ids', () => {
     expect(id({ 'a.yaml': 'defaults: {egress: deny}\n' }, 'default')).not.toBe(id({ 'a.yaml': 'defaults: {egress: allow}\n' }, 'default'));
   });
 
+  it("a global rule's copy for each app chosen by cgroup has an id of its own, naming the app, which stays while the rule and the app stand", () => {
+    const withBrowser = () => APP.replace('deny:\n  - to:', '  browser: {identity: {unit: browser.service}}\ndeny:\n  - to:');
+    const before = ruleIdTable(policyFrom(withBrowser()));
+    const global = before.filter((e) => e.ruleId === 'deny/f.yaml/0');
+    // The shared list's row (web, chosen by user, meets it) and the browser's copy; no copy for web.
+    expect(global.map((e) => e.app ?? null)).toEqual([null, 'browser']);
+    expect(global.every((e) => e.kind === 'global-deny' && e.verdict === 'deny' && e.line === global[0]!.line)).toBe(true);
+    expect(global[1]!.id).not.toBe(global[0]!.id);
+    // Another app chosen by cgroup, written before it, changes neither id.
+    const after = ruleIdTable(policyFrom(withBrowser().replace('  browser:', '  mail: {identity: {cgroup: "system.slice/mail.service"}}\n  browser:')));
+    const copies = (table: readonly RuleIdEntry[]) => new Map(table.filter((e) => e.ruleId === 'deny/f.yaml/0').map((e) => [e.app ?? null, e.id]));
+    expect(copies(after).get(null)).toBe(copies(before).get(null));
+    expect(copies(after).get('browser')).toBe(copies(before).get('browser'));
+    expect(copies(after).get('mail')).toMatch(/^r[0-9a-f]{8}$/);
+    // Without a global rule there is nothing to copy.
+    expect(ruleIdTable(policyFrom(withBrowser().replace('deny:\n  - to: [tracker.example.com]\n', ''))).some((e) => e.kind === 'global-deny')).toBe(false);
+  });
+
   it('stay when the list file behind a rule changes: the rule names the list, it does not copy it', () => {
     const yaml = 'lists: {bad: {file: bad.txt}}\ndeny:\n  - to: ["@bad"]\n';
     const a = byRuleId(ruleIdTable(policyFrom(yaml, { 'bad.txt': 'a.example\n192.0.2.0/24\n' })), 'deny/f.yaml/0').id;

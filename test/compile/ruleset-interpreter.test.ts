@@ -44,8 +44,9 @@ describe('ruleset interpreter', () => {
     expect(evaluate(ruleset, a)).toMatchObject({ verdict: 'accept', chain: 'app_a' });
     expect(evaluate(ruleset, { ...a, dport: 80, daddr: '192.0.2.200' })).toMatchObject({
       verdict: 'drop',
-      chain: 'log_g0',
-      path: ['output', 'app_a', 'global_deny', 'log_g0'],
+      // An app chosen by cgroup meets its own copy of the list (rule-ids.ts, appsWithOwnGlobalDeny).
+      chain: 'log_g0_global_deny_app_a',
+      path: ['output', 'app_a', 'global_deny_app_a', 'log_g0_global_deny_app_a'],
     });
     expect(evaluate(ruleset, { ...a, dport: 80, daddr: '192.0.2.9' })).toMatchObject({ verdict: 'drop', chain: 'app_a' });
     expect(evaluate(ruleset, packet({ cgroup: 'system.slice' }))).toMatchObject({ verdict: 'drop', chain: 'output' });

@@ -1,6 +1,7 @@
 import { rmSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import type { ExplainFacts } from '../../src/compile/explain.js';
+import { compile } from '../../src/compile/compile.js';
 import type { RuleIdEntry } from '../../src/compile/rule-ids.js';
 import { appOfUid, attribute, RuleLookup } from '../../src/denials/attribute.js';
 import type { DenialEvent } from '../../src/denials/parse.js';
@@ -73,9 +74,34 @@ describe('which app a denial record names', () => {
     expect(appOf(rules, 'r0000000f', 1234)).toBe('firefox');
   });
 
-  it('with an app chosen by cgroup, the uid alone names no app: the packet may have gone to that app first, and NFLOG does not say the cgroup', () => {
-    const rules = lookupFor(byUid(`  browser: {identity: {cgroup: "user.slice/*/app.slice/browser-*.scope"}}\n`));
-    expect(appOf(rules, 'r00000001', 1234)).toBeUndefined();
-    expect(appOf(rules, 'r00000002', 1234)).toBe('mail');
+  it("an app chosen by cgroup meets the global list in a copy of its own, whose rows name it; the shared list's rows still go by uid, among the apps that share it", () => {
+    const text = byUid(`  browser: {identity: {cgroup: "user.slice/*/app.slice/browser-*.scope"}}
+  both: {identity: [{user: 1237}, {cgroup: "system.slice/both.service"}]}
+`);
+    const dir = policyDir({ '00.yaml': text });
+    let rules: RuleLookup;
+    try {
+      const loaded = loadPolicyDir(dir);
+      if (!loaded.ok) throw new Error(JSON.stringify(loaded.errors));
+      const compiled = compile(loaded.policy, { users: new Map(), groups: new Map(), cgroups: [] });
+      rules = new RuleLookup();
+      rules.replace(compiled.ruleIds);
+      rules.senderApp = appOfUid(loaded.policy, facts);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+    const global = rules.entries().filter((entry) => entry.ruleId === 'deny/00.yaml/0');
+    expect(global.map((entry) => entry.app ?? null).sort()).toEqual(['both', 'browser', null]);
+    const idFor = (app: string | null) => global.find((entry) => (entry.app ?? null) === app)!.id;
+    // The copy says which app, whatever the uid: any user's browser, and "both" by its cgroup or its user alike.
+    expect(appOf(rules, idFor('browser'), 1234)).toBe('browser');
+    expect(appOf(rules, idFor('browser'), 4321)).toBe('browser');
+    expect(appOf(rules, idFor('both'), 1237)).toBe('both');
+    // The shared list was reached from a uid's app, or from no app at all.
+    expect(appOf(rules, idFor(null), 1234)).toBe('firefox');
+    expect(appOf(rules, idFor(null), 1235)).toBe('mail');
+    expect(appOf(rules, idFor(null), 4321)).toBeUndefined();
+    // "both" meets its own copy even by its user: a shared-list record of uid 1237 is not its.
+    expect(appOf(rules, idFor(null), 1237)).toBeUndefined();
   });
 });

@@ -58,7 +58,7 @@ let users: TestUsers;
 let state: string;
 let dir: string;
 
-function policy(rate: string, burst: number): string {
+function policy(rate: string, burst: number, moreApps = ''): string {
   return `
 defaults: {egress: allow, log: {denials: true, group: ${GROUP}, rate: ${rate}, burst: ${burst}}}
 deny:
@@ -72,10 +72,11 @@ apps:
       - deny: [198.51.100.3]
         proto: udp
         ports: [9999]
-`;
+${moreApps}`;
 }
 
 async function apply(text: string): Promise<void> {
+  if (dir) rmSync(dir, { recursive: true, force: true });
   dir = policyDir({ '00.yaml': text }, { keep: true });
   const applied = await net.host.node(CLI, ['apply', dir], { env: { ...process.env, EGRESSD_STATE_DIR: state } });
   if (applied.code !== 0) throw new Error(`apply failed: ${applied.stderr}`);
@@ -97,7 +98,7 @@ async function startAgent(
       String(options.maxOpen ?? 10_000),
       String(options.receiveBufferBytes ?? 8 * 1024 * 1024),
     ],
-    { env: { ...process.env, EGRESSD_STATE_DIR: state } },
+    { env: { ...process.env, EGRESSD_STATE_DIR: state, EGRESSD_POLICY_DIR: dir } },
   );
   const records: DenialRecord[] = [];
   const waiting: ((value: { counters: DenialCounters; open: number; rss: number }) => void)[] = [];
@@ -133,9 +134,10 @@ async function startAgent(
   };
 }
 
-async function flood(addresses: readonly string[], ports: number, ms: number, max: number, user: string): Promise<number> {
+async function flood(addresses: readonly string[], ports: number, ms: number, max: number, user: string, cgroup?: string): Promise<number> {
   const result = await net.host.exec(process.execPath, [FLOOD, addresses.join(','), '40000', String(ports), String(ms), String(max)], {
     user,
+    ...(cgroup !== undefined && { cgroup }),
     timeoutMs: ms + 20_000,
   });
   const line = result.stdout.trim().split('\n').pop() ?? '';
@@ -312,4 +314,58 @@ describe.skipIf(unavailable)(`the denial reader against real denied traffic ${un
       await apply(policy('1000/second', 1000));
     }
   }, 90_000);
+
+  it("a global rule's denial of an app chosen by cgroup names that app, and one such app's flood leaves another's of the same user logged", async () => {
+    // NFLOG carries the uid, not the cgroup: each app chosen by cgroup meets the global list in a copy of its own, with short ids (and log limits) of its own.
+    const E = `egd-denials-${net.id}`;
+    for (const app of ['browser', 'mail']) net.host.mkCgroup(`${E}/${app}`);
+    await apply(
+      policy(
+        '10/second',
+        20,
+        `  browser: {identity: {cgroup: "${E}/browser"}}
+  mail: {identity: {cgroup: "${E}/mail"}}
+`,
+      ),
+    );
+    const table = readRuleTable(state);
+    if (table.state !== 'ok') throw new Error(`rules.json: ${table.state}`);
+    const globalFor = (app: string | undefined) => table.value.rules.find((r) => r.ruleId === 'deny/00.yaml/0' && r.app === app)!;
+    expect(new Set([globalFor(undefined).id, globalFor('browser').id, globalFor('mail').id]).size).toBe(3);
+
+    const agent = await startAgent({}, { windowMs: 60_000 });
+    const { app1, app2 } = users;
+    try {
+      const started = Date.now();
+      const flooding = flood(['203.0.113.51'], 1, 4000, 10_000_000, app2.name, `${E}/browser`);
+      await until('the flood logged past its burst', async () => (await agent.counters()).counters.events >= 20, { timeoutMs: 10_000 });
+      // The same user's other app, the uid's own app, and a process of no app, on the same global rule.
+      for (let i = 0; i < 5; i++)
+        await net.host.connect({ proto: 'udp', addr: '203.0.113.52', port: 7000 + i, user: app2.name, cgroup: `${E}/mail`, timeoutMs: 100 });
+      await net.host.connect({ proto: 'udp', addr: '203.0.113.53', port: 7100, user: app1.name, timeoutMs: 100 });
+      await net.host.connect({ proto: 'udp', addr: '203.0.113.54', port: 7200, user: app2.name, timeoutMs: 100 });
+      await until('the others recorded', () => agent.records.filter((r) => r.address !== '203.0.113.51').length === 7, { timeoutMs: 5000 });
+      const sent = await flooding;
+      const seconds = (Date.now() - started) / 1000;
+
+      const to = (address: string) => agent.records.filter((r) => r.address === address);
+      expect(to('203.0.113.52').map((r) => r.port)).toEqual([7000, 7001, 7002, 7003, 7004]);
+      for (const record of to('203.0.113.52'))
+        expect(record).toMatchObject({ app: 'mail', shortId: globalFor('mail').id, ruleId: 'deny/00.yaml/0', kind: 'global-deny', uid: app2.uid });
+      expect(to('203.0.113.51').length).toBeGreaterThan(0);
+      for (const record of to('203.0.113.51')) expect(record).toMatchObject({ app: 'browser', shortId: globalFor('browser').id, uid: app2.uid });
+      expect(to('203.0.113.53')).toMatchObject([{ app: 'one', shortId: globalFor(undefined).id, uid: app1.uid }]);
+      expect(to('203.0.113.54')).toMatchObject([{ shortId: globalFor(undefined).id, uid: app2.uid }]);
+      expect(to('203.0.113.54')[0]!.app).toBeUndefined();
+      // The browser's flood is still thinned to its own rate.
+      const { counters } = await agent.counters();
+      const flooded = counters.events - 7;
+      expect(sent).toBeGreaterThan(10_000);
+      expect(flooded).toBeLessThanOrEqual(20 + Math.ceil(10 * seconds) + 2);
+      expect(counters.lost).toBe(0);
+    } finally {
+      await agent.stop();
+      await apply(policy('1000/second', 1000));
+    }
+  }, 60_000);
 });

@@ -16,7 +16,7 @@ import { startDenialStore } from '../../src/denials/store-worker.js';
 
 const [group, dir, maxQueued, batchSize, flushIntervalMs] = process.argv.slice(2);
 const stateDir = process.env['EGRESSD_STATE_DIR'] ?? '/nonexistent';
-const inForce = { policy: { defaults: { log: { group: Number(group) } }, apps: [] }, compiled: { ruleIds: [] } } as unknown as InForce;
+const inForce = { policy: { defaults: { log: { group: Number(group) } }, apps: [], globalDeny: [] }, compiled: { ruleIds: [] } } as unknown as InForce;
 const log = pino({ level: 'warn' }, pino.destination(2));
 const reader = await startDenialReader(inForce, { log, stateDir, learnedNames: () => [] }, { windowMs: 500, maxOpen: 100 });
 const store = await startDenialStore(join(dir!, 'denials.sqlite'), {

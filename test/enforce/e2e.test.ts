@@ -31,13 +31,14 @@ async function apply(dir: string): Promise<void> {
   if (result.code !== 0) throw new Error(`apply failed: ${result.stderr}`);
 }
 
-async function status(dir: string): Promise<{ dropped: { id: string; packets: number }[] }> {
+async function status(dir: string): Promise<{ dropped: { id: string; app?: string; packets: number }[] }> {
   const result = await net.host.node(CLI, ['status', dir, '--json'], { env: { ...process.env, EGRESSD_STATE_DIR: state } });
   if (!result.stdout) throw new Error(`status printed nothing: ${result.stderr}`);
-  return JSON.parse(result.stdout) as { dropped: { id: string; packets: number }[] };
+  return JSON.parse(result.stdout) as { dropped: { id: string; app?: string; packets: number }[] };
 }
 
-const dropsOf = async (dir: string, id: string) => (await status(dir)).dropped.find((d) => d.id === id)?.packets ?? 0;
+/** The packets a rule dropped; a global rule's for one app chosen by cgroup (its copy of the list), or else its own. */
+const dropsOf = async (dir: string, id: string, app?: string) => (await status(dir)).dropped.find((d) => d.id === id && d.app === app)?.packets ?? 0;
 
 function policyB(extraDeny = ''): string {
   return `
@@ -156,6 +157,15 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
       expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8444, user: users.app3.uid, timeoutMs: 800 })).toMatchObject({ ok: false });
       expect(await dropsOf(dir, 'app/grp/default')).toBeGreaterThan(defaultBefore);
       expect(await servers.v4other!.count()).toBe(0);
+    });
+
+    it('an app chosen by cgroup meets the global deny list too, counted apart in status under its name', async () => {
+      const before = await dropsOf(dir, 'deny/00.yaml/0', 'web');
+      const shared = await dropsOf(dir, 'deny/00.yaml/0');
+      expect(await net.host.connect({ proto: 'tcp', addr: '203.0.113.1', port: 8443, cgroup: `${E}/web`, timeoutMs: 800 })).toMatchObject({ ok: false });
+      expect(await servers.denied4!.count()).toBe(0);
+      expect(await dropsOf(dir, 'deny/00.yaml/0', 'web')).toBeGreaterThan(before);
+      expect(await dropsOf(dir, 'deny/00.yaml/0')).toBe(shared);
     });
 
     it('a system domain is offline even where its app rule allows everything; loopback still works', async () => {

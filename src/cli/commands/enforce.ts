@@ -188,9 +188,11 @@ export const status: Command<{ dir: string; json: boolean }> = {
 Summarises the live table inet egressd: whether it is in force, lockdown,
 the policy digest it was compiled from, rules, set sizes and how many
 packets each denying rule has dropped (by short id, rule id and file:line,
-from the state directory's rules.json), and the switches as the last apply
-recorded them, saying where they disagree with the live table (the table is
-what is enforced); then compares it with the policy in DIR (default
+from the state directory's rules.json; a global deny rule counts apart for
+each app chosen by cgroup, which meets the list in a copy of its own), and
+the switches as the last apply recorded them, saying where they disagree
+with the live table (the table is what is enforced); then compares it with
+the policy in DIR (default
 ${DEFAULT_POLICY_DIR}).
 
 Without a directory at DIR (a host that takes its table from elsewhere),
@@ -273,7 +275,9 @@ directory to compare with), 3 system error.`,
       );
       for (const s of report.sets.filter((x) => x.size > 0)) deps.err(`  ${s.kind} ${s.name}: ${s.size} elements${s.dynamic ? ' (run time)' : ''}`);
       for (const d of report.dropped)
-        deps.err(`  dropped by ${d.shortId ? `${d.shortId} ` : ''}${d.id}${d.at ? ` (${d.at})` : ''}: ${d.packets} ${d.packets === 1 ? 'packet' : 'packets'}`);
+        deps.err(
+          `  dropped by ${d.shortId ? `${d.shortId} ` : ''}${d.id}${d.at ? ` (${d.at})` : ''}${d.app ? ` for app ${d.app}` : ''}: ${d.packets} ${d.packets === 1 ? 'packet' : 'packets'}`,
+        );
       for (const line of describeSwitches(switches)) deps.err(line);
       if (noPolicyDir) {
         deps.err(`${notCompared!}; "egressctl status DIR" compares it with the policy in DIR`);
@@ -324,14 +328,16 @@ function dedupeDrops(drops: Drop[]): Drop[] {
 }
 
 /** Each drop's file:line, from the id table of the last apply (rules.json): a comment may be cut short, the table is not. */
-function withOrigins(stateDir: string, digest: string | null, drops: Drop[]): (Drop & { at: string | null })[] {
+function withOrigins(stateDir: string, digest: string | null, drops: Drop[]): (Drop & { at: string | null; app?: string })[] {
   const table = readRuleTable(stateDir);
   // Short ids outlive applies, but file:line is the table's only for the policy it was compiled from
   // (the live table carries the digest's first 32 digits; an empty one proves nothing).
   const current = table.state === 'ok' && digest !== null && digest.length > 0 && table.value.digest.startsWith(digest);
   return drops.map((d) => {
     const entry = current && d.shortId ? table.value.byId.get(d.shortId) : undefined;
-    return { ...d, ...(entry && { id: entry.ruleId }), at: entry ? entryOrigin(entry) : null };
+    // A global rule counts apart for each app with a copy of its own (rule-ids.ts, appsWithOwnGlobalDeny).
+    const copyFor = entry?.kind === 'global-deny' ? entry.app : undefined;
+    return { ...d, ...(entry && { id: entry.ruleId }), at: entry ? entryOrigin(entry) : null, ...(copyFor !== undefined && { app: copyFor }) };
   });
 }
 

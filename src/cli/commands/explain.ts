@@ -1,7 +1,7 @@
 import { isIP } from 'node:net';
 import { factsNeeded } from '../../compile/compile.js';
 import { explain as explainPolicy, unitCgroup, type Who } from '../../compile/explain.js';
-import { ruleIdTable } from '../../compile/rule-ids.js';
+import { ruleIdTable, shortIdOf } from '../../compile/rule-ids.js';
 import { EgressError, ErrorCode } from '../../errors.js';
 import type { Protocol } from '../../policy/model.js';
 import { expiredIssues, policyAt } from '../../policy/expiry.js';
@@ -149,7 +149,7 @@ not be looked up (the name service failed).`,
     }
     const where = answer.at ? `${options.dir.replace(/\/+$/, '')}/${answer.at.file}:${answer.at.line}` : '(built in)';
     // The id the kernel's log prefix and counters carry for this rule; loopback has none.
-    const shortId = ruleIdTable(loaded.policy, { lockdown: options.lockdown }).find((entry) => entry.ruleId === answer.ruleId)?.id ?? null;
+    const shortId = shortIdOf(ruleIdTable(loaded.policy, { lockdown: options.lockdown }), answer) ?? null;
     if (options.json) {
       const gone = expired.map((e) => ({ app: e.app, ruleId: e.rule.id, until: new Date(e.until).toISOString(), at: e.rule.at }));
       deps.out(
