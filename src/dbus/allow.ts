@@ -70,7 +70,7 @@ function untilOf(scope: Scope, now: number): string | undefined {
 }
 
 /** Kinds of rule an app's allow outranks; the others hold whatever an app says (the precedence is fixed). */
-const ALLOWABLE = new Set(['app-rule', 'app-default', 'global-deny', 'default']);
+export const ALLOWABLE: ReadonlySet<string> = new Set(['app-rule', 'app-default', 'global-deny', 'default']);
 
 /** The allow that undoes this denial for its app: its name when the resolver knew it, else its address. */
 export function allowanceFor(record: StoredDenial, who: Allower, now: number, scope: Scope): Allowance {

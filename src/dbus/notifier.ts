@@ -24,7 +24,7 @@ import { parse as parseYaml } from 'yaml';
 import { z } from 'zod';
 import type { DenialRecord } from '../denials/record.js';
 import { EgressError, ErrorCode } from '../errors.js';
-import { parseScope } from './allow.js';
+import { ALLOWABLE, parseScope } from './allow.js';
 import { markupSafe, terminalSafe } from './text.js';
 
 export interface NotifyConfig {
@@ -114,8 +114,6 @@ export interface NotifierDeps {
   readonly allow: (recordId: number, scope: string) => Promise<{ to: string; until: string }>;
   readonly now?: () => number;
 }
-
-const ALLOWABLE = new Set(['app-rule', 'app-default', 'global-deny', 'default']);
 
 export function who(r: DenialRecord): string {
   return r.app ?? (r.domain ? `system domain ${r.domain}` : r.uid !== undefined ? `uid ${r.uid}` : 'an orphaned socket');

@@ -41,23 +41,25 @@ const SENDER_CACHE = 4096;
 
 /**
  * The app whose chain the kernel sends a uid's packets to, by the policy's
- * own dispatch (explain's placeAsker): so that a denial by a global rule
- * still names the app that sent it, and can be allowed from for that app.
- * Only among the apps that share the global deny list: an app chosen by
- * cgroup meets a copy of its own (appsWithOwnGlobalDeny), whose short ids
- * name it, because NFLOG does not carry the cgroup. A denial by the shared
- * list came from a packet that no such app's chain took, so the uid places
- * it among the others.
+ * own dispatch (explain's placeAsker): so that a denial by the shared
+ * global deny list still names the app that sent it, and can be allowed
+ * from for that app. An app chosen by cgroup meets a copy of the list of
+ * its own (appsWithOwnGlobalDeny), whose short ids name it, because NFLOG
+ * does not carry the cgroup: a denial by the shared list came from a packet
+ * no such app's chain took. So the uid is placed by the whole policy, as
+ * the kernel's uid and gid maps place it, and if that is an app with a
+ * copy of its own, the packet was not its (its socket's cgroup was no
+ * app's) and no app is named.
  */
 export function appOfUid(policy: Policy, facts: ExplainFacts): (uid: number) => string | undefined {
-  const own = new Set(appsWithOwnGlobalDeny(policy));
-  const sharing = { ...policy, apps: policy.apps.filter((app) => !own.has(app)) };
-  if (sharing.apps.length === 0) return () => undefined;
+  const own = new Set(appsWithOwnGlobalDeny(policy).map((app) => app.name));
+  if (policy.apps.every((app) => own.has(app.name))) return () => undefined;
   const known = new Map<number, string | undefined>();
   return (uid) => {
     if (known.has(uid)) return known.get(uid);
-    const place = placeAsker(sharing, { kind: 'user', user: uid }, facts);
-    const app = 'error' in place || place.systemDomain || place.torUpdater ? undefined : place.app?.name;
+    const place = placeAsker(policy, { kind: 'user', user: uid }, facts);
+    const found = 'error' in place || place.systemDomain || place.torUpdater ? undefined : place.app?.name;
+    const app = found !== undefined && own.has(found) ? undefined : found;
     if (known.size >= SENDER_CACHE) known.clear();
     known.set(uid, app);
     return app;
@@ -67,8 +69,11 @@ export function appOfUid(policy: Policy, facts: ExplainFacts): (uid: number) => 
 export function attribute(aggregate: Aggregate, rules: RuleLookup, learnedNames: (address: string) => readonly string[]): DenialRecord {
   const { event } = aggregate;
   const rule = rules.get(event.shortId);
-  // A rule of an app or system domain says who; a global rule is the sender's app's too, when the uid says which.
-  const app = rule?.app ?? (rule?.domain === undefined && event.uid !== undefined ? rules.senderApp(event.uid) : undefined);
+  // A rule of an app or system domain says who. The shared global deny list is met in the chain of an app chosen by
+  // user or group, or of none: the uid says which. Every other rule of no app decides before any app is chosen
+  // (DNS, lockdown, Tor, the routing header) or after all of them (the default), and an unknown one may be any:
+  // naming the uid's app there would blame, and offer to allow for, an app the packet never went through.
+  const app = rule?.app ?? (rule?.kind === 'global-deny' && event.uid !== undefined ? rules.senderApp(event.uid) : undefined);
   return {
     firstSeen: aggregate.firstSeen,
     lastSeen: aggregate.lastSeen,

@@ -9,17 +9,21 @@ import { loadPolicyDir } from '../../src/policy/load.js';
 import { policyDir } from '../support/policy-dir.js';
 
 /**
- * Which app a record names. A rule of an app names its app; a rule of no
- * app (the global deny list, the default) names the sender's app when its
- * uid says it by the policy's dispatch: without that, a denial by the
- * global list — "firefox tried to reach telemetry…" — could never be allowed
- * from (AllowFromDenial needs the app), and the notification named a uid.
+ * Which app a record names. A rule of an app names its app; the shared
+ * global deny list names the sender's app when its uid says it by the
+ * policy's dispatch: without that, a denial by the global list — "firefox
+ * tried to reach telemetry…" — could never be allowed from
+ * (AllowFromDenial needs the app), and the notification named a uid. No
+ * other rule of no app names one: it decided where no app's chain was.
  */
 const facts: ExplainFacts = { users: new Map(), groups: new Map() };
 const RULES: RuleIdEntry[] = [
   { id: 'r00000001', ruleId: 'deny/00.yaml/0', kind: 'global-deny', verdict: 'deny', file: '00.yaml', line: 3 },
   { id: 'r00000002', ruleId: 'app/mail/default', kind: 'app-default', verdict: 'deny', file: '00.yaml', line: 6, app: 'mail' },
   { id: 'r00000003', ruleId: 'sd/offline', kind: 'system-domain', verdict: 'deny', file: '00.yaml', line: 9, domain: 'offline' },
+  { id: 'r00000004', ruleId: 'dns/exclusive', kind: 'dns-exclusive', verdict: 'deny' },
+  { id: 'r00000005', ruleId: 'default', kind: 'default', verdict: 'deny', file: '00.yaml', line: 1 },
+  { id: 'r00000006', ruleId: 'lockdown', kind: 'lockdown', verdict: 'deny' },
 ];
 
 function lookupFor(text: string): RuleLookup {
@@ -70,23 +74,30 @@ describe('which app a denial record names', () => {
     // A system domain's record names the domain, never an app.
     const sd = attribute({ event: event('r00000003', 1236), firstSeen: 1, lastSeen: 1, count: 1 }, rules, () => []);
     expect(sd).toMatchObject({ app: undefined, domain: 'offline' });
-    // An unknown short id (rules.json lost) still names the sender's app: who sent does not depend on which rule dropped it.
-    expect(appOf(rules, 'r0000000f', 1234)).toBe('firefox');
+    // Rules that decide before any app is chosen, or after all of them, name none: firefox's uid may be another app's process
+    // (one chosen by cgroup), and an Allow for firefox would open nothing of what was denied.
+    for (const id of ['r00000004', 'r00000005', 'r00000006']) expect(appOf(rules, id, 1234), id).toBeUndefined();
+    // Nor does an unknown short id (a table applied since the reader last read rules.json): it may be any of those.
+    expect(appOf(rules, 'r0000000f', 1234)).toBeUndefined();
   });
 
   it("an app chosen by cgroup meets the global list in a copy of its own, whose rows name it; the shared list's rows still go by uid, among the apps that share it", () => {
     const text = byUid(`  browser: {identity: {cgroup: "user.slice/*/app.slice/browser-*.scope"}}
   both: {identity: [{user: 1237}, {cgroup: "system.slice/both.service"}]}
+  staff: {identity: {group: 50}}
 `);
     const dir = policyDir({ '00.yaml': text });
     let rules: RuleLookup;
     try {
       const loaded = loadPolicyDir(dir);
       if (!loaded.ok) throw new Error(JSON.stringify(loaded.errors));
-      const compiled = compile(loaded.policy, { users: new Map(), groups: new Map(), cgroups: [] });
+      // 1237 is a member of group 50: the kernel's uid map still sends it to "both", which claims the uid itself.
+      const withStaff = { ...facts, members: new Map([[50, [1237, 1238]]]) };
+      const compiled = compile(loaded.policy, { users: new Map(), groups: new Map(), cgroups: [], members: withStaff.members });
+      expect(compiled.ruleset.sets.find((set) => set.name === 'app_uid')).toMatchObject({ elements: [1234, 1235, 1237, 1238] });
       rules = new RuleLookup();
       rules.replace(compiled.ruleIds);
-      rules.senderApp = appOfUid(loaded.policy, facts);
+      rules.senderApp = appOfUid(loaded.policy, withStaff);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
@@ -101,7 +112,8 @@ describe('which app a denial record names', () => {
     expect(appOf(rules, idFor(null), 1234)).toBe('firefox');
     expect(appOf(rules, idFor(null), 1235)).toBe('mail');
     expect(appOf(rules, idFor(null), 4321)).toBeUndefined();
-    // "both" meets its own copy even by its user: a shared-list record of uid 1237 is not its.
+    // "both" meets its own copy even by its user: a shared-list record of uid 1237 is not its — nor staff's, which the kernel never sends 1237 to.
     expect(appOf(rules, idFor(null), 1237)).toBeUndefined();
+    expect(appOf(rules, idFor(null), 1238)).toBe('staff');
   });
 });
