@@ -19,10 +19,10 @@ export interface Claim {
   readonly map: string;
   readonly owner: string;
   readonly verdict: Verdict;
-  /** Undefined: the table has no chain for this owner's delegated members yet; a recompile makes it. */
-  readonly delegatedVerdict: Verdict | undefined;
+  /** CgroupBinding.delegatedVerdict: for a cgroup a non-root uid owns. */
+  readonly delegatedVerdict: Verdict;
   /** CgroupBinding.cutOff: present for an identity that denies. */
-  readonly cutOff?: Verdict | null;
+  readonly cutOff?: Verdict;
 }
 
 export interface CgroupRules {

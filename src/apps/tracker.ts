@@ -39,22 +39,24 @@
  * — written by the ancestor's id, which lists. However many such cgroups a
  * user makes, they cost one lstat each and no re-apply.
  *
- * What only a compile can make, the tracker asks for (`recompile`): a
- * chain for an app's delegated members, a closed chain or a level's map for
- * cut-offs. Asked per such need (a key the policy's selectors give, never
- * a cgroup's id or name): at most one ask per `recompileIntervalMs`, and a
- * need asked for again, because the compile it asked for did not meet it
- * (the cgroup went before the compile looked), waits twice as long each
- * time, up to `maxRecompileBackoffMs` — also when the compile met it, since
- * a compile makes a need's chain only while a member is there — and a need
- * not asked for in `recompileQuietMs` is forgotten. Needs are keyed by the
- * user the cgroup's subtree is delegated to (principalOf). So a user making
- * and removing cgroups in a loop forces a number of re-applies that grows
- * with the log of the time it keeps at it, up to one per need and
- * `maxRecompileBackoffMs`; and a cgroup of its own made while its need waits
- * meets what follows it (its user's identities, the default) for at most
- * that long. Both end for good once compile keeps those chains whether or
- * not a member is there (not done yet).
+ * The chains a new member may be sent to — its app's chain for delegated
+ * members, its identity's closed chain — are in every table whose policy
+ * can need them (Compiler.keepForTracker), so a user's app started again
+ * joins its map at once. One thing only a compile can make, the tracker
+ * asks for (`recompile`): the map of the level a cut-off ancestor sits at,
+ * when no selector uses that level. Asked per such need (a key the
+ * policy's selectors give, never a cgroup's id or name): at most one ask
+ * per `recompileIntervalMs`, and a need asked for again waits twice as long
+ * each time, up to `maxRecompileBackoffMs` — also when the compile met it,
+ * since a compile makes that map only while such a cgroup is there — and a
+ * need not asked for in `recompileQuietMs` is forgotten. Needs are keyed by
+ * the user the cgroup's subtree is delegated to (principalOf). So a user
+ * making and removing cgroups nft cannot name, in a loop, forces a number
+ * of re-applies that grows with the log of the time it keeps at it, up to
+ * one per need and `maxRecompileBackoffMs`; and such a cgroup of its own
+ * made while its need waits meets what follows it (its user's identities,
+ * the default) for at most that long — as any process of that user may
+ * anyway, by leaving the cgroups the user's identity is chosen by.
  *
  * A cgroup born while an apply runs may be missing from the new
  * generation's maps (the apply listed cgroups before it was born) and its
@@ -94,9 +96,8 @@ export interface TrackerOptions {
   /** Directories read per full look at most; default 100,000. */
   readonly walkLimit?: number;
   /**
-   * A cgroup needs what only a new compile makes (a chain for delegated
-   * members, a closed chain or a level's map to cut off at): see the
-   * module's comment for how often it is asked.
+   * A cgroup needs what only a new compile makes (a level's map to cut
+   * off at): see the module's comment for how often it is asked.
    */
   readonly recompile?: (why: string) => void;
   /** The shortest time between two asks; default 10,000 ms. */
@@ -462,14 +463,6 @@ export class CgroupTracker {
     const own = new Set<string>();
     for (const claim of claims) {
       const verdict = uid === 0 ? claim.verdict : claim.delegatedVerdict;
-      if (verdict === undefined) {
-        // Keyed by the principal too: one user's back-off never holds another's.
-        this.askRecompile(
-          `delegated ${claim.owner} uid ${principal()}`,
-          `a cgroup of ${claim.owner} delegated to uid ${uid} appeared, and the table has no chain for its delegated members yet`,
-        );
-        continue;
-      }
       own.add(claim.map);
       for (const live of view.maps.get(claim.map) ?? []) desired.set(live.live, liveVerdict(verdict, live.generation, view.chains));
     }
@@ -644,7 +637,7 @@ export class CgroupTracker {
         continue;
       }
       const need = `cut ${map} ${claim.owner} uid ${uid}`;
-      if (claim.cutOff === null || !view.maps.has(map)) {
+      if (!view.maps.has(map)) {
         this.askRecompile(
           need,
           `cgroup ${showBytes(relative)} of ${claim.owner} has a name nftables cannot carry, and the table has no way yet to cut off its ancestor at level ${level}`,
@@ -722,10 +715,10 @@ export class CgroupTracker {
   /**
    * Per need, never per cgroup: one ask per interval at most, and a need
    * asked for again waits twice as long each time — also when the compile
-   * it asked for met it: a compile makes a need's chain only while a member
-   * is there, so a user whose cgroups come and go would otherwise be met,
-   * forgotten and asked for anew every interval. A need not asked for
-   * (granted or held) for `recompileQuietMs` is forgotten.
+   * it asked for met it: a compile makes a cut-off level's map only while
+   * such a cgroup is there, so a user whose cgroups come and go would
+   * otherwise be met, forgotten and asked for anew every interval. A need
+   * not asked for (granted or held) for `recompileQuietMs` is forgotten.
    */
   private askRecompile(need: string, why: string): void {
     if (!this.options.recompile) return;

@@ -150,19 +150,18 @@ export interface CgroupBinding {
   /**
    * For a cgroup a non-root uid owns (`Facts.cgroupOwners`): the owner's
    * decision, whose every accept still meets the uid and gid identities.
-   * Undefined: this table has no such chain for the owner yet (no member
-   * of it was delegated when it was compiled), so a delegated cgroup
-   * matching `glob` waits for the next compile.
+   * Its chain is in every table whose policy can need it, whether or not a
+   * member was delegated when it was compiled: the tracker adds a new
+   * delegated cgroup at once, with no re-apply.
    */
-  readonly delegatedVerdict: Verdict | undefined;
+  readonly delegatedVerdict: Verdict;
   /**
    * Only for an identity that denies (a system domain, the updaters over
    * Tor, a default-deny app): the verdict a member's nearest ancestor nft
    * can name is cut off with when the member's own name cannot be carried
-   * (as compile cuts off, `Compiler.claim`); null when this table has no
-   * such chain yet. Absent: such a member is left out.
+   * (as compile cuts off, `Compiler.claim`). Absent: such a member is left out.
    */
-  readonly cutOff?: Verdict | null;
+  readonly cutOff?: Verdict;
 }
 
 export interface Compiled {
@@ -457,6 +456,7 @@ class Compiler {
       const closed = app.defaultVerdict === 'deny' ? { chain: cut, make: () => this.closedChain(cut, `app/${app.name}/default`, app.at) } : undefined;
       const name = `uc_app_${app.name}`;
       const delegated = this.rootIdentities ? { chain: name, make: () => this.delegatedChain(name, rules, chain) } : undefined;
+      this.keepForTracker(app.identities, closed, delegated);
       for (const identity of app.identities) this.claim(apps, identity, verdict.goto(chain), `app ${app.name}`, false, closed, delegated);
     }
     output.push(...this.dispatchRules(apps, 'apps'));
@@ -483,13 +483,17 @@ class Compiler {
     const ruleset: Ruleset = { table: TABLE, sets: this.sets, chains: [base, ...this.chains].map(fingerprintRules) };
     assertUniqueNames(ruleset);
     const made = new Set(this.chains.map((c) => c.name));
+    const madeFor = (chain: string) => {
+      if (!made.has(chain)) throw new Error(`internal: a cgroup binding goes to chain ${chain}, which the table lacks`);
+      return chain;
+    };
     return {
       ruleset,
       dnsBindings: this.dnsBindings,
       cgroupBindings: this.cgroupBindings.map(({ delegated, closed, ...binding }) => ({
         ...binding,
-        delegatedVerdict: delegated === undefined ? binding.verdict : made.has(delegated) ? verdict.goto(delegated) : undefined,
-        ...(closed === undefined ? {} : { cutOff: made.has(closed) ? verdict.goto(closed) : null }),
+        delegatedVerdict: delegated === undefined ? binding.verdict : verdict.goto(madeFor(delegated)),
+        ...(closed === undefined ? {} : { cutOff: verdict.goto(madeFor(closed)) }),
       })),
       errors: this.errors,
       lookupFailed: this.lookupFailed,
@@ -622,6 +626,7 @@ class Compiler {
     // identity), but a gateway on another host is network that its user's own app may deny.
     const delegated =
       !loopback && this.rootIdentities ? { chain: 'uc_tor_updaters', make: () => this.delegatedChain('uc_tor_updaters', chainRules) } : undefined;
+    this.keepForTracker(tor.updaters, closed, delegated);
     for (const identity of tor.updaters) this.claim(updaters, identity, verdict.goto('tor_updaters'), 'Tor updaters', false, closed, delegated);
     return [...guard, ...this.dispatchRules(updaters, 'updaters over Tor')];
   }
@@ -780,7 +785,8 @@ class Compiler {
    * keyed by `meta skuid`, one per rule) holds a limit for each uid, so one
    * uid flooding a rule thins only its own log, and another's denials on the
    * same rule are still logged. The set is bounded (LOG_METER_SIZE uids per
-   * rule, each gone LOG_METER_TIMEOUT s after its last packet): when it is
+   * rule, COPY_LOG_METER_SIZE per app's copy of a global rule, each gone
+   * LOG_METER_TIMEOUT s after its last packet): when it is
    * full, a new uid's packets are dropped unlogged (still counted) until a
    * slot frees — the kernel's memory stays bounded whatever sends. Packets
    * without an owner (the kernel's own, an orphaned socket's) have no uid to
@@ -794,7 +800,8 @@ class Compiler {
       const { count, per } = this.log.rate;
       const shortId = this.shortId(id, copyFor);
       const prefix = logPrefix(shortId);
-      const meter = this.logMeter(shortId, meterTimeout(count, per, this.log.burst), `${count}/${per} burst ${this.log.burst}`);
+      const size = copyFor === undefined ? LOG_METER_SIZE : COPY_LOG_METER_SIZE;
+      const meter = this.logMeter(shortId, meterTimeout(count, per, this.log.burst), `${count}/${per} burst ${this.log.burst}`, size);
       rules.push(
         rule(
           [
@@ -819,13 +826,13 @@ class Compiler {
    * it). Each uid's element holds the limit it was made with, so the limit is
    * its source: a new rate names a new set, and no uid keeps the old one.
    */
-  private logMeter(shortId: string, timeout: number, limit: string): string {
+  private logMeter(shortId: string, timeout: number, limit: string, size: number): string {
     const name = `lograte_${shortId}`;
     if (!this.meters.has(name)) {
       this.meters.add(name);
       // Said outright: nft infers `dynamic` only when the set and a rule that updates it are in one
       // transaction, and the base chain's rules come in the swap's second one (the kernel then refuses the update: EINVAL).
-      this.sets.push({ name, key: 'uid', flags: ['dynamic', 'timeout'], elements: [], size: LOG_METER_SIZE, timeout, source: limit });
+      this.sets.push({ name, key: 'uid', flags: ['dynamic', 'timeout'], elements: [], size, timeout, source: limit });
     }
     return name;
   }
@@ -922,7 +929,22 @@ class Compiler {
     };
   }
 
-  /** A chain that lets nothing out, deciding as the rule `ruleId` of the owner does; made once, when first needed. */
+  /**
+   * The chains an identity chosen by cgroup may send the tracker's new
+   * members to — its delegated members' (`delegatedChain`), its cut-off
+   * ancestors' (`closedChain`) — made whether or not such a member exists
+   * now. Made only when one existed, a later apply without one took the
+   * chain away, and the next member (a user's app started again) waited
+   * for a re-apply, meeting meanwhile what follows (its user's identities,
+   * the default): under a default allow, none of its app's denies.
+   */
+  private keepForTracker(identities: readonly Identity[], closed: Closed | undefined, delegated: Delegated | undefined): void {
+    if (!identities.some((identity) => identity.selectors.some((s) => s.kind === 'cgroup'))) return;
+    closed?.make();
+    delegated?.make();
+  }
+
+  /** A chain that lets nothing out, deciding as the rule `ruleId` of the owner does; made once. */
   private closedChain(name: string, ruleId: string, at: Origin | undefined): Verdict {
     if (!this.chains.some((c) => c.name === name)) this.chains.push({ name, rules: this.denyTail(ruleId, at, true) });
     return verdict.goto(name);
@@ -1268,6 +1290,15 @@ const IPPROTO_ROUTING = 43;
 const DNS_PROTOCOLS_SET = 'proto_tcp_udp';
 /** Uids a rule's log meter tells apart at once. */
 const LOG_METER_SIZE = 4096;
+/**
+ * Uids the meter of a global rule's copy for one app (appsWithOwnGlobalDeny)
+ * tells apart: an app chosen by cgroup is a unit's or a user's, whose
+ * processes run as a few uids. Smaller, because a user can send from
+ * thousands of subordinate uids into every copy its cgroups reach (its own
+ * apps' globs), and each copy's meter is kernel memory of its own: eight
+ * copies hold what one rule's meter holds.
+ */
+const COPY_LOG_METER_SIZE = 512;
 
 /**
  * How long a uid keeps its meter slot after its last denied packet (s): at

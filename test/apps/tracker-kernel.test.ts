@@ -184,57 +184,40 @@ systemDomains:
     }
   });
 
-  it("a cgroup its user made in its delegated subtree: the table has no chain for the app's delegated members yet, so the tracker has it re-applied, then writes it", async () => {
+  it("a cgroup its user made in its delegated subtree is written at once, with no re-apply: the chain for the app's delegated members is in the table before any exists", async () => {
+    const reloads = (from: number) => tracker.events.slice(from).filter((e) => e.ev === 'applied' && e['why'] === 'reload').length;
     const path = `${E}/deleg/viewer-1`;
     const from = tracker.events.length;
     const made = await net.host.exec('mkdir', [`/sys/fs/cgroup/${path}`], { user: users.app1.name });
     expect(made.code).toBe(0);
     net.host.mkCgroup(path);
-    const applied = await tracker.waitFor((e) => e.ev === 'applied' && e['why'] === 'reload', 15_000, from);
-    const change = await added(path, from);
-    expect(change.at!).toBeGreaterThanOrEqual(applied.at! - 1000);
+    await added(path, from);
     // Its own user, which has no app of its own: the scope's app decides (deny wins where both have a say).
     const script = `echo $$ > /sys/fs/cgroup/${path}/cgroup.procs && exec timeout 2 bash -c 'exec 3<>/dev/tcp/198.51.100.1/8443'`;
     const r = await net.host.exec('bash', ['-c', script], { user: users.app1.name, cgroup: `${E}/deleg` });
     expect(r.code).toBe(0);
+    expect(reloads(from)).toBe(0);
   });
 
-  it('its user making and removing cgroups in a loop that match an app (no chain for delegated members yet): the re-applies it forces grow with the log of the time, not with the cgroups', async () => {
+  it('its user making and removing cgroups that match an app in a loop (an app started again and again): no re-apply, and one made after is written without one', async () => {
     const reloads = (from: number) => tracker.events.slice(from).filter((e) => e.ev === 'applied' && e['why'] === 'reload').length;
     const from = tracker.events.length;
-    const started = wallNow();
-    // Each lives about a millisecond: the tracker sees it (its window is a fraction of that), asks, and the cgroup is gone before the re-apply
-    // compiles. One every 400 ms, past the interval: the old tracker asked for each (a new id), a re-apply per cgroup.
-    const script = `for i in $(seq 1 25); do mkdir /sys/fs/cgroup/${E}/deleg/editor-$i && rmdir /sys/fs/cgroup/${E}/deleg/editor-$i && sleep 0.4; done`;
+    // Each lives about a millisecond. Before the chains were kept, each asked for a re-apply (back-off bounded them to the log of the time), and one
+    // made while the ask waited met its user's identities and the default, not its app, for up to that wait.
+    const script = `for i in $(seq 1 25); do mkdir /sys/fs/cgroup/${E}/deleg/editor-$i && rmdir /sys/fs/cgroup/${E}/deleg/editor-$i && sleep 0.1; done`;
     const r = await net.host.exec('bash', ['-c', script], { user: users.app1.name, timeoutMs: 60_000 });
     expect(r.code, r.stderr).toBe(0);
-    // Re-applies asked before the loop ended have answered.
-    await new Promise((resolve) => setTimeout(resolve, 2000));
-    const elapsed = wallNow() - started;
-    const seen = tracker.events.slice(from).filter((e) => e.ev === 'change' && String(e.path).includes('/editor-')).length;
-    // Asked at 0, 1, 3, 7, 15 … intervals: doubling waits. The old tracker asked once per cgroup id, every interval.
-    const bound = Math.ceil(Math.log2(elapsed / RECOMPILE_MS + 1)) + 1;
-    expect(reloads(from), `${reloads(from)} re-applies in ${Math.round(elapsed)} ms (bound ${bound}); ${seen} editor cgroups written`).toBeLessThanOrEqual(
-      bound,
-    );
-    expect(reloads(from)).toBeGreaterThanOrEqual(1);
-    // One that stays is written once its wait is over (the periodic look or its next sighting asks again).
     const path = `${E}/deleg/editor-stays`;
     const later = tracker.events.length;
     const made = await net.host.exec('mkdir', [`/sys/fs/cgroup/${path}`], { user: users.app1.name });
     expect(made.code).toBe(0);
     net.host.mkCgroup(path);
-    // Looked at again (as the periodic look does) until its need's wait is over: then asked for, and written.
-    const deadline = wallNow() + 60_000;
-    while (!tracker.events.slice(later).some((e) => e.ev === 'change' && e.added === true && e.path === path) && wallNow() < deadline) {
-      tracker.send({ cmd: 'look' });
-      await new Promise((resolve) => setTimeout(resolve, 1000));
-    }
     await added(path, later);
-    expect(reloads(later)).toBeLessThanOrEqual(1);
-  }, 120_000);
+    await new Promise((resolve) => setTimeout(resolve, 3 * RECOMPILE_MS));
+    expect(reloads(from)).toBe(0);
+  }, 60_000);
 
-  it("its user making many cgroups a default-deny app matches, with names nft cannot carry: one re-apply at most, their ancestor's id is cut off instead, the maps still list, and the cut goes with them", async () => {
+  it("its user making many cgroups a default-deny app matches, with names nft cannot carry: no re-apply (the closed chain is in the table), their ancestor's id is cut off instead, the maps still list, and the cut goes with them", async () => {
     const reloads = (from: number) => tracker.events.slice(from).filter((e) => e.ev === 'applied' && e['why'] === 'reload').length;
     const from = tracker.events.length;
     const dirs = `/sys/fs/cgroup/${E}/deleg`;
@@ -242,11 +225,10 @@ systemDomains:
     expect(one.code, one.stderr).toBe(0);
     const ancestor = net.host.cgroupId(`${E}/deleg`);
     const cut = (e: { ev: string; id?: string; added?: boolean }) => e.ev === 'change' && e.added === true && e.id === String(ancestor);
-    // Cut off by the tracker, or by the re-apply's compile (which saw the cgroup; the tracker then holds that element as written).
-    await tracker.waitFor((e) => cut(e) || (e.ev === 'applied' && e['why'] === 'reload'), 15_000, from);
+    await tracker.waitFor(cut, 15_000, from);
     expect((await mapElements(net, 'app_cg_l2')).elements).toContain(`${E}/deleg`);
     const first = reloads(from);
-    expect(first).toBeLessThanOrEqual(1);
+    expect(first).toBe(0);
     const many = await net.host.exec('bash', ['-c', `for i in $(seq 1 100); do mkdir "${dirs}/viewer-$(printf '\\xff\\x01')-$i" || exit 1; done`], {
       user: users.app1.name,
     });

@@ -193,6 +193,9 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
         dns_egress: 0,
         log_g0: 0,
         log_g0_global_deny_app_open: 0,
+        // Its delegated members' chain (gpg.service may be delegated), made whether or not one exists.
+        uc_app_open: 0,
+        uc_root_app_open: 0,
         log_a_closed_1: 0,
         log_a_open_0: 0,
         ...(egress === 'deny' ? { ownerless: 0 } : {}),

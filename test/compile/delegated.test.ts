@@ -125,10 +125,11 @@ describe('a cgroup its user controls cannot add to what its user and group may d
         delegatedVerdict: { goto: { target: 'uc_app_firefox' } },
       }),
     ]);
-    // An app with no delegated member has no copy yet: the tracker cannot add a delegated cgroup to it without a compile.
+    // An app with no delegated member yet has its copy all the same: the tracker adds the first one at once, without a compile.
     const none = compileYaml(POLICY, { facts: { ...FACTS_2001, cgroupOwners: new Map() } });
-    expect(none.ruleset.chains.some((c) => c.name.startsWith('uc_'))).toBe(false);
-    expect(none.cgroupBindings[0]).toMatchObject({ verdict: { goto: { target: 'app_firefox' } }, delegatedVerdict: undefined });
+    expect(none.ruleset.chains.map((c) => c.name).filter((name) => name.startsWith('uc_'))).toEqual(['uc_app_firefox', 'uc_root_app_firefox']);
+    expect(none.ruleset.chains.find((c) => c.name === 'uc_app_firefox')).toEqual(compiled.ruleset.chains.find((c) => c.name === 'uc_app_firefox'));
+    expect(none.cgroupBindings[0]).toMatchObject({ verdict: { goto: { target: 'app_firefox' } }, delegatedVerdict: { goto: { target: 'uc_app_firefox' } } });
   });
 
   it('no copies where nothing could be taken away: no app names a user or group, or the identity only takes away (system domains, updaters with Tor on loopback)', () => {
