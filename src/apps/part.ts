@@ -34,7 +34,7 @@ export interface AppsPartOptions {
   readonly maxWatches?: number;
   /** The shortest time between two re-applies the tracker asks for (a cgroup nft cannot name, whose ancestor's level has no map to cut it off in); default 10,000 ms. A need asked for in vain waits twice as long each time. */
   readonly recompileIntervalMs?: number;
-  /** The longest such a wait grows; default 1,800,000 ms. */
+  /** The longest such a wait grows; default the tracker's, 300,000 ms. */
   readonly maxRecompileBackoffMs?: number;
   /** Default: a netlink socket of this network namespace (openCgroupMapWriter). */
   readonly writer?: () => CgroupMapWriter;

@@ -159,7 +159,8 @@ export interface CgroupBinding {
    * Only for an identity that denies (a system domain, the updaters over
    * Tor, a default-deny app): the verdict a member's nearest ancestor nft
    * can name is cut off with when the member's own name cannot be carried
-   * (as compile cuts off, `Compiler.claim`). Absent: such a member is left out.
+   * (as compile cuts off, `Compiler.claim`). Absent: such a member is left
+   * out — or none can be: no glob of the identity has a wildcard.
    */
   readonly cutOff?: Verdict;
 }
@@ -493,7 +494,8 @@ class Compiler {
       cgroupBindings: this.cgroupBindings.map(({ delegated, closed, ...binding }) => ({
         ...binding,
         delegatedVerdict: delegated === undefined ? binding.verdict : verdict.goto(madeFor(delegated)),
-        ...(closed === undefined ? {} : { cutOff: verdict.goto(madeFor(closed)) }),
+        // Not made: none of the identity's globs can match a name nft cannot carry (keepForTracker).
+        ...(closed === undefined || !made.has(closed) ? {} : { cutOff: verdict.goto(closed) }),
       })),
       errors: this.errors,
       lookupFailed: this.lookupFailed,
@@ -939,8 +941,10 @@ class Compiler {
    * the default): under a default allow, none of its app's denies.
    */
   private keepForTracker(identities: readonly Identity[], closed: Closed | undefined, delegated: Delegated | undefined): void {
-    if (!identities.some((identity) => identity.selectors.some((s) => s.kind === 'cgroup'))) return;
-    closed?.make();
+    const globs = identities.flatMap((identity) => identity.selectors.flatMap((s) => (s.kind === 'cgroup' ? [s.glob] : [])));
+    if (globs.length === 0) return;
+    // Only a wildcard (or a name nft cannot carry, written out) matches a cgroup whose ancestor is cut off.
+    if (globs.some((glob) => /[*?]/.test(glob) || !nftCanName(glob))) closed?.make();
     delegated?.make();
   }
 

@@ -141,6 +141,26 @@ tor: {enabled: true, socks: "[2001:db8::50]:9050", updaters: [apt]}
     }
   });
 
+  it("an identity chosen by cgroup has the chains the tracker sends new members to before any member exists; a cut-off chain only where a glob's wildcard can match a name nft cannot carry", () => {
+    const compiled = compileYaml(`
+apps:
+  build: {identity: {user: alice}}
+  web: {identity: {cgroup: "apps/web-*"}, default: deny}
+  printer: {identity: {unit: cups.service}, default: deny}
+  viewer: {identity: {cgroup: "apps/viewer"}, default: allow}
+`);
+    const chains = compiled.ruleset.chains.map((c) => c.name);
+    const binding = (owner: string) => compiled.cgroupBindings.find((b) => b.owner === owner)!;
+    expect(binding('app web')).toMatchObject({ delegatedVerdict: { goto: { target: 'uc_app_web' } }, cutOff: { goto: { target: 'cut_app_web' } } });
+    expect(binding('app printer').delegatedVerdict).toEqual({ goto: { target: 'uc_app_printer' } });
+    expect(binding('app printer').cutOff).toBeUndefined();
+    expect(binding('app viewer').delegatedVerdict).toEqual({ goto: { target: 'uc_app_viewer' } });
+    expect(binding('app viewer').cutOff).toBeUndefined();
+    for (const name of ['uc_app_web', 'cut_app_web', 'uc_app_printer', 'uc_app_viewer']) expect(chains).toContain(name);
+    expect(chains).not.toContain('cut_app_printer');
+    expect(chains).not.toContain('cut_app_viewer');
+  });
+
   it('a policy without a default deny has no conntrack expression at all, lockdown, system domains and Tor included', () => {
     const yaml = `
 defaults: {egress: allow}
