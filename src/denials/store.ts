@@ -587,6 +587,22 @@ function openDatabase(path: string, quickCheckMaxBytes: number): Database.Databa
   }
 }
 
+/**
+ * A fresh database started beside a damaged one gives ids from the time in
+ * microseconds on, not from 1: the damaged one's ids cannot be read, and an
+ * agent's notification still open names its record by id — "Allow" on it
+ * must reach no record of the new database (it is refused as unknown).
+ * Ids from one database started at time T stay below T + (elapsed µs) as
+ * long as fewer than a million records a second are written, which is far
+ * above what the store writes (bench/README.md); and below 2^53 until the
+ * year 2255.
+ */
+function startIdsAfterReplacement(db: Database.Database, nowMs: number): void {
+  const floor = Math.floor(nowMs) * 1000;
+  db.prepare("INSERT INTO sqlite_sequence (name, seq) SELECT 'denials', ? WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'denials')").run(floor);
+  db.prepare("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'denials'").run(floor);
+}
+
 export function openDenialStore(path: string, options: DenialStoreOptions = {}): DenialDatabase & HouseKept {
   const o = { ...DEFAULTS, ...options };
   const now = options.now ?? Date.now;
@@ -616,6 +632,7 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
       const aside = keepAside(path, now());
       ensureModes(path, auditGid(o.group === undefined ? AUDIT_GROUP : o.group));
       db = openDatabase(path, o.quickCheckMaxBytes ?? QUICK_CHECK_MAX_BYTES);
+      startIdsAfterReplacement(db, now());
       const replaced = storeError(`damaged; kept as ${aside}, a fresh one started`, path, error);
       log?.error(
         { event: 'denial-store-replaced', code: replaced.code, path, keptAs: aside, error: (error as Error).message },

@@ -461,6 +461,34 @@ describe('denial store: damage', () => {
     expect(readFileSync(join(path, '..', aside[0]!)).equals(original)).toBe(true);
   });
 
+  it('a fresh database started beside a damaged one gives no id the damaged one gave: an agent\'s "Allow" on a notification from before reaches no record', () => {
+    const path = freshPath();
+    const before = open(path);
+    before.add([denial(), denial(), denial()]);
+    before.flush();
+    const oldIds = before.query({}).map((r) => r.id);
+    expect(oldIds.sort()).toEqual([1, 2, 3]);
+    before.close();
+    writeFileSync(path, Buffer.alloc(64 * 1024, 0x5a));
+    const at = Date.UTC(2026, 11, 5, 12);
+    const after = open(path, { now: () => at, onError: () => undefined });
+    after.add([denial(), denial()]);
+    after.flush();
+    const newIds = after
+      .query({})
+      .map((r) => r.id)
+      .sort();
+    expect(newIds).toEqual([at * 1000 + 1, at * 1000 + 2]);
+    for (const id of oldIds) expect(after.get(id)).toBeUndefined();
+    after.close();
+    // Reopened (not damaged), it goes on from where it was.
+    const again = open(path, { now: () => at + 1 });
+    again.add([denial()]);
+    again.flush();
+    expect(Math.max(...again.query({}).map((r) => r.id))).toBe(at * 1000 + 3);
+    again.close();
+  });
+
   it('a truncated file: the same', () => {
     damaged((path) => {
       const store = open(path);
