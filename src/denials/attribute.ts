@@ -26,11 +26,6 @@ export class RuleLookup {
     return this.rules.get(shortId);
   }
 
-  /** Every entry known, for tests and listings. */
-  entries(): RuleIdEntry[] {
-    return [...this.rules.values()];
-  }
-
   get size(): number {
     return this.rules.size;
   }

@@ -88,6 +88,7 @@ describe('which app a denial record names', () => {
 `);
     const dir = policyDir({ '00.yaml': text });
     let rules: RuleLookup;
+    let table: readonly RuleIdEntry[];
     try {
       const loaded = loadPolicyDir(dir);
       if (!loaded.ok) throw new Error(JSON.stringify(loaded.errors));
@@ -97,11 +98,12 @@ describe('which app a denial record names', () => {
       expect(compiled.ruleset.sets.find((set) => set.name === 'app_uid')).toMatchObject({ elements: [1234, 1235, 1237, 1238] });
       rules = new RuleLookup();
       rules.replace(compiled.ruleIds);
+      table = compiled.ruleIds;
       rules.senderApp = appOfUid(loaded.policy, withStaff);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
-    const global = rules.entries().filter((entry) => entry.ruleId === 'deny/00.yaml/0');
+    const global = table.filter((entry) => entry.ruleId === 'deny/00.yaml/0');
     expect(global.map((entry) => entry.app ?? null).sort()).toEqual(['both', 'browser', null]);
     const idFor = (app: string | null) => global.find((entry) => (entry.app ?? null) === app)!.id;
     // The copy says which app, whatever the uid: any user's browser, and "both" by its cgroup or its user alike.
