@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import pino from 'pino';
 import type { DenialRecord } from '../../src/denials/record.js';
 import { aggregateKey } from '../../src/denials/record.js';
+import { telemetryDenial } from '../denials/store-records.js';
 import type { DenialCounters, DenialFeed, DenialFilter, DenialStore, DenialStoreCounters, DenialSummary, StoredDenial } from '../../src/dbus/contracts.js';
 import { lookupGroup, lookupUser, RUN_DIR, runSync } from '../harness/sys.js';
 
@@ -298,28 +299,10 @@ export class TestFeed implements DenialFeed {
 }
 
 let clock = 1_780_000_000_000;
+/** A global rule's denial of firefox's connection to a telemetry name, each a second after the one before; `over` replaces fields. */
 export function denial(over: Partial<DenialRecord> = {}): DenialRecord {
   clock += 1000;
-  return {
-    firstSeen: clock,
-    lastSeen: clock,
-    count: 1,
-    shortId: 'r0a1b2c3d',
-    ruleId: 'deny/10-phone-home.yaml/0',
-    kind: 'global-deny',
-    file: '10-phone-home.yaml',
-    line: 23,
-    app: 'firefox',
-    domain: undefined,
-    uid: 1000,
-    gid: 1000,
-    protocol: 'tcp',
-    family: 4,
-    address: '203.0.113.7',
-    port: 443,
-    name: 'telemetry.example.org',
-    ...over,
-  };
+  return telemetryDenial({ firstSeen: clock, lastSeen: clock, ...over });
 }
 
 export { aggregateKey };

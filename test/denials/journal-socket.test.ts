@@ -12,6 +12,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { denialJournalFields, openDenialJournal } from '../../src/denials/journal.js';
 import type { DenialRecord } from '../../src/denials/record.js';
 import { journalDatagram, openJournalSender } from '../../src/system/journal.js';
+import { telemetryDenial } from './store-records.js';
 
 const koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
 const libc = koffi.load('libc.so.6');
@@ -62,26 +63,15 @@ function parseNative(d: Buffer): [string, string][] {
   return fields;
 }
 
-const record = (i: number, over: Partial<DenialRecord> = {}): DenialRecord => ({
-  firstSeen: 1_780_000_000_000 + i,
-  lastSeen: 1_780_000_000_000 + i,
-  count: 1,
-  shortId: 'r0a1b2c3d',
-  ruleId: 'deny/10-phone-home.yaml/0',
-  kind: 'global-deny',
-  file: '10-phone-home.yaml',
-  line: 23,
-  app: 'firefox',
-  domain: undefined,
-  uid: 1000,
-  gid: 1000,
-  protocol: 'udp',
-  family: 4,
-  address: `203.0.113.${i % 256}`,
-  port: 53,
-  name: 'telemetry.example.org',
-  ...over,
-});
+const record = (i: number, over: Partial<DenialRecord> = {}): DenialRecord =>
+  telemetryDenial({
+    firstSeen: 1_780_000_000_000 + i,
+    lastSeen: 1_780_000_000_000 + i,
+    protocol: 'udp',
+    address: `203.0.113.${i % 256}`,
+    port: 53,
+    ...over,
+  });
 
 describe('the journal socket', () => {
   it('a journald that reads nothing: every entry returns at once, the overflow is dropped and counted, what arrived is whole', () => {

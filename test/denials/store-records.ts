@@ -26,6 +26,20 @@ export function denial(over: Partial<DenialRecord> = {}): DenialRecord {
   };
 }
 
+/** A denial by the global list (10-phone-home.yaml:23) of firefox's connection to a telemetry name, as the D-Bus and journal tests use; `over` replaces fields. */
+export function telemetryDenial(over: Partial<DenialRecord> = {}): DenialRecord {
+  return denial({
+    shortId: 'r0a1b2c3d',
+    ruleId: 'deny/10-phone-home.yaml/0',
+    kind: 'global-deny',
+    file: '10-phone-home.yaml',
+    line: 23,
+    address: '203.0.113.7',
+    name: 'telemetry.example.org',
+    ...over,
+  });
+}
+
 /** A varied set of records for sizes and benchmarks: `apps` apps, `dests` destinations, `rules` rules, one record per `stepMs` back from `end`. */
 export function* manyDenials(
   n: number,
