@@ -494,8 +494,9 @@ class Compiler {
       cgroupBindings: this.cgroupBindings.map(({ delegated, closed, ...binding }) => ({
         ...binding,
         delegatedVerdict: delegated === undefined ? binding.verdict : verdict.goto(madeFor(delegated)),
-        // Not made: none of the identity's globs can match a name nft cannot carry (keepForTracker).
-        ...(closed === undefined || !made.has(closed) ? {} : { cutOff: verdict.goto(closed) }),
+        // Not made only where none of the identity's globs can match a name nft cannot carry (keepForTracker): a member
+        // of a glob that can must find the chain, or the tracker would leave it out, to meet what follows.
+        ...(closed === undefined || !(made.has(closed) || mayMatchUnnamed(binding.glob)) ? {} : { cutOff: verdict.goto(madeFor(closed)) }),
       })),
       errors: this.errors,
       lookupFailed: this.lookupFailed,
@@ -943,8 +944,7 @@ class Compiler {
   private keepForTracker(identities: readonly Identity[], closed: Closed | undefined, delegated: Delegated | undefined): void {
     const globs = identities.flatMap((identity) => identity.selectors.flatMap((s) => (s.kind === 'cgroup' ? [s.glob] : [])));
     if (globs.length === 0) return;
-    // Only a wildcard (or a name nft cannot carry, written out) matches a cgroup whose ancestor is cut off.
-    if (globs.some((glob) => /[*?]/.test(glob) || !nftCanName(glob))) closed?.make();
+    if (globs.some(mayMatchUnnamed)) closed?.make();
     delegated?.make();
   }
 
@@ -1231,6 +1231,11 @@ class Compiler {
   private warn(at: Origin, message: string): void {
     if (!this.warnings.some((w) => w.message === message)) this.warnings.push({ severity: 'warning', at, message });
   }
+}
+
+/** Whether a cgroup glob can match a name nft cannot carry: only through a wildcard, or written out so itself. */
+function mayMatchUnnamed(glob: string): boolean {
+  return /[*?]/.test(glob) || !nftCanName(glob);
 }
 
 /** The chain of an app's own copy of the global deny list (appsWithOwnGlobalDeny). */
