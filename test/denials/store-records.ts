@@ -1,4 +1,3 @@
-import type { ChildProcess } from 'node:child_process';
 import type { DenialRecord } from '../../src/denials/record.js';
 
 /** A denial record as the reader makes them; `over` replaces fields. */
@@ -63,32 +62,4 @@ export function* manyDenials(
       name: d % 3 === 0 ? undefined : `host${d}.tracker${d % 50}.example`,
     });
   }
-}
-
-/**
- * SIGKILLs a writer (store-writer.ts, store-worker-writer.ts: each prints
- * "added N" as it hands records over) once it reported at least `atLeast`,
- * and resolves, once it exited, to the count it had reported then. A writer
- * that exits by itself first fails the test with what it printed.
- */
-export async function killWriterAfter(child: ChildProcess, atLeast: number): Promise<number> {
-  let reported = 0;
-  let text = '';
-  child.stdout!.on('data', (chunk: Buffer) => {
-    text += chunk.toString();
-    const all = [...text.matchAll(/added (\d+)\n/g)];
-    if (all.length > 0) reported = Number(all[all.length - 1]![1]);
-  });
-  await new Promise<void>((resolve, reject) => {
-    child.once('exit', () => reject(new Error(`the writer exited: ${text.slice(-500)}`)));
-    const poll = setInterval(() => {
-      if (reported >= atLeast) {
-        clearInterval(poll);
-        child.kill('SIGKILL');
-        resolve();
-      }
-    }, 5);
-  });
-  await new Promise((r) => child.once('exit', r));
-  return reported;
 }

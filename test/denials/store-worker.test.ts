@@ -1,4 +1,3 @@
-import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -7,7 +6,8 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { ErrorCode, type EgressError } from '../../src/errors.js';
 import { denialStorePath, openDenialStore, SCHEMA_VERSION } from '../../src/denials/store.js';
 import { startDenialStore, type WorkerStoreOptions } from '../../src/denials/store-worker.js';
-import { denial, killWriterAfter, manyDenials } from './store-records.js';
+import { killWriterMidWrite, writtenSequence } from './killed-writer.js';
+import { denial, manyDenials } from './store-records.js';
 
 /**
  * The store as the daemon runs it: the database in a worker thread, `add`
@@ -212,20 +212,14 @@ describe('denial store in its worker thread', () => {
   it('SIGKILL mid-write: the database is intact and holds every record handed over but at most the queue bound', async () => {
     const path = freshPath();
     const maxQueued = 1000;
-    const child = spawn(process.execPath, ['--import', 'tsx', join(import.meta.dirname, 'store-worker-writer.ts'), path, '200', '500', String(maxQueued)], {
-      cwd: join(import.meta.dirname, '../..'),
-      stdio: ['ignore', 'pipe', 'inherit'],
-    });
-    const reported = await killWriterAfter(child, 20_000);
-    expect(child.signalCode).toBe('SIGKILL');
+    const { reported, signal } = await killWriterMidWrite('store-worker-writer.ts', path, ['200', '500', String(maxQueued)], 20_000);
+    expect(signal).toBe('SIGKILL');
     expect(existsSync(`${path}-wal`)).toBe(true);
     const errors: EgressError[] = [];
     const store = await start(path, { onError: (e) => errors.push(e) });
     expect(errors).toEqual([]);
-    const check = new Database(path, { readonly: true });
-    expect(check.pragma('integrity_check')).toEqual([{ integrity_check: 'ok' }]);
-    const seqs = (check.prepare('SELECT gid FROM denials ORDER BY id').all() as { gid: number }[]).map((r) => r.gid);
-    check.close();
+    const { integrity, seqs } = writtenSequence(path);
+    expect(integrity).toEqual([{ integrity_check: 'ok' }]);
     // A prefix of what was added, in order, with nothing missing inside it (the writer never outran the bound: nothing was dropped) …
     expect(seqs.every((s, i) => s === i)).toBe(true);
     // … and short of what the writer had handed over by at most what the queue holds.

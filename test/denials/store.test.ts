@@ -1,4 +1,4 @@
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -17,7 +17,8 @@ import {
 } from '../../src/denials/store.js';
 import type { DenialRecord } from '../../src/denials/record.js';
 import { ensureTestUsers } from '../harness/index.js';
-import { denial, killWriterAfter, manyDenials } from './store-records.js';
+import { killWriterMidWrite, writtenSequence } from './killed-writer.js';
+import { denial, manyDenials } from './store-records.js';
 
 const scratch = mkdtempSync(join(tmpdir(), 'egd-store-'));
 afterAll(() => rmSync(scratch, { recursive: true, force: true }));
@@ -536,20 +537,14 @@ describe('denial store: SIGKILL mid-write', () => {
   it('the database is intact and loses at most the last unflushed batch', async () => {
     const path = freshPath();
     const batch = 500;
-    const child = spawn(process.execPath, ['--import', 'tsx', join(import.meta.dirname, 'store-writer.ts'), path, '200', String(batch)], {
-      cwd: join(import.meta.dirname, '../..'),
-      stdio: ['ignore', 'pipe', 'inherit'],
-    });
-    const reported = await killWriterAfter(child, 30_000);
-    expect(child.signalCode).toBe('SIGKILL');
+    const { reported, signal } = await killWriterMidWrite('store-writer.ts', path, ['200', String(batch)], 30_000);
+    expect(signal).toBe('SIGKILL');
     expect(existsSync(`${path}-wal`)).toBe(true);
     const errors: EgressError[] = [];
     const store = open(path, { onError: (e) => errors.push(e) });
     expect(errors).toEqual([]);
-    const check = new Database(path, { readonly: true });
-    expect(check.pragma('integrity_check')).toEqual([{ integrity_check: 'ok' }]);
-    const seqs = (check.prepare('SELECT gid FROM denials ORDER BY id').all() as { gid: number }[]).map((r) => r.gid);
-    check.close();
+    const { integrity, seqs } = writtenSequence(path);
+    expect(integrity).toEqual([{ integrity_check: 'ok' }]);
     // A prefix of what was added, in order, with nothing missing inside it …
     expect(seqs.every((s, i) => s === i)).toBe(true);
     // … and short of what the writer had handed over by at most one batch.
