@@ -53,18 +53,23 @@ export function pkcheckPolkit(binary = 'pkcheck', timeoutMs = PKCHECK_TIMEOUT_MS
     });
 }
 
-export async function callerCredentials(bus: dbus.MessageBus, sender: string): Promise<{ uid: number; pid: number | undefined }> {
+/** Calls a method of the bus itself (org.freedesktop.DBus) that takes one string; its reply's first value. */
+export async function askBus(bus: dbus.MessageBus, member: string, arg: string): Promise<unknown> {
   const reply = await bus.call(
     new dbus.Message({
       destination: 'org.freedesktop.DBus',
       path: '/org/freedesktop/DBus',
       interface: 'org.freedesktop.DBus',
-      member: 'GetConnectionCredentials',
+      member,
       signature: 's',
-      body: [sender],
+      body: [arg],
     }),
   );
-  const creds = (reply?.body[0] ?? {}) as Record<string, { value: unknown } | undefined>;
+  return reply?.body[0];
+}
+
+export async function callerCredentials(bus: dbus.MessageBus, sender: string): Promise<{ uid: number; pid: number | undefined }> {
+  const creds = ((await askBus(bus, 'GetConnectionCredentials', sender)) ?? {}) as Record<string, { value: unknown } | undefined>;
   const uid = creds['UnixUserID']?.value;
   const pid = creds['ProcessID']?.value;
   if (typeof uid !== 'number') throw new EgressError(ErrorCode.AccessDenied, 'the bus did not say which user is calling');

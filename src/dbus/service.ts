@@ -38,7 +38,7 @@ import type { DenialRecord } from '../denials/record.js';
 import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import { nssAccounts, type Accounts } from '../system/nss.js';
 import { parseSubordinate, type SubordinateLine } from '../system/subordinate.js';
-import { callerCredentials, DEFAULT_AUDIT_GROUP, roleOf, type Caller, type PolkitAction, type PolkitCheck } from './access.js';
+import { askBus, callerCredentials, DEFAULT_AUDIT_GROUP, roleOf, type Caller, type PolkitAction, type PolkitCheck } from './access.js';
 import { allowanceFor, DROP_IN, DropIn, manualAllowance, parseScope, type Allowance, type AllowProto } from './allow.js';
 import type { DenialCounters, DenialFeed, DenialStore } from './contracts.js';
 import { booleanArg, filterFromDbus, integerArg, recordToDbus, stringArg } from './wire.js';
@@ -280,17 +280,7 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
   /** Whether a unique name is still on the bus (it may have left while its call was being answered). */
   async function stillConnected(sender: string): Promise<boolean> {
     try {
-      const reply = await bus.call(
-        new Message({
-          destination: 'org.freedesktop.DBus',
-          path: '/org/freedesktop/DBus',
-          interface: 'org.freedesktop.DBus',
-          member: 'GetNameOwner',
-          signature: 's',
-          body: [sender],
-        }),
-      );
-      return reply?.body[0] === sender;
+      return (await askBus(bus, 'GetNameOwner', sender)) === sender;
     } catch {
       return false;
     }
@@ -576,16 +566,7 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
     }
   };
   bus.on('message', onMessage);
-  await bus.call(
-    new Message({
-      destination: 'org.freedesktop.DBus',
-      path: '/org/freedesktop/DBus',
-      interface: 'org.freedesktop.DBus',
-      member: 'AddMatch',
-      signature: 's',
-      body: ["type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',member='NameOwnerChanged'"],
-    }),
-  );
+  await askBus(bus, 'AddMatch', "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',member='NameOwnerChanged'");
 
   const reply = await bus.requestName(BUS_NAME, dbus.NameFlag.DO_NOT_QUEUE).catch((error: unknown) => error as Error);
   if (reply !== dbus.RequestNameReply.PRIMARY_OWNER) {

@@ -8,6 +8,7 @@
  * Every question is recorded with the uid the bus says the subject is.
  */
 import dbus from 'dbus-next';
+import { askBus } from '../../src/dbus/access.js';
 
 const { Message } = dbus;
 type Message = InstanceType<typeof Message>;
@@ -35,17 +36,7 @@ export async function startPolkitAuthority(busAddress: string, decide: (question
   const asked: PolkitQuestion[] = [];
   const uidOf = async (name: string): Promise<number | undefined> => {
     try {
-      const reply = await bus.call(
-        new Message({
-          destination: 'org.freedesktop.DBus',
-          path: '/org/freedesktop/DBus',
-          interface: 'org.freedesktop.DBus',
-          member: 'GetConnectionUnixUser',
-          signature: 's',
-          body: [name],
-        }),
-      );
-      return reply?.body[0] as number;
+      return (await askBus(bus, 'GetConnectionUnixUser', name)) as number;
     } catch {
       return undefined;
     }
