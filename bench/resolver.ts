@@ -37,7 +37,7 @@
  * through dnsmasq without them: the difference of the two p50s and of the
  * two p99s, queries alternating between the two).
  *
- *   npx tsx bench/resolver.ts [--quick]   (as root; `npm run bench -- resolver`)
+ *   npx tsx bench/resolver.ts [--quick] [--egressd-warm]   (as root; `npm run bench -- resolver`)
  * Full run ≈ 4–5 minutes, --quick ≈ 2; either is stopped at its time limit.
  */
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
@@ -53,8 +53,12 @@ import { parseNameList } from '../src/policy/lists.js';
 import { runInOwnNamespace } from './lib/netns.js';
 import { percentile } from './lib/stats.js';
 
-const { values } = parseArgs({ options: { inner: { type: 'string' }, quick: { type: 'boolean', default: false } } });
+const { values } = parseArgs({
+  options: { inner: { type: 'string' }, quick: { type: 'boolean', default: false }, 'egressd-warm': { type: 'boolean', default: false } },
+});
 const quick = values.quick;
+/** Only egressd's warm-cache rows, nothing to compare with: for working on that path (~20 s). */
+const egressdWarmOnly = values['egressd-warm'];
 const ROOT = join(import.meta.dirname, '..');
 const LIST = join(ROOT, 'policies/lists/tracking.txt');
 const DAEMON = join(ROOT, 'dist/daemon/main.js');
@@ -136,6 +140,18 @@ function memory(pid: number | undefined): { hwm: number; rss: number } | undefin
     const status = readFileSync(`/proc/${pid}/status`, 'utf8');
     const kb = (key: string) => Number(new RegExp(`^${key}:\\s+(\\d+) kB`, 'm').exec(status)?.[1] ?? Number.NaN);
     return { hwm: kb('VmHWM') / 1024, rss: kb('VmRSS') / 1024 };
+  } catch {
+    return undefined;
+  }
+}
+
+/** User and system CPU seconds a process has used, from /proc/PID/stat (clock ticks of 10 ms). */
+function cpuSeconds(pid: number | undefined): { user: number; system: number } | undefined {
+  if (pid === undefined) return undefined;
+  try {
+    // The command name in parentheses may hold spaces: the fields are counted after its closing parenthesis.
+    const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    return { user: Number(fields[11]) / 100, system: Number(fields[12]) / 100 };
   } catch {
     return undefined;
   }
@@ -302,6 +318,8 @@ interface Row {
   readonly result?: Load;
   readonly upstreamShare?: number;
   memory?: { hwm: number; rss: number } | undefined;
+  /** The server process's CPU time per answered query, µs, and the kernel's part of it (10 ms ticks: read it on the full-load rows). */
+  readonly cpuUs?: { total: number; system: number } | undefined;
   readonly startMs?: number | undefined;
   readonly unavailable?: string;
   note?: string;
@@ -320,14 +338,25 @@ async function measure(
   queries: string,
   upstream?: Dnsmasq,
   expect?: 'upstream' | 'cache',
+  serverPid?: number,
 ): Promise<Row> {
   checkBudget(`${row.resolver}, ${row.answers}, ${row.load}`);
   const before = upstream ? await upstream.answered() : 0;
+  const cpuBefore = cpuSeconds(serverPid);
   const result = dnsperf(server, queries, row.load === 'full' ? { seconds: FULL_SECONDS } : { seconds: MODERATE_SECONDS, rate: MODERATE_QPS });
+  const cpuAfter = cpuSeconds(serverPid);
   const after = upstream ? await upstream.answered() : 0;
   // Per query sent: a query the client gave up on (lost) may still have gone upstream.
   const share = upstream && result.sent ? (after - before) / result.sent : undefined;
-  const measured: Row = { ...row, result, ...(share === undefined ? {} : { upstreamShare: share }) };
+  const perQuery = (seconds: number) => (seconds * 1e6) / result.completed;
+  const cpuUs =
+    cpuBefore === undefined || cpuAfter === undefined || result.completed === 0
+      ? undefined
+      : {
+          total: perQuery(cpuAfter.user + cpuAfter.system - cpuBefore.user - cpuBefore.system),
+          system: perQuery(cpuAfter.system - cpuBefore.system),
+        };
+  const measured: Row = { ...row, result, cpuUs, ...(share === undefined ? {} : { upstreamShare: share }) };
   if (share !== undefined && expect === 'upstream' && share < 0.95)
     measured.note = `only ${(share * 100).toFixed(1)} % of the answers came from upstream: not an upstream-path row`;
   if (share !== undefined && expect === 'cache' && share > 0.05)
@@ -412,7 +441,7 @@ async function egressd(client: DnsClient, dir: string, answers: 'upstream' | 'wa
     return unavailable(`egressctl apply exited ${applied.status ?? applied.signal}: ${said.slice(0, 240)}`);
   }
   const since = performance.now();
-  const { child, output } = startProcess(process.execPath, [DAEMON, 'resolver', '--policy', policy], env);
+  const { child, output } = startProcess(process.execPath, [...nodeArgs(), DAEMON, 'resolver', '--policy', policy], env);
   try {
     const startMs = await firstAnswer(client, EGRESSD, probe, since, () => child.exitCode === null && child.signalCode === null, 60_000);
     if (startMs === undefined) {
@@ -424,7 +453,9 @@ async function egressd(client: DnsClient, dir: string, answers: 'upstream' | 'wa
     if (answers === 'warm') dnsperf(EGRESSD, queries, { runs: 1 });
     const mine: Row[] = [];
     for (const load of ['full', 'moderate'] as const)
-      mine.push(await measure({ resolver, answers: label, load, startMs }, EGRESSD, queries, authority, answers === 'upstream' ? 'upstream' : 'cache'));
+      mine.push(
+        await measure({ resolver, answers: label, load, startMs }, EGRESSD, queries, authority, answers === 'upstream' ? 'upstream' : 'cache', child.pid),
+      );
     const mem = memory(child.pid);
     for (const row of mine) row.memory = mem;
     let learned: number | undefined;
@@ -438,6 +469,9 @@ async function egressd(client: DnsClient, dir: string, answers: 'upstream' | 'wa
     await stopProcess(child);
   }
 }
+
+/** Extra Node.js flags for egressd's resolver, e.g. `EGD_BENCH_RESOLVER_NODE_ARGS='--cpu-prof --cpu-prof-dir=/tmp/prof'` to see where its time goes. */
+const nodeArgs = (): string[] => (process.env.EGD_BENCH_RESOLVER_NODE_ARGS ?? '').split(' ').filter((arg) => arg !== '');
 
 // ---------------------------------------------------------------- set updates
 
@@ -523,13 +557,15 @@ const ms = (x: number | undefined, digits = 3) => (x === undefined || Number.isN
 
 function printRows(): void {
   console.log(
-    `Loopback, one namespace; dnsperf ${CLIENTS} clients over ${QUERY_NAMES.toLocaleString('en')} names of the list; full load ${FULL_SECONDS} s per row (dnsperf's 100 queries outstanding), moderate load -Q ${MODERATE_QPS} for ${MODERATE_SECONDS} s. p50/p99 from dnsperf -v at moderate load; "avg" is dnsperf's average. "from upstream": answers the authoritative server gave during the row ÷ queries dnsperf sent. Memory: VmHWM / VmRSS after the rows; start: process start → first answer.\n`,
+    `Loopback, one namespace; dnsperf ${CLIENTS} clients over ${QUERY_NAMES.toLocaleString('en')} names of the list; full load ${FULL_SECONDS} s per row (dnsperf's 100 queries outstanding), moderate load -Q ${MODERATE_QPS} for ${MODERATE_SECONDS} s. p50/p99 from dnsperf -v at moderate load; "avg" is dnsperf's average. "from upstream": answers the authoritative server gave during the row ÷ queries dnsperf sent. Memory: VmHWM / VmRSS after the rows; CPU µs/query: the server process's user + system time during the row ÷ answers, the kernel's part in parentheses (10 ms ticks); start: process start → first answer.\n`,
   );
-  console.log('| resolver | answers | load | qps | from upstream | p50 ms | p99 ms | avg ms | lost | not NOERROR | VmHWM / VmRSS MB | start ms |');
-  console.log('|---|---|---|---|---|---|---|---|---|---|---|---|');
+  console.log(
+    '| resolver | answers | load | qps | from upstream | p50 ms | p99 ms | avg ms | lost | not NOERROR | VmHWM / VmRSS MB | CPU µs/query | start ms |',
+  );
+  console.log('|---|---|---|---|---|---|---|---|---|---|---|---|---|');
   for (const row of rows) {
     if (row.unavailable) {
-      console.log(`| ${row.resolver} | ${row.answers} | ${loadLabel(row.load)} | not available (${row.unavailable.replace(/\|/g, '/')}) | | | | | | | | |`);
+      console.log(`| ${row.resolver} | ${row.answers} | ${loadLabel(row.load)} | not available (${row.unavailable.replace(/\|/g, '/')}) | | | | | | | | | |`);
       continue;
     }
     const r = row.result!;
@@ -547,13 +583,14 @@ function printRows(): void {
         `${r.lost}/${r.sent}`,
         `${(r.notNoerror * 100).toFixed(1)} %`,
         row.memory ? `${row.memory.hwm.toFixed(1)} / ${row.memory.rss.toFixed(1)}` : '—',
+        row.cpuUs ? `${row.cpuUs.total.toFixed(1)} (${row.cpuUs.system.toFixed(1)} system)` : '—',
         ms(row.startMs, 0),
       ]
         .join(' | ')
         .replace(/^/, '| ')
         .concat(' |'),
     );
-    if (row.note) console.log(`|  | ↳ ${row.note} | | | | | | | | | | |`);
+    if (row.note) console.log(`|  | ↳ ${row.note} | | | | | | | | | | | |`);
   }
 }
 
@@ -612,10 +649,18 @@ async function inner(dir: string): Promise<void> {
     ['--conf-file=' + join(dir, 'authority.conf'), '--local-ttl=3600', '--cache-size=0'],
     probe,
   );
+  if (egressdWarmOnly) {
+    const run = await egressd(client, dir, 'warm', authCached, queries, probe);
+    client.close();
+    printRows();
+    if (run.reason) console.log(run.reason);
+    return;
+  }
   const forwardMax = '--dns-forward-max=1000';
 
   const direct = '(1) authoritative dnsmasq, direct';
-  for (const load of ['full', 'moderate'] as const) await measure({ resolver: direct, answers: 'itself', load }, AUTH_CACHED, queries, authCached);
+  for (const load of ['full', 'moderate'] as const)
+    await measure({ resolver: direct, answers: 'itself', load }, AUTH_CACHED, queries, authCached, undefined, authCached.child.pid);
 
   const plainDnsmasq = await startDnsmasq(client, dir, 'forward-plain', DNSMASQ_PLAIN, [`--server=${AUTH_FRESH}#53`, '--cache-size=0', forwardMax], probe);
   const plainRows: Row[] = [];
@@ -626,6 +671,8 @@ async function inner(dir: string): Promise<void> {
         DNSMASQ_PLAIN,
         queries,
         authFresh,
+        undefined,
+        plainDnsmasq.child.pid,
       ),
     );
   for (const row of plainRows) row.memory = memory(plainDnsmasq.child.pid);
@@ -646,6 +693,8 @@ async function inner(dir: string): Promise<void> {
         DNSMASQ_NFTSET,
         queries,
         authFresh,
+        undefined,
+        nftsetDnsmasq.child.pid,
       ),
     );
   for (const row of fresh) row.memory = memory(nftsetDnsmasq.child.pid);
@@ -675,6 +724,7 @@ async function inner(dir: string): Promise<void> {
     queries,
     authFresh,
     'upstream',
+    fewDnsmasq.child.pid,
   );
   few.memory = memory(fewDnsmasq.child.pid);
   await stopProcess(fewDnsmasq.child);
@@ -696,6 +746,8 @@ async function inner(dir: string): Promise<void> {
         DNSMASQ_NFTSET_CACHE,
         queries,
         authCached,
+        undefined,
+        cachingDnsmasq.child.pid,
       ),
     );
   for (const row of warm) row.memory = memory(cachingDnsmasq.child.pid);
@@ -862,7 +914,13 @@ if (values.inner) {
   const build = spawnSync('npm', ['run', '--silent', 'build'], { cwd: ROOT, stdio: 'inherit' });
   if (build.status !== 0) console.error("bench/resolver.ts: the build failed; egressd's rows use whatever dist/ holds");
   const root = mkdtempSync(join(tmpdir(), 'egd-resolver-bench-'));
-  process.exitCode = runInOwnNamespace('egd-dns-bench', fileURLToPath(import.meta.url), root, ['--inner', root, ...(quick ? ['--quick'] : [])], {
-    timeoutMs: BUDGET_MS + 60_000,
-  });
+  process.exitCode = runInOwnNamespace(
+    'egd-dns-bench',
+    fileURLToPath(import.meta.url),
+    root,
+    ['--inner', root, ...(quick ? ['--quick'] : []), ...(egressdWarmOnly ? ['--egressd-warm'] : [])],
+    {
+      timeoutMs: BUDGET_MS + 60_000,
+    },
+  );
 }
