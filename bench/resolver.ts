@@ -400,6 +400,21 @@ interface EgressdRun {
   readonly reason?: string;
   readonly listLoad?: { ms: number; where: string } | undefined;
   readonly learned?: number | undefined;
+  /** The resolver's own counters of set writes, from its start (priming included). */
+  readonly writes?: string | undefined;
+}
+
+/** What the running resolver says it wrote into the sets (its control socket's status), or undefined if it cannot say. */
+async function setWrites(): Promise<string | undefined> {
+  try {
+    const control = (await import(pathToFileURL(join(ROOT, 'dist/resolver/control.js')).href)) as typeof import('../src/resolver/control.js');
+    const asked = await control.askResolver({ op: 'status' }, { path: control.controlSocketPath() });
+    if (!asked.running || !asked.reply.ok || asked.reply.op !== 'status') return undefined;
+    const c = asked.reply.resolver as Record<string, number | undefined>;
+    return `set writes since start: ${c['elementsWritten'] ?? '?'} elements in ${c['transactions'] ?? '?'} transactions, ${c['writesSkipped'] ?? '?'} skipped as held`;
+  } catch {
+    return undefined;
+  }
 }
 
 async function egressd(client: DnsClient, dir: string, answers: 'upstream' | 'warm', authority: Dnsmasq, queries: string, probe: string): Promise<EgressdRun> {
@@ -458,13 +473,14 @@ async function egressd(client: DnsClient, dir: string, answers: 'upstream' | 'wa
       );
     const mem = memory(child.pid);
     for (const row of mine) row.memory = mem;
+    const writes = await setWrites();
     let learned: number | undefined;
     try {
       learned = elementsIn('egressd', /_dns4/);
     } catch {
       learned = undefined;
     }
-    return { rows: mine, listLoad: listLoadFromLog(output()), learned };
+    return { rows: mine, listLoad: listLoadFromLog(output()), learned, writes };
   } finally {
     await stopProcess(child);
   }
@@ -652,6 +668,7 @@ async function inner(dir: string): Promise<void> {
   if (egressdWarmOnly) {
     const run = await egressd(client, dir, 'warm', authCached, queries, probe);
     client.close();
+    if (run.rows[0] && run.writes) run.rows[0].note = [run.rows[0].note, run.writes].filter(Boolean).join('; ');
     printRows();
     if (run.reason) console.log(run.reason);
     return;
@@ -774,7 +791,7 @@ async function inner(dir: string): Promise<void> {
     if (run.learned !== undefined && run.rows[0])
       run.rows[0].note = [
         run.rows[0].note,
-        `${run.learned.toLocaleString('en')} elements in egressd's _dns4 sets after these rows${run.listLoad ? `; list load ${run.listLoad.ms.toFixed(0)} ms (${run.listLoad.where})` : ''}`,
+        `${run.learned.toLocaleString('en')} elements in egressd's _dns4 sets after these rows${run.listLoad ? `; list load ${run.listLoad.ms.toFixed(0)} ms (${run.listLoad.where})` : ''}${run.writes ? `; ${run.writes}` : ''}`,
       ]
         .filter(Boolean)
         .join('; ');
