@@ -64,6 +64,27 @@ describe('DnsCache', () => {
     expect(cache.stats()).toMatchObject({ entries: 3, evictions: 1 });
   });
 
+  it('gives a hit entry one second chance, not a place for ever', () => {
+    const cache = new DnsCache(limits, () => 0);
+    const put = (name: string) => cache.set(cacheKey(name, 'A'), cacheEntry('A', { rcode: 0, answers: [a(name, 60)], authorities: [] }, 50, 0, limits)!);
+    // Read without get(), whose hit would mark what this test watches.
+    const stored = (cache as unknown as { entries: Map<string, unknown> }).entries;
+    const held = () => ['a', 'b', 'c', 'd', 'e', 'f', 'g'].filter((name) => stored.has(cacheKey(name, 'A')));
+    put('a');
+    put('b');
+    put('c');
+    expect(cache.get(cacheKey('a', 'A'))).toBeDefined();
+    put('d');
+    expect(held()).toEqual(['a', 'c', 'd']);
+    put('e');
+    put('f');
+    // Passed over once when b went, and not used since: a goes now, after the two stored after it.
+    expect(held()).toEqual(['a', 'e', 'f']);
+    put('g');
+    expect(held()).toEqual(['e', 'f', 'g']);
+    expect(cache.stats()).toMatchObject({ entries: 3, evictions: 4 });
+  });
+
   it('evicts past its byte cap, and does not take an entry larger than the whole cache', () => {
     const small: CacheLimits = { ...limits, cacheEntries: 1000, cacheBytes: 2000 };
     const cache = new DnsCache(small, () => 0);
