@@ -5,7 +5,8 @@
  * connection after a lookup is judged by the rule that names it.
  *
  * The kernel's element timeout is the answer's TTL clamped into
- * [floor, cap]. A write is skipped where the kernel already holds the
+ * [floor, cap] (one second more where the TTL is the timeout: see
+ * writeFor). A write is skipped where the kernel already holds the
  * element as long as this answer asks (a warm cache costs no netlink round
  * trip, and `learn` returns without a promise: the resolver answers at
  * once); never where the element would expire before the TTL the answer
@@ -228,17 +229,21 @@ export class SetFiller {
   private writeFor(key: string, set: string, address: string, ttl: number, comment: string, now: number): ElementWrite | undefined {
     const { ttlFloor, ttlCap } = this.view;
     const seconds = Math.min(ttlCap, Math.max(ttlFloor, ttl));
-    const expires = now + seconds * 1000;
+    // Where the TTL is the timeout, one second more (within the cap): a cached answer's TTL counts down in whole seconds, rounded
+    // down, so an element written for exactly `ttl` falls short of the next hit of the same second, and would be written again
+    // for nearly every hit; with the second, it outlives every later answer of the same cache entry, by less than a second.
+    const timeout = seconds === ttl ? Math.min(ttlCap, ttl + 1) : seconds;
+    const expires = now + timeout * 1000;
     // Exact where the TTL is the timeout; where the floor or the cap changed it, a tenth's slack (bounds the writes), and under the floor never below the answer's own TTL.
     const slack = Math.max(1000, seconds * 100);
-    const needed = seconds === ttl ? expires : ttl < seconds ? Math.max(expires - slack, now + ttl * 1000) : expires - slack;
+    const needed = seconds === ttl ? now + ttl * 1000 : ttl < seconds ? Math.max(expires - slack, now + ttl * 1000) : expires - slack;
     const held = this.written.get(key);
     if (held !== undefined && held.expires >= needed && held.expires - now >= held.span * RECHECK_FRACTION) {
       this.counters.writesSkipped++;
       return undefined;
     }
-    this.written.set(key, { expires, span: seconds * 1000 });
-    return { set, address, timeoutMs: seconds * 1000, comment };
+    this.written.set(key, { expires, span: timeout * 1000 });
+    return { set, address, timeoutMs: timeout * 1000, comment };
   }
 
   /** Whether a chain the rule at `index` does not cover also led to `address`. */
