@@ -68,6 +68,8 @@ export interface FillCounters {
 interface Written {
   readonly expires: number;
   readonly span: number;
+  /** The write that puts it there, until the kernel acknowledged it: an answer that needs the element waits for it too. */
+  pending?: Promise<void> | undefined;
 }
 
 /** An element an answer belongs in (one live set, one address), worked out once per answer's records. */
@@ -134,7 +136,9 @@ export class SetFiller {
    * leading to its addresses. Undefined, synchronously, when the kernel
    * already holds everything this answer asks for (see the module's
    * comment); otherwise a promise of the writes, settled once the kernel
-   * acknowledged them.
+   * acknowledged them — its own, and those another answer started for an
+   * element this one needs (a CDN address two names share): the kernel
+   * holds an element only once its write is acknowledged.
    */
   learn(question: Question, records: readonly AnswerRecord[]): Promise<void> | undefined {
     this.counters.answers++;
@@ -144,6 +148,7 @@ export class SetFiller {
     const now = this.now();
     this.sweep(now);
     let writes: ElementWrite[] | undefined;
+    let inFlight: Promise<void>[] | undefined;
     for (const element of plan.elements) {
       if (this.sparing && this.view.bindings[element.binding]?.sharedAddresses === 'spare' && this.answersOtherNames(element.binding, element.address)) {
         this.counters.spared++;
@@ -151,10 +156,51 @@ export class SetFiller {
       }
       const write = this.writeFor(element.key, element.set, element.address, element.ttl, element.comment, now);
       if (write !== undefined) (writes ??= []).push(write);
+      else {
+        const pending = this.written.get(element.key)?.pending;
+        if (pending !== undefined) (inFlight ??= []).push(pending);
+      }
     }
     const removals = this.sparing ? this.sparedNow(plan.covering, plan.addresses) : [];
-    if (writes === undefined && removals.length === 0) return undefined;
-    return this.commit(writes ?? [], removals);
+    if (writes === undefined && removals.length === 0) return inFlight === undefined ? undefined : Promise.all(inFlight).then(() => undefined);
+    const committed = this.commit(writes ?? [], removals);
+    this.track(writes ?? [], committed);
+    return inFlight === undefined ? committed : Promise.all([committed, ...inFlight]).then(() => undefined);
+  }
+
+  /**
+   * Until when (ms of the filler's clock) `learn(question, records)` would
+   * write nothing and wait for nothing, as long as nothing else changes the
+   * filler's record (an update; a write that fails): `now` or earlier when
+   * it would write or wait now, and when a rule spares shared addresses
+   * (what it decides then depends on other answers). Other answers' writes
+   * only lengthen it.
+   */
+  quietUntil(question: Question, records: readonly AnswerRecord[]): number {
+    const now = this.now();
+    if (this.sparing) return now;
+    let until = Infinity;
+    for (const element of this.planFor(question, records).elements) {
+      const held = this.written.get(element.key);
+      if (held === undefined || held.pending !== undefined) return now;
+      until = Math.min(until, held.expires - Math.max(this.terms(element.ttl).lead, held.span * RECHECK_FRACTION));
+    }
+    return until;
+  }
+
+  /** Marks each of `writes` as on its way until `done` settles. */
+  private track(writes: readonly ElementWrite[], done: Promise<void>): void {
+    const held: Written[] = [];
+    for (const w of writes) {
+      const record = this.written.get(`${w.set}|${w.address}`);
+      if (record === undefined) continue;
+      record.pending = done;
+      held.push(record);
+    }
+    const settled = (): void => {
+      for (const record of held) if (record.pending === done) record.pending = undefined;
+    };
+    done.then(settled, settled);
   }
 
   /** Re-adds remembered addresses into sets a re-apply made anew (same names, new rules), so none waits for its next lookup. */
@@ -175,7 +221,11 @@ export class SetFiller {
         if (write !== undefined) writes.push(write);
       }
     }
-    for (let at = 0; at < writes.length; at += 4096) await this.write(writes.slice(at, at + 4096));
+    const all = (async () => {
+      for (let at = 0; at < writes.length; at += 4096) await this.write(writes.slice(at, at + 4096));
+    })();
+    this.track(writes, all);
+    await all;
     return writes.length;
   }
 
@@ -225,24 +275,34 @@ export class SetFiller {
     this.sweepAt = Math.max(4096, this.written.size * 2);
   }
 
-  /** The write an answer of `ttl` seconds needs for this element at `now`, recorded as done; undefined when the kernel holds it long enough. */
-  private writeFor(key: string, set: string, address: string, ttl: number, comment: string, now: number): ElementWrite | undefined {
+  /**
+   * For an answer of `ttl` seconds: the element's timeout (s), and how far
+   * past the time of the answer the element must hold (ms). Exact where the
+   * TTL is the timeout; where the floor or the cap changed it, a tenth's
+   * slack (bounds the writes), and under the floor never below the answer's
+   * own TTL.
+   */
+  private terms(ttl: number): { timeout: number; lead: number } {
     const { ttlFloor, ttlCap } = this.view;
     const seconds = Math.min(ttlCap, Math.max(ttlFloor, ttl));
     // Where the TTL is the timeout, one second more (within the cap): a cached answer's TTL counts down in whole seconds, rounded
     // down, so an element written for exactly `ttl` falls short of the next hit of the same second, and would be written again
     // for nearly every hit; with the second, it outlives every later answer of the same cache entry, by less than a second.
-    const timeout = seconds === ttl ? Math.min(ttlCap, ttl + 1) : seconds;
-    const expires = now + timeout * 1000;
-    // Exact where the TTL is the timeout; where the floor or the cap changed it, a tenth's slack (bounds the writes), and under the floor never below the answer's own TTL.
+    if (seconds === ttl) return { timeout: Math.min(ttlCap, ttl + 1), lead: ttl * 1000 };
     const slack = Math.max(1000, seconds * 100);
-    const needed = seconds === ttl ? now + ttl * 1000 : ttl < seconds ? Math.max(expires - slack, now + ttl * 1000) : expires - slack;
+    return { timeout: seconds, lead: ttl < seconds ? Math.max(seconds * 1000 - slack, ttl * 1000) : seconds * 1000 - slack };
+  }
+
+  /** The write an answer of `ttl` seconds needs for this element at `now`, recorded as done; undefined when the kernel holds it long enough. */
+  private writeFor(key: string, set: string, address: string, ttl: number, comment: string, now: number): ElementWrite | undefined {
+    const { timeout, lead } = this.terms(ttl);
     const held = this.written.get(key);
-    if (held !== undefined && held.expires >= needed && held.expires - now >= held.span * RECHECK_FRACTION) {
+    // Held long enough for this answer, and not yet half its time gone (see the module's comment): the same test as quietUntil's.
+    if (held !== undefined && now <= held.expires - Math.max(lead, held.span * RECHECK_FRACTION)) {
       this.counters.writesSkipped++;
       return undefined;
     }
-    this.written.set(key, { expires, span: timeout * 1000 });
+    this.written.set(key, { expires: now + timeout * 1000, span: timeout * 1000 });
     return { set, address, timeoutMs: timeout * 1000, comment };
   }
 

@@ -11,7 +11,7 @@ function binding(ruleId: string, names: string[], extra: Partial<DnsBinding> = {
   return { ruleId, verdict: 'deny', names, suffixes: [], lists: [], set4: `${ruleId}_dns4`, set6: `${ruleId}_dns6`, ...extra };
 }
 
-function setup(bindings: DnsBinding[], live: Record<string, string[]> = {}) {
+function setup(bindings: DnsBinding[], live: Record<string, string[]> = {}, add?: (writes: readonly ElementWrite[]) => Promise<void>) {
   let now = 1_000_000;
   const writes: ElementWrite[][] = [];
   const removals: ElementRemoval[][] = [];
@@ -26,7 +26,7 @@ function setup(bindings: DnsBinding[], live: Record<string, string[]> = {}) {
   const filler = new SetFiller(
     view,
     {
-      add: (w) => (writes.push([...w]), Promise.resolve()),
+      add: (w) => (writes.push([...w]), add ? add(w) : Promise.resolve()),
       remove: (r) => (removals.push([...r]), Promise.resolve()),
     },
     memory,
@@ -199,5 +199,67 @@ describe('what an answer teaches the table', () => {
     tick(300_000);
     await filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', 99_600)]);
     expect(writes.map((w) => w.map((x) => x.timeoutMs))).toEqual([[3_600_000], [3_600_000]]);
+  });
+
+  it('an answer that needs an element another answer is still writing waits for the kernel to take it, and fails with it', async () => {
+    let settle: { resolve: () => void; reject: (error: Error) => void } | undefined;
+    const { filler, writes } = setup(
+      [binding('r1', ['a.example', 'b.example'])],
+      {},
+      () => new Promise<void>((resolve, reject) => (settle = { resolve, reject })),
+    );
+    const ask = (name: string) => filler.learn({ name, type: 'A' }, [a(name, '192.0.2.7')]);
+    const first = ask('a.example');
+    // Another name, the same address, the same rule: the same element, whose write is on its way.
+    const second = ask('b.example');
+    expect(second).toBeInstanceOf(Promise);
+    expect(writes).toHaveLength(1);
+    let secondDone = false;
+    void second!.then(() => (secondDone = true));
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(secondDone).toBe(false);
+    settle!.resolve();
+    await Promise.all([first, second]);
+    expect(ask('b.example')).toBeUndefined();
+
+    const { filler: other } = setup(
+      [binding('r1', ['a.example', 'b.example'])],
+      {},
+      () => new Promise<void>((_, reject) => (settle = { resolve: () => {}, reject })),
+    );
+    const failing = other.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7')]);
+    const waiting = other.learn({ name: 'b.example', type: 'A' }, [a('b.example', '192.0.2.7')]);
+    settle!.reject(new Error('refused'));
+    await expect(failing).rejects.toThrow('refused');
+    await expect(waiting).rejects.toThrow('refused');
+  });
+
+  it('quietUntil says exactly until when learn answers at once, under the floor, at the TTL and over the cap', async () => {
+    for (const ttl of [30, 300, 100_000]) {
+      const check = async (late: number) => {
+        const { filler, answer, tick } = setup([binding('r1', ['a.example'])]);
+        await answer('a.example', [a('a.example', '192.0.2.7', ttl)]);
+        const records = [a('a.example', '192.0.2.7', ttl)];
+        const until = filler.quietUntil({ name: 'a.example', type: 'A' }, records);
+        tick(until - 1_000_000 + late);
+        return { until, learned: filler.learn({ name: 'a.example', type: 'A' }, records) };
+      };
+      const atEnd = await check(0);
+      expect(atEnd.until).toBeGreaterThan(1_000_000);
+      expect(atEnd.learned, `TTL ${ttl}, at the end`).toBeUndefined();
+      expect((await check(1)).learned, `TTL ${ttl}, 1 ms later`).toBeInstanceOf(Promise);
+    }
+  });
+
+  it('quietUntil is now while a write is on its way, for an element never written, and under a sparing rule', async () => {
+    const records = [a('a.example', '192.0.2.7')];
+    const question = { name: 'a.example', type: 'A' };
+    const { filler } = setup([binding('r1', ['a.example'])], {}, () => new Promise<void>(() => {}));
+    expect(filler.quietUntil(question, records)).toBe(1_000_000);
+    void filler.learn(question, records);
+    expect(filler.quietUntil(question, records)).toBe(1_000_000);
+    const { filler: sparing, answer } = setup([binding('r1', ['a.example'], { sharedAddresses: 'spare' })]);
+    await answer('a.example', records);
+    expect(sparing.quietUntil(question, records)).toBe(1_000_000);
   });
 });
