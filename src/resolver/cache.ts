@@ -174,6 +174,15 @@ export class DnsCache {
     return view;
   }
 
+  /** Whether `entry` is still the one kept for `key`; if so, a hit on it (counted and marked as get's is). Its expiry is the caller's to check. */
+  touch(key: string, entry: CacheEntry): boolean {
+    const slot = this.entries.get(key);
+    if (slot?.entry !== entry) return false;
+    slot.used = true;
+    this.hits++;
+    return true;
+  }
+
   set(key: string, entry: CacheEntry): void {
     const old = this.entries.get(key);
     if (old !== undefined) this.remove(key, old.entry);

@@ -60,6 +60,8 @@ export interface PipelineStats {
   readonly internalErrors: number;
   /** Upstream answer records left out for not answering the question (owned by no name of its CNAME chain). */
   readonly strayRecords: number;
+  /** Of the cache hits, those answered with a reply kept from an earlier one (same bytes, same asker, within its second). */
+  readonly repliesReused: number;
   /** Queries in progress now. */
   readonly pending: number;
 }
@@ -74,6 +76,8 @@ export interface QueryPipeline {
    * to write; when identify needs its batch, right as it settles. Never throws.
    */
   handle(raw: Buffer, client: Client, done: (reply: Buffer | undefined) => void): void;
+  /** No reply kept from before is given again (see ResolverHooks.learnQuietUntil). */
+  forgetReplies(): void;
   stats(): PipelineStats;
 }
 
@@ -96,12 +100,32 @@ interface Resolved {
 }
 
 /** A query seen before (its bytes but the id, and the transport): how it parsed, and what the path needs of it, made once. */
-interface Memo {
+interface MemoOf<Who> {
   readonly key: string;
   /** Its id is the first asker's: a reply takes the id of the query it answers. */
   readonly query: Query;
   readonly question: Question;
   readonly cacheKey: string;
+  /** The last reply made for it from a cache hit, while it may be given again (hooks.learnQuietUntil). */
+  kept?: KeptReply<Who> | undefined;
+}
+
+/** An encoded reply (its template and TTL) that answers the same query bytes from the same asker again, as long as nothing it was made from has changed. */
+interface KeptReply<Who> {
+  readonly who: Who;
+  readonly entry: CacheEntry;
+  readonly template: Template;
+  readonly ttl: number;
+  /** Last time (the pipeline's clock) at which the cache would still give this TTL and learn would still do nothing. */
+  readonly until: number;
+  /** forgetReplies() calls when it was made. */
+  readonly epoch: number;
+}
+
+interface Template {
+  readonly key: string;
+  readonly bytes: Buffer;
+  readonly ttlAt: readonly number[];
 }
 /** Queries kept parsed, the oldest forgotten first: more than the names a busy machine asks about again and again. */
 const MEMOS = 16_384;
@@ -140,11 +164,15 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     truncated: 0,
     internalErrors: 0,
     strayRecords: 0,
+    repliesReused: 0,
   };
+  /** Bumped by forgetReplies: a kept reply of an older epoch is not given. */
+  let epoch = 0;
   let pending = 0;
+  type Memo = MemoOf<Who>;
   const memos = new Map<string, Memo>();
   /** One encoded reply per cache entry (the last spelling asked): it lives and goes with the entry. */
-  const templates = new WeakMap<CacheEntry, { readonly key: string; readonly bytes: Buffer; readonly ttlAt: readonly number[] }>();
+  const templates = new WeakMap<CacheEntry, Template>();
   const recordsOf = new WeakMap<CachedAnswer, AnswerRecord[]>();
   /** Each answer's CNAME chain, asked of its records once. */
   const chains = new WeakMap<readonly AnswerRecord[], string[]>();
@@ -266,7 +294,27 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     );
   };
 
+  /** The template's bytes with this query's id and `ttl`. */
+  const fromTemplate = (template: Template, id: number, ttl: number): Buffer => {
+    const bytes = Buffer.from(template.bytes);
+    bytes.writeUInt16BE(id, 0);
+    for (const at of template.ttlAt) bytes.writeUInt32BE(ttl, at);
+    return bytes;
+  };
+
   const answerIdentified = (query: Query, id: number, client: Client, memo: Memo | undefined, who: Who, finish: Done): void => {
+    // The same bytes from the same asker, answered from the cache before within the second its TTL stands, with nothing to learn:
+    // that reply again. Before the cap per asker: a reply given at once holds no slot.
+    const kept = memo?.kept;
+    if (kept !== undefined) {
+      if (kept.who === who && kept.epoch === epoch && now() <= kept.until && cache.touch(memo!.cacheKey, kept.entry)) {
+        counts.repliesReused++;
+        finish(fromTemplate(kept.template, id, kept.ttl));
+        return;
+      }
+      // Stale, or another asker's: not kept any longer (it holds its cache entry alive).
+      memo!.kept = undefined;
+    }
     const asker = deps.askerKey?.(who);
     if (asker === undefined) {
       answerAdmitted(query, id, client, memo, who, finish);
@@ -336,7 +384,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     }
     // Nothing to wait for (the table holds every address already): the reply goes now, in this call.
     if (!isThenable(learning)) {
-      finish(shaped(query, id, client, memo, who, question, resolved));
+      finish(shaped(query, id, client, memo, who, question, resolved, true));
       return;
     }
     learning.then(
@@ -366,8 +414,17 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     }
   };
 
-  /** The reply to an answer the table has learned: what this client gets of it. */
-  const shaped = (query: Query, id: number, client: Client, memo: Memo | undefined, who: Who, question: Question, resolution: Resolution): Buffer => {
+  /** The reply to an answer the table has learned: what this client gets of it. `keep`: a cache hit learned at once, whose reply may be kept (KeptReply). */
+  const shaped = (
+    query: Query,
+    id: number,
+    client: Client,
+    memo: Memo | undefined,
+    who: Who,
+    question: Question,
+    resolution: Resolution,
+    keep = false,
+  ): Buffer => {
     if ('failed' in resolution) return reply(query, id, client, { rcode: Rcode.ServFail });
     const { view, records } = resolution;
     let chain = chains.get(records);
@@ -389,19 +446,34 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       return reply(query, id, client, answers === undefined ? { rcode: Rcode.NxDomain } : { rcode: Rcode.NoError, answers });
     }
     // The same question, spelled and flagged the same, answered from the same cache entry: the bytes encoded for it before, with this query's id and the TTL that remains now.
-    const template = memo === undefined || view.entry === undefined ? undefined : templates.get(view.entry);
-    if (template !== undefined && template.key === memo!.key) {
-      const bytes = Buffer.from(template.bytes);
-      bytes.writeUInt16BE(id, 0);
-      for (const at of template.ttlAt) bytes.writeUInt32BE(view.ttl, at);
-      return bytes;
+    let template = memo === undefined || view.entry === undefined ? undefined : templates.get(view.entry);
+    let bytes: Buffer;
+    if (template !== undefined && template.key === memo!.key) bytes = fromTemplate(template, id, view.ttl);
+    else {
+      template = undefined;
+      bytes = reply(query, id, client, { rcode: view.rcode, answers: view.answers, authorities: view.authorities });
+      if (memo !== undefined && view.entry !== undefined && bytes.length <= MEMO_REPLY_BYTES && (bytes.readUInt16BE(2) & TC_FLAG) === 0) {
+        const ttlAt = ttlOffsets(bytes);
+        if (ttlAt !== undefined) templates.set(view.entry, (template = { key: memo.key, bytes, ttlAt }));
+      }
     }
-    const bytes = reply(query, id, client, { rcode: view.rcode, answers: view.answers, authorities: view.authorities });
-    if (memo !== undefined && view.entry !== undefined && bytes.length <= MEMO_REPLY_BYTES && (bytes.readUInt16BE(2) & TC_FLAG) === 0) {
-      const ttlAt = ttlOffsets(bytes);
-      if (ttlAt !== undefined) templates.set(view.entry, { key: memo.key, bytes, ttlAt });
-    }
+    if (keep && template !== undefined && memo !== undefined && view.entry !== undefined && hooks.learnQuietUntil !== undefined)
+      keepReply(memo, who, question, resolution, view.entry, template);
     return bytes;
+  };
+
+  /** Keeps a reply just made from a cache hit, for as long as the cache gives the same TTL and learn would do nothing. */
+  const keepReply = (memo: Memo, who: Who, question: Question, resolved: Resolved, entry: CacheEntry, template: Template): void => {
+    let quiet: number;
+    try {
+      quiet = hooks.learnQuietUntil!(question, resolved.records);
+    } catch (error) {
+      deps.onError?.(error);
+      return;
+    }
+    // The cache gives this TTL while whole seconds of it remain: up to expiresAt − TTL.
+    const until = Math.min(quiet, entry.expiresAt - resolved.view.ttl * 1000);
+    memo.kept = until >= now() ? { who, entry, template, ttl: resolved.view.ttl, until, epoch } : undefined;
   };
 
   const handle = (raw: Buffer, client: Client, done: Done): void => {
@@ -461,6 +533,9 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   return {
     answer: (raw, client) => new Promise<Buffer | undefined>((resolve) => handle(raw, client, resolve)),
     handle,
+    forgetReplies: () => {
+      epoch++;
+    },
     stats: () => ({ ...counts, pending }),
   };
 }

@@ -199,6 +199,8 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
           admit: (asker, question) => state.decider.admit(asker, question),
           learn,
           shape: (asker, question, chain) => state.decider.shape(asker, question, chain),
+          // Decisions are the state's, learning the filler's: both change only where forgetReplies is called (update, refreshLiveNames).
+          learnQuietUntil: (question, records) => filler.quietUntil(question, records),
         },
         onError: (error) => log.error({ event: 'resolver-error', error: String(error) }, 'resolver: unexpected error; answering goes on'),
         // One local user cannot take every query slot (names whose servers never answer hold one for 2.5 s each).
@@ -265,6 +267,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
         return serial(async () => {
           state = await build(inForce);
           filler.update(state.view);
+          resolver?.forgetReplies();
           const next = inForce.policy.dns;
           const nextFound = next.upstreams ? undefined : discovered(options, next.listen, log);
           await restart(next, next.upstreams ?? nextFound!.upstreams);
@@ -296,6 +299,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
         const names = dnsSetsInForce(state.compiled, (await readLiveTable(nft)).sets);
         state = { ...state, view: { ...state.view, liveNames: names } };
         filler.update(state.view);
+        resolver?.forgetReplies();
       },
       counters,
       learnedNames: (address) => memory.namesOf(address).map((learned) => learned.name),

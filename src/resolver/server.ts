@@ -45,6 +45,17 @@ export interface ResolverHooks<Who> {
   learn(question: Question, records: readonly AnswerRecord[], fromCache: boolean): void | Promise<void>;
   /** What this client gets, given every name of the answer's CNAME chain (question name first). */
   shape(who: Who, question: Question, chain: readonly string[]): 'answer' | 'nxdomain' | 'null';
+  /**
+   * Optional: until when (ms, the resolver's clock) `learn(question,
+   * records, true)` would write nothing and wait for nothing, as long as
+   * nothing else changes. Where it is given, the resolver keeps the reply
+   * it made from a cache hit, for the same query bytes and the same Who
+   * (===), and answers with it again until then (and within the second its
+   * TTL stands), without calling admit, learn or shape: so admit and shape
+   * must decide the same for the same Who and question until the resolver
+   * is told otherwise (Resolver.forgetReplies).
+   */
+  learnQuietUntil?(question: Question, records: readonly AnswerRecord[]): number;
 }
 
 export interface ResolverOptions<Who> {
@@ -103,6 +114,8 @@ export interface ResolverStats extends PipelineStats {
 
 export interface Resolver {
   readonly addresses: readonly ListenAddress[];
+  /** What admit or shape decide, or what learn needs, may have changed (a new policy, new sets): no reply kept from before is given again. */
+  forgetReplies(): void;
   stats(): ResolverStats;
   close(): Promise<void>;
 }
@@ -279,6 +292,7 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
 
   return {
     addresses,
+    forgetReplies: () => pipeline.forgetReplies(),
     stats() {
       const c = cache.stats();
       const u = upstream.stats();

@@ -70,6 +70,8 @@ export function openWhoAsks(options: WhoAsksOptions = {}): WhoAsks {
     if (!options.sockDiag) diag.close();
     throw error;
   }
+  const interned = internedWho();
+  const whoOf = (socket: TcpSocket): Who => interned(socket.uid, paths && socket.cgroupId !== undefined ? paths.pathOf(socket.cgroupId) : undefined);
   const queryOf = (client: Client): SocketQuery => ({
     protocol: client.transport,
     local: { address: client.address, port: client.port },
@@ -90,8 +92,7 @@ export function openWhoAsks(options: WhoAsksOptions = {}): WhoAsks {
       const socket = found[i];
       let outcome: { who: Who } | { error: unknown };
       try {
-        outcome =
-          socket instanceof Error ? { error: socket } : socket === undefined ? { error: new SocketNotFoundError(a.client) } : { who: whoOf(socket, paths) };
+        outcome = socket instanceof Error ? { error: socket } : socket === undefined ? { error: new SocketNotFoundError(a.client) } : { who: whoOf(socket) };
       } catch (error) {
         outcome = { error };
       }
@@ -104,7 +105,7 @@ export function openWhoAsks(options: WhoAsksOptions = {}): WhoAsks {
     identify(client) {
       const socket = diag.find(queryOf(client));
       if (!socket) throw new SocketNotFoundError(client);
-      return whoOf(socket, paths);
+      return whoOf(socket);
     },
     identifyInBatch(client) {
       return new Promise<Who>((resolve, reject) => {
@@ -122,7 +123,30 @@ export function openWhoAsks(options: WhoAsksOptions = {}): WhoAsks {
   };
 }
 
-function whoOf(socket: TcpSocket, paths: CgroupPaths | undefined): Who {
-  const cgroup = paths && socket.cgroupId !== undefined ? paths.pathOf(socket.cgroupId) : undefined;
-  return cgroup === undefined ? { uid: socket.uid } : { uid: socket.uid, cgroup };
+/** Identities kept at once, past which the interned ones start again (a user can make cgroups without end). */
+const INTERNED = 16_384;
+
+/**
+ * One Who object per uid and cgroup while it is seen: what is decided for
+ * an identity (the pipeline's reply memo, decide.ts) can then be known by
+ * the object, not by a key built for every query.
+ */
+function internedWho(): (uid: number, cgroup: string | undefined) => Who {
+  const byCgroup = new Map<string | undefined, Map<number, Who>>();
+  let count = 0;
+  return (uid, cgroup) => {
+    let byUid = byCgroup.get(cgroup);
+    let who = byUid?.get(uid);
+    if (who !== undefined) return who;
+    if (count >= INTERNED) {
+      byCgroup.clear();
+      count = 0;
+      byUid = undefined;
+    }
+    if (byUid === undefined) byCgroup.set(cgroup, (byUid = new Map<number, Who>()));
+    who = cgroup === undefined ? { uid } : { uid, cgroup };
+    byUid.set(uid, who);
+    count++;
+    return who;
+  };
 }

@@ -85,6 +85,19 @@ describe('DnsCache', () => {
     expect(cache.stats()).toMatchObject({ entries: 3, evictions: 4 });
   });
 
+  it('touch: a hit on the entry still kept for a key, none on one replaced or evicted', () => {
+    const cache = new DnsCache(limits, () => 0);
+    const entry = (name: string) => cacheEntry('A', { rcode: 0, answers: [a(name, 60)], authorities: [] }, 50, 0, limits)!;
+    const first = entry('x');
+    cache.set(cacheKey('x', 'A'), first);
+    expect(cache.touch(cacheKey('x', 'A'), first)).toBe(true);
+    expect(cache.stats().hits).toBe(1);
+    cache.set(cacheKey('x', 'A'), entry('x'));
+    expect(cache.touch(cacheKey('x', 'A'), first)).toBe(false);
+    expect(cache.touch(cacheKey('y', 'A'), first)).toBe(false);
+    expect(cache.stats().hits).toBe(1);
+  });
+
   it('evicts past its byte cap, and does not take an entry larger than the whole cache', () => {
     const small: CacheLimits = { ...limits, cacheEntries: 1000, cacheBytes: 2000 };
     const cache = new DnsCache(small, () => 0);

@@ -14,11 +14,12 @@ import { resolverLimits } from '../../src/resolver/limits.js';
 import { createPipeline } from '../../src/resolver/pipeline.js';
 import type { Client, ResolverHooks } from '../../src/resolver/server.js';
 import type { UpstreamAnswer } from '../../src/resolver/upstream.js';
+import { rcodeOf } from './dns-support.js';
 
 const client: Client = { transport: 'udp', address: '127.0.0.1', port: 40000, local: { address: '127.0.0.153', port: 53 } };
 const binding: DnsBinding = { ruleId: 'r1', verdict: 'deny', names: ['a.example'], suffixes: [], lists: [], set4: 'r1_dns4', set6: 'r1_dns6' };
 
-function setup(identify: ResolverHooks<string>['identify'] = () => 'someone') {
+function setup(identify: ResolverHooks<string>['identify'] = () => 'someone', options: { keep?: boolean } = {}) {
   let now = 1_000_000;
   /** The kernel's set, as the writer leaves it: live set|address → expiry. Writes are acknowledged when the test says. */
   const kernel = new Map<string, number>();
@@ -57,19 +58,28 @@ function setup(identify: ResolverHooks<string>['identify'] = () => 'someone') {
     },
   };
   const limits = resolverLimits();
+  /** How often each hook was asked, and what shape says to whom (the test may change it, as a new policy would). */
+  const calls = { admit: 0, learn: 0, shape: 0 };
+  const decisions = { denied: new Set<string>() };
   const pipeline = createPipeline<string>({
-    hooks: { identify, admit: () => 'go', learn: (question, records) => filler.learn(question, records), shape: () => 'answer' },
+    hooks: {
+      identify,
+      admit: () => (calls.admit++, 'go'),
+      learn: (question, records) => (calls.learn++, filler.learn(question, records)),
+      shape: (who) => (calls.shape++, decisions.denied.has(who) ? 'nxdomain' : 'answer'),
+      ...(options.keep ? { learnQuietUntil: (question, records) => filler.quietUntil(question, records) } : {}),
+    },
     upstream,
     cache: new DnsCache(limits, () => now),
     limits,
     now: () => now,
   });
   /** Asks; says whether the reply came before `handle` returned, and gives it when it comes. */
-  const ask = (id: number) => {
+  const ask = (id: number, from = client) => {
     let reply: Buffer | undefined;
     pipeline.handle(
       dnsPacket.encode({ type: 'query', id, flags: dnsPacket.RECURSION_DESIRED, questions: [{ type: 'A', name: 'a.example' }] }),
-      client,
+      from,
       (bytes) => {
         reply = bytes;
       },
@@ -79,7 +89,7 @@ function setup(identify: ResolverHooks<string>['identify'] = () => 'someone') {
   const settle = () => new Promise((resolve) => setTimeout(resolve, 5));
   /** Whether the kernel holds the address now, and for how long more (ms). */
   const held = (set = 'r1_dns4.0000000000000001') => (kernel.get(`${set}|192.0.2.7`) ?? now) - now;
-  return { pipeline, filler, view, kernel, unacked, ask, settle, held, tick: (ms: number) => (now += ms) };
+  return { pipeline, filler, view, kernel, unacked, ask, settle, held, calls, decisions, tick: (ms: number) => (now += ms) };
 }
 
 describe('the warm path', () => {
@@ -163,5 +173,69 @@ describe('the warm path', () => {
     const ttl = (dnsPacket.decode(hit.reply()!).answers![0] as { ttl: number }).ttl;
     expect(ttl).toBe(299);
     expect(t.held()).toBeGreaterThanOrEqual(ttl * 1000);
+  });
+});
+
+describe('a reply kept for the same query and asker', () => {
+  /** A first answer learned and acknowledged, then a hit that is kept; `t.calls` counted from there. */
+  async function kept(identify?: ResolverHooks<string>['identify']) {
+    const t = setup(identify, { keep: true });
+    t.ask(1);
+    await t.settle();
+    t.unacked.shift()!.ack();
+    await t.settle();
+    // 599.5 s of the entry's 600 left: the cache gives 599 for another 500 ms.
+    t.tick(500);
+    expect(t.ask(2).sync).toBe(true);
+    t.calls.admit = t.calls.learn = t.calls.shape = 0;
+    return t;
+  }
+  const ttlOf = (reply: Buffer | undefined) => (dnsPacket.decode(reply!).answers![0] as { ttl: number }).ttl;
+
+  it('is given again within the second its TTL stands, with the new id, asking no hook; a second later the hooks decide again', async () => {
+    const t = await kept();
+    t.tick(500);
+    const again = t.ask(3);
+    expect(again.sync).toBe(true);
+    expect(dnsPacket.decode(again.reply()!).id).toBe(3);
+    expect(ttlOf(again.reply())).toBe(599);
+    expect(t.calls).toEqual({ admit: 0, learn: 0, shape: 0 });
+    expect(t.pipeline.stats().repliesReused).toBe(1);
+    t.tick(1);
+    const next = t.ask(4);
+    expect(ttlOf(next.reply())).toBe(598);
+    expect(t.calls).toEqual({ admit: 1, learn: 1, shape: 1 });
+  });
+
+  it('is never given to another asker, whom the policy may answer otherwise', async () => {
+    const t = await kept((from) => (from.port === 40000 ? 'someone' : 'denied'));
+    t.decisions.denied.add('denied');
+    const other = t.ask(3, { ...client, port: 40001 });
+    expect(rcodeOf(dnsPacket.decode(other.reply()!))).toBe(3);
+    expect(t.calls.shape).toBe(1);
+  });
+
+  it('is forgotten when told (a new policy): the next query is decided anew', async () => {
+    const t = await kept();
+    t.decisions.denied.add('someone');
+    t.pipeline.forgetReplies();
+    const after = t.ask(3);
+    expect(rcodeOf(dnsPacket.decode(after.reply()!))).toBe(3);
+    expect(t.calls).toEqual({ admit: 1, learn: 1, shape: 1 });
+  });
+
+  it("is not given once the filler would write again (half the element's time gone), even within the second", async () => {
+    const t = setup(undefined, { keep: true });
+    t.ask(1);
+    await t.settle();
+    t.unacked.shift()!.ack();
+    await t.settle();
+    // Written for 601 s at 0 (600 + the rounding second): written again from 300.5 s on, inside the second the cache gives 299 in (300–301 s).
+    t.tick(300_200);
+    expect(t.ask(2).sync).toBe(true);
+    t.tick(400);
+    const late = t.ask(3);
+    expect(late.sync).toBe(false);
+    expect(t.unacked).toHaveLength(1);
   });
 });

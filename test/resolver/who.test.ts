@@ -1,0 +1,46 @@
+/**
+ * Who asks, as the resolver's pipeline sees it: one object per identity, so
+ * that a reply kept for one asker (pipeline.ts) is known by the object, and
+ * a socket of another identity on the same addresses is never taken for it.
+ */
+import { describe, expect, it } from 'vitest';
+import type { Client } from '../../src/resolver/server.js';
+import { openWhoAsks } from '../../src/resolver/who.js';
+import type { SockDiag, SocketQuery, TcpSocket } from '../../src/system/sock-diag.js';
+
+/** A sock_diag that says the socket on `client.port` belongs to `owners[port]`, in no cgroup. */
+function fakeDiag(owners: Map<number, number>): SockDiag {
+  const socket = (query: SocketQuery): TcpSocket | undefined => {
+    const uid = owners.get(query.local.port);
+    if (uid === undefined) return undefined;
+    return { family: 4, state: 7, local: query.local, remote: query.remote, uid, inode: 1, cookie: 1n, cgroupId: undefined, sockid: Buffer.alloc(48) };
+  };
+  return {
+    tcpSockets: () => [],
+    find: socket,
+    findMany: (queries) => queries.map(socket),
+    destroy: () => 'gone',
+    close: () => undefined,
+  };
+}
+
+const client = (port: number): Client => ({ transport: 'udp', address: '127.0.0.1', port, local: { address: '127.0.0.153', port: 53 } });
+
+describe('who asks', () => {
+  it('is the same object for the same identity, and another for another uid on the same port', async () => {
+    const owners = new Map([
+      [40000, 1000],
+      [40001, 1000],
+    ]);
+    const who = openWhoAsks({ sockDiag: fakeDiag(owners), cgroups: { root: '/nonexistent' } });
+    const first = who.identify(client(40000));
+    expect(who.identify(client(40001))).toBe(first);
+    expect(await who.identifyInBatch(client(40000))).toBe(first);
+    // The port passes to another user's socket: another identity, at once.
+    owners.set(40000, 1001);
+    const other = who.identify(client(40000));
+    expect(other).not.toBe(first);
+    expect(other).toEqual({ uid: 1001 });
+    who.close();
+  });
+});
