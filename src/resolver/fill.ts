@@ -170,20 +170,30 @@ export class SetFiller {
 
   /**
    * Until when (ms of the filler's clock) `learn(question, records)` would
-   * write nothing and wait for nothing, as long as nothing else changes the
-   * filler's record (an update; a write that fails): `now` or earlier when
+   * write nothing and wait for nothing — and so would learn for the same
+   * records with the TTL they have left later, where they count down to
+   * `expiresAt` (a cache entry's: at time t its TTL is
+   * ⌊(expiresAt − t) / 1000⌋) — as long as nothing else changes the
+   * filler's record (an update; a write that fails). `now` or earlier when
    * it would write or wait now, and when a rule spares shared addresses
    * (what it decides then depends on other answers). Other answers' writes
    * only lengthen it.
    */
-  quietUntil(question: Question, records: readonly AnswerRecord[]): number {
+  quietUntil(question: Question, records: readonly AnswerRecord[], expiresAt?: number): number {
     const now = this.now();
     if (this.sparing) return now;
     let until = Infinity;
     for (const element of this.planFor(question, records).elements) {
       const held = this.written.get(element.key);
       if (held === undefined || held.pending !== undefined) return now;
-      until = Math.min(until, held.expires - Math.max(this.terms(element.ttl).lead, held.span * RECHECK_FRACTION));
+      const { fixed, followsTtl } = this.terms(element.ttl);
+      until = Math.min(until, held.expires - Math.max(fixed, held.span * RECHECK_FRACTION));
+      // What follows the TTL is needed until `now + ttl` for these records, and never past expiresAt as they count down.
+      if (followsTtl && !(expiresAt !== undefined && held.expires >= expiresAt)) until = Math.min(until, held.expires - element.ttl * 1000);
+      // Counting down, a TTL changes how it is held where it falls to the cap (then the whole TTL, not the cap less a tenth) and
+      // under the floor (then the floor less a tenth): no sooner than these.
+      if (expiresAt !== undefined && element.ttl > this.view.ttlCap) until = Math.min(until, expiresAt - (this.view.ttlCap + 1) * 1000);
+      if (expiresAt !== undefined && element.ttl >= this.view.ttlFloor) until = Math.min(until, expiresAt - this.view.ttlFloor * 1000);
     }
     return until;
   }
@@ -277,27 +287,29 @@ export class SetFiller {
 
   /**
    * For an answer of `ttl` seconds: the element's timeout (s), and how far
-   * past the time of the answer the element must hold (ms). Exact where the
-   * TTL is the timeout; where the floor or the cap changed it, a tenth's
-   * slack (bounds the writes), and under the floor never below the answer's
-   * own TTL.
+   * past the time of the answer the element must hold (ms): `fixed`, and,
+   * where `followsTtl`, the TTL itself too (whichever is more). Exact where
+   * the TTL is the timeout; where the floor or the cap changed it, a
+   * tenth's slack (bounds the writes), and under the floor never below the
+   * answer's own TTL.
    */
-  private terms(ttl: number): { timeout: number; lead: number } {
+  private terms(ttl: number): { timeout: number; fixed: number; followsTtl: boolean } {
     const { ttlFloor, ttlCap } = this.view;
     const seconds = Math.min(ttlCap, Math.max(ttlFloor, ttl));
     // Where the TTL is the timeout, one second more (within the cap): a cached answer's TTL counts down in whole seconds, rounded
     // down, so an element written for exactly `ttl` falls short of the next hit of the same second, and would be written again
     // for nearly every hit; with the second, it outlives every later answer of the same cache entry, by less than a second.
-    if (seconds === ttl) return { timeout: Math.min(ttlCap, ttl + 1), lead: ttl * 1000 };
+    if (seconds === ttl) return { timeout: Math.min(ttlCap, ttl + 1), fixed: 0, followsTtl: true };
     const slack = Math.max(1000, seconds * 100);
-    return { timeout: seconds, lead: ttl < seconds ? Math.max(seconds * 1000 - slack, ttl * 1000) : seconds * 1000 - slack };
+    return { timeout: seconds, fixed: seconds * 1000 - slack, followsTtl: ttl < seconds };
   }
 
   /** The write an answer of `ttl` seconds needs for this element at `now`, recorded as done; undefined when the kernel holds it long enough. */
   private writeFor(key: string, set: string, address: string, ttl: number, comment: string, now: number): ElementWrite | undefined {
-    const { timeout, lead } = this.terms(ttl);
+    const { timeout, fixed, followsTtl } = this.terms(ttl);
+    const lead = followsTtl ? Math.max(fixed, ttl * 1000) : fixed;
     const held = this.written.get(key);
-    // Held long enough for this answer, and not yet half its time gone (see the module's comment): the same test as quietUntil's.
+    // Held long enough for this answer, and not yet half its time gone (see the module's comment): the test quietUntil looks ahead with.
     if (held !== undefined && now <= held.expires - Math.max(lead, held.span * RECHECK_FRACTION)) {
       this.counters.writesSkipped++;
       return undefined;

@@ -8,7 +8,7 @@
  * answer is known, SERVFAIL when the policy could not learn it).
  */
 import type { Answer } from 'dns-packet';
-import { cacheEntry, cacheKey, viewOf, type CacheEntry, type CachedAnswer, type DnsCache } from './cache.js';
+import { cacheEntry, cacheKey, remainingTtl, viewOf, type CacheEntry, type CachedAnswer, type DnsCache } from './cache.js';
 import type { ResolverLimits } from './limits.js';
 import {
   answerRecords,
@@ -115,8 +115,7 @@ interface KeptReply<Who> {
   readonly who: Who;
   readonly entry: CacheEntry;
   readonly template: Template;
-  readonly ttl: number;
-  /** Last time (the pipeline's clock) at which the cache would still give this TTL and learn would still do nothing. */
+  /** Last time (the pipeline's clock) it may be given: learn would still do nothing, and the answer is learned again at least this often (KEEP_MS). */
   readonly until: number;
   /** forgetReplies() calls when it was made. */
   readonly epoch: number;
@@ -132,6 +131,12 @@ const MEMOS = 16_384;
 const MEMO_QUERY_BYTES = 512;
 const MEMO_REPLY_BYTES = 1232;
 const TC_FLAG = 0x0200;
+/**
+ * The longest a reply is given again without going through admit, learn
+ * and shape: the address memory hears of an answer at least this often
+ * (its recency, under its cap, is that of the answers it learns).
+ */
+const KEEP_MS = 10_000;
 
 type Resolution = Resolved | { readonly failed: 'upstream' | 'learn' };
 type Done = (reply: Buffer | undefined) => void;
@@ -307,9 +312,12 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     // that reply again. Before the cap per asker: a reply given at once holds no slot.
     const kept = memo?.kept;
     if (kept !== undefined) {
-      if (kept.who === who && kept.epoch === epoch && now() <= kept.until && cache.touch(memo!.cacheKey, kept.entry)) {
+      const at = now();
+      // The TTL the cache would give now (it gives nothing under a second).
+      const ttl = remainingTtl(kept.entry, at);
+      if (kept.who === who && kept.epoch === epoch && at <= kept.until && ttl >= 1 && cache.touch(memo!.cacheKey, kept.entry)) {
         counts.repliesReused++;
-        finish(fromTemplate(kept.template, id, kept.ttl));
+        finish(fromTemplate(kept.template, id, ttl));
         return;
       }
       // Stale, or another asker's: not kept any longer (it holds its cache entry alive).
@@ -462,18 +470,25 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     return bytes;
   };
 
-  /** Keeps a reply just made from a cache hit, for as long as the cache gives the same TTL and learn would do nothing. */
+  /**
+   * Keeps a reply just made from a cache hit while learn would do nothing
+   * (at most KEEP_MS). Given again later, it carries the TTL the cache
+   * would give then: the same bytes the path would make, since what admit
+   * and shape decide does not depend on the TTL, and learn for the entry's
+   * records as their TTL counts down does nothing until then
+   * (learnQuietUntil's promise).
+   */
   const keepReply = (memo: Memo, who: Who, question: Question, resolved: Resolved, entry: CacheEntry, template: Template): void => {
     let quiet: number;
     try {
-      quiet = hooks.learnQuietUntil!(question, resolved.records);
+      quiet = hooks.learnQuietUntil!(question, resolved.records, entry.expiresAt);
     } catch (error) {
       deps.onError?.(error);
       return;
     }
-    // The cache gives this TTL while whole seconds of it remain: up to expiresAt − TTL.
-    const until = Math.min(quiet, entry.expiresAt - resolved.view.ttl * 1000);
-    memo.kept = until >= now() ? { who, entry, template, ttl: resolved.view.ttl, until, epoch } : undefined;
+    const at = now();
+    const until = Math.min(quiet, at + KEEP_MS);
+    memo.kept = until >= at ? { who, entry, template, until, epoch } : undefined;
   };
 
   const handle = (raw: Buffer, client: Client, done: Done): void => {

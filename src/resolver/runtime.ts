@@ -200,7 +200,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
           learn,
           shape: (asker, question, chain) => state.decider.shape(asker, question, chain),
           // Decisions are the state's, learning the filler's: both change only where forgetReplies is called (update, refreshLiveNames).
-          learnQuietUntil: (question, records) => filler.quietUntil(question, records),
+          learnQuietUntil: (question, records, expiresAt) => filler.quietUntil(question, records, expiresAt),
         },
         onError: (error) => log.error({ event: 'resolver-error', error: String(error) }, 'resolver: unexpected error; answering goes on'),
         // One local user cannot take every query slot (names whose servers never answer hold one for 2.5 s each).

@@ -1,3 +1,4 @@
+import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import type { DnsBinding } from '../../src/compile/compile.js';
 import type { ElementRemoval, ElementWrite } from '../../src/nft/set-elements.js';
@@ -249,6 +250,50 @@ describe('what an answer teaches the table', () => {
       expect(atEnd.learned, `TTL ${ttl}, at the end`).toBeUndefined();
       expect((await check(1)).learned, `TTL ${ttl}, 1 ms later`).toBeInstanceOf(Promise);
     }
+  });
+
+  it('quietUntil holds while a cache entry counts down (any floor, cap, TTL and times): learn does nothing until then', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.integer({ min: 1, max: 120 }),
+        fc.integer({ min: 0, max: 300 }),
+        fc.integer({ min: 2, max: 600 }),
+        fc.integer({ min: 0, max: 999 }),
+        // Times within the entry's life, as millionths of it.
+        fc.array(fc.integer({ min: 0, max: 1_000_000 }), { minLength: 3, maxLength: 12 }),
+        async (ttlFloor, capOver, life, phase, offsets) => {
+          const bindings = [binding('r1', ['a.example'])];
+          const { filler, tick, view } = setup(bindings);
+          filler.update({ ...view, ttlFloor, ttlCap: ttlFloor + capOver });
+          // The entry: stored at 1,000,000 with `life` s (and a fraction) to live; its TTL at t is ⌊(expiresAt − t) / 1000⌋.
+          const expiresAt = 1_000_000 + life * 1000 + phase;
+          let now = 1_000_000;
+          const ttlAt = (t: number) => Math.floor((expiresAt - t) / 1000);
+          const learnAt = (t: number) => filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', ttlAt(t))]);
+          const times = [...offsets]
+            .sort((x, y) => x - y)
+            .map((o) => 1_000_000 + Math.floor((o * (expiresAt - 1_000_000)) / 1_000_000))
+            .filter((t) => ttlAt(t) >= 1);
+          if (times.length < 2) return;
+          // The first hit writes; the second is where the reply would be kept.
+          const [first, keep, ...later] = times as [number, number, ...number[]];
+          tick(first - now);
+          now = first;
+          await learnAt(first);
+          tick(keep - now);
+          now = keep;
+          await learnAt(keep);
+          const until = filler.quietUntil({ name: 'a.example', type: 'A' }, [a('a.example', '192.0.2.7', ttlAt(keep))], expiresAt);
+          for (const t of later) {
+            if (t > until) break;
+            tick(t - now);
+            now = t;
+            expect(learnAt(t), `TTL ${ttlAt(t)} at +${t - keep} ms, quiet until +${until - keep}`).toBeUndefined();
+          }
+        },
+      ),
+      { numRuns: 2000 },
+    );
   });
 
   it('quietUntil is now while a write is on its way, for an element never written, and under a sparing rule', async () => {
