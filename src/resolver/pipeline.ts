@@ -101,7 +101,6 @@ interface Resolved {
 
 /** A query seen before (its bytes but the id, and the transport): how it parsed, and what the path needs of it, made once. */
 interface MemoOf<Who> {
-  readonly key: string;
   /** Its id is the first asker's: a reply takes the id of the query it answers. */
   readonly query: Query;
   readonly question: Question;
@@ -122,11 +121,12 @@ interface KeptReply<Who> {
 }
 
 interface Template {
-  readonly key: string;
+  /** The query it was made for: a template answers only the same bytes on the same transport (a UDP reply may have to be cut). */
+  readonly memo: object;
   readonly bytes: Buffer;
   readonly ttlAt: readonly number[];
 }
-/** Queries kept parsed, the oldest forgotten first: more than the names a busy machine asks about again and again. */
+/** Queries kept parsed per transport, the oldest forgotten first: more than the names a busy machine asks about again and again. */
 const MEMOS = 16_384;
 const MEMO_QUERY_BYTES = 512;
 const MEMO_REPLY_BYTES = 1232;
@@ -175,7 +175,8 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   let epoch = 0;
   let pending = 0;
   type Memo = MemoOf<Who>;
-  const memos = new Map<string, Memo>();
+  /** By transport, then by the query's bytes but its id (a key without the transport's name: no string is joined per query). */
+  const memosBy = { udp: new Map<string, Memo>(), tcp: new Map<string, Memo>() };
   /** One encoded reply per cache entry (the last spelling asked): it lives and goes with the entry. */
   const templates = new WeakMap<CacheEntry, Template>();
   const recordsOf = new WeakMap<CachedAnswer, AnswerRecord[]>();
@@ -456,13 +457,13 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     // The same question, spelled and flagged the same, answered from the same cache entry: the bytes encoded for it before, with this query's id and the TTL that remains now.
     let template = memo === undefined || view.entry === undefined ? undefined : templates.get(view.entry);
     let bytes: Buffer;
-    if (template !== undefined && template.key === memo!.key) bytes = fromTemplate(template, id, view.ttl);
+    if (template !== undefined && template.memo === memo) bytes = fromTemplate(template, id, view.ttl);
     else {
       template = undefined;
       bytes = reply(query, id, client, { rcode: view.rcode, answers: view.answers, authorities: view.authorities });
       if (memo !== undefined && view.entry !== undefined && bytes.length <= MEMO_REPLY_BYTES && (bytes.readUInt16BE(2) & TC_FLAG) === 0) {
         const ttlAt = ttlOffsets(bytes);
-        if (ttlAt !== undefined) templates.set(view.entry, (template = { key: memo.key, bytes, ttlAt }));
+        if (ttlAt !== undefined) templates.set(view.entry, (template = { memo, bytes, ttlAt }));
       }
     }
     if (keep && template !== undefined && memo !== undefined && view.entry !== undefined && hooks.learnQuietUntil !== undefined)
@@ -494,7 +495,8 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   const handle = (raw: Buffer, client: Client, done: Done): void => {
     counts.received++;
     // A query's bytes but its id decide everything parseQuery says: the same bytes again (a client asking a name it asked before) are not decoded again.
-    const memoKey = raw.length >= 12 && raw.length <= MEMO_QUERY_BYTES ? `${client.transport}${raw.toString('latin1', 2)}` : undefined;
+    const memos = memosBy[client.transport];
+    const memoKey = raw.length >= 12 && raw.length <= MEMO_QUERY_BYTES ? raw.toString('latin1', 2) : undefined;
     let memo = memoKey === undefined ? undefined : memos.get(memoKey);
     let query: Query;
     if (memo !== undefined) query = memo.query;
@@ -514,7 +516,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       query = parsed;
       if (memoKey !== undefined) {
         if (memos.size >= MEMOS) memos.delete(memos.keys().next().value!);
-        memos.set(memoKey, (memo = { key: memoKey, query, question: { name: query.name, type: query.type }, cacheKey: cacheKey(query.name, query.type) }));
+        memos.set(memoKey, (memo = { query, question: { name: query.name, type: query.type }, cacheKey: cacheKey(query.name, query.type) }));
       }
     }
     const id = raw.readUInt16BE(0);

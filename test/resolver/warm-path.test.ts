@@ -244,3 +244,32 @@ describe('a reply kept for the same query and asker', () => {
     expect(t.unacked).toHaveLength(1);
   });
 });
+
+describe('a reply encoded once for a query', () => {
+  it('answers the same bytes on the same transport only: a UDP client without EDNS gets its cut reply after a TCP client got the whole one', async () => {
+    const name = 'many.example';
+    const answers = Array.from({ length: 40 }, (_, i) => ({ type: 'A' as const, name, ttl: 600, data: `192.0.2.${i + 1}` }));
+    const upstream = {
+      query(): Promise<UpstreamAnswer | undefined> {
+        const message = dnsPacket.decode(dnsPacket.encode({ type: 'response', id: 1, questions: [{ type: 'A', name }], answers }));
+        return Promise.resolve({ message, rcode: 0, bytes: 700, server: { address: '127.0.0.1', port: 53 }, transport: 'udp' } as unknown as UpstreamAnswer);
+      },
+    };
+    const limits = resolverLimits();
+    const pipeline = createPipeline<string>({
+      hooks: { identify: () => 'someone', admit: () => 'go', learn: () => undefined, shape: () => 'answer', learnQuietUntil: () => Infinity },
+      upstream,
+      cache: new DnsCache(limits, () => 1_000_000),
+      limits,
+      now: () => 1_000_000,
+    });
+    const query = dnsPacket.encode({ type: 'query', id: 7, flags: dnsPacket.RECURSION_DESIRED, questions: [{ type: 'A', name }] });
+    const tcp: Client = { ...client, transport: 'tcp' };
+    expect(dnsPacket.decode((await pipeline.answer(query, tcp))!).answers).toHaveLength(40);
+    // A cache hit: now encoded once, kept for TCP.
+    expect(dnsPacket.decode((await pipeline.answer(query, tcp))!).answers).toHaveLength(40);
+    const udp = await pipeline.answer(query, client);
+    expect(udp!.length).toBeLessThanOrEqual(512);
+    expect(dnsPacket.decode(udp!).flag_tc).toBe(true);
+  });
+});
