@@ -151,7 +151,7 @@ export interface DnsSettings {
   readonly listen: readonly string[];
   /** Upstream servers "ADDR" or "ADDR#PORT"; undefined = the machine's own (helper D's discovery). */
   readonly upstreams: readonly string[] | undefined;
-  /** Set element timeout = answer TTL clamped into [ttlFloor, ttlCap] seconds. Defaults 60, 86400. */
+  /** Set element timeout = answer TTL clamped into [ttlFloor, ttlCap] seconds (a second more where the TTL is within them: src/resolver/fill.ts). Defaults 60, 86400. */
   readonly ttlFloor: number;
   readonly ttlCap: number;
   /** What a globally denied name gets: NXDOMAIN (default), 0.0.0.0/:: ('null'), or the true answer ('true'). */

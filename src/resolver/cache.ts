@@ -187,14 +187,13 @@ export class DnsCache {
     const old = this.entries.get(key);
     if (old !== undefined) this.remove(key, old.entry);
     if (entry.bytes > this.limits.cacheBytes || this.limits.cacheEntries < 1) return;
-    this.entries.set(key, { entry, used: false });
-    this.bytes += entry.bytes;
-    while (this.entries.size > this.limits.cacheEntries || this.bytes > this.limits.cacheBytes) {
+    // Room first, then the entry: an entry moved to the end for its second chance never passes the one being stored.
+    while (this.entries.size + 1 > this.limits.cacheEntries || this.bytes + entry.bytes > this.limits.cacheBytes) {
       const oldest = this.entries.entries().next();
       if (oldest.done === true) break;
       const [oldestKey, slot] = oldest.value;
-      // Hit since it was last looked at here: a second chance, at the end. Every entry is passed over at most once per eviction, so this ends.
-      if (slot.used && oldestKey !== key) {
+      // Hit since it was last looked at here: a second chance, at the end. Each entry is passed over at most once per eviction, so this ends.
+      if (slot.used) {
         slot.used = false;
         this.entries.delete(oldestKey);
         this.entries.set(oldestKey, slot);
@@ -203,6 +202,8 @@ export class DnsCache {
       this.remove(oldestKey, slot.entry);
       this.evictions++;
     }
+    this.entries.set(key, { entry, used: false });
+    this.bytes += entry.bytes;
   }
 
   clear(): void {

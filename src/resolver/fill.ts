@@ -163,8 +163,10 @@ export class SetFiller {
     }
     const removals = this.sparing ? this.sparedNow(plan.covering, plan.addresses) : [];
     if (writes === undefined && removals.length === 0) return inFlight === undefined ? undefined : Promise.all(inFlight).then(() => undefined);
-    const committed = this.commit(writes ?? [], removals);
-    this.track(writes ?? [], committed);
+    // The writes are tracked apart from the removals: an answer waiting for an element waits for its write, not for another rule's removal.
+    const wrote = writes === undefined ? undefined : this.write(writes);
+    if (wrote !== undefined) this.track(writes!, wrote);
+    const committed = removals.length === 0 ? wrote! : this.removeAfter(wrote, removals);
     return inFlight === undefined ? committed : Promise.all([committed, ...inFlight]).then(() => undefined);
   }
 
@@ -176,8 +178,9 @@ export class SetFiller {
    * ⌊(expiresAt − t) / 1000⌋) — as long as nothing else changes the
    * filler's record (an update; a write that fails). `now` or earlier when
    * it would write or wait now, and when a rule spares shared addresses
-   * (what it decides then depends on other answers). Other answers' writes
-   * only lengthen it.
+   * (what it decides then depends on other answers). Another answer's write
+   * of the same element never shortens what the kernel holds (a longer
+   * timeout only), though learn would wait for it while it is on its way.
    */
   quietUntil(question: Question, records: readonly AnswerRecord[], expiresAt?: number): number {
     const now = this.now();
@@ -231,21 +234,26 @@ export class SetFiller {
         if (write !== undefined) writes.push(write);
       }
     }
+    let sent = 0;
     const all = (async () => {
-      for (let at = 0; at < writes.length; at += 4096) await this.write(writes.slice(at, at + 4096));
+      for (; sent < writes.length; sent += 4096) await this.write(writes.slice(sent, sent + 4096));
     })();
     this.track(writes, all);
-    await all;
+    try {
+      await all;
+    } catch (error) {
+      // write() forgot the chunk that failed; the chunks after it were recorded and never sent: not held either.
+      for (const w of writes.slice(sent + 4096)) this.written.delete(`${w.set}|${w.address}`);
+      throw error;
+    }
     return writes.length;
   }
 
-  private async commit(writes: readonly ElementWrite[], removals: readonly ElementRemoval[]): Promise<void> {
-    if (writes.length > 0) await this.write(writes);
-    if (removals.length > 0) {
-      await this.writer.remove(removals);
-      // Known gone only once the kernel said so: a removal that failed is tried again with the next such answer.
-      for (const r of removals) this.written.delete(`${r.set}|${r.address}`);
-    }
+  private async removeAfter(wrote: Promise<void> | undefined, removals: readonly ElementRemoval[]): Promise<void> {
+    if (wrote !== undefined) await wrote;
+    await this.writer.remove(removals);
+    // Known gone only once the kernel said so: a removal that failed is tried again with the next such answer.
+    for (const r of removals) this.written.delete(`${r.set}|${r.address}`);
   }
 
   private planFor(question: Question, records: readonly AnswerRecord[]): Plan {

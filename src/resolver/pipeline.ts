@@ -60,7 +60,7 @@ export interface PipelineStats {
   readonly internalErrors: number;
   /** Upstream answer records left out for not answering the question (owned by no name of its CNAME chain). */
   readonly strayRecords: number;
-  /** Of the cache hits, those answered with a reply kept from an earlier one (same bytes, same asker, within its second). */
+  /** Of the cache hits, those answered with a reply kept from an earlier one (same bytes, same asker, within 10 s and while learn has nothing to do). */
   readonly repliesReused: number;
   /** Queries in progress now. */
   readonly pending: number;
@@ -112,8 +112,8 @@ interface MemoOf<Who> {
 /** An encoded reply (its template and TTL) that answers the same query bytes from the same asker again, as long as nothing it was made from has changed. */
 interface KeptReply<Who> {
   readonly who: Who;
-  readonly entry: CacheEntry;
-  readonly template: Template;
+  /** Weakly: a kept reply must not keep its cache entry (and what hangs on it) alive past the cache's bounds. Its template is the entry's. */
+  readonly entry: WeakRef<CacheEntry>;
   /** Last time (the pipeline's clock) it may be given: learn would still do nothing, and the answer is learned again at least this often (KEEP_MS). */
   readonly until: number;
   /** forgetReplies() calls when it was made. */
@@ -309,19 +309,21 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   };
 
   const answerIdentified = (query: Query, id: number, client: Client, memo: Memo | undefined, who: Who, finish: Done): void => {
-    // The same bytes from the same asker, answered from the cache before within the second its TTL stands, with nothing to learn:
-    // that reply again. Before the cap per asker: a reply given at once holds no slot.
+    // The same bytes from the same asker, answered from the cache before, while learn has nothing to do: that reply again, with the TTL left.
+    // Before the cap per asker: a reply given at once holds no slot (the full path would refuse an asker at its cap).
     const kept = memo?.kept;
     if (kept !== undefined) {
       const at = now();
+      const entry = kept.entry.deref();
+      const template = entry === undefined ? undefined : templates.get(entry);
       // The TTL the cache would give now (it gives nothing under a second).
-      const ttl = remainingTtl(kept.entry, at);
-      if (kept.who === who && kept.epoch === epoch && at <= kept.until && ttl >= 1 && cache.touch(memo!.cacheKey, kept.entry)) {
+      const ttl = entry === undefined ? 0 : remainingTtl(entry, at);
+      if (kept.who === who && kept.epoch === epoch && at <= kept.until && ttl >= 1 && template?.memo === memo && cache.touch(memo!.cacheKey, entry!)) {
         counts.repliesReused++;
-        finish(fromTemplate(kept.template, id, ttl));
+        finish(fromTemplate(template!, id, ttl));
         return;
       }
-      // Stale, or another asker's: not kept any longer (it holds its cache entry alive).
+      // Stale, or another asker's: not kept any longer.
       memo!.kept = undefined;
     }
     const asker = deps.askerKey?.(who);
@@ -489,7 +491,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     }
     const at = now();
     const until = Math.min(quiet, at + KEEP_MS);
-    memo.kept = until >= at ? { who, entry, template, until, epoch } : undefined;
+    memo.kept = until > at && templates.get(entry) === template ? { who, entry: new WeakRef(entry), until, epoch } : undefined;
   };
 
   const handle = (raw: Buffer, client: Client, done: Done): void => {

@@ -131,7 +131,7 @@ const INTERNED = 16_384;
  * an identity (the pipeline's reply memo, decide.ts) can then be known by
  * the object, not by a key built for every query.
  */
-function internedWho(): (uid: number, cgroup: string | undefined) => Who {
+export function internedWho(): (uid: number, cgroup: string | undefined) => Who {
   const byCgroup = new Map<string | undefined, Map<number, Who>>();
   let count = 0;
   return (uid, cgroup) => {

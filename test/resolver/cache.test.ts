@@ -77,12 +77,26 @@ describe('DnsCache', () => {
     put('d');
     expect(held()).toEqual(['a', 'c', 'd']);
     put('e');
+    expect(held()).toEqual(['a', 'd', 'e']);
+    // Passed over once when b went, and not used since: a goes now, before d, which was stored after it.
     put('f');
-    // Passed over once when b went, and not used since: a goes now, after the two stored after it.
-    expect(held()).toEqual(['a', 'e', 'f']);
+    expect(held()).toEqual(['d', 'e', 'f']);
     put('g');
     expect(held()).toEqual(['e', 'f', 'g']);
     expect(cache.stats()).toMatchObject({ entries: 3, evictions: 4 });
+  });
+
+  it('stores a new entry even when every entry before it was hit: the oldest of them goes', () => {
+    const cache = new DnsCache(limits, () => 0);
+    const put = (name: string) => cache.set(cacheKey(name, 'A'), cacheEntry('A', { rcode: 0, answers: [a(name, 60)], authorities: [] }, 50, 0, limits)!);
+    put('a');
+    put('b');
+    put('c');
+    for (const name of ['a', 'b', 'c']) expect(cache.get(cacheKey(name, 'A'))).toBeDefined();
+    put('d');
+    expect(cache.get(cacheKey('d', 'A'))).toBeDefined();
+    expect(cache.get(cacheKey('a', 'A'))).toBeUndefined();
+    expect(cache.stats()).toMatchObject({ entries: 3, evictions: 1 });
   });
 
   it('touch: a hit on the entry still kept for a key, none on one replaced or evicted', () => {

@@ -296,6 +296,17 @@ describe('what an answer teaches the table', () => {
     );
   });
 
+  it('a relearn that fails part-way holds nothing it did not write: the next answer writes those elements again', async () => {
+    let calls = 0;
+    const { filler, view } = setup([binding('r1', ['a.example'])], {}, () => (++calls === 1 ? Promise.reject(new Error('refused')) : Promise.resolve()));
+    filler.update({ ...view, liveNames: new Map([['r1_dns4', ['r1_dns4.ffff']]]) });
+    // More than one chunk of 4,096: the first fails, the rest are never sent.
+    const entries = Array.from({ length: 5000 }, (_, i) => ({ address: `10.0.${i >> 8}.${i & 255}`, chain: ['a.example'], ttl: 300 }));
+    await expect(filler.relearn(entries)).rejects.toThrow('refused');
+    for (const address of ['10.0.0.0', '10.0.19.135'])
+      expect(filler.learn({ name: 'a.example', type: 'A' }, [a('a.example', address, 300)]), address).toBeInstanceOf(Promise);
+  });
+
   it('quietUntil is now while a write is on its way, for an element never written, and under a sparing rule', async () => {
     const records = [a('a.example', '192.0.2.7')];
     const question = { name: 'a.example', type: 'A' };

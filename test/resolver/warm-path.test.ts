@@ -8,7 +8,7 @@ import dnsPacket from 'dns-packet';
 import { describe, expect, it } from 'vitest';
 import type { DnsBinding } from '../../src/compile/compile.js';
 import type { ElementWrite } from '../../src/nft/set-elements.js';
-import { DnsCache } from '../../src/resolver/cache.js';
+import { cacheEntry, cacheKey, DnsCache } from '../../src/resolver/cache.js';
 import { SetFiller, type FillView } from '../../src/resolver/fill.js';
 import { resolverLimits } from '../../src/resolver/limits.js';
 import { createPipeline } from '../../src/resolver/pipeline.js';
@@ -61,6 +61,7 @@ function setup(identify: ResolverHooks<string>['identify'] = () => 'someone', op
   /** How often each hook was asked, and what shape says to whom (the test may change it, as a new policy would). */
   const calls = { admit: 0, learn: 0, shape: 0 };
   const decisions = { denied: new Set<string>() };
+  const cache = new DnsCache(limits, () => now);
   const pipeline = createPipeline<string>({
     hooks: {
       identify,
@@ -70,7 +71,7 @@ function setup(identify: ResolverHooks<string>['identify'] = () => 'someone', op
       ...(options.keep ? { learnQuietUntil: (question, records, expiresAt) => filler.quietUntil(question, records, expiresAt) } : {}),
     },
     upstream,
-    cache: new DnsCache(limits, () => now),
+    cache,
     limits,
     now: () => now,
   });
@@ -89,7 +90,7 @@ function setup(identify: ResolverHooks<string>['identify'] = () => 'someone', op
   const settle = () => new Promise((resolve) => setTimeout(resolve, 5));
   /** Whether the kernel holds the address now, and for how long more (ms). */
   const held = (set = 'r1_dns4.0000000000000001') => (kernel.get(`${set}|192.0.2.7`) ?? now) - now;
-  return { pipeline, filler, view, kernel, unacked, ask, settle, held, calls, decisions, tick: (ms: number) => (now += ms) };
+  return { pipeline, filler, view, kernel, unacked, ask, settle, held, calls, decisions, cache, tick: (ms: number) => (now += ms) };
 }
 
 describe('the warm path', () => {
@@ -218,6 +219,26 @@ describe('a reply kept for the same query and asker', () => {
     const other = t.ask(3, { ...client, port: 40001 });
     expect(rcodeOf(dnsPacket.decode(other.reply()!))).toBe(3);
     expect(t.calls.shape).toBe(1);
+  });
+
+  it('is not given once the cache holds another answer for the name', async () => {
+    const t = await kept();
+    t.cache.set(
+      cacheKey('a.example', 'A'),
+      cacheEntry(
+        'A',
+        { rcode: 0, answers: [{ type: 'A', name: 'a.example', ttl: 300, data: '192.0.2.99' }], authorities: [] },
+        64,
+        1_000_500,
+        resolverLimits(),
+      )!,
+    );
+    const after = t.ask(3);
+    await t.settle();
+    t.unacked.shift()?.ack();
+    await t.settle();
+    expect((dnsPacket.decode(after.reply()!).answers![0] as { data: string }).data).toBe('192.0.2.99');
+    expect(t.calls).toEqual({ admit: 1, learn: 1, shape: 1 });
   });
 
   it('is forgotten when told (a new policy): the next query is decided anew', async () => {

@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import type { Client } from '../../src/resolver/server.js';
-import { openWhoAsks } from '../../src/resolver/who.js';
+import { internedWho, openWhoAsks } from '../../src/resolver/who.js';
 import type { SockDiag, SocketQuery, TcpSocket } from '../../src/system/sock-diag.js';
 
 /** A sock_diag that says the socket on `client.port` belongs to `owners[port]`, in no cgroup. */
@@ -42,5 +42,24 @@ describe('who asks', () => {
     expect(other).not.toBe(first);
     expect(other).toEqual({ uid: 1001 });
     who.close();
+  });
+
+  it('is one object per uid and cgroup: another cgroup of the same user (another app) is another identity', () => {
+    const intern = internedWho();
+    const app = intern(1000, 'user.slice/user-1000.slice/app-a.scope');
+    expect(intern(1000, 'user.slice/user-1000.slice/app-a.scope')).toBe(app);
+    expect(intern(1000, 'user.slice/user-1000.slice/app-b.scope')).not.toBe(app);
+    expect(intern(1001, 'user.slice/user-1000.slice/app-a.scope')).not.toBe(app);
+    expect(intern(1000, undefined)).not.toBe(app);
+    expect(intern(1000, undefined)).toBe(intern(1000, undefined));
+  });
+
+  it('starts again past its bound: old objects are never handed out for another identity', () => {
+    const intern = internedWho();
+    const first = intern(1000, 'a.scope');
+    for (let i = 0; i < 16_384; i++) intern(2000, `scope-${i}`);
+    const again = intern(1000, 'a.scope');
+    expect(again).toEqual(first);
+    expect(again).not.toBe(first);
   });
 });
