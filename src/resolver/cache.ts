@@ -35,6 +35,8 @@ export interface CacheEntry {
   readonly expiresAt: number;
   /** Approximate memory it holds, counted against cacheBytes. */
   readonly bytes: number;
+  /** Unique in this process: names the entry without holding it (a reply kept for it, pipeline.ts). */
+  readonly serial: number;
 }
 
 /** An entry as a client gets it: records with the TTL that remains. */
@@ -60,6 +62,8 @@ export interface CacheStats {
 export function cacheKey(name: string, type: string, klass = 'IN'): string {
   return `${name}\u0000${type}\u0000${klass}`;
 }
+
+let serials = 0;
 
 /** Per-entry overhead beyond the wire bytes: the key, the Map slot, the decoded objects. */
 const ENTRY_OVERHEAD = 256;
@@ -112,6 +116,7 @@ export function cacheEntry(
     storedAt: now,
     expiresAt: now + ttl * 1000,
     bytes: wireBytes + ENTRY_OVERHEAD,
+    serial: ++serials,
   };
 }
 
@@ -174,13 +179,13 @@ export class DnsCache {
     return view;
   }
 
-  /** Whether `entry` is still the one kept for `key`; if so, a hit on it (counted and marked as get's is). Its expiry is the caller's to check. */
-  touch(key: string, entry: CacheEntry): boolean {
+  /** The entry kept for `key` if it is still the one numbered `serial` and would be given now (a second or more left): a hit on it, counted and marked as get's is. */
+  touch(key: string, serial: number): CacheEntry | undefined {
     const slot = this.entries.get(key);
-    if (slot?.entry !== entry) return false;
+    if (slot?.entry.serial !== serial || remainingTtl(slot.entry, this.now()) < 1) return undefined;
     slot.used = true;
     this.hits++;
-    return true;
+    return slot.entry;
   }
 
   set(key: string, entry: CacheEntry): void {

@@ -112,8 +112,8 @@ interface MemoOf<Who> {
 /** An encoded reply (its template and TTL) that answers the same query bytes from the same asker again, as long as nothing it was made from has changed. */
 interface KeptReply<Who> {
   readonly who: Who;
-  /** Weakly: a kept reply must not keep its cache entry (and what hangs on it) alive past the cache's bounds. Its template is the entry's. */
-  readonly entry: WeakRef<CacheEntry>;
+  /** The cache entry it was made from, by its serial: a kept reply must not keep an entry (and what hangs on it) alive past the cache's bounds. Its template is the entry's. */
+  readonly serial: number;
   /** Last time (the pipeline's clock) it may be given: learn would still do nothing, and the answer is learned again at least this often (KEEP_MS). */
   readonly until: number;
   /** forgetReplies() calls when it was made. */
@@ -314,14 +314,15 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     const kept = memo?.kept;
     if (kept !== undefined) {
       const at = now();
-      const entry = kept.entry.deref();
-      const template = entry === undefined ? undefined : templates.get(entry);
-      // The TTL the cache would give now (it gives nothing under a second).
-      const ttl = entry === undefined ? 0 : remainingTtl(entry, at);
-      if (kept.who === who && kept.epoch === epoch && at <= kept.until && ttl >= 1 && template?.memo === memo && cache.touch(memo!.cacheKey, entry!)) {
-        counts.repliesReused++;
-        finish(fromTemplate(template!, id, ttl));
-        return;
+      if (kept.who === who && kept.epoch === epoch && at <= kept.until) {
+        // Still the cache's entry (not replaced, evicted, cleared or expired), with the TTL it would give now.
+        const entry = cache.touch(memo!.cacheKey, kept.serial);
+        const template = entry === undefined ? undefined : templates.get(entry);
+        if (template !== undefined && template.memo === memo) {
+          counts.repliesReused++;
+          finish(fromTemplate(template, id, Math.max(1, remainingTtl(entry!, at))));
+          return;
+        }
       }
       // Stale, or another asker's: not kept any longer.
       memo!.kept = undefined;
@@ -491,7 +492,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     }
     const at = now();
     const until = Math.min(quiet, at + KEEP_MS);
-    memo.kept = until > at && templates.get(entry) === template ? { who, entry: new WeakRef(entry), until, epoch } : undefined;
+    memo.kept = until > at && templates.get(entry) === template ? { who, serial: entry.serial, until, epoch } : undefined;
   };
 
   const handle = (raw: Buffer, client: Client, done: Done): void => {

@@ -104,11 +104,11 @@ describe('DnsCache', () => {
     const entry = (name: string) => cacheEntry('A', { rcode: 0, answers: [a(name, 60)], authorities: [] }, 50, 0, limits)!;
     const first = entry('x');
     cache.set(cacheKey('x', 'A'), first);
-    expect(cache.touch(cacheKey('x', 'A'), first)).toBe(true);
+    expect(cache.touch(cacheKey('x', 'A'), first.serial)).toBe(first);
     expect(cache.stats().hits).toBe(1);
     cache.set(cacheKey('x', 'A'), entry('x'));
-    expect(cache.touch(cacheKey('x', 'A'), first)).toBe(false);
-    expect(cache.touch(cacheKey('y', 'A'), first)).toBe(false);
+    expect(cache.touch(cacheKey('x', 'A'), first.serial)).toBeUndefined();
+    expect(cache.touch(cacheKey('y', 'A'), first.serial)).toBeUndefined();
     expect(cache.stats().hits).toBe(1);
   });
 
