@@ -16,6 +16,7 @@
  * upstream allowed. SERVFAIL and other failures are never kept.
  */
 import type { Answer } from 'dns-packet';
+import { steadyNow } from './clock.js';
 import { Rcode } from './message.js';
 
 export interface CacheLimits {
@@ -150,7 +151,7 @@ export class DnsCache {
 
   constructor(
     private readonly limits: CacheLimits,
-    private readonly now: () => number = Date.now,
+    private readonly now: () => number = steadyNow,
   ) {}
 
   /** The answer for `key` with its remaining TTL, or undefined (absent, or less than a second left). */

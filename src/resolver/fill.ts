@@ -33,6 +33,7 @@ import type { DnsBinding } from '../compile/compile.js';
 import type { ElementRemoval, ElementWrite } from '../nft/set-elements.js';
 import { cnameChain, normalizeName } from './message.js';
 import type { AnswerRecord, Question } from './server.js';
+import { steadyNow } from './clock.js';
 
 export interface FillView {
   readonly bindings: readonly DnsBinding[];
@@ -112,7 +113,7 @@ export class SetFiller {
     view: FillView,
     private readonly writer: FillWriter,
     private readonly shared: SharedLookup | undefined,
-    private readonly now: () => number = Date.now,
+    private readonly now: () => number = steadyNow,
   ) {
     this.view = view;
     this.sparing = view.bindings.some((b) => b.sharedAddresses === 'spare');

@@ -26,6 +26,7 @@ import {
 } from './message.js';
 import type { AnswerRecord, Client, Question, ResolverHooks } from './server.js';
 import type { UpstreamAnswer } from './upstream.js';
+import { steadyNow } from './clock.js';
 
 export interface PipelineStats {
   /** Messages received (datagrams and TCP frames). */
@@ -147,7 +148,7 @@ function isThenable<T>(value: T | PromiseLike<T>): value is PromiseLike<T> {
 
 export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   const { hooks, cache, limits } = deps;
-  const now = deps.now ?? Date.now;
+  const now = deps.now ?? steadyNow;
   const counts = {
     received: 0,
     queries: 0,

@@ -1,5 +1,6 @@
 import type { Answer } from 'dns-packet';
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
+import { SetFiller } from '../../src/resolver/fill.js';
 import { cacheEntry, cacheKey, cacheTtl, DnsCache, type CacheLimits } from '../../src/resolver/cache.js';
 
 const limits: CacheLimits = { cacheEntries: 3, cacheBytes: 1_000_000, maxTtl: 86_400, maxNegativeTtl: 900 };
@@ -130,5 +131,27 @@ describe('DnsCache', () => {
     expect(negative.authorities.map((r) => r.type)).toEqual(['SOA']);
     const positive = cacheEntry('A', { rcode: 0, answers: [a('x', 60)], authorities: [ns] }, 100, 0, limits)!;
     expect(positive.authorities).toEqual([]);
+  });
+});
+
+describe('the clock the resolver holds things by', () => {
+  it('is not the wall clock: set forward by two hours, a cached answer of an hour and an element written for one still stand', async () => {
+    const cache = new DnsCache(limits);
+    cache.set(cacheKey('x', 'A'), cacheEntry('A', { rcode: 0, answers: [a('x', 3600)], authorities: [] }, 50, performance.now(), limits)!);
+    const bindings = [{ ruleId: 'r1', verdict: 'deny' as const, names: ['x'], suffixes: [], lists: [], set4: 'r1_dns4', set6: 'r1_dns6' }];
+    const filler = new SetFiller(
+      { bindings, bindingsFor: () => [0], liveNames: new Map([['r1_dns4', ['r1_dns4.1']]]), ttlFloor: 60, ttlCap: 86_400 },
+      { add: () => Promise.resolve(), remove: () => Promise.resolve() },
+      undefined,
+    );
+    await filler.learn({ name: 'x', type: 'A' }, [{ name: 'x', type: 'A', ttl: 3600, data: '192.0.2.1' }]);
+    const wall = Date.now();
+    const spy = vi.spyOn(Date, 'now').mockReturnValue(wall + 7_200_000);
+    try {
+      expect(cache.get(cacheKey('x', 'A'))).toBeDefined();
+      expect(filler.learn({ name: 'x', type: 'A' }, [{ name: 'x', type: 'A', ttl: 3599, data: '192.0.2.1' }])).toBeUndefined();
+    } finally {
+      spy.mockRestore();
+    }
   });
 });
