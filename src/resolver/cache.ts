@@ -16,7 +16,7 @@
  * upstream allowed. SERVFAIL and other failures are never kept.
  */
 import type { Answer } from 'dns-packet';
-import { steadyNow } from './clock.js';
+import { resolverNow } from './clock.js';
 import { Rcode } from './message.js';
 
 export interface CacheLimits {
@@ -151,7 +151,7 @@ export class DnsCache {
 
   constructor(
     private readonly limits: CacheLimits,
-    private readonly now: () => number = steadyNow,
+    private readonly now: () => number = resolverNow,
   ) {}
 
   /** The answer for `key` with its remaining TTL, or undefined (absent, or less than a second left). */
@@ -180,13 +180,18 @@ export class DnsCache {
     return view;
   }
 
-  /** The entry kept for `key` if it is still the one numbered `serial` and would be given now (a second or more left): a hit on it, counted and marked as get's is. */
-  touch(key: string, serial: number): CacheEntry | undefined {
+  /** The entry kept for `key` if it is still the one numbered `serial` and would be given now (a second or more left); nothing is counted. */
+  peek(key: string, serial: number): CacheEntry | undefined {
     const slot = this.entries.get(key);
-    if (slot?.entry.serial !== serial || remainingTtl(slot.entry, this.now()) < 1) return undefined;
+    return slot?.entry.serial === serial && remainingTtl(slot.entry, this.now()) >= 1 ? slot.entry : undefined;
+  }
+
+  /** A hit on what `peek` gave for `key`, answered without `get`: counted and marked as get's is. */
+  touch(key: string): void {
+    const slot = this.entries.get(key);
+    if (slot === undefined) return;
     slot.used = true;
     this.hits++;
-    return slot.entry;
   }
 
   set(key: string, entry: CacheEntry): void {

@@ -33,7 +33,7 @@ import type { DnsBinding } from '../compile/compile.js';
 import type { ElementRemoval, ElementWrite } from '../nft/set-elements.js';
 import { cnameChain, normalizeName } from './message.js';
 import type { AnswerRecord, Question } from './server.js';
-import { steadyNow } from './clock.js';
+import { resolverNow } from './clock.js';
 
 export interface FillView {
   readonly bindings: readonly DnsBinding[];
@@ -113,7 +113,7 @@ export class SetFiller {
     view: FillView,
     private readonly writer: FillWriter,
     private readonly shared: SharedLookup | undefined,
-    private readonly now: () => number = steadyNow,
+    private readonly now: () => number = resolverNow,
   ) {
     this.view = view;
     this.sparing = view.bindings.some((b) => b.sharedAddresses === 'spare');

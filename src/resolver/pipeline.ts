@@ -26,7 +26,7 @@ import {
 } from './message.js';
 import type { AnswerRecord, Client, Question, ResolverHooks } from './server.js';
 import type { UpstreamAnswer } from './upstream.js';
-import { steadyNow } from './clock.js';
+import { resolverNow } from './clock.js';
 
 export interface PipelineStats {
   /** Messages received (datagrams and TCP frames). */
@@ -148,7 +148,7 @@ function isThenable<T>(value: T | PromiseLike<T>): value is PromiseLike<T> {
 
 export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   const { hooks, cache, limits } = deps;
-  const now = deps.now ?? steadyNow;
+  const now = deps.now ?? resolverNow;
   const counts = {
     received: 0,
     queries: 0,
@@ -317,11 +317,13 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       const at = now();
       if (kept.who === who && kept.epoch === epoch && at <= kept.until) {
         // Still the cache's entry (not replaced, evicted, cleared or expired), with the TTL it would give now.
-        const entry = cache.touch(memo!.cacheKey, kept.serial);
+        const entry = cache.peek(memo!.cacheKey, kept.serial);
         const template = entry === undefined ? undefined : templates.get(entry);
         if (template !== undefined && template.memo === memo) {
+          cache.touch(memo.cacheKey);
           counts.repliesReused++;
-          finish(fromTemplate(template, id, Math.max(1, remainingTtl(entry!, at))));
+          // At least the second peek saw: `at` is no later than its look.
+          finish(fromTemplate(template, id, remainingTtl(entry!, at)));
           return;
         }
       }

@@ -14,7 +14,7 @@ import net from 'node:net';
 import dnsPacket, { type DecodedPacket, type RecordType } from 'dns-packet';
 import { ResolverStartError } from '../errors.js';
 import type { Family, SocketMarker } from '../system/socket-mark.js';
-import { steadyNow } from './clock.js';
+import { resolverNow } from './clock.js';
 import { EDNS_UDP_SIZE, normalizeName, QueryFlag, Rcode, rcodeOf } from './message.js';
 
 export interface Upstream {
@@ -100,14 +100,14 @@ export class UpstreamClient {
    * SERVFAIL or REFUSED leaves the question to the next one, if any.
    */
   async query(name: string, type: string): Promise<UpstreamAnswer | undefined> {
-    const deadline = steadyNow() + this.options.timeoutMs;
+    const deadline = resolverNow() + this.options.timeoutMs;
     const n = this.servers.length;
     let refused: UpstreamAnswer | undefined;
     const first = this.preferred;
     // Each server gets a few turns in the time: a lost datagram is sent again, a dead server left.
     const turns = n * Math.max(1, Math.ceil(this.options.timeoutMs / this.options.attemptMs));
     for (let turn = 0; turn < turns && !this.closed; turn++) {
-      const left = deadline - steadyNow();
+      const left = deadline - resolverNow();
       if (left <= 0) break;
       const index = (first + turn) % n;
       const server = this.servers[index]!;
@@ -168,7 +168,7 @@ export class UpstreamClient {
     const udp = await this.overUdp(server, query, waitMs, check);
     if ('failure' in udp || !udp.answer.message.flag_tc) return udp;
     this.counts.tcpRetries++;
-    const tcp = await this.overTcp(server, query, deadline - steadyNow(), check);
+    const tcp = await this.overTcp(server, query, deadline - resolverNow(), check);
     return 'failure' in tcp ? tcp : { answer: { ...tcp.answer, transport: 'tcp' } };
   }
 

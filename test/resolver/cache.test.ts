@@ -1,5 +1,6 @@
 import type { Answer } from 'dns-packet';
 import { describe, expect, it, vi } from 'vitest';
+import { resolverNow } from '../../src/resolver/clock.js';
 import { SetFiller } from '../../src/resolver/fill.js';
 import { cacheEntry, cacheKey, cacheTtl, DnsCache, type CacheLimits } from '../../src/resolver/cache.js';
 
@@ -100,17 +101,18 @@ describe('DnsCache', () => {
     expect(cache.stats()).toMatchObject({ entries: 3, evictions: 1 });
   });
 
-  it('touch: a hit on the entry still kept for a key, none on one replaced or evicted', () => {
+  it('peek: the entry still kept for a key, none replaced or evicted; touch counts the hit', () => {
     const cache = new DnsCache(limits, () => 0);
     const entry = (name: string) => cacheEntry('A', { rcode: 0, answers: [a(name, 60)], authorities: [] }, 50, 0, limits)!;
     const first = entry('x');
     cache.set(cacheKey('x', 'A'), first);
-    expect(cache.touch(cacheKey('x', 'A'), first.serial)).toBe(first);
+    expect(cache.peek(cacheKey('x', 'A'), first.serial)).toBe(first);
+    expect(cache.stats().hits).toBe(0);
+    cache.touch(cacheKey('x', 'A'));
     expect(cache.stats().hits).toBe(1);
     cache.set(cacheKey('x', 'A'), entry('x'));
-    expect(cache.touch(cacheKey('x', 'A'), first.serial)).toBeUndefined();
-    expect(cache.touch(cacheKey('y', 'A'), first.serial)).toBeUndefined();
-    expect(cache.stats().hits).toBe(1);
+    expect(cache.peek(cacheKey('x', 'A'), first.serial)).toBeUndefined();
+    expect(cache.peek(cacheKey('y', 'A'), first.serial)).toBeUndefined();
   });
 
   it('evicts past its byte cap, and does not take an entry larger than the whole cache', () => {
@@ -135,23 +137,70 @@ describe('DnsCache', () => {
 });
 
 describe('the clock the resolver holds things by', () => {
-  it('is not the wall clock: set forward by two hours, a cached answer of an hour and an element written for one still stand', async () => {
-    const cache = new DnsCache(limits);
-    cache.set(cacheKey('x', 'A'), cacheEntry('A', { rcode: 0, answers: [a('x', 3600)], authorities: [] }, 50, performance.now(), limits)!);
-    const bindings = [{ ruleId: 'r1', verdict: 'deny' as const, names: ['x'], suffixes: [], lists: [], set4: 'r1_dns4', set6: 'r1_dns6' }];
-    const filler = new SetFiller(
-      { bindings, bindingsFor: () => [0], liveNames: new Map([['r1_dns4', ['r1_dns4.1']]]), ttlFloor: 60, ttlCap: 86_400 },
-      { add: () => Promise.resolve(), remove: () => Promise.resolve() },
-      undefined,
-    );
-    await filler.learn({ name: 'x', type: 'A' }, [{ name: 'x', type: 'A', ttl: 3600, data: '192.0.2.1' }]);
-    const wall = Date.now();
-    const spy = vi.spyOn(Date, 'now').mockReturnValue(wall + 7_200_000);
+  /** Date.now and performance.now as the test moves them, installed before anything reads them. */
+  function clocks() {
+    let wall = Date.now();
+    let steady = performance.now();
+    const spies = [vi.spyOn(Date, 'now').mockImplementation(() => wall), vi.spyOn(performance, 'now').mockImplementation(() => steady)];
+    return {
+      /** Time passes, on both. */
+      pass: (ms: number) => ((wall += ms), (steady += ms)),
+      /** The wall clock set (NTP, `date`); a suspend moves it too, while the steady clock stands. */
+      setWall: (ms: number) => (wall += ms),
+      restore: () => spies.forEach((spy) => spy.mockRestore()),
+    };
+  }
+
+  it('never goes back when the wall clock is set back, and takes up a suspend the steady clock slept through', () => {
+    const c = clocks();
     try {
-      expect(cache.get(cacheKey('x', 'A'))).toBeDefined();
-      expect(filler.learn({ name: 'x', type: 'A' }, [{ name: 'x', type: 'A', ttl: 3599, data: '192.0.2.1' }])).toBeUndefined();
+      const start = resolverNow();
+      c.setWall(-3_600_000);
+      c.pass(1000);
+      expect(resolverNow() - start).toBeCloseTo(1000, 0);
+      c.setWall(8 * 3_600_000);
+      expect(resolverNow() - start).toBeCloseTo(1000 + 8 * 3_600_000, 0);
     } finally {
-      spy.mockRestore();
+      c.restore();
+    }
+  });
+
+  it('a cached answer ends with its TTL though the wall clock was set back, and after a suspend', () => {
+    const c = clocks();
+    try {
+      const put = () => {
+        const cache = new DnsCache(limits);
+        cache.set(cacheKey('x', 'A'), cacheEntry('A', { rcode: 0, answers: [a('x', 3600)], authorities: [] }, 50, resolverNow(), limits)!);
+        return cache;
+      };
+      const setBack = put();
+      c.setWall(-7_200_000);
+      c.pass(3_601_000);
+      expect(setBack.get(cacheKey('x', 'A'))).toBeUndefined();
+      const slept = put();
+      c.setWall(3_601_000);
+      expect(slept.get(cacheKey('x', 'A'))).toBeUndefined();
+    } finally {
+      c.restore();
+    }
+  });
+
+  it('the filler writes an element again once half its time has passed, though the wall clock was set back', async () => {
+    const c = clocks();
+    try {
+      const bindings = [{ ruleId: 'r1', verdict: 'deny' as const, names: ['x'], suffixes: [], lists: [], set4: 'r1_dns4', set6: 'r1_dns6' }];
+      const filler = new SetFiller(
+        { bindings, bindingsFor: () => [0], liveNames: new Map([['r1_dns4', ['r1_dns4.1']]]), ttlFloor: 60, ttlCap: 86_400 },
+        { add: () => Promise.resolve(), remove: () => Promise.resolve() },
+        undefined,
+      );
+      const answer = (ttl: number) => filler.learn({ name: 'x', type: 'A' }, [{ name: 'x', type: 'A', ttl, data: '192.0.2.1' }]);
+      await answer(3600);
+      c.setWall(-7_200_000);
+      c.pass(1_801_000);
+      expect(answer(1799)).toBeInstanceOf(Promise);
+    } finally {
+      c.restore();
     }
   });
 });

@@ -19,7 +19,7 @@ import { rcodeOf } from './dns-support.js';
 const client: Client = { transport: 'udp', address: '127.0.0.1', port: 40000, local: { address: '127.0.0.153', port: 53 } };
 const binding: DnsBinding = { ruleId: 'r1', verdict: 'deny', names: ['a.example'], suffixes: [], lists: [], set4: 'r1_dns4', set6: 'r1_dns6' };
 
-function setup(identify: ResolverHooks<string>['identify'] = () => 'someone', options: { keep?: boolean } = {}) {
+function setup(identify: ResolverHooks<string>['identify'] = () => 'someone', options: { keep?: boolean; ttl?: number } = {}) {
   let now = 1_000_000;
   /** The kernel's set, as the writer leaves it: live set|address → expiry. Writes are acknowledged when the test says. */
   const kernel = new Map<string, number>();
@@ -52,7 +52,12 @@ function setup(identify: ResolverHooks<string>['identify'] = () => 'someone', op
   const upstream = {
     query(name: string): Promise<UpstreamAnswer | undefined> {
       const message = dnsPacket.decode(
-        dnsPacket.encode({ type: 'response', id: 1, questions: [{ type: 'A', name }], answers: [{ type: 'A', name, ttl: 600, data: '192.0.2.7' }] }),
+        dnsPacket.encode({
+          type: 'response',
+          id: 1,
+          questions: [{ type: 'A', name }],
+          answers: [{ type: 'A', name, ttl: options.ttl ?? 600, data: '192.0.2.7' }],
+        }),
       );
       return Promise.resolve({ message, rcode: 0, bytes: 64, server: { address: '127.0.0.1', port: 53 }, transport: 'udp' } as unknown as UpstreamAnswer);
     },
@@ -219,6 +224,20 @@ describe('a reply kept for the same query and asker', () => {
     const other = t.ask(3, { ...client, port: 40001 });
     expect(rcodeOf(dnsPacket.decode(other.reply()!))).toBe(3);
     expect(t.calls.shape).toBe(1);
+  });
+
+  it('is not given once its answer has expired, though learn would still do nothing (an element held for the floor)', async () => {
+    const t = setup(undefined, { keep: true, ttl: 2 });
+    t.ask(1);
+    await t.settle();
+    t.unacked.shift()!.ack();
+    await t.settle();
+    t.tick(500);
+    expect(t.ask(2).sync).toBe(true);
+    t.tick(1500);
+    // Two seconds after the answer: the cache holds nothing to give, and asks upstream.
+    expect(t.ask(3).sync).toBe(false);
+    expect(t.pipeline.stats().repliesReused).toBe(0);
   });
 
   it('is not given once the cache holds another answer for the name', async () => {
