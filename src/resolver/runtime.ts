@@ -237,6 +237,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
     };
     // An update and a rediscovery each change the server: one at a time.
     let queue: Promise<unknown> = Promise.resolve();
+    let refreshing: Promise<void> | undefined;
     const serial = <T>(change: () => Promise<T>): Promise<T> => {
       const run = queue.then(change);
       queue = run.catch(() => undefined);
@@ -295,11 +296,18 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
           return true;
         });
       },
-      async refreshLiveNames() {
-        const names = dnsSetsInForce(state.compiled, (await readLiveTable(nft)).sets);
-        state = { ...state, view: { ...state.view, liveNames: names } };
-        filler.update(state.view);
-        resolver?.forgetReplies();
+      refreshLiveNames() {
+        // In turn with update(), whose state it must not overwrite with the names of the policy before; and once for every
+        // answer that finds its set gone meanwhile (each would read the table and clear the filler's record again).
+        refreshing ??= serial(async () => {
+          const names = dnsSetsInForce(state.compiled, (await readLiveTable(nft)).sets);
+          state = { ...state, view: { ...state.view, liveNames: names } };
+          filler.update(state.view);
+          resolver?.forgetReplies();
+        }).finally(() => {
+          refreshing = undefined;
+        });
+        return refreshing;
       },
       counters,
       learnedNames: (address) => memory.namesOf(address).map((learned) => learned.name),
