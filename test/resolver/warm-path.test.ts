@@ -95,7 +95,15 @@ function setup(identify: ResolverHooks<string>['identify'] = () => 'someone', op
   const settle = () => new Promise((resolve) => setTimeout(resolve, 5));
   /** Whether the kernel holds the address now, and for how long more (ms). */
   const held = (set = 'r1_dns4.0000000000000001') => (kernel.get(`${set}|192.0.2.7`) ?? now) - now;
-  return { pipeline, filler, view, kernel, unacked, ask, settle, held, calls, decisions, cache, tick: (ms: number) => (now += ms) };
+  /** The first query, answered from upstream once the kernel took its address. */
+  const firstAnswered = async () => {
+    const first = ask(1);
+    await settle();
+    unacked.shift()!.ack();
+    await settle();
+    return first;
+  };
+  return { pipeline, filler, view, kernel, unacked, ask, settle, held, calls, decisions, cache, firstAnswered, tick: (ms: number) => (now += ms) };
 }
 
 describe('the warm path', () => {
@@ -140,10 +148,7 @@ describe('the warm path', () => {
 
   it('after a re-apply made new sets, a cache hit writes into them and answers only once the kernel took it', async () => {
     const t = setup();
-    t.ask(1);
-    await t.settle();
-    t.unacked.shift()!.ack();
-    await t.settle();
+    await t.firstAnswered();
     t.tick(1000);
     expect(t.ask(2).sync).toBe(true);
     // The re-apply: new live names (runtime's refreshLiveNames/update hands the filler the new view).
@@ -161,10 +166,7 @@ describe('the warm path', () => {
 
   it('an element deleted by someone else is written again, before the answer, once half its time is gone', async () => {
     const t = setup();
-    t.ask(1);
-    await t.settle();
-    t.unacked.shift()!.ack();
-    await t.settle();
+    await t.firstAnswered();
     // `nft delete element`: the kernel forgets it, the filler is not told.
     t.kernel.clear();
     t.tick(299_000);
@@ -186,10 +188,7 @@ describe('a reply kept for the same query and asker', () => {
   /** A first answer learned and acknowledged, then a hit that is kept; `t.calls` counted from there. */
   async function kept(identify?: ResolverHooks<string>['identify']) {
     const t = setup(identify, { keep: true });
-    t.ask(1);
-    await t.settle();
-    t.unacked.shift()!.ack();
-    await t.settle();
+    await t.firstAnswered();
     // 599.5 s of the entry's 600 left: the cache gives 599 for another 500 ms.
     t.tick(500);
     expect(t.ask(2).sync).toBe(true);
@@ -228,10 +227,7 @@ describe('a reply kept for the same query and asker', () => {
 
   it('is not given once its answer has expired, though learn would still do nothing (an element held for the floor)', async () => {
     const t = setup(undefined, { keep: true, ttl: 2 });
-    t.ask(1);
-    await t.settle();
-    t.unacked.shift()!.ack();
-    await t.settle();
+    await t.firstAnswered();
     t.tick(500);
     expect(t.ask(2).sync).toBe(true);
     t.tick(1500);
@@ -271,10 +267,7 @@ describe('a reply kept for the same query and asker', () => {
 
   it("is not given once the filler would write again (half the element's time gone), even within the second", async () => {
     const t = setup(undefined, { keep: true });
-    t.ask(1);
-    await t.settle();
-    t.unacked.shift()!.ack();
-    await t.settle();
+    await t.firstAnswered();
     // Written for 601 s at 0 (600 + the rounding second): written again from 300.5 s on, inside the second the cache gives 299 in (300–301 s).
     t.tick(300_200);
     expect(t.ask(2).sync).toBe(true);
