@@ -110,7 +110,7 @@ interface MemoOf<Who> {
   kept?: KeptReply<Who> | undefined;
 }
 
-/** An encoded reply (its template and TTL) that answers the same query bytes from the same asker again, as long as nothing it was made from has changed. */
+/** A reply made from a cache hit, given again to the same query bytes from the same asker while nothing it was made from has changed: who, which entry (its template is the entry's), until when. */
 interface KeptReply<Who> {
   readonly who: Who;
   /** The cache entry it was made from, by its serial: a kept reply must not keep an entry (and what hangs on it) alive past the cache's bounds. Its template is the entry's. */
