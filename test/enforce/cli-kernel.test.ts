@@ -20,6 +20,8 @@ const ROOT = join(import.meta.dirname, '..', '..');
 const skip = nftAvailable();
 const ns = `egd-cli-${randomBytes(3).toString('hex')}`;
 const state = mkdtempSync(join(tmpdir(), 'egd-state-'));
+/** TMPDIR of the applies this file kills: the input file of a transaction cut short stays there, not in /tmp. */
+const scratch = mkdtempSync(join(tmpdir(), 'egd-scratch-'));
 
 function inNs(cmd: string, args: string[], input?: string): SpawnSyncReturns<string> {
   return spawnSync('nsenter', [`--net=/run/netns/${ns}`, cmd, ...args], {
@@ -35,7 +37,7 @@ const egressctl = (...args: string[]) => inNs(process.execPath, ['--import', 'ts
 /** egressctl in the background, in the namespace: its process, its stderr so far, and its exit code. */
 function egressctlInBackground(...args: string[]) {
   const child = spawn('nsenter', [`--net=/run/netns/${ns}`, process.execPath, '--import', 'tsx', join(ROOT, 'src/cli/main.ts'), ...args], {
-    env: { ...process.env, EGRESSD_STATE_DIR: state },
+    env: { ...process.env, EGRESSD_STATE_DIR: state, TMPDIR: scratch },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   const run = { child, stderr: '', exited: new Promise<number>((resolve) => child.once('exit', (code) => resolve(code ?? -1))) };
@@ -106,6 +108,7 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
   afterAll(() => {
     deleteNamespace(ns);
     rmSync(state, { recursive: true, force: true });
+    rmSync(scratch, { recursive: true, force: true });
   });
 
   it('apply creates the table in one go, keeps the last good ruleset, and leaves other tables alone', () => {
