@@ -1,6 +1,7 @@
 import { chmodSync, lstatSync, mkdirSync, rmSync } from 'node:fs';
 import { createConnection, createServer, isIP, type Server, type Socket } from 'node:net';
 import { dirname } from 'node:path';
+import { resolverNow } from './clock.js';
 import { controlSocketPath } from './control-path.js';
 import { EgressError, ErrorCode } from '../errors.js';
 import { canonicalAddress, type AddressMemory, type LearnedName, type MemoryCounters } from './memory.js';
@@ -87,7 +88,8 @@ export function answer(line: string, options: Pick<ControlServerOptions, 'memory
   const bare = request.address.replace(/%.*$/, '');
   if (isIP(bare) === 0) return { ok: false, error: `"${request.address}" is not an IP address` };
   const address = canonicalAddress(request.address);
-  const now = Date.now();
+  // The memory's clock: `now` and the names' expiresAt compare with each other, not with the wall clock.
+  const now = resolverNow();
   return { ok: true, op: 'names', address, now, names: options.memory.namesOf(address, now), chains: options.memory.sharedWith(address, now) };
 }
 

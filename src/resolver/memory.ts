@@ -1,4 +1,5 @@
 import { isIP } from 'node:net';
+import { resolverNow } from './clock.js';
 import { normalizeName } from './message.js';
 
 /**
@@ -16,7 +17,7 @@ import { normalizeName } from './message.js';
 
 export interface LearnedName {
   readonly name: string;
-  /** Milliseconds since the epoch. */
+  /** Milliseconds on the resolver's clock (clock.ts): since the epoch, unless the wall clock was set back while egressd ran. */
   readonly expiresAt: number;
 }
 
@@ -83,7 +84,8 @@ export class AddressMemory {
     // Measured: ~0.4 kB of heap per address with two names (a CNAME and its target), so ~13 MB when full — a fair share of the resolver's 80 MB.
     this.maxAddresses = options.maxAddresses ?? 32_768;
     this.maxNames = options.maxNamesPerAddress ?? 32;
-    this.clock = options.now ?? Date.now;
+    // The resolver's clock, as the filler's: a relearn after the wall clock was set puts back what is still alive, no more, no less.
+    this.clock = options.now ?? resolverNow;
     if (this.maxAddresses < 1 || this.maxNames < 1) throw new Error('internal: memory caps must be at least 1');
   }
 

@@ -2,6 +2,7 @@ import type { Answer } from 'dns-packet';
 import { describe, expect, it, vi } from 'vitest';
 import { resolverNow } from '../../src/resolver/clock.js';
 import { SetFiller } from '../../src/resolver/fill.js';
+import { AddressMemory } from '../../src/resolver/memory.js';
 import { cacheEntry, cacheKey, cacheTtl, DnsCache, type CacheLimits } from '../../src/resolver/cache.js';
 
 const limits: CacheLimits = { cacheEntries: 3, cacheBytes: 1_000_000, maxTtl: 86_400, maxNegativeTtl: 900 };
@@ -180,6 +181,20 @@ describe('the clock the resolver holds things by', () => {
       const slept = put();
       c.setWall(3_601_000);
       expect(slept.get(cacheKey('x', 'A'))).toBeUndefined();
+    } finally {
+      c.restore();
+    }
+  });
+
+  it('the address memory forgets a name with its TTL though the wall clock was set back (a relearn puts back only what is alive)', () => {
+    const c = clocks();
+    try {
+      const memory = new AddressMemory();
+      memory.rememberAnswer('x', [{ name: 'x', type: 'A', ttl: 60, data: '192.0.2.1' }]);
+      expect(memory.namesOf('192.0.2.1').map((n) => n.name)).toEqual(['x']);
+      c.setWall(-3_600_000);
+      c.pass(61_000);
+      expect(memory.namesOf('192.0.2.1')).toEqual([]);
     } finally {
       c.restore();
     }
