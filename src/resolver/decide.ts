@@ -51,9 +51,6 @@ export interface Decider {
 /** Mozilla's canary domain (support.mozilla.org, "Canary domain - use-application-dns.net"). */
 export const CANARY = 'use-application-dns.net';
 
-/** Identities remembered at once; past this the memo starts again (a user can make cgroups without end). */
-const MEMO_LIMIT = 16_384;
-
 /** One rule as the decisions walk it: only rules that can match a name. */
 interface Step {
   readonly verdict: 'allow' | 'deny';
@@ -173,15 +170,12 @@ export function buildDecider(policy: Policy, dnsBindings: readonly DnsBinding[],
   const globalSteps = steps(policy.globalDeny);
   const deniedAnswer = settings.deniedAnswer === 'true' ? 'answer' : settings.deniedAnswer;
 
-  const memo = new Map<string, Place>();
+  // By the Who object: the resolver's are interned (who.ts, one per uid and cgroup, bounded there), so no key is built per query
+  // and what is kept goes with the identities still seen.
+  const places = new WeakMap<Who, Place>();
   const placeOf = (who: Who): Place => {
-    const key = `${who.uid}/${who.gid ?? ''}/${who.cgroup ?? '\0'}`;
-    let place = memo.get(key);
-    if (!place) {
-      place = toPlace(placeAsker(policy, explainWho(who), facts));
-      if (memo.size >= MEMO_LIMIT) memo.clear();
-      memo.set(key, place);
-    }
+    let place = places.get(who);
+    if (!place) places.set(who, (place = toPlace(placeAsker(policy, explainWho(who), facts))));
     return place;
   };
   const toPlace = (asker: AskerPlace | { error: string }): Place => {

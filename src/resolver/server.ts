@@ -50,12 +50,11 @@ export interface ResolverHooks<Who> {
    * records, true)` would write nothing and wait for nothing — and so would
    * learn for the same records with the TTL they have left later, counting
    * down to `expiresAt` (the cache entry's) — as long as nothing else
-   * changes. Where it is given,
-   * the resolver keeps the reply it made from a cache hit, for the same
-   * query bytes and the same Who (===), and answers with it again (with
-   * the TTL left) until then, for 10 s at most, without calling admit,
-   * learn or shape: so admit and shape must decide the same for the same
-   * Who and question until the resolver is told otherwise
+   * changes. Where it is given, the resolver keeps the reply it made from a
+   * cache hit, for the same query bytes and the same Who (===), and answers
+   * with it again (with the TTL left) until then, for 10 s at most, without
+   * calling admit, learn or shape: so admit and shape must decide the same
+   * for the same Who and question until the resolver is told otherwise
    * (Resolver.forgetReplies).
    */
   learnQuietUntil?(question: Question, records: readonly AnswerRecord[], expiresAt: number): number;
