@@ -7,6 +7,9 @@ import { cacheEntry, cacheKey, cacheTtl, DnsCache, type CacheLimits } from '../.
 
 const limits: CacheLimits = { cacheEntries: 3, cacheBytes: 1_000_000, maxTtl: 86_400, maxNegativeTtl: 900 };
 const a = (name: string, ttl: number, data = '192.0.2.1'): Answer => ({ type: 'A', name, ttl, data });
+/** An answer of 60 s for `name`, stored at time 0. */
+const putAnswer = (cache: DnsCache, name: string) =>
+  cache.set(cacheKey(name, 'A'), cacheEntry('A', { rcode: 0, answers: [a(name, 60)], authorities: [] }, 50, 0, limits)!);
 const cname = (name: string, ttl: number, data: string): Answer => ({ type: 'CNAME', name, ttl, data });
 const soa = (ttl: number, minimum: number): Answer => ({
   type: 'SOA',
@@ -54,7 +57,7 @@ describe('DnsCache', () => {
 
   it('evicts the least recently used entry past its entry cap', () => {
     const cache = new DnsCache(limits, () => 0);
-    const put = (name: string) => cache.set(cacheKey(name, 'A'), cacheEntry('A', { rcode: 0, answers: [a(name, 60)], authorities: [] }, 50, 0, limits)!);
+    const put = (name: string) => putAnswer(cache, name);
     put('a');
     put('b');
     put('c');
@@ -69,7 +72,7 @@ describe('DnsCache', () => {
 
   it('gives a hit entry one second chance, not a place for ever', () => {
     const cache = new DnsCache(limits, () => 0);
-    const put = (name: string) => cache.set(cacheKey(name, 'A'), cacheEntry('A', { rcode: 0, answers: [a(name, 60)], authorities: [] }, 50, 0, limits)!);
+    const put = (name: string) => putAnswer(cache, name);
     // Read without get(), whose hit would mark what this test watches.
     const stored = (cache as unknown as { entries: Map<string, unknown> }).entries;
     const held = () => ['a', 'b', 'c', 'd', 'e', 'f', 'g'].filter((name) => stored.has(cacheKey(name, 'A')));
@@ -91,7 +94,7 @@ describe('DnsCache', () => {
 
   it('stores a new entry even when every entry before it was hit: the oldest of them goes', () => {
     const cache = new DnsCache(limits, () => 0);
-    const put = (name: string) => cache.set(cacheKey(name, 'A'), cacheEntry('A', { rcode: 0, answers: [a(name, 60)], authorities: [] }, 50, 0, limits)!);
+    const put = (name: string) => putAnswer(cache, name);
     put('a');
     put('b');
     put('c');
