@@ -36,8 +36,27 @@ export interface CacheEntry {
   readonly expiresAt: number;
   /** Approximate memory it holds, counted against cacheBytes. */
   readonly bytes: number;
-  /** Unique in this process: names the entry without holding it (a reply kept for it, pipeline.ts). */
-  readonly serial: number;
+  /** The reply last encoded from it (pipeline.ts), which lives and goes with it. */
+  template: ReplyTemplate | undefined;
+}
+
+/** A reply encoded from an entry, given again with another id and the TTL left (pipeline.ts). */
+export interface ReplyTemplate {
+  /** What it answers: a template answers only the query it was made for (the same bytes on the same transport). */
+  readonly memo: object;
+  readonly bytes: Buffer;
+  /** Where each TTL lies in `bytes`. */
+  readonly ttlAt: readonly number[];
+}
+
+/**
+ * Where the cache keeps one stored entry: `entry` while it is stored,
+ * undefined from when it is replaced, evicted, expired or cleared. Held in
+ * place of the entry (a reply kept for it, pipeline.ts), it says whether the
+ * entry is still the cache's without keeping it alive or looking its key up.
+ */
+export interface CacheHold {
+  readonly entry: CacheEntry | undefined;
 }
 
 /** An entry as a client gets it: records with the TTL that remains. */
@@ -49,6 +68,8 @@ export interface CachedAnswer {
   readonly ttl: number;
   /** The entry it was read from (a cache hit): every view of one entry has the same records but for their TTL. */
   readonly entry?: CacheEntry;
+  /** And where the cache keeps it. */
+  readonly hold?: CacheHold;
 }
 
 export interface CacheStats {
@@ -63,8 +84,6 @@ export interface CacheStats {
 export function cacheKey(name: string, type: string, klass = 'IN'): string {
   return `${name}\u0000${type}\u0000${klass}`;
 }
-
-let serials = 0;
 
 /** Per-entry overhead beyond the wire bytes: the key, the Map slot, the decoded objects. */
 const ENTRY_OVERHEAD = 256;
@@ -117,7 +136,7 @@ export function cacheEntry(
     storedAt: now,
     expiresAt: now + ttl * 1000,
     bytes: wireBytes + ENTRY_OVERHEAD,
-    serial: ++serials,
+    template: undefined,
   };
 }
 
@@ -133,8 +152,8 @@ export function viewOf(entry: CacheEntry, now: number): CachedAnswer {
   return { rcode: entry.rcode, answers: entry.answers.map(withTtl), authorities: entry.authorities.map(withTtl), ttl };
 }
 
-interface Slot {
-  readonly entry: CacheEntry;
+interface Slot extends CacheHold {
+  entry: CacheEntry | undefined;
   /** Hit since it was stored or last passed over by eviction. */
   used: boolean;
 }
@@ -161,11 +180,11 @@ export class DnsCache {
       this.misses++;
       return undefined;
     }
-    const { entry } = slot;
+    const entry = slot.entry!;
     const now = this.now();
     const ttl = remainingTtl(entry, now);
     if (ttl < 1) {
-      this.remove(key, entry);
+      this.remove(key, slot);
       this.expired++;
       this.misses++;
       return undefined;
@@ -175,28 +194,28 @@ export class DnsCache {
     // One view per entry and second: its records are the same for every hit of that second, and the pipeline keeps their encoded reply by the view.
     const seen = this.views.get(entry);
     if (seen?.ttl === ttl) return seen;
-    const view = { ...viewOf(entry, now), entry };
+    const view = { ...viewOf(entry, now), entry, hold: slot };
     this.views.set(entry, view);
     return view;
   }
 
-  /** The entry kept for `key` if it is still the one numbered `serial` and would be given now (a second or more left); nothing is counted. */
-  peek(key: string, serial: number): CacheEntry | undefined {
-    const slot = this.entries.get(key);
-    return slot?.entry.serial === serial && remainingTtl(slot.entry, this.now()) >= 1 ? slot.entry : undefined;
-  }
-
-  /** A hit on what `peek` gave for `key`, answered without `get`: counted and marked as get's is. */
-  touch(key: string): void {
-    const slot = this.entries.get(key);
-    if (slot === undefined) return;
-    slot.used = true;
+  /**
+   * The entry `hold` keeps if it is still stored and `get` would give it at
+   * `now` (a second or more left), counted and marked as a hit of `get` is;
+   * otherwise undefined, and nothing counted. `now`: the cache's clock, read
+   * by the caller.
+   */
+  reuse(hold: CacheHold, now: number): CacheEntry | undefined {
+    const entry = hold.entry;
+    if (entry === undefined || remainingTtl(entry, now) < 1) return undefined;
+    (hold as Slot).used = true;
     this.hits++;
+    return entry;
   }
 
   set(key: string, entry: CacheEntry): void {
     const old = this.entries.get(key);
-    if (old !== undefined) this.remove(key, old.entry);
+    if (old !== undefined) this.remove(key, old);
     if (entry.bytes > this.limits.cacheBytes || this.limits.cacheEntries < 1) return;
     // Room first, then the entry: an entry moved to the end for its second chance never passes the one being stored.
     while (this.entries.size + 1 > this.limits.cacheEntries || this.bytes + entry.bytes > this.limits.cacheBytes) {
@@ -210,7 +229,7 @@ export class DnsCache {
         this.entries.set(oldestKey, slot);
         continue;
       }
-      this.remove(oldestKey, slot.entry);
+      this.remove(oldestKey, slot);
       this.evictions++;
     }
     this.entries.set(key, { entry, used: false });
@@ -218,6 +237,7 @@ export class DnsCache {
   }
 
   clear(): void {
+    for (const slot of this.entries.values()) slot.entry = undefined;
     this.entries.clear();
     this.bytes = 0;
   }
@@ -226,8 +246,9 @@ export class DnsCache {
     return { entries: this.entries.size, bytes: this.bytes, hits: this.hits, misses: this.misses, evictions: this.evictions, expired: this.expired };
   }
 
-  private remove(key: string, entry: CacheEntry): void {
+  private remove(key: string, slot: Slot): void {
     this.entries.delete(key);
-    this.bytes -= entry.bytes;
+    this.bytes -= slot.entry!.bytes;
+    slot.entry = undefined;
   }
 }

@@ -15,6 +15,13 @@
  * through dgram, what is queued behind it is read at once through its
  * descriptor with recvmmsg, and every reply goes out through sendmmsg.
  *
+ * A round read through recvmmsg is first offered, where it lies, to the
+ * caller's round handler (options.inPlace), which may write replies straight
+ * into the send slots — a kept reply copied in with its id and TTL — sent
+ * with one sendmmsg before the next round is read: no Buffer, string,
+ * closure or promise per datagram on that path. The rest is copied out and
+ * goes to the datagram handler, its replies sent on the next turn.
+ *
  * Every buffer the kernel is given lives in one arena allocated once: a
  * small typed array may live on V8's heap, where a collection can move it
  * while the kernel holds its address.
@@ -53,6 +60,39 @@ export interface Peer {
 /** Told of each datagram; `reply` sends the answer (at most once) through the socket it came in on. */
 export type DatagramHandler = (raw: Buffer, from: Peer, local: Peer, reply: (bytes: Buffer) => void) => void;
 
+/**
+ * The datagrams one recvmmsg took, where the kernel put them, valid only
+ * during the call it is handed to: datagram i is
+ * `data[offset(i), offset(i) + length(i))`.
+ */
+export interface DatagramRound {
+  readonly count: number;
+  readonly data: Buffer;
+  offset(i: number): number;
+  length(i: number): number;
+  /** Equal for two datagrams of the round exactly when they came from the same address and port. */
+  senderKey(i: number): number | string;
+  sender(i: number): Peer;
+  /**
+   * Sends a copy of `bytes` (at most 4096) to i's sender when the round's
+   * replies go, at the end of the call; the copy lies in `out` from the
+   * offset returned, to be edited there before the call returns. At most
+   * once per datagram: a datagram given a reply here never reaches the
+   * DatagramHandler.
+   */
+  reply(i: number, bytes: Buffer): number;
+  readonly out: Buffer;
+}
+
+/**
+ * Told of each round read through recvmmsg before any of its datagrams is
+ * copied out: what it answers through `round.reply` goes back in place, in
+ * one sendmmsg; the others go to the DatagramHandler as usual. Not told of
+ * datagrams read one at a time (the first of a wake-up, which dgram reads,
+ * and every one on an unbatched socket).
+ */
+export type RoundHandler = (round: DatagramRound, local: Peer) => void;
+
 export interface DatagramServer {
   /** Binds one more socket (exclusively: no SO_REUSEADDR/REUSEPORT) and reads it; port 0 takes a free one. Resolves to the port; rejects as dgram's bind does (code EADDRINUSE, …). */
   bind(address: string, port: number): Promise<number>;
@@ -78,7 +118,11 @@ interface Bound {
  * `batched` false: every socket one datagram at a time through dgram (what happens anyway, logged once by the caller, when
  * a Node.js no longer shows a socket's descriptor); tests run both ways.
  */
-export function createDatagramServer(handler: DatagramHandler, onError: (error: unknown) => void, options: { batched?: boolean } = {}): DatagramServer {
+export function createDatagramServer(
+  handler: DatagramHandler,
+  onError: (error: unknown) => void,
+  options: { batched?: boolean; inPlace?: RoundHandler } = {},
+): DatagramServer {
   // Loaded here, not imported at the top: a koffi without a build for this platform is an error of this call, not of every importer.
   const koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
   const libc = koffi.load('libc.so.6');
@@ -150,6 +194,28 @@ export function createDatagramServer(handler: DatagramHandler, onError: (error: 
     return { address: formatGroups(6, groups), port: name.readUInt16BE(2) };
   };
 
+  /** Sends the first `count` reply slots through `fd`; what the kernel refuses is counted and skipped, as Node's send would have failed it. */
+  const sendSlots = (fd: number, count: number): void => {
+    let sent = 0;
+    while (sent < count) {
+      const n = sendmmsg(fd, sent === 0 ? outHdr : outHdr.subarray(sent * MMSGHDR_BYTES), count - sent, MSG_DONTWAIT);
+      // The first of those left could not go (a full send buffer, a peer the kernel refuses).
+      if (n <= 0) {
+        sendErrors++;
+        sent++;
+      } else sent += n;
+    }
+  };
+  /** Puts `bytes` to `sockaddr` (from `at`, `length` bytes long) in reply slot `slot`. */
+  const fillSlot = (slot: number, bytes: Buffer, sockaddr: Buffer, at: number, length: number): void => {
+    const size = Math.min(bytes.length, SEND_BYTES);
+    outData.set(size === bytes.length ? bytes : bytes.subarray(0, size), slot * SEND_BYTES);
+    outNames.set(sockaddr.subarray(at, at + length), slot * SOCKADDR_BYTES);
+    // iov_len's upper half stays 0 (the arena starts zeroed; a reply is at most SEND_BYTES): no BigInt per reply.
+    outIov.writeUInt32LE(size, slot * IOVEC_BYTES + 8);
+    outHdr.writeUInt32LE(length, slot * MMSGHDR_BYTES + 8);
+  };
+
   const flush = (): void => {
     flushing = false;
     for (const bound of sockets) {
@@ -160,21 +226,10 @@ export function createDatagramServer(handler: DatagramHandler, onError: (error: 
       while (bound.out.length > 0 && !closed) {
         const round = bound.out.splice(0, BATCH);
         round.forEach(({ name, bytes }, i) => {
-          bytes.copy(outData, i * SEND_BYTES, 0, SEND_BYTES);
           const sockaddr = name();
-          sockaddr.copy(outNames, i * SOCKADDR_BYTES);
-          outIov.writeBigUInt64LE(BigInt(Math.min(bytes.length, SEND_BYTES)), i * IOVEC_BYTES + 8);
-          outHdr.writeUInt32LE(sockaddr.length, i * MMSGHDR_BYTES + 8);
+          fillSlot(i, bytes, sockaddr, 0, sockaddr.length);
         });
-        let sent = 0;
-        while (sent < round.length) {
-          const n = sendmmsg(bound.fd, sent === 0 ? outHdr : outHdr.subarray(sent * MMSGHDR_BYTES), round.length - sent, MSG_DONTWAIT);
-          // The first of those left could not go (a full send buffer, a peer the kernel refuses): it is counted and skipped, as Node's send would have failed it.
-          if (n <= 0) {
-            sendErrors++;
-            sent++;
-          } else sent += n;
-        }
+        sendSlots(bound.fd, round.length);
       }
     }
   };
@@ -198,22 +253,68 @@ export function createDatagramServer(handler: DatagramHandler, onError: (error: 
     }
   };
 
-  /** Reads what `bound` has queued (up to ROUNDS batches) into the handler; how many datagrams. */
+  /** The round handed to options.inPlace: one object, its fields those of the round being read. */
+  const received = {
+    count: 0,
+    v6: false,
+    /** Reply slots taken this round. */
+    replies: 0,
+    answered: new Uint8Array(BATCH),
+  };
+  const nameLength = (i: number): number => inHdr.readUInt32LE(i * MMSGHDR_BYTES + 8);
+  const round: DatagramRound = {
+    get count() {
+      return received.count;
+    },
+    data: inData,
+    out: outData,
+    offset: (i) => i * RECEIVE_BYTES,
+    length: (i) => Math.min(inHdr.readUInt32LE(i * MMSGHDR_BYTES + 56), RECEIVE_BYTES),
+    senderKey(i) {
+      const at = i * SOCKADDR_BYTES;
+      // IPv4: address and port in one number; IPv6: port, flow label, address and scope as a string (a flow label that differs only costs a second lookup).
+      return received.v6 ? inNames.toString('latin1', at + 2, at + nameLength(i)) : inNames.readUInt32BE(at + 4) * 65536 + inNames.readUInt16BE(at + 2);
+    },
+    sender: (i) => peerOf(inNames.subarray(i * SOCKADDR_BYTES, i * SOCKADDR_BYTES + nameLength(i)), received.v6),
+    reply(i, bytes) {
+      if (received.answered[i] === 1 || i >= received.count) throw new Error(`datagram ${i} of the round cannot be answered again`);
+      received.answered[i] = 1;
+      const slot = received.replies++;
+      fillSlot(slot, bytes, inNames, i * SOCKADDR_BYTES, nameLength(i));
+      return slot * SEND_BYTES;
+    },
+  };
+
+  /** Reads what `bound` has queued (up to ROUNDS batches) into the handlers; how many datagrams. */
   const drain = (bound: Bound): number => {
     let taken = 0;
-    for (let round = 0; round < ROUNDS && !closed; round++) {
+    for (let r = 0; r < ROUNDS && !closed; r++) {
       for (let i = 0; i < BATCH; i++) inHdr.writeUInt32LE(SOCKADDR_BYTES, i * MMSGHDR_BYTES + 8);
       const n = recvmmsg(bound.fd, inHdr, BATCH, MSG_DONTWAIT, null);
       if (n <= 0) return taken;
       taken += n;
+      received.count = n;
+      received.v6 = bound.v6;
+      received.replies = 0;
+      received.answered.fill(0);
+      if (options.inPlace !== undefined) {
+        try {
+          options.inPlace(round, bound.local);
+        } catch (error) {
+          onError(error);
+        }
+        // Before anything else may use the reply slots (flush, on a later turn).
+        if (received.replies > 0) sendSlots(bound.fd, received.replies);
+      }
       for (let i = 0; i < n; i++) {
-        const length = inHdr.readUInt32LE(i * MMSGHDR_BYTES + 56);
-        const nameLength = inHdr.readUInt32LE(i * MMSGHDR_BYTES + 8);
+        if (received.answered[i] === 1) continue;
+        const length = round.length(i);
         // Copies: the arena is read into again while the pipeline still holds a query.
-        const raw = Buffer.from(inData.subarray(i * RECEIVE_BYTES, i * RECEIVE_BYTES + Math.min(length, RECEIVE_BYTES)));
-        const name = Buffer.from(inNames.subarray(i * SOCKADDR_BYTES, i * SOCKADDR_BYTES + nameLength));
+        const raw = Buffer.from(inData.subarray(i * RECEIVE_BYTES, i * RECEIVE_BYTES + length));
+        const name = Buffer.from(inNames.subarray(i * SOCKADDR_BYTES, i * SOCKADDR_BYTES + nameLength(i)));
         take1(bound, raw, peerOf(name, bound.v6), () => name);
       }
+      received.count = 0;
       if (n < BATCH) return taken;
     }
     return taken;

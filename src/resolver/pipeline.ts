@@ -8,7 +8,7 @@
  * answer is known, SERVFAIL when the policy could not learn it).
  */
 import type { Answer } from 'dns-packet';
-import { cacheEntry, cacheKey, remainingTtl, viewOf, type CacheEntry, type CachedAnswer, type DnsCache } from './cache.js';
+import { cacheEntry, cacheKey, remainingTtl, viewOf, type CacheEntry, type CacheHold, type CachedAnswer, type DnsCache, type ReplyTemplate } from './cache.js';
 import type { ResolverLimits } from './limits.js';
 import {
   answerRecords,
@@ -24,6 +24,7 @@ import {
   type Query,
   type ReplyContent,
 } from './message.js';
+import type { DatagramRound, Peer } from './datagrams.js';
 import type { AnswerRecord, Client, Question, ResolverHooks } from './server.js';
 import type { UpstreamAnswer } from './upstream.js';
 import { resolverNow } from './clock.js';
@@ -63,6 +64,8 @@ export interface PipelineStats {
   readonly strayRecords: number;
   /** Of the cache hits, those answered with a reply kept from an earlier one (same bytes, same asker, within 10 s and while learn has nothing to do). */
   readonly repliesReused: number;
+  /** Of those, the UDP replies written where a round of datagrams was received (answerInPlace). */
+  readonly repliesInPlace: number;
   /** Queries in progress now. */
   readonly pending: number;
 }
@@ -77,6 +80,15 @@ export interface QueryPipeline {
    * to write; when identify needs its batch, right as it settles. Never throws.
    */
   handle(raw: Buffer, client: Client, done: (reply: Buffer | undefined) => void): void;
+  /**
+   * Answers what it can of a round of UDP datagrams where they lie: the
+   * queries whose reply is kept for their asker (MemoOf.keptFor), the askers of
+   * the whole round identified in one call (hooks.identifyNow), each reply
+   * written straight into the round's send slots. What it does not answer
+   * is left for `handle`. Nothing without hooks.identifyNow and
+   * hooks.learnQuietUntil.
+   */
+  answerInPlace(round: DatagramRound, local: Peer): void;
   /** No reply kept from before is given again (see ResolverHooks.learnQuietUntil). */
   forgetReplies(): void;
   stats(): PipelineStats;
@@ -100,33 +112,28 @@ interface Resolved {
   readonly records: readonly AnswerRecord[];
 }
 
-/** A query seen before (its bytes but the id, and the transport): how it parsed, and what the path needs of it, made once. */
+/**
+ * A query seen before (its bytes but the id, and the transport): how it
+ * parsed, and what the path needs of it, made once; and the last reply made
+ * for it from a cache hit, while that may be given again to the same asker
+ * (hooks.learnQuietUntil). Those are plain fields of the memo, not an object
+ * of their own: the warm path reads them for every query.
+ */
 interface MemoOf<Who> {
   /** Its id is the first asker's: a reply takes the id of the query it answers. */
   readonly query: Query;
   readonly question: Question;
   readonly cacheKey: string;
-  /** The last reply made for it from a cache hit, while it may be given again (hooks.learnQuietUntil). */
-  kept?: KeptReply<Who> | undefined;
-}
-
-/** A reply made from a cache hit, given again to the same query bytes from the same asker while nothing it was made from has changed: who, which entry (its template is the entry's), until when. */
-interface KeptReply<Who> {
-  readonly who: Who;
-  /** The cache entry it was made from, by its serial: a kept reply must not keep an entry (and what hangs on it) alive past the cache's bounds. Its template is the entry's. */
-  readonly serial: number;
+  /** Who the kept reply is for; undefined: none is kept. */
+  keptFor: Who | undefined;
+  /** Where the cache keeps the entry it was made from (the entry's template is the reply): it must not keep the entry alive past the cache's bounds. */
+  keptHold: CacheHold | undefined;
   /** Last time (the pipeline's clock) it may be given: learn would still do nothing, and the answer is learned again at least this often (KEEP_MS). */
-  readonly until: number;
+  keptUntil: number;
   /** forgetReplies() calls when it was made. */
-  readonly epoch: number;
+  keptEpoch: number;
 }
 
-interface Template {
-  /** The query it was made for: a template answers only the same bytes on the same transport (a UDP reply may have to be cut). */
-  readonly memo: object;
-  readonly bytes: Buffer;
-  readonly ttlAt: readonly number[];
-}
 /** Queries kept parsed per transport, the oldest forgotten first: more than the names a busy machine asks about again and again. */
 const MEMOS = 16_384;
 const MEMO_QUERY_BYTES = 512;
@@ -171,6 +178,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     internalErrors: 0,
     strayRecords: 0,
     repliesReused: 0,
+    repliesInPlace: 0,
   };
   /** Bumped by forgetReplies: a kept reply of an older epoch is not given. */
   let epoch = 0;
@@ -178,8 +186,6 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   type Memo = MemoOf<Who>;
   /** By transport, then by the query's bytes but its id (a key without the transport's name: no string is joined per query). */
   const memosBy = { udp: new Map<string, Memo>(), tcp: new Map<string, Memo>() };
-  /** One encoded reply per cache entry (the last spelling asked): it lives and goes with the entry. */
-  const templates = new WeakMap<CacheEntry, Template>();
   const recordsOf = new WeakMap<CachedAnswer, AnswerRecord[]>();
   /** Each answer's CNAME chain, asked of its records once. */
   const chains = new WeakMap<readonly AnswerRecord[], string[]>();
@@ -302,33 +308,39 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   };
 
   /** The template's bytes with this query's id and `ttl`. */
-  const fromTemplate = (template: Template, id: number, ttl: number): Buffer => {
+  const fromTemplate = (template: ReplyTemplate, id: number, ttl: number): Buffer => {
     const bytes = Buffer.from(template.bytes);
     bytes.writeUInt16BE(id, 0);
     for (const at of template.ttlAt) bytes.writeUInt32BE(ttl, at);
     return bytes;
   };
 
+  /**
+   * The cache entry whose template is `memo`'s kept reply, if that may be
+   * given to `who` at `at` (the reply's epoch, its time, the entry still
+   * stored with a second or more left), counted as the cache hit it
+   * answers; otherwise undefined.
+   */
+  const keptEntry = (memo: Memo, who: Who, at: number): CacheEntry | undefined => {
+    if (memo.keptFor !== who || memo.keptEpoch !== epoch || at > memo.keptUntil) return undefined;
+    const hold = memo.keptHold!;
+    if (hold.entry?.template?.memo !== memo) return undefined;
+    return cache.reuse(hold, at);
+  };
+
   const answerIdentified = (query: Query, id: number, client: Client, memo: Memo | undefined, who: Who, finish: Done): void => {
     // The same bytes from the same asker, answered from the cache before, while learn has nothing to do: that reply again, with the TTL left.
     // Before the cap per asker: a reply given at once holds no slot (the full path would refuse an asker at its cap).
-    const kept = memo?.kept;
-    if (kept !== undefined) {
+    if (memo?.keptFor !== undefined) {
       const at = now();
-      if (kept.who === who && kept.epoch === epoch && at <= kept.until) {
-        // Still the cache's entry (not replaced, evicted, cleared or expired), with the TTL it would give now.
-        const entry = cache.peek(memo!.cacheKey, kept.serial);
-        const template = entry === undefined ? undefined : templates.get(entry);
-        if (template !== undefined && template.memo === memo) {
-          cache.touch(memo.cacheKey);
-          counts.repliesReused++;
-          // At least the second peek saw: `at` is no later than its look.
-          finish(fromTemplate(template, id, remainingTtl(entry!, at)));
-          return;
-        }
+      const entry = keptEntry(memo, who, at);
+      if (entry !== undefined) {
+        counts.repliesReused++;
+        finish(fromTemplate(entry.template!, id, remainingTtl(entry, at)));
+        return;
       }
       // Stale, or another asker's: not kept any longer.
-      memo!.kept = undefined;
+      memo.keptFor = memo.keptHold = undefined;
     }
     const asker = deps.askerKey?.(who);
     if (asker === undefined) {
@@ -429,7 +441,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     }
   };
 
-  /** The reply to an answer the table has learned: what this client gets of it. `keep`: a cache hit learned at once, whose reply may be kept (KeptReply). */
+  /** The reply to an answer the table has learned: what this client gets of it. `keep`: a cache hit learned at once, whose reply may be kept (MemoOf.keptFor). */
   const shaped = (
     query: Query,
     id: number,
@@ -461,7 +473,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       return reply(query, id, client, answers === undefined ? { rcode: Rcode.NxDomain } : { rcode: Rcode.NoError, answers });
     }
     // The same question, spelled and flagged the same, answered from the same cache entry: the bytes encoded for it before, with this query's id and the TTL that remains now.
-    let template = memo === undefined || view.entry === undefined ? undefined : templates.get(view.entry);
+    let template = memo === undefined ? undefined : view.entry?.template;
     let bytes: Buffer;
     if (template !== undefined && template.memo === memo) bytes = fromTemplate(template, id, view.ttl);
     else {
@@ -469,11 +481,11 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       bytes = reply(query, id, client, { rcode: view.rcode, answers: view.answers, authorities: view.authorities });
       if (memo !== undefined && view.entry !== undefined && bytes.length <= MEMO_REPLY_BYTES && (bytes.readUInt16BE(2) & TC_FLAG) === 0) {
         const ttlAt = ttlOffsets(bytes);
-        if (ttlAt !== undefined) templates.set(view.entry, (template = { memo, bytes, ttlAt }));
+        if (ttlAt !== undefined) view.entry.template = template = { memo, bytes, ttlAt };
       }
     }
-    if (keep && template !== undefined && memo !== undefined && view.entry !== undefined && hooks.learnQuietUntil !== undefined)
-      keepReply(memo, who, question, resolution, view.entry, template);
+    if (keep && template !== undefined && memo !== undefined && view.hold !== undefined && hooks.learnQuietUntil !== undefined)
+      keepReply(memo, who, question, resolution, view.hold, template);
     return bytes;
   };
 
@@ -485,7 +497,9 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
    * records as their TTL counts down does nothing until then
    * (learnQuietUntil's promise).
    */
-  const keepReply = (memo: Memo, who: Who, question: Question, resolved: Resolved, entry: CacheEntry, template: Template): void => {
+  const keepReply = (memo: Memo, who: Who, question: Question, resolved: Resolved, hold: CacheHold, template: ReplyTemplate): void => {
+    const entry = hold.entry;
+    if (entry === undefined) return;
     let quiet: number;
     try {
       quiet = hooks.learnQuietUntil!(question, resolved.records, entry.expiresAt);
@@ -495,7 +509,81 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     }
     const at = now();
     const until = Math.min(quiet, at + KEEP_MS);
-    memo.kept = until > at && templates.get(entry) === template ? { who, serial: entry.serial, until, epoch } : undefined;
+    // Still stored, and its template still this reply (learnQuietUntil may have let another query's reply replace it meanwhile).
+    if (until > at && hold.entry === entry && entry.template === template) {
+      memo.keptFor = who;
+      memo.keptHold = hold;
+      memo.keptUntil = until;
+      memo.keptEpoch = epoch;
+    } else memo.keptFor = memo.keptHold = undefined;
+  };
+
+  // answerInPlace's working arrays, kept between rounds (a round is at most what one recvmmsg takes).
+  const roundMemos: (Memo | undefined)[] = [];
+  const roundIndex: number[] = [];
+  const roundSender: number[] = [];
+  const senderSlots = new Map<number | string, number>();
+  const roundClients: Client[] = [];
+
+  const answerInPlace = (round: DatagramRound, local: Peer): void => {
+    // As handle would: a UDP query over the cap is dropped, and that is handle's to count.
+    if (hooks.identifyNow === undefined || hooks.learnQuietUntil === undefined || pending >= limits.maxPending) return;
+    const memos = memosBy.udp;
+    const at = now();
+    let candidates = 0;
+    for (let i = 0; i < round.count; i++) {
+      const length = round.length(i);
+      if (length < 12 || length > MEMO_QUERY_BYTES) continue;
+      const offset = round.offset(i);
+      const memo = memos.get(round.data.toString('latin1', offset + 2, offset + length));
+      if (memo?.keptFor === undefined || memo.keptEpoch !== epoch || at > memo.keptUntil) continue;
+      roundMemos[candidates] = memo;
+      roundIndex[candidates] = i;
+      candidates++;
+    }
+    if (candidates === 0) return;
+    try {
+      // Who asks, once per sender of the round, looked up after all its datagrams arrived (as identifyInBatch would).
+      for (let c = 0; c < candidates; c++) {
+        const key = round.senderKey(roundIndex[c]!);
+        let slot = senderSlots.get(key);
+        if (slot === undefined) {
+          slot = roundClients.length;
+          senderSlots.set(key, slot);
+          const peer = round.sender(roundIndex[c]!);
+          roundClients.push({ transport: 'udp', address: peer.address, port: peer.port, local });
+        }
+        roundSender[c] = slot;
+      }
+      let whos: readonly (Who | undefined)[];
+      try {
+        whos = hooks.identifyNow(roundClients);
+      } catch {
+        // handle identifies each again, and answers what it cannot.
+        return;
+      }
+      for (let c = 0; c < candidates; c++) {
+        const who = whos[roundSender[c]!];
+        // Another asker's, or gone meanwhile: handle's (which forgets a kept reply that is not this asker's).
+        const entry = who === undefined ? undefined : keptEntry(roundMemos[c]!, who, at);
+        if (entry === undefined) continue;
+        const template = entry.template!;
+        const i = roundIndex[c]!;
+        const out = round.reply(i, template.bytes);
+        round.out.writeUInt16BE(round.data.readUInt16BE(round.offset(i)), out);
+        const ttl = remainingTtl(entry, at);
+        for (const ttlAt of template.ttlAt) round.out.writeUInt32BE(ttl, out + ttlAt);
+        counts.received++;
+        counts.queries++;
+        counts.repliesReused++;
+        counts.repliesInPlace++;
+      }
+    } finally {
+      // Nothing of this round is held past it.
+      roundMemos.fill(undefined, 0, candidates);
+      senderSlots.clear();
+      roundClients.length = 0;
+    }
   };
 
   const handle = (raw: Buffer, client: Client, done: Done): void => {
@@ -522,7 +610,16 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       query = parsed;
       if (memoKey !== undefined) {
         if (memos.size >= MEMOS) memos.delete(memos.keys().next().value!);
-        memos.set(memoKey, (memo = { query, question: { name: query.name, type: query.type }, cacheKey: cacheKey(query.name, query.type) }));
+        memo = {
+          query,
+          question: { name: query.name, type: query.type },
+          cacheKey: cacheKey(query.name, query.type),
+          keptFor: undefined,
+          keptHold: undefined,
+          keptUntil: 0,
+          keptEpoch: 0,
+        };
+        memos.set(memoKey, memo);
       }
     }
     const id = raw.readUInt16BE(0);
@@ -556,6 +653,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   return {
     answer: (raw, client) => new Promise<Buffer | undefined>((resolve) => handle(raw, client, resolve)),
     handle,
+    answerInPlace,
     forgetReplies: () => {
       epoch++;
     },

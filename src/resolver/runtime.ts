@@ -157,6 +157,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
     let state = await build(first);
     const filler = new SetFiller(state.view, writer, memory);
     const identify = who.identifyInBatch.bind(who);
+    const identifyNow = who.identifyNow.bind(who);
     /** Records already in the memory: the resolver hands one array for every hit of a cache entry within a second, and remembering it again changes nothing but its recency. */
     const remembered = new WeakSet<readonly AnswerRecord[]>();
     // Undefined when the table holds the answer already: the resolver then replies in the same call (pipeline.ts).
@@ -196,6 +197,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
         mark: settings.mark,
         hooks: {
           identify,
+          identifyNow,
           admit: (asker, question) => state.decider.admit(asker, question),
           learn,
           shape: (asker, question, chain) => state.decider.shape(asker, question, chain),

@@ -39,6 +39,15 @@ export interface AnswerRecord {
 export interface ResolverHooks<Who> {
   /** Who sent the query (helper C: sock_diag). May throw (socket not found): the core then answers REFUSED and counts it — fail closed. */
   identify(client: Client): Who | Promise<Who>;
+  /**
+   * Optional: who sent queries from each of `clients`, all at once and
+   * synchronously, undefined where it cannot say (the query then goes
+   * through identify). The same Who (===) identify would give for the same
+   * client at that moment. With learnQuietUntil, it lets kept replies be
+   * given to UDP queries read many at a time without leaving the receive
+   * buffers (pipeline.answerInPlace).
+   */
+  identifyNow?(clients: readonly Client[]): readonly (Who | undefined)[];
   /** Before anything goes upstream: 'refused' (system domain members), 'nxdomain' (use-application-dns.net), or 'go'. */
   admit(who: Who, question: Question): 'go' | 'refused' | 'nxdomain';
   /** Every answer (from upstream or cache, whatever the client will get) BEFORE any reply leaves: the lead fills nft sets here. Awaited. */
@@ -255,7 +264,12 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
     let port = wanted;
     for (const address of options.listen) {
       const v6 = net.isIPv6(address);
-      datagrams ??= createDatagramServer(serveUdp, onError, { batched: options.batchedUdp ?? true });
+      datagrams ??= createDatagramServer(serveUdp, onError, {
+        batched: options.batchedUdp ?? true,
+        inPlace: (round, local) => {
+          if (!closed) pipeline.answerInPlace(round, local);
+        },
+      });
       port = await datagrams.bind(address, port);
       addresses.push({ transport: 'udp', address, port });
       const tcp = net.createServer({ noDelay: true, allowHalfOpen: true }, serveTcp);

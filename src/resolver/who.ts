@@ -50,6 +50,14 @@ export interface WhoAsks {
    * so a port another user takes over later is looked up anew.
    */
   identifyInBatch(client: Client): Promise<Who>;
+  /**
+   * Who sent queries from each of `clients`, in one netlink round trip, now:
+   * for a resolver that has read a round of datagrams and looks up their
+   * senders after all of them arrived. Undefined where the socket is not
+   * found or the lookup failed; the caller then asks `identifyInBatch`,
+   * which says why.
+   */
+  identifyNow(clients: readonly Client[]): (Who | undefined)[];
   close(): void;
 }
 
@@ -106,6 +114,22 @@ export function openWhoAsks(options: WhoAsksOptions = {}): WhoAsks {
       const socket = diag.find(queryOf(client));
       if (!socket) throw new SocketNotFoundError(client);
       return whoOf(socket);
+    },
+    identifyNow(clients) {
+      let found: ReturnType<SockDiag['findMany']>;
+      try {
+        found = diag.findMany(clients.map(queryOf));
+      } catch {
+        return clients.map(() => undefined);
+      }
+      return found.map((socket) => {
+        if (socket === undefined || socket instanceof Error) return undefined;
+        try {
+          return whoOf(socket);
+        } catch {
+          return undefined;
+        }
+      });
     },
     identifyInBatch(client) {
       return new Promise<Who>((resolve, reject) => {

@@ -105,18 +105,35 @@ describe('DnsCache', () => {
     expect(cache.stats()).toMatchObject({ entries: 3, evictions: 1 });
   });
 
-  it('peek: the entry still kept for a key, none replaced or evicted; touch counts the hit', () => {
-    const cache = new DnsCache(limits, () => 0);
-    const entry = (name: string) => cacheEntry('A', { rcode: 0, answers: [a(name, 60)], authorities: [] }, 50, 0, limits)!;
+  it('reuse: the entry a hold keeps while it is stored and has a second left, counted as a hit; none once replaced, evicted, expired or cleared', () => {
+    const now = 0;
+    const cache = new DnsCache({ ...limits, cacheEntries: 2 }, () => now);
+    const entry = (name: string, ttl = 60) => cacheEntry('A', { rcode: 0, answers: [a(name, ttl)], authorities: [] }, 50, now, limits)!;
+    const holdOf = (name: string) => cache.get(cacheKey(name, 'A'))!.hold!;
     const first = entry('x');
     cache.set(cacheKey('x', 'A'), first);
-    expect(cache.peek(cacheKey('x', 'A'), first.serial)).toBe(first);
-    expect(cache.stats().hits).toBe(0);
-    cache.touch(cacheKey('x', 'A'));
+    const hold = holdOf('x');
     expect(cache.stats().hits).toBe(1);
+    expect(cache.reuse(hold, now)).toBe(first);
+    expect(cache.stats().hits).toBe(2);
+    // Replaced: the hold keeps nothing (and does not keep the old entry alive).
     cache.set(cacheKey('x', 'A'), entry('x'));
-    expect(cache.peek(cacheKey('x', 'A'), first.serial)).toBeUndefined();
-    expect(cache.peek(cacheKey('y', 'A'), first.serial)).toBeUndefined();
+    expect(hold.entry).toBeUndefined();
+    expect(cache.reuse(hold, now)).toBeUndefined();
+    expect(cache.stats().hits).toBe(2);
+    // Less than a second left: what get would not give either.
+    const short = holdOf('x');
+    expect(cache.reuse(short, 59_001)).toBeUndefined();
+    expect(cache.reuse(short, 59_000)).toBeDefined();
+    // Evicted (the cache holds two; x was hit, so y goes first, then x once its second chance is spent).
+    cache.set(cacheKey('y', 'A'), entry('y'));
+    const y = holdOf('y');
+    cache.set(cacheKey('z', 'A'), entry('z'));
+    cache.set(cacheKey('w', 'A'), entry('w'));
+    expect([short.entry, y.entry]).toEqual([undefined, undefined]);
+    const w = holdOf('w');
+    cache.clear();
+    expect(cache.reuse(w, now)).toBeUndefined();
   });
 
   it('evicts past its byte cap, and does not take an entry larger than the whole cache', () => {

@@ -10,7 +10,8 @@ import type { DnsBinding } from '../../src/compile/compile.js';
 import type { ElementWrite } from '../../src/nft/set-elements.js';
 import { cacheEntry, cacheKey, DnsCache } from '../../src/resolver/cache.js';
 import { SetFiller, type FillView } from '../../src/resolver/fill.js';
-import { resolverLimits } from '../../src/resolver/limits.js';
+import type { DatagramRound } from '../../src/resolver/datagrams.js';
+import { resolverLimits, type ResolverLimits } from '../../src/resolver/limits.js';
 import { createPipeline } from '../../src/resolver/pipeline.js';
 import type { Client, ResolverHooks } from '../../src/resolver/server.js';
 import type { UpstreamAnswer } from '../../src/resolver/upstream.js';
@@ -19,7 +20,48 @@ import { rcodeOf } from './dns-support.js';
 const client: Client = { transport: 'udp', address: '127.0.0.1', port: 40000, local: { address: '127.0.0.153', port: 53 } };
 const binding: DnsBinding = { ruleId: 'r1', verdict: 'deny', names: ['a.example'], suffixes: [], lists: [], set4: 'r1_dns4', set6: 'r1_dns6' };
 
-function setup(identify: ResolverHooks<string>['identify'] = () => 'someone', options: { keep?: boolean; ttl?: number } = {}) {
+const queryBytes = (id: number, name = 'a.example') =>
+  dnsPacket.encode({ type: 'query', id, flags: dnsPacket.RECURSION_DESIRED, questions: [{ type: 'A', name }] });
+
+/**
+ * A round of datagrams as datagrams.ts hands one over (the transport's part
+ * of the contract, tested against real sockets in datagrams.test.ts), and
+ * the replies written into it.
+ */
+function roundOf(datagrams: readonly { bytes: Buffer; from: Client }[]) {
+  const SLOT = 512;
+  const data = Buffer.alloc(datagrams.length * SLOT);
+  datagrams.forEach(({ bytes }, i) => bytes.copy(data, i * SLOT));
+  const out = Buffer.alloc(datagrams.length * 4096);
+  const placed = new Map<number, { at: number; length: number }>();
+  const round: DatagramRound = {
+    count: datagrams.length,
+    data,
+    out,
+    offset: (i) => i * SLOT,
+    length: (i) => datagrams[i]!.bytes.length,
+    senderKey: (i) => `${datagrams[i]!.from.address}#${datagrams[i]!.from.port}`,
+    sender: (i) => ({ address: datagrams[i]!.from.address, port: datagrams[i]!.from.port }),
+    reply(i, bytes) {
+      if (placed.has(i)) throw new Error('answered twice');
+      const at = placed.size * 4096;
+      bytes.copy(out, at);
+      placed.set(i, { at, length: bytes.length });
+      return at;
+    },
+  };
+  /** The reply written for datagram i, if any. */
+  const reply = (i: number) => {
+    const p = placed.get(i);
+    return p === undefined ? undefined : Buffer.from(out.subarray(p.at, p.at + p.length));
+  };
+  return { round, reply };
+}
+
+function setup(
+  identify: ResolverHooks<string>['identify'] = () => 'someone',
+  options: { keep?: boolean; ttl?: number; identifyNow?: ResolverHooks<string>['identifyNow']; limits?: Partial<ResolverLimits> } = {},
+) {
   let now = 1_000_000;
   /** The kernel's set, as the writer leaves it: live set|address → expiry. Writes are acknowledged when the test says. */
   const kernel = new Map<string, number>();
@@ -62,7 +104,7 @@ function setup(identify: ResolverHooks<string>['identify'] = () => 'someone', op
       return Promise.resolve({ message, rcode: 0, bytes: 64, server: { address: '127.0.0.1', port: 53 }, transport: 'udp' } as unknown as UpstreamAnswer);
     },
   };
-  const limits = resolverLimits();
+  const limits = resolverLimits(options.limits);
   /** How often each hook was asked, and what shape says to whom (the test may change it, as a new policy would). */
   const calls = { admit: 0, learn: 0, shape: 0 };
   const decisions = { denied: new Set<string>() };
@@ -74,6 +116,7 @@ function setup(identify: ResolverHooks<string>['identify'] = () => 'someone', op
       learn: (question, records) => (calls.learn++, filler.learn(question, records)),
       shape: (who) => (calls.shape++, decisions.denied.has(who) ? 'nxdomain' : 'answer'),
       ...(options.keep ? { learnQuietUntil: (question, records, expiresAt) => filler.quietUntil(question, records, expiresAt) } : {}),
+      ...(options.identifyNow ? { identifyNow: options.identifyNow } : {}),
     },
     upstream,
     cache,
@@ -83,13 +126,9 @@ function setup(identify: ResolverHooks<string>['identify'] = () => 'someone', op
   /** Asks; says whether the reply came before `handle` returned, and gives it when it comes. */
   const ask = (id: number, from = client) => {
     let reply: Buffer | undefined;
-    pipeline.handle(
-      dnsPacket.encode({ type: 'query', id, flags: dnsPacket.RECURSION_DESIRED, questions: [{ type: 'A', name: 'a.example' }] }),
-      from,
-      (bytes) => {
-        reply = bytes;
-      },
-    );
+    pipeline.handle(queryBytes(id), from, (bytes) => {
+      reply = bytes;
+    });
     return { sync: reply !== undefined, reply: () => reply };
   };
   const settle = () => new Promise((resolve) => setTimeout(resolve, 5));
@@ -304,5 +343,92 @@ describe('a reply encoded once for a query', () => {
     const udp = await pipeline.answer(query, client);
     expect(udp!.length).toBeLessThanOrEqual(512);
     expect(dnsPacket.decode(udp!).flag_tc).toBe(true);
+  });
+});
+
+describe('kept replies written where a round of datagrams lies (answerInPlace)', () => {
+  const other: Client = { ...client, port: 40001 };
+  const stranger: Client = { ...client, port: 40002 };
+  /** identifyNow as the resolver's: one call per round, undefined where the socket is not found. */
+  const byPort = (calls: Client[][]) => (clients: readonly Client[]) => (
+    calls.push([...clients]),
+    clients.map((c) => (c.port === 40000 ? 'someone' : c.port === 40001 ? 'denied' : undefined))
+  );
+
+  async function keptFor(options: { limits?: Partial<ResolverLimits> } = {}) {
+    const calls: Client[][] = [];
+    const identify = (from: Client) => (from.port === 40000 ? 'someone' : 'denied');
+    const t = setup(identify, { keep: true, identifyNow: byPort(calls), ...options });
+    t.decisions.denied.add('denied');
+    await t.firstAnswered();
+    t.tick(500);
+    expect(t.ask(2).sync).toBe(true);
+    t.calls.admit = t.calls.learn = t.calls.shape = 0;
+    return { ...t, identifyCalls: calls };
+  }
+
+  it("answers its asker's datagrams in place, byte for byte what handle gives, and leaves another asker's and an unknown sender's to handle", async () => {
+    const t = await keptFor();
+    t.tick(700);
+    const { round, reply } = roundOf([
+      { bytes: queryBytes(11), from: client },
+      { bytes: queryBytes(12), from: other },
+      { bytes: queryBytes(13), from: client },
+      { bytes: queryBytes(14), from: stranger },
+      { bytes: queryBytes(15, 'b.example'), from: client },
+    ]);
+    t.pipeline.answerInPlace(round, client.local);
+    // One lookup for the round, each sender once, and only the senders of datagrams that have a kept reply.
+    expect(t.identifyCalls.map((c) => c.map((x) => x.port))).toEqual([[40000, 40001, 40002]]);
+    expect(t.identifyCalls[0]![0]).toEqual({ transport: 'udp', address: client.address, port: 40000, local: client.local });
+    expect([1, 3, 4].map(reply)).toEqual([undefined, undefined, undefined]);
+    // What the whole path makes for the same query at the same moment (a kept reply is a cached answer with the TTL left).
+    const viaHandle = t.ask(11).reply()!;
+    expect(reply(0)).toEqual(viaHandle);
+    expect(dnsPacket.decode(reply(2)!).id).toBe(13);
+    expect(reply(2)!.subarray(2)).toEqual(viaHandle.subarray(2));
+    expect(t.calls).toEqual({ admit: 0, learn: 0, shape: 0 });
+    expect(t.pipeline.stats()).toMatchObject({ repliesInPlace: 2, repliesReused: 3, pending: 0 });
+    // The other asker, through handle: the policy's own answer (NXDOMAIN), not the kept one.
+    expect(rcodeOf(dnsPacket.decode(t.ask(12, other).reply()!))).toBe(3);
+  });
+
+  it('answers nothing in place when no datagram has a reply kept (no lookup at all), after forgetReplies, or past the 10 s', async () => {
+    const t = await keptFor();
+    t.pipeline.answerInPlace(roundOf([{ bytes: queryBytes(1, 'b.example'), from: client }]).round, client.local);
+    expect(t.identifyCalls).toEqual([]);
+    t.pipeline.forgetReplies();
+    const forgotten = roundOf([{ bytes: queryBytes(2), from: client }]);
+    t.pipeline.answerInPlace(forgotten.round, client.local);
+    expect(forgotten.reply(0)).toBeUndefined();
+    // Kept anew through handle, then its 10 s run out.
+    expect(t.ask(3).sync).toBe(true);
+    t.tick(10_001);
+    const late = roundOf([{ bytes: queryBytes(4), from: client }]);
+    t.pipeline.answerInPlace(late.round, client.local);
+    expect(late.reply(0)).toBeUndefined();
+    expect(t.pipeline.stats().repliesInPlace).toBe(0);
+  });
+
+  it('answers nothing in place when the lookup fails (handle identifies each again), or at the cap of queries in progress', async () => {
+    const failing = setup(() => 'someone', {
+      keep: true,
+      identifyNow: () => {
+        throw new Error('netlink is gone');
+      },
+    });
+    await failing.firstAnswered();
+    expect(failing.ask(2).sync).toBe(true);
+    const first = roundOf([{ bytes: queryBytes(3), from: client }]);
+    failing.pipeline.answerInPlace(first.round, client.local);
+    expect(first.reply(0)).toBeUndefined();
+
+    const t = await keptFor({ limits: { maxPending: 1 } });
+    // One query in progress (its upstream answer comes on a later microtask): the cap is reached.
+    t.pipeline.handle(queryBytes(7, 'slow.example'), client, () => undefined);
+    expect(t.pipeline.stats().pending).toBe(1);
+    const capped = roundOf([{ bytes: queryBytes(8), from: client }]);
+    t.pipeline.answerInPlace(capped.round, client.local);
+    expect(capped.reply(0)).toBeUndefined();
   });
 });

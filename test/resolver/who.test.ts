@@ -44,6 +44,24 @@ describe('who asks', () => {
     who.close();
   });
 
+  it('for a round at once (identifyNow): the objects identify gives, undefined for a socket that is gone, and all undefined when netlink fails', () => {
+    const owners = new Map([
+      [40000, 1000],
+      [40001, 1001],
+    ]);
+    const diag = fakeDiag(owners);
+    const who = openWhoAsks({ sockDiag: diag, cgroups: { root: '/nonexistent' } });
+    const [a, b, gone] = who.identifyNow([client(40000), client(40001), client(40002)]);
+    expect(a).toBe(who.identify(client(40000)));
+    expect(b).toBe(who.identify(client(40001)));
+    expect(gone).toBeUndefined();
+    diag.findMany = () => {
+      throw new Error('netlink is gone');
+    };
+    expect(who.identifyNow([client(40000), client(40001)])).toEqual([undefined, undefined]);
+    who.close();
+  });
+
   it('is one object per uid and cgroup: another cgroup of the same user (another app) is another identity', () => {
     const intern = internedWho();
     const app = intern(1000, 'user.slice/user-1000.slice/app-a.scope');
