@@ -191,7 +191,7 @@ export class DnsCache {
     }
     slot.used = true;
     this.hits++;
-    // One view per entry and second: its records are the same for every hit of that second, and the pipeline keeps their encoded reply by the view.
+    // One view per entry and second: its records are the same for every hit of that second, and the pipeline keeps what it derives from them by the view.
     const seen = this.views.get(entry);
     if (seen?.ttl === ttl) return seen;
     const view = { ...viewOf(entry, now), entry, hold: slot };
@@ -202,8 +202,9 @@ export class DnsCache {
   /**
    * The entry `hold` keeps if it is still stored and `get` would give it at
    * `now` (a second or more left), counted and marked as a hit of `get` is;
-   * otherwise undefined, and nothing counted. `now`: the cache's clock, read
-   * by the caller.
+   * otherwise undefined, and nothing counted. `now` is read by the caller,
+   * which must read the cache's clock (the resolver's pipeline and cache
+   * share resolverNow).
    */
   reuse(hold: CacheHold, now: number): CacheEntry | undefined {
     const entry = hold.entry;

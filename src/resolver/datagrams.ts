@@ -18,9 +18,10 @@
  * A round read through recvmmsg is first offered, where it lies, to the
  * caller's round handler (options.inPlace), which may write replies straight
  * into the send slots — a kept reply copied in with its id and TTL — sent
- * with one sendmmsg before the next round is read: no Buffer, string,
- * closure or promise per datagram on that path. The rest is copied out and
- * goes to the datagram handler, its replies sent on the next turn.
+ * with one sendmmsg before the next round is read: no Buffer, closure or
+ * promise per datagram on that path (the pipeline's memo key is the one
+ * string). The rest is copied out and goes to the datagram handler, its
+ * replies sent on the next turn.
  *
  * Every buffer the kernel is given lives in one arena allocated once: a
  * small typed array may live on V8's heap, where a collection can move it
@@ -37,7 +38,7 @@ const BATCH = 64;
 const RECEIVE_BYTES = 4096;
 /** The most a reply may be (message.ts's MAX_UDP_REPLY). */
 const SEND_BYTES = 4096;
-/** Receive rounds per wake before replies go out and the poll is asked again: bounds a round's latency under a flood. */
+/** Receive rounds per wake before the handler's replies go out and the poll is asked again: bounds a round's latency under a flood (replies written in place go at the end of each round). */
 const ROUNDS = 4;
 const SOCKADDR_BYTES = 28;
 const MMSGHDR_BYTES = 64;
@@ -70,7 +71,7 @@ export interface DatagramRound {
   readonly data: Buffer;
   offset(i: number): number;
   length(i: number): number;
-  /** Equal for two datagrams of the round exactly when they came from the same address and port. */
+  /** Equal for two datagrams of the round only if they came from the same address and port (over IPv4 exactly then; over IPv6 the flow label is in it too). */
   senderKey(i: number): number | string;
   sender(i: number): Peer;
   /**

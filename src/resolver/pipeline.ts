@@ -498,6 +498,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
    * (learnQuietUntil's promise).
    */
   const keepReply = (memo: Memo, who: Who, question: Question, resolved: Resolved, hold: CacheHold, template: ReplyTemplate): void => {
+    memo.keptFor = memo.keptHold = undefined;
     const entry = hold.entry;
     if (entry === undefined) return;
     let quiet: number;
@@ -515,7 +516,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       memo.keptHold = hold;
       memo.keptUntil = until;
       memo.keptEpoch = epoch;
-    } else memo.keptFor = memo.keptHold = undefined;
+    }
   };
 
   // answerInPlace's working arrays, kept between rounds (a round is at most what one recvmmsg takes).
@@ -526,17 +527,19 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   const roundClients: Client[] = [];
 
   const answerInPlace = (round: DatagramRound, local: Peer): void => {
-    // As handle would: a UDP query over the cap is dropped, and that is handle's to count.
+    // At the cap of queries in progress, handle drops UDP queries and counts them: its to do. (Within a round, the queries handle
+    // takes meanwhile may reach the cap; a kept reply holds no slot, as on handle's own kept path, so those answered here need none.)
     if (hooks.identifyNow === undefined || hooks.learnQuietUntil === undefined || pending >= limits.maxPending) return;
     const memos = memosBy.udp;
-    const at = now();
+    // Which datagrams may have a kept reply (a cheap look first: a round without one asks sock_diag nothing).
+    const first = now();
     let candidates = 0;
     for (let i = 0; i < round.count; i++) {
       const length = round.length(i);
       if (length < 12 || length > MEMO_QUERY_BYTES) continue;
       const offset = round.offset(i);
       const memo = memos.get(round.data.toString('latin1', offset + 2, offset + length));
-      if (memo?.keptFor === undefined || memo.keptEpoch !== epoch || at > memo.keptUntil) continue;
+      if (memo?.keptFor === undefined || memo.keptEpoch !== epoch || first > memo.keptUntil) continue;
       roundMemos[candidates] = memo;
       roundIndex[candidates] = i;
       candidates++;
@@ -562,6 +565,8 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
         // handle identifies each again, and answers what it cannot.
         return;
       }
+      // After the lookup, as handle's kept path reads the clock after identify.
+      const at = now();
       for (let c = 0; c < candidates; c++) {
         const who = whos[roundSender[c]!];
         // Another asker's, or gone meanwhile: handle's (which forgets a kept reply that is not this asker's).
@@ -569,9 +574,11 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
         if (entry === undefined) continue;
         const template = entry.template!;
         const i = roundIndex[c]!;
-        const out = round.reply(i, template.bytes);
-        round.out.writeUInt16BE(round.data.readUInt16BE(round.offset(i)), out);
+        // Everything the copy needs is known before it is placed: once placed it is sent, edited or not.
+        const id = round.data.readUInt16BE(round.offset(i));
         const ttl = remainingTtl(entry, at);
+        const out = round.reply(i, template.bytes);
+        round.out.writeUInt16BE(id, out);
         for (const ttlAt of template.ttlAt) round.out.writeUInt32BE(ttl, out + ttlAt);
         counts.received++;
         counts.queries++;

@@ -388,9 +388,37 @@ describe('kept replies written where a round of datagrams lies (answerInPlace)',
     expect(dnsPacket.decode(reply(2)!).id).toBe(13);
     expect(reply(2)!.subarray(2)).toEqual(viaHandle.subarray(2));
     expect(t.calls).toEqual({ admit: 0, learn: 0, shape: 0 });
-    expect(t.pipeline.stats()).toMatchObject({ repliesInPlace: 2, repliesReused: 3, pending: 0 });
+    // Counted as handle counts what it answers: 2 in place, and handle's own 3 (the first, the hit that was kept, the one just above).
+    expect(t.pipeline.stats()).toMatchObject({ received: 5, queries: 5, repliesInPlace: 2, repliesReused: 3, pending: 0 });
+    expect(t.cache.stats().hits).toBe(4);
     // The other asker, through handle: the policy's own answer (NXDOMAIN), not the kept one.
     expect(rcodeOf(dnsPacket.decode(t.ask(12, other).reply()!))).toBe(3);
+  });
+
+  it("tells a round's senders apart afresh: a sender of an earlier round is not taken for another's", async () => {
+    const t = await keptFor();
+    const earlier = roundOf([{ bytes: queryBytes(21), from: other }]);
+    t.pipeline.answerInPlace(earlier.round, client.local);
+    expect(earlier.reply(0)).toBeUndefined();
+    const next = roundOf([
+      { bytes: queryBytes(22), from: client },
+      { bytes: queryBytes(23), from: other },
+    ]);
+    t.pipeline.answerInPlace(next.round, client.local);
+    expect(next.reply(0)).toBeDefined();
+    expect(next.reply(1)).toBeUndefined();
+  });
+
+  it('does not give a kept reply once another spelling of the question (another transport here) made the entry its own', async () => {
+    const t = await keptFor();
+    // The same question over TCP: a reply of its own, encoded for TCP's memo and kept on the entry in place of the UDP one.
+    const tcp = await t.pipeline.answer(queryBytes(30), { ...client, transport: 'tcp' });
+    expect(dnsPacket.decode(tcp!).answers).toHaveLength(1);
+    const after = roundOf([{ bytes: queryBytes(31), from: client }]);
+    t.pipeline.answerInPlace(after.round, client.local);
+    expect(after.reply(0)).toBeUndefined();
+    // handle answers it (and keeps it again for UDP).
+    expect(dnsPacket.decode(t.ask(32).reply()!).answers).toHaveLength(1);
   });
 
   it('answers nothing in place when no datagram has a reply kept (no lookup at all), after forgetReplies, or past the 10 s', async () => {

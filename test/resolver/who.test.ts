@@ -6,6 +6,7 @@
 import { describe, expect, it } from 'vitest';
 import type { Client } from '../../src/resolver/server.js';
 import { internedWho, openWhoAsks } from '../../src/resolver/who.js';
+import { NetlinkError } from '../../src/system/netlink.js';
 import type { SockDiag, SocketQuery, TcpSocket } from '../../src/system/sock-diag.js';
 
 /** A sock_diag that says the socket on `client.port` belongs to `owners[port]`, in no cgroup. */
@@ -55,6 +56,12 @@ describe('who asks', () => {
     expect(a).toBe(who.identify(client(40000)));
     expect(b).toBe(who.identify(client(40001)));
     expect(gone).toBeUndefined();
+    // The kernel refused one lookup of the batch: that one unknown, the others found.
+    const found = diag.findMany.bind(diag);
+    diag.findMany = (queries) => found(queries).map((socket, i) => (i === 0 ? new NetlinkError('sock_diag refused the lookup', { errno: 22 }) : socket));
+    const [refused, still] = who.identifyNow([client(40000), client(40001)]);
+    expect(refused).toBeUndefined();
+    expect(still).toBe(b);
     diag.findMany = () => {
       throw new Error('netlink is gone');
     };
