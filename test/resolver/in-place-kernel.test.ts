@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestNet, ensureTestUsers, harnessUnavailableReason, type TestNet, type TestUsers } from '../harness/index.js';
 import { policyDir } from '../support/policy-dir.js';
-import { printed } from '../support/wait.js';
+import { applyAndStartResolver, CLI, startAuthority } from '../support/resolver-net.js';
 
 /**
  * Kept replies written where a round of datagrams lies (pipeline.ts
@@ -15,9 +15,6 @@ import { printed } from '../support/wait.js';
  * spares no shared address: a rule that does keeps no reply at all
  * (SetFiller.quietUntil), which names-kernel.test.ts's policy has.
  */
-const ROOT = join(import.meta.dirname, '..', '..');
-const CLI = join(ROOT, 'src/cli/main.ts');
-const DAEMON = join(ROOT, 'src/daemon/main.ts');
 const unavailable = harnessUnavailableReason() ?? (existsSync('/usr/sbin/dnsmasq') ? undefined : 'dnsmasq is not installed (scripts/setup.sh)');
 
 const AUTHORITY = '198.51.100.53';
@@ -84,19 +81,7 @@ describe.skipIf(unavailable)(`replies answered where their datagrams lie ${unava
     users = ensureTestUsers();
     net = await createTestNet({ inetAddrs: [AUTHORITY] });
     state = mkdtempSync(join(tmpdir(), 'egd-in-place-state-'));
-    authority = net.inet.spawn('dnsmasq', [
-      '--keep-in-foreground',
-      '--log-facility=-',
-      '--no-resolv',
-      '--no-hosts',
-      '--no-poll',
-      '--bind-interfaces',
-      `--listen-address=${AUTHORITY}`,
-      '--port=53',
-      `--host-record=${NAME},203.0.113.41,3600`,
-      '--user=root',
-      '--pid-file=',
-    ]);
+    authority = startAuthority(net, AUTHORITY, [`--host-record=${NAME},203.0.113.41,3600`]);
     dir = policyDir({
       '00.yaml': `
 defaults: {egress: allow}
@@ -110,10 +95,7 @@ apps:
       - allow: ["${NAME}"]
 `,
     });
-    const applied = await net.host.node(CLI, ['apply', dir], { env: env() });
-    if (applied.code !== 0) throw new Error(`apply failed: ${applied.stderr}`);
-    resolver = net.host.spawn(process.execPath, ['--import', 'tsx', DAEMON, 'resolver', '--policy', dir], { env: env() });
-    await printed(resolver, 'stdout', '"event":"resolver-ready"', 30_000);
+    resolver = await applyAndStartResolver(net, dir, env());
   }, 90_000);
 
   afterAll(async () => {

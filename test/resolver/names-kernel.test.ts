@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestNet, ensureTestUsers, harnessUnavailableReason, type Server, type TestNet, type TestUsers } from '../harness/index.js';
 import { nflogPrefixes } from '../support/nflog.js';
 import { policyDir } from '../support/policy-dir.js';
+import { applyAndStartResolver, CLI, startAuthority } from '../support/resolver-net.js';
 import { printed, until } from '../support/wait.js';
 
 /**
@@ -14,10 +15,7 @@ import { printed, until } from '../support/wait.js';
  * applied by egressctl, and clients running as the test users. Every test
  * checks what the internet side saw, or what a real client got.
  */
-const ROOT = join(import.meta.dirname, '..', '..');
-const CLI = join(ROOT, 'src/cli/main.ts');
-const DAEMON = join(ROOT, 'src/daemon/main.ts');
-const TRACKING = join(ROOT, 'policies/lists/tracking.txt');
+const TRACKING = join(import.meta.dirname, '..', '..', 'policies/lists/tracking.txt');
 const unavailable =
   harnessUnavailableReason() ??
   (existsSync('/usr/sbin/dnsmasq') && existsSync('/usr/bin/dig') ? undefined : 'dnsmasq or dig is not installed (scripts/setup.sh)');
@@ -102,16 +100,7 @@ describe.skipIf(unavailable)(`names in rules are enforced once the resolver answ
       '203.0.113.32 spared2.tracker.test',
       '203.0.113.32 later.example.test',
     ]);
-    authority = net.inet.spawn('dnsmasq', [
-      '--keep-in-foreground',
-      '--log-facility=-',
-      '--log-queries',
-      '--no-resolv',
-      '--no-hosts',
-      '--no-poll',
-      '--bind-interfaces',
-      `--listen-address=${AUTHORITY}`,
-      '--port=53',
+    authority = startAuthority(net, AUTHORITY, [
       `--addn-hosts=${hosts}`,
       // Short TTLs: expiry is part of what is tested.
       '--local-ttl=2',
@@ -121,8 +110,6 @@ describe.skipIf(unavailable)(`names in rules are enforced once the resolver answ
       // The shared address: long enough for explain and status to be asked while both names hold.
       '--host-record=good.example.test,203.0.113.30,3600',
       '--host-record=shared.tracker.test,203.0.113.30,3600',
-      '--user=root',
-      '--pid-file=',
     ]);
     web = await net.inet.listen({ proto: 'tcp', addr: '::', port: 0 });
     dir = policyDir(
@@ -153,10 +140,7 @@ apps:
       },
       { keep: true },
     );
-    const applied = await net.host.node(CLI, ['apply', dir], { env: env() });
-    if (applied.code !== 0) throw new Error(`apply failed: ${applied.stderr}`);
-    resolver = net.host.spawn(process.execPath, ['--import', 'tsx', DAEMON, 'resolver', '--policy', dir], { env: env() });
-    await printed(resolver, 'stdout', '"event":"resolver-ready"', 30_000);
+    resolver = await applyAndStartResolver(net, dir, env());
   }, 90_000);
 
   afterAll(async () => {
