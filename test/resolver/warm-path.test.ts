@@ -5,6 +5,7 @@
  * element someone else deleted included.
  */
 import dnsPacket from 'dns-packet';
+import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import type { DnsBinding } from '../../src/compile/compile.js';
 import type { ElementWrite } from '../../src/nft/set-elements.js';
@@ -436,6 +437,35 @@ describe('kept replies written where a round of datagrams lies (answerInPlace)',
     t.pipeline.answerInPlace(late.round, client.local);
     expect(late.reply(0)).toBeUndefined();
     expect(t.pipeline.stats().repliesInPlace).toBe(0);
+  });
+
+  it('answers only the kept query in place: any other bytes (a byte changed anywhere but the id, cut short, grown) are left to handle', async () => {
+    const t = await keptFor();
+    const kept = queryBytes(40);
+    await fc.assert(
+      fc.asyncProperty(
+        fc.oneof(
+          fc.record({ at: fc.nat(kept.length - 1), xor: fc.integer({ min: 1, max: 255 }) }).map(({ at, xor }) => {
+            const changed = Buffer.from(kept);
+            changed[at] = changed[at]! ^ xor;
+            return changed;
+          }),
+          fc.nat(kept.length - 1).map((length) => kept.subarray(0, length)),
+          fc.uint8Array({ minLength: 1, maxLength: 40 }).map((tail) => Buffer.concat([kept, tail])),
+        ),
+        async (bytes) => {
+          const { round, reply } = roundOf([{ bytes, from: client }]);
+          t.pipeline.answerInPlace(round, client.local);
+          const placed = reply(0);
+          if (bytes.length === kept.length && bytes.subarray(2).equals(kept.subarray(2))) {
+            // Only the id differs: the kept reply, with this id.
+            expect(placed?.readUInt16BE(0)).toBe(bytes.readUInt16BE(0));
+            expect(placed!.subarray(2)).toEqual(t.ask(41).reply()!.subarray(2));
+          } else expect(placed).toBeUndefined();
+        },
+      ),
+      { numRuns: 500 },
+    );
   });
 
   it('answers nothing in place when the lookup fails (handle identifies each again), or at the cap of queries in progress', async () => {
