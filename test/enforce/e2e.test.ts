@@ -208,9 +208,20 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
       capture.kill('SIGINT');
       await exited;
       const prefixes = nflogPrefixes(readFileSync(pcap));
-      expect(prefixes.length).toBeGreaterThan(0);
-      // Once seen under load: a record more than the counted drops; what each record was says where it came from.
-      expect(prefixes, describeNflog(nflogRecords(readFileSync(pcap)))).toHaveLength(dropped);
+      const records = nflogRecords(readFileSync(pcap));
+      const described = describeNflog(records);
+      // app3's own SYNs, logged with its uid; nothing of another owner.
+      expect(records.filter((r) => r.uid === users.app3.uid).length, described).toBeGreaterThan(0);
+      expect(
+        records.filter((r) => r.uid !== undefined && r.uid !== users.app3.uid),
+        described,
+      ).toEqual([]);
+      // A record beyond the counted drops is a packet without an owner that the rule dropped after tcpdump started and before the
+      // count was read: under load, in every run, an ACK of the previous test's closed connection from app1 to 203.0.113.1, which
+      // its app may reach and the global deny list names ("uid ? tcp 39108 → 203.0.113.1 8443 … flags 0x10": sent after close(),
+      // it has no owner, so no app's rules see it). Only such a packet may be over.
+      expect(prefixes.length - dropped, described).toBeLessThanOrEqual(records.filter((r) => r.uid === undefined).length);
+      expect(prefixes.length, described).toBeGreaterThanOrEqual(dropped);
       // One prefix, a short id that the id table apply left in the state directory maps back to the rule.
       expect(new Set(prefixes).size).toBe(1);
       const table = readRuleTable(state);

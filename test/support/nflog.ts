@@ -40,17 +40,23 @@ export function nflogPrefixes(pcap: Buffer): string[] {
   return nflogRecords(pcap).flatMap((record) => (record.prefix === undefined ? [] : [record.prefix]));
 }
 
-/** One line per record, for a failure message: uid, and for TCP over IPv6 or IPv4 the ports, flags and sequence number. */
+/** One line per record, for a failure message: uid, the destination, and for TCP over IPv6 or IPv4 the ports, flags and sequence number. */
 export function describeNflog(records: readonly NflogRecord[]): string {
   return records
     .map((record, i) => {
       const p = record.payload;
       const version = p && p.length > 0 ? p[0]! >> 4 : undefined;
       const tcpAt = version === 6 && p!.length >= 60 && p![6] === 6 ? 40 : version === 4 && p!.length >= 40 && p![9] === 6 ? (p![0]! & 15) * 4 : undefined;
+      const to =
+        version === 4 && p!.length >= 20
+          ? [...p!.subarray(16, 20)].join('.')
+          : version === 6 && p!.length >= 40
+            ? Array.from({ length: 8 }, (_, g) => p!.readUInt16BE(24 + g * 2).toString(16)).join(':')
+            : '?';
       const tcp =
         tcpAt === undefined
-          ? 'not TCP'
-          : `tcp ${p!.readUInt16BE(tcpAt)} → ${p!.readUInt16BE(tcpAt + 2)} seq ${p!.readUInt32BE(tcpAt + 4)} flags 0x${p![tcpAt + 13]!.toString(16)}`;
+          ? `not TCP, to ${to}`
+          : `tcp ${p!.readUInt16BE(tcpAt)} → ${to} ${p!.readUInt16BE(tcpAt + 2)} seq ${p!.readUInt32BE(tcpAt + 4)} flags 0x${p![tcpAt + 13]!.toString(16)}`;
       return `#${i} prefix "${record.prefix ?? ''}" uid ${record.uid ?? '?'} ${tcp}`;
     })
     .join('\n');
