@@ -21,7 +21,7 @@ import {
   type Statement,
   type Verdict,
 } from './ruleset.js';
-import { appTags, CT_MARK_KEEP, CT_MARK_MASK, DEFAULT_TAG, FIRST_APP_TAG, markValue, UNCLAIMED_TAG } from './ct-mark.js';
+import { appTags, CT_MARK_KEEP, CT_MARK_MASK, DEFAULT_TAG, markValue, UNCLAIMED_TAG } from './ct-mark.js';
 import { cgroupGlobMatcher } from './glob.js';
 import { logPrefix } from './log-prefix.js';
 import {
@@ -464,22 +464,6 @@ class Compiler {
     for (const [name, fallback] of this.rootChains) this.chains.push({ name, rules: this.rootIdentityRules(fallback) });
 
     const globalDeny: RuleDecl[] = [];
-    // What a closed socket of an app still sends on its connection (the last ACK after the peer's FIN, data it left queued) has no
-    // owner, so no app's rules see it, and an address the app may reach despite this list would cut it off, logged as a denial
-    // without a uid. The connection's mark still names the app that opened it (only its own rules tag it): such packets pass here
-    // as they would its rules. No process can send a packet without an owner on a connection it does not hold. Only where
-    // conntrack is on (apps have tags); in a table without, they meet the list (README).
-    if (this.tracked && this.tags.size > 0 && policy.globalDeny.length > 0)
-      globalDeny.push(
-        rule(
-          [
-            match.ctMarkIn(CT_MARK_MASK, FIRST_APP_TAG * 0x10000, 0xffff0000),
-            match.ctState(['established', 'related']),
-            verdict.jump(this.ownerlessChain()),
-          ],
-          "an app's own connection, without an owner: its closed socket's",
-        ),
-      );
     policy.globalDeny.forEach((r, index) => globalDeny.push(...this.ruleDecls(r, `g${index}`)));
     this.chains.push({ name: 'global_deny', rules: globalDeny });
     output.push(rule([verdict.jump('global_deny')], 'global deny list'));
@@ -926,20 +910,16 @@ class Compiler {
         this.tagged(at, id, ': answers from a socket not yet full, unclaimed'),
       ),
     ];
-    if (tag === DEFAULT_TAG)
-      rules.push(rule([match.ctState(['established', 'related']), verdict.jump(this.ownerlessChain())], this.tagged(at, id, ': established, without an owner')));
-    return [...rules, ...this.denyTail(id, at, true)];
-  }
-
-  /** The chain that accepts a packet without an owner (the kernel's own) and returns any other; made once. */
-  private ownerlessChain(): string {
-    if (!this.chains.some((c) => c.name === 'ownerless')) {
-      this.chains.push({
-        name: 'ownerless',
-        rules: [rule([match.owned(), verdict.return()], 'a socket with an owner'), rule([verdict.accept()], "the kernel's own packets")],
-      });
+    if (tag === DEFAULT_TAG) {
+      if (!this.chains.some((c) => c.name === 'ownerless')) {
+        this.chains.push({
+          name: 'ownerless',
+          rules: [rule([match.owned(), verdict.return()], 'a socket with an owner'), rule([verdict.accept()], "the kernel's own packets")],
+        });
+      }
+      rules.push(rule([match.ctState(['established', 'related']), verdict.jump('ownerless')], this.tagged(at, id, ': established, without an owner')));
     }
-    return 'ownerless';
+    return [...rules, ...this.denyTail(id, at, true)];
   }
 
   private newDispatch(prefix: string): Dispatch {

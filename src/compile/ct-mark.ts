@@ -33,7 +33,7 @@ export const CT_MARK_KEEP = '0x0000ffff';
 
 export const UNCLAIMED_TAG = 0;
 export const DEFAULT_TAG = 1;
-export const FIRST_APP_TAG = 2;
+const FIRST_APP_TAG = 2;
 const TAGS = 0x10000;
 
 /** A tag as the mark's bits, as nft writes it: `0x00010000`. */

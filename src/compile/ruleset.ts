@@ -180,8 +180,6 @@ export const match = {
   ctDirection: (direction: 'original' | 'reply'): Statement => eq({ ct: { key: 'direction' } }, direction),
   /** The bits `mask` of the connection's mark equal `value` (both hex, `0x` and 8 digits). */
   ctMark: (mask: string, value: string): Statement => eq({ '&': [{ ct: { key: 'mark' } }, mask] }, value),
-  /** The bits `mask` of the connection's mark are `from` to `to`, both included. */
-  ctMarkIn: (mask: string, from: number, to: number): Statement => eq({ '&': [{ ct: { key: 'mark' } }, mask] }, { range: [from, to] }),
   /** The header right after the IPv6 header: a payload load, where finding an extension header anywhere in the chain walks it. */
   ip6Nexthdr: (header: number): Statement => eq({ payload: { protocol: 'ip6', field: 'nexthdr' } }, header),
   /** An IPv6 routing header of any type but `type`; a packet without a routing header does not match. */

@@ -80,7 +80,6 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
       v4other: await net.inet.listen({ proto: 'tcp', addr: '192.0.2.2', port: 8444 }),
       v6: await net.inet.listen({ proto: 'tcp', addr: '2001:db8::2', port: 8443 }),
       denied4: await net.inet.listen({ proto: 'tcp', addr: '203.0.113.1', port: 8443 }),
-      denied4lines: await net.inet.listen({ proto: 'tcp', addr: '203.0.113.1', port: 8444, lines: true }),
       allowed6: await net.inet.listen({ proto: 'tcp', addr: '2001:db8:1::1', port: 8443 }),
       denied6: await net.inet.listen({ proto: 'tcp', addr: '2001:db8:1::3', port: 8443 }),
       socks: await net.inet.listen({ proto: 'tcp', addr: '2001:db8::2', port: 9050 }),
@@ -148,19 +147,9 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
     });
 
     it('app rules outrank the global deny list; the global deny list outranks the app default', async () => {
-      const beforeAllowed = await dropsOf(dir, 'deny/00.yaml/0');
       expect(await net.host.connect({ proto: 'tcp', addr: '203.0.113.1', port: 8443, user: users.app1.uid })).toMatchObject({ ok: true });
       expect(await servers.denied4!.count()).toBe(1);
-      // app1 closes first, the server after it: app1's last ACK, to the server's FIN, leaves a closed socket, without an owner. Its
-      // connection's tag lets it past the global deny list, so the server's side closes at once, instead of resending its FIN
-      // from LAST_ACK for seconds, each ACK dropped and logged as a denial without a uid.
-      const session = await net.host.session({ addr: '203.0.113.1', port: 8444, user: users.app1.name });
-      expect(await session.send('hello')).toBe(true);
-      await session.close();
-      const lastAck = async () => (await net.inet.run('ss', ['-Htn', 'state', 'last-ack', 'src', '203.0.113.1'])).trim();
-      await until("the server's side of app1's connection closed", async () => (await lastAck()) === '', { timeoutMs: 3000, everyMs: 50 });
       const before = await dropsOf(dir, 'deny/00.yaml/0');
-      expect(before, 'nothing of the allowed connections dropped').toBe(beforeAllowed);
       expect(await net.host.connect({ proto: 'tcp', addr: '2001:db8:1::3', port: 8443, user: users.app3.uid, timeoutMs: 800 })).toMatchObject({ ok: false });
       expect(await servers.denied6!.count()).toBe(0);
       expect(await dropsOf(dir, 'deny/00.yaml/0')).toBeGreaterThan(before);
