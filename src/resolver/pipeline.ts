@@ -147,6 +147,17 @@ const TC_FLAG = 0x0200;
 const KEEP_MS = 10_000;
 
 type Resolution = Resolved | { readonly failed: 'upstream' | 'learn' };
+
+/** The memo key of a message lying at `data[offset, offset + length)`: its bytes but the id; undefined for one no memo is kept for. */
+function memoKeyOf(data: Buffer, offset: number, length: number): string | undefined {
+  return length >= 12 && length <= MEMO_QUERY_BYTES ? data.toString('latin1', offset + 2, offset + length) : undefined;
+}
+
+/** A copy of `template` lying in `target` from `at`, given this query's id and the TTL `ttl`. */
+function patchTemplate(target: Buffer, at: number, template: ReplyTemplate, id: number, ttl: number): void {
+  target.writeUInt16BE(id, at);
+  for (const ttlAt of template.ttlAt) target.writeUInt32BE(ttl, at + ttlAt);
+}
 type Done = (reply: Buffer | undefined) => void;
 
 function isThenable<T>(value: T | PromiseLike<T>): value is PromiseLike<T> {
@@ -310,8 +321,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   /** The template's bytes with this query's id and `ttl`. */
   const fromTemplate = (template: ReplyTemplate, id: number, ttl: number): Buffer => {
     const bytes = Buffer.from(template.bytes);
-    bytes.writeUInt16BE(id, 0);
-    for (const at of template.ttlAt) bytes.writeUInt32BE(ttl, at);
+    patchTemplate(bytes, 0, template, id, ttl);
     return bytes;
   };
 
@@ -535,10 +545,8 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     const first = now();
     let candidates = 0;
     for (let i = 0; i < round.count; i++) {
-      const length = round.length(i);
-      if (length < 12 || length > MEMO_QUERY_BYTES) continue;
-      const offset = round.offset(i);
-      const memo = memos.get(round.data.toString('latin1', offset + 2, offset + length));
+      const key = memoKeyOf(round.data, round.offset(i), round.length(i));
+      const memo = key === undefined ? undefined : memos.get(key);
       if (memo?.keptFor === undefined || memo.keptEpoch !== epoch || first > memo.keptUntil) continue;
       roundMemos[candidates] = memo;
       roundIndex[candidates] = i;
@@ -577,9 +585,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
         // Everything the copy needs is known before it is placed: once placed it is sent, edited or not.
         const id = round.data.readUInt16BE(round.offset(i));
         const ttl = remainingTtl(entry, at);
-        const out = round.reply(i, template.bytes);
-        round.out.writeUInt16BE(id, out);
-        for (const ttlAt of template.ttlAt) round.out.writeUInt32BE(ttl, out + ttlAt);
+        patchTemplate(round.out, round.reply(i, template.bytes), template, id, ttl);
         counts.received++;
         counts.queries++;
         counts.repliesReused++;
@@ -597,7 +603,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     counts.received++;
     // A query's bytes but its id decide everything parseQuery says: the same bytes again (a client asking a name it asked before) are not decoded again.
     const memos = memosBy[client.transport];
-    const memoKey = raw.length >= 12 && raw.length <= MEMO_QUERY_BYTES ? raw.toString('latin1', 2) : undefined;
+    const memoKey = memoKeyOf(raw, 0, raw.length);
     let memo = memoKey === undefined ? undefined : memos.get(memoKey);
     let query: Query;
     if (memo !== undefined) query = memo.query;

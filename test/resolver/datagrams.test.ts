@@ -7,7 +7,7 @@
  */
 import dgram from 'node:dgram';
 import { afterEach, describe, expect, it } from 'vitest';
-import { createDatagramServer, type DatagramServer, type RoundHandler } from '../../src/resolver/datagrams.js';
+import { createDatagramServer, type DatagramHandler, type DatagramServer, type RoundHandler } from '../../src/resolver/datagrams.js';
 import { until } from '../support/wait.js';
 
 /** 300 datagrams: more than one recvmmsg takes (64), so a wake-up reads several rounds into the same arena. */
@@ -63,6 +63,9 @@ function checkReplies(got: string[][]): { inPlace: number } {
   return { inPlace };
 }
 
+/** The datagram handler's answer: "handler: " and the datagram. */
+const byHandler: DatagramHandler = (raw, _from, _local, reply) => reply(Buffer.from(`handler: ${raw.toString()}`));
+
 describe('datagrams read many at a time, some answered where they lie', () => {
   for (const address of ['127.0.0.1', '::1']) {
     it(`over ${address}: each client gets its own replies, the in-place ones as the round handler edited them`, async () => {
@@ -85,7 +88,7 @@ describe('datagrams read many at a time, some answered where they lie', () => {
         }
       };
       server = createDatagramServer(
-        (raw, _from, _local, reply) => reply(Buffer.from(`handler: ${raw.toString()}`)),
+        byHandler,
         (error) => {
           throw error;
         },
@@ -113,13 +116,9 @@ describe('datagrams read many at a time, some answered where they lie', () => {
         if (text.startsWith('c1 ')) round.reply(i, Buffer.from('again'));
       }
     };
-    server = createDatagramServer(
-      (raw, _from, _local, reply) => reply(Buffer.from(`handler: ${raw.toString()}`)),
-      (error) => errors.push(error),
-      {
-        inPlace,
-      },
-    );
+    server = createDatagramServer(byHandler, (error) => errors.push(error), {
+      inPlace,
+    });
     const port = await server.bind('127.0.0.1', 0);
     const got = await burst('127.0.0.1', port);
     // What a round had left after the throw went to the handler instead: every datagram still answered exactly once, and never 'again'.
@@ -131,7 +130,7 @@ describe('datagrams read many at a time, some answered where they lie', () => {
   it('unbatched (a Node.js that hides the descriptor): every datagram through the handler, the round handler never asked', async () => {
     let asked = 0;
     server = createDatagramServer(
-      (raw, _from, _local, reply) => reply(Buffer.from(`handler: ${raw.toString()}`)),
+      byHandler,
       (error) => {
         throw error;
       },
