@@ -74,17 +74,38 @@ export interface UpstreamOptions {
   readonly timeoutMs: number;
   /** One upstream's share before the next is tried (ms). */
   readonly attemptMs: number;
+  /** How long an answered TCP query waits for the server to close its side before it resets instead (ms; closeAnswered). Default 2000. */
+  readonly tcpCloseWaitMs?: number;
 }
 
 type Attempt = { answer: UpstreamAnswer } | { failure: 'timeout' | 'error' | 'closed' };
 
+/**
+ * Drops a TCP query's socket without sending from it once it is closed: a
+ * connected one is reset while it is still ours (see closeAnswered); one
+ * still connecting is closed, which sends nothing (Node's resetAndDestroy
+ * would wait for the connection, measured); one closed already is gone.
+ */
+function abandon(socket: net.Socket): void {
+  if (socket.destroyed) return;
+  if (socket.connecting) socket.destroy();
+  else socket.resetAndDestroy();
+}
+
 /** Most frame bytes a TCP reply may have (the 16-bit length says so anyway). */
 const MAX_TCP_MESSAGE = 65535;
+
+/** The default of UpstreamOptions.tcpCloseWaitMs. */
+const TCP_CLOSE_WAIT_MS = 2000;
+/** Answered TCP queries that may wait for their server's FIN at once; past this, one resets at once (closeAnswered). */
+export const MAX_TCP_CLOSING = 64;
 
 export class UpstreamClient {
   private preferred = 0;
   private closed = false;
   private readonly live = new Set<{ close(): void }>();
+  /** Answered TCP queries waiting for the server's FIN (closeAnswered). */
+  private readonly closing = new Set<net.Socket>();
   private readonly counts = { queries: 0, timeouts: 0, tcpRetries: 0, mismatched: 0, errors: 0, failed: 0 };
 
   constructor(
@@ -141,6 +162,7 @@ export class UpstreamClient {
   close(): void {
     this.closed = true;
     for (const socket of [...this.live]) socket.close();
+    for (const socket of [...this.closing]) socket.resetAndDestroy();
   }
 
   private async ask(server: Upstream, name: string, type: string, waitMs: number, deadline: number): Promise<Attempt> {
@@ -221,7 +243,8 @@ export class UpstreamClient {
       const finish = (attempt: Attempt): void => {
         if (!this.live.delete(handle)) return;
         clearTimeout(timer);
-        socket.destroy();
+        if ('answer' in attempt) this.closeAnswered(socket);
+        else abandon(socket);
         resolve(attempt);
       };
       this.live.add(handle);
@@ -229,6 +252,7 @@ export class UpstreamClient {
       socket.on('error', () => finish({ failure: 'error' }));
       socket.on('close', () => finish({ failure: 'error' }));
       socket.on('data', (chunk: Buffer) => {
+        if (!this.live.has(handle)) return;
         received = Buffer.concat([received, chunk]);
         if (received.length < 2) return;
         const length = received.readUInt16BE(0);
@@ -246,5 +270,31 @@ export class UpstreamClient {
         socket.write(frame);
       });
     });
+  }
+
+  /**
+   * Ends an answered TCP query so that everything it still sends leaves
+   * while the socket is open, with its owner. A socket closed at once would
+   * wait in TIME_WAIT and send its last ACK from there, with no owner for
+   * the table to see as the resolver's (it drops such packets to DNS ports
+   * as anyone's; measured: the server stayed in LAST_ACK resending its FIN).
+   * So the resolver sends its FIN and keeps the socket until the server's
+   * FIN has come and been answered (Node closes it then), or resets it
+   * after tcpCloseWaitMs — a reset leaves no TIME_WAIT behind. At most
+   * MAX_TCP_CLOSING wait so at once (each holds a descriptor); past that,
+   * a socket is reset at once.
+   */
+  private closeAnswered(socket: net.Socket): void {
+    if (this.closing.size >= MAX_TCP_CLOSING) {
+      abandon(socket);
+      return;
+    }
+    this.closing.add(socket);
+    const late = setTimeout(() => socket.resetAndDestroy(), this.options.tcpCloseWaitMs ?? TCP_CLOSE_WAIT_MS);
+    socket.once('close', () => {
+      clearTimeout(late);
+      this.closing.delete(socket);
+    });
+    socket.end();
   }
 }

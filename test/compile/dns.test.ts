@@ -96,6 +96,10 @@ describe('dns.exclusive: only the resolver sends DNS off the host', () => {
       expect(both(ALLOW_ALL, { l4proto, dport, mark: 7 })).toEqual({ kernel: 'drop dns_egress', explain: 'deny dns dns/exclusive' });
       // Nor is the resolver's mark on a socket that is not root's: CAP_NET_RAW alone sets any mark (Linux 5.17), and mtr-packet has it.
       expect(both(ALLOW_ALL, { l4proto, dport, mark: MARK, skuid: 4321 })).toEqual({ kernel: 'drop dns_egress', explain: 'deny dns dns/exclusive' });
+      // Nor on a packet without an owner: a SYN-ACK sent with SYN cookies carries its listener's mark and no owner, and what a
+      // closed socket sends keeps its mark. The resolver closes its TCP queries so that it sends nothing without an owner.
+      const { skuid: _owner, ...ownerless } = packet({ l4proto, dport, mark: MARK, ct: 'established' });
+      expect(evaluate(compileYaml(ALLOW_ALL).ruleset, ownerless)).toMatchObject({ verdict: 'drop', chain: 'dns_egress' });
     }
     // Other ports and protocols are the app's to decide.
     expect(both(ALLOW_ALL, { dport: 5353 })).toEqual({ kernel: 'accept app_everything', explain: 'allow app app/everything/0' });

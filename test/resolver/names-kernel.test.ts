@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestNet, ensureTestUsers, harnessUnavailableReason, type Server, type TestNet, type TestUsers } from '../harness/index.js';
+import { lastAcks } from '../support/close-first.js';
 import { nflogPrefixes } from '../support/nflog.js';
 import { policyDir } from '../support/policy-dir.js';
 import { applyAndStartResolver, CLI, startAuthority } from '../support/resolver-net.js';
@@ -110,6 +111,8 @@ describe.skipIf(unavailable)(`names in rules are enforced once the resolver answ
       // The shared address: long enough for explain and status to be asked while both names hold.
       '--host-record=good.example.test,203.0.113.30,3600',
       '--host-record=shared.tracker.test,203.0.113.30,3600',
+      // Longer than the resolver's EDNS buffer upstream (1232 bytes): truncated over UDP, asked again over TCP.
+      `--txt-record=big.example.test,${['a', 'b', 'c', 'd', 'e', 'f'].map((c) => c.repeat(250)).join(',')}`,
     ]);
     web = await net.inet.listen({ proto: 'tcp', addr: '::', port: 0 });
     dir = policyDir(
@@ -220,6 +223,27 @@ apps:
     expect((await dig('fine.example.test', users.app3.name)).status).toBe('NOERROR');
     await dns.close();
     await dot.close();
+  });
+
+  it("the resolver's own TCP queries upstream end cleanly: its last ACK leaves while it holds the socket, nothing is dropped", async () => {
+    const drops = async () => {
+      const result = await net.host.node(CLI, ['status', dir, '--json'], { env: env() });
+      return (JSON.parse(result.stdout) as { dropped: { id: string; packets: number }[] }).dropped.find((d) => d.id === 'dns/exclusive')?.packets ?? 0;
+    };
+    const timeWaits = async () =>
+      (await net.host.run('ss', ['-Htn', 'state', 'time-wait', `( dst ${AUTHORITY} and dport = :53 )`])).split('\n').filter(Boolean).length;
+    const before = { drops: await drops(), timeWaits: await timeWaits() };
+    const result = await net.host.exec('dig', [`@${RESOLVER}`, '+tries=1', '+time=4', '+bufsize=4096', '+noall', '+answer', 'TXT', 'big.example.test'], {
+      user: users.app3.name,
+      timeoutMs: 8000,
+    });
+    expect(result.stdout).toContain('f'.repeat(250));
+    // It went over TCP, and the resolver closed first and cleanly (a reset leaves no TIME_WAIT): its socket waits in TIME_WAIT.
+    expect(await timeWaits()).toBeGreaterThan(before.timeWaits);
+    // Closed at once, its last ACK would have left from TIME_WAIT without an owner, been dropped as anyone's DNS, and left the
+    // authority in LAST_ACK resending its FIN for minutes (measured before the resolver waited for the server's FIN).
+    await until('the authority to hold no connection in LAST_ACK', async () => (await lastAcks(net, 53)) === 0, { timeoutMs: 3000 });
+    expect(await drops()).toBe(before.drops);
   });
 
   it('an address shared by a denied name and an allowed one stays denied by default, and spared where the rule says so', async () => {
