@@ -21,7 +21,7 @@ import {
   type Statement,
   type Verdict,
 } from './ruleset.js';
-import { appTags, CT_MARK_KEEP, CT_MARK_MASK, DEFAULT_TAG, markValue, UNCLAIMED_TAG } from './ct-mark.js';
+import { appTags, CT_MARK_KEEP, CT_MARK_MASK, DEFAULT_TAG, markBits, markValue, UNCLAIMED_TAG } from './ct-mark.js';
 import { cgroupGlobMatcher } from './glob.js';
 import { logPrefix } from './log-prefix.js';
 import {
@@ -311,6 +311,8 @@ class Compiler {
   private readonly constants = new Map<string, string>();
   private readonly chains: ChainDecl[] = [];
   private readonly dnsBindings: DnsBinding[] = [];
+  /** Per app whose own rules allow something, the tag its connections carry and the chain that replays its rules for packets without an owner (ownerlessReplay). */
+  private readonly replays: { readonly tag: number; readonly chain: string }[] = [];
   /** Bindings as claimed; `delegated` when the owner's delegated members get a chain of their own (`delegatedChain`). */
   private readonly cgroupBindings: (Omit<CgroupBinding, 'delegatedVerdict' | 'cutOff'> & { readonly delegated?: string; readonly closed?: string })[] = [];
   /** The root-identity chains delegated copies go on to, made once the apps' uid and gid maps exist, each with what decides where neither has the packet. */
@@ -463,14 +465,24 @@ class Compiler {
     output.push(...this.dispatchRules(apps, 'apps'));
     for (const [name, fallback] of this.rootChains) this.chains.push({ name, rules: this.rootIdentityRules(fallback) });
 
+    if (this.replays.length > 0) {
+      this.sets.push({
+        name: OWNERLESS_MAP,
+        key: 'mark',
+        map: 'verdict',
+        flags: [],
+        elements: this.replays.map((r) => markBits(r.tag)),
+        verdicts: this.replays.map((r) => verdict.jump(r.chain)),
+      });
+    }
     const globalDeny: RuleDecl[] = [];
-    policy.globalDeny.forEach((r, index) => globalDeny.push(...this.ruleDecls(r, `g${index}`)));
+    policy.globalDeny.forEach((r, index) => globalDeny.push(...this.ruleDecls(r, `g${index}`, { listed: true })));
     this.chains.push({ name: 'global_deny', rules: globalDeny });
     output.push(rule([verdict.jump('global_deny')], 'global deny list'));
     // The copies after the list itself, whose sets they look up.
     for (const app of this.ownGlobalDeny) {
       const copy: RuleDecl[] = [];
-      policy.globalDeny.forEach((r, index) => copy.push(...this.ruleDecls(r, `g${index}`, undefined, app)));
+      policy.globalDeny.forEach((r, index) => copy.push(...this.ruleDecls(r, `g${index}`, { copyFor: app })));
       this.chains.push({ name: globalDenyChain(app), rules: copy });
     }
 
@@ -637,12 +649,51 @@ class Compiler {
   private appChain(app: App): RuleDecl[] {
     const rules: RuleDecl[] = [];
     const tag = this.tags.get(app.name);
-    for (const r of app.rules) rules.push(...this.ruleDecls(r, `a_${app.name}_${r.id.split('/').pop()}`, tag));
+    for (const r of app.rules) rules.push(...this.ruleDecls(r, appSetPrefix(app, r), { tag }));
     // An app's own rules outrank the global deny list; its default does not.
     const globalDeny = this.ownGlobalDeny.has(app.name) ? globalDenyChain(app.name) : 'global_deny';
     rules.push(rule([verdict.jump(globalDeny)], comment(app.at, `app/${app.name}: then the global deny list`)));
     rules.push(...this.defaultTail(`app/${app.name}/default`, app.defaultVerdict, app.at, tag));
+    this.ownerlessReplay(app, tag);
     return rules;
+  }
+
+  /**
+   * A socket its program closed goes on sending without an owner — queued
+   * data, its FIN, the last ACK from TIME_WAIT — so `meta skuid` finds no
+   * app, and the packet meets the global deny list and the global default.
+   * Where the app's own rule lets it reach an address the list names, its
+   * connection lost its last ACK there (the peer resent its FIN from
+   * LAST_ACK for seconds, each ACK dropped and logged as a denial; measured
+   * in test/enforce/e2e.test.ts).
+   *
+   * So where the list would drop such a packet and its connection carries
+   * an app's tag, it meets that app's own rules first, those the app meets
+   * before the list, replayed in order: one that allows accepts it, one that
+   * denies leaves it to the list, as before. The lookup sits in the list's
+   * drop path (denyVerdict), so no other packet pays for it and no other
+   * decision changes. The tag alone is not enough: an app's default allow
+   * tags its connections too, and the list outranks it — a program that
+   * opened a connection before its address was listed (by a name's answer,
+   * which no apply cuts), queued data and closed its socket would send it
+   * past the list. Only TCP without SYN is replayed: what a closed socket
+   * sends, and no handshake — a SYN-ACK sent with SYN cookies has no owner
+   * either, and a process that binds the port an app's server left could
+   * answer a peer's SYN on that app's stale connection (conntrack resyncs
+   * it), tag and all, and then send past the list from a socket it closed.
+   *
+   * Only where it can matter: conntrack on (the tag), a global deny list,
+   * and a rule of the app's that allows. A packet with an owner returns at
+   * once: it met its own identity's rules before the list.
+   */
+  private ownerlessReplay(app: App, tag: number | undefined): void {
+    if (!this.tracked || tag === undefined || this.policy.globalDeny.length === 0) return;
+    const last = app.rules.map((r) => r.verdict).lastIndexOf('allow');
+    if (last < 0) return;
+    const chain = `ownerless_app_${app.name}`;
+    const replayed = app.rules.slice(0, last + 1).flatMap((r) => this.ruleDecls(r, appSetPrefix(app, r), { replay: true }));
+    this.chains.push({ name: chain, rules: [rule([match.owned(), verdict.return()], 'a socket with an owner: its identity decided'), ...replayed] });
+    this.replays.push({ tag, chain });
   }
 
   /**
@@ -662,16 +713,19 @@ class Compiler {
 
   /**
    * One policy rule → nft rules: one per address family and kind of address,
-   * or one if it matches any address. `copyFor`: a global rule's copy for
-   * that app (appsWithOwnGlobalDeny), with its own short id and log chain,
-   * looking up the sets the rule itself declared.
+   * or one if it matches any address (`form` says which kind of rule).
    */
-  private ruleDecls(r: Rule, setPrefix: string, tag?: number, copyFor?: string): RuleDecl[] {
-    const tail = r.verdict === 'allow' ? this.allowTail(tag) : this.denyVerdict(r.id, r.at, r.log, setPrefix, copyFor);
+  private ruleDecls(r: Rule, setPrefix: string, form: RuleForm = {}): RuleDecl[] {
+    const { tag, copyFor, replay = false, listed = false } = form;
+    const tail = replay
+      ? r.verdict === 'allow'
+        ? [stmt.counter(), verdict.accept()]
+        : [verdict.return()]
+      : [stmt.counter(), ...(r.verdict === 'allow' ? this.allowTail(tag) : this.denyVerdict(r.id, r.at, r.log, setPrefix, copyFor, listed))];
     const l4 = this.protocolMatch(r);
-    const text = this.tagged(r.at, r.id, '', copyFor);
-    if (r.to.any) return [rule([...l4, stmt.counter(), ...tail], text)];
-    const declare = copyFor === undefined;
+    const text = this.tagged(r.at, r.id, replay ? ': without an owner, on its connection' : '', copyFor);
+    if (r.to.any) return [rule([...l4, ...tail], text)];
+    const declare = copyFor === undefined && !replay;
 
     const decls: RuleDecl[] = [];
     for (const family of [4, 6] as const) {
@@ -682,19 +736,19 @@ class Compiler {
         const name = `${setPrefix}_net${family}_p${prefix}`;
         if (declare) this.sets.push({ name, key, flags: [], elements: networks.map((net) => net.address), comment: text });
         const lookup = prefix === bits ? match.daddr(family, name) : match.daddrMasked(family, prefix, name);
-        decls.push(rule([lookup, ...l4, stmt.counter(), ...tail], text));
+        decls.push(rule([lookup, ...l4, ...tail], text));
       }
       if (rest.length > 0) {
         const name = `${setPrefix}_net${family}`;
         if (declare) this.sets.push({ name, key, flags: ['interval'], elements: rest.map(networkElement), comment: text });
-        decls.push(rule([match.daddr(family, name), ...l4, stmt.counter(), ...tail], text));
+        decls.push(rule([match.daddr(family, name), ...l4, ...tail], text));
       }
     }
     if (r.to.names.length + r.to.suffixes.length + r.to.lists.length > 0) {
       const set4 = `${setPrefix}_dns4`;
       const set6 = `${setPrefix}_dns6`;
-      decls.push(rule([match.daddr(4, set4), ...l4, stmt.counter(), ...tail], text));
-      decls.push(rule([match.daddr(6, set6), ...l4, stmt.counter(), ...tail], text));
+      decls.push(rule([match.daddr(4, set4), ...l4, ...tail], text));
+      decls.push(rule([match.daddr(6, set6), ...l4, ...tail], text));
       if (declare) {
         // Filled by the resolver with each answer's addresses, expiring with the answer's TTL.
         const source = this.dnsSource(r);
@@ -757,12 +811,32 @@ class Compiler {
   /**
    * A deny that logs jumps to a chain of its own: a `limit` in the deny rule
    * itself would make the rule stop matching above the rate and let the packet
-   * through; in its own chain the limit only thins the log.
+   * through; in its own chain the limit only thins the log. `listed`: a rule
+   * of the global deny list, where a packet on an app's connection without
+   * an owner meets that app's own rules first (ownerlessReplay) — only a
+   * packet the list would drop pays for the lookup.
    */
-  private denyVerdict(id: string, at: Origin | undefined, log: boolean, setPrefix: string, copyFor?: string): Statement[] {
-    if (!log || !this.log.denials) return [verdict.drop()];
+  private denyVerdict(id: string, at: Origin | undefined, log: boolean, setPrefix: string, copyFor?: string, listed = false): Statement[] {
+    // Never a SYN: a listener's SYN-ACK sent with SYN cookies has no owner, and one bound to a port an app's server left could
+    // answer on that app's stale connection, carrying its tag. What a closed socket sends carries none.
+    const replay =
+      listed && this.replays.length > 0
+        ? [
+            rule(
+              [match.tcpWithoutSyn(), dispatch.ctMark(CT_MARK_MASK, OWNERLESS_MAP)],
+              "TCP on an app's connection without an owner: that app's own rules first",
+            ),
+          ]
+        : [];
+    if (!log || !this.log.denials) {
+      if (replay.length === 0) return [verdict.drop()];
+      const chain = `drop_${setPrefix}`;
+      if (!this.chains.some((c) => c.name === chain))
+        this.chains.push({ name: chain, rules: [...replay, rule([stmt.counter(), verdict.drop()], this.tagged(at, id))] });
+      return [verdict.goto(chain)];
+    }
     const chain = copyFor === undefined ? `log_${setPrefix}` : `log_${setPrefix}_${globalDenyChain(copyFor)}`;
-    if (!this.chains.some((c) => c.name === chain)) this.chains.push({ name: chain, rules: this.denyTail(id, at, true, copyFor) });
+    if (!this.chains.some((c) => c.name === chain)) this.chains.push({ name: chain, rules: [...replay, ...this.denyTail(id, at, true, copyFor)] });
     return [verdict.goto(chain)];
   }
 
@@ -860,9 +934,11 @@ class Compiler {
    * The global default also lets through established packets that have no
    * owner (`meta skuid` loads nothing): the kernel's own — data and FIN sent
    * after close() from an orphaned socket, whose app was found by uid and so
-   * is not found any more, resets, ICMP errors. No process can send a packet
-   * without an owner on a tuple it does not hold. Only packets that would
-   * otherwise be dropped walk that check.
+   * is not found any more, resets, ICMP errors. A process sends a packet
+   * without an owner only on a tuple it holds or held, or as a listener's
+   * SYN-ACK sent with SYN cookies — an answer to a peer that connects in,
+   * as any server's. Only packets that would otherwise be dropped walk that
+   * check.
    *
    * Only a default deny uses conntrack, so a table without one leaves it off
    * in the namespace (it costs every new connection, bench/packet-cost.ts),
@@ -1236,6 +1312,26 @@ class Compiler {
 /** Whether a cgroup glob can match a name nft cannot carry: only through a wildcard, or written out so itself. */
 function mayMatchUnnamed(glob: string): boolean {
   return /[*?]/.test(glob) || !nftCanName(glob);
+}
+
+/** The map from an app's tag to the chain replaying its rules for packets without an owner (ownerlessReplay). */
+const OWNERLESS_MAP = 'ownerless_tags';
+
+/** What kind of nft rules a policy rule becomes (ruleDecls). */
+interface RuleForm {
+  /** An app's rule: its conntrack tag, written where it lets a packet out (allowTail). */
+  readonly tag?: number | undefined;
+  /** A global rule's copy for that app (appsWithOwnGlobalDeny), with its own short id and log chain, looking up the sets the rule itself declared. */
+  readonly copyFor?: string;
+  /** An app's rule for a packet without an owner on its connection (ownerlessReplay), looking up its own sets: an allow accepts, a deny returns. */
+  readonly replay?: boolean;
+  /** A rule of the global deny list itself (denyVerdict). */
+  readonly listed?: boolean;
+}
+
+/** The prefix of the sets an app's rule declares. */
+function appSetPrefix(app: App, r: Rule): string {
+  return `a_${app.name}_${r.id.split('/').pop()}`;
 }
 
 /** The chain of an app's own copy of the global deny list (appsWithOwnGlobalDeny). */

@@ -38,7 +38,12 @@ const TAGS = 0x10000;
 
 /** A tag as the mark's bits, as nft writes it: `0x00010000`. */
 export function markValue(tag: number): string {
-  return `0x${(tag * TAGS).toString(16).padStart(8, '0')}`;
+  return `0x${markBits(tag).toString(16).padStart(8, '0')}`;
+}
+
+/** A tag as the mark's bits, a number: a map's key. */
+export function markBits(tag: number): number {
+  return tag * TAGS;
 }
 
 /**

@@ -15,7 +15,7 @@ export interface TableRef {
   readonly name: string;
 }
 
-export type SetKey = 'ipv4_addr' | 'ipv6_addr' | 'uid' | 'gid' | 'inet_proto' | 'inet_service' | { readonly cgroupLevel: number };
+export type SetKey = 'ipv4_addr' | 'ipv6_addr' | 'uid' | 'gid' | 'mark' | 'inet_proto' | 'inet_service' | { readonly cgroupLevel: number };
 /** `dynamic`: the packet path adds elements (`update @set`); nft infers it only for rules in the set's own transaction. */
 export type SetFlag = 'interval' | 'timeout' | 'dynamic';
 
@@ -63,6 +63,7 @@ export type Expr =
   | { readonly payload: { readonly protocol: 'ip' | 'ip6' | 'th' | 'tcp'; readonly field: 'daddr' | 'dport' | 'saddr' | 'sport' } }
   | { readonly payload: { readonly protocol: 'icmpv6'; readonly field: 'type' } }
   | { readonly payload: { readonly protocol: 'ip6'; readonly field: 'hoplimit' | 'nexthdr' } }
+  | { readonly payload: { readonly protocol: 'tcp'; readonly field: 'flags' } }
   | { readonly socket: { readonly key: 'cgroupv2'; readonly level: number } }
   | { readonly socket: { readonly key: 'mark' } }
   /** An IPv6 extension header's field: nft finds the header wherever it is in the chain of headers; a packet without one breaks the rule. */
@@ -159,6 +160,8 @@ export const match = {
   tcpDport: (port: number): Statement => eq({ payload: { protocol: 'tcp', field: 'dport' } }, port),
   saddrIs: (family: 4 | 6, address: string): Statement => eq({ payload: { protocol: family === 4 ? 'ip' : 'ip6', field: 'saddr' } }, address),
   tcpSport: (port: number): Statement => eq({ payload: { protocol: 'tcp', field: 'sport' } }, port),
+  /** A TCP packet without SYN: neither a connection's first packet nor its answer (`tcp flags & syn 0`). Any other protocol breaks the rule. */
+  tcpWithoutSyn: (): Statement => eq({ '&': [{ payload: { protocol: 'tcp', field: 'flags' } }, 'syn'] }, 0),
   /** The socket's owner is none of `uids`; a packet without an owner (the kernel's own) breaks the rule. */
   skuidNotIn: (uids: readonly number[]): Statement => ({ match: { op: '!=', left: { meta: { key: 'skuid' } }, right: { set: uids } } }),
   skuid: (uid: number): Statement => eq({ meta: { key: 'skuid' } }, uid),
@@ -190,6 +193,8 @@ export const dispatch = {
   cgroup: (level: number, mapName: string): Statement => ({ vmap: { key: { socket: { key: 'cgroupv2', level } }, data: `@${mapName}` } }),
   uid: (mapName: string): Statement => ({ vmap: { key: { meta: { key: 'skuid' } }, data: `@${mapName}` } }),
   gid: (mapName: string): Statement => ({ vmap: { key: { meta: { key: 'skgid' } }, data: `@${mapName}` } }),
+  /** By the bits `mask` of the connection's mark: whose connection it is (ct-mark.ts). */
+  ctMark: (mask: string, mapName: string): Statement => ({ vmap: { key: { '&': [{ ct: { key: 'mark' } }, mask] }, data: `@${mapName}` } }),
 };
 
 export const stmt = {

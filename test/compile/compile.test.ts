@@ -219,6 +219,8 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
         log_a_closed_1: 0,
         log_a_open_0: 0,
         ...(egress === 'deny' ? { ownerless: 0 } : {}),
+        // closed's own allow, replayed for packets without an owner on its connections (conntrack is on for its default deny).
+        ownerless_app_closed: 0,
       });
       const closed = chain(compiled, 'app_closed');
       const at = tailStart(closed, 'app/closed/default');
@@ -279,20 +281,106 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     }
   });
 
-  it("a closed socket's packets (without an owner) meet the global deny list on every connection, an app's own included", () => {
-    // An app's tag does not say its rules let the connection out: a default allow tags new connections too, and the list outranks
-    // it. So a program that opened a connection before its address was listed (by a name's answer: no apply cuts it), queued
-    // data and closed its socket would send it past the list, were a tag enough. Passing only what the app's own rules allow
-    // would need those rules replayed for such packets (see README).
+  it("a closed socket's packets (without an owner) pass the global deny list only where their app's own rule lets them", () => {
+    // Sent after close() — queued data, a FIN, the last ACK from TIME_WAIT — a packet has no owner, so no app is found for it.
+    // Its connection's tag names the app, but not that the app's rules let it out: a default allow tags new connections too,
+    // and the list outranks it. So a program that opened a connection before its address was listed (by a name's answer, which
+    // no apply cuts), queued data and closed its socket would send it past the list, were a tag enough. The app's rules before
+    // the list are replayed instead: an allow passes, a deny leaves the packet to the list.
     const compiled = compileYaml(
-      `defaults: {egress: allow}\napps:\n  fan: {identity: {user: 1000}, default: deny, rules: [{allow: [203.0.113.0/24]}]}\n  loose: {identity: {user: 1001}}\ndeny: [{to: [203.0.113.0/24]}]\n`,
+      `defaults: {egress: allow}
+apps:
+  fan: {identity: {user: 1000}, default: deny, rules: [{deny: [203.0.113.66]}, {allow: [203.0.113.0/25]}, {allow: ["api.example.org"], ports: [443]}, {allow: [198.51.100.7]}, {deny: [203.0.113.0/24]}]}
+  loose: {identity: {user: 1001}}
+  quiet: {identity: {user: 1002}, default: deny, rules: [{deny: [192.0.2.0/24]}]}
+deny: [{to: [203.0.113.0/24]}, {to: [198.51.100.0/24], log: false}]
+`,
     );
-    const tags = appTags(['fan', 'loose']);
+    const tags = appTags(['fan', 'loose', 'quiet']);
+    const bits = (app: string) => tags.get(app)! * 0x10000;
     const packet: Packet = { oif: 'eth0', family: 4, daddr: '203.0.113.9', l4proto: 'tcp', dport: 443, skuid: 1001, cgroup: '', ct: 'established' };
     // loose's packet, with an owner, on its connection to an address listed since: the list drops it.
-    expect(evaluate(compiled.ruleset, { ...packet, ctMark: tags.get('loose')! * 0x10000 })).toMatchObject({ verdict: 'drop' });
+    expect(evaluate(compiled.ruleset, { ...packet, ctMark: bits('loose') })).toMatchObject({ verdict: 'drop' });
     const { skuid: _owner, ...closed } = packet;
-    for (const [app, tag] of tags) expect(evaluate(compiled.ruleset, { ...closed, ctMark: tag * 0x10000 }), app).toMatchObject({ verdict: 'drop' });
+    // fan's own allow: its packet without an owner passes, as the same packet from its socket does.
+    expect(evaluate(compiled.ruleset, { ...closed, ctMark: bits('fan') })).toMatchObject({ verdict: 'accept', chain: 'ownerless_app_fan' });
+    expect(evaluate(compiled.ruleset, { ...packet, skuid: 1000, ctMark: bits('fan') })).toMatchObject({ verdict: 'accept', chain: 'app_fan' });
+    // Not past a deny of fan's before the allow, nor where no allow of fan's names it: the list drops them.
+    expect(evaluate(compiled.ruleset, { ...closed, daddr: '203.0.113.66', ctMark: bits('fan') })).toMatchObject({ verdict: 'drop', chain: 'log_g0' });
+    expect(evaluate(compiled.ruleset, { ...closed, daddr: '203.0.113.200', ctMark: bits('fan') })).toMatchObject({ verdict: 'drop', chain: 'log_g0' });
+    // Nor a SYN: a SYN-ACK sent with SYN cookies has no owner, and a process that bound the port fan's server left could answer on
+    // fan's stale connection with it (conntrack resyncs the entry, tag and all), then send from a socket it closed.
+    const cookie: Packet = { ...closed, ctMark: bits('fan'), ctDirection: 'reply', tcpFlags: ['syn', 'ack'] };
+    expect(evaluate(compiled.ruleset, cookie)).toMatchObject({ verdict: 'drop', chain: 'log_g0' });
+    // Its FIN, reset and data are replayed; other protocols are not (only TCP sends after close()).
+    for (const tcpFlags of [['fin', 'ack'], ['rst'], ['psh', 'ack']] as const)
+      expect(evaluate(compiled.ruleset, { ...closed, tcpFlags, ctMark: bits('fan') }), tcpFlags.join()).toMatchObject({ verdict: 'accept' });
+    expect(evaluate(compiled.ruleset, { ...closed, l4proto: 'udp', ctMark: bits('fan') })).toMatchObject({ verdict: 'drop', chain: 'log_g0' });
+    // A name's addresses are replayed from the rule's own sets, with its ports.
+    const named = {
+      ...compiled.ruleset,
+      sets: compiled.ruleset.sets.map((set) => (set.name === 'a_fan_2_dns4' ? { ...set, elements: ['203.0.113.200'] } : set)),
+    };
+    expect(evaluate(named, { ...closed, daddr: '203.0.113.200', ctMark: bits('fan') })).toMatchObject({ verdict: 'accept', chain: 'ownerless_app_fan' });
+    expect(evaluate(named, { ...closed, daddr: '203.0.113.200', dport: 80, ctMark: bits('fan') })).toMatchObject({ verdict: 'drop', chain: 'log_g0' });
+    // loose allows by default only, quiet allows nothing: the list drops what their closed sockets send.
+    for (const app of ['loose', 'quiet'])
+      expect(evaluate(compiled.ruleset, { ...closed, ctMark: bits(app) }), app).toMatchObject({ verdict: 'drop', chain: 'log_g0' });
+    expect(evaluate(compiled.ruleset, { ...closed, ctMark: 0 })).toMatchObject({ verdict: 'drop', chain: 'log_g0' });
+    // A rule of the list that does not log drops in a chain of its own, which asks the map first as well, and counts its drops.
+    expect(evaluate(compiled.ruleset, { ...closed, daddr: '198.51.100.7', ctMark: bits('fan') })).toMatchObject({
+      verdict: 'accept',
+      chain: 'ownerless_app_fan',
+    });
+    const unlogged = evaluate(compiled.ruleset, { ...closed, daddr: '198.51.100.8', ctMark: bits('fan') });
+    expect(unlogged).toMatchObject({ verdict: 'drop', chain: 'drop_g1' });
+    expect(ruleText(unlogged.rule!)).toBe(`counter drop comment "${sid(compiled, 'deny/f.yaml/1')} f.yaml:6 deny/f.yaml/1"`);
+    // A packet with an owner but no app of its own on fan's connection (a uid no app names) is not replayed: the list decides.
+    expect(evaluate(compiled.ruleset, { ...packet, skuid: 4242, ctMark: bits('fan') })).toMatchObject({ verdict: 'drop', chain: 'log_g0' });
+    // Only apps with an allow get a chain, and it ends at their last allow.
+    expect(compiled.ruleset.chains.map((c) => c.name).filter((name) => name.startsWith('ownerless_app_'))).toEqual(['ownerless_app_fan']);
+    expect(chain(compiled, 'ownerless_app_fan').rules.map(ruleText)).toEqual([
+      'meta skuid 0-4294967295 return comment "a socket with an owner: its identity decided"',
+      `ip daddr @a_fan_0_net4 return comment "${sid(compiled, 'app/fan/0')} f.yaml:3 app/fan/0: without an owner, on its connection"`,
+      `ip daddr @a_fan_1_net4 counter accept comment "${sid(compiled, 'app/fan/1')} f.yaml:3 app/fan/1: without an owner, on its connection"`,
+      `ip daddr @a_fan_2_dns4 meta l4proto @proto_tcp_udp th dport 443 counter accept comment "${sid(compiled, 'app/fan/2')} f.yaml:3 app/fan/2: without an owner, on its connection"`,
+      `ip6 daddr @a_fan_2_dns6 meta l4proto @proto_tcp_udp th dport 443 counter accept comment "${sid(compiled, 'app/fan/2')} f.yaml:3 app/fan/2: without an owner, on its connection"`,
+      `ip daddr @a_fan_3_net4 counter accept comment "${sid(compiled, 'app/fan/3')} f.yaml:3 app/fan/3: without an owner, on its connection"`,
+    ]);
+    // Asked only where the list drops: its log chain (and an unlogged rule's drop chain) asks the map first; nothing else does.
+    const asking = compiled.ruleset.chains.filter((c) => c.rules.some((r) => ruleText(r).includes('@ownerless_tags'))).map((c) => c.name);
+    expect(asking).toEqual(['log_g0', 'drop_g1']);
+    expect(ruleText(chain(compiled, 'log_g0').rules[0]!)).toBe(
+      `tcp flags & syn 0 ct mark & 0xffff0000 vmap @ownerless_tags comment "TCP on an app's connection without an owner: that app's own rules first"`,
+    );
+    expect(compiled.ruleset.sets.find((set) => set.name === 'ownerless_tags')).toMatchObject({
+      key: 'mark',
+      map: 'verdict',
+      elements: [bits('fan')],
+      verdicts: [{ jump: { target: 'ownerless_app_fan' } }],
+    });
+  });
+
+  it('replays nothing where it cannot matter: no conntrack, no global deny list, or no allow', () => {
+    for (const yaml of [
+      // No default deny anywhere: conntrack is off, connections carry no tag.
+      'apps:\n  fan: {identity: {user: 1000}, rules: [{allow: [203.0.113.0/25]}]}\ndeny: [{to: [203.0.113.0/24]}]\n',
+      // No global deny list.
+      'apps:\n  fan: {identity: {user: 1000}, default: deny, rules: [{allow: [203.0.113.0/25]}]}\n',
+      // No allow.
+      'apps:\n  fan: {identity: {user: 1000}, default: deny, rules: [{deny: [203.0.113.0/25]}]}\ndeny: [{to: [203.0.113.0/24]}]\n',
+    ]) {
+      const compiled = compileYaml(yaml);
+      expect(
+        compiled.ruleset.chains.map((c) => c.name).filter((name) => name.startsWith('ownerless_app_')),
+        yaml,
+      ).toEqual([]);
+      expect(
+        compiled.ruleset.sets.map((set) => set.name),
+        yaml,
+      ).not.toContain('ownerless_tags');
+      expect(renderText(compiled.ruleset), yaml).not.toContain('vmap @ownerless_tags');
+    }
   });
 
   it('per-packet cost does not grow with names, addresses or apps', () => {

@@ -34,7 +34,7 @@ function levelAt(ruleset: Ruleset, chain: string, rule: RuleDecl | undefined, lo
   if (chain === 'dns_egress') return 'dns';
   if (chain === 'lockdown') return 'lockdown';
   if (chain === 'tor_updaters' || chain === 'uc_tor_updaters') return 'tor';
-  if (chain === 'global_deny' || chain.startsWith('global_deny_app_') || chain.startsWith('log_g')) return 'global-deny';
+  if (chain === 'global_deny' || chain.startsWith('global_deny_app_') || chain.startsWith('log_g') || chain.startsWith('drop_g')) return 'global-deny';
   if (chain.startsWith('log_a_')) return 'app';
   if (rule === undefined) return 'default';
   const rules = ruleset.chains.find((c) => c.name === chain)!.rules;

@@ -55,7 +55,12 @@ export interface Packet {
   readonly routingHeader?: number;
   /** The packet's mark (`meta mark`: its socket's SO_MARK); 0 when absent. */
   readonly mark?: number;
+  /** tcp only; absent: a connection's first packet (SYN) where `ct` is new, an ACK where established. */
+  readonly tcpFlags?: readonly TcpFlag[];
 }
+
+export type TcpFlag = keyof typeof TCP_FLAG_BITS;
+const TCP_FLAG_BITS = { fin: 0x01, syn: 0x02, rst: 0x04, psh: 0x08, ack: 0x10, urg: 0x20 } as const;
 
 export interface Outcome {
   readonly verdict: 'accept' | 'drop';
@@ -190,6 +195,10 @@ function load(expr: Expr, packet: Packet): Value | undefined {
     }
     if (protocol === 'icmpv6') return packet.l4proto === 'ipv6-icmp' && packet.icmpv6Type ? { kind: 'text', text: packet.icmpv6Type } : undefined;
     if (protocol === 'tcp' && packet.l4proto !== 'tcp') return undefined;
+    if (field === 'flags') {
+      const flags = packet.tcpFlags ?? (packet.ct === 'new' ? ['syn'] : ['ack']);
+      return { kind: 'number', value: flags.reduce((bits, flag) => bits | TCP_FLAG_BITS[flag], 0) };
+    }
     // The compiler pairs `th dport` with an l4proto match of tcp or udp; a packet without ports has none.
     if (packet.dport === undefined) return undefined;
     return { kind: 'number', value: field === 'sport' ? (packet.sport ?? EPHEMERAL_PORT) : packet.dport };
@@ -214,7 +223,7 @@ function load(expr: Expr, packet: Packet): Value | undefined {
     if (inner === undefined) return undefined;
     if (inner.kind === 'number') {
       // 32-bit marks: JavaScript's bitwise operators are signed, so back to unsigned.
-      const bits = hexNumber(operand);
+      const bits = operand in TCP_FLAG_BITS ? TCP_FLAG_BITS[operand as TcpFlag] : hexNumber(operand);
       return { kind: 'number', value: ('&' in expr ? inner.value & bits : inner.value | bits) >>> 0 };
     }
     if (inner.kind !== 'address' || '|' in expr) throw new Error(`interpreter: ${JSON.stringify(expr)} on ${inner.kind}`);
