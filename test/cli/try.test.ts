@@ -67,6 +67,7 @@ describe.skipIf(unavailable)('egressctl try', () => {
 
   it('shows a telemetry name blocked, a mirror allowed and a system domain cut off, each with its rule, and leaves the host as it was', async () => {
     const ran = spawnSync(process.execPath, [CLI, 'try', '--json', '--no-color'], { encoding: 'utf8', timeout: 120_000 });
+    const finished = Date.now();
     expect(ran.status, ran.stderr).toBe(0);
     const result = JSON.parse(ran.stdout) as TryResult;
     const [telemetry, mirror, offline] = result.samples;
@@ -96,8 +97,13 @@ describe.skipIf(unavailable)('egressctl try', () => {
     expect(harnessNamespaces()).not.toContain(result.lab.host);
     expect(harnessNamespaces()).not.toContain(result.lab.internet);
     expect(hostState()).toEqual(before);
-    // Its egressd's enforcement lock and resolver socket, named for the lab's namespace, are gone with it.
-    const left = (dir: string, prefix: string): string[] => (fs.existsSync(dir) ? fs.readdirSync(dir).filter((f) => f.startsWith(prefix)) : []);
+    // Its egressd's enforcement lock and resolver socket, named for the lab's namespace, are gone with it. A namespace made after
+    // the lab's was gone may have its inode number, and a test running beside this one may have applied a table in it (a full CI
+    // run once found such a lock): only a file made before `try` ended can be the lab's.
+    const left = (dir: string, prefix: string): string[] =>
+      fs.existsSync(dir)
+        ? fs.readdirSync(dir).filter((f) => f.startsWith(prefix) && (fs.statSync(`${dir}/${f}`, { throwIfNoEntry: false })?.mtimeMs ?? Infinity) < finished)
+        : [];
     expect(left('/run/egressd', `net-${result.lab.hostNetnsInode}.`)).toEqual([]);
     expect(left('/run/egressd-test', result.lab.id.replace(/^egdt/, ''))).toEqual([]);
   }, 150_000);

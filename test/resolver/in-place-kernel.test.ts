@@ -118,8 +118,8 @@ apps:
     const [one, three] = await Promise.all([flood(users.app1.name), flood(users.app3.name)]);
     expect(one).toEqual(allowed);
     expect(three).toEqual(denied);
-    // Some of it answered in place while both flooded. That the two shared a round is likely, not shown: warm-path.test.ts tells a
-    // round's senders apart deterministically; this checks, against the real kernel lookups, that no reply crossed over.
-    expect((await counters()).repliesInPlace! - after.repliesInPlace!).toBeGreaterThan(0);
+    // How much of that was answered in place depends on how the two interleave (each asker's answer clears the other's kept reply,
+    // and a full CI run once saw none): not asserted. warm-path.test.ts tells a round's senders apart deterministically; this checks,
+    // against the real kernel lookups, that no reply crossed over.
   });
 });
