@@ -50,6 +50,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import dnsPacket from 'dns-packet';
 import { parseNameList } from '../src/policy/lists.js';
+import { dnsmasqOnly } from '../test/support/dnsmasq.js';
 import { runInOwnNamespace } from './lib/netns.js';
 import { percentile } from './lib/stats.js';
 
@@ -226,21 +227,7 @@ async function startDnsmasq(client: DnsClient, dir: string, name: string, addres
   const log = join(dir, `${name}.log`);
   writeFileSync(log, '');
   const since = performance.now();
-  const { child, output } = startProcess('dnsmasq', [
-    '--keep-in-foreground',
-    '--conf-file=/dev/null',
-    '--no-resolv',
-    '--no-hosts',
-    '--no-poll',
-    '--bind-interfaces',
-    `--listen-address=${address}`,
-    '--port=53',
-    '--user=root',
-    '--group=root',
-    '--pid-file=',
-    `--log-facility=${log}`,
-    ...args,
-  ]);
+  const { child, output } = startProcess('dnsmasq', [...dnsmasqOnly(address), '--user=root', '--group=root', `--log-facility=${log}`, ...args]);
   const startMs = await firstAnswer(client, address, probe, since, () => child.exitCode === null, 30_000);
   if (startMs === undefined) throw new Error(`dnsmasq ${name} did not answer within 30 s:\n${output()}\n${readFileSync(log, 'utf8')}`);
   return {

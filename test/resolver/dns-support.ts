@@ -4,6 +4,7 @@ import dgram from 'node:dgram';
 import net from 'node:net';
 import dnsPacket, { type Answer, type DecodedPacket, type Packet } from 'dns-packet';
 import { until } from '../support/wait.js';
+import { dnsmasqOnly } from '../support/dnsmasq.js';
 
 const execFileAsync = promisify(execFile);
 
@@ -37,23 +38,9 @@ export interface Dnsmasq {
  */
 export async function startDnsmasq(args: readonly string[]): Promise<Dnsmasq> {
   const port = await freePort();
-  const child: ChildProcess = spawn(
-    '/usr/sbin/dnsmasq',
-    [
-      '-k',
-      '--conf-file=/dev/null',
-      '--pid-file=',
-      '--no-resolv',
-      '--no-hosts',
-      '--bind-interfaces',
-      '--listen-address=127.0.0.1',
-      `--port=${port}`,
-      '--log-queries',
-      '--log-facility=-',
-      ...args,
-    ],
-    { stdio: ['ignore', 'ignore', 'pipe'] },
-  );
+  const child: ChildProcess = spawn('/usr/sbin/dnsmasq', [...dnsmasqOnly('127.0.0.1', port), '--log-queries', '--log-facility=-', ...args], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
   let log = '';
   child.stderr!.on('data', (chunk: Buffer) => (log += chunk.toString()));
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));

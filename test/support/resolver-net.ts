@@ -6,6 +6,7 @@
 import type { ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import type { TestNet } from '../harness/index.js';
+import { dnsmasqOnly } from './dnsmasq.js';
 import { printed } from './wait.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');
@@ -14,20 +15,7 @@ const DAEMON = join(ROOT, 'src/daemon/main.ts');
 
 /** Debian's dnsmasq answering for the test names on `address` port 53 in `net`'s internet namespace; `records`: its options that say what (--host-record=…, --addn-hosts=…). Logs every query to its stdout. */
 export function startAuthority(net: TestNet, address: string, records: readonly string[]): ChildProcess {
-  return net.inet.spawn('dnsmasq', [
-    '--keep-in-foreground',
-    '--log-facility=-',
-    '--log-queries',
-    '--no-resolv',
-    '--no-hosts',
-    '--no-poll',
-    '--bind-interfaces',
-    `--listen-address=${address}`,
-    '--port=53',
-    '--user=root',
-    '--pid-file=',
-    ...records,
-  ]);
+  return net.inet.spawn('dnsmasq', [...dnsmasqOnly(address), '--log-facility=-', '--log-queries', '--user=root', ...records]);
 }
 
 /** Applies the policy in `dir` with egressctl, then starts `egressd resolver` on it (from the source tree); resolves once it answers. */

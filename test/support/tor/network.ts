@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { readTorStatus } from '../../../src/tor/control.js';
 import type { TorStatus } from '../../../src/tor/status.js';
 import type { TestNet } from '../../harness/index.js';
+import { dnsmasqOnly } from '../dnsmasq.js';
 import { until } from '../wait.js';
 
 /**
@@ -293,18 +294,7 @@ export async function startTorNetwork(net: TestNet, options: TorNetworkOptions):
     const clientTorrc = torrc('client', 'client.torrc', { SOCKS: `127.0.0.1:${socksPort}`, CONTROL: `127.0.0.1:${controlPort}` });
 
     // The exit's DNS: the test's names, nothing else (no upstream, no hosts file).
-    const dns = net.inet.spawn('dnsmasq', [
-      '--keep-in-foreground',
-      '--conf-file=/dev/null',
-      '--pid-file=',
-      '--no-resolv',
-      '--no-hosts',
-      '--bind-interfaces',
-      `--listen-address=${at.dns}`,
-      '--port=53',
-      '--user=root',
-      ...names.map(([name, address]) => `--host-record=${name},${address}`),
-    ]);
+    const dns = net.inet.spawn('dnsmasq', [...dnsmasqOnly(at.dns), '--user=root', ...names.map(([name, address]) => `--host-record=${name},${address}`)]);
     children.push(dns);
 
     const started = Date.now();
