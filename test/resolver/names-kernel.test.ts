@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestNet, ensureTestUsers, harnessUnavailableReason, type Server, type TestNet, type TestUsers } from '../harness/index.js';
-import { lastAcks } from '../support/close-first.js';
+import { lastAcks, timeWaits } from '../support/close-first.js';
 import { nflogPrefixes } from '../support/nflog.js';
 import { policyDir } from '../support/policy-dir.js';
 import { applyAndStartResolver, CLI, startAuthority } from '../support/resolver-net.js';
@@ -230,16 +230,14 @@ apps:
       const result = await net.host.node(CLI, ['status', dir, '--json'], { env: env() });
       return (JSON.parse(result.stdout) as { dropped: { id: string; packets: number }[] }).dropped.find((d) => d.id === 'dns/exclusive')?.packets ?? 0;
     };
-    const timeWaits = async () =>
-      (await net.host.run('ss', ['-Htn', 'state', 'time-wait', `( dst ${AUTHORITY} and dport = :53 )`])).split('\n').filter(Boolean).length;
-    const before = { drops: await drops(), timeWaits: await timeWaits() };
+    const before = { drops: await drops(), timeWaits: await timeWaits(net, AUTHORITY, 53) };
     const result = await net.host.exec('dig', [`@${RESOLVER}`, '+tries=1', '+time=4', '+bufsize=4096', '+noall', '+answer', 'TXT', 'big.example.test'], {
       user: users.app3.name,
       timeoutMs: 8000,
     });
     expect(result.stdout).toContain('f'.repeat(250));
     // It went over TCP, and the resolver closed first and cleanly (a reset leaves no TIME_WAIT): its socket waits in TIME_WAIT.
-    expect(await timeWaits()).toBeGreaterThan(before.timeWaits);
+    expect(await timeWaits(net, AUTHORITY, 53)).toBeGreaterThan(before.timeWaits);
     // Closed at once, its last ACK would have left from TIME_WAIT without an owner, been dropped as anyone's DNS, and left the
     // authority in LAST_ACK resending its FIN for minutes (measured before the resolver waited for the server's FIN).
     await until('the authority to hold no connection in LAST_ACK', async () => (await lastAcks(net, 53)) === 0, { timeoutMs: 3000 });

@@ -43,16 +43,20 @@ print(json.dumps({'ok': answer.startswith(b'ok')}))
 /** Debian's, for every user: root's PATH may find another that other users cannot run. */
 const PYTHON = '/usr/bin/python3';
 
-/** Server sockets on `port` in LAST_ACK on the internet side: each waits for an ACK that did not arrive (or has not yet). */
-export async function lastAcks(net: TestNet, port: number): Promise<number> {
-  const out = await net.inet.run('ss', ['-Htn', 'state', 'last-ack', `( sport = :${port} )`]);
+/** The TCP sockets on one side in `state` that `filter` (ss's filter) selects. */
+async function socketsIn(side: TestNet['host'] | TestNet['inet'], state: string, filter: string): Promise<number> {
+  const out = await side.run('ss', ['-Htn', 'state', state, `( ${filter} )`]);
   return out.split('\n').filter((line) => line.trim() !== '').length;
 }
 
+/** Server sockets on `port` in LAST_ACK on the internet side: each waits for an ACK that did not arrive (or has not yet). */
+export function lastAcks(net: TestNet, port: number): Promise<number> {
+  return socketsIn(net.inet, 'last-ack', `sport = :${port}`);
+}
+
 /** The host side's sockets in TIME_WAIT towards `addr` port `port`: each closed first, and cleanly (a reset leaves none). */
-async function timeWaits(net: TestNet, addr: string, port: number): Promise<number> {
-  const out = await net.host.run('ss', ['-Htn', 'state', 'time-wait', `( dst ${addr.includes(':') ? `[${addr}]` : addr} and dport = :${port} )`]);
-  return out.split('\n').filter((line) => line.trim() !== '').length;
+export function timeWaits(net: TestNet, addr: string, port: number): Promise<number> {
+  return socketsIn(net.host, 'time-wait', `dst ${addr.includes(':') ? `[${addr}]` : addr} and dport = :${port}`);
 }
 
 /**
