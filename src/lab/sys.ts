@@ -242,14 +242,16 @@ export function killNetnsProcs(ns: string): number[] {
 export function deleteNetns(ns: string): void {
   if (!NETNS_RE.test(ns)) throw new HarnessError(`refusing to delete namespace ${ns}`);
   if (!fs.existsSync(`/run/netns/${ns}`)) return;
-  // Applies inside the namespace left its enforcement lock file, and a resolver killed in it its control socket (one each per namespace).
+  // Applies inside the namespace left its enforcement lock file, and a resolver killed in it its control socket (one each per
+  // namespace). Removed while the namespace still holds its inode number: once it is gone the kernel gives that number to the
+  // next namespace made, whose own lock, taken meanwhile, this would remove.
   const inode = fs.statSync(`/run/netns/${ns}`).ino;
+  fs.rmSync(lockPathFor(inode), { force: true });
+  fs.rmSync(controlSocketPathFor(inode), { force: true });
   const r = spawnSync('ip', ['netns', 'delete', ns], { encoding: 'utf8' });
   if (r.status !== 0 && fs.existsSync(`/run/netns/${ns}`)) {
     throw new HarnessError(`ip netns delete ${ns}: ${r.stderr.trim()}`);
   }
-  fs.rmSync(lockPathFor(inode), { force: true });
-  fs.rmSync(controlSocketPathFor(inode), { force: true });
 }
 
 /**

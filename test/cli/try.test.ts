@@ -97,13 +97,16 @@ describe.skipIf(unavailable)('egressctl try', () => {
     expect(harnessNamespaces()).not.toContain(result.lab.host);
     expect(harnessNamespaces()).not.toContain(result.lab.internet);
     expect(hostState()).toEqual(before);
-    // Its egressd's enforcement lock and resolver socket, named for the lab's namespace, are gone with it. A namespace made after
-    // the lab's was gone may have its inode number, and a test running beside this one may have applied a table in it (a full CI
-    // run once found such a lock): only a file made before `try` ended can be the lab's.
+    // Its egressd's enforcement lock and resolver socket, named for the lab's namespace, are gone with it. The kernel gives a new
+    // namespace the lowest free inode number, so the next one made after the lab's was gone has the lab's, and a test running
+    // beside this one may have applied a table in it (full CI runs found such a lock twice). A lock names what its holder applied,
+    // and the lab's egressd applied the lab's copy of the policies; any other file counts if it was made before `try` ended.
+    const labs = (file: string): boolean => {
+      if (file.endsWith('.lock')) return (fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '').includes('/egressctl-try-');
+      return (fs.statSync(file, { throwIfNoEntry: false })?.mtimeMs ?? Infinity) < finished;
+    };
     const left = (dir: string, prefix: string): string[] =>
-      fs.existsSync(dir)
-        ? fs.readdirSync(dir).filter((f) => f.startsWith(prefix) && (fs.statSync(`${dir}/${f}`, { throwIfNoEntry: false })?.mtimeMs ?? Infinity) < finished)
-        : [];
+      fs.existsSync(dir) ? fs.readdirSync(dir).filter((f) => f.startsWith(prefix) && labs(`${dir}/${f}`)) : [];
     expect(left('/run/egressd', `net-${result.lab.hostNetnsInode}.`)).toEqual([]);
     expect(left('/run/egressd-test', result.lab.id.replace(/^egdt/, ''))).toEqual([]);
   }, 150_000);

@@ -17,8 +17,9 @@ export function deleteNamespace(ns: string): void {
   } catch {
     // No such namespace: nothing to remove.
   }
-  spawnSync('ip', ['netns', 'del', ns]);
+  // Removed while the namespace still holds its inode number (src/lab/sys.ts, deleteNetns): the next namespace made gets it.
   if (lock) rmSync(lock, { force: true });
   // Left by a resolver killed in it.
   if (resolverSocket) rmSync(resolverSocket, { force: true });
+  spawnSync('ip', ['netns', 'del', ns]);
 }
