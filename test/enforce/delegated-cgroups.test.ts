@@ -110,7 +110,7 @@ apps:
     expect(await fromOwnScope(1, 'app-firefox-1.scope', '192.0.2.2')).toBe(true);
     // From its own manager cgroup, which matches no glob: its own app, as before.
     expect(await connect('198.51.100.2', manager(1), users.app1.name)).toBe(false);
-    expect((await server.seen()).map((s) => s.local)).toEqual(['192.0.2.2']);
+    expect((await server.waitFor(1)).map((s) => s.local)).toEqual(['192.0.2.2']);
   });
 
   it("the other way: a user whose own app allows, in a scope of a default-deny app's glob or of an app's deny rule, is denied — deny wins", async () => {
@@ -118,7 +118,7 @@ apps:
     expect(await fromOwnScope(2, 'app-locked-2.scope', '198.51.100.2')).toBe(false);
     expect(await fromOwnScope(2, 'app-firefox-2.scope', '198.51.100.3')).toBe(false);
     expect(await fromOwnScope(2, 'app-firefox-2.scope', '198.51.100.2')).toBe(true);
-    expect((await server.seen()).map((s) => s.local)).toEqual(['198.51.100.2']);
+    expect((await server.waitFor(1)).map((s) => s.local)).toEqual(['198.51.100.2']);
   });
 
   it("a user with no app of its own: the scope's app decides alone; a cgroup root made decides alone whatever its process's user", async () => {
@@ -128,7 +128,7 @@ apps:
     // web.service is root's: build's user in it gets web's allowances, as a system unit's identity holds.
     expect(await connect('198.51.100.2', `${E}/sys.slice/web.service`, users.app1.name)).toBe(true);
     expect(await connect('198.51.100.3', `${E}/sys.slice/web.service`, users.app1.name)).toBe(false);
-    expect((await server.seen()).map((s) => s.local)).toEqual(['198.51.100.2', '198.51.100.2']);
+    expect((await server.waitFor(2)).map((s) => s.local)).toEqual(['198.51.100.2', '198.51.100.2']);
   });
 
   it('explain reads the owner as compile does, and answers for a cgroup asked with its user as the kernel did', async () => {
