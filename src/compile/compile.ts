@@ -32,6 +32,8 @@ import {
   keyOfEntry,
   ruleIdTable,
   socksOnLoopback,
+  SYN_COOKIES_RULE,
+  synCookieGuard,
   TOR_SOCKS_ANSWER_RULE,
   type RuleIdEntry,
 } from './rule-ids.js';
@@ -77,6 +79,8 @@ export interface Facts {
   readonly membersIncomplete?: string;
   /** What reading the facts warned about (a bad line of /etc/subuid), at its file:line. */
   readonly warnings?: readonly PolicyIssue[];
+  /** `net.ipv4.tcp_syncookies` where the table is applied, read when `FactsNeeded.tcpSyncookies` asks; 2 sends every SYN-ACK with a cookie. */
+  readonly tcpSyncookies?: number;
 }
 
 /** Ids from `from` to `to`, both included. */
@@ -119,6 +123,8 @@ export interface FactsNeeded {
   readonly userIds?: readonly number[];
   readonly groupIds?: readonly number[];
   readonly cgroupDepth: number;
+  /** The table drops SYN-ACKs without an owner (synCookieGuard): whether the kernel sends every one so is a fact too. */
+  readonly tcpSyncookies?: true;
 }
 
 export interface CompileOptions {
@@ -227,6 +233,7 @@ export function factsNeeded(policy: Policy): FactsNeeded {
     userIds: [...userIds].sort(byNumber),
     groupIds: [...groupIds].sort(byNumber),
     cgroupDepth: cgroupDepth(policy),
+    ...(synCookieGuard(policy) ? { tcpSyncookies: true as const } : {}),
   };
 }
 
@@ -386,6 +393,7 @@ class Compiler {
     // This rule carries the policy digest: `status` and `plan` read it back from the live table.
     output.push(rule([match.oif('lo'), verdict.accept()], `loopback; ${POLICY_MARK}${policy.digest.slice(0, 32)}`));
     output.push(...systemDomainRules);
+    output.push(...this.synCookieRules());
 
     // IPv6 cannot work without neighbour discovery and MLD, which the kernel
     // sends on nobody's behalf: from its own sockets, which have no file, so
@@ -552,6 +560,52 @@ class Compiler {
         this.tagged(undefined, 'routing-header', ': IPv6 routing headers'),
       ),
     ];
+  }
+
+  /**
+   * A SYN-ACK sent with a SYN cookie leaves from no socket — the kernel
+   * answers so when a listener's queue of half-open connections is full —
+   * so no user, group or cgroup: the system domains' maps do not see it.
+   * A peer that fills a member's small queue with SYNs it never completes
+   * (two fill a backlog of 1: the member's own SYN-ACKs are dropped, so
+   * they stay half-open) gets its next connection answered so, and the
+   * member can accept it. Its own packets on it are dropped; but what it
+   * left queued when it closes the socket the kernel sends on without an
+   * owner, and a closed socket keeps no user or group (its cgroup it
+   * keeps): measured, 1,900 bytes a member found by user wrote and closed
+   * on reached the peer under a default allow. Nothing later in the chain
+   * can tell whose such a packet is, so while a system domain has members
+   * found by user or group, every SYN-ACK without an owner is dropped here
+   * — the connection never opens. That gives up SYN cookies' defence
+   * against SYN floods for the machine's listeners (as
+   * `net.ipv4.tcp_syncookies=0` would); members named by unit, slice or
+   * cgroup keep it. Loopback was let out before.
+   *
+   * Entered by SYN-ACKs only; what has an owner (a request socket's
+   * SYN-ACK reads its listener's, which the maps above judged) goes on.
+   */
+  private synCookieRules(): RuleDecl[] {
+    const guard = synCookieGuard(this.policy);
+    if (!guard) return [];
+    if (this.facts.tcpSyncookies === 2)
+      this.warn(
+        guard.at,
+        `net.ipv4.tcp_syncookies is 2 here: every SYN-ACK is sent with a SYN cookie, and while system domain ${guard.name} has members found by user or group the table drops them all, so no TCP connection from the network can come in; set it to 1, or name the members by unit, slice or cgroup`,
+      );
+    // What reaches the tail has no owner, so no uid to key a log meter on: one limit for the rule (denyTail's last two rules).
+    const text = this.tagged(guard.at, SYN_COOKIES_RULE);
+    const { count, per } = this.log.rate;
+    this.chains.push({
+      name: 'syn_cookies',
+      rules: [
+        rule([match.owned(), verdict.return()], "a listener's SYN-ACK: the rules below decide"),
+        ...(this.log.denials
+          ? [rule([stmt.limit(count, per, this.log.burst), stmt.log(logPrefix(this.shortId(SYN_COOKIES_RULE)), this.log.group)], text)]
+          : []),
+        rule([stmt.counter(), verdict.drop()], text),
+      ],
+    });
+    return [rule([match.tcpSynAck(), verdict.jump('syn_cookies')], this.tagged(guard.at, SYN_COOKIES_RULE, ': SYN-ACKs without an owner'))];
   }
 
   /**

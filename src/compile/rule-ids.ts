@@ -1,5 +1,5 @@
 import { hash } from 'node:crypto';
-import type { App, Origin, Policy, Rule, Verdict } from '../policy/model.js';
+import type { App, Origin, Policy, Rule, SystemDomain, Verdict } from '../policy/model.js';
 
 /**
  * Short rule ids: what the kernel carries (log prefix, rule comments) so that
@@ -15,7 +15,7 @@ import type { App, Origin, Policy, Rule, Verdict } from '../policy/model.js';
  * copied, into the identity); `log`, `why` and file:line are not identity.
  * Two rules of one owner that are alike in all of it are told apart by
  * their order among themselves. The built-in decisions (defaults, system
- * domains, lockdown, Tor, the resolver's DNS rules, the routing-header drop) are identified by
+ * domains, lockdown, Tor, the resolver's DNS rules, the routing-header and SYN-cookie drops) are identified by
  * their ids, which name them.
  */
 
@@ -32,6 +32,7 @@ export const RULE_KINDS = [
   'tor-socks-answer',
   'tor-own',
   'routing-header',
+  'syn-cookies',
   'dns-resolver',
   'dns-exclusive',
 ] as const;
@@ -61,6 +62,20 @@ export const TOR_SOCKS_ANSWER_RULE = 'tor/socks-answer';
 /** A SOCKS port on this machine's loopback, which any local user's program could hold; one on another host is network. */
 export function socksOnLoopback(socks: { readonly family: 4 | 6; readonly address: string }): boolean {
   return socks.family === 4 ? socks.address.startsWith('127.') : socks.address === '::1';
+}
+
+/** SYN-ACKs sent with SYN cookies, dropped while a system domain has members found by user or group (synCookieGuard). */
+export const SYN_COOKIES_RULE = 'syn-cookies';
+
+/**
+ * The first system domain with a member found by user or group, whose
+ * members' SYN cookies the table must drop: a closed socket keeps no user or
+ * group, so what such a member left to one on a connection its SYN cookie
+ * opened would leave without an owner (compile.ts, synCookieRules). Members
+ * found by cgroup keep their cgroup, and need no such drop.
+ */
+export function synCookieGuard(policy: Policy): SystemDomain | undefined {
+  return policy.systemDomains.find((domain) => domain.members.some((m) => m.selectors.some((s) => s.kind === 'user' || s.kind === 'group')));
 }
 
 /** Everyone else's DNS packets, dropped while `dns.exclusive`. */
@@ -93,6 +108,8 @@ export function ruleIdTable(policy: Policy, options: { readonly lockdown?: boole
 
   builtIn('routing-header', 'routing-header', 'deny', undefined);
   for (const domain of policy.systemDomains) builtIn(`sd/${domain.name}`, 'system-domain', 'deny', domain.at, { domain: domain.name });
+  const guard = synCookieGuard(policy);
+  if (guard) builtIn(SYN_COOKIES_RULE, 'syn-cookies', 'deny', guard.at);
   if (policy.tor.enabled) {
     builtIn('tor/updaters', 'tor-updaters', 'deny', policy.tor.at);
     builtIn('tor/socks', 'tor-socks', 'allow', policy.tor.at);

@@ -72,8 +72,8 @@ export type Expr =
   | { readonly set: readonly Element[] }
   /** A list of flags, tested bitwise (`ct state established,related`): no set at all. */
   | readonly string[]
-  /** A bitwise AND, as libnftables JSON writes it: `ip6 daddr & ffff:ffff::`. */
-  | { readonly '&': readonly [Expr, string] }
+  /** A bitwise AND, as libnftables JSON writes it: `ip6 daddr & ffff:ffff::`, `tcp flags & (syn | ack)` (a list of flags). */
+  | { readonly '&': readonly [Expr, string | readonly string[]] }
   /** A bitwise OR: `ct mark & 0x0000ffff | 0x00010000`. */
   | { readonly '|': readonly [Expr, string] }
   | Element;
@@ -162,6 +162,8 @@ export const match = {
   tcpSport: (port: number): Statement => eq({ payload: { protocol: 'tcp', field: 'sport' } }, port),
   /** A TCP packet without SYN: neither a connection's first packet nor its answer (`tcp flags & syn 0`). Any other protocol breaks the rule. */
   tcpWithoutSyn: (): Statement => eq({ '&': [{ payload: { protocol: 'tcp', field: 'flags' } }, 'syn'] }, 0),
+  /** A SYN-ACK: both flags set, whatever else (ECN) is. Any other protocol breaks the rule. */
+  tcpSynAck: (): Statement => eq({ '&': [{ payload: { protocol: 'tcp', field: 'flags' } }, ['syn', 'ack']] }, ['syn', 'ack']),
   /** The socket's owner is none of `uids`; a packet without an owner (the kernel's own) breaks the rule. */
   skuidNotIn: (uids: readonly number[]): Statement => ({ match: { op: '!=', left: { meta: { key: 'skuid' } }, right: { set: uids } } }),
   skuid: (uid: number): Statement => eq({ meta: { key: 'skuid' } }, uid),
@@ -401,7 +403,10 @@ function exprText(expr: Expr): string {
   if ('exthdr' in expr) return `${expr.exthdr.name} ${expr.exthdr.field}`;
   if ('ct' in expr) return `ct ${expr.ct.key}`;
   if ('set' in expr) return `{ ${expr.set.map((e) => exprText(e as Expr)).join(', ')} }`;
-  if ('&' in expr) return `${exprText(expr['&'][0])} & ${expr['&'][1]}`;
+  if ('&' in expr) {
+    const [left, operand] = expr['&'];
+    return `${exprText(left)} & ${isFlagList(operand) ? `(${operand.join(' | ')})` : operand}`;
+  }
   if ('|' in expr) return `${exprText(expr['|'][0])} | ${expr['|'][1]}`;
   return elementText(expr);
 }

@@ -141,6 +141,7 @@ export interface FactSources {
   readonly accounts?: Accounts;
   readonly files?: AccountFiles;
   readonly cgroupRoot?: string;
+  readonly syncookiesFile?: string;
 }
 
 /**
@@ -171,7 +172,14 @@ export function gatherFacts(needed: FactsNeeded, sources: FactSources = {}): Fac
   const warnings: PolicyIssue[] = [];
   const uids = idsOf(users, needed.userIds);
   const gids = idsOf(groups, needed.groupIds);
-  const facts: Facts = { users, groups, cgroups: cgroups.named, unnamedCgroups: cgroups.unnamed, cgroupOwners: cgroups.owners };
+  const facts: Facts = {
+    users,
+    groups,
+    cgroups: cgroups.named,
+    unnamedCgroups: cgroups.unnamed,
+    cgroupOwners: cgroups.owners,
+    ...(needed.tcpSyncookies ? definedSyncookies(sources.syncookiesFile ?? SYNCOOKIES_FILE) : {}),
+  };
   if (uids.length === 0 && gids.length === 0) return facts;
   return {
     ...facts,
@@ -180,6 +188,19 @@ export function gatherFacts(needed: FactsNeeded, sources: FactSources = {}): Fac
     ...(gids.length > 0 ? definedIncomplete(readNsswitch(files.nsswitch)) : {}),
     warnings,
   };
+}
+
+/** The network namespace's own: /proc/sys/net is the reading process's namespace, which is where the table is applied. */
+const SYNCOOKIES_FILE = '/proc/sys/net/ipv4/tcp_syncookies';
+
+/** `net.ipv4.tcp_syncookies`, for a warning only: a kernel without the file (no IPv4) leaves it out. */
+function definedSyncookies(file: string): { tcpSyncookies?: number } {
+  try {
+    const value = Number(readFileSync(file, 'utf8').trim());
+    return Number.isInteger(value) ? { tcpSyncookies: value } : {};
+  } catch {
+    return {};
+  }
 }
 
 /** The ids found for names, and those named by number, once each. */

@@ -52,6 +52,7 @@ tor: {enabled: true, updaters: [apt]}
       position('vmap @tor_uid'),
       position('meta oif "lo" accept comment "loopback; policy sha256:'),
       position('vmap @sd_uid'),
+      position(`tcp flags & (syn | ack) syn,ack jump syn_cookies comment "${sid(compiled, 'syn-cookies')} f.yaml:6 syn-cookies: SYN-ACKs without an owner"`),
       position('goto lockdown'),
       position(`meta skuid 110 counter accept comment "${sid(compiled, 'tor/own')} f.yaml`),
       position('vmap @app_uid'),
@@ -206,6 +207,8 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
         sd_offline: 0,
         lockdown: 0,
         routing_header: 0,
+        // vault, a member found by user: SYN-ACKs without an owner are dropped.
+        syn_cookies: 0,
         tor_updaters: 0,
         link_local: 0,
         global_deny: 0,
@@ -279,6 +282,59 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
       expect(evaluate(compiled.ruleset, { ...byUser, fullSocket: false }), egress).toMatchObject({ verdict: 'accept', ctMark: 0 });
       expect(evaluate(compiled.ruleset, byUser), egress).toMatchObject({ verdict: 'accept', ctMark: tags.get('www')! * 0x10000 });
     }
+  });
+
+  it('drops SYN-ACKs without an owner (SYN cookies) while a system domain has members found by user or group, and only then', () => {
+    // A closed socket keeps no user or group: what a member left to one on a connection its SYN cookie opened would leave
+    // without an owner, and nothing after could tell whose it is. So the connection must not open.
+    const policy = (members: string, egress = 'allow') => `defaults: {egress: ${egress}}\nsystemDomains:\n  offline: {members: [${members}]}\n`;
+    const synAck: Packet = {
+      oif: 'eth0',
+      family: 4,
+      daddr: '203.0.113.9',
+      l4proto: 'tcp',
+      dport: 40000,
+      cgroup: '',
+      ct: 'established',
+      ctDirection: 'reply',
+      tcpFlags: ['syn', 'ack'],
+    };
+    for (const members of ['{user: vault}', '{group: 12}']) {
+      for (const egress of ['allow', 'deny']) {
+        const compiled = compileYaml(policy(members, egress));
+        const dropped = evaluate(compiled.ruleset, synAck);
+        expect(dropped, `${members} ${egress}`).toMatchObject({ verdict: 'drop', chain: 'syn_cookies' });
+        expect(ruleText(dropped.rule!)).toBe(`counter drop comment "${sid(compiled, 'syn-cookies')} f.yaml:3 syn-cookies"`);
+        // A listener's own SYN-ACK (its request socket is not full, but has the listener's owner) meets the rules as before;
+        // a member's is the system domain's.
+        expect(evaluate(compiled.ruleset, { ...synAck, skuid: 1000, fullSocket: false }), egress).toMatchObject({ verdict: 'accept' });
+        if (members === '{user: vault}')
+          expect(evaluate(compiled.ruleset, { ...synAck, skuid: 990, fullSocket: false })).toMatchObject({ verdict: 'drop', chain: 'sd_offline' });
+        // Other packets without an owner, and SYN-ACKs over loopback, are not its business.
+        for (const tcpFlags of [['ack'], ['fin', 'ack'], ['rst']] as const)
+          expect(evaluate(compiled.ruleset, { ...synAck, tcpFlags }), tcpFlags.join()).not.toMatchObject({ chain: 'syn_cookies' });
+        expect(evaluate(compiled.ruleset, { ...synAck, oif: 'lo', daddr: '127.0.0.1' })).toMatchObject({ verdict: 'accept' });
+      }
+    }
+    // Members found by cgroup keep their cgroup on a closed socket: SYN cookies stay, and the rule is not made.
+    const byUnit = compileYaml(policy('{unit: gpg.service}'));
+    expect(byUnit.ruleset.chains.map((c) => c.name)).not.toContain('syn_cookies');
+    expect(evaluate(byUnit.ruleset, synAck)).toMatchObject({ verdict: 'accept' });
+    // No log without denial logging; the drop still counts.
+    const quiet = compileYaml(`defaults: {egress: allow, log: {denials: false}}\nsystemDomains:\n  offline: {members: [{user: vault}]}\n`);
+    expect(chain(quiet, 'syn_cookies').rules.map(ruleText)).toEqual([
+      `meta skuid 0-4294967295 return comment "a listener's SYN-ACK: the rules below decide"`,
+      `counter drop comment "${sid(quiet, 'syn-cookies')} f.yaml:3 syn-cookies"`,
+    ]);
+  });
+
+  it('warns where the kernel sends every SYN-ACK with a cookie (tcp_syncookies=2), which the drop then takes', () => {
+    const yaml = 'systemDomains:\n  offline: {members: [{user: vault}]}\n';
+    const warned = (tcpSyncookies: number | undefined) =>
+      compile(policyFrom(yaml), { ...FACTS, ...(tcpSyncookies === undefined ? {} : { tcpSyncookies }) }).warnings.map((w) => w.message);
+    expect(warned(2)).toEqual([expect.stringContaining('net.ipv4.tcp_syncookies is 2 here: every SYN-ACK is sent with a SYN cookie')]);
+    for (const value of [0, 1, undefined]) expect(warned(value), String(value)).toEqual([]);
+    expect(compile(policyFrom('systemDomains:\n  offline: {members: [{unit: x.service}]}\n'), { ...FACTS, tcpSyncookies: 2 }).warnings).toEqual([]);
   });
 
   it("a closed socket's packets (without an owner) pass the global deny list only where their app's own rule lets them", () => {

@@ -108,8 +108,11 @@ describe('identities that match nothing on this machine', () => {
       userIds: [7],
       groupIds: [12],
       cgroupDepth: 0,
+      // A system domain has members found by user or group: the table drops SYN-ACKs without an owner (synCookieGuard).
+      tcpSyncookies: true,
     });
     expect(factsNeeded(policyFrom(yaml.replace('ENABLED', 'false'))).users).toEqual(['_apt', 'alice', 'vault']);
+    expect(factsNeeded(policyFrom('systemDomains: {off: {members: [{unit: gpg.service}]}}\n'))).not.toHaveProperty('tcpSyncookies');
   });
 });
 

@@ -46,6 +46,7 @@ describe('short rule ids', () => {
     expect(ids.map((e) => e.ruleId)).toEqual([
       'routing-header',
       'sd/off',
+      'syn-cookies',
       'tor/updaters',
       'tor/socks',
       'tor/socks-answer',
@@ -69,6 +70,16 @@ describe('short rule ids', () => {
       app: 'web',
     });
     expect(byRuleId(ids, 'sd/off')).toMatchObject({ kind: 'system-domain', verdict: 'deny', domain: 'off' });
+    // Built in, made by the first system domain with a member found by user or group: its file:line says which.
+    expect(byRuleId(ids, 'syn-cookies')).toEqual({
+      id: expect.any(String),
+      ruleId: 'syn-cookies',
+      kind: 'syn-cookies',
+      verdict: 'deny',
+      file: 'f.yaml',
+      line: 12,
+    });
+    expect(compileYaml(`${APP}systemDomains: {off: {members: [{unit: gpg.service}]}}\n`).ruleIds.map((e) => e.ruleId)).not.toContain('syn-cookies');
     expect(byRuleId(ids, 'lockdown')).toEqual({ id: expect.any(String), ruleId: 'lockdown', kind: 'lockdown', verdict: 'deny' });
     expect(byRuleId(ids, 'routing-header')).toEqual({ id: expect.any(String), ruleId: 'routing-header', kind: 'routing-header', verdict: 'deny' });
     expect(byRuleId(ids, 'deny/f.yaml/0')).toMatchObject({ kind: 'global-deny', verdict: 'deny', file: 'f.yaml', line: 11 });
@@ -94,9 +105,10 @@ describe('short rule ids', () => {
     const text = renderText(compiled.ruleset);
     const prefixes = [...text.matchAll(/log prefix "([^"]*)"/g)].map((m) => m[1]!);
     // routing-header, sd/off, tor/updaters, tor/socks-answer, lockdown, dns/exclusive, app/web/1, app/web/default, deny/f.yaml/0,
-    // default: each twice (its log limited per uid, and once for packets without an owner).
-    expect(new Set(prefixes).size).toBe(10);
-    expect(prefixes.length).toBe(20);
+    // default: each twice (its log limited per uid, and once for packets without an owner); syn-cookies, whose packets have
+    // no owner, once.
+    expect(new Set(prefixes).size).toBe(11);
+    expect(prefixes.length).toBe(21);
     for (const prefix of prefixes) {
       expect(Buffer.byteLength(prefix)).toBe(14);
       expect(table.has(parseLogPrefix(prefix)!), prefix).toBe(true);

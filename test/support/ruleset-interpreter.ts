@@ -141,7 +141,7 @@ function runStatement(s: Statement, packet: Packet, sets: ReadonlyMap<string, Se
     const { op, left, right } = s.match;
     const value = load(left, packet);
     if (value === undefined) return 'break';
-    const hit = op === 'in' ? flagsMatch(value, right) : contains(right, value, sets);
+    const hit = op === 'in' ? flagsMatch(value, right) : Array.isArray(right) ? flagBitsEqual(value, right) : contains(right, value, sets);
     return (op === '!=' ? !hit : hit) ? 'continue' : 'break';
   }
   if ('vmap' in s) {
@@ -223,13 +223,27 @@ function load(expr: Expr, packet: Packet): Value | undefined {
     if (inner === undefined) return undefined;
     if (inner.kind === 'number') {
       // 32-bit marks: JavaScript's bitwise operators are signed, so back to unsigned.
-      const bits = operand in TCP_FLAG_BITS ? TCP_FLAG_BITS[operand as TcpFlag] : hexNumber(operand);
+      const bits = typeof operand !== 'string' ? tcpFlagBits(operand) : operand in TCP_FLAG_BITS ? TCP_FLAG_BITS[operand as TcpFlag] : hexNumber(operand);
       return { kind: 'number', value: ('&' in expr ? inner.value & bits : inner.value | bits) >>> 0 };
     }
-    if (inner.kind !== 'address' || '|' in expr) throw new Error(`interpreter: ${JSON.stringify(expr)} on ${inner.kind}`);
+    if (inner.kind !== 'address' || '|' in expr || typeof operand !== 'string') throw new Error(`interpreter: ${JSON.stringify(expr)} on ${inner.kind}`);
     return { ...inner, value: inner.value & addressBits(inner.family, operand) };
   }
   throw new Error(`interpreter: cannot load ${JSON.stringify(expr)}`);
+}
+
+/** A list of TCP flags as nft's JSON writes them (`tcp flags & (syn | ack) == syn | ack`): their bits together. */
+function tcpFlagBits(flags: readonly string[]): number {
+  return flags.reduce((bits, flag) => {
+    if (!(flag in TCP_FLAG_BITS)) throw new Error(`interpreter: ${flag} is not a TCP flag`);
+    return bits | TCP_FLAG_BITS[flag as TcpFlag];
+  }, 0);
+}
+
+/** `==` against a list of flags: exactly those bits (the left side masked them already). */
+function flagBitsEqual(value: Value, flags: readonly string[]): boolean {
+  if (value.kind !== 'number') throw new Error('interpreter: a list of flags compared with a value that is not a number');
+  return value.value === tcpFlagBits(flags);
 }
 
 function hexNumber(text: string): number {

@@ -2,7 +2,7 @@ import { chownSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:f
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { listCgroups } from '../../src/system/facts.js';
+import { gatherFacts, listCgroups } from '../../src/system/facts.js';
 
 describe('listCgroups', () => {
   const root = mkdtempSync(join(tmpdir(), 'egd-cgfs-'));
@@ -34,5 +34,23 @@ describe('listCgroups', () => {
         ['user.slice/user-2001.slice/user@2001.service/app.slice/app-firefox-1.scope', 2001],
       ]),
     );
+  });
+});
+
+describe('gatherFacts: net.ipv4.tcp_syncookies', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'egd-syncookies-'));
+  const cgroupRoot = join(dir, 'cgroup');
+  mkdirSync(cgroupRoot);
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('is read only when the table would drop SYN-ACKs without an owner; a file that cannot be read leaves it out', () => {
+    const file = join(dir, 'tcp_syncookies');
+    writeFileSync(file, '2\n');
+    const needed = { users: [], groups: [], cgroupDepth: 0 };
+    expect(gatherFacts({ ...needed, tcpSyncookies: true }, { cgroupRoot, syncookiesFile: file }).tcpSyncookies).toBe(2);
+    expect(gatherFacts(needed, { cgroupRoot, syncookiesFile: file })).not.toHaveProperty('tcpSyncookies');
+    expect(gatherFacts({ ...needed, tcpSyncookies: true }, { cgroupRoot, syncookiesFile: join(dir, 'absent') })).not.toHaveProperty('tcpSyncookies');
+    // This process's own network namespace: the file is there on any kernel with IPv4.
+    expect([0, 1, 2]).toContain(gatherFacts({ ...needed, tcpSyncookies: true }, { cgroupRoot }).tcpSyncookies);
   });
 });
