@@ -581,8 +581,16 @@ class Compiler {
    * `net.ipv4.tcp_syncookies=0` would); members named by unit, slice or
    * cgroup keep it. Loopback was let out before.
    *
-   * Entered by SYN-ACKs only; what has an owner (a request socket's
-   * SYN-ACK reads its listener's, which the maps above judged) goes on.
+   * Entered by SYN-ACKs only; what leaves from a socket goes on: a request
+   * socket's SYN-ACK (its listener's owner, which the maps above judged),
+   * and that of a service in the kernel (nfsd, ksmbd, MPTCP's own
+   * listeners), whose sockets have no owner but are sockets.
+   *
+   * It narrows the way, not closes it: a SYN cookie needs no SYN-ACK to be
+   * sent. An ACK whose cookie checks out completes a connection to a
+   * listener that overflowed in the last two minutes, and one guessed blind
+   * does with a chance of 2^-29 (a live request socket's, without cookies,
+   * 2^-32). README, "What does not hold".
    */
   private synCookieRules(): RuleDecl[] {
     const guard = synCookieGuard(this.policy);
@@ -598,7 +606,7 @@ class Compiler {
     this.chains.push({
       name: 'syn_cookies',
       rules: [
-        rule([match.owned(), verdict.return()], "a listener's SYN-ACK: the rules below decide"),
+        rule([match.fromSocket(), verdict.return()], 'a SYN-ACK from a socket: the rules below decide'),
         ...(this.log.denials
           ? [rule([stmt.limit(count, per, this.log.burst), stmt.log(logPrefix(this.shortId(SYN_COOKIES_RULE)), this.log.group)], text)]
           : []),

@@ -65,7 +65,7 @@ export type Expr =
   | { readonly payload: { readonly protocol: 'ip6'; readonly field: 'hoplimit' | 'nexthdr' } }
   | { readonly payload: { readonly protocol: 'tcp'; readonly field: 'flags' } }
   | { readonly socket: { readonly key: 'cgroupv2'; readonly level: number } }
-  | { readonly socket: { readonly key: 'mark' } }
+  | { readonly socket: { readonly key: 'mark' | 'transparent' } }
   /** An IPv6 extension header's field: nft finds the header wherever it is in the chain of headers; a packet without one breaks the rule. */
   | { readonly exthdr: { readonly name: 'rt'; readonly field: 'type' } }
   | { readonly ct: { readonly key: 'state' | 'direction' | 'mark' } }
@@ -178,6 +178,15 @@ export const match = {
    * TIME_WAIT socket's ACK from a timewait one, a syncookie SYN-ACK from none.
    */
   fullSocket: (): Statement => eq({ socket: { key: 'mark' } }, { range: [0, 4294967295] }),
+  /**
+   * The packet leaves from a socket of any kind — full, request or timewait,
+   * a process's or the kernel's own (a service in the kernel, the control
+   * socket resets come from) — which `socket transparent` loads for in the
+   * output hook: all but a SYN cookie's SYN-ACK, which leaves from none
+   * (measured: `meta skuid` loads for neither the kernel's sockets nor a
+   * cookie's; this loads for the first only).
+   */
+  fromSocket: (): Statement => eq({ socket: { key: 'transparent' } }, { range: [0, 1] }),
   hoplimit: (limit: number): Statement => eq({ payload: { protocol: 'ip6', field: 'hoplimit' } }, limit),
   daddrIn6Multicast: (): Statement => eq({ payload: { protocol: 'ip6', field: 'daddr' } }, { prefix: { addr: 'ff00::', len: 8 } }),
   icmpv6Type: (types: readonly string[]): Statement => eq({ payload: { protocol: 'icmpv6', field: 'type' } }, { set: types }),
@@ -399,7 +408,7 @@ function exprText(expr: Expr): string {
   if (typeof expr === 'number') return String(expr);
   if ('meta' in expr) return `meta ${expr.meta.key}`;
   if ('payload' in expr) return `${expr.payload.protocol} ${expr.payload.field}`;
-  if ('socket' in expr) return expr.socket.key === 'mark' ? 'socket mark' : `socket cgroupv2 level ${expr.socket.level}`;
+  if ('socket' in expr) return expr.socket.key === 'cgroupv2' ? `socket cgroupv2 level ${expr.socket.level}` : `socket ${expr.socket.key}`;
   if ('exthdr' in expr) return `${expr.exthdr.name} ${expr.exthdr.field}`;
   if ('ct' in expr) return `ct ${expr.ct.key}`;
   if ('set' in expr) return `{ ${expr.set.map((e) => exprText(e as Expr)).join(', ')} }`;

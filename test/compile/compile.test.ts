@@ -288,6 +288,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     // A closed socket keeps no user or group: what a member left to one on a connection its SYN cookie opened would leave
     // without an owner, and nothing after could tell whose it is. So the connection must not open.
     const policy = (members: string, egress = 'allow') => `defaults: {egress: ${egress}}\nsystemDomains:\n  offline: {members: [${members}]}\n`;
+    // Another's SYN-ACK, from the request socket of a listener: no owner, and not a full socket.
     const synAck: Packet = {
       oif: 'eth0',
       family: 4,
@@ -298,32 +299,35 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
       ct: 'established',
       ctDirection: 'reply',
       tcpFlags: ['syn', 'ack'],
+      fullSocket: false,
     };
+    // A SYN cookie's: from no socket at all.
+    const cookie: Packet = { ...synAck, noSocket: true };
     for (const members of ['{user: vault}', '{group: 12}']) {
       for (const egress of ['allow', 'deny']) {
         const compiled = compileYaml(policy(members, egress));
-        const dropped = evaluate(compiled.ruleset, synAck);
+        const dropped = evaluate(compiled.ruleset, cookie);
         expect(dropped, `${members} ${egress}`).toMatchObject({ verdict: 'drop', chain: 'syn_cookies' });
         expect(ruleText(dropped.rule!)).toBe(`counter drop comment "${sid(compiled, 'syn-cookies')} f.yaml:3 syn-cookies"`);
-        // A listener's own SYN-ACK (its request socket is not full, but has the listener's owner) meets the rules as before;
-        // a member's is the system domain's.
-        expect(evaluate(compiled.ruleset, { ...synAck, skuid: 1000, fullSocket: false }), egress).toMatchObject({ verdict: 'accept' });
-        if (members === '{user: vault}')
-          expect(evaluate(compiled.ruleset, { ...synAck, skuid: 990, fullSocket: false })).toMatchObject({ verdict: 'drop', chain: 'sd_offline' });
-        // Other packets without an owner, and SYN-ACKs over loopback, are not its business.
+        // A listener's own SYN-ACK (its request socket reads the listener's owner) meets the rules as before; a member's is
+        // the system domain's. A service in the kernel (nfsd, ksmbd) answers from a socket without an owner: not a cookie either.
+        expect(evaluate(compiled.ruleset, { ...synAck, skuid: 1000 }), egress).toMatchObject({ verdict: 'accept' });
+        expect(evaluate(compiled.ruleset, synAck), egress).toMatchObject({ verdict: 'accept' });
+        if (members === '{user: vault}') expect(evaluate(compiled.ruleset, { ...synAck, skuid: 990 })).toMatchObject({ verdict: 'drop', chain: 'sd_offline' });
+        // Other packets from no socket, and cookies over loopback, are not its business.
         for (const tcpFlags of [['ack'], ['fin', 'ack'], ['rst']] as const)
-          expect(evaluate(compiled.ruleset, { ...synAck, tcpFlags }), tcpFlags.join()).not.toMatchObject({ chain: 'syn_cookies' });
-        expect(evaluate(compiled.ruleset, { ...synAck, oif: 'lo', daddr: '127.0.0.1' })).toMatchObject({ verdict: 'accept' });
+          expect(evaluate(compiled.ruleset, { ...cookie, tcpFlags }), tcpFlags.join()).not.toMatchObject({ chain: 'syn_cookies' });
+        expect(evaluate(compiled.ruleset, { ...cookie, oif: 'lo', daddr: '127.0.0.1' })).toMatchObject({ verdict: 'accept' });
       }
     }
     // Members found by cgroup keep their cgroup on a closed socket: SYN cookies stay, and the rule is not made.
     const byUnit = compileYaml(policy('{unit: gpg.service}'));
     expect(byUnit.ruleset.chains.map((c) => c.name)).not.toContain('syn_cookies');
-    expect(evaluate(byUnit.ruleset, synAck)).toMatchObject({ verdict: 'accept' });
+    expect(evaluate(byUnit.ruleset, cookie)).toMatchObject({ verdict: 'accept' });
     // No log without denial logging; the drop still counts.
     const quiet = compileYaml(`defaults: {egress: allow, log: {denials: false}}\nsystemDomains:\n  offline: {members: [{user: vault}]}\n`);
     expect(chain(quiet, 'syn_cookies').rules.map(ruleText)).toEqual([
-      `meta skuid 0-4294967295 return comment "a listener's SYN-ACK: the rules below decide"`,
+      `socket transparent 0-1 return comment "a SYN-ACK from a socket: the rules below decide"`,
       `counter drop comment "${sid(quiet, 'syn-cookies')} f.yaml:3 syn-cookies"`,
     ]);
   });

@@ -34,7 +34,9 @@ while True:
  * The internet side: first `count` connections from HELD_PORTS, which it
  * never completes (the test's own table there drops what comes to those
  * ports), then one more; prints whether that one connected and how many
- * bytes came over it. Two held connections fill a backlog of 1, so the
+ * bytes came over it. Two held connections fill a backlog of 1 on this
+ * kernel (6.18: the queue is full past the backlog; kernels that count it
+ * full at the backlog answer the second with a cookie already), so the
  * third is answered with a SYN cookie.
  */
 const PEER = String.raw`
@@ -140,23 +142,29 @@ describe.skipIf(unavailable)(`SYN cookies and a system domain's members found by
   it('without members found by user or group, a SYN cookie opens a connection (what the cases below would meet)', async () => {
     await apply(`defaults: {egress: allow}\nsystemDomains:\n  offline: {members: [{cgroup: "${E}/offline"}]}\n`);
     const result = await attempt({ user: users.app1.name }, 2);
-    expect(result).toEqual({ connected: true, bytes: 1900, cookies: 1 });
+    expect(result).toMatchObject({ connected: true, bytes: 1900 });
+    expect(result.cookies).toBeGreaterThan(0);
   });
 
   for (const family of ['v4', 'v6'] as const) {
     it(`a member found by user: its SYN cookie is dropped, and nothing it wrote reaches the peer (IP${family})`, async () => {
       await apply(byUser());
+      const before = await dropsOf('syn-cookies');
       const result = await attempt({ user: users.app2.name }, 2, family);
       expect(result).toMatchObject({ connected: false, bytes: 0 });
       expect(result.cookies).toBeGreaterThan(0);
+      // Dropped there, not anywhere else: every cookie sent, each once at least (the peer's kernel resends its SYN).
+      expect(await dropsOf('syn-cookies')).toBeGreaterThanOrEqual(before + result.cookies);
     });
   }
 
   it('a member found by its socket group alone: the same', async () => {
     await apply(`defaults: {egress: allow}\nsystemDomains:\n  offline: {members: [{group: ${users.grp.name}}]}\n`);
+    const before = await dropsOf('syn-cookies');
     const result = await attempt({ user: users.app1.name, group: users.grp.name }, 2);
     expect(result).toMatchObject({ connected: false, bytes: 0 });
     expect(result.cookies).toBeGreaterThan(0);
+    expect(await dropsOf('syn-cookies')).toBeGreaterThanOrEqual(before + result.cookies);
   });
 
   it("while there are such members, anyone's SYN cookie is dropped, and counted; connections answered from a listener's queue open", async () => {
@@ -170,6 +178,7 @@ describe.skipIf(unavailable)(`SYN cookies and a system domain's members found by
   });
 
   it('with tcp_syncookies=2 every SYN-ACK is a cookie: apply says that no connection can come in, and none does', async () => {
+    const was = (await net.host.run('sysctl', ['-n', 'net.ipv4.tcp_syncookies'])).trim();
     await net.host.run('sysctl', ['-q', '-w', 'net.ipv4.tcp_syncookies=2']);
     try {
       expect(await apply(byUser())).toContain('net.ipv4.tcp_syncookies is 2 here: every SYN-ACK is sent with a SYN cookie');
@@ -177,7 +186,7 @@ describe.skipIf(unavailable)(`SYN cookies and a system domain's members found by
       expect(result).toMatchObject({ connected: false, bytes: 0 });
       expect(result.cookies).toBeGreaterThan(0);
     } finally {
-      await net.host.run('sysctl', ['-q', '-w', 'net.ipv4.tcp_syncookies=1']);
+      await net.host.run('sysctl', ['-q', '-w', `net.ipv4.tcp_syncookies=${was}`]);
     }
     expect(await apply(byUser())).not.toContain('tcp_syncookies');
   });
@@ -185,6 +194,7 @@ describe.skipIf(unavailable)(`SYN cookies and a system domain's members found by
   it('a member found by cgroup keeps it on a closed socket: its SYN cookie opens the connection, but nothing it wrote reaches the peer', async () => {
     await apply(`defaults: {egress: allow}\nsystemDomains:\n  offline: {members: [{cgroup: "${E}/offline"}]}\n`);
     const result = await attempt({ user: users.app1.name, cgroup: `${E}/offline` }, 2);
-    expect(result).toEqual({ connected: true, bytes: 0, cookies: 1 });
+    expect(result).toMatchObject({ connected: true, bytes: 0 });
+    expect(result.cookies).toBeGreaterThan(0);
   });
 });

@@ -41,6 +41,8 @@ export interface Packet {
   readonly skgid?: number;
   /** false for a packet from a socket not yet full (a SYN-ACK's request socket): `socket` expressions do not load; `meta skuid` still reads its listener's. */
   readonly fullSocket?: boolean;
+  /** true for a packet sent from no socket at all (a SYN cookie's SYN-ACK): nothing about a socket loads, `socket transparent` included. */
+  readonly noSocket?: boolean;
   /** The socket's cgroup relative to the cgroup2 root, "" for the root. */
   readonly cgroup: string;
   readonly ct: 'new' | 'established';
@@ -204,12 +206,16 @@ function load(expr: Expr, packet: Packet): Value | undefined {
     return { kind: 'number', value: field === 'sport' ? (packet.sport ?? EPHEMERAL_PORT) : packet.dport };
   }
   if ('socket' in expr) {
-    // `socket` reads a full socket only: a request socket's SYN-ACK has neither cgroup nor mark.
+    const socket = expr.socket;
+    if (packet.noSocket) return undefined;
+    // Any socket has a transparent flag, a request socket's too.
+    if (socket.key === 'transparent') return { kind: 'number', value: 0 };
+    // `socket` reads a full socket only otherwise: a request socket's SYN-ACK has neither cgroup nor mark.
     if (packet.fullSocket === false) return undefined;
-    if (expr.socket.key === 'mark') return { kind: 'number', value: 0 };
+    if (socket.key !== 'cgroupv2') return { kind: 'number', value: 0 };
     const segments = packet.cgroup.split('/').filter(Boolean);
-    if (segments.length < expr.socket.level) return undefined;
-    return { kind: 'text', text: segments.slice(0, expr.socket.level).join('/') };
+    if (segments.length < socket.level) return undefined;
+    return { kind: 'text', text: segments.slice(0, socket.level).join('/') };
   }
   if ('ct' in expr) {
     if (expr.ct.key === 'mark') return { kind: 'number', value: packet.ctMark ?? 0 };
