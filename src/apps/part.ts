@@ -14,6 +14,8 @@ import type { Part, PartContext, PartSpec } from '../daemon/part.js';
 import { openCgroupMapWriter, type CgroupMapWriter } from '../nft/set-elements.js';
 import type { InForce } from '../resolver/runtime.js';
 import { followSystemd, type SystemdFollow } from './systemd.js';
+import { SWEPT_STATES } from '../enforce/sweep.js';
+import { openSockDiag, type SockDiag } from '../system/sock-diag.js';
 import { CgroupTracker, type TrackerChange } from './tracker.js';
 
 export interface AppsPartOptions {
@@ -40,6 +42,8 @@ export interface AppsPartOptions {
   readonly writer?: () => CgroupMapWriter;
   /** Tests and the bench: every write, when acknowledged. */
   readonly onChange?: (change: TrackerChange) => void;
+  /** How often removed cgroups' ids kept for the sockets that carry them are looked at again; default the tracker's, 2,000 ms. */
+  readonly lingerCheckMs?: number;
 }
 
 export const APPS_PART_NAME = 'apps';
@@ -51,6 +55,8 @@ export function appsPart(options: AppsPartOptions = {}): PartSpec {
 async function startApps(first: InForce, context: PartContext, options: AppsPartOptions): Promise<Part> {
   const { log } = context;
   const writer = (options.writer ?? (() => openCgroupMapWriter()))();
+  // Opened when a cgroup first goes: which of the removed cgroups' ids sockets that may still send carry (CgroupTracker, `carried`).
+  let diag: SockDiag | undefined;
   let stop: (why: unknown) => void = () => undefined;
   const stopped = new Promise<unknown>((resolve) => (stop = resolve));
   const tracker = new CgroupTracker({
@@ -67,6 +73,8 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
     ...(options.onChange === undefined ? {} : { onChange: options.onChange }),
     ...(options.recompileIntervalMs === undefined ? {} : { recompileIntervalMs: options.recompileIntervalMs }),
     ...(options.maxRecompileBackoffMs === undefined ? {} : { maxRecompileBackoffMs: options.maxRecompileBackoffMs }),
+    ...(options.lingerCheckMs === undefined ? {} : { lingerCheckMs: options.lingerCheckMs }),
+    carried: () => new Set((diag ??= openSockDiag()).tcpSockets(SWEPT_STATES).flatMap((socket) => (socket.cgroupId === undefined ? [] : [socket.cgroupId]))),
     // How often is the tracker's to bound (per need, with back-off): every ask it makes is a re-apply.
     recompile: (why) => {
       log.info({ event: 'apps-recompile', why }, `app tracker: re-applying: ${why}`);
@@ -86,6 +94,7 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
       tracker.close();
       await queue;
       writer.close();
+      diag?.close();
     })());
   try {
     await tracker.setPolicy(first);
@@ -113,6 +122,7 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
     tracker.close();
     systemd?.close();
     writer.close();
+    diag?.close();
     throw error;
   }
   log.info({ event: 'apps-ready', ...tracker.counters(), systemd: systemd !== undefined }, 'app tracker: following cgroups');
@@ -126,7 +136,7 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
     stopped,
     describe() {
       const c = tracker.counters();
-      return `apps: ${c.tracked} cgroups tracked, ${c.watches} directories watched, systemd signals ${systemd ? 'on' : 'off'}${c.dropped > 0 ? `, ${c.dropped} over the bound` : ''}${c.cut > 0 ? `, ${c.cut} unnameable cut off at an ancestor` : ''}${c.recompiles > 0 ? `, ${c.recompiles} re-applies asked` : ''}`;
+      return `apps: ${c.tracked} cgroups tracked, ${c.watches} directories watched, systemd signals ${systemd ? 'on' : 'off'}${c.dropped > 0 ? `, ${c.dropped} over the bound` : ''}${c.cut > 0 ? `, ${c.cut} unnameable cut off at an ancestor` : ''}${c.recompiles > 0 ? `, ${c.recompiles} re-applies asked` : ''}${c.lingering > 0 ? `, ${c.lingering} removed kept for their sockets` : ''}`;
     },
   };
 }

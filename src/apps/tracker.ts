@@ -58,6 +58,17 @@
  * the default) for at most that long — as any process of that user may
  * anyway, by leaving the cgroups the user's identity is chosen by.
  *
+ * A removed cgroup's id stays in its maps while a TCP socket that may
+ * still send carries it (`carried`, from sock_diag): a socket keeps its
+ * cgroup after its program closed it and after the cgroup was removed, and
+ * the kernel goes on sending what it left queued. Taken out at once, the
+ * id would let that meet what follows instead of its identity — for a
+ * system domain's member, a unit that wrote, closed and exited, the
+ * default. Such ids are looked at again every `lingerCheckMs` and written
+ * into each new generation's maps as they were, and go once no socket
+ * carries them (cgroup ids are not reused), or when a policy no longer has
+ * their map or chain.
+ *
  * A cgroup born while an apply runs may be missing from the new
  * generation's maps (the apply listed cgroups before it was born) and its
  * write may land in the generation being removed: the daemon calls
@@ -113,6 +124,14 @@ export interface TrackerOptions {
   readonly now?: () => number;
   /** Told of every cgroup written or taken out, when the kernel acknowledged it (tests, bench). */
   readonly onChange?: (change: TrackerChange) => void;
+  /**
+   * The cgroup ids that TCP sockets which may still send carry (sock_diag):
+   * a removed cgroup's id stays in its maps while one does. Absent: ids go
+   * with their cgroup.
+   */
+  readonly carried?: () => ReadonlySet<bigint>;
+  /** How often ids kept for sockets are looked at again; default 2,000 ms. */
+  readonly lingerCheckMs?: number;
 }
 
 export interface TrackerChange {
@@ -140,6 +159,8 @@ export interface TrackerCounters {
   readonly cut: number;
   /** Cgroups nft cannot name, left out (an identity that lets out, or no ancestor nft can name). */
   readonly leftOut: number;
+  /** Removed cgroups whose ids stay in their maps for the sockets that carry them. */
+  readonly lingering: number;
 }
 
 /** The policy in force as the tracker uses it. */
@@ -188,6 +209,8 @@ interface Entry {
   readonly uid: number;
   /** Live map → the verdict written there (verdictKey). */
   readonly written: Map<string, string>;
+  /** Compiled map → the verdict it was given at its last look: what a removed cgroup's id keeps (`carried`). */
+  wanted: ReadonlyMap<string, Verdict>;
 }
 
 const SLASH = Buffer.from('/');
@@ -216,6 +239,10 @@ export class CgroupTracker {
   private lastAsk = -Infinity;
   /** What was said about cgroups left out, once per map and owner. */
   private readonly told = new Set<string>();
+  /** Removed cgroups whose ids stay in their maps while a socket carries them, by id. */
+  private readonly lingering = new Map<bigint, Entry>();
+  private lingerTimer: NodeJS.Timeout | undefined;
+  private warnedCarried = false;
 
   constructor(private readonly options: TrackerOptions) {
     this.root = Buffer.from((options.root ?? '/sys/fs/cgroup').replace(/\/+$/, ''));
@@ -264,7 +291,7 @@ export class CgroupTracker {
           }
           const uid = this.principalOf(relative, Number(stat.uid));
           if (!this.admit(uid, this.tracked.size)) return;
-          entry = { bytes: relative, text: element, id: stat.ino, uid, written: new Map() };
+          entry = { bytes: relative, text: element, id: stat.ino, uid, written: new Map(), wanted: new Map() };
           this.tracked.set(key, entry);
           this.countUid(uid, 1);
         }
@@ -315,11 +342,12 @@ export class CgroupTracker {
   }
 
   counters(): TrackerCounters {
-    return { tracked: this.tracked.size, watches: this.watches.size, cut: this.cuts.size, ...this.count };
+    return { tracked: this.tracked.size, watches: this.watches.size, cut: this.cuts.size, lingering: this.lingering.size, ...this.count };
   }
 
   close(): void {
     this.closed = true;
+    clearTimeout(this.lingerTimer);
     for (const watcher of this.watches.values()) watcher.close();
     this.watches.clear();
     this.pending.clear();
@@ -331,7 +359,8 @@ export class CgroupTracker {
     this.view = { compiled, rules: cgroupRules(compiled.cgroupBindings), chains, maps, live };
     this.stale = false;
     // What went with the previous generation is no longer ours to remove; what stays (a kept map) is compared anew.
-    for (const entry of this.tracked.values()) for (const map of [...entry.written.keys()]) if (!live.has(map)) entry.written.delete(map);
+    for (const entry of [...this.tracked.values(), ...this.lingering.values()])
+      for (const map of [...entry.written.keys()]) if (!live.has(map)) entry.written.delete(map);
     for (const [key, watcher] of this.watches) {
       if (!this.view.rules.leadsToMatch(Buffer.from(key, 'latin1').toString('utf8'))) {
         watcher.close();
@@ -400,10 +429,13 @@ export class CgroupTracker {
     if (this.closed || !view) return;
     const adds: { entry: Entry; map: string; verdict: MapVerdict }[] = [];
     const removals: { entry: Entry; map: string; id: bigint }[] = [];
+    const gone: Entry[] = [];
     // A snapshot: a path queued while these are looked at (an ancestor a cut names) is looked at in the next turn, once these are written.
     const batch = [...this.pending];
     this.pending.clear();
-    for (const [key, relative] of batch) this.look(view, key, relative, adds, removals);
+    for (const [key, relative] of batch) this.look(view, key, relative, adds, removals, gone);
+    this.linger(gone, removals);
+    this.keepLingering(view, adds, removals);
     this.write(adds, removals);
     if (this.stale) void this.refresh();
   }
@@ -414,6 +446,7 @@ export class CgroupTracker {
     relative: Buffer,
     adds: { entry: Entry; map: string; verdict: MapVerdict }[],
     removals: { entry: Entry; map: string; id: bigint }[],
+    removed: Entry[],
   ): void {
     const text = relative.toString('utf8');
     const depth = text.split('/').length;
@@ -431,10 +464,10 @@ export class CgroupTracker {
       stat = undefined;
     }
     const gone = stat === undefined || !stat.isDirectory();
-    // Removed, or removed and made again under the same path (a new id): the old id goes.
+    // Removed, or removed and made again under the same path (a new id): the old id goes, once no socket carries it (linger).
     if (held && (gone || held.id !== stat!.ino)) {
-      for (const map of held.written.keys()) removals.push({ entry: held, map, id: held.id });
       this.untrack(key);
+      removed.push(held);
     }
     if (gone) {
       this.uncut(key);
@@ -461,9 +494,11 @@ export class CgroupTracker {
     } else if (cutting !== undefined) this.uncut(key);
     /** The compiled maps whose say on this path is its own claim's: a cut-off from below does not override it. */
     const own = new Set<string>();
+    const wanted = new Map<string, Verdict>();
     for (const claim of claims) {
       const verdict = uid === 0 ? claim.verdict : claim.delegatedVerdict;
       own.add(claim.map);
+      if (!wanted.has(claim.map)) wanted.set(claim.map, verdict);
       for (const live of view.maps.get(claim.map) ?? []) desired.set(live.live, liveVerdict(verdict, live.generation, view.chains));
     }
     for (const [map, verdicts] of cutsHere ?? []) {
@@ -471,6 +506,7 @@ export class CgroupTracker {
       // The first cut-off of a map decides, as compile's first does.
       const first = verdicts.values().next().value;
       if (first === undefined) continue;
+      if (!wanted.has(map)) wanted.set(map, first.verdict);
       for (const live of view.maps.get(map) ?? [])
         if (!desired.has(live.live)) desired.set(live.live, liveVerdict(first.verdict, live.generation, view.chains));
     }
@@ -481,10 +517,11 @@ export class CgroupTracker {
         this.full('cgroups');
         return;
       }
-      entry = { bytes: relative, text, id: stat!.ino, uid: principal(), written: new Map() };
+      entry = { bytes: relative, text, id: stat!.ino, uid: principal(), written: new Map(), wanted };
       this.tracked.set(key, entry);
       this.countUid(principal(), 1);
     }
+    entry.wanted = wanted;
     for (const [map, written] of entry.written) {
       const want = desired.get(map);
       if (want === undefined || verdictKey(want) !== written) removals.push({ entry, map, id: entry.id });
@@ -492,6 +529,83 @@ export class CgroupTracker {
     for (const [map, verdict] of desired) if (entry.written.get(map) !== verdictKey(verdict)) adds.push({ entry, map, verdict });
     // Nothing of it is wanted any more (the policy changed): its removals are queued above, and it is not held.
     if (desired.size === 0) this.untrack(key);
+  }
+
+  /**
+   * Removed cgroups: the ids no socket carries go now; the others stay in
+   * their maps, held apart by id, and are looked at again later. Should
+   * sock_diag fail, every one stays (until it answers): an id kept too long
+   * matches nothing new, one taken out too soon lets a closed socket's
+   * packets past their identity.
+   */
+  private linger(removed: readonly Entry[], removals: { entry: Entry; map: string; id: bigint }[]): void {
+    if (removed.length === 0) return;
+    const carried = this.carriedIds();
+    const max = this.options.maxTracked ?? 65_536;
+    for (const entry of removed) {
+      if (this.options.carried !== undefined && (carried === undefined || carried.has(entry.id)) && this.lingering.size < max) {
+        this.lingering.set(entry.id, entry);
+        continue;
+      }
+      for (const map of entry.written.keys()) removals.push({ entry, map, id: entry.id });
+    }
+    this.scheduleLingerCheck();
+  }
+
+  /** The ids kept for sockets, in the maps in force as they were given (a new generation's too); those whose map or chain the policy lost go. */
+  private keepLingering(view: View, adds: { entry: Entry; map: string; verdict: MapVerdict }[], removals: { entry: Entry; map: string; id: bigint }[]): void {
+    for (const [id, entry] of this.lingering) {
+      const desired = new Map<string, MapVerdict>();
+      for (const [map, verdict] of entry.wanted) {
+        const target = 'jump' in verdict ? verdict.jump.target : 'goto' in verdict ? verdict.goto.target : undefined;
+        if (target !== undefined && !view.chains.has(target)) continue;
+        for (const live of view.maps.get(map) ?? []) desired.set(live.live, liveVerdict(verdict, live.generation, view.chains));
+      }
+      for (const [map, written] of entry.written) {
+        const want = desired.get(map);
+        if (want === undefined || verdictKey(want) !== written) removals.push({ entry, map, id });
+      }
+      for (const [map, verdict] of desired) if (entry.written.get(map) !== verdictKey(verdict)) adds.push({ entry, map, verdict });
+      if (desired.size === 0) this.lingering.delete(id);
+    }
+  }
+
+  /** Every `lingerCheckMs` while ids are kept for sockets: those no socket carries any more go. */
+  private scheduleLingerCheck(): void {
+    if (this.lingerTimer !== undefined || this.lingering.size === 0 || this.closed) return;
+    this.lingerTimer = setTimeout(() => {
+      this.lingerTimer = undefined;
+      if (this.closed) return;
+      const carried = this.carriedIds();
+      const removals: { entry: Entry; map: string; id: bigint }[] = [];
+      if (carried !== undefined) {
+        for (const [id, entry] of this.lingering) {
+          if (carried.has(id)) continue;
+          this.lingering.delete(id);
+          for (const map of entry.written.keys()) removals.push({ entry, map, id });
+        }
+      }
+      this.write([], removals);
+      this.scheduleLingerCheck();
+    }, this.options.lingerCheckMs ?? 2000);
+    this.lingerTimer.unref();
+  }
+
+  private carriedIds(): ReadonlySet<bigint> | undefined {
+    if (this.options.carried === undefined) return undefined;
+    try {
+      const ids = this.options.carried();
+      this.warnedCarried = false;
+      return ids;
+    } catch (error) {
+      if (!this.warnedCarried)
+        this.options.log.error(
+          { event: 'apps-sockets-unread', error: String(error) },
+          "app tracker: the sockets' cgroups could not be read; removed cgroups' ids stay in their maps until they can",
+        );
+      this.warnedCarried = true;
+      return undefined;
+    }
   }
 
   /**

@@ -3,80 +3,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTestNet, ensureTestUsers, harnessUnavailableReason, type TestNet, type TestUsers } from '../harness/index.js';
+import { cookieAttempt, holdHalfOpen } from '../support/cookie-connection.js';
 import { policyDir } from '../support/policy-dir.js';
 
 const ROOT = join(import.meta.dirname, '..', '..');
 const CLI = join(ROOT, 'src/cli/main.ts');
 const unavailable = harnessUnavailableReason();
-
-/**
- * The host side: listens with a backlog of 1, and writes what it was given to
- * each connection it accepts, then closes it at once — leaving what the
- * kernel has not yet sent to a closed socket.
- */
-const LISTENER = String.raw`
-import socket, sys
-addr, size = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET6 if ':' in addr else socket.AF_INET, socket.SOCK_STREAM)
-s.bind((addr, 0))
-s.listen(1)
-print(s.getsockname()[1], flush=True)
-while True:
-    c, _ = s.accept()
-    try:
-        c.sendall(b'x' * size)
-    except OSError:
-        pass
-    c.close()
-`;
-
-/**
- * The internet side: first `count` connections from HELD_PORTS, which it
- * never completes (the test's own table there drops what comes to those
- * ports), then one more; prints whether that one connected and how many
- * bytes came over it. Two held connections fill a backlog of 1 on this
- * kernel (6.18: the queue is full past the backlog; kernels that count it
- * full at the backlog answer the second with a cookie already), so the
- * third is answered with a SYN cookie.
- */
-const PEER = String.raw`
-import json, socket, sys, time
-addr, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-HELD_PORTS = [int(p) for p in sys.argv[4].split(',')]
-family = socket.AF_INET6 if ':' in addr else socket.AF_INET
-held = []
-for i in range(count):
-    h = socket.socket(family, socket.SOCK_STREAM)
-    h.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    h.bind(('', HELD_PORTS[i]))
-    h.setblocking(False)
-    h.connect_ex((addr, port))
-    held.append(h)
-time.sleep(0.3)
-s = socket.socket(family, socket.SOCK_STREAM)
-s.settimeout(3)
-try:
-    s.connect((addr, port))
-except OSError as e:
-    print(json.dumps({'connected': False, 'bytes': 0, 'error': str(e)}), flush=True)
-    sys.exit(0)
-got = 0
-deadline = time.time() + 4
-while time.time() < deadline:
-    s.settimeout(max(0.1, deadline - time.time()))
-    try:
-        d = s.recv(65536)
-    except socket.timeout:
-        break
-    except OSError:
-        break
-    if not d:
-        break
-    got += len(d)
-print(json.dumps({'connected': True, 'bytes': got}), flush=True)
-`;
-
-const HELD_PORTS = [40001, 40002];
 
 describe.skipIf(unavailable)(`SYN cookies and a system domain's members found by user or group ${unavailable ? `(skipped: ${unavailable})` : ''}`, () => {
   let net: TestNet;
@@ -97,29 +29,9 @@ describe.skipIf(unavailable)(`SYN cookies and a system domain's members found by
     const status = JSON.parse(result.stdout) as { dropped: { id: string; packets: number }[] };
     return status.dropped.find((d) => d.id === id)?.packets ?? 0;
   };
-  const cookiesSent = async () => {
-    const netstat = await net.host.run('cat', ['/proc/net/netstat']);
-    const [names, values] = netstat.split('\n').filter((line) => line.startsWith('TcpExt:'));
-    const at = names!.split(/\s+/).indexOf('SyncookiesSent');
-    if (at < 0) throw new Error('no TcpExt SyncookiesSent in /proc/net/netstat');
-    return Number(values!.split(/\s+/)[at]);
-  };
   /** A listener run as `who`, and a peer that first holds `held` half-open connections to it: what reached the peer. */
-  const attempt = async (who: { user: string; group?: string; cgroup?: string }, held: number, family: 'v4' | 'v6' = 'v4') => {
-    const address = net.addrs.host[family];
-    const listener = net.host.spawn('/usr/bin/python3', ['-c', LISTENER, address, '1900'], who);
-    try {
-      const port = await new Promise<number>((resolve, reject) => {
-        listener.stdout!.once('data', (d: Buffer) => resolve(Number(d.toString().trim())));
-        listener.once('exit', (code) => reject(new Error(`the listener exited (${code})`)));
-      });
-      const before = await cookiesSent();
-      const peer = await net.inet.run('/usr/bin/python3', ['-c', PEER, address, String(port), String(held), HELD_PORTS.join(',')]);
-      return { ...(JSON.parse(peer) as { connected: boolean; bytes: number }), cookies: (await cookiesSent()) - before };
-    } finally {
-      listener.kill('SIGKILL');
-    }
-  };
+  const attempt = (who: { user: string; group?: string; cgroup?: string }, held: number, family: 'v4' | 'v6' = 'v4') =>
+    cookieAttempt(net, who, { held, family });
 
   beforeAll(async () => {
     users = ensureTestUsers();
@@ -127,10 +39,7 @@ describe.skipIf(unavailable)(`SYN cookies and a system domain's members found by
     E = `egd-cookies-${net.id}`;
     net.host.mkCgroup(`${E}/offline`);
     state = mkdtempSync(join(tmpdir(), 'egd-syncookies-state-'));
-    // The held connections stay half-open at the listener: nothing of theirs comes back to the peer.
-    await net.inet.nft({
-      stdin: `table inet syncookies {\n  chain input {\n    type filter hook input priority 0;\n    tcp dport { ${HELD_PORTS.join(', ')} } drop\n  }\n}\n`,
-    });
+    await holdHalfOpen(net);
   });
   afterAll(async () => {
     await net?.destroy();
