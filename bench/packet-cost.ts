@@ -13,7 +13,10 @@
  *       conntrack is on;
  *   (c) a strawman: one rule per CIDR, 10,000 rules;
  *   (h) an output chain with no rules: what any nftables egress filter pays
- *       before its first rule, so that (b) × (h) is what egressd's rules cost.
+ *       before its first rule, so that (b) × (h) is what egressd's rules cost;
+ *   (b+sd) (b) with a system domain member found by user: the table then
+ *       drops SYN-ACKs sent from no socket (SYN cookies), one rule more for
+ *       every packet; paired against (b).
  * In (b) and (b') the connecting process is in none of the apps, so each
  * packet walks every dispatch lookup and the deny sets. Target: (b) ≥ 0.95 ×
  * (a); (b') is measured against (a'), since the conntrack cost is its own.
@@ -82,7 +85,7 @@ const PAIRED_RUN_SECONDS = 1;
  * `defaultDeny` the apps are allow-lists (`default: deny`); without it they
  * allow and deny explicitly, and allow the rest.
  */
-function egressdTable(dir: string, defaultDeny: boolean): string {
+function egressdTable(dir: string, defaultDeny: boolean, systemDomainByUser = false): string {
   // Kept clear of 2001:db8::/64, where the traffic is.
   const cidrs = Array.from({ length: 100_000 }, (_, i) => `2001:db8:${((i >> 12) + 0x100).toString(16)}:${(i & 0xfff).toString(16)}::/64`);
   writeFileSync(join(dir, 'cidrs.txt'), `${cidrs.join('\n')}\n`);
@@ -95,13 +98,17 @@ function egressdTable(dir: string, defaultDeny: boolean): string {
   );
   writeFileSync(
     join(dir, '00.yaml'),
-    `defaults: {egress: allow, log: {denials: false}}\nlists:\n  cidrs: {file: cidrs.txt}\ndeny:\n  - to: ["@cidrs", 203.0.113.0/24]\napps:\n${apps.join('\n')}\n`,
+    `defaults: {egress: allow, log: {denials: false}}\nlists:\n  cidrs: {file: cidrs.txt}\ndeny:\n  - to: ["@cidrs", 203.0.113.0/24]\napps:\n${apps.join('\n')}\n${
+      // A member found by user: the table drops SYN-ACKs sent from no socket (SYN cookies), one more rule for every packet.
+      systemDomainByUser ? 'systemDomains:\n  offline: {members: [{user: 29999}]}\n' : ''
+    }`,
   );
   const { policy } = loadPolicyOrThrow(dir);
   const text = renderText(compile(policy, { users: new Map(), groups: new Map(), cgroups: [] }).ruleset);
   // What separates the two rows: whether the table turns conntrack on.
   if (/\bct state\b/.test(text) !== defaultDeny)
     throw new Error(`internal: the ${defaultDeny ? 'default-deny' : 'default-allow'} table ${defaultDeny ? 'lacks' : 'has'} a ct expression`);
+  if (text.includes('jump syn_cookies') !== systemDomainByUser) throw new Error('internal: the SYN-cookie drop is not where the system domain puts it');
   return text;
 }
 
@@ -289,10 +296,12 @@ try {
   const CONNTRACK_ONLY = "(a') no egressd table, conntrack on";
   const EGRESSD = '(b) egressd, no default deny (conntrack off): 100,000 CIDRs + 200 apps';
   const HOOK_ONLY = '(h) an output chain with no rules';
+  const EGRESSD_SD = '(b+sd) (b) with a system domain member found by user (SYN cookies dropped)';
   const tables: Record<string, string | undefined> = {
     [NO_TABLE]: undefined,
     [CONNTRACK_ONLY]: conntrackOnly,
     [EGRESSD]: egressdTable(dir, false),
+    [EGRESSD_SD]: egressdTable(dir, false, true),
     "(b') egressd, 200 apps with default deny (conntrack on): 100,000 CIDRs + 200 apps": egressdTable(dir, true),
     '(c) strawman: 10,000 rules, one per CIDR': strawmanTable(),
     [HOOK_ONLY]: 'table inet hook_only {\n\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n\t}\n}\n',
@@ -331,6 +340,7 @@ try {
       [EGRESSD, undefined],
       [EGRESSD, HOOK_ONLY],
       [HOOK_ONLY, undefined],
+      [EGRESSD_SD, EGRESSD],
     ];
     console.log(
       `\n2. Paired: ${blocks} blocks of four ${PAIRED_RUN_SECONDS}-s runs, A B B A, B's table switched dormant for A (and A's woken, when A has one); each block's (B + B) / (A + A)\n`,

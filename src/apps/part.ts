@@ -9,12 +9,16 @@
  *   parts.push(appsPart());                       // the system bus, /sys/fs/cgroup
  *   parts.push(appsPart({ systemd: false }));     // inotify and the periodic look alone
  */
+import { lstatSync } from 'node:fs';
+import { join } from 'node:path';
 import { TABLE } from '../compile/compile.js';
 import type { Part, PartContext, PartSpec } from '../daemon/part.js';
 import { openCgroupMapWriter, type CgroupMapWriter } from '../nft/set-elements.js';
 import type { InForce } from '../resolver/runtime.js';
 import { followSystemd, type SystemdFollow } from './systemd.js';
 import { SWEPT_STATES } from '../enforce/sweep.js';
+import { openCgroupPaths, type CgroupPaths } from '../system/cgroup-id.js';
+import { CGROUP2_ROOT } from '../system/facts.js';
 import { openSockDiag, type SockDiag } from '../system/sock-diag.js';
 import { CgroupTracker, type TrackerChange } from './tracker.js';
 
@@ -57,6 +61,8 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
   const writer = (options.writer ?? (() => openCgroupMapWriter()))();
   // Opened when a cgroup first goes: which of the removed cgroups' ids sockets that may still send carry (CgroupTracker, `carried`).
   let diag: SockDiag | undefined;
+  const root = options.root ?? CGROUP2_ROOT;
+  const paths = openCgroupPaths({ root });
   let stop: (why: unknown) => void = () => undefined;
   const stopped = new Promise<unknown>((resolve) => (stop = resolve));
   const tracker = new CgroupTracker({
@@ -74,7 +80,8 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
     ...(options.recompileIntervalMs === undefined ? {} : { recompileIntervalMs: options.recompileIntervalMs }),
     ...(options.maxRecompileBackoffMs === undefined ? {} : { maxRecompileBackoffMs: options.maxRecompileBackoffMs }),
     ...(options.lingerCheckMs === undefined ? {} : { lingerCheckMs: options.lingerCheckMs }),
-    carried: () => new Set((diag ??= openSockDiag()).tcpSockets(SWEPT_STATES).flatMap((socket) => (socket.cgroupId === undefined ? [] : [socket.cgroupId]))),
+    carried: () => (diag ??= openSockDiag()).tcpCgroupIds(SWEPT_STATES),
+    ...(paths === undefined ? {} : { cgroupAlive: (id: bigint) => cgroupAlive(paths, root, id) }),
     // How often is the tracker's to bound (per need, with back-off): every ask it makes is a re-apply.
     recompile: (why) => {
       log.info({ event: 'apps-recompile', why }, `app tracker: re-applying: ${why}`);
@@ -95,6 +102,7 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
       await queue;
       writer.close();
       diag?.close();
+      paths?.close();
     })());
   try {
     await tracker.setPolicy(first);
@@ -123,6 +131,7 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
     systemd?.close();
     writer.close();
     diag?.close();
+    paths?.close();
     throw error;
   }
   log.info({ event: 'apps-ready', ...tracker.counters(), systemd: systemd !== undefined }, 'app tracker: following cgroups');
@@ -139,4 +148,14 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
       return `apps: ${c.tracked} cgroups tracked, ${c.watches} directories watched, systemd signals ${systemd ? 'on' : 'off'}${c.dropped > 0 ? `, ${c.dropped} over the bound` : ''}${c.cut > 0 ? `, ${c.cut} unnameable cut off at an ancestor` : ''}${c.recompiles > 0 ? `, ${c.recompiles} re-applies asked` : ''}${c.lingering > 0 ? `, ${c.lingering} removed kept for their sockets` : ''}`;
     },
   };
+}
+
+/** Whether the cgroup `id` names exists now: found by its id, and its directory still that id (a cgroup made again at a path has a new one). A lookup that fails says no: its id is then kept. */
+function cgroupAlive(paths: CgroupPaths, root: string, id: bigint): boolean {
+  try {
+    const path = paths.pathOf(id);
+    return path !== undefined && lstatSync(path === '' ? root : join(root, path), { bigint: true }).ino === id;
+  } catch {
+    return false;
+  }
 }

@@ -58,16 +58,24 @@
  * the default) for at most that long — as any process of that user may
  * anyway, by leaving the cgroups the user's identity is chosen by.
  *
- * A removed cgroup's id stays in its maps while a TCP socket that may
- * still send carries it (`carried`, from sock_diag): a socket keeps its
- * cgroup after its program closed it and after the cgroup was removed, and
- * the kernel goes on sending what it left queued. Taken out at once, the
- * id would let that meet what follows instead of its identity — for a
- * system domain's member, a unit that wrote, closed and exited, the
- * default. Such ids are looked at again every `lingerCheckMs` and written
- * into each new generation's maps as they were, and go once no socket
- * carries them (cgroup ids are not reused), or when a policy no longer has
- * their map or chain.
+ * A removed cgroup's id stays in its maps while a closed socket may still
+ * be sending for it: a socket keeps its cgroup after its program closed it
+ * and after the cgroup was removed, and the kernel goes on sending what it
+ * left queued. Taken out at once, the id would let that meet what follows
+ * instead of its identity — for a system domain's member, a unit that
+ * wrote, closed and exited, the default. Every `lingerCheckMs`, the cgroup
+ * ids the TCP sockets that may still send carry (`carried`, sock_diag) are
+ * read: a kept id goes once no socket carries it, nor any cgroup that no
+ * longer exists (`cgroupAlive`) — sock_diag gives a socket's own cgroup,
+ * and the map matches its ancestor at the member's level, so a removed
+ * member's removed child (a slice's units, a delegated unit's own cgroups)
+ * keeps it too; whose removed cgroup it was cannot be read, so any keeps
+ * every kept id. Kept ids are written into each new generation's maps
+ * with what the policy in force claims for their path, and go when it
+ * claims nothing. Only root's cgroups (units, slices) are kept: a user
+ * leaves its own cgroups at will, and must not fill the bound with ids.
+ * Cgroup ids are 64-bit and never reused: one kept too long matches no
+ * new cgroup.
  *
  * A cgroup born while an apply runs may be missing from the new
  * generation's maps (the apply listed cgroups before it was born) and its
@@ -126,10 +134,12 @@ export interface TrackerOptions {
   readonly onChange?: (change: TrackerChange) => void;
   /**
    * The cgroup ids that TCP sockets which may still send carry (sock_diag):
-   * a removed cgroup's id stays in its maps while one does. Absent: ids go
-   * with their cgroup.
+   * a removed cgroup's id stays in its maps while one does, or one of a
+   * cgroup that no longer exists. Absent: ids go with their cgroup.
    */
   readonly carried?: () => ReadonlySet<bigint>;
+  /** Whether a cgroup with this id exists now; absent, every id `carried` gives but the kept ones is taken as one that does. */
+  readonly cgroupAlive?: (id: bigint) => boolean;
   /** How often ids kept for sockets are looked at again; default 2,000 ms. */
   readonly lingerCheckMs?: number;
 }
@@ -209,8 +219,6 @@ interface Entry {
   readonly uid: number;
   /** Live map → the verdict written there (verdictKey). */
   readonly written: Map<string, string>;
-  /** Compiled map → the verdict it was given at its last look: what a removed cgroup's id keeps (`carried`). */
-  wanted: ReadonlyMap<string, Verdict>;
 }
 
 const SLASH = Buffer.from('/');
@@ -242,6 +250,8 @@ export class CgroupTracker {
   /** Removed cgroups whose ids stay in their maps while a socket carries them, by id. */
   private readonly lingering = new Map<bigint, Entry>();
   private lingerTimer: NodeJS.Timeout | undefined;
+  /** The view the kept ids were last written for: a new one (an apply) writes them again. */
+  private lingerView: View | undefined;
   private warnedCarried = false;
 
   constructor(private readonly options: TrackerOptions) {
@@ -291,7 +301,7 @@ export class CgroupTracker {
           }
           const uid = this.principalOf(relative, Number(stat.uid));
           if (!this.admit(uid, this.tracked.size)) return;
-          entry = { bytes: relative, text: element, id: stat.ino, uid, written: new Map(), wanted: new Map() };
+          entry = { bytes: relative, text: element, id: stat.ino, uid, written: new Map() };
           this.tracked.set(key, entry);
           this.countUid(uid, 1);
         }
@@ -435,7 +445,7 @@ export class CgroupTracker {
     this.pending.clear();
     for (const [key, relative] of batch) this.look(view, key, relative, adds, removals, gone);
     this.linger(gone, removals);
-    this.keepLingering(view, adds, removals);
+    if (this.lingerView !== view) this.keepLingering(view, adds, removals);
     this.write(adds, removals);
     if (this.stale) void this.refresh();
   }
@@ -494,11 +504,9 @@ export class CgroupTracker {
     } else if (cutting !== undefined) this.uncut(key);
     /** The compiled maps whose say on this path is its own claim's: a cut-off from below does not override it. */
     const own = new Set<string>();
-    const wanted = new Map<string, Verdict>();
     for (const claim of claims) {
       const verdict = uid === 0 ? claim.verdict : claim.delegatedVerdict;
       own.add(claim.map);
-      if (!wanted.has(claim.map)) wanted.set(claim.map, verdict);
       for (const live of view.maps.get(claim.map) ?? []) desired.set(live.live, liveVerdict(verdict, live.generation, view.chains));
     }
     for (const [map, verdicts] of cutsHere ?? []) {
@@ -506,7 +514,6 @@ export class CgroupTracker {
       // The first cut-off of a map decides, as compile's first does.
       const first = verdicts.values().next().value;
       if (first === undefined) continue;
-      if (!wanted.has(map)) wanted.set(map, first.verdict);
       for (const live of view.maps.get(map) ?? [])
         if (!desired.has(live.live)) desired.set(live.live, liveVerdict(first.verdict, live.generation, view.chains));
     }
@@ -517,11 +524,10 @@ export class CgroupTracker {
         this.full('cgroups');
         return;
       }
-      entry = { bytes: relative, text, id: stat!.ino, uid: principal(), written: new Map(), wanted };
+      entry = { bytes: relative, text, id: stat!.ino, uid: principal(), written: new Map() };
       this.tracked.set(key, entry);
       this.countUid(principal(), 1);
     }
-    entry.wanted = wanted;
     for (const [map, written] of entry.written) {
       const want = desired.get(map);
       if (want === undefined || verdictKey(want) !== written) removals.push({ entry, map, id: entry.id });
@@ -532,18 +538,15 @@ export class CgroupTracker {
   }
 
   /**
-   * Removed cgroups: the ids no socket carries go now; the others stay in
-   * their maps, held apart by id, and are looked at again later. Should
-   * sock_diag fail, every one stays (until it answers): an id kept too long
-   * matches nothing new, one taken out too soon lets a closed socket's
-   * packets past their identity.
+   * Removed cgroups: root's are kept, by id, until the next look at the
+   * sockets says none may still send for them (`checkLingering`); a user's
+   * go now, as do all when nothing says what sockets carry or the bound is
+   * reached (kept and held together, `maxTracked`).
    */
   private linger(removed: readonly Entry[], removals: { entry: Entry; map: string; id: bigint }[]): void {
-    if (removed.length === 0) return;
-    const carried = this.carriedIds();
     const max = this.options.maxTracked ?? 65_536;
     for (const entry of removed) {
-      if (this.options.carried !== undefined && (carried === undefined || carried.has(entry.id)) && this.lingering.size < max) {
+      if (this.options.carried !== undefined && entry.uid === 0 && this.tracked.size + this.lingering.size < max) {
         this.lingering.set(entry.id, entry);
         continue;
       }
@@ -552,15 +555,13 @@ export class CgroupTracker {
     this.scheduleLingerCheck();
   }
 
-  /** The ids kept for sockets, in the maps in force as they were given (a new generation's too); those whose map or chain the policy lost go. */
+  /** A new view (an apply): the kept ids into its maps, with what it claims for their paths; those it claims nothing for go. */
   private keepLingering(view: View, adds: { entry: Entry; map: string; verdict: MapVerdict }[], removals: { entry: Entry; map: string; id: bigint }[]): void {
+    this.lingerView = view;
     for (const [id, entry] of this.lingering) {
       const desired = new Map<string, MapVerdict>();
-      for (const [map, verdict] of entry.wanted) {
-        const target = 'jump' in verdict ? verdict.jump.target : 'goto' in verdict ? verdict.goto.target : undefined;
-        if (target !== undefined && !view.chains.has(target)) continue;
-        for (const live of view.maps.get(map) ?? []) desired.set(live.live, liveVerdict(verdict, live.generation, view.chains));
-      }
+      for (const claim of view.rules.claimsFor(entry.text))
+        for (const live of view.maps.get(claim.map) ?? []) desired.set(live.live, liveVerdict(claim.verdict, live.generation, view.chains));
       for (const [map, written] of entry.written) {
         const want = desired.get(map);
         if (want === undefined || verdictKey(want) !== written) removals.push({ entry, map, id });
@@ -570,31 +571,40 @@ export class CgroupTracker {
     }
   }
 
-  /** Every `lingerCheckMs` while ids are kept for sockets: those no socket carries any more go. */
+  /** Every `lingerCheckMs` while ids are kept: one look at the sockets' cgroups, and the ids no socket may still send for go. */
   private scheduleLingerCheck(): void {
     if (this.lingerTimer !== undefined || this.lingering.size === 0 || this.closed) return;
     this.lingerTimer = setTimeout(() => {
       this.lingerTimer = undefined;
       if (this.closed) return;
-      const carried = this.carriedIds();
-      const removals: { entry: Entry; map: string; id: bigint }[] = [];
-      if (carried !== undefined) {
-        for (const [id, entry] of this.lingering) {
-          if (carried.has(id)) continue;
-          this.lingering.delete(id);
-          for (const map of entry.written.keys()) removals.push({ entry, map, id });
-        }
-      }
-      this.write([], removals);
+      this.checkLingering();
+      if (this.stale) void this.refresh();
       this.scheduleLingerCheck();
     }, this.options.lingerCheckMs ?? 2000);
     this.lingerTimer.unref();
   }
 
+  private checkLingering(): void {
+    const carried = this.carriedIds();
+    // Unread, every id stays: one kept too long matches nothing new, one gone too soon lets a closed socket's packets past.
+    if (carried === undefined) return;
+    const alive = this.options.cgroupAlive;
+    const held = new Set([...this.tracked.values()].map((entry) => entry.id));
+    // A socket of a cgroup that no longer exists, not one of the kept: a kept member's removed child, as far as can be told.
+    const orphanedElsewhere = [...carried].some((id) => !this.lingering.has(id) && !held.has(id) && alive !== undefined && !alive(id));
+    if (orphanedElsewhere) return;
+    const removals: { entry: Entry; map: string; id: bigint }[] = [];
+    for (const [id, entry] of this.lingering) {
+      if (carried.has(id)) continue;
+      this.lingering.delete(id);
+      for (const map of entry.written.keys()) removals.push({ entry, map, id });
+    }
+    this.write([], removals);
+  }
+
   private carriedIds(): ReadonlySet<bigint> | undefined {
-    if (this.options.carried === undefined) return undefined;
     try {
-      const ids = this.options.carried();
+      const ids = this.options.carried?.();
       this.warnedCarried = false;
       return ids;
     } catch (error) {

@@ -142,6 +142,38 @@ export function dumpTcpSockets(netlink: NetlinkSocket, states: number): TcpSocke
 }
 
 /**
+ * The cgroup ids the TCP sockets of both families in `states` carry: the
+ * dump's attribute alone, nothing else of a socket read — a dump of 100,000
+ * sockets parsed whole costs ~0.6 s of the event loop.
+ */
+export function dumpTcpCgroupIds(netlink: NetlinkSocket, states: number): Set<bigint> {
+  const ids = new Set<bigint>();
+  for (const family of [4, 6] as const) {
+    for (const message of netlink.request(SOCK_DIAG_BY_FAMILY, NlmFlag.Dump, request(family, states))) {
+      if (message.type !== SOCK_DIAG_BY_FAMILY) throw new NetlinkError(`sock_diag: an answer of message type ${message.type} to a dump of sockets`);
+      const cgroup = cgroupAttribute(message.payload);
+      if (cgroup !== undefined) ids.add(cgroup);
+    }
+  }
+  return ids;
+}
+
+/** INET_DIAG_CGROUP_ID of one inet_diag_msg, found by walking its attributes' headers; malformed, a NetlinkError as parseTcpSocket gives. */
+function cgroupAttribute(payload: Buffer): bigint | undefined {
+  if (payload.length < DIAG_MSG_LENGTH)
+    throw new NetlinkError(`sock_diag: an answer of ${payload.length} bytes, shorter than inet_diag_msg (${DIAG_MSG_LENGTH})`);
+  for (let at = DIAG_MSG_LENGTH; at + 4 <= payload.length;) {
+    const length = payload.readUInt16LE(at);
+    if (length < 4 || at + length > payload.length)
+      throw new NetlinkError(`sock_diag: an attribute at offset ${at} says it is ${length} bytes long, but ${payload.length - at} bytes are left`);
+    // Flags ride in the high bits of the type (NLA_F_NESTED, NLA_F_NET_BYTEORDER).
+    if ((payload.readUInt16LE(at + 2) & 0x3fff) === INET_DIAG_CGROUP_ID) return length >= 12 ? payload.readBigUInt64LE(at + 4) : undefined;
+    at += (length + 3) & ~3;
+  }
+  return undefined;
+}
+
+/**
  * Aborts one socket, named by the id the dump reported (cookie included, so
  * a socket made since on the same addresses is never hit). "gone": there is
  * no such socket any more (it closed, or its cookie names another one).
@@ -280,6 +312,8 @@ function foundSocket(query: SocketQuery, answers: NetlinkMessage[] | NetlinkErro
 /** sock_diag of this network namespace, open until `close`. */
 export interface SockDiag {
   tcpSockets(states: number): TcpSocket[];
+  /** The cgroup ids the sockets in `states` carry (dumpTcpCgroupIds). */
+  tcpCgroupIds(states: number): Set<bigint>;
   /** The socket `query` names (findSocket), or undefined. */
   find(query: SocketQuery): TcpSocket | undefined;
   /** `find` for several, in one round trip (findSockets). */
@@ -292,6 +326,7 @@ export function openSockDiag(): SockDiag {
   const netlink = openNetlink(NetlinkFamily.SockDiag);
   return {
     tcpSockets: (states) => dumpTcpSockets(netlink, states),
+    tcpCgroupIds: (states) => dumpTcpCgroupIds(netlink, states),
     destroy: (socket) => destroyTcpSocket(netlink, socket),
     find: (query) => findSocket(netlink, query),
     findMany: (queries) => findSockets(netlink, queries),

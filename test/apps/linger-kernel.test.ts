@@ -72,4 +72,30 @@ describe.skipIf(unavailable)(`a removed cgroup's id stays while a closed socket 
     await net.host.run('ss', ['-K', '-t', 'dst', net.addrs.inet.v4]);
     await tracker.waitFor((e) => e.ev === 'change' && e.added === false && e.path === member, 5000, removedAt);
   });
+
+  it("the same from a child cgroup of the member's (a unit's own, with Delegate=): the socket carries the child's id, and the member's stays for it", async () => {
+    const member = `${E}/sd-delegated`;
+    const from = tracker.events.length;
+    net.host.mkCgroup(member);
+    await tracker.waitFor((e) => e.ev === 'change' && e.added === true && e.path === member, 5000, from);
+    let removedAt = 0;
+    const result = await cookieAttempt(
+      net,
+      { user: users.app1.name, cgroup: `${member}/payload` },
+      {
+        held: 2,
+        seconds: 6,
+        onClosed: async () => {
+          removedAt = tracker.events.length;
+          await net.host.rmCgroup(`${member}/payload`);
+          await net.host.rmCgroup(member);
+        },
+      },
+    );
+    expect(result.cookies).toBeGreaterThan(0);
+    expect(result).toMatchObject({ connected: true, bytes: 0 });
+    expect(tracker.events.slice(removedAt).filter((e) => e.ev === 'change' && e.path === member)).toEqual([]);
+    await net.host.run('ss', ['-K', '-t', 'dst', net.addrs.inet.v4]);
+    await tracker.waitFor((e) => e.ev === 'change' && e.added === false && e.path === member, 5000, removedAt);
+  });
 });

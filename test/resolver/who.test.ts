@@ -18,6 +18,7 @@ function fakeDiag(owners: Map<number, number>): SockDiag {
   };
   return {
     tcpSockets: () => [],
+    tcpCgroupIds: () => new Set(),
     find: socket,
     findMany: (queries) => queries.map(socket),
     destroy: () => 'gone',

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { ErrorCode } from '../../src/errors.js';
 import { encodeMessage, NetlinkSocket, NlmFlag, NlmsgType, parseAttributes, parseMessages, type NetlinkTransport } from '../../src/system/netlink.js';
-import { parseTcpSocket, stateName } from '../../src/system/sock-diag.js';
+import { dumpTcpCgroupIds, parseTcpSocket, stateName } from '../../src/system/sock-diag.js';
 
 /** A transport that answers each request with the datagrams `answer` makes from its sequence number. */
 function fake(answer: (seq: number) => Buffer[]): NetlinkTransport & { sent: Buffer[] } {
@@ -159,5 +159,25 @@ describe('inet_diag messages', () => {
     const badAttribute = diagMessage();
     badAttribute.writeUInt16LE(200, 72);
     expect(() => parseTcpSocket(badAttribute)).toThrow(/says it is 200 bytes long/);
+  });
+
+  it("dumps the sockets' cgroup ids alone, of both families; a message without one adds none, a malformed one is refused", () => {
+    const sockets = (messages: Buffer[]) => (seq: number) => [
+      Buffer.concat([...messages.map((payload) => encodeMessage({ type: 20, flags: NlmFlag.Multi, seq, payload })), done(seq)]),
+    ];
+    const withId = (id: bigint, before?: Buffer) => {
+      const msg = diagMessage();
+      msg.writeBigUInt64LE(id, 76);
+      return before ? Buffer.concat([msg.subarray(0, 72), before, msg.subarray(72)]) : msg;
+    };
+    // Another attribute first (INET_DIAG_INFO's type, 2, with 5 bytes: padded to 8), then the cgroup's.
+    const other = Buffer.from([9, 0, 2, 0, 1, 2, 3, 4, 5, 0, 0, 0]);
+    const answers = [sockets([withId(77n), diagMessage().subarray(0, 72), withId(88n, other)]), sockets([withId(77n)])];
+    const netlink = new NetlinkSocket(fake((seq) => answers.shift()!(seq)));
+    expect(dumpTcpCgroupIds(netlink, 0xfff)).toEqual(new Set([77n, 88n]));
+    const bad = diagMessage();
+    bad.writeUInt16LE(200, 72);
+    expect(() => dumpTcpCgroupIds(new NetlinkSocket(fake(sockets([bad]))), 0xfff)).toThrow(/says it is 200 bytes long/);
+    expect(() => dumpTcpCgroupIds(new NetlinkSocket(fake(sockets([bad.subarray(0, 40)]))), 0xfff)).toThrow(/40 bytes, shorter than inet_diag_msg/);
   });
 });
