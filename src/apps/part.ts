@@ -62,7 +62,7 @@ async function startApps(first: InForce, context: PartContext, options: AppsPart
   // Opened when a cgroup first goes: which of the removed cgroups' ids sockets that may still send carry (CgroupTracker, `carried`).
   let diag: SockDiag | undefined;
   const root = options.root ?? CGROUP2_ROOT;
-  const paths = openCgroupPaths({ root });
+  const paths = cgroupPathsOrNone(root, log);
   let stop: (why: unknown) => void = () => undefined;
   const stopped = new Promise<unknown>((resolve) => (stop = resolve));
   const tracker = new CgroupTracker({
@@ -157,5 +157,18 @@ function cgroupAlive(paths: CgroupPaths, root: string, id: bigint): boolean {
     return path !== undefined && lstatSync(path === '' ? root : join(root, path), { bigint: true }).ino === id;
   } catch {
     return false;
+  }
+}
+
+/** Ids to paths for `cgroupAlive`; where they cannot be had (no cgroup2, no libc to bind), every id a socket carries counts as a live cgroup's. */
+function cgroupPathsOrNone(root: string, log: PartContext['log']): CgroupPaths | undefined {
+  try {
+    return openCgroupPaths({ root });
+  } catch (error) {
+    log.error(
+      { event: 'apps-sockets-unread', error: String(error) },
+      "app tracker: cgroup ids cannot be looked up; a removed cgroup's id stays only while a socket carries it",
+    );
+    return undefined;
   }
 }

@@ -72,8 +72,12 @@
  * keeps it too; whose removed cgroup it was cannot be read, so any keeps
  * every kept id. Kept ids are written into each new generation's maps
  * with what the policy in force claims for their path, and go when it
- * claims nothing. Only root's cgroups (units, slices) are kept: a user
- * leaves its own cgroups at will, and must not fill the bound with ids.
+ * claims nothing. Only cgroups only root could remove are kept (units,
+ * slices, the root of a unit's delegated subtree): a user leaves its own
+ * cgroups at will, and must not fill the bound with ids. A socket a user
+ * keeps in a cgroup it removed keeps every kept id while it lives (whose
+ * it is cannot be told); past the bound (`maxTracked`, with those held),
+ * removed ids go at once, said as `apps-full`.
  * Cgroup ids are 64-bit and never reused: one kept too long matches no
  * new cgroup.
  *
@@ -546,13 +550,32 @@ export class CgroupTracker {
   private linger(removed: readonly Entry[], removals: { entry: Entry; map: string; id: bigint }[]): void {
     const max = this.options.maxTracked ?? 65_536;
     for (const entry of removed) {
-      if (this.options.carried !== undefined && entry.uid === 0 && this.tracked.size + this.lingering.size < max) {
-        this.lingering.set(entry.id, entry);
-        continue;
+      if (this.options.carried !== undefined && this.removedByRoot(entry)) {
+        if (this.tracked.size + this.lingering.size < max) {
+          this.lingering.set(entry.id, entry);
+          continue;
+        }
+        this.full('cgroups');
       }
       for (const map of entry.written.keys()) removals.push({ entry, map, id: entry.id });
     }
     this.scheduleLingerCheck();
+  }
+
+  /**
+   * Whether only root could have removed the cgroup: root's own (a unit, a
+   * slice), or the root of a subtree root delegated (a unit with
+   * `Delegate=` and `User=`, chowned to that user, under a parent of
+   * root's). Below that, a user removes what it made at will.
+   */
+  private removedByRoot(entry: Entry): boolean {
+    if (entry.uid === 0) return true;
+    const slash = entry.bytes.lastIndexOf(0x2f);
+    try {
+      return lstatSync(this.absolute(slash < 0 ? Buffer.alloc(0) : entry.bytes.subarray(0, slash))).uid === 0;
+    } catch {
+      return false; // its parent went too: a subtree its user could remove
+    }
   }
 
   /** A new view (an apply): the kept ids into its maps, with what it claims for their paths; those it claims nothing for go. */

@@ -73,7 +73,7 @@ describe.skipIf(unavailable)(`a removed cgroup's id stays while a closed socket 
     await tracker.waitFor((e) => e.ev === 'change' && e.added === false && e.path === member, 5000, removedAt);
   });
 
-  it("the same from a child cgroup of the member's (a unit's own, with Delegate=): the socket carries the child's id, and the member's stays for it", async () => {
+  it("the same from a child cgroup of the member's (a slice's unit, a delegated unit's own): the socket carries the child's id, and the member's stays for it", async () => {
     const member = `${E}/sd-delegated`;
     const from = tracker.events.length;
     net.host.mkCgroup(member);

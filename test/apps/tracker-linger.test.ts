@@ -41,10 +41,11 @@ describe('removed cgroups whose closed sockets may still send', () => {
   const idOf = (path: string) => lstatSync(join(root, path), { bigint: true }).ino;
   /** Checks of the sockets go on every LINGER_CHECK_MS: several pass in this time. */
   const severalChecks = () => new Promise((resolve) => setTimeout(resolve, LINGER_CHECK_MS * 5));
-  const start = async (compiled: Compiled) => {
+  const start = async (compiled: Compiled, maxTracked?: number) => {
     tracker = new CgroupTracker({
+      ...(maxTracked === undefined ? {} : { maxTracked }),
       writer: { add: (w) => void adds.push(...w), remove: (r) => void removals.push(...r), close: () => undefined },
-      log: pino({ level: 'error' }, { write: (line: string) => void errors.push(line) }),
+      log: pino({ level: 'warn' }, { write: (line: string) => void errors.push(line) }),
       root,
       watch: false,
       liveSets: () => Promise.reject(new Error('not asked')),
@@ -158,6 +159,37 @@ describe('removed cgroups whose closed sockets may still send', () => {
     await severalChecks();
     expect(tracker!.counters()).toMatchObject({ lingering: 0 });
     expect(removals).toEqual([]);
+  });
+
+  it("the root of a unit's delegated subtree (Delegate= with User=, chowned to its user) is kept: only root removes it", async () => {
+    mkdirSync(join(root, 'sys/sd-delegated'));
+    chownSync(join(root, 'sys/sd-delegated'), 1000, 1000);
+    const compiled = compileYaml(POLICY);
+    const id = idOf('sys/sd-delegated');
+    carried = () => new Set([id]);
+    await start(compiled);
+    removeAndLook('sys/sd-delegated');
+    await severalChecks();
+    expect(removals).toEqual([]);
+    expect(tracker!.counters()).toMatchObject({ lingering: 1 });
+  });
+
+  it('past the bound (held and kept together) a removed id goes at once, and that is said', async () => {
+    mkdirSync(join(root, 'sys/sd-two'));
+    const compiled = compileYaml(POLICY);
+    const [one, two] = [idOf('sys/sd-one'), idOf('sys/sd-two')];
+    carried = () => new Set([one, two]);
+    await start(compiled, 2);
+    removeAndLook('sys/sd-one');
+    await severalChecks();
+    expect(tracker!.counters()).toMatchObject({ tracked: 1, lingering: 1 });
+    mkdirSync(join(root, 'sys/sd-three'));
+    tracker!.lookEverywhere();
+    await until('the third is held', () => tracker!.counters().tracked === 2);
+    removeAndLook('sys/sd-two');
+    await until('it goes', () => removals.length > 0);
+    expect(removals).toEqual([{ map: mapIn(compiled, 'a'), id: two }]);
+    expect(errors.filter((line) => line.includes('"apps-full"'))).toHaveLength(1);
   });
 
   it("a user's own cgroup goes at once, whatever its sockets: a user leaves its cgroups at will, and must not fill the bound", async () => {
