@@ -301,7 +301,8 @@ try {
     [NO_TABLE]: undefined,
     [CONNTRACK_ONLY]: conntrackOnly,
     [EGRESSD]: egressdTable(dir, false),
-    [EGRESSD_SD]: egressdTable(dir, false, true),
+    // Named apart, so that it and (b) can be loaded together and switched in one transaction (pairedRatios).
+    [EGRESSD_SD]: egressdTable(dir, false, true).replace(/^table inet egressd \{/, 'table inet egressd_sd {'),
     "(b') egressd, 200 apps with default deny (conntrack on): 100,000 CIDRs + 200 apps": egressdTable(dir, true),
     '(c) strawman: 10,000 rules, one per CIDR': strawmanTable(),
     [HOOK_ONLY]: 'table inet hook_only {\n\tchain output {\n\t\ttype filter hook output priority 0; policy accept;\n\t}\n}\n',

@@ -123,7 +123,7 @@ export interface FactsNeeded {
   readonly userIds?: readonly number[];
   readonly groupIds?: readonly number[];
   readonly cgroupDepth: number;
-  /** The table drops SYN-ACKs without an owner (synCookieGuard): whether the kernel sends every one so is a fact too. */
+  /** The table drops SYN-ACKs sent from no socket (synCookieGuard): whether the kernel sends every one so is a fact too. */
   readonly tcpSyncookies?: true;
 }
 
@@ -575,16 +575,16 @@ class Compiler {
    * keeps): measured, 1,900 bytes a member found by user wrote and closed
    * on reached the peer under a default allow. Nothing later in the chain
    * can tell whose such a packet is, so while a system domain has members
-   * found by user or group, every SYN-ACK without an owner is dropped here
-   * — the connection never opens. That gives up SYN cookies' defence
+   * found by user or group, every SYN-ACK sent from no socket is dropped
+   * here, and no peer is answered so. That gives up SYN cookies' defence
    * against SYN floods for the machine's listeners (as
    * `net.ipv4.tcp_syncookies=0` would); members named by unit, slice or
    * cgroup keep it. Loopback was let out before.
    *
    * Entered by SYN-ACKs only; what leaves from a socket goes on: a request
    * socket's SYN-ACK (its listener's owner, which the maps above judged),
-   * and that of a service in the kernel (nfsd, ksmbd, MPTCP's own
-   * listeners), whose sockets have no owner but are sockets.
+   * and that of a service in the kernel (nfsd, ksmbd), whose sockets have
+   * no owner but are sockets.
    *
    * It narrows the way, not closes it: a SYN cookie needs no SYN-ACK to be
    * sent. An ACK whose cookie checks out completes a connection to a
@@ -613,7 +613,7 @@ class Compiler {
         rule([stmt.counter(), verdict.drop()], text),
       ],
     });
-    return [rule([match.tcpSynAck(), verdict.jump('syn_cookies')], this.tagged(guard.at, SYN_COOKIES_RULE, ': SYN-ACKs without an owner'))];
+    return [rule([match.tcpSynAck(), verdict.jump('syn_cookies')], this.tagged(guard.at, SYN_COOKIES_RULE, ': SYN-ACKs sent from no socket'))];
   }
 
   /**

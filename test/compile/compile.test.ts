@@ -52,7 +52,7 @@ tor: {enabled: true, updaters: [apt]}
       position('vmap @tor_uid'),
       position('meta oif "lo" accept comment "loopback; policy sha256:'),
       position('vmap @sd_uid'),
-      position(`tcp flags & (syn | ack) syn,ack jump syn_cookies comment "${sid(compiled, 'syn-cookies')} f.yaml:6 syn-cookies: SYN-ACKs without an owner"`),
+      position(`tcp flags & (syn | ack) syn,ack jump syn_cookies comment "${sid(compiled, 'syn-cookies')} f.yaml:6 syn-cookies: SYN-ACKs sent from no socket"`),
       position('goto lockdown'),
       position(`meta skuid 110 counter accept comment "${sid(compiled, 'tor/own')} f.yaml`),
       position('vmap @app_uid'),
@@ -207,7 +207,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
         sd_offline: 0,
         lockdown: 0,
         routing_header: 0,
-        // vault, a member found by user: SYN-ACKs without an owner are dropped.
+        // vault, a member found by user: SYN-ACKs sent from no socket are dropped.
         syn_cookies: 0,
         tor_updaters: 0,
         link_local: 0,
@@ -284,7 +284,7 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
     }
   });
 
-  it('drops SYN-ACKs without an owner (SYN cookies) while a system domain has members found by user or group, and only then', () => {
+  it('drops SYN-ACKs sent from no socket (SYN cookies) while a system domain has members found by user or group, and only then', () => {
     // A closed socket keeps no user or group: what a member left to one on a connection its SYN cookie opened would leave
     // without an owner, and nothing after could tell whose it is. So the connection must not open.
     const policy = (members: string, egress = 'allow') => `defaults: {egress: ${egress}}\nsystemDomains:\n  offline: {members: [${members}]}\n`;

@@ -108,7 +108,7 @@ describe('identities that match nothing on this machine', () => {
       userIds: [7],
       groupIds: [12],
       cgroupDepth: 0,
-      // A system domain has members found by user or group: the table drops SYN-ACKs without an owner (synCookieGuard).
+      // A system domain has members found by user or group: the table drops SYN-ACKs sent from no socket (synCookieGuard).
       tcpSyncookies: true,
     });
     expect(factsNeeded(policyFrom(yaml.replace('ENABLED', 'false'))).users).toEqual(['_apt', 'alice', 'vault']);

@@ -43,7 +43,7 @@ describe('gatherFacts: net.ipv4.tcp_syncookies', () => {
   mkdirSync(cgroupRoot);
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-  it('is read only when the table would drop SYN-ACKs without an owner; a file that cannot be read leaves it out', () => {
+  it('is read only when the table would drop SYN-ACKs sent from no socket; a file that cannot be read leaves it out', () => {
     const file = join(dir, 'tcp_syncookies');
     writeFileSync(file, '2\n');
     const needed = { users: [], groups: [], cgroupDepth: 0 };
