@@ -43,59 +43,53 @@ describe.skipIf(unavailable)(`a removed cgroup's id stays while a closed socket 
     if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
-  it('removed after its member wrote, closed and exited: nothing it wrote reaches the peer, and the id goes once the socket does', async () => {
-    const member = `${E}/sd-unit`;
+  /**
+   * A member cgroup the tracker wrote; a connection a peer opened to a
+   * listener in `socketIn` (the member or a child of it), which wrote to
+   * it, closed it and exited; then `removed` (children first). What reached
+   * the peer, and where the tracker's events stood at the removal.
+   */
+  const removedWhileSending = async (member: string, socketIn: string, removed: readonly string[]) => {
     const from = tracker.events.length;
     net.host.mkCgroup(member);
     await tracker.waitFor((e) => e.ev === 'change' && e.added === true && e.path === member, 5000, from);
     let removedAt = 0;
     const result = await cookieAttempt(
       net,
-      { user: users.app1.name, cgroup: member },
+      { user: users.app1.name, cgroup: socketIn },
       {
         held: 2,
         seconds: 6,
         // The member closed on what it wrote and exited: its cgroup is removed while its socket still holds the data.
         onClosed: async () => {
           removedAt = tracker.events.length;
-          await net.host.rmCgroup(member);
+          for (const path of removed) await net.host.rmCgroup(path);
         },
       },
     );
     expect(result.cookies).toBeGreaterThan(0);
     expect(result).toMatchObject({ connected: true, bytes: 0 });
     expect(tracker.events.slice(removedAt).filter((e) => e.ev === 'change' && e.path === member)).toEqual([]);
+    return removedAt;
+  };
+  /** Once the socket is gone, so is the id. */
+  const goesWithTheSocket = async (member: string, removedAt: number) => {
+    await net.host.run('ss', ['-K', '-t', 'dst', net.addrs.inet.v4]);
+    await tracker.waitFor((e) => e.ev === 'change' && e.added === false && e.path === member, 5000, removedAt);
+  };
+
+  it('removed after its member wrote, closed and exited: nothing it wrote reaches the peer, and the id goes once the socket does', async () => {
+    const member = `${E}/sd-unit`;
+    const removedAt = await removedWhileSending(member, member, [member]);
     tracker.send({ cmd: 'counters' });
     const counters = await tracker.waitFor((e) => e.ev === 'counters', 5000, removedAt);
     expect(String(counters['describe'])).toContain('1 removed kept for their sockets');
-    // Once the socket is gone, so is the id.
-    await net.host.run('ss', ['-K', '-t', 'dst', net.addrs.inet.v4]);
-    await tracker.waitFor((e) => e.ev === 'change' && e.added === false && e.path === member, 5000, removedAt);
+    await goesWithTheSocket(member, removedAt);
   });
 
   it("the same from a child cgroup of the member's (a slice's unit, a delegated unit's own): the socket carries the child's id, and the member's stays for it", async () => {
     const member = `${E}/sd-delegated`;
-    const from = tracker.events.length;
-    net.host.mkCgroup(member);
-    await tracker.waitFor((e) => e.ev === 'change' && e.added === true && e.path === member, 5000, from);
-    let removedAt = 0;
-    const result = await cookieAttempt(
-      net,
-      { user: users.app1.name, cgroup: `${member}/payload` },
-      {
-        held: 2,
-        seconds: 6,
-        onClosed: async () => {
-          removedAt = tracker.events.length;
-          await net.host.rmCgroup(`${member}/payload`);
-          await net.host.rmCgroup(member);
-        },
-      },
-    );
-    expect(result.cookies).toBeGreaterThan(0);
-    expect(result).toMatchObject({ connected: true, bytes: 0 });
-    expect(tracker.events.slice(removedAt).filter((e) => e.ev === 'change' && e.path === member)).toEqual([]);
-    await net.host.run('ss', ['-K', '-t', 'dst', net.addrs.inet.v4]);
-    await tracker.waitFor((e) => e.ev === 'change' && e.added === false && e.path === member, 5000, removedAt);
+    const removedAt = await removedWhileSending(member, `${member}/payload`, [`${member}/payload`, member]);
+    await goesWithTheSocket(member, removedAt);
   });
 });
