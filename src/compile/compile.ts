@@ -600,17 +600,11 @@ class Compiler {
         guard.at,
         `net.ipv4.tcp_syncookies is 2 here: every SYN-ACK is sent with a SYN cookie, and while system domain ${guard.name} has members found by user or group the table drops them all, so no TCP connection from the network can come in; set it to 1, or name the members by unit, slice or cgroup`,
       );
-    // What reaches the tail has no owner, so no uid to key a log meter on: one limit for the rule (denyTail's last two rules).
-    const text = this.tagged(guard.at, SYN_COOKIES_RULE);
-    const { count, per } = this.log.rate;
     this.chains.push({
       name: 'syn_cookies',
       rules: [
         rule([match.fromSocket(), verdict.return()], 'a SYN-ACK from a socket: the rules below decide'),
-        ...(this.log.denials
-          ? [rule([stmt.limit(count, per, this.log.burst), stmt.log(logPrefix(this.shortId(SYN_COOKIES_RULE)), this.log.group)], text)]
-          : []),
-        rule([stmt.counter(), verdict.drop()], text),
+        ...this.unkeyedTail(SYN_COOKIES_RULE, guard.at, true),
       ],
     });
     return [rule([match.tcpSynAck(), verdict.jump('syn_cookies')], this.tagged(guard.at, SYN_COOKIES_RULE, ': SYN-ACKs sent from no socket'))];
@@ -953,11 +947,26 @@ class Compiler {
         ),
         // Over its own uid's limit (or the meter is full): dropped, not logged.
         rule([match.owned(), stmt.counter(), verdict.drop()], text),
-        rule([stmt.limit(count, per, this.log.burst), stmt.log(prefix, this.log.group)], text),
       );
     }
-    rules.push(rule([stmt.counter(), verdict.drop()], text));
-    return rules;
+    return [...rules, ...this.unkeyedTail(id, at, log, copyFor)];
+  }
+
+  /**
+   * The end of every drop: logged at one limit for the rule (when `log`
+   * and denials are logged), counted, dropped. What packets without an
+   * owner meet, having no uid to key a meter on — alone, in a chain only
+   * such packets reach.
+   */
+  private unkeyedTail(id: string, at: Origin | undefined, log: boolean, copyFor?: string): RuleDecl[] {
+    const text = this.tagged(at, id, '', copyFor);
+    const { count, per } = this.log.rate;
+    return [
+      ...(log && this.log.denials
+        ? [rule([stmt.limit(count, per, this.log.burst), stmt.log(logPrefix(this.shortId(id, copyFor)), this.log.group)], text)]
+        : []),
+      rule([stmt.counter(), verdict.drop()], text),
+    ];
   }
 
   /**
