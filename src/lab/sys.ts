@@ -241,6 +241,14 @@ export function killNetnsProcs(ns: string): number[] {
 
 export function deleteNetns(ns: string): void {
   if (!NETNS_RE.test(ns)) throw new HarnessError(`refusing to delete namespace ${ns}`);
+  deleteNamedNetns(ns);
+}
+
+/**
+ * Deletes any named namespace and what egressd left for it under /run/egressd. Only for namespaces the caller made: tests'
+ * own, named outside the harness's pattern, come here directly.
+ */
+export function deleteNamedNetns(ns: string): void {
   if (!fs.existsSync(`/run/netns/${ns}`)) return;
   // Applies inside the namespace left its enforcement lock file, and a resolver killed in it its control socket (one each per
   // namespace). Removed while the namespace still holds its inode number: once it is gone the kernel gives that number to the

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { nftAvailable } from '../support/nft-check.js';
-import { deleteNamespace } from '../support/netns.js';
+import { deleteNamedNetns } from '../../src/lab/sys.js';
 import { until } from '../support/wait.js';
 
 /**
@@ -44,7 +44,7 @@ describe.skipIf(skip)(`allowed entries expire in the table without the D-Bus par
   });
   afterAll(() => {
     daemon?.kill('SIGKILL');
-    deleteNamespace(ns);
+    deleteNamedNetns(ns);
     rmSync(dir, { recursive: true, force: true });
     rmSync(state, { recursive: true, force: true });
   });

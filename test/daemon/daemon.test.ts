@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { nftAvailable } from '../support/nft-check.js';
-import { deleteNamespace } from '../support/netns.js';
+import { deleteNamedNetns } from '../../src/lab/sys.js';
 
 /** egressd in the foreground, in a namespace of this test's own: apply, reload on SIGHUP, stop without releasing. */
 const ROOT = join(import.meta.dirname, '..', '..');
@@ -43,7 +43,7 @@ describe.skipIf(skip)(`egressd daemon ${skip ? `(skipped: ${skip})` : ''}`, () =
   });
   afterAll(() => {
     daemon?.kill('SIGKILL');
-    deleteNamespace(ns);
+    deleteNamedNetns(ns);
     rmSync(dir, { recursive: true, force: true });
     rmSync(state, { recursive: true, force: true });
   });

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { deleteNamespace } from '../support/netns.js';
+import { deleteNamedNetns } from '../../src/lab/sys.js';
 import { nftAvailable } from '../support/nft-check.js';
 import { openNotifySocket, type NotifyMessage, type NotifySocket } from '../support/notify-socket.js';
 
@@ -69,7 +69,7 @@ describe.skipIf(skip)(`egressd Type=notify ${skip ? `(skipped: ${skip})` : ''}`,
   afterAll(() => {
     for (const run of runs) run.child.kill('SIGKILL');
     for (const socket of sockets) socket.close();
-    deleteNamespace(ns);
+    deleteNamedNetns(ns);
     for (const d of [dir, broken, state]) rmSync(d, { recursive: true, force: true });
   });
 

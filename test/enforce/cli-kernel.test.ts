@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { nftAvailable } from '../support/nft-check.js';
 import { policyDir } from '../support/policy-dir.js';
 import { holdLock } from '../support/hold-lock.js';
-import { deleteNamespace } from '../support/netns.js';
+import { deleteNamedNetns } from '../../src/lab/sys.js';
 import { until } from '../support/wait.js';
 import { lockPathFor } from '../../src/enforce/lock.js';
 
@@ -106,7 +106,7 @@ describe.skipIf(skip)(`egressctl apply/plan/status/lockdown/release in a namespa
     );
   });
   afterAll(() => {
-    deleteNamespace(ns);
+    deleteNamedNetns(ns);
     rmSync(state, { recursive: true, force: true });
     rmSync(scratch, { recursive: true, force: true });
   });

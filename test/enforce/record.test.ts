@@ -11,7 +11,7 @@ import { namesAfterSwap, withGeneration } from '../../src/enforce/swap.js';
 import { loadPolicyOrThrow } from '../../src/policy/load.js';
 import { nftAvailable } from '../support/nft-check.js';
 import { policyDir } from '../support/policy-dir.js';
-import { deleteNamespace } from '../support/netns.js';
+import { deleteNamedNetns } from '../../src/lab/sys.js';
 
 /**
  * apply knows the live table from the last apply's record (applied.json)
@@ -113,7 +113,7 @@ describe.skipIf(skip)(`apply and its record, in a namespace ${skip ? `(skipped: 
     spawnSync('ip', ['netns', 'add', ns]);
   });
   afterAll(() => {
-    deleteNamespace(ns);
+    deleteNamedNetns(ns);
     for (const dir of stateDirs) rmSync(dir, { recursive: true, force: true });
   });
 

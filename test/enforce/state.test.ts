@@ -8,7 +8,7 @@ import { parseLogPrefix } from '../../src/compile/log-prefix.js';
 import { readRuleTable } from '../../src/state/rule-table.js';
 import { readSwitches, SWITCHES_FILE } from '../../src/state/switches.js';
 import { nftAvailable } from '../support/nft-check.js';
-import { deleteNamespace } from '../support/netns.js';
+import { deleteNamedNetns } from '../../src/lab/sys.js';
 import { policyDir } from '../support/policy-dir.js';
 
 /**
@@ -92,7 +92,7 @@ describe.skipIf(skip)(`the state directory, against a table in a namespace ${ski
     }
   });
   afterAll(() => {
-    deleteNamespace(ns);
+    deleteNamedNetns(ns);
     for (const dir of states) rmSync(dir, { recursive: true, force: true });
   });
 

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { nftAvailable } from '../support/nft-check.js';
-import { deleteNamespace } from '../support/netns.js';
+import { deleteNamedNetns } from '../../src/lab/sys.js';
 import { policyDir } from '../support/policy-dir.js';
 
 /**
@@ -72,7 +72,7 @@ describe.skipIf(skip)(`users and groups through NSS (libnss-extrausers) ${skip ?
     spawnSync('ip', ['netns', 'add', ns]);
   });
   afterAll(() => {
-    deleteNamespace(ns);
+    deleteNamedNetns(ns);
     rmSync(work, { recursive: true, force: true });
   });
 

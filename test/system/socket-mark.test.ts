@@ -13,7 +13,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ErrorCode } from '../../src/errors.js';
-import { deleteNamespace } from '../support/netns.js';
+import { deleteNamedNetns } from '../../src/lab/sys.js';
 
 const CHILD = join(dirname(fileURLToPath(import.meta.url)), 'fixtures/socket-mark-child.ts');
 const MARK = '0x45444e53';
@@ -42,7 +42,7 @@ describe.skipIf(!root)('socket mark (needs root)', () => {
     run('ip', ['netns', 'add', ns]);
     run('ip', ['-n', ns, 'link', 'set', 'lo', 'up']);
   });
-  afterAll(() => deleteNamespace(ns));
+  afterAll(() => deleteNamedNetns(ns));
 
   it('is on every packet of the upstream queries, UDP and TCP, and a table can tell them apart', async () => {
     const child = spawn('ip', ['netns', 'exec', ns, process.execPath, '--import', 'tsx', CHILD, 'resolve'], { stdio: ['pipe', 'pipe', 'inherit'] });
