@@ -601,6 +601,7 @@ export class CgroupTracker {
       this.lingerTimer = undefined;
       if (this.closed) return;
       this.checkLingering();
+      this.retryLingering();
       if (this.stale) void this.refresh();
       this.scheduleLingerCheck();
     }, this.options.lingerCheckMs ?? 2000);
@@ -623,6 +624,19 @@ export class CgroupTracker {
       for (const map of entry.written.keys()) removals.push({ entry, map, id });
     }
     this.write([], removals);
+  }
+
+  /**
+   * A kept id's write into the view in force that the kernel refused (not for a map gone with its generation: that view is
+   * replaced) is tried again here, not at the next apply: until it is written its closed sockets' packets meet the default.
+   */
+  private retryLingering(): void {
+    const view = this.view;
+    if (view === undefined || this.lingerView === view) return;
+    const adds: { entry: Entry; map: string; verdict: MapVerdict }[] = [];
+    const removals: { entry: Entry; map: string; id: bigint }[] = [];
+    this.keepLingering(view, adds, removals);
+    this.write(adds, removals);
   }
 
   private carriedIds(): ReadonlySet<bigint> | undefined {
@@ -700,11 +714,13 @@ export class CgroupTracker {
     for (let i = 0; i < removals.length; i += MAX_WRITES_PER_TRANSACTION) {
       const chunk = removals.slice(i, i + MAX_WRITES_PER_TRANSACTION);
       const request: CgroupElementRemoval[] = chunk.map((r) => ({ map: r.map, id: r.id }));
-      if (!this.tryWrite(() => writer.remove(request), chunk.length)) {
-        // A map that is gone holds nothing: its generation went with it.
-        for (const r of chunk) this.tryWrite(() => writer.remove([{ map: r.map, id: r.id }]), 1);
-      }
-      for (const r of chunk) r.entry.written.delete(r.map);
+      const whole = this.tryWrite(() => writer.remove(request), chunk.length);
+      // A map that is gone holds nothing: its generation went with it. One the kernel refused to change still holds the
+      // element, and stays written: what wants it gone asks again (the periodic look, the next check of the sockets).
+      const outcomes =
+        whole === 'done' || chunk.length === 1 ? chunk.map(() => whole) : chunk.map((r) => this.tryWrite(() => writer.remove([{ map: r.map, id: r.id }]), 1));
+      const refused = chunk.filter((_, i) => outcomes[i] === 'refused');
+      for (const r of chunk) if (!refused.includes(r)) r.entry.written.delete(r.map);
       this.count.removed += chunk.length;
       const when = at();
       for (const [entry, maps] of byEntry(chunk)) this.options.onChange?.({ path: entry.text, id: entry.id, added: false, maps, at: when });
@@ -712,31 +728,40 @@ export class CgroupTracker {
     for (let i = 0; i < adds.length; i += MAX_WRITES_PER_TRANSACTION) {
       const chunk = adds.slice(i, i + MAX_WRITES_PER_TRANSACTION);
       const request: CgroupElementWrite[] = chunk.map((a) => ({ map: a.map, id: a.entry.id, verdict: a.verdict }));
-      let done = chunk;
-      if (!this.tryWrite(() => writer.add(request), chunk.length)) {
-        done = chunk.filter((a) => this.tryWrite(() => writer.add([{ map: a.map, id: a.entry.id, verdict: a.verdict }]), 1));
-      }
+      const whole = this.tryWrite(() => writer.add(request), chunk.length);
+      const outcomes =
+        whole === 'done' || chunk.length === 1
+          ? chunk.map(() => whole)
+          : chunk.map((a) => this.tryWrite(() => writer.add([{ map: a.map, id: a.entry.id, verdict: a.verdict }]), 1));
+      const done = chunk.filter((_, i) => outcomes[i] === 'done');
+      const refused = chunk.filter((_, i) => outcomes[i] === 'refused');
       for (const a of done) a.entry.written.set(a.map, verdictKey(a.verdict));
+      // A kept id the kernel refused: the next check of the sockets writes it again (retryLingering). A held one is written
+      // again by the periodic look; into a map gone with its generation, by the refresh that follows.
+      if (refused.some((a) => this.lingering.get(a.entry.id) === a.entry)) this.lingerView = undefined;
       this.count.added += done.length;
       const when = at();
       for (const [entry, maps] of byEntry(done)) this.options.onChange?.({ path: entry.text, id: entry.id, added: true, maps, at: when });
     }
   }
 
-  /** One transaction; false when the kernel refused it (nothing of it was written). A map that is gone marks the view stale. */
-  private tryWrite(change: () => void, size: number): boolean {
+  /**
+   * One transaction: done, or nothing of it written — because a map is gone (an apply switched generations; the view is
+   * marked stale) or because the kernel refused it.
+   */
+  private tryWrite(change: () => void, size: number): 'done' | 'gone' | 'refused' {
     try {
       change();
-      return true;
+      return 'done';
     } catch (error) {
       const reason = setWriteRefusal(error);
-      if (reason === 'missing-set' || reason === 'missing-table') this.stale = true;
+      const gone = reason === 'missing-set' || reason === 'missing-table';
+      if (gone) this.stale = true;
       if (size === 1) {
         this.count.failed++;
-        if (reason !== 'missing-set' && reason !== 'missing-table')
-          this.options.log.error({ event: 'apps-write-failed', error: String(error) }, 'app tracker: a cgroup element could not be written');
+        if (!gone) this.options.log.error({ event: 'apps-write-failed', error: String(error) }, 'app tracker: a cgroup element could not be written');
       }
-      return false;
+      return gone ? 'gone' : 'refused';
     }
   }
 

@@ -6,6 +6,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { CgroupTracker } from '../../src/apps/tracker.js';
 import type { Compiled } from '../../src/compile/compile.js';
 import { withGeneration } from '../../src/enforce/swap.js';
+import { SetWriteRefusedError } from '../../src/errors.js';
 import type { CgroupElementRemoval, CgroupElementWrite } from '../../src/nft/set-elements.js';
 import { compileYaml } from '../support/compile-text.js';
 import { until } from '../support/wait.js';
@@ -33,6 +34,8 @@ describe('removed cgroups whose closed sockets may still send', () => {
   /** Ids of cgroups that exist; the tracker asks about those `carried` gives. */
   let alive: (id: bigint) => boolean;
   const errors: string[] = [];
+  /** How many add transactions the kernel refuses next, as it would for want of memory. */
+  let refuseAdds = 0;
 
   const liveNames = (compiled: Compiled, generation: 'a' | 'b') =>
     new Map(compiled.ruleset.sets.map((s, i) => [s.name, [withGeneration(compiled.ruleset, generation).sets[i]!.name]]));
@@ -44,7 +47,17 @@ describe('removed cgroups whose closed sockets may still send', () => {
   const start = async (compiled: Compiled, maxTracked?: number) => {
     tracker = new CgroupTracker({
       ...(maxTracked === undefined ? {} : { maxTracked }),
-      writer: { add: (w) => void adds.push(...w), remove: (r) => void removals.push(...r), close: () => undefined },
+      writer: {
+        add: (w) => {
+          if (refuseAdds > 0) {
+            refuseAdds--;
+            throw new SetWriteRefusedError('full', 'netlink: Cannot allocate memory', { errno: 12 });
+          }
+          adds.push(...w);
+        },
+        remove: (r) => void removals.push(...r),
+        close: () => undefined,
+      },
       log: pino({ level: 'warn' }, { write: (line: string) => void errors.push(line) }),
       root,
       watch: false,
@@ -69,6 +82,7 @@ describe('removed cgroups whose closed sockets may still send', () => {
     adds.length = 0;
     removals.length = 0;
     errors.length = 0;
+    refuseAdds = 0;
     carried = () => new Set();
     alive = () => true;
   });
@@ -159,6 +173,24 @@ describe('removed cgroups whose closed sockets may still send', () => {
     await severalChecks();
     expect(tracker!.counters()).toMatchObject({ lingering: 0 });
     expect(removals).toEqual([]);
+  });
+
+  it('a write of it the kernel refused is tried again at the next check of the sockets, not at the next apply', async () => {
+    const compiled = compileYaml(POLICY);
+    const id = idOf('sys/sd-one');
+    carried = () => new Set([id]);
+    await start(compiled);
+    removeAndLook('sys/sd-one');
+    await severalChecks();
+
+    adds.length = 0;
+    refuseAdds = 1;
+    await tracker!.setPolicy({ compiled, liveNames: liveNames(compiled, 'b') });
+    await until('it is written into the new generation', () => adds.length > 0);
+    expect(refuseAdds).toBe(0);
+    expect(adds).toEqual([{ map: mapIn(compiled, 'b'), id, verdict: { kind: 'goto', chain: 'sd_offline.b' } }]);
+    expect(errors.filter((line) => line.includes('"apps-write-failed"'))).toHaveLength(1);
+    expect(tracker!.counters()).toMatchObject({ lingering: 1, failed: 1 });
   });
 
   it("the root of a unit's delegated subtree (Delegate= with User=, chowned to its user) is kept: only root removes it", async () => {
