@@ -607,6 +607,17 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
     await flushStore();
     timer = undefined;
     if (closing) return;
+    // Every record goes to an `all` subscriber only while its user is still root or in the audit group (its role is looked up
+    // again once its cache runs out): one taken out of the group stops getting other users' denials within seconds, as the
+    // group says for every other call.
+    for (const [name, sub] of subscriptions)
+      if (sub.all && sub.uid !== 0 && roleFor(sub.uid).role === 'user') {
+        subscriptions.delete(name);
+        log.info(
+          { event: 'dbus-subscription-ended', uid: sub.uid, why: `no longer in ${auditGroup}` },
+          `a subscription to every denial ended: uid ${sub.uid} is no longer in ${auditGroup}`,
+        );
+      }
     let taken = 0;
     let sent = 0;
     while (taken < ready && taken < pending.length && taken < signalsPerTick && sent < signalsPerTick) {

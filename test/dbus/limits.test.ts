@@ -7,7 +7,19 @@ import { startFirewallService, type FirewallService } from '../../src/dbus/servi
 import { nssAccounts, type Accounts } from '../../src/system/nss.js';
 import { ensureTestUsers, type TestUsers } from '../harness/index.js';
 import { until } from '../support/wait.js';
-import { dbusUnavailable, quietLog, runClient, startBuses, startClient, type Agent, type Buses } from './support.js';
+import {
+  dbusUnavailable,
+  denial,
+  ensureAuditUser,
+  quietLog,
+  runClient,
+  startBuses,
+  startClient,
+  TestFeed,
+  type Agent,
+  type AuditUsers,
+  type Buses,
+} from './support.js';
 
 const skip = dbusUnavailable();
 
@@ -19,7 +31,13 @@ const skip = dbusUnavailable();
 describe.skipIf(skip)(`the D-Bus service's limits on a real system-like bus ${skip ? `(skipped: ${skip})` : ''}`, () => {
   let buses: Buses;
   let users: TestUsers;
+  let audit: AuditUsers;
   let service: FirewallService;
+  const feed = new TestFeed();
+  /** The service's clock runs this far ahead: a role looked up is looked up again once it is moved past the cache. */
+  let clockAhead = 0;
+  /** Set: NSS no longer lists the auditor in the audit group, as after `gpasswd -d`. */
+  let auditorRemoved = false;
   let dir: string;
   const polkitWaiting: ((yes: boolean) => void)[] = [];
   let polkitAsked = 0;
@@ -28,6 +46,7 @@ describe.skipIf(skip)(`the D-Bus service's limits on a real system-like bus ${sk
 
   beforeAll(async () => {
     users = ensureTestUsers();
+    audit = ensureAuditUser();
     buses = await startBuses();
     dir = mkdtempSync(join(tmpdir(), 'egd-dbus-limits-'));
     // The bus lets only uids NSS knows connect (dbus-daemon looks up their groups), so two test users stand for egd-app3's subordinate uids.
@@ -41,7 +60,10 @@ describe.skipIf(skip)(`the D-Bus service's limits on a real system-like bus ${sk
       },
       group: (key) => nss.group(key),
       everyUser: () => nss.everyUser(),
-      groupsOf: (name, gid) => nss.groupsOf(name, gid),
+      groupsOf: (name, gid) => {
+        const groups = nss.groupsOf(name, gid);
+        return auditorRemoved && name === audit.auditor.name && !('error' in groups) ? groups.filter((g) => g !== audit.gid) : groups;
+      },
     };
     service = await startFirewallService({
       busAddress: buses.system,
@@ -50,6 +72,9 @@ describe.skipIf(skip)(`the D-Bus service's limits on a real system-like bus ${sk
       policyDir: dir,
       log: quietLog(),
       accounts,
+      auditGroup: audit.group,
+      feed,
+      now: () => Date.now() + clockAhead,
       // A polkit that waits for a person who never answers, until the test says.
       polkit: () => {
         polkitAsked += 1;
@@ -92,6 +117,33 @@ describe.skipIf(skip)(`the D-Bus service's limits on a real system-like bus ${sk
     await until('a new check', () => polkitAsked === 4);
     for (const resolve of polkitWaiting.splice(0)) resolve(false);
     expect((await again)[0]!.error).toBe('EGD_ACCESS_DENIED');
+  }, 60_000);
+
+  it("a member taken out of the audit group stops getting other users' denials within the role's cache time, not at its next call", async () => {
+    const auditor = startClient(audit.auditor, buses.system, [['subscribe', { all: true }]]);
+    try {
+      await auditor.waitFor((l) => l.length >= 1);
+      expect(auditor.lines[0]!.ok).toEqual({ uid: audit.auditor.uid, all: true });
+      feed.emit(denial({ uid: users.app1.uid, address: '203.0.113.31', name: 'before.example.org' }));
+      await auditor.waitFor((l) => l.some((x) => x.denied));
+
+      auditorRemoved = true;
+      clockAhead += 60_000;
+      feed.emit(denial({ uid: users.app1.uid, address: '203.0.113.32', name: 'after.example.org' }));
+      // A record of its own uid still goes to a plain subscription: the last, so that its absence below is not a race.
+      const own = startClient(users.app1, buses.system, [['subscribe', {}]]);
+      try {
+        await own.waitFor((l) => l.length >= 1);
+        feed.emit(denial({ uid: users.app1.uid, address: '203.0.113.33', name: 'last.example.org' }));
+        await own.waitFor((l) => l.some((x) => x.denied?.name === 'last.example.org'));
+      } finally {
+        own.stop();
+      }
+      expect(auditor.lines.filter((x) => x.denied).map((x) => x.denied!.name)).toEqual(['before.example.org']);
+    } finally {
+      auditor.stop();
+      auditorRemoved = false;
+    }
   }, 60_000);
 
   it('a client that subscribes and leaves at once leaves no subscription behind', async () => {
