@@ -391,7 +391,20 @@ class Compiler {
     // would otherwise look up or fetch for them, under its own identity.
     if (policy.tor.enabled) output.push(...this.torUpdaterRules(systemDomainRules, torUid));
     // This rule carries the policy digest: `status` and `plan` read it back from the live table.
-    output.push(rule([match.oif('lo'), verdict.accept()], `loopback; ${POLICY_MARK}${policy.digest.slice(0, 32)}`));
+    const loopback = `loopback; ${POLICY_MARK}${policy.digest.slice(0, 32)}`;
+    if (policy.tor.enabled && socksOnLoopback(policy.tor.socks)) {
+      // Tor's SOCKS port on loopback is a way onto the network for whoever connects, so for all but the updaters (dispatched
+      // above) it is network: a system domain's member, lockdown, an app's rules and the default judge it as they would the
+      // address Tor would reach. Any loopback address: Tor may listen on more than the one the policy names.
+      this.chains.push({
+        name: 'loopback',
+        rules: [
+          rule([match.tcpDport(policy.tor.socks.port), verdict.return()], "Tor's SOCKS port is network for all but the updaters"),
+          rule([verdict.accept()], 'loopback'),
+        ],
+      });
+      output.push(rule([match.oif('lo'), verdict.jump('loopback')], loopback));
+    } else output.push(rule([match.oif('lo'), verdict.accept()], loopback));
     output.push(...systemDomainRules);
     output.push(...this.synCookieRules());
 

@@ -151,10 +151,15 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
     return decide('allow', 'tor', 'tor/socks', policy.tor.at);
   }
 
-  if (target.loopback) {
+  // The table treats Tor's SOCKS port on loopback as network for all but the updaters (compile.ts, chain loopback).
+  const socksAsNetwork = policy.tor.enabled && socksLoopback && query.port === socks.port && (query.proto ?? 'tcp') === 'tcp';
+  if (target.loopback && !socksAsNetwork) {
     steps.push('loopback: always allowed');
+    if (policy.tor.enabled && socksLoopback && query.port === undefined && (query.proto ?? 'tcp') === 'tcp')
+      notes.push(`port ${socks.port}/tcp, Tor's SOCKS port, is network: the levels below decide it, as for any address Tor would reach`);
     return decide('allow', 'loopback', 'loopback', undefined);
   }
+  if (target.loopback) steps.push(`loopback: port ${socks.port}/tcp is Tor's SOCKS port, a way onto the network, so the levels below decide it`);
 
   if (sdMember) {
     steps.push(`system domain "${sdMember.name}": a member, so no network at all`);

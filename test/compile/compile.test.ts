@@ -50,7 +50,7 @@ tor: {enabled: true, updaters: [apt]}
     const order = [
       position(`ip6 nexthdr 43 rt type != 2 goto routing_header comment "${sid(compiled, 'routing-header')} routing-header: IPv6 routing headers"`),
       position('vmap @tor_uid'),
-      position('meta oif "lo" accept comment "loopback; policy sha256:'),
+      position('meta oif "lo" jump loopback comment "loopback; policy sha256:'),
       position('vmap @sd_uid'),
       position(`tcp flags & (syn | ack) syn,ack jump syn_cookies comment "${sid(compiled, 'syn-cookies')} f.yaml:6 syn-cookies: SYN-ACKs sent from no socket"`),
       position('goto lockdown'),
@@ -140,6 +140,48 @@ tor: {enabled: true, socks: "[2001:db8::50]:9050", updaters: [apt]}
       for (const routingHeader of [0, 3, 4, 253])
         expect(evaluate(compiled.ruleset, { ...packet, routingHeader })).toMatchObject({ verdict: 'drop', chain: 'routing_header' });
     }
+  });
+
+  it("Tor's SOCKS port on loopback is network for all but the updaters: a system domain's member, lockdown and an app's default deny stop it there; other loopback ports stay open", () => {
+    const policy = `
+defaults: {egress: allow}
+identities: {apt: {user: _apt}, vault: {user: vault}}
+apps: {web: {identity: {user: alice}, rules: [{allow: ["198.51.100.9"]}], default: deny}}
+systemDomains: {offline: {members: [vault]}}
+tor: {enabled: true, updaters: [apt]}
+`;
+    const ids = FACTS.users;
+    const uid = (name: string) => ids.get(name) as number;
+    const toLoopback = (skuid: number, dport: number, daddr = '127.0.0.1'): Packet => ({
+      oif: 'lo',
+      family: 4,
+      daddr,
+      l4proto: 'tcp',
+      dport,
+      skuid,
+      skgid: 100,
+      cgroup: '',
+      ct: 'new',
+    });
+    const open = compileYaml(policy);
+    const decided = (packet: Packet, lockdown = false) => {
+      const outcome = evaluate((lockdown ? compileYaml(policy, { lockdown: true }) : open).ruleset, packet);
+      return `${outcome.verdict} ${outcome.chain}`;
+    };
+    // The member reached the internet through Tor: its SYN to the SOCKS port was accepted as loopback.
+    expect(decided(toLoopback(uid('vault'), 9050))).toBe('drop sd_offline');
+    expect(decided(toLoopback(uid('vault'), 9050, '127.0.0.2'))).toBe('drop sd_offline');
+    expect(decided(toLoopback(uid('alice'), 9050))).toMatch(/^drop /);
+    expect(decided(toLoopback(0, 9050), true)).toBe('drop lockdown');
+    expect(decided(toLoopback(uid('_apt'), 9050))).toBe('accept tor_updaters');
+    expect(decided(toLoopback(uid('_apt'), 9050), true)).toBe('accept tor_updaters');
+    // Under the default allow, an identity with no app reaches it as it reaches any address.
+    expect(decided(toLoopback(0, 9050))).toBe('accept output');
+    for (const who of [uid('vault'), uid('alice'), 0]) {
+      expect(decided(toLoopback(who, 631))).toBe('accept loopback');
+      expect(decided({ ...toLoopback(who, 9050), l4proto: 'udp' })).toBe('accept loopback');
+    }
+    expect(decided(toLoopback(uid('vault'), 631), true)).toBe('accept loopback');
   });
 
   it("an identity chosen by cgroup has the chains the tracker sends new members to before any member exists; a cut-off chain only where a glob's wildcard can match a name nft cannot carry", () => {

@@ -81,11 +81,19 @@ const torStatus = () => net.host.node(CLI, ['tor', 'status', '--json'], { env: {
 
 describe.skipIf(unavailable)(`only Tor answers from its SOCKS port ${unavailable ? `(skipped: ${unavailable})` : ''}`, () => {
   beforeAll(async () => {
-    net = await createTestNet();
     users = ensureTestUsers();
-    dir = policyDir({
-      '00-base.yaml': 'defaults: {egress: allow}\nidentities:\n  apt: {user: _apt}\ntor: {enabled: true, user: debian-tor, updaters: [apt]}\n',
-    });
+    net = await createTestNet();
+    dir = policyDir(
+      {
+        '00-base.yaml': `defaults: {egress: allow}
+identities:
+  apt: {user: _apt}
+tor: {enabled: true, user: debian-tor, updaters: [apt]}
+systemDomains: {offline: {members: [{user: ${users.app3.name}}]}}
+`,
+      },
+      { keep: true },
+    );
     state = mkdtempSync(join(tmpdir(), 'egd-socks-owner-'));
     const applied = await net.host.node(CLI, ['apply', dir], { env: { ...process.env, EGRESSD_STATE_DIR: state } });
     expect(applied.code, applied.stderr).toBe(0);
@@ -132,5 +140,40 @@ describe.skipIf(unavailable)(`only Tor answers from its SOCKS port ${unavailable
     expect(heard).toMatch(/^[1-9]\d* ready/);
     expect(await net.host.connect({ proto: 'tcp', ...SOCKS, user: '_apt' })).toMatchObject({ connected: true, ok: true });
     expect((await torStatus()).stderr).not.toContain('not Tor');
+  });
+
+  it("Tor's port is network for all but the updaters: a system domain's member and anyone under lockdown never reach Tor; others do", async () => {
+    await listen({ user: 'debian-tor' });
+    // Tor would carry it anywhere: the member's own SYN to the port is dropped, as its SYN to the internet is.
+    expect(await net.host.connect({ proto: 'tcp', ...SOCKS, user: users.app3.name, payload: 'CONNECT evil.example\n', timeoutMs: 1000 })).toMatchObject({
+      connected: false,
+      error: 'ETIMEDOUT',
+    });
+    expect(heard).not.toContain('accepted');
+    // Other loopback services stay open to it.
+    const other = net.host.spawn('/usr/bin/python3', [
+      '-c',
+      'import socket;s=socket.socket();s.bind(("127.0.0.1",8631));s.listen();print("ready",flush=True);c,_=s.accept();c.sendall(b"ok\\n")',
+    ]);
+    await printed(other, 'stdout', 'ready', 10_000);
+    expect(await net.host.connect({ proto: 'tcp', addr: '127.0.0.1', port: 8631, user: users.app3.name })).toMatchObject({ connected: true, ok: true });
+    expect(await net.host.connect({ proto: 'tcp', ...SOCKS, user: users.app1.name })).toMatchObject({ connected: true, ok: true });
+
+    const lockdown = (on: boolean) => net.host.node(CLI, ['lockdown', on ? 'on' : 'off', dir], { env: { ...process.env, EGRESSD_STATE_DIR: state } });
+    const locked = await lockdown(true);
+    expect(locked.code, locked.stderr).toBe(0);
+    try {
+      heard = '';
+      expect(await net.host.connect({ proto: 'tcp', ...SOCKS, user: users.app1.name, timeoutMs: 1000 })).toMatchObject({
+        connected: false,
+        error: 'ETIMEDOUT',
+      });
+      expect(await net.host.connect({ proto: 'tcp', ...SOCKS, timeoutMs: 1000 })).toMatchObject({ connected: false, error: 'ETIMEDOUT' });
+      expect(heard).not.toContain('accepted');
+      expect(await net.host.connect({ proto: 'tcp', ...SOCKS, user: '_apt' })).toMatchObject({ connected: true, ok: true });
+    } finally {
+      const released = await lockdown(false);
+      expect(released.code, released.stderr).toBe(0);
+    }
   });
 });
