@@ -6,9 +6,10 @@ export interface ResolverLimits {
   /** Client queries in progress at once (parsed, not yet answered); more are dropped (UDP) or answered SERVFAIL (TCP). */
   readonly maxPending: number;
   /**
-   * Of those, from one asker (the resolver's `askerKey`: a uid): one local
-   * user asking names whose servers never answer must not take every slot
-   * and leave everyone else unanswered.
+   * Of those, from one asker (the resolver's `askerKey`: a user, its
+   * subordinate uids counted as it, owner.ts): one local user asking names
+   * whose servers never answer must not take every slot and leave everyone
+   * else unanswered.
    */
   readonly maxPendingPerAsker: number;
   /** Open TCP client connections; more are closed at once. */
