@@ -14,6 +14,14 @@ export interface ResolverLimits {
   readonly maxPendingPerAsker: number;
   /** Open TCP client connections; more are closed at once. */
   readonly maxTcpConnections: number;
+  /**
+   * Of those, of one asker (as maxPendingPerAsker), found when it connects:
+   * a connection sending a query now and then is never idle, so one user
+   * could otherwise hold every one and leave the others no TCP fallback.
+   */
+  readonly maxTcpConnectionsPerAsker: number;
+  /** Of those, whose owner was not found (one bucket for all of them): such a connection's queries are REFUSED anyway. */
+  readonly maxTcpConnectionsUnowned: number;
   /** Queries in progress on one TCP connection; while there are this many, the connection is not read. */
   readonly maxTcpPipeline: number;
   /** A TCP connection with nothing in progress and nothing received for this long is closed. */
@@ -41,6 +49,8 @@ export const DEFAULT_LIMITS: ResolverLimits = {
   maxPending: 4096,
   maxPendingPerAsker: 512,
   maxTcpConnections: 256,
+  maxTcpConnectionsPerAsker: 32,
+  maxTcpConnectionsUnowned: 8,
   maxTcpPipeline: 64,
   tcpIdleMs: 10_000,
   tcpFrameMs: 3000,
