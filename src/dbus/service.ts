@@ -30,14 +30,13 @@
  * not through dbus-next's Interface class, whose handlers are not told who
  * called; every reply or error is sent in one place (`answer`).
  */
-import { readFileSync } from 'node:fs';
 import dbus from 'dbus-next';
 import type { Logger } from 'pino';
 import type { DaemonStatus, ReloadOutcome } from '../daemon/part.js';
 import type { DenialRecord } from '../denials/record.js';
 import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import { nssAccounts, type Accounts } from '../system/nss.js';
-import { parseSubordinate, type SubordinateLine } from '../system/subordinate.js';
+import { subordinateOwners } from '../system/subordinate.js';
 import { askBus, callerCredentials, DEFAULT_AUDIT_GROUP, roleOf, type Caller, type PolkitAction, type PolkitCheck } from './access.js';
 import { allowanceFor, DROP_IN, DropIn, manualAllowance, parseScope, type Allowance, type AllowProto } from './allow.js';
 import type { DenialCounters, DenialFeed, DenialStore } from './contracts.js';
@@ -260,21 +259,11 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
     return found;
   }
 
-  // The subordinate ranges, read again at most every roleCacheMs; a file that cannot be read gives none (each uid counts alone).
-  let subuids: { lines: readonly SubordinateLine[]; at: number } | undefined;
+  // The subordinate ranges, read again at most every roleCacheMs.
+  const subuidOwner = subordinateOwners({ file: subuidFile, maxAgeMs: roleCacheMs, now });
   function holderOf(uid: number): string {
-    const t = now();
-    if (!subuids || !(t - subuids.at >= 0 && t - subuids.at < roleCacheMs)) {
-      let lines: readonly SubordinateLine[];
-      try {
-        lines = parseSubordinate(readFileSync(subuidFile, 'utf8'), subuidFile).lines;
-      } catch {
-        lines = [];
-      }
-      subuids = { lines, at: t };
-    }
-    const range = subuids.lines.find((l) => uid >= l.from && uid <= l.to);
-    return range ? `subuid:${range.owner}` : `uid:${uid}`;
+    const owner = subuidOwner(uid);
+    return owner === undefined ? `uid:${uid}` : `subuid:${owner}`;
   }
 
   /** Whether a unique name is still on the bus (it may have left while its call was being answered). */

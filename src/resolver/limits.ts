@@ -6,13 +6,22 @@ export interface ResolverLimits {
   /** Client queries in progress at once (parsed, not yet answered); more are dropped (UDP) or answered SERVFAIL (TCP). */
   readonly maxPending: number;
   /**
-   * Of those, from one asker (the resolver's `askerKey`: a uid): one local
-   * user asking names whose servers never answer must not take every slot
-   * and leave everyone else unanswered.
+   * Of those, from one asker (the resolver's `askerKey`: a user, its
+   * subordinate uids counted as it, owner.ts): one local user asking names
+   * whose servers never answer must not take every slot and leave everyone
+   * else unanswered.
    */
   readonly maxPendingPerAsker: number;
   /** Open TCP client connections; more are closed at once. */
   readonly maxTcpConnections: number;
+  /**
+   * Of those, of one asker (as maxPendingPerAsker), found when it connects:
+   * a connection sending a query now and then is never idle, so one user
+   * could otherwise hold every one and leave the others no TCP fallback.
+   */
+  readonly maxTcpConnectionsPerAsker: number;
+  /** Of those, whose owner was not found (one bucket for all of them): such a connection's queries are REFUSED anyway. */
+  readonly maxTcpConnectionsUnowned: number;
   /** Queries in progress on one TCP connection; while there are this many, the connection is not read. */
   readonly maxTcpPipeline: number;
   /** A TCP connection with nothing in progress and nothing received for this long is closed. */
@@ -40,6 +49,8 @@ export const DEFAULT_LIMITS: ResolverLimits = {
   maxPending: 4096,
   maxPendingPerAsker: 512,
   maxTcpConnections: 256,
+  maxTcpConnectionsPerAsker: 32,
+  maxTcpConnectionsUnowned: 8,
   maxTcpPipeline: 64,
   tcpIdleMs: 10_000,
   tcpFrameMs: 3000,

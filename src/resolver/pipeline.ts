@@ -28,6 +28,7 @@ import type { DatagramRound, Peer } from './datagrams.js';
 import type { AnswerRecord, Client, Question, ResolverHooks } from './server.js';
 import type { UpstreamAnswer } from './upstream.js';
 import { resolverNow } from './clock.js';
+import { Shares } from './shares.js';
 
 export interface PipelineStats {
   /** Messages received (datagrams and TCP frames). */
@@ -102,7 +103,7 @@ export interface PipelineDeps<Who> {
   readonly now?: () => number;
   /** Told of unexpected errors (a bug, not bad input): the query got SERVFAIL. */
   readonly onError?: (error: unknown) => void;
-  /** Who counts as one asker for maxPendingPerAsker; undefined: no cap per asker. */
+  /** Who counts as one asker for maxPendingPerAsker (runtime.ts: a user, its subordinate uids folded in, owner.ts); undefined: no cap per asker. */
   readonly askerKey?: (who: Who) => string;
 }
 
@@ -200,7 +201,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
   const recordsOf = new WeakMap<CachedAnswer, AnswerRecord[]>();
   /** Each answer's CNAME chain, asked of its records once. */
   const chains = new WeakMap<readonly AnswerRecord[], string[]>();
-  const pendingByAsker = new Map<string, number>();
+  const pendingByAsker = new Shares(limits.maxPendingPerAsker);
   const inFlight = new Map<string, Promise<Resolution>>();
 
   const learn = async (question: Question, records: readonly AnswerRecord[], fromCache: boolean): Promise<boolean> => {
@@ -357,21 +358,17 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       answerAdmitted(query, id, client, memo, who, finish);
       return;
     }
-    const askerPending = pendingByAsker.get(asker) ?? 0;
-    if (askerPending >= limits.maxPendingPerAsker) {
+    if (!pendingByAsker.take(asker)) {
       counts.overloaded++;
       counts.overloadedByAsker++;
       finish(reply(query, id, client, { rcode: Rcode.ServFail }));
       return;
     }
-    pendingByAsker.set(asker, askerPending + 1);
     let released = false;
     const done = (bytes: Buffer | undefined): void => {
       if (!released) {
         released = true;
-        const left = (pendingByAsker.get(asker) ?? 1) - 1;
-        if (left > 0) pendingByAsker.set(asker, left);
-        else pendingByAsker.delete(asker);
+        pendingByAsker.give(asker);
       }
       finish(bytes);
     };

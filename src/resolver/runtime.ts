@@ -26,6 +26,7 @@ import { followUpstreams, rediscover } from './follow-upstreams.js';
 import { discoverUpstreams, type Discovered } from './upstreams.js';
 import type { FileWatch, WatchFilesOptions } from '../system/watch-files.js';
 import { openWhoAsks, type Who, type WhoAsks } from './who.js';
+import { ownerKeys } from './owner.js';
 import { allowUnitUpstreams, type UnitAllowOutcome } from '../system/unit-address-allow.js';
 import { ResolverStartError } from '../errors.js';
 
@@ -158,6 +159,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
     const filler = new SetFiller(state.view, writer, memory);
     const identify = who.identifyInBatch.bind(who);
     const identifyNow = who.identifyNow.bind(who);
+    const ownerOf = ownerKeys();
     /** Records already in the memory: the resolver hands one array for every hit of a cache entry within a second, and remembering it again changes nothing but its recency. */
     const remembered = new WeakSet<readonly AnswerRecord[]>();
     // Undefined when the table holds the answer already: the resolver then replies in the same call (pipeline.ts).
@@ -205,8 +207,8 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
           learnQuietUntil: (question, records, expiresAt) => filler.quietUntil(question, records, expiresAt),
         },
         onError: (error) => log.error({ event: 'resolver-error', error: String(error) }, 'resolver: unexpected error; answering goes on'),
-        // One local user cannot take every query slot (names whose servers never answer hold one for 2.5 s each).
-        askerKey: (asker) => String(asker.uid),
+        // One local user cannot take every query slot (names whose servers never answer hold one for 2.5 s each) or TCP connection.
+        askerKey: (asker) => ownerOf(asker.uid),
       });
     };
     resolver = await serve(dns, upstreams);

@@ -16,6 +16,7 @@ import { DnsCache } from './cache.js';
 import { createDatagramServer, type DatagramServer } from './datagrams.js';
 import { resolverLimits, type ResolverLimits } from './limits.js';
 import { createPipeline, type PipelineStats } from './pipeline.js';
+import { Shares } from './shares.js';
 import { parseUpstream, UpstreamClient } from './upstream.js';
 
 export interface Client {
@@ -84,7 +85,7 @@ export interface ResolverOptions<Who> {
   readonly limits?: Partial<ResolverLimits>;
   /** Told of unexpected errors (bugs, socket failures), which never stop the resolver. */
   readonly onError?: (error: unknown) => void;
-  /** Who counts as one asker for limits.maxPendingPerAsker (e.g. its uid); undefined: no cap per asker. */
+  /** Who counts as one asker for limits.maxPendingPerAsker and maxTcpConnectionsPerAsker (e.g. its uid); undefined: no cap per asker. */
   readonly askerKey?: (who: Who) => string;
 }
 
@@ -111,8 +112,12 @@ export interface ResolverStats extends PipelineStats {
   readonly upstreamInFlight: number;
   /** TCP client connections open now. */
   readonly tcpConnections: number;
-  /** Turned away at maxTcpConnections. */
+  /** Turned away: at maxTcpConnections, or by one of the caps below. */
   readonly tcpRejected: number;
+  /** Of those, closed at once for their owner's maxTcpConnectionsPerAsker. */
+  readonly tcpRejectedByAsker: number;
+  /** Of those, closed at once for maxTcpConnectionsUnowned: their owner was not found. */
+  readonly tcpRejectedUnowned: number;
   /** Closed after tcpIdleMs without a query. */
   readonly tcpIdleClosed: number;
   /** Closed for a frame too short to be a message, or for replies left unread past maxTcpUnread. */
@@ -134,6 +139,9 @@ export interface Resolver {
 /** The smallest frame worth reading: a DNS header. */
 const MIN_FRAME = 12;
 
+/** Gives back what a connection took of its owner's share; called once, when it closes. */
+type GiveBack = () => void;
+
 export async function startResolver<Who>(options: ResolverOptions<Who>): Promise<Resolver> {
   const limits = resolverLimits(options.limits);
   const servers = options.upstreams.map(parseUpstream);
@@ -144,7 +152,7 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
   const cache = new DnsCache(limits);
   const onError = (error: unknown): void => options.onError?.(error);
   const pipeline = createPipeline({ hooks: options.hooks, upstream, cache, limits, onError, ...(options.askerKey ? { askerKey: options.askerKey } : {}) });
-  const counts = { tcpConnections: 0, tcpRejected: 0, tcpIdleClosed: 0, tcpAborted: 0, sendErrors: 0 };
+  const counts = { tcpConnections: 0, tcpRejected: 0, tcpRejectedByAsker: 0, tcpRejectedUnowned: 0, tcpIdleClosed: 0, tcpAborted: 0, sendErrors: 0 };
   const connections = new Set<net.Socket>();
   let closed = false;
   let udpSendErrors = 0;
@@ -157,6 +165,46 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
     });
   };
   let datagrams: DatagramServer | undefined;
+
+  const connectionsByAsker = new Shares(limits.maxTcpConnectionsPerAsker);
+  /** Connections whose owner was not found (closed at once, another namespace's, a failed lookup): one small bucket, not a share each. */
+  let unowned = 0;
+  /**
+   * Whose share `conn` takes, looked up as its queries' askers are (the
+   * socket's 4-tuple through the identify hook), before anything of it is
+   * read: undefined when that owner's share, or the bucket of connections
+   * without an owner, is full.
+   */
+  const shareOf = (client: Client): GiveBack | undefined | Promise<GiveBack | undefined> => {
+    const askerKey = options.askerKey;
+    if (askerKey === undefined) return () => undefined;
+    const takeUnowned = (): GiveBack | undefined => {
+      if (unowned >= limits.maxTcpConnectionsUnowned) {
+        counts.tcpRejected++;
+        counts.tcpRejectedUnowned++;
+        return undefined;
+      }
+      unowned++;
+      return () => unowned--;
+    };
+    const take = (who: Who): GiveBack | undefined => {
+      const asker = askerKey(who);
+      if (!connectionsByAsker.take(asker)) {
+        counts.tcpRejected++;
+        counts.tcpRejectedByAsker++;
+        return undefined;
+      }
+      return () => connectionsByAsker.give(asker);
+    };
+    let identified: Who | PromiseLike<Who>;
+    try {
+      identified = options.hooks.identify(client);
+    } catch {
+      return takeUnowned();
+    }
+    if (typeof (identified as { then?: unknown }).then !== 'function') return take(identified as Who);
+    return Promise.resolve(identified).then(take, takeUnowned);
+  };
 
   const serveTcp = (conn: net.Socket): void => {
     if (conn.remoteAddress === undefined || conn.remotePort === undefined || conn.localAddress === undefined || conn.localPort === undefined) {
@@ -171,6 +219,39 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
     };
     counts.tcpConnections++;
     connections.add(conn);
+    conn.on('error', () => conn.destroy());
+    let giveBack: GiveBack | undefined;
+    conn.on('close', () => {
+      connections.delete(conn);
+      counts.tcpConnections--;
+      giveBack?.();
+    });
+    const admitted = (share: GiveBack | undefined): void => {
+      if (share === undefined) conn.destroy();
+      // Closed while its owner was looked up: nothing taken stays taken.
+      else if (conn.destroyed) share();
+      else {
+        giveBack = share;
+        serveAdmitted(conn, client);
+      }
+    };
+    let share: ReturnType<typeof shareOf>;
+    try {
+      share = shareOf(client);
+    } catch (error) {
+      onError(error);
+      conn.destroy();
+      return;
+    }
+    if (share instanceof Promise)
+      share.then(admitted, (error: unknown) => {
+        onError(error);
+        conn.destroy();
+      });
+    else admitted(share);
+  };
+
+  const serveAdmitted = (conn: net.Socket, client: Client): void => {
     conn.setNoDelay(true);
     let buffered: Buffer = Buffer.alloc(0);
     let inProgress = 0;
@@ -241,12 +322,7 @@ export async function startResolver<Who>(options: ResolverOptions<Who>): Promise
       counts.tcpIdleClosed++;
       conn.destroy();
     });
-    conn.on('error', () => conn.destroy());
-    conn.on('close', () => {
-      clearTimeout(frameDeadline);
-      connections.delete(conn);
-      counts.tcpConnections--;
-    });
+    conn.on('close', () => clearTimeout(frameDeadline));
   };
 
   const tcpServers: net.Server[] = [];

@@ -5,6 +5,7 @@
  * ranges belong to their owner's identity. Lines are `owner:start:count`,
  * the owner a user name or a uid; /etc/subgid's owners are users too.
  */
+import { readFileSync } from 'node:fs';
 import type { PolicyIssue } from '../policy/issues.js';
 
 /** uids and gids run to 2^32 - 2: (uid_t)-1 is "no id" and never mapped. */
@@ -158,4 +159,40 @@ export function linesOf(
     if (is) return { error: `${parsed.file}:${line.line}: a line of this user that newuidmap does not read: ${line.why}`, refused: line };
   }
   return own;
+}
+
+/** Where subordinate uids are read from, and how often. */
+export interface SubordinateOwnersOptions {
+  /** Default /etc/subuid. */
+  readonly file?: string;
+  /** The file is read again once what was read is this old (ms). */
+  readonly maxAgeMs: number;
+  readonly now: () => number;
+}
+
+/**
+ * The owner field (a user name or a uid, as written) of the subordinate
+ * range `uid` lies in, or undefined for a uid in none: for bounds that a
+ * user's subordinate uids must not multiply. Read on demand, at most once
+ * per `maxAgeMs`, so a range given or taken away counts within that time
+ * without a watch; a file that cannot be read gives no range (each uid then
+ * counts alone).
+ */
+export function subordinateOwners(options: SubordinateOwnersOptions): (uid: number) => string | undefined {
+  const file = options.file ?? '/etc/subuid';
+  let read: { lines: readonly SubordinateLine[]; at: number } | undefined;
+  return (uid) => {
+    const t = options.now();
+    // A clock set back counts as old too.
+    if (!read || !(t - read.at >= 0 && t - read.at < options.maxAgeMs)) {
+      let lines: readonly SubordinateLine[];
+      try {
+        lines = parseSubordinate(readFileSync(file, 'utf8'), file).lines;
+      } catch {
+        lines = [];
+      }
+      read = { lines, at: t };
+    }
+    return read.lines.find((l) => uid >= l.from && uid <= l.to)?.owner;
+  };
 }

@@ -532,6 +532,39 @@ describe('TCP', () => {
     expect(r.stats().tcpConnections).toBe(3);
     for (const s of sockets) s.destroy();
   });
+
+  it('keeps connections whose owner is not found to one small bucket, counting those turned away', async () => {
+    // Owners are found when they connect (tcp-shares-kernel.test.ts); here no socket is found, as for a client gone or in another namespace.
+    const h = hooks({
+      identify: () => {
+        throw new Error('no such socket');
+      },
+    });
+    const { r, port } = await resolver([`127.0.0.1#${local.port}`], h, {
+      limits: { maxTcpConnections: 10, maxTcpConnectionsUnowned: 2 },
+      askerKey: (who) => who,
+    });
+    const closed: boolean[] = [];
+    const sockets = await Promise.all(
+      Array.from(
+        { length: 6 },
+        (_, i) =>
+          new Promise<net.Socket>((resolve) => {
+            closed[i] = false;
+            const s = net.connect(port, '127.0.0.1', () => resolve(s));
+            s.on('error', () => undefined);
+            s.on('close', () => (closed[i] = true));
+          }),
+      ),
+    );
+    await until('turned-away connections closed', () => closed.filter(Boolean).length === 4, { timeoutMs: 3000 });
+    expect(r.stats()).toMatchObject({ tcpRejected: 4, tcpRejectedUnowned: 4, tcpRejectedByAsker: 0, tcpConnections: 2 });
+    for (const s of sockets) s.destroy();
+    await until('the bucket emptied', () => r.stats().tcpConnections === 0, { timeoutMs: 3000 });
+    // Given back: the next one is held again (and its query REFUSED: its asker is not known).
+    const again = await tcpExchange(port, [query('a.example.test', 'A', 3)], 1);
+    expect(rcodeOf(dnsPacket.decode(again[0]!))).toBe(5);
+  });
 });
 
 describe('bad input and floods', () => {
