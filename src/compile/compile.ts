@@ -392,17 +392,9 @@ class Compiler {
     if (policy.tor.enabled) output.push(...this.torUpdaterRules(systemDomainRules, torUid));
     // This rule carries the policy digest: `status` and `plan` read it back from the live table.
     const loopback = `loopback; ${POLICY_MARK}${policy.digest.slice(0, 32)}`;
-    if (policy.tor.enabled && socksOnLoopback(policy.tor.socks)) {
-      // Tor's SOCKS port on loopback is a way onto the network for whoever connects, so for all but the updaters (dispatched
-      // above) it is network: a system domain's member, lockdown, an app's rules and the default judge it as they would the
-      // address Tor would reach. Any loopback address: Tor may listen on more than the one the policy names.
-      this.chains.push({
-        name: 'loopback',
-        rules: [
-          rule([match.tcpDport(policy.tor.socks.port), verdict.return()], "Tor's SOCKS port is network for all but the updaters"),
-          rule([verdict.accept()], 'loopback'),
-        ],
-      });
+    const loopbackRules = this.loopbackExceptions(systemDomainRules);
+    if (loopbackRules.length > 0) {
+      this.chains.push({ name: 'loopback', rules: [...loopbackRules, rule([verdict.accept()], 'loopback')] });
       output.push(rule([match.oif('lo'), verdict.jump('loopback')], loopback));
     } else output.push(rule([match.oif('lo'), verdict.accept()], loopback));
     output.push(...systemDomainRules);
@@ -647,6 +639,29 @@ class Compiler {
    * read only for packets to those ports. Without `exclusive`, one rule
    * tests the mark first.
    */
+  /**
+   * What on loopback is a way onto the network, and so is not simply accepted. Tor's SOCKS port: Tor carries whoever
+   * connects anywhere, so for all but the updaters (dispatched before loopback) it is network, and a system domain's
+   * member, lockdown, an app's rules and the default judge it as the address Tor would reach (any loopback address: Tor
+   * may listen on more than the one the policy names). And DNS, for a system domain's members: a resolver on loopback
+   * (egressd's, systemd-resolved's, a dnsmasq) asks upstream under its own identity, so the name a member looks up would
+   * leave the machine. egressd's resolver refuses them, but it learns who asks from the sending socket, after the
+   * datagram came: a member that closes its socket at once, on a port another user's socket shares (SO_REUSEADDR, as
+   * avahi's 5353), would be taken for that user. The table judges the packet by the socket that sent it.
+   */
+  private loopbackExceptions(systemDomainRules: readonly RuleDecl[]): RuleDecl[] {
+    const rules: RuleDecl[] = [];
+    const { tor } = this.policy;
+    if (tor.enabled && socksOnLoopback(tor.socks))
+      rules.push(rule([match.tcpDport(tor.socks.port), verdict.return()], "Tor's SOCKS port is network for all but the updaters"));
+    if (systemDomainRules.length > 0) {
+      this.chains.push({ name: 'loopback_dns', rules: [...systemDomainRules, rule([verdict.accept()], 'DNS on loopback, from no system domain')] });
+      const ports = [match.l4proto(`@${DNS_PROTOCOLS_SET}`), match.dport(`@${DNS_PORTS_SET}`)];
+      rules.push(rule([...ports, verdict.goto('loopback_dns')], "DNS on loopback: a system domain's members have none"));
+    }
+    return rules;
+  }
+
   private dnsRules(): RuleDecl[] {
     const { dns } = this.policy;
     // The mark alone is not the resolver: since Linux 5.17 CAP_NET_RAW lets a socket carry any mark, and a

@@ -154,6 +154,12 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
   // The table treats Tor's SOCKS port on loopback as network for all but the updaters (compile.ts, chain loopback).
   const socksAsNetwork = policy.tor.enabled && socksLoopback && query.port === socks.port && (query.proto ?? 'tcp') === 'tcp';
   if (target.loopback && !socksAsNetwork) {
+    // A resolver on loopback would ask upstream for a system domain's member: the table judges DNS there by the members' dispatch.
+    const dnsPort = query.port !== undefined && DNS_PORTS.includes(query.port) && (query.proto ?? 'tcp') !== 'icmp';
+    if (sdMember && dnsPort) {
+      steps.push(`loopback: port ${query.port} is DNS, and system domain "${sdMember.name}" has none: a local resolver would ask for it`);
+      return decide('deny', 'system-domain', `sd/${sdMember.name}`, sdMember.at, sdMember.why);
+    }
     steps.push('loopback: always allowed');
     if (policy.tor.enabled && socksLoopback && query.port === undefined && (query.proto ?? 'tcp') === 'tcp')
       notes.push(`port ${socks.port}/tcp, Tor's SOCKS port, is network: the levels below decide it, as for any address Tor would reach`);

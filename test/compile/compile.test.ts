@@ -253,6 +253,9 @@ tor: {enabled: true, socks: "192.0.2.50:9050", updaters: [apt]}
         syn_cookies: 0,
         tor_updaters: 0,
         link_local: 0,
+        // DNS on loopback goes through the system domains' dispatch.
+        loopback: 0,
+        loopback_dns: 0,
         global_deny: 0,
         global_deny_app_open: 0,
         dns_egress: 0,

@@ -30,7 +30,7 @@ function levelOf(ruleset: Ruleset, outcome: Outcome, lockdown: boolean): Level {
 }
 
 function levelAt(ruleset: Ruleset, chain: string, rule: RuleDecl | undefined, lockdown: boolean): Level {
-  if (chain === 'loopback') return 'loopback';
+  if (chain === 'loopback' || chain === 'loopback_dns') return 'loopback';
   if (chain.startsWith('sd_')) return 'system-domain';
   if (chain === 'dns_egress') return 'dns';
   if (chain === 'lockdown') return 'lockdown';

@@ -131,5 +131,7 @@ function describeSample(s: SampleResult, paint: (code: number, text: string) => 
 function dnsError(code: string): string {
   if (code === 'ENOTFOUND') return '"no such name" (NXDOMAIN)';
   if (code === 'EREFUSED') return '"refused" (REFUSED: a system domain gets no DNS)';
+  // The table drops a system domain's DNS on loopback too, once the app tracker has its cgroup; the send then fails at once.
+  if (code === 'ECONNREFUSED') return '"could not send" (ECONNREFUSED: the kernel dropped the query; a system domain gets no DNS)';
   return code;
 }
