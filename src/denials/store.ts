@@ -167,7 +167,7 @@ const VACUUM_PAGES = 256;
 export const AUDIT_GROUP = 'egressd-audit';
 export const DEFAULTS = { retentionDays: 90, maxBytes: 256 * 1024 * 1024, flushIntervalMs: 1000, batchSize: 1000, pruneIntervalMs: 3_600_000 } as const;
 /** The schema this code writes (PRAGMA user_version); older ones are migrated at open, newer ones refused. */
-export const SCHEMA_VERSION = 2;
+export const SCHEMA_VERSION = 3;
 const HOUR = 3_600_000;
 /** The rollup's bucket for the whole store, beside one per hour. */
 const ALL = -1;
@@ -235,6 +235,9 @@ export const MIGRATIONS: readonly string[] = [
   ALTER TABLE denials_next RENAME TO denials;
   ${DENIAL_INDEXES_SQL}
   ${ROLLUP_TRIGGERS_SQL}`,
+  // 2 → 3: who looked the name up (the sender, or only other uids). Rows written before say nothing of it, and read as
+  // "others": a name of unknown asker is never sent to a user's agent nor allowed by.
+  `ALTER TABLE denials ADD COLUMN name_asked_by TEXT;`,
 ];
 
 /** The columns a record is written to, in order. */
@@ -258,6 +261,7 @@ export const COLUMNS = [
   'name',
   'addr',
   'name_rev',
+  'name_asked_by',
 ] as const;
 
 interface Row {
@@ -279,6 +283,8 @@ interface Row {
   address: string;
   port: number | null;
   name: string | null;
+  /** Absent in a version 1 or 2 store that egressctl reads before egressd migrates it. */
+  name_asked_by?: string | null;
 }
 
 const u = <T>(value: T | null): T | undefined => (value === null ? undefined : value);
@@ -303,6 +309,7 @@ export function rowToDenial(row: Row): StoredDenial {
     address: row.address,
     port: u(row.port),
     name: u(row.name),
+    nameAskedBy: row.name === null ? undefined : row.name_asked_by === 'sender' ? 'sender' : 'others',
   };
 }
 
@@ -352,6 +359,7 @@ export function recordValues(r: DenialRecord): unknown[] {
     r.name ?? null,
     addr,
     r.name === undefined ? null : reversed(r.name),
+    r.name === undefined ? null : (r.nameAskedBy ?? 'others'),
   ];
 }
 
@@ -907,7 +915,7 @@ function openForReading(path: string): Database.Database {
   statSync(path);
   const check = (db: Database.Database) => {
     const version = db.pragma('user_version', { simple: true }) as number;
-    // Version 1 has the same columns (2 only gave ids AUTOINCREMENT): readable until egressd, restarted, migrates it.
+    // Versions 1 and 2 lack only who asked for the name (read as others'): readable until egressd, restarted, migrates it.
     if (version < 1 || version > SCHEMA_VERSION)
       throw new EgressError(ErrorCode.DenialStore, `denial store ${path}: schema version ${version}, this egressctl reads 1 to ${SCHEMA_VERSION}`);
     return db;

@@ -211,6 +211,7 @@ describe.skipIf(skip)(`org.egressd.Firewall1 on a real system-like bus ${skip ? 
           'lastSeen',
           'line',
           'name',
+          'nameAskedBy',
           'port',
           'protocol',
           'ruleId',
@@ -302,6 +303,17 @@ describe.skipIf(skip)(`org.egressd.Firewall1 on a real system-like bus ${skip ? 
       protocols: ['tcp'],
     });
     expect(explain).toBeTypeOf('function');
+  });
+
+  it("AllowFromDenial: a name only another user looked up is not what the allow opens: it writes the record's address, port and protocol", async () => {
+    // Mallory pointed cdn.mallory.example at the address firefox was denied; firefox's user never looked it up.
+    feed.emit(denial({ uid: users.app1.uid, name: 'cdn.mallory.example', nameAskedBy: 'others', address: '203.0.113.31' }));
+    const record = store.rows[store.rows.length - 1]!;
+    const [ok] = await runClient(root, buses.system, [['allow', record.id, '1h']]);
+    expect(ok!.ok).toMatchObject({ app: 'firefox', to: '203.0.113.31' });
+    const text = readFileSync(join(dir, DROP_IN), 'utf8');
+    expect(text).toMatch(/- app: "firefox"\n {4}allow: \["203.0.113.31"\]\n {4}ports: \[443\]\n {4}proto: tcp\n/);
+    expect(text).not.toMatch(/allow: \[[^\]]*cdn\.mallory\.example/);
   });
 
   it('AllowFromDenial: a failed apply leaves the drop-in as it was; a system-domain denial and unknown ids are refused clearly', async () => {

@@ -381,7 +381,7 @@ describe('denial store: record ids', () => {
     store.close();
   });
 
-  it('a version 1 store is migrated with its records, ids and rollup, and gives new ids after its highest', () => {
+  it('a version 1 store is migrated with its records, ids and rollup, and gives new ids after its highest; its names are of unknown asker', () => {
     const path = freshPath();
     open(path).close();
     rmSync(path);
@@ -389,18 +389,20 @@ describe('denial store: record ids', () => {
     v1.exec(MIGRATIONS[0]!);
     v1.pragma('user_version = 1');
     const insert = v1.prepare(
-      "INSERT INTO denials (id, first_seen, last_seen, count, short_id, protocol, family, address, addr, app) VALUES (?, ?, ?, ?, 'r1', 'tcp', 4, ?, ?, 'firefox')",
+      "INSERT INTO denials (id, first_seen, last_seen, count, short_id, protocol, family, address, addr, app, name) VALUES (?, ?, ?, ?, 'r1', 'tcp', 4, ?, ?, 'firefox', ?)",
     );
     for (const [id, count] of [
       [3, 2],
       [7, 5],
       [9, 1],
     ] as const)
-      insert.run(id, T0, T0, count, `192.0.2.${id}`, Buffer.from([192, 0, 2, id]));
+      insert.run(id, T0, T0, count, `192.0.2.${id}`, Buffer.from([192, 0, 2, id]), id === 7 ? 'seven.example' : null);
     v1.close();
     // egressctl reads it as it is, before egressd (restarted after an upgrade) migrates it.
     const reader = openDenialReader(path);
     expect(reader.query({}).map((r) => r.id)).toEqual([9, 7, 3]);
+    // Who looked a name up was not kept then: never taken as the sender's own (no alert shows it, no Allow writes it).
+    expect(reader.get(7)).toMatchObject({ name: 'seven.example', nameAskedBy: 'others' });
     reader.close();
     const store = open(path);
     expect(store.query({ limit: 10 }).map((r) => [r.id, r.count, r.address])).toEqual([
@@ -412,9 +414,17 @@ describe('denial store: record ids', () => {
     store.add([denial({ firstSeen: T0, lastSeen: T0 })]);
     store.flush();
     expect(Math.max(...store.query({}).map((r) => r.id))).toBe(10);
+    expect(store.get(7)).toMatchObject({ name: 'seven.example', nameAskedBy: 'others' });
+    expect(store.get(9)).toMatchObject({ name: undefined, nameAskedBy: undefined });
+    store.add([denial({ lastSeen: T0, name: 'own.example', nameAskedBy: 'sender' }), denial({ lastSeen: T0, name: 'theirs.example', nameAskedBy: 'others' })]);
+    store.flush();
+    expect(store.query({ limit: 2 }).map((r) => [r.name, r.nameAskedBy])).toEqual([
+      ['theirs.example', 'others'],
+      ['own.example', 'sender'],
+    ]);
     store.close();
     const check = new Database(path, { readonly: true });
-    expect(check.pragma('user_version', { simple: true })).toBe(2);
+    expect(check.pragma('user_version', { simple: true })).toBe(SCHEMA_VERSION);
     expect((check.prepare("SELECT sql FROM sqlite_master WHERE name = 'denials'").get() as { sql: string }).sql).toContain('AUTOINCREMENT');
     check.close();
   });

@@ -75,6 +75,9 @@ URL or file name):
   uid, gid    the sending socket's owner (absent for orphaned sockets)
   protocol, family, address, port   where the packet was going
   name        the name the address was learned from (egressd's resolver)
+  nameAskedBy sender: the sending uid looked the name up itself; others:
+              only other users did (shown "(another user's lookup)"; the
+              user's alert leaves it out and Allow uses the address)
 
 Where it is kept: $EGRESSD_STATE_DIR/denials/denials.sqlite (default
 ${denialStorePath(DEFAULT_STATE_DIR)}), on this machine only, and in the
@@ -210,6 +213,7 @@ const FIELDS = [
   'address',
   'port',
   'name',
+  'nameAskedBy',
 ] as const;
 
 function csvCell(value: string | number | undefined): string {
@@ -237,7 +241,7 @@ export function denialRow(r: StoredDenial): string[] {
   return [
     time(r.lastSeen),
     safe(who),
-    safe(r.name ?? '-'),
+    r.name === undefined ? '-' : r.nameAskedBy === 'sender' ? safe(r.name) : `${safe(r.name)} (another user's lookup)`,
     r.address,
     r.port === undefined ? r.protocol : `${r.port}/${r.protocol}`,
     safe(rule),
