@@ -82,8 +82,9 @@ URL or file name):
 Where it is kept: $EGRESSD_STATE_DIR/denials/denials.sqlite (default
 ${denialStorePath(DEFAULT_STATE_DIR)}), on this machine only, and in the
 journal (journalctl MESSAGE_ID=76287487ef8842cc99649526ae37f308, fields
-EGRESSD_*). For how long: ${DEFAULTS.retentionDays} days after a record's last packet, and the
-oldest go first once the database passes ${DEFAULTS.maxBytes / 1024 / 1024} MiB; the journal keeps
+EGRESSD_*). For how long: ${DEFAULTS.retentionDays} days after a record's last packet, and once the
+database passes ${DEFAULTS.maxBytes / 1024 / 1024} MiB the oldest of the user holding the most go
+first (a user's subordinate uids count as its own); the journal keeps
 its own entries as journald is configured to. Who can read it: root and
 members of group egressd-audit (the files are 0640 root:egressd-audit); a
 user's desktop agent gets only that user's own records over D-Bus.
