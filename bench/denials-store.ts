@@ -62,6 +62,7 @@ function* records(n: number, end: number): Generator<DenialRecord> {
       address: v6 ? `2001:db8:${(d >> 8).toString(16)}::${(d & 255).toString(16)}` : `198.51.${(d >> 8) & 255}.${d & 255}`,
       port: 443,
       name: d % 3 === 0 ? undefined : `host${d}.tracker${d % 50}.example`,
+      nameAskedBy: d % 3 === 0 ? undefined : 'sender',
     };
   }
 }

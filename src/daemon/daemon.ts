@@ -42,6 +42,7 @@ import type { Applied } from '../enforce/enforcer.js';
 import { ErrorCode, isEgressError } from '../errors.js';
 import type { Nft } from '../nft/client.js';
 import type { Policy } from '../policy/model.js';
+import type { NameFor } from '../resolver/memory.js';
 import type { InForce } from '../resolver/runtime.js';
 import type { DaemonState, DaemonStatus, Part, PartContext, PartReport, PartSpec, ReloadOutcome } from './part.js';
 import { enforcingStatus, failedStatus, type Readiness } from './readiness.js';
@@ -201,11 +202,11 @@ export class Daemon {
   }
 
   /** Names an address was learned from, from the first running part that remembers them; [] when none does. */
-  learnedNames(address: string): readonly string[] {
+  learnedNames(address: string, uid: number | undefined): readonly NameFor[] {
     for (const slot of this.slots) {
       if (slot.state !== 'running' || !slot.part?.learnedNames) continue;
       try {
-        const names = slot.part.learnedNames(address);
+        const names = slot.part.learnedNames(address, uid);
         if (names.length > 0) return names;
       } catch (error) {
         this.options.log.warn({ event: 'part-error', part: slot.name, error: describeError(error) }, `${slot.name}: could not tell the names of an address`);
@@ -458,7 +459,7 @@ export class Daemon {
       policyDir,
       reload: (why) => this.reload(why),
       status: () => this.status(),
-      learnedNames: (address) => this.learnedNames(address),
+      learnedNames: (address, uid) => this.learnedNames(address, uid),
     };
   }
 

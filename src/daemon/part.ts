@@ -8,6 +8,7 @@
  */
 import type { Logger } from 'pino';
 import type { Nft } from '../nft/client.js';
+import type { NameFor } from '../resolver/memory.js';
 import type { InForce } from '../resolver/runtime.js';
 
 /** What a reload asked of the daemon came to. */
@@ -43,8 +44,8 @@ export interface PartContext {
   /** Re-validate and re-apply the policy, queued behind any apply in progress. */
   reload(why: string): Promise<ReloadOutcome>;
   status(): DaemonStatus;
-  /** Names an address was learned from, most recent first (the resolver's memory); [] when no resolver runs. */
-  learnedNames(address: string): readonly string[];
+  /** Names an address was learned from, for a denial of `uid`'s: those it asked for first, then by latest expiry (the resolver's memory); [] when no resolver runs. */
+  learnedNames(address: string, uid: number | undefined): readonly NameFor[];
 }
 
 export interface Part {
@@ -57,7 +58,7 @@ export interface Part {
   /** One line for `status`, STATUS= and the D-Bus Status. */
   describe?(): string;
   /** The part that remembers which names addresses were learned from (the resolver) answers `PartContext.learnedNames` through this. */
-  learnedNames?(address: string): readonly string[];
+  learnedNames?(address: string, uid: number | undefined): readonly NameFor[];
 }
 
 export interface PartSpec {

@@ -72,7 +72,12 @@ function untilOf(scope: Scope, now: number): string | undefined {
 /** Kinds of rule an app's allow outranks; the others hold whatever an app says (the precedence is fixed). */
 export const ALLOWABLE: ReadonlySet<string> = new Set(['app-rule', 'app-default', 'global-deny', 'default']);
 
-/** The allow that undoes this denial for its app: its name when the resolver knew it, else its address. */
+/**
+ * The allow that undoes this denial for its app: its name when the sender's
+ * uid itself looked it up, else its address. A name only other users looked
+ * up is theirs to point anywhere (a set is filled for a rule, whoever asks):
+ * allowing it would let them choose where this app may go.
+ */
 export function allowanceFor(record: StoredDenial, who: Allower, now: number, scope: Scope): Allowance {
   if (record.kind !== undefined && !ALLOWABLE.has(record.kind)) {
     throw new EgressError(
@@ -89,7 +94,7 @@ export function allowanceFor(record: StoredDenial, who: Allower, now: number, sc
   }
   const proto: AllowProto | undefined =
     record.protocol === 'tcp' || record.protocol === 'udp' ? record.protocol : record.protocol.startsWith('icmp') ? 'icmp' : undefined;
-  const to = record.name ?? record.address;
+  const to = record.name !== undefined && record.nameAskedBy === 'sender' ? record.name : record.address;
   const rule = `${record.shortId}${record.ruleId ? ` ${record.ruleId}` : ''}${record.file ? ` at ${record.file}:${record.line ?? '?'}` : ''}`;
   const until = untilOf(scope, now);
   return {

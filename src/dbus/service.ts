@@ -611,10 +611,12 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
     let sent = 0;
     while (taken < ready && taken < pending.length && taken < signalsPerTick && sent < signalsPerTick) {
       const record = pending[taken++]!;
-      const body = [recordToDbus(record), storeId(record)];
+      const id = storeId(record);
+      const body = [recordToDbus(record), id];
+      const ownBody = record.name === undefined || record.nameAskedBy === 'sender' ? body : [recordToDbus(withoutOthersName(record)), id];
       for (const [name, sub] of subscriptions) {
         if (!sub.all && (record.uid === undefined || record.uid !== sub.uid)) continue;
-        const signal = Message.newSignal(OBJECT_PATH, INTERFACE, 'Denied', 'a{sv}t', body);
+        const signal = Message.newSignal(OBJECT_PATH, INTERFACE, 'Denied', 'a{sv}t', sub.all ? body : ownBody);
         signal.destination = name;
         bus.send(signal);
         signalsSent += 1;
@@ -652,4 +654,16 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
       bus.disconnect();
     },
   };
+}
+
+/**
+ * A record as its own user's agent gets it: a name only other uids looked
+ * up goes. The resolver's memory is root's (its control socket is 0600);
+ * a user who sends to an address another user's app talks to (from
+ * /proc/net/tcp) and is denied would otherwise read in the alert which
+ * name the other user looked up for it. Root and audit subscribers get
+ * the record whole, as the store holds it.
+ */
+function withoutOthersName(record: DenialRecord): DenialRecord {
+  return { ...record, name: undefined, nameAskedBy: undefined };
 }

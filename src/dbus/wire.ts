@@ -33,6 +33,7 @@ const RECORD_TYPES: { readonly [K in keyof DenialRecord]-?: string } = {
   address: 's',
   port: 'q',
   name: 's',
+  nameAskedBy: 's',
 };
 
 export function recordToDbus(record: DenialRecord | StoredDenial): Record<string, Variant> {

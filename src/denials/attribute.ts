@@ -7,6 +7,7 @@
 import { placeAsker, type ExplainFacts } from '../compile/explain.js';
 import { appsWithOwnGlobalDeny, type RuleIdEntry } from '../compile/rule-ids.js';
 import type { Policy } from '../policy/model.js';
+import type { NameFor } from '../resolver/memory.js';
 import type { Aggregate } from './aggregate.js';
 import type { DenialRecord } from './record.js';
 
@@ -61,8 +62,12 @@ export function appOfUid(policy: Policy, facts: ExplainFacts): (uid: number) => 
   };
 }
 
-export function attribute(aggregate: Aggregate, rules: RuleLookup, learnedNames: (address: string) => readonly string[]): DenialRecord {
+/** An address's names for a denial of `uid`'s, those `uid` looked up itself first (the resolver's memory, memory.ts namesFor). */
+export type LearnedNames = (address: string, uid: number | undefined) => readonly NameFor[];
+
+export function attribute(aggregate: Aggregate, rules: RuleLookup, learnedNames: LearnedNames): DenialRecord {
   const { event } = aggregate;
+  const [learned] = learnedNames(event.address, event.uid);
   const rule = rules.get(event.shortId);
   // A rule of an app or system domain says who. The shared global deny list is met in the chain of an app chosen by
   // user or group, or of none: the uid says which. Every other rule of no app decides before any app is chosen
@@ -86,6 +91,7 @@ export function attribute(aggregate: Aggregate, rules: RuleLookup, learnedNames:
     family: event.family,
     address: event.address,
     port: event.port,
-    name: learnedNames(event.address)[0],
+    name: learned?.name,
+    nameAskedBy: learned === undefined ? undefined : learned.asked ? 'sender' : 'others',
   };
 }

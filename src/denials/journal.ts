@@ -45,6 +45,7 @@ export function denialJournalFields(r: DenialRecord): JournalFields {
   put('EGRESSD_DEST_ADDRESS', r.address);
   put('EGRESSD_DEST_PORT', r.port);
   put('EGRESSD_DEST_NAME', r.name);
+  put('EGRESSD_DEST_NAME_ASKED_BY', r.nameAskedBy);
   put('EGRESSD_COUNT', r.count);
   put('EGRESSD_FIRST_SEEN_USEC', Math.trunc(r.firstSeen * 1000));
   put('EGRESSD_LAST_SEEN_USEC', Math.trunc(r.lastSeen * 1000));
@@ -54,7 +55,8 @@ export function denialJournalFields(r: DenialRecord): JournalFields {
 /** One line for people: "firefox → telemetry.mozilla.org (192.0.2.7) port 443/tcp denied by app/firefox/2 [r1a2b3c4d] at 20-apps.yaml:12, 3 packets". */
 export function denialMessage(r: DenialRecord): string {
   const who = r.app ?? (r.domain === undefined ? (r.uid === undefined ? 'an unknown sender' : `uid ${r.uid}`) : `system domain ${r.domain}`);
-  const where = r.name === undefined ? r.address : `${r.name} (${r.address})`;
+  const where =
+    r.name === undefined ? r.address : r.nameAskedBy === 'others' ? `${r.address} (${r.name}, looked up by another user)` : `${r.name} (${r.address})`;
   const port = r.port === undefined ? r.protocol : `port ${r.port}/${r.protocol}`;
   const rule = `${r.ruleId ?? 'rule'} [${r.shortId}]${r.file === undefined ? '' : ` at ${r.file}${r.line === undefined ? '' : `:${r.line}`}`}`;
   return `${who} → ${where} ${port} denied by ${rule}, ${r.count} ${r.count === 1 ? 'packet' : 'packets'}`;

@@ -22,7 +22,7 @@ import type { InForce } from '../resolver/runtime.js';
 import { readRuleTable } from '../state/rule-table.js';
 import { NetlinkError } from '../system/netlink.js';
 import { Aggregator, type Aggregate, type AggregatorOptions } from './aggregate.js';
-import { appOfUid, attribute, RuleLookup } from './attribute.js';
+import { appOfUid, attribute, RuleLookup, type LearnedNames } from './attribute.js';
 import { openNflog, type NflogOptions, type NflogSocket } from './nflog.js';
 import { parseDatagram, type DenialEvent } from './parse.js';
 import type { DenialRecord } from './record.js';
@@ -136,7 +136,7 @@ export class DenialPipeline {
 
   constructor(
     private readonly hub: DenialFeedHub,
-    private readonly learnedNames: (address: string) => readonly string[],
+    private readonly learnedNames: LearnedNames,
     options: AggregatorOptions = {},
     private readonly now: () => number = Date.now,
   ) {
@@ -216,7 +216,7 @@ export function startDenialReader(
   options: DenialReaderOptions = {},
   hub: DenialFeedHub = new DenialFeedHub(context.log),
 ): Promise<DenialReader> {
-  const pipeline = new DenialPipeline(hub, (address) => context.learnedNames(address), options);
+  const pipeline = new DenialPipeline(hub, (address, uid) => context.learnedNames(address, uid), options);
   const loadRules = (force: InForce) => {
     pipeline.rules.replace(force.compiled.ruleIds);
     pipeline.rules.senderApp = appOfUid(force.policy, force.facts);

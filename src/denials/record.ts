@@ -34,9 +34,23 @@ export interface DenialRecord {
   readonly address: string;
   /** Destination port for tcp, udp, sctp, udplite; undefined otherwise. */
   readonly port: number | undefined;
-  /** The name the address was learned from (the resolver's memory), when known. */
+  /**
+   * The name the address was learned from (the resolver's memory), when
+   * known: one the sender's uid itself looked up when there is one.
+   */
   readonly name: string | undefined;
+  /**
+   * Who looked `name` up: "sender", the sending uid itself; "others", only
+   * other uids did (any user's lookup teaches the memory an address's name,
+   * and a user may point a name of its own at any address). A name of
+   * others' is kept for the audit view only: it is never sent to the
+   * user's agent nor written by an Allow (the address is). Undefined
+   * without a name.
+   */
+  readonly nameAskedBy: NameAskedBy | undefined;
 }
+
+export type NameAskedBy = 'sender' | 'others';
 
 /** The identity, destination and rule that make one aggregate. */
 export function aggregateKey(r: Pick<DenialRecord, 'shortId' | 'uid' | 'protocol' | 'address' | 'port'>): string {

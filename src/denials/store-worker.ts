@@ -42,7 +42,7 @@ import {
 
 export interface WorkerStoreOptions extends Pick<
   DenialStoreOptions,
-  'retentionDays' | 'maxBytes' | 'flushIntervalMs' | 'batchSize' | 'pruneIntervalMs' | 'group' | 'quickCheckMaxBytes'
+  'retentionDays' | 'maxBytes' | 'flushIntervalMs' | 'batchSize' | 'pruneIntervalMs' | 'group' | 'quickCheckMaxBytes' | 'subuidFile'
 > {
   readonly log?: Logger;
   /** Problems found where no caller waits (a refused batch, a database replaced at open, the worker lost); default: logged. */
@@ -152,7 +152,7 @@ export function startDenialStore(path: string, options: WorkerStoreOptions = {})
     ((error: EgressError) =>
       log?.error({ event: 'denial-store-failed', code: error.code, error: error.message }, 'the denial store failed; enforcement goes on'));
   const threadOptions: Record<string, unknown> = {};
-  for (const key of ['retentionDays', 'maxBytes', 'flushIntervalMs', 'batchSize', 'pruneIntervalMs', 'group', 'quickCheckMaxBytes'] as const)
+  for (const key of ['retentionDays', 'maxBytes', 'flushIntervalMs', 'batchSize', 'pruneIntervalMs', 'group', 'quickCheckMaxBytes', 'subuidFile'] as const)
     if (options[key] !== undefined) threadOptions[key] = options[key];
   const entry = threadEntry();
   const data: ThreadData = { path, options: threadOptions };

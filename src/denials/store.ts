@@ -14,8 +14,10 @@
  *   a power cut may lose the last commits too, never the database).
  * - Housekeeping runs by itself (from the turn after open, then every
  *   `pruneIntervalMs`): records whose last packet is older than
- *   `retentionDays` (default 90) go, then the oldest go until the database
- *   is under `maxBytes` (default 256 MiB), and the freed pages are given
+ *   `retentionDays` (default 90) go, then, until the database is under
+ *   `maxBytes` (default 256 MiB), the oldest of the user holding the most
+ *   records go (holders.ts: a flood evicts its sender's own history, not
+ *   everyone's), and the freed pages are given
  *   back to the file system. It runs as many short statements (each sized
  *   to about 5 ms) with the event loop given back between them: the worker
  *   takes records and answers queries between them (a prune of 100k records
@@ -50,7 +52,8 @@ import type { Logger } from 'pino';
 import { SHORT_ID } from '../compile/rule-ids.js';
 import { EgressError, ErrorCode } from '../errors.js';
 import { addressGroups, maskGroups, parseDestination } from '../policy/destination.js';
-import { nssAccounts } from '../system/nss.js';
+import { nssAccounts, type Accounts } from '../system/nss.js';
+import { holderLookup, largestHolding, NO_UID } from './holders.js';
 import type { DenialRecord } from './record.js';
 
 export interface DenialFilter {
@@ -142,6 +145,8 @@ export interface DenialStoreOptions {
   readonly now?: () => number;
   /** Databases up to this size get a full quick_check at open (default 64 MiB); larger ones a check of their size. */
   readonly quickCheckMaxBytes?: number;
+  /** Whose subordinate uids are whose, for the size cap (default /etc/subuid). */
+  readonly subuidFile?: string;
   /** Told of every batch once it is committed (its row ids, in order) or refused (undefined): the worker tells the daemon's thread. */
   readonly onBatch?: (records: readonly DenialRecord[], ids: readonly number[] | undefined) => void;
 }
@@ -167,7 +172,7 @@ const VACUUM_PAGES = 256;
 export const AUDIT_GROUP = 'egressd-audit';
 export const DEFAULTS = { retentionDays: 90, maxBytes: 256 * 1024 * 1024, flushIntervalMs: 1000, batchSize: 1000, pruneIntervalMs: 3_600_000 } as const;
 /** The schema this code writes (PRAGMA user_version); older ones are migrated at open, newer ones refused. */
-export const SCHEMA_VERSION = 2;
+export const SCHEMA_VERSION = 4;
 const HOUR = 3_600_000;
 /** The rollup's bucket for the whole store, beside one per hour. */
 const ALL = -1;
@@ -220,6 +225,20 @@ const ROLLUP_TRIGGERS_SQL = `
     ).join('\n    ')}
   END;`;
 
+/** Each uid's record count (orphaned sockets' under NO_UID), kept by triggers: the size cap takes from the largest holder without counting rows. */
+const RECORDS_BY_UID_TRIGGERS_SQL = `
+  CREATE TRIGGER denials_by_uid_add AFTER INSERT ON denials BEGIN
+    INSERT INTO records_by_uid VALUES (coalesce(NEW.uid, ${NO_UID}), 1) ON CONFLICT (uid) DO UPDATE SET records = records + 1;
+  END;
+  CREATE TRIGGER denials_by_uid_remove AFTER DELETE ON denials BEGIN
+    UPDATE records_by_uid SET records = records - 1 WHERE uid = coalesce(OLD.uid, ${NO_UID});
+  END;`;
+const FILL_RECORDS_BY_UID_SQL = `INSERT INTO records_by_uid SELECT coalesce(uid, ${NO_UID}), count(*) FROM denials GROUP BY 1;`;
+
+/** The size cap's deletes: one uid's oldest records, through denials_uid and denials_no_uid (a test reads their plans). */
+export const OLDEST_OF_UID_SQL = 'DELETE FROM denials WHERE id IN (SELECT id FROM denials WHERE uid = ? ORDER BY last_seen LIMIT ?)';
+export const OLDEST_OF_NO_UID_SQL = 'DELETE FROM denials WHERE id IN (SELECT id FROM denials WHERE uid IS NULL ORDER BY last_seen LIMIT ?)';
+
 /** Each schema version's step from the one before (exported for the migration test). */
 export const MIGRATIONS: readonly string[] = [
   // 0 → 1
@@ -235,6 +254,14 @@ export const MIGRATIONS: readonly string[] = [
   ALTER TABLE denials_next RENAME TO denials;
   ${DENIAL_INDEXES_SQL}
   ${ROLLUP_TRIGGERS_SQL}`,
+  // 2 → 3: who looked the name up (the sender, or only other uids). Rows written before say nothing of it, and read as
+  // "others": a name of unknown asker is never sent to a user's agent nor allowed by.
+  `ALTER TABLE denials ADD COLUMN name_asked_by TEXT;`,
+  // 3 → 4: each uid's record count, so the size cap evicts from the user holding the most, not the oldest of everyone's.
+  `CREATE TABLE records_by_uid (uid INTEGER PRIMARY KEY, records INTEGER NOT NULL) STRICT;
+  ${FILL_RECORDS_BY_UID_SQL}
+  CREATE INDEX denials_no_uid ON denials(last_seen) WHERE uid IS NULL;
+  ${RECORDS_BY_UID_TRIGGERS_SQL}`,
 ];
 
 /** The columns a record is written to, in order. */
@@ -258,6 +285,7 @@ export const COLUMNS = [
   'name',
   'addr',
   'name_rev',
+  'name_asked_by',
 ] as const;
 
 interface Row {
@@ -279,6 +307,8 @@ interface Row {
   address: string;
   port: number | null;
   name: string | null;
+  /** Absent in a version 1 or 2 store that egressctl reads before egressd migrates it. */
+  name_asked_by?: string | null;
 }
 
 const u = <T>(value: T | null): T | undefined => (value === null ? undefined : value);
@@ -303,6 +333,7 @@ export function rowToDenial(row: Row): StoredDenial {
     address: row.address,
     port: u(row.port),
     name: u(row.name),
+    nameAskedBy: row.name === null ? undefined : row.name_asked_by === 'sender' ? 'sender' : 'others',
   };
 }
 
@@ -352,6 +383,7 @@ export function recordValues(r: DenialRecord): unknown[] {
     r.name ?? null,
     addr,
     r.name === undefined ? null : reversed(r.name),
+    r.name === undefined ? null : (r.nameAskedBy ?? 'others'),
   ];
 }
 
@@ -694,10 +726,14 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
 
   // Housekeeping shares the store's thread with adds and queries: every step below is one bounded statement, and the loop is given back between steps.
   const ageSlice = db.prepare('DELETE FROM denials WHERE id IN (SELECT id FROM denials WHERE last_seen < ? LIMIT ?)');
-  const oldestSlice = db.prepare('DELETE FROM denials WHERE id IN (SELECT id FROM denials ORDER BY id LIMIT ?)');
-  // The rollup's whole-store bucket holds each app's record count: their sum is count(*) without reading the table.
-  const recordCount = db.prepare(`SELECT coalesce(sum(records), 0) AS n FROM rollup WHERE dim = 0 AND hour = ${ALL}`);
+  const oldestOfUid = db.prepare(OLDEST_OF_UID_SQL);
+  const oldestOfNoUid = db.prepare(OLDEST_OF_NO_UID_SQL);
+  const recordsByUid = db.prepare('SELECT uid, records FROM records_by_uid WHERE records > 0');
   const dropEmptyRollup = db.prepare('DELETE FROM rollup WHERE records <= 0');
+  const dropEmptyByUid = db.prepare('DELETE FROM records_by_uid WHERE records <= 0');
+  // Looked up only when /etc/subuid names an owner by name (loading NSS is not free).
+  let accounts: Accounts | undefined;
+  const lookupUser: Pick<Accounts, 'user'> = { user: (key) => (accounts ??= nssAccounts()).user(key) };
   let sliceRows: number = SLICE_ROWS.start;
   /** A closed store ends its housekeeping at the next step. */
   const stillOpen = async (): Promise<void> => {
@@ -735,21 +771,36 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
     let size = 0;
     await stillOpen();
     const bytesBefore = usedBytes();
-    while (usedBytes() > o.maxBytes) {
-      // The oldest tenth (at least 1000 records) at a time: a few rounds, not a row at a time.
-      const total = (recordCount.get() as { n: number }).n;
-      if (total === 0) break;
-      const removed = await deleteSliced(oldestSlice, [], Math.max(1000, Math.floor(total / 10)));
+    // Read once a prune: /etc/subuid may have changed since the last.
+    const holderOf = bytesBefore > o.maxBytes ? holderLookup(o.subuidFile ?? '/etc/subuid', lookupUser) : undefined;
+    while (holderOf !== undefined && usedBytes() > o.maxBytes) {
+      const counts = recordsByUid.all() as { uid: number; records: number }[];
+      const largest = largestHolding(counts, holderOf);
+      if (largest === undefined) break;
+      // A tenth of the store (at least 1000 records) a round, a few rounds and not a row at a time, all from the user holding
+      // the most: its oldest, from its uid holding the most on. Whoever floods the store evicts its own records first.
+      const total = counts.reduce((sum, c) => sum + c.records, 0);
+      let budget = Math.min(largest.records, Math.max(1000, Math.floor(total / 10)));
+      let removed = 0;
+      for (const { uid, records } of largest.uids) {
+        if (budget <= 0) break;
+        const max = Math.min(budget, records);
+        const gone = uid === NO_UID ? await deleteSliced(oldestOfNoUid, [], max) : await deleteSliced(oldestOfUid, [uid], max);
+        removed += gone;
+        budget -= gone;
+      }
       size += removed;
-      // The rollup's emptied rows go too, or they would hold the pages the loop measures.
+      // The emptied rows of the rollup and the counts go too, or they would hold the pages the loop measures.
       await stillOpen();
       dropEmptyRollup.run();
+      dropEmptyByUid.run();
       if (removed === 0) break;
       await stillOpen();
     }
     if (age + size > 0) {
       await stillOpen();
       dropEmptyRollup.run();
+      dropEmptyByUid.run();
       // The freed pages go back to the file system a slice at a time too.
       while ((db.pragma('freelist_count', { simple: true }) as number) > 0) {
         await stillOpen();
@@ -762,7 +813,7 @@ export function openDenialStore(path: string, options: DenialStoreOptions = {}):
     if (size > 0)
       log?.info(
         { event: 'denials-pruned', reason: 'size', records: size, bytesBefore, bytesAfter: usedBytes(), maxBytes: o.maxBytes },
-        `${size} oldest denial records removed to keep the store under ${o.maxBytes} bytes`,
+        `${size} denial records removed, the oldest of the users holding the most, to keep the store under ${o.maxBytes} bytes`,
       );
     return { age, size };
   };
@@ -907,7 +958,7 @@ function openForReading(path: string): Database.Database {
   statSync(path);
   const check = (db: Database.Database) => {
     const version = db.pragma('user_version', { simple: true }) as number;
-    // Version 1 has the same columns (2 only gave ids AUTOINCREMENT): readable until egressd, restarted, migrates it.
+    // Versions 1 and 2 lack only who asked for the name (read as others'): readable until egressd, restarted, migrates it.
     if (version < 1 || version > SCHEMA_VERSION)
       throw new EgressError(ErrorCode.DenialStore, `denial store ${path}: schema version ${version}, this egressctl reads 1 to ${SCHEMA_VERSION}`);
     return db;
@@ -930,12 +981,13 @@ function openForReading(path: string): Database.Database {
 }
 
 /**
- * Fills the rollup from the rows, as the triggers would have: for a bulk
- * load that wrote rows with the triggers dropped (bench/denials-store.ts),
- * and any future migration that changes a key.
+ * Fills the rollup and the counts by uid from the rows, as the triggers
+ * would have: for a bulk load that wrote rows with the triggers dropped
+ * (bench/denials-store.ts), and any future migration that changes a key.
  */
 export function rebuildRollup(db: Database.Database): void {
   db.transaction(() => {
+    db.exec(`DELETE FROM records_by_uid; ${FILL_RECORDS_BY_UID_SQL}`);
     db.exec('DELETE FROM rollup');
     KEYS.forEach((key, dim) => {
       db.exec(`INSERT INTO rollup SELECT ${dim}, last_seen / ${HOUR}, ${key('')}, count(*), sum(count) FROM denials GROUP BY 2, 3`);

@@ -13,12 +13,25 @@ import { normalizeName } from './message.js';
  * Bounded: at most `maxAddresses` addresses (the least recently learned go
  * first, counted as evictions) and `maxNamesPerAddress` names each (the
  * soonest to expire go first).
+ *
+ * Each name also keeps which uids were given it for this address (up to
+ * MAX_ASKERS, then only that there were more): names come from every
+ * local user's lookups, so a denial of one user's is named, and allowed,
+ * by a name that user looked up itself — never by one another user chose
+ * to point at the same address (namesFor).
  */
 
 export interface LearnedName {
   readonly name: string;
   /** Milliseconds on the resolver's clock (clock.ts): since the epoch, unless the wall clock was set back while egressd ran. */
   readonly expiresAt: number;
+}
+
+/** A name of an address as one uid's denial may use it. */
+export interface NameFor {
+  readonly name: string;
+  /** That uid itself was answered this name with the address; false: only other uids were (or more than are kept, and it is not among those). */
+  readonly asked: boolean;
 }
 
 export interface MemoryCounters {
@@ -52,6 +65,27 @@ interface NameEntry {
   expiresAt: number;
   /** The next name of the chain towards the address (the CNAME target); undefined for the name the address record is for. */
   next: string | undefined;
+  /** Who was answered it (Askers): a lone uid inline, most names have one asker and an array would cost each ~30 bytes more. */
+  askers: Askers;
+}
+
+/** The uids given a name with an address: none known, one, or a few in the order they came, ending in MORE once past MAX_ASKERS. */
+type Askers = number | number[] | undefined;
+/** Uids kept per name and address: a few users share a machine; past these, who else asked is not kept (a uid can never be MORE). */
+const MAX_ASKERS = 4;
+const MORE = -1;
+
+function withAsker(askers: Askers, uid: number): Askers {
+  if (askers === undefined || askers === uid) return uid;
+  if (typeof askers === 'number') return [askers, uid];
+  if (askers.includes(uid) || askers[askers.length - 1] === MORE) return askers;
+  // The first ones stay: a user who asked early cannot be pushed out by others asking after (and more uids only mean "others").
+  askers.push(askers.length < MAX_ASKERS ? uid : MORE);
+  return askers;
+}
+
+function askedBy(askers: Askers, uid: number): boolean {
+  return typeof askers === 'number' ? askers === uid : askers !== undefined && askers.includes(uid);
 }
 
 /**
@@ -92,9 +126,10 @@ export class AddressMemory {
   /**
    * `names`: the chain that led to `address`, question first, the name of
    * the address record last. `ttlSeconds`: one for all, or each name's own.
-   * A name already held keeps the later of its two expiries.
+   * A name already held keeps the later of its two expiries. `asker`: the
+   * uid the answer was given to, noted on every name of the chain.
    */
-  remember(names: readonly string[], address: string, ttlSeconds: number | readonly number[], now = this.clock()): void {
+  remember(names: readonly string[], address: string, ttlSeconds: number | readonly number[], now = this.clock(), asker?: number): void {
     if (names.length === 0) return;
     const key = canonicalAddress(address);
     let entry = this.byAddress.get(key);
@@ -112,10 +147,13 @@ export class AddressMemory {
       const next = i + 1 < names.length ? normalizeName(names[i + 1]!) : undefined;
       const held = entry.names.find((n) => n.name === name) ?? added?.find((n) => n.name === name);
       if (held) {
+        // Who was given a name that expired asked for what it pointed at then, not for what it is learned again as.
+        if (held.expiresAt <= now) held.askers = undefined;
         held.expiresAt = Math.max(held.expiresAt, expiresAt);
         held.next = next;
+        if (asker !== undefined) held.askers = withAsker(held.askers, asker);
       } else {
-        (added ??= []).push({ name, expiresAt, next });
+        (added ??= []).push({ name, expiresAt, next, askers: asker });
         this.nameCount++;
       }
     }
@@ -131,9 +169,9 @@ export class AddressMemory {
   /**
    * Everything an answer teaches: for each address record, the chain of
    * CNAMEs from the question to it, each name expiring with the shortest TTL
-   * between it and the address.
+   * between it and the address. `asker`: the uid the answer was given to.
    */
-  rememberAnswer(question: string, records: readonly AnswerLike[], now = this.clock()): void {
+  rememberAnswer(question: string, records: readonly AnswerLike[], now = this.clock(), asker?: number): void {
     const cnameTo = new Map<string, AnswerLike>();
     for (const r of records) if (r.type === 'CNAME') cnameTo.set(normalizeName(r.data), r);
     const asked = normalizeName(question);
@@ -148,7 +186,7 @@ export class AddressMemory {
         chain.unshift(normalizeName(link.name));
         ttls.unshift(Math.min(link.ttl, ttls[0]!));
       }
-      this.remember(chain, r.data, ttls, now);
+      this.remember(chain, r.data, ttls, now, asker);
     }
   }
 
@@ -162,6 +200,21 @@ export class AddressMemory {
       this.expired++;
     }
     return live.sort((a, b) => b.expiresAt - a.expiresAt || a.name.localeCompare(b.name));
+  }
+
+  /**
+   * The names of `address` for a denial of `uid`'s, best first: those `uid`
+   * itself was answered (latest expiry first), then those only others were.
+   * A sender without a uid (an orphaned socket) asked for none.
+   */
+  namesFor(address: string, uid: number | undefined, now = this.clock()): NameFor[] {
+    const entry = this.byAddress.get(canonicalAddress(address));
+    if (!entry) return [];
+    const live = entry.names.filter((held) => held.expiresAt > now);
+    const asked = (held: NameEntry) => uid !== undefined && askedBy(held.askers, uid);
+    return live
+      .sort((a, b) => Number(asked(b)) - Number(asked(a)) || b.expiresAt - a.expiresAt || a.name.localeCompare(b.name))
+      .map((held) => ({ name: held.name, asked: asked(held) }));
   }
 
   /**

@@ -27,7 +27,7 @@ export function resolverPart(options: Partial<Omit<ResolverRuntimeOptions, 'nft'
         // The runtime has no life apart from its sockets, whose errors it logs and answers through; it ends only when closed.
         stopped: new Promise<never>(() => undefined),
         describe: () => `resolver on ${[...new Set(runtime.resolver.addresses.map((a) => a.address))].join(', ')}`,
-        learnedNames: (address) => runtime.learnedNames(address),
+        learnedNames: (address, uid) => runtime.learnedNames(address, uid),
       };
     },
   };

@@ -479,6 +479,13 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
       const answers: Answer[] | undefined = nullAnswer(query, limits.nullTtl);
       return reply(query, id, client, answers === undefined ? { rcode: Rcode.NxDomain } : { rcode: Rcode.NoError, answers });
     }
+    if (hooks.answered !== undefined && records.length > 0) {
+      try {
+        hooks.answered(who, question, records);
+      } catch (error) {
+        deps.onError?.(error);
+      }
+    }
     // The same question, spelled and flagged the same, answered from the same cache entry: the bytes encoded for it before, with this query's id and the TTL that remains now.
     let template = memo === undefined ? undefined : view.entry?.template;
     let bytes: Buffer;

@@ -20,7 +20,7 @@ import type { DnsSettings, Policy } from '../policy/model.js';
 import { startControlServer, type ControlServer } from './control.js';
 import { buildDecider, type Decider } from './decide.js';
 import { SetFiller, type FillView } from './fill.js';
-import { AddressMemory } from './memory.js';
+import { AddressMemory, type NameFor } from './memory.js';
 import { startResolver, type AnswerRecord, type Question, type Resolver } from './server.js';
 import { followUpstreams, rediscover } from './follow-upstreams.js';
 import { discoverUpstreams, type Discovered } from './upstreams.js';
@@ -72,8 +72,8 @@ export interface ResolverRuntime {
   /** The table's set names changed under us (an apply by someone else): read them again. */
   refreshLiveNames(): Promise<void>;
   counters(): Record<string, number>;
-  /** Names `address` was learned from that have not expired, latest expiry first (the address memory's). */
-  learnedNames(address: string): string[];
+  /** Names `address` was learned from that have not expired, for a denial of `uid`'s: those it asked for first (the address memory's namesFor). */
+  learnedNames(address: string, uid: number | undefined): NameFor[];
   close(): Promise<void>;
 }
 
@@ -162,6 +162,16 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
     const ownerOf = ownerKeys();
     /** Records already in the memory: the resolver hands one array for every hit of a cache entry within a second, and remembering it again changes nothing but its recency. */
     const remembered = new WeakSet<readonly AnswerRecord[]>();
+    /** Records each uid was already noted as given (a few uids per array; the array is the cache entry's for a second at most). */
+    const noted = new WeakMap<readonly AnswerRecord[], number[]>();
+    /** Who was given an answer: a denial of that uid's is then named by it, and no other user's lookup names one of its (memory.ts namesFor). */
+    const answered = (asker: Who, question: Question, records: readonly AnswerRecord[]): void => {
+      let uids = noted.get(records);
+      if (uids?.includes(asker.uid)) return;
+      memory.rememberAnswer(question.name, records, undefined, asker.uid);
+      if (uids === undefined) noted.set(records, (uids = []));
+      if (uids.length < 8) uids.push(asker.uid);
+    };
     // Undefined when the table holds the answer already: the resolver then replies in the same call (pipeline.ts).
     const learn = (question: Question, records: readonly AnswerRecord[]): Promise<void> | undefined => {
       if (!remembered.has(records)) {
@@ -202,6 +212,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
           identifyNow,
           admit: (asker, question) => state.decider.admit(asker, question),
           learn,
+          answered,
           shape: (asker, question, chain) => state.decider.shape(asker, question, chain),
           // Decisions are the state's, learning the filler's: both change only where forgetReplies is called (update, refreshLiveNames).
           learnQuietUntil: (question, records, expiresAt) => filler.quietUntil(question, records, expiresAt),
@@ -314,7 +325,7 @@ export async function startResolverRuntime(first: InForce, options: ResolverRunt
         return refreshing;
       },
       counters,
-      learnedNames: (address) => memory.namesOf(address).map((learned) => learned.name),
+      learnedNames: (address, uid) => memory.namesFor(address, uid),
       async close() {
         following?.close();
         await control?.close();

@@ -56,6 +56,13 @@ export interface ResolverHooks<Who> {
   /** What this client gets, given every name of the answer's CNAME chain (question name first). */
   shape(who: Who, question: Question, chain: readonly string[]): 'answer' | 'nxdomain' | 'null';
   /**
+   * Optional: `who` is sent the answer's records (shape let it have them),
+   * before the reply leaves; what it throws is an unexpected error and the
+   * reply goes anyway. Not called again for a kept reply given again: that
+   * reply goes only to the same Who, told of it when it was made.
+   */
+  answered?(who: Who, question: Question, records: readonly AnswerRecord[]): void;
+  /**
    * Optional: until when (ms, the resolver's clock) `learn(question,
    * records, true)` would write nothing and wait for nothing — and so would
    * learn for the same records with the TTL they have left later, counting

@@ -39,6 +39,8 @@ const records = [
   denial({
     lastSeen: NOW - 10 * MIN,
     name: 'popcon.debian.org',
+    // Looked up by another user only: the audit view shows it, marked.
+    nameAskedBy: 'others',
     address: '198.51.100.3',
     app: 'popcon',
     uid: 1001,
@@ -74,7 +76,7 @@ describe('egressctl denials', () => {
     expect(lines[0]).toMatch(/^TIME\s+APP\s+NAME\s+ADDRESS\s+PORT\s+RULE\s+COUNT$/);
     expect(lines).toHaveLength(5);
     expect(lines[1]).toMatch(
-      /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ\s+popcon\s+popcon\.debian\.org\s+198\.51\.100\.3\s+443\/tcp\s+deny\/10-phone-home\.yaml\/1 \[rc4aca5f8\] 10-phone-home\.yaml:27\s+1$/,
+      /^\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ\s+popcon\s+popcon\.debian\.org \(another user's lookup\)\s+198\.51\.100\.3\s+443\/tcp\s+deny\/10-phone-home\.yaml\/1 \[rc4aca5f8\] 10-phone-home\.yaml:27\s+1$/,
     );
     expect(lines[2]).toMatch(/updates\s+-\s+2001:db8::53\s+53\/udp\s+sd\/updates \[rdeadbeef\] 30-domains\.yaml:4\s+1$/);
     expect(lines[4]).toMatch(/firefox\s+telemetry\.mozilla\.org\s+192\.0\.2\.7\s+443\/tcp\s+app\/firefox\/2 \[r1a2b3c4d\] 20-apps\.yaml:12\s+4$/);
@@ -85,9 +87,9 @@ describe('egressctl denials', () => {
     const json = JSON.parse((await run('--json')).out) as StoredDenial[];
     expect(json.map(({ id: _, ...r }) => r)).toEqual(JSON.parse(JSON.stringify([...records].reverse())));
     const csv = (await run('--csv', '--app', 'updates')).out.split('\n');
-    expect(csv[0]).toBe('id,firstSeen,lastSeen,count,shortId,ruleId,kind,file,line,app,domain,uid,gid,protocol,family,address,port,name');
+    expect(csv[0]).toBe('id,firstSeen,lastSeen,count,shortId,ruleId,kind,file,line,app,domain,uid,gid,protocol,family,address,port,name,nameAskedBy');
     expect(csv).toHaveLength(2);
-    expect(csv[1]).toMatch(/^\d+,\d+,\d+,1,rdeadbeef,sd\/updates,system-domain,30-domains\.yaml,4,,updates,0,1000,udp,6,2001:db8::53,53,$/);
+    expect(csv[1]).toMatch(/^\d+,\d+,\d+,1,rdeadbeef,sd\/updates,system-domain,30-domains\.yaml,4,,updates,0,1000,udp,6,2001:db8::53,53,,$/);
   });
 
   it('filters: --since, --until, --app, --dest (name, *.suffix, CIDR), --rule (short id or rule id), --uid', async () => {

@@ -85,7 +85,7 @@ function scripted(name: string, behaviour: { startFails?: number; startThrows?: 
         },
         stopped,
         describe: () => `${name} fine`,
-        learnedNames: (address) => (address === '192.0.2.7' ? ['tracker.example'] : []),
+        learnedNames: (address) => (address === '192.0.2.7' ? [{ name: 'tracker.example', asked: true }] : []),
       };
       return Promise.resolve(part);
     },
@@ -140,8 +140,8 @@ describe('Daemon', () => {
         { name: 'b', state: 'off', restarts: 0 },
       ],
     });
-    expect(daemon.learnedNames('192.0.2.7')).toEqual(['tracker.example']);
-    expect(daemon.learnedNames('192.0.2.8')).toEqual([]);
+    expect(daemon.learnedNames('192.0.2.7', 1000)).toEqual([{ name: 'tracker.example', asked: true }]);
+    expect(daemon.learnedNames('192.0.2.8', 1000)).toEqual([]);
     await daemon.stop('SIGTERM');
   });
 

@@ -211,6 +211,7 @@ describe.skipIf(skip)(`org.egressd.Firewall1 on a real system-like bus ${skip ? 
           'lastSeen',
           'line',
           'name',
+          'nameAskedBy',
           'port',
           'protocol',
           'ruleId',
@@ -226,6 +227,38 @@ describe.skipIf(skip)(`org.egressd.Firewall1 on a real system-like bus ${skip ? 
     const end = Date.now() + 5000;
     while (service.stats().subscribers > 0 && Date.now() < end) await new Promise((r) => setTimeout(r, 50));
     expect(service.stats().subscribers).toBe(0);
+  }, 120_000);
+
+  it("a user's Denied carries a name only its own uid looked up: a probe to another user's address tells it nothing of that user's lookups; root/audit see the record whole", async () => {
+    // app2 sends to the address app1's browser talks to (read from /proc/net/tcp) and is denied: the resolver knows that
+    // address only from app1's lookup, so app2's record holds app1's name, marked as others'.
+    const prober = startClient(users.app2, buses.system, [['subscribe']]);
+    const auditor = startClient(audit.auditor, buses.system, [['subscribe', { all: true }]]);
+    try {
+      await prober.waitFor((l) => l.length >= 1);
+      await auditor.waitFor((l) => l.length >= 1);
+      const probe = denial({ uid: users.app2.uid, address: '203.0.113.41', name: 'private.app1.example', nameAskedBy: 'others' });
+      const own = denial({ uid: users.app2.uid, address: '203.0.113.42', name: 'own.app2.example', nameAskedBy: 'sender' });
+      feed.emit(probe);
+      feed.emit(own);
+      await prober.waitFor((l) => l.filter((x) => x.denied).length >= 2);
+      await auditor.waitFor((l) => l.filter((x) => x.denied).length >= 2);
+      const got = prober.lines.filter((x) => x.denied);
+      expect(got.map((x) => [x.denied!.address, x.denied!.name ?? null, x.denied!.nameAskedBy ?? null])).toEqual([
+        ['203.0.113.41', null, null],
+        ['203.0.113.42', 'own.app2.example', 'sender'],
+      ]);
+      expect(JSON.stringify(prober.lines)).not.toContain('private.app1.example');
+      // Still the record it can allow from (by its id; the allow would write the address).
+      expect(got[0]!.id).toBe(store.idOf(probe));
+      expect(auditor.lines.filter((x) => x.denied).map((x) => [x.denied!.name, x.denied!.nameAskedBy])).toEqual([
+        ['private.app1.example', 'others'],
+        ['own.app2.example', 'sender'],
+      ]);
+    } finally {
+      prober.stop();
+      auditor.stop();
+    }
   }, 120_000);
 
   it("each Denied carries its own record's store id, also beside a later aggregate of the same identity, destination and rule; a burst goes out whole, a bounded number per tick", async () => {
@@ -302,6 +335,17 @@ describe.skipIf(skip)(`org.egressd.Firewall1 on a real system-like bus ${skip ? 
       protocols: ['tcp'],
     });
     expect(explain).toBeTypeOf('function');
+  });
+
+  it("AllowFromDenial: a name only another user looked up is not what the allow opens: it writes the record's address, port and protocol", async () => {
+    // Mallory pointed cdn.mallory.example at the address firefox was denied; firefox's user never looked it up.
+    feed.emit(denial({ uid: users.app1.uid, name: 'cdn.mallory.example', nameAskedBy: 'others', address: '203.0.113.31' }));
+    const record = store.rows[store.rows.length - 1]!;
+    const [ok] = await runClient(root, buses.system, [['allow', record.id, '1h']]);
+    expect(ok!.ok).toMatchObject({ app: 'firefox', to: '203.0.113.31' });
+    const text = readFileSync(join(dir, DROP_IN), 'utf8');
+    expect(text).toMatch(/- app: "firefox"\n {4}allow: \["203.0.113.31"\]\n {4}ports: \[443\]\n {4}proto: tcp\n/);
+    expect(text).not.toMatch(/allow: \[[^\]]*cdn\.mallory\.example/);
   });
 
   it('AllowFromDenial: a failed apply leaves the drop-in as it was; a system-domain denial and unknown ids are refused clearly', async () => {

@@ -6,6 +6,7 @@ import type { RuleIdEntry } from '../../src/compile/rule-ids.js';
 import { appOfUid, attribute, RuleLookup } from '../../src/denials/attribute.js';
 import type { DenialEvent } from '../../src/denials/parse.js';
 import { loadPolicyDir } from '../../src/policy/load.js';
+import { AddressMemory } from '../../src/resolver/memory.js';
 import { policyDir } from '../support/policy-dir.js';
 
 /**
@@ -117,5 +118,28 @@ describe('which app a denial record names', () => {
     // "both" meets its own copy even by its user: a shared-list record of uid 1237 is not its — nor staff's, which the kernel never sends 1237 to.
     expect(appOf(rules, idFor(null), 1237)).toBeUndefined();
     expect(appOf(rules, idFor(null), 1238)).toBe('staff');
+  });
+});
+
+describe('which name a denial record gives', () => {
+  const ALICE = 1234;
+  const MALLORY = 4321;
+  const record = (memory: AddressMemory, uid: number | undefined) =>
+    attribute({ event: event('r00000001', uid), firstSeen: 1, lastSeen: 1, count: 1 }, lookupFor(byUid()), (address, asker) => memory.namesFor(address, asker));
+
+  it("the sender's own lookup, though another user pointed a longer-lived name of theirs at the same address", () => {
+    const memory = new AddressMemory();
+    memory.rememberAnswer('api.alice.example', [{ name: 'api.alice.example', type: 'A', ttl: 60, data: '203.0.113.1' }], undefined, ALICE);
+    memory.rememberAnswer('cdn.mallory.example', [{ name: 'cdn.mallory.example', type: 'A', ttl: 86_400, data: '203.0.113.1' }], undefined, MALLORY);
+    expect(record(memory, ALICE)).toMatchObject({ app: 'firefox', name: 'api.alice.example', nameAskedBy: 'sender' });
+  });
+
+  it("only another user's lookup: the name is kept for the audit view, marked as others'", () => {
+    const memory = new AddressMemory();
+    memory.rememberAnswer('cdn.mallory.example', [{ name: 'cdn.mallory.example', type: 'A', ttl: 86_400, data: '203.0.113.1' }], undefined, MALLORY);
+    expect(record(memory, ALICE)).toMatchObject({ name: 'cdn.mallory.example', nameAskedBy: 'others' });
+    // An orphaned socket has no uid that could have asked.
+    expect(record(memory, undefined)).toMatchObject({ name: 'cdn.mallory.example', nameAskedBy: 'others' });
+    expect(record(new AddressMemory(), ALICE)).toMatchObject({ name: undefined, nameAskedBy: undefined });
   });
 });

@@ -33,7 +33,7 @@ const inForce = (policy
 const log = pino({ level: 'warn' }, pino.destination(2));
 const reader = await startDenialReader(
   inForce,
-  { log, stateDir, learnedNames: (address) => (names.has(address) ? [names.get(address)!] : []) },
+  { log, stateDir, learnedNames: (address) => (names.has(address) ? [{ name: names.get(address)!, asked: true }] : []) },
   { windowMs, maxOpen, receiveBufferBytes },
 );
 reader.subscribe((record) => process.stdout.write(`${JSON.stringify({ record })}\n`));

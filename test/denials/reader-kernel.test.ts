@@ -44,6 +44,7 @@ const RECORD_FIELDS = [
   'address',
   'port',
   'name',
+  'nameAskedBy',
 ].sort();
 
 interface Agent {

@@ -21,6 +21,8 @@ export function denial(over: Partial<DenialRecord> = {}): DenialRecord {
     address: '192.0.2.7',
     port: 443,
     name: 'telemetry.mozilla.org',
+    // The sender's own lookup, unless a test says whose; no name, no asker.
+    nameAskedBy: 'name' in over && over.name === undefined ? undefined : 'sender',
     ...over,
   };
 }

@@ -8,6 +8,8 @@ import { ErrorCode, type EgressError } from '../../src/errors.js';
 import {
   denialStorePath,
   MIGRATIONS,
+  OLDEST_OF_NO_UID_SQL,
+  OLDEST_OF_UID_SQL,
   openDenialReader,
   openDenialStore,
   SCHEMA_VERSION,
@@ -223,11 +225,12 @@ describe('denial store: housekeeping', () => {
     store.close();
   });
 
-  it('keeps the database under its size cap, dropping the oldest first, and gives the space back', async () => {
+  it("keeps the database under its size cap, dropping one user's oldest first, and gives the space back", async () => {
     const path = freshPath();
     const cap = 1024 * 1024;
     let store = open(path, { maxBytes: 1024 * 1024 * 1024 });
-    const records = [...manyDenials(20_000, { end: T0 - HOUR, stepMs: 50 })];
+    // One user's: which user's records go is the next test's.
+    const records = [...manyDenials(20_000, { end: T0 - HOUR, stepMs: 50 })].map((r) => ({ ...r, uid: 1000 }));
     store.add(records);
     store.close();
     const before = statSync(path).size;
@@ -246,6 +249,90 @@ describe('denial store: housekeeping', () => {
     expect(store.summary({})).toEqual(bruteSummary(newest));
     store.close();
     expect(statSync(path).size).toBeLessThanOrEqual(cap + 64 * 1024);
+  });
+
+  /** `n` records of `uid` to distinct destinations, the last `end`, one every `stepMs` before it. */
+  const flood = (uid: number | undefined, n: number, end: number, stepMs = 10) =>
+    [...manyDenials(n, { end, stepMs })].map((r, i) => ({ ...r, uid, address: `10.${(uid ?? 0) & 255}.${(i >> 8) & 255}.${i & 255}` }));
+  const uidsLeft = (store: ReturnType<typeof open>) => {
+    const left = new Map<number | undefined, number>();
+    for (const r of store.query({ limit: 1_000_000 })) left.set(r.uid, (left.get(r.uid) ?? 0) + 1);
+    return left;
+  };
+
+  it("over the cap, one user's flood evicts its own records: another user's older history stays whole", async () => {
+    const path = freshPath();
+    const cap = 4 * 1024 * 1024;
+    const noSubuids = join(scratch, 'no-subuid');
+    writeFileSync(noSubuids, '');
+    let store = open(path, { maxBytes: 1024 * 1024 * 1024, subuidFile: noSubuids });
+    // The reviewer's case: 200 old records of uid 1001, then uid 1000 floods 20,000 distinct destinations.
+    const victim = flood(1001, 200, T0 - 2 * HOUR);
+    const flooder = flood(1000, 20_000, T0 - HOUR, 1);
+    store.add(victim);
+    store.add(flooder);
+    store.close();
+    const lines: { reason?: string; records?: number; bytesAfter?: number }[] = [];
+    store = open(path, { maxBytes: cap, subuidFile: noSubuids, log: { info: (o: object) => lines.push(o) } as never });
+    await store.idle();
+    const size = lines.find((l) => l.reason === 'size');
+    expect(size!.bytesAfter).toBeLessThanOrEqual(cap);
+    const left = uidsLeft(store);
+    expect(left.get(1001)).toBe(200);
+    expect(left.get(1000)).toBe(20_000 - size!.records!);
+    // What the flooder keeps are its newest.
+    const kept = store.query({ uid: 1000, limit: 1_000_000 }).map((r) => r.lastSeen);
+    expect(Math.min(...kept)).toBe(flooder[20_000 - kept.length]!.lastSeen);
+    expect(store.summary({})).toEqual(bruteSummary([...victim, ...flooder.slice(20_000 - kept.length)]));
+    store.close();
+  });
+
+  it("a flood spread over a user's subordinate uids (or from orphaned sockets) counts as one holder's, and is what goes", async () => {
+    const path = freshPath();
+    const cap = 4 * 1024 * 1024;
+    const subuid = join(scratch, 'subuid');
+    writeFileSync(subuid, '1000:100000:65536\n');
+    let store = open(path, { maxBytes: 1024 * 1024 * 1024, subuidFile: subuid });
+    // uid 1001 holds more than any one of the flooder's uids, but less than all of them together.
+    const victim = flood(1001, 3000, T0 - 3 * HOUR);
+    const spread = Array.from({ length: 1000 }, (_, u) => flood(100_000 + u, 18, T0 - HOUR, 1)).flat();
+    const orphans = flood(undefined, 500, T0 - 2 * HOUR);
+    store.add(victim);
+    store.add(orphans);
+    store.add(spread);
+    store.close();
+    store = open(path, { maxBytes: cap, subuidFile: subuid });
+    await store.idle();
+    const left = uidsLeft(store);
+    expect(left.get(1001)).toBe(3000);
+    expect(left.get(undefined)).toBe(500);
+    expect([...left.entries()].filter(([uid]) => uid !== undefined && uid >= 100_000).reduce((n, [, c]) => n + c, 0)).toBeLessThan(18_000);
+    store.close();
+    // Orphaned sockets' records are a holder too: past the cap with them the largest, they go first.
+    const orphanPath = freshPath();
+    store = open(orphanPath, { maxBytes: 1024 * 1024 * 1024, subuidFile: subuid });
+    store.add(victim);
+    store.add(flood(undefined, 20_000, T0 - HOUR, 1));
+    store.close();
+    store = open(orphanPath, { maxBytes: cap, subuidFile: subuid });
+    await store.idle();
+    expect(uidsLeft(store).get(1001)).toBe(3000);
+    expect(uidsLeft(store).get(undefined)).toBeLessThan(20_000);
+    store.close();
+  });
+
+  it("the size cap's deletes read an index, never the whole table nor a sort of it", () => {
+    const path = freshPath();
+    open(path).close();
+    const db = new Database(path, { readonly: true });
+    const plan = (sql: string, ...params: unknown[]) =>
+      (db.prepare(`EXPLAIN QUERY PLAN ${sql.replace(/^DELETE FROM denials WHERE id IN \((.*)\)$/, '$1')}`).all(...params) as { detail: string }[])
+        .map((row) => row.detail)
+        .join('; ');
+    expect(plan(OLDEST_OF_UID_SQL, 1000, 500)).toMatch(/SEARCH denials USING (COVERING )?INDEX denials_uid \(uid=\?\)/);
+    expect(plan(OLDEST_OF_NO_UID_SQL, 500)).toMatch(/SCAN denials USING (COVERING )?INDEX denials_no_uid/);
+    expect(plan(OLDEST_OF_UID_SQL, 1000, 500) + plan(OLDEST_OF_NO_UID_SQL, 500)).not.toContain('TEMP B-TREE');
+    db.close();
   });
 
   it('a cap below what an empty database takes removes every record and stops there', async () => {
@@ -381,7 +468,7 @@ describe('denial store: record ids', () => {
     store.close();
   });
 
-  it('a version 1 store is migrated with its records, ids and rollup, and gives new ids after its highest', () => {
+  it('a version 1 store is migrated with its records, ids and rollup, and gives new ids after its highest; its names are of unknown asker', () => {
     const path = freshPath();
     open(path).close();
     rmSync(path);
@@ -389,18 +476,20 @@ describe('denial store: record ids', () => {
     v1.exec(MIGRATIONS[0]!);
     v1.pragma('user_version = 1');
     const insert = v1.prepare(
-      "INSERT INTO denials (id, first_seen, last_seen, count, short_id, protocol, family, address, addr, app) VALUES (?, ?, ?, ?, 'r1', 'tcp', 4, ?, ?, 'firefox')",
+      "INSERT INTO denials (id, first_seen, last_seen, count, short_id, protocol, family, address, addr, app, name) VALUES (?, ?, ?, ?, 'r1', 'tcp', 4, ?, ?, 'firefox', ?)",
     );
     for (const [id, count] of [
       [3, 2],
       [7, 5],
       [9, 1],
     ] as const)
-      insert.run(id, T0, T0, count, `192.0.2.${id}`, Buffer.from([192, 0, 2, id]));
+      insert.run(id, T0, T0, count, `192.0.2.${id}`, Buffer.from([192, 0, 2, id]), id === 7 ? 'seven.example' : null);
     v1.close();
     // egressctl reads it as it is, before egressd (restarted after an upgrade) migrates it.
     const reader = openDenialReader(path);
     expect(reader.query({}).map((r) => r.id)).toEqual([9, 7, 3]);
+    // Who looked a name up was not kept then: never taken as the sender's own (no alert shows it, no Allow writes it).
+    expect(reader.get(7)).toMatchObject({ name: 'seven.example', nameAskedBy: 'others' });
     reader.close();
     const store = open(path);
     expect(store.query({ limit: 10 }).map((r) => [r.id, r.count, r.address])).toEqual([
@@ -412,10 +501,23 @@ describe('denial store: record ids', () => {
     store.add([denial({ firstSeen: T0, lastSeen: T0 })]);
     store.flush();
     expect(Math.max(...store.query({}).map((r) => r.id))).toBe(10);
+    expect(store.get(7)).toMatchObject({ name: 'seven.example', nameAskedBy: 'others' });
+    expect(store.get(9)).toMatchObject({ name: undefined, nameAskedBy: undefined });
+    store.add([denial({ lastSeen: T0, name: 'own.example', nameAskedBy: 'sender' }), denial({ lastSeen: T0, name: 'theirs.example', nameAskedBy: 'others' })]);
+    store.flush();
+    expect(store.query({ limit: 2 }).map((r) => [r.name, r.nameAskedBy])).toEqual([
+      ['theirs.example', 'others'],
+      ['own.example', 'sender'],
+    ]);
     store.close();
     const check = new Database(path, { readonly: true });
-    expect(check.pragma('user_version', { simple: true })).toBe(2);
+    expect(check.pragma('user_version', { simple: true })).toBe(SCHEMA_VERSION);
     expect((check.prepare("SELECT sql FROM sqlite_master WHERE name = 'denials'").get() as { sql: string }).sql).toContain('AUTOINCREMENT');
+    // The counts the size cap reads: the v1 rows (no uid) counted at migration, the new ones by the triggers.
+    expect(check.prepare('SELECT uid, records FROM records_by_uid ORDER BY uid').all()).toEqual([
+      { uid: -1, records: 3 },
+      { uid: 1000, records: 3 },
+    ]);
     check.close();
   });
 });

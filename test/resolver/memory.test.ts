@@ -117,3 +117,65 @@ describe('AddressMemory', () => {
     expect(memory.namesOf('2001:db8::1').map((n) => n.name)).toEqual(['www.example.org']);
   });
 });
+
+describe('AddressMemory: who asked for a name', () => {
+  const ALICE = 1000;
+  const MALLORY = 1001;
+  const answer = (name: string, address: string, ttl: number) => [{ name, type: 'A', ttl, data: address }];
+
+  it("a uid's denial is named by a name it looked up itself, not by a longer-lived one another uid pointed at the same address", () => {
+    const memory = new AddressMemory({ now: () => T0 });
+    memory.rememberAnswer('api.alice.example', answer('api.alice.example', '203.0.113.9', 60), T0, ALICE);
+    // Mallory's own zone answers with Alice's address, for a day: the latest expiry, so namesOf puts it first.
+    memory.rememberAnswer('cdn.mallory.example', answer('cdn.mallory.example', '203.0.113.9', 86_400), T0, MALLORY);
+    expect(memory.namesOf('203.0.113.9', T0)[0]!.name).toBe('cdn.mallory.example');
+    expect(memory.namesFor('203.0.113.9', ALICE, T0)).toEqual([
+      { name: 'api.alice.example', asked: true },
+      { name: 'cdn.mallory.example', asked: false },
+    ]);
+    expect(memory.namesFor('203.0.113.9', MALLORY, T0)[0]).toEqual({ name: 'cdn.mallory.example', asked: true });
+    // Once Alice's answer expired, only Mallory's name is left, and it is not hers; nor is any name an orphaned socket's.
+    expect(memory.namesFor('203.0.113.9', ALICE, T0 + 60_000)).toEqual([{ name: 'cdn.mallory.example', asked: false }]);
+    expect(memory.namesFor('203.0.113.9', undefined, T0)).toEqual([
+      { name: 'cdn.mallory.example', asked: false },
+      { name: 'api.alice.example', asked: false },
+    ]);
+    // A name learned without an asker (the filler's learn, before any reply is shaped) is no one's.
+    memory.rememberAnswer('plain.example', answer('plain.example', '203.0.113.9', 300), T0);
+    expect(memory.namesFor('203.0.113.9', ALICE, T0).find((n) => n.name === 'plain.example')).toEqual({ name: 'plain.example', asked: false });
+  });
+
+  it('every name of the chain the uid was answered is its own', () => {
+    const memory = new AddressMemory({ now: () => T0 });
+    memory.rememberAnswer(
+      'www.shop.example',
+      [
+        { name: 'www.shop.example', type: 'CNAME', ttl: 3600, data: 'edge.cdn.example' },
+        { name: 'edge.cdn.example', type: 'A', ttl: 20, data: '203.0.113.7' },
+      ],
+      T0,
+      ALICE,
+    );
+    expect(memory.namesFor('203.0.113.7', ALICE, T0).map((n) => n.asked)).toEqual([true, true]);
+  });
+
+  it('bounded: a few uids per name, then only "more"; those first kept stay, and a uid not kept is not taken as one that asked', () => {
+    const memory = new AddressMemory({ now: () => T0 });
+    const uids = [2000, 2001, 2002, 2003, 2004, 2005];
+    for (const uid of uids) memory.rememberAnswer('shared.example', answer('shared.example', '198.51.100.1', 300), T0, uid);
+    const asked = (uid: number) => memory.namesFor('198.51.100.1', uid, T0)[0]!.asked;
+    expect(uids.map(asked)).toEqual([true, true, true, true, false, false]);
+    // Later askers (a user's subordinate uids, say) cannot push out one that asked before them.
+    for (let uid = 100_000; uid < 100_050; uid++) memory.rememberAnswer('shared.example', answer('shared.example', '198.51.100.1', 300), T0, uid);
+    expect(asked(2000)).toBe(true);
+  });
+
+  it('who asked for a name whose answer expired is forgotten when it is learned again', () => {
+    const memory = new AddressMemory({ now: () => T0 });
+    memory.rememberAnswer('a.example', answer('a.example', '192.0.2.1', 10), T0, ALICE);
+    // Another name keeps the address held meanwhile, so a.example's entry is still there, expired.
+    memory.rememberAnswer('b.example', answer('b.example', '192.0.2.1', 3600), T0, MALLORY);
+    memory.rememberAnswer('a.example', answer('a.example', '192.0.2.1', 3600), T0 + 20_000, MALLORY);
+    expect(memory.namesFor('192.0.2.1', ALICE, T0 + 20_000).find((n) => n.name === 'a.example')).toEqual({ name: 'a.example', asked: false });
+  });
+});

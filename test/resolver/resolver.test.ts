@@ -9,6 +9,7 @@ import net from 'node:net';
 import dnsPacket, { type DecodedPacket } from 'dns-packet';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ErrorCode, ResolverStartError } from '../../src/errors.js';
+import { AddressMemory } from '../../src/resolver/memory.js';
 import {
   startResolver,
   type AnswerRecord,
@@ -198,6 +199,34 @@ describe('answers through a real upstream', () => {
       ['alias.example.test', 'CNAME', 'a.example.test'],
       ['a.example.test', 'A', '192.0.2.10'],
     ]);
+  });
+
+  it("tells answered who was sent an answer's records, from upstream and from the cache, never one that shape kept them from", async () => {
+    const memory = new AddressMemory();
+    const UIDS: Record<string, number> = { alice: 1000, mallory: 1001, bob: 1002 };
+    let asking = 'alice';
+    const h = hooks({
+      identify: () => asking,
+      // Mallory is kept from the name (a null answer): it never got the address, so it did not ask for it.
+      shape: (who) => (who === 'mallory' ? 'null' : 'answer'),
+    });
+    const { r, port } = await resolver([`127.0.0.1#${local.port}`], {
+      ...h,
+      answered: (who, question, records) => memory.rememberAnswer(question.name, records, undefined, UIDS[who]),
+    });
+    for (const who of ['alice', 'mallory', 'bob']) {
+      asking = who;
+      await udpQuery(port, query('www.example.test', 'A'));
+    }
+    expect(r.stats()).toMatchObject({ upstreamQueries: 1, cacheHits: 2, shapedNull: 1 });
+    const asked = (uid: number) => memory.namesFor('192.0.2.10', uid).map((n) => [n.name, n.asked]);
+    expect(asked(UIDS['alice']!)).toEqual([
+      ['a.example.test', true],
+      ['alias.example.test', true],
+      ['www.example.test', true],
+    ]);
+    expect(asked(UIDS['bob']!).every(([, own]) => own)).toBe(true);
+    expect(asked(UIDS['mallory']!).some(([, own]) => own)).toBe(false);
   });
 
   it('caches NXDOMAIN for the SOA negative TTL (RFC 2308), with the SOA in the reply', async () => {

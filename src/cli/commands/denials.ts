@@ -75,12 +75,16 @@ URL or file name):
   uid, gid    the sending socket's owner (absent for orphaned sockets)
   protocol, family, address, port   where the packet was going
   name        the name the address was learned from (egressd's resolver)
+  nameAskedBy sender: the sending uid looked the name up itself; others:
+              only other users did (shown "(another user's lookup)"; the
+              user's alert leaves it out and Allow uses the address)
 
 Where it is kept: $EGRESSD_STATE_DIR/denials/denials.sqlite (default
 ${denialStorePath(DEFAULT_STATE_DIR)}), on this machine only, and in the
 journal (journalctl MESSAGE_ID=76287487ef8842cc99649526ae37f308, fields
-EGRESSD_*). For how long: ${DEFAULTS.retentionDays} days after a record's last packet, and the
-oldest go first once the database passes ${DEFAULTS.maxBytes / 1024 / 1024} MiB; the journal keeps
+EGRESSD_*). For how long: ${DEFAULTS.retentionDays} days after a record's last packet, and once the
+database passes ${DEFAULTS.maxBytes / 1024 / 1024} MiB the oldest of the user holding the most go
+first (a user's subordinate uids count as its own); the journal keeps
 its own entries as journald is configured to. Who can read it: root and
 members of group egressd-audit (the files are 0640 root:egressd-audit); a
 user's desktop agent gets only that user's own records over D-Bus.
@@ -210,6 +214,7 @@ const FIELDS = [
   'address',
   'port',
   'name',
+  'nameAskedBy',
 ] as const;
 
 function csvCell(value: string | number | undefined): string {
@@ -237,7 +242,7 @@ export function denialRow(r: StoredDenial): string[] {
   return [
     time(r.lastSeen),
     safe(who),
-    safe(r.name ?? '-'),
+    r.name === undefined ? '-' : r.nameAskedBy === 'sender' ? safe(r.name) : `${safe(r.name)} (another user's lookup)`,
     r.address,
     r.port === undefined ? r.protocol : `${r.port}/${r.protocol}`,
     safe(rule),
