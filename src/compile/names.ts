@@ -11,6 +11,13 @@ import type { DnsBinding } from './compile.js';
 export interface NameIndex {
   /** Indices into `bindings` of every rule whose names cover `name`, in binding order. */
   lookup(name: string): readonly number[];
+  /**
+   * Whether the policy spells `name` out: a rule's or a list's exact name,
+   * or a suffix's own apex (`*.example.org` spells example.org). Every other
+   * name a rule covers lies strictly below a suffix, its labels chosen by
+   * whoever asks.
+   */
+  spelledOut(name: string): boolean;
   readonly bindings: readonly DnsBinding[];
   /** Exact names and suffixes indexed: the rules' own (distinct) and every list's (counted per list). */
   readonly size: { readonly names: number; readonly suffixes: number };
@@ -52,11 +59,17 @@ export function buildNameIndex(policy: Policy, bindings: readonly DnsBinding[]):
   const listedSuffixes = lists.reduce((n, l) => n + l.suffixes.size, 0);
   const anySuffix = suffix.size + listedSuffixes > 0;
 
+  const keyOf = (name: string): string => name.toLowerCase().replace(/\.$/, '');
+
   return {
     bindings,
     size: { names: exact.size + listedNames, suffixes: suffix.size + listedSuffixes },
+    spelledOut(name: string): boolean {
+      const key = keyOf(name);
+      return exact.has(key) || suffix.has(key) || lists.some((list) => list.names.has(key) || list.suffixes.has(key));
+    },
     lookup(name: string): readonly number[] {
-      const key = name.toLowerCase().replace(/\.$/, '');
+      const key = keyOf(name);
       let result: number[] | undefined;
       const take = (ids: readonly number[]): void => {
         if (!result) result = [...ids];

@@ -25,13 +25,22 @@
  *   deny of every destination, or a default deny, is not a denial by name:
  *   the kernel drops the connection, and the true answer tells the program
  *   nothing the table lets it use.
+ * - A name strictly below a suffix that denies it to this identity by name
+ *   is answered with that denied answer at admit, never asked upstream:
+ *   its labels are the asker's to choose, and asked upstream they would
+ *   carry whatever it encodes in them to the suffix's nameserver (DNS
+ *   tunnelling), for an answer the asker never gets. A name the policy
+ *   spells out (an exact name, a suffix's apex) is asked as before: nothing
+ *   of it is the asker's, and its addresses go into the deny sets. So is a
+ *   name denied only through its CNAME chain, known from the answer alone,
+ *   and every name where the denied answer is the true answer.
  * - Anything else gets the true answer.
  */
 import type { DnsBinding } from '../compile/compile.js';
 import { placeAsker, type AskerPlace, type ExplainFacts, type Who as ExplainWho } from '../compile/explain.js';
 import { buildNameIndex } from '../compile/names.js';
 import type { App, Policy, PortRange, Rule } from '../policy/model.js';
-import type { Question } from './server.js';
+import type { Admission, Question } from './server.js';
 import type { Who } from './who.js';
 
 /** What of DnsSettings (src/policy/model.ts) the decisions read. */
@@ -40,8 +49,8 @@ export interface DecideSettings {
 }
 
 export interface Decider {
-  /** Before anything goes upstream. */
-  admit(who: Who, question: Question): 'go' | 'refused' | 'nxdomain';
+  /** Before anything goes upstream: 'go', or the answer given without asking ('null': the null answer). */
+  admit(who: Who, question: Question): Admission;
   /** What this client gets, given every name of the answer's CNAME chain (question name first). */
   shape(who: Who, question: Question, chain: readonly string[]): 'answer' | 'nxdomain' | 'null';
   /** Indices into dnsBindings whose names cover any name of the chain: the sets an answer's addresses go into, sorted. */
@@ -238,9 +247,12 @@ export function buildDecider(policy: Policy, dnsBindings: readonly DnsBinding[],
 
   return {
     admit(who, question) {
-      if (placeOf(who).refused) return 'refused';
+      const place = placeOf(who);
+      if (place.refused) return 'refused';
       const name = question.name;
       if (name === CANARY || name.endsWith(`.${CANARY}`)) return 'nxdomain';
+      // Labels below a denied suffix would reach its nameserver for an answer this asker never gets: answered here.
+      if (deniedAnswer !== 'answer' && !place.unshaped && deniedByName(place, name) && !index.spelledOut(name)) return deniedAnswer;
       return 'go';
     },
     shape(who, _question, chain) {

@@ -31,6 +31,7 @@
 import { isIPv6 } from 'node:net';
 import type { DnsBinding } from '../compile/compile.js';
 import type { ElementRemoval, ElementWrite } from '../nft/set-elements.js';
+import { canonicalAddress } from './memory.js';
 import { cnameChain, normalizeName } from './message.js';
 import type { AnswerRecord, Question } from './server.js';
 import { resolverNow } from './clock.js';
@@ -90,6 +91,16 @@ interface Plan {
   readonly covering: readonly number[];
   readonly addresses: readonly AnswerRecord[];
   readonly elements: readonly Element[];
+}
+
+/**
+ * The set of a binding an address (canonicalAddress) goes into, by the
+ * family the kernel sends it as: an IPv4-mapped AAAA (::ffff:192.0.2.7)
+ * leaves a dual-stack socket as IPv4 to 192.0.2.7, which only the IPv4 set
+ * can match.
+ */
+function setOf(binding: DnsBinding, address: string): string {
+  return isIPv6(address) ? binding.set6 : binding.set4;
 }
 
 /** Of the time an element was last written with, what must remain for an answer to skip writing it again (see the module's comment). */
@@ -281,8 +292,9 @@ export class SetFiller {
       if (!binding) continue;
       for (const r of addresses) {
         const comment = normalizeName(r.name) === chain[0] ? chain[0] : `${chain[0]} > ${normalizeName(r.name)}`;
-        for (const set of liveNames.get(isIPv6(r.data) ? binding.set6 : binding.set4) ?? [])
-          elements.push({ key: `${set}|${r.data}`, set, address: r.data, ttl: r.ttl, comment, binding: index });
+        const address = canonicalAddress(r.data);
+        for (const set of liveNames.get(setOf(binding, address)) ?? [])
+          elements.push({ key: `${set}|${address}`, set, address, ttl: r.ttl, comment, binding: index });
       }
     }
     return elements;
@@ -340,9 +352,10 @@ export class SetFiller {
     bindings.forEach((binding, index) => {
       if (binding.sharedAddresses !== 'spare' || covering.has(index)) return;
       for (const r of addresses) {
-        for (const set of liveNames.get(isIPv6(r.data) ? binding.set6 : binding.set4) ?? []) {
-          if (!this.written.has(`${set}|${r.data}`)) continue;
-          removals.push({ set, address: r.data });
+        const address = canonicalAddress(r.data);
+        for (const set of liveNames.get(setOf(binding, address)) ?? []) {
+          if (!this.written.has(`${set}|${address}`)) continue;
+          removals.push({ set, address });
           this.counters.spared++;
         }
       }

@@ -25,7 +25,7 @@ import {
   type ReplyContent,
 } from './message.js';
 import type { DatagramRound, Peer } from './datagrams.js';
-import type { AnswerRecord, Client, Question, ResolverHooks } from './server.js';
+import type { Admission, AnswerRecord, Client, Question, ResolverHooks } from './server.js';
 import type { UpstreamAnswer } from './upstream.js';
 import { resolverNow } from './clock.js';
 import { Shares } from './shares.js';
@@ -48,6 +48,8 @@ export interface PipelineStats {
   readonly unidentified: number;
   readonly admitRefused: number;
   readonly admitNxdomain: number;
+  /** Given the null answer by admit (a name below a denied suffix, with dns.deniedAnswer "null"), without asking upstream. */
+  readonly admitNull: number;
   readonly shapedNxdomain: number;
   readonly shapedNull: number;
   /** admit() or shape() threw: answered REFUSED. */
@@ -161,6 +163,12 @@ function patchTemplate(target: Buffer, at: number, template: ReplyTemplate, id: 
 }
 type Done = (reply: Buffer | undefined) => void;
 
+/** 0.0.0.0 or ::, and NXDOMAIN for a type that has no null answer. */
+function nullReply(query: Query, ttl: number): ReplyContent {
+  const answers: Answer[] | undefined = nullAnswer(query, ttl);
+  return answers === undefined ? { rcode: Rcode.NxDomain } : { rcode: Rcode.NoError, answers };
+}
+
 function isThenable<T>(value: T | PromiseLike<T>): value is PromiseLike<T> {
   return typeof (value as { then?: unknown } | undefined)?.then === 'function';
 }
@@ -180,6 +188,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     unidentified: 0,
     admitRefused: 0,
     admitNxdomain: 0,
+    admitNull: 0,
     shapedNxdomain: 0,
     shapedNull: 0,
     hookErrors: 0,
@@ -381,7 +390,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
 
   const answerAdmitted = (query: Query, id: number, client: Client, memo: Memo | undefined, who: Who, finish: Done): void => {
     const question: Question = memo?.question ?? { name: query.name, type: query.type };
-    let admission: 'go' | 'refused' | 'nxdomain';
+    let admission: Admission;
     try {
       admission = hooks.admit(who, question);
     } catch {
@@ -397,6 +406,11 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     if (admission === 'nxdomain') {
       counts.admitNxdomain++;
       finish(reply(query, id, client, { rcode: Rcode.NxDomain }));
+      return;
+    }
+    if (admission === 'null') {
+      counts.admitNull++;
+      finish(reply(query, id, client, nullReply(query, limits.nullTtl)));
       return;
     }
     const key = memo?.cacheKey ?? cacheKey(query.name, query.type);
@@ -476,8 +490,7 @@ export function createPipeline<Who>(deps: PipelineDeps<Who>): QueryPipeline {
     }
     if (shape === 'null' && view.rcode === Rcode.NoError) {
       counts.shapedNull++;
-      const answers: Answer[] | undefined = nullAnswer(query, limits.nullTtl);
-      return reply(query, id, client, answers === undefined ? { rcode: Rcode.NxDomain } : { rcode: Rcode.NoError, answers });
+      return reply(query, id, client, nullReply(query, limits.nullTtl));
     }
     if (hooks.answered !== undefined && records.length > 0) {
       try {

@@ -37,6 +37,8 @@ export interface AnswerRecord {
   readonly ttl: number;
   readonly data: string;
 }
+/** What admit says of a question: ask upstream ('go'), or the answer it gets without asking. */
+export type Admission = 'go' | 'refused' | 'nxdomain' | 'null';
 export interface ResolverHooks<Who> {
   /** Who sent the query (helper C: sock_diag). May throw (socket not found): the core then answers REFUSED and counts it — fail closed. */
   identify(client: Client): Who | Promise<Who>;
@@ -49,8 +51,11 @@ export interface ResolverHooks<Who> {
    * buffers (pipeline.answerInPlace).
    */
   identifyNow?(clients: readonly Client[]): readonly (Who | undefined)[];
-  /** Before anything goes upstream: 'refused' (system domain members), 'nxdomain' (use-application-dns.net), or 'go'. */
-  admit(who: Who, question: Question): 'go' | 'refused' | 'nxdomain';
+  /**
+   * Before anything goes upstream: 'refused' (system domain members), 'nxdomain' (use-application-dns.net, a name below a
+   * denied suffix), 'null' (the null answer, NXDOMAIN for types without one: a name below a denied suffix), or 'go'.
+   */
+  admit(who: Who, question: Question): Admission;
   /** Every answer (from upstream or cache, whatever the client will get) BEFORE any reply leaves: the lead fills nft sets here. Awaited. */
   learn(question: Question, records: readonly AnswerRecord[], fromCache: boolean): void | Promise<void>;
   /** What this client gets, given every name of the answer's CNAME chain (question name first). */

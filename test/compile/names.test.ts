@@ -46,6 +46,13 @@ apps:
     expect(index.lookup('listedxtest')).toEqual([]);
   });
 
+  it("says which names the policy spells out: rules' and lists' exact names and suffixes' apexes, not the names below them", () => {
+    for (const name of ['exact.test', 'shared.test', 'listed.test', 'under.test', 'inline.test', 'wild-inline.test', 'Under.Test.'])
+      expect(index.spelledOut(name), name).toBe(true);
+    for (const name of ['x.under.test', 'www.shared.test', 'deep.wild-inline.test', 'x.exact.test', 'test', 'other.test'])
+      expect(index.spelledOut(name), name).toBe(false);
+  });
+
   it('counts what it indexes', () => {
     expect(index.size).toEqual({ names: 1 + 2 + 1, suffixes: 1 + 2 + 1 });
   });

@@ -25,6 +25,10 @@ import { GEN_CGROUPS, GEN_FACTS, policyDocument, selectors } from '../support/po
  * - The global deny list here never holds `deny: any`: explain names the
  *   first matching global rule only, while a name any global rule names is
  *   denied by name whatever comes before it.
+ *
+ * admit answers a name denied by name at once, not asking upstream, unless
+ * a rule of the policy spells the name out (itself, or as a suffix's apex):
+ * only then are its labels not the asker's to choose.
  */
 
 const NAMES = ['example.org', 'api.example.org', 'www.example.org', 'tracker.test', 'ads.test', 'x.ads.test', 'other.test'] as const;
@@ -107,6 +111,7 @@ describe('the resolver decides as explain explains', () => {
           const { dnsBindings } = compile(policy, GEN_FACTS, {});
           const decide = buildDecider(policy, dnsBindings, GEN_FACTS, { deniedAnswer: 'nxdomain' });
           const rules = new Map<string, Rule>([...policy.apps.flatMap((a) => a.rules), ...policy.globalDeny].map((r) => [r.id, r]));
+          const spelledOut = new Set([...rules.values()].flatMap((r) => [...r.to.names, ...r.to.suffixes]));
           for (const [who, chain] of asks) {
             const asked = explainWho(who);
             const ask = (host: string, c: { port?: number; proto?: Protocol } = {}): Explanation => {
@@ -117,11 +122,9 @@ describe('the resolver decides as explain explains', () => {
             const context = `${JSON.stringify(who)} asks ${chain.join(' → ')}`;
             const first = ask(chain[0]!);
             const refused = first.level === 'system-domain' || first.ruleId === 'tor/updaters';
-            expect(decide.admit(who, { name: chain[0]!, type: 'A' }), `${context}: explain ${first.ruleId} (${first.steps.join('; ')})`).toBe(
-              refused ? 'refused' : 'go',
-            );
             expect(decide.admit(who, { name: CANARY, type: 'A' })).toBe(refused ? 'refused' : 'nxdomain');
             if (refused) {
+              expect(decide.admit(who, { name: chain[0]!, type: 'A' }), `${context}: explain ${first.ruleId} (${first.steps.join('; ')})`).toBe('refused');
               count('refused');
               continue;
             }
@@ -130,12 +133,13 @@ describe('the resolver decides as explain explains', () => {
               const rule = rules.get(e.ruleId);
               const byName = e.verdict === 'deny' && (e.level === 'app' || e.level === 'global-deny') && rule !== undefined && !rule.to.any;
               const allowedSomewhere = CONNECTIONS.some((c) => ask(name, c).verdict === 'allow');
+              const why = `${context}: ${name}: explain ${e.verdict} ${e.level} ${e.ruleId} (${e.steps.join('; ')}); allowed on some port: ${allowedSomewhere}`;
               const mine = decide.shape(who, { name, type: 'A' }, [name]);
-              expect(
-                mine,
-                `${context}: ${name}: explain ${e.verdict} ${e.level} ${e.ruleId} (${e.steps.join('; ')}); allowed on some port: ${allowedSomewhere}`,
-              ).toBe(byName && !allowedSomewhere ? 'nxdomain' : 'answer');
+              expect(mine, why).toBe(byName && !allowedSomewhere ? 'nxdomain' : 'answer');
+              const spelled = spelledOut.has(name);
+              expect(decide.admit(who, { name, type: 'A' }), `${why}; spelled out: ${spelled}`).toBe(mine === 'nxdomain' && !spelled ? 'nxdomain' : 'go');
               count(mine === 'nxdomain' ? `nxdomain ${e.level}` : byName ? 'answer: allowed on some port' : `answer ${e.verdict} ${e.level}`);
+              if (mine === 'nxdomain') count(spelled ? 'asked: spelled out' : 'answered at admit');
               return mine === 'nxdomain';
             });
             // A chain is denied when any of its names is.
@@ -154,6 +158,8 @@ describe('the resolver decides as explain explains', () => {
       'answer allow app',
       'answer deny default',
       'answer allow tor',
+      'answered at admit',
+      'asked: spelled out',
     ])
       expect([...seen.keys()], JSON.stringify(Object.fromEntries(seen))).toContain(what);
   });

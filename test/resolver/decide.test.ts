@@ -176,6 +176,86 @@ apps:
   });
 });
 
+describe('decide: names below a denied suffix are answered without asking upstream', () => {
+  const yaml = `
+defaults: {egress: allow}
+lists:
+  vendors: {names: ["*.vendor.test", "exact.listed.test"]}
+deny:
+  - to: ["*.telemetry.test", "spelled.sub.telemetry.test", "@vendors"]
+apps:
+  collector:
+    identity: {user: alice}
+    rules:
+      - allow: ["ok.telemetry.test"]
+        ports: [443]
+tor:
+  enabled: true
+  updaters:
+    - {user: _apt}
+`;
+  it('a name strictly below a suffix denied by name is given the denied answer at admit; the apex and spelled-out names are asked', () => {
+    const { decide } = decider(yaml);
+    expect(decide.admit(NOBODY, q('payload.sub.telemetry.test'))).toBe('nxdomain');
+    expect(decide.admit(NOBODY, q('x.telemetry.test'))).toBe('nxdomain');
+    expect(decide.admit(NOBODY, { name: 'payload.telemetry.test', type: 'TXT' })).toBe('nxdomain');
+    // Whatever the spelling: the resolver hands admit the lower-cased name, and admit asks the index as it does.
+    expect(decide.admit(NOBODY, q('PayLoad.Telemetry.TEST.'))).toBe('nxdomain');
+    // No label of these is the asker's: asked, so that their addresses go into the deny set.
+    expect(decide.admit(NOBODY, q('telemetry.test'))).toBe('go');
+    expect(decide.admit(NOBODY, q('spelled.sub.telemetry.test'))).toBe('go');
+    expect(decide.shape(NOBODY, q('spelled.sub.telemetry.test'), ['spelled.sub.telemetry.test'])).toBe('nxdomain');
+    // A list's suffixes as a rule's; its exact names are spelled out, and names below them are not denied.
+    expect(decide.admit(NOBODY, q('payload.vendor.test'))).toBe('nxdomain');
+    expect(decide.admit(NOBODY, q('vendor.test'))).toBe('go');
+    expect(decide.admit(NOBODY, q('exact.listed.test'))).toBe('go');
+    expect(decide.admit(NOBODY, q('below.exact.listed.test'))).toBe('go');
+    // Names that merely end alike are not below the suffix.
+    expect(decide.admit(NOBODY, q('nottelemetry.test'))).toBe('go');
+  });
+
+  it('asked as before where the asker gets the true answer: an app allowed the name on a port, Tor itself, dns.deniedAnswer "true"', () => {
+    const { decide } = decider(yaml);
+    expect(decide.admit(ALICE, q('ok.telemetry.test'))).toBe('go');
+    expect(decide.shape(ALICE, q('ok.telemetry.test'), ['ok.telemetry.test'])).toBe('answer');
+    // Its allowance is for that name only.
+    expect(decide.admit(ALICE, q('payload.telemetry.test'))).toBe('nxdomain');
+    expect(decide.admit({ uid: 110 }, q('payload.telemetry.test'))).toBe('go');
+    expect(decider(yaml, { deniedAnswer: 'true' }).decide.admit(NOBODY, q('payload.telemetry.test'))).toBe('go');
+    // An updater confined to Tor is refused before anything.
+    expect(decide.admit({ uid: 42 }, q('payload.telemetry.test'))).toBe('refused');
+  });
+
+  it('the answer given is the policy\'s denied answer: the null answer where it says "null"', () => {
+    const { decide } = decider(yaml, { deniedAnswer: 'null' });
+    expect(decide.admit(NOBODY, q('payload.telemetry.test'))).toBe('null');
+    expect(decide.admit(NOBODY, q('telemetry.test'))).toBe('go');
+  });
+
+  it('a name denied only through its CNAME chain is asked: the chain is known from the answer alone', () => {
+    const { decide } = decider(yaml);
+    expect(decide.admit(NOBODY, q('www.shop.test'))).toBe('go');
+    expect(decide.shape(NOBODY, q('www.shop.test'), ['www.shop.test', 'payload.telemetry.test'])).toBe('nxdomain');
+  });
+
+  it('a deny limited to some ports, a deny of any destination and a default deny deny no name: asked', () => {
+    const { decide } = decider(`
+defaults: {egress: deny}
+deny:
+  - to: ["*.limited.test"]
+    ports: [443]
+apps:
+  closed:
+    identity: {user: alice}
+    rules:
+      - deny: any
+`);
+    expect(decide.admit(NOBODY, q('payload.limited.test'))).toBe('go');
+    expect(decide.admit(NOBODY, q('payload.example.org'))).toBe('go');
+    expect(decide.admit(ALICE, q('payload.example.org'))).toBe('go');
+  });
+});
+
 describe('decide: who may ask at all', () => {
   const yaml = `
 deny:

@@ -1,9 +1,10 @@
+import dnsPacket from 'dns-packet';
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import type { DnsBinding } from '../../src/compile/compile.js';
 import type { ElementRemoval, ElementWrite } from '../../src/nft/set-elements.js';
 import { SetFiller, type FillView } from '../../src/resolver/fill.js';
-import { cnameChain, relevantAnswers } from '../../src/resolver/message.js';
+import { answerRecords, cnameChain, relevantAnswers } from '../../src/resolver/message.js';
 import { AddressMemory } from '../../src/resolver/memory.js';
 import type { AnswerRecord } from '../../src/resolver/server.js';
 
@@ -42,6 +43,7 @@ function setup(bindings: DnsBinding[], live: Record<string, string[]> = {}, add?
 
 const a = (name: string, data: string, ttl = 300): AnswerRecord => ({ name, type: 'A', ttl, data });
 const cname = (name: string, data: string, ttl = 300): AnswerRecord => ({ name, type: 'CNAME', ttl, data });
+const aaaa = (name: string, data: string, ttl = 300): AnswerRecord => ({ name, type: 'AAAA', ttl, data });
 
 describe('what an answer teaches the table', () => {
   it('follows the CNAME chain from the question, and stops at a loop', () => {
@@ -107,6 +109,46 @@ describe('what an answer teaches the table', () => {
     ]);
     // ads.example is denied too, but not by r1: r1 spares the address, r2 (which does not spare) keeps it.
     expect(removals).toEqual([[{ set: 'r1_dns4.0123456789abcdef', address: '192.0.2.10' }]]);
+  });
+
+  it('puts an IPv4-mapped AAAA into the IPv4 set, as the address the kernel sends to, with the timeouts of any answer', async () => {
+    const { writes, removals, answer, tick } = setup([binding('r1', ['a.example']), binding('r2', ['tracker.example'], { sharedAddresses: 'spare' })]);
+    await answer('a.example', [aaaa('a.example', '::ffff:192.0.2.7', 5), aaaa('a.example', '2001:db8::7', 5)]);
+    expect(writes.flat().map((w) => [w.set, w.address, w.timeoutMs])).toEqual([
+      ['r1_dns4.0123456789abcdef', '192.0.2.7', 60_000],
+      ['r1_dns6.0123456789abcdef', '2001:db8::7', 60_000],
+    ]);
+    // Another spelling of the same address, or its A record, is the same element: the kernel holds it already.
+    tick(1000);
+    await answer('a.example', [aaaa('a.example', '0:0:0:0:0:FFFF:C000:0207', 5), a('a.example', '192.0.2.7', 5)]);
+    expect(writes).toHaveLength(1);
+    // A sparing rule takes it out of its IPv4 set when a name it does not deny answers it, whichever family that answer spells it in.
+    await answer('tracker.example', [aaaa('tracker.example', '::ffff:192.0.2.9')]);
+    await answer('page.example', [a('page.example', '192.0.2.9')]);
+    expect(writes.at(-1)!.map((w) => [w.set, w.address])).toEqual([['r2_dns4.0123456789abcdef', '192.0.2.9']]);
+    expect(removals).toEqual([[{ set: 'r2_dns4.0123456789abcdef', address: '192.0.2.9' }]]);
+  });
+
+  it("learns no address from an HTTPS record's ipv4hint and ipv6hint: only A and AAAA records are the answer's addresses", async () => {
+    const { writes, answer } = setup([binding('r1', ['svc.example'])]);
+    // svc.example. 300 IN HTTPS 1 . ipv4hint=192.0.2.99 ipv6hint=2001:db8::99, as an upstream sends it.
+    const name = Buffer.from([3, ...Buffer.from('svc'), 7, ...Buffer.from('example'), 0]);
+    const rdata = Buffer.concat([
+      Buffer.from([0, 1, 0]),
+      Buffer.from([0, 4, 0, 4, 192, 0, 2, 99]),
+      Buffer.from([0, 6, 0, 16, 0x20, 0x01, 0x0d, 0xb8, ...Array<number>(11).fill(0), 0x99]),
+    ]);
+    const rr = Buffer.alloc(10);
+    rr.writeUInt16BE(65, 0);
+    rr.writeUInt16BE(1, 2);
+    rr.writeUInt32BE(300, 4);
+    rr.writeUInt16BE(rdata.length, 8);
+    const message = Buffer.concat([Buffer.from([0, 1, 0x81, 0x80, 0, 0, 0, 1, 0, 0, 0, 0]), name, rr, rdata]);
+    const records = answerRecords(dnsPacket.decode(message).answers ?? []);
+    expect(records).toHaveLength(1);
+    expect(records[0]!.data).toBe('');
+    await answer('svc.example', records);
+    expect(writes).toEqual([]);
   });
 
   it('after a re-apply, puts what it remembers into sets made anew', async () => {

@@ -78,6 +78,7 @@ describe.skipIf(unavailable)(`names in rules are enforced once the resolver answ
         '203.0.113.11',
         '203.0.113.12',
         '203.0.113.13',
+        '203.0.113.14',
         '203.0.113.20',
         '203.0.113.30',
         '203.0.113.31',
@@ -108,6 +109,8 @@ describe.skipIf(unavailable)(`names in rules are enforced once the resolver answ
       `--cname=alias.example.test,${TRACKER}`,
       // A long TTL: what a re-apply must keep.
       '--host-record=long.example.test,203.0.113.12,3600',
+      // An IPv4-mapped AAAA: a dual-stack socket connects to it as IPv4.
+      '--host-record=mapped.example.test,::ffff:203.0.113.14,3600',
       // The shared address: long enough for explain and status to be asked while both names hold.
       '--host-record=good.example.test,203.0.113.30,3600',
       '--host-record=shared.tracker.test,203.0.113.30,3600',
@@ -133,6 +136,9 @@ apps:
     default: deny
     rules:
       - allow: ["api.example.test", "long.example.test"]
+        ports: [${web.port}]
+        proto: tcp
+      - allow: ["mapped.example.test"]
         ports: [${web.port}]
         proto: tcp
   fan:
@@ -176,6 +182,16 @@ apps:
     });
     expect(await reach('203.0.113.11', app)).toMatchObject({ ok: true });
     expect(await reach('203.0.113.10', app), 'the old address').toMatchObject({ ok: false });
+  });
+
+  it('an IPv4-mapped AAAA opens the IPv4 address the kernel sends a connection to it as', async () => {
+    const app = users.app2.name;
+    expect(await reach('::ffff:203.0.113.14', app), 'before any lookup').toMatchObject({ ok: false });
+    expect(await dig('mapped.example.test', app, 'AAAA')).toEqual({ status: 'NOERROR', addresses: ['::ffff:203.0.113.14'] });
+    // The address as the answer gave it, from a dual-stack socket: it leaves as IPv4 to 203.0.113.14.
+    expect(await reach('::ffff:203.0.113.14', app), 'the answer, as given').toMatchObject({ ok: true });
+    expect(await reach('203.0.113.14', app), 'the same address, as IPv4').toMatchObject({ ok: true });
+    expect(await reach('203.0.113.11', app), 'another address').toMatchObject({ ok: false });
   });
 
   it('a listed name is NXDOMAIN for everyone but the app allowed it, and its address is dropped for others once learned', async () => {
