@@ -28,11 +28,24 @@ export interface Caller {
 
 export const DEFAULT_AUDIT_GROUP = 'egressd-audit';
 
-/** The polkit actions egressd asks about (systemd/org.egressd.policy). */
-export type PolkitAction = 'org.egressd.allow' | 'org.egressd.reload';
+/**
+ * The polkit actions egressd asks about (systemd/org.egressd.policy).
+ * allow-from-denial opens what a denial of the caller's own uid was denied,
+ * and nothing else; allow opens any destination for any app. They are two
+ * actions so that a rule granting the first (a user's own alerts) does not
+ * grant the second.
+ */
+export type PolkitAction = 'org.egressd.allow-from-denial' | 'org.egressd.allow' | 'org.egressd.reload';
+
+/**
+ * What the call would do, as polkit's details: the action's message names
+ * them (`$(app)`), so the authentication dialog says what is being allowed,
+ * and a polkit rule may look them up (`action.lookup("app")`).
+ */
+export type PolkitDetails = Readonly<Record<string, string>>;
 
 /** Asks polkit whether the bus name may do an action; false when polkit says no or cannot be asked. */
-export type PolkitCheck = (sender: string, action: PolkitAction) => Promise<boolean>;
+export type PolkitCheck = (sender: string, action: PolkitAction, details: PolkitDetails) => Promise<boolean>;
 
 /**
  * polkit through pkcheck, by bus name: polkitd asks the bus itself who that
@@ -41,13 +54,15 @@ export type PolkitCheck = (sender: string, action: PolkitAction) => Promise<bool
  * where polkitd is. A check that has not answered in `timeoutMs` (the
  * person did not answer the dialog) is a no, and its pkcheck is killed: each
  * holds one of the service's few check slots (service.ts) meanwhile.
+ * polkit takes details only from root (or the action's owner): egressd is root.
  */
 export const PKCHECK_TIMEOUT_MS = 30_000;
 
 export function pkcheckPolkit(binary = 'pkcheck', timeoutMs = PKCHECK_TIMEOUT_MS): PolkitCheck {
-  return (sender, action) =>
+  return (sender, action, details) =>
     new Promise((resolve) => {
-      execFile(binary, ['--action-id', action, '--system-bus-name', sender, '--allow-user-interaction'], { timeout: timeoutMs }, (error) =>
+      const detailArgs = Object.entries(details).flatMap(([key, value]) => ['--detail', key, value]);
+      execFile(binary, ['--action-id', action, '--system-bus-name', sender, '--allow-user-interaction', ...detailArgs], { timeout: timeoutMs }, (error) =>
         resolve(error === null),
       );
     });

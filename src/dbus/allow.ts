@@ -21,6 +21,7 @@ import { EgressError, ErrorCode } from '../errors.js';
 import { formatIssue, sortIssues } from '../policy/issues.js';
 import { loadPolicyDir } from '../policy/load.js';
 import { removeFileDurably, writeFileAtomic } from '../state/files.js';
+import type { PolkitDetails } from './access.js';
 import type { StoredDenial } from './contracts.js';
 
 export const DROP_IN = '80-allowed.yaml';
@@ -124,6 +125,32 @@ export function manualAllowance(
     ...(options.proto ? { proto: options.proto } : {}),
     ...(until ? { until } : {}),
     why: `allowed by ${describeAllower(who)} at ${new Date(now).toISOString()} with egressctl allow, ${until ? `until ${until}` : 'always'}`,
+  };
+}
+
+/** The most of the destinations a dialog shows: Allow takes up to 64 of up to 255 characters each. */
+const MAX_SHOWN_DESTINATIONS = 300;
+
+/** A caller's text as a dialog line: no control or format character (a newline, a bidi override) can rearrange the prompt around it. */
+function shown(text: string): string {
+  return text.replace(/[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu, '\uFFFD');
+}
+
+/**
+ * What the allow would write, as polkit's details (access.ts): the
+ * actions' messages in systemd/org.egressd.policy name each key, and a
+ * polkit rule may look them up. From a record, also its id and uid.
+ */
+export function allowanceDetails(entry: Allowance, record?: Pick<StoredDenial, 'id' | 'uid'>): PolkitDetails {
+  const destinations = shown(entry.allow.join(', '));
+  return {
+    app: shown(entry.app),
+    destinations:
+      destinations.length <= MAX_SHOWN_DESTINATIONS ? destinations : `${destinations.slice(0, MAX_SHOWN_DESTINATIONS)}… (${entry.allow.length} in all)`,
+    ports: entry.ports?.join(', ') ?? 'any',
+    proto: entry.proto ?? 'any',
+    until: entry.until ?? 'always',
+    ...(record ? { 'record.id': String(record.id), 'record.uid': record.uid === undefined ? 'unknown' : String(record.uid) } : {}),
   };
 }
 

@@ -4,7 +4,7 @@
  *   Status() → a{sv}                       anyone
  *   Reload() → a{sv}                       root, or polkit org.egressd.reload
  *   QueryDenials(a{sv} filter) → aa{sv}    root and members of egressd-audit
- *   AllowFromDenial(t id, s scope) → a{sv} root, or polkit org.egressd.allow (for the caller's own records)
+ *   AllowFromDenial(t id, s scope) → a{sv} root, or polkit org.egressd.allow-from-denial (the caller's own records)
  *   Allow(s app, as to, a{sv} options, s scope) → a{sv}   root, or polkit org.egressd.allow (egressctl allow --app)
  *   Subscribe(a{sv} options) → a{sv}       anyone: Denied signals of the caller's own uid; {all: true} root and audit only
  *   Unsubscribe()
@@ -37,8 +37,8 @@ import type { DenialRecord } from '../denials/record.js';
 import { EgressError, ErrorCode, isEgressError } from '../errors.js';
 import { nssAccounts, type Accounts } from '../system/nss.js';
 import { subordinateOwners } from '../system/subordinate.js';
-import { askBus, callerCredentials, DEFAULT_AUDIT_GROUP, roleOf, type Caller, type PolkitAction, type PolkitCheck } from './access.js';
-import { allowanceFor, DROP_IN, DropIn, manualAllowance, parseScope, type Allowance, type AllowProto } from './allow.js';
+import { askBus, callerCredentials, DEFAULT_AUDIT_GROUP, roleOf, type Caller, type PolkitAction, type PolkitCheck, type PolkitDetails } from './access.js';
+import { allowanceDetails, allowanceFor, DROP_IN, DropIn, manualAllowance, parseScope, type Allowance, type AllowProto } from './allow.js';
 import type { DenialCounters, DenialFeed, DenialStore } from './contracts.js';
 import { booleanArg, filterFromDbus, integerArg, recordToDbus, stringArg } from './wire.js';
 
@@ -281,26 +281,32 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
     return { sender, uid, pid, role, name };
   }
 
-  // Each polkit check is a pkcheck process that may wait for a person: bounded in all and per uid.
-  const polkitRunning = new Map<number, number>();
+  /** Whether anything could authorize the caller: without polkit only root may change, and the others are refused before their arguments are read. */
+  function mayAsk(who: Caller): boolean {
+    return who.role === 'root' || deps.polkit !== undefined;
+  }
+
+  // Each polkit check is a pkcheck process that may wait for a person: bounded in all and per user, a user's subordinate uids counting as its own.
+  const polkitRunning = new Map<string, number>();
   let polkitTotal = 0;
-  async function mayChange(who: Caller, action: PolkitAction): Promise<boolean> {
+  async function mayChange(who: Caller, action: PolkitAction, details: PolkitDetails = {}): Promise<boolean> {
     if (who.role === 'root') return true;
     if (!deps.polkit) return false;
-    const mine = polkitRunning.get(who.uid) ?? 0;
+    const holder = holderOf(who.uid);
+    const mine = polkitRunning.get(holder) ?? 0;
     if (mine >= maxPolkitPerUid || polkitTotal >= maxPolkit) {
       log.warn({ event: 'dbus-polkit-limit', uid: who.uid, running: polkitTotal }, 'authorization checks at their limit; call refused');
       throw new ServiceLimit(`too many authorization checks in progress (at most ${maxPolkitPerUid} per user, ${maxPolkit} in all); try again`);
     }
-    polkitRunning.set(who.uid, mine + 1);
+    polkitRunning.set(holder, mine + 1);
     polkitTotal += 1;
     try {
-      return await deps.polkit(who.sender, action);
+      return await deps.polkit(who.sender, action, details);
     } finally {
       polkitTotal -= 1;
-      const left = (polkitRunning.get(who.uid) ?? 1) - 1;
-      if (left > 0) polkitRunning.set(who.uid, left);
-      else polkitRunning.delete(who.uid);
+      const left = (polkitRunning.get(holder) ?? 1) - 1;
+      if (left > 0) polkitRunning.set(holder, left);
+      else polkitRunning.delete(holder);
     }
   }
 
@@ -407,14 +413,16 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
       }
       case 'AllowFromDenial': {
         const who = await caller(msg.sender);
-        // Who first: an unauthorized caller learns nothing, not even whether its arguments were good.
-        if (!(await mayChange(who, 'org.egressd.allow'))) throw refuse(who, 'AllowFromDenial');
+        // Who first, where nothing could authorize the caller: it learns nothing, not even whether its arguments were good.
+        if (!mayAsk(who)) throw refuse(who, 'AllowFromDenial');
         const id = Number(args[0]);
         const scope = parseScope(args[1] as string);
         const record = Number.isSafeInteger(id) && id > 0 ? await store().get(id) : undefined;
         // Not found and not yours answer alike: a record id says nothing about other users' records.
+        // Before polkit: its dialog names what this record would open, and nobody is asked about a call that cannot succeed.
         if (!record || (who.role !== 'root' && record.uid !== who.uid)) throw new EgressError(ErrorCode.NotFound, `no denial record ${String(args[0])}`);
         const entry = allowanceFor(record, { uid: who.uid, name: who.name }, now(), scope);
+        if (!(await mayChange(who, 'org.egressd.allow-from-denial', allowanceDetails(entry, record)))) throw refuse(who, 'AllowFromDenial');
         log.info(
           { event: 'dbus-allow', uid: who.uid, pid: who.pid, record: id, app: entry.app, to: entry.allow, until: entry.until ?? 'always' },
           'allow from a denial',
@@ -423,7 +431,7 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
       }
       case 'Allow': {
         const who = await caller(msg.sender);
-        if (!(await mayChange(who, 'org.egressd.allow'))) throw refuse(who, 'Allow');
+        if (!mayAsk(who)) throw refuse(who, 'Allow');
         const [app, to, options, scopeText] = args as [string, string[], Record<string, unknown>, string];
         const scope = parseScope(scopeText);
         if (app.length === 0 || app.length > 64) throw new EgressError(ErrorCode.InvalidArgument, 'app: must be 1–64 characters');
@@ -443,6 +451,7 @@ export async function startFirewallService(deps: ServiceDeps): Promise<FirewallS
           } else throw new EgressError(ErrorCode.InvalidArgument, `unknown option "${key.slice(0, 64)}" (known: ports, proto)`);
         }
         const entry = manualAllowance(app, to, { ...(ports ? { ports } : {}), ...(proto ? { proto } : {}) }, { uid: who.uid, name: who.name }, now(), scope);
+        if (!(await mayChange(who, 'org.egressd.allow', allowanceDetails(entry)))) throw refuse(who, 'Allow');
         log.info(
           { event: 'dbus-allow', uid: who.uid, pid: who.pid, app: entry.app, to: entry.allow, until: entry.until ?? 'always' },
           'allow asked over D-Bus',

@@ -1,10 +1,11 @@
-import { readdirSync, readFileSync, statSync } from 'node:fs';
+import { readdirSync, statSync } from 'node:fs';
 import { isAbsolute, join, resolve } from 'node:path';
 import { EgressError, ErrorCode } from '../errors.js';
 import { formatIssue, sortIssues, type PolicyIssue } from './issues.js';
 import type { Policy } from './model.js';
 import { MAX_POLICY_FILE_BYTES, oversizeIssue } from './source.js';
 import { resolvePolicy, type ListReader, type PolicyFileInput, type ResolveResult } from './resolve.js';
+import { PathTrust, trustedOwners } from './trust.js';
 
 /** List files may be large (the tracking list is ~4 MB); past this they are refused rather than read. */
 export const MAX_LIST_FILE_BYTES = 64 * 1024 * 1024;
@@ -23,11 +24,21 @@ export interface LoadedPolicy {
  *
  * `replace`: files taken as if they were in `dir` with these bytes (null: as
  * if absent) — a drop-in is checked with the whole policy before it is written.
+ *
+ * The directory, each file and each list file must be writable by no one but
+ * `owners` (trust.ts): root, and whoever runs egressctl when not root.
  */
-export function loadPolicyDir(dir: string, replace: ReadonlyMap<string, Uint8Array | null> = new Map()): ResolveResult & { dir: string } {
+export function loadPolicyDir(
+  dir: string,
+  replace: ReadonlyMap<string, Uint8Array | null> = new Map(),
+  owners: readonly number[] = trustedOwners(),
+): ResolveResult & { dir: string } {
+  const trust = new PathTrust(owners);
   let names: string[];
   try {
     if (!statSync(dir).isDirectory()) throw new Error('not a directory');
+    const problem = trust.checkDirectory(dir);
+    if (problem !== undefined) return { ok: false, errors: [{ severity: 'error', at: { file: dir, line: 1, col: 1 }, message: problem }], warnings: [], dir };
     names = readdirSync(dir, { withFileTypes: true })
       .filter((entry) => (entry.isFile() || entry.isSymbolicLink()) && /\.ya?ml$/.test(entry.name) && !entry.name.startsWith('.'))
       .map((entry) => entry.name)
@@ -57,11 +68,11 @@ export function loadPolicyDir(dir: string, replace: ReadonlyMap<string, Uint8Arr
         files.push({ file, bytes: replaced });
         continue;
       }
-      const path = join(dir, file);
-      const size = statSync(path).size;
       // An oversized file is refused by its size, without reading it.
-      if (size > MAX_POLICY_FILE_BYTES) unreadable.push(oversizeIssue(file, size));
-      else files.push({ file, bytes: readFileSync(path) });
+      const read = trust.read(join(dir, file), MAX_POLICY_FILE_BYTES);
+      if ('tooBig' in read) unreadable.push(oversizeIssue(file, read.tooBig));
+      else if ('error' in read) unreadable.push({ severity: 'error', at: { file, line: 1, col: 1 }, message: read.error });
+      else files.push({ file, bytes: read.bytes });
     } catch (error) {
       unreadable.push({
         severity: 'error',
@@ -73,9 +84,9 @@ export function loadPolicyDir(dir: string, replace: ReadonlyMap<string, Uint8Arr
   const readList: ListReader = (path) => {
     const full = isAbsolute(path) ? path : resolve(dir, path);
     try {
-      const size = statSync(full).size;
-      if (size > MAX_LIST_FILE_BYTES) return { error: `file is ${size} bytes; list files are at most ${MAX_LIST_FILE_BYTES}` };
-      return { bytes: readFileSync(full) };
+      const read = trust.read(full, MAX_LIST_FILE_BYTES);
+      if ('tooBig' in read) return { error: `file is ${read.tooBig} bytes; list files are at most ${MAX_LIST_FILE_BYTES}` };
+      return read;
     } catch (error) {
       return { error: (error as NodeJS.ErrnoException).code ?? (error as Error).message };
     }

@@ -44,9 +44,9 @@ import { dbusUnavailable, ROOT, runClient, startBuses, startClient, type Agent, 
  *
  * Stand-in, named: polkit's decision. The daemon runs the real pkcheck,
  * which asks an authority of the test's own on the private bus
- * (polkit-authority.ts) that says yes to org.egressd.allow for everyone —
- * so that a user refused another user's record is refused by the record's
- * owner check, not by polkit.
+ * (polkit-authority.ts) that says yes to org.egressd.allow-from-denial for
+ * everyone — so that a user refused another user's record is refused by the
+ * record's owner check, not by polkit.
  */
 const MAIN = join(ROOT, 'dist/daemon/main.js');
 const CLI = join(ROOT, 'src/cli/main.ts');
@@ -91,7 +91,7 @@ describe.skipIf(skip)(`allow from the alert, end to end ${skip ? `(skipped: ${sk
     users = ensureTestUsers();
     net = await createTestNet();
     buses = await startBuses(POLKIT_BUS_POLICY);
-    polkit = await startPolkitAuthority(buses.system, (q) => q.action === 'org.egressd.allow');
+    polkit = await startPolkitAuthority(buses.system, (q) => q.action === 'org.egressd.allow-from-denial');
     state = mkdtempSync(join(tmpdir(), 'egd-allow-state-'));
     dir = policyDir(
       {
@@ -220,11 +220,11 @@ describe.skipIf(skip)(`allow from the alert, end to end ${skip ? `(skipped: ${sk
       expect(existsSync(join(dir, DROP_IN))).toBe(false);
       expect(await tcp(users.app1.uid)).toMatchObject({ ok: false });
 
-      // Another user may not allow from this record: the same answer as a record that does not exist, and nothing written.
+      // Another user may not allow from this record: the same answer as a record that does not exist, nobody asked, and nothing written.
       const asked = polkit.asked.length;
       const [stolen] = await runClient(users.app2, buses.system, [['allow', recordId, '1h']]);
       expect(stolen).toMatchObject({ error: ErrorCode.NotFound });
-      expect(polkit.asked.slice(asked)).toEqual([{ action: 'org.egressd.allow', uid: users.app2.uid }]);
+      expect(polkit.asked.slice(asked)).toEqual([]);
       expect(existsSync(join(dir, DROP_IN))).toBe(false);
       expect(await tcp(users.app1.uid)).toMatchObject({ ok: false });
 
@@ -249,7 +249,13 @@ describe.skipIf(skip)(`allow from the alert, end to end ${skip ? `(skipped: ${sk
       expect(shown.filter((s) => s.summary.startsWith('Allowed')).map((s) => s.summary)).toEqual([`Allowed firefox → ${DEST}`]);
       await until('the re-apply logged', () => log.filter((l) => l.event === 'applied').length > applies);
       expect(log.filter((l) => l.event === 'applied').length).toBe(applies + 1);
-      expect(polkit.asked.slice(asked + 1)).toEqual([{ action: 'org.egressd.allow', uid: users.app1.uid }]);
+      expect(polkit.asked.slice(asked)).toEqual([
+        {
+          action: 'org.egressd.allow-from-denial',
+          uid: users.app1.uid,
+          details: expect.objectContaining({ app: 'firefox', destinations: DEST, ports: String(PORT), proto: 'tcp', 'record.uid': String(users.app1.uid) }),
+        },
+      ]);
       const dropIn = readFileSync(join(dir, DROP_IN), 'utf8');
       expect(dropIn).toMatch(/- app: "firefox"\n {4}allow: \["203\.0\.113\.1"\]\n {4}ports: \[8443\]\n {4}proto: tcp\n {4}until: /);
       // The record the agent allowed from is one the store holds for this user, under the id the Denied signal carried.

@@ -98,8 +98,8 @@ describe.skipIf(skip)(`the D-Bus service's limits on a real system-like bus ${sk
     const lookupsBefore = lookups.length;
     const first = runClient(users.app1, buses.system, [['reload-many', 4]]);
     await until('two checks of app1 waiting', () => polkitAsked === 2);
-    const second = runClient(users.app2, buses.system, [['reload-many', 2]]);
-    await until('a third check waiting (app2)', () => polkitAsked === 3);
+    const second = runClient(audit.auditor, buses.system, [['reload-many', 2]]);
+    await until('a third check waiting (the auditor)', () => polkitAsked === 3);
     // The ones past the bound were refused without a check; answer those that wait.
     await new Promise((r) => setTimeout(r, 500));
     expect(polkitAsked).toBe(3);
@@ -117,6 +117,23 @@ describe.skipIf(skip)(`the D-Bus service's limits on a real system-like bus ${sk
     await until('a new check', () => polkitAsked === 4);
     for (const resolve of polkitWaiting.splice(0)) resolve(false);
     expect((await again)[0]!.error).toBe('EGD_ACCESS_DENIED');
+  }, 60_000);
+
+  it("a user's subordinate uids share its polkit checks: one of them cannot wait on more than the user itself may", async () => {
+    // app1 and app2 stand for two of egd-app3's subordinate uids (the subuid file above).
+    const asked = polkitAsked;
+    const first = runClient(users.app1, buses.system, [['reload-many', 2]]);
+    await until("two checks of egd-app3's first subordinate uid waiting", () => polkitAsked === asked + 2);
+    // The total bound (3) has room: only the per-user bound refuses these.
+    const [refused] = await runClient(users.app2, buses.system, [['reload']]);
+    expect(refused).toMatchObject({ message: expect.stringContaining('Error.LimitsExceeded: too many authorization checks') });
+    expect(polkitAsked).toBe(asked + 2);
+    for (const resolve of polkitWaiting.splice(0)) resolve(false);
+    const [waited] = await first;
+    expect((waited!.ok as { error?: string }[]).map((r) => r.error ?? '')).toEqual([
+      expect.stringMatching(/Reload: not allowed/),
+      expect.stringMatching(/Reload: not allowed/),
+    ]);
   }, 60_000);
 
   it("a member taken out of the audit group stops getting other users' denials within the role's cache time, not at its next call", async () => {

@@ -5,7 +5,8 @@
  * AllowFromDenial through pkcheck runs, while what polkit decides is the
  * test's: polkitd itself needs logind sessions and the action files
  * installed under /usr/share, which a test must not change on the host.
- * Every question is recorded with the uid the bus says the subject is.
+ * Every question is recorded with the uid the bus says the subject is and
+ * the details pkcheck passed (its --detail pairs).
  */
 import dbus from 'dbus-next';
 import { askBus } from '../../src/dbus/access.js';
@@ -20,6 +21,7 @@ export const POLKIT_BUS_POLICY = `  <policy user="root"><allow own="org.freedesk
 export interface PolkitQuestion {
   readonly action: string;
   readonly uid: number | undefined;
+  readonly details: Readonly<Record<string, string>>;
 }
 
 export interface PolkitAuthority {
@@ -48,10 +50,10 @@ export async function startPolkitAuthority(busAddress: string, decide: (question
       return true;
     }
     if (msg.member !== 'CheckAuthorization') return false;
-    const [[kind, details], action] = msg.body as [[string, Record<string, { value: unknown }>], string];
-    const name = kind === 'system-bus-name' ? details['name']?.value : undefined;
+    const [[kind, subject], action, details] = msg.body as [[string, Record<string, { value: unknown }>], string, Record<string, string>];
+    const name = kind === 'system-bus-name' ? subject['name']?.value : undefined;
     void (typeof name === 'string' ? uidOf(name) : Promise.resolve(undefined)).then((uid) => {
-      const question = { action, uid };
+      const question = { action, uid, details };
       asked.push(question);
       bus.send(Message.newMethodReturn(msg, '(bba{ss})', [[decide(question), false, {}]]));
     });

@@ -38,7 +38,8 @@ drop-in stays as it was. The kernel keeps denying until the apply is done.
   --always         no expiry
 
 Through egressd's D-Bus service (org.egressd.Firewall1) when the daemon runs:
-root, or whom polkit allows (action org.egressd.allow). --record needs the
+root, or whom polkit allows (--record: action org.egressd.allow-from-denial;
+--app: org.egressd.allow, asked each time). --record needs the
 daemon (the denial store is its). With no daemon, --app writes the drop-in
 (checked) and says to run "egressctl apply".
 

@@ -42,7 +42,7 @@ org.freedesktop.Notifications on the session bus:
   blocked 3×, rule deny/10-phone-home.yaml/0 at 10-phone-home.yaml:23   [Allow for 1h]
 
 "Allow" asks egressd to allow this app → this name (AllowFromDenial): root,
-or whom polkit allows (action org.egressd.allow). Nothing is let through
+or whom polkit allows (action org.egressd.allow-from-denial). Nothing is let through
 while the notification is open: the kernel keeps denying until the new
 policy is applied.
 
