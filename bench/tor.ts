@@ -118,7 +118,7 @@ async function main(): Promise<void> {
     cleanups.push(() => rmSync(stage, { recursive: true, force: true }));
 
     // (1)
-    tor = await startTorNetwork(net, { names: { [MIRROR_NAME]: MIRROR }, socksPort: SOCKS.port });
+    tor = await startTorNetwork(net, { names: { [MIRROR_NAME]: MIRROR }, socksPort: SOCKS.port, probeAs: APT_USER });
     const network = tor.times;
     const rss = tor.rssKiB();
 

@@ -23,7 +23,9 @@ fi
 # The last line: vitest's counts, with a failed lint counted as one more failure.
 node -e '
   const r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
-  const failed = r.numFailedTests + (process.argv[2] === "0" ? 0 : 1);
+  // A file whose beforeAll failed reports its tests as skipped and none failed: it counts as one failure.
+  const brokenFiles = r.testResults.filter((f) => f.status === "failed" && !f.assertionResults.some((a) => a.status === "failed")).length;
+  const failed = r.numFailedTests + brokenFiles + (process.argv[2] === "0" ? 0 : 1);
   const skipped = r.numPendingTests + r.numTodoTests;
   console.log(`${r.numPassedTests} passed, ${failed} failed` + (skipped ? `, ${skipped} skipped` : ""));
 ' "$report" "$lint_status" 2>/dev/null || echo "0 passed, 1 failed"

@@ -96,7 +96,7 @@ tor:
     );
     // The table first: the host's tor bootstraps under it, as on a host where egressd starts early.
     await egressctl('apply', dir);
-    tor = await startTorNetwork(net, { names: { [MIRROR_NAME]: MIRROR }, socksPort: SOCKS.port, controlPort: CONTROL_PORT });
+    tor = await startTorNetwork(net, { names: { [MIRROR_NAME]: MIRROR }, socksPort: SOCKS.port, controlPort: CONTROL_PORT, probeAs: APT_USER });
     apt = makeAptRoot(net, { url: `http://${MIRROR_NAME}/debian`, keyFile: repo.keyFile });
     apt.setDropIn(aptTorDropIn(SOCKS, 'apt'));
     loopbackService = await net.host.listen({ proto: 'tcp', addr: '127.0.0.1', port: 0 });

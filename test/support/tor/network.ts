@@ -89,6 +89,11 @@ export interface TorNetworkOptions {
   readonly controlPort?: number;
   /** Internet-side addresses for the authority, middle, exit and the exit's DNS (documentation range). */
   readonly addresses?: { authority: string; middle: string; exit: string; dns: string };
+  /**
+   * Who asks the readiness probe (a SOCKS resolve) of the host's tor; default root. Under egressd's table Tor's SOCKS port
+   * is network for all but the updaters: where the policy's default denies, name an updater.
+   */
+  readonly probeAs?: string;
 }
 
 /** Why this machine cannot run the network, or undefined. */
@@ -343,7 +348,10 @@ export async function startTorNetwork(net: TestNet, options: TorNetworkOptions):
         `${probeName} resolved at the exit through the host's tor (its log:\n${tail(log)})`,
         async () => {
           if (self.exitCode !== null) throw new Error(`the host's tor exited: ${said(self, log)}`);
-          const resolved = await net.host.exec('tor-resolve', ['-5', probeName, `127.0.0.1:${socksPort}`], { timeoutMs: 10_000 });
+          const resolved = await net.host.exec('tor-resolve', ['-5', probeName, `127.0.0.1:${socksPort}`], {
+            timeoutMs: 10_000,
+            ...(options.probeAs === undefined ? {} : { user: options.probeAs }),
+          });
           return resolved.stdout.trim() === probeAddress;
         },
         { timeoutMs: 60_000, everyMs: 200 },
