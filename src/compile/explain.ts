@@ -2,7 +2,7 @@ import { isIP } from 'node:net';
 import { addressGroups, asciiName, inetAton, networkContains, parseNetwork } from '../policy/destination.js';
 import { clip } from '../policy/issues.js';
 import { DNS_PORTS, type Identity, type Origin, type Policy, type Protocol, type Rule, type Selector } from '../policy/model.js';
-import { identitiesOverlap, slicePath } from '../policy/resolve.js';
+import { identitiesOverlap } from '../policy/resolve.js';
 import type { Facts, IdRange, SubordinateIds } from './compile.js';
 import { cgroupAncestorMatching } from './glob.js';
 import { DNS_EXCLUSIVE_RULE, DNS_RESOLVER_RULE, socksOnLoopback, TOR_SOCKS_ANSWER_RULE } from './rule-ids.js';
@@ -562,11 +562,6 @@ function sameId(a: string | number, b: string | number, ids: ExplainFacts['users
 function isTorUser(policy: Policy, who: Who, facts: ExplainFacts): boolean {
   const user = whoUser(who);
   return user !== undefined && sameId(policy.tor.user, user, facts.users);
-}
-
-/** `unit:cups.service` → the cgroup it runs in (system.slice unless a slice is given). */
-export function unitCgroup(unit: string, slice = 'system.slice'): string {
-  return `${slicePath(slice)}/${unit}`;
 }
 
 /** An address in the form the policy holds (RFC 5952 for IPv6), so that equal addresses compare equal. */
