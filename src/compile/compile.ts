@@ -64,9 +64,9 @@ export interface Facts {
    */
   readonly cgroupOwners?: ReadonlyMap<string, number>;
   /**
-   * For each user the policy names, by uid: its subordinate uid and gid
-   * ranges (/etc/subuid, /etc/subgid), or why they could not be read. A
-   * uid that is not here has none.
+   * For each user the policy names, and each member of a group it names,
+   * by uid: its subordinate uid and gid ranges (/etc/subuid, /etc/subgid),
+   * or why they could not be read. A uid that is not here has none.
    */
   readonly subordinate?: ReadonlyMap<number, SubordinateIds | { readonly error: string }>;
   /**
@@ -280,14 +280,15 @@ interface IdClaims {
   readonly ranges: { from: number; to: number; target: Verdict; owner: string }[];
   /**
    * Ids an identity holds through another name — a user's subordinate
-   * ranges, a group's members — claimed once every identity has claimed
-   * the ids it names (`dispatchRules`), in the order of `rank`, so that
-   * which identity keeps an id does not depend on the order of the files.
+   * ranges, a group's members and their subordinate ranges — claimed once
+   * every identity has claimed the ids it names (`dispatchRules`), in the
+   * order of `rank`, so that which identity keeps an id does not depend on
+   * the order of the files.
    */
   readonly later: { rank: number; from: number; to: number; target: Verdict; owner: string; at: Origin; what: string }[];
 }
 
-/** Ranks of what `IdClaims.later` holds: a user's subordinate ids before the members of a group. */
+/** Ranks of what `IdClaims.later` holds: a user's subordinate ids before the members of a group, whose own subordinate ids rank with them. */
 const SUBORDINATE = 1;
 const MEMBER = 2;
 
@@ -1216,8 +1217,22 @@ class Compiler {
       }
       // A group's members stay its members whatever group they send with (sg, newgrp, a setgid program):
       // their uids join the group's identity. Its gid stays too: a non-member running a setgid program is still the group.
-      const members = this.factOf(this.facts.members, id, at, `the members of group ${name}`);
-      for (const uid of members ?? []) d.uids.later.push({ rank: MEMBER, from: uid, to: uid, target, owner, at, what: `member of group ${name}` });
+      const members = this.factOf(this.facts.members, id, at, `the members of group ${name}`) ?? [];
+      // So does a member's rootless container, which sends with the member's subordinate ids: they join at the members' rank.
+      // Ranges that could not be read are one error for the group, not one per member.
+      const unread = members.find((uid) => {
+        const ranges = this.facts.subordinate?.get(uid);
+        return ranges !== undefined && 'error' in ranges;
+      });
+      if (unread !== undefined) this.factOf(this.facts.subordinate, unread, at, `the subordinate ids of uid ${unread}, a member of group ${name}`);
+      for (const uid of members) {
+        d.uids.later.push({ rank: MEMBER, from: uid, to: uid, target, owner, at, what: `member of group ${name}` });
+        const ranges = unread === undefined ? this.factOf(this.facts.subordinate, uid, at, `the subordinate ids of uid ${uid}`) : undefined;
+        for (const range of ranges?.uids ?? [])
+          d.uids.later.push({ rank: MEMBER, ...range, target, owner, at, what: `subordinate uids of members of group ${name}` });
+        for (const range of ranges?.gids ?? [])
+          d.gids.later.push({ rank: MEMBER, ...range, target, owner, at, what: `subordinate gids of members of group ${name}` });
+      }
       if (this.facts.membersIncomplete !== undefined)
         this.warn(
           at,
@@ -1256,7 +1271,7 @@ class Compiler {
       const shown = ids.length > 5 ? `${ids.slice(0, 5).join(', ')} and ${ids.length - 5} more` : ids.join(', ');
       this.warn(
         at,
-        `${kind} ${shown} (${what}, for ${owner}) also ${ids.length === 1 && !ids[0]!.includes('-') ? 'belongs' : 'belong'} to ${earlier}, which keeps ${ids.length === 1 && !ids[0]!.includes('-') ? 'it' : 'them'}: ids an identity names come first, then subordinate ids, then members of groups`,
+        `${kind} ${shown} (${what}, for ${owner}) also ${ids.length === 1 && !ids[0]!.includes('-') ? 'belongs' : 'belong'} to ${earlier}, which keeps ${ids.length === 1 && !ids[0]!.includes('-') ? 'it' : 'them'}: ids an identity names come first, then subordinate ids of users, then members of groups and theirs`,
       );
     }
   }

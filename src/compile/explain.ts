@@ -2,7 +2,7 @@ import { isIP } from 'node:net';
 import { addressGroups, asciiName, inetAton, networkContains, parseNetwork } from '../policy/destination.js';
 import { clip } from '../policy/issues.js';
 import { DNS_PORTS, type Identity, type Origin, type Policy, type Protocol, type Rule, type Selector } from '../policy/model.js';
-import { identitiesOverlap, slicePath } from '../policy/resolve.js';
+import { identitiesOverlap } from '../policy/resolve.js';
 import type { Facts, IdRange, SubordinateIds } from './compile.js';
 import { cgroupAncestorMatching } from './glob.js';
 import { DNS_EXCLUSIVE_RULE, DNS_RESOLVER_RULE, socksOnLoopback, TOR_SOCKS_ANSWER_RULE } from './rule-ids.js';
@@ -417,8 +417,9 @@ function nameMatches(policy: Policy, rule: Rule, name: string, notes?: string[])
 /**
  * When several apps claim the asker, the kernel's dispatch decides: deeper
  * cgroups first, then uid, then gid; in the uid map, uids identities name
- * before subordinate uids before members of groups; in the gid map, gids
- * before subordinate gids (compile's `claimLater`); among equals, the app
+ * before subordinate uids before members of groups and their subordinate
+ * uids; in the gid map, gids before subordinate gids before members'
+ * subordinate gids (compile's `claimLater`); among equals, the app
  * written first. Without `cgroups`, by uid and gid only: the root-set
  * identities a delegated cgroup's verdict goes on to.
  */
@@ -467,30 +468,36 @@ function membership(policy: Policy, who: Who, facts: ExplainFacts): ((identity: 
 }
 
 /** Where the kernel's dispatch finds an id, in the order of its maps (cgroups rank below 1000). */
-const RANK = { uid: 2000, subordinateUid: 2100, memberUid: 2200, gid: 3000, subordinateGid: 3100 } as const;
+const RANK = { uid: 2000, subordinateUid: 2100, memberUid: 2200, gid: 3000, subordinateGid: 3100, memberGid: 3200 } as const;
 
 /**
  * Whether the selector holds the asker as the kernel sees it, and where in
  * the dispatch: a user holds its uid and its subordinate uids and gids; a
  * group holds its gid and its members' uids (primary or supplementary),
- * whatever group they send with. A cgroup asker may come with its
- * process's user and group (`--as`).
+ * whatever group they send with, and their subordinate uids and gids, at
+ * the members' rank. A cgroup asker may come with its process's user and
+ * group (`--as`).
  */
 function selectorRank(selector: Selector, who: Who, facts: ExplainFacts): number | undefined {
   const user = whoUser(who);
   const group = who.kind === 'group' ? who.group : who.kind === 'cgroup' ? who.group : undefined;
+  const uid = user === undefined ? undefined : idOf(user, facts.users);
+  const gid = group === undefined ? undefined : idOf(group, facts.groups);
   if (selector.kind === 'user') {
     if (user !== undefined && sameId(selector.user, user, facts.users)) return RANK.uid;
-    if (inRanges(user === undefined ? undefined : idOf(user, facts.users), subordinateOf(selector.user, facts)?.uids)) return RANK.subordinateUid;
-    if (inRanges(group === undefined ? undefined : idOf(group, facts.groups), subordinateOf(selector.user, facts)?.gids)) return RANK.subordinateGid;
+    const own = subordinateOf(idOf(selector.user, facts.users), facts);
+    if (inRanges(uid, own?.uids)) return RANK.subordinateUid;
+    if (inRanges(gid, own?.gids)) return RANK.subordinateGid;
     return undefined;
   }
   if (selector.kind === 'group') {
-    const uid = user === undefined ? undefined : idOf(user, facts.users);
-    const gid = idOf(selector.group, facts.groups);
-    const members = gid === undefined ? undefined : facts.members?.get(gid);
-    if (uid !== undefined && Array.isArray(members) && members.includes(uid)) return RANK.memberUid;
+    const own = idOf(selector.group, facts.groups);
+    const found = own === undefined ? undefined : facts.members?.get(own);
+    const members = found === undefined || 'error' in found ? [] : found;
+    const theirs = members.flatMap((member) => subordinateOf(member, facts) ?? []);
+    if (uid !== undefined && (members.includes(uid) || theirs.some((ranges) => inRanges(uid, ranges.uids)))) return RANK.memberUid;
     if (group !== undefined && sameId(selector.group, group, facts.groups)) return RANK.gid;
+    if (theirs.some((ranges) => inRanges(gid, ranges.gids))) return RANK.memberGid;
     return undefined;
   }
   if (who.kind === 'cgroup') return cgroupAncestorMatching(who.path, selector) !== undefined ? 1000 - selector.level : undefined;
@@ -500,7 +507,8 @@ function selectorRank(selector: Selector, who: Who, facts: ExplainFacts): number
 /**
  * Whether a user or group selector holds a process that may send with any of
  * these uids and gids, as the table's dispatch decides it (`selectorRank`):
- * its own id, a user's subordinate ranges, a group's members by uid.
+ * its own id, a user's subordinate ranges, a group's members by uid and
+ * their subordinate ranges.
  */
 export function selectorHoldsIds(
   selector: Extract<Selector, { kind: 'user' | 'group' }>,
@@ -518,8 +526,7 @@ function idOf(value: string | number, ids: ExplainFacts['users']): number | unde
   return typeof id === 'number' ? id : undefined;
 }
 
-function subordinateOf(user: string | number, facts: ExplainFacts): SubordinateIds | undefined {
-  const uid = idOf(user, facts.users);
+function subordinateOf(uid: number | undefined, facts: Pick<ExplainFacts, 'subordinate'>): SubordinateIds | undefined {
   const ranges = uid === undefined ? undefined : facts.subordinate?.get(uid);
   return ranges && !('error' in ranges) ? ranges : undefined;
 }
@@ -562,11 +569,6 @@ function sameId(a: string | number, b: string | number, ids: ExplainFacts['users
 function isTorUser(policy: Policy, who: Who, facts: ExplainFacts): boolean {
   const user = whoUser(who);
   return user !== undefined && sameId(policy.tor.user, user, facts.users);
-}
-
-/** `unit:cups.service` → the cgroup it runs in (system.slice unless a slice is given). */
-export function unitCgroup(unit: string, slice = 'system.slice'): string {
-  return `${slicePath(slice)}/${unit}`;
 }
 
 /** An address in the form the policy holds (RFC 5952 for IPv6), so that equal addresses compare equal. */

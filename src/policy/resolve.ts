@@ -26,6 +26,7 @@ import {
 } from './model.js';
 import { CATALOGUE_CATEGORIES, policyFileSchema, type IdentityRef, type PolicyFile, type Selector as SelectorInput } from './schema.js';
 import { parsePolicySource, type SourceFile } from './source.js';
+import { slicePath, unitCgroup } from './units.js';
 
 /** One policy file's bytes, named relative to the policy directory. */
 export interface PolicyFileInput {
@@ -604,22 +605,12 @@ function sameSelector(a: Selector, b: Selector): boolean {
   return false;
 }
 
-/** systemd nests slices by name: "a-b.slice" lives in "a.slice". */
-export function slicePath(slice: string): string {
-  if (slice === '-.slice') return '';
-  const parts = slice.replace(/\.slice$/, '').split('-');
-  return parts.map((_, i) => `${parts.slice(0, i + 1).join('-')}.slice`).join('/');
-}
-
 function toSelector(input: SelectorInput): Selector {
   const cgroup = (path: string, written: string): Extract<Selector, { kind: 'cgroup' }> => {
     const glob = path.replace(/^\/+|\/+$/g, '');
     return { kind: 'cgroup', glob, level: glob === '' ? 0 : glob.split('/').length, written };
   };
-  if (input.unit !== undefined) {
-    const parent = slicePath(input.slice ?? 'system.slice');
-    return { ...cgroup(parent ? `${parent}/${input.unit}` : input.unit, `unit ${input.unit}`), unit: input.unit };
-  }
+  if (input.unit !== undefined) return { ...cgroup(unitCgroup(input.unit, input.slice), `unit ${input.unit}`), unit: input.unit };
   if (input.slice !== undefined) return cgroup(slicePath(input.slice), `slice ${input.slice}`);
   if (input.cgroup !== undefined) return cgroup(input.cgroup, `cgroup ${input.cgroup}`);
   if (input.flatpak !== undefined) {

@@ -1,6 +1,7 @@
 import { z } from 'zod';
 import { parseDestination, parseNetwork } from './destination.js';
 import { clip } from './issues.js';
+import { unitNameProblem } from './units.js';
 
 /**
  * The policy file format. This schema is the only source of the file types
@@ -60,10 +61,21 @@ const appRule = z.union([
 
 const userOrGroup = z.union([z.number().int().min(0).max(4294967294), z.string().regex(/^[a-z_][a-z0-9_.-]{0,31}\$?$/i, 'not a valid user or group name')]);
 
-const unitName = z.string().regex(/^[A-Za-z0-9:_.\\@-]+\.(service|scope)$/, 'a unit is NAME.service or NAME.scope');
+/** A unit that can run: a template (`foo@.service`) never does, so a member written so would match nothing and be let out. */
+const unitName = z
+  .string()
+  .regex(/^[A-Za-z0-9:_.\\@-]+\.(service|scope)$/, 'a unit is NAME.service or NAME.scope')
+  .superRefine((unit, ctx) => {
+    const problem = unitNameProblem(unit);
+    if (problem) ctx.addIssue({ code: 'custom', message: problem.message, params: { hint: problem.hint } });
+  });
 
 const selectorObject = z.strictObject({
-  unit: unitName.optional().describe('A system service, e.g. "cups.service" (its cgroup under `slice`, default system.slice).'),
+  unit: unitName
+    .optional()
+    .describe(
+      'A system service, e.g. "cups.service", or an instance of a template, e.g. "getty@tty1.service": its cgroup under `slice`, default system.slice, an instance\'s system-TEMPLATE.slice within it.',
+    ),
   slice: z
     .string()
     .regex(/^[A-Za-z0-9:_.\\-]+\.slice$/, 'a slice is NAME.slice')

@@ -311,7 +311,7 @@ function memberMatcher(selector: Selector, ids: MemberFacts): ((reading: TaskRea
   const id = typeof named === 'number' ? named : (selector.kind === 'user' ? ids.users : ids.groups).get(named);
   if (typeof id !== 'number') return undefined;
   // As the table holds them: a user with its subordinate ranges, a group with its members by uid
-  // (one started with `setpriv --clear-groups` is held by uid). Any of real, effective, saved and
+  // (one started with `setpriv --clear-groups` is held by uid) and their subordinate ranges. Any of real, effective, saved and
   // filesystem ids, and the supplementary groups: a process can switch among them (sg, setgid) and send with each.
   return (_, status) => selectorHoldsIds(selector, { uids: status.uids, gids: [...status.gids, ...status.groups] }, ids);
 }

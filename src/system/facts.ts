@@ -147,8 +147,8 @@ export interface FactSources {
 /**
  * Gathers the machine facts the compiler needs; the only I/O on the compile
  * path. Users and groups are looked up through NSS, only the names `needed`;
- * then the subordinate ranges of those users and the members of those
- * groups.
+ * then the members of those groups, and the subordinate ranges of those
+ * users and of those members.
  */
 export function gatherFacts(needed: FactsNeeded, sources: FactSources = {}): Facts {
   // Bound on first use: a policy without user or group names loads no FFI.
@@ -181,10 +181,13 @@ export function gatherFacts(needed: FactsNeeded, sources: FactSources = {}): Fac
     ...(needed.tcpSyncookies ? definedSyncookies(sources.syncookiesFile ?? SYNCOOKIES_FILE) : {}),
   };
   if (uids.length === 0 && gids.length === 0) return facts;
+  const members = groupMembers(groups, gids, account, lookup);
+  // A member's rootless container sends with the member's subordinate ids: the group holds them too.
+  const memberUids = [...members.values()].flatMap((found) => ('error' in found ? [] : found));
   return {
     ...facts,
-    subordinate: subordinateIds(uids, files, lookup, warnings),
-    members: groupMembers(groups, gids, account, lookup),
+    subordinate: subordinateIds([...new Set([...uids, ...memberUids])], files, lookup, warnings),
+    members,
     ...(gids.length > 0 ? definedIncomplete(readNsswitch(files.nsswitch)) : {}),
     warnings,
   };

@@ -40,6 +40,15 @@ describe('the tracker claims cgroups as compile does', () => {
     expect(rules.claimsFor('system.slice/cups.service2')).toEqual([]);
   });
 
+  it("a template's instance is claimed in its template's slice, where systemd runs it, and that slice is watched on the way", () => {
+    const agent = cgroupRules(compileYaml('systemDomains: {offline: {members: [{unit: vault-agent@alice.service}]}}\n').cgroupBindings);
+    const instance = 'system.slice/system-vault\\x2dagent.slice/vault-agent@alice.service';
+    expect(agent.claimsFor(instance).map((c) => [c.map, c.owner])).toEqual([['sd_cg_l3', 'system domain offline']]);
+    expect(agent.claimsFor('system.slice/vault-agent@alice.service')).toEqual([]);
+    expect(agent.leadsToMatch('system.slice/system-vault\\x2dagent.slice')).toBe(true);
+    expect(agent.leadsToMatch('system.slice/system-getty.slice')).toBe(false);
+  });
+
   it("Flatpak ids: the scope's number is digits only, so another app's id is not taken", () => {
     const path = 'user.slice/user-1000.slice/user@1000.service/app.slice/app-flatpak-org.example.Viewer-4242.scope';
     expect(rules.claimsFor(path).map((c) => c.owner)).toEqual(['app flatpak']);

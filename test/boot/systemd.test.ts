@@ -2,6 +2,7 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { unitCgroup } from '../../src/policy/units.js';
 import { cachedImage, ensureImage, MIRROR } from './image.js';
 import { Machine } from './nspawn.js';
 
@@ -202,6 +203,25 @@ describe.skipIf(unavailable)(`egressd under systemd as PID 1 (Debian 12 in syste
     });
     const reloads = (await journal()).filter((e) => e.UNIT === 'egressd.service' && /^Reload/.test(e.MESSAGE ?? ''));
     expect(reloads.map((e) => e.MESSAGE)).toEqual([expect.stringMatching(/^Reloading/), expect.stringMatching(/^Reloaded/)]);
+  });
+
+  it("an instance of a template unit runs in the cgroup a policy's unit: selector compiles to: its template's slice, escaped as systemd escapes it", async () => {
+    // A template as a package ships one, with no Slice=; its name has a "-", which systemd escapes in the slice's name.
+    await machine.run(['sh', '-c', "printf '[Service]\\nType=exec\\nExecStart=/bin/sleep infinity\\n' >/run/systemd/system/egressd-instance@.service"]);
+    await machine.run(['systemctl', 'daemon-reload']);
+    await machine.run(['systemctl', 'start', 'egressd-instance@boot.service']);
+    try {
+      const { ControlGroup } = await show('egressd-instance@boot.service', 'ControlGroup');
+      expect(ControlGroup).toBe('/system.slice/system-egressd\\x2dinstance.slice/egressd-instance@boot.service');
+      // The one function the compiler's selector and explain's unit: take the path from.
+      expect(ControlGroup).toBe(`/${unitCgroup('egressd-instance@boot.service')}`);
+    } finally {
+      await machine.run([
+        'sh',
+        '-c',
+        'systemctl stop egressd-instance@boot.service; rm /run/systemd/system/egressd-instance@.service; systemctl daemon-reload',
+      ]);
+    }
   });
 
   it("the unit reaches loopback and its resolver's upstreams only: the resolver lets them through at run time, and the old ones no longer once they change", async () => {

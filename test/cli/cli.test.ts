@@ -88,6 +88,10 @@ describe('egressctl', () => {
     [['explain', SHIPPED, '--app', 'uid:1', '--to', '192.0.2.1:53', '--mark', '0x100000000'], /--mark "0x100000000" is not a 32-bit mark or "resolver"/],
     [['explain', SHIPPED, '--app', 'uid:1', '--as', 'gid:2', '--to', 'x.org'], /--as: only with --app unit:NAME or cgroup:PATH/],
     [
+      ['explain', SHIPPED, '--app', 'unit:vault-agent@.service', '--to', 'x.org'],
+      /unit: "vault-agent@\.service" is a template, which never runs: only its instances do \(name an instance, e\.g\. vault-agent@NAME\.service, or match every instance by cgroup: cgroup: 'system\.slice\/system-vault\\x2dagent\.slice\/vault-agent@\*\.service'/,
+    ],
+    [
       ['explain', SHIPPED, '--app', 'cgroup:a/b', '--as', 'uid:1', '--as', 'user:x', '--to', 'x.org'],
       /--as: user:x: give one user:, uid:, group: or gid: of each/,
     ],

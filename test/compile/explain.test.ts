@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { compile } from '../../src/compile/compile.js';
 import { explain, ROUTING_HEADER_NOTE, type ExplainQuery } from '../../src/compile/explain.js';
+import { parseWho } from '../../src/cli/commands/explain.js';
 import { FACTS, policyFrom } from '../support/compile-text.js';
 import { packetFor } from '../support/connection.js';
 import { evaluate } from '../support/ruleset-interpreter.js';
@@ -138,6 +139,42 @@ describe('explain: each precedence level against the next', () => {
     expect(explain(policy, { who: { kind: 'name', name: 'nope' }, host: 'x' }, FACTS)).toMatchObject({
       error: expect.stringContaining('known: web, vault-sync, apt-direct'),
     });
+  });
+});
+
+describe('a unit is asked about where systemd runs it', () => {
+  // An instance of a template with no Slice= of its own runs in its template's slice, not in system.slice itself.
+  const INSTANCE = 'system.slice/system-vault\\x2dagent.slice/vault-agent@alice.service';
+  const facts = { ...FACTS, cgroups: [...FACTS.cgroups, 'system.slice/system-vault\\x2dagent.slice', INSTANCE] };
+  const policy = policyFrom('defaults: {egress: allow}\nsystemDomains:\n  offline: {members: [{unit: vault-agent@alice.service}]}\n');
+  const table = compile(policy, facts).ruleset;
+
+  it('a system-domain member written as a template instance is in the table at its real cgroup, and its packets are dropped', () => {
+    expect(table.sets.find((set) => set.name === 'sd_cg_l3')?.elements).toEqual([INSTANCE]);
+    for (const cgroup of [INSTANCE, `${INSTANCE}/worker`]) {
+      const who = { kind: 'cgroup', path: cgroup } as const;
+      expect(evaluate(table, packetFor({ who, address: '192.0.2.5', port: 443, proto: 'tcp' })), cgroup).toMatchObject({
+        verdict: 'drop',
+        chain: 'sd_offline',
+      });
+      const answer = explain(policy, { who, host: '192.0.2.5', port: 443, proto: 'tcp' }, facts);
+      expect(answer, cgroup).toMatchObject({ verdict: 'deny', level: 'system-domain' });
+    }
+    // The cgroup systemd never puts it in is nobody's: the default lets it out, and explain agrees.
+    const elsewhere = { kind: 'cgroup', path: 'system.slice/vault-agent@alice.service' } as const;
+    expect(evaluate(table, packetFor({ who: elsewhere, address: '192.0.2.5', port: 443, proto: 'tcp' }))).toMatchObject({ verdict: 'accept' });
+    expect(explain(policy, { who: elsewhere, host: '192.0.2.5', port: 443, proto: 'tcp' }, facts)).toMatchObject({ verdict: 'allow', level: 'default' });
+  });
+
+  it('explain --app unit:NAME asks from the cgroup compile matches: one function for both', () => {
+    expect(parseWho('unit:vault-agent@alice.service')).toEqual({ kind: 'cgroup', path: INSTANCE });
+    expect(parseWho('unit:getty@tty1.service')).toEqual({ kind: 'cgroup', path: 'system.slice/system-getty.slice/getty@tty1.service' });
+    expect(parseWho('unit:cups.service')).toEqual({ kind: 'cgroup', path: 'system.slice/cups.service' });
+    expect(explain(policy, { who: parseWho('unit:vault-agent@alice.service'), host: '192.0.2.5' }, facts)).toMatchObject({
+      verdict: 'deny',
+      level: 'system-domain',
+    });
+    expect(() => parseWho('unit:vault-agent@.service')).toThrow(/is a template, which never runs/);
   });
 });
 

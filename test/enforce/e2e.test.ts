@@ -120,6 +120,31 @@ describe.skipIf(unavailable)(`enforcement end to end ${unavailable ? `(skipped: 
     expect(await servers.v6!.count()).toBe(1);
   });
 
+  it('a system-domain member written as a template instance is held in the cgroup systemd runs it in: nothing it sends arrives', async () => {
+    // systemd runs an instance of a template whose file sets no Slice= in its template's slice, escaped ("-" as \x2d).
+    const unit = `vault-agent@${E}.service`;
+    const instance = `system.slice/system-vault\\x2dagent.slice/${unit}`;
+    net.host.mkCgroup(instance);
+    const dir = policyDir({ '00.yaml': `defaults: {egress: allow}\nsystemDomains:\n  offline: {members: [{unit: "${unit}"}]}\n` });
+    await apply(dir);
+    expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8443, cgroup: instance, timeoutMs: 800 })).toMatchObject({
+      ok: false,
+      error: 'ETIMEDOUT',
+    });
+    expect(await servers.v4!.count()).toBe(0);
+    // Where the unit was once looked for, directly in system.slice, is nobody's: the default lets it out.
+    expect(await net.host.connect({ proto: 'tcp', addr: '192.0.2.2', port: 8443, cgroup: `system.slice/${unit}` })).toMatchObject({ ok: true });
+    expect(await servers.v4!.count()).toBe(1);
+    // explain says what the kernel does, for the unit by name.
+    const answer = await net.host.node(CLI, ['explain', dir, '--app', `unit:${unit}`, '--to', '192.0.2.2:8443/tcp', '--json'], {
+      env: { ...process.env, EGRESSD_STATE_DIR: state },
+    });
+    expect(JSON.parse(answer.stdout)).toMatchObject({ verdict: 'deny', level: 'system-domain' });
+    // The table in force lists back as compiled, the backslash in the path included.
+    const shown = await net.host.node(CLI, ['status', dir], { env: { ...process.env, EGRESSD_STATE_DIR: state } });
+    expect(shown.code, shown.stderr).toBe(0);
+  });
+
   describe('default deny, one policy with every precedence level', () => {
     let dir: string;
     beforeAll(async () => {

@@ -12,7 +12,8 @@ import { policyDir } from '../support/policy-dir.js';
  * setpriv, and from a real user namespace mapped to its range as newuidmap
  * maps it; members of a system-domain group send with another group —
  * supplementary members with their own, a primary member after an `sg`-like
- * change. Nothing may arrive.
+ * change; a member of a system-domain group sends from its own subordinate
+ * ids, as setpriv and from a real user namespace. Nothing may arrive.
  *
  * The machine's /etc/subuid, /etc/subgid and /etc/group stay as they are:
  * the host side runs in a private mount namespace, and the test binds its
@@ -25,6 +26,8 @@ const unavailable =
   (['/etc/subuid', '/etc/subgid', '/etc/group'].every(existsSync) ? null : 'needs /etc/subuid, /etc/subgid and /etc/group to bind over');
 
 const SUB_FROM = 300000;
+/** egd-app2's subordinate ranges: it is a member of a system-domain group, not a member by user. */
+const MEMBER_SUB_FROM = 400000;
 const SUB_COUNT = 65536;
 const DEST = '198.51.100.1';
 const PORT = 8443;
@@ -60,17 +63,17 @@ describe.skipIf(unavailable)(`subordinate ids and group members against the kern
   };
 
   /**
-   * A real user namespace made by egd-app1 and mapped, as newuidmap and
-   * newgidmap map it, to its subordinate ranges (root writes the maps); the
-   * shell inside sends a UDP datagram and a TCP connection. Returns what
-   * arrived and the uid the kernel sees the process as.
+   * A real user namespace made by `user` (egd-app1 unless said) and mapped,
+   * as newuidmap and newgidmap map it, to its subordinate ranges from `from`
+   * (root writes the maps); the shell inside sends a UDP datagram and a TCP
+   * connection. Returns what arrived and the uid the kernel sees the process as.
    */
-  const sendFromUserNamespace = async (): Promise<{ tcp: number; udp: number; kernelUid: string }> => {
+  const sendFromUserNamespace = async (user = users.app1, from = SUB_FROM): Promise<{ tcp: number; udp: number; kernelUid: string }> => {
     await tcp.reset();
     await udp.reset();
     const script = [
       'set -e',
-      `setpriv --reuid=${users.app1.uid} --regid=${users.app1.gid} --clear-groups -- unshare --user -- bash ${probe}/inside.sh &`,
+      `setpriv --reuid=${user.uid} --regid=${user.gid} --clear-groups -- unshare --user -- bash ${probe}/inside.sh &`,
       'pid=$!',
       // Should a step fail, the child must not wait for its maps for ever (it holds the output open).
       "trap 'kill $pid 2>/dev/null || true' EXIT",
@@ -78,10 +81,10 @@ describe.skipIf(unavailable)(`subordinate ids and group members against the kern
       'while [ "$(readlink /proc/$pid/ns/user)" = "$(readlink /proc/self/ns/user)" ]; do sleep 0.01; done',
       // As newuidmap maps a rootless container: its own id as 0, its subordinate range from 1 on. A map is
       // written once, in one write(2): cat writes what it read whole, where printf writes line by line.
-      `cat > /proc/$pid/uid_map <<< '0 ${users.app1.uid} 1\n1 ${SUB_FROM} ${SUB_COUNT}'`,
-      `cat > /proc/$pid/gid_map <<< '0 ${users.app1.gid} 1\n1 ${SUB_FROM} ${SUB_COUNT}'`,
+      `cat > /proc/$pid/uid_map <<< '0 ${user.uid} 1\n1 ${from} ${SUB_COUNT}'`,
+      `cat > /proc/$pid/gid_map <<< '0 ${user.gid} 1\n1 ${from} ${SUB_COUNT}'`,
       // The uid the kernel sees once the child took uid 1 of its namespace (its process keeps its pid through exec).
-      'for i in $(seq 200); do uid=$(stat -c %u /proc/$pid); [ "$uid" != ' + String(users.app1.uid) + ' ] && break; sleep 0.01; done',
+      'for i in $(seq 200); do uid=$(stat -c %u /proc/$pid); [ "$uid" != ' + String(user.uid) + ' ] && break; sleep 0.01; done',
       'echo $uid',
       'wait $pid',
     ].join('\n');
@@ -98,8 +101,9 @@ describe.skipIf(unavailable)(`subordinate ids and group members against the kern
     supGroup = `egd-sup-${net.id}`;
     supGid = 64000 + (parseInt(net.id, 16) % 1000);
     // The test's own account files, bound over the machine's in the host side's mount namespace only.
-    writeFileSync(join(work, 'subuid'), `${users.app1.name}:${SUB_FROM}:${SUB_COUNT}\n`);
-    writeFileSync(join(work, 'subgid'), `${users.app1.name}:${SUB_FROM}:${SUB_COUNT}\n`);
+    const ranges = `${users.app1.name}:${SUB_FROM}:${SUB_COUNT}\n${users.app2.name}:${MEMBER_SUB_FROM}:${SUB_COUNT}\n`;
+    writeFileSync(join(work, 'subuid'), ranges);
+    writeFileSync(join(work, 'subgid'), ranges);
     writeFileSync(join(work, 'group'), `${readFileSync('/etc/group', 'utf8').replace(/\n?$/, '\n')}${supGroup}:x:${supGid}:${users.app2.name}\n`);
     probe = mkdtempSync(join(tmpdir(), 'egd-members-probe-'));
     chmodSync(probe, 0o755);
@@ -129,6 +133,8 @@ describe.skipIf(unavailable)(`subordinate ids and group members against the kern
     expect(await sendFromUserNamespace()).toEqual({ tcp: 1, udp: 1, kernelUid: String(SUB_FROM) });
     expect(await send({ user: users.app2.name, group: users.app2.gid, groups: [supGid] })).toEqual({ tcp: 1, udp: 1 });
     expect(await send({ user: users.app3.name, group: users.app1.gid })).toEqual({ tcp: 1, udp: 1 });
+    expect(await send({ user: MEMBER_SUB_FROM + 5, group: MEMBER_SUB_FROM + 5 })).toEqual({ tcp: 1, udp: 1 });
+    expect(await sendFromUserNamespace(users.app2, MEMBER_SUB_FROM)).toEqual({ tcp: 1, udp: 1, kernelUid: String(MEMBER_SUB_FROM) });
   });
 
   it('applies a system domain of a user and two groups; the subordinate ranges and members are in its maps', async () => {
@@ -145,11 +151,20 @@ describe.skipIf(unavailable)(`subordinate ids and group members against the kern
     expect(listed).toContain(`${SUB_FROM}-${SUB_FROM + SUB_COUNT - 1} : goto sd_offline`);
     expect(listed).toContain(`${users.app2.uid} : goto sd_offline`);
     expect(listed).toContain(`${users.app3.uid} : goto sd_offline`);
+    // egd-app2 is in the domain as a member of its group: its subordinate ranges are there with it.
+    expect(listed).toContain(`${MEMBER_SUB_FROM}-${MEMBER_SUB_FROM + SUB_COUNT - 1} : goto sd_offline`);
     // The interval map lists back as compiled: status finds the table in force matching the policy.
     const status = await cli('status', dir);
     expect(status.code, status.stderr).toBe(0);
     // explain says what the kernel does.
-    for (const who of [`uid:${SUB_FROM + 5}`, `gid:${SUB_FROM + 7}`, `user:${users.app2.name}`, `user:${users.app3.name}`]) {
+    for (const who of [
+      `uid:${SUB_FROM + 5}`,
+      `gid:${SUB_FROM + 7}`,
+      `user:${users.app2.name}`,
+      `user:${users.app3.name}`,
+      `uid:${MEMBER_SUB_FROM + 5}`,
+      `gid:${MEMBER_SUB_FROM + 7}`,
+    ]) {
       const answer = await cli('explain', dir, '--app', who, '--to', `${DEST}:${PORT}/tcp`, '--json');
       expect(JSON.parse(answer.stdout), who).toMatchObject({ verdict: 'deny', level: 'system-domain' });
     }
@@ -177,8 +192,18 @@ describe.skipIf(unavailable)(`subordinate ids and group members against the kern
     expect(await send({ user: 4242, group: users.grp.gid })).toEqual({ tcp: 0, udp: 0 });
   });
 
+  it('a member of a system-domain group sending from its own subordinate ids, as setpriv and from a real user namespace: nothing arrives', async () => {
+    expect(await send({ user: MEMBER_SUB_FROM + 5, group: MEMBER_SUB_FROM + 5 })).toEqual({ tcp: 0, udp: 0 });
+    expect(await send({ user: MEMBER_SUB_FROM + SUB_COUNT - 1, group: 4242 })).toEqual({ tcp: 0, udp: 0 });
+    // Its subordinate gid alone, with a uid of nobody's.
+    expect(await send({ user: 4242, group: MEMBER_SUB_FROM + 9 })).toEqual({ tcp: 0, udp: 0 });
+    // As `unshare --user --map-auto` and then `setpriv --reuid=1` send: host uid MEMBER_SUB_FROM.
+    expect(await sendFromUserNamespace(users.app2, MEMBER_SUB_FROM)).toEqual({ tcp: 0, udp: 0, kernelUid: String(MEMBER_SUB_FROM) });
+  });
+
   it('ids outside the ranges and the groups still arrive: the domain holds its own and no more', async () => {
     expect(await send({ user: SUB_FROM + SUB_COUNT, group: 4242 })).toEqual({ tcp: 1, udp: 1 });
+    expect(await send({ user: MEMBER_SUB_FROM + SUB_COUNT, group: 4242 })).toEqual({ tcp: 1, udp: 1 });
     expect(await send({ user: SUB_FROM - 1, group: 4242 })).toEqual({ tcp: 1, udp: 1 });
     const answer = await cli('explain', dir, '--app', `uid:${SUB_FROM + SUB_COUNT}`, '--to', `${DEST}:${PORT}/tcp`, '--json');
     expect(answer.stdout ? JSON.parse(answer.stdout) : answer.stderr).toMatchObject({ verdict: 'allow', level: 'default' });

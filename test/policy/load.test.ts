@@ -1,6 +1,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { cgroupGlobMatcher } from '../../src/compile/glob.js';
 import { formatIssue } from '../../src/policy/issues.js';
 import { loadPolicyDir, loadPolicyOrThrow } from '../../src/policy/load.js';
 import { policyDir } from '../support/policy-dir.js';
@@ -265,6 +266,49 @@ describe('policy loader: every class of bad input is an error with file:line:col
       'bad "name".yaml:1:1: unusable policy file name (use letters, digits, ".", "_" and "-", at most 64 characters, e.g. 90-local.yaml)',
     ]);
     expect(errorsOf({ 'a.yaml': 'identities: {all: {slice: "-.slice"}}\n' })[0]).toMatch(/^a\.yaml:1:19: the root slice "-\.slice" holds every process/);
+  });
+
+  it("a unit runs where systemd puts it: an instance of a template in its template's slice, unless the policy gives the slice", () => {
+    const { policy } = loadPolicyOrThrow(
+      policyDir({
+        'a.yaml': `identities:
+  plain: {unit: cups.service}
+  getty: {unit: getty@tty1.service}
+  agent: {unit: vault-agent@alice.service}
+  placed: {unit: vault-agent@alice.service, slice: machine-vm.slice}
+  dotted: {unit: .hidden-x@a.b.service}
+  every: {cgroup: 'system.slice/system-vault\\x2dagent.slice/vault-agent@*.service'}
+`,
+      }),
+    );
+    const glob = (name: string) => policy.identities.get(name)!.selectors[0];
+    expect(glob('plain')).toMatchObject({ glob: 'system.slice/cups.service', level: 2 });
+    expect(glob('getty')).toMatchObject({ glob: 'system.slice/system-getty.slice/getty@tty1.service', level: 3 });
+    // The part before "@" escaped as systemd escapes a unit name: "-" would nest a slice, so it is \x2d.
+    expect(glob('agent')).toMatchObject({
+      glob: 'system.slice/system-vault\\x2dagent.slice/vault-agent@alice.service',
+      level: 3,
+      unit: 'vault-agent@alice.service',
+    });
+    // Slice= in the unit's file: the policy says so with slice, and that is where it runs.
+    expect(glob('placed')).toMatchObject({ glob: 'machine.slice/machine-vm.slice/vault-agent@alice.service', level: 3 });
+    // A leading "." is escaped too.
+    expect(glob('dotted')).toMatchObject({ glob: 'system.slice/system-\\x2ehidden\\x2dx.slice/.hidden-x@a.b.service' });
+    // The glob the hint below gives, in single quotes, matches every instance.
+    const every = glob('every') as { glob: string };
+    expect(cgroupGlobMatcher(every.glob)('system.slice/system-vault\\x2dagent.slice/vault-agent@alice.service')).toBe(true);
+  });
+
+  it('a template unit, which never runs, and a scope with an instance are refused: a member so written would match nothing', () => {
+    const errors = errorsOf({
+      'a.yaml': 'systemDomains:\n  d: {members: [{unit: vault-agent@.service}, {unit: getty@.service}, {unit: a@b.scope}, {unit: "@x.service"}]}\n',
+    });
+    expect(errors).toEqual([
+      `a.yaml:2:24: "vault-agent@.service" is a template, which never runs: only its instances do (at systemDomains.d.members[0].unit) (name an instance, e.g. vault-agent@NAME.service, or match every instance by cgroup: cgroup: 'system.slice/system-vault\\x2dagent.slice/vault-agent@*.service' (single quotes keep its backslashes))`,
+      'a.yaml:2:54: "getty@.service" is a template, which never runs: only its instances do (at systemDomains.d.members[1].unit) (name an instance, e.g. getty@NAME.service, or match every instance by cgroup: cgroup: "system.slice/system-getty.slice/getty@*.service")',
+      'a.yaml:2:78: "a@b.scope" can never run: a scope has no instances, and systemd refuses "@" in its name (at systemDomains.d.members[2].unit) (name the scope as it runs)',
+      'a.yaml:2:97: "@x.service" names no template before its "@" (at systemDomains.d.members[3].unit) (an instance is TEMPLATE@INSTANCE.service)',
+    ]);
   });
 
   it('an inline list entry that is not a name is reported at that entry', () => {

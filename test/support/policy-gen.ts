@@ -29,6 +29,9 @@ export const GEN_CGROUPS: readonly string[] = [
   'system.slice/a.service',
   'system.slice/b.service',
   'system.slice/gpg.service',
+  // An instance of a template, in its template's slice as systemd runs it.
+  'system.slice/system-vault\\x2dagent.slice',
+  'system.slice/system-vault\\x2dagent.slice/vault-agent@alice.service',
   'user.slice',
   'user.slice/user-1000.slice',
   'user.slice/user-1000.slice/session-2.scope',
@@ -84,6 +87,7 @@ const selector = fc.constantFrom<Record<string, string | number>>(
   { flatpak: 'org.example.Web' },
   { cgroup: 'user.slice/*/user@*.service' },
   { unit: 'd.service' },
+  { unit: 'vault-agent@alice.service' },
 );
 export const selectors = fc.array(selector, { minLength: 1, maxLength: 2 });
 

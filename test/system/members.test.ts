@@ -208,6 +208,19 @@ describe('group members', () => {
     expect(facts.membersIncomplete).toBeUndefined();
   });
 
+  it("gathers the members' subordinate ranges too, and only theirs: a member's rootless container is still the member", () => {
+    const f = files('bob:200000:10\ncarol:300000:5\nalice:100000:65536\n', 'carol:300000:5\n');
+    const facts = gatherFacts({ users: [], groups: ['staff'], cgroupDepth: 0 }, { lookup, accounts: accounts(), files: f });
+    expect(facts.members?.get(50)).toEqual([1001, 1002]);
+    // alice is named by no one and in no group of the policy: her ranges are not read.
+    expect(facts.subordinate).toEqual(
+      new Map([
+        [1001, { uids: [{ from: 200000, to: 200009 }], gids: [] }],
+        [1002, { uids: [{ from: 300000, to: 300004 }], gids: [{ from: 300000, to: 300004 }] }],
+      ]),
+    );
+  });
+
   it('says when a name service may not list its users, and a listing that fails makes the members unknown', () => {
     const f = files('', '', '# sssd\npasswd:   files [NOTFOUND=return] sss systemd ldap # comment\ngroup: files sss\n');
     const facts = gatherFacts({ users: [], groups: ['staff'], cgroupDepth: 0 }, { lookup, accounts: accounts(), files: f });

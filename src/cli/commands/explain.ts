@@ -1,10 +1,11 @@
 import { isIP } from 'node:net';
 import { factsNeeded } from '../../compile/compile.js';
-import { explain as explainPolicy, unitCgroup, type Who } from '../../compile/explain.js';
+import { explain as explainPolicy, type Who } from '../../compile/explain.js';
 import { ruleIdTable, shortIdOf } from '../../compile/rule-ids.js';
 import { EgressError, ErrorCode } from '../../errors.js';
 import type { Protocol } from '../../policy/model.js';
 import { expiredIssues, policyAt } from '../../policy/expiry.js';
+import { unitCgroup, unitNameProblem } from '../../policy/units.js';
 import { describeLearned, learnedFrom, type LearnedReport } from '../learned.js';
 import { DEFAULT_POLICY_DIR, Exit, loadForCommand, parseFlags, type Command } from '../deps.js';
 
@@ -33,7 +34,12 @@ the FILE:LINE that decides it.
 
   --app WHO    an app or identity name from the policy, or one of
                user:NAME  uid:N  group:NAME  gid:N
-               unit:NAME.service (in system.slice)  cgroup:PATH
+               unit:NAME.service  cgroup:PATH
+               (unit: asks from the cgroup systemd gives a unit whose file
+               sets no Slice=: system.slice/NAME.service, and for an
+               instance of a template, T@I.service,
+               system.slice/system-T.slice/T@I.service, T escaped as systemd
+               escapes it: "-" as \\x2d; for a unit elsewhere, cgroup:PATH)
   --as ID      with a unit or cgroup: the socket's user or group as well
                (user:NAME, uid:N, group:NAME, gid:N; up to one of each).
                A cgroup its user owns (delegated by systemd: user@UID.service
@@ -203,9 +209,12 @@ export function parseWho(text: string): Who {
       if (!/^\d+$/.test(value)) throw usage(`${kind}: needs a number`);
       return kind === 'uid' ? { kind: 'user', user: Number(value) } : { kind: 'group', group: Number(value) };
     }
-    case 'unit':
+    case 'unit': {
       if (!/\.(service|scope)$/.test(value)) throw usage('unit: needs NAME.service or NAME.scope');
+      const problem = unitNameProblem(value);
+      if (problem) throw usage(`unit: ${problem.message} (${problem.hint})`);
       return { kind: 'cgroup', path: unitCgroup(value) };
+    }
     case 'cgroup':
       if (!value) throw usage('cgroup: needs a path');
       return { kind: 'cgroup', path: value };
