@@ -256,6 +256,8 @@ export class CgroupTracker {
   private lingerTimer: NodeJS.Timeout | undefined;
   /** The view the kept ids were last written for: a new one (an apply) writes them again. */
   private lingerView: View | undefined;
+  /** A write the kernel refused was said (apps-write-failed) and none has succeeded since. */
+  private writesFailing = false;
   private warnedCarried = false;
 
   constructor(private readonly options: TrackerOptions) {
@@ -720,10 +722,11 @@ export class CgroupTracker {
       const outcomes =
         whole === 'done' || chunk.length === 1 ? chunk.map(() => whole) : chunk.map((r) => this.tryWrite(() => writer.remove([{ map: r.map, id: r.id }]), 1));
       const refused = chunk.filter((_, i) => outcomes[i] === 'refused');
-      for (const r of chunk) if (!refused.includes(r)) r.entry.written.delete(r.map);
-      this.count.removed += chunk.length;
+      const removed = chunk.filter((r) => !refused.includes(r));
+      for (const r of removed) r.entry.written.delete(r.map);
+      this.count.removed += removed.length;
       const when = at();
-      for (const [entry, maps] of byEntry(chunk)) this.options.onChange?.({ path: entry.text, id: entry.id, added: false, maps, at: when });
+      for (const [entry, maps] of byEntry(removed)) this.options.onChange?.({ path: entry.text, id: entry.id, added: false, maps, at: when });
     }
     for (let i = 0; i < adds.length; i += MAX_WRITES_PER_TRANSACTION) {
       const chunk = adds.slice(i, i + MAX_WRITES_PER_TRANSACTION);
@@ -752,6 +755,7 @@ export class CgroupTracker {
   private tryWrite(change: () => void, size: number): 'done' | 'gone' | 'refused' {
     try {
       change();
+      this.writesFailing = false;
       return 'done';
     } catch (error) {
       const reason = setWriteRefusal(error);
@@ -759,7 +763,10 @@ export class CgroupTracker {
       if (gone) this.stale = true;
       if (size === 1) {
         this.count.failed++;
-        if (!gone) this.options.log.error({ event: 'apps-write-failed', error: String(error) }, 'app tracker: a cgroup element could not be written');
+        // Said once until a write succeeds again: a refusal that lasts is tried every check of the sockets.
+        if (!gone && !this.writesFailing)
+          this.options.log.error({ event: 'apps-write-failed', error: String(error) }, 'app tracker: a cgroup element could not be written');
+        if (!gone) this.writesFailing = true;
       }
       return gone ? 'gone' : 'refused';
     }

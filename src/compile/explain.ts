@@ -161,6 +161,8 @@ export function explain(policy: Policy, query: ExplainQuery, facts: ExplainFacts
       return decide('deny', 'system-domain', `sd/${sdMember.name}`, sdMember.at, sdMember.why);
     }
     steps.push('loopback: always allowed');
+    if (sdMember && query.port === undefined)
+      notes.push(`but DNS (ports ${DNS_PORTS.join(' and ')}) is not: system domain "${sdMember.name}" has none, and a resolver on loopback would ask for it`);
     if (policy.tor.enabled && socksLoopback && query.port === undefined && (query.proto ?? 'tcp') === 'tcp')
       notes.push(`port ${socks.port}/tcp, Tor's SOCKS port, is network: the levels below decide it, as for any address Tor would reach`);
     return decide('allow', 'loopback', 'loopback', undefined);

@@ -131,7 +131,9 @@ export async function runTry(options: TryOptions): Promise<TryResult> {
   try {
     const policyDir = path.join(work, 'policies');
     fs.cpSync(options.policyDir, policyDir, { recursive: true });
-    fs.writeFileSync(path.join(policyDir, DROP_IN), DROP_IN_TEXT);
+    // Not group- or world-writable whatever the umask: the policy loader refuses a file others could write.
+    fs.writeFileSync(path.join(policyDir, DROP_IN), DROP_IN_TEXT, { mode: 0o644 });
+    fs.chmodSync(path.join(policyDir, DROP_IN), 0o644);
     const { policy } = loadPolicyOrThrow(policyDir);
 
     net = await createTestNet({ inetAddrs: [LAB_DNS, MIRROR.address, TELEMETRY.address] });

@@ -121,17 +121,21 @@ export function systemdDropInText(socks: Socks, updater: Updater, unit: string):
 /**
  * Tor's side, for a torrc that includes drop-ins: a SOCKS port that gives
  * each SOCKS user name, client, protocol and destination its own circuit,
- * and a control socket with cookie authentication for `tor status`. A
- * SocksPort in torrc replaces all of the defaults' SocksPort lines, so the
- * defaults' other ones are carried over.
+ * and a control socket with cookie authentication for `tor status`.
+ *
+ * Only that SOCKS port. A SocksPort in torrc replaces all of the defaults'
+ * SocksPort lines, and they are not carried over: each is a way onto the
+ * network for every local program, Debian's `unix:/run/tor/socks
+ * WorldWritable` one that netfilter never sees, and egressd's table treats
+ * only the policy's port as network (compile.ts, loopbackExceptions).
  */
-export function torSnippetText(socks: Socks, keptSocksPorts: readonly string[], control: ControlSettings): string {
+export function torSnippetText(socks: Socks, control: ControlSettings): string {
   return [
     `# ${MARK}: the SOCKS port updaters use,`,
     '# one circuit per updater; the control socket `egressctl tor status` reads.',
+    '# The only SOCKS port: any other would let every local program out through Tor.',
     '# "egressctl tor disable" removes this file.',
     `SocksPort ${socksText(socks)} IsolateClientAddr IsolateSOCKSAuth IsolateClientProtocol IsolateDestPort IsolateDestAddr`,
-    ...keptSocksPorts.map((line) => `SocksPort ${line}`),
     `ControlSocket ${control.socket} GroupWritable RelaxDirModeCheck`,
     'CookieAuthentication 1',
     `CookieAuthFile ${control.cookieFile}`,
@@ -287,9 +291,10 @@ export interface TorConfig {
   readonly snippet: string | undefined;
   /** The effective SocksPort values (torrc and what it includes replace the defaults' list). */
   readonly socksPorts: readonly string[];
-  /** The defaults' SocksPort values, and whether torrc itself (not a snippet of ours) sets SocksPort. */
-  readonly defaultSocksPorts: readonly string[];
+  /** The SocksPort lines torrc itself (not a snippet of ours) sets. */
   readonly torrcSetsSocks: readonly TorrcLine[];
+  /** Tor's other listeners that carry a local program's traffic or names out (TransPort, NATDPort, HTTPTunnelPort, DNSPort), as "Key value". */
+  readonly otherListeners: readonly string[];
   readonly control: ControlSettings | { readonly host: string; readonly port: number; readonly cookieFile: string } | undefined;
 }
 
@@ -384,11 +389,24 @@ export function readTorConfig(root: string): TorConfig {
     dropInDir,
     snippet,
     socksPorts,
-    defaultSocksPorts: defaults.filter((l) => l.key === 'socksport').map((l) => l.value),
     torrcSetsSocks: all.filter((l) => l.key === 'socksport' && l.file !== snippet),
+    otherListeners: OTHER_LISTENERS.flatMap(([key, name]) =>
+      pick(key)
+        .map((l) => l.value)
+        .filter((value) => !/^0(\s|$)/.test(value))
+        .map((value) => `${name} ${value}`),
+    ),
     control,
   };
 }
+
+/** Tor's listeners besides SocksPort through which a local program's traffic or lookups leave, by lower-cased key. */
+const OTHER_LISTENERS: readonly (readonly [string, string])[] = [
+  ['transport', 'TransPort'],
+  ['natdport', 'NATDPort'],
+  ['httptunnelport', 'HTTPTunnelPort'],
+  ['dnsport', 'DNSPort'],
+];
 
 /** The address:port a SocksPort value listens on (Tor's defaults: 127.0.0.1 for a bare port), or undefined for unix sockets and "0". */
 export function socksPortAddress(value: string): { host: string; port: number } | undefined {

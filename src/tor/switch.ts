@@ -199,11 +199,9 @@ interface Wanted {
 function wantedFiles(socks: Socks, updaters: readonly Updater[], policyDir: string, tor: ReturnType<typeof readTorConfig>): Wanted[] {
   const wanted: Wanted[] = [];
   if (tor.snippet !== undefined) {
-    const ours = socksPortAddress(socksText(socks));
-    const kept = tor.torrcSetsSocks.length > 0 ? [] : tor.defaultSocksPorts.filter((v) => JSON.stringify(socksPortAddress(v)) !== JSON.stringify(ours));
     wanted.push({
       path: tor.snippet,
-      text: torSnippetText(socks, kept, DEBIAN_CONTROL),
+      text: torSnippetText(socks, DEBIAN_CONTROL),
       what: "Tor's SOCKS port with stream isolation, and its control socket",
     });
   }
@@ -310,7 +308,7 @@ function torWarnings(deps: TorSwitchDeps, socks: Socks): string[] {
     if (!port || !isolatesBySocksAuth(port)) {
       warnings.push(
         `${under(deps.root, TORRC)} includes no drop-in directory, and Tor's configuration has ${port ? `SocksPort ${port} with NoIsolateSOCKSAuth` : `no SocksPort at ${socksText(socks)}`}: add these lines to ${TORRC} by hand and reload Tor:`,
-        ...torSnippetText(socks, [], DEBIAN_CONTROL)
+        ...torSnippetText(socks, DEBIAN_CONTROL)
           .split('\n')
           .filter((l) => l !== '' && !l.startsWith('#'))
           .map((l) => `    ${l}`),
@@ -322,6 +320,18 @@ function torWarnings(deps: TorSwitchDeps, socks: Socks): string[] {
       );
     }
   }
+  // Every other way into Tor lets any local program out through it, system domains and lockdown included: the table
+  // judges only the policy's SOCKS port as network, and a unix socket never meets netfilter.
+  const ours = JSON.stringify(socksPortAddress(socksText(socks)));
+  const others = tor.snippet === undefined ? tor.socksPorts : tor.torrcSetsSocks.map((line) => line.value);
+  for (const value of others.filter((v) => JSON.stringify(socksPortAddress(v)) !== ours))
+    warnings.push(
+      `Tor's configuration also has SocksPort ${value}: every local program reaches Tor there, a system domain's members and anyone under lockdown included (egressd's table treats only ${socksText(socks)} as network); remove it from Tor's configuration`,
+    );
+  for (const port of tor.otherListeners)
+    warnings.push(
+      `Tor's configuration has ${port}: every local program reaches Tor there, a system domain's members and anyone under lockdown included; remove it from Tor's configuration`,
+    );
   if (!tor.control)
     warnings.push('Tor\'s configuration has no control socket or port with cookie authentication: "egressctl tor status" cannot ask Tor how it is');
   if (deps.socksListener && deps.socksListener(socks) === null)

@@ -54,6 +54,14 @@ describe('explain: each precedence level against the next', () => {
   it('loopback is allowed even for a system domain', () => {
     expect(ask({ kind: 'name', name: 'vault' }, '127.0.0.1')).toMatchObject({ verdict: 'allow', level: 'loopback' });
     expect(ask({ kind: 'user', user: 'vault' }, '::1')).toMatchObject({ verdict: 'allow', level: 'loopback' });
+    // But not DNS there, nor Tor's SOCKS port: a resolver on loopback, or Tor, would carry it out.
+    expect(ask({ kind: 'user', user: 'vault' }, '127.0.0.1').notes.join('\n')).toContain('but DNS (ports 53 and 853) is not: system domain "offline" has none');
+    for (const [port, proto] of [
+      [53, 'udp'],
+      [853, 'tcp'],
+      [9050, 'tcp'],
+    ] as const)
+      expect(ask({ kind: 'user', user: 'vault' }, '127.0.0.1', { port, proto })).toMatchObject({ verdict: 'deny', level: 'system-domain' });
   });
 
   it('system domain beats the app rule that allows everything', () => {

@@ -94,12 +94,30 @@ describe('tor enable / disable on a staging root', () => {
     // Debian's torrc includes nothing: no snippet, and the defaults already isolate by SOCKS credentials.
     expect(existsSync(join(root, 'etc/tor/torrc.d'))).toBe(false);
     expect(first.warnings.join('\n')).toContain('includes no drop-in directory');
+    // Debian's world-writable SOCKS socket, which no table sees: said, with what to do.
+    expect(first.warnings.join('\n')).toContain(
+      "Tor's configuration also has SocksPort unix:/run/tor/socks WorldWritable: every local program reaches Tor there, a system domain's members and anyone under lockdown included",
+    );
     const after = tree(root);
     const record = readFileSync(join(root, 'var/lib/egressd', TOR_RECORD_FILE), 'utf8');
     const second = await enableTor(ALL, deps(root, { now: () => new Date('2027-01-01T00:00:00Z') }));
     expect(second.changed).toBe(false);
     expect(tree(root)).toEqual(after);
     expect(readFileSync(join(root, 'var/lib/egressd', TOR_RECORD_FILE), 'utf8')).toBe(record);
+  });
+
+  it("another SOCKS port or a transparent or DNS port the admin's torrc sets is said: every local program would leave through Tor there", async () => {
+    const root = stagingRoot({
+      'etc/tor/torrc': '%include /etc/tor/torrc.d/\n',
+      'etc/tor/torrc.d/00-local.conf': 'SocksPort 127.0.0.1:9060\nTransPort 9040\nDNSPort 0\n',
+    });
+    const enabled = await enableTor({ ...ALL, socks: '127.0.0.1:9150' }, deps(root));
+    const warned = enabled.warnings.join('\n');
+    expect(warned).toContain("Tor's configuration also has SocksPort 127.0.0.1:9060: every local program reaches Tor there");
+    expect(warned).toContain("Tor's configuration has TransPort 9040: every local program reaches Tor there");
+    // A port set to 0 is off.
+    expect(warned).not.toContain('DNSPort');
+    await disableTor({ force: false }, deps(root));
   });
 
   it('enable → disable leaves every file byte-identical, those that were there before included; a torrc with %include gets a snippet', async () => {
@@ -113,9 +131,10 @@ describe('tor enable / disable on a staging root', () => {
     const enabled = await enableTor({ ...ALL, socks: '127.0.0.1:9150' }, deps(root));
     const snippet = readFileSync(join(root, 'etc/tor/torrc.d/egressd-tor.conf'), 'utf8');
     expect(snippet).toContain('SocksPort 127.0.0.1:9150 IsolateClientAddr IsolateSOCKSAuth IsolateClientProtocol IsolateDestPort IsolateDestAddr');
-    // The defaults' other SocksPort lines, replaced by any SocksPort in torrc, are carried over.
-    expect(snippet).toContain('SocksPort unix:/run/tor/socks WorldWritable');
-    expect(snippet).toContain('SocksPort 9050');
+    // The only SOCKS port: the defaults' others (9050, the world-writable unix socket), which any SocksPort in torrc replaces,
+    // are not carried over — each would let every local program out through Tor, and a unix socket never meets the table.
+    expect(snippet.match(/^SocksPort /gm)).toHaveLength(1);
+    expect(snippet).not.toContain('unix:/run/tor/socks');
     expect(snippet).toContain('CookieAuthentication 1');
     expect(enabled.files.map((f) => f.path)[0]).toBe(join(root, 'etc/tor/torrc.d/egressd-tor.conf'));
     expect(tree(root)).not.toEqual(before);
