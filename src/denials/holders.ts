@@ -6,9 +6,8 @@
  * are that user's: a flood spread over thousands of them still counts as
  * one holder's.
  */
-import { readFileSync } from 'node:fs';
 import type { Accounts } from '../system/nss.js';
-import { parseSubordinate, type SubordinateLine } from '../system/subordinate.js';
+import { ownerIn, readSubordinateLines } from '../system/subordinate.js';
 
 /** The uid the store keeps records of orphaned sockets under (no uid is -1: (uid_t)-1 is "no id"). */
 export const NO_UID = -1;
@@ -27,12 +26,7 @@ export interface Holding {
  * uid holds its own.
  */
 export function holderLookup(subuidFile: string, accounts: Pick<Accounts, 'user'>): (uid: number) => string {
-  let lines: readonly SubordinateLine[];
-  try {
-    lines = parseSubordinate(readFileSync(subuidFile, 'utf8'), subuidFile).lines;
-  } catch {
-    lines = [];
-  }
+  const lines = readSubordinateLines(subuidFile);
   const owners = new Map<string, string>();
   const ownerOf = (owner: string): string => {
     let key = owners.get(owner);
@@ -46,8 +40,8 @@ export function holderLookup(subuidFile: string, accounts: Pick<Accounts, 'user'
   };
   return (uid) => {
     if (uid === NO_UID) return 'orphaned';
-    const range = lines.find((line) => uid >= line.from && uid <= line.to);
-    return range === undefined ? `uid:${uid}` : ownerOf(range.owner);
+    const owner = ownerIn(lines, uid);
+    return owner === undefined ? `uid:${uid}` : ownerOf(owner);
   };
 }
 

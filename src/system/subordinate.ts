@@ -184,15 +184,21 @@ export function subordinateOwners(options: SubordinateOwnersOptions): (uid: numb
   return (uid) => {
     const t = options.now();
     // A clock set back counts as old too.
-    if (!read || !(t - read.at >= 0 && t - read.at < options.maxAgeMs)) {
-      let lines: readonly SubordinateLine[];
-      try {
-        lines = parseSubordinate(readFileSync(file, 'utf8'), file).lines;
-      } catch {
-        lines = [];
-      }
-      read = { lines, at: t };
-    }
-    return read.lines.find((l) => uid >= l.from && uid <= l.to)?.owner;
+    if (!read || !(t - read.at >= 0 && t - read.at < options.maxAgeMs)) read = { lines: readSubordinateLines(file), at: t };
+    return ownerIn(read.lines, uid);
   };
+}
+
+/** A subordinate file's lines as newuidmap takes them; none when it cannot be read (each uid then counts alone). */
+export function readSubordinateLines(file: string): readonly SubordinateLine[] {
+  try {
+    return parseSubordinate(readFileSync(file, 'utf8'), file).lines;
+  } catch {
+    return [];
+  }
+}
+
+/** The owner field of the range `uid` lies in, or undefined for a uid in none. */
+export function ownerIn(lines: readonly SubordinateLine[], uid: number): string | undefined {
+  return lines.find((l) => uid >= l.from && uid <= l.to)?.owner;
 }
